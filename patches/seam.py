@@ -1,0 +1,122 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The single seam between MosaicKV and SGLang's internals (SGLang 0.5.17).
+
+Every dotted hook target, every SGLang private attribute and every ``ServerArgs`` field MosaicKV
+reads is named in this module and nowhere else, so an SGLang upgrade touches one file;
+``tests/test_patch_targets.py`` resolves every name in :data:`HOOK_TARGETS` and :data:`SERVER_ARGS_FIELDS`
+against the installed SGLang and fails loudly when one moves.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from mosaickv_sglang.compat import ServingSettings
+from mosaickv_sglang.config import MosaicKVConfig
+
+logger = logging.getLogger(__name__)
+
+SGLANG_VERSION = "0.5.17"
+
+SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+SERVER_ARGS_ADD_CLI_ARGS = f"{SERVER_ARGS}.add_cli_args"
+SERVER_ARGS_FROM_CLI_ARGS = f"{SERVER_ARGS}.from_cli_args"
+SERVER_ARGS_INIT = f"{SERVER_ARGS}.__init__"
+
+HOOK_TARGETS = (SERVER_ARGS_ADD_CLI_ARGS, SERVER_ARGS_FROM_CLI_ARGS, SERVER_ARGS_INIT)
+
+# Where the validated config rides on ServerArgs. ServerArgs (a dataclass) pickles its __dict__ into the
+# spawned scheduler processes, and a name starting with "_" stays writable after SGLang seals the fields.
+CONFIG_ATTR = "_mosaic_config"
+
+# ServerArgs fields read to build ServingSettings: {ServingSettings field: ServerArgs field}.
+SERVER_ARGS_FIELDS = {
+    "page_size": "page_size",
+    "kv_cache_dtype": "kv_cache_dtype",
+    "enable_hierarchical_cache": "enable_hierarchical_cache",
+    "disaggregation_mode": "disaggregation_mode",
+    "speculative_algorithm": "speculative_algorithm",
+    "enable_dp_attention": "enable_dp_attention",
+    "pp_size": "pp_size",
+    "dcp_size": "dcp_size",
+    "use_ray": "use_ray",
+    "enable_lmcache": "enable_lmcache",
+    "enable_hisparse": "enable_hisparse",
+    "prefill_only_disable_kv_cache": "prefill_only_disable_kv_cache",
+    "enable_unified_memory": "enable_unified_memory",
+}
+# User-facing attention-backend choices, read before SGLang resolves defaults into them.
+USER_BACKEND_FIELDS = {
+    "attention_backend_flag_set": "attention_backend",
+    "prefill_attention_backend_flag_set": "prefill_attention_backend",
+    "decode_attention_backend_flag_set": "decode_attention_backend",
+}
+# Model paths for which ServerArgs skips model resolution (no config to inspect).
+PLACEHOLDER_MODEL_PATHS = ("none", "dummy")
+
+
+def register_hook(target: str, fn: Callable[..., Any], kind: str) -> None:
+    """Register ``fn`` on ``target`` with SGLang's HookRegistry (``kind``: BEFORE/AFTER/AROUND/REPLACE)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(target, fn, HookType[kind])
+
+
+def apply_hooks_outside_plugin_loading() -> None:
+    """Apply registered hooks now, unless SGLang's ``load_plugins()`` is running and will apply them itself.
+
+    ``register()`` is also called by hand in processes where SGLang never loads plugins (for example
+    ``sglang.bench_one_batch``); there the hooks must be applied explicitly. Inside ``load_plugins()``
+    applying early would make SGLang skip hooks that plugins loaded after us put on the same targets.
+    """
+    from sglang.srt.plugins.hook_registry import HookRegistry, _current_plugin_source
+
+    if _current_plugin_source.get() is None:
+        HookRegistry.apply_hooks()
+
+
+def attach_config(server_args: Any, config: MosaicKVConfig) -> None:
+    """Store ``config`` on ``server_args`` so that it travels with it into SGLang's subprocesses."""
+    object.__setattr__(server_args, CONFIG_ATTR, config)
+
+
+def config_of(server_args: Any) -> MosaicKVConfig:
+    """The MosaicKV config carried by ``server_args`` (the defaults, i.e. compressor 'none', if none)."""
+    config = getattr(server_args, CONFIG_ATTR, None)
+    return config if isinstance(config, MosaicKVConfig) else MosaicKVConfig()
+
+
+def serving_settings(server_args: Any, user_backends: dict[str, Any]) -> ServingSettings:
+    """Snapshot the SGLang settings and model facts MosaicKV's compatibility rules read.
+
+    Parameters
+    ----------
+    server_args:
+        A resolved ``ServerArgs``.
+    user_backends:
+        The attention-backend options as the user gave them (argparse namespace values or ``ServerArgs``
+        keywords), keyed by ``ServerArgs`` field name; absent means not given.
+    """
+    fields = {ours: getattr(server_args, theirs) for ours, theirs in SERVER_ARGS_FIELDS.items()}
+    fields.update({ours: user_backends.get(theirs) for ours, theirs in USER_BACKEND_FIELDS.items()})
+    fields.update(_model_facts(server_args))
+    return ServingSettings(**fields)
+
+
+def _model_facts(server_args: Any) -> dict[str, Any]:
+    if str(server_args.model_path).lower() in PLACEHOLDER_MODEL_PATHS:
+        return {}
+    from sglang.srt.configs.hybrid_arch import linear_attn_model_spec
+    from sglang.srt.configs.model_config import AttentionArch, ModelConfig, is_encoder_decoder_model
+
+    # ServerArgs caches the resolved ModelConfig in the public attribute `model_config` during resolution.
+    model_config = getattr(server_args, "model_config", None) or ModelConfig.from_server_args(server_args)
+    architectures = list(getattr(model_config.hf_config, "architectures", None) or [])
+    return {
+        "model_is_mla": model_config.attention_arch == AttentionArch.MLA,
+        "model_is_hybrid_swa": bool(model_config.is_hybrid_swa),
+        "model_is_hybrid_linear": bool(linear_attn_model_spec(model_config)),
+        "model_is_encoder_decoder": is_encoder_decoder_model(architectures),
+        "model_architecture": architectures[0] if architectures else "",
+    }

@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Hooks on ``sglang.srt.server_args.ServerArgs`` (SGLang 0.5.17): the ``--kv-compressor`` options.
+
+Why a hook: SGLang 0.5.17 has no extension point for plugin-defined server options (only choice lists
+of existing options), and ``ServerArgs`` is a dataclass whose ``from_cli_args`` drops every argparse
+attribute that is not one of its fields. Three hooks therefore carry the options:
+
+- AFTER ``add_cli_args``: adds the MosaicKV options to the parser (so ``--help`` lists them);
+- AROUND ``__init__``: accepts the same options as keywords (``ServerArgs(kv_compressor="mosaic")``,
+  hence ``sglang.Engine(kv_compressor="mosaic")``), validates them and attaches the config;
+- AROUND ``from_cli_args``: builds the config from the parsed flags, validates it and turns a
+  validation failure into one ``error:`` line and exit status 2, as argparse does.
+
+Removable when SGLang offers plugin-defined server options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from mosaickv_sglang.compat import check_compatibility, check_servable
+from mosaickv_sglang.config import OPTIONS, MosaicConfigError, MosaicKVConfig
+
+from . import seam
+
+ARGUMENT_GROUP_TITLE = "MosaicKV KV-cache compression (mosaickv-sglang)"
+
+
+def add_mosaic_cli_args(result: Any, parser: argparse.ArgumentParser) -> None:
+    """AFTER hook on ``ServerArgs.add_cli_args``: add ``--kv-compressor`` and the ``--mosaic-*`` options."""
+    group = parser.add_argument_group(ARGUMENT_GROUP_TITLE)
+    for opt in OPTIONS:
+        shown_default = ("on" if opt.default else "off") if isinstance(opt.default, bool) else opt.default
+        group.add_argument(
+            opt.flag,
+            dest=opt.kwarg,
+            type=str if opt.choices else opt.type,
+            choices=opt.choices,
+            default=None,  # None = not given; MosaicKVConfig supplies the default
+            metavar=opt.metavar,
+            help=f"{opt.help} Default: {shown_default}.",
+        )
+    return None
+
+
+def init_with_mosaic_kwargs(original: Callable[..., None], self: Any, *args: Any, **kwargs: Any) -> None:
+    """AROUND hook on ``ServerArgs.__init__``: take the MosaicKV keywords out, then validate and attach."""
+    options = {opt.kwarg: kwargs.pop(opt.kwarg) for opt in OPTIONS if opt.kwarg in kwargs}
+    config = MosaicKVConfig.from_options(options)
+    check_servable(config)
+    user_backends = {field: kwargs.get(field) for field in seam.USER_BACKEND_FIELDS.values()}
+    original(self, *args, **kwargs)
+    check_compatibility(config, seam.serving_settings(self, user_backends))
+    seam.attach_config(self, config)
+
+
+def from_cli_args_with_mosaic(original: Callable[..., Any], cls: type, args: argparse.Namespace) -> Any:
+    """AROUND hook on ``ServerArgs.from_cli_args``: the CLI twin of :func:`init_with_mosaic_kwargs`."""
+    try:
+        config = MosaicKVConfig.from_options({opt.kwarg: getattr(args, opt.kwarg, None) for opt in OPTIONS})
+        check_servable(config)
+        server_args = original(cls, args)
+        user_backends = {field: getattr(args, field, None) for field in seam.USER_BACKEND_FIELDS.values()}
+        check_compatibility(config, seam.serving_settings(server_args, user_backends))
+    except MosaicConfigError as err:
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from err
+    seam.attach_config(server_args, config)
+    return server_args
+
+
+def apply() -> None:
+    """Register the three ``ServerArgs`` hooks."""
+    seam.register_hook(seam.SERVER_ARGS_ADD_CLI_ARGS, add_mosaic_cli_args, "AFTER")
+    seam.register_hook(seam.SERVER_ARGS_INIT, init_with_mosaic_kwargs, "AROUND")
+    seam.register_hook(seam.SERVER_ARGS_FROM_CLI_ARGS, from_cli_args_with_mosaic, "AROUND")

@@ -1,0 +1,140 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The MosaicKV options on SGLang's real command line and ServerArgs/Engine keywords."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mosaickv_sglang.config import OPTIONS, MosaicKVConfig
+from mosaickv_sglang.patches import seam
+
+
+def parse(server_args_module, argv):
+    return server_args_module.prepare_server_args(argv)
+
+
+def test_parser_has_every_option_with_defaults(sglang_with_plugin):
+    """ServerArgs.add_cli_args adds every option; unset options parse to None (= config default)."""
+    parser = argparse.ArgumentParser()
+    sglang_with_plugin.ServerArgs.add_cli_args(parser)
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    assert {opt.flag for opt in OPTIONS} <= flags
+    args = parser.parse_args(["--model-path", "m"])
+    assert all(getattr(args, opt.kwarg) is None for opt in OPTIONS)
+
+
+def test_cli_defaults_round_trip(sglang_with_plugin, cpu_args):
+    """No MosaicKV flag: the carried config is the default one (compressor 'none')."""
+    server_args = parse(sglang_with_plugin, cpu_args())
+    assert seam.config_of(server_args) == MosaicKVConfig()
+    assert getattr(server_args, seam.CONFIG_ATTR) == MosaicKVConfig()
+
+
+def test_cli_values_round_trip(sglang_with_plugin, cpu_args, mosaic_servable):
+    """Every flag reaches the config with its value and type."""
+    server_args = parse(
+        sglang_with_plugin,
+        cpu_args(
+            "--kv-compressor", "mosaic", "--mosaic-compression-ratio", "4", "--mosaic-segment-size", "32",
+            "--mosaic-hot-window", "256", "--mosaic-sink-tokens", "0", "--mosaic-decode-read-budget", "2048",
+            "--mosaic-sidecar", "off", "--page-size", "16",
+        ),
+    )
+    assert seam.config_of(server_args) == MosaicKVConfig("mosaic", 4.0, 32, 256, 0, 2048, False)
+    assert server_args.page_size == 16
+
+
+INVALID_CLI = [
+    (["--kv-compressor", "zip"], "argument --kv-compressor: invalid choice: 'zip'"),
+    (["--mosaic-compression-ratio", "0.5"], "error: --mosaic-compression-ratio: expected a number in [1, 16], got 0.5"),
+    (["--mosaic-compression-ratio", "500"], "error: --mosaic-compression-ratio: expected a number in [1, 16], got 500.0"),
+    (["--mosaic-compression-ratio", "x"], "argument --mosaic-compression-ratio: invalid float value: 'x'"),
+    (["--mosaic-segment-size", "48"], "error: --mosaic-segment-size: expected a power of two in [16, 256], got 48"),
+    (["--mosaic-segment-size", "-64"], "error: --mosaic-segment-size: expected a power of two"),
+    (["--mosaic-hot-window", "-5"], "error: --mosaic-hot-window: expected an integer in [0, 65536], got -5"),
+    (["--mosaic-sink-tokens", "9999999"], "error: --mosaic-sink-tokens: expected an integer in [0, 8192]"),
+    (["--mosaic-decode-read-budget", "8"], "error: --mosaic-decode-read-budget: expected 0 (read all) or at least"),
+    (["--mosaic-sidecar", "maybe"], "argument --mosaic-sidecar: invalid choice: 'maybe'"),
+    (["--kv-compressor", "mosaic"], "error: --kv-compressor: 'mosaic' cannot serve yet"),
+]
+
+
+@pytest.mark.parametrize("extra, message", INVALID_CLI, ids=[" ".join(e) for e, _ in INVALID_CLI])
+def test_invalid_cli_value_exits_with_one_line(sglang_with_plugin, cpu_args, capsys, extra, message):
+    """Bad values exit with status 2 and one error line naming the flag, no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        parse(sglang_with_plugin, cpu_args(*extra))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0], err
+    assert "Traceback" not in err
+
+
+INCOMPATIBLE_CLI = [
+    (["--page-size", "128"], "error: --mosaic-segment-size: expected a multiple of --page-size (128), got 64"),
+    (["--attention-backend", "triton"], "error: --attention-backend: --kv-compressor mosaic uses its own"),
+    (["--kv-cache-dtype", "fp8_e4m3"], "error: --kv-cache-dtype: --kv-compressor mosaic stores a 16-bit cache"),
+]
+
+
+@pytest.mark.parametrize("extra, message", INCOMPATIBLE_CLI, ids=[e[0] for e, _ in INCOMPATIBLE_CLI])
+def test_incompatible_sglang_flag_exits_with_one_line(
+    sglang_with_plugin, cpu_args, capsys, mosaic_servable, extra, message
+):
+    """An SGLang option mosaic cannot serve with stops the launch naming that option."""
+    with pytest.raises(SystemExit) as exc:
+        parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic", *extra))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    parse(sglang_with_plugin, cpu_args(*extra))  # the same flag without mosaic is SGLang's business
+
+
+def test_mla_model_is_rejected(sglang_with_plugin, cpu_args, mla_shape, capsys, mosaic_servable):
+    """An MLA model (DeepSeek-V2 config) is refused at startup with the model named."""
+    with pytest.raises(SystemExit):
+        parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic", model=mla_shape))
+    assert "--model-path: --kv-compressor mosaic supports MHA/GQA models, but DeepseekV2ForCausalLM uses MLA" in (
+        capsys.readouterr().err
+    )
+
+
+def test_server_args_keywords(sglang_with_plugin, llama_shape, mosaic_servable):
+    """ServerArgs(...) (what sglang.Engine(**kwargs) builds) takes the same options as keywords."""
+    server_args = sglang_with_plugin.ServerArgs(
+        model_path=str(llama_shape), load_format="dummy", device="cpu",
+        kv_compressor="mosaic", mosaic_compression_ratio=2, mosaic_sidecar="off",
+    )
+    assert seam.config_of(server_args) == MosaicKVConfig("mosaic", 2.0, sidecar=False)
+    with pytest.raises(ValueError, match=r"--mosaic-segment-size: expected a power of two in \[16, 256\], got 100"):
+        sglang_with_plugin.ServerArgs(model_path=str(llama_shape), device="cpu", mosaic_segment_size=100)
+
+
+def test_engine_rejects_bad_option_before_launching(sglang_with_plugin, llama_shape):
+    """sglang.Engine(kv_compressor=...) validates before any subprocess starts."""
+    from sglang.srt.entrypoints.engine import Engine
+
+    with pytest.raises(ValueError, match=r"^--kv-compressor: expected one of 'none', 'mosaic', got 'zip'$"):
+        Engine(model_path=str(llama_shape), load_format="dummy", device="cpu", kv_compressor="zip")
+    with pytest.raises(ValueError, match=r"^--kv-compressor: 'mosaic' cannot serve yet"):
+        Engine(model_path=str(llama_shape), load_format="dummy", device="cpu", kv_compressor="mosaic")
+
+
+def test_launch_server_help_lists_options():
+    """`python -m sglang.launch_server --help` shows every MosaicKV flag with its default."""
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--help"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "MosaicKV KV-cache compression (mosaickv-sglang)" in out.stdout
+    for opt in OPTIONS:
+        assert opt.flag in out.stdout
+    assert "--kv-compressor {none,mosaic}" in out.stdout
+    assert "Default: 3.0." in out.stdout and "Default: on." in out.stdout
