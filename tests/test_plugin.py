@@ -8,8 +8,10 @@ import importlib.util
 import json
 import multiprocessing as mp
 import os
+import queue as queue_module
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mosaickv_sglang.config import MosaicKVConfig
@@ -100,20 +102,7 @@ def test_none_leaves_server_args_unchanged(sglang_with_plugin, cpu_args):
     assert seam.config_of(ours) == MosaicKVConfig()
 
 
-def _scheduler_like_child(server_args, queue) -> None:
-    # What sglang.srt.managers.scheduler.run_scheduler_process does first.
-    from sglang.srt.plugins import load_plugins
-
-    load_plugins()
-    import pkgutil
-
-    from mosaickv_sglang.patches import seam as child_seam
-
-    hooked = all(hasattr(pkgutil.resolve_name(t), "__wrapped__") for t in child_seam.HOOK_TARGETS)
-    queue.put((child_seam.config_of(server_args).to_options(), hooked, os.getpid()))
-
-
-def test_options_reach_spawned_scheduler_process(sglang_with_plugin, cpu_args, mosaic_servable):
+def test_options_reach_spawned_scheduler_process(sglang_with_plugin, cpu_args, mosaic_servable, monkeypatch):
     """Values parsed in the launcher arrive in a child spawned the way SGLang spawns its scheduler.
 
     SGLang forces the 'spawn' start method and passes ServerArgs to run_scheduler_process by pickling;
@@ -123,11 +112,22 @@ def test_options_reach_spawned_scheduler_process(sglang_with_plugin, cpu_args, m
         cpu_args("--kv-compressor", "mosaic", "--mosaic-compression-ratio", "5", "--mosaic-segment-size", "128",
                  "--mosaic-sink-tokens", "16", "--mosaic-sidecar", "off")
     )
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
+    import spawn_probe
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_scheduler_like_child, args=(server_args, queue))
+    proc = ctx.Process(target=spawn_probe.scheduler_like_child, args=(server_args, queue))
     proc.start()
-    options, hooked, child_pid = queue.get(timeout=300)
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            options, hooked, child_pid = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            assert proc.is_alive(), f"child exited with {proc.exitcode} before reporting"
+            assert time.monotonic() < deadline, "child did not report within 600 s"
     proc.join(timeout=60)
     assert proc.exitcode == 0 and child_pid != os.getpid()
     assert hooked
