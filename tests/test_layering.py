@@ -59,3 +59,17 @@ def test_every_python_file_has_spdx_header():
         for path in (REPO / folder).rglob("*.py"):
             first = path.read_text().splitlines()[:1]
             assert first == ["# SPDX-License-Identifier: Apache-2.0"], path.relative_to(REPO)
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject lists every folder with an __init__.py under its packaged name, so the wheel misses none."""
+    import tomllib
+
+    setuptools_cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = {folder: name for name, folder in setuptools_cfg["package-dir"].items()}
+    found = set()
+    for folder, name in roots.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder)
+            found.add(".".join([name, *rel.parts]))
+    assert found == set(setuptools_cfg["packages"])

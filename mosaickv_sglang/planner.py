@@ -1,0 +1,1011 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The MosaicKV compression planner: one strategy per segment, minimising estimated error under a byte budget.
+
+Input: ``N`` segments (``S`` tokens of one layer and KV head each) as dense ``K``, ``V`` (shape ``[N, S, d]``), the
+recent queries of their GQA groups (shape ``[N, W, G, d]``) or their :class:`~mosaickv_sglang.importance.
+SegmentImportance`, and a byte budget (``ratio``: budget = all-dense packed bytes / ratio). Output: a
+:class:`~mosaickv_sglang.kernels.format.SegmentPlan` for ``pack``, inside a :class:`PlanResult`.
+
+Three steps, all vectorised over segments (Python loops run only over menu entries, bisection rounds and chunks of
+segments, never over segments):
+
+1. **Estimate** ``err[n, c]`` for every segment ``n`` and menu candidate ``c`` (see :func:`estimate_errors_exact`
+   and :func:`estimate_errors_fast`), and the candidate's packed bytes (the same for every segment).
+2. **Choose** (:func:`choose_candidates`): a Lagrangian sweep, i.e. a bisection on ``lambda`` for the smallest
+   ``lambda`` whose per-segment choices ``argmin_c err[n, c] + lambda * bytes[c]`` fit the budget, then a greedy
+   fix-up that spends the leftover bytes; the estimated error is provably non-increasing in the budget.
+3. **Materialise** the plan: the kept tokens (top-``m`` by attention mass), the forms, the channel weights and, for
+   low-rank sides, the SVD factors of the kept rows (batched :func:`torch.linalg.svd`).
+
+Always-dense segments (attention sinks, the recent window) are not planned: they get the dense candidate, their
+bytes are charged to the budget first, and sinks get ``FLAG_ALWAYS_READ``.
+
+Entry points: :func:`plan_exact` (attention-output error on the observed queries, with low-rank candidates; for
+the sidecar, off the critical path), :func:`plan_fast` (cheap proxy, no SVD; the GPU path), and the single-axis
+baselines :func:`plan_token_only` (SnapKV-like) and :func:`plan_channel_only` (ThinK-like), which run the same
+optimiser on a restricted menu so that a quality comparison is at equal bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from mosaickv_sglang.importance import (
+    FLOAT_DTYPES,
+    SegmentImportance,
+    default_scale,
+    flatten_queries,
+    group_logsumexp,
+    importance_from_queries,
+    normalize_group_ids,
+    segment_scores,
+)
+from mosaickv_sglang.kernels import format as fmt
+from mosaickv_sglang.kernels._checks import check_int, check_tensor
+from mosaickv_sglang.strategies import Candidate, Selection, default_menu, descending_rank
+from mosaickv_sglang.strategies.base import chan_scores, check_segment_shape, dense_segment_bytes
+from mosaickv_sglang.strategies.lowrank import factors_from_svd, masked_svd
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ErrorEstimate",
+    "PlanResult",
+    "apply_plan_reference",
+    "attention_output_error",
+    "budget_from_ratio",
+    "choose_candidates",
+    "estimate_errors_exact",
+    "estimate_errors_fast",
+    "plan_channel_only",
+    "plan_exact",
+    "plan_fast",
+    "plan_token_only",
+]
+
+_EPS = 1e-30
+_MIN_KEPT_FRACTION = 1e-3
+DEFAULT_CHUNK = 256
+
+
+@dataclass(frozen=True, eq=False)
+class PlanResult:
+    """A plan and how it was chosen.
+
+    Attributes
+    ----------
+    plan : SegmentPlan
+        The plan of the ``N`` segments.
+    menu : tuple of Candidate
+        The candidates the planner chose from.
+    choice : torch.Tensor
+        shape ``[N]``, dtype ``torch.int64``; index into ``menu`` per segment.
+    est_error : torch.Tensor
+        shape ``[N]``, dtype ``torch.float32``; the estimated error of each segment's choice
+        (:attr:`ErrorEstimate.err`; 0 for dense segments). Their sum estimates the relative squared error of the
+        attention outputs, summed over contexts.
+    seg_bytes : torch.Tensor
+        shape ``[N]``, dtype ``torch.int64``; packed bytes per segment.
+    budget_bytes : int
+        The byte budget.
+    dense_bytes : int
+        Packed bytes of the all-dense plan.
+    lagrange_multiplier : float
+        The ``lambda`` of the sweep (0 when everything fit without it).
+    """
+
+    plan: fmt.SegmentPlan
+    menu: Tuple[Candidate, ...]
+    choice: torch.Tensor
+    est_error: torch.Tensor
+    seg_bytes: torch.Tensor
+    budget_bytes: int
+    dense_bytes: int
+    lagrange_multiplier: float
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.seg_bytes.sum())
+
+    @property
+    def ratio(self) -> float:
+        """Achieved compression ratio (dense bytes / planned bytes)."""
+        return self.dense_bytes / max(self.total_bytes, 1)
+
+    @property
+    def total_error(self) -> float:
+        return float(self.est_error.double().sum())
+
+
+@dataclass(frozen=True, eq=False)
+class ErrorEstimate:
+    """Per (segment, candidate) estimates returned by the estimators.
+
+    Attributes
+    ----------
+    first_order : torch.Tensor
+        shape ``[N, C]``, dtype ``torch.float32``, ``>= 0``; relative squared change of the context's attention
+        output caused by this segment alone, to first order and before renormalisation (0 for the dense candidate).
+    mass_delta : torch.Tensor
+        shape ``[N, C]``, dtype ``torch.float32``; change of the segment's share of its context's attention mass,
+        averaged over queries (``<= 0`` when tokens are dropped; 0 for the dense candidate).
+    mass_share : torch.Tensor
+        shape ``[N]``, dtype ``torch.float32``, ``>= 0``; the segment's share of its context's attention mass.
+
+    Notes
+    -----
+    The optimiser minimises :attr:`err`, ``first_order / rho^2`` with ``rho = 1 + mass_delta / mass_share`` the
+    fraction of the segment's attention mass the candidate keeps (clamped to ``>= 1e-3``). Exactly, compressing
+    several segments of a context at once gives ``O' - O = (sum_n delta_n) / F`` with ``F`` the mass kept by the
+    whole context; a plan-independent (so separable, so optimisable by the Lagrangian) stand-in for ``F`` is the
+    mean-field guess that the rest of the context is compressed like this segment, ``F ~ rho``. Without it a plan
+    drops most of the mass of a context through many individually cheap token drops, and every error is then
+    amplified by ``1 / F^2``.
+    """
+
+    first_order: torch.Tensor
+    mass_delta: torch.Tensor
+    mass_share: torch.Tensor
+
+    @property
+    def kept_fraction(self) -> torch.Tensor:
+        """``rho``: shape ``[N, C]``, fraction of the segment's attention mass kept (1 where the segment has none)."""
+        share = self.mass_share[:, None]
+        rho = torch.where(share > 0, 1.0 + self.mass_delta / share.clamp(min=_EPS), torch.ones_like(self.mass_delta))
+        return rho.clamp(min=_MIN_KEPT_FRACTION)
+
+    @property
+    def err(self) -> torch.Tensor:
+        """The error the optimiser minimises: shape ``[N, C]``, ``first_order / kept_fraction^2``."""
+        return self.first_order / self.kept_fraction.pow(2)
+
+
+# --- validation ------------------------------------------------------------------------------------------------------
+def _check_kv(keys: torch.Tensor, values: torch.Tensor) -> Tuple[int, int, int]:
+    check_tensor(keys, "K", ndim=3, dtype=FLOAT_DTYPES)
+    check_tensor(values, "V", shape=tuple(keys.shape), dtype=FLOAT_DTYPES, device=keys.device)
+    n, s, d = keys.shape
+    check_segment_shape(s, d, s_name="K (dim 1, segment size)", d_name="K (dim 2, head_dim)")
+    return n, s, d
+
+
+def budget_from_ratio(dense_bytes: int, ratio: float) -> int:
+    """``floor(dense_bytes / ratio)``; ``ratio`` a finite float ``>= 1``."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
+        raise ValueError(f"ratio: expected a finite number >= 1, got {ratio!r}")
+    return int(math.floor(dense_bytes / float(ratio) + 1e-9))
+
+
+def _resolve_budget(dense_bytes: int, ratio: Optional[float], budget_bytes: Optional[int]) -> int:
+    if (ratio is None) == (budget_bytes is None):
+        raise ValueError(
+            f"ratio/budget_bytes: expected exactly one of them, got ratio={ratio!r}, budget_bytes={budget_bytes!r}"
+        )
+    if ratio is not None:
+        return budget_from_ratio(dense_bytes, ratio)
+    return check_int(budget_bytes, "budget_bytes", lo=0)
+
+
+def _check_menu(menu: Optional[Sequence[Candidate]], s: int, d: int, lowrank: bool) -> Tuple[Candidate, ...]:
+    items = tuple(default_menu(s, d, lowrank=lowrank) if menu is None else menu)
+    if not items or not all(isinstance(c, Candidate) for c in items):
+        raise ValueError(f"menu: expected a non-empty sequence of Candidate, got {menu!r}")
+    for c in items:
+        if c.m > s:
+            raise ValueError(f"menu: expected m <= S = {s}, got {c.name}")
+        for form, p in ((c.k_form, c.k_param), (c.v_form, c.v_param)):
+            if form == fmt.FORM_CHAN and not 1 <= p < d:
+                raise ValueError(f"menu: expected chan k in [1, {d - 1}], got {c.name}")
+            if form == fmt.FORM_LOWRANK and not lowrank:
+                raise ValueError(
+                    f"menu: expected no lowrank candidates in plan_fast (no SVD on the hot path), got {c.name}"
+                )
+            if form == fmt.FORM_LOWRANK and not 1 <= p <= min(s, d):
+                raise ValueError(f"menu: expected lowrank r in [1, {min(s, d)}], got {c.name}")
+    if Candidate(s) not in items:
+        raise ValueError(
+            f"menu: expected the dense candidate {Candidate(s).name} (always-dense segments need it), got none"
+        )
+    if len(set(items)) != len(items):
+        raise ValueError("menu: expected distinct candidates, got duplicates")
+    return items
+
+
+def _check_mask(mask: Optional[torch.Tensor], n: int, device: torch.device, name: str) -> torch.Tensor:
+    if mask is None:
+        return torch.zeros(n, dtype=torch.bool, device=device)
+    return check_tensor(mask, name, shape=(n,), dtype=torch.bool, device=device)
+
+
+def _menu_tensors(menu: Sequence[Candidate], d: int, device: torch.device) -> Dict[str, torch.Tensor]:
+    def col(vals: List[int]) -> torch.Tensor:
+        return torch.tensor(vals, dtype=torch.int64, device=device)
+
+    return {
+        "m": col([c.m for c in menu]),
+        "k_form": col([c.k_form for c in menu]),
+        "k_param": col([c.k_param for c in menu]),
+        "v_form": col([c.v_form for c in menu]),
+        "v_param": col([c.v_param for c in menu]),
+        "bytes": col([c.bytes(d) for c in menu]),
+    }
+
+
+# --- error estimation ------------------------------------------------------------------------------------------------
+def _context(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, labels: torch.Tensor, ng: int, scale: float, chunk: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense per-segment attention and its combination per context.
+
+    Returns ``lse`` ``[N, Q]``, ``o`` ``[N, Q, d]`` (segment-local softmax output), context ``L`` ``[ng, Q]`` and
+    context output ``O`` ``[ng, Q, d]``.
+    """
+    n, qn, d = q.shape
+    lse = torch.empty(n, qn, device=q.device)
+    o = torch.empty(n, qn, d, device=q.device)
+    for a in range(0, n, chunk):
+        sc = segment_scores(q[a : a + chunk], keys[a : a + chunk], scale)
+        lse[a : a + chunk] = torch.logsumexp(sc, dim=2)
+        o[a : a + chunk] = torch.bmm(torch.softmax(sc, dim=2), values[a : a + chunk].float())
+    ctx = group_logsumexp(lse, labels, ng)
+    w = torch.exp(lse - ctx[labels])
+    out = torch.zeros(ng, qn, d, device=q.device).index_add_(0, labels, w[:, :, None] * o)
+    return lse, o, ctx, out
+
+
+class _Approximations:
+    """Approximated rows of one tensor (chunk of segments) per (form, param), cached across menu entries.
+
+    Chan rows do not depend on the kept tokens (selection is per vector); low-rank rows do and are recomputed for
+    each token selection (one SVD per selection, truncated per rank).
+    """
+
+    def __init__(self, x: torch.Tensor, chan_weight: torch.Tensor) -> None:
+        self.x = x
+        self.rank = descending_rank(chan_scores(x, chan_weight))
+        self.chan: Dict[int, torch.Tensor] = {}
+        self.low: Dict[int, torch.Tensor] = {}
+        self.keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        self.svd: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+    def set_keep(self, keep: torch.Tensor) -> None:
+        self.keep, self.svd, self.low = keep, None, {}
+
+    def get(self, form: int, param: int) -> torch.Tensor:
+        if form == fmt.FORM_CHAN:
+            if param not in self.chan:
+                self.chan[param] = self.x * (self.rank < param)
+            return self.chan[param]
+        if form == fmt.FORM_LOWRANK:
+            if param not in self.low:
+                if self.svd is None:
+                    self.svd = masked_svd(self.x, self.keep)
+                factors = factors_from_svd(self.svd, self.keep, param)
+                self.low[param] = Selection(self.keep, fmt.FORM_LOWRANK, param, factors=factors).reconstruct(self.x)
+            return self.low[param]
+        return self.x
+
+
+def estimate_errors_exact(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor,
+    menu: Sequence[Candidate],
+    importance: SegmentImportance,
+    *,
+    group_ids: Optional[torch.Tensor] = None,
+    sm_scale: Optional[float] = None,
+    chunk_segments: int = DEFAULT_CHUNK,
+) -> ErrorEstimate:
+    """Attention-output error of every (segment, candidate) on the observed queries.
+
+    The estimator. For a query ``j`` of a context (the segments sharing a group id), segment ``n`` contributes
+    ``a_n o_n`` to the output ``O = sum_n a_n o_n``, where ``o_n`` is the softmax output over the segment alone and
+    ``a_n = exp(lse_n - L)`` its share of the attention mass (``lse_n`` the segment's log-sum-exp, ``L`` the
+    context's). Approximating segment ``n`` alone (``o_n -> o'_n``, ``a_n -> a'_n``, kept rows only) changes the
+    renormalised output, to first order, by ``delta_n = a'_n (o'_n - O) - a_n (o_n - O)``: the change of the
+    segment's contribution plus the shift of attention mass to (or from) the rest of the context. For token dropping
+    this is exactly ``sum_dropped p_t (O - v_t)``. The error is the relative squared norm, averaged over queries::
+
+        first_order[n, c] = mean_j ||delta_{n, j}||^2 / mean_j ||O_j||^2
+
+    This is :attr:`ErrorEstimate.first_order`, with ``mass_delta = mean_j (a'_n - a_n)`` and ``mass_share =
+    mean_j a_n``. When several segments change at once the output is exactly ``O' - O = (sum_n delta_n) / F``, ``F``
+    the attention mass the plan keeps; the optimiser sums :attr:`ErrorEstimate.err` over segments (errors of
+    different segments taken as uncorrelated), which divides by a mean-field estimate of ``F^2`` (see
+    :class:`ErrorEstimate`). Every query of a segment's group must be the same (they are the group's recent
+    queries); the context consists of the segments passed in.
+
+    Parameters
+    ----------
+    keys, values : torch.Tensor
+        shape ``[N, S, d]``, fp32/fp16/bf16.
+    queries : torch.Tensor
+        shape ``[N, W, G, d]``, float.
+    menu : sequence of Candidate
+    importance : SegmentImportance
+        Token scores (tokens are kept by decreasing ``token_mass``) and channel weights.
+    group_ids : torch.Tensor, optional
+        shape ``[N]``, integer; attention contexts (default: one).
+    sm_scale : float, optional
+        Default ``1 / sqrt(d)``.
+    chunk_segments : int
+        Segments processed at once (bounds memory to ``chunk * Q * S`` floats per buffer).
+
+    Returns
+    -------
+    ErrorEstimate
+        ``first_order`` and ``mass_delta`` of shape ``[N, len(menu)]`` (exactly 0 for the all-dense candidate) and
+        ``mass_share`` of shape ``[N]``.
+    """
+    n, s, d = _check_kv(keys, values)
+    check_int(chunk_segments, "chunk_segments", lo=1)
+    q = flatten_queries(queries, n, d)
+    scale = default_scale(d, sm_scale)
+    labels, ng = normalize_group_ids(group_ids, n, keys.device)
+    importance = _check_importance(importance, n, s, d, keys.device)
+    lse, o, ctx, out = _context(q, keys, values, labels, ng, scale, chunk_segments)
+    denom_g = out.pow(2).sum(-1).mean(1)  # [ng]
+    vscale = values.float().pow(2).sum(-1).mean() * 1e-12 + _EPS
+    denom = (denom_g + vscale)[labels]
+    rank = descending_rank(importance.token_mass)
+    err = torch.zeros(n, len(menu), device=keys.device)
+    dmass = torch.zeros(n, len(menu), device=keys.device)
+    by_m: Dict[int, List[int]] = {}
+    for i, c in enumerate(menu):
+        by_m.setdefault(c.m, []).append(i)
+    for a in range(0, n, chunk_segments):
+        sl = slice(a, a + chunk_segments)
+        qx, lab = q[sl], labels[sl]
+        on, cx = out[lab], ctx[lab]
+        a1 = torch.exp(lse[sl] - cx)
+        u = a1[:, :, None] * (o[sl] - on)
+        k_apx = _Approximations(keys[sl].float(), importance.k_chan_weight[sl])
+        v_apx = _Approximations(values[sl].float(), importance.v_chan_weight[sl])
+        raw: Dict[Tuple[int, int], torch.Tensor] = {}  # scores of dense/chan keys do not depend on the kept tokens
+        for m, idxs in by_m.items():
+            keep = rank[sl] < m
+            k_apx.set_keep(keep)
+            v_apx.set_keep(keep)
+            for kopt in sorted({(menu[i].k_form, menu[i].k_param) for i in idxs}):
+                if kopt[0] == fmt.FORM_LOWRANK:
+                    sc = segment_scores(qx, k_apx.get(*kopt), scale)
+                else:
+                    if kopt not in raw:
+                        raw[kopt] = segment_scores(qx, k_apx.get(*kopt), scale)
+                    sc = raw[kopt]
+                sc = sc.masked_fill(~keep[:, None, :], float("-inf"))
+                p2 = torch.softmax(sc, dim=2)
+                a2 = torch.exp(torch.logsumexp(sc, dim=2) - cx)
+                dm = (a2 - a1).mean(1)
+                for i in idxs:
+                    c = menu[i]
+                    if (c.k_form, c.k_param) == kopt:
+                        delta = a2[:, :, None] * (torch.bmm(p2, v_apx.get(c.v_form, c.v_param)) - on) - u
+                        err[sl, i] = delta.pow(2).sum(-1).mean(1) / denom[sl]
+                        dmass[sl, i] = dm
+    dense_i = list(menu).index(Candidate(s))
+    err[:, dense_i] = 0.0
+    dmass[:, dense_i] = 0.0
+    share = torch.exp(lse - ctx[labels]).mean(1)
+    return ErrorEstimate(err, dmass, share)
+
+
+def _prefix(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums of ``x`` (``[N, S, ...]``) over tokens in ``order``, with a leading zero: ``[N, S+1, ...]``."""
+    idx = order.view(order.shape + (1,) * (x.dim() - 2)).expand_as(x)
+    cs = x.gather(1, idx).cumsum(1)
+    return torch.cat([torch.zeros_like(cs[:, :1]), cs], 1)
+
+
+def estimate_errors_fast(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    menu: Sequence[Candidate],
+    importance: SegmentImportance,
+    *,
+    group_ids: Optional[torch.Tensor] = None,
+    sm_scale: Optional[float] = None,
+) -> ErrorEstimate:
+    """Cheap proxy of :func:`estimate_errors_exact`: first-order error for the *average* query, no attention recompute.
+
+    Inputs are only the statistics: ``p_t`` the token's average attention probability (``token_mass``), the
+    queries' mean ``q_bar`` and second moment ``w_c^2`` (``k_chan_weight``). With ``O = sum_t p_t v_t`` over the
+    context (segments sharing a group id) and kept tokens ``T`` (top-``m`` by ``p_t``), the output change caused by
+    a segment is, to first order, the sum of three vectors::
+
+        sum_{t not in T} p_t (O - v_t)                       dropped tokens (their mass moves to the others)
+        - sum_{t in T} p_t dv_t                              per-vector top-k of V (dv_t: the dropped elements)
+        sum_{t in T} p_t sm_scale (q_bar . dk_t) (v_t - O)    per-vector top-k of K, through the scores
+
+    and ``first_order`` is its squared norm plus the variance of the K term over queries,
+    ``sum_{t in T} p_t^2 sm_scale^2 sum_c (w_c^2 - q_bar_c^2) dk_tc^2 ||v_t - O||^2``, divided by an estimate of
+    ``E||O||^2`` (``||O||^2 + sum_t p_t^2 ||v_t - O||^2``). ``mass_delta`` is minus the dropped tokens' mass and
+    ``mass_share`` the segment's ``sum_t p_t`` (renormalised as in :class:`ErrorEstimate`). All
+    terms are prefix sums over tokens sorted by ``p_t``, so every candidate costs ``O(1)`` after ``O(N S d log d)``
+    of sorting, and the squared norms of the three-vector sums come from one small Gram matrix per segment.
+
+    Parameters
+    ----------
+    keys, values : torch.Tensor
+        shape ``[N, S, d]``, fp32/fp16/bf16.
+    menu : sequence of Candidate
+        Dense and chan forms only.
+    importance : SegmentImportance
+        ``q_mean`` may be ``None`` (then taken as 0: the K error is all variance).
+    group_ids : torch.Tensor, optional
+        shape ``[N]``, integer; attention contexts (default: one).
+    sm_scale : float, optional
+
+    Returns
+    -------
+    ErrorEstimate
+        ``first_order`` and ``mass_delta`` of shape ``[N, len(menu)]``, ``mass_share`` of shape ``[N]``, fp32.
+    """
+    n, s, d = _check_kv(keys, values)
+    importance = _check_importance(importance, n, s, d, keys.device)
+    scale = default_scale(d, sm_scale)
+    labels, ng = normalize_group_ids(group_ids, n, keys.device)
+    dev = keys.device
+    kf, vf = keys.float(), values.float()
+    p = importance.token_mass.float()
+    w2 = importance.k_chan_weight.float().pow(2)
+    qbar = torch.zeros(n, d, device=dev) if importance.q_mean is None else importance.q_mean.float()
+    var_q = (w2 - qbar.pow(2)).clamp(min=0)
+    out_g = torch.zeros(ng, d, device=dev).index_add_(0, labels, (p[:, :, None] * vf).sum(1))
+    resid = vf - out_g[labels][:, None, :]  # v_t - O
+    c = resid.pow(2).sum(-1)
+    var_g = torch.zeros(ng, device=dev).index_add_(0, labels, (p.pow(2) * c).sum(1))
+    norm = (out_g.pow(2).sum(-1) + var_g + vf.pow(2).sum(-1).mean() * 1e-12 + _EPS)[labels]
+
+    chan_k = {cd.k_param for cd in menu if cd.k_form == fmt.FORM_CHAN}
+    ks = sorted(chan_k | {cd.v_param for cd in menu if cd.v_form == fmt.FORM_CHAN})
+    ms = sorted({cd.m for cd in menu})
+    col = {0: 0, **{k: i + 1 for i, k in enumerate(ks)}}
+    mpos = {m: i for i, m in enumerate(ms)}
+    order = torch.sort(p, dim=1, descending=True, stable=True).indices
+    mt = torch.tensor(ms, device=dev)
+    k_rank = descending_rank(chan_scores(kf, importance.k_chan_weight))
+    v_rank = descending_rank(chan_scores(vf, importance.v_chan_weight))
+    # Three families of vectors, each [N, len(ms), d] per option; the change of a candidate is delta = -a + b - c:
+    #   a = sum_{dropped} p_t (v_t - O)             (dropped tokens)
+    #   b = -sum_{kept} p_t s (q_bar . dk_t)(v_t - O)  (K top-k, dk_t the dropped elements, s = sm_scale)
+    #   c = sum_{kept} p_t dv_t                      (V top-k, dv_t the dropped elements)
+    pr = _prefix(p[:, :, None] * resid, order)  # [N, S+1, d]
+    avec = pr[:, -1:, :] - pr[:, mt, :]
+    zero = torch.zeros(n, len(ms), d, device=dev)
+    kvec, vvec = [zero], [zero]
+    kvar = [torch.zeros(n, len(ms), device=dev)]
+    for k in ks:
+        dk = kf * (k_rank >= k)
+        coh = p * scale * (dk * qbar[:, None, :]).sum(-1)
+        kvec.append(-_prefix(coh[:, :, None] * resid, order)[:, mt, :])
+        kvar.append(_prefix(p.pow(2) * scale**2 * (dk.pow(2) * var_q[:, None, :]).sum(-1) * c, order)[:, mt])
+        vvec.append(_prefix(p[:, :, None] * vf * (v_rank >= k), order)[:, mt, :])
+    allv = torch.cat([avec] + kvec + vvec, 1)  # [N, M * (1 + 2 * (nk + 1)), d]
+    gram = torch.bmm(allv, allv.transpose(1, 2))
+    nm, nk = len(ms), len(ks) + 1
+    mi = torch.tensor([mpos[cd.m] for cd in menu], device=dev)
+    ki = torch.tensor([col[cd.k_param] if cd.k_form == fmt.FORM_CHAN else 0 for cd in menu], device=dev)
+    vi = torch.tensor([col[cd.v_param] if cd.v_form == fmt.FORM_CHAN else 0 for cd in menu], device=dev)
+    ia, ib, ic = mi, nm + ki * nm + mi, nm + nk * nm + vi * nm + mi
+    sq = (
+        gram[:, ia, ia] + gram[:, ib, ib] + gram[:, ic, ic]
+        - 2 * gram[:, ia, ib] + 2 * gram[:, ia, ic] - 2 * gram[:, ib, ic]
+    ).clamp(min=0)
+    err = (sq + torch.stack(kvar, 1)[:, ki, mi]) / norm[:, None]
+    pm = _prefix(p, order)  # [N, S+1]
+    dmass = (pm[:, mt] - pm[:, -1:])[:, mi].clamp(max=0)
+    dense_i = list(menu).index(Candidate(s))
+    err[:, dense_i] = 0.0
+    dmass[:, dense_i] = 0.0
+    return ErrorEstimate(err.float(), dmass.float(), p.sum(1))
+
+
+# --- optimisation ----------------------------------------------------------------------------------------------------
+def choose_candidates(err: torch.Tensor, cand_bytes: torch.Tensor, budget_bytes: int) -> Tuple[torch.Tensor, float]:
+    """Pick one candidate per segment minimising ``sum_n err[n, choice_n]`` s.t. ``sum_n bytes[choice_n] <= budget``.
+
+    1. **Lagrangian sweep.** For ``lambda >= 0`` every segment picks ``argmin_c err[n, c] + lambda * bytes[c]``
+       (ties: the lower candidate index); total bytes fall as ``lambda`` grows, so a bisection (in log space, to a
+       relative width of 1e-12) brackets the smallest feasible ``lambda*``: ``hi`` fits, ``lo`` does not. The choice
+       at ``hi`` is optimal for its own total bytes.
+    2. **Greedy fix-up**, in two steps that spend the leftover bytes:
+
+       a. the segments whose choice differs between ``lo`` and ``hi`` are the upgrades of slope ``lambda*`` (error
+          saved per byte); they are taken in decreasing slope, then segment order, while they fit;
+       b. then the single move (one segment, any candidate) with the largest error reduction that fits.
+
+    Every move left after step 1 saves at most ``lambda* * extra bytes``, which is what makes the result's error
+    non-increasing in the budget (a larger budget either reaches the next upgrade of slope ``lambda*``, saving more
+    than any fix-up of the smaller leftover, or has the same Lagrangian solution and a superset of fix-up moves).
+    More rounds of step b would use more leftover but lose that guarantee (it is a knapsack); the leftover is below
+    one candidate step of one segment anyway.
+
+    Parameters
+    ----------
+    err : torch.Tensor
+        shape ``[N, C]``, float, ``>= 0``; ``inf`` marks a candidate a segment may not use (every row needs a
+        finite entry; ``nan`` counts as ``inf``).
+    cand_bytes : torch.Tensor
+        shape ``[C]``, integer; bytes of each candidate.
+    budget_bytes : int
+        The budget for these ``N`` segments.
+
+    Returns
+    -------
+    tuple
+        ``(choice, lambda)``: ``choice`` shape ``[N]``, dtype ``torch.int64``; ``lambda`` the multiplier of step 1
+        (0 when the minimal-error choice already fits).
+    """
+    check_tensor(err, "err", ndim=2)
+    n, c = err.shape
+    check_tensor(cand_bytes, "cand_bytes", shape=(c,), dtype=(torch.int32, torch.int64), device=err.device)
+    check_int(budget_bytes, "budget_bytes", lo=0)
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=err.device), 0.0
+    inf = float("inf")
+    e = err.double()
+    e = torch.where(torch.isnan(e), torch.full_like(e, inf), e)
+    finite = torch.isfinite(e)
+    if not bool(finite.any(1).all()):
+        raise ValueError("err: expected a finite candidate in every row, got a row of inf/nan")
+    b = cand_bytes.to(err.device, torch.float64)
+    bl = cand_bytes.to(err.device, torch.int64)
+    min_total = int(torch.where(finite, b.expand_as(e), torch.full_like(e, inf)).min(1).values.sum())
+    if min_total > budget_bytes:
+        raise ValueError(
+            f"budget_bytes: expected >= {min_total} (every segment at its smallest candidate), got {budget_bytes}"
+        )
+
+    def pick(lam: float) -> torch.Tensor:
+        return torch.argmin(e + lam * b, dim=1)
+
+    def total(choice: torch.Tensor) -> int:
+        return int(bl[choice].sum())
+
+    choice = pick(0.0)
+    if total(choice) <= budget_bytes:
+        return choice, 0.0
+    spread = float(e.masked_fill(~finite, 0).max() - e.masked_fill(~finite, inf).min())
+    hi = max(spread, 0.0) + 1.0  # candidate bytes differ by >= 1: at hi every segment takes a smallest candidate
+    for _ in range(64):
+        if total(pick(hi)) <= budget_bytes:
+            break
+        hi *= 16.0
+    lo = hi * 1e-30
+    if total(pick(lo)) <= budget_bytes:
+        return _fixup_single(e, bl, pick(lo), budget_bytes), lo
+    lo, hi = _bracket(e, b, bl, budget_bytes, lo, hi)
+    choice, alt = pick(hi), pick(lo)
+    left = budget_bytes - total(choice)
+    # (a) the tied threshold upgrades, by decreasing slope then segment index
+    moved = torch.nonzero(alt != choice).squeeze(1)
+    if moved.numel():
+        extra = bl[alt[moved]] - bl[choice[moved]]
+        gain = e[moved, choice[moved]] - e[moved, alt[moved]]
+        slope = gain / extra.clamp(min=1).double()
+        order = torch.argsort(slope, descending=True, stable=True)
+        moved, extra = moved[order], extra[order]
+        fits = torch.cumprod((extra.cumsum(0) <= left).long(), 0).bool()
+        choice = choice.clone()
+        choice[moved[fits]] = alt[moved[fits]]
+    return _fixup_single(e, bl, choice, budget_bytes), hi
+
+
+_GRID = 8  # lambdas tried at once per bracketing round: one host sync per round instead of per bisection step
+
+
+def _bracket(
+    e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: int, lo: float, hi: float
+) -> Tuple[float, float]:
+    """Shrink ``[lo, hi]`` (``lo`` infeasible, ``hi`` feasible) to a relative width of 1e-12 by batched bisection:
+    each round evaluates ``_GRID`` geometric points at once (shape ``[_GRID, N, C]``)."""
+    for _ in range(64):
+        if hi <= lo * (1.0 + 1e-12):
+            break
+        t = torch.arange(1, _GRID + 1, dtype=torch.float64, device=e.device) / (_GRID + 1)
+        grid = torch.exp(math.log(lo) + t * (math.log(hi) - math.log(lo)))
+        totals = bl[torch.argmin(e[None] + grid[:, None, None] * b, dim=2)].sum(1)  # [_GRID]
+        feasible = (totals <= budget).tolist()
+        pts = grid.tolist()
+        first = next((i for i, f in enumerate(feasible) if f), None)  # totals fall as lambda grows
+        new_lo = lo if first is None or first == 0 else pts[first - 1]
+        new_hi = hi if first is None else pts[first]
+        if first is None:
+            new_lo = pts[-1]
+        if (new_lo, new_hi) == (lo, hi):
+            break
+        lo, hi = new_lo, new_hi
+    return lo, hi
+
+
+def _fixup_single(e: torch.Tensor, b: torch.Tensor, choice: torch.Tensor, budget: int) -> torch.Tensor:
+    """Step 2b of :func:`choose_candidates`: apply the one fitting move with the largest error reduction."""
+    n = e.shape[0]
+    left = budget - int(b[choice].sum())
+    cur = e[torch.arange(n, device=e.device), choice][:, None]
+    gain = torch.where((b[None, :] - b[choice][:, None] <= left) & (e < cur), cur - e, torch.zeros_like(e))
+    flat = int(torch.argmax(gain.reshape(-1)))
+    seg, cand = divmod(flat, e.shape[1])
+    if float(gain[seg, cand]) <= 0:
+        return choice
+    choice = choice.clone()
+    choice[seg] = cand
+    return choice
+
+
+# --- materialisation -------------------------------------------------------------------------------------------------
+def _factors(
+    x: torch.Tensor, keep: torch.Tensor, use: torch.Tensor, rank: torch.Tensor
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    idx = torch.nonzero(use).squeeze(1)
+    if idx.numel() == 0:
+        return None
+    n, s, d = x.shape
+    r = rank[idx]
+    rmax = int(r.max())
+    a, bmat = factors_from_svd(masked_svd(x[idx], keep[idx]), keep[idx], rmax)
+    colmask = (torch.arange(rmax, device=x.device)[None, :] < r[:, None]).float()
+    a_full = torch.zeros(n, s, rmax, device=x.device)
+    b_full = torch.zeros(n, rmax, d, device=x.device)
+    a_full[idx] = a * colmask[:, None, :]
+    b_full[idx] = bmat * colmask[:, :, None]
+    return a_full, b_full
+
+
+def _build(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    menu: Tuple[Candidate, ...],
+    est: Optional[ErrorEstimate],
+    importance: SegmentImportance,
+    budget: int,
+    always_dense: torch.Tensor,
+) -> PlanResult:
+    n, s, d = keys.shape
+    dev = keys.device
+    mt = _menu_tensors(menu, d, dev)
+    dense_i = menu.index(Candidate(s))
+    dense_b = dense_segment_bytes(s, d)
+    fixed = int(always_dense.sum())
+    free = torch.nonzero(~always_dense).squeeze(1)
+    choice = torch.full((n,), dense_i, dtype=torch.int64, device=dev)
+    est_err = torch.zeros(n, device=dev)
+    lam = 0.0
+    reach = fixed * dense_b + (n - fixed) * int(mt["bytes"].min())
+    if budget < reach:
+        raise ValueError(
+            f"ratio/budget_bytes: expected a budget >= {reach} bytes (ratio <= {n * dense_b / max(reach, 1):.3f}) that "
+            f"this menu can reach with {fixed} always-dense segments, got {budget} bytes; lower the ratio or extend "
+            "the menu"
+        )
+    if est is not None and free.numel() and budget < n * dense_b:
+        err = est.err
+        sub, lam = choose_candidates(err[free], mt["bytes"], budget - fixed * dense_b)
+        choice[free] = sub
+        est_err = torch.where(always_dense, est_err, err.gather(1, choice[:, None]).squeeze(1).float())
+    m = mt["m"][choice]
+    keep = descending_rank(importance.token_mass) < m[:, None]
+    k_form, k_param = mt["k_form"][choice], mt["k_param"][choice]
+    v_form, v_param = mt["v_form"][choice], mt["v_param"][choice]
+    i32 = torch.int32
+    plan = fmt.SegmentPlan(
+        token_keep=keep,
+        k_form=k_form.to(i32),
+        k_param=k_param.to(i32),
+        v_form=v_form.to(i32),
+        v_param=v_param.to(i32),
+        k_chan_weight=importance.k_chan_weight.float().contiguous(),
+        v_chan_weight=importance.v_chan_weight.float().contiguous(),
+        k_factors=_factors(keys, keep, k_form == fmt.FORM_LOWRANK, k_param),
+        v_factors=_factors(values, keep, v_form == fmt.FORM_LOWRANK, v_param),
+        flags=(always_dense.to(i32) * fmt.FLAG_ALWAYS_READ),
+    )
+    result = PlanResult(plan, menu, choice, est_err, mt["bytes"][choice], budget, n * dense_b, lam)
+    logger.debug(
+        "planned %d segments: %d bytes of %d budget (ratio %.3f), lambda %.3g",
+        n, result.total_bytes, budget, result.ratio, lam,
+    )
+    return result
+
+
+def _prepare(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    ratio: Optional[float],
+    budget_bytes: Optional[int],
+    always_dense: Optional[torch.Tensor],
+) -> Tuple[int, int, int, int, torch.Tensor]:
+    n, s, d = _check_kv(keys, values)
+    budget = _resolve_budget(n * dense_segment_bytes(s, d), ratio, budget_bytes)
+    return n, s, d, budget, _check_mask(always_dense, n, keys.device, "always_dense")
+
+
+def _check_importance(imp: object, n: int, s: int, d: int, device: torch.device) -> SegmentImportance:
+    if not isinstance(imp, SegmentImportance):
+        raise TypeError(f"importance: expected SegmentImportance, got {type(imp).__name__}")
+    check_tensor(imp.token_mass, "importance.token_mass", shape=(n, s), device=device)
+    check_tensor(imp.k_chan_weight, "importance.k_chan_weight", shape=(n, d), device=device)
+    return imp
+
+
+def plan_exact(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor,
+    *,
+    ratio: Optional[float] = None,
+    budget_bytes: Optional[int] = None,
+    importance: Optional[SegmentImportance] = None,
+    group_ids: Optional[torch.Tensor] = None,
+    always_dense: Optional[torch.Tensor] = None,
+    menu: Optional[Sequence[Candidate]] = None,
+    sm_scale: Optional[float] = None,
+    chunk_segments: int = DEFAULT_CHUNK,
+) -> PlanResult:
+    """Plan with the attention-output error on the observed queries (:func:`estimate_errors_exact`), lowrank included.
+
+    Parameters
+    ----------
+    keys, values : torch.Tensor
+        shape ``[N, S, d]``, fp32/fp16/bf16; dense segments.
+    queries : torch.Tensor
+        shape ``[N, W, G, d]``, float; recent queries of each segment's GQA group.
+    ratio : float, optional
+        Target compression ratio ``>= 1`` (budget = all-dense packed bytes / ratio). Exactly one of ``ratio`` and
+        ``budget_bytes``.
+    budget_bytes : int, optional
+        Byte budget for these segments.
+    importance : SegmentImportance, optional
+        Token scores and channel weights (e.g. merged :class:`~mosaickv_sglang.importance.QueryStats`); default:
+        measured from ``queries``.
+    group_ids : torch.Tensor, optional
+        shape ``[N]``, integer; attention contexts (same request, layer, KV head). Default: one context.
+    always_dense : torch.Tensor, optional
+        shape ``[N]``, dtype ``torch.bool``; sinks / recent window: kept dense, flagged always-read, not planned.
+    menu : sequence of Candidate, optional
+        Default :func:`~mosaickv_sglang.strategies.default_menu` with low-rank forms. Must contain the dense one.
+    sm_scale : float, optional
+        Default ``1 / sqrt(d)``.
+    chunk_segments : int
+        Segments processed at once by the estimator.
+
+    Raises
+    ------
+    ValueError
+        Bad shapes or dtypes, or a budget below what the menu can reach.
+    """
+    n, s, d, budget, ad = _prepare(keys, values, ratio, budget_bytes, always_dense)
+    items = _check_menu(menu, s, d, lowrank=True)
+    flatten_queries(queries, n, d)
+    imp = (
+        importance_from_queries(keys, queries, group_ids=group_ids, sm_scale=sm_scale)
+        if importance is None
+        else _check_importance(importance, n, s, d, keys.device)
+    )
+    if budget >= n * dense_segment_bytes(s, d):  # everything fits dense: exact, skip the estimate
+        est = None
+    else:
+        est = estimate_errors_exact(
+            keys, values, queries, items, imp, group_ids=group_ids, sm_scale=sm_scale, chunk_segments=chunk_segments
+        )
+    return _build(keys, values, items, est, imp, budget, ad)
+
+
+def plan_fast(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    ratio: Optional[float] = None,
+    budget_bytes: Optional[int] = None,
+    queries: Optional[torch.Tensor] = None,
+    importance: Optional[SegmentImportance] = None,
+    group_ids: Optional[torch.Tensor] = None,
+    always_dense: Optional[torch.Tensor] = None,
+    menu: Optional[Sequence[Candidate]] = None,
+    sm_scale: Optional[float] = None,
+) -> PlanResult:
+    """Plan with the cheap error proxy (:func:`estimate_errors_fast`): dense, chan, tok and 2-D forms, no SVD.
+
+    Parameters are those of :func:`plan_exact`, except that ``queries`` is optional: give ``importance`` (the
+    hot path: statistics already gathered) or ``queries`` (importance measured from them). With both, ``importance``
+    is used. The menu defaults to :func:`~mosaickv_sglang.strategies.default_menu` without low-rank forms.
+    """
+    n, s, d, budget, ad = _prepare(keys, values, ratio, budget_bytes, always_dense)
+    items = _check_menu(menu, s, d, lowrank=False)
+    if importance is not None:
+        imp = _check_importance(importance, n, s, d, keys.device)
+    elif queries is not None:
+        imp = importance_from_queries(keys, queries, group_ids=group_ids, sm_scale=sm_scale)
+    else:
+        raise ValueError("importance/queries: expected one of them, got neither")
+    if budget >= n * dense_segment_bytes(s, d):
+        est = None
+    else:
+        est = estimate_errors_fast(keys, values, items, imp, group_ids=group_ids, sm_scale=sm_scale)
+    return _build(keys, values, items, est, imp, budget, ad)
+
+
+def _plan_restricted(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor,
+    estimator: str,
+    keep_fn: Callable[[Candidate, int], bool],
+    menu: Optional[Sequence[Candidate]],
+    **kw: Any,
+) -> PlanResult:
+    if estimator not in ("exact", "fast"):
+        raise ValueError(f"estimator: expected 'exact' or 'fast', got {estimator!r}")
+    _, s, d = _check_kv(keys, values)
+    base = _check_menu(menu, s, d, lowrank=estimator == "exact")
+    items = tuple(c for c in base if keep_fn(c, s))
+    if estimator == "exact":
+        return plan_exact(keys, values, queries, menu=items, **kw)
+    return plan_fast(keys, values, queries=queries, menu=items, **kw)
+
+
+def plan_token_only(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor,
+    *,
+    ratio: Optional[float] = None,
+    budget_bytes: Optional[int] = None,
+    estimator: str = "exact",
+    group_ids: Optional[torch.Tensor] = None,
+    always_dense: Optional[torch.Tensor] = None,
+    menu: Optional[Sequence[Candidate]] = None,
+    sm_scale: Optional[float] = None,
+) -> PlanResult:
+    """SnapKV-like baseline: token dropping only (``tok-m``, both sides dense), same budget and optimiser.
+
+    ``m`` is chosen per segment by the same Lagrangian as the 2-D planner (a stronger baseline than one ``m`` for all
+    segments), so a comparison isolates the value of the second axis. ``estimator``: ``"exact"`` or ``"fast"``.
+    """
+    return _plan_restricted(
+        keys, values, queries, estimator,
+        lambda c, s: c.k_form == fmt.FORM_DENSE and c.v_form == fmt.FORM_DENSE,
+        menu,
+        ratio=ratio, budget_bytes=budget_bytes, group_ids=group_ids, always_dense=always_dense, sm_scale=sm_scale,
+    )
+
+
+def plan_channel_only(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor,
+    *,
+    ratio: Optional[float] = None,
+    budget_bytes: Optional[int] = None,
+    estimator: str = "exact",
+    group_ids: Optional[torch.Tensor] = None,
+    always_dense: Optional[torch.Tensor] = None,
+    menu: Optional[Sequence[Candidate]] = None,
+    sm_scale: Optional[float] = None,
+) -> PlanResult:
+    """ThinK-like baseline: channel pruning only (every token kept, K and V dense or per-vector ``chan-k``).
+
+    Uses the packed per-vector channel form (ThinK itself shares one channel set per head), the same budget and
+    optimiser. ``estimator``: ``"exact"`` or ``"fast"``.
+    """
+    return _plan_restricted(
+        keys, values, queries, estimator,
+        lambda c, s: c.m == s and c.k_form != fmt.FORM_LOWRANK and c.v_form != fmt.FORM_LOWRANK,
+        menu,
+        ratio=ratio, budget_bytes=budget_bytes, group_ids=group_ids, always_dense=always_dense, sm_scale=sm_scale,
+    )
+
+
+# --- reference reconstruction and evaluation -------------------------------------------------------------------------
+def _side_reference(
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    form: torch.Tensor,
+    param: torch.Tensor,
+    weight: torch.Tensor,
+    factors: Optional[Tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    xf = x.float()
+    chan = descending_rank(chan_scores(x, weight)) < param.long()[:, None, None]
+    out = torch.where((form == fmt.FORM_CHAN)[:, None, None], xf * chan, xf)
+    if factors is not None:
+        a, b = factors
+        rmax = a.shape[2]
+        cols = (torch.arange(rmax, device=x.device)[None, :] < param.long()[:, None]).to(a.dtype)
+        rows = torch.bmm((a * cols[:, None, :]).float(), b.float())
+        idx = (keep.long().cumsum(1) - 1).clamp(min=0)[:, :, None].expand(-1, -1, x.shape[2])
+        out = torch.where((form == fmt.FORM_LOWRANK)[:, None, None], rows.gather(1, idx), out)
+    return out * keep[:, :, None]
+
+
+def apply_plan_reference(
+    keys: torch.Tensor, values: torch.Tensor, plan: fmt.SegmentPlan
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The segments as the decode kernels see them after ``pack`` (plain PyTorch, fp32).
+
+    Parameters
+    ----------
+    keys, values : torch.Tensor
+        shape ``[N, S, d]``, fp32/fp16/bf16; the dense segments the plan was made for.
+    plan : SegmentPlan
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(K_hat, V_hat, row_mask)``: ``[N, S, d]`` fp32 each (dropped rows zero, chan rows with only their top-k
+        channels by ``|x_c| * w_c``, low-rank rows ``A[:m, :r] @ B[:r]`` placed at the kept positions) and the
+        kept-row mask ``[N, S]`` bool. Values are not rounded to the 16-bit arena dtype.
+    """
+    n, s, d = _check_kv(keys, values)
+    if not isinstance(plan, fmt.SegmentPlan):
+        raise TypeError(f"plan: expected SegmentPlan, got {type(plan).__name__}")
+    if (plan.num_segments, plan.seg_size, plan.head_dim) != (n, s, d):
+        raise ValueError(
+            f"plan: expected (N, S, d) = {(n, s, d)} like K, got {(plan.num_segments, plan.seg_size, plan.head_dim)}"
+        )
+    keep = plan.token_keep
+    k_hat = _side_reference(keys, keep, plan.k_form, plan.k_param, plan.k_chan_weight, plan.k_factors)
+    v_hat = _side_reference(values, keep, plan.v_form, plan.v_param, plan.v_chan_weight, plan.v_factors)
+    return k_hat, v_hat, keep.clone()
+
+
+def attention_output_error(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    keys_hat: torch.Tensor,
+    values_hat: torch.Tensor,
+    row_mask: torch.Tensor,
+    queries: torch.Tensor,
+    *,
+    group_ids: Optional[torch.Tensor] = None,
+    sm_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Measured relative error of the attention output of whole contexts, dense vs approximated.
+
+    For each context (segments sharing a group id) and query ``j``: full softmax attention over all its segments,
+    ``O_j`` with the dense rows and ``O'_j`` with the approximated kept rows; the result is
+    ``mean_j ||O_j - O'_j||^2 / mean_j ||O_j||^2`` per context.
+
+    Parameters
+    ----------
+    keys, values, keys_hat, values_hat : torch.Tensor
+        shape ``[N, S, d]``, float.
+    row_mask : torch.Tensor
+        shape ``[N, S]``, dtype ``torch.bool``; rows present in the approximation.
+    queries : torch.Tensor
+        shape ``[N, W, G, d]``, float; e.g. held-out queries (equal within a context).
+    group_ids : torch.Tensor, optional
+        shape ``[N]``, integer.
+
+    Returns
+    -------
+    torch.Tensor
+        shape ``[num_groups]``, dtype ``torch.float32``.
+    """
+    n, s, d = _check_kv(keys, values)
+    check_tensor(keys_hat, "keys_hat", shape=(n, s, d), dtype=FLOAT_DTYPES, device=keys.device)
+    check_tensor(values_hat, "values_hat", shape=(n, s, d), dtype=FLOAT_DTYPES, device=keys.device)
+    check_tensor(row_mask, "row_mask", shape=(n, s), dtype=torch.bool, device=keys.device)
+    q = flatten_queries(queries, n, d)
+    scale = default_scale(d, sm_scale)
+    labels, ng = normalize_group_ids(group_ids, n, keys.device)
+
+    def context_out(k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        sc = segment_scores(q, k, scale)
+        if mask is not None:
+            sc = sc.masked_fill(~mask[:, None, :], float("-inf"))
+        lse = torch.logsumexp(sc, dim=2)
+        o = torch.bmm(torch.softmax(sc, dim=2).nan_to_num(0.0), v.float())
+        w = torch.exp(lse - group_logsumexp(lse, labels, ng)[labels])
+        return torch.zeros(ng, q.shape[1], d, device=keys.device).index_add_(0, labels, w[:, :, None] * o)
+
+    ref = context_out(keys, values, None)
+    approx = context_out(keys_hat, values_hat, row_mask)
+    return ((ref - approx).pow(2).sum(-1).mean(1) / ref.pow(2).sum(-1).mean(1).clamp(min=_EPS)).float()
