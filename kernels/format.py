@@ -1,0 +1,386 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The MosaicKV packed segment format: constants, sizes and the per-segment plan.
+
+This module is the single source of truth for the packed layout read and written by the Triton kernels of
+``mosaickv_sglang.kernels``; ``docs/packed-format.md`` describes the same layout in prose. Everything here is plain
+PyTorch (no Triton), so the pool, the planner and the tests can use it without a GPU.
+
+Layout summary
+--------------
+* A *segment* is ``S`` consecutive tokens (``S`` a power of two in ``[16, 256]``, 64 by default) of one layer and one
+  KV head. It keeps ``m <= S`` token rows (token dropping, shared by K and V), stored contiguously in their original
+  order. RoPE is applied before caching, so attention needs no token positions.
+* K and V each have a *form*: :data:`FORM_DENSE` (``m * d`` values), :data:`FORM_CHAN` with parameter ``k``
+  (``m * d / 32`` int32 bitmask words, then ``m * k`` values in ascending channel order), or :data:`FORM_LOWRANK`
+  with parameter ``r`` (``A`` of ``m * r`` values row-major, then ``B`` of ``r * d`` values row-major;
+  ``rows = A @ B``).
+* Payloads live in one 1-D 16-bit arena (fp16 or bf16); int32 mask words share its storage
+  (``arena.view(torch.int32)``). The arena is addressed in *granules* of :data:`GRANULE_ELEMS` elements (128 bytes);
+  every payload starts on a granule boundary and occupies ``ceil(elems / 64)`` granules.
+* The descriptor table is int32 ``[num_segments, DESC_WIDTH]`` with the fields :data:`N_ROWS`, :data:`K_FORM`,
+  :data:`K_PARAM`, :data:`V_FORM`, :data:`V_PARAM`, :data:`K_OFF`, :data:`V_OFF`, :data:`FLAGS`.
+* The bounds table is ``[num_segments, 2, d]`` (arena dtype): per-channel min (index 0) and max (index 1) of the
+  segment's original K rows (all ``S`` tokens, before any compression), for Quest-style upper bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional, Tuple, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORM_DENSE",
+    "FORM_CHAN",
+    "FORM_LOWRANK",
+    "FORM_NAMES",
+    "GRANULE_ELEMS",
+    "GRANULE_BYTES",
+    "MASK_BITS",
+    "DESC_WIDTH",
+    "N_ROWS",
+    "K_FORM",
+    "K_PARAM",
+    "V_FORM",
+    "V_PARAM",
+    "K_OFF",
+    "V_OFF",
+    "FLAGS",
+    "FLAG_ALWAYS_READ",
+    "ARENA_DTYPES",
+    "KERNEL_HEAD_DIMS",
+    "MIN_SEG_SIZE",
+    "MAX_SEG_SIZE",
+    "DEFAULT_SEG_SIZE",
+    "payload_elems",
+    "payload_granules",
+    "assign_offsets",
+    "SegmentPlan",
+]
+
+# --- forms -----------------------------------------------------------------------------------------------------------
+FORM_DENSE = 0
+"""Rows stored as is: payload ``m * d`` elements."""
+FORM_CHAN = 1
+"""Per-vector top-k channels: ``m * d / 32`` int32 mask words, then ``m * k`` values (ascending channel order)."""
+FORM_LOWRANK = 2
+"""Low rank: ``A`` (``m * r``, row-major) then ``B`` (``r * d``, row-major); rows are ``A @ B``."""
+FORM_NAMES = {FORM_DENSE: "dense", FORM_CHAN: "chan", FORM_LOWRANK: "lowrank"}
+
+# --- arena -----------------------------------------------------------------------------------------------------------
+GRANULE_ELEMS = 64
+"""Arena allocation unit in 16-bit elements (128 bytes). Payload offsets are granule indices."""
+GRANULE_BYTES = 2 * GRANULE_ELEMS
+MASK_BITS = 32
+"""Channels per bitmask word of a :data:`FORM_CHAN` payload; ``head_dim`` must be a multiple of it."""
+ARENA_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_HEAD_DIMS = (64, 128)
+"""Head dims the Triton kernels are built and tested for (the format itself allows any multiple of 32)."""
+
+# --- descriptor table ------------------------------------------------------------------------------------------------
+DESC_WIDTH = 8
+N_ROWS = 0
+"""Number of kept token rows ``m`` (``1 <= m <= S``)."""
+K_FORM = 1
+K_PARAM = 2
+"""``k`` for :data:`FORM_CHAN`, ``r`` for :data:`FORM_LOWRANK`, 0 for :data:`FORM_DENSE`."""
+V_FORM = 3
+V_PARAM = 4
+K_OFF = 5
+"""Granule offset of the K payload in the arena."""
+V_OFF = 6
+"""Granule offset of the V payload in the arena."""
+FLAGS = 7
+FLAG_ALWAYS_READ = 1
+"""Bit 0 of :data:`FLAGS`: the segment is never skipped by selection (attention sinks, pinned segments)."""
+
+# --- segments --------------------------------------------------------------------------------------------------------
+MIN_SEG_SIZE = 16
+MAX_SEG_SIZE = 256
+DEFAULT_SEG_SIZE = 64
+
+IntOrTensor = Union[int, torch.Tensor]
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def payload_elems(form: IntOrTensor, param: IntOrTensor, rows: IntOrTensor, head_dim: int) -> IntOrTensor:
+    """Number of 16-bit arena elements of one K or V payload.
+
+    Parameters
+    ----------
+    form : int or torch.Tensor
+        Form code (:data:`FORM_DENSE`, :data:`FORM_CHAN`, :data:`FORM_LOWRANK`); a tensor of any integer dtype and
+        shape computes element-wise.
+    param : int or torch.Tensor
+        ``k`` for :data:`FORM_CHAN`, ``r`` for :data:`FORM_LOWRANK`, ignored for :data:`FORM_DENSE`; same shape as
+        ``form`` when a tensor.
+    rows : int or torch.Tensor
+        Kept rows ``m``; same shape as ``form`` when a tensor.
+    head_dim : int
+        ``d``, a multiple of 32.
+
+    Returns
+    -------
+    int or torch.Tensor
+        Element counts; a tensor (dtype ``torch.int64``) when any input is a tensor.
+    """
+    if head_dim <= 0 or head_dim % MASK_BITS != 0:
+        raise ValueError(f"head_dim: expected a positive multiple of {MASK_BITS}, got {head_dim}")
+    words_elems = 2 * (head_dim // MASK_BITS)  # int32 words per row, counted in 16-bit elements
+    if not any(isinstance(t, torch.Tensor) for t in (form, param, rows)):
+        form, param, rows = int(form), int(param), int(rows)
+        if form == FORM_DENSE:
+            return rows * head_dim
+        if form == FORM_CHAN:
+            return rows * words_elems + rows * param
+        if form == FORM_LOWRANK:
+            return rows * param + param * head_dim
+        raise ValueError(f"form: expected one of {sorted(FORM_NAMES)}, got {form}")
+    device = next(t.device for t in (form, param, rows) if isinstance(t, torch.Tensor))
+    f = torch.as_tensor(form, device=device).to(torch.int64)
+    p = torch.as_tensor(param, device=device).to(torch.int64)
+    m = torch.as_tensor(rows, device=device).to(torch.int64)
+    dense = m * head_dim
+    chan = m * words_elems + m * p
+    lowrank = m * p + p * head_dim
+    return torch.where(f == FORM_DENSE, dense, torch.where(f == FORM_CHAN, chan, lowrank))
+
+
+def payload_granules(form: IntOrTensor, param: IntOrTensor, rows: IntOrTensor, head_dim: int) -> IntOrTensor:
+    """Granules (of :data:`GRANULE_ELEMS` elements) occupied by one payload: ``ceil(payload_elems / 64)``.
+
+    Parameters are those of :func:`payload_elems`; returns an int or an int64 tensor of the same shape.
+    """
+    elems = payload_elems(form, param, rows, head_dim)
+    return (elems + GRANULE_ELEMS - 1) // GRANULE_ELEMS
+
+
+def assign_offsets(granules: torch.Tensor, base: int = 0) -> torch.Tensor:
+    """Bump-allocate consecutive payloads: exclusive prefix sum of ``granules`` plus ``base``.
+
+    A placeholder for the pool's free-list allocator: payload ``i`` gets granules
+    ``[out[i], out[i] + granules[i])``.
+
+    Parameters
+    ----------
+    granules : torch.Tensor
+        shape ``[n]``, dtype ``torch.int32`` or ``torch.int64``; granules of each payload (non-negative).
+    base : int
+        Granule offset of the first payload.
+
+    Returns
+    -------
+    torch.Tensor
+        shape ``[n]``, dtype ``torch.int64``, on ``granules.device``: granule offset of each payload.
+    """
+    if not isinstance(granules, torch.Tensor):
+        raise TypeError(f"granules: expected torch.Tensor, got {type(granules).__name__}")
+    if granules.dtype not in (torch.int32, torch.int64) or granules.dim() != 1:
+        raise ValueError(
+            f"granules: expected a 1-D torch.int32/torch.int64 tensor, got dtype {granules.dtype} "
+            f"shape {tuple(granules.shape)}"
+        )
+    if base < 0:
+        raise ValueError(f"base: expected a non-negative granule offset, got {base}")
+    g = granules.to(torch.int64)
+    return torch.cumsum(g, 0) - g + int(base)
+
+
+@dataclasses.dataclass
+class SegmentPlan:
+    """Compression plan of ``N`` segments (one layer), as produced by the planner and consumed by ``pack``.
+
+    Attributes
+    ----------
+    token_keep : torch.Tensor
+        shape ``[N, S]``, dtype ``torch.bool``; kept tokens of each segment (at least one per segment). K and V
+        share the token selection; kept rows are stored in their original order.
+    k_form, v_form : torch.Tensor
+        shape ``[N]``, dtype ``torch.int32``; form codes of the K and V payloads.
+    k_param, v_param : torch.Tensor
+        shape ``[N]``, dtype ``torch.int32``; ``k`` (``1 <= k <= d - 1``) for :data:`FORM_CHAN`, ``r``
+        (``1 <= r <= min(S, d, Rmax)``) for :data:`FORM_LOWRANK`, ignored (stored as 0) for :data:`FORM_DENSE`.
+    k_chan_weight, v_chan_weight : torch.Tensor
+        shape ``[N, d]``, dtype ``torch.float32``, finite and ``>= 0``; a :data:`FORM_CHAN` vector ``x`` keeps its
+        ``k`` channels of largest ``|x_c| * w_c`` (computed in fp32), ties broken by the lower channel index.
+    k_factors, v_factors : tuple of torch.Tensor, optional
+        ``(A, B)`` with ``A`` shape ``[N, S, Rmax]`` and ``B`` shape ``[N, Rmax, d]``, floating dtype (cast to the
+        arena dtype when packed). Required when any segment uses :data:`FORM_LOWRANK` on that side. For a
+        segment with ``m`` kept rows and rank ``r``, ``A[n, :m, :r] @ B[n, :r, :]`` approximates the kept rows in
+        order; other entries are ignored.
+    flags : torch.Tensor
+        shape ``[N]``, dtype ``torch.int32``; descriptor flags (bit 0 :data:`FLAG_ALWAYS_READ`).
+
+    All tensors must be on one device. ``__post_init__`` checks shapes, dtypes and parameter ranges (this reads
+    values, i.e. synchronizes with the GPU: plans are built off the decode path).
+    """
+
+    token_keep: torch.Tensor
+    k_form: torch.Tensor
+    k_param: torch.Tensor
+    v_form: torch.Tensor
+    v_param: torch.Tensor
+    k_chan_weight: torch.Tensor
+    v_chan_weight: torch.Tensor
+    k_factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    v_factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    flags: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        from . import _checks  # local import: _checks is tiny, keeps format importable on its own
+
+        keep = self.token_keep
+        _checks.check_tensor(keep, "token_keep", ndim=2, dtype=torch.bool)
+        n, s = keep.shape
+        if not (_is_pow2(s) and MIN_SEG_SIZE <= s <= MAX_SEG_SIZE):
+            raise ValueError(
+                f"token_keep: expected S (dim 1) a power of two in [{MIN_SEG_SIZE}, {MAX_SEG_SIZE}], got {s}"
+            )
+        dev = keep.device
+        if self.flags is None:
+            self.flags = torch.zeros(n, dtype=torch.int32, device=dev)
+        for name in ("k_form", "k_param", "v_form", "v_param", "flags"):
+            _checks.check_tensor(getattr(self, name), name, shape=(n,), dtype=torch.int32, device=dev)
+        _checks.check_tensor(self.k_chan_weight, "k_chan_weight", ndim=2, dtype=torch.float32, device=dev)
+        d = self.k_chan_weight.shape[1]
+        if d <= 0 or d % MASK_BITS != 0:
+            raise ValueError(f"k_chan_weight: expected head_dim (dim 1) a positive multiple of {MASK_BITS}, got {d}")
+        _checks.check_tensor(self.k_chan_weight, "k_chan_weight", shape=(n, d))
+        _checks.check_tensor(self.v_chan_weight, "v_chan_weight", shape=(n, d), dtype=torch.float32, device=dev)
+        if n == 0:
+            return
+        rows = keep.sum(1)
+        if bool((rows < 1).any()):
+            raise ValueError(
+                "token_keep: expected at least one kept token per segment, "
+                f"got {int((rows < 1).sum())} empty segment(s)"
+            )
+        for side in ("k", "v"):
+            form = getattr(self, f"{side}_form")
+            param = getattr(self, f"{side}_param")
+            weight = getattr(self, f"{side}_chan_weight")
+            factors = getattr(self, f"{side}_factors")
+            bad = (form < FORM_DENSE) | (form > FORM_LOWRANK)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{side}_form: expected codes in {sorted(FORM_NAMES)}, got {sorted(set(form[bad].tolist()))}"
+                )
+            chan = form == FORM_CHAN
+            if bool(chan.any()):
+                pk = param[chan]
+                if bool(((pk < 1) | (pk > d - 1)).any()):
+                    raise ValueError(
+                        f"{side}_param: expected chan k in [1, {d - 1}], got {sorted(set(pk.tolist()))[:8]}"
+                    )
+                w = weight[chan]
+                if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                    raise ValueError(f"{side}_chan_weight: expected finite weights >= 0, got negative or non-finite")
+            low = form == FORM_LOWRANK
+            if factors is not None:
+                if not isinstance(factors, tuple) or len(factors) != 2:
+                    raise TypeError(f"{side}_factors: expected a tuple (A, B), got {type(factors).__name__}")
+                a, b = factors
+                _checks.check_tensor(a, f"{side}_factors[0]", ndim=3, device=dev)
+                rmax = a.shape[2]
+                _checks.check_tensor(a, f"{side}_factors[0]", shape=(n, s, rmax))
+                _checks.check_tensor(b, f"{side}_factors[1]", shape=(n, rmax, d), device=dev)
+                for nm, t in ((f"{side}_factors[0]", a), (f"{side}_factors[1]", b)):
+                    if not t.dtype.is_floating_point:
+                        raise ValueError(f"{nm}: expected a floating dtype, got {t.dtype}")
+            if bool(low.any()):
+                if factors is None:
+                    raise ValueError(
+                        f"{side}_factors: expected (A, B) because some segments use FORM_LOWRANK, got None"
+                    )
+                rmax = factors[0].shape[2]
+                hi = min(s, d, rmax)
+                pr = param[low]
+                if bool(((pr < 1) | (pr > hi)).any()):
+                    raise ValueError(
+                        f"{side}_param: expected lowrank r in [1, {hi}] (min of S, d, Rmax), "
+                        f"got {sorted(set(pr.tolist()))[:8]}"
+                    )
+
+    # --- derived quantities ------------------------------------------------------------------------------------------
+    @property
+    def num_segments(self) -> int:
+        return int(self.token_keep.shape[0])
+
+    @property
+    def seg_size(self) -> int:
+        return int(self.token_keep.shape[1])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.k_chan_weight.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_keep.device
+
+    def rows(self) -> torch.Tensor:
+        """Kept rows per segment: shape ``[N]``, dtype ``torch.int64``."""
+        return self.token_keep.sum(1)
+
+    def granules(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Granules of the K and V payloads: two tensors of shape ``[N]``, dtype ``torch.int64``."""
+        m = self.rows()
+        kg = payload_granules(self.k_form, self.k_param, m, self.head_dim)
+        vg = payload_granules(self.v_form, self.v_param, m, self.head_dim)
+        return kg, vg  # type: ignore[return-value]
+
+    def bump_offsets(self, base: int = 0) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """Place segment ``i``'s K payload then its V payload consecutively from granule ``base``.
+
+        Returns
+        -------
+        tuple
+            ``(k_offsets, v_offsets, end)``: two int64 tensors of shape ``[N]`` and the first free granule after
+            them (a Python int; this synchronizes with the device).
+        """
+        kg, vg = self.granules()
+        both = torch.stack([kg, vg], 1).reshape(-1)
+        off = assign_offsets(both, base).view(-1, 2)
+        end = int(base + both.sum().item()) if both.numel() else int(base)
+        return off[:, 0].contiguous(), off[:, 1].contiguous(), end
+
+    @classmethod
+    def uniform(
+        cls,
+        num_segments: int,
+        seg_size: int,
+        head_dim: int,
+        *,
+        device: Union[str, torch.device] = "cpu",
+        k_form: int = FORM_DENSE,
+        k_param: int = 0,
+        v_form: int = FORM_DENSE,
+        v_param: int = 0,
+    ) -> "SegmentPlan":
+        """A plan keeping every token, one form per side, unit channel weights (no low-rank factors).
+
+        ``FORM_LOWRANK`` needs factors, so it is refused here.
+        """
+        if FORM_LOWRANK in (k_form, v_form):
+            raise ValueError(
+                "k_form/v_form: expected FORM_DENSE or FORM_CHAN (lowrank needs factors), got FORM_LOWRANK"
+            )
+        n, dev = num_segments, torch.device(device)
+        i32 = dict(dtype=torch.int32, device=dev)
+        return cls(
+            token_keep=torch.ones(n, seg_size, dtype=torch.bool, device=dev),
+            k_form=torch.full((n,), k_form, **i32),
+            k_param=torch.full((n,), k_param, **i32),
+            v_form=torch.full((n,), v_form, **i32),
+            v_param=torch.full((n,), v_param, **i32),
+            k_chan_weight=torch.ones(n, head_dim, dtype=torch.float32, device=dev),
+            v_chan_weight=torch.ones(n, head_dim, dtype=torch.float32, device=dev),
+            flags=torch.zeros(n, **i32),
+        )
