@@ -100,6 +100,12 @@ def pack_segments_fwd(
     if _checks.debug_checks_enabled():
         _debug_check_pack(k_src, seg_token_index, seg_heads, plan, arena, seg_ids, num_segments, k_offsets, v_offsets)
 
+    # The kernel indexes these 1-D tables by segment number without strides: make views (e.g. ``offs[:, 0]``)
+    # contiguous, which is free for tensors that already are.
+    seg_heads, seg_ids, k_offsets, v_offsets = (t.contiguous() for t in (seg_heads, seg_ids, k_offsets, v_offsets))
+    k_form, k_param, v_form, v_param, flags = (
+        t.contiguous() for t in (plan.k_form, plan.k_param, plan.v_form, plan.v_param, plan.flags)
+    )
     dummy = arena
     ka, k_rpad, has_kf = _factor_args(plan.k_factors, dummy)
     va, v_rpad, has_vf = _factor_args(plan.v_factors, dummy)
@@ -109,7 +115,7 @@ def pack_segments_fwd(
         k_src, v_src, *k_src.stride(), *v_src.stride(),
         seg_token_index, *seg_token_index.stride(), seg_heads,
         keep_u8, *keep_u8.stride(),
-        plan.k_form, plan.k_param, plan.v_form, plan.v_param, plan.flags,
+        k_form, k_param, v_form, v_param, flags,
         plan.k_chan_weight, *plan.k_chan_weight.stride(), plan.v_chan_weight, *plan.v_chan_weight.stride(),
         *ka, *va,
         arena, arena.view(torch.int32), desc, desc.stride(0), bounds, *bounds.stride(),

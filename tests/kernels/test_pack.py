@@ -179,3 +179,16 @@ def test_pack_bf16_matches_reference_gpu(d):
                         dtype=torch.bfloat16, rmax=32, pack="none")  # fmt: skip
     a2, d2, b2 = _pack_both(case)
     assert _same_bits(case.arena, a2) and torch.equal(case.desc, d2) and _same_bits(case.bounds, b2)
+
+
+def test_pack_accepts_strided_offset_and_id_views(device):
+    """Offsets, ids and heads given as strided views (a column of an [N, 2] table) pack the same bytes."""
+    case = build_packed(21, n=7, seg_size=16, head_dim=64, h_kv=2, pool=70, device=device, pack="none")
+    a_ref, d_ref, b_ref = _pack_both(case)
+    offs = torch.stack([case.k_offsets, case.v_offsets], 1)
+    ids = torch.stack([case.seg_ids, case.seg_ids], 1)
+    heads = torch.stack([case.seg_heads, case.seg_heads], 1)
+    assert not offs[:, 1].is_contiguous()
+    pack_segments_fwd(case.k_src, case.v_src, case.seg_token_index, heads[:, 0], case.plan, case.arena, case.desc,
+                      case.bounds, ids[:, 1], offs[:, 0], offs[:, 1])  # fmt: skip
+    assert _same_bits(case.arena, a_ref) and torch.equal(case.desc, d_ref) and _same_bits(case.bounds, b_ref)
