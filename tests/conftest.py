@@ -4,10 +4,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA, Triton kernels run in the interpreter; it must be on before any @triton.jit function is created,
+# whichever test folder imports the kernels first (explicit settings win).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SHAPES = REPO.parent / "shared" / "device" / "models"
