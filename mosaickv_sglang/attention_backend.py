@@ -1,0 +1,446 @@
+# SPDX-License-Identifier: Apache-2.0
+"""MosaicKV's SGLang attention backend: :class:`MosaicAttnBackend` (``--attention-backend mosaic``).
+
+It reads the compressed pool :class:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool`: sealed pages live as packed
+segments in the store's per-layer arenas, the rest of every request (the *dense tail*) in the pool's physical dense
+buffers. The backend follows SGLang 0.5.17's ``AttentionBackend`` contract with a plan/run split:
+
+* **plan** (:meth:`MosaicAttnBackend.init_forward_metadata_out_graph`, host work, once per batch): give the pages of
+  ``out_cache_loc`` a physical page (:meth:`~MosaicMHATokenToKVPool.ensure_physical`, before any KV write), read each
+  request's logical slots from ``req_to_token``, build the segment table and physical tail with
+  :meth:`~MosaicMHATokenToKVPool.decode_metadata` / :meth:`~MosaicMHATokenToKVPool.extend_metadata` (all-layers seal
+  view, so one table serves every layer), choose ``num_splits`` and allocate the scratch.
+* **run** (:meth:`~MosaicAttnBackend.forward_decode` / :meth:`~MosaicAttnBackend.forward_extend`, per layer): write the
+  new K/V at logical slots, then launch ``segment_scores_fwd -> select_segments -> sparse_decode_fwd`` (decode) or
+  ``extend_fwd`` (extend) on the layer's arena/descriptor/bounds tables and dense buffers. No host reads.
+
+Decode reads at most ``decode_read_budget // S`` sealed segments per request and KV head (``0`` = all; the dense tail
+is always read; ``FLAG_ALWAYS_READ`` sink segments rank first). Extend reads every prefix segment.
+
+Not supported (each raises ``NotImplementedError``): CUDA graphs (pass ``--disable-cuda-graph``), speculative
+decoding modes (target verify / draft extend), cross-attention, sliding-window layers, ``qk_head_dim != v_head_dim``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MosaicAttnBackend", "MosaicForwardMetadata", "create_mosaic_backend"]
+
+_CUDA_GRAPH_MSG = (
+    "MosaicAttnBackend: CUDA graphs are not supported yet; pass --disable-cuda-graph with --attention-backend mosaic"
+)
+
+
+@dataclass
+class MosaicForwardMetadata:
+    """Per-batch state built by :meth:`MosaicAttnBackend.init_forward_metadata_out_graph` and read by every layer.
+
+    ``B`` = requests, ``H_kv`` / ``H_q`` = KV / query heads on this rank, ``d`` = head dim, ``S`` = segment size,
+    ``MAX_SEGS`` = widest segment table of the batch (at least 1). All tensors live on the pool's device.
+    """
+
+    is_decode: bool  # decode batch (one new token per request) or extend batch
+    seg_ids_padded: torch.Tensor  # [B, H_kv, MAX_SEGS] int32: sealed segments (page * H_kv + head), -1 padded
+    seg_counts: torch.Tensor  # [B] int32: sealed pages per request
+    tail_indptr: torch.Tensor  # [B + 1] int32: dense tail of request b is tail_indices[indptr[b]:indptr[b + 1]]
+    tail_indices: torch.Tensor  # [num_tail_tokens] int64: physical dense slots of the unsealed (prefix) tokens
+    max_segs: int  # MAX_SEGS
+    # --- decode only (None / 0 for extend) ---
+    read_budget: int = 0  # segments read per (request, KV head), 1 <= read_budget <= MAX_SEGS
+    num_splits: int = 1  # split-K factor of sparse_decode_fwd (suggest_num_splits)
+    scores: Optional[torch.Tensor] = None  # [B, H_kv, MAX_SEGS] float32: segment_scores_fwd output (per layer)
+    sel_ids: Optional[torch.Tensor] = None  # [B, H_kv, read_budget] int32: select_segments output (per layer)
+    partial_out: Optional[torch.Tensor] = None  # [B, H_q, num_splits, d] float32: split-K scratch
+    partial_lse: Optional[torch.Tensor] = None  # [B, H_q, num_splits] float32: split-K scratch
+    # --- extend only (None / 0 for decode) ---
+    qo_indptr: Optional[torch.Tensor] = None  # [B + 1] int32: new tokens of request b are qo_indptr[b]:[b + 1]
+    max_extend_len: int = 0  # longest extend length of the batch
+    k_scratch: Optional[torch.Tensor] = None  # [B, H_kv, MAX_SEGS, S, d] pool dtype: decoded prefix (per layer)
+    v_scratch: Optional[torch.Tensor] = None  # [B, H_kv, MAX_SEGS, S, d] pool dtype
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 132  # suggest_num_splits' default (H100/H200); irrelevant off the GPU
+
+
+def _attn_tp_size() -> int:
+    """Attention tensor-parallel size from SGLang's runtime context (as ``triton_backend`` reads it)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    return int(get_parallel().attn_tp_size)
+
+
+def _host_list(x: Any, name: str) -> List[int]:
+    if x is None:
+        raise ValueError(f"{name}: expected a tensor or list of ints, got None")
+    if isinstance(x, torch.Tensor):
+        return [int(v) for v in x.detach().cpu().tolist()]
+    return [int(v) for v in x]
+
+
+class MosaicAttnBackend(AttentionBackend):
+    """Attention over MosaicKV's compressed pool: sparse decode over selected segments + dense tail, and extend over
+    decompressed prefix + dense prefix tail + new tokens.
+
+    Parameters
+    ----------
+    model_runner : ModelRunner
+        SGLang's model runner (or an object with the same attributes): ``device``, ``token_to_kv_pool`` (a
+        :class:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool`), ``req_to_token_pool`` (``req_to_token``: ``[R,
+        max_context_len]`` int32 logical slots) and ``model_config`` (``get_max_num_attention_heads()``).
+    num_q_heads : int, optional
+        Query heads on this rank; default ``model_config.get_max_num_attention_heads() // attn_tp_size``.
+
+    Attributes
+    ----------
+    forward_metadata : MosaicForwardMetadata or None
+        State of the current batch (``None`` before the first plan and for idle batches).
+
+    Examples
+    --------
+    >>> backend = create_mosaic_backend(model_runner)  # doctest: +SKIP
+    >>> backend.init_forward_metadata(forward_batch)  # doctest: +SKIP
+    >>> o = backend.forward_decode(q, k, v, layer, forward_batch)  # [B, H_q * d]  # doctest: +SKIP
+    """
+
+    # SGLang capability flags: we read seq_lens_cpu / extend_*_cpu when present (fall back to device copies).
+    needs_cpu_seq_lens: bool = True
+    supports_ragged_verify_graph: bool = False
+    # MosaicKV capabilities, checked by the factory.
+    supported_dtypes = (torch.float16, torch.bfloat16)
+    supports_cuda_graph: bool = False
+
+    def __init__(self, model_runner: Any, num_q_heads: Optional[int] = None) -> None:
+        super().__init__()
+        pool = getattr(model_runner, "token_to_kv_pool", None)
+        if not isinstance(pool, MosaicMHATokenToKVPool):
+            raise ValueError(
+                f"token_to_kv_pool: expected MosaicMHATokenToKVPool, got {type(pool).__name__}; the mosaic attention "
+                "backend needs the compressed pool: pass --kv-compressor mosaic (or use another --attention-backend)"
+            )
+        self.pool: MosaicMHATokenToKVPool = pool
+        self.token_to_kv_pool = pool
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.device = torch.device(getattr(model_runner, "device", pool.device))
+        self.config = pool.mosaic_config
+        self.page_size = int(pool.page_size)
+        self.num_kv_heads = int(pool.head_num)
+        self.head_dim = int(pool.head_dim)
+        if num_q_heads is None:
+            num_q_heads = int(model_runner.model_config.get_max_num_attention_heads()) // _attn_tp_size()
+        if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, int) or num_q_heads < 1:
+            raise ValueError(f"num_q_heads: expected a positive integer, got {num_q_heads!r}")
+        if num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_q_heads: expected a multiple of the pool's KV heads ({self.num_kv_heads}), got {num_q_heads}"
+            )
+        self.num_q_heads = num_q_heads
+        self.num_sms = _num_sms(self.device)
+        self.forward_metadata: Optional[MosaicForwardMetadata] = None
+        # Lazy kernel imports, as SGLang's triton backend does (no CUDA context at import time).
+        from mosaickv_sglang.kernels.extend import extend_fwd
+        from mosaickv_sglang.kernels.segment_scores import segment_scores_fwd, select_segments
+        from mosaickv_sglang.kernels.sparse_decode import sparse_decode_fwd, suggest_num_splits
+
+        self._segment_scores_fwd = segment_scores_fwd
+        self._select_segments = select_segments
+        self._sparse_decode_fwd = sparse_decode_fwd
+        self._suggest_num_splits = suggest_num_splits
+        self._extend_fwd = extend_fwd
+
+    # --- plan ------------------------------------------------------------------------------------------------------
+    def read_budget_segments(self, max_segs: int) -> int:
+        """Sealed segments read per (request, KV head) for a batch whose widest segment table is ``max_segs``.
+
+        ``decode_read_budget // S`` (``0`` = all), clamped to ``[1, max_segs]``.
+        """
+        budget = int(self.config.decode_read_budget) // self.page_size
+        return max_segs if budget <= 0 else max(1, min(budget, max_segs))
+
+    def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
+        """Eager entry point: :meth:`init_forward_metadata_out_graph` (the in-graph part is empty)."""
+        self.init_forward_metadata_out_graph(forward_batch)
+
+    def init_forward_metadata_out_graph(self, forward_batch: "ForwardBatch", in_capture: bool = False) -> None:
+        """Plan one batch (host work; syncs): physical pages for the new tokens, segment table, tail, scratch.
+
+        Parameters
+        ----------
+        forward_batch : ForwardBatch
+            Reads ``forward_mode``, ``out_cache_loc`` (``[N]`` int64 logical slots), ``req_pool_indices`` (``[B]``),
+            ``seq_lens`` / ``seq_lens_cpu`` (``[B]``, new tokens included) and, for extend,
+            ``extend_prefix_lens(_cpu)`` / ``extend_seq_lens(_cpu)``.
+        in_capture : bool
+            ``True`` under CUDA-graph capture: not supported.
+        """
+        if in_capture:
+            raise NotImplementedError(_CUDA_GRAPH_MSG)
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            self.forward_metadata = None
+            return
+        if not mode.is_decode() and mode.name not in ("EXTEND", "MIXED"):
+            raise NotImplementedError(
+                f"MosaicAttnBackend: forward mode {mode.name} is not supported with --kv-compressor mosaic (decode, "
+                "extend and mixed only; no speculative decoding)"
+            )
+        pool = self.pool
+        loc = forward_batch.out_cache_loc
+        if loc is not None and loc.numel():
+            # before any KV write of this forward: every page the batch writes needs a physical dense page
+            pool.ensure_physical(torch.unique(torch.div(loc.long(), self.page_size, rounding_mode="floor")))
+        seq_lens = getattr(forward_batch, "seq_lens_cpu", None)
+        seq = _host_list(seq_lens if seq_lens is not None else forward_batch.seq_lens, "seq_lens")
+        rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices.long()].cpu()
+        if mode.is_decode():
+            slots = [rows[b, : seq[b]] for b in range(len(seq))]
+            self.forward_metadata = self._plan_decode(slots)
+        else:
+            pre = getattr(forward_batch, "extend_prefix_lens_cpu", None)
+            ext = getattr(forward_batch, "extend_seq_lens_cpu", None)
+            pre_l = _host_list(pre if pre is not None else forward_batch.extend_prefix_lens, "extend_prefix_lens")
+            ext_l = _host_list(ext if ext is not None else forward_batch.extend_seq_lens, "extend_seq_lens")
+            if len(pre_l) != len(seq) or len(ext_l) != len(seq) or any(
+                p + e != s for p, e, s in zip(pre_l, ext_l, seq)
+            ):
+                raise ValueError(
+                    f"forward_batch: expected extend_prefix_lens + extend_seq_lens == seq_lens, got {pre_l} + "
+                    f"{ext_l} vs {seq}"
+                )
+            self.forward_metadata = self._plan_extend([rows[b, : pre_l[b]] for b in range(len(seq))], ext_l)
+
+    def _plan_decode(self, req_slots: Sequence[torch.Tensor]) -> MosaicForwardMetadata:
+        meta = self.pool.decode_metadata(req_slots)
+        bsz, dev = len(req_slots), self.device
+        budget = self.read_budget_segments(meta.max_segs)
+        tail_lens = torch.diff(meta.tail_indptr.cpu())
+        max_tail = int(tail_lens.max()) if bsz else 0
+        work = budget + -(-max_tail // self.page_size)
+        splits = self._suggest_num_splits(bsz, self.num_kv_heads, work, self.num_sms)
+        h_q, h_kv, d = self.num_q_heads, self.num_kv_heads, self.head_dim
+        return MosaicForwardMetadata(
+            is_decode=True,
+            seg_ids_padded=meta.seg_ids_padded,
+            seg_counts=meta.seg_counts,
+            tail_indptr=meta.tail_indptr,
+            tail_indices=meta.tail_indices,
+            max_segs=meta.max_segs,
+            read_budget=budget,
+            num_splits=splits,
+            scores=torch.empty((bsz, h_kv, meta.max_segs), dtype=torch.float32, device=dev),
+            sel_ids=torch.empty((bsz, h_kv, budget), dtype=torch.int32, device=dev),
+            partial_out=torch.empty((bsz, h_q, splits, d), dtype=torch.float32, device=dev),
+            partial_lse=torch.empty((bsz, h_q, splits), dtype=torch.float32, device=dev),
+        )
+
+    def _plan_extend(self, prefix_slots: Sequence[torch.Tensor], extend_lens: List[int]) -> MosaicForwardMetadata:
+        meta = self.pool.extend_metadata(prefix_slots, extend_lens)
+        k_scratch, v_scratch = meta.alloc_scratch(self.pool.dtype)
+        return MosaicForwardMetadata(
+            is_decode=False,
+            seg_ids_padded=meta.seg_ids,
+            seg_counts=meta.seg_counts,
+            tail_indptr=meta.tail_indptr,
+            tail_indices=meta.tail_indices,
+            max_segs=int(meta.scratch_shape[2]),
+            qo_indptr=meta.qo_indptr,
+            max_extend_len=int(meta.max_extend_len),
+            k_scratch=k_scratch,
+            v_scratch=v_scratch,
+        )
+
+    def init_forward_metadata_in_graph(self, forward_batch: "ForwardBatch") -> None:
+        """Nothing to record: every per-batch tensor is built by the out-of-graph plan."""
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        """Not supported yet: raises ``NotImplementedError`` asking for ``--disable-cuda-graph``."""
+        raise NotImplementedError(_CUDA_GRAPH_MSG)
+
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        """Padded requests of a graph batch would have one token (as in SGLang's triton backend)."""
+        return 1
+
+    # --- run -------------------------------------------------------------------------------------------------------
+    def _check_layer(self, layer: "RadixAttention", q: torch.Tensor, want_decode: bool) -> MosaicForwardMetadata:
+        md = self.forward_metadata
+        if md is None or md.is_decode != want_decode:
+            kind = "decode" if want_decode else "extend"
+            raise ValueError(f"forward_metadata: expected a {kind} plan (init_forward_metadata), got "
+                             f"{'none' if md is None else ('decode' if md.is_decode else 'extend')}")  # fmt: skip
+        if layer.tp_q_head_num != self.num_q_heads or layer.tp_k_head_num != self.num_kv_heads:
+            raise ValueError(
+                f"layer {layer.layer_id}: expected {self.num_q_heads} q / {self.num_kv_heads} KV heads, got "
+                f"{layer.tp_q_head_num} / {layer.tp_k_head_num}"
+            )
+        if layer.qk_head_dim != self.head_dim or layer.v_head_dim != self.head_dim:
+            raise NotImplementedError(
+                f"MosaicAttnBackend: layer {layer.layer_id} has qk_head_dim {layer.qk_head_dim} / v_head_dim "
+                f"{layer.v_head_dim}; only qk_head_dim == v_head_dim == {self.head_dim} (the pool's) is supported"
+            )
+        if getattr(layer, "is_cross_attention", False):
+            raise NotImplementedError("MosaicAttnBackend: cross-attention (encoder-decoder models) is not supported")
+        sw = getattr(layer, "sliding_window_size", None)
+        if sw is not None and sw > -1:
+            raise NotImplementedError("MosaicAttnBackend: sliding-window attention layers are not supported")
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"q: expected dtype float16, bfloat16 or float32, got {q.dtype}")
+        return md
+
+    def _layer_tables(
+        self, layer: "RadixAttention"
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(arena, desc, bounds, k_buf, v_buf)`` of SGLang layer ``layer.layer_id`` (store tables are local)."""
+        local = layer.layer_id - self.pool.start_layer
+        st = self.pool.store
+        k_buf, v_buf = self.pool.get_kv_buffer(layer.layer_id)
+        return st.arenas[local], st.desc[local], st.bounds[local], k_buf, v_buf
+
+    def forward_decode(
+        self,
+        q: torch.Tensor,
+        k: Optional[torch.Tensor],
+        v: Optional[torch.Tensor],
+        layer: "RadixAttention",
+        forward_batch: "ForwardBatch",
+        save_kv_cache: bool = True,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Decode attention of one layer: write the new K/V, select segments, sparse decode over them + the tail.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            shape ``[B, H_q * d]`` (or ``[B, H_q, d]``), dtype ``torch.float16`` / ``torch.bfloat16``; RoPE applied.
+        k, v : torch.Tensor or None
+            shape ``[B, H_kv, d]`` (or ``[B, H_kv * d]``); the new token of each request, written at
+            ``forward_batch.out_cache_loc`` (logical slots) when ``save_kv_cache``.
+        layer : RadixAttention
+            Reads ``layer_id``, ``scaling`` (softmax scale), ``tp_q_head_num``, ``tp_k_head_num``, head dims.
+        forward_batch : ForwardBatch
+            The planned batch.
+        save_kv_cache : bool
+            Write ``k`` / ``v`` first.
+
+        Returns
+        -------
+        torch.Tensor
+            shape ``[B, H_q * d]``, dtype of ``q``.
+        """
+        md = self._check_layer(layer, q, want_decode=True)
+        h_q, h_kv, d = self.num_q_heads, self.num_kv_heads, self.head_dim
+        if save_kv_cache and k is not None and v is not None:
+            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k.view(-1, h_kv, d), v.view(-1, h_kv, d))
+        q3 = q.reshape(-1, h_q, d)
+        arena, desc, bounds, k_buf, v_buf = self._layer_tables(layer)
+        self._segment_scores_fwd(q3, desc, bounds, md.seg_ids_padded, md.seg_counts, md.scores, sm_scale=layer.scaling)
+        self._select_segments(md.scores, md.seg_ids_padded, md.read_budget, out=md.sel_ids)
+        o = torch.empty_like(q3)
+        self._sparse_decode_fwd(
+            q3, arena, desc, md.sel_ids, k_buf, v_buf, md.tail_indptr, md.tail_indices, o,
+            md.partial_out, md.partial_lse, sm_scale=layer.scaling, num_splits=md.num_splits,
+        )  # fmt: skip
+        return o.view(-1, h_q * d)
+
+    def forward_extend(
+        self,
+        q: torch.Tensor,
+        k: Optional[torch.Tensor],
+        v: Optional[torch.Tensor],
+        layer: "RadixAttention",
+        forward_batch: "ForwardBatch",
+        save_kv_cache: bool = True,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Extend (prefill) attention of one layer over (compressed prefix + dense prefix tail + new tokens).
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            shape ``[T, H_q * d]`` (or ``[T, H_q, d]``), ``T`` = new tokens of the batch, ragged by request.
+        k, v : torch.Tensor
+            shape ``[T, H_kv, d]`` (or ``[T, H_kv * d]``); the new tokens' keys/values (required: they are attended
+            directly), written at ``forward_batch.out_cache_loc`` when ``save_kv_cache``.
+        layer : RadixAttention
+            As in :meth:`forward_decode`; ``attn_type`` ``ENCODER_ONLY`` turns the causal mask off.
+        forward_batch : ForwardBatch
+            The planned batch.
+        save_kv_cache : bool
+            Write ``k`` / ``v`` to the pool first.
+
+        Returns
+        -------
+        torch.Tensor
+            shape ``[T, H_q * d]``, dtype of ``q``.
+        """
+        md = self._check_layer(layer, q, want_decode=False)
+        if k is None or v is None:
+            raise ValueError("k, v: expected the new tokens' keys and values, got None")
+        h_q, h_kv, d = self.num_q_heads, self.num_kv_heads, self.head_dim
+        k3, v3 = k.view(-1, h_kv, d), v.view(-1, h_kv, d)
+        if save_kv_cache:
+            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k3, v3)
+        q3 = q.reshape(-1, h_q, d)
+        causal = getattr(getattr(layer, "attn_type", None), "name", "DECODER") != "ENCODER_ONLY"
+        arena, desc, _, k_buf, v_buf = self._layer_tables(layer)
+        o = torch.empty_like(q3)
+        self._extend_fwd(
+            q3, k3, v3, o, md.qo_indptr, md.max_extend_len, arena, desc, md.seg_ids_padded, k_buf, v_buf,
+            md.tail_indptr, md.tail_indices, md.k_scratch, md.v_scratch, sm_scale=layer.scaling, causal=causal,
+        )  # fmt: skip
+        return o.view(-1, h_q * d)
+
+
+def create_mosaic_backend(runner: Any) -> MosaicAttnBackend:
+    """Factory in the shape of SGLang's ``create_<name>_backend(runner)`` (not registered yet).
+
+    Validates that the runner's KV pool is MosaicKV's, that its dtype is supported and that CUDA graphs are off, then
+    constructs :class:`MosaicAttnBackend`.
+
+    Raises
+    ------
+    ValueError
+        The pool is not a :class:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool` (message names
+        ``--kv-compressor``) or its dtype is unsupported.
+    NotImplementedError
+        CUDA graphs are enabled (``server_args.disable_cuda_graph`` is false).
+    """
+    pool = getattr(runner, "token_to_kv_pool", None)
+    if not isinstance(pool, MosaicMHATokenToKVPool):
+        raise ValueError(
+            f"token_to_kv_pool: expected MosaicMHATokenToKVPool, got {type(pool).__name__}; --attention-backend "
+            "mosaic needs --kv-compressor mosaic"
+        )
+    if pool.dtype not in MosaicAttnBackend.supported_dtypes:
+        raise ValueError(
+            f"kv dtype: expected one of {[str(t) for t in MosaicAttnBackend.supported_dtypes]}, got {pool.dtype}"
+        )
+    server_args = getattr(runner, "server_args", None)
+    if (
+        not MosaicAttnBackend.supports_cuda_graph
+        and server_args is not None
+        and not getattr(server_args, "disable_cuda_graph", True)
+    ):
+        raise NotImplementedError(_CUDA_GRAPH_MSG)
+    backend = MosaicAttnBackend(runner)
+    logger.info(
+        "MosaicKV attention backend: %d q / %d KV heads, head dim %d, segment size %d, decode read budget %d tokens",
+        backend.num_q_heads, backend.num_kv_heads, backend.head_dim, backend.page_size,
+        backend.config.decode_read_budget,
+    )  # fmt: skip
+    return backend

@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: Apache-2.0
+"""MosaicAttnBackend on the CPU against SGLang 0.5.17's own ``TorchNativeAttnBackend`` and ``ref_sparse_decode``.
+
+Pools are built by SGLang's ``_build_mha_kv_pool``, slots come from SGLang's paged allocator (see
+``mkv_backend_cases``); Triton kernels run in the interpreter (fp16).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
+
+from mkv_backend_cases import Scenario, config, layer  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
+from test_kv_pool import D, DT, H_KV, LAYERS, S  # noqa: E402
+
+import mosaickv_sglang.attention_backend as ab  # noqa: E402
+from mosaickv_sglang.kernels.reference import ref_segment_scores, ref_sparse_decode  # noqa: E402
+
+TOL = dict(atol=3e-3, rtol=3e-3)
+PROMPTS = [1, 16, 37, 80]
+
+
+def _assert_match(results) -> None:
+    for mosaic_out, native_out, q in results:
+        assert mosaic_out.shape == native_out.shape == q.shape and mosaic_out.dtype == q.dtype
+        torch.testing.assert_close(mosaic_out.float(), native_out.float(), **TOL)
+
+
+@pytest.mark.parametrize("group", [2, 1], ids=["gqa2", "mha"])
+def test_extend_and_decode_match_torch_native_before_and_after_dense_seal(group):
+    """Prefill of ragged prompts, decode steps, an all-dense (ratio 1) seal, more decode steps and a chunked-prefill
+    extend over the sealed prefix: MosaicAttnBackend's output equals TorchNativeAttnBackend's on a stock pool holding
+    the same K/V at every step (read budget 0 = read every segment)."""
+    sc = Scenario(config(ratio=1.0), group, seed=group)
+    _assert_match(sc.run_both(sc.extend_batch(PROMPTS)))
+    md = sc.mosaic.forward_metadata
+    assert not md.is_decode and int(md.seg_counts.sum()) == 0 and md.qo_indptr.tolist() == [0, 1, 17, 54, 134]
+    for _ in range(2):
+        _assert_match(sc.run_both(sc.decode_batch()))
+    assert int(sc.mosaic.forward_metadata.seg_counts.sum()) == 0
+    sealed = sc.seal("dense")
+    assert sealed.numel() > 0
+    sc.pool.check_invariants()
+    for _ in range(2):
+        _assert_match(sc.run_both(sc.decode_batch()))
+        md = sc.mosaic.forward_metadata
+        assert md.is_decode and int(md.seg_counts.sum()) == sealed.numel() and md.read_budget == md.max_segs
+        tails = torch.diff(md.tail_indptr).tolist()
+        assert [int(c) * S + t for c, t in zip(md.seg_counts.tolist(), tails)] == sc.lens
+    # chunked prefill: the prefix now has sealed pages, the dense prefix tail and the new tokens share pages
+    _assert_match(sc.run_both(sc.extend_batch([5, 20, 3, 16])))
+    assert int(sc.mosaic.forward_metadata.seg_counts.sum()) == sealed.numel()
+    _assert_match(sc.run_both(sc.decode_batch()))
+    sc.pool.check_invariants()
+
+
+def test_read_budget_with_compressed_segments_matches_ref_sparse_decode():
+    """Ratio-3-class plans (chan 16/64 on K and V) and a read budget of 2 segments: the backend reads exactly the
+    2 best-scored sealed segments per request and KV head (ref_segment_scores) and its output equals
+    ref_sparse_decode on those ids plus the dense tail."""
+    sc = Scenario(config(ratio=3.0, read_budget=2 * S), group=2, seed=7)
+    sc.run_both(sc.extend_batch(PROMPTS))
+    sc.seal("chan")
+    batch = sc.decode_batch()
+    sc.mosaic.init_forward_metadata(batch)
+    md = sc.mosaic.forward_metadata
+    assert md.read_budget == 2 and md.max_segs >= 3  # the 80-token request has more sealed segments than read
+    counts = md.seg_counts.tolist()
+    st = sc.pool.store
+    for li in range(LAYERS):
+        q, k, v = sc.qkv(len(PROMPTS))
+        lay = layer(li, 2)
+        out = sc.mosaic.forward_decode(q, k, v, lay, batch)
+        sel = md.sel_ids.clone()
+        assert tuple(sel.shape) == (len(PROMPTS), H_KV, 2)
+        q3 = q.view(len(PROMPTS), -1, D)
+        scores = ref_segment_scores(q3, st.desc[li], st.bounds[li], md.seg_ids_padded, md.seg_counts,
+                                    sm_scale=lay.scaling)  # fmt: skip
+        for b, c in enumerate(counts):
+            for h in range(H_KV):
+                top = torch.topk(scores[b, h, :c], min(2, c)).indices
+                want = sorted(md.seg_ids_padded[b, h, top].tolist())
+                got = sorted(x for x in sel[b, h].tolist() if x >= 0)
+                assert got == want
+        k_buf, v_buf = sc.pool.get_kv_buffer(li)
+        ref = ref_sparse_decode(q3, st.arenas[li], st.desc[li], sel, k_buf, v_buf, md.tail_indptr, md.tail_indices,
+                                sm_scale=lay.scaling)  # fmt: skip
+        torch.testing.assert_close(out.view(len(PROMPTS), -1, D).double(), ref, **TOL)
+
+
+def test_non_mosaic_pool_and_cuda_graphs_are_refused(monkeypatch):
+    """A stock MHATokenToKVPool is refused by the constructor and the factory with a ValueError naming
+    --kv-compressor; CUDA-graph state asks for --disable-cuda-graph; the factory builds the backend otherwise."""
+    stock = MHATokenToKVPool(256, S, DT, H_KV, D, LAYERS, "cpu", False, v_head_dim=D)
+    runner = SimpleNamespace(device="cpu", token_to_kv_pool=stock, req_to_token_pool=None,
+                             model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 2 * H_KV))  # fmt: skip
+    with pytest.raises(ValueError, match="token_to_kv_pool: expected MosaicMHATokenToKVPool.*--kv-compressor"):
+        ab.MosaicAttnBackend(runner, num_q_heads=2 * H_KV)
+    with pytest.raises(ValueError, match="--kv-compressor mosaic"):
+        ab.create_mosaic_backend(runner)
+    sc = Scenario(config(), group=2, seed=0)
+    monkeypatch.setattr(ab, "_attn_tp_size", lambda: 1)
+    runner.token_to_kv_pool = sc.pool
+    backend = ab.create_mosaic_backend(runner)  # positive control
+    assert backend.num_q_heads == 2 * H_KV and backend.num_kv_heads == H_KV
+    with pytest.raises(NotImplementedError, match="--disable-cuda-graph"):
+        backend.init_cuda_graph_state(8, 8)
+    runner.server_args = SimpleNamespace(disable_cuda_graph=False)
+    with pytest.raises(NotImplementedError, match="--disable-cuda-graph"):
+        ab.create_mosaic_backend(runner)
+    with pytest.raises(ValueError, match="num_q_heads: expected a multiple of the pool's KV heads"):
+        ab.MosaicAttnBackend(runner, num_q_heads=4)
