@@ -51,21 +51,26 @@ class ServingSettings:
 def check_compatibility(config: MosaicKVConfig, settings: ServingSettings) -> None:
     """Raise :class:`MosaicConfigError` for the first setting MosaicKV cannot serve with.
 
-    Does nothing when the compressor is ``"none"``: stock SGLang accepts whatever it accepts.
+    With the compressor ``"none"`` only the ``mosaic`` attention backend is refused (it has no cache to read);
+    everything else is stock SGLang's to accept or not.
     """
-    if not config.enabled:
-        return
     s = settings
+    user_backends = (
+        ("--attention-backend", s.attention_backend_flag_set),
+        ("--prefill-attention-backend", s.prefill_attention_backend_flag_set),
+        ("--decode-attention-backend", s.decode_attention_backend_flag_set),
+    )
+    if not config.enabled:
+        for flag, value in user_backends:
+            if value == "mosaic":
+                raise MosaicConfigError(f"{flag}: 'mosaic' reads the MosaicKV cache and needs --kv-compressor mosaic")
+        return
     arch = s.model_architecture or "this model"
     if config.segment_size % s.page_size != 0:
         raise MosaicConfigError(
             f"--mosaic-segment-size: expected a multiple of --page-size ({s.page_size}), got {config.segment_size}"
         )
-    for flag, value in (
-        ("--attention-backend", s.attention_backend_flag_set),
-        ("--prefill-attention-backend", s.prefill_attention_backend_flag_set),
-        ("--decode-attention-backend", s.decode_attention_backend_flag_set),
-    ):
+    for flag, value in user_backends:
         if value not in (None, "mosaic"):
             raise MosaicConfigError(
                 f"{flag}: --kv-compressor mosaic uses its own 'mosaic' attention backend, got {value!r}; "

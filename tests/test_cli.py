@@ -62,6 +62,7 @@ INVALID_CLI = [
     (["--mosaic-decode-read-budget", "8"], "error: --mosaic-decode-read-budget: expected 0 (read all) or at least"),
     (["--mosaic-sidecar", "maybe"], "argument --mosaic-sidecar: invalid choice: 'maybe'"),
     (["--kv-compressor", "mosaic"], "error: --kv-compressor: 'mosaic' cannot serve yet"),
+    (["--attention-backend", "mosaic"], "error: --attention-backend: 'mosaic' reads the MosaicKV cache and needs"),
 ]
 
 

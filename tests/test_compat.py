@@ -45,6 +45,22 @@ def test_incompatible_setting_is_rejected_by_name(changes, message):
     check_compatibility(MosaicKVConfig(), settings)  # stock SGLang decides for itself
 
 
+@pytest.mark.parametrize(
+    "field, flag",
+    [
+        ("attention_backend_flag_set", "--attention-backend"),
+        ("prefill_attention_backend_flag_set", "--prefill-attention-backend"),
+        ("decode_attention_backend_flag_set", "--decode-attention-backend"),
+    ],
+)
+def test_mosaic_backend_needs_the_compressor(field, flag):
+    """The 'mosaic' attention backend without --kv-compressor mosaic has no cache to read: refused by name."""
+    settings = dataclasses.replace(ServingSettings(), **{field: "mosaic"})
+    with pytest.raises(MosaicConfigError, match=f"^{flag}: 'mosaic' reads the MosaicKV cache and needs --kv-compressor"):
+        check_compatibility(MosaicKVConfig(), settings)
+    check_compatibility(MOSAIC, settings)
+
+
 def test_supported_settings_pass():
     """Plain GQA serving with a page size dividing the segment, the mosaic backend named, 16-bit KV."""
     for settings in (

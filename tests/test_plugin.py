@@ -58,6 +58,30 @@ def test_hooks_apply_after_load_plugins(sglang_with_plugin):
         assert hasattr(fn, "__wrapped__"), f"{target} is not hooked"
 
 
+def test_mosaic_attention_backend_is_registered(sglang_with_plugin):
+    """register() adds 'mosaic' to --attention-backend's choices and SGLang's registry, pointing at our factory."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES
+
+    from mosaickv_sglang.plugin import create_mosaic_attention_backend
+
+    assert ATTENTION_BACKEND_CHOICES.count("mosaic") == 1
+    assert ATTENTION_BACKENDS["mosaic"] is create_mosaic_attention_backend
+
+
+def test_mosaic_attention_backend_refuses_a_stock_pool(sglang_with_plugin):
+    """The registered factory refuses a runner whose pool is not MosaicKV's, naming --kv-compressor."""
+    import types
+
+    import pytest
+
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    runner = types.SimpleNamespace(token_to_kv_pool=object(), server_args=None)
+    with pytest.raises(ValueError, match="--kv-compressor mosaic"):
+        ATTENTION_BACKENDS["mosaic"](runner)
+
+
 _PROBE = r"""
 import json, sys
 import mosaickv_sglang, mosaickv_sglang.config, mosaickv_sglang.plugin
@@ -96,8 +120,8 @@ def test_none_leaves_server_args_unchanged(sglang_with_plugin, cpu_args):
     assert out.returncode == 0, out.stderr[-2000:]
     stock = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("FIELDS="))[7:])
     ours_fields = json.loads(json.dumps(dataclasses.asdict(ours), default=repr, sort_keys=True))
-    differing = {k for k in stock if stock[k] != ours_fields.get(k)}
-    assert differing == set()
+    differing = {k: (stock[k], ours_fields.get(k)) for k in stock if stock[k] != ours_fields.get(k)}
+    assert differing == {}, f"(stock, ours) of differing fields: {differing}"
     assert set(stock) == set(ours_fields)
     assert seam.config_of(ours) == MosaicKVConfig()
 
