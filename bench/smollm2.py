@@ -113,9 +113,17 @@ def ensure_converted(cache_dir: Optional[PathLike] = None) -> Path:
     out = converted_dir(cache_dir)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
+    import importlib.util
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(
+            f"converting the GGUF checkpoint needs the packages {missing} (transformers reads GGUF through them); "
+            "install the project's bench extra"
+        )
     gguf = fetch_gguf(cache_dir)
     logger.info("converting %s to safetensors (once, about a minute on the CPU)", gguf.name)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
