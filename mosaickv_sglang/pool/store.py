@@ -382,6 +382,19 @@ class CompressedKVStore:
             if len(bufs) != self.num_layers:
                 raise ValueError(f"{name}: expected one buffer per layer ({self.num_layers}), got {len(bufs)}")
 
+    def _check_seal_inputs(self, layers, p, expected_state, expected, wrong, k_bufs, v_bufs, slot_of_page_token,
+                           plans):  # fmt: skip
+        """Shared argument checks of :meth:`seal` and :meth:`reseal`; returns the segments of pages ``p``."""
+        wrong_state = (self._state[np.ix_(layers, p)] != expected_state).any(0)
+        if wrong_state.any():
+            raise ValueError(
+                f"pages: expected {expected}, got {int(wrong_state.sum())} {wrong} (e.g. page {int(p[wrong_state][0])})"
+            )
+        self._check_bufs(k_bufs, v_bufs)
+        segments = self._segments(p, slot_of_page_token)
+        self._check_plans(plans, layers, segments[0].size)
+        return segments
+
     def seal(
         self,
         pages: torch.Tensor,
@@ -417,15 +430,10 @@ class CompressedKVStore:
         """
         layers = self._layers(layer_ids)
         p = self._pages(pages)
-        not_dense = (self._state[np.ix_(layers, p)] != PAGE_DENSE).any(0)
-        if not_dense.any():
-            raise ValueError(
-                f"pages: expected PAGE_DENSE pages in every sealed layer, got {int(not_dense.sum())} free or already "
-                f"sealed (e.g. page {int(p[not_dense][0])})"
-            )
-        self._check_bufs(k_bufs, v_bufs)
-        rows, tok, heads, rows_dev = self._segments(p, slot_of_page_token)
-        self._check_plans(plans, layers, rows.size)
+        rows, tok, heads, rows_dev = self._check_seal_inputs(
+            layers, p, PAGE_DENSE, "PAGE_DENSE pages in every sealed layer", "free or already sealed",
+            k_bufs, v_bufs, slot_of_page_token, plans,
+        )  # fmt: skip
         if p.size == 0:
             return
         allocs = self._alloc_layers(layers, plans)
@@ -480,15 +488,10 @@ class CompressedKVStore:
         """
         layers = self._layers(layer_ids)
         p = self._pages(pages)
-        not_sealed = (self._state[np.ix_(layers, p)] != PAGE_SEALED).any(0)
-        if not_sealed.any():
-            raise ValueError(
-                f"pages: expected PAGE_SEALED pages in every resealed layer, got {int(not_sealed.sum())} that are "
-                f"not (e.g. page {int(p[not_sealed][0])})"
-            )
-        self._check_bufs(k_bufs, v_bufs)
-        rows, tok, heads, rows_dev = self._segments(p, slot_of_page_token)
-        self._check_plans(plans, layers, rows.size)
+        rows, tok, heads, rows_dev = self._check_seal_inputs(
+            layers, p, PAGE_SEALED, "PAGE_SEALED pages in every resealed layer", "that are not",
+            k_bufs, v_bufs, slot_of_page_token, plans,
+        )  # fmt: skip
         n = rows.size
         handle = ReleaseHandle(next(self._handle_ids), {})
         if n == 0:
