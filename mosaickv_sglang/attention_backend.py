@@ -31,6 +31,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
+from mosaickv_sglang.sealer import Sealer
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -106,6 +107,9 @@ class MosaicAttnBackend(AttentionBackend):
         max_context_len]`` int32 logical slots) and ``model_config`` (``get_max_num_attention_heads()``).
     num_q_heads : int, optional
         Query heads on this rank; default ``model_config.get_max_num_attention_heads() // attn_tp_size``.
+    auto_seal : bool
+        Seal pages in the plan step (:class:`~mosaickv_sglang.sealer.Sealer`): those that left the hot window, and
+        more under hot-pool pressure. ``False`` leaves sealing to the caller (tests).
 
     Attributes
     ----------
@@ -126,7 +130,7 @@ class MosaicAttnBackend(AttentionBackend):
     supported_dtypes = (torch.float16, torch.bfloat16)
     supports_cuda_graph: bool = False
 
-    def __init__(self, model_runner: Any, num_q_heads: Optional[int] = None) -> None:
+    def __init__(self, model_runner: Any, num_q_heads: Optional[int] = None, auto_seal: bool = True) -> None:
         super().__init__()
         pool = getattr(model_runner, "token_to_kv_pool", None)
         if not isinstance(pool, MosaicMHATokenToKVPool):
@@ -163,6 +167,8 @@ class MosaicAttnBackend(AttentionBackend):
         self._sparse_decode_fwd = sparse_decode_fwd
         self._suggest_num_splits = suggest_num_splits
         self._extend_fwd = extend_fwd
+        self.sealer = Sealer(self.pool, num_q_heads)
+        self.auto_seal = bool(auto_seal)
 
     # --- plan ------------------------------------------------------------------------------------------------------
     def read_budget_segments(self, max_segs: int) -> int:
@@ -200,17 +206,11 @@ class MosaicAttnBackend(AttentionBackend):
                 f"MosaicAttnBackend: forward mode {mode.name} is not supported with --kv-compressor mosaic (decode, "
                 "extend and mixed only; no speculative decoding)"
             )
-        pool = self.pool
-        loc = forward_batch.out_cache_loc
-        if loc is not None and loc.numel():
-            # before any KV write of this forward: every page the batch writes needs a physical dense page
-            pool.ensure_physical(torch.unique(torch.div(loc.long(), self.page_size, rounding_mode="floor")))
         seq_lens = getattr(forward_batch, "seq_lens_cpu", None)
         seq = _host_list(seq_lens if seq_lens is not None else forward_batch.seq_lens, "seq_lens")
         rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices.long()].cpu()
         if mode.is_decode():
-            slots = [rows[b, : seq[b]] for b in range(len(seq))]
-            self.forward_metadata = self._plan_decode(slots)
+            pre_l = [n - 1 for n in seq]
         else:
             pre = getattr(forward_batch, "extend_prefix_lens_cpu", None)
             ext = getattr(forward_batch, "extend_seq_lens_cpu", None)
@@ -223,7 +223,23 @@ class MosaicAttnBackend(AttentionBackend):
                     f"forward_batch: expected extend_prefix_lens + extend_seq_lens == seq_lens, got {pre_l} + "
                     f"{ext_l} vs {seq}"
                 )
+        self._prepare_writes(forward_batch.out_cache_loc, [rows[b, : pre_l[b]] for b in range(len(seq))])
+        if mode.is_decode():
+            self.forward_metadata = self._plan_decode([rows[b, : seq[b]] for b in range(len(seq))])
+        else:
             self.forward_metadata = self._plan_extend([rows[b, : pre_l[b]] for b in range(len(seq))], ext_l)
+
+    def _prepare_writes(self, loc: Optional[torch.Tensor], written_slots: Sequence[torch.Tensor]) -> None:
+        """Before any KV write of the forward: seal what the policy and hot-pool pressure call for, then give every
+        page the batch writes a physical dense page and record the writes."""
+        if loc is None or loc.numel() == 0:
+            return
+        loc_cpu = loc.detach().to("cpu", torch.int64)
+        new_pages = torch.unique(torch.div(loc_cpu, self.page_size, rounding_mode="floor")).numpy()
+        if self.auto_seal:
+            self.sealer.before_forward(written_slots, new_pages)
+        self.pool.ensure_physical(torch.from_numpy(new_pages))
+        self.pool.note_writes(loc_cpu)
 
     def _plan_decode(self, req_slots: Sequence[torch.Tensor]) -> MosaicForwardMetadata:
         meta = self.pool.decode_metadata(req_slots)
@@ -347,6 +363,7 @@ class MosaicAttnBackend(AttentionBackend):
         if save_kv_cache and k is not None and v is not None:
             self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k.view(-1, h_kv, d), v.view(-1, h_kv, d))
         q3 = q.reshape(-1, h_q, d)
+        self.sealer.window.observe(layer.layer_id - self.pool.start_layer, q3)
         arena, desc, bounds, k_buf, v_buf = self._layer_tables(layer)
         self._segment_scores_fwd(q3, desc, bounds, md.seg_ids_padded, md.seg_counts, md.scores, sm_scale=layer.scaling)
         self._select_segments(md.scores, md.seg_ids_padded, md.read_budget, out=md.sel_ids)
@@ -396,6 +413,7 @@ class MosaicAttnBackend(AttentionBackend):
         if save_kv_cache:
             self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k3, v3)
         q3 = q.reshape(-1, h_q, d)
+        self.sealer.window.observe(layer.layer_id - self.pool.start_layer, q3)
         causal = getattr(getattr(layer, "attn_type", None), "name", "DECODER") != "ENCODER_ONLY"
         arena, desc, _, k_buf, v_buf = self._layer_tables(layer)
         o = torch.empty_like(q3)

@@ -256,6 +256,11 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         self._p2l[0] = 0
         self._live = np.zeros(self.num_logical_pages, dtype=bool)
         self._phys_free: List[int] = list(range(self.num_physical_pages - 1, 0, -1))
+        # per logical page: tokens written (the paged allocator fills a page from offset 0) and the write tick
+        # (a counter of note_writes calls) of its last write; both reset when the page is freed
+        self._fill = np.zeros(self.num_logical_pages, dtype=np.int32)
+        self._last_write = np.zeros(self.num_logical_pages, dtype=np.int64)
+        self._write_tick = 0
 
         super().__init__(
             size,
@@ -431,6 +436,42 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
             self._assign(need, phys)
         return torch.from_numpy(self._l2p[p_all].copy())
 
+    def note_writes(self, logical_slots: torch.Tensor) -> None:
+        """Record that the forward about to run writes ``logical_slots`` (host; after :meth:`ensure_physical`).
+
+        Keeps, per logical page, how many tokens it holds (a page is *complete* at ``page_size``) and when it was
+        last written, which :meth:`complete_dense_pages` uses to pick pages to seal under hot-pool pressure.
+
+        Parameters
+        ----------
+        logical_slots : torch.Tensor
+            shape ``[N]``, integer dtype, any device (``out_cache_loc``).
+        """
+        slots = _host_int64(logical_slots, "logical_slots")
+        if slots.size == 0:
+            return
+        s = self.page_size
+        pages = slots // s
+        self._write_tick += 1
+        np.maximum.at(self._fill, pages, (slots % s + 1).astype(np.int32))
+        self._last_write[pages] = self._write_tick
+        self._fill[0] = 0
+
+    def complete_dense_pages(self, exclude: Optional[np.ndarray] = None) -> np.ndarray:
+        """Logical pages that could be sealed now, least recently written first: complete (every token written),
+        holding a physical dense page, not the padding page, not in ``exclude``.
+
+        Returns
+        -------
+        numpy.ndarray
+            shape ``[P]``, dtype ``int64``.
+        """
+        cand = np.flatnonzero((self._l2p >= 0) & (self._fill == self.page_size) & self._live)
+        cand = cand[cand != 0]
+        if exclude is not None and cand.size:
+            cand = cand[~np.isin(cand, exclude)]
+        return cand[np.argsort(self._last_write[cand], kind="stable")]
+
     # --- SGLang KVCache interface ------------------------------------------------------------------------------------
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
         """Dense K buffer of SGLang layer ``layer_id``: shape ``[hot_tokens + S, H_kv, d]``, indexed by **physical**
@@ -550,6 +591,8 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
             self.store.free(torch.from_numpy(live))
             self._live[live] = False
         self._release(p[self._l2p[p] >= 0])
+        self._fill[p] = 0
+        self._last_write[p] = 0
 
     def reset(self) -> None:
         """Free every page (SGLang's allocator ``clear()``); pending reseal handles are not affected."""

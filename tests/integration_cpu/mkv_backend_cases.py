@@ -27,9 +27,9 @@ SIZE, HOT = 512, 384  # logical slots, dense capacity (24 physical pages)
 MAX_REQS, MAX_CTX = 8, 256
 
 
-def config(ratio: float = 1.0, read_budget: int = 0) -> MosaicKVConfig:
-    """S = 16, hot window one segment, one sink segment."""
-    return MosaicKVConfig("mosaic", compression_ratio=ratio, segment_size=S, hot_window=16, sink_tokens=16,
+def config(ratio: float = 1.0, read_budget: int = 0, hot_window: int = 16) -> MosaicKVConfig:
+    """S = 16, hot window one segment (default), one sink segment."""
+    return MosaicKVConfig("mosaic", compression_ratio=ratio, segment_size=S, hot_window=hot_window, sink_tokens=16,
                           decode_read_budget=read_budget)  # fmt: skip
 
 
@@ -44,9 +44,9 @@ def layer(layer_id: int, group: int) -> SimpleNamespace:
 class Scenario:
     """Requests allocated by SGLang's paged allocator, planned and run through both backends layer by layer."""
 
-    def __init__(self, cfg: MosaicKVConfig, group: int, seed: int) -> None:
+    def __init__(self, cfg: MosaicKVConfig, group: int, seed: int, auto_seal: bool = False, hot: int = HOT) -> None:
         self.group = group
-        self.pool = build_pool(SIZE, HOT, cfg)
+        self.pool = build_pool(SIZE, hot, cfg)
         self.stock = MHATokenToKVPool(SIZE, S, DT, H_KV, D, LAYERS, "cpu", False, v_head_dim=D)
         self.alloc = PagedTokenToKVPoolAllocator(SIZE, page_size=S, dtype=DT, device="cpu", kvcache=self.pool,
                                                  need_sort=False)  # fmt: skip
@@ -54,7 +54,8 @@ class Scenario:
         self.lens: List[int] = []
         rtp = SimpleNamespace(req_to_token=self.req_to_token)
         self.mosaic = MosaicAttnBackend(
-            SimpleNamespace(device="cpu", req_to_token_pool=rtp, token_to_kv_pool=self.pool), num_q_heads=H_KV * group
+            SimpleNamespace(device="cpu", req_to_token_pool=rtp, token_to_kv_pool=self.pool), num_q_heads=H_KV * group,
+            auto_seal=auto_seal,
         )
         self.native = TorchNativeAttnBackend(
             SimpleNamespace(device="cpu", req_to_token_pool=rtp, token_to_kv_pool=self.stock)

@@ -118,3 +118,61 @@ def test_non_mosaic_pool_and_cuda_graphs_are_refused(monkeypatch):
         ab.create_mosaic_backend(runner)
     with pytest.raises(ValueError, match="num_q_heads: expected a multiple of the pool's KV heads"):
         ab.MosaicAttnBackend(runner, num_q_heads=4)
+
+
+@pytest.mark.parametrize("group", [3, 1], ids=["gqa3", "mha"])
+def test_auto_seal_at_ratio_one_matches_torch_native(group):
+    """The backend's own sealer (hot window one page, one sink page, ratio 1 = every plan dense): pages leave the
+    hot window as the requests decode across page boundaries, get sealed in the plan step, and every output still
+    equals TorchNativeAttnBackend's."""
+    sc = Scenario(config(ratio=1.0), group, seed=10 + group, auto_seal=True)
+    _assert_match(sc.run_both(sc.extend_batch(PROMPTS)))
+    for _ in range(20):
+        _assert_match(sc.run_both(sc.decode_batch()))
+    sealer = sc.mosaic.sealer
+    assert sealer.pages_sealed > 0 and sealer.pressure_pages_sealed == 0
+    # every request keeps at most its hot-window page plus the partial page dense
+    md = sc.mosaic.forward_metadata
+    assert max(torch.diff(md.tail_indptr).tolist()) <= 2 * S
+    _assert_match(sc.run_both(sc.extend_batch([5, 20, 3, 16])))
+    _assert_match(sc.run_both(sc.decode_batch()))
+    sc.pool.check_invariants()
+
+
+def test_hot_pool_pressure_seals_least_recently_written_pages():
+    """A hot window larger than any request and a dense capacity of 14 pages: the policy seals only the sink pages,
+    so the plan step must seal complete pages for room (least recently written first). Outputs stay exact at
+    ratio 1."""
+    sc = Scenario(config(ratio=1.0, hot_window=1024), group=2, seed=5, auto_seal=True, hot=14 * S)
+    _assert_match(sc.run_both(sc.extend_batch(PROMPTS)))  # 1 + 1 + 3 + 5 = 10 pages dense
+    for _ in range(3):
+        _assert_match(sc.run_both(sc.extend_batch([16, 16, 16, 16])))  # 4 more pages each time
+    sealer = sc.mosaic.sealer
+    assert sealer.pressure_pages_sealed > 0 and sealer.pages_sealed > sealer.pressure_pages_sealed
+    for _ in range(3):
+        _assert_match(sc.run_both(sc.decode_batch()))
+    sc.pool.check_invariants()
+    assert sc.pool.num_free_physical_pages >= 0
+
+
+def test_auto_seal_compresses_at_ratio_three():
+    """At ratio 3 the sealer's fast plans compress the sealed pages within the planner's budget (sinks dense, the
+    rest at a third of dense), the pool stays consistent and decode outputs stay finite and close to the dense
+    reference (random K/V: loose bound)."""
+    sc = Scenario(config(ratio=3.0), group=4, seed=3, auto_seal=True)
+    sc.run_both(sc.extend_batch(PROMPTS))
+    for _ in range(2):
+        sc.run_both(sc.extend_batch([16, 16, 16, 16]))
+    res = sc.run_both(sc.decode_batch())
+    sealer = sc.mosaic.sealer
+    sinks = len(PROMPTS)  # one sink page per request, sealed dense
+    assert sealer.pages_sealed >= sinks + 4
+    seg_granules = 2 * S * D * 2 / 128  # one dense segment's K+V payload
+    budget = (sinks + (sealer.pages_sealed - sinks) / 3) * H_KV * LAYERS * seg_granules
+    used = sum(a.used_granules for a in sc.pool.store.allocators)
+    assert used <= 1.15 * budget
+    for mosaic_out, native_out, _ in res:
+        assert torch.isfinite(mosaic_out.float()).all()
+        rel = (mosaic_out.float() - native_out.float()).norm() / native_out.float().norm()
+        assert rel < 0.5
+    sc.pool.check_invariants()

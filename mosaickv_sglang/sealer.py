@@ -1,0 +1,232 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Sealing between forward steps: which dense pages to compress, planned with the fast planner, packed into the pool.
+
+The attention backend calls :meth:`Sealer.before_forward` in its out-of-graph plan step, before the new tokens get
+their physical pages. Two kinds of pages are sealed there:
+
+* **policy pages**: complete pages of the batch's requests that left the hot window (``--mosaic-hot-window``), with
+  the first ``--mosaic-sink-tokens`` sealed dense as always-read sinks (:meth:`MosaicMHATokenToKVPool.pages_to_seal`);
+* **pressure pages**: when the free physical pages cannot hold this forward's new pages plus a reserve, complete
+  dense pages least recently written first (finished requests' tails kept by the radix cache, hot windows of requests
+  not in this batch). The hot window is a quality preference, never a reason to fail a batch.
+
+Plans come from :func:`~mosaickv_sglang.planner.plan_fast` per layer, with a byte budget of
+``dense / --mosaic-compression-ratio`` for ordinary segments and ``dense`` for sinks. Its query statistics are the
+recent queries of *all* requests of each layer (:class:`QueryWindow`), so a segment that several requests share is
+never planned for one request's question alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mosaickv_sglang.importance import SegmentImportance
+from mosaickv_sglang.kernels.format import SegmentPlan
+from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
+from mosaickv_sglang.planner import plan_fast
+from mosaickv_sglang.pool import ArenaFullError
+from mosaickv_sglang.strategies.base import dense_segment_bytes
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QueryWindow", "Sealer"]
+
+# Retries of a batch whose plans do not fit the arenas, each with the ratio multiplied by this factor.
+ARENA_RETRY_FACTOR = 1.5
+ARENA_RETRIES = 2
+
+
+class QueryWindow:
+    """The last ``window`` queries seen by each layer, over all requests (fp32 ring buffers on the pool's device).
+
+    Parameters
+    ----------
+    num_layers, num_kv_heads, group_size, head_dim : int
+        Layers of the pool, KV heads, query heads per KV head (query head ``h * G + g`` reads KV head ``h``), d.
+    window : int
+        Queries kept per layer.
+    device : torch.device
+    """
+
+    def __init__(
+        self, num_layers: int, num_kv_heads: int, group_size: int, head_dim: int, window: int, device: torch.device
+    ) -> None:
+        self.num_kv_heads, self.group_size, self.head_dim, self.window = num_kv_heads, group_size, head_dim, window
+        self.ring = torch.zeros(num_layers, window, num_kv_heads, group_size, head_dim, device=device)
+        self._next = [0] * num_layers
+        self._count = [0] * num_layers
+
+    def observe(self, layer: int, q: torch.Tensor) -> None:
+        """Append the queries ``q`` (shape ``[T, H_q * d]`` or ``[T, H_q, d]``) of local layer ``layer``; only the
+        last ``window`` rows are kept."""
+        t = q.shape[0]
+        if t == 0:
+            return
+        rows = q.reshape(t, self.num_kv_heads, self.group_size, self.head_dim)[-self.window :]
+        n = rows.shape[0]
+        idx = (self._next[layer] + torch.arange(n)) % self.window
+        self.ring[layer, idx.to(self.ring.device)] = rows.float()
+        self._next[layer] = (self._next[layer] + n) % self.window
+        self._count[layer] = min(self.window, self._count[layer] + n)
+
+    def queries(self, layer: int) -> Optional[torch.Tensor]:
+        """shape ``[H_kv, W', G, d]`` fp32: the observed queries of local layer ``layer`` (``None`` before any)."""
+        n = self._count[layer]
+        if n == 0:
+            return None
+        return self.ring[layer, :n].permute(1, 0, 2, 3)
+
+
+def _uniform_importance(n: int, s: int, d: int, device: torch.device) -> SegmentImportance:
+    """Importance when no query has been seen yet: every token and channel alike."""
+    ones = torch.ones(n, d, device=device)
+    return SegmentImportance(torch.full((n, s), 1.0 / s, device=device), ones, ones.clone(), None)
+
+
+def _slice_plan(plan: SegmentPlan, sl: slice) -> SegmentPlan:
+    """Rows ``sl`` of ``plan`` (a view per tensor)."""
+
+    def cut(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t[sl]
+
+    return SegmentPlan(
+        token_keep=plan.token_keep[sl],
+        k_form=plan.k_form[sl],
+        k_param=plan.k_param[sl],
+        v_form=plan.v_form[sl],
+        v_param=plan.v_param[sl],
+        k_chan_weight=plan.k_chan_weight[sl],
+        v_chan_weight=plan.v_chan_weight[sl],
+        k_factors=None if plan.k_factors is None else (cut(plan.k_factors[0]), cut(plan.k_factors[1])),
+        v_factors=None if plan.v_factors is None else (cut(plan.v_factors[0]), cut(plan.v_factors[1])),
+        flags=cut(plan.flags),
+    )
+
+
+class Sealer:
+    """Decides, plans and performs the sealing of one pool (one scheduler / TP rank; host-driven, deterministic).
+
+    Parameters
+    ----------
+    pool : MosaicMHATokenToKVPool
+    num_q_heads : int
+        Query heads on this rank (a multiple of the pool's KV heads).
+    query_window : int
+        Recent queries kept per layer for the planner's statistics.
+    reserve_pages : int
+        Physical pages kept free after a pressure seal, beyond what the forward needs.
+
+    Attributes
+    ----------
+    window : QueryWindow
+    pages_sealed : int
+        Pages sealed since start (policy and pressure).
+    pressure_pages_sealed : int
+        Of which sealed for hot-pool pressure.
+    """
+
+    def __init__(
+        self, pool: MosaicMHATokenToKVPool, num_q_heads: int, query_window: int = 32, reserve_pages: int = 0
+    ) -> None:
+        self.pool = pool
+        h = int(pool.head_num)
+        self.window = QueryWindow(pool.layer_num, h, num_q_heads // h, int(pool.head_dim), query_window,
+                                  torch.device(pool.device))  # fmt: skip
+        self.reserve_pages = int(reserve_pages)
+        self.pages_sealed = 0
+        self.pressure_pages_sealed = 0
+        self._warned_arena = False
+
+    # --- decisions ---------------------------------------------------------------------------------------------------
+    def before_forward(self, written_slots: Sequence[torch.Tensor], new_pages: np.ndarray) -> None:
+        """Seal what the policy and the hot-pool pressure require before a forward that writes ``new_pages``.
+
+        Parameters
+        ----------
+        written_slots : sequence of torch.Tensor
+            Per request of the batch: shape ``[n_b]``, integer dtype; logical slots of its tokens written so far, in
+            order (``req_to_token[r, :seq_len - new_tokens]``).
+        new_pages : numpy.ndarray
+            shape ``[P]``, int64; distinct logical pages the forward writes (padding page 0 allowed).
+        """
+        pool = self.pool
+        pages: List[np.ndarray] = []
+        sinks: List[np.ndarray] = []
+        for slots in written_slots:
+            if slots.numel() < pool.page_size:
+                continue
+            sp = pool.pages_to_seal(slots)
+            keep = ~np.isin(sp.pages.numpy(), new_pages)
+            pages.append(sp.pages.numpy()[keep])
+            sinks.append(sp.always_dense.numpy()[keep])
+        chosen = np.concatenate(pages) if pages else np.zeros(0, dtype=np.int64)
+        sink_mask = np.concatenate(sinks) if sinks else np.zeros(0, dtype=bool)
+        chosen, first = np.unique(chosen, return_index=True)
+        sink_mask = sink_mask[first]
+
+        need = int(np.count_nonzero(pool.physical_pages(torch.from_numpy(new_pages)).numpy() < 0))
+        short = need + self.reserve_pages - (pool.num_free_physical_pages + chosen.size)
+        if short > 0:
+            extra = pool.complete_dense_pages(exclude=np.concatenate([chosen, new_pages]))[:short]
+            self.pressure_pages_sealed += int(extra.size)
+            chosen = np.concatenate([chosen, extra])
+            sink_mask = np.concatenate([sink_mask, np.zeros(extra.size, dtype=bool)])
+        if chosen.size:
+            self.seal(chosen, sink_mask)
+
+    # --- planning and sealing ----------------------------------------------------------------------------------------
+    def plan_layer(self, layer: int, pages: np.ndarray, sink_mask: np.ndarray, ratio: float) -> SegmentPlan:
+        """Fast plan of local layer ``layer`` for ``pages`` (segments page-major, head-minor, as the pool seals)."""
+        pool = self.pool
+        s, h, d = pool.page_size, int(pool.head_num), int(pool.head_dim)
+        dev = torch.device(pool.device)
+        phys = pool.physical_pages(torch.from_numpy(pages)).to(dev)
+        slots = (phys[:, None] * s + torch.arange(s, device=dev)[None, :]).reshape(-1)
+        k_buf, v_buf = pool.k_buffer[layer], pool.v_buffer[layer]
+        n = pages.size * h
+        keys = k_buf[slots].view(pages.size, s, h, d).permute(0, 2, 1, 3).reshape(n, s, d)
+        values = v_buf[slots].view(pages.size, s, h, d).permute(0, 2, 1, 3).reshape(n, s, d)
+        always = torch.from_numpy(np.repeat(sink_mask, h)).to(dev)
+        seg = dense_segment_bytes(s, d)
+        n_sink = int(np.count_nonzero(sink_mask)) * h
+        budget = n_sink * seg + int((n - n_sink) * seg / ratio)
+        heads = torch.arange(h, device=dev).repeat(pages.size)
+        q = self.window.queries(layer)
+        if q is None:
+            result = plan_fast(keys, values, budget_bytes=budget, importance=_uniform_importance(n, s, d, dev),
+                               always_dense=always)  # fmt: skip
+        else:
+            result = plan_fast(keys, values, budget_bytes=budget, queries=q[heads], group_ids=heads,
+                               always_dense=always)  # fmt: skip
+        return result.plan
+
+    def seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> bool:
+        """Plan and seal ``pages`` in every layer; on a full arena retry with a higher ratio, then leave them dense.
+
+        Returns
+        -------
+        bool
+            Whether the pages were sealed.
+        """
+        pool = self.pool
+        ratio = float(pool.mosaic_config.compression_ratio)
+        pages_t = torch.from_numpy(pages.astype(np.int64))
+        for attempt in range(ARENA_RETRIES + 1):
+            plans = [self.plan_layer(li, pages, sink_mask, ratio) for li in range(pool.layer_num)]
+            try:
+                pool.seal_pages(pages_t, plans)
+            except ArenaFullError as err:
+                if attempt == ARENA_RETRIES:
+                    if not self._warned_arena:
+                        logger.warning("MosaicKV: compressed arena full; %d pages stay dense (%s)", pages.size, err)
+                        self._warned_arena = True
+                    return False
+                ratio *= ARENA_RETRY_FACTOR
+                continue
+            self.pages_sealed += int(pages.size)
+            return True
+        return False
