@@ -66,10 +66,6 @@ def check_compatibility(config: MosaicKVConfig, settings: ServingSettings) -> No
                 raise MosaicConfigError(f"{flag}: 'mosaic' reads the MosaicKV cache and needs --kv-compressor mosaic")
         return
     arch = s.model_architecture or "this model"
-    if config.segment_size % s.page_size != 0:
-        raise MosaicConfigError(
-            f"--mosaic-segment-size: expected a multiple of --page-size ({s.page_size}), got {config.segment_size}"
-        )
     for flag, value in user_backends:
         if value not in (None, "mosaic"):
             raise MosaicConfigError(
@@ -131,6 +127,11 @@ def check_compatibility(config: MosaicKVConfig, settings: ServingSettings) -> No
     for broken, message in rules:
         if broken:
             raise MosaicConfigError(message)
+    if config.segment_size != s.page_size:
+        raise MosaicConfigError(
+            f"--page-size: --kv-compressor mosaic uses pages of --mosaic-segment-size ({config.segment_size}) "
+            f"tokens, got {s.page_size}; drop --page-size or set it to the segment size"
+        )
 
 
 # Whether this build can serve with the compressed cache. The compressed pool and the 'mosaic' attention

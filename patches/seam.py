@@ -24,11 +24,47 @@ SERVER_ARGS_ADD_CLI_ARGS = f"{SERVER_ARGS}.add_cli_args"
 SERVER_ARGS_FROM_CLI_ARGS = f"{SERVER_ARGS}.from_cli_args"
 SERVER_ARGS_INIT = f"{SERVER_ARGS}.__init__"
 
-HOOK_TARGETS = (SERVER_ARGS_ADD_CLI_ARGS, SERVER_ARGS_FROM_CLI_ARGS, SERVER_ARGS_INIT)
+KV_CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+POOL_CONFIGURATOR = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator"
+PAGED_ALLOCATOR = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator"
+POOL_CONFIGURATOR_INIT = f"{POOL_CONFIGURATOR}.__init__"
+POOL_CONFIGURATOR_SIZES = f"{POOL_CONFIGURATOR}.calculate_pool_sizes"
+RESOLVE_MAX_NUM_REQS = f"{KV_CONFIGURATOR}.resolve_max_num_reqs"
+BUILD_MHA_KV_POOL = f"{KV_CONFIGURATOR}._build_mha_kv_pool"
+ALLOCATOR_RELEASE_PAGES = f"{PAGED_ALLOCATOR}._release_page_ids"
+ALLOCATOR_CLEAR = f"{PAGED_ALLOCATOR}.clear"
+FUSED_KV_WRITE_GATE = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
+
+HOOK_TARGETS = (
+    SERVER_ARGS_ADD_CLI_ARGS,
+    SERVER_ARGS_FROM_CLI_ARGS,
+    SERVER_ARGS_INIT,
+    POOL_CONFIGURATOR_INIT,
+    POOL_CONFIGURATOR_SIZES,
+    RESOLVE_MAX_NUM_REQS,
+    BUILD_MHA_KV_POOL,
+    ALLOCATOR_RELEASE_PAGES,
+    ALLOCATOR_CLEAR,
+    FUSED_KV_WRITE_GATE,
+)
 
 # Where the validated config rides on ServerArgs. ServerArgs (a dataclass) pickles its __dict__ into the
 # spawned scheduler processes, and a name starting with "_" stays writable after SGLang seals the fields.
 CONFIG_ATTR = "_mosaic_config"
+
+# Where the KV-cache hooks keep their state: the PoolLayout on SGLang's KVCacheConfigurator, and that
+# configurator on the DefaultPoolConfigurator it creates.
+LAYOUT_ATTR = "_mosaic_layout"
+KVC_ATTR = "_mosaic_kvc"
+
+# ServerArgs fields MosaicKV sets when --kv-compressor mosaic is on and the user left them alone, with the value
+# and why (logged once at startup).
+SERVING_DEFAULTS = {
+    "attention_backend": ("mosaic", "reads the compressed pool"),
+    "disable_prefill_cuda_graph": (True, "extend plans on the host per batch"),
+    "disable_decode_cuda_graph": (True, "decode CUDA graphs are not supported yet"),
+    "disable_overlap_schedule": (True, "sealing runs on the scheduler thread between steps"),
+}
 
 # ServerArgs fields read to build ServingSettings: {ServingSettings field: ServerArgs field}.
 SERVER_ARGS_FIELDS = {

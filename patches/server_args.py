@@ -17,13 +17,19 @@ Removable when SGLang offers plugin-defined server options.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from mosaickv_sglang.compat import check_compatibility, check_servable
 from mosaickv_sglang.config import OPTIONS, MosaicConfigError, MosaicKVConfig
 
 from . import seam
+
+# The config parsed by from_cli_args, for the ServerArgs.__init__ call it makes (argparse attributes that are not
+# ServerArgs fields, ours included, are dropped before that call).
+_CLI_CONFIG: contextvars.ContextVar[Optional[MosaicKVConfig]] = contextvars.ContextVar("mosaic_cli_config",
+                                                                                       default=None)
 
 ARGUMENT_GROUP_TITLE = "MosaicKV KV-cache compression (mosaickv-sglang)"
 
@@ -45,12 +51,28 @@ def add_mosaic_cli_args(result: Any, parser: argparse.ArgumentParser) -> None:
     return None
 
 
+def serving_defaults(config: MosaicKVConfig, given: Callable[[str], Any]) -> dict[str, Any]:
+    """ServerArgs values ``--kv-compressor mosaic`` implies, for the fields the user left unset (``given(field)`` is
+    ``None``): the page size (the segment size) and :data:`seam.SERVING_DEFAULTS`."""
+    if not config.enabled:
+        return {}
+    out: dict[str, Any] = {}
+    if given("page_size") is None:
+        out["page_size"] = config.segment_size
+    for field, (value, _why) in seam.SERVING_DEFAULTS.items():
+        if not given(field):
+            out[field] = value
+    return out
+
+
 def init_with_mosaic_kwargs(original: Callable[..., None], self: Any, *args: Any, **kwargs: Any) -> None:
     """AROUND hook on ``ServerArgs.__init__``: take the MosaicKV keywords out, then validate and attach."""
     options = {opt.kwarg: kwargs.pop(opt.kwarg) for opt in OPTIONS if opt.kwarg in kwargs}
-    config = MosaicKVConfig.from_options(options)
+    pending = _CLI_CONFIG.get()
+    config = pending if pending is not None and not options else MosaicKVConfig.from_options(options)
     check_servable(config)
     user_backends = {field: kwargs.get(field) for field in seam.USER_BACKEND_FIELDS.values()}
+    kwargs.update(serving_defaults(config, kwargs.get))
     original(self, *args, **kwargs)
     check_compatibility(config, seam.serving_settings(self, user_backends))
     seam.attach_config(self, config)
@@ -61,8 +83,12 @@ def from_cli_args_with_mosaic(original: Callable[..., Any], cls: type, args: arg
     try:
         config = MosaicKVConfig.from_options({opt.kwarg: getattr(args, opt.kwarg, None) for opt in OPTIONS})
         check_servable(config)
-        server_args = original(cls, args)
         user_backends = {field: getattr(args, field, None) for field in seam.USER_BACKEND_FIELDS.values()}
+        token = _CLI_CONFIG.set(config)  # ServerArgs.__init__ (hooked) runs inside from_cli_args
+        try:
+            server_args = original(cls, args)
+        finally:
+            _CLI_CONFIG.reset(token)
         check_compatibility(config, seam.serving_settings(server_args, user_backends))
     except MosaicConfigError as err:
         sys.stderr.write(f"error: {err}\n")

@@ -43,11 +43,22 @@ def test_cli_values_round_trip(sglang_with_plugin, cpu_args, mosaic_servable):
         cpu_args(
             "--kv-compressor", "mosaic", "--mosaic-compression-ratio", "4", "--mosaic-segment-size", "32",
             "--mosaic-hot-window", "256", "--mosaic-sink-tokens", "0", "--mosaic-decode-read-budget", "2048",
-            "--mosaic-sidecar", "off", "--page-size", "16",
+            "--mosaic-sidecar", "off",
         ),
     )
     assert seam.config_of(server_args) == MosaicKVConfig("mosaic", 4.0, 32, 256, 0, 2048, False)
-    assert server_args.page_size == 16
+    assert server_args.page_size == 32  # pages of one segment
+
+
+def test_mosaic_implies_its_serving_defaults(sglang_with_plugin, cpu_args, mosaic_servable):
+    """--kv-compressor mosaic alone picks the mosaic backend, pages of one segment, no prefill/decode CUDA graphs and
+    no overlap scheduling; a --page-size other than the segment size is refused by name."""
+    server_args = parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic"))
+    assert server_args.attention_backend == "mosaic" and server_args.page_size == 64
+    assert server_args.disable_prefill_cuda_graph and server_args.disable_decode_cuda_graph
+    assert server_args.disable_overlap_schedule
+    same = parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic", "--page-size", "64"))
+    assert same.page_size == 64
 
 
 INVALID_CLI = [
@@ -79,7 +90,8 @@ def test_invalid_cli_value_exits_with_one_line(sglang_with_plugin, cpu_args, cap
 
 
 INCOMPATIBLE_CLI = [
-    (["--page-size", "128"], "error: --mosaic-segment-size: expected a multiple of --page-size (128), got 64"),
+    (["--page-size", "128"], "error: --page-size: --kv-compressor mosaic uses pages of --mosaic-segment-size (64) tokens, got 128"),
+    (["--page-size", "16"], "error: --page-size: --kv-compressor mosaic uses pages of --mosaic-segment-size (64) tokens, got 16"),
     (["--attention-backend", "triton"], "error: --attention-backend: --kv-compressor mosaic uses its own"),
     (["--kv-cache-dtype", "fp8_e4m3"], "error: --kv-cache-dtype: --kv-compressor mosaic stores a 16-bit cache"),
 ]

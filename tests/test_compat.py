@@ -13,7 +13,8 @@ from mosaickv_sglang.config import MosaicConfigError, MosaicKVConfig
 MOSAIC = MosaicKVConfig(compressor="mosaic")
 
 INCOMPATIBLE = [
-    ({"page_size": 128}, r"^--mosaic-segment-size: expected a multiple of --page-size \(128\), got 64$"),
+    ({"page_size": 128}, r"^--page-size: --kv-compressor mosaic uses pages of --mosaic-segment-size \(64\) tokens, got 128"),
+    ({"page_size": 16}, r"^--page-size: --kv-compressor mosaic uses pages of --mosaic-segment-size \(64\) tokens, got 16"),
     ({"attention_backend_flag_set": "flashinfer"}, r"^--attention-backend: .*got 'flashinfer'; drop --attention-backend$"),
     ({"prefill_attention_backend_flag_set": "fa3"}, r"^--prefill-attention-backend: "),
     ({"decode_attention_backend_flag_set": "triton"}, r"^--decode-attention-backend: "),
@@ -55,18 +56,18 @@ def test_incompatible_setting_is_rejected_by_name(changes, message):
 )
 def test_mosaic_backend_needs_the_compressor(field, flag):
     """The 'mosaic' attention backend without --kv-compressor mosaic has no cache to read: refused by name."""
-    settings = dataclasses.replace(ServingSettings(), **{field: "mosaic"})
+    settings = dataclasses.replace(ServingSettings(page_size=64), **{field: "mosaic"})
     with pytest.raises(MosaicConfigError, match=f"^{flag}: 'mosaic' reads the MosaicKV cache and needs --kv-compressor"):
         check_compatibility(MosaicKVConfig(), settings)
     check_compatibility(MOSAIC, settings)
 
 
 def test_supported_settings_pass():
-    """Plain GQA serving with a page size dividing the segment, the mosaic backend named, 16-bit KV."""
+    """Plain GQA serving with pages of one segment, the mosaic backend named or not, 16-bit KV."""
     for settings in (
-        ServingSettings(),
+        ServingSettings(page_size=64),
         ServingSettings(page_size=64, attention_backend_flag_set="mosaic", kv_cache_dtype="bfloat16"),
-        ServingSettings(page_size=16, kv_cache_dtype="float16"),
+        ServingSettings(page_size=64, kv_cache_dtype="float16"),
     ):
         check_compatibility(MOSAIC, settings)
 

@@ -53,6 +53,10 @@ from mosaickv_sglang.pool.sizing import (
     arena_granules_for,
     capacity_tokens,
     dense_bytes_per_token,
+    PoolLayout,
+    hot_tokens_for,
+    layout_for_budget,
+    max_requests_for_hot,
     metadata_bytes_per_token,
 )
 from mosaickv_sglang.pool.store import CompressedKVStore, DecodeMetadata, ExtendMetadata, ReleaseHandle
@@ -70,6 +74,10 @@ __all__ = [
     "SealablePages",
     "arena_granules_for",
     "capacity_tokens",
+    "PoolLayout",
+    "hot_tokens_for",
+    "layout_for_budget",
+    "max_requests_for_hot",
     "dense_bytes_per_token",
     "metadata_bytes_per_token",
     "sealable_pages",

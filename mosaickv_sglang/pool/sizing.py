@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -33,7 +35,16 @@ from mosaickv_sglang.kernels.format import DESC_WIDTH, GRANULE_BYTES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dense_bytes_per_token", "metadata_bytes_per_token", "capacity_tokens", "arena_granules_for"]
+__all__ = [
+    "dense_bytes_per_token",
+    "metadata_bytes_per_token",
+    "capacity_tokens",
+    "arena_granules_for",
+    "hot_tokens_for",
+    "max_requests_for_hot",
+    "layout_for_budget",
+    "PoolLayout",
+]
 
 
 def _pos_int(x: object, name: str, lo: int = 1) -> int:
@@ -122,3 +133,118 @@ def arena_granules_for(
     _pos_int(tokens, "tokens", lo=0)
     per_layer = tokens * dense_bytes_per_token(1, num_kv_heads, head_dim, dtype)
     return int(math.ceil(per_layer / _ratio(ratio) / GRANULE_BYTES))
+
+
+def hot_tokens_for(
+    max_running_requests: int, hot_window: int, page_size: int, chunk_tokens: int, limit_tokens: int
+) -> int:
+    """Dense hot-pool slots for ``max_running_requests`` requests and one prefill chunk, at most ``limit_tokens``.
+
+    Each request keeps its hot window plus its partial page and one new page dense (``hot_window + 2 * S``,
+    pages rounded up); one forward writes at most ``chunk_tokens`` new tokens. Under pressure the hot window gives
+    way (the sealer seals least recently written pages first), so the hard floor is one chunk plus two pages per
+    request of a minimal batch: ``chunk_tokens + 4 * S``.
+
+    Returns
+    -------
+    int
+        A multiple of ``page_size``.
+
+    Raises
+    ------
+    ValueError
+        ``limit_tokens`` is below the floor (the message says what to change).
+    """
+    s = _pos_int(page_size, "page_size")
+    _pos_int(max_running_requests, "max_running_requests")
+    _pos_int(hot_window, "hot_window", lo=0)
+    _pos_int(chunk_tokens, "chunk_tokens")
+    _pos_int(limit_tokens, "limit_tokens", lo=0)
+    per_req = -(-hot_window // s) * s + 2 * s
+    chunk = -(-chunk_tokens // s) * s
+    want = max_running_requests * per_req + chunk
+    floor = chunk + 4 * s
+    limit = limit_tokens - limit_tokens % s
+    if limit < floor:
+        raise ValueError(
+            f"hot pool: expected room for one prefill chunk ({chunk} tokens) plus 4 pages dense, got {limit} tokens; "
+            "lower --chunked-prefill-size or raise --mem-fraction-static"
+        )
+    return max(floor, min(want, limit))
+
+
+def max_requests_for_hot(hot_tokens: int, page_size: int, chunk_tokens: int) -> int:
+    """Running requests a hot pool of ``hot_tokens`` can always serve: each needs its partial page and one new page
+    dense while one prefill chunk is in flight (``(hot_tokens - chunk) // (2 * S)``, at least 1)."""
+    s = _pos_int(page_size, "page_size")
+    chunk = -(-_pos_int(chunk_tokens, "chunk_tokens") // s) * s
+    return max(1, (_pos_int(hot_tokens, "hot_tokens") - chunk) // (2 * s))
+
+
+# The arenas get this much more room than the target ratio needs: granule rounding of each payload and the dense
+# sink pages are charged to them, and an arena that fills first leaves pages dense in the hot pool.
+ARENA_SLACK = 1.05
+# Share of the KV budget the dense hot pool may take.
+HOT_POOL_MAX_SHARE = 0.25
+# Requests whose hot windows are planned for when --max-running-requests is not given.
+DEFAULT_HOT_REQUESTS = 64
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """How one KV budget splits between the dense hot pool and the compressed arenas.
+
+    Attributes
+    ----------
+    logical_tokens : int
+        ``max_total_num_tokens``: token slots SGLang's allocator hands out (a multiple of the page size).
+    hot_tokens : int
+        Dense hot-pool slots (without the padding page).
+    arena_granules_per_layer : int
+        Granules of each layer's arena.
+    chunk_tokens : int
+        Largest number of tokens one forward writes (the prefill chunk).
+    max_running_requests : int
+        Requests the hot pool can always serve (:func:`max_requests_for_hot`).
+    """
+
+    logical_tokens: int
+    hot_tokens: int
+    arena_granules_per_layer: int
+    chunk_tokens: int
+    max_running_requests: int
+
+
+def layout_for_budget(
+    budget_bytes: int,
+    ratio: float,
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    hot_window: int,
+    chunk_tokens: int,
+    max_running_requests: Optional[int] = None,
+    dtype: torch.dtype = torch.float16,
+) -> PoolLayout:
+    """Split ``budget_bytes`` into a hot pool sized for ``max_running_requests`` (default
+    :data:`DEFAULT_HOT_REQUESTS`) hot windows plus one chunk, capped at :data:`HOT_POOL_MAX_SHARE` of the budget, and
+    arenas for every remaining logical token at ``ratio / ARENA_SLACK``.
+
+    Raises
+    ------
+    ValueError
+        The budget cannot hold the hot pool's floor (see :func:`hot_tokens_for`).
+    """
+    _pos_int(budget_bytes, "budget_bytes", lo=0)
+    d_tok = dense_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
+    reqs = DEFAULT_HOT_REQUESTS if max_running_requests is None else max_running_requests
+    hot = hot_tokens_for(reqs, hot_window, page_size, chunk_tokens, int(budget_bytes * HOT_POOL_MAX_SHARE) // d_tok)
+    eff = _ratio(ratio) / ARENA_SLACK if ratio > ARENA_SLACK else 1.0
+    logical = capacity_tokens(
+        budget_bytes, eff, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        page_size=page_size, dense_tokens=hot + page_size, dtype=dtype,
+    )  # fmt: skip
+    granules = arena_granules_for(logical, eff, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+    return PoolLayout(logical, hot, granules, chunk_tokens, max_requests_for_hot(hot, page_size, chunk_tokens))

@@ -1,0 +1,160 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Hooks that put MosaicKV's compressed pool under SGLang 0.5.17's scheduler (``--kv-compressor mosaic``).
+
+Why hooks: 0.5.17 has no registry for KV pool classes (``SRTPlatform.get_kv_pool_cls`` arrived later), no way for a
+pool to learn that the allocator freed pages, and sizes the pool with a fixed per-token cost. So:
+
+- AFTER ``DefaultPoolConfigurator.__init__`` and AROUND ``calculate_pool_sizes``: split the KV budget into the dense
+  hot pool and the arenas (:func:`~mosaickv_sglang.pool.layout_for_budget`); ``max_total_num_tokens`` becomes the
+  logical token count, about ``ratio`` times the dense one;
+- AROUND ``KVCacheConfigurator.resolve_max_num_reqs``: cap running requests at what the hot pool can always serve;
+- AROUND ``KVCacheConfigurator._build_mha_kv_pool``: construct :class:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool`
+  in place of the MHA pool class, with SGLang's own arguments;
+- AFTER ``PagedTokenToKVPoolAllocator._release_page_ids`` / ``clear``: free the pages' arena granules and physical
+  pages (so the allocator's accounting and the pool's stay one);
+- AROUND ``models.utils.enable_fused_set_kv_buffer``: ``False`` with the compressed pool (the fused RoPE + KV write
+  would write logical slots into the physical buffers).
+
+Every hook is a no-op unless the server was started with ``--kv-compressor mosaic``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Optional
+
+from mosaickv_sglang.config import MosaicKVConfig
+
+from . import seam
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_ATTR = seam.LAYOUT_ATTR
+KVC_ATTR = seam.KVC_ATTR
+
+
+def _config(kvc: Any) -> MosaicKVConfig:
+    return seam.config_of(kvc.server_args)
+
+
+def _is_mosaic_pool(pool: Any) -> bool:
+    from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
+
+    return isinstance(pool, MosaicMHATokenToKVPool)
+
+
+def remember_configurator(result: Any, self: Any, kvc: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``DefaultPoolConfigurator.__init__``: keep the KVCacheConfigurator for the sizing hook."""
+    object.__setattr__(self, KVC_ATTR, kvc)
+
+
+def _chunk_tokens(kvc: Any) -> int:
+    chunk = kvc.server_args.chunked_prefill_size
+    return int(chunk) if chunk is not None and chunk > 0 else int(kvc.model_config.context_len)
+
+
+def mosaic_pool_sizes(original: Callable[..., Any], self: Any, available_bytes: int, page_size: int) -> Any:
+    """AROUND ``DefaultPoolConfigurator.calculate_pool_sizes``: logical tokens of the compressed pool."""
+    kvc = getattr(self, KVC_ATTR, None)
+    if kvc is None or not _config(kvc).enabled:
+        return original(self, available_bytes, page_size)
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+    from sglang.srt.runtime_context import get_parallel
+
+    from mosaickv_sglang.pool import layout_for_budget
+
+    cfg = _config(kvc)
+    mc = kvc.model_config
+    layout = layout_for_budget(
+        int(available_bytes), cfg.compression_ratio,
+        num_layers=int(kvc.layer_info.num_effective_layers),
+        num_kv_heads=int(mc.get_num_kv_heads(get_parallel().attn_tp_size)),
+        head_dim=int(mc.head_dim), page_size=int(page_size), hot_window=cfg.hot_window,
+        chunk_tokens=_chunk_tokens(kvc), max_running_requests=kvc.server_args.max_running_requests,
+        dtype=kvc.kv_cache_dtype,
+    )  # fmt: skip
+    object.__setattr__(kvc, LAYOUT_ATTR, layout)
+    logger.info(
+        "MosaicKV pool layout: %d logical tokens (ratio %.2f), %d dense hot tokens, %d arena granules per layer, "
+        "up to %d running requests",
+        layout.logical_tokens, cfg.compression_ratio, layout.hot_tokens, layout.arena_granules_per_layer,
+        layout.max_running_requests,
+    )  # fmt: skip
+    return MemoryPoolConfig(max_total_num_tokens=layout.logical_tokens)
+
+
+def cap_running_requests(original: Callable[..., int], self: Any, token_capacity: int) -> int:
+    """AROUND ``KVCacheConfigurator.resolve_max_num_reqs``: at most what the hot pool can always serve."""
+    reqs = original(self, token_capacity)
+    layout = getattr(self, LAYOUT_ATTR, None)
+    if layout is None or reqs <= layout.max_running_requests:
+        return reqs
+    logger.warning(
+        "MosaicKV: max_running_requests capped from %d to %d by the dense hot pool (%d tokens); raise "
+        "--max-running-requests to plan a larger hot pool",
+        reqs, layout.max_running_requests, layout.hot_tokens,
+    )  # fmt: skip
+    return layout.max_running_requests
+
+
+def build_mosaic_pool(
+    original: Callable[..., Any],
+    self: Any,
+    *,
+    max_total_num_tokens: int,
+    mha_pool_class: type,
+    quant_method: Optional[Any] = None,
+) -> Any:
+    """AROUND ``KVCacheConfigurator._build_mha_kv_pool``: the compressed pool in place of ``mha_pool_class``."""
+    cfg = _config(self)
+    layout = getattr(self, LAYOUT_ATTR, None)
+    if not cfg.enabled:
+        return original(self, max_total_num_tokens=max_total_num_tokens, mha_pool_class=mha_pool_class,
+                        quant_method=quant_method)  # fmt: skip
+    if layout is None:
+        raise RuntimeError(
+            "--kv-compressor mosaic: the KV pool was sized without MosaicKV's layout (an SGLang sizing path this "
+            "version does not hook, e.g. a draft worker or a non-default pool configurator)"
+        )
+    from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
+
+    cls = functools.partial(
+        MosaicMHATokenToKVPool, mosaic_config=cfg, hot_tokens=layout.hot_tokens,
+        arena_granules_per_layer=layout.arena_granules_per_layer,
+    )  # fmt: skip
+    return original(self, max_total_num_tokens=max_total_num_tokens, mha_pool_class=cls, quant_method=quant_method)
+
+
+def free_pool_pages(result: Any, self: Any, *page_ids: Any) -> None:
+    """AFTER ``PagedTokenToKVPoolAllocator._release_page_ids``: release the pages in the compressed pool too."""
+    pool = getattr(self, "_kvcache", None)
+    if _is_mosaic_pool(pool) and page_ids:
+        import torch
+
+        pool.free_pages(torch.cat([p.reshape(-1) for p in page_ids]))
+
+
+def reset_pool(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``PagedTokenToKVPoolAllocator.clear``: every page of the compressed pool is free again."""
+    pool = getattr(self, "_kvcache", None)
+    if _is_mosaic_pool(pool):
+        pool.reset()
+
+
+def no_fused_kv_write(original: Callable[..., bool], forward_batch: Any, *args: Any, **kwargs: Any) -> bool:
+    """AROUND ``models.utils.enable_fused_set_kv_buffer``: the compressed pool translates slots on write."""
+    if _is_mosaic_pool(getattr(forward_batch, "token_to_kv_pool", None)):
+        return False
+    return original(forward_batch, *args, **kwargs)
+
+
+def apply() -> None:
+    """Register the KV-cache hooks."""
+    seam.register_hook(seam.POOL_CONFIGURATOR_INIT, remember_configurator, "AFTER")
+    seam.register_hook(seam.POOL_CONFIGURATOR_SIZES, mosaic_pool_sizes, "AROUND")
+    seam.register_hook(seam.RESOLVE_MAX_NUM_REQS, cap_running_requests, "AROUND")
+    seam.register_hook(seam.BUILD_MHA_KV_POOL, build_mosaic_pool, "AROUND")
+    seam.register_hook(seam.ALLOCATOR_RELEASE_PAGES, free_pool_pages, "AFTER")
+    seam.register_hook(seam.ALLOCATOR_CLEAR, reset_pool, "AFTER")
+    seam.register_hook(seam.FUSED_KV_WRITE_GATE, no_fused_kv_write, "AROUND")
