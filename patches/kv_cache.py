@@ -35,7 +35,8 @@ KVC_ATTR = seam.KVC_ATTR
 
 
 def _config(kvc: Any) -> MosaicKVConfig:
-    return seam.config_of(kvc.server_args)
+    """The MosaicKV config of the server a KVCacheConfigurator belongs to (the defaults when it carries none)."""
+    return seam.config_of(getattr(kvc, "server_args", None))
 
 
 def _is_mosaic_pool(pool: Any) -> bool:

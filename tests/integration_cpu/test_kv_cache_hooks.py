@@ -1,0 +1,199 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The KV-cache hooks (``patches/kv_cache.py``) applied to SGLang 0.5.17's real classes by its plugin loader.
+
+Sizing through ``DefaultPoolConfigurator.calculate_pool_sizes``, construction through
+``KVCacheConfigurator._build_mha_kv_pool``, frees and ``clear()`` through ``PagedTokenToKVPoolAllocator``, the
+fused-KV-write gate, and random alloc/free/seal sequences keeping SGLang's allocator and the pool in agreement.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("sglang")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
+
+import sglang.srt.mem_cache.kv_cache_configurator as kcc  # noqa: E402
+import sglang.srt.runtime_context as runtime_context  # noqa: E402
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
+from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator  # noqa: E402
+from test_kv_pool import D, DT, H_KV, LAYERS, S, build_pool  # noqa: E402
+
+from mosaickv_sglang.config import MosaicKVConfig  # noqa: E402
+from mosaickv_sglang.kernels.format import SegmentPlan  # noqa: E402
+from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool  # noqa: E402
+from mosaickv_sglang.patches import seam  # noqa: E402
+from mosaickv_sglang.pool import PoolLayout, dense_bytes_per_token  # noqa: E402
+
+CFG = MosaicKVConfig("mosaic", compression_ratio=3.0, segment_size=S, hot_window=32, sink_tokens=16)
+
+
+@pytest.fixture(autouse=True)
+def hooks_applied(sglang_with_plugin):
+    """Every test here runs with the plugin's hooks applied (as in a scheduler process)."""
+
+
+def _kvc(config: MosaicKVConfig, max_running_requests=None, chunked_prefill_size=256) -> SimpleNamespace:
+    """The KVCacheConfigurator attributes the hooks read."""
+    server_args = SimpleNamespace(max_running_requests=max_running_requests, chunked_prefill_size=chunked_prefill_size)
+    seam.attach_config(server_args, config)
+    return SimpleNamespace(
+        server_args=server_args, kv_cache_dtype=DT, kv_cache_dtype_str="auto", pool_page_size=S, device="cpu",
+        post_capture_kv_active=False, layer_info=SimpleNamespace(num_effective_layers=LAYERS, start_layer=0,
+                                                                 end_layer=LAYERS),
+        model_config=SimpleNamespace(get_num_kv_heads=lambda tp: H_KV, head_dim=D, v_head_dim=D, context_len=4096),
+    )  # fmt: skip
+
+
+def _sizes(kvc: SimpleNamespace, budget: int, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
+    configurator = object.__new__(DefaultPoolConfigurator)
+    configurator._cell_size = dense_bytes_per_token(LAYERS, H_KV, D, DT)
+    object.__setattr__(configurator, seam.KVC_ATTR, kvc)
+    return DefaultPoolConfigurator.calculate_pool_sizes(configurator, budget, S)
+
+
+def test_pool_sizes_grow_with_the_ratio_and_leave_stock_sizing_alone(monkeypatch):
+    """With mosaic at ratio 3 the logical tokens are close to 3x the dense ones minus the hot pool; without it the
+    stock formula (budget // cell size) is untouched."""
+    cell = dense_bytes_per_token(LAYERS, H_KV, D, DT)
+    budget = 40_000 * cell
+    dense = _sizes(_kvc(MosaicKVConfig()), budget, monkeypatch).max_total_num_tokens
+    assert dense == 40_000 // S * S
+    kvc = _kvc(CFG)
+    mosaic = _sizes(kvc, budget, monkeypatch).max_total_num_tokens
+    layout = getattr(kvc, seam.LAYOUT_ATTR)
+    assert isinstance(layout, PoolLayout) and layout.logical_tokens == mosaic
+    assert mosaic % S == 0 and layout.hot_tokens % S == 0
+    # hot pool: 64 default requests x (32 + 2 pages) + one 256-token chunk, capped at a quarter of the budget
+    assert layout.hot_tokens == min(64 * (32 + 2 * S) + 256, 10_000 // S * S)
+    assert 2.2 * (40_000 - layout.hot_tokens) < mosaic < 3.0 * (40_000 - layout.hot_tokens)
+    assert layout.max_running_requests == (layout.hot_tokens - 256) // (2 * S)
+
+
+def test_running_requests_are_capped_by_the_hot_pool():
+    """resolve_max_num_reqs keeps SGLang's value unless the hot pool cannot serve that many requests."""
+    layout = PoolLayout(logical_tokens=100_000, hot_tokens=4096, arena_granules_per_layer=10,
+                        chunk_tokens=1024, max_running_requests=96)  # fmt: skip
+    kvc = SimpleNamespace()
+    object.__setattr__(kvc, seam.LAYOUT_ATTR, layout)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kcc, "get_schedule", lambda: SimpleNamespace(max_running_requests=None))
+        kvc.model_config = SimpleNamespace(context_len=4096)
+        kvc.ps = SimpleNamespace(attn_dp_size=1)
+        kvc.mambaish_config = None
+        assert kcc.KVCacheConfigurator.resolve_max_num_reqs(kvc, 100_000) == 96
+        mp.setattr(kcc, "get_schedule", lambda: SimpleNamespace(max_running_requests=8))
+        assert kcc.KVCacheConfigurator.resolve_max_num_reqs(kvc, 100_000) == 8
+
+
+def _build(kvc: SimpleNamespace, size: int):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kcc, "get_schedule", lambda: SimpleNamespace(prefill_only_disable_kv_cache=False))
+        mp.setattr(kcc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
+        mp.setattr(kcc, "get_exec", lambda: SimpleNamespace(features=SimpleNamespace(enable_memory_saver=False)))
+        mp.setattr(kcc, "get_disagg", lambda: SimpleNamespace(enable_pdmux=False))
+        mp.setattr(kcc, "get_spec", lambda: SimpleNamespace(speculative_algorithm=None))
+        return kcc.KVCacheConfigurator._build_mha_kv_pool(kvc, max_total_num_tokens=size,
+                                                          mha_pool_class=MHATokenToKVPool)  # fmt: skip
+
+
+def test_build_substitutes_the_compressed_pool_only_with_mosaic():
+    """The MHA pool class SGLang passes is replaced by the compressed pool, sized by the layout; without mosaic
+    SGLang builds its own pool."""
+    kvc = _kvc(CFG)
+    layout = PoolLayout(logical_tokens=1024, hot_tokens=256, arena_granules_per_layer=77, chunk_tokens=128,
+                        max_running_requests=4)  # fmt: skip
+    object.__setattr__(kvc, seam.LAYOUT_ATTR, layout)
+    pool = _build(kvc, 1024)
+    assert isinstance(pool, MosaicMHATokenToKVPool)
+    assert pool.hot_tokens == 256 and pool.size == 1024 and pool.mosaic_config == CFG
+    assert all(a.capacity == 77 for a in pool.store.allocators)
+    stock = _build(_kvc(MosaicKVConfig()), 1024)
+    assert type(stock) is MHATokenToKVPool
+    with pytest.raises(RuntimeError, match="sized without MosaicKV's layout"):
+        _build(_kvc(CFG), 1024)
+
+
+def test_fused_kv_write_is_off_with_the_compressed_pool():
+    from sglang.srt.models import utils as model_utils
+
+    pool = build_pool(512, 256, CFG)
+    assert model_utils.enable_fused_set_kv_buffer(SimpleNamespace(token_to_kv_pool=pool)) is False
+
+
+def _write(pool: MosaicMHATokenToKVPool, loc: torch.Tensor) -> None:
+    pages = torch.unique(loc // S)
+    pool.ensure_physical(pages)
+    pool.note_writes(loc)
+
+
+def _seal_dense(pool: MosaicMHATokenToKVPool, pages: np.ndarray) -> None:
+    n = pages.size * H_KV
+    pool.seal_pages(torch.from_numpy(pages), [SegmentPlan.uniform(n, S, D) for _ in range(LAYERS)])
+
+
+def test_allocator_free_and_clear_reach_the_pool():
+    """Pages freed by SGLang's allocator (dense or sealed) leave the pool; clear() empties it."""
+    pool = build_pool(512, 256, CFG)
+    alloc = PagedTokenToKVPoolAllocator(512, page_size=S, dtype=DT, device="cpu", kvcache=pool, need_sort=False)
+    loc = alloc.alloc(4 * S)
+    _write(pool, loc)
+    pages = torch.unique(loc // S).numpy()
+    _seal_dense(pool, pages[:2])
+    pool.check_invariants()
+    alloc.free(loc[: 2 * S])  # the sealed pages
+    assert not pool._live[pages[:2]].any() and pool._live[pages[2:]].all()
+    pool.check_invariants()
+    alloc.free(loc[2 * S :])
+    assert not pool._live.any() and pool.num_free_physical_pages == pool.num_physical_pages - 1
+    loc = alloc.alloc(3 * S)
+    _write(pool, loc)
+    alloc.clear()
+    assert not pool._live.any() and pool.num_free_physical_pages == pool.num_physical_pages - 1
+    pool.check_invariants()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "seal", "clear"]), st.integers(1, 4)), max_size=30))
+def test_random_alloc_free_seal_keeps_allocator_and_pool_in_agreement(ops):
+    """Random allocations, writes, dense seals, frees (with free groups) and clears: SGLang's free-page count plus
+    the pages held always equal the pool's size, and the pool's own invariants hold after every step."""
+    pool = build_pool(512, 256, CFG)
+    alloc = PagedTokenToKVPoolAllocator(512, page_size=S, dtype=DT, device="cpu", kvcache=pool, need_sort=False)
+    held: list = []
+    for op, n in ops:
+        if op == "alloc":
+            loc = alloc.alloc(n * S)
+            if loc is None or pool.num_free_physical_pages < n:
+                if loc is not None:
+                    alloc.free(loc)
+                continue
+            _write(pool, loc)
+            held.append(loc)
+        elif op == "free" and held:
+            alloc.free_group_begin()
+            for loc in held[:n]:
+                alloc.free(loc)
+            alloc.free_group_end()
+            held = held[n:]
+        elif op == "seal" and held:
+            pages = pool.complete_dense_pages()[:n]
+            if pages.size:
+                _seal_dense(pool, pages)
+        elif op == "clear":
+            alloc.clear()
+            held = []
+        live_pages = sum(loc.numel() for loc in held) // S
+        assert alloc.available_size() // S + live_pages == 512 // S
+        assert int(pool._live.sum()) == live_pages
+        pool.check_invariants()
