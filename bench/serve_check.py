@@ -57,12 +57,13 @@ def _get(url: str, timeout: float = 30.0) -> Dict[str, Any]:
     return json.loads(body) if body.strip().startswith("{") else {"text": body}
 
 
-def config_flags(name: str) -> List[str]:
-    """Server flags of a configuration name (``dense``, ``fp8``, ``mosaic-r<ratio>[-b0]``)."""
+def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
+    """Server flags of a configuration name (``dense``, ``fp8``, ``mosaic-r<ratio>[-b<tokens>][-h<tokens>]``);
+    stock configurations use ``dense_backend``."""
     if name == "dense":
-        return []
+        return ["--attention-backend", dense_backend]
     if name == "fp8":
-        return ["--kv-cache-dtype", "fp8_e4m3"]
+        return ["--attention-backend", dense_backend, "--kv-cache-dtype", "fp8_e4m3"]
     if name.startswith("mosaic-r"):
         parts = name[len("mosaic-r") :].split("-")
         flags = ["--kv-compressor", "mosaic", "--mosaic-compression-ratio", parts[0]]
@@ -95,7 +96,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready (see its log)")
             try:
-                _get(self.url + "/health_generate", timeout=60)
+                _get(self.url + "/health", timeout=10)
+                _post(self.url + "/v1/completions", {"model": "default", "prompt": "Hello", "max_tokens": 4,
+                                                     "temperature": 0.0}, timeout=300)  # fmt: skip
                 logger.info("server ready after %.0f s", time.time() - t0)
                 return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
@@ -228,6 +231,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--ready-timeout", type=float, default=420.0)
     ap.add_argument("--server-args", default="", help="extra flags for every server, one string")
+    ap.add_argument("--dense-backend", default="flashinfer", help="attention backend of dense and fp8 (default: "
+                    "flashinfer; the GPU bundle has no FA3)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -245,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                for n in args.lengths for t in args.tasks for i in range(args.samples)]  # fmt: skip
     results: Dict[str, Dict[str, Any]] = {}
     for name in args.configs:
-        server = Server(args.model, args.port, config_flags(name), args.out / f"server_{name}.log",
+        server = Server(args.model, args.port, config_flags(name, args.dense_backend), args.out / f"server_{name}.log",
                         args.server_args.split())  # fmt: skip
         res: Dict[str, Any] = {"config": name, "command": " ".join(server.cmd)}
         t0 = time.time()

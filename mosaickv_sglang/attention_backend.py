@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["MosaicAttnBackend", "MosaicForwardMetadata", "create_mosaic_backend"]
 
 _CUDA_GRAPH_MSG = (
-    "MosaicAttnBackend: CUDA graphs are not supported yet; pass --disable-cuda-graph with --attention-backend mosaic"
+    "MosaicAttnBackend: CUDA graphs are not supported yet; pass --disable-decode-cuda-graph (--kv-compressor mosaic "
+    "sets it unless told otherwise)"
 )
 
 
@@ -449,11 +450,10 @@ def create_mosaic_backend(runner: Any) -> MosaicAttnBackend:
             f"kv dtype: expected one of {[str(t) for t in MosaicAttnBackend.supported_dtypes]}, got {pool.dtype}"
         )
     server_args = getattr(runner, "server_args", None)
-    if (
-        not MosaicAttnBackend.supports_cuda_graph
-        and server_args is not None
-        and not getattr(server_args, "disable_cuda_graph", True)
-    ):
+    decode_graphs = server_args is not None and not (
+        getattr(server_args, "disable_cuda_graph", False) or getattr(server_args, "disable_decode_cuda_graph", False)
+    )
+    if not MosaicAttnBackend.supports_cuda_graph and decode_graphs:
         raise NotImplementedError(_CUDA_GRAPH_MSG)
     backend = MosaicAttnBackend(runner)
     logger.info(

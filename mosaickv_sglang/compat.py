@@ -132,17 +132,3 @@ def check_compatibility(config: MosaicKVConfig, settings: ServingSettings) -> No
             f"--page-size: --kv-compressor mosaic uses pages of --mosaic-segment-size ({config.segment_size}) "
             f"tokens, got {s.page_size}; drop --page-size or set it to the segment size"
         )
-
-
-# Whether this build can serve with the compressed cache. The compressed pool and the 'mosaic' attention
-# backend are not built yet, so asking for them stops the launch instead of silently serving dense.
-SERVING_AVAILABLE = False
-
-
-def check_servable(config: MosaicKVConfig) -> None:
-    """Raise :class:`MosaicConfigError` when ``config`` asks for a cache this build cannot serve yet."""
-    if config.enabled and not SERVING_AVAILABLE:
-        raise MosaicConfigError(
-            "--kv-compressor: 'mosaic' cannot serve yet in this release of mosaickv-sglang (its compressed pool "
-            "and attention backend are still being built); use --kv-compressor none"
-        )

@@ -45,6 +45,11 @@ def _is_mosaic_pool(pool: Any) -> bool:
     return isinstance(pool, MosaicMHATokenToKVPool)
 
 
+def _layout(kvc: Any) -> Any:
+    """The PoolLayout chosen for this server (kept on its ServerArgs: KVCacheConfigurator has ``__slots__``)."""
+    return getattr(getattr(kvc, "server_args", None), LAYOUT_ATTR, None)
+
+
 def remember_configurator(result: Any, self: Any, kvc: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER ``DefaultPoolConfigurator.__init__``: keep the KVCacheConfigurator for the sizing hook."""
     object.__setattr__(self, KVC_ATTR, kvc)
@@ -75,7 +80,7 @@ def mosaic_pool_sizes(original: Callable[..., Any], self: Any, available_bytes: 
         chunk_tokens=_chunk_tokens(kvc), max_running_requests=kvc.server_args.max_running_requests,
         dtype=kvc.kv_cache_dtype,
     )  # fmt: skip
-    object.__setattr__(kvc, LAYOUT_ATTR, layout)
+    object.__setattr__(kvc.server_args, LAYOUT_ATTR, layout)
     logger.info(
         "MosaicKV pool layout: %d logical tokens (ratio %.2f), %d dense hot tokens, %d arena granules per layer, "
         "up to %d running requests",
@@ -88,7 +93,7 @@ def mosaic_pool_sizes(original: Callable[..., Any], self: Any, available_bytes: 
 def cap_running_requests(original: Callable[..., int], self: Any, token_capacity: int) -> int:
     """AROUND ``KVCacheConfigurator.resolve_max_num_reqs``: at most what the hot pool can always serve."""
     reqs = original(self, token_capacity)
-    layout = getattr(self, LAYOUT_ATTR, None)
+    layout = _layout(self)
     if layout is None or reqs <= layout.max_running_requests:
         return reqs
     logger.warning(
@@ -109,7 +114,7 @@ def build_mosaic_pool(
 ) -> Any:
     """AROUND ``KVCacheConfigurator._build_mha_kv_pool``: the compressed pool in place of ``mha_pool_class``."""
     cfg = _config(self)
-    layout = getattr(self, LAYOUT_ATTR, None)
+    layout = _layout(self)
     if not cfg.enabled:
         return original(self, max_total_num_tokens=max_total_num_tokens, mha_pool_class=mha_pool_class,
                         quant_method=quant_method)  # fmt: skip

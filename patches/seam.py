@@ -52,8 +52,8 @@ HOOK_TARGETS = (
 # spawned scheduler processes, and a name starting with "_" stays writable after SGLang seals the fields.
 CONFIG_ATTR = "_mosaic_config"
 
-# Where the KV-cache hooks keep their state: the PoolLayout on SGLang's KVCacheConfigurator, and that
-# configurator on the DefaultPoolConfigurator it creates.
+# Where the KV-cache hooks keep their state: the PoolLayout on the server's ServerArgs (KVCacheConfigurator is a
+# slots dataclass), and the KVCacheConfigurator on the DefaultPoolConfigurator it creates.
 LAYOUT_ATTR = "_mosaic_layout"
 KVC_ATTR = "_mosaic_kvc"
 

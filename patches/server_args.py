@@ -21,7 +21,7 @@ import contextvars
 import sys
 from typing import Any, Callable, Optional
 
-from mosaickv_sglang.compat import check_compatibility, check_servable
+from mosaickv_sglang.compat import check_compatibility
 from mosaickv_sglang.config import OPTIONS, MosaicConfigError, MosaicKVConfig
 
 from . import seam
@@ -70,7 +70,6 @@ def init_with_mosaic_kwargs(original: Callable[..., None], self: Any, *args: Any
     options = {opt.kwarg: kwargs.pop(opt.kwarg) for opt in OPTIONS if opt.kwarg in kwargs}
     pending = _CLI_CONFIG.get()
     config = pending if pending is not None and not options else MosaicKVConfig.from_options(options)
-    check_servable(config)
     user_backends = {field: kwargs.get(field) for field in seam.USER_BACKEND_FIELDS.values()}
     kwargs.update(serving_defaults(config, kwargs.get))
     original(self, *args, **kwargs)
@@ -82,8 +81,7 @@ def from_cli_args_with_mosaic(original: Callable[..., Any], cls: type, args: arg
     """AROUND hook on ``ServerArgs.from_cli_args``: the CLI twin of :func:`init_with_mosaic_kwargs`."""
     try:
         config = MosaicKVConfig.from_options({opt.kwarg: getattr(args, opt.kwarg, None) for opt in OPTIONS})
-        check_servable(config)
-        user_backends = {field: getattr(args, field, None) for field in seam.USER_BACKEND_FIELDS.values()}
+            user_backends = {field: getattr(args, field, None) for field in seam.USER_BACKEND_FIELDS.values()}
         token = _CLI_CONFIG.set(config)  # ServerArgs.__init__ (hooked) runs inside from_cli_args
         try:
             server_args = original(cls, args)

@@ -60,14 +60,6 @@ def sglang_with_plugin():
     return server_args_module
 
 
-@pytest.fixture
-def mosaic_servable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lift the not-servable-yet gate so option handling of 'mosaic' can be tested on its own."""
-    from mosaickv_sglang import compat
-
-    monkeypatch.setattr(compat, "SERVING_AVAILABLE", True)
-
-
 @pytest.fixture(scope="session")
 def cpu_args(llama_shape: Path):
     """Build CLI arguments that SGLang resolves on a CPU-only machine (the Llama shape unless given)."""

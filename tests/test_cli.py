@@ -36,7 +36,7 @@ def test_cli_defaults_round_trip(sglang_with_plugin, cpu_args):
     assert getattr(server_args, seam.CONFIG_ATTR) == MosaicKVConfig()
 
 
-def test_cli_values_round_trip(sglang_with_plugin, cpu_args, mosaic_servable):
+def test_cli_values_round_trip(sglang_with_plugin, cpu_args):
     """Every flag reaches the config with its value and type."""
     server_args = parse(
         sglang_with_plugin,
@@ -50,7 +50,7 @@ def test_cli_values_round_trip(sglang_with_plugin, cpu_args, mosaic_servable):
     assert server_args.page_size == 32  # pages of one segment
 
 
-def test_mosaic_implies_its_serving_defaults(sglang_with_plugin, cpu_args, mosaic_servable):
+def test_mosaic_implies_its_serving_defaults(sglang_with_plugin, cpu_args):
     """--kv-compressor mosaic alone picks the mosaic backend, pages of one segment, no prefill/decode CUDA graphs and
     no overlap scheduling; a --page-size other than the segment size is refused by name."""
     server_args = parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic"))
@@ -72,7 +72,6 @@ INVALID_CLI = [
     (["--mosaic-sink-tokens", "9999999"], "error: --mosaic-sink-tokens: expected an integer in [0, 8192]"),
     (["--mosaic-decode-read-budget", "8"], "error: --mosaic-decode-read-budget: expected 0 (read all) or at least"),
     (["--mosaic-sidecar", "maybe"], "argument --mosaic-sidecar: invalid choice: 'maybe'"),
-    (["--kv-compressor", "mosaic"], "error: --kv-compressor: 'mosaic' cannot serve yet"),
     (["--attention-backend", "mosaic"], "error: --attention-backend: 'mosaic' reads the MosaicKV cache and needs"),
 ]
 
@@ -99,7 +98,7 @@ INCOMPATIBLE_CLI = [
 
 @pytest.mark.parametrize("extra, message", INCOMPATIBLE_CLI, ids=[e[0] for e, _ in INCOMPATIBLE_CLI])
 def test_incompatible_sglang_flag_exits_with_one_line(
-    sglang_with_plugin, cpu_args, capsys, mosaic_servable, extra, message
+    sglang_with_plugin, cpu_args, capsys, extra, message
 ):
     """An SGLang option mosaic cannot serve with stops the launch naming that option."""
     with pytest.raises(SystemExit) as exc:
@@ -109,7 +108,7 @@ def test_incompatible_sglang_flag_exits_with_one_line(
     parse(sglang_with_plugin, cpu_args(*extra))  # the same flag without mosaic is SGLang's business
 
 
-def test_mla_model_is_rejected(sglang_with_plugin, cpu_args, mla_shape, capsys, mosaic_servable):
+def test_mla_model_is_rejected(sglang_with_plugin, cpu_args, mla_shape, capsys):
     """An MLA model (DeepSeek-V2 config) is refused at startup with the model named."""
     with pytest.raises(SystemExit):
         parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic", model=mla_shape))
@@ -118,7 +117,7 @@ def test_mla_model_is_rejected(sglang_with_plugin, cpu_args, mla_shape, capsys, 
     )
 
 
-def test_server_args_keywords(sglang_with_plugin, llama_shape, mosaic_servable):
+def test_server_args_keywords(sglang_with_plugin, llama_shape):
     """ServerArgs(...) (what sglang.Engine(**kwargs) builds) takes the same options as keywords."""
     server_args = sglang_with_plugin.ServerArgs(
         model_path=str(llama_shape), load_format="dummy", device="cpu",
@@ -135,8 +134,9 @@ def test_engine_rejects_bad_option_before_launching(sglang_with_plugin, llama_sh
 
     with pytest.raises(ValueError, match=r"^--kv-compressor: expected one of 'none', 'mosaic', got 'zip'$"):
         Engine(model_path=str(llama_shape), load_format="dummy", device="cpu", kv_compressor="zip")
-    with pytest.raises(ValueError, match=r"^--kv-compressor: 'mosaic' cannot serve yet"):
-        Engine(model_path=str(llama_shape), load_format="dummy", device="cpu", kv_compressor="mosaic")
+    with pytest.raises(ValueError, match=r"^--mosaic-compression-ratio: expected a number in \[1, 16\], got 0.5$"):
+        Engine(model_path=str(llama_shape), load_format="dummy", device="cpu", kv_compressor="mosaic",
+               mosaic_compression_ratio=0.5)  # fmt: skip
 
 
 def test_launch_server_help_lists_options():

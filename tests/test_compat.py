@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from mosaickv_sglang.compat import ServingSettings, check_compatibility, check_servable
+from mosaickv_sglang.compat import ServingSettings, check_compatibility
 from mosaickv_sglang.config import MosaicConfigError, MosaicKVConfig
 
 MOSAIC = MosaicKVConfig(compressor="mosaic")
@@ -70,10 +70,3 @@ def test_supported_settings_pass():
         ServingSettings(page_size=64, kv_cache_dtype="float16"),
     ):
         check_compatibility(MOSAIC, settings)
-
-
-def test_mosaic_is_refused_until_it_can_serve():
-    """This build has no compressed pool yet: asking for it fails clearly instead of serving dense."""
-    with pytest.raises(MosaicConfigError, match=r"^--kv-compressor: 'mosaic' cannot serve yet"):
-        check_servable(MOSAIC)
-    check_servable(MosaicKVConfig())

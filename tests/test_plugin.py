@@ -126,7 +126,7 @@ def test_none_leaves_server_args_unchanged(sglang_with_plugin, cpu_args):
     assert seam.config_of(ours) == MosaicKVConfig()
 
 
-def test_options_reach_spawned_scheduler_process(sglang_with_plugin, cpu_args, mosaic_servable, monkeypatch):
+def test_options_reach_spawned_scheduler_process(sglang_with_plugin, cpu_args, monkeypatch):
     """Values parsed in the launcher arrive in a child spawned the way SGLang spawns its scheduler.
 
     SGLang forces the 'spawn' start method and passes ServerArgs to run_scheduler_process by pickling;

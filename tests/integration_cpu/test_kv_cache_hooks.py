@@ -71,7 +71,7 @@ def test_pool_sizes_grow_with_the_ratio_and_leave_stock_sizing_alone(monkeypatch
     assert dense == 40_000 // S * S
     kvc = _kvc(CFG)
     mosaic = _sizes(kvc, budget, monkeypatch).max_total_num_tokens
-    layout = getattr(kvc, seam.LAYOUT_ATTR)
+    layout = getattr(kvc.server_args, seam.LAYOUT_ATTR)
     assert isinstance(layout, PoolLayout) and layout.logical_tokens == mosaic
     assert mosaic % S == 0 and layout.hot_tokens % S == 0
     # hot pool: 64 default requests x (32 + 2 pages) + one 256-token chunk, capped at a quarter of the budget
@@ -84,8 +84,8 @@ def test_running_requests_are_capped_by_the_hot_pool():
     """resolve_max_num_reqs keeps SGLang's value unless the hot pool cannot serve that many requests."""
     layout = PoolLayout(logical_tokens=100_000, hot_tokens=4096, arena_granules_per_layer=10,
                         chunk_tokens=1024, max_running_requests=96)  # fmt: skip
-    kvc = SimpleNamespace()
-    object.__setattr__(kvc, seam.LAYOUT_ATTR, layout)
+    kvc = SimpleNamespace(server_args=SimpleNamespace())
+    object.__setattr__(kvc.server_args, seam.LAYOUT_ATTR, layout)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kcc, "get_schedule", lambda: SimpleNamespace(max_running_requests=None))
         kvc.model_config = SimpleNamespace(context_len=4096)
@@ -113,7 +113,7 @@ def test_build_substitutes_the_compressed_pool_only_with_mosaic():
     kvc = _kvc(CFG)
     layout = PoolLayout(logical_tokens=1024, hot_tokens=256, arena_granules_per_layer=77, chunk_tokens=128,
                         max_running_requests=4)  # fmt: skip
-    object.__setattr__(kvc, seam.LAYOUT_ATTR, layout)
+    object.__setattr__(kvc.server_args, seam.LAYOUT_ATTR, layout)
     pool = _build(kvc, 1024)
     assert isinstance(pool, MosaicMHATokenToKVPool)
     assert pool.hot_tokens == 256 and pool.size == 1024 and pool.mosaic_config == CFG
