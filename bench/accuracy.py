@@ -9,11 +9,16 @@ extraction. Each prompt is completion-style (``"...\\n\\nQuestion: ...\\nAnswer:
 
 Lengths are in tokens of the served model's tokenizer. A length ``L`` bounds prompt *and* answer: the prompt is
 filled to at most ``L - max_tokens(task) - RESERVE`` tokens, so ``L = 8192`` fits a model with an 8,192-token context
-(``RESERVE`` covers a BOS token and similar). A sample is correct when *every* expected value appears in the output
-(case-insensitive substring, RULER's ``string_match_all`` taken as all-or-nothing): the one number asked for
+(``RESERVE`` covers a BOS token and similar). Generation is greedy and stops at ``max_tokens(task)``
+(:data:`MAX_TOKENS`) or end of sequence.
+
+Scoring (:func:`score_output`) reads the *answer*: the output without leading white space, cut at its first blank line
+(small models go on with a new "Question: ..."). A sample is correct when *every* expected value appears in the
+answer (case-insensitive substring, RULER's ``string_match_all`` taken as all-or-nothing): the one number asked for
 (``niah_single``, ``niah_multikey``), all values or all asked keys' values (``niah_multivalue``,
 ``niah_multiquery``), every variable of the chain (``vt``), all common words (``cwe``), the three most frequent coded
-words (``fwe``). Generation is greedy and stops at ``max_tokens(task)`` (:data:`MAX_TOKENS`) or end of sequence.
+words (``fwe``). Stricter than RULER: for ``niah_multikey`` and ``niah_multiquery`` the answer must also not contain
+the value of a key that was not asked for, so that listing every number of the haystack does not pass.
 
 Backends (same samples and scoring for both):
 
@@ -66,6 +71,7 @@ __all__ = [
     "build_samples",
     "main",
     "run_samples",
+    "score_output",
     "summarize",
 ]
 
@@ -333,6 +339,33 @@ class TransformersBackend:
 # =====================================================================================================================
 # suite
 # =====================================================================================================================
+DISTRACTOR_TASKS = frozenset({"niah_multikey", "niah_multiquery"})
+
+
+def answer_part(output: str) -> str:
+    """The part of ``output`` that is scored: leading white space dropped, cut at the first blank line."""
+    return output.lstrip().split("\n\n", 1)[0]
+
+
+def score_output(sample: RulerSample, output: str) -> Dict[str, Any]:
+    """Score one output (see the module docstring).
+
+    Returns
+    -------
+    dict
+        ``answer`` (the scored part), ``score`` (fraction of expected values found), ``distractors`` (values of keys
+        not asked for found in the answer; ``niah_multikey`` and ``niah_multiquery`` only) and ``correct``.
+    """
+    answer = answer_part(output)
+    low = answer.lower()
+    distractors: List[str] = []
+    if sample.task in DISTRACTOR_TASKS:
+        values: Sequence[str] = sample.meta["values"]  # type: ignore[assignment]
+        distractors = [v for v in values if v not in sample.answers and v.lower() in low]
+    score = sample.score(answer)
+    return {"answer": answer, "score": score, "distractors": distractors, "correct": score == 1.0 and not distractors}
+
+
 @dataclass(frozen=True)
 class Item:
     """A generated sample with the length bucket it belongs to and its answer budget."""
@@ -424,6 +457,7 @@ def run_samples(
         s = it.sample
         t = time.perf_counter()
         c = backend.complete(s.prompt, it.max_tokens)
+        scored = score_output(s, c.text)
         return {
             "task": s.task,
             "length": it.length,
@@ -437,8 +471,10 @@ def run_samples(
             "max_tokens": it.max_tokens,
             "expected": list(s.answers),
             "output": c.text,
-            "score": s.score(c.text),
-            "correct": s.exact_match(c.text),
+            "answer": scored["answer"],
+            "score": scored["score"],
+            "distractors": scored["distractors"],
+            "correct": scored["correct"],
             "seconds": round(time.perf_counter() - t, 3),
         }
 
@@ -458,7 +494,7 @@ def run_samples(
                         f"[{done:>{len(str(len(items)))}}/{len(items)}] {'ok  ' if rec['correct'] else 'MISS'} "
                         f"{rec['task']:<15} {rec['length']:>6} #{rec['index']:<3} {rec['prompt_tokens']:>6} tok "
                         f"{rec['seconds']:6.1f}s | {correct}/{done} correct | ETA {_fmt_eta(eta)} | "
-                        f"{rec['output'][:60]!r}"
+                        f"{rec['answer'][:60]!r}"
                     )
         except BaseException:
             for f in futures:
@@ -509,7 +545,8 @@ def markdown_table(summary: Dict[str, Any], label: str) -> str:
         return "" if x is None else f"{100 * x:.1f}"
 
     for t, per in summary["accuracy"].items():
-        lines.append(f"| {t} | " + " | ".join(pct(per.get(L)) for L in lengths) + f" | {pct(summary['task_average'][t])} |")
+        row = " | ".join(pct(per.get(L)) for L in lengths)
+        lines.append(f"| {t} | {row} | {pct(summary['task_average'][t])} |")
     lines.append(
         "| **average** | " + " | ".join(pct(summary["length_average"][L]) for L in lengths)
         + f" | **{pct(summary['average'])}** |"

@@ -90,10 +90,10 @@ def report(runs: Sequence[Dict[str, Any]], baseline: str = "dense", by_length: b
         )
     n = {(r["config"].get("samples"), r["config"].get("seed")) for r in runs}
     lines.append("")
+    runs_desc = "; ".join(f"{s} samples per task and length, seed {d}" for s, d in sorted(n, key=str))
     lines.append(
-        "Accuracy in percent (exact match: every expected value in the output), each task averaged over lengths "
-        + ", ".join(lengths) + "; " + "; ".join(f"{s} samples per task and length, seed {d}" for s, d in sorted(n, key=str))
-        + "."
+        "Accuracy in percent (exact match: every expected value in the answer), each task averaged over lengths "
+        + ", ".join(lengths) + f"; {runs_desc}."
     )
     if base is None:
         notes.append(f"no run labelled `{baseline}`: loss columns left empty (use --baseline)")

@@ -170,3 +170,22 @@ def test_summarize_averages_cells_equally():
     assert s["length_average"] == {"2048": 0.25, "4096": 1.0}
     assert s["average"] == pytest.approx(0.5) and (s["correct"], s["total"]) == (2, 4)
     assert "| **average** | 25.0 | 100.0 | **50.0** |" in A.markdown_table(s, "x")
+
+
+def test_score_output_reads_the_answer_and_refuses_distractor_values():
+    """The scored answer ends at the first blank line; multikey/multiquery answers naming an unasked value fail."""
+    s = generate("niah_multikey", target_tokens=800, seed=0, count_tokens=regex_tokens)
+    (want,) = s.answers
+    other = next(v for v in s.meta["values"] if v != want)
+    ok = A.score_output(s, f"\n {want}.\n\nQuestion: the special magic number for x is {other}")
+    assert ok == {"answer": f"{want}.", "score": 1.0, "distractors": [], "correct": True}
+    listed = A.score_output(s, " " + ", ".join(s.meta["values"]))
+    assert listed["score"] == 1.0 and not listed["correct"] and other in listed["distractors"]
+    late = A.score_output(s, f" 1.\n\n{want}")
+    assert late["answer"] == "1." and not late["correct"]
+    q = generate("niah_multiquery", target_tokens=800, seed=0, count_tokens=regex_tokens)
+    assert A.score_output(q, " " + " and ".join(q.answers))["correct"]
+    assert not A.score_output(q, " " + " and ".join(q.meta["values"]))["correct"]
+    mv = generate("niah_multivalue", target_tokens=800, seed=0, count_tokens=regex_tokens)
+    assert A.score_output(mv, " " + ", ".join(mv.answers)) == {
+        "answer": ", ".join(mv.answers), "score": 1.0, "distractors": [], "correct": True}
