@@ -17,8 +17,9 @@ Scoring (:func:`score_output`) reads the *answer*: the output without leading wh
 answer (case-insensitive substring, RULER's ``string_match_all`` taken as all-or-nothing): the one number asked for
 (``niah_single``, ``niah_multikey``), all values or all asked keys' values (``niah_multivalue``,
 ``niah_multiquery``), every variable of the chain (``vt``), all common words (``cwe``), the three most frequent coded
-words (``fwe``). Stricter than RULER: for ``niah_multikey`` and ``niah_multiquery`` the answer must also not contain
-the value of a key that was not asked for, so that listing every number of the haystack does not pass.
+words (``fwe``). Stricter than RULER for the needle tasks: the first ``k`` distinct numbers of the answer's length
+in the answer must be exactly the ``k`` expected values, so that listing every number of the haystack (distractor
+keys' values first) does not pass; what follows them (small models repeat themselves) is not read.
 
 Backends (same samples and scoring for both):
 
@@ -45,6 +46,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import sys
 import threading
@@ -339,7 +341,7 @@ class TransformersBackend:
 # =====================================================================================================================
 # suite
 # =====================================================================================================================
-DISTRACTOR_TASKS = frozenset({"niah_multikey", "niah_multiquery"})
+NUMBER_TASKS = frozenset({"niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"})
 
 
 def answer_part(output: str) -> str:
@@ -353,17 +355,21 @@ def score_output(sample: RulerSample, output: str) -> Dict[str, Any]:
     Returns
     -------
     dict
-        ``answer`` (the scored part), ``score`` (fraction of expected values found), ``distractors`` (values of keys
-        not asked for found in the answer; ``niah_multikey`` and ``niah_multiquery`` only) and ``correct``.
+        ``answer`` (the scored part), ``score`` (fraction of expected values found in it), ``numbers`` (needle tasks:
+        the first ``k`` distinct numbers of the expected length in the answer, ``k`` = number of expected values;
+        else ``None``) and ``correct``.
     """
     answer = answer_part(output)
-    low = answer.lower()
-    distractors: List[str] = []
-    if sample.task in DISTRACTOR_TASKS:
-        values: Sequence[str] = sample.meta["values"]  # type: ignore[assignment]
-        distractors = [v for v in values if v not in sample.answers and v.lower() in low]
     score = sample.score(answer)
-    return {"answer": answer, "score": score, "distractors": distractors, "correct": score == 1.0 and not distractors}
+    numbers: Optional[List[str]] = None
+    if sample.task in NUMBER_TASKS:
+        k, digits = len(sample.answers), len(sample.answers[0])
+        found = re.findall(rf"(?<!\d)\d{{{digits}}}(?!\d)", answer)
+        numbers = list(dict.fromkeys(found))[:k]
+        correct = sorted(numbers) == sorted(sample.answers)
+    else:
+        correct = score == 1.0
+    return {"answer": answer, "score": score, "numbers": numbers, "correct": correct}
 
 
 @dataclass(frozen=True)
@@ -473,7 +479,7 @@ def run_samples(
             "output": c.text,
             "answer": scored["answer"],
             "score": scored["score"],
-            "distractors": scored["distractors"],
+            "numbers": scored["numbers"],
             "correct": scored["correct"],
             "seconds": round(time.perf_counter() - t, 3),
         }

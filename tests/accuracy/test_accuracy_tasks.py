@@ -172,20 +172,27 @@ def test_summarize_averages_cells_equally():
     assert "| **average** | 25.0 | 100.0 | **50.0** |" in A.markdown_table(s, "x")
 
 
-def test_score_output_reads_the_answer_and_refuses_distractor_values():
-    """The scored answer ends at the first blank line; multikey/multiquery answers naming an unasked value fail."""
+def test_score_output_reads_the_first_numbers_of_the_answer():
+    """The scored answer ends at the first blank line; a needle answer's first k numbers must be the k expected."""
     s = generate("niah_multikey", target_tokens=800, seed=0, count_tokens=regex_tokens)
     (want,) = s.answers
     other = next(v for v in s.meta["values"] if v != want)
     ok = A.score_output(s, f"\n {want}.\n\nQuestion: the special magic number for x is {other}")
-    assert ok == {"answer": f"{want}.", "score": 1.0, "distractors": [], "correct": True}
-    listed = A.score_output(s, " " + ", ".join(s.meta["values"]))
-    assert listed["score"] == 1.0 and not listed["correct"] and other in listed["distractors"]
-    late = A.score_output(s, f" 1.\n\n{want}")
-    assert late["answer"] == "1." and not late["correct"]
+    assert ok == {"answer": f"{want}.", "score": 1.0, "numbers": [want], "correct": True}
+    assert A.score_output(s, f" {want}, {other}, {want}")["correct"]  # what follows the answer is not read
+    listed = A.score_output(s, f" {other}, {want}")
+    assert listed["score"] == 1.0 and listed["numbers"] == [other] and not listed["correct"]
+    late = A.score_output(s, f" 1234.\n\n{want}")
+    assert late["answer"] == "1234." and late["numbers"] == [] and not late["correct"]
+    assert not A.score_output(s, f" {want}1")["correct"]  # an eight-digit number is not the value
     q = generate("niah_multiquery", target_tokens=800, seed=0, count_tokens=regex_tokens)
-    assert A.score_output(q, " " + " and ".join(q.answers))["correct"]
-    assert not A.score_output(q, " " + " and ".join(q.meta["values"]))["correct"]
+    a, b = q.answers
+    assert A.score_output(q, f" {b} and {a}; also {q.meta['values'][3]}")["correct"]
+    assert not A.score_output(q, f" {a}, {q.meta['values'][3]}, {b}")["correct"]
     mv = generate("niah_multivalue", target_tokens=800, seed=0, count_tokens=regex_tokens)
-    assert A.score_output(mv, " " + ", ".join(mv.answers)) == {
-        "answer": ", ".join(mv.answers), "score": 1.0, "distractors": [], "correct": True}
+    assert A.score_output(mv, " " + ", ".join(mv.answers) + ", " + mv.answers[0]) == {
+        "answer": ", ".join(mv.answers) + ", " + mv.answers[0], "score": 1.0, "numbers": list(mv.answers),
+        "correct": True}
+    v = generate("vt", target_tokens=800, seed=0, count_tokens=regex_tokens)
+    assert A.score_output(v, " " + " ".join(v.answers))["numbers"] is None
+    assert not A.score_output(v, " " + " ".join(v.answers[:-1]))["correct"]
