@@ -13,9 +13,13 @@ compressor compresses) and ``query`` (the question and the answer prefix, append
 ``niah_single``      one needle ``"One of the special magic numbers for K is: V."``; asked for V.
 ``niah_multikey``    four needles with different keys (three distractors); asked for one key's value.
 ``niah_multivalue``  three needles with the same key; asked for all values.
+``niah_multiquery``  four needles with different keys; asked for the values of two of them at once (RULER asks for
+                     all four; two keeps the task within reach of a 135M model, ``niah_queries`` changes it).
 ``vt``               variable tracking: a chain ``VAR A = 12345``, ``VAR B = VAR A``, ...; asked for every variable
                      that holds the value.
 ``cwe``              common-word extraction: a numbered word list in which a few words recur often; asked for them.
+``fwe``              frequent-word extraction: "coded" words (random 6-letter strings) drawn from a Zipf law
+                     (``alpha = 2``), rank 0 being the noise word ``"...."``; asked for ranks 1-3.
 
 Lengths are in tokens of the caller's tokenizer (``count_tokens``); without one a rough word-based estimate is used.
 Everything derives from ``random.Random`` seeded by ``(seed, task, index, length)``: the same arguments give the same
@@ -25,6 +29,7 @@ sample on every machine.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -69,9 +74,13 @@ INSTRUCTIONS: Dict[str, str] = {
     "vt": "Memorize and track the chain(s) of variable assignment hidden in the following text.",
     "cwe": "Below is a numbered list of words. In these words, some appear more often than others. "
     "Memorize the ones that appear most often.",
+    "fwe": "Read the following coded text and track the frequency of each coded word. Find the three most "
+    "frequently appeared coded words.",
 }
 
-TASKS: Tuple[str, ...] = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
+TASKS: Tuple[str, ...] = (
+    "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"
+)
 
 CountFn = Callable[[str], int]
 
@@ -211,8 +220,10 @@ def _niah(
     haystack: str,
     depth_range: Tuple[float, float],
     digits: int,
+    queries: int = 2,
 ) -> Tuple[str, str, Tuple[str, ...], int, Dict[str, object]]:
     key = _key(rng)
+    asked_keys = [key]
     if task == "niah_single":
         keys, values = [key], [_number(rng, digits)]
         asked = (values[0],)
@@ -222,6 +233,17 @@ def _niah(
             keys.append(_key(rng, avoid=keys))
         values = [_number(rng, digits) for _ in keys]
         asked = (values[0],)
+    elif task == "niah_multiquery":
+        keys = [key]
+        while len(keys) < 4:
+            keys.append(_key(rng, avoid=keys))
+        values = []
+        while len(values) < 4:
+            v = _number(rng, digits)
+            if v not in values:
+                values.append(v)
+        asked_keys = keys[:queries]
+        asked = tuple(values[:queries])
     else:  # niah_multivalue
         keys = [key] * 3
         values = []
@@ -238,6 +260,10 @@ def _niah(
     if task == "niah_multivalue":
         question = f"What are all the special magic numbers for {key} mentioned in the provided text?"
         prefix = f"The special magic numbers for {key} mentioned in the provided text are"
+    elif task == "niah_multiquery":
+        names = ", ".join(asked_keys[:-1]) + f" and {asked_keys[-1]}"
+        question = f"What are all the special magic numbers for {names} mentioned in the provided text?"
+        prefix = f"The special magic numbers for {names} mentioned in the provided text are"
     else:
         question = f"What is the special magic number for {key} mentioned in the provided text?"
         prefix = f"The special magic number for {key} mentioned in the provided text is"
@@ -251,7 +277,8 @@ def _niah(
 
     n, tokens = _fit(build, target, count, unit_guess=7.0 if haystack == "noise" else 12.0)
     context, _ = build(n)
-    meta = {"keys": keys, "values": values, "depths": depths, "needle_order": order, "filler_units": n}
+    meta = {"keys": keys, "values": values, "asked_keys": asked_keys, "depths": depths, "needle_order": order,
+            "filler_units": n}
     return context, query, asked, tokens, meta
 
 
@@ -312,6 +339,46 @@ def _cwe(
     return context, query, tuple(common), tokens, {"common": common, "freq_common": freq_common, "rare_units": n}
 
 
+ZETA_2 = math.pi**2 / 6
+"""Riemann zeta(2): the normaliser of the Zipf law with ``alpha = 2``."""
+
+
+def _fwe(
+    rng: random.Random, target: int, count: CountFn, vocab_size: int, word_len: int
+) -> Tuple[str, str, Tuple[str, ...], int, Dict[str, object]]:
+    """Frequent-word extraction after RULER's ``freq_words_extraction.py`` (``alpha = 2``, rank 0 is noise)."""
+    vocab: List[str] = ["...."]
+    seen = set(vocab)
+    while len(vocab) < vocab_size:
+        w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(word_len))
+        if w not in seen:
+            seen.add(w)
+            vocab.append(w)
+    question = "Do not provide any explanation. Please ignore the dots '....'. What are the three most frequently " \
+        "appeared words in the above coded text?"
+    prefix = "According to the coded text above, the three most frequently appeared words are:"
+    query = f"\n\nQuestion: {question}\nAnswer: {prefix}"
+    order_seed = rng.random()
+
+    def counts(n: int) -> List[int]:
+        return [int(n * (k + 1) ** -2.0 / ZETA_2) for k in range(vocab_size)]
+
+    def build(n: int) -> Tuple[str, str]:
+        lst = [w for w, c in zip(vocab, counts(n)) for _ in range(c)]
+        random.Random(order_seed).shuffle(lst)
+        return f"{INSTRUCTIONS['fwe']}\n" + " ".join(lst), query
+
+    n, tokens = _fit(build, target, count, unit_guess=3.0)
+    cnt = counts(n)
+    if not cnt[1] > cnt[2] > cnt[3] > cnt[4]:
+        raise ValueError(
+            f"target_tokens: expected a length whose word counts rank the top three strictly (fwe), got {target} "
+            f"(counts {cnt[1:5]})"
+        )
+    context, _ = build(n)
+    return context, query, tuple(vocab[1:4]), tokens, {"top": vocab[:5], "counts": cnt[:5], "words": n}
+
+
 def generate(
     task: str,
     *,
@@ -326,6 +393,9 @@ def generate(
     cwe_num_common: int = 5,
     cwe_freq_common: int = 20,
     cwe_freq_rare: int = 2,
+    niah_queries: int = 2,
+    fwe_vocab: int = 200,
+    fwe_word_len: int = 6,
 ) -> RulerSample:
     """One RULER-style sample.
 
@@ -351,22 +421,34 @@ def generate(
         Assignments after the first in the variable-tracking chain.
     cwe_num_common, cwe_freq_common, cwe_freq_rare : int
         Common-word extraction: how many common words, and how often each common / rare word appears.
+    niah_queries : int
+        ``niah_multiquery``: how many of the four keys are asked for at once (1 to 4).
+    fwe_vocab, fwe_word_len : int
+        Frequent-word extraction: number of distinct coded words (noise word included) and their length.
     """
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     lo, hi = depth_range
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"depth_range: expected 0 <= lo <= hi <= 1, got {depth_range!r}")
+    if not 1 <= niah_queries <= 4:
+        raise ValueError(f"niah_queries: expected 1 to 4, got {niah_queries!r}")
+    if fwe_vocab < 5 or fwe_word_len < 3:
+        raise ValueError(f"fwe_vocab, fwe_word_len: expected >= 5 and >= 3, got {fwe_vocab!r}, {fwe_word_len!r}")
     count = count_tokens or approx_token_count
     rng = random.Random(f"ruler:{seed}:{task}:{index}:{target_tokens}")
     if task.startswith("niah"):
-        context, query, answers, tokens, meta = _niah(rng, task, target_tokens, count, haystack, depth_range, digits)
+        context, query, answers, tokens, meta = _niah(
+            rng, task, target_tokens, count, haystack, depth_range, digits, niah_queries
+        )
     elif task == "vt":
         context, query, answers, tokens, meta = _vt(rng, target_tokens, count, haystack, depth_range, vt_hops, digits)
-    else:
+    elif task == "cwe":
         context, query, answers, tokens, meta = _cwe(
             rng, target_tokens, count, cwe_num_common, cwe_freq_common, cwe_freq_rare
         )
+    else:
+        context, query, answers, tokens, meta = _fwe(rng, target_tokens, count, fwe_vocab, fwe_word_len)
     return RulerSample(task, context, query, answers, seed, index, target_tokens, tokens, meta)
 
 

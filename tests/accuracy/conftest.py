@@ -1,0 +1,11 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tests of the accuracy suite (:mod:`bench.accuracy`): task generators, HTTP client, report, CPU smoke run."""
+
+import sys
+from pathlib import Path
+
+# --import-mode=importlib puts no test folder on sys.path; the fake server in mkv_fake_openai.py (uniquely named) is
+# imported by name from this folder.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)

@@ -1,0 +1,112 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A tiny OpenAI-compatible HTTP server for testing the accuracy suite's client (never a source of accuracy numbers).
+
+It answers ``POST /v1/completions`` with text from a test-supplied function, ``POST /v1/tokenize`` with a whitespace
+word count, and ``GET /v1/models`` / ``/get_server_info`` with fixed JSON. Tests can make the first requests fail
+(``fail``: a list of HTTP statuses, or ``"sleep"`` to stall past the client's timeout) and read what was asked
+(``requests``) and how many completions were in flight at once (``max_in_flight``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Optional, Union
+
+MODEL = "fake-model"
+
+
+@dataclass
+class FakeOpenAI:
+    """Server state and behaviour (see the module docstring)."""
+
+    answer: Callable[[str], str] = lambda prompt: " 0000000."
+    delay: float = 0.0
+    fail: List[Union[int, str]] = field(default_factory=list)
+    stall: float = 1.0
+    completion_body: Optional[Callable[[Dict[str, Any]], Any]] = None
+    requests: List[Dict[str, Any]] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    server: Optional[ThreadingHTTPServer] = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def completions(self) -> List[Dict[str, Any]]:
+        return [r["body"] for r in self.requests if r["path"] == "/v1/completions"]
+
+    def __enter__(self) -> "FakeOpenAI":
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep pytest output clean
+                pass
+
+            def _send(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode() if not isinstance(body, bytes) else body
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                with state.lock:
+                    state.requests.append({"method": "GET", "path": self.path, "body": None})
+                if self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+                elif self.path == "/get_server_info":
+                    self._send(200, {"version": "fake", "model_path": MODEL, "kv_compressor": "none"})
+                else:
+                    self._send(404, {"detail": "Not Found"})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with state.lock:
+                    state.requests.append({"method": "POST", "path": self.path, "body": body})
+                    failure = state.fail.pop(0) if state.fail and self.path == "/v1/completions" else None
+                if failure == "sleep":
+                    time.sleep(state.stall)
+                    return self._send(200, {})
+                if failure is not None:
+                    return self._send(int(failure), {"object": "error", "message": f"injected {failure}"})
+                if self.path == "/v1/tokenize":
+                    n = len(body["prompt"].split())
+                    return self._send(200, {"tokens": list(range(n)), "count": n, "max_model_len": 8192})
+                if self.path != "/v1/completions":
+                    return self._send(404, {"detail": "Not Found"})
+                with state.lock:
+                    state.in_flight += 1
+                    state.max_in_flight = max(state.max_in_flight, state.in_flight)
+                try:
+                    time.sleep(state.delay)
+                    if state.completion_body is not None:
+                        return self._send(200, state.completion_body(body))
+                    text = state.answer(body["prompt"])
+                    self._send(200, {
+                        "id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
+                        "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": len(body["prompt"].split()), "completion_tokens": len(text.split()),
+                                  "total_tokens": 0},
+                    })
+                finally:
+                    with state.lock:
+                        state.in_flight -= 1
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self.server is not None
+        self.server.shutdown()
+        self.server.server_close()
