@@ -81,7 +81,7 @@ def from_cli_args_with_mosaic(original: Callable[..., Any], cls: type, args: arg
     """AROUND hook on ``ServerArgs.from_cli_args``: the CLI twin of :func:`init_with_mosaic_kwargs`."""
     try:
         config = MosaicKVConfig.from_options({opt.kwarg: getattr(args, opt.kwarg, None) for opt in OPTIONS})
-            user_backends = {field: getattr(args, field, None) for field in seam.USER_BACKEND_FIELDS.values()}
+        user_backends = {field: getattr(args, field, None) for field in seam.USER_BACKEND_FIELDS.values()}
         token = _CLI_CONFIG.set(config)  # ServerArgs.__init__ (hooked) runs inside from_cli_args
         try:
             server_args = original(cls, args)

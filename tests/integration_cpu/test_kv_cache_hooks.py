@@ -197,3 +197,68 @@ def test_random_alloc_free_seal_keeps_allocator_and_pool_in_agreement(ops):
         assert alloc.available_size() // S + live_pages == 512 // S
         assert int(pool._live.sum()) == live_pages
         pool.check_invariants()
+
+
+def _radix(pool: MosaicMHATokenToKVPool):
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    alloc = PagedTokenToKVPoolAllocator(1024, page_size=S, dtype=DT, device="cpu", kvcache=pool, need_sort=False)
+    params = CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=alloc, page_size=S)
+    return RadixCache(params), alloc
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 5 * S), st.booleans(), st.integers(0, 4 * S)),
+                min_size=1, max_size=12))  # fmt: skip
+def test_radix_cache_reuse_seal_and_evict_keep_pool_exact(reqs):
+    """Requests over three shared prefixes, served as SGLang's scheduler does with a radix cache: match the cached
+    prefix, allocate and write the rest, seal some complete pages (dense plans), insert the page-aligned part, free
+    duplicates and the partial last page, then evict. The pool holds exactly the pages the tree holds, a matched
+    prefix is reused in whatever form it was sealed, and eviction and reset() free sealed storage too."""
+    from array import array
+
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    pool = build_pool(1024, 512, CFG)
+    cache, alloc = _radix(pool)
+    rng = np.random.default_rng(0)
+    prefixes = [rng.integers(0, 1000, 3 * S).tolist() for _ in range(3)]
+    for prefix_id, tail_len, seal, evict_tokens in reqs:
+        tokens = prefixes[prefix_id] + rng.integers(0, 1000, tail_len).tolist()
+        key = RadixKey(array("l", tokens))
+        match = cache.match_prefix(MatchPrefixParams(key=key))
+        cached = match.device_indices
+        assert cached.numel() % S == 0
+        reused = torch.unique(cached // S).numpy() if cached.numel() else np.zeros(0, dtype=np.int64)
+        assert pool._live[reused].all()  # reused pages are still held (dense or sealed)
+        new_len = len(tokens) - cached.numel()
+        loc = alloc.alloc(-(-new_len // S) * S)
+        if loc is None or pool.num_free_physical_pages < -(-new_len // S):
+            if loc is not None:
+                alloc.free(loc)
+            continue
+        loc = loc[:new_len]
+        _write(pool, loc)
+        if seal:
+            full = pool.complete_dense_pages()
+            if full.size:
+                _seal_dense(pool, full[: max(1, full.size // 2)])
+        kv = torch.cat([cached.long(), loc.long()])
+        aligned = len(tokens) // S * S
+        res = cache.insert(InsertParams(key=RadixKey(array("l", tokens[:aligned])), value=kv[:aligned]))
+        # as cache_finished_req: duplicates of what the tree already had, and the partial last page, are freed
+        alloc.free(kv[cached.numel() : res.prefix_len])
+        alloc.free(kv[aligned:])
+        if evict_tokens:
+            cache.evict(EvictParams(num_tokens=evict_tokens))
+        held = cache.total_size()
+        assert held % S == 0
+        assert int(pool._live.sum()) == held // S
+        assert alloc.available_size() + held == 1024
+        pool.check_invariants()
+    cache.reset()
+    alloc.clear()
+    assert not pool._live.any()
+    assert all(a.used_granules == 0 for a in pool.store.allocators)
