@@ -5,9 +5,10 @@ It reads the compressed pool :class:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKV
 segments in the store's per-layer arenas, the rest of every request (the *dense tail*) in the pool's physical dense
 buffers. The backend follows SGLang 0.5.17's ``AttentionBackend`` contract with a plan/run split:
 
-* **plan** (:meth:`MosaicAttnBackend.init_forward_metadata_out_graph`, host work, once per batch): give the pages of
-  ``out_cache_loc`` a physical page (:meth:`~MosaicMHATokenToKVPool.ensure_physical`, before any KV write), read each
-  request's logical slots from ``req_to_token``, build the segment table and physical tail with
+* **plan** (:meth:`MosaicAttnBackend.init_forward_metadata_out_graph`, host work, once per batch): seal the pages
+  that left the hot window or that hot-pool pressure calls for (:class:`~mosaickv_sglang.sealer.Sealer`), give the
+  pages of ``out_cache_loc`` a physical page (:meth:`~MosaicMHATokenToKVPool.ensure_physical`, before any KV
+  write), read each request's logical slots from ``req_to_token``, build the segment table and physical tail with
   :meth:`~MosaicMHATokenToKVPool.decode_metadata` / :meth:`~MosaicMHATokenToKVPool.extend_metadata` (all-layers seal
   view, so one table serves every layer), choose ``num_splits`` and allocate the scratch.
 * **run** (:meth:`~MosaicAttnBackend.forward_decode` / :meth:`~MosaicAttnBackend.forward_extend`, per layer): write the
@@ -17,8 +18,9 @@ buffers. The backend follows SGLang 0.5.17's ``AttentionBackend`` contract with 
 Decode reads at most ``decode_read_budget // S`` sealed segments per request and KV head (``0`` = all; the dense tail
 is always read; ``FLAG_ALWAYS_READ`` sink segments rank first). Extend reads every prefix segment.
 
-Not supported (each raises ``NotImplementedError``): CUDA graphs (pass ``--disable-cuda-graph``), speculative
-decoding modes (target verify / draft extend), cross-attention, sliding-window layers, ``qk_head_dim != v_head_dim``.
+Not supported (each raises ``NotImplementedError``): CUDA graphs (``--kv-compressor mosaic`` turns decode and prefill
+graphs off), speculative decoding modes (target verify / draft extend), cross-attention, sliding-window layers,
+``qk_head_dim != v_head_dim``.
 """
 
 from __future__ import annotations
@@ -286,7 +288,7 @@ class MosaicAttnBackend(AttentionBackend):
         """Nothing to record: every per-batch tensor is built by the out-of-graph plan."""
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        """Not supported yet: raises ``NotImplementedError`` asking for ``--disable-cuda-graph``."""
+        """Not supported yet: raises ``NotImplementedError`` asking for ``--disable-decode-cuda-graph``."""
         raise NotImplementedError(_CUDA_GRAPH_MSG)
 
     def get_cuda_graph_seq_len_fill_value(self) -> int:
@@ -437,7 +439,7 @@ def create_mosaic_backend(runner: Any) -> MosaicAttnBackend:
         The pool is not a :class:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool` (message names
         ``--kv-compressor``) or its dtype is unsupported.
     NotImplementedError
-        CUDA graphs are enabled (``server_args.disable_cuda_graph`` is false).
+        Decode CUDA graphs are enabled (neither ``disable_cuda_graph`` nor ``disable_decode_cuda_graph`` is set).
     """
     pool = getattr(runner, "token_to_kv_pool", None)
     if not isinstance(pool, MosaicMHATokenToKVPool):

@@ -98,7 +98,8 @@ def test_read_budget_with_compressed_segments_matches_ref_sparse_decode():
 
 def test_non_mosaic_pool_and_cuda_graphs_are_refused(monkeypatch):
     """A stock MHATokenToKVPool is refused by the constructor and the factory with a ValueError naming
-    --kv-compressor; CUDA-graph state asks for --disable-cuda-graph; the factory builds the backend otherwise."""
+    --kv-compressor; CUDA-graph state asks for --disable-decode-cuda-graph; the factory builds the backend
+    otherwise (also with decode graphs off through either flag)."""
     stock = MHATokenToKVPool(256, S, DT, H_KV, D, LAYERS, "cpu", False, v_head_dim=D)
     runner = SimpleNamespace(device="cpu", token_to_kv_pool=stock, req_to_token_pool=None,
                              model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 2 * H_KV))  # fmt: skip
@@ -111,11 +112,14 @@ def test_non_mosaic_pool_and_cuda_graphs_are_refused(monkeypatch):
     runner.token_to_kv_pool = sc.pool
     backend = ab.create_mosaic_backend(runner)  # positive control
     assert backend.num_q_heads == 2 * H_KV and backend.num_kv_heads == H_KV
-    with pytest.raises(NotImplementedError, match="--disable-cuda-graph"):
+    with pytest.raises(NotImplementedError, match="--disable-decode-cuda-graph"):
         backend.init_cuda_graph_state(8, 8)
-    runner.server_args = SimpleNamespace(disable_cuda_graph=False)
-    with pytest.raises(NotImplementedError, match="--disable-cuda-graph"):
+    runner.server_args = SimpleNamespace(disable_cuda_graph=False, disable_decode_cuda_graph=False)
+    with pytest.raises(NotImplementedError, match="--disable-decode-cuda-graph"):
         ab.create_mosaic_backend(runner)
+    for flags in (dict(disable_cuda_graph=True), dict(disable_decode_cuda_graph=True)):
+        runner.server_args = SimpleNamespace(**flags)
+        assert isinstance(ab.create_mosaic_backend(runner), ab.MosaicAttnBackend)
     with pytest.raises(ValueError, match="num_q_heads: expected a multiple of the pool's KV heads"):
         ab.MosaicAttnBackend(runner, num_q_heads=4)
 
