@@ -62,6 +62,7 @@ __all__ = [
     "choose_candidates",
     "estimate_errors_exact",
     "estimate_errors_fast",
+    "unseen_query_error",
     "plan_channel_only",
     "plan_exact",
     "plan_fast",
@@ -71,6 +72,13 @@ __all__ = [
 _EPS = 1e-30
 _MIN_KEPT_FRACTION = 1e-3
 DEFAULT_CHUNK = 256
+DEFAULT_UNSEEN_WEIGHT = 0.25
+"""Default weight of :func:`unseen_query_error` in the planner's objective (see :class:`ErrorEstimate`).
+
+The observed queries are a few recent ones; a later query may retrieve any token (a needle, a name, a digit the
+recent queries never looked at). The weight says how much such a query counts against the observed ones: 0.25 is
+one unseen retrieval query per four observed contexts' worth of error. With 0 the planner is the observed-query
+optimiser of before (token drops priced only by the queries that ignored those tokens)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,10 +144,16 @@ class ErrorEstimate:
         averaged over queries (``<= 0`` when tokens are dropped; 0 for the dense candidate).
     mass_share : torch.Tensor
         shape ``[N]``, dtype ``torch.float32``, ``>= 0``; the segment's share of its context's attention mass.
+    unseen : torch.Tensor, optional
+        shape ``[N, C]``, dtype ``torch.float32``, ``>= 0``; the error for queries *unlike the observed ones* (see
+        :func:`unseen_query_error`); ``None``: not estimated.
+    unseen_weight : float
+        ``>= 0``; how much those queries count (see :data:`DEFAULT_UNSEEN_WEIGHT`).
 
     Notes
     -----
-    The optimiser minimises :attr:`err`, ``first_order / rho^2`` with ``rho = 1 + mass_delta / mass_share`` the
+    The optimiser minimises :attr:`err`, ``observed_err + unseen_weight * unseen``. :attr:`observed_err` is
+    ``first_order / rho^2`` with ``rho = 1 + mass_delta / mass_share`` the
     fraction of the segment's attention mass the candidate keeps (clamped to ``>= 1e-3``). Exactly, compressing
     several segments of a context at once gives ``O' - O = (sum_n delta_n) / F`` with ``F`` the mass kept by the
     whole context; a plan-independent (so separable, so optimisable by the Lagrangian) stand-in for ``F`` is the
@@ -151,6 +165,8 @@ class ErrorEstimate:
     first_order: torch.Tensor
     mass_delta: torch.Tensor
     mass_share: torch.Tensor
+    unseen: Optional[torch.Tensor] = None
+    unseen_weight: float = 0.0
 
     @property
     def kept_fraction(self) -> torch.Tensor:
@@ -160,9 +176,16 @@ class ErrorEstimate:
         return rho.clamp(min=_MIN_KEPT_FRACTION)
 
     @property
-    def err(self) -> torch.Tensor:
-        """The error the optimiser minimises: shape ``[N, C]``, ``first_order / kept_fraction^2``."""
+    def observed_err(self) -> torch.Tensor:
+        """Error on the observed queries: shape ``[N, C]``, ``first_order / kept_fraction^2``."""
         return self.first_order / self.kept_fraction.pow(2)
+
+    @property
+    def err(self) -> torch.Tensor:
+        """The error the optimiser minimises: shape ``[N, C]``, ``observed_err + unseen_weight * unseen``."""
+        if self.unseen is None or self.unseen_weight == 0:
+            return self.observed_err
+        return self.observed_err + self.unseen_weight * self.unseen
 
 
 # --- validation ------------------------------------------------------------------------------------------------------
@@ -291,6 +314,94 @@ class _Approximations:
         return self.x
 
 
+def _row_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of each row's energy an approximation loses, ``||x - x_hat||^2 / ||x||^2`` clamped to ``[0, 1]``.
+
+    ``x``, ``x_hat``: shape ``[N, S, d]``, fp32. Returns shape ``[N, S]``, fp32 (0 for all-zero rows).
+    """
+    den = x.pow(2).sum(-1)
+    return ((x - x_hat).pow(2).sum(-1) / den.clamp(min=_EPS)).clamp(max=1.0) * (den > 0)
+
+
+def _context_tokens(labels: torch.Tensor, ng: int, s: int) -> torch.Tensor:
+    """Tokens of each segment's context (segments sharing a label, ``S`` tokens each): shape ``[N]``, fp32."""
+    return (torch.bincount(labels, minlength=ng)[labels] * s).float()
+
+
+def _check_unseen_weight(w: object) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise ValueError(f"unseen_weight: expected a finite number >= 0, got {w!r}")
+    return float(w)
+
+
+def unseen_query_error(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    menu: Sequence[Candidate],
+    importance: SegmentImportance,
+    *,
+    group_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Error of every (segment, candidate) for a query that retrieves one token of the context, chosen uniformly.
+
+    The observed queries only price what *they* attend to; a query that comes later may retrieve any token. For a
+    query that retrieves token ``t`` (its attention on ``t``), the relative squared output error is about the
+    fraction of ``t``'s energy the candidate loses: ``1`` for a dropped token (its value is gone from the output),
+    ``||dv_t||^2 / ||v_t||^2`` for V stored per-vector top-``k`` (and, for K, the relative change
+    ``q . dk_t / q . k_t = ||dk_t||^2 / ||k_t||^2`` of the retrieval score with ``q`` along ``k_t``). Per kept token
+    the loss is the mean of the K and V fractions, so a token whose K and V are both zeroed costs as much as a
+    dropped one. Averaged over the context's tokens (each retrieved with probability ``1 / T``)::
+
+        unseen[n, c] = (S - m_c + sum_{t kept} (loss_K(t) + loss_V(t)) / 2) / T
+
+    summed over a context's segments, it is the relative error of a uniformly chosen retrieval query, on the scale
+    of :attr:`ErrorEstimate.first_order`. Tokens are kept by decreasing ``token_mass`` as in the plan. Dense and
+    chan forms only (vectorised, no SVD); :func:`estimate_errors_exact` adds low-rank forms.
+
+    Parameters
+    ----------
+    keys, values : torch.Tensor
+        shape ``[N, S, d]``, fp32/fp16/bf16.
+    menu : sequence of Candidate
+        Dense and chan forms only.
+    importance : SegmentImportance
+    group_ids : torch.Tensor, optional
+        shape ``[N]``, integer; attention contexts (default: one).
+
+    Returns
+    -------
+    torch.Tensor
+        shape ``[N, len(menu)]``, dtype ``torch.float32``, ``>= 0`` (0 for the dense candidate).
+    """
+    n, s, d = _check_kv(keys, values)
+    importance = _check_importance(importance, n, s, d, keys.device)
+    labels, ng = normalize_group_ids(group_ids, n, keys.device)
+    order = torch.sort(importance.token_mass, dim=1, descending=True, stable=True).indices
+    ms = torch.tensor([c.m for c in menu], device=keys.device)
+    half: Dict[Tuple[int, int, int], torch.Tensor] = {}  # (side, form, param) -> [N, S+1] prefix of loss / 2
+
+    def kept_loss(side: int, x: torch.Tensor, weight: torch.Tensor, form: int, param: int) -> torch.Tensor:
+        key = (side, form, param)
+        if key not in half:
+            if form == fmt.FORM_DENSE:
+                loss = torch.zeros(n, s, device=x.device)
+            elif form == fmt.FORM_CHAN:
+                xf = x.float()
+                loss = _row_loss(xf, xf * (descending_rank(chan_scores(xf, weight)) < param))
+            else:
+                raise ValueError(f"menu: expected dense or chan forms (no SVD here), got {fmt.FORM_NAMES[form]}")
+            half[key] = _prefix(loss * 0.5, order)
+        return half[key]
+
+    cols = []
+    for c in menu:
+        lk = kept_loss(0, keys, importance.k_chan_weight, c.k_form, c.k_param)[:, c.m]
+        lv = kept_loss(1, values, importance.v_chan_weight, c.v_form, c.v_param)[:, c.m]
+        cols.append(lk + lv)
+    kept = torch.stack(cols, 1) if cols else torch.zeros(n, 0, device=keys.device)
+    return ((kept + (s - ms)[None, :]) / _context_tokens(labels, ng, s)[:, None]).float()
+
+
 def estimate_errors_exact(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -301,6 +412,7 @@ def estimate_errors_exact(
     group_ids: Optional[torch.Tensor] = None,
     sm_scale: Optional[float] = None,
     chunk_segments: int = DEFAULT_CHUNK,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
 ) -> ErrorEstimate:
     """Attention-output error of every (segment, candidate) on the observed queries.
 
@@ -336,12 +448,15 @@ def estimate_errors_exact(
         Default ``1 / sqrt(d)``.
     chunk_segments : int
         Segments processed at once (bounds memory to ``chunk * Q * S`` floats per buffer).
+    unseen_weight : float
+        ``>= 0``; weight of the unseen-query error (:func:`unseen_query_error`, here with low-rank forms too: their
+        per-row loss is measured on the reconstructed rows).
 
     Returns
     -------
     ErrorEstimate
-        ``first_order`` and ``mass_delta`` of shape ``[N, len(menu)]`` (exactly 0 for the all-dense candidate) and
-        ``mass_share`` of shape ``[N]``.
+        ``first_order``, ``mass_delta`` and ``unseen`` of shape ``[N, len(menu)]`` (exactly 0 for the all-dense
+        candidate) and ``mass_share`` of shape ``[N]``.
     """
     n, s, d = _check_kv(keys, values)
     check_int(chunk_segments, "chunk_segments", lo=1)
@@ -349,7 +464,10 @@ def estimate_errors_exact(
     scale = default_scale(d, sm_scale)
     labels, ng = normalize_group_ids(group_ids, n, keys.device)
     importance = _check_importance(importance, n, s, d, keys.device)
+    weight = _check_unseen_weight(unseen_weight)
     lse, o, ctx, out = _context(q, keys, values, labels, ng, scale, chunk_segments)
+    ctx_tokens = _context_tokens(labels, ng, s)
+    unseen = torch.zeros(n, len(menu), device=keys.device)
     denom_g = out.pow(2).sum(-1).mean(1)  # [ng]
     vscale = values.float().pow(2).sum(-1).mean() * 1e-12 + _EPS
     denom = (denom_g + vscale)[labels]
@@ -383,17 +501,22 @@ def estimate_errors_exact(
                 p2 = torch.softmax(sc, dim=2)
                 a2 = torch.exp(torch.logsumexp(sc, dim=2) - cx)
                 dm = (a2 - a1).mean(1)
+                k_loss = _row_loss(k_apx.x, k_apx.get(*kopt))
                 for i in idxs:
                     c = menu[i]
                     if (c.k_form, c.k_param) == kopt:
-                        delta = a2[:, :, None] * (torch.bmm(p2, v_apx.get(c.v_form, c.v_param)) - on) - u
+                        v_rows = v_apx.get(c.v_form, c.v_param)
+                        delta = a2[:, :, None] * (torch.bmm(p2, v_rows) - on) - u
                         err[sl, i] = delta.pow(2).sum(-1).mean(1) / denom[sl]
                         dmass[sl, i] = dm
+                        kept_loss = (keep * (k_loss + _row_loss(v_apx.x, v_rows))).sum(1) * 0.5
+                        unseen[sl, i] = (kept_loss + (s - m)) / ctx_tokens[sl]
     dense_i = list(menu).index(Candidate(s))
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
+    unseen[:, dense_i] = 0.0
     share = torch.exp(lse - ctx[labels]).mean(1)
-    return ErrorEstimate(err, dmass, share)
+    return ErrorEstimate(err, dmass, share, unseen, weight)
 
 
 def _prefix(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -411,6 +534,7 @@ def estimate_errors_fast(
     *,
     group_ids: Optional[torch.Tensor] = None,
     sm_scale: Optional[float] = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
 ) -> ErrorEstimate:
     """Cheap proxy of :func:`estimate_errors_exact`: first-order error for the *average* query, no attention recompute.
 
@@ -441,14 +565,18 @@ def estimate_errors_fast(
     group_ids : torch.Tensor, optional
         shape ``[N]``, integer; attention contexts (default: one).
     sm_scale : float, optional
+    unseen_weight : float
+        ``>= 0``; weight of :func:`unseen_query_error` in :attr:`ErrorEstimate.err`.
 
     Returns
     -------
     ErrorEstimate
-        ``first_order`` and ``mass_delta`` of shape ``[N, len(menu)]``, ``mass_share`` of shape ``[N]``, fp32.
+        ``first_order``, ``mass_delta`` and ``unseen`` of shape ``[N, len(menu)]``, ``mass_share`` of shape ``[N]``,
+        fp32.
     """
     n, s, d = _check_kv(keys, values)
     importance = _check_importance(importance, n, s, d, keys.device)
+    weight = _check_unseen_weight(unseen_weight)
     scale = default_scale(d, sm_scale)
     labels, ng = normalize_group_ids(group_ids, n, keys.device)
     dev = keys.device
@@ -504,7 +632,8 @@ def estimate_errors_fast(
     dense_i = list(menu).index(Candidate(s))
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
-    return ErrorEstimate(err.float(), dmass.float(), p.sum(1))
+    unseen = unseen_query_error(keys, values, menu, importance, group_ids=group_ids)
+    return ErrorEstimate(err.float(), dmass.float(), p.sum(1), unseen, weight)
 
 
 # --- optimisation ----------------------------------------------------------------------------------------------------
@@ -748,6 +877,7 @@ def plan_exact(
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
     chunk_segments: int = DEFAULT_CHUNK,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
 ) -> PlanResult:
     """Plan with the attention-output error on the observed queries (:func:`estimate_errors_exact`), lowrank included.
 
@@ -775,6 +905,9 @@ def plan_exact(
         Default ``1 / sqrt(d)``.
     chunk_segments : int
         Segments processed at once by the estimator.
+    unseen_weight : float
+        ``>= 0``; weight of the error for queries unlike the observed ones (:func:`unseen_query_error`); default
+        :data:`DEFAULT_UNSEEN_WEIGHT`, 0 for the observed queries alone.
 
     Raises
     ------
@@ -783,6 +916,7 @@ def plan_exact(
     """
     n, s, d, budget, ad = _prepare(keys, values, ratio, budget_bytes, always_dense)
     items = _check_menu(menu, s, d, lowrank=True)
+    _check_unseen_weight(unseen_weight)
     flatten_queries(queries, n, d)
     imp = (
         importance_from_queries(keys, queries, group_ids=group_ids, sm_scale=sm_scale)
@@ -793,7 +927,8 @@ def plan_exact(
         est = None
     else:
         est = estimate_errors_exact(
-            keys, values, queries, items, imp, group_ids=group_ids, sm_scale=sm_scale, chunk_segments=chunk_segments
+            keys, values, queries, items, imp, group_ids=group_ids, sm_scale=sm_scale, chunk_segments=chunk_segments,
+            unseen_weight=unseen_weight,
         )
     return _build(keys, values, items, est, imp, budget, ad)
 
@@ -810,6 +945,7 @@ def plan_fast(
     always_dense: Optional[torch.Tensor] = None,
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
 ) -> PlanResult:
     """Plan with the cheap error proxy (:func:`estimate_errors_fast`): dense, chan, tok and 2-D forms, no SVD.
 
@@ -819,6 +955,7 @@ def plan_fast(
     """
     n, s, d, budget, ad = _prepare(keys, values, ratio, budget_bytes, always_dense)
     items = _check_menu(menu, s, d, lowrank=False)
+    _check_unseen_weight(unseen_weight)
     if importance is not None:
         imp = _check_importance(importance, n, s, d, keys.device)
     elif queries is not None:
@@ -828,7 +965,9 @@ def plan_fast(
     if budget >= n * dense_segment_bytes(s, d):
         est = None
     else:
-        est = estimate_errors_fast(keys, values, items, imp, group_ids=group_ids, sm_scale=sm_scale)
+        est = estimate_errors_fast(
+            keys, values, items, imp, group_ids=group_ids, sm_scale=sm_scale, unseen_weight=unseen_weight
+        )
     return _build(keys, values, items, est, imp, budget, ad)
 
 
@@ -863,6 +1002,7 @@ def plan_token_only(
     always_dense: Optional[torch.Tensor] = None,
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
 ) -> PlanResult:
     """SnapKV-like baseline: token dropping only (``tok-m``, both sides dense), same budget and optimiser.
 
@@ -874,6 +1014,7 @@ def plan_token_only(
         lambda c, s: c.k_form == fmt.FORM_DENSE and c.v_form == fmt.FORM_DENSE,
         menu,
         ratio=ratio, budget_bytes=budget_bytes, group_ids=group_ids, always_dense=always_dense, sm_scale=sm_scale,
+        unseen_weight=unseen_weight,
     )
 
 
@@ -889,6 +1030,7 @@ def plan_channel_only(
     always_dense: Optional[torch.Tensor] = None,
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
 ) -> PlanResult:
     """ThinK-like baseline: channel pruning only (every token kept, K and V dense or per-vector ``chan-k``).
 
@@ -900,6 +1042,7 @@ def plan_channel_only(
         lambda c, s: c.m == s and c.k_form != fmt.FORM_LOWRANK and c.v_form != fmt.FORM_LOWRANK,
         menu,
         ratio=ratio, budget_bytes=budget_bytes, group_ids=group_ids, always_dense=always_dense, sm_scale=sm_scale,
+        unseen_weight=unseen_weight,
     )
 
 
