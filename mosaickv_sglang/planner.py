@@ -72,13 +72,13 @@ __all__ = [
 _EPS = 1e-30
 _MIN_KEPT_FRACTION = 1e-3
 DEFAULT_CHUNK = 256
-DEFAULT_UNSEEN_WEIGHT = 0.25
+DEFAULT_UNSEEN_WEIGHT = 1.0
 """Default weight of :func:`unseen_query_error` in the planner's objective (see :class:`ErrorEstimate`).
 
 The observed queries are a few recent ones; a later query may retrieve any token (a needle, a name, a digit the
-recent queries never looked at). The weight says how much such a query counts against the observed ones: 0.25 is
-one unseen retrieval query per four observed contexts' worth of error. With 0 the planner is the observed-query
-optimiser of before (token drops priced only by the queries that ignored those tokens)."""
+recent queries never looked at). The weight says how much such a query counts against the observed ones: 1 is an
+even mixture of the observed queries and a query that retrieves a uniformly chosen token. With 0 the planner is the
+observed-query optimiser of before (token drops priced only by the queries that ignored those tokens)."""
 
 
 @dataclass(frozen=True, eq=False)
