@@ -10,7 +10,10 @@ Three steps, all vectorised over segments (Python loops run only over menu entri
 segments, never over segments):
 
 1. **Estimate** ``err[n, c]`` for every segment ``n`` and menu candidate ``c`` (see :func:`estimate_errors_exact`
-   and :func:`estimate_errors_fast`), and the candidate's packed bytes (the same for every segment).
+   and :func:`estimate_errors_fast`), and the candidate's packed bytes (the same for every segment). The error is
+   the attention-output error on the observed queries plus ``unseen_weight`` times the error of a query that
+   retrieves a uniformly chosen token (:func:`unseen_query_error`): the observed queries alone price a dropped token
+   by the attention *they* paid it, which is close to nothing for a needle the recent queries never looked at.
 2. **Choose** (:func:`choose_candidates`): a Lagrangian sweep, i.e. a bisection on ``lambda`` for the smallest
    ``lambda`` whose per-segment choices ``argmin_c err[n, c] + lambda * bytes[c]`` fit the budget, then a greedy
    fix-up that spends the leftover bytes; the estimated error is provably non-increasing in the budget.
