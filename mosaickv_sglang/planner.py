@@ -326,9 +326,51 @@ def _row_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return ((x - x_hat).pow(2).sum(-1) / den.clamp(min=_EPS)).clamp(max=1.0) * (den > 0)
 
 
-def _context_tokens(labels: torch.Tensor, ng: int, s: int) -> torch.Tensor:
-    """Tokens of each segment's context (segments sharing a label, ``S`` tokens each): shape ``[N]``, fp32."""
-    return (torch.bincount(labels, minlength=ng)[labels] * s).float()
+UNSEEN_PRIORS = ("uniform", "novelty")
+
+
+def _check_unseen_prior(kind: object) -> str:
+    if kind not in UNSEEN_PRIORS:
+        raise ValueError(f"unseen_prior: expected one of {UNSEEN_PRIORS}, got {kind!r}")
+    return str(kind)
+
+
+def _novelty(values: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """How much of each token's value its nearest other token of the segment misses: shape ``[N, S]``, in ``[0, 1]``.
+
+    ``min_{j != t} ||v_t - v_j||^2 / ||v_t||^2`` (clamped to 1): about 0 for a token repeated in its segment (a
+    query that retrieves it gets the copy's value), 1 for a token unlike its neighbours.
+    """
+    n, s, _ = values.shape
+    out = torch.empty(n, s, device=values.device)
+    eye = torch.eye(s, dtype=torch.bool, device=values.device)
+    for a in range(0, n, chunk):
+        v = values[a : a + chunk].float()
+        d2 = torch.cdist(v, v).pow(2).masked_fill(eye, float("inf"))
+        out[a : a + chunk] = (d2.min(-1).values / v.pow(2).sum(-1).clamp(min=_EPS)).clamp(max=1.0)
+    return out
+
+
+def retrieval_prior(
+    values: torch.Tensor, labels: torch.Tensor, ng: int, kind: str = "uniform"
+) -> torch.Tensor:
+    """Probability that an unseen retrieval query targets each token: shape ``[N, S]``, fp32, sums to 1 per context.
+
+    ``"uniform"``: ``1 / T`` (``T`` the context's tokens). ``"novelty"``: proportional to :func:`_novelty` (plus a
+    floor of ``1e-3``), i.e. queries retrieve content that is not repeated nearby.
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        shape ``[N, S, d]``, float.
+    labels : torch.Tensor
+        shape ``[N]``, dtype ``torch.int64``; contexts ``0..ng-1``.
+    """
+    _check_unseen_prior(kind)
+    n, s, _ = values.shape
+    w = torch.ones(n, s, device=values.device) if kind == "uniform" else _novelty(values) + 1e-3
+    tot = torch.zeros(ng, device=values.device).index_add_(0, labels, w.sum(1))
+    return w / tot[labels][:, None]
 
 
 def _check_unseen_weight(w: object) -> float:
@@ -344,6 +386,7 @@ def unseen_query_error(
     importance: SegmentImportance,
     *,
     group_ids: Optional[torch.Tensor] = None,
+    unseen_prior: str = "uniform",
 ) -> torch.Tensor:
     """Error of every (segment, candidate) for a query that retrieves one token of the context, chosen uniformly.
 
@@ -370,6 +413,9 @@ def unseen_query_error(
     importance : SegmentImportance
     group_ids : torch.Tensor, optional
         shape ``[N]``, integer; attention contexts (default: one).
+    unseen_prior : str
+        Which token the query retrieves (:func:`retrieval_prior`): ``"uniform"`` (the formula above) or
+        ``"novelty"`` (``1 / T`` replaced by a weight favouring tokens not repeated in their segment).
 
     Returns
     -------
@@ -380,7 +426,9 @@ def unseen_query_error(
     importance = _check_importance(importance, n, s, d, keys.device)
     labels, ng = normalize_group_ids(group_ids, n, keys.device)
     order = torch.sort(importance.token_mass, dim=1, descending=True, stable=True).indices
-    ms = torch.tensor([c.m for c in menu], device=keys.device)
+    prior = retrieval_prior(values, labels, ng, unseen_prior)
+    dropped = _prefix(prior, order)
+    dropped = dropped[:, -1:] - dropped  # [N, S+1]: prior mass of the tokens after the top m
     half: Dict[Tuple[int, int, int], torch.Tensor] = {}  # (side, form, param) -> [N, S+1] prefix of loss / 2
 
     def kept_loss(side: int, x: torch.Tensor, weight: torch.Tensor, form: int, param: int) -> torch.Tensor:
@@ -393,16 +441,15 @@ def unseen_query_error(
                 loss = _row_loss(xf, xf * (descending_rank(chan_scores(xf, weight)) < param))
             else:
                 raise ValueError(f"menu: expected dense or chan forms (no SVD here), got {fmt.FORM_NAMES[form]}")
-            half[key] = _prefix(loss * 0.5, order)
+            half[key] = _prefix(prior * loss * 0.5, order)
         return half[key]
 
     cols = []
     for c in menu:
         lk = kept_loss(0, keys, importance.k_chan_weight, c.k_form, c.k_param)[:, c.m]
         lv = kept_loss(1, values, importance.v_chan_weight, c.v_form, c.v_param)[:, c.m]
-        cols.append(lk + lv)
-    kept = torch.stack(cols, 1) if cols else torch.zeros(n, 0, device=keys.device)
-    return ((kept + (s - ms)[None, :]) / _context_tokens(labels, ng, s)[:, None]).float()
+        cols.append(lk + lv + dropped[:, c.m])
+    return (torch.stack(cols, 1) if cols else torch.zeros(n, 0, device=keys.device)).float()
 
 
 def estimate_errors_exact(
@@ -416,6 +463,7 @@ def estimate_errors_exact(
     sm_scale: Optional[float] = None,
     chunk_segments: int = DEFAULT_CHUNK,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = "uniform",
 ) -> ErrorEstimate:
     """Attention-output error of every (segment, candidate) on the observed queries.
 
@@ -454,6 +502,8 @@ def estimate_errors_exact(
     unseen_weight : float
         ``>= 0``; weight of the unseen-query error (:func:`unseen_query_error`, here with low-rank forms too: their
         per-row loss is measured on the reconstructed rows).
+    unseen_prior : str
+        ``"uniform"`` or ``"novelty"`` (:func:`retrieval_prior`).
 
     Returns
     -------
@@ -469,7 +519,7 @@ def estimate_errors_exact(
     importance = _check_importance(importance, n, s, d, keys.device)
     weight = _check_unseen_weight(unseen_weight)
     lse, o, ctx, out = _context(q, keys, values, labels, ng, scale, chunk_segments)
-    ctx_tokens = _context_tokens(labels, ng, s)
+    prior = retrieval_prior(values, labels, ng, unseen_prior)
     unseen = torch.zeros(n, len(menu), device=keys.device)
     denom_g = out.pow(2).sum(-1).mean(1)  # [ng]
     vscale = values.float().pow(2).sum(-1).mean() * 1e-12 + _EPS
@@ -512,8 +562,8 @@ def estimate_errors_exact(
                         delta = a2[:, :, None] * (torch.bmm(p2, v_rows) - on) - u
                         err[sl, i] = delta.pow(2).sum(-1).mean(1) / denom[sl]
                         dmass[sl, i] = dm
-                        kept_loss = (keep * (k_loss + _row_loss(v_apx.x, v_rows))).sum(1) * 0.5
-                        unseen[sl, i] = (kept_loss + (s - m)) / ctx_tokens[sl]
+                        loss = torch.where(keep, (k_loss + _row_loss(v_apx.x, v_rows)) * 0.5, 1.0)
+                        unseen[sl, i] = (prior[sl] * loss).sum(1)
     dense_i = list(menu).index(Candidate(s))
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
@@ -538,6 +588,7 @@ def estimate_errors_fast(
     group_ids: Optional[torch.Tensor] = None,
     sm_scale: Optional[float] = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = "uniform",
 ) -> ErrorEstimate:
     """Cheap proxy of :func:`estimate_errors_exact`: first-order error for the *average* query, no attention recompute.
 
@@ -570,6 +621,8 @@ def estimate_errors_fast(
     sm_scale : float, optional
     unseen_weight : float
         ``>= 0``; weight of :func:`unseen_query_error` in :attr:`ErrorEstimate.err`.
+    unseen_prior : str
+        ``"uniform"`` or ``"novelty"`` (:func:`retrieval_prior`).
 
     Returns
     -------
@@ -635,7 +688,7 @@ def estimate_errors_fast(
     dense_i = list(menu).index(Candidate(s))
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
-    unseen = unseen_query_error(keys, values, menu, importance, group_ids=group_ids)
+    unseen = unseen_query_error(keys, values, menu, importance, group_ids=group_ids, unseen_prior=unseen_prior)
     return ErrorEstimate(err.float(), dmass.float(), p.sum(1), unseen, weight)
 
 
@@ -881,6 +934,7 @@ def plan_exact(
     sm_scale: Optional[float] = None,
     chunk_segments: int = DEFAULT_CHUNK,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = "uniform",
 ) -> PlanResult:
     """Plan with the attention-output error on the observed queries (:func:`estimate_errors_exact`), lowrank included.
 
@@ -911,6 +965,8 @@ def plan_exact(
     unseen_weight : float
         ``>= 0``; weight of the error for queries unlike the observed ones (:func:`unseen_query_error`); default
         :data:`DEFAULT_UNSEEN_WEIGHT`, 0 for the observed queries alone.
+    unseen_prior : str
+        Which token that query retrieves (:func:`retrieval_prior`): ``"uniform"`` (default) or ``"novelty"``.
 
     Raises
     ------
@@ -920,6 +976,7 @@ def plan_exact(
     n, s, d, budget, ad = _prepare(keys, values, ratio, budget_bytes, always_dense)
     items = _check_menu(menu, s, d, lowrank=True)
     _check_unseen_weight(unseen_weight)
+    _check_unseen_prior(unseen_prior)
     flatten_queries(queries, n, d)
     imp = (
         importance_from_queries(keys, queries, group_ids=group_ids, sm_scale=sm_scale)
@@ -931,7 +988,7 @@ def plan_exact(
     else:
         est = estimate_errors_exact(
             keys, values, queries, items, imp, group_ids=group_ids, sm_scale=sm_scale, chunk_segments=chunk_segments,
-            unseen_weight=unseen_weight,
+            unseen_weight=unseen_weight, unseen_prior=unseen_prior,
         )
     return _build(keys, values, items, est, imp, budget, ad)
 
@@ -949,6 +1006,7 @@ def plan_fast(
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = "uniform",
 ) -> PlanResult:
     """Plan with the cheap error proxy (:func:`estimate_errors_fast`): dense, chan, tok and 2-D forms, no SVD.
 
@@ -959,6 +1017,7 @@ def plan_fast(
     n, s, d, budget, ad = _prepare(keys, values, ratio, budget_bytes, always_dense)
     items = _check_menu(menu, s, d, lowrank=False)
     _check_unseen_weight(unseen_weight)
+    _check_unseen_prior(unseen_prior)
     if importance is not None:
         imp = _check_importance(importance, n, s, d, keys.device)
     elif queries is not None:
@@ -969,7 +1028,8 @@ def plan_fast(
         est = None
     else:
         est = estimate_errors_fast(
-            keys, values, items, imp, group_ids=group_ids, sm_scale=sm_scale, unseen_weight=unseen_weight
+            keys, values, items, imp, group_ids=group_ids, sm_scale=sm_scale, unseen_weight=unseen_weight,
+            unseen_prior=unseen_prior,
         )
     return _build(keys, values, items, est, imp, budget, ad)
 
@@ -1006,6 +1066,7 @@ def plan_token_only(
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = "uniform",
 ) -> PlanResult:
     """SnapKV-like baseline: token dropping only (``tok-m``, both sides dense), same budget and optimiser.
 
@@ -1017,7 +1078,7 @@ def plan_token_only(
         lambda c, s: c.k_form == fmt.FORM_DENSE and c.v_form == fmt.FORM_DENSE,
         menu,
         ratio=ratio, budget_bytes=budget_bytes, group_ids=group_ids, always_dense=always_dense, sm_scale=sm_scale,
-        unseen_weight=unseen_weight,
+        unseen_weight=unseen_weight, unseen_prior=unseen_prior,
     )
 
 
@@ -1034,6 +1095,7 @@ def plan_channel_only(
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = "uniform",
 ) -> PlanResult:
     """ThinK-like baseline: channel pruning only (every token kept, K and V dense or per-vector ``chan-k``).
 
@@ -1045,7 +1107,7 @@ def plan_channel_only(
         lambda c, s: c.m == s and c.k_form != fmt.FORM_LOWRANK and c.v_form != fmt.FORM_LOWRANK,
         menu,
         ratio=ratio, budget_bytes=budget_bytes, group_ids=group_ids, always_dense=always_dense, sm_scale=sm_scale,
-        unseen_weight=unseen_weight,
+        unseen_weight=unseen_weight, unseen_prior=unseen_prior,
     )
 
 

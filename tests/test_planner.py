@@ -25,6 +25,7 @@ from mosaickv_sglang.planner import (
     plan_exact,
     plan_fast,
     plan_token_only,
+    retrieval_prior,
     unseen_query_error,
 )
 from mosaickv_sglang.strategies import Candidate, default_menu, dense_segment_bytes, descending_rank
@@ -501,3 +502,24 @@ def test_two_dimensional_default_beats_single_axis_on_mixed_queries(seed, ratio)
         chan = plan_channel_only(k, v, q, ratio=ratio, group_ids=gid, estimator=estimator)
         e2, et, ec = mixed(two_d), mixed(tok), mixed(chan)
         assert e2 <= et * (1 + 1e-6) and e2 <= ec * (1 + 1e-6), (estimator, e2, et, ec)
+
+
+def test_retrieval_prior_sums_to_one_and_novelty_favours_unrepeated_tokens():
+    """retrieval_prior: per context the probabilities sum to 1; "uniform" is 1 / T; with "novelty" a token whose
+    value is repeated in its segment gets the floor weight and a token unlike its neighbours the largest."""
+    k, v, q, gid = random_case(7, 32, 64, 2, (3, 2))
+    v = v.clone()
+    v[:, 1::2] = v[:, 0::2]  # every value twice in its segment ...
+    v[0, 5] = 10.0 * torch.randn(64, generator=torch.Generator().manual_seed(8))  # ... but one
+    v[0, 4] = v[0, 2]  # (whose twin now repeats another token)
+    labels = gid.long()
+    for kind in ("uniform", "novelty"):
+        pr = retrieval_prior(v, labels, 2, kind)
+        sums = torch.zeros(2).index_add_(0, labels, pr.sum(1))
+        torch.testing.assert_close(sums, torch.ones(2))
+    uni = retrieval_prior(v, labels, 2, "uniform")
+    torch.testing.assert_close(uni, (1.0 / (torch.bincount(gid)[gid] * 32).float())[:, None].expand(-1, 32))
+    nov = retrieval_prior(v, labels, 2, "novelty")
+    assert int(nov[gid == 0].argmax()) == 5 and float(nov[0, 5]) > 100 * float(nov[0, 4])
+    with pytest.raises(ValueError, match="unseen_prior: expected one of"):
+        plan_fast(k, v, queries=q, ratio=2, group_ids=gid, unseen_prior="zipf")
