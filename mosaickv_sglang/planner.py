@@ -12,8 +12,9 @@ segments, never over segments):
 1. **Estimate** ``err[n, c]`` for every segment ``n`` and menu candidate ``c`` (see :func:`estimate_errors_exact`
    and :func:`estimate_errors_fast`), and the candidate's packed bytes (the same for every segment). The error is
    the attention-output error on the observed queries plus ``unseen_weight`` times the error of a query that
-   retrieves a uniformly chosen token (:func:`unseen_query_error`): the observed queries alone price a dropped token
-   by the attention *they* paid it, which is close to nothing for a needle the recent queries never looked at.
+   retrieves one token, chosen with :func:`retrieval_prior` (by default favouring tokens not repeated in their
+   segment; :func:`unseen_query_error`): the observed queries alone price a dropped token by the attention *they*
+   paid it, which is close to nothing for a needle the recent queries never looked at.
 2. **Choose** (:func:`choose_candidates`): a Lagrangian sweep, i.e. a bisection on ``lambda`` for the smallest
    ``lambda`` whose per-segment choices ``argmin_c err[n, c] + lambda * bytes[c]`` fit the budget, then a greedy
    fix-up that spends the leftover bytes; the estimated error is provably non-increasing in the budget.
@@ -327,6 +328,9 @@ def _row_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 UNSEEN_PRIORS = ("uniform", "novelty")
+DEFAULT_UNSEEN_PRIOR = "novelty"
+"""Default :func:`retrieval_prior`: an unseen query retrieves content that is not repeated in its segment (a
+repeated token's copy answers the query anyway). ``"uniform"`` counts every token alike."""
 
 
 def _check_unseen_prior(kind: object) -> str:
@@ -386,7 +390,7 @@ def unseen_query_error(
     importance: SegmentImportance,
     *,
     group_ids: Optional[torch.Tensor] = None,
-    unseen_prior: str = "uniform",
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> torch.Tensor:
     """Error of every (segment, candidate) for a query that retrieves one token of the context, chosen uniformly.
 
@@ -415,7 +419,7 @@ def unseen_query_error(
         shape ``[N]``, integer; attention contexts (default: one).
     unseen_prior : str
         Which token the query retrieves (:func:`retrieval_prior`): ``"uniform"`` (the formula above) or
-        ``"novelty"`` (``1 / T`` replaced by a weight favouring tokens not repeated in their segment).
+        ``"novelty"`` (default; ``1 / T`` replaced by a weight favouring tokens not repeated in their segment).
 
     Returns
     -------
@@ -463,7 +467,7 @@ def estimate_errors_exact(
     sm_scale: Optional[float] = None,
     chunk_segments: int = DEFAULT_CHUNK,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
-    unseen_prior: str = "uniform",
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> ErrorEstimate:
     """Attention-output error of every (segment, candidate) on the observed queries.
 
@@ -588,7 +592,7 @@ def estimate_errors_fast(
     group_ids: Optional[torch.Tensor] = None,
     sm_scale: Optional[float] = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
-    unseen_prior: str = "uniform",
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> ErrorEstimate:
     """Cheap proxy of :func:`estimate_errors_exact`: first-order error for the *average* query, no attention recompute.
 
@@ -934,7 +938,7 @@ def plan_exact(
     sm_scale: Optional[float] = None,
     chunk_segments: int = DEFAULT_CHUNK,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
-    unseen_prior: str = "uniform",
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> PlanResult:
     """Plan with the attention-output error on the observed queries (:func:`estimate_errors_exact`), lowrank included.
 
@@ -966,7 +970,8 @@ def plan_exact(
         ``>= 0``; weight of the error for queries unlike the observed ones (:func:`unseen_query_error`); default
         :data:`DEFAULT_UNSEEN_WEIGHT`, 0 for the observed queries alone.
     unseen_prior : str
-        Which token that query retrieves (:func:`retrieval_prior`): ``"uniform"`` (default) or ``"novelty"``.
+        Which token that query retrieves (:func:`retrieval_prior`): ``"novelty"`` (default,
+        :data:`DEFAULT_UNSEEN_PRIOR`) or ``"uniform"``.
 
     Raises
     ------
@@ -1006,7 +1011,7 @@ def plan_fast(
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
-    unseen_prior: str = "uniform",
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> PlanResult:
     """Plan with the cheap error proxy (:func:`estimate_errors_fast`): dense, chan, tok and 2-D forms, no SVD.
 
@@ -1066,7 +1071,7 @@ def plan_token_only(
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
-    unseen_prior: str = "uniform",
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> PlanResult:
     """SnapKV-like baseline: token dropping only (``tok-m``, both sides dense), same budget and optimiser.
 
@@ -1095,7 +1100,7 @@ def plan_channel_only(
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
-    unseen_prior: str = "uniform",
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> PlanResult:
     """ThinK-like baseline: channel pruning only (every token kept, K and V dense or per-vector ``chan-k``).
 

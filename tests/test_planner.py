@@ -420,14 +420,14 @@ def retrieval_queries(k: torch.Tensor, gid: torch.Tensor, per_ctx: int, seed: in
 
 
 def test_unseen_error_prices_dropped_tokens_and_lost_energy():
-    """unseen_query_error: 0 for the dense candidate; (S - m) / T for tok-m with dense K and V (T = tokens of the
-    context); for per-vector chan forms, the kept tokens' mean lost energy fraction of K and V, over T. The exact
-    estimator reports the same numbers for dense and chan candidates."""
+    """unseen_query_error with the uniform prior: 0 for the dense candidate; (S - m) / T for tok-m with dense K and V
+    (T = tokens of the context); for per-vector chan forms, the kept tokens' mean lost energy fraction of K and V,
+    over T. The exact estimator reports the same numbers for dense and chan candidates, with either prior."""
     k, v, q, gid = random_case(3, 32, 64, 2, (3, 2))
     n, s, d = k.shape
     menu = [c for c in default_menu(s, d, lowrank=False)]
     imp = importance_from_queries(k, q, group_ids=gid)
-    got = unseen_query_error(k, v, menu, imp, group_ids=gid)
+    got = unseen_query_error(k, v, menu, imp, group_ids=gid, unseen_prior="uniform")
     t = (torch.bincount(gid)[gid] * s).float()
     rank = descending_rank(imp.token_mass)
 
@@ -443,8 +443,10 @@ def test_unseen_error_prices_dropped_tokens_and_lost_energy():
         want = ((keep * (lk + lv) / 2).sum(1) + (s - c.m)) / t
         torch.testing.assert_close(got[:, i], want, rtol=1e-5, atol=1e-7)
     assert torch.all(got[:, menu.index(Candidate(s))] == 0)
-    ex = estimate_errors_exact(k, v, q, menu, imp, group_ids=gid)
-    torch.testing.assert_close(ex.unseen, got, rtol=1e-5, atol=1e-7)
+    for prior in ("uniform", "novelty"):
+        ex = estimate_errors_exact(k, v, q, menu, imp, group_ids=gid, unseen_prior=prior)
+        fast = unseen_query_error(k, v, menu, imp, group_ids=gid, unseen_prior=prior)
+        torch.testing.assert_close(ex.unseen, fast, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("planner", ["exact", "fast"])
