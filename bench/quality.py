@@ -12,7 +12,7 @@ For every RULER-style prompt (:mod:`bench.ruler`) and SmolLM2-135M-Instruct (:mo
    ``1 / r`` of its raw 16-bit dense K+V bytes, as in ``--mosaic-compression-ratio`` ("sealed segments").
    Methods: the 2-D planner (``mosaic-exact`` = :func:`~mosaickv_sglang.planner.plan_exact`, ``mosaic-fast`` =
    :func:`~mosaickv_sglang.planner.plan_fast`, ``mosaic-2d`` = ``plan_exact`` without low-rank candidates), the
-   single-axis baselines on the same optimiser and budget (``token-only`` = SnapKV-like
+   single-axis baselines on the same optimiser, objective and budget (``token-only`` = SnapKV-like
    :func:`~mosaickv_sglang.planner.plan_token_only`, ``channel-only`` = ThinK-like
    :func:`~mosaickv_sglang.planner.plan_channel_only`), and casts (``fp8`` = e4m3 with one scale per layer and
    tensor, ratio 2; ``fp8-token`` = one bf16 scale per token and head; ``bf16`` = the 16-bit arena alone, ratio 1).
@@ -468,6 +468,7 @@ class CompressSettings:
     arena_dtype: str = "bf16"
     budget_scope: str = "layer"  # "layer": each layer gets the ratio; "global": one budget for all layers
     baseline_estimator: str = "exact"
+    unseen_weight: Optional[float] = None  # every planner method; None: the planner's DEFAULT_UNSEEN_WEIGHT
 
 
 def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -481,8 +482,12 @@ def _round_factors(plan: Any, dtype: torch.dtype) -> Any:
     return dataclasses.replace(plan, k_factors=rf(plan.k_factors), v_factors=rf(plan.v_factors))
 
 
-def _planner_fn(method: str, baseline_estimator: str) -> Callable[..., Any]:
+def _planner_fn(method: str, baseline_estimator: str, unseen_weight: Optional[float] = None) -> Callable[..., Any]:
     from mosaickv_sglang import planner as pl
+
+    if unseen_weight is not None:
+        inner = _planner_fn(method, baseline_estimator)
+        return lambda k, v, q, **kw: inner(k, v, q, unseen_weight=unseen_weight, **kw)
 
     if method == "mosaic-exact":
         return lambda k, v, q, **kw: pl.plan_exact(k, v, q, **kw)
@@ -587,7 +592,7 @@ def compress_with_planner(
     from mosaickv_sglang.planner import apply_plan_reference
     from mosaickv_sglang.strategies import dense_segment_bytes
 
-    plan_fn = _planner_fn(method, settings.baseline_estimator)
+    plan_fn = _planner_fn(method, settings.baseline_estimator, settings.unseen_weight)
     adt = ARENA_DTYPES[settings.arena_dtype]
     hkv, t, d = keys[0].shape
     hq = queries[0].shape[0]
@@ -1154,6 +1159,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="one byte budget per layer (default) or one for all layers")
     p.add_argument("--baseline-estimator", choices=["exact", "fast"], default="exact",
                    help="error estimator of the token-only/channel-only baselines (default exact)")
+    p.add_argument("--unseen-weight", type=float, default=None,
+                   help="unseen_weight of every planner method (default: the planner's DEFAULT_UNSEEN_WEIGHT; 0 is "
+                   "the observed-query planner of before)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--cache-dir", default=None, help="model cache (default $MOSAICKV_CACHE or ~/.cache/mosaickv)")
     p.add_argument("--out", default="bench/results/quality.json",
@@ -1163,6 +1171,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(r < 1 for r in args.ratios):
         p.error("--ratios: expected values >= 1")
+    if args.unseen_weight is not None and not (math.isfinite(args.unseen_weight) and args.unseen_weight >= 0):
+        p.error(f"--unseen-weight: expected a finite number >= 0, got {args.unseen_weight}")
     return args
 
 
@@ -1184,7 +1194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     use_mosaic_attention(model)
     count = lambda s: _tok_len(tok, s)  # noqa: E731
     settings = CompressSettings(args.seg_size, args.sinks, args.hot, args.arena_dtype, args.budget_scope,
-                                args.baseline_estimator)
+                                args.baseline_estimator, args.unseen_weight)
     vars_ = variants(args.methods, args.ratios)
     samples = [
         s for length in args.lengths

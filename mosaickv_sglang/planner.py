@@ -10,7 +10,11 @@ Three steps, all vectorised over segments (Python loops run only over menu entri
 segments, never over segments):
 
 1. **Estimate** ``err[n, c]`` for every segment ``n`` and menu candidate ``c`` (see :func:`estimate_errors_exact`
-   and :func:`estimate_errors_fast`), and the candidate's packed bytes (the same for every segment).
+   and :func:`estimate_errors_fast`), and the candidate's packed bytes (the same for every segment). The error is
+   the attention-output error on the observed queries plus ``unseen_weight`` times the error of a query that
+   retrieves one token, chosen with :func:`retrieval_prior` (by default favouring tokens not repeated in their
+   segment; :func:`unseen_query_error`): the observed queries alone price a dropped token by the attention *they*
+   paid it, which is close to nothing for a needle the recent queries never looked at.
 2. **Choose** (:func:`choose_candidates`): a Lagrangian sweep, i.e. a bisection on ``lambda`` for the smallest
    ``lambda`` whose per-segment choices ``argmin_c err[n, c] + lambda * bytes[c]`` fit the budget, then a greedy
    fix-up that spends the leftover bytes; the estimated error is provably non-increasing in the budget.
@@ -62,6 +66,7 @@ __all__ = [
     "choose_candidates",
     "estimate_errors_exact",
     "estimate_errors_fast",
+    "unseen_query_error",
     "plan_channel_only",
     "plan_exact",
     "plan_fast",
@@ -71,6 +76,13 @@ __all__ = [
 _EPS = 1e-30
 _MIN_KEPT_FRACTION = 1e-3
 DEFAULT_CHUNK = 256
+DEFAULT_UNSEEN_WEIGHT = 1.0
+"""Default weight of :func:`unseen_query_error` in the planner's objective (see :class:`ErrorEstimate`).
+
+The observed queries are a few recent ones; a later query may retrieve any token (a needle, a name, a digit the
+recent queries never looked at). The weight says how much such a query counts against the observed ones: 1 is an
+even mixture of the observed queries and a query that retrieves a uniformly chosen token. With 0 the planner is the
+observed-query optimiser of before (token drops priced only by the queries that ignored those tokens)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,10 +148,16 @@ class ErrorEstimate:
         averaged over queries (``<= 0`` when tokens are dropped; 0 for the dense candidate).
     mass_share : torch.Tensor
         shape ``[N]``, dtype ``torch.float32``, ``>= 0``; the segment's share of its context's attention mass.
+    unseen : torch.Tensor, optional
+        shape ``[N, C]``, dtype ``torch.float32``, ``>= 0``; the error for queries *unlike the observed ones* (see
+        :func:`unseen_query_error`); ``None``: not estimated.
+    unseen_weight : float
+        ``>= 0``; how much those queries count (see :data:`DEFAULT_UNSEEN_WEIGHT`).
 
     Notes
     -----
-    The optimiser minimises :attr:`err`, ``first_order / rho^2`` with ``rho = 1 + mass_delta / mass_share`` the
+    The optimiser minimises :attr:`err`, ``observed_err + unseen_weight * unseen``. :attr:`observed_err` is
+    ``first_order / rho^2`` with ``rho = 1 + mass_delta / mass_share`` the
     fraction of the segment's attention mass the candidate keeps (clamped to ``>= 1e-3``). Exactly, compressing
     several segments of a context at once gives ``O' - O = (sum_n delta_n) / F`` with ``F`` the mass kept by the
     whole context; a plan-independent (so separable, so optimisable by the Lagrangian) stand-in for ``F`` is the
@@ -151,6 +169,8 @@ class ErrorEstimate:
     first_order: torch.Tensor
     mass_delta: torch.Tensor
     mass_share: torch.Tensor
+    unseen: Optional[torch.Tensor] = None
+    unseen_weight: float = 0.0
 
     @property
     def kept_fraction(self) -> torch.Tensor:
@@ -160,9 +180,16 @@ class ErrorEstimate:
         return rho.clamp(min=_MIN_KEPT_FRACTION)
 
     @property
-    def err(self) -> torch.Tensor:
-        """The error the optimiser minimises: shape ``[N, C]``, ``first_order / kept_fraction^2``."""
+    def observed_err(self) -> torch.Tensor:
+        """Error on the observed queries: shape ``[N, C]``, ``first_order / kept_fraction^2``."""
         return self.first_order / self.kept_fraction.pow(2)
+
+    @property
+    def err(self) -> torch.Tensor:
+        """The error the optimiser minimises: shape ``[N, C]``, ``observed_err + unseen_weight * unseen``."""
+        if self.unseen is None or self.unseen_weight == 0:
+            return self.observed_err
+        return self.observed_err + self.unseen_weight * self.unseen
 
 
 # --- validation ------------------------------------------------------------------------------------------------------
@@ -291,6 +318,144 @@ class _Approximations:
         return self.x
 
 
+def _row_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of each row's energy an approximation loses, ``||x - x_hat||^2 / ||x||^2`` clamped to ``[0, 1]``.
+
+    ``x``, ``x_hat``: shape ``[N, S, d]``, fp32. Returns shape ``[N, S]``, fp32 (0 for all-zero rows).
+    """
+    den = x.pow(2).sum(-1)
+    return ((x - x_hat).pow(2).sum(-1) / den.clamp(min=_EPS)).clamp(max=1.0) * (den > 0)
+
+
+UNSEEN_PRIORS = ("uniform", "novelty")
+DEFAULT_UNSEEN_PRIOR = "novelty"
+"""Default :func:`retrieval_prior`: an unseen query retrieves content that is not repeated in its segment (a
+repeated token's copy answers the query anyway). ``"uniform"`` counts every token alike."""
+
+
+def _check_unseen_prior(kind: object) -> str:
+    if kind not in UNSEEN_PRIORS:
+        raise ValueError(f"unseen_prior: expected one of {UNSEEN_PRIORS}, got {kind!r}")
+    return str(kind)
+
+
+def _novelty(values: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """How much of each token's value its nearest other token of the segment misses: shape ``[N, S]``, in ``[0, 1]``.
+
+    ``min_{j != t} ||v_t - v_j||^2 / ||v_t||^2`` (clamped to 1): about 0 for a token repeated in its segment (a
+    query that retrieves it gets the copy's value), 1 for a token unlike its neighbours.
+    """
+    n, s, _ = values.shape
+    out = torch.empty(n, s, device=values.device)
+    eye = torch.eye(s, dtype=torch.bool, device=values.device)
+    for a in range(0, n, chunk):
+        v = values[a : a + chunk].float()
+        d2 = torch.cdist(v, v).pow(2).masked_fill(eye, float("inf"))
+        out[a : a + chunk] = (d2.min(-1).values / v.pow(2).sum(-1).clamp(min=_EPS)).clamp(max=1.0)
+    return out
+
+
+def retrieval_prior(
+    values: torch.Tensor, labels: torch.Tensor, ng: int, kind: str = "uniform"
+) -> torch.Tensor:
+    """Probability that an unseen retrieval query targets each token: shape ``[N, S]``, fp32, sums to 1 per context.
+
+    ``"uniform"``: ``1 / T`` (``T`` the context's tokens). ``"novelty"``: proportional to :func:`_novelty` (plus a
+    floor of ``1e-3``), i.e. queries retrieve content that is not repeated nearby.
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        shape ``[N, S, d]``, float.
+    labels : torch.Tensor
+        shape ``[N]``, dtype ``torch.int64``; contexts ``0..ng-1``.
+    """
+    _check_unseen_prior(kind)
+    n, s, _ = values.shape
+    w = torch.ones(n, s, device=values.device) if kind == "uniform" else _novelty(values) + 1e-3
+    tot = torch.zeros(ng, device=values.device).index_add_(0, labels, w.sum(1))
+    return w / tot[labels][:, None]
+
+
+def _check_unseen_weight(w: object) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise ValueError(f"unseen_weight: expected a finite number >= 0, got {w!r}")
+    return float(w)
+
+
+def unseen_query_error(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    menu: Sequence[Candidate],
+    importance: SegmentImportance,
+    *,
+    group_ids: Optional[torch.Tensor] = None,
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
+) -> torch.Tensor:
+    """Error of every (segment, candidate) for a query that retrieves one token of the context, chosen uniformly.
+
+    The observed queries only price what *they* attend to; a query that comes later may retrieve any token. For a
+    query that retrieves token ``t`` (its attention on ``t``), the relative squared output error is about the
+    fraction of ``t``'s energy the candidate loses: ``1`` for a dropped token (its value is gone from the output),
+    ``||dv_t||^2 / ||v_t||^2`` for V stored per-vector top-``k`` (and, for K, the relative change
+    ``q . dk_t / q . k_t = ||dk_t||^2 / ||k_t||^2`` of the retrieval score with ``q`` along ``k_t``). Per kept token
+    the loss is the mean of the K and V fractions, so a token whose K and V are both zeroed costs as much as a
+    dropped one. Averaged over the context's tokens (each retrieved with probability ``1 / T``)::
+
+        unseen[n, c] = (S - m_c + sum_{t kept} (loss_K(t) + loss_V(t)) / 2) / T
+
+    summed over a context's segments, it is the relative error of a uniformly chosen retrieval query, on the scale
+    of :attr:`ErrorEstimate.first_order`. Tokens are kept by decreasing ``token_mass`` as in the plan. Dense and
+    chan forms only (vectorised, no SVD); :func:`estimate_errors_exact` adds low-rank forms.
+
+    Parameters
+    ----------
+    keys, values : torch.Tensor
+        shape ``[N, S, d]``, fp32/fp16/bf16.
+    menu : sequence of Candidate
+        Dense and chan forms only.
+    importance : SegmentImportance
+    group_ids : torch.Tensor, optional
+        shape ``[N]``, integer; attention contexts (default: one).
+    unseen_prior : str
+        Which token the query retrieves (:func:`retrieval_prior`): ``"uniform"`` (the formula above) or
+        ``"novelty"`` (default; ``1 / T`` replaced by a weight favouring tokens not repeated in their segment).
+
+    Returns
+    -------
+    torch.Tensor
+        shape ``[N, len(menu)]``, dtype ``torch.float32``, ``>= 0`` (0 for the dense candidate).
+    """
+    n, s, d = _check_kv(keys, values)
+    importance = _check_importance(importance, n, s, d, keys.device)
+    labels, ng = normalize_group_ids(group_ids, n, keys.device)
+    order = torch.sort(importance.token_mass, dim=1, descending=True, stable=True).indices
+    prior = retrieval_prior(values, labels, ng, unseen_prior)
+    dropped = _prefix(prior, order)
+    dropped = dropped[:, -1:] - dropped  # [N, S+1]: prior mass of the tokens after the top m
+    half: Dict[Tuple[int, int, int], torch.Tensor] = {}  # (side, form, param) -> [N, S+1] prefix of loss / 2
+
+    def kept_loss(side: int, x: torch.Tensor, weight: torch.Tensor, form: int, param: int) -> torch.Tensor:
+        key = (side, form, param)
+        if key not in half:
+            if form == fmt.FORM_DENSE:
+                loss = torch.zeros(n, s, device=x.device)
+            elif form == fmt.FORM_CHAN:
+                xf = x.float()
+                loss = _row_loss(xf, xf * (descending_rank(chan_scores(xf, weight)) < param))
+            else:
+                raise ValueError(f"menu: expected dense or chan forms (no SVD here), got {fmt.FORM_NAMES[form]}")
+            half[key] = _prefix(prior * loss * 0.5, order)
+        return half[key]
+
+    cols = []
+    for c in menu:
+        lk = kept_loss(0, keys, importance.k_chan_weight, c.k_form, c.k_param)[:, c.m]
+        lv = kept_loss(1, values, importance.v_chan_weight, c.v_form, c.v_param)[:, c.m]
+        cols.append(lk + lv + dropped[:, c.m])
+    return (torch.stack(cols, 1) if cols else torch.zeros(n, 0, device=keys.device)).float()
+
+
 def estimate_errors_exact(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -301,6 +466,8 @@ def estimate_errors_exact(
     group_ids: Optional[torch.Tensor] = None,
     sm_scale: Optional[float] = None,
     chunk_segments: int = DEFAULT_CHUNK,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> ErrorEstimate:
     """Attention-output error of every (segment, candidate) on the observed queries.
 
@@ -336,12 +503,17 @@ def estimate_errors_exact(
         Default ``1 / sqrt(d)``.
     chunk_segments : int
         Segments processed at once (bounds memory to ``chunk * Q * S`` floats per buffer).
+    unseen_weight : float
+        ``>= 0``; weight of the unseen-query error (:func:`unseen_query_error`, here with low-rank forms too: their
+        per-row loss is measured on the reconstructed rows).
+    unseen_prior : str
+        ``"uniform"`` or ``"novelty"`` (:func:`retrieval_prior`).
 
     Returns
     -------
     ErrorEstimate
-        ``first_order`` and ``mass_delta`` of shape ``[N, len(menu)]`` (exactly 0 for the all-dense candidate) and
-        ``mass_share`` of shape ``[N]``.
+        ``first_order``, ``mass_delta`` and ``unseen`` of shape ``[N, len(menu)]`` (exactly 0 for the all-dense
+        candidate) and ``mass_share`` of shape ``[N]``.
     """
     n, s, d = _check_kv(keys, values)
     check_int(chunk_segments, "chunk_segments", lo=1)
@@ -349,7 +521,10 @@ def estimate_errors_exact(
     scale = default_scale(d, sm_scale)
     labels, ng = normalize_group_ids(group_ids, n, keys.device)
     importance = _check_importance(importance, n, s, d, keys.device)
+    weight = _check_unseen_weight(unseen_weight)
     lse, o, ctx, out = _context(q, keys, values, labels, ng, scale, chunk_segments)
+    prior = retrieval_prior(values, labels, ng, unseen_prior)
+    unseen = torch.zeros(n, len(menu), device=keys.device)
     denom_g = out.pow(2).sum(-1).mean(1)  # [ng]
     vscale = values.float().pow(2).sum(-1).mean() * 1e-12 + _EPS
     denom = (denom_g + vscale)[labels]
@@ -383,17 +558,22 @@ def estimate_errors_exact(
                 p2 = torch.softmax(sc, dim=2)
                 a2 = torch.exp(torch.logsumexp(sc, dim=2) - cx)
                 dm = (a2 - a1).mean(1)
+                k_loss = _row_loss(k_apx.x, k_apx.get(*kopt))
                 for i in idxs:
                     c = menu[i]
                     if (c.k_form, c.k_param) == kopt:
-                        delta = a2[:, :, None] * (torch.bmm(p2, v_apx.get(c.v_form, c.v_param)) - on) - u
+                        v_rows = v_apx.get(c.v_form, c.v_param)
+                        delta = a2[:, :, None] * (torch.bmm(p2, v_rows) - on) - u
                         err[sl, i] = delta.pow(2).sum(-1).mean(1) / denom[sl]
                         dmass[sl, i] = dm
+                        loss = torch.where(keep, (k_loss + _row_loss(v_apx.x, v_rows)) * 0.5, 1.0)
+                        unseen[sl, i] = (prior[sl] * loss).sum(1)
     dense_i = list(menu).index(Candidate(s))
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
+    unseen[:, dense_i] = 0.0
     share = torch.exp(lse - ctx[labels]).mean(1)
-    return ErrorEstimate(err, dmass, share)
+    return ErrorEstimate(err, dmass, share, unseen, weight)
 
 
 def _prefix(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -411,6 +591,8 @@ def estimate_errors_fast(
     *,
     group_ids: Optional[torch.Tensor] = None,
     sm_scale: Optional[float] = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> ErrorEstimate:
     """Cheap proxy of :func:`estimate_errors_exact`: first-order error for the *average* query, no attention recompute.
 
@@ -441,14 +623,20 @@ def estimate_errors_fast(
     group_ids : torch.Tensor, optional
         shape ``[N]``, integer; attention contexts (default: one).
     sm_scale : float, optional
+    unseen_weight : float
+        ``>= 0``; weight of :func:`unseen_query_error` in :attr:`ErrorEstimate.err`.
+    unseen_prior : str
+        ``"uniform"`` or ``"novelty"`` (:func:`retrieval_prior`).
 
     Returns
     -------
     ErrorEstimate
-        ``first_order`` and ``mass_delta`` of shape ``[N, len(menu)]``, ``mass_share`` of shape ``[N]``, fp32.
+        ``first_order``, ``mass_delta`` and ``unseen`` of shape ``[N, len(menu)]``, ``mass_share`` of shape ``[N]``,
+        fp32.
     """
     n, s, d = _check_kv(keys, values)
     importance = _check_importance(importance, n, s, d, keys.device)
+    weight = _check_unseen_weight(unseen_weight)
     scale = default_scale(d, sm_scale)
     labels, ng = normalize_group_ids(group_ids, n, keys.device)
     dev = keys.device
@@ -504,7 +692,8 @@ def estimate_errors_fast(
     dense_i = list(menu).index(Candidate(s))
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
-    return ErrorEstimate(err.float(), dmass.float(), p.sum(1))
+    unseen = unseen_query_error(keys, values, menu, importance, group_ids=group_ids, unseen_prior=unseen_prior)
+    return ErrorEstimate(err.float(), dmass.float(), p.sum(1), unseen, weight)
 
 
 # --- optimisation ----------------------------------------------------------------------------------------------------
@@ -748,6 +937,8 @@ def plan_exact(
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
     chunk_segments: int = DEFAULT_CHUNK,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> PlanResult:
     """Plan with the attention-output error on the observed queries (:func:`estimate_errors_exact`), lowrank included.
 
@@ -775,6 +966,12 @@ def plan_exact(
         Default ``1 / sqrt(d)``.
     chunk_segments : int
         Segments processed at once by the estimator.
+    unseen_weight : float
+        ``>= 0``; weight of the error for queries unlike the observed ones (:func:`unseen_query_error`); default
+        :data:`DEFAULT_UNSEEN_WEIGHT`, 0 for the observed queries alone.
+    unseen_prior : str
+        Which token that query retrieves (:func:`retrieval_prior`): ``"novelty"`` (default,
+        :data:`DEFAULT_UNSEEN_PRIOR`) or ``"uniform"``.
 
     Raises
     ------
@@ -783,6 +980,8 @@ def plan_exact(
     """
     n, s, d, budget, ad = _prepare(keys, values, ratio, budget_bytes, always_dense)
     items = _check_menu(menu, s, d, lowrank=True)
+    _check_unseen_weight(unseen_weight)
+    _check_unseen_prior(unseen_prior)
     flatten_queries(queries, n, d)
     imp = (
         importance_from_queries(keys, queries, group_ids=group_ids, sm_scale=sm_scale)
@@ -793,7 +992,8 @@ def plan_exact(
         est = None
     else:
         est = estimate_errors_exact(
-            keys, values, queries, items, imp, group_ids=group_ids, sm_scale=sm_scale, chunk_segments=chunk_segments
+            keys, values, queries, items, imp, group_ids=group_ids, sm_scale=sm_scale, chunk_segments=chunk_segments,
+            unseen_weight=unseen_weight, unseen_prior=unseen_prior,
         )
     return _build(keys, values, items, est, imp, budget, ad)
 
@@ -810,6 +1010,8 @@ def plan_fast(
     always_dense: Optional[torch.Tensor] = None,
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> PlanResult:
     """Plan with the cheap error proxy (:func:`estimate_errors_fast`): dense, chan, tok and 2-D forms, no SVD.
 
@@ -819,6 +1021,8 @@ def plan_fast(
     """
     n, s, d, budget, ad = _prepare(keys, values, ratio, budget_bytes, always_dense)
     items = _check_menu(menu, s, d, lowrank=False)
+    _check_unseen_weight(unseen_weight)
+    _check_unseen_prior(unseen_prior)
     if importance is not None:
         imp = _check_importance(importance, n, s, d, keys.device)
     elif queries is not None:
@@ -828,7 +1032,10 @@ def plan_fast(
     if budget >= n * dense_segment_bytes(s, d):
         est = None
     else:
-        est = estimate_errors_fast(keys, values, items, imp, group_ids=group_ids, sm_scale=sm_scale)
+        est = estimate_errors_fast(
+            keys, values, items, imp, group_ids=group_ids, sm_scale=sm_scale, unseen_weight=unseen_weight,
+            unseen_prior=unseen_prior,
+        )
     return _build(keys, values, items, est, imp, budget, ad)
 
 
@@ -863,6 +1070,8 @@ def plan_token_only(
     always_dense: Optional[torch.Tensor] = None,
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> PlanResult:
     """SnapKV-like baseline: token dropping only (``tok-m``, both sides dense), same budget and optimiser.
 
@@ -874,6 +1083,7 @@ def plan_token_only(
         lambda c, s: c.k_form == fmt.FORM_DENSE and c.v_form == fmt.FORM_DENSE,
         menu,
         ratio=ratio, budget_bytes=budget_bytes, group_ids=group_ids, always_dense=always_dense, sm_scale=sm_scale,
+        unseen_weight=unseen_weight, unseen_prior=unseen_prior,
     )
 
 
@@ -889,6 +1099,8 @@ def plan_channel_only(
     always_dense: Optional[torch.Tensor] = None,
     menu: Optional[Sequence[Candidate]] = None,
     sm_scale: Optional[float] = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
 ) -> PlanResult:
     """ThinK-like baseline: channel pruning only (every token kept, K and V dense or per-vector ``chan-k``).
 
@@ -900,6 +1112,7 @@ def plan_channel_only(
         lambda c, s: c.m == s and c.k_form != fmt.FORM_LOWRANK and c.v_form != fmt.FORM_LOWRANK,
         menu,
         ratio=ratio, budget_bytes=budget_bytes, group_ids=group_ids, always_dense=always_dense, sm_scale=sm_scale,
+        unseen_weight=unseen_weight, unseen_prior=unseen_prior,
     )
 
 

@@ -108,6 +108,24 @@ def test_compressed_prefix_drops_rows_per_kv_head_and_meets_the_budget(tiny):
         assert 0.0 < probe.mean_error("c") < 1.0
 
 
+def test_unseen_weight_setting_reaches_the_planner(tiny):
+    """--unseen-weight is passed to every planner method: weight 0 gives the observed-query plan (plan_fast with
+    unseen_weight=0), and the default (None) the planner's default plan."""
+    import dataclasses
+
+    from mosaickv_sglang import planner as pl
+
+    model, ctx, qry, ref, dense, queries = tiny
+    k, v, q = dense.keys[0][:, :64].reshape(4, 16, 32), dense.values[0][:, :64].reshape(4, 16, 32), queries[0]
+    qs = q.view(1, 3, 8, 32).permute(0, 2, 1, 3).expand(4, 8, 3, 32)
+    for weight in (None, 0.0):
+        fn = Q._planner_fn("mosaic-fast", "exact", weight)
+        want = pl.plan_fast(k, v, queries=qs, ratio=3, **({} if weight is None else {"unseen_weight": weight}))
+        got = fn(k, v, qs, ratio=3)
+        assert torch.equal(got.choice, want.choice)
+    assert dataclasses.replace(SETTINGS, unseen_weight=0.0).unseen_weight == 0.0
+
+
 def test_attend_prefix_equals_attention_over_kept_rows():
     torch.manual_seed(2)
     q = torch.randn(2, 6, 3, 32)

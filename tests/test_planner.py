@@ -25,6 +25,8 @@ from mosaickv_sglang.planner import (
     plan_exact,
     plan_fast,
     plan_token_only,
+    retrieval_prior,
+    unseen_query_error,
 )
 from mosaickv_sglang.strategies import Candidate, default_menu, dense_segment_bytes, descending_rank
 
@@ -227,17 +229,17 @@ def test_lowrank_factors_are_svd_of_kept_rows():
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("ratio", [2, 3, 4])
 def test_two_dimensional_beats_single_axis(seed, ratio):
-    """On data with per-token heavy channels and concentrated attention (see structured_case), the 2-D planner's
-    measured attention-output error on held-out queries is <= both single-axis baselines at the same byte budget,
-    for the exact and the fast estimators."""
+    """On data with per-token heavy channels and concentrated attention (see structured_case), the observed-query
+    planner's (unseen_weight=0) measured attention-output error on held-out queries of the same distribution is <=
+    both single-axis baselines at the same byte budget, for the exact and the fast estimators."""
     k, v, q, q_test, gid = structured_case(seed)
     for estimator in ("exact", "fast"):
         if estimator == "exact":
-            two_d = plan_exact(k, v, q, ratio=ratio, group_ids=gid)
+            two_d = plan_exact(k, v, q, ratio=ratio, group_ids=gid, unseen_weight=0.0)
         else:
-            two_d = plan_fast(k, v, queries=q, ratio=ratio, group_ids=gid)
-        tok = plan_token_only(k, v, q, ratio=ratio, group_ids=gid, estimator=estimator)
-        chan = plan_channel_only(k, v, q, ratio=ratio, group_ids=gid, estimator=estimator)
+            two_d = plan_fast(k, v, queries=q, ratio=ratio, group_ids=gid, unseen_weight=0.0)
+        tok = plan_token_only(k, v, q, ratio=ratio, group_ids=gid, estimator=estimator, unseen_weight=0.0)
+        chan = plan_channel_only(k, v, q, ratio=ratio, group_ids=gid, estimator=estimator, unseen_weight=0.0)
         assert two_d.budget_bytes == tok.budget_bytes == chan.budget_bytes
         assert torch.all(tok.plan.k_form == fmt.FORM_DENSE) and torch.all(tok.plan.v_form == fmt.FORM_DENSE)
         assert torch.all(chan.plan.token_keep)
@@ -399,3 +401,127 @@ def test_invalid_inputs_name_the_argument(idx):
     match, call = _bad_calls()[idx]
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- queries unlike the observed ones (unseen_query_error) -----------------------------------------------------------
+def retrieval_queries(k: torch.Tensor, gid: torch.Tensor, per_ctx: int, seed: int, sharp: float = 4.0) -> torch.Tensor:
+    """Held-out queries that each retrieve one random token of their context: ``q = sharp * k_t / ||k_t|| * sqrt(d)``
+    (attention concentrated on ``t``), ``per_ctx`` of them per context, shape ``[N, per_ctx, 1, d]``."""
+    gen = torch.Generator().manual_seed(seed)
+    n, s, d = k.shape
+    out = torch.empty(n, per_ctx, 1, d)
+    for g in gid.unique().tolist():
+        segs = torch.nonzero(gid == g).squeeze(1)
+        rows = k[segs].reshape(-1, d)
+        pick = rows[torch.randint(rows.shape[0], (per_ctx,), generator=gen)]
+        q = sharp * math.sqrt(d) * pick / pick.norm(dim=-1, keepdim=True)
+        out[segs] = q[None, :, None, :]
+    return out
+
+
+def test_unseen_error_prices_dropped_tokens_and_lost_energy():
+    """unseen_query_error with the uniform prior: 0 for the dense candidate; (S - m) / T for tok-m with dense K and V
+    (T = tokens of the context); for per-vector chan forms, the kept tokens' mean lost energy fraction of K and V,
+    over T. The exact estimator reports the same numbers for dense and chan candidates, with either prior."""
+    k, v, q, gid = random_case(3, 32, 64, 2, (3, 2))
+    n, s, d = k.shape
+    menu = [c for c in default_menu(s, d, lowrank=False)]
+    imp = importance_from_queries(k, q, group_ids=gid)
+    got = unseen_query_error(k, v, menu, imp, group_ids=gid, unseen_prior="uniform")
+    t = (torch.bincount(gid)[gid] * s).float()
+    rank = descending_rank(imp.token_mass)
+
+    def lost(x, w, kk):
+        xf = x.float()
+        kept = xf * (descending_rank(xf.abs() * w[:, None, :]) < kk)
+        return (xf - kept).pow(2).sum(-1) / xf.pow(2).sum(-1)
+
+    for i, c in enumerate(menu):
+        keep = rank < c.m
+        lk = lost(k, imp.k_chan_weight, c.k_param) if c.k_form == fmt.FORM_CHAN else torch.zeros(n, s)
+        lv = lost(v, imp.v_chan_weight, c.v_param) if c.v_form == fmt.FORM_CHAN else torch.zeros(n, s)
+        want = ((keep * (lk + lv) / 2).sum(1) + (s - c.m)) / t
+        torch.testing.assert_close(got[:, i], want, rtol=1e-5, atol=1e-7)
+    assert torch.all(got[:, menu.index(Candidate(s))] == 0)
+    for prior in ("uniform", "novelty"):
+        ex = estimate_errors_exact(k, v, q, menu, imp, group_ids=gid, unseen_prior=prior)
+        fast = unseen_query_error(k, v, menu, imp, group_ids=gid, unseen_prior=prior)
+        torch.testing.assert_close(ex.unseen, fast, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("planner", ["exact", "fast"])
+def test_unseen_weight_zero_is_the_observed_objective(planner):
+    """With unseen_weight=0 the optimised error is the observed-query error alone; with a weight w it is
+    observed + w * unseen, and the plan's est_error reports that objective."""
+    k, v, q, gid = random_case(4, 32, 64, 2, (2, 3))
+    imp = importance_from_queries(k, q, group_ids=gid)
+    menu = default_menu(32, 64, lowrank=planner == "exact")
+    for w in (0.0, 0.5):
+        if planner == "exact":
+            est = estimate_errors_exact(k, v, q, menu, imp, group_ids=gid, unseen_weight=w)
+        else:
+            est = estimate_errors_fast(k, v, menu, imp, group_ids=gid, unseen_weight=w)
+        torch.testing.assert_close(est.err, est.observed_err + w * est.unseen)
+    with pytest.raises(ValueError, match="unseen_weight: expected a finite number >= 0, got -1"):
+        _planners()[planner](k, v, q, gid, ratio=2, unseen_weight=-1)
+
+
+@pytest.mark.parametrize("planner", ["exact", "fast"])
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_unseen_weight_protects_tokens_the_observed_queries_ignore(planner, ratio):
+    """On structured data the observed queries attend to a few heavy hitters, so with unseen_weight=0 the planner
+    drops most other tokens. A later query that retrieves one of them loses it. With the default weight the planner
+    keeps more tokens at the same budget, and the measured error of such retrieval queries is lower; both plans fit
+    the budget."""
+    k, v, q, _, gid = structured_case(5)
+    q_ret = retrieval_queries(k, gid, per_ctx=16, seed=6)
+    plan = _planners()[planner]
+    old = plan(k, v, q, gid, ratio=ratio, unseen_weight=0.0)
+    new = plan(k, v, q, gid, ratio=ratio)
+    assert new.total_bytes <= new.budget_bytes and old.total_bytes <= old.budget_bytes
+    assert int(new.plan.token_keep.sum()) > int(old.plan.token_keep.sum())
+    assert measured_error(k, v, new.plan, q_ret, gid) < measured_error(k, v, old.plan, q_ret, gid)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("ratio", [2, 4])
+def test_two_dimensional_default_beats_single_axis_on_mixed_queries(seed, ratio):
+    """With the default unseen weight (all three planners), the 2-D planner's measured error summed over held-out
+    queries of the observed distribution and retrieval queries of random tokens is <= both single-axis baselines at
+    the same budget (exact and fast estimators)."""
+    k, v, q, q_test, gid = structured_case(seed)
+    q_ret = retrieval_queries(k, gid, per_ctx=16, seed=seed + 10)
+
+    def mixed(res) -> float:
+        return measured_error(k, v, res.plan, q_test, gid) + measured_error(k, v, res.plan, q_ret, gid)
+
+    for estimator in ("exact", "fast"):
+        if estimator == "exact":
+            two_d = plan_exact(k, v, q, ratio=ratio, group_ids=gid)
+        else:
+            two_d = plan_fast(k, v, queries=q, ratio=ratio, group_ids=gid)
+        tok = plan_token_only(k, v, q, ratio=ratio, group_ids=gid, estimator=estimator)
+        chan = plan_channel_only(k, v, q, ratio=ratio, group_ids=gid, estimator=estimator)
+        e2, et, ec = mixed(two_d), mixed(tok), mixed(chan)
+        assert e2 <= et * (1 + 1e-6) and e2 <= ec * (1 + 1e-6), (estimator, e2, et, ec)
+
+
+def test_retrieval_prior_sums_to_one_and_novelty_favours_unrepeated_tokens():
+    """retrieval_prior: per context the probabilities sum to 1; "uniform" is 1 / T; with "novelty" a token whose
+    value is repeated in its segment gets the floor weight and a token unlike its neighbours the largest."""
+    k, v, q, gid = random_case(7, 32, 64, 2, (3, 2))
+    v = v.clone()
+    v[:, 1::2] = v[:, 0::2]  # every value twice in its segment ...
+    v[0, 5] = 10.0 * torch.randn(64, generator=torch.Generator().manual_seed(8))  # ... but one
+    v[0, 4] = v[0, 2]  # (whose twin now repeats another token)
+    labels = gid.long()
+    for kind in ("uniform", "novelty"):
+        pr = retrieval_prior(v, labels, 2, kind)
+        sums = torch.zeros(2).index_add_(0, labels, pr.sum(1))
+        torch.testing.assert_close(sums, torch.ones(2))
+    uni = retrieval_prior(v, labels, 2, "uniform")
+    torch.testing.assert_close(uni, (1.0 / (torch.bincount(gid)[gid] * 32).float())[:, None].expand(-1, 32))
+    nov = retrieval_prior(v, labels, 2, "novelty")
+    assert int(nov[gid == 0].argmax()) == 5 and float(nov[0, 5]) > 100 * float(nov[0, 4])
+    with pytest.raises(ValueError, match="unseen_prior: expected one of"):
+        plan_fast(k, v, queries=q, ratio=2, group_ids=gid, unseen_prior="zipf")
