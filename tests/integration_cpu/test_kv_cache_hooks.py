@@ -26,7 +26,7 @@ import sglang.srt.runtime_context as runtime_context  # noqa: E402
 from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 from sglang.srt.model_executor.pool_configurator import DefaultPoolConfigurator  # noqa: E402
-from test_kv_pool import D, DT, H_KV, LAYERS, S, build_pool  # noqa: E402
+from test_kv_pool import D, DT, H_KV, LAYERS, S, build_mha_kv_pool, build_pool  # noqa: E402
 
 from mosaickv_sglang.config import MosaicKVConfig  # noqa: E402
 from mosaickv_sglang.kernels.format import SegmentPlan  # noqa: E402
@@ -97,14 +97,7 @@ def test_running_requests_are_capped_by_the_hot_pool():
 
 
 def _build(kvc: SimpleNamespace, size: int):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kcc, "get_schedule", lambda: SimpleNamespace(prefill_only_disable_kv_cache=False))
-        mp.setattr(kcc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
-        mp.setattr(kcc, "get_exec", lambda: SimpleNamespace(features=SimpleNamespace(enable_memory_saver=False)))
-        mp.setattr(kcc, "get_disagg", lambda: SimpleNamespace(enable_pdmux=False))
-        mp.setattr(kcc, "get_spec", lambda: SimpleNamespace(speculative_algorithm=None))
-        return kcc.KVCacheConfigurator._build_mha_kv_pool(kvc, max_total_num_tokens=size,
-                                                          mha_pool_class=MHATokenToKVPool)  # fmt: skip
+    return build_mha_kv_pool(kvc, size, MHATokenToKVPool)
 
 
 def test_build_substitutes_the_compressed_pool_only_with_mosaic():

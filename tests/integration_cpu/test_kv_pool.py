@@ -60,15 +60,22 @@ def build_pool(
         layer_info=SimpleNamespace(num_effective_layers=layers, start_layer=0, end_layer=layers),
     )  # fmt: skip
     cls = functools.partial(MosaicMHATokenToKVPool, mosaic_config=cfg, hot_tokens=hot_tokens, **extra)
+    pool = build_mha_kv_pool(stub, size, cls)
+    assert isinstance(pool, MosaicMHATokenToKVPool)
+    return pool
+
+
+def build_mha_kv_pool(configurator: object, size: int, pool_class: object) -> object:
+    """SGLang's ``KVCacheConfigurator._build_mha_kv_pool`` on ``configurator`` (its global-context getters stubbed
+    for one CPU rank without speculative decoding or PD multiplexing)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kcc, "get_schedule", lambda: SimpleNamespace(prefill_only_disable_kv_cache=False))
         mp.setattr(kcc, "get_parallel", lambda: SimpleNamespace(attn_tp_size=1))
         mp.setattr(kcc, "get_exec", lambda: SimpleNamespace(features=SimpleNamespace(enable_memory_saver=False)))
         mp.setattr(kcc, "get_disagg", lambda: SimpleNamespace(enable_pdmux=False))
         mp.setattr(kcc, "get_spec", lambda: SimpleNamespace(speculative_algorithm=None))
-        pool = kcc.KVCacheConfigurator._build_mha_kv_pool(stub, max_total_num_tokens=size, mha_pool_class=cls)
-    assert isinstance(pool, MosaicMHATokenToKVPool)
-    return pool
+        return kcc.KVCacheConfigurator._build_mha_kv_pool(configurator, max_total_num_tokens=size,
+                                                          mha_pool_class=pool_class)  # fmt: skip
 
 
 def _layer(layer_id: int) -> SimpleNamespace:
