@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +181,32 @@ def test_auto_seal_compresses_at_ratio_three():
         rel = (mosaic_out.float() - native_out.float()).norm() / native_out.float().norm()
         assert rel < 0.5
     sc.pool.check_invariants()
+
+
+@pytest.mark.parametrize("hot_window,hot_pages", [(32, 16), (1024, 14)], ids=["policy", "pressure"])
+def test_sealing_decisions_are_identical_across_ranks(hot_window, hot_pages):
+    """Two tensor-parallel ranks see the same batches (same allocator decisions) but different K/V and queries (their
+    own heads): every page-level decision (which pages are sealed, when, under pressure or policy; which physical
+    page each logical page gets) is the same on both, so their pools stay in lockstep with SGLang's one allocator.
+    What each rank packs into its segments is its own."""
+    ranks = [Scenario(config(ratio=3.0, hot_window=hot_window), group=2, seed=seed, auto_seal=True,
+                      hot=hot_pages * S) for seed in (1, 2)]  # fmt: skip
+
+    def step(make_batch):
+        batches = [make_batch(sc) for sc in ranks]
+        for sc, batch in zip(ranks, batches):
+            sc.mosaic.init_forward_metadata(batch)
+        a, b = (sc.pool for sc in ranks)
+        assert np.array_equal(a._l2p, b._l2p) and np.array_equal(a._live, b._live)
+        assert torch.equal(a.store.page_state(), b.store.page_state())
+        assert ranks[0].mosaic.sealer.pages_sealed == ranks[1].mosaic.sealer.pages_sealed
+        assert ranks[0].mosaic.sealer.pressure_pages_sealed == ranks[1].mosaic.sealer.pressure_pages_sealed
+
+    step(lambda sc: sc.extend_batch(PROMPTS))
+    for _ in range(3):
+        step(lambda sc: sc.extend_batch([16, 16, 16, 16]))
+    for _ in range(2):
+        step(lambda sc: sc.decode_batch())
+    sealer = ranks[0].mosaic.sealer
+    assert sealer.pages_sealed > len(PROMPTS)  # more than the sink pages
+    assert (sealer.pressure_pages_sealed > 0) == (hot_window == 1024)
