@@ -97,8 +97,9 @@ def cap_running_requests(original: Callable[..., int], self: Any, token_capacity
     if layout is None or reqs <= layout.max_running_requests:
         return reqs
     logger.warning(
-        "MosaicKV: max_running_requests capped from %d to %d by the dense hot pool (%d tokens); raise "
-        "--max-running-requests to plan a larger hot pool",
+        "MosaicKV: max_running_requests capped from %d to %d by the dense hot pool (%d tokens); to serve more at "
+        "once, pass --max-running-requests (the hot pool is then planned for it, up to a quarter of the KV budget) "
+        "or lower --mosaic-hot-window",
         reqs, layout.max_running_requests, layout.hot_tokens,
     )  # fmt: skip
     return layout.max_running_requests
