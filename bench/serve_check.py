@@ -57,25 +57,37 @@ def _get(url: str, timeout: float = 30.0) -> Dict[str, Any]:
     return json.loads(body) if body.strip().startswith("{") else {"text": body}
 
 
+def split_tp(name: str) -> "tuple[str, int]":
+    """``("mosaic-r3", 2)`` for ``mosaic-r3-tp2``; a name without a ``-tp<N>`` suffix runs at TP 1."""
+    base, sep, tp = name.rpartition("-tp")
+    if sep and tp.isdigit() and int(tp) >= 1:
+        return base, int(tp)
+    return name, 1
+
+
 def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
-    """Server flags of a configuration name (``dense``, ``fp8``, ``mosaic-r<ratio>[-b<tokens>][-h<tokens>]``);
-    stock configurations use ``dense_backend``."""
-    if name == "dense":
-        return ["--attention-backend", dense_backend]
-    if name == "fp8":
-        return ["--attention-backend", dense_backend, "--kv-cache-dtype", "fp8_e4m3"]
-    if name.startswith("mosaic-r"):
-        parts = name[len("mosaic-r") :].split("-")
-        flags = ["--kv-compressor", "mosaic", "--mosaic-compression-ratio", parts[0]]
+    """Server flags of a configuration name (``dense``, ``fp8``, ``mosaic-r<ratio>[-b<tokens>][-h<tokens>]``, each
+    with an optional ``-tp<N>`` suffix for ``--tp-size N``); stock configurations use ``dense_backend``."""
+    base, tp = split_tp(name)
+    flags = ["--tp-size", str(tp)] if tp > 1 else []
+    if base == "dense":
+        return flags + ["--attention-backend", dense_backend]
+    if base == "fp8":
+        return flags + ["--attention-backend", dense_backend, "--kv-cache-dtype", "fp8_e4m3"]
+    if base.startswith("mosaic-r"):
+        parts = base[len("mosaic-r") :].split("-")
+        flags += ["--kv-compressor", "mosaic", "--mosaic-compression-ratio", parts[0]]
         for extra in parts[1:]:
             if extra.startswith("b"):
                 flags += ["--mosaic-decode-read-budget", extra[1:]]
             elif extra.startswith("h"):
                 flags += ["--mosaic-hot-window", extra[1:]]
             else:
-                raise ValueError(f"config: unknown suffix {extra!r} in {name!r} (expected b<tokens> or h<tokens>)")
+                raise ValueError(f"config: unknown suffix {extra!r} in {name!r} (expected b<tokens>, h<tokens> or "
+                                 "tp<N>)")  # fmt: skip
         return flags
-    raise ValueError(f"config: expected dense, fp8 or mosaic-r<ratio>[-b<tokens>][-h<tokens>], got {name!r}")
+    raise ValueError(f"config: expected dense, fp8 or mosaic-r<ratio>[-b<tokens>][-h<tokens>] with an optional "
+                     f"-tp<N>, got {name!r}")  # fmt: skip
 
 
 class Server:
@@ -195,9 +207,16 @@ def probe(url: str, samples: List[Any], max_tokens: int) -> Dict[str, Any]:
     return out
 
 
+def _equal_rows(base: Dict[str, Any], res: Dict[str, Any]) -> Dict[str, Any]:
+    pairs = list(zip(base.get("completions", []), res.get("completions", [])))
+    return {"equal": sum(a["text"] == b["text"] for a, b in pairs), "compared": len(pairs),
+            "chat_equal": res.get("chat") == base.get("chat"),
+            "frontend_equal": res.get("frontend") == base.get("frontend")}  # fmt: skip
+
+
 def compare(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """Each configuration against ``dense``: completions equal, needle accuracy, capacity ratio."""
-    base = results.get("dense")
+    """Each configuration against the stock server at the same TP size (``dense`` or ``dense-tp<N>``): completions
+    equal, needle accuracy, capacity ratio; a ``-tp<N>`` configuration also against itself at TP 1."""
     summary: Dict[str, Any] = {}
     for name, res in results.items():
         comps = res.get("completions", [])
@@ -207,14 +226,19 @@ def compare(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
             "errors": len(res.get("errors", [])),
             "capacity_tokens": res.get("server_info", {}).get("max_total_num_tokens"),
         }  # fmt: skip
-        if base is not None and name != "dense":
-            pairs = list(zip(base.get("completions", []), comps))
-            row["equal_to_dense"] = sum(a["text"] == b["text"] for a, b in pairs)
-            row["compared"] = len(pairs)
+        base_name, tp = split_tp(name)
+        dense_name = "dense" if tp == 1 else f"dense-tp{tp}"
+        base = results.get(dense_name)
+        if base is not None and name != dense_name:
+            eq = _equal_rows(base, res)
+            row.update(equal_to_dense=eq["equal"], compared=eq["compared"], chat_equal=eq["chat_equal"],
+                       frontend_equal=eq["frontend_equal"])  # fmt: skip
             cap, cap0 = row["capacity_tokens"], base.get("server_info", {}).get("max_total_num_tokens")
             row["capacity_vs_dense"] = round(cap / cap0, 3) if cap and cap0 else None
-            row["chat_equal"] = res.get("chat") == base.get("chat")
-            row["frontend_equal"] = res.get("frontend") == base.get("frontend")
+        if tp > 1 and base_name in results:
+            eq = _equal_rows(results[base_name], res)
+            row.update(equal_to_tp1=eq["equal"], chat_equal_to_tp1=eq["chat_equal"],
+                       frontend_equal_to_tp1=eq["frontend_equal"])  # fmt: skip
         summary[name] = row
     return summary
 
@@ -223,7 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", required=True, help="model path (a Hugging Face checkpoint directory)")
     ap.add_argument("--configs", nargs="+", default=["dense", "mosaic-r1-b0", "mosaic-r3"],
-                    help="configurations in order: dense, fp8, mosaic-r<ratio>[-b<read budget>][-h<hot window>]")
+                    help="configurations in order: dense, fp8, mosaic-r<ratio>[-b<read budget>][-h<hot window>], each with an "
+                         "optional -tp<N> (--tp-size N)")
     ap.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 7680], help="needle prompt lengths")
     ap.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey"], help="bench.ruler tasks")
     ap.add_argument("--samples", type=int, default=2, help="samples per task and length")
