@@ -245,7 +245,7 @@ def compare(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", required=True, help="model path (a Hugging Face checkpoint directory)")
+    ap.add_argument("--model", help="model path (a Hugging Face checkpoint directory); required unless --merge")
     ap.add_argument("--configs", nargs="+", default=["dense", "mosaic-r1-b0", "mosaic-r3"],
                     help="configurations in order: dense, fp8, mosaic-r<ratio>[-b<read budget>][-h<hot window>], each with an "
                          "optional -tp<N> (--tp-size N)")
@@ -258,10 +258,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--server-args", default="", help="extra flags for every server, one string")
     ap.add_argument("--dense-backend", default="flashinfer", help="attention backend of dense and fp8 (default: "
                     "flashinfer; the GPU bundle has no FA3)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                    help="start no server: compare the serve_<config>.json of earlier runs (e.g. ones run side by side "
+                         "on separate GPUs) and write <out>/serve_check.json")  # fmt: skip
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return _write_summary(args.out, load_results(args.merge))
+    if not args.model:
+        ap.error("--model is required unless --merge is given")
     for name in args.configs:
         config_flags(name)  # fail early on a bad name
 
@@ -291,8 +298,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         results[name] = res
         (args.out / f"serve_{name}.json").write_text(json.dumps(res, indent=1))
         logger.info("%s: %s", name, json.dumps(compare({name: res})[name]))
+    return _write_summary(args.out, results)
+
+
+def load_results(dirs: List[Path]) -> Dict[str, Dict[str, Any]]:
+    """The ``serve_<config>.json`` files of ``dirs`` by configuration name (a later directory wins)."""
+    results: Dict[str, Dict[str, Any]] = {}
+    for d in dirs:
+        files = sorted(f for f in d.glob("serve_*.json") if f.name != "serve_check.json")
+        if not files:
+            raise FileNotFoundError(f"--merge: expected serve_<config>.json files in {d}, found none")
+        for f in files:
+            res = json.loads(f.read_text())
+            results[res.get("config", f.stem[len("serve_") :])] = res
+    return results
+
+
+def _write_summary(out: Path, results: Dict[str, Dict[str, Any]]) -> int:
     summary = compare(results)
-    (args.out / "serve_check.json").write_text(json.dumps({"summary": summary, "results": results}, indent=1))
+    (out / "serve_check.json").write_text(json.dumps({"summary": summary, "results": results}, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
 

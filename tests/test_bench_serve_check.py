@@ -54,3 +54,18 @@ def test_compare_pairs_each_config_with_dense_at_its_tp_size_and_with_itself_at_
     assert (row["equal_to_dense"], row["capacity_vs_dense"], row["chat_equal"]) == (2, 2.5, False)
     assert (row["equal_to_tp1"], row["chat_equal_to_tp1"], row["needle_correct"]) == (1, False, 1)
     assert "equal_to_tp1" not in s["mosaic-r3"] and "equal_to_dense" not in s["dense-tp2"]
+
+
+def test_merge_compares_runs_made_in_separate_directories(tmp_path, capsys):
+    import json
+
+    from bench.serve_check import main
+
+    for sub, name, res in [("gpu0", "dense", _res(["1234"], 100)), ("gpu1", "mosaic-r3", _res(["1234"], 300))]:
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / f"serve_{name}.json").write_text(json.dumps({"config": name, **res}))
+    assert main(["--merge", str(tmp_path / "gpu0"), str(tmp_path / "gpu1"), "--out", str(tmp_path / "all")]) == 0
+    summary = json.loads((tmp_path / "all" / "serve_check.json").read_text())["summary"]
+    assert summary["mosaic-r3"]["equal_to_dense"] == 1 and summary["mosaic-r3"]["capacity_vs_dense"] == 3.0
+    with pytest.raises(FileNotFoundError, match="--merge: expected serve_<config>.json files in"):
+        main(["--merge", str(tmp_path / "all"), "--out", str(tmp_path / "x")])
