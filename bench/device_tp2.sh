@@ -50,6 +50,10 @@ case "$step" in
     wait
     serve_check tp2 30000 mosaic-r3-tp2
     ;;
+  smollm2-a-tp2)  # the TP2 half of smollm2-a alone
+    P="$(smollm2_padded)"
+    serve_check tp2 30000 mosaic-r3-tp2
+    ;;
   smollm2-b)
     P="$(smollm2_padded)"
     serve_check tp2 30000 mosaic-r1-b0-tp2 dense-tp2
