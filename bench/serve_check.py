@@ -282,8 +282,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                for n in args.lengths for t in args.tasks for i in range(args.samples)]  # fmt: skip
     results: Dict[str, Dict[str, Any]] = {}
     for name in args.configs:
+        extra = args.server_args.split()
+        if "--enable-cache-report" not in extra:  # cached_tokens in the radix-reuse probe's responses
+            extra.append("--enable-cache-report")
         server = Server(args.model, args.port, config_flags(name, args.dense_backend), args.out / f"server_{name}.log",
-                        args.server_args.split())  # fmt: skip
+                        extra)  # fmt: skip
         res: Dict[str, Any] = {"config": name, "command": " ".join(server.cmd)}
         t0 = time.time()
         try:

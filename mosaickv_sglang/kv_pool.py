@@ -54,12 +54,14 @@ from mosaickv_sglang.kernels.format import ARENA_DTYPES, KERNEL_HEAD_DIMS, Segme
 from mosaickv_sglang.pool import (
     PAGE_FREE,
     PAGE_SEALED,
+    ArenaLedger,
     CompressedKVStore,
     DecodeMetadata,
     ExtendMetadata,
     SealablePages,
     arena_granules_for,
 )
+from mosaickv_sglang.pool.sizing import ARENA_SLACK
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +246,12 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
             )  # fmt: skip
         self.store = CompressedKVStore(
             layer_num, self.num_logical_pages, page_size, head_num, head_dim, dtype, device, arena_granules_per_layer
+        )
+        # reservations decide whether a batch fits (identical on every TP rank); the arena's slack over them absorbs
+        # the spread of actual payloads around their share when pages of one sealed batch are freed apart
+        slack = ARENA_SLACK if mosaic_config.compression_ratio > ARENA_SLACK else 1.0
+        self.arena_ledger = ArenaLedger(
+            self.num_logical_pages, int(arena_granules_per_layer / slack), head_num, page_size, head_dim
         )
         dev = torch.device(device)
         self.page_table = torch.full((self.num_logical_pages,), -1, dtype=torch.int32, device=dev)
@@ -590,6 +598,7 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         if live.size:
             self.store.free(torch.from_numpy(live))
             self._live[live] = False
+        self.arena_ledger.release(p)
         self._release(p[self._l2p[p] >= 0])
         self._fill[p] = 0
         self._last_write[p] = 0
@@ -745,6 +754,10 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         for li, a in enumerate(self.store.allocators):
             if a.used_granules + a.free_granules != a.capacity:
                 errors.append(f"arena {li}: used + free != capacity")
+        try:
+            self.arena_ledger.check()
+        except RuntimeError as err:
+            errors.append(str(err))
         if errors:
             raise RuntimeError("MosaicMHATokenToKVPool invariants: " + "; ".join(errors))
 

@@ -24,11 +24,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from mosaickv_sglang.config import MAX_COMPRESSION_RATIO
 from mosaickv_sglang.importance import SegmentImportance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.planner import plan_fast
-from mosaickv_sglang.pool import ArenaFullError
+from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
 from mosaickv_sglang.strategies.base import dense_segment_bytes
 
 logger = logging.getLogger(__name__)
@@ -191,9 +192,7 @@ class Sealer:
         keys = k_buf[slots].view(pages.size, s, h, d).permute(0, 2, 1, 3).reshape(n, s, d)
         values = v_buf[slots].view(pages.size, s, h, d).permute(0, 2, 1, 3).reshape(n, s, d)
         always = torch.from_numpy(np.repeat(sink_mask, h)).to(dev)
-        seg = dense_segment_bytes(s, d)
-        n_sink = int(np.count_nonzero(sink_mask)) * h
-        budget = n_sink * seg + int((n - n_sink) * seg / ratio)
+        budget = seal_budget_bytes(n, int(np.count_nonzero(sink_mask)) * h, dense_segment_bytes(s, d), ratio)
         heads = torch.arange(h, device=dev).repeat(pages.size)
         q = self.window.queries(layer)
         if q is None:
@@ -205,28 +204,40 @@ class Sealer:
         return result.plan
 
     def seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> bool:
-        """Plan and seal ``pages`` in every layer; on a full arena retry with a higher ratio, then leave them dense.
+        """Plan and seal ``pages`` in every layer; when they do not fit, retry with a higher ratio, then leave them
+        dense.
+
+        Whether they fit is the arena ledger's decision (:class:`~mosaickv_sglang.pool.ArenaLedger`): it depends only
+        on the pages, the sinks and the ratio, so every TP rank decides alike. An arena that is full although the
+        ledger had room (fragmentation) is a rank-local outcome and is logged as an error.
 
         Returns
         -------
         bool
             Whether the pages were sealed.
         """
-        pool = self.pool
+        pool, ledger = self.pool, self.pool.arena_ledger
         ratio = float(pool.mosaic_config.compression_ratio)
         pages_t = torch.from_numpy(pages.astype(np.int64))
-        for attempt in range(ARENA_RETRIES + 1):
+        for _ in range(ARENA_RETRIES + 1):
+            if ratio > MAX_COMPRESSION_RATIO:
+                break
+            reserve = ledger.reservation(sink_mask, ratio)
+            if int(reserve.sum()) > ledger.room:
+                ratio *= ARENA_RETRY_FACTOR
+                continue
             plans = [self.plan_layer(li, pages, sink_mask, ratio) for li in range(pool.layer_num)]
             try:
                 pool.seal_pages(pages_t, plans)
             except ArenaFullError as err:
-                if attempt == ARENA_RETRIES:
-                    if not self._warned_arena:
-                        logger.warning("MosaicKV: compressed arena full; %d pages stay dense (%s)", pages.size, err)
-                        self._warned_arena = True
-                    return False
-                ratio *= ARENA_RETRY_FACTOR
-                continue
+                logger.error("MosaicKV: an arena is full although its ledger has room (%s); %d pages stay dense on "
+                             "this rank only, so tensor-parallel ranks may now diverge", err, pages.size)  # fmt: skip
+                return False
+            ledger.reserve(pages.astype(np.int64), reserve)
             self.pages_sealed += int(pages.size)
             return True
+        if not self._warned_arena:
+            logger.warning("MosaicKV: compressed arena full (%d of %d granules reserved); %d pages stay dense",
+                           ledger.reserved, ledger.capacity, pages.size)  # fmt: skip
+            self._warned_arena = True
         return False

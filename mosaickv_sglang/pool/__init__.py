@@ -48,6 +48,7 @@ bytes in use.
 """
 
 from mosaickv_sglang.pool.allocator import ArenaFullError, GranuleAllocator
+from mosaickv_sglang.pool.ledger import ArenaLedger, seal_budget_bytes
 from mosaickv_sglang.pool.pages import PAGE_DENSE, PAGE_FREE, PAGE_SEALED, SealablePages, sealable_pages
 from mosaickv_sglang.pool.sizing import (
     arena_granules_for,
@@ -63,6 +64,7 @@ from mosaickv_sglang.pool.store import CompressedKVStore, DecodeMetadata, Extend
 
 __all__ = [
     "ArenaFullError",
+    "ArenaLedger",
     "CompressedKVStore",
     "DecodeMetadata",
     "ExtendMetadata",
@@ -74,6 +76,7 @@ __all__ = [
     "SealablePages",
     "arena_granules_for",
     "capacity_tokens",
+    "seal_budget_bytes",
     "PoolLayout",
     "hot_tokens_for",
     "layout_for_budget",

@@ -1,0 +1,68 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Sealing decisions under a full arena are the same on every tensor-parallel rank (the arena ledger decides)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
+
+from test_kv_pool import DT, GROUP, H_KV, LAYERS, S, _config, build_pool  # noqa: E402
+
+from mosaickv_sglang.sealer import Sealer  # noqa: E402
+
+PAGES_PER_BATCH = 4
+
+
+def _rank(arena_granules: int, data: str, seed: int):
+    pool = build_pool(64 * S, 64 * S, _config(ratio=3.0), arena_granules_per_layer=arena_granules)
+    return pool, Sealer(pool, num_q_heads=H_KV * GROUP), torch.Generator().manual_seed(seed), data
+
+
+def _write(rank, pages: np.ndarray) -> None:
+    pool, _, gen, data = rank
+    pool.ensure_physical(torch.from_numpy(pages))
+    slots = (pool.physical_pages(torch.from_numpy(pages)).long()[:, None] * S + torch.arange(S)).reshape(-1)
+    for li in range(LAYERS):
+        for buf in (pool.k_buffer[li], pool.v_buffer[li]):
+            shape = (slots.numel(),) + tuple(buf.shape[1:])
+            buf[slots] = torch.randn(shape, generator=gen).to(DT) if data == "random" else torch.zeros(shape, dtype=DT)
+    pool.note_writes((torch.from_numpy(pages)[:, None] * S + torch.arange(S)).reshape(-1))
+
+
+def test_ranks_whose_heads_compress_differently_seal_the_same_pages_when_the_arena_fills():
+    """Rank 0 holds random K/V (its plans use their whole budget), rank 1 zeros (the cheapest plans reach zero
+    error, so its arenas barely fill). With an arena for about 2.5 batches at ratio 3, a decision taken from each
+    rank's own arena would seal every batch on rank 1 but not on rank 0. The ledger makes both take the same
+    decisions: two batches at ratio 3, the third at a higher ratio, the fourth left dense, and after a free the fifth
+    sealed again."""
+    probe = build_pool(64 * S, 64 * S, _config(ratio=3.0))
+    per_batch = int(probe.arena_ledger.reservation(np.zeros(PAGES_PER_BATCH, dtype=bool), 3.0).sum())
+    arena = int(2.5 * per_batch * 1.05) + 1
+    ranks = [_rank(arena, "random", 1), _rank(arena, "zeros", 2)]
+    outcomes = []
+    for b in range(5):
+        pages = np.arange(1 + b * PAGES_PER_BATCH, 1 + (b + 1) * PAGES_PER_BATCH, dtype=np.int64)
+        if b == 4:  # free the first batch on both ranks, as SGLang's one allocator would
+            for pool, *_ in ranks:
+                pool.free_pages(torch.arange(1, 1 + PAGES_PER_BATCH))
+        for rank in ranks:
+            _write(rank, pages)
+        sealed = [sealer.seal(pages, np.zeros(pages.size, dtype=bool)) for _, sealer, *_ in ranks]
+        assert sealed[0] == sealed[1], f"batch {b}: rank 0 sealed={sealed[0]}, rank 1 sealed={sealed[1]}"
+        a, z = (r[0] for r in ranks)
+        assert torch.equal(a.store.page_state(), z.store.page_state())
+        assert np.array_equal(a._l2p, z._l2p)
+        assert a.arena_ledger.reserved == z.arena_ledger.reserved
+        outcomes.append(sealed[0])
+        for pool, *_ in ranks:
+            pool.check_invariants()
+    assert outcomes == [True, True, True, False, True]
+    used = [sum(al.used_granules for al in r[0].store.allocators) for r in ranks]
+    assert used[1] < used[0] <= ranks[0][0].store.arena_granules_per_layer * LAYERS
