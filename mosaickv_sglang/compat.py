@@ -41,6 +41,7 @@ class ServingSettings:
     enable_hisparse: bool = False
     prefill_only_disable_kv_cache: bool = False
     enable_unified_memory: bool = False
+    enable_page_major_kv_layout: bool = False
     model_is_mla: bool = False
     model_is_hybrid_swa: bool = False
     model_is_hybrid_linear: bool = False
@@ -123,6 +124,10 @@ def check_compatibility(config: MosaicKVConfig, settings: ServingSettings) -> No
             "--prefill-only-disable-kv-cache: there is no KV cache to compress; drop --kv-compressor mosaic",
         ),
         (s.enable_unified_memory, "--enable-unified-memory: not supported with --kv-compressor mosaic"),
+        (
+            s.enable_page_major_kv_layout,
+            "--enable-page-major-kv-layout: not supported with --kv-compressor mosaic (MosaicKV lays out its own pool)",
+        ),
     )
     for broken, message in rules:
         if broken:

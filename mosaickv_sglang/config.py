@@ -191,7 +191,8 @@ class MosaicKVConfig:
         """Build from ``{kwarg: value}`` (argparse ``dest`` names or Engine keywords); unset means default.
 
         Values are coerced with each option's type first, so ``"4"`` and ``4`` are both accepted for an
-        integer option; anything that does not coerce raises :class:`MosaicConfigError` naming the flag.
+        integer option; anything that does not coerce raises :class:`MosaicConfigError` naming the flag. A
+        ``--mosaic-*`` option without ``--kv-compressor mosaic`` is refused too: it would be silently ignored.
         """
         unknown = sorted(set(values) - set(OPTION_BY_KWARG))
         if unknown:
@@ -204,7 +205,14 @@ class MosaicKVConfig:
                 continue
             opt = OPTION_BY_KWARG[kwarg]
             fields[opt.field] = _coerce(opt, value)
-        return cls(**fields)
+        config = cls(**fields)
+        ignored = [opt.flag for opt in OPTIONS if opt.field in fields and opt.field != "compressor"]
+        if ignored and not config.enabled:
+            raise MosaicConfigError(
+                f"{ignored[0]}: expected together with --kv-compressor mosaic, got --kv-compressor {config.compressor}; "
+                f"add --kv-compressor mosaic or drop {ignored[0]}"
+            )
+        return config
 
     def to_options(self) -> dict[str, Any]:
         """Inverse of :meth:`from_options`: ``{kwarg: value}`` for every option."""

@@ -10,6 +10,8 @@ pool to learn that the allocator freed pages, and sizes the pool with a fixed pe
 - AROUND ``KVCacheConfigurator.resolve_max_num_reqs``: cap running requests at what the hot pool can always serve;
 - AROUND ``KVCacheConfigurator._build_mha_kv_pool``: construct :class:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool`
   in place of the MHA pool class, with SGLang's own arguments;
+- AFTER ``KVCacheConfigurator._build_token_to_kv_pool``: refuse to start when SGLang built any other pool (MLA, SWA,
+  hybrid, sparse, out-of-tree...), which would otherwise serve uncompressed or fail on the first batch;
 - AFTER ``PagedTokenToKVPoolAllocator._release_page_ids`` / ``clear``: free the pages' arena granules and physical
   pages (so the allocator's accounting and the pool's stay one);
 - AROUND ``models.utils.enable_fused_set_kv_buffer``: ``False`` with the compressed pool (the fused RoPE + KV write
@@ -133,6 +135,24 @@ def build_mosaic_pool(
     return original(self, max_total_num_tokens=max_total_num_tokens, mha_pool_class=cls, quant_method=quant_method)
 
 
+def require_mosaic_pool(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``KVCacheConfigurator._build_token_to_kv_pool``: with mosaic on, the pool must be the compressed one.
+
+    Only SGLang's MHA pool path is replaced (:func:`build_mosaic_pool`); ``compat`` refuses the model kinds known to
+    take another path when ``ServerArgs`` is built, and this catches any it does not know.
+    """
+    if not _config(self).enabled or _is_mosaic_pool(result):
+        return
+    from mosaickv_sglang.config import MosaicConfigError
+
+    hf_config = getattr(getattr(self, "model_config", None), "hf_config", None)
+    architecture = (getattr(hf_config, "architectures", None) or ["this model"])[0]
+    raise MosaicConfigError(
+        f"--kv-compressor: mosaic expected SGLang to build its MHA KV pool for {architecture}, got "
+        f"{type(result).__name__}; MosaicKV compresses MHA/GQA caches only, drop --kv-compressor mosaic"
+    )
+
+
 def free_pool_pages(result: Any, self: Any, *page_ids: Any) -> None:
     """AFTER ``PagedTokenToKVPoolAllocator._release_page_ids``: release the pages in the compressed pool too."""
     pool = getattr(self, "_kvcache", None)
@@ -162,6 +182,7 @@ def apply() -> None:
     seam.register_hook(seam.POOL_CONFIGURATOR_SIZES, mosaic_pool_sizes, "AROUND")
     seam.register_hook(seam.RESOLVE_MAX_NUM_REQS, cap_running_requests, "AROUND")
     seam.register_hook(seam.BUILD_MHA_KV_POOL, build_mosaic_pool, "AROUND")
+    seam.register_hook(seam.BUILD_TOKEN_TO_KV_POOL, require_mosaic_pool, "AFTER")
     seam.register_hook(seam.ALLOCATOR_RELEASE_PAGES, free_pool_pages, "AFTER")
     seam.register_hook(seam.ALLOCATOR_CLEAR, reset_pool, "AFTER")
     seam.register_hook(seam.FUSED_KV_WRITE_GATE, no_fused_kv_write, "AROUND")

@@ -31,6 +31,7 @@ POOL_CONFIGURATOR_INIT = f"{POOL_CONFIGURATOR}.__init__"
 POOL_CONFIGURATOR_SIZES = f"{POOL_CONFIGURATOR}.calculate_pool_sizes"
 RESOLVE_MAX_NUM_REQS = f"{KV_CONFIGURATOR}.resolve_max_num_reqs"
 BUILD_MHA_KV_POOL = f"{KV_CONFIGURATOR}._build_mha_kv_pool"
+BUILD_TOKEN_TO_KV_POOL = f"{KV_CONFIGURATOR}._build_token_to_kv_pool"
 ALLOCATOR_RELEASE_PAGES = f"{PAGED_ALLOCATOR}._release_page_ids"
 ALLOCATOR_CLEAR = f"{PAGED_ALLOCATOR}.clear"
 FUSED_KV_WRITE_GATE = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
@@ -43,6 +44,7 @@ HOOK_TARGETS = (
     POOL_CONFIGURATOR_SIZES,
     RESOLVE_MAX_NUM_REQS,
     BUILD_MHA_KV_POOL,
+    BUILD_TOKEN_TO_KV_POOL,
     ALLOCATOR_RELEASE_PAGES,
     ALLOCATOR_CLEAR,
     FUSED_KV_WRITE_GATE,
@@ -81,6 +83,7 @@ SERVER_ARGS_FIELDS = {
     "enable_hisparse": "enable_hisparse",
     "prefill_only_disable_kv_cache": "prefill_only_disable_kv_cache",
     "enable_unified_memory": "enable_unified_memory",
+    "enable_page_major_kv_layout": "enable_page_major_kv_layout",
 }
 # User-facing attention-backend choices, read before SGLang resolves defaults into them.
 USER_BACKEND_FIELDS = {
@@ -137,6 +140,27 @@ def serving_settings(server_args: Any, user_backends: dict[str, Any]) -> Serving
     fields = {ours: getattr(server_args, theirs) for ours, theirs in SERVER_ARGS_FIELDS.items()}
     fields.update({ours: user_backends.get(theirs) for ours, theirs in USER_BACKEND_FIELDS.items()})
     fields.update(_model_facts(server_args))
+    return ServingSettings(**fields)
+
+
+def requested_settings(requested: dict[str, Any], user_backends: dict[str, Any]) -> ServingSettings:
+    """The :class:`ServingSettings` the user asked for, before SGLang resolves them and without model facts.
+
+    Checked before ``ServerArgs.__post_init__`` so that SGLang's own validation, which does not know MosaicKV (it
+    refuses e.g. speculative decoding with an unknown backend), never speaks first about a flag MosaicKV refuses.
+
+    Parameters
+    ----------
+    requested:
+        ``ServerArgs`` keywords as given (argparse values or ``Engine`` keywords); absent or ``None`` means the
+        SGLang default.
+    user_backends:
+        As for :func:`serving_settings`.
+    """
+    fields = {
+        ours: requested[theirs] for ours, theirs in SERVER_ARGS_FIELDS.items() if requested.get(theirs) is not None
+    }
+    fields.update({ours: user_backends.get(theirs) for ours, theirs in USER_BACKEND_FIELDS.items()})
     return ServingSettings(**fields)
 
 

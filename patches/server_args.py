@@ -22,7 +22,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from mosaickv_sglang.compat import check_compatibility
-from mosaickv_sglang.config import OPTIONS, MosaicConfigError, MosaicKVConfig
+from mosaickv_sglang.config import OPTION_BY_KWARG, OPTIONS, MosaicConfigError, MosaicKVConfig
 
 from . import seam
 
@@ -39,13 +39,14 @@ def add_mosaic_cli_args(result: Any, parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(ARGUMENT_GROUP_TITLE)
     for opt in OPTIONS:
         shown_default = ("on" if opt.default else "off") if isinstance(opt.default, bool) else opt.default
+        # Values stay strings: MosaicKVConfig.from_options coerces and checks them, so a bad value gets the same
+        # one-line message as from sglang.Engine, not argparse's error after SGLang's whole usage text.
         group.add_argument(
             opt.flag,
             dest=opt.kwarg,
-            type=str if opt.choices else opt.type,
-            choices=opt.choices,
+            type=str,
             default=None,  # None = not given; MosaicKVConfig supplies the default
-            metavar=opt.metavar,
+            metavar="{" + ",".join(opt.choices) + "}" if opt.choices else opt.metavar,
             help=f"{opt.help} Default: {shown_default}.",
         )
     return None
@@ -66,12 +67,17 @@ def serving_defaults(config: MosaicKVConfig, given: Callable[[str], Any]) -> dic
 
 
 def init_with_mosaic_kwargs(original: Callable[..., None], self: Any, *args: Any, **kwargs: Any) -> None:
-    """AROUND hook on ``ServerArgs.__init__``: take the MosaicKV keywords out, then validate and attach."""
-    options = {opt.kwarg: kwargs.pop(opt.kwarg) for opt in OPTIONS if opt.kwarg in kwargs}
+    """AROUND hook on ``ServerArgs.__init__``: take the MosaicKV keywords out, then validate and attach.
+
+    Keywords named like MosaicKV options but unknown (``mosaic_ratio``) are taken out too, so that they are refused
+    by name rather than by the dataclass's ``TypeError``.
+    """
+    options = {key: kwargs.pop(key) for key in list(kwargs) if key in OPTION_BY_KWARG or key.startswith("mosaic_")}
     pending = _CLI_CONFIG.get()
     config = pending if pending is not None and not options else MosaicKVConfig.from_options(options)
     user_backends = {field: kwargs.get(field) for field in seam.USER_BACKEND_FIELDS.values()}
     kwargs.update(serving_defaults(config, kwargs.get))
+    check_compatibility(config, seam.requested_settings(kwargs, user_backends))
     original(self, *args, **kwargs)
     check_compatibility(config, seam.serving_settings(self, user_backends))
     seam.attach_config(self, config)

@@ -61,60 +61,7 @@ def test_mosaic_implies_its_serving_defaults(sglang_with_plugin, cpu_args):
     assert same.page_size == 64
 
 
-INVALID_CLI = [
-    (["--kv-compressor", "zip"], "argument --kv-compressor: invalid choice: 'zip'"),
-    (["--mosaic-compression-ratio", "0.5"], "error: --mosaic-compression-ratio: expected a number in [1, 16], got 0.5"),
-    (["--mosaic-compression-ratio", "500"], "error: --mosaic-compression-ratio: expected a number in [1, 16], got 500.0"),
-    (["--mosaic-compression-ratio", "x"], "argument --mosaic-compression-ratio: invalid float value: 'x'"),
-    (["--mosaic-segment-size", "48"], "error: --mosaic-segment-size: expected a power of two in [16, 256], got 48"),
-    (["--mosaic-segment-size", "-64"], "error: --mosaic-segment-size: expected a power of two"),
-    (["--mosaic-hot-window", "-5"], "error: --mosaic-hot-window: expected an integer in [0, 65536], got -5"),
-    (["--mosaic-sink-tokens", "9999999"], "error: --mosaic-sink-tokens: expected an integer in [0, 8192]"),
-    (["--mosaic-decode-read-budget", "8"], "error: --mosaic-decode-read-budget: expected 0 (read all) or at least"),
-    (["--mosaic-sidecar", "maybe"], "argument --mosaic-sidecar: invalid choice: 'maybe'"),
-    (["--attention-backend", "mosaic"], "error: --attention-backend: 'mosaic' reads the MosaicKV cache and needs"),
-]
-
-
-@pytest.mark.parametrize("extra, message", INVALID_CLI, ids=[" ".join(e) for e, _ in INVALID_CLI])
-def test_invalid_cli_value_exits_with_one_line(sglang_with_plugin, cpu_args, capsys, extra, message):
-    """Bad values exit with status 2 and one error line naming the flag, no traceback."""
-    with pytest.raises(SystemExit) as exc:
-        parse(sglang_with_plugin, cpu_args(*extra))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    error_lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and message in error_lines[0], err
-    assert "Traceback" not in err
-
-
-INCOMPATIBLE_CLI = [
-    (["--page-size", "128"], "error: --page-size: --kv-compressor mosaic uses pages of --mosaic-segment-size (64) tokens, got 128"),
-    (["--page-size", "16"], "error: --page-size: --kv-compressor mosaic uses pages of --mosaic-segment-size (64) tokens, got 16"),
-    (["--attention-backend", "triton"], "error: --attention-backend: --kv-compressor mosaic uses its own"),
-    (["--kv-cache-dtype", "fp8_e4m3"], "error: --kv-cache-dtype: --kv-compressor mosaic stores a 16-bit cache"),
-]
-
-
-@pytest.mark.parametrize("extra, message", INCOMPATIBLE_CLI, ids=[e[0] for e, _ in INCOMPATIBLE_CLI])
-def test_incompatible_sglang_flag_exits_with_one_line(
-    sglang_with_plugin, cpu_args, capsys, extra, message
-):
-    """An SGLang option mosaic cannot serve with stops the launch naming that option."""
-    with pytest.raises(SystemExit) as exc:
-        parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic", *extra))
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
-    parse(sglang_with_plugin, cpu_args(*extra))  # the same flag without mosaic is SGLang's business
-
-
-def test_mla_model_is_rejected(sglang_with_plugin, cpu_args, mla_shape, capsys):
-    """An MLA model (DeepSeek-V2 config) is refused at startup with the model named."""
-    with pytest.raises(SystemExit):
-        parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic", model=mla_shape))
-    assert "--model-path: --kv-compressor mosaic supports MHA/GQA models, but DeepseekV2ForCausalLM uses MLA" in (
-        capsys.readouterr().err
-    )
+# Bad values and unsupported combinations on the command line: tests/test_bad_input.py (BAD_STARTUP_CASES).
 
 
 def test_server_args_keywords(sglang_with_plugin, llama_shape):
