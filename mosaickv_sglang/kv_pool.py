@@ -269,6 +269,9 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         self._fill = np.zeros(self.num_logical_pages, dtype=np.int32)
         self._last_write = np.zeros(self.num_logical_pages, dtype=np.int64)
         self._write_tick = 0
+        # bumped by every change of the page maps, fills and lives (keys the admissible_tokens cache)
+        self._version = 0
+        self._admissible: Tuple[Tuple[int, int], int] = ((-1, -1), 0)
 
         super().__init__(
             size,
@@ -386,6 +389,7 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         return p
 
     def _assign(self, p: np.ndarray, phys: np.ndarray) -> None:
+        self._version += 1
         self._l2p[p] = phys
         self._p2l[phys] = p
         dev = self.page_table.device
@@ -395,6 +399,7 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         """Return the physical pages of the (mapped, non-padding) logical pages ``p``."""
         if p.size == 0:
             return
+        self._version += 1
         phys = self._l2p[p].copy()
         self._l2p[p] = -1
         self._p2l[phys] = -1
@@ -461,6 +466,7 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         s = self.page_size
         pages = slots // s
         self._write_tick += 1
+        self._version += 1
         np.maximum.at(self._fill, pages, (slots % s + 1).astype(np.int32))
         self._last_write[pages] = self._write_tick
         self._fill[0] = 0
@@ -479,6 +485,23 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         if exclude is not None and cand.size:
             cand = cand[~np.isin(cand, exclude)]
         return cand[np.argsort(self._last_write[cand], kind="stable")]
+
+    def admissible_tokens(self) -> int:
+        """Logical tokens the pool can still hold: the free hot pages, plus the pages the arena ledger can still take
+        at the target ratio (every page beyond the hot pool ends up sealed; sinks too, compressed, when room is
+        short). Full pages are sealed as new ones need hot pages, so the hot pool never blocks a forward that this
+        admits: it holds at most one partial page per running request besides complete pages.
+
+        SGLang's allocator reports this when it is below its own free count (see ``patches/kv_cache.py``), so that
+        the scheduler evicts cached prefixes or retracts requests when the arenas, not the logical slots, run out.
+        """
+        key = (self._version, self.arena_ledger.reserved)
+        if self._admissible[0] != key:
+            ratio = float(self.mosaic_config.compression_ratio)
+            per_page = int(self.arena_ledger.reservation(np.zeros(1, dtype=bool), ratio)[0]) + 1
+            sealable = max(0, self.arena_ledger.room) // per_page
+            self._admissible = (key, (self.num_free_physical_pages + sealable) * self.page_size)
+        return self._admissible[1]
 
     # --- SGLang KVCache interface ------------------------------------------------------------------------------------
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
@@ -599,6 +622,7 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
             self.store.free(torch.from_numpy(live))
             self._live[live] = False
         self.arena_ledger.release(p)
+        self._version += 1
         self._release(p[self._l2p[p] >= 0])
         self._fill[p] = 0
         self._last_write[p] = 0

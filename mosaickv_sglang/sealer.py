@@ -128,6 +128,8 @@ class Sealer:
         Pages sealed since start (policy and pressure).
     pressure_pages_sealed : int
         Of which sealed for hot-pool pressure.
+    pages_left_dense : int
+        Pages that were to be sealed but stayed dense because the arenas had no room.
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class Sealer:
         self.reserve_pages = int(reserve_pages)
         self.pages_sealed = 0
         self.pressure_pages_sealed = 0
+        self.pages_left_dense = 0
         self._warned_arena = False
 
     # --- decisions ---------------------------------------------------------------------------------------------------
@@ -170,12 +173,16 @@ class Sealer:
         sink_mask = sink_mask[first]
 
         need = int(np.count_nonzero(pool.physical_pages(torch.from_numpy(new_pages)).numpy() < 0))
-        short = need + self.reserve_pages - (pool.num_free_physical_pages + chosen.size)
+        short = need + self.reserve_pages - pool.num_free_physical_pages
         if short > 0:
-            extra = pool.complete_dense_pages(exclude=np.concatenate([chosen, new_pages]))[:short]
+            # the pages this forward cannot do without go first, on their own: policy pages, then the least recently
+            # written ones; the scheduler admitted the forward only if the arenas can take them (admissible_tokens)
+            lru = pool.complete_dense_pages(exclude=np.concatenate([chosen, new_pages]))
+            extra = lru[: max(0, short - chosen.size)]
             self.pressure_pages_sealed += int(extra.size)
-            chosen = np.concatenate([chosen, extra])
-            sink_mask = np.concatenate([sink_mask, np.zeros(extra.size, dtype=bool)])
+            urgent = np.concatenate([chosen, extra])[:short]
+            self.seal(urgent, np.concatenate([sink_mask, np.zeros(extra.size, dtype=bool)])[:short])
+            chosen, sink_mask = chosen[short:], sink_mask[short:]
         if chosen.size:
             self.seal(chosen, sink_mask)
 
@@ -204,8 +211,8 @@ class Sealer:
         return result.plan
 
     def seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> bool:
-        """Plan and seal ``pages`` in every layer; when they do not fit, retry with a higher ratio, then leave them
-        dense.
+        """Plan and seal ``pages`` in every layer; when they do not fit, retry with a higher ratio, then with the sinks
+        compressed too, then leave them dense.
 
         Whether they fit is the arena ledger's decision (:class:`~mosaickv_sglang.pool.ArenaLedger`): it depends only
         on the pages, the sinks and the ratio, so every TP rank decides alike. An arena that is full although the
@@ -219,19 +226,24 @@ class Sealer:
         pool, ledger = self.pool, self.pool.arena_ledger
         ratio = float(pool.mosaic_config.compression_ratio)
         pages_t = torch.from_numpy(pages.astype(np.int64))
-        for _ in range(ARENA_RETRIES + 1):
+        # higher ratios first; last, the sinks compressed too, so that every page fits at the target ratio (the room
+        # the scheduler is told about, see MosaicMHATokenToKVPool.admissible_tokens)
+        attempts = [(ratio * ARENA_RETRY_FACTOR**i, sink_mask) for i in range(ARENA_RETRIES + 1)]
+        if sink_mask.any():
+            attempts.append((ratio, np.zeros_like(sink_mask)))
+        for ratio, dense_mask in attempts:
             if ratio > MAX_COMPRESSION_RATIO:
-                break
-            reserve = ledger.reservation(sink_mask, ratio)
-            if int(reserve.sum()) > ledger.room:
-                ratio *= ARENA_RETRY_FACTOR
                 continue
-            plans = [self.plan_layer(li, pages, sink_mask, ratio) for li in range(pool.layer_num)]
+            reserve = ledger.reservation(dense_mask, ratio)
+            if int(reserve.sum()) > ledger.room:
+                continue
+            plans = [self.plan_layer(li, pages, dense_mask, ratio) for li in range(pool.layer_num)]
             try:
                 pool.seal_pages(pages_t, plans)
             except ArenaFullError as err:
                 logger.error("MosaicKV: an arena is full although its ledger has room (%s); %d pages stay dense on "
                              "this rank only, so tensor-parallel ranks may now diverge", err, pages.size)  # fmt: skip
+                self.pages_left_dense += int(pages.size)
                 return False
             ledger.reserve(pages.astype(np.int64), reserve)
             self.pages_sealed += int(pages.size)
@@ -240,4 +252,5 @@ class Sealer:
             logger.warning("MosaicKV: compressed arena full (%d of %d granules reserved); %d pages stay dense",
                            ledger.reserved, ledger.capacity, pages.size)  # fmt: skip
             self._warned_arena = True
+        self.pages_left_dense += int(pages.size)
         return False

@@ -14,6 +14,11 @@ pool to learn that the allocator freed pages, and sizes the pool with a fixed pe
   hybrid, sparse, out-of-tree...), which would otherwise serve uncompressed or fail on the first batch;
 - AFTER ``PagedTokenToKVPoolAllocator._release_page_ids`` / ``clear``: free the pages' arena granules and physical
   pages (so the allocator's accounting and the pool's stay one);
+- AROUND ``PagedTokenToKVPoolAllocator.available_size``: report no more than the compressed pool can take now
+  (:meth:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool.admissible_tokens`), so the scheduler evicts cached
+  prefixes or retracts requests when the arenas run out before the logical slots; AROUND
+  ``SchedulerPoolStatsObserver._get_token_info``: its token counts (and SGLang's leak checks on them) keep the
+  allocator's own, logical, free count;
 - AROUND ``models.utils.enable_fused_set_kv_buffer``: ``False`` with the compressed pool (the fused RoPE + KV write
   would write logical slots into the physical buffers).
 
@@ -22,6 +27,7 @@ Every hook is a no-op unless the server was started with ``--kv-compressor mosai
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 from typing import Any, Callable, Optional
@@ -34,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 LAYOUT_ATTR = seam.LAYOUT_ATTR
 KVC_ATTR = seam.KVC_ATTR
+# set while SGLang's pool statistics are gathered: available_size then reports the logical free count
+_LOGICAL_VIEW: contextvars.ContextVar[bool] = contextvars.ContextVar("mosaic_logical_view", default=False)
 
 
 def _config(kvc: Any) -> MosaicKVConfig:
@@ -169,6 +177,26 @@ def reset_pool(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
         pool.reset()
 
 
+def admissible_available_size(original: Callable[[Any], int], self: Any) -> int:
+    """AROUND ``PagedTokenToKVPoolAllocator.available_size``: the free logical slots, capped by what the compressed
+    pool can take now (hot pages, and arena room to seal full pages out of them)."""
+    free = original(self)
+    pool = getattr(self, "_kvcache", None)
+    if _LOGICAL_VIEW.get() or not _is_mosaic_pool(pool):
+        return free
+    return min(free, pool.admissible_tokens())
+
+
+def logical_token_info(original: Callable[[Any], Any], self: Any) -> Any:
+    """AROUND ``SchedulerPoolStatsObserver._get_token_info``: count tokens against the logical free slots, as the
+    leak checks' invariant (available + evictable + in use == total) requires."""
+    token = _LOGICAL_VIEW.set(True)
+    try:
+        return original(self)
+    finally:
+        _LOGICAL_VIEW.reset(token)
+
+
 def no_fused_kv_write(original: Callable[..., bool], forward_batch: Any, *args: Any, **kwargs: Any) -> bool:
     """AROUND ``models.utils.enable_fused_set_kv_buffer``: the compressed pool translates slots on write."""
     if _is_mosaic_pool(getattr(forward_batch, "token_to_kv_pool", None)):
@@ -185,4 +213,6 @@ def apply() -> None:
     seam.register_hook(seam.BUILD_TOKEN_TO_KV_POOL, require_mosaic_pool, "AFTER")
     seam.register_hook(seam.ALLOCATOR_RELEASE_PAGES, free_pool_pages, "AFTER")
     seam.register_hook(seam.ALLOCATOR_CLEAR, reset_pool, "AFTER")
+    seam.register_hook(seam.ALLOCATOR_AVAILABLE_SIZE, admissible_available_size, "AROUND")
+    seam.register_hook(seam.POOL_TOKEN_INFO, logical_token_info, "AROUND")
     seam.register_hook(seam.FUSED_KV_WRITE_GATE, no_fused_kv_write, "AROUND")

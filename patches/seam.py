@@ -34,6 +34,9 @@ BUILD_MHA_KV_POOL = f"{KV_CONFIGURATOR}._build_mha_kv_pool"
 BUILD_TOKEN_TO_KV_POOL = f"{KV_CONFIGURATOR}._build_token_to_kv_pool"
 ALLOCATOR_RELEASE_PAGES = f"{PAGED_ALLOCATOR}._release_page_ids"
 ALLOCATOR_CLEAR = f"{PAGED_ALLOCATOR}.clear"
+ALLOCATOR_AVAILABLE_SIZE = f"{PAGED_ALLOCATOR}.available_size"
+POOL_STATS_OBSERVER = "sglang.srt.managers.scheduler_components.pool_stats_observer.SchedulerPoolStatsObserver"
+POOL_TOKEN_INFO = f"{POOL_STATS_OBSERVER}._get_token_info"
 FUSED_KV_WRITE_GATE = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
 
 HOOK_TARGETS = (
@@ -47,6 +50,8 @@ HOOK_TARGETS = (
     BUILD_TOKEN_TO_KV_POOL,
     ALLOCATOR_RELEASE_PAGES,
     ALLOCATOR_CLEAR,
+    ALLOCATOR_AVAILABLE_SIZE,
+    POOL_TOKEN_INFO,
     FUSED_KV_WRITE_GATE,
 )
 

@@ -44,9 +44,11 @@ def layer(layer_id: int, group: int) -> SimpleNamespace:
 class Scenario:
     """Requests allocated by SGLang's paged allocator, planned and run through both backends layer by layer."""
 
-    def __init__(self, cfg: MosaicKVConfig, group: int, seed: int, auto_seal: bool = False, hot: int = HOT) -> None:
+    def __init__(
+        self, cfg: MosaicKVConfig, group: int, seed: int, auto_seal: bool = False, hot: int = HOT, **pool_extra
+    ) -> None:
         self.group = group
-        self.pool = build_pool(SIZE, hot, cfg)
+        self.pool = build_pool(SIZE, hot, cfg, **pool_extra)
         self.stock = MHATokenToKVPool(SIZE, S, DT, H_KV, D, LAYERS, "cpu", False, v_head_dim=D)
         self.alloc = PagedTokenToKVPoolAllocator(SIZE, page_size=S, dtype=DT, device="cpu", kvcache=self.pool,
                                                  need_sort=False)  # fmt: skip
@@ -116,6 +118,14 @@ class Scenario:
             fn = self.native.forward_decode if decode else self.native.forward_extend
             res.append((fm(q, k, v, lay, batch), fn(q, k, v, lay, batch), q))
         return res
+
+    def run_mosaic(self, batch: SimpleNamespace) -> None:
+        """Plan and run the mosaic backend alone (it writes its K/V and observes its queries), every layer."""
+        self.mosaic.init_forward_metadata(batch)
+        fm = self.mosaic.forward_decode if batch.forward_mode.is_decode() else self.mosaic.forward_extend
+        for li in range(LAYERS):
+            q, k, v = self.qkv(batch.out_cache_loc.numel())
+            fm(q, k, v, layer(li, self.group), batch)
 
     def seal(self, kind: str) -> torch.Tensor:
         """Seal every page ``pages_to_seal`` lists, with a uniform plan: ``dense`` (exact) or ``chan`` (16 of 64

@@ -135,6 +135,77 @@ def _seal_dense(pool: MosaicMHATokenToKVPool, pages: np.ndarray) -> None:
     pool.seal_pages(torch.from_numpy(pages), [SegmentPlan.uniform(n, S, D) for _ in range(LAYERS)])
 
 
+def _token_info(alloc: PagedTokenToKVPoolAllocator, total: int, evictable: int = 0):
+    """SGLang's pool statistics for a scheduler with ``alloc`` (what its leak checks compare with the total)."""
+    from sglang.srt.managers.scheduler_components.pool_stats_observer import SchedulerPoolStatsObserver
+
+    observer = SimpleNamespace(token_to_kv_pool_allocator=alloc, max_total_num_tokens=total,
+                               tree_cache=SimpleNamespace(evictable_size=lambda: evictable))  # fmt: skip
+    return SchedulerPoolStatsObserver._get_token_info(observer)
+
+
+def test_available_size_is_capped_by_what_the_arenas_can_still_take():
+    """With a small arena, SGLang's allocator reports the pool's admissible tokens once they are fewer than the free
+    logical slots, so its scheduler evicts or retracts; its pool statistics (and leak checks) keep the logical
+    count; freeing pages raises the report again."""
+    from mosaickv_sglang.sealer import Sealer
+
+    pool = build_pool(1024, 256, CFG, arena_granules_per_layer=300)
+    alloc = PagedTokenToKVPoolAllocator(1024, page_size=S, dtype=DT, device="cpu", kvcache=pool, need_sort=False)
+    sealer = Sealer(pool, num_q_heads=2 * H_KV)
+    assert 256 < alloc.available_size() == pool.admissible_tokens() < 1024  # hot pool + what the arenas can take
+    held = []
+    while alloc.available_size() >= 4 * S and len(held) < 16:  # admit as SGLang does
+        loc = alloc.alloc(4 * S)
+        _write(pool, loc)
+        held.append(loc)
+        pages = pool.complete_dense_pages()
+        sealer.seal(pages, np.zeros(pages.size, dtype=bool))
+    logical = _token_info(alloc, 1024).full_available_size
+    assert logical == 1024 - len(held) * 4 * S >= 512
+    assert alloc.available_size() == min(logical, pool.admissible_tokens()) < 4 * S
+    assert sealer.pages_sealed > 0 and pool.arena_ledger.room < pool.arena_ledger.capacity // 4
+    before = alloc.available_size()
+    for loc in held[:3]:
+        alloc.free(loc)
+    assert alloc.available_size() > before
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_admitting_by_available_size_never_fails_a_forward(seed):
+    """SGLang admits new tokens only up to ``available_size()`` and evicts cached requests (oldest first) for the rest.
+    With a hot pool of 16 pages and arenas far smaller than the logical slots, random requests (sinks included) then
+    always find a physical page for every page they write: the plan step's sealing (policy, pressure, and the last
+    resort of compressing sinks too) never has to fail."""
+    from mosaickv_sglang.sealer import Sealer
+
+    pool = build_pool(2048, 256, CFG, arena_granules_per_layer=400)
+    alloc = PagedTokenToKVPoolAllocator(2048, page_size=S, dtype=DT, device="cpu", kvcache=pool, need_sort=False)
+    sealer = Sealer(pool, num_q_heads=2 * H_KV)
+    rng = np.random.default_rng(seed)
+    reqs: list = []
+    evicted = 0
+    for _ in range(24):
+        n = int(rng.integers(1, 7)) * S
+        while alloc.available_size() < n and reqs:
+            alloc.free(reqs.pop(0))
+            evicted += 1
+        if alloc.available_size() < n:
+            continue
+        loc = alloc.alloc(n)
+        new_pages = torch.unique(loc // S).numpy()
+        sealer.before_forward([r for r in reqs if rng.random() < 0.7], new_pages)  # the running ones
+        pool.ensure_physical(torch.from_numpy(new_pages))  # raises HotPoolFullError on failure
+        pool.note_writes(loc)
+        reqs.append(loc)
+        pool.check_invariants()
+        logical = _token_info(alloc, 2048).full_available_size
+        assert logical + sum(r.numel() for r in reqs) == 2048
+    assert evicted > 0 and sealer.pages_sealed > 0
+    assert sum(r.numel() for r in reqs) < 2048 // 2  # the arenas, not the logical slots, were the limit
+
+
 def test_allocator_free_and_clear_reach_the_pool():
     """Pages freed by SGLang's allocator (dense or sealed) leave the pool; clear() empties it."""
     pool = build_pool(512, 256, CFG)
@@ -187,7 +258,9 @@ def test_random_alloc_free_seal_keeps_allocator_and_pool_in_agreement(ops):
             alloc.clear()
             held = []
         live_pages = sum(loc.numel() for loc in held) // S
-        assert alloc.available_size() // S + live_pages == 512 // S
+        logical = _token_info(alloc, 512).full_available_size
+        assert logical // S + live_pages == 512 // S
+        assert alloc.available_size() == min(logical, pool.admissible_tokens())
         assert int(pool._live.sum()) == live_pages
         pool.check_invariants()
 
@@ -249,7 +322,8 @@ def test_radix_cache_reuse_seal_and_evict_keep_pool_exact(reqs):
         held = cache.total_size()
         assert held % S == 0
         assert int(pool._live.sum()) == held // S
-        assert alloc.available_size() + held == 1024
+        assert _token_info(alloc, 1024, evictable=cache.evictable_size()).full_available_size + held == 1024
+        assert alloc.available_size() <= 1024 - held
         pool.check_invariants()
     cache.reset()
     alloc.clear()
