@@ -12,9 +12,9 @@ their physical pages. Two kinds of pages are sealed there:
 
 Plans come from :func:`~mosaickv_sglang.plan_layers.plan_fast_layers`, all layers in one call
 (:meth:`Sealer.plan_layer` keeps the per-layer :func:`~mosaickv_sglang.planner.plan_fast` as its reference), with a
-byte budget of ``dense / --mosaic-compression-ratio`` for ordinary segments and ``dense`` for sinks. Its query statistics are the
-recent queries of *all* requests of each layer (:class:`QueryWindow`), so a segment that several requests share is
-never planned for one request's question alone.
+byte budget of ``dense / --mosaic-compression-ratio`` for ordinary segments and ``dense`` for sinks. Its query
+statistics are the recent queries of *all* requests of each layer (:class:`QueryWindow`), so a segment that several
+requests share is never planned for one request's question alone.
 """
 
 from __future__ import annotations
