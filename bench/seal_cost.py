@@ -104,8 +104,7 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     before = timed(lambda: [sealer.plan_layer(li, pages, sinks, args.ratio) for li in range(args.layers)], dev, args)
     after = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
     same = all(
-        torch.equal(a.k_form, b.k_form) and torch.equal(a.v_form, b.v_form) and torch.equal(a.token_keep, b.token_keep)
-        and torch.equal(a.k_param, b.k_param) and torch.equal(a.v_param, b.v_param)
+        all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("token_keep", "k_form", "k_param", "v_form", "v_param"))
         for a, b in zip(before.pop("result"), after.pop("result"))
     )
     report = {"config": vars(args), "per_layer": before, "one_call": after, "identical_plans": same}

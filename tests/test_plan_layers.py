@@ -97,7 +97,8 @@ def test_same_plans_as_plan_fast_per_layer(seed, d, g, s, h, pages, sinks, ratio
         assert abs(m.total_error - r.total_error) <= 1e-9 * max(1.0, r.total_error)
         if m.lagrange_multiplier == r.lagrange_multiplier:
             assert torch.equal(m.choice, r.choice)
-        assert torch.all(m.plan.k_form[torch.from_numpy(ad)] == 0) and torch.all(m.plan.token_keep[torch.from_numpy(ad)])
+        sink = torch.from_numpy(ad)
+        assert torch.all(m.plan.k_form[sink] == 0) and torch.all(m.plan.token_keep[sink])
         assert torch.equal(m.plan.flags != 0, torch.from_numpy(ad))
         for f in ("token_keep", "k_form", "k_param", "v_form", "v_param", "k_chan_weight", "v_chan_weight"):
             if torch.equal(m.choice, r.choice):
@@ -156,7 +157,8 @@ def test_host_syncs_do_not_grow_with_search_rounds():
     """The Lagrangian search runs a fixed number of device-side rounds: no host read, whether the budget is met at
     lambda 0, early, or only after the full bisection."""
     gen = torch.Generator().manual_seed(0)
-    err = torch.rand(4, 50, 6, generator=gen, dtype=torch.float64) * torch.logspace(-6, 6, 50, dtype=torch.float64)[:, None]
+    scales = torch.logspace(-6, 6, 50, dtype=torch.float64)[:, None]
+    err = torch.rand(4, 50, 6, generator=gen, dtype=torch.float64) * scales
     err[:, :, 0] = 0.0
     nbytes = torch.tensor([1000, 900, 700, 500, 300, 100])
     for budget in (100 * 50, 500 * 50 + 17, 999 * 50, 1000 * 50):
