@@ -111,8 +111,9 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     if args.json:
         print(json.dumps(report))
     else:
+        threads = torch.get_num_threads()
         print(f"seal of {args.layers} layers x {args.kv_heads} KV heads x {args.pages} pages of {args.page_size} "
-              f"tokens, d={args.head_dim}, {args.dtype} on {args.device} ({torch.get_num_threads()} threads)")  # fmt: skip
+              f"tokens, d={args.head_dim}, {args.dtype} on {args.device} ({threads} threads)")  # fmt: skip
         for name, r in (("per-layer plan_fast (before)", before), ("one-call plan_fast_layers (after)", after)):
             counts = "" if args.no_count else f"   host syncs {r['syncs']:5d}   device copies {r['copies']:4d}"
             print(f"  {name:36s} {1e3 * r['seconds']:10.1f} ms{counts}")
