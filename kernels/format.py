@@ -325,6 +325,21 @@ class SegmentPlan:
     def device(self) -> torch.device:
         return self.token_keep.device
 
+    def segment_slice(self, start: int, stop: int) -> "SegmentPlan":
+        """Segments ``start:stop`` of this plan (views), not checked again: every check of ``__post_init__`` holds
+        for any subset of the segments of a checked plan, so slicing reads no values."""
+        if not 0 <= start <= stop <= self.num_segments:
+            raise ValueError(f"start/stop: expected 0 <= start <= stop <= {self.num_segments}, got {start}, {stop}")
+
+        def cut(t: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+            return None if t is None else (t[0][start:stop], t[1][start:stop])
+
+        part = object.__new__(type(self))  # no __init__, so no __post_init__
+        for f in ("token_keep", "k_form", "k_param", "v_form", "v_param", "k_chan_weight", "v_chan_weight", "flags"):
+            setattr(part, f, getattr(self, f)[start:stop])
+        part.k_factors, part.v_factors = cut(self.k_factors), cut(self.v_factors)
+        return part
+
     def rows(self) -> torch.Tensor:
         """Kept rows per segment: shape ``[N]``, dtype ``torch.int64``."""
         return self.token_keep.sum(1)

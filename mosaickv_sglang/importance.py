@@ -172,12 +172,20 @@ def importance_from_queries(
     n, _, d = keys.shape
     q = flatten_queries(queries, n, d)
     labels, ng = normalize_group_ids(group_ids, n, keys.device)
-    scores = segment_scores(q, keys, default_scale(d, sm_scale))
+    return importance_from_labels(keys, q, labels, ng, default_scale(d, sm_scale))
+
+
+def importance_from_labels(
+    keys: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor, num_groups: int, sm_scale: float
+) -> SegmentImportance:
+    """:func:`importance_from_queries` with the contexts already as ``labels`` (shape ``[N]``, int64, values in
+    ``[0, num_groups)``) and ``queries`` flattened to ``[N, Q, d]`` fp32: no host read (no ``unique``)."""
+    scores = segment_scores(queries, keys, sm_scale)
     lse = torch.logsumexp(scores, dim=2)
-    ctx = group_logsumexp(lse, labels, ng)[labels]
+    ctx = group_logsumexp(lse, labels, num_groups)[labels]
     mass = torch.exp(scores - ctx[:, :, None]).mean(1)
-    w = q.pow(2).mean(1).sqrt()
-    return SegmentImportance(mass.contiguous(), w.contiguous(), torch.ones_like(w), q.mean(1).contiguous())
+    w = queries.pow(2).mean(1).sqrt()
+    return SegmentImportance(mass.contiguous(), w.contiguous(), torch.ones_like(w), queries.mean(1).contiguous())
 
 
 # --- running statistics ----------------------------------------------------------------------------------------------

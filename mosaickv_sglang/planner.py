@@ -32,6 +32,7 @@ optimiser on a restricted menu so that a quality comparison is at equal bytes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -429,6 +430,20 @@ def unseen_query_error(
     n, s, d = _check_kv(keys, values)
     importance = _check_importance(importance, n, s, d, keys.device)
     labels, ng = normalize_group_ids(group_ids, n, keys.device)
+    return _unseen_error(keys, values, menu, importance, labels, ng, unseen_prior)
+
+
+def _unseen_error(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    menu: Sequence[Candidate],
+    importance: SegmentImportance,
+    labels: torch.Tensor,
+    ng: int,
+    unseen_prior: str,
+) -> torch.Tensor:
+    """:func:`unseen_query_error` on checked inputs, contexts given as ``labels`` in ``[0, ng)`` (no host read)."""
+    n, s, _ = keys.shape
     order = torch.sort(importance.token_mass, dim=1, descending=True, stable=True).indices
     prior = retrieval_prior(values, labels, ng, unseen_prior)
     dropped = _prefix(prior, order)
@@ -639,6 +654,27 @@ def estimate_errors_fast(
     weight = _check_unseen_weight(unseen_weight)
     scale = default_scale(d, sm_scale)
     labels, ng = normalize_group_ids(group_ids, n, keys.device)
+    return _estimate_fast(keys, values, tuple(menu), importance, labels, ng, scale, weight, unseen_prior)
+
+
+def _estimate_fast(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    menu: Tuple[Candidate, ...],
+    importance: SegmentImportance,
+    labels: torch.Tensor,
+    ng: int,
+    scale: float,
+    weight: float,
+    unseen_prior: str,
+    blocks: int = 1,
+) -> ErrorEstimate:
+    """:func:`estimate_errors_fast` on checked inputs, contexts given as ``labels`` in ``[0, ng)`` (no host read;
+    the menu's index tensors are cached per device, so steady-state calls copy nothing to the device).
+
+    ``blocks``: the rows are that many independent problems of equal size (layers, contexts not shared between
+    them); each gets exactly the estimate it would get alone."""
+    n, s, d = keys.shape
     dev = keys.device
     kf, vf = keys.float(), values.float()
     p = importance.token_mass.float()
@@ -649,15 +685,11 @@ def estimate_errors_fast(
     resid = vf - out_g[labels][:, None, :]  # v_t - O
     c = resid.pow(2).sum(-1)
     var_g = torch.zeros(ng, device=dev).index_add_(0, labels, (p.pow(2) * c).sum(1))
-    norm = (out_g.pow(2).sum(-1) + var_g + vf.pow(2).sum(-1).mean() * 1e-12 + _EPS)[labels]
+    energy = vf.pow(2).sum(-1).reshape(blocks, -1).mean(1)  # one floor per block, as if planned alone
+    norm = (out_g.pow(2).sum(-1) + var_g)[labels] + energy.repeat_interleave(n // blocks) * 1e-12 + _EPS
 
-    chan_k = {cd.k_param for cd in menu if cd.k_form == fmt.FORM_CHAN}
-    ks = sorted(chan_k | {cd.v_param for cd in menu if cd.v_form == fmt.FORM_CHAN})
-    ms = sorted({cd.m for cd in menu})
-    col = {0: 0, **{k: i + 1 for i, k in enumerate(ks)}}
-    mpos = {m: i for i, m in enumerate(ms)}
+    ks, ms, mt, mi, ki, vi = _fast_indices(menu, dev)
     order = torch.sort(p, dim=1, descending=True, stable=True).indices
-    mt = torch.tensor(ms, device=dev)
     k_rank = descending_rank(chan_scores(kf, importance.k_chan_weight))
     v_rank = descending_rank(chan_scores(vf, importance.v_chan_weight))
     # Three families of vectors, each [N, len(ms), d] per option; the change of a candidate is delta = -a + b - c:
@@ -678,9 +710,6 @@ def estimate_errors_fast(
     allv = torch.cat([avec] + kvec + vvec, 1)  # [N, M * (1 + 2 * (nk + 1)), d]
     gram = torch.bmm(allv, allv.transpose(1, 2))
     nm, nk = len(ms), len(ks) + 1
-    mi = torch.tensor([mpos[cd.m] for cd in menu], device=dev)
-    ki = torch.tensor([col[cd.k_param] if cd.k_form == fmt.FORM_CHAN else 0 for cd in menu], device=dev)
-    vi = torch.tensor([col[cd.v_param] if cd.v_form == fmt.FORM_CHAN else 0 for cd in menu], device=dev)
     ia, ib, ic = mi, nm + ki * nm + mi, nm + nk * nm + vi * nm + mi
     sq = (
         gram[:, ia, ia] + gram[:, ib, ib] + gram[:, ic, ic]
@@ -692,8 +721,26 @@ def estimate_errors_fast(
     dense_i = list(menu).index(Candidate(s))
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
-    unseen = unseen_query_error(keys, values, menu, importance, group_ids=group_ids, unseen_prior=unseen_prior)
+    unseen = _unseen_error(keys, values, menu, importance, labels, ng, unseen_prior)
     return ErrorEstimate(err.float(), dmass.float(), p.sum(1), unseen, weight)
+
+
+@functools.lru_cache(maxsize=32)
+def _fast_indices(
+    menu: Tuple[Candidate, ...], device: torch.device
+) -> Tuple[List[int], List[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Menu layout of :func:`_estimate_fast`: chan params ``ks``, token counts ``ms``, and on ``device`` the ``ms``
+    tensor and each candidate's row in them (``mi``, ``ki``, ``vi``). Read-only: cached across calls."""
+    chan_k = {c.k_param for c in menu if c.k_form == fmt.FORM_CHAN}
+    ks = sorted(chan_k | {c.v_param for c in menu if c.v_form == fmt.FORM_CHAN})
+    ms = sorted({c.m for c in menu})
+    col = {0: 0, **{k: i + 1 for i, k in enumerate(ks)}}
+    mpos = {m: i for i, m in enumerate(ms)}
+    mt = torch.tensor(ms, device=device)
+    mi = torch.tensor([mpos[c.m] for c in menu], device=device)
+    ki = torch.tensor([col[c.k_param] if c.k_form == fmt.FORM_CHAN else 0 for c in menu], device=device)
+    vi = torch.tensor([col[c.v_param] if c.v_form == fmt.FORM_CHAN else 0 for c in menu], device=device)
+    return ks, ms, mt, mi, ki, vi
 
 
 # --- optimisation ----------------------------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ their physical pages. Two kinds of pages are sealed there:
   dense pages least recently written first (finished requests' tails kept by the radix cache, hot windows of requests
   not in this batch). The hot window is a quality preference, never a reason to fail a batch.
 
-Plans come from :func:`~mosaickv_sglang.planner.plan_fast` per layer, with a byte budget of
-``dense / --mosaic-compression-ratio`` for ordinary segments and ``dense`` for sinks. Its query statistics are the
-recent queries of *all* requests of each layer (:class:`QueryWindow`), so a segment that several requests share is
-never planned for one request's question alone.
+Plans come from :func:`~mosaickv_sglang.plan_layers.plan_fast_layers`, all layers in one call
+(:meth:`Sealer.plan_layer` keeps the per-layer :func:`~mosaickv_sglang.planner.plan_fast` as its reference), with a
+byte budget of ``dense / --mosaic-compression-ratio`` for ordinary segments and ``dense`` for sinks. Its query
+statistics are the recent queries of *all* requests of each layer (:class:`QueryWindow`), so a segment that several
+requests share is never planned for one request's question alone.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mosaickv_sglang.config import MAX_COMPRESSION_RATIO
 from mosaickv_sglang.importance import SegmentImportance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
+from mosaickv_sglang.plan_layers import plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
 from mosaickv_sglang.strategies.base import dense_segment_bytes
@@ -204,11 +206,33 @@ class Sealer:
         q = self.window.queries(layer)
         if q is None:
             result = plan_fast(keys, values, budget_bytes=budget, importance=_uniform_importance(n, s, d, dev),
-                               always_dense=always)  # fmt: skip
+                               group_ids=heads, always_dense=always)  # fmt: skip
         else:
             result = plan_fast(keys, values, budget_bytes=budget, queries=q[heads], group_ids=heads,
                                always_dense=always)  # fmt: skip
         return result.plan
+
+    def plan_layers(self, pages: np.ndarray, sink_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:
+        """Fast plans of every local layer for ``pages`` in one planner call: for each layer, the plan
+        :meth:`plan_layer` (the per-layer reference) gives, with a constant number of host reads per seal."""
+        pool = self.pool
+        s, h, d = pool.page_size, int(pool.head_num), int(pool.head_dim)
+        dev = torch.device(pool.device)
+        phys = pool.physical_pages(torch.from_numpy(pages)).to(dev)
+        slots = (phys[:, None] * s + torch.arange(s, device=dev)[None, :]).reshape(-1)
+        n = pages.size * h
+        keys, values, queries = [], [], []
+        heads = torch.arange(h, device=dev).repeat(pages.size)
+        for li in range(pool.layer_num):
+            keys.append(pool.k_buffer[li][slots].view(pages.size, s, h, d).permute(0, 2, 1, 3).reshape(n, s, d))
+            values.append(pool.v_buffer[li][slots].view(pages.size, s, h, d).permute(0, 2, 1, 3).reshape(n, s, d))
+            q = self.window.queries(li)
+            queries.append(None if q is None else q[heads])
+        budget = seal_budget_bytes(n, int(np.count_nonzero(sink_mask)) * h, dense_segment_bytes(s, d), ratio)
+        results = plan_fast_layers(keys, values, budget_bytes=[budget] * pool.layer_num, queries=queries,
+                                   group_ids=np.tile(np.arange(h), pages.size),
+                                   always_dense=np.repeat(np.asarray(sink_mask, dtype=bool), h))  # fmt: skip
+        return [r.plan for r in results]
 
     def seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> bool:
         """Plan and seal ``pages`` in every layer; when they do not fit, retry with a higher ratio, then with the sinks
@@ -237,7 +261,7 @@ class Sealer:
             reserve = ledger.reservation(dense_mask, ratio)
             if int(reserve.sum()) > ledger.room:
                 continue
-            plans = [self.plan_layer(li, pages, dense_mask, ratio) for li in range(pool.layer_num)]
+            plans = self.plan_layers(pages, dense_mask, ratio)
             try:
                 pool.seal_pages(pages_t, plans)
             except ArenaFullError as err:

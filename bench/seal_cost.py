@@ -1,0 +1,125 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Cost of planning one seal: the per-layer reference (``plan_fast`` per layer) against the one-call planner.
+
+Builds a stand-in pool (random K/V in fp32 or fp16, ``--layers`` x ``--pages`` pages of ``--page-size`` tokens and
+``--kv-heads`` heads), fills the :class:`~mosaickv_sglang.sealer.QueryWindow` with random queries, and times, on the
+same inputs and in the same run:
+
+* ``per-layer``: ``[Sealer.plan_layer(l, ...) for l in layers]``, the planning loop of ``Sealer.seal`` before;
+* ``one-call``: ``Sealer.plan_layers(...)``, the planning of ``Sealer.seal`` now (``plan_fast_layers``);
+
+and counts, for each, the host synchronisations a GPU would make (:class:`bench.host_syncs.HostSyncCounter`), and
+checks that both give the same plans (choices and estimated error per layer). Example::
+
+    python -m bench.seal_cost --layers 32 --kv-heads 8 --pages 128 --page-size 64 --head-dim 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from types import SimpleNamespace
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+
+from bench.host_syncs import HostSyncCounter
+from mosaickv_sglang.sealer import Sealer
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    p.add_argument("--pages", type=int, default=128, help="pages sealed at once")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--sinks", type=int, default=1, help="pages of the seal that are always-dense sinks")
+    p.add_argument("--ratio", type=float, default=3.0)
+    p.add_argument("--window", type=int, default=32, help="recent queries per layer")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs of each")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each before")
+    p.add_argument("--no-count", action="store_true", help="skip the (extra) run that counts host syncs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    return p
+
+
+def stand_in_pool(args: argparse.Namespace) -> SimpleNamespace:
+    """What :class:`Sealer` reads of a pool: sizes, per-layer K/V buffers and an identity page table."""
+    gen = torch.Generator().manual_seed(args.seed)
+    slots = args.pages * args.page_size
+    shape = (slots, args.kv_heads, args.head_dim)
+    dt, dev = DTYPES[args.dtype], torch.device(args.device)
+    k = [torch.randn(shape, generator=gen).to(dev, dt) for _ in range(args.layers)]
+    v = [(torch.randn(shape, generator=gen) + 0.5).to(dev, dt) for _ in range(args.layers)]
+    return SimpleNamespace(
+        page_size=args.page_size, head_num=args.kv_heads, head_dim=args.head_dim, device=args.device,
+        layer_num=args.layers, k_buffer=k, v_buffer=v, physical_pages=lambda pages: pages.clone(),
+        mosaic_config=SimpleNamespace(compression_ratio=args.ratio), seal_pages=lambda pages, plans: None,
+    )  # fmt: skip
+
+
+def timed(fn: Callable[[], object], device: torch.device, args: argparse.Namespace) -> Dict[str, object]:
+    for _ in range(args.warmup):  # caches, allocator
+        fn()
+    times = []
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    report: Dict[str, object] = {"seconds": min(times), "result": out}
+    if not args.no_count:
+        with HostSyncCounter() as count:
+            fn()
+        report.update(syncs=count.syncs, copies=count.copies, by_name=dict(count.by_name))
+    return report
+
+
+def main(argv: List[str] = None) -> Dict[str, object]:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pool = stand_in_pool(args)
+    sealer = Sealer(pool, args.kv_heads * args.group, query_window=args.window)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    for layer in range(args.layers):
+        q = 1.5 * torch.randn(args.window, args.kv_heads * args.group, args.head_dim, generator=gen)
+        sealer.window.observe(layer, q.to(args.device))
+    pages = np.arange(args.pages, dtype=np.int64)
+    sinks = np.arange(args.pages) < args.sinks
+    dev = torch.device(args.device)
+    before = timed(lambda: [sealer.plan_layer(li, pages, sinks, args.ratio) for li in range(args.layers)], dev, args)
+    after = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
+    same = all(
+        all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("token_keep", "k_form", "k_param", "v_form", "v_param"))
+        for a, b in zip(before.pop("result"), after.pop("result"))
+    )
+    report = {"config": vars(args), "per_layer": before, "one_call": after, "identical_plans": same}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        threads = torch.get_num_threads()
+        print(f"seal of {args.layers} layers x {args.kv_heads} KV heads x {args.pages} pages of {args.page_size} "
+              f"tokens, d={args.head_dim}, {args.dtype} on {args.device} ({threads} threads)")  # fmt: skip
+        for name, r in (("per-layer plan_fast (before)", before), ("one-call plan_fast_layers (after)", after)):
+            counts = "" if args.no_count else f"   host syncs {r['syncs']:5d}   device copies {r['copies']:4d}"
+            print(f"  {name:36s} {1e3 * r['seconds']:10.1f} ms{counts}")
+        print(f"  speed-up {before['seconds'] / after['seconds']:.2f}x; identical plans: {same}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

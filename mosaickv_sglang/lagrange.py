@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The planner's Lagrangian choice on the device, for many independent problems at once and without host reads.
+
+:func:`choose_candidates_batched` solves ``L`` problems (e.g. the layers of one seal), each ``min sum_n err[l, n,
+choice] s.t. sum_n bytes[choice] <= budget[l]``, with the algorithm of :func:`~mosaickv_sglang.planner.
+choose_candidates` (its plain, host-driven reference): the same bracketing of the smallest feasible ``lambda`` by
+rounds of ``_GRID`` geometric points, the same threshold upgrades and single fix-up move. Every step is a fixed
+sequence of tensor operations; a layer whose bracket is already narrow enough stays where it is while the others
+shrink theirs (the reference stops there). So the number of rounds, and the host synchronisations, do not depend on
+the data: there are none.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+from mosaickv_sglang.kernels._checks import check_tensor
+
+__all__ = ["choose_candidates_batched"]
+
+_GRID = 8  # lambdas per bracketing round, as in the reference
+_LO_FACTOR = 1e-30  # the bracket starts at [hi * 1e-30, hi]
+_REL_WIDTH = 1e-12  # ... and ends at hi <= lo * (1 + 1e-12)
+_GROWTH = 16.0  # hi *= 16 until feasible (in the reference; here all at once)
+_GROWTH_STEPS = 8
+# Each round shrinks the log-width of the bracket by (_GRID + 1): from log(1e30) to log(1 + 1e-12) takes 15 rounds.
+_ROUNDS = math.ceil(math.log(-math.log(_LO_FACTOR) / math.log1p(_REL_WIDTH)) / math.log(_GRID + 1)) + 1
+_MAX_GRID_ELEMENTS = 1 << 25  # bounds the [L, lambdas, N, C] scores of one evaluation (chunked over layers)
+
+
+def _totals(e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
+    """Total bytes of ``argmin_c e + lam * b`` for each layer and lambda: ``lams`` ``[L, K]`` -> ``[L, K]`` int64."""
+    nl, n, c = e.shape
+    per = max(1, _MAX_GRID_ELEMENTS // max(1, lams.shape[1] * n * c))
+    out = []
+    for a in range(0, nl, per):
+        scores = e[a : a + per, None] + lams[a : a + per, :, None, None] * b
+        out.append(bl[torch.argmin(scores, dim=3)].sum(2))
+    return torch.cat(out, 0)
+
+
+def _pick(e: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``argmin_c e[l, n, c] + lam[l] * b[c]`` (ties: the lower index): ``[L, N]``."""
+    return torch.argmin(e + lam[:, None, None] * b, dim=2)
+
+
+def _bracket(
+    e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+    active: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Shrink each active ``[lo, hi]`` (``lo`` infeasible, ``hi`` feasible) to a relative width of 1e-12."""
+    t = torch.arange(1, _GRID + 1, dtype=torch.float64, device=e.device) / (_GRID + 1)
+    for _ in range(_ROUNDS):
+        active = active & (hi > lo * (1.0 + _REL_WIDTH))
+        log_lo = torch.log(lo)
+        grid = torch.exp(log_lo[:, None] + t[None, :] * (torch.log(hi) - log_lo)[:, None])  # [L, _GRID]
+        feasible = _totals(e, b, bl, grid) <= budget[:, None]
+        found = feasible.any(1)
+        first = torch.argmax(feasible.to(torch.int8), dim=1)  # totals fall as lambda grows: first feasible point
+        at_first = grid.gather(1, first[:, None]).squeeze(1)
+        before = grid.gather(1, (first - 1).clamp(min=0)[:, None]).squeeze(1)
+        new_hi = torch.where(found, at_first, hi)
+        new_lo = torch.where(found, torch.where(first == 0, lo, before), grid[:, -1])
+        lo = torch.where(active, new_lo, lo)
+        hi = torch.where(active, new_hi, hi)
+    return lo, hi
+
+
+def _threshold_upgrades(
+    e: torch.Tensor, bl: torch.Tensor, choice: torch.Tensor, alt: torch.Tensor, left: torch.Tensor
+) -> torch.Tensor:
+    """Step 2a: move segments from ``choice`` to ``alt`` by decreasing error saved per byte (then segment order)
+    while the extra bytes fit in ``left``."""
+    moved = alt != choice
+    extra = (bl[alt] - bl[choice]) * moved
+    gain = e.gather(2, choice[..., None]).squeeze(2) - e.gather(2, alt[..., None]).squeeze(2)
+    slope = torch.where(moved, gain / extra.clamp(min=1).double(), torch.full_like(gain, -math.inf))
+    order = torch.argsort(slope, dim=1, descending=True, stable=True)
+    fits_sorted = torch.cumprod((extra.gather(1, order).cumsum(1) <= left[:, None]).long(), 1).bool()
+    fits = torch.zeros_like(fits_sorted).scatter_(1, order, fits_sorted)
+    return torch.where(moved & fits, alt, choice)
+
+
+def _single_move(e: torch.Tensor, bl: torch.Tensor, choice: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Step 2b: apply, per layer, the one fitting move with the largest error reduction (first in row-major order)."""
+    nl, n, c = e.shape
+    cur_bytes = bl[choice]
+    left = budget - cur_bytes.sum(1)
+    cur = e.gather(2, choice[..., None])
+    ok = (bl[None, None, :] - cur_bytes[..., None] <= left[:, None, None]) & (e < cur)
+    gain = torch.where(ok, cur - e, torch.zeros_like(e)).reshape(nl, n * c)
+    best = torch.argmax(gain, dim=1)
+    apply = gain.gather(1, best[:, None]).squeeze(1) > 0
+    seg, cand = best // c, best % c
+    rows = torch.arange(nl, device=e.device)
+    moved = choice.clone()
+    moved[rows, seg] = torch.where(apply, cand, choice[rows, seg])
+    return moved
+
+
+def choose_candidates_batched(
+    err: torch.Tensor, cand_bytes: torch.Tensor, budget_bytes: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per layer ``l``, one candidate per segment minimising ``sum_n err[l, n, c]`` s.t. bytes ``<= budget[l]``.
+
+    The device twin of :func:`~mosaickv_sglang.planner.choose_candidates` (same steps, same result up to rounding
+    of ``lambda``), run for all layers at once in a fixed number of tensor operations with no host read. Inputs are
+    not validated against their contents (that would read them): every row needs a finite entry (``nan`` counts as
+    ``inf``), and each budget must be reachable (every segment at its smallest finite candidate); otherwise the
+    result may exceed the budget.
+
+    Parameters
+    ----------
+    err : torch.Tensor
+        shape ``[L, N, C]``, float, ``>= 0``; ``inf`` marks a candidate a segment may not use (e.g. a segment that
+        must stay dense gets 0 for the dense candidate and ``inf`` elsewhere).
+    cand_bytes : torch.Tensor
+        shape ``[C]``, integer; bytes of each candidate.
+    budget_bytes : torch.Tensor
+        shape ``[L]``, integer; the budget of each layer's ``N`` segments.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(choice, lambda)``: ``choice`` shape ``[L, N]``, dtype ``torch.int64``; ``lambda`` shape ``[L]``,
+        dtype ``torch.float64``, the multiplier of the Lagrangian step (0 where the minimal-error choice fits).
+    """
+    check_tensor(err, "err", ndim=3)
+    nl, n, c = err.shape
+    dev = err.device
+    check_tensor(cand_bytes, "cand_bytes", shape=(c,), dtype=(torch.int32, torch.int64), device=dev)
+    check_tensor(budget_bytes, "budget_bytes", shape=(nl,), dtype=(torch.int32, torch.int64), device=dev)
+    if nl == 0 or n == 0:
+        return torch.zeros(nl, n, dtype=torch.int64, device=dev), torch.zeros(nl, dtype=torch.float64, device=dev)
+    e = err.double()
+    e = torch.where(torch.isnan(e), torch.full_like(e, math.inf), e)
+    finite = torch.isfinite(e)
+    b = cand_bytes.to(torch.float64)
+    bl = cand_bytes.to(torch.int64)
+    budget = budget_bytes.to(torch.int64)
+    zero = torch.zeros(nl, dtype=torch.float64, device=dev)
+
+    fits_at_zero = _totals(e, b, bl, zero[:, None])[:, 0] <= budget
+    spread = e.masked_fill(~finite, 0).amax((1, 2)) - e.masked_fill(~finite, math.inf).amin((1, 2))
+    hi0 = spread.clamp(min=0) + 1.0
+    steps = _GROWTH ** torch.arange(_GROWTH_STEPS, dtype=torch.float64, device=dev)
+    growth = hi0[:, None] * steps[None, :]
+    grown = _totals(e, b, bl, growth) <= budget[:, None]
+    hi = growth.gather(1, torch.argmax(grown.to(torch.int8), dim=1)[:, None]).squeeze(1)
+    hi = torch.where(grown.any(1), hi, growth[:, -1])
+    lo = hi * _LO_FACTOR
+    fits_at_lo = _totals(e, b, bl, lo[:, None])[:, 0] <= budget
+
+    search = ~fits_at_zero & ~fits_at_lo
+    lo, hi = _bracket(e, b, bl, budget, lo, hi, search)
+    # Where no search ran, hi = lo = the lambda that already fits (0, or the start of the bracket).
+    lam = torch.where(fits_at_zero, zero, torch.where(fits_at_lo, lo, hi))
+    lam_alt = torch.where(search, lo, lam)
+    choice, alt = _pick(e, b, lam), _pick(e, b, lam_alt)
+    left = budget - bl[choice].sum(1)
+    choice = _threshold_upgrades(e, bl, choice, alt, left)
+    choice = torch.where(fits_at_zero[:, None], choice, _single_move(e, bl, choice, budget))
+    return choice, lam

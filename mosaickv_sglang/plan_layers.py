@@ -1,0 +1,287 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The fast planner for all layers of one seal in one call, with a constant number of host reads.
+
+:func:`plan_fast_layers` gives, for each of ``L`` layers, the plan :func:`~mosaickv_sglang.planner.plan_fast` (its
+plain reference, one call and about fifteen host synchronisations per layer) gives for that layer alone, with the
+same per-layer byte budget:
+
+* the error estimate runs on the layers' segments stacked (contexts kept apart per layer; chunks of
+  ``max_segments`` segments bound the memory), with the contexts as labels computed on the host (no ``unique``);
+* one :func:`~mosaickv_sglang.lagrange.choose_candidates_batched` call solves every layer's Lagrangian problem
+  (one ``lambda`` per layer) on the device;
+* one :class:`~mosaickv_sglang.kernels.format.SegmentPlan` of all layers is built (its checks read values once)
+  and cut into per-layer views.
+
+Host metadata (budgets, always-dense mask, context ids) reaches the device in one copy; the results' ``lambda``
+come back in one read.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mosaickv_sglang.importance import FLOAT_DTYPES, SegmentImportance, default_scale, flatten_queries
+from mosaickv_sglang.importance import importance_from_labels
+from mosaickv_sglang.kernels import format as fmt
+from mosaickv_sglang.kernels._checks import check_int, check_tensor
+from mosaickv_sglang.lagrange import choose_candidates_batched
+from mosaickv_sglang.planner import (
+    DEFAULT_UNSEEN_PRIOR,
+    DEFAULT_UNSEEN_WEIGHT,
+    PlanResult,
+    _check_menu,
+    _check_unseen_prior,
+    _check_unseen_weight,
+    _estimate_fast,
+    _menu_tensors,
+)
+from mosaickv_sglang.strategies import Candidate, descending_rank
+from mosaickv_sglang.strategies.base import check_segment_shape, dense_segment_bytes
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_MAX_SEGMENTS", "plan_fast_layers"]
+
+DEFAULT_MAX_SEGMENTS = 8192
+"""Segments estimated at once (whole layers; at least one layer): the estimator holds a few hundred bytes per
+segment, token and channel, so 8192 segments of 64 tokens at d = 128 take a few GiB."""
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_menu_tensors(menu: Tuple[Candidate, ...], d: int, device: torch.device) -> Dict[str, torch.Tensor]:
+    return _menu_tensors(menu, d, device)
+
+
+def _check_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Tuple[int, int, int, int]:
+    if not isinstance(keys, (list, tuple)) or not isinstance(values, (list, tuple)) or len(keys) != len(values):
+        raise ValueError(
+            f"keys/values: expected two sequences of one tensor per layer of equal length, got "
+            f"{type(keys).__name__} and {type(values).__name__}"
+        )
+    if not keys:
+        raise ValueError("keys: expected at least one layer, got none")
+    check_tensor(keys[0], "keys[0]", ndim=3, dtype=FLOAT_DTYPES)
+    shape, dev = tuple(keys[0].shape), keys[0].device
+    for i, (k, v) in enumerate(zip(keys, values)):
+        check_tensor(k, f"keys[{i}]", shape=shape, dtype=FLOAT_DTYPES, device=dev)
+        check_tensor(v, f"values[{i}]", shape=shape, dtype=FLOAT_DTYPES, device=dev)
+    n, s, d = shape
+    check_segment_shape(s, d, s_name="keys (dim 1, segment size)", d_name="keys (dim 2, head_dim)")
+    return len(keys), n, s, d
+
+
+def _host_mask(mask: Optional[np.ndarray], n: int, name: str) -> np.ndarray:
+    if mask is None:
+        return np.zeros(n, dtype=bool)
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.shape != (n,):
+        raise ValueError(f"{name}: expected a numpy bool array of shape [{n}], got {_describe(mask)}")
+    return mask
+
+
+def _host_labels(group_ids: Optional[np.ndarray], n: int) -> Tuple[np.ndarray, int]:
+    if group_ids is None:
+        return np.zeros(n, dtype=np.int64), 1
+    if not isinstance(group_ids, np.ndarray) or group_ids.dtype.kind not in "iu" or group_ids.shape != (n,):
+        raise ValueError(f"group_ids: expected a numpy integer array of shape [{n}], got {_describe(group_ids)}")
+    uniq, labels = np.unique(group_ids, return_inverse=True)
+    return labels.astype(np.int64).reshape(n), int(uniq.size)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, np.ndarray):
+        return f"numpy {x.dtype} of shape {list(x.shape)}"
+    return type(x).__name__
+
+
+def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One host-to-device copy; asynchronous from pinned memory on CUDA."""
+    t = torch.from_numpy(host)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _uniform_importance(n: int, s: int, d: int, device: torch.device) -> SegmentImportance:
+    ones = torch.ones(n, d, device=device)
+    return SegmentImportance(torch.full((n, s), 1.0 / s, device=device), ones, ones.clone(), torch.zeros(n, d,
+                             device=device))  # fmt: skip
+
+
+def _layer_importance(
+    keys: Sequence[torch.Tensor],
+    queries: Optional[Sequence[Optional[torch.Tensor]]],
+    importance: Optional[Sequence[SegmentImportance]],
+    labels: torch.Tensor,
+    ng: int,
+    scale: float,
+) -> List[SegmentImportance]:
+    nl = len(keys)
+    n, s, d = keys[0].shape
+    dev = keys[0].device
+    if (queries is None) == (importance is None):
+        raise ValueError("queries/importance: expected exactly one of them (a sequence per layer), got "
+                         f"{'both' if queries is not None else 'neither'}")  # fmt: skip
+    given = queries if queries is not None else importance
+    if not isinstance(given, (list, tuple)) or len(given) != nl:
+        name = "queries" if queries is not None else "importance"
+        raise ValueError(f"{name}: expected a sequence of {nl} entries (one per layer), got {_describe(given)}")
+    out = []
+    for i in range(nl):
+        if importance is not None:
+            imp = importance[i]
+            if not isinstance(imp, SegmentImportance):
+                raise TypeError(f"importance[{i}]: expected SegmentImportance, got {type(imp).__name__}")
+            check_tensor(imp.token_mass, f"importance[{i}].token_mass", shape=(n, s), device=dev)
+            check_tensor(imp.k_chan_weight, f"importance[{i}].k_chan_weight", shape=(n, d), device=dev)
+            if imp.q_mean is None:
+                imp = SegmentImportance(imp.token_mass, imp.k_chan_weight, imp.v_chan_weight, torch.zeros(n, d,
+                                        device=dev))  # fmt: skip
+        elif queries[i] is None:
+            imp = _uniform_importance(n, s, d, dev)
+        else:
+            imp = importance_from_labels(keys[i], flatten_queries(queries[i], n, d, f"queries[{i}]"), labels, ng,
+                                         scale)  # fmt: skip
+        out.append(imp)
+    return out
+
+
+def _stack_importance(parts: Sequence[SegmentImportance]) -> SegmentImportance:
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name).float() for p in parts], 0)
+
+    return SegmentImportance(cat("token_mass"), cat("k_chan_weight"), cat("v_chan_weight"), cat("q_mean"))
+
+
+def plan_fast_layers(
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    *,
+    budget_bytes: Sequence[int],
+    queries: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    importance: Optional[Sequence[SegmentImportance]] = None,
+    group_ids: Optional[np.ndarray] = None,
+    always_dense: Optional[np.ndarray] = None,
+    menu: Optional[Sequence[Candidate]] = None,
+    sm_scale: Optional[float] = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
+    max_segments: int = DEFAULT_MAX_SEGMENTS,
+) -> List[PlanResult]:
+    """:func:`~mosaickv_sglang.planner.plan_fast` of each layer, all layers in one call (see the module docstring).
+
+    Parameters
+    ----------
+    keys, values : sequence of torch.Tensor
+        One tensor per layer, each shape ``[N, S, d]``, fp32/fp16/bf16, all on one device; the same ``N`` segments
+        (e.g. the pages being sealed) in every layer.
+    budget_bytes : sequence of int
+        One byte budget per layer, ``>= 0``.
+    queries : sequence of torch.Tensor or None, optional
+        Per layer: shape ``[N, W, G, d]`` (``W`` may differ between layers), the recent queries of each segment's
+        GQA group, or ``None`` (no query seen yet: every token and channel alike). Exactly one of ``queries`` and
+        ``importance``.
+    importance : sequence of SegmentImportance, optional
+        Per layer: the segments' statistics.
+    group_ids : numpy.ndarray, optional
+        shape ``[N]``, integer, on the host; attention contexts, the same in every layer (contexts are never
+        shared between layers). Default: one context per layer.
+    always_dense : numpy.ndarray, optional
+        shape ``[N]``, bool, on the host; segments kept dense and flagged always-read in every layer.
+    menu, sm_scale, unseen_weight, unseen_prior
+        As in :func:`~mosaickv_sglang.planner.plan_fast`.
+    max_segments : int
+        ``>= 1``; segments estimated at once (whole layers, at least one).
+
+    Returns
+    -------
+    list of PlanResult
+        One per layer, as :func:`~mosaickv_sglang.planner.plan_fast` returns it; their tensors are views into
+        tensors shared by all layers.
+
+    Raises
+    ------
+    ValueError
+        Bad shapes or dtypes, or a budget below what the menu can reach with the always-dense segments.
+    """
+    nl, n, s, d = _check_layers(keys, values)
+    dev = keys[0].device
+    if not isinstance(budget_bytes, (list, tuple)) or len(budget_bytes) != nl:
+        raise ValueError(f"budget_bytes: expected a sequence of {nl} ints (one per layer), got "
+                         f"{_describe(budget_bytes)}")  # fmt: skip
+    budgets = [check_int(b, f"budget_bytes[{i}]", lo=0) for i, b in enumerate(budget_bytes)]
+    items = _check_menu(menu, s, d, lowrank=False)
+    weight = _check_unseen_weight(unseen_weight)
+    prior = _check_unseen_prior(unseen_prior)
+    scale = default_scale(d, sm_scale)
+    check_int(max_segments, "max_segments", lo=1)
+    ad = _host_mask(always_dense, n, "always_dense")
+    labels_h, ng = _host_labels(group_ids, n)
+
+    dense_b = dense_segment_bytes(s, d)
+    fixed = int(np.count_nonzero(ad))
+    reach = fixed * dense_b + (n - fixed) * min(c.bytes(d) for c in items)
+    for i, budget in enumerate(budgets):
+        if budget < reach:
+            raise ValueError(
+                f"budget_bytes[{i}]: expected a budget >= {reach} bytes (ratio <= {n * dense_b / max(reach, 1):.3f})"
+                f" that this menu can reach with {fixed} always-dense segments, got {budget} bytes; lower the ratio "
+                "or extend the menu"
+            )
+    host = _to_device(np.concatenate([labels_h, ad.astype(np.int64), np.asarray(budgets, dtype=np.int64)]), dev)
+    labels, ad_t, budget_t = host[:n], host[n : 2 * n].bool(), host[2 * n :]
+    mt = _cached_menu_tensors(items, d, dev)
+    dense_i = items.index(Candidate(s))
+
+    imp = _stack_importance(_layer_importance(keys, queries, importance, labels, ng, scale))
+    must_plan = fixed < n and any(b < n * dense_b for b in budgets)
+    if must_plan:
+        per = max(1, max_segments // max(n, 1))
+        errs = []
+        for a in range(0, nl, per):
+            b = min(nl, a + per)
+            rows = slice(a * n, b * n)
+            part = SegmentImportance(imp.token_mass[rows], imp.k_chan_weight[rows], imp.v_chan_weight[rows],
+                                     imp.q_mean[rows])  # fmt: skip
+            layer_labels = (labels[None, :] + ng * torch.arange(b - a, device=dev)[:, None]).reshape(-1)
+            est = _estimate_fast(torch.cat(list(keys[a:b])), torch.cat(list(values[a:b])), items, part, layer_labels,
+                                 ng * (b - a), scale, weight, prior, blocks=b - a)  # fmt: skip
+            errs.append(est.err.view(b - a, n, len(items)))
+        err = torch.cat(errs, 0)
+    else:
+        err = torch.zeros(nl, n, len(items), device=dev)
+    # Segments that must stay dense (sinks; every segment of a layer whose budget fits all-dense): dense or nothing.
+    dense_only = torch.full((len(items),), float("inf"), device=dev)
+    dense_only[dense_i] = 0.0
+    stay = ad_t[None, :] | (budget_t >= n * dense_b)[:, None]
+    err = torch.where(stay[:, :, None], dense_only, err)
+    choice, lam = choose_candidates_batched(err, mt["bytes"], budget_t)
+    est_err = err.gather(2, choice[..., None]).squeeze(2).float()
+
+    flat = choice.reshape(-1)
+    keep = descending_rank(imp.token_mass) < mt["m"][flat][:, None]
+    i32 = torch.int32
+    plan = fmt.SegmentPlan(
+        token_keep=keep,
+        k_form=mt["k_form"][flat].to(i32),
+        k_param=mt["k_param"][flat].to(i32),
+        v_form=mt["v_form"][flat].to(i32),
+        v_param=mt["v_param"][flat].to(i32),
+        k_chan_weight=imp.k_chan_weight.contiguous(),
+        v_chan_weight=imp.v_chan_weight.contiguous(),
+        flags=ad_t.to(i32).repeat(nl) * fmt.FLAG_ALWAYS_READ,
+    )
+    seg_bytes = mt["bytes"][choice]
+    lams = lam.tolist()
+    results = [
+        PlanResult(plan.segment_slice(i * n, (i + 1) * n), items, choice[i], est_err[i], seg_bytes[i], budgets[i],
+                   n * dense_b, lams[i])  # fmt: skip
+        for i in range(nl)
+    ]
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("planned %d layers x %d segments, lambdas %s", nl, n, lams)
+    return results

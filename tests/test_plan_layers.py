@@ -1,0 +1,213 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The one-call planner of a seal: the same plans as ``plan_fast`` per layer, within budget, and a number of host
+synchronisations that depends on neither the layers nor the bisection rounds."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench.host_syncs import HostSyncCounter
+from mosaickv_sglang.importance import SegmentImportance
+from mosaickv_sglang.lagrange import choose_candidates_batched
+from mosaickv_sglang.plan_layers import plan_fast_layers
+from mosaickv_sglang.planner import choose_candidates, plan_fast
+from mosaickv_sglang.strategies import dense_segment_bytes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def layer_case(seed: int, layers: int, pages: int, h: int, s: int, d: int, g: int, w: int = 4):
+    """Seal-shaped inputs: ``pages`` pages of ``h`` KV heads per layer (segments page-major, head-minor, contexts =
+    heads), random K/V, and per layer the heads' recent queries (``None`` for layer 0 when ``layers > 2``: no
+    query seen yet)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = pages * h
+    keys = [torch.randn(n, s, d, generator=gen) + 0.01 for _ in range(layers)]
+    values = [torch.randn(n, s, d, generator=gen) + 0.5 for _ in range(layers)]
+    heads = np.tile(np.arange(h), pages)
+    queries = [(1.5 * torch.randn(h, w, g, d, generator=gen))[torch.from_numpy(heads)] for _ in range(layers)]
+    if layers > 2:
+        queries[0] = None
+    return keys, values, queries, heads
+
+
+def budget_for(n: int, s: int, d: int, always_dense: np.ndarray, ratio: float) -> int:
+    seg = dense_segment_bytes(s, d)
+    fixed = int(np.count_nonzero(always_dense))
+    return fixed * seg + int((n - fixed) * seg / ratio)
+
+
+def reference_plans(keys, values, queries, heads, budgets, always_dense):
+    """``plan_fast`` per layer, as ``Sealer.plan_layer`` calls it."""
+    out = []
+    for layer, (k, v, q) in enumerate(zip(keys, values, queries)):
+        kw = dict(budget_bytes=budgets[layer], always_dense=torch.from_numpy(always_dense))
+        if q is None:
+            n, s, d = k.shape
+            ones = torch.ones(n, d)
+            imp = SegmentImportance(torch.full((n, s), 1.0 / s), ones, ones.clone(), None)
+            out.append(plan_fast(k, v, importance=imp, group_ids=torch.from_numpy(heads), **kw))
+        else:
+            out.append(plan_fast(k, v, queries=q, group_ids=torch.from_numpy(heads), **kw))
+    return out
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    d=st.sampled_from([64, 128]),
+    g=st.sampled_from([1, 3, 4, 8]),
+    s=st.sampled_from([16, 32, 64]),
+    h=st.integers(1, 3),
+    pages=st.integers(1, 4),
+    sinks=st.integers(0, 2),
+    ratios=st.lists(st.floats(1.0, 6.0), min_size=3, max_size=3),
+)
+def test_same_plans_as_plan_fast_per_layer(seed, d, g, s, h, pages, sinks, ratios):
+    """Per layer (one budget each, from different ratios), the one-call plans match ``plan_fast``: total estimated
+    error equal within 1e-9 (relative), and the same choices wherever the searches end at the same lambda; never over
+    the budget; sinks dense and always-read."""
+    keys, values, queries, heads = layer_case(seed, 3, pages, h, s, d, g)
+    n = pages * h
+    ad = np.repeat(np.arange(pages) < min(sinks, pages), h)
+    try:
+        budgets = [budget_for(n, s, d, ad, r) for r in ratios]
+        ref = reference_plans(keys, values, queries, heads, budgets, ad)
+    except ValueError:  # the ratio is beyond what the menu reaches: both refuse
+        with pytest.raises(ValueError, match="budget_bytes"):
+            plan_fast_layers(keys, values, budget_bytes=budgets, queries=queries, group_ids=heads, always_dense=ad)
+        return
+    new = plan_fast_layers(keys, values, budget_bytes=budgets, queries=queries, group_ids=heads, always_dense=ad,
+                           max_segments=2 * n)  # fmt: skip
+    for r, m, budget in zip(ref, new, budgets):
+        assert m.total_bytes <= m.budget_bytes == budget
+        assert abs(m.total_error - r.total_error) <= 1e-9 * max(1.0, r.total_error)
+        if m.lagrange_multiplier == r.lagrange_multiplier:
+            assert torch.equal(m.choice, r.choice)
+        sink = torch.from_numpy(ad)
+        assert torch.all(m.plan.k_form[sink] == 0) and torch.all(m.plan.token_keep[sink])
+        assert torch.equal(m.plan.flags != 0, torch.from_numpy(ad))
+        for f in ("token_keep", "k_form", "k_param", "v_form", "v_param", "k_chan_weight", "v_chan_weight"):
+            if torch.equal(m.choice, r.choice):
+                assert torch.equal(getattr(m.plan, f), getattr(r.plan, f)), f
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), layers=st.integers(1, 4), n=st.integers(1, 6), c=st.integers(2, 5),
+       ties=st.booleans())  # fmt: skip
+def test_batched_chooser_matches_reference(seed, layers, n, c, ties):
+    """choose_candidates_batched on random problems (one per layer, each its own budget) gives the choices and the
+    lambda of the host-driven reference ``choose_candidates`` (tied errors included)."""
+    gen = torch.Generator().manual_seed(seed)
+    err = torch.rand(layers, n, c, generator=gen, dtype=torch.float64)
+    if ties:
+        err = err[:, :1].repeat(1, n, 1)
+    err[:, :, 0] = 0.0
+    nbytes = torch.cat([torch.tensor([1000]), torch.randint(100, 999, (c - 1,), generator=gen)])
+    lo_b = int(nbytes.min()) * n
+    budgets = torch.randint(lo_b, 1000 * n + 1, (layers,), generator=gen)
+    choice, lam = choose_candidates_batched(err, nbytes, budgets)
+    for i in range(layers):
+        ref_choice, ref_lam = choose_candidates(err[i], nbytes, int(budgets[i]))
+        assert int(nbytes[choice[i]].sum()) <= int(budgets[i])
+        assert torch.equal(choice[i], ref_choice), (i, choice[i], ref_choice)
+        assert float(lam[i]) == pytest.approx(ref_lam, rel=1e-9, abs=0)
+
+
+def _seal_syncs(layers: int, pages: int = 3, h: int = 2, s: int = 16, d: int = 64) -> Tuple[int, int, int, int]:
+    """Host syncs of one seal's planning, per layer (reference) and in one call, after a warm-up of each."""
+    keys, values, queries, heads = layer_case(layers, layers, pages, h, s, d, 4)
+    ad = np.repeat(np.arange(pages) < 1, h)
+    budgets = [budget_for(pages * h, s, d, ad, 3.0)] * layers
+    counts: List[int] = []
+    for run in (lambda: reference_plans(keys, values, queries, heads, budgets, ad),
+                lambda: plan_fast_layers(keys, values, budget_bytes=budgets, queries=queries, group_ids=heads,
+                                         always_dense=ad)):  # fmt: skip
+        run()
+        with HostSyncCounter() as count:
+            run()
+        counts += [count.syncs, count.copies]
+    return tuple(counts)
+
+
+def test_host_syncs_do_not_grow_with_layers():
+    """One call plans every layer with the same small number of host reads (and one host-to-device copy) for 1, 4
+    and 12 layers; the per-layer reference needs dozens per layer."""
+    by_layers = {nl: _seal_syncs(nl) for nl in (1, 4, 12)}
+    one_call = {nl: c[2] for nl, c in by_layers.items()}
+    assert len(set(one_call.values())) == 1 and one_call[1] <= 20, by_layers
+    assert all(c[3] <= 1 for c in by_layers.values()), by_layers
+    assert by_layers[12][0] >= 12 * 20, by_layers
+
+
+def test_host_syncs_do_not_grow_with_search_rounds():
+    """The Lagrangian search runs a fixed number of device-side rounds: no host read, whether the budget is met at
+    lambda 0, early, or only after the full bisection."""
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-6, 6, 50, dtype=torch.float64)[:, None]
+    err = torch.rand(4, 50, 6, generator=gen, dtype=torch.float64) * scales
+    err[:, :, 0] = 0.0
+    nbytes = torch.tensor([1000, 900, 700, 500, 300, 100])
+    for budget in (100 * 50, 500 * 50 + 17, 999 * 50, 1000 * 50):
+        with HostSyncCounter() as count:
+            choose_candidates_batched(err, nbytes, torch.full((4,), budget))
+        assert count.syncs == 0 and count.copies == 0, count.by_name
+
+
+def test_sealer_plans_all_layers_in_one_call(monkeypatch):
+    """Sealer.seal makes one planner call for all layers, and its plans equal plan_layer's (the reference)."""
+    from mosaickv_sglang import sealer as sealer_mod
+
+    layers, pages, h, s, d = 3, 4, 2, 16, 64
+    gen = torch.Generator().manual_seed(5)
+    k = [torch.randn(pages * s, h, d, generator=gen) for _ in range(layers)]
+    v = [torch.randn(pages * s, h, d, generator=gen) + 0.5 for _ in range(layers)]
+    sealed = []
+    pool = SimpleNamespace(
+        page_size=s, head_num=h, head_dim=d, device="cpu", layer_num=layers, k_buffer=k, v_buffer=v,
+        physical_pages=lambda p: p.clone(), mosaic_config=SimpleNamespace(compression_ratio=3.0),
+        seal_pages=lambda p, plans: sealed.append(plans),
+    )  # fmt: skip
+    sealer = sealer_mod.Sealer(pool, h * 4, query_window=8)
+    for li in range(1, layers):  # layer 0 has seen no query yet
+        sealer.window.observe(li, torch.randn(8, h * 4, d, generator=gen))
+    calls = []
+    real = sealer_mod.plan_fast_layers
+    monkeypatch.setattr(sealer_mod, "plan_fast_layers", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    pages_np, sinks = np.arange(pages, dtype=np.int64), np.arange(pages) < 1
+    assert sealer.seal(pages_np, sinks)
+    assert len(calls) == 1 and len(sealed) == 1 and len(sealed[0]) == layers
+    for li, plan in enumerate(sealed[0]):
+        ref = sealer.plan_layer(li, pages_np, sinks, 3.0)
+        for f in ("token_keep", "k_form", "k_param", "v_form", "v_param", "k_chan_weight", "v_chan_weight", "flags"):
+            assert torch.equal(getattr(plan, f), getattr(ref, f)), (li, f)
+
+
+def test_invalid_inputs_name_the_argument():
+    keys, values, queries, heads = layer_case(0, 2, 2, 2, 16, 64, 1)
+    ok = dict(budget_bytes=[10**9, 10**9], queries=queries, group_ids=heads)
+    with pytest.raises(ValueError, match="budget_bytes: expected a sequence of 2"):
+        plan_fast_layers(keys, values, **{**ok, "budget_bytes": [1]})
+    with pytest.raises(ValueError, match="always_dense: expected a numpy bool array"):
+        plan_fast_layers(keys, values, **ok, always_dense=torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="group_ids: expected a numpy integer array"):
+        plan_fast_layers(keys, values, **{**ok, "group_ids": heads[:3]})
+    with pytest.raises(ValueError, match=r"values\[1\]: expected shape"):
+        plan_fast_layers(keys, [values[0], values[1][:1]], **ok)
+    with pytest.raises(ValueError, match="queries/importance: expected exactly one"):
+        plan_fast_layers(keys, values, budget_bytes=[10**9] * 2, group_ids=heads)
+    with pytest.raises(ValueError, match=r"budget_bytes\[0\]: expected a budget >="):
+        plan_fast_layers(keys, values, **{**ok, "budget_bytes": [0, 0]})
