@@ -170,6 +170,7 @@ def test_host_syncs_do_not_grow_with_search_rounds():
 def test_sealer_plans_all_layers_in_one_call(monkeypatch):
     """Sealer.seal makes one planner call for all layers, and its plans equal plan_layer's (the reference)."""
     from mosaickv_sglang import sealer as sealer_mod
+    from mosaickv_sglang.pool import ArenaLedger
 
     layers, pages, h, s, d = 3, 4, 2, 16, 64
     gen = torch.Generator().manual_seed(5)
@@ -179,7 +180,7 @@ def test_sealer_plans_all_layers_in_one_call(monkeypatch):
     pool = SimpleNamespace(
         page_size=s, head_num=h, head_dim=d, device="cpu", layer_num=layers, k_buffer=k, v_buffer=v,
         physical_pages=lambda p: p.clone(), mosaic_config=SimpleNamespace(compression_ratio=3.0),
-        seal_pages=lambda p, plans: sealed.append(plans),
+        seal_pages=lambda p, plans: sealed.append(plans), arena_ledger=ArenaLedger(pages + 1, 10**9, h, s, d),
     )  # fmt: skip
     sealer = sealer_mod.Sealer(pool, h * 4, query_window=8)
     for li in range(1, layers):  # layer 0 has seen no query yet
