@@ -20,6 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_SHAPES = REPO.parent / "shared" / "device" / "models"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module: the planner's small batched ops (SVD above all) are much slower
+    oversubscribed on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def llama_shape() -> Path:
     """A Llama (GQA 32/8, head_dim 64) config and tokenizer, served with dummy weights."""

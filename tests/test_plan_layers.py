@@ -21,12 +21,7 @@ from mosaickv_sglang.planner import choose_candidates, plan_fast
 from mosaickv_sglang.strategies import dense_segment_bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def layer_case(seed: int, layers: int, pages: int, h: int, s: int, d: int, g: int, w: int = 4):

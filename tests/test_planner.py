@@ -33,13 +33,7 @@ from mosaickv_sglang.strategies import Candidate, default_menu, dense_segment_by
 Case = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The planner's small batched ops (SVD above all) are much slower oversubscribed on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_case(seed: int, s: int, d: int, g: int, ctx_sizes: Sequence[int], w: int = 8) -> Case:
