@@ -20,6 +20,7 @@ requests share is never planned for one request's question alone.
 from __future__ import annotations
 
 import logging
+import time
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["QueryWindow", "Sealer"]
 
+# Seconds between two status lines of the sealer in the server log (only when something was sealed meanwhile).
+STATUS_LOG_INTERVAL = 60.0
 # Retries of a batch whose plans do not fit the arenas, each with the ratio multiplied by this factor.
 ARENA_RETRY_FACTOR = 1.5
 ARENA_RETRIES = 2
@@ -146,6 +149,8 @@ class Sealer:
         self.pressure_pages_sealed = 0
         self.pages_left_dense = 0
         self._warned_arena = False
+        self._logged_at = time.monotonic()
+        self._logged_sealed = 0
 
     # --- decisions ---------------------------------------------------------------------------------------------------
     def before_forward(self, written_slots: Sequence[torch.Tensor], new_pages: np.ndarray) -> None:
@@ -187,6 +192,23 @@ class Sealer:
             chosen, sink_mask = chosen[short:], sink_mask[short:]
         if chosen.size:
             self.seal(chosen, sink_mask)
+        self.maybe_log_status()
+
+    def maybe_log_status(self, now: Optional[float] = None) -> None:
+        """Every :data:`STATUS_LOG_INTERVAL` seconds in which pages were sealed, one INFO line: pages sealed (under
+        pressure, left dense), arena room used, and the tokens the pool can still take."""
+        now = time.monotonic() if now is None else now
+        if now - self._logged_at < STATUS_LOG_INTERVAL or self.pages_sealed == self._logged_sealed:
+            return
+        ledger = self.pool.arena_ledger
+        logger.info(
+            "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room), arena "
+            "%.1f%% reserved, %d free hot pages, room for %d more tokens",
+            self.pages_sealed, self.pressure_pages_sealed, self.pages_left_dense,
+            100.0 * ledger.reserved / max(1, ledger.capacity), self.pool.num_free_physical_pages,
+            self.pool.admissible_tokens(),
+        )  # fmt: skip
+        self._logged_at, self._logged_sealed = now, self.pages_sealed
 
     # --- planning and sealing ----------------------------------------------------------------------------------------
     def plan_layer(self, layer: int, pages: np.ndarray, sink_mask: np.ndarray, ratio: float) -> SegmentPlan:

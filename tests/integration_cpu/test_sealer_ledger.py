@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -66,3 +67,22 @@ def test_ranks_whose_heads_compress_differently_seal_the_same_pages_when_the_are
     assert outcomes == [True, True, True, False, True]
     used = [sum(al.used_granules for al in r[0].store.allocators) for r in ranks]
     assert used[1] < used[0] <= ranks[0][0].store.arena_granules_per_layer * LAYERS
+
+
+def test_status_line_every_interval_in_which_pages_were_sealed(caplog):
+    from mosaickv_sglang import sealer as sealer_mod
+
+    pool, sealer, *_ = rank = _rank(10**6, "random", 3)
+    pages = np.arange(1, 1 + PAGES_PER_BATCH, dtype=np.int64)
+    _write(rank, pages)
+    t0 = sealer._logged_at
+    with caplog.at_level(logging.INFO, logger=sealer_mod.__name__):
+        sealer.maybe_log_status(t0 + sealer_mod.STATUS_LOG_INTERVAL + 1)  # nothing sealed yet: quiet
+        assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
+        sealer.maybe_log_status(t0 + 1)  # too soon
+        sealer.maybe_log_status(t0 + sealer_mod.STATUS_LOG_INTERVAL + 2)
+        sealer.maybe_log_status(t0 + 3 * sealer_mod.STATUS_LOG_INTERVAL)  # nothing new since: quiet
+    lines = [r.getMessage() for r in caplog.records if "pages sealed" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"MosaicKV: {PAGES_PER_BATCH} pages sealed (0 under hot-pool pressure, 0 left dense")
+    assert f"room for {pool.admissible_tokens()} more tokens" in lines[0]
