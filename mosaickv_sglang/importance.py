@@ -175,6 +175,14 @@ def importance_from_queries(
     return importance_from_labels(keys, q, labels, ng, default_scale(d, sm_scale))
 
 
+def uniform_importance(n: int, s: int, d: int, device: torch.device) -> SegmentImportance:
+    """Importance of ``n`` segments of ``s`` tokens when no query has been seen yet: every token and channel alike
+    (mean query 0)."""
+    ones = torch.ones(n, d, device=device)
+    return SegmentImportance(torch.full((n, s), 1.0 / s, device=device), ones, ones.clone(),
+                             torch.zeros(n, d, device=device))  # fmt: skip
+
+
 def importance_from_labels(
     keys: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor, num_groups: int, sm_scale: float
 ) -> SegmentImportance:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mosaickv_sglang.importance import FLOAT_DTYPES, SegmentImportance, default_scale, flatten_queries
-from mosaickv_sglang.importance import importance_from_labels
+from mosaickv_sglang.importance import importance_from_labels, uniform_importance
 from mosaickv_sglang.kernels import format as fmt
 from mosaickv_sglang.kernels._checks import check_int, check_tensor
 from mosaickv_sglang.lagrange import choose_candidates_batched
@@ -106,12 +106,6 @@ def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def _uniform_importance(n: int, s: int, d: int, device: torch.device) -> SegmentImportance:
-    ones = torch.ones(n, d, device=device)
-    return SegmentImportance(torch.full((n, s), 1.0 / s, device=device), ones, ones.clone(), torch.zeros(n, d,
-                             device=device))  # fmt: skip
-
-
 def _layer_importance(
     keys: Sequence[torch.Tensor],
     queries: Optional[Sequence[Optional[torch.Tensor]]],
@@ -142,7 +136,7 @@ def _layer_importance(
                 imp = SegmentImportance(imp.token_mass, imp.k_chan_weight, imp.v_chan_weight, torch.zeros(n, d,
                                         device=dev))  # fmt: skip
         elif queries[i] is None:
-            imp = _uniform_importance(n, s, d, dev)
+            imp = uniform_importance(n, s, d, dev)
         else:
             imp = importance_from_labels(keys[i], flatten_queries(queries[i], n, d, f"queries[{i}]"), labels, ng,
                                          scale)  # fmt: skip

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mosaickv_sglang.config import MAX_COMPRESSION_RATIO
-from mosaickv_sglang.importance import SegmentImportance
+from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.plan_layers import plan_fast_layers
@@ -85,12 +85,6 @@ class QueryWindow:
         if n == 0:
             return None
         return self.ring[layer, :n].permute(1, 0, 2, 3)
-
-
-def _uniform_importance(n: int, s: int, d: int, device: torch.device) -> SegmentImportance:
-    """Importance when no query has been seen yet: every token and channel alike."""
-    ones = torch.ones(n, d, device=device)
-    return SegmentImportance(torch.full((n, s), 1.0 / s, device=device), ones, ones.clone(), None)
 
 
 def _slice_plan(plan: SegmentPlan, sl: slice) -> SegmentPlan:
@@ -211,24 +205,38 @@ class Sealer:
         self._logged_at, self._logged_sealed = now, self.pages_sealed
 
     # --- planning and sealing ----------------------------------------------------------------------------------------
+    def _page_slots(self, pages: np.ndarray) -> torch.Tensor:
+        """Physical slots of ``pages``, page-major: shape ``[P * S]`` on the pool's device."""
+        pool = self.pool
+        s, dev = pool.page_size, torch.device(pool.device)
+        phys = pool.physical_pages(torch.from_numpy(pages)).to(dev)
+        return (phys[:, None] * s + torch.arange(s, device=dev)[None, :]).reshape(-1)
+
+    def _segments(self, buf: torch.Tensor, slots: torch.Tensor, num_pages: int) -> torch.Tensor:
+        """The segments of one layer's dense buffer at ``slots``: ``[P * H_kv, S, d]``, page-major, head-minor."""
+        s, h, d = self.pool.page_size, int(self.pool.head_num), int(self.pool.head_dim)
+        return buf[slots].view(num_pages, s, h, d).permute(0, 2, 1, 3).reshape(num_pages * h, s, d)
+
+    def _budget(self, sink_mask: np.ndarray, ratio: float) -> int:
+        h = int(self.pool.head_num)
+        segment = dense_segment_bytes(self.pool.page_size, int(self.pool.head_dim))
+        return seal_budget_bytes(sink_mask.size * h, int(np.count_nonzero(sink_mask)) * h, segment, ratio)
+
     def plan_layer(self, layer: int, pages: np.ndarray, sink_mask: np.ndarray, ratio: float) -> SegmentPlan:
         """Fast plan of local layer ``layer`` for ``pages`` (segments page-major, head-minor, as the pool seals)."""
         pool = self.pool
         s, h, d = pool.page_size, int(pool.head_num), int(pool.head_dim)
         dev = torch.device(pool.device)
-        phys = pool.physical_pages(torch.from_numpy(pages)).to(dev)
-        slots = (phys[:, None] * s + torch.arange(s, device=dev)[None, :]).reshape(-1)
-        k_buf, v_buf = pool.k_buffer[layer], pool.v_buffer[layer]
-        n = pages.size * h
-        keys = k_buf[slots].view(pages.size, s, h, d).permute(0, 2, 1, 3).reshape(n, s, d)
-        values = v_buf[slots].view(pages.size, s, h, d).permute(0, 2, 1, 3).reshape(n, s, d)
+        slots = self._page_slots(pages)
+        keys, values = (self._segments(buf[layer], slots, pages.size) for buf in (pool.k_buffer, pool.v_buffer))
         always = torch.from_numpy(np.repeat(sink_mask, h)).to(dev)
-        budget = seal_budget_bytes(n, int(np.count_nonzero(sink_mask)) * h, dense_segment_bytes(s, d), ratio)
+        budget = self._budget(sink_mask, ratio)
         heads = torch.arange(h, device=dev).repeat(pages.size)
         q = self.window.queries(layer)
         if q is None:
-            result = plan_fast(keys, values, budget_bytes=budget, importance=_uniform_importance(n, s, d, dev),
-                               group_ids=heads, always_dense=always)  # fmt: skip
+            importance = uniform_importance(keys.shape[0], s, d, dev)
+            result = plan_fast(keys, values, budget_bytes=budget, importance=importance, group_ids=heads,
+                               always_dense=always)  # fmt: skip
         else:
             result = plan_fast(keys, values, budget_bytes=budget, queries=q[heads], group_ids=heads,
                                always_dense=always)  # fmt: skip
@@ -238,21 +246,14 @@ class Sealer:
         """Fast plans of every local layer for ``pages`` in one planner call: for each layer, the plan
         :meth:`plan_layer` (the per-layer reference) gives, with a constant number of host reads per seal."""
         pool = self.pool
-        s, h, d = pool.page_size, int(pool.head_num), int(pool.head_dim)
-        dev = torch.device(pool.device)
-        phys = pool.physical_pages(torch.from_numpy(pages)).to(dev)
-        slots = (phys[:, None] * s + torch.arange(s, device=dev)[None, :]).reshape(-1)
-        n = pages.size * h
-        keys, values, queries = [], [], []
-        heads = torch.arange(h, device=dev).repeat(pages.size)
-        for li in range(pool.layer_num):
-            keys.append(pool.k_buffer[li][slots].view(pages.size, s, h, d).permute(0, 2, 1, 3).reshape(n, s, d))
-            values.append(pool.v_buffer[li][slots].view(pages.size, s, h, d).permute(0, 2, 1, 3).reshape(n, s, d))
-            q = self.window.queries(li)
-            queries.append(None if q is None else q[heads])
-        budget = seal_budget_bytes(n, int(np.count_nonzero(sink_mask)) * h, dense_segment_bytes(s, d), ratio)
-        results = plan_fast_layers(keys, values, budget_bytes=[budget] * pool.layer_num, queries=queries,
-                                   group_ids=np.tile(np.arange(h), pages.size),
+        h = int(pool.head_num)
+        slots = self._page_slots(pages)
+        heads = torch.arange(h, device=slots.device).repeat(pages.size)
+        keys = [self._segments(pool.k_buffer[li], slots, pages.size) for li in range(pool.layer_num)]
+        values = [self._segments(pool.v_buffer[li], slots, pages.size) for li in range(pool.layer_num)]
+        queries = [None if q is None else q[heads] for q in map(self.window.queries, range(pool.layer_num))]
+        results = plan_fast_layers(keys, values, budget_bytes=[self._budget(sink_mask, ratio)] * pool.layer_num,
+                                   queries=queries, group_ids=np.tile(np.arange(h), pages.size),
                                    always_dense=np.repeat(np.asarray(sink_mask, dtype=bool), h))  # fmt: skip
         return [r.plan for r in results]
 
