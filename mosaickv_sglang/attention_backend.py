@@ -33,6 +33,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
+from mosaickv_sglang.runtime import register_sealer
 from mosaickv_sglang.sealer import Sealer
 
 if TYPE_CHECKING:
@@ -172,6 +173,7 @@ class MosaicAttnBackend(AttentionBackend):
         self._extend_fwd = extend_fwd
         self.sealer = Sealer(self.pool, num_q_heads)
         self.auto_seal = bool(auto_seal)
+        register_sealer(self.sealer)
 
     # --- plan ------------------------------------------------------------------------------------------------------
     def read_budget_segments(self, max_segs: int) -> int:

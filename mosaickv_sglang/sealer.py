@@ -129,6 +129,9 @@ class Sealer:
         Of which sealed for hot-pool pressure.
     pages_left_dense : int
         Pages that were to be sealed but stayed dense because the arenas had no room.
+    sidecar : SidecarBridge or None
+        The CPU sidecar that refines sealed pages' plans (``None`` with ``--mosaic-sidecar off`` or before
+        :meth:`attach_sidecar`).
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class Sealer:
         self.pages_sealed = 0
         self.pressure_pages_sealed = 0
         self.pages_left_dense = 0
+        self.sidecar = None
         self._warned_arena = False
         self._logged_at = time.monotonic()
         self._logged_sealed = 0
