@@ -340,6 +340,21 @@ class SegmentPlan:
         part.k_factors, part.v_factors = cut(self.k_factors), cut(self.v_factors)
         return part
 
+    def to(self, device: torch.device) -> "SegmentPlan":
+        """This plan on ``device`` (itself when already there), not checked again."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+
+        def move(t: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+            return None if t is None else (t[0].to(device), t[1].to(device))
+
+        moved = object.__new__(type(self))
+        for f in ("token_keep", "k_form", "k_param", "v_form", "v_param", "k_chan_weight", "v_chan_weight", "flags"):
+            setattr(moved, f, getattr(self, f).to(device))
+        moved.k_factors, moved.v_factors = move(self.k_factors), move(self.v_factors)
+        return moved
+
     def rows(self) -> torch.Tensor:
         """Kept rows per segment: shape ``[N]``, dtype ``torch.int64``."""
         return self.token_keep.sum(1)

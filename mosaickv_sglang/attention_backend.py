@@ -113,7 +113,9 @@ class MosaicAttnBackend(AttentionBackend):
         Query heads on this rank; default ``model_config.get_max_num_attention_heads() // attn_tp_size``.
     auto_seal : bool
         Seal pages in the plan step (:class:`~mosaickv_sglang.sealer.Sealer`): those that left the hot window, and
-        more under hot-pool pressure. ``False`` leaves sealing to the caller (tests).
+        more under hot-pool pressure. ``False`` leaves sealing to the caller (tests). With ``--mosaic-sidecar on``
+        (the pool's config), the sealer's CPU sidecar is started here (:class:`~mosaickv_sglang.sidecar.bridge.
+        SidecarBridge`).
 
     Attributes
     ----------
@@ -173,6 +175,10 @@ class MosaicAttnBackend(AttentionBackend):
         self._extend_fwd = extend_fwd
         self.sealer = Sealer(self.pool, num_q_heads)
         self.auto_seal = bool(auto_seal)
+        if self.auto_seal and self.config.sidecar:
+            from mosaickv_sglang.sidecar.bridge import SidecarBridge
+
+            self.sealer.attach_sidecar(SidecarBridge.create(self.pool, self.sealer.window).start())
         register_sealer(self.sealer)
 
     # --- plan ------------------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from mosaickv_sglang.pool import (
     CompressedKVStore,
     DecodeMetadata,
     ExtendMetadata,
+    ReleaseHandle,
     SealablePages,
     arena_granules_for,
 )
@@ -269,6 +270,8 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         self._fill = np.zeros(self.num_logical_pages, dtype=np.int32)
         self._last_write = np.zeros(self.num_logical_pages, dtype=np.int64)
         self._write_tick = 0
+        # per logical page: bumped when it is sealed or freed, so a plan made for its old contents can be recognised
+        self.page_epoch = np.zeros(self.num_logical_pages, dtype=np.int64)
         # bumped by every change of the page maps, fills and lives (keys the admissible_tokens cache)
         self._version = 0
         self._admissible: Tuple[Tuple[int, int], int] = ((-1, -1), 0)
@@ -601,8 +604,59 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         slots = torch.from_numpy(self._l2p[p] * s)[:, None] + torch.arange(s, dtype=torch.int64)[None, :]
         pages_t = torch.from_numpy(p.copy())
         self.store.seal(pages_t, self.k_buffer, self.v_buffer, slots, plans_per_layer, layer_ids=local)
+        self.page_epoch[p] += 1
         done = p if local is None else p[self.store.is_sealed(pages_t).numpy()]
         self._release(done)
+
+    def reseal_pages(
+        self, pages: np.ndarray, layer: int, keys: torch.Tensor, values: torch.Tensor, plan: SegmentPlan
+    ) -> ReleaseHandle:
+        """Re-pack pages sealed in local layer ``layer`` with a new plan, from their original dense K/V.
+
+        Double-buffered (:meth:`CompressedKVStore.reseal`): the new payloads are written next to the old ones and
+        the descriptors swapped; the old payloads stay until :meth:`release_resealed` is called with the handle.
+
+        Parameters
+        ----------
+        pages : numpy.ndarray
+            shape ``[P]``, int64; distinct logical pages sealed in layer ``layer``.
+        layer : int
+            Local layer index (``0 <= layer < layer_num``).
+        keys, values : torch.Tensor
+            shape ``[P * H_kv, S, d]``, float, any device; the pages' original tokens, segments page-major,
+            head-minor (the order the sealer plans them in).
+        plan : SegmentPlan
+            The ``P * H_kv`` segments' new plan, any device.
+
+        Raises
+        ------
+        ArenaFullError
+            The arena cannot hold the new payloads next to the old ones; nothing changed.
+        """
+        p = self._logical_pages(torch.as_tensor(np.asarray(pages, dtype=np.int64)))
+        if not 0 <= int(layer) < self.layer_num:
+            raise ValueError(f"layer: expected a local layer in [0, {self.layer_num}), got {layer!r}")
+        s, h, d, n = self.page_size, int(self.head_num), int(self.head_dim), p.size
+        dev, dtype = torch.device(self.device), self.store.dtype
+
+        def tokens_major(x: torch.Tensor, name: str) -> torch.Tensor:
+            if tuple(x.shape) != (n * h, s, d):
+                raise ValueError(f"{name}: expected shape [{n * h}, {s}, {d}], got {list(x.shape)}")
+            return x.to(dev, dtype).view(n, h, s, d).permute(0, 2, 1, 3).reshape(n * s, h, d).contiguous()
+
+        k, v = tokens_major(keys, "keys"), tokens_major(values, "values")
+        slots = torch.arange(n * s, dtype=torch.int64).view(n, s)
+        layers = self.store.num_layers
+        return self.store.reseal(torch.from_numpy(p.copy()), [k] * layers, [v] * layers, slots, [plan.to(dev)],
+                                 layer_ids=[int(layer)])  # fmt: skip
+
+    def release_resealed(self, handle: ReleaseHandle) -> None:
+        """Free the payloads a :meth:`reseal_pages` displaced (once no step can read them any more)."""
+        self.store.release(handle)
+
+    def sealed_in_layer(self, pages: np.ndarray, layer: int) -> np.ndarray:
+        """shape ``[P]``, bool: whether each logical page is sealed in local layer ``layer``."""
+        return self.store.is_sealed(torch.from_numpy(np.asarray(pages, dtype=np.int64)), layer_id=int(layer)).numpy()
 
     def free_pages(self, pages: torch.Tensor) -> None:
         """Release logical pages freed by SGLang's allocator: arena granules and physical dense pages.
@@ -622,6 +676,7 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
             self.store.free(torch.from_numpy(live))
             self._live[live] = False
         self.arena_ledger.release(p)
+        self.page_epoch[p] += 1
         self._version += 1
         self._release(p[self._l2p[p] >= 0])
         self._fill[p] = 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from mosaickv_sglang.plan_layers import plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
 from mosaickv_sglang.strategies.base import dense_segment_bytes
+
+if TYPE_CHECKING:
+    from mosaickv_sglang.sidecar.bridge import SidecarBridge
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ class Sealer:
         Pages that were to be sealed but stayed dense because the arenas had no room.
     sidecar : SidecarBridge or None
         The CPU sidecar that refines sealed pages' plans (``None`` with ``--mosaic-sidecar off`` or before
-        :meth:`attach_sidecar`).
+        :meth:`attach_sidecar`): ticked before each forward, handed each sealed batch before it is packed.
     """
 
     def __init__(
@@ -163,6 +166,8 @@ class Sealer:
             shape ``[P]``, int64; distinct logical pages the forward writes (padding page 0 allowed).
         """
         pool = self.pool
+        if self.sidecar is not None:
+            self.sidecar.tick()
         pages: List[np.ndarray] = []
         sinks: List[np.ndarray] = []
         for slots in written_slots:
@@ -220,6 +225,15 @@ class Sealer:
         """The segments of one layer's dense buffer at ``slots``: ``[P * H_kv, S, d]``, page-major, head-minor."""
         s, h, d = self.pool.page_size, int(self.pool.head_num), int(self.pool.head_dim)
         return buf[slots].view(num_pages, s, h, d).permute(0, 2, 1, 3).reshape(num_pages * h, s, d)
+
+    def gather(self, layer: int, pages: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Dense K and V segments of ``pages`` (dense now) in local layer ``layer``: ``[P * H_kv, S, d]`` each."""
+        slots = self._page_slots(pages)
+        return tuple(self._segments(buf[layer], slots, pages.size) for buf in (self.pool.k_buffer, self.pool.v_buffer))
+
+    def attach_sidecar(self, bridge: Optional["SidecarBridge"]) -> None:
+        """Refine the plans of sealed pages with ``bridge`` (``None``: stop; the bridge is closed by its owner)."""
+        self.sidecar = bridge
 
     def _budget(self, sink_mask: np.ndarray, ratio: float) -> int:
         h = int(self.pool.head_num)
@@ -289,6 +303,8 @@ class Sealer:
             if int(reserve.sum()) > ledger.room:
                 continue
             plans = self.plan_layers(pages, dense_mask, ratio)
+            if self.sidecar is not None:
+                self.sidecar.submit_sealed(pages, dense_mask, ratio, self.gather)
             try:
                 pool.seal_pages(pages_t, plans)
             except ArenaFullError as err:

@@ -200,6 +200,9 @@ class JobOutcome:
         Per segment, whether its page generation still matched when the reply was read (``OK``: apply only these).
     error : str
         Why a job failed or was lost.
+    keys, values : torch.Tensor, optional
+        ``OK`` only: the job's dense inputs, shape ``[N, S, d]`` (host copies out of the slot): what the plan is
+        applied to.
     """
 
     job_id: int
@@ -209,6 +212,8 @@ class JobOutcome:
     result: Optional[PlanResult] = field(default=None, repr=False)
     valid: Tuple[bool, ...] = ()
     error: str = ""
+    keys: Optional[torch.Tensor] = field(default=None, repr=False)
+    values: Optional[torch.Tensor] = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -690,11 +695,15 @@ class SidecarClient:
                     self._count["discarded_stale"] += 1
                     outcome = JobOutcome(req.job_id, JobStatus.STALE, req.keys, req.reason, valid=valid)
                 else:
-                    result = self._slots.buffers.read_plan(reply, self.menu)
+                    buffers = self._slots.buffers
+                    result = buffers.read_plan(reply, self.menu)
+                    n = req.num_segments
+                    keys, values = buffers.keys[req.slot, :n].clone(), buffers.values[req.slot, :n].clone()
                     self._count["completed"] += 1
                     if req.reason == REASON_RESEGMENT:
                         self._count["resegmentations"] += 1
-                    outcome = JobOutcome(req.job_id, JobStatus.OK, req.keys, req.reason, result=result, valid=valid)
+                    outcome = JobOutcome(req.job_id, JobStatus.OK, req.keys, req.reason, result=result, valid=valid,
+                                         keys=keys, values=values)  # fmt: skip
         finally:
             self._slots.release(req.slot)
         self._finished.append(outcome)

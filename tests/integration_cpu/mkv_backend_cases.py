@@ -27,10 +27,10 @@ SIZE, HOT = 512, 384  # logical slots, dense capacity (24 physical pages)
 MAX_REQS, MAX_CTX = 8, 256
 
 
-def config(ratio: float = 1.0, read_budget: int = 0, hot_window: int = 16) -> MosaicKVConfig:
-    """S = 16, hot window one segment (default), one sink segment."""
+def config(ratio: float = 1.0, read_budget: int = 0, hot_window: int = 16, sidecar: bool = False) -> MosaicKVConfig:
+    """S = 16, hot window one segment (default), one sink segment; no sidecar process unless asked."""
     return MosaicKVConfig("mosaic", compression_ratio=ratio, segment_size=S, hot_window=hot_window, sink_tokens=16,
-                          decode_read_budget=read_budget)  # fmt: skip
+                          decode_read_budget=read_budget, sidecar=sidecar)  # fmt: skip
 
 
 def layer(layer_id: int, group: int) -> SimpleNamespace:

@@ -34,7 +34,7 @@ from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool  # noqa: E402
 from mosaickv_sglang.patches import seam  # noqa: E402
 from mosaickv_sglang.pool import PoolLayout, dense_bytes_per_token  # noqa: E402
 
-CFG = MosaicKVConfig("mosaic", compression_ratio=3.0, segment_size=S, hot_window=32, sink_tokens=16)
+CFG = MosaicKVConfig("mosaic", compression_ratio=3.0, segment_size=S, hot_window=32, sink_tokens=16, sidecar=False)
 
 
 @pytest.fixture(autouse=True)

@@ -47,7 +47,7 @@ HOT = 384  # dense capacity of the SEQ_LENS tests: 24 physical pages
 
 def _config(ratio: float = 1.0, hot_window: int = 16, sink_tokens: int = 16) -> MosaicKVConfig:
     return MosaicKVConfig("mosaic", compression_ratio=ratio, segment_size=S, hot_window=hot_window,
-                          sink_tokens=sink_tokens, decode_read_budget=0)  # fmt: skip
+                          sink_tokens=sink_tokens, decode_read_budget=0, sidecar=False)  # fmt: skip
 
 
 def build_pool(

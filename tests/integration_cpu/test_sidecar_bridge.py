@@ -1,0 +1,156 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The sidecar wired to the sealer and the pool: submitted at sealing, applied between steps, faults survived.
+
+Each test starts a real sidecar worker (a spawned process) and packs with the real kernels (Triton interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
+
+from mkv_backend_cases import Scenario, config  # noqa: E402
+from test_kv_pool import DT, GROUP, H_KV, LAYERS, S, _config, build_pool  # noqa: E402
+
+from mosaickv_sglang.kernels.format import K_FORM, V_FORM  # noqa: E402
+from mosaickv_sglang.planner import plan_exact  # noqa: E402
+from mosaickv_sglang.sealer import Sealer  # noqa: E402
+from mosaickv_sglang.sidecar.bridge import SidecarBridge  # noqa: E402
+from mosaickv_sglang.strategies.base import dense_segment_bytes  # noqa: E402
+
+PROMPTS = [1, 16, 37, 80]
+READY_S = 120.0
+DRAIN_S = 120.0
+EXACT = dict(atol=0, rtol=0)
+
+
+def _assert_match(results) -> None:
+    for out, ref, _ in results:
+        torch.testing.assert_close(out, ref, atol=3e-3, rtol=3e-3)
+
+
+def _sealer_with_sidecar(seed: int, **overrides):
+    """A ratio-3 pool (64 pages), its sealer with a started bridge, and a generator; queries observed in every
+    layer so the sidecar has statistics."""
+    pool = build_pool(64 * S, 64 * S, _config(ratio=3.0))
+    sealer = Sealer(pool, num_q_heads=H_KV * GROUP)
+    bridge = SidecarBridge.create(pool, sealer.window, **overrides).start()
+    sealer.attach_sidecar(bridge)
+    gen = torch.Generator().manual_seed(seed)
+    for li in range(LAYERS):
+        sealer.window.observe(li, torch.randn(8, H_KV * GROUP * pool.head_dim, generator=gen).to(DT))
+    assert bridge.client.wait_ready(READY_S), "sidecar did not get ready"
+    return pool, sealer, bridge, gen
+
+
+def _write(pool, gen, pages: np.ndarray) -> None:
+    pool.ensure_physical(torch.from_numpy(pages))
+    slots = (pool.physical_pages(torch.from_numpy(pages)).long()[:, None] * S + torch.arange(S)).reshape(-1)
+    for li in range(LAYERS):
+        for buf in (pool.k_buffer[li], pool.v_buffer[li]):
+            buf[slots] = torch.randn((slots.numel(),) + tuple(buf.shape[1:]), generator=gen).to(DT)
+    pool.note_writes((torch.from_numpy(pages)[:, None] * S + torch.arange(S)).reshape(-1))
+
+
+def test_sealed_pages_get_the_exact_planner_s_plans_within_the_fast_budget():
+    """A sealed batch is handed to the sidecar (as many layers as slots allow) and, once drained, its pages carry
+    the plan ``plan_exact`` makes in-process from the same inputs; the arena ledger is untouched and the pool stays
+    consistent."""
+    pool, sealer, bridge, gen = _sealer_with_sidecar(seed=1, num_slots=LAYERS)
+    try:
+        pages = np.arange(1, 5, dtype=np.int64)
+        _write(pool, gen, pages)
+        dense = {li: sealer.gather(li, pages) for li in range(LAYERS)}
+        assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
+        reserved = pool.arena_ledger.reserved
+        assert bridge.segments_submitted == pages.size * H_KV * LAYERS and bridge.segments_skipped == 0
+        bridge.drain(DRAIN_S)
+        assert bridge.plans_applied == LAYERS and bridge.plans_discarded == 0
+        assert pool.arena_ledger.reserved == reserved > 0
+        seg = dense_segment_bytes(S, pool.head_dim)
+        heads = torch.arange(H_KV).repeat(pages.size)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # the worker's setting: same reduction order
+        try:
+            for li in range(LAYERS):
+                k, v = dense[li]
+                q = sealer.window.queries(li)[heads]
+                want = plan_exact(k, v, q, budget_bytes=pages.size * H_KV * seg // 3, menu=bridge.client.menu,
+                                  group_ids=heads).plan  # fmt: skip
+                rows = torch.from_numpy((pages[:, None] * H_KV + np.arange(H_KV)).reshape(-1))
+                desc = pool.store.desc[li][rows]
+                assert desc[:, K_FORM].tolist() == want.k_form.tolist(), f"layer {li}"
+                assert desc[:, V_FORM].tolist() == want.v_form.tolist(), f"layer {li}"
+        finally:
+            torch.set_num_threads(before)
+        assert pool.store.pending_releases == 0
+        pool.check_invariants()
+    finally:
+        bridge.close()
+
+
+def test_plans_for_freed_or_reused_pages_are_discarded():
+    """Jobs still in flight when their pages are freed (and the pages reused and sealed again) end discarded: the
+    new contents keep their own plans, nothing leaks, the invariants hold."""
+    pool, sealer, bridge, gen = _sealer_with_sidecar(seed=2, num_slots=LAYERS, job_delay_s=1.0)
+    try:
+        pages = np.arange(1, 4, dtype=np.int64)
+        _write(pool, gen, pages)
+        assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
+        pool.free_pages(torch.from_numpy(pages))
+        _write(pool, gen, pages)  # reused: same logical pages, new contents, dense again
+        bridge.drain(DRAIN_S)
+        assert bridge.plans_applied == 0 and bridge.plans_discarded == LAYERS
+        assert bridge.counters().discarded_stale == LAYERS
+        free_before = [a.free_granules for a in pool.store.allocators]
+        assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))  # the reused pages: new jobs, applied
+        bridge.drain(DRAIN_S)
+        assert bridge.plans_applied == LAYERS
+        pool.free_pages(torch.from_numpy(pages))
+        assert [a.free_granules for a in pool.store.allocators] == [a.capacity for a in pool.store.allocators]
+        assert free_before == [a.capacity for a in pool.store.allocators]
+        pool.check_invariants()
+    finally:
+        bridge.close()
+
+
+def test_decoding_with_the_sidecar_killed_midway_stays_exact_at_ratio_one():
+    """The backend starts the sidecar itself (``--mosaic-sidecar on``). At ratio 1 every plan is dense, so a page
+    re-packed by the sidecar between steps reads exactly as before: outputs equal TorchNativeAttnBackend's at every
+    step while plans land at whatever step the worker finishes them. Killed with SIGKILL halfway, the worker is
+    restarted, no step fails, and later plans are applied again."""
+    sc = Scenario(config(ratio=1.0, sidecar=True), group=3, seed=21, auto_seal=True)
+    bridge = sc.mosaic.sealer.sidecar
+    assert isinstance(bridge, SidecarBridge)
+    try:
+        assert bridge.client.wait_ready(READY_S)
+        _assert_match(sc.run_both(sc.extend_batch(PROMPTS)))
+        for _ in range(12):
+            _assert_match(sc.run_both(sc.decode_batch()))
+        bridge.drain(DRAIN_S)
+        applied = bridge.plans_applied
+        assert applied > 0
+        os.kill(bridge.client.pid, signal.SIGKILL)
+        for _ in range(20):
+            _assert_match(sc.run_both(sc.decode_batch()))
+            time.sleep(0.05)
+        assert bridge.client.wait_ready(READY_S)
+        assert bridge.counters().restarts >= 1
+        _assert_match(sc.run_both(sc.extend_batch([16, 16, 16, 16])))
+        bridge.drain(DRAIN_S)
+        _assert_match(sc.run_both(sc.decode_batch()))
+        assert bridge.plans_applied > applied, (applied, bridge.status())
+        assert sc.pool.store.pending_releases == 0
+        sc.pool.check_invariants()
+    finally:
+        bridge.close()
