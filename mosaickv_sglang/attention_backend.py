@@ -234,13 +234,19 @@ class MosaicAttnBackend(AttentionBackend):
                     f"forward_batch: expected extend_prefix_lens + extend_seq_lens == seq_lens, got {pre_l} + "
                     f"{ext_l} vs {seq}"
                 )
-        self._prepare_writes(forward_batch.out_cache_loc, [rows[b, : pre_l[b]] for b in range(len(seq))])
+        reads = None
+        if not mode.is_decode() and self.sealer.sidecar is not None:
+            reads = [(r, rows[b, : seq[b]]) for b, r in enumerate(forward_batch.req_pool_indices.tolist())]
+        self._prepare_writes(forward_batch.out_cache_loc, [rows[b, : pre_l[b]] for b in range(len(seq))], reads)
         if mode.is_decode():
             self.forward_metadata = self._plan_decode([rows[b, : seq[b]] for b in range(len(seq))])
         else:
             self.forward_metadata = self._plan_extend([rows[b, : pre_l[b]] for b in range(len(seq))], ext_l)
 
-    def _prepare_writes(self, loc: Optional[torch.Tensor], written_slots: Sequence[torch.Tensor]) -> None:
+    def _prepare_writes(
+        self, loc: Optional[torch.Tensor], written_slots: Sequence[torch.Tensor],
+        reads: Optional[List[Tuple[int, torch.Tensor]]] = None,
+    ) -> None:  # fmt: skip
         """Before any KV write of the forward: seal what the policy and hot-pool pressure call for, then give every
         page the batch writes a physical dense page and record the writes."""
         if loc is None or loc.numel() == 0:
@@ -248,7 +254,7 @@ class MosaicAttnBackend(AttentionBackend):
         loc_cpu = loc.detach().to("cpu", torch.int64)
         new_pages = torch.unique(torch.div(loc_cpu, self.page_size, rounding_mode="floor")).numpy()
         if self.auto_seal:
-            self.sealer.before_forward(written_slots, new_pages)
+            self.sealer.before_forward(written_slots, new_pages, reads)
         self.pool.ensure_physical(torch.from_numpy(new_pages))
         self.pool.note_writes(loc_cpu)
 

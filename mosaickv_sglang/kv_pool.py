@@ -272,6 +272,8 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         self._write_tick = 0
         # per logical page: bumped when it is sealed or freed, so a plan made for its old contents can be recognised
         self.page_epoch = np.zeros(self.num_logical_pages, dtype=np.int64)
+        # called with the distinct logical pages (int64 array, padding page excluded) of every free_pages
+        self.free_listeners: List[Any] = []
         # bumped by every change of the page maps, fills and lives (keys the admissible_tokens cache)
         self._version = 0
         self._admissible: Tuple[Tuple[int, int], int] = ((-1, -1), 0)
@@ -677,6 +679,8 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
             self._live[live] = False
         self.arena_ledger.release(p)
         self.page_epoch[p] += 1
+        for listener in self.free_listeners:
+            listener(p)
         self._version += 1
         self._release(p[self._l2p[p] >= 0])
         self._fill[p] = 0

@@ -154,7 +154,10 @@ class Sealer:
         self._logged_sealed = 0
 
     # --- decisions ---------------------------------------------------------------------------------------------------
-    def before_forward(self, written_slots: Sequence[torch.Tensor], new_pages: np.ndarray) -> None:
+    def before_forward(
+        self, written_slots: Sequence[torch.Tensor], new_pages: np.ndarray,
+        reads: Optional[Sequence[Tuple[int, torch.Tensor]]] = None,
+    ) -> None:  # fmt: skip
         """Seal what the policy and the hot-pool pressure require before a forward that writes ``new_pages``.
 
         Parameters
@@ -164,10 +167,16 @@ class Sealer:
             order (``req_to_token[r, :seq_len - new_tokens]``).
         new_pages : numpy.ndarray
             shape ``[P]``, int64; distinct logical pages the forward writes (padding page 0 allowed).
+        reads : sequence of (int, torch.Tensor), optional
+            For extend batches: per request, an id (SGLang's ``req_pool_indices``) and every logical slot it reads
+            (prefix and new tokens); the sidecar learns from them which pages several requests read (prefixes shared
+            through the radix cache).
         """
         pool = self.pool
         if self.sidecar is not None:
             self.sidecar.tick()
+            if reads is not None:
+                self.sidecar.observe_readers(reads)
         pages: List[np.ndarray] = []
         sinks: List[np.ndarray] = []
         for slots in written_slots:

@@ -38,6 +38,7 @@ ALLOCATOR_AVAILABLE_SIZE = f"{PAGED_ALLOCATOR}.available_size"
 POOL_STATS_OBSERVER = "sglang.srt.managers.scheduler_components.pool_stats_observer.SchedulerPoolStatsObserver"
 POOL_TOKEN_INFO = f"{POOL_STATS_OBSERVER}._get_token_info"
 FUSED_KV_WRITE_GATE = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
+SCHEDULER_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 
 HOOK_TARGETS = (
     SERVER_ARGS_ADD_CLI_ARGS,
@@ -53,6 +54,7 @@ HOOK_TARGETS = (
     ALLOCATOR_AVAILABLE_SIZE,
     POOL_TOKEN_INFO,
     FUSED_KV_WRITE_GATE,
+    SCHEDULER_ON_IDLE,
 )
 
 # Where the validated config rides on ServerArgs. ServerArgs (a dataclass) pickles its __dict__ into the

@@ -18,6 +18,14 @@ One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaic
   when a page is sealed or freed). A plan is applied only if every page of the job still holds the contents it was
   made for and is still sealed in that layer; otherwise it is discarded.
 
+* **Re-segmentation of shared prefixes.** Extend batches tell the bridge which request reads which pages
+  (:meth:`SidecarBridge.observe_readers`); a page read by a second request (a prefix shared through the radix cache)
+  is queued (:class:`~mosaickv_sglang.sidecar.resegment.ResegmentQueue`), and idle scheduler ticks
+  (:meth:`SidecarBridge.on_idle`) re-plan a slice of the queue with the recent queries of the requests that ran last,
+  at the ratio the page was sealed with. The dense source is the bridge's host copy of the page (the *shadow*: the
+  copies made for the sidecar, and every sealed page already known to be shared), bounded by ``shadow_bytes`` and
+  evicted oldest first; a shared page without a copy keeps its plan.
+
 The plans keep each page within the byte budget the fast plan had (the arena ledger's reservation is unchanged), so
 applying them, early or late, alters no page-level decision: TP ranks whose sidecars finish at different times still
 agree on every allocation.
@@ -26,16 +34,18 @@ agree on every allocation.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarClient, SidecarConfig, SidecarCounters
-from mosaickv_sglang.sidecar.protocol import REASON_SEALED, SegmentKey
+from mosaickv_sglang.sidecar.protocol import REASON_RESEGMENT, REASON_SEALED, SegmentKey
+from mosaickv_sglang.sidecar.resegment import ResegmentQueue, SharedSegment
 from mosaickv_sglang.strategies.base import dense_segment_bytes
 
 if TYPE_CHECKING:
@@ -50,6 +60,11 @@ __all__ = ["DEFAULT_MAX_SEGMENTS", "SidecarBridge"]
 DEFAULT_MAX_SEGMENTS = 32
 # Client work per tick before a forward (ms): reading replies and copying plans out; applying is extra.
 FORWARD_TICK_MS = 1.0
+# Client work per idle scheduler tick (ms), and re-segmentation jobs submitted per idle tick at most.
+IDLE_TICK_MS = 3.0
+IDLE_JOBS = 1
+# Host copies of sealed pages kept for re-segmentation, per scheduler (bytes).
+DEFAULT_SHADOW_BYTES = 1 << 30
 
 Gather = Callable[[int, np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -65,6 +80,8 @@ class SidecarBridge:
     client : SidecarClient
         Not yet started; :meth:`start` starts it. Its ``is_current`` must be this bridge's :meth:`is_current`
         (:meth:`create` builds it so).
+    shadow_bytes : int
+        Host memory for copies of sealed pages (the dense source of re-segmentation); 0 turns re-segmentation off.
 
     Attributes
     ----------
@@ -78,14 +95,34 @@ class SidecarBridge:
     segments_submitted, segments_skipped : int
         Sealed segments (non-sink, all layers) handed to the sidecar, and those that kept their fast plan because
         every slot was busy.
+    pages_shared : int
+        Pages found read by more than one request.
+    resegment_jobs, resegment_skipped : int
+        Re-segmentation jobs submitted, and queued shared pages skipped for want of a host copy.
     """
 
-    def __init__(self, pool: "MosaicMHATokenToKVPool", window: "QueryWindow", client: SidecarClient) -> None:
+    def __init__(
+        self, pool: "MosaicMHATokenToKVPool", window: "QueryWindow", client: SidecarClient,
+        shadow_bytes: int = DEFAULT_SHADOW_BYTES,
+    ) -> None:  # fmt: skip
         self.pool = pool
         self.window = window
         self.client = client
         h = int(pool.head_num)
         self.pages_per_job = max(1, client.config.max_segments // h)
+        self.shadow_bytes = int(shadow_bytes)
+        self.pages_shared = 0
+        self.resegment_jobs = 0
+        self.resegment_skipped = 0
+        # one queue entry per (layer, page), keyed with head 0: pages are re-packed whole
+        self.queue = ResegmentQueue(self.pages_per_job)
+        self._shadow: "collections.OrderedDict[Tuple[int, int], Tuple[int, torch.Tensor, torch.Tensor]]" = (
+            collections.OrderedDict()
+        )
+        self._shadow_used = 0
+        self._readers: Dict[int, Set[int]] = {}
+        self._ratio = np.zeros(pool.num_logical_pages, dtype=np.float64)
+        pool.free_listeners.append(self._on_free)
         self.plans_applied = 0
         self.segments_applied = 0
         self.plans_discarded = 0
@@ -95,7 +132,10 @@ class SidecarBridge:
         self._closed = False
 
     @classmethod
-    def create(cls, pool: "MosaicMHATokenToKVPool", window: "QueryWindow", **overrides: object) -> "SidecarBridge":
+    def create(
+        cls, pool: "MosaicMHATokenToKVPool", window: "QueryWindow", shadow_bytes: int = DEFAULT_SHADOW_BYTES,
+        **overrides: object,
+    ) -> "SidecarBridge":  # fmt: skip
         """A bridge with a client sized for ``pool`` (``overrides``: :class:`SidecarConfig` fields)."""
         h = int(pool.head_num)
         kw = dict(window=window.window, kv_dtype=pool.store.dtype,
@@ -105,7 +145,7 @@ class SidecarBridge:
                                            group_size=window.group_size, **kw)  # fmt: skip
         bridge = cls.__new__(cls)
         client = SidecarClient(config, is_current=bridge.is_current)
-        bridge.__init__(pool, window, client)
+        bridge.__init__(pool, window, client, shadow_bytes)
         return bridge
 
     def start(self) -> "SidecarBridge":
@@ -153,7 +193,11 @@ class SidecarBridge:
             return 0
         todo = np.asarray(pages, dtype=np.int64)[~np.asarray(dense_mask, dtype=bool)]
         pool, h = self.pool, int(self.pool.head_num)
+        self._ratio[todo] = ratio
         total = int(todo.size) * h * pool.layer_num
+        shared = todo[[int(p) in self._readers and len(self._readers[int(p)]) > 1 for p in todo]]
+        if shared.size and self.shadow_bytes:
+            self._keep_shared(shared, gather)
         submitted = self._submit(todo, ratio, gather)
         self.segments_submitted += submitted
         self.segments_skipped += total - submitted
@@ -180,8 +224,9 @@ class SidecarBridge:
                     return done
                 sel = todo[idx]
                 heads = torch.arange(h, device=q.device).repeat(sel.size)
-                keys, values = gather(layer, sel)
+                keys, values = (x.cpu() for x in gather(layer, sel))
                 segs = [SegmentKey(layer, hd, int(p), int(e)) for p, e in zip(sel, epoch[idx]) for hd in range(h)]
+                self._remember(layer, sel, epoch[idx], keys, values)
                 job = self.client.try_submit(
                     segs, keys, values, q[heads], budget_bytes=seal_budget_bytes(len(segs), 0, seg, ratio),
                     group_ids=heads.cpu(), reason=REASON_SEALED,
@@ -192,6 +237,111 @@ class SidecarBridge:
                 done += len(segs)
         self._next_layer = (self._next_layer + 1) % layers
         return done
+
+    # --- host copies (shadow) -------------------------------------------------------------------------------------
+    def _remember(self, layer: int, pages: np.ndarray, epochs: np.ndarray, keys: torch.Tensor,
+                  values: torch.Tensor) -> None:  # fmt: skip
+        """Keep host copies of ``pages`` of ``layer`` (``keys``/``values`` ``[P * H, S, d]`` on the host)."""
+        if not self.shadow_bytes:
+            return
+        h = int(self.pool.head_num)
+        for i, (p, e) in enumerate(zip(pages.tolist(), epochs.tolist())):
+            k, v = keys[i * h : (i + 1) * h], values[i * h : (i + 1) * h]
+            old = self._shadow.pop((layer, p), None)
+            if old is not None:
+                self._shadow_used -= 2 * old[1].numel() * old[1].element_size()
+            self._shadow[(layer, p)] = (e, k, v)
+            self._shadow_used += 2 * k.numel() * k.element_size()
+        while self._shadow_used > self.shadow_bytes and self._shadow:
+            _, (_, k, _) = self._shadow.popitem(last=False)
+            self._shadow_used -= 2 * k.numel() * k.element_size()
+
+    def _keep_shared(self, pages: np.ndarray, gather: Gather) -> None:
+        """Host copies of every layer of pages about to be sealed that several requests read, queued for
+        re-segmentation."""
+        epochs = self.pool.page_epoch[pages] + 1
+        for layer in range(self.pool.layer_num):
+            keys, values = (x.cpu() for x in gather(layer, pages))
+            self._remember(layer, pages, epochs, keys, values)
+        self._queue(pages, epochs)
+
+    def _queue(self, pages: np.ndarray, epochs: np.ndarray) -> None:
+        self.queue.add(
+            SharedSegment(SegmentKey(layer, 0, int(p), int(e)), 0, tuple(sorted(self._readers.get(int(p), ()))))
+            for layer in range(self.pool.layer_num) for p, e in zip(pages.tolist(), epochs.tolist())
+        )  # fmt: skip
+
+    def _on_free(self, pages: np.ndarray) -> None:
+        """The pool freed ``pages``: forget their readers, host copies and queued re-segmentations."""
+        for p in pages.tolist():
+            self._readers.pop(p, None)
+            for layer in range(self.pool.layer_num):
+                old = self._shadow.pop((layer, p), None)
+                if old is not None:
+                    self._shadow_used -= 2 * old[1].numel() * old[1].element_size()
+        self.queue.discard_pages(pages.tolist())
+
+    # --- shared prefixes --------------------------------------------------------------------------------------------
+    def observe_readers(self, reads: Sequence[Tuple[int, torch.Tensor]]) -> None:
+        """Record which request reads which complete pages. ``reads`` holds, per request of an extend batch, its id
+        (SGLang's ``req_pool_indices``) and every slot it reads, prefix and new tokens alike. A page that gains a
+        second reader (a prefix shared through the radix cache) is queued for re-segmentation once sealed."""
+        s = self.pool.page_size
+        newly: List[int] = []
+        for reader, slots in reads:
+            n = int(slots.numel()) // s * s
+            if n == 0:
+                continue
+            for p in (slots[:n:s] // s).tolist():
+                rs = self._readers.setdefault(p, set())
+                if reader not in rs:
+                    rs.add(reader)
+                    if len(rs) == 2:
+                        self.pages_shared += 1
+                    if len(rs) >= 2:
+                        newly.append(p)
+        if newly:
+            pages = np.unique(np.array(newly, dtype=np.int64))
+            sealed = pages[self.pool.sealed_in_layer(pages, 0)]
+            self._queue(sealed, self.pool.page_epoch[sealed])
+
+    def on_idle(self) -> int:
+        """An idle scheduler tick: apply finished plans, then submit up to :data:`IDLE_JOBS` re-segmentation jobs
+        (whole pages of one layer each) while slots are free; returns the jobs submitted."""
+        if self._closed:
+            return 0
+        self.tick(IDLE_TICK_MS)
+        submitted = 0
+        while submitted < IDLE_JOBS and len(self.queue) and self.client.free_slots and not self.client.disabled:
+            for job in self.queue.next_slice(self.pages_per_job):
+                submitted += self._submit_resegment(job.layer, [seg.key for seg in job.segments])
+        return submitted
+
+    def _submit_resegment(self, layer: int, keys: List[SegmentKey]) -> int:
+        h, s, d = int(self.pool.head_num), self.pool.page_size, int(self.pool.head_dim)
+        pages, epochs, ks, vs = [], [], [], []
+        for key in sorted(keys, key=lambda k: k.page):
+            copy = self._shadow.get((layer, key.page))
+            if copy is None or copy[0] != key.generation or not self.is_current(key):
+                self.resegment_skipped += 1
+                continue
+            pages.append(key.page)
+            epochs.append(key.generation)
+            ks.append(copy[1])
+            vs.append(copy[2])
+        q = self.window.queries(layer)
+        if not pages or q is None:
+            return 0
+        heads = torch.arange(h, device=q.device).repeat(len(pages))
+        segs = [SegmentKey(layer, hd, p, e) for p, e in zip(pages, epochs) for hd in range(h)]
+        seg = dense_segment_bytes(s, d)
+        budget = sum(seal_budget_bytes(h, 0, seg, float(max(r, 1.0))) for r in self._ratio[pages])
+        job = self.client.try_submit(segs, torch.cat(ks), torch.cat(vs), q[heads], budget_bytes=budget,
+                                     group_ids=heads.cpu(), reason=REASON_RESEGMENT)  # fmt: skip
+        if job is None:
+            return 0
+        self.resegment_jobs += 1
+        return 1
 
     # --- application --------------------------------------------------------------------------------------------------
     def tick(self, budget_ms: Optional[float] = FORWARD_TICK_MS) -> int:

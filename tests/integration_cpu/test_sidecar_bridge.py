@@ -154,3 +154,58 @@ def test_decoding_with_the_sidecar_killed_midway_stays_exact_at_ratio_one():
         sc.pool.check_invariants()
     finally:
         bridge.close()
+
+
+def test_a_prefix_read_by_a_second_request_is_resegmented_on_idle_ticks():
+    """Request 0 writes four pages; they are sealed and refined. Request 1 then reads them (a radix-cache hit):
+    the idle hook (AFTER ``Scheduler.on_idle``) re-plans them from the bridge's host copies, with the recent
+    queries, at the ratio they were sealed with: the plan ``plan_exact`` makes in-process from the same inputs.
+    Freeing the pages drops their copies and anything still queued."""
+    from mosaickv_sglang.patches.scheduler import sidecar_idle_tick
+    from mosaickv_sglang.runtime import register_sealer
+
+    pool, sealer, bridge, gen = _sealer_with_sidecar(seed=3, num_slots=LAYERS)
+    register_sealer(sealer)
+    try:
+        pages = np.arange(1, 5, dtype=np.int64)
+        slots = (torch.from_numpy(pages)[:, None] * S + torch.arange(S)).reshape(-1)
+        bridge.observe_readers([(0, slots)])
+        _write(pool, gen, pages)
+        dense = {li: sealer.gather(li, pages) for li in range(LAYERS)}
+        assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
+        bridge.drain(DRAIN_S)
+        assert bridge.plans_applied == LAYERS and bridge.pages_shared == 0 and len(bridge.queue) == 0
+        gen2 = torch.Generator().manual_seed(30)
+        for li in range(LAYERS):  # request 1's queries, different from those the first plans were made with
+            sealer.window.observe(li, torch.randn(8, H_KV * GROUP * pool.head_dim, generator=gen2).to(DT))
+        bridge.observe_readers([(1, slots[: 3 * S + 5])])  # reads three whole pages (and part of the fourth)
+        assert bridge.pages_shared == 3 and len(bridge.queue) == 3 * LAYERS
+        for _ in range(2 * LAYERS):
+            sidecar_idle_tick(None, object())
+            bridge.drain(DRAIN_S)
+        assert bridge.resegment_jobs == LAYERS and bridge.resegment_skipped == 0 and len(bridge.queue) == 0
+        assert bridge.plans_applied == 2 * LAYERS and bridge.counters().resegmentations == LAYERS
+        seg = dense_segment_bytes(S, pool.head_dim)
+        shared = pages[:3]
+        heads = torch.arange(H_KV).repeat(shared.size)
+        rows = torch.from_numpy((shared[:, None] * H_KV + np.arange(H_KV)).reshape(-1))
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for li in range(LAYERS):
+                k, v = (x[: shared.size * H_KV] for x in dense[li])
+                want = plan_exact(k, v, sealer.window.queries(li)[heads], budget_bytes=shared.size * (H_KV * seg // 3),
+                                  menu=bridge.client.menu, group_ids=heads).plan  # fmt: skip
+                desc = pool.store.desc[li][rows]
+                assert desc[:, K_FORM].tolist() == want.k_form.tolist(), f"layer {li}"
+                assert desc[:, V_FORM].tolist() == want.v_form.tolist(), f"layer {li}"
+        finally:
+            torch.set_num_threads(before)
+        bridge.observe_readers([(2, slots)])
+        assert len(bridge.queue) == 4 * LAYERS
+        pool.free_pages(torch.from_numpy(pages))
+        assert len(bridge.queue) == 0 and bridge._shadow_used == 0
+        pool.check_invariants()
+    finally:
+        register_sealer(None)
+        bridge.close()
