@@ -1,0 +1,193 @@
+# SPDX-License-Identifier: Apache-2.0
+"""bench.figures: result files told apart by content, each figure drawn from small results in the real schemas,
+skipped cleanly without inputs; the committed PNGs stay small."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import figures as F
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_PNG_BYTES = 200 * 1024
+
+
+def _quality(methods_ratios):
+    rows = [{"variant": f"{m}@{r:g}", "method": m, "target_ratio": r, "samples": 4, "ratio": r * 1.001,
+             "ratio_all": r * 0.8, "attn_err": 0.01 * r, "agree_tf": 1 - 0.05 * r, "agree_free": 1.0, "dnll": 0.0,
+             "em": 3, "score": 1 - 0.1 * r, "plan_seconds": 1.0} for m, r in methods_ratios]
+    rows.append({"variant": "channel-only@6", "method": "channel-only", "target_ratio": 6.0, "samples": 0,
+                 "unreachable": "ratio/budget_bytes: expected ..."})
+    return {"command": "python -m bench.quality", "config": {"lengths": [2048], "haystack": "noise",
+                                                             "observe": "context", "samples": 2},
+            "environment": {}, "seconds": 1.0,
+            "summary": {"rows": rows, "em_by_task": {}, "task_samples": {}, "dense_em": 3, "samples": 4,
+                        "verdicts": []},
+            "records": []}
+
+
+def _throughput():
+    def res(name, tput, cap, extra=""):
+        return {"config": name, "server_command": f"python -m sglang.launch_server --model-path /m/llama-shape {extra}",
+                "bench_args": "--dataset-name random-ids --num-prompts 32 --random-input-len 8000 "
+                              "--random-output-len 256 --random-range-ratio 1.0",
+                "max_total_num_tokens": cap, "completed": 32, "output_throughput": tput, "median_tpot_ms": 10.0,
+                "max_concurrency": None}
+    return {"dense": res("dense", 438.0, 788363), "mosaic-r3": res("mosaic-r3", 86.3, 2016192),
+            "dense-tp2": res("dense-tp2", 421.0, 1687492, "--tp-size 2"),
+            "mosaic-r3-tp2": res("mosaic-r3-tp2", 73.0, 4468800, "--tp-size 2"),
+            "broken": {"config": "broken", "error": "RuntimeError('bench_serving exited with 1')"}}
+
+
+def _bench_serving_lines():
+    return [{"tag": "mosaic-r3", "backend": "sglang", "dataset_name": "random-ids", "request_rate": "inf",
+             "max_concurrency": c, "random_input_len": 4096, "random_output_len": 128, "server_info": None,
+             "completed": 64, "output_throughput": 50.0 * c, "median_tpot_ms": 20.0} for c in (1, 4, 16)]
+
+
+def _decode():
+    rows = [{"shape": "llama-3.1-8b", "context": c, "batch": b, "cuda_graph": True, "ratio_target": 3.0,
+             "ratio_achieved": 3.0, "flashinfer_ms": 1e-5 * c * b, "mosaic_ms": 0.05 * b}
+            for c in (32768, 131072) for b in (1, 8)]
+    rows.append({"shape": "llama-3.1-8b", "context": 524288, "batch": 32, "skipped": "dense cache 64 GiB"})
+    return {"meta": {"date": "2026-11-23", "device": "NVIDIA H100 80GB HBM3"}, "rows": rows, "pack": []}
+
+
+def _serve_check():
+    return {"summary": {"dense": {"needle_correct": 11, "needles": 12, "errors": 0, "capacity_tokens": 1813831},
+                        "mosaic-r3": {"needle_correct": 6, "needles": 12, "errors": 0, "capacity_tokens": 4800640,
+                                      "capacity_vs_dense": 2.647}},
+            "results": {"dense": {"config": "dense", "command": "python -m sglang.launch_server --model-path "
+                                  "/c/smollm2-135m-instruct-fp32 --port 30000"}}}
+
+
+def _accuracy(label, average):
+    return {"schema": F.ACCURACY_SCHEMA, "label": label, "config": {}, "summary": {"average": average},
+            "records": []}
+
+
+@pytest.fixture()
+def results(tmp_path):
+    root = tmp_path / "results"
+    (root / "serve").mkdir(parents=True)
+    files = {
+        "quality_a.json": _quality([(m, r) for m in ("mosaic-exact", "token-only", "channel-only") for r in (2, 4)]
+                                   + [("fp8", 2.0), ("bf16", 1.0)]),
+        "acc-dense.json": _accuracy("dense", 0.8),
+        "acc-mosaic.json": _accuracy("mosaic-r3", 0.7),
+        "decode_speed_graph.json": _decode(),
+        "serve/throughput.json": _throughput(),
+        "serve/serve_check.json": _serve_check(),
+        "notes.json": {"anything": 1},
+    }
+    for name, data in files.items():
+        (root / name).write_text(json.dumps(data))
+    (root / "serve" / "bench_mosaic.jsonl").write_text("\n".join(json.dumps(x) for x in _bench_serving_lines()))
+    (root / "serve" / "server.log").write_text("not json")
+    return root
+
+
+def _is_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and 2000 < len(data) < MAX_PNG_BYTES, (path, len(data))
+
+
+def test_discover_tells_every_result_kind_from_its_content(results):
+    found = F.discover(results)
+    names = {k: sorted(p.name for p in v) for k, v in found.items()}
+    assert names == {"quality": ["quality_a.json"], "accuracy": ["acc-dense.json", "acc-mosaic.json"],
+                     "decode": ["decode_speed_graph.json"], "throughput": ["throughput.json"],
+                     "serve_check": ["serve_check.json"], "bench_serving": ["bench_mosaic.jsonl"]}
+
+
+def test_label_ratio_reads_labels_and_prefers_overrides():
+    assert F.label_ratio("dense") == 1.0 and F.label_ratio("dense-cpu") == 1.0
+    assert F.label_ratio("fp8") == 2.0
+    assert F.label_ratio("mosaic-r3") == 3.0 and F.label_ratio("mosaic-r2.5-tp2") == 2.5
+    assert F.label_ratio("mosaic-4x") == 4.0
+    assert F.label_ratio("mosaic") is None and F.label_ratio("token-only") is None
+    assert F.label_ratio("token-only", {"token-only": 3.0}) == 3.0
+
+
+def test_throughput_points_take_concurrency_from_the_run(results):
+    pts = F.throughput_points(results / "serve" / "throughput.json")
+    assert {p["config"]: p["concurrency"] for p in pts} == {"dense": 32, "mosaic-r3": 32, "dense-tp2": 32,
+                                                           "mosaic-r3-tp2": 32}  # broken left out
+    assert {p["config"]: p["output_throughput"] for p in pts}["mosaic-r3"] == 86.3
+    raw = F.throughput_points(results / "serve" / "bench_mosaic.jsonl")
+    assert [(p["config"], p["concurrency"], p["output_throughput"]) for p in raw] == [
+        ("mosaic-r3", 1, 50.0), ("mosaic-r3", 4, 200.0), ("mosaic-r3", 16, 800.0)]
+    with pytest.raises(ValueError, match="expected a bench.serving_throughput or sglang.bench_serving result"):
+        F.throughput_points(results / "decode_speed_graph.json")
+
+
+def test_capacity_ratios_are_against_dense_of_the_same_tensor_parallelism(results):
+    model, rows = F.capacity_rows(results / "serve" / "throughput.json")
+    assert model == "llama-shape"
+    got = {name: ratio for name, _, ratio in rows}
+    assert got["dense"] == 1.0 and got["dense-tp2"] == 1.0
+    assert got["mosaic-r3"] == round(2016192 / 788363, 3) and got["mosaic-r3-tp2"] == round(4468800 / 1687492, 3)
+    model, rows = F.capacity_rows(results / "serve" / "serve_check.json")
+    assert model == "smollm2-135m-instruct-fp32" and dict((n, c) for n, c, _ in rows)["mosaic-r3"] == 4800640
+
+
+def test_each_plot_writes_a_small_png(results, tmp_path):
+    out = tmp_path / "figs"
+    q = [results / "quality_a.json"]
+    acc = [results / "acc-dense.json", results / "acc-mosaic.json"]
+    _is_png(F.plot_accuracy(q, acc, out / "a.png"))
+    _is_png(F.plot_accuracy([], acc, out / "a_suite_only.png"))
+    _is_png(F.plot_throughput([results / "serve" / "throughput.json", results / "serve" / "bench_mosaic.jsonl"],
+                              out / "b.png"))
+    _is_png(F.plot_tpot([results / "decode_speed_graph.json"], out / "c.png"))
+    _is_png(F.plot_capacity([results / "serve" / "serve_check.json", results / "serve" / "throughput.json"],
+                            out / "d.png"))
+
+
+def test_plots_skip_cleanly_without_inputs(tmp_path, caplog):
+    out = tmp_path / "figs"
+    with caplog.at_level(logging.INFO, logger="bench.figures"):
+        assert F.plot_accuracy([], [], out / "a.png") is None
+        assert F.plot_throughput([], out / "b.png") is None
+        assert F.plot_tpot([], out / "c.png") is None
+        assert F.plot_capacity([], out / "d.png") is None
+    assert not out.exists()
+    assert sum("skipped" in r.message for r in caplog.records) == 4
+    # an accuracy-suite run whose label gives no ratio is skipped with the flag that fixes it
+    (tmp_path / "x.json").write_text(json.dumps(_accuracy("sparse", 0.5)))
+    with caplog.at_level(logging.INFO, logger="bench.figures"):
+        assert F.plot_accuracy([], [tmp_path / "x.json"], out / "a.png") is None
+    assert any("pass --ratio sparse=X" in r.message for r in caplog.records)
+
+
+def test_main_draws_every_figure_found_and_nothing_from_an_empty_folder(results, tmp_path):
+    out = tmp_path / "figs"
+    assert F.main(["--results", str(results), "--out", str(out), "--ratio", "mosaic-r3=2.65"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(F.FILE_NAMES.values())
+    for p in out.iterdir():
+        _is_png(p)
+    empty, out2 = tmp_path / "empty", tmp_path / "figs2"
+    empty.mkdir()
+    assert F.main(["--results", str(empty), "--out", str(out2)]) == 0
+    assert not out2.exists()
+    with pytest.raises(SystemExit):
+        F.main(["--ratio", "mosaic=abc"])
+
+
+def test_a_missing_matplotlib_is_named_with_its_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(RuntimeError, match="matplotlib: expected the package .*uv sync --extra bench"):
+        F._pyplot()
+
+
+def test_committed_figures_are_small_pngs():
+    pngs = sorted((REPO / "bench" / "figures").glob("*.png"))
+    assert {p.name for p in pngs} >= set(F.FILE_NAMES.values())
+    for p in pngs:
+        _is_png(p)
