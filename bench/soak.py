@@ -910,6 +910,16 @@ def restarts_seen(before: Dict[str, Any], after: Dict[str, Any], exited: Optiona
     return why
 
 
+def server_context_len(base: str) -> Optional[int]:
+    """The server's context length from ``/v1/models`` (``max_model_len``) or ``/get_model_info``; None if neither
+    gives it."""
+    models = http_json(base, "/v1/models")
+    if isinstance(models, dict) and models.get("data") and models["data"][0].get("max_model_len"):
+        return int(models["data"][0]["max_model_len"])
+    info = http_json(base, "/get_model_info")
+    return int(info["context_length"]) if isinstance(info, dict) and info.get("context_length") else None
+
+
 def _identity(server: ServerHandle) -> Dict[str, Any]:
     info = http_json(server.url, "/get_server_info") or {}
     scheds = scheduler_pids(process_table(), server.pid) if server.pid is not None else None
@@ -1051,6 +1061,10 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, Any], int]:
         "argv": sys.argv[1:], "workload": asdict(spec), "concurrency": args.concurrency,
     }  # fmt: skip
     try:
+        report["server_context_len"] = ctx = server_context_len(server.url)
+        if ctx is not None and spec.max_context > ctx:
+            raise ValueError(f"--max-context: expected at most the server's context length ({ctx}), got "
+                             f"{spec.max_context}")  # fmt: skip
         before = _identity(server)
         report["state_before"] = server_state(server.url)
         print(f"[soak] {len(requests)} requests, concurrency {args.concurrency}, server {server.url}", flush=True)
@@ -1117,6 +1131,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: --launch: {err} (log: {args.server_log or args.out.with_suffix('.server.log')})",
               file=sys.stderr)  # fmt: skip
         return 1
+    except ValueError as err:  # an argument the server contradicts
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     load = report["load"]

@@ -55,6 +55,7 @@ class FakeSGLang:
     flushes: List[int] = field(default_factory=list)
     startup_time: float = field(default_factory=time.time)
     port: int = 0
+    context_len: int = 1_000_000  # /get_model_info's context_length
     exit_after: int = 0  # > 0: the process exits (status 3) after this many /generate requests, like a crash
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: Optional[ThreadingHTTPServer] = None
@@ -87,6 +88,8 @@ class FakeSGLang:
                     self._send(200, "")
                 elif path == "/get_server_info":
                     self._send(200, {"version": "fake", "startup_time": state.startup_time, "internal_states": [{}]})
+                elif path == "/get_model_info":
+                    self._send(200, {"model_path": "fake", "context_length": state.context_len})
                 elif path == "/v1/loads":
                     self._send(200, {"loads": [{"dp_rank": 0, "num_running_reqs": state.in_flight,
                                                 "num_waiting_reqs": 0,

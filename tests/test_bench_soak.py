@@ -180,7 +180,8 @@ def test_driver_counts_a_clean_soak(tmp_path, capsys):
     assert disconnects >= n_cancel  # the fake saw each cancelled client go away
     assert rep["alone"]["compared"] == 6 and rep["alone"]["equal"] == 6 and "ratio 1" in rep["alone"]["note"]
     assert rep["idle"]["idle"] is True and rep["server_restarts"] == 0 and rep["kv_tokens_leaked"] == 0
-    assert rep["max_token_usage"] == 0.9 and rep["passed"] is True and code == 0
+    assert rep["max_token_usage"] == 0.9 and rep["server_context_len"] == 1_000_000
+    assert rep["passed"] is True and code == 0
     printed = capsys.readouterr().out
     assert "in flight" in printed and "token_usage 0.90" in printed and printed.rstrip().endswith("-> PASS")
 
@@ -286,6 +287,15 @@ def test_server_exit_during_load_is_an_unplanned_restart(tmp_path, monkeypatch):
     assert any(f["fault"] == "server_exited" and f["returncode"] == 3 for f in rep["faults"])
     assert rep["load"]["failed"] >= 1 and rep["idle"]["idle"] is False
     assert code == 1 and any("unplanned server restarts" in w for w in rep["why_failed"])
+
+
+def test_max_context_above_the_servers_is_refused(tmp_path, capsys):
+    """A --max-context the server cannot serve would turn long prompts into 400s: refused up front (status 2)."""
+    with FakeSGLang(context_len=300) as fake:
+        code = main(["--url", fake.url, *SMALL, "--out", str(tmp_path / "x.json")])
+        assert fake.generated == 0
+    assert code == 2 and not (tmp_path / "x.json").exists()
+    assert "--max-context: expected at most the server's context length (300), got 400" in capsys.readouterr().err
 
 
 def test_summarize_counts_requests_never_sent():
