@@ -93,14 +93,41 @@ def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
 class Server:
     """One ``sglang.launch_server`` process with its log file."""
 
-    def __init__(self, model: str, port: int, flags: List[str], log_path: Path, extra: List[str]) -> None:
+    def __init__(self, model: str, port: int, flags: List[str], log_path: Path, extra: List[str],
+                 module: str = "sglang.launch_server") -> None:  # fmt: skip
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--port", str(port),
+        cmd = [sys.executable, "-m", module, "--model-path", model, "--port", str(port),
                "--host", "127.0.0.1", *extra, *flags]  # fmt: skip
         logger.info("starting: %s", " ".join(cmd))
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.cmd = cmd
+
+    @classmethod
+    def from_args(cls, args: List[str], log_path: Path, default_port: int = 30000,
+                  module: str = "sglang.launch_server") -> "Server":  # fmt: skip
+        """A server from one whole ``launch_server`` argument list (``--model-path`` required, ``--port`` defaulting
+        to ``default_port``; both in ``--flag value`` or ``--flag=value`` form); the rest is passed on as given."""
+        rest: List[str] = []
+        found: Dict[str, str] = {}
+        i = 0
+        while i < len(args):
+            name, eq, value = args[i].partition("=")
+            if name in ("--model-path", "--model", "--port"):
+                if not eq:
+                    if i + 1 >= len(args):
+                        raise ValueError(f"{name}: expected a value, got the end of the arguments")
+                    value, i = args[i + 1], i + 1
+                found["--port" if name == "--port" else "--model-path"] = value
+            else:
+                rest.append(args[i])
+            i += 1
+        if "--model-path" not in found:
+            raise ValueError(f"--model-path: expected it among the server arguments, got {' '.join(args)!r}")
+        port = found.get("--port", str(default_port))
+        if not port.isdigit():
+            raise ValueError(f"--port: expected a port number, got {port!r}")
+        return cls(found["--model-path"], int(port), [], log_path, rest, module)
 
     def wait_ready(self, timeout: float) -> None:
         t0 = time.time()
