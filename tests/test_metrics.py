@@ -322,3 +322,16 @@ def test_stats_are_a_frozen_snapshot(sealed):
     stats = collect_stats(sealed[1])
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.pages_sealed = 0  # type: ignore[misc]
+
+
+def test_reporter_attributes_the_hook_reads_exist_in_sglang():
+    """SchedulerMetricsReporter has the collector field and sets the per-scheduler metrics switch the hook reads;
+    the collector keeps its label dict under the name the seam gives."""
+    import inspect
+
+    from sglang.srt.managers.scheduler_components.metrics_reporter import SchedulerMetricsReporter
+    from sglang.srt.observability.metrics_collector import SchedulerMetricsCollector
+
+    assert seam.REPORTER_COLLECTOR_ATTR in {f.name for f in dataclasses.fields(SchedulerMetricsReporter)}
+    assert f"self.{seam.REPORTER_METRICS_ENABLED_ATTR} = " in inspect.getsource(SchedulerMetricsReporter.__post_init__)
+    assert f"self.{seam.COLLECTOR_LABELS_ATTR} = labels" in inspect.getsource(SchedulerMetricsCollector.__init__)
