@@ -208,17 +208,25 @@ class Sealer:
 
     def maybe_log_status(self, now: Optional[float] = None) -> None:
         """Every :data:`STATUS_LOG_INTERVAL` seconds in which pages were sealed, one INFO line: pages sealed (under
-        pressure, left dense), arena room used, and the tokens the pool can still take."""
+        pressure, left dense), arena room used, the tokens the pool can still take, the compression ratio of the sealed
+        segments and, with the sidecar, its queue depth, the plans applied and discarded and the re-segmentations."""
         now = time.monotonic() if now is None else now
         if now - self._logged_at < STATUS_LOG_INTERVAL or self.pages_sealed == self._logged_sealed:
             return
         ledger = self.pool.arena_ledger
+        sidecar = ""
+        if self.sidecar is not None:
+            counters = self.sidecar.counters()
+            sidecar = (
+                f"; sidecar: {counters.queue_depth} jobs queued, {self.sidecar.plans_applied} plans applied, "
+                f"{self.sidecar.plans_discarded} discarded, {counters.resegmentations} re-segmentations"
+            )
         logger.info(
             "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room), arena "
-            "%.1f%% reserved, %d free hot pages, room for %d more tokens",
+            "%.1f%% reserved, %d free hot pages, room for %d more tokens, compression ratio %.2f%s",
             self.pages_sealed, self.pressure_pages_sealed, self.pages_left_dense,
             100.0 * ledger.reserved / max(1, ledger.capacity), self.pool.num_free_physical_pages,
-            self.pool.admissible_tokens(),
+            self.pool.admissible_tokens(), self.pool.store.compression_ratio(), sidecar,
         )  # fmt: skip
         self._logged_at, self._logged_sealed = now, self.pages_sealed
 

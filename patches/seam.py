@@ -39,6 +39,10 @@ POOL_STATS_OBSERVER = "sglang.srt.managers.scheduler_components.pool_stats_obser
 POOL_TOKEN_INFO = f"{POOL_STATS_OBSERVER}._get_token_info"
 FUSED_KV_WRITE_GATE = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
 SCHEDULER_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
+METRICS_REPORTER = "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter"
+REPORT_DECODE_STATS = f"{METRICS_REPORTER}.report_decode_stats"
+REPORT_PREFILL_STATS = f"{METRICS_REPORTER}.report_prefill_stats"
+LOG_IDLE_METRICS = f"{METRICS_REPORTER}._maybe_log_idle_metrics"
 
 HOOK_TARGETS = (
     SERVER_ARGS_ADD_CLI_ARGS,
@@ -55,6 +59,9 @@ HOOK_TARGETS = (
     POOL_TOKEN_INFO,
     FUSED_KV_WRITE_GATE,
     SCHEDULER_ON_IDLE,
+    REPORT_DECODE_STATS,
+    REPORT_PREFILL_STATS,
+    LOG_IDLE_METRICS,
 )
 
 # Where the validated config rides on ServerArgs. ServerArgs (a dataclass) pickles its __dict__ into the
@@ -65,6 +72,14 @@ CONFIG_ATTR = "_mosaic_config"
 # slots dataclass), and the KVCacheConfigurator on the DefaultPoolConfigurator it creates.
 LAYOUT_ATTR = "_mosaic_layout"
 KVC_ATTR = "_mosaic_kvc"
+
+# What the metrics hooks read on SGLang's SchedulerMetricsReporter: whether this scheduler exports metrics
+# (--enable-metrics, and attention-TP rank 0 unless --enable-metrics-for-all-schedulers), its
+# SchedulerMetricsCollector and that collector's label dict; and where the hooks keep MosaicKV's exporter.
+REPORTER_METRICS_ENABLED_ATTR = "current_scheduler_metrics_enabled"
+REPORTER_COLLECTOR_ATTR = "metrics_collector"
+COLLECTOR_LABELS_ATTR = "labels"
+METRICS_EXPORTER_ATTR = "_mosaic_metrics"
 
 # ServerArgs fields MosaicKV sets when --kv-compressor mosaic is on and the user left them alone, with the value
 # and why (logged once at startup).

@@ -1,0 +1,319 @@
+# SPDX-License-Identifier: Apache-2.0
+"""MosaicKV's metrics: a snapshot of one rank's compressed cache (:func:`collect_stats`) and its Prometheus series.
+
+SGLang (``--enable-metrics``) runs ``prometheus_client`` in multiprocess mode: the launcher sets
+``PROMETHEUS_MULTIPROC_DIR`` before it starts the scheduler processes, each scheduler writes its series to files there,
+and the HTTP server's ``/metrics`` aggregates them with ``MultiProcessCollector``. :class:`MosaicMetricsExporter`
+creates its series the way SGLang's ``SchedulerMetricsCollector`` does (names ``sglang:...``, SGLang's labels
+``model_name``, ``engine_type``, ``tp_rank``, ``pp_rank``, ``moe_ep_rank``, ... and gauges in ``mostrecent`` mode), so
+they show on the same ``/metrics`` with no other setup. The scheduler hook that refreshes them every
+:data:`REFRESH_INTERVAL` seconds is ``patches/metrics.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from mosaickv_sglang.kernels.format import FORM_CHAN, FORM_DENSE, FORM_LOWRANK, FORM_NAMES, K_FORM, N_ROWS, V_FORM
+from mosaickv_sglang.pool import PAGE_SEALED, dense_bytes_per_token
+from mosaickv_sglang.sidecar.client import SidecarCounters
+
+if TYPE_CHECKING:
+    from mosaickv_sglang.sealer import Sealer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METRICS", "REFRESH_INTERVAL", "STRATEGY_NAMES", "MetricSpec", "MosaicMetricsExporter", "MosaicStats",
+           "SidecarStats", "collect_stats", "strategy_name"]  # fmt: skip
+
+# Seconds between two refreshes of the Prometheus series (the histogram reads every layer's descriptor table).
+REFRESH_INTERVAL = 5.0
+
+_NUM_FORMS = len(FORM_NAMES)
+_SIDE_NAMES = {FORM_DENSE: "dense", FORM_CHAN: "chan-k", FORM_LOWRANK: "lowrank-r"}
+
+
+def strategy_name(tokens_dropped: bool, k_form: int, v_form: int) -> str:
+    """The strategy of a sealed segment, named as in :data:`mosaickv_sglang.strategies.STRATEGIES`.
+
+    ``dense``, ``chan-k``, ``lowrank-r`` when K and V share a form; ``K:<form>|V:<form>`` when they differ; prefixed
+    ``tok-m/`` when the segment keeps fewer than ``S`` tokens (``tok-m`` alone when both sides are dense).
+    """
+    k, v = _SIDE_NAMES[k_form], _SIDE_NAMES[v_form]
+    vector = k if k == v else f"K:{k}|V:{v}"
+    if not tokens_dropped:
+        return vector
+    return "tok-m" if vector == "dense" else f"tok-m/{vector}"
+
+
+# index tok * F * F + k_form * F + v_form, F = number of forms
+STRATEGY_NAMES: Tuple[str, ...] = tuple(
+    strategy_name(bool(t), k, v) for t in (0, 1) for k in range(_NUM_FORMS) for v in range(_NUM_FORMS)
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SidecarStats:
+    """The sidecar bridge's counters (:class:`~mosaickv_sglang.sidecar.client.SidecarCounters`) and what it applied.
+
+    Attributes
+    ----------
+    counters : SidecarCounters
+    plans_applied, plans_discarded, segments_applied : int
+        Plans swapped into the pool, plans dropped (their pages freed or rewritten meanwhile), segments re-packed.
+    """
+
+    counters: SidecarCounters
+    plans_applied: int
+    plans_discarded: int
+    segments_applied: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicStats:
+    """A snapshot of one rank's MosaicKV cache (this rank's KV heads, every layer of the pool).
+
+    Attributes
+    ----------
+    compression_ratio : float
+        Dense bytes of the sealed segments / their compressed bytes (arena payloads, pending reseal releases included,
+        plus descriptor and bounds rows): ``CompressedKVStore.compression_ratio()``; 1.0 when nothing is sealed.
+    bytes_per_token : float
+        KV bytes held per logical token held: ``(store bytes + hot bytes) / tokens``, where store bytes is
+        ``CompressedKVStore.bytes_used()`` (arena granules allocated plus the descriptor and bounds rows of the sealed
+        segments), hot bytes is the dense hot pages in use times their K/V bytes (``S * dense_bytes_per_token``), and
+        tokens is ``S`` times the pages held: sealed in every layer, or holding a hot page (a partly written or partly
+        sealed page counts whole). 0.0 when no page is held.
+    dense_bytes_per_token : int
+        What one token's K and V take uncompressed in every layer (``2 * L * H_kv * d * e``), for comparison.
+    tokens_held : int
+        The denominator of :attr:`bytes_per_token`.
+    strategy_segments : dict
+        ``{strategy name: sealed segments}`` over layers, KV heads and sealed pages, every name of
+        :data:`STRATEGY_NAMES` present (0 when unused); read from the descriptor tables.
+    pages_sealed, pressure_pages_sealed, pages_left_dense : int
+        The sealer's totals since start (all pages sealed; of which for hot-pool pressure; left dense for want of
+        arena room).
+    arena_reserved_fraction : float
+        Arena ledger granules reserved / its capacity.
+    free_hot_pages : int
+        Physical dense pages free.
+    admissible_tokens : int
+        Logical tokens the pool can still take (``MosaicMHATokenToKVPool.admissible_tokens()``).
+    sidecar : SidecarStats or None
+        ``None`` when the sidecar is off.
+    """
+
+    compression_ratio: float
+    bytes_per_token: float
+    dense_bytes_per_token: int
+    tokens_held: int
+    strategy_segments: Dict[str, int]
+    pages_sealed: int
+    pressure_pages_sealed: int
+    pages_left_dense: int
+    arena_reserved_fraction: float
+    free_hot_pages: int
+    admissible_tokens: int
+    sidecar: Optional[SidecarStats]
+
+
+def _strategy_histogram(store: Any) -> Dict[str, int]:
+    """One bincount per layer on the tables' device, one host read."""
+    s, h, f = store.page_size, store.num_kv_heads, _NUM_FORMS
+    total = torch.zeros(len(STRATEGY_NAMES), dtype=torch.int64, device=store.device)
+    heads = np.arange(h, dtype=np.int64)
+    last_pages: Optional[np.ndarray] = None
+    rows: Optional[torch.Tensor] = None
+    for li, desc in enumerate(store.desc):
+        pages = np.flatnonzero(store.page_state(li).numpy() == PAGE_SEALED)
+        if pages.size == 0:
+            continue
+        if last_pages is None or not np.array_equal(pages, last_pages):  # usually the same pages in every layer
+            rows = torch.from_numpy((pages[:, None] * h + heads[None, :]).reshape(-1)).to(store.device)
+            last_pages = pages
+        d = desc[rows]
+        code = (d[:, N_ROWS] < s).long() * (f * f) + d[:, K_FORM].long() * f + d[:, V_FORM].long()
+        total += torch.bincount(code, minlength=total.numel())[: total.numel()]
+    return dict(zip(STRATEGY_NAMES, total.tolist()))
+
+
+def _sidecar_stats(sidecar: Any) -> Optional[SidecarStats]:
+    if sidecar is None:
+        return None
+    return SidecarStats(sidecar.counters(), int(sidecar.plans_applied), int(sidecar.plans_discarded),
+                        int(sidecar.segments_applied))  # fmt: skip
+
+
+def collect_stats(sealer: "Sealer") -> MosaicStats:
+    """Snapshot ``sealer``'s pool, arena ledger and sidecar (reads every descriptor table: call it every few seconds,
+    never per step)."""
+    pool = sealer.pool
+    store, ledger = pool.store, pool.arena_ledger
+    s = int(pool.page_size)
+    dense_tok = dense_bytes_per_token(store.num_layers, store.num_kv_heads, store.head_dim, store.dtype)
+    hot_pages = int(pool.num_physical_pages) - 1 - int(pool.num_free_physical_pages)  # padding page excluded
+    sealed_pages = int(np.count_nonzero(store.page_state().numpy() == PAGE_SEALED))
+    tokens = s * (sealed_pages + hot_pages)
+    held = store.bytes_used() + hot_pages * s * dense_tok
+    return MosaicStats(
+        compression_ratio=float(store.compression_ratio()),
+        bytes_per_token=held / tokens if tokens else 0.0,
+        dense_bytes_per_token=int(dense_tok),
+        tokens_held=int(tokens),
+        strategy_segments=_strategy_histogram(store),
+        pages_sealed=int(sealer.pages_sealed),
+        pressure_pages_sealed=int(sealer.pressure_pages_sealed),
+        pages_left_dense=int(sealer.pages_left_dense),
+        arena_reserved_fraction=ledger.reserved / max(1, ledger.capacity),
+        free_hot_pages=int(pool.num_free_physical_pages),
+        admissible_tokens=int(pool.admissible_tokens()),
+        sidecar=_sidecar_stats(sealer.sidecar),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSpec:
+    """One exported series: Prometheus name, ``counter`` (a total since start) or ``gauge``, help text, and the
+    value's getter (``None`` for series absent from this snapshot, e.g. the sidecar's when it is off)."""
+
+    name: str
+    kind: str
+    doc: str
+    value: Callable[[MosaicStats], Optional[float]]
+
+
+def _sc(get: Callable[[SidecarStats], float]) -> Callable[[MosaicStats], Optional[float]]:
+    return lambda st: None if st.sidecar is None else get(st.sidecar)
+
+
+# Every series but the strategy histogram (``sglang:mosaic_strategy_segments{strategy=...}``, a gauge).
+METRICS: Tuple[MetricSpec, ...] = (
+    MetricSpec("sglang:mosaic_compression_ratio", "gauge",
+               "Dense bytes of the sealed segments / their compressed bytes (payloads and metadata).",
+               lambda st: st.compression_ratio),
+    MetricSpec("sglang:mosaic_bytes_per_token", "gauge",
+               "KV bytes held (compressed store and hot dense pages) per logical token held.",
+               lambda st: st.bytes_per_token),
+    MetricSpec("sglang:mosaic_dense_bytes_per_token", "gauge",
+               "KV bytes of one uncompressed token (all layers, this rank's KV heads).",
+               lambda st: st.dense_bytes_per_token),
+    MetricSpec("sglang:mosaic_arena_reserved_ratio", "gauge",
+               "Fraction of the compressed arenas reserved by sealed pages.", lambda st: st.arena_reserved_fraction),
+    MetricSpec("sglang:mosaic_free_hot_pages", "gauge", "Free pages of the dense hot pool.",
+               lambda st: st.free_hot_pages),
+    MetricSpec("sglang:mosaic_admissible_tokens", "gauge", "Logical tokens the compressed pool can still take.",
+               lambda st: st.admissible_tokens),
+    MetricSpec("sglang:mosaic_pages_sealed_total", "counter", "Pages sealed (compressed) since start.",
+               lambda st: st.pages_sealed),
+    MetricSpec("sglang:mosaic_pressure_pages_sealed_total", "counter",
+               "Pages sealed early because the hot pool ran short.", lambda st: st.pressure_pages_sealed),
+    MetricSpec("sglang:mosaic_pages_left_dense_total", "counter",
+               "Pages left dense because the arenas had no room.", lambda st: st.pages_left_dense),
+    MetricSpec("sglang:mosaic_sidecar_queue_depth", "gauge", "Sidecar jobs in flight.",
+               _sc(lambda sc: sc.counters.queue_depth)),
+    MetricSpec("sglang:mosaic_sidecar_submitted_total", "counter", "Jobs accepted by the sidecar.",
+               _sc(lambda sc: sc.counters.submitted)),
+    MetricSpec("sglang:mosaic_sidecar_rejected_full_total", "counter",
+               "Jobs refused because the sidecar queue was full (the fast plan stayed).",
+               _sc(lambda sc: sc.counters.rejected_full)),
+    MetricSpec("sglang:mosaic_sidecar_completed_total", "counter", "Sidecar jobs that delivered plans.",
+               _sc(lambda sc: sc.counters.completed)),
+    MetricSpec("sglang:mosaic_sidecar_failed_total", "counter", "Sidecar jobs that failed.",
+               _sc(lambda sc: sc.counters.failed)),
+    MetricSpec("sglang:mosaic_sidecar_stale_total", "counter",
+               "Sidecar jobs discarded whole because their segments were freed or rewritten.",
+               _sc(lambda sc: sc.counters.discarded_stale)),
+    MetricSpec("sglang:mosaic_sidecar_segments_discarded_total", "counter",
+               "Stale segments discarded from sidecar jobs.", _sc(lambda sc: sc.counters.segments_discarded)),
+    MetricSpec("sglang:mosaic_sidecar_lost_total", "counter", "Sidecar jobs lost with a dead worker.",
+               _sc(lambda sc: sc.counters.lost)),
+    MetricSpec("sglang:mosaic_sidecar_restarts_total", "counter", "Sidecar worker restarts.",
+               _sc(lambda sc: sc.counters.restarts)),
+    MetricSpec("sglang:mosaic_resegmentations_total", "counter",
+               "Sidecar jobs that re-planned prefix-shared segments with merged statistics.",
+               _sc(lambda sc: sc.counters.resegmentations)),
+    MetricSpec("sglang:mosaic_plans_applied_total", "counter", "Sidecar plans applied to the pool.",
+               _sc(lambda sc: sc.plans_applied)),
+    MetricSpec("sglang:mosaic_plans_discarded_total", "counter",
+               "Sidecar plans discarded (pages freed or rewritten meanwhile).", _sc(lambda sc: sc.plans_discarded)),
+    MetricSpec("sglang:mosaic_segments_applied_total", "counter", "Segments re-packed with sidecar plans.",
+               _sc(lambda sc: sc.segments_applied)),
+)  # fmt: skip
+STRATEGY_METRIC = "sglang:mosaic_strategy_segments"
+
+
+class MosaicMetricsExporter:
+    """The MosaicKV series of one scheduler process, labelled like SGLang's scheduler metrics.
+
+    Parameters
+    ----------
+    labels : mapping
+        SGLang's metric labels of this scheduler (``SchedulerMetricsCollector.labels``).
+    registry : prometheus_client.CollectorRegistry, optional
+        Where the series register (default: ``prometheus_client``'s global registry, as SGLang's own). In
+        multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before ``prometheus_client`` is imported) values go to that
+        directory whatever the registry.
+    interval : float
+        Minimum seconds between two refreshes in :meth:`maybe_refresh`.
+    """
+
+    def __init__(self, labels: Mapping[str, Any], registry: Any = None, interval: float = REFRESH_INTERVAL) -> None:
+        # imported here, after SGLang set PROMETHEUS_MULTIPROC_DIR (as SGLang's collectors do)
+        from prometheus_client import REGISTRY, Counter, Gauge
+
+        if interval < 0:
+            raise ValueError(f"interval: expected seconds >= 0, got {interval}")
+        self.labels = {str(k): str(v) for k, v in labels.items()}
+        self.interval = float(interval)
+        self.last_refresh: Optional[float] = None
+        reg = REGISTRY if registry is None else registry
+        names = list(self.labels)
+        self._series: List[Tuple[MetricSpec, Any]] = []
+        for spec in METRICS:
+            if spec.kind == "counter":
+                metric = Counter(spec.name, spec.doc, labelnames=names, registry=reg)
+            else:
+                metric = Gauge(spec.name, spec.doc, labelnames=names, multiprocess_mode="mostrecent", registry=reg)
+            self._series.append((spec, metric))
+        self._strategy = Gauge(STRATEGY_METRIC, "Sealed segments (over layers and KV heads) per strategy.",
+                               labelnames=names + ["strategy"], multiprocess_mode="mostrecent",
+                               registry=reg)  # fmt: skip
+        self._counted: Dict[str, float] = {}
+
+    def export(self, stats: MosaicStats) -> None:
+        """Set every series from ``stats``; counters advance by the growth of their total since the last export."""
+        for spec, metric in self._series:
+            value = spec.value(stats)
+            if value is None:
+                continue
+            child = metric.labels(**self.labels)
+            if spec.kind == "gauge":
+                child.set(value)
+                continue
+            last = self._counted.get(spec.name, 0.0)
+            child.inc(value - last if value >= last else value)  # a smaller total: its source restarted
+            self._counted[spec.name] = value
+        for name, count in stats.strategy_segments.items():
+            self._strategy.labels(**self.labels, strategy=name).set(count)
+
+    def maybe_refresh(self, sealer: "Sealer", now: Optional[float] = None) -> bool:
+        """Export :func:`collect_stats` of ``sealer`` unless the last refresh was under :attr:`interval` seconds ago.
+
+        Returns
+        -------
+        bool
+            Whether the series were refreshed.
+        """
+        now = time.monotonic() if now is None else now
+        if self.last_refresh is not None and now - self.last_refresh < self.interval:
+            return False
+        self.last_refresh = now
+        self.export(collect_stats(sealer))
+        return True

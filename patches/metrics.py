@@ -1,0 +1,54 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Hooks that refresh MosaicKV's Prometheus series where SGLang 0.5.17's scheduler reports its own.
+
+Targets: AFTER ``SchedulerMetricsReporter.report_decode_stats``, ``report_prefill_stats`` and
+``_maybe_log_idle_metrics`` (``sglang.srt.managers.scheduler_components.metrics_reporter``), so the series stay fresh
+while decoding, prefilling or idle. Why hooks: SGLang's ``stat_loggers`` can replace the scheduler's metrics collector
+class, but not add series beside it, and no registry hands a plugin the scheduler's periodic report. Remove when SGLang
+offers a per-scheduler metrics callback.
+
+Every hook is a no-op unless this process built a ``mosaic`` attention backend (``--kv-compressor mosaic``, see
+:func:`mosaickv_sglang.runtime.current_sealer`) and this scheduler exports metrics (``--enable-metrics``, and
+attention-TP rank 0 unless ``--enable-metrics-for-all-schedulers``, as SGLang decides). It then costs a clock read
+per call and exports at most every :data:`~mosaickv_sglang.metrics.REFRESH_INTERVAL` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mosaickv_sglang.runtime import current_sealer
+
+from . import seam
+
+logger = logging.getLogger(__name__)
+
+
+def refresh_mosaic_metrics(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER the reporter's decode, prefill and idle reports: refresh MosaicKV's series if they are due."""
+    if not getattr(self, seam.REPORTER_METRICS_ENABLED_ATTR, False):
+        return
+    sealer = current_sealer()
+    if sealer is None:
+        return
+    exporter = getattr(self, seam.METRICS_EXPORTER_ATTR, None)
+    if exporter is False:  # failed once: metrics must never stop the scheduler
+        return
+    try:
+        if exporter is None:
+            from mosaickv_sglang.metrics import MosaicMetricsExporter
+
+            collector = getattr(self, seam.REPORTER_COLLECTOR_ATTR)
+            exporter = MosaicMetricsExporter(getattr(collector, seam.COLLECTOR_LABELS_ATTR))
+            setattr(self, seam.METRICS_EXPORTER_ATTR, exporter)
+        exporter.maybe_refresh(sealer)
+    except Exception:
+        logger.warning("MosaicKV: metrics export failed; MosaicKV metrics are off for this scheduler", exc_info=True)
+        setattr(self, seam.METRICS_EXPORTER_ATTR, False)
+
+
+def apply() -> None:
+    """Register the metrics hooks."""
+    for target in (seam.REPORT_DECODE_STATS, seam.REPORT_PREFILL_STATS, seam.LOG_IDLE_METRICS):
+        seam.register_hook(target, refresh_mosaic_metrics, "AFTER")
