@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Served runs on one GPU (nvidia-h200), one step per device call, results under $OUT/<step> (tarred by the caller).
+# Needs the SGLang bundle sourced (device-env.sh); the smollm2 step also the GGUF parts in /tmp/mkv/model and the
+# extracted essays in /tmp/mkv/cache/essays (bench.essays' cache layout).
+#
+#   smollm2  SmolLM2-135M-Instruct, stock SGLang (triton backend) and --kv-compressor mosaic (ratio 3, sidecar on)
+#            side by side on one GPU, both with --chunked-prefill-size 2048 and --enable-metrics:
+#            accuracy suite and essay agreement on both; on mosaic also the bad-request cases, /metrics, and the soak
+#            (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect mid-prefill)
+#   8b       Llama-3.1-8B shape, dummy weights, both servers at --mem-fraction-static 0.4: sglang.bench_serving
+#            (32 x 8000 in / 256 out, rate inf) against stock SGLang (flashinfer) then mosaic-r3 (sidecar on)
+set -euo pipefail
+step="${1:?usage: bench/device_served.sh smollm2|8b}"
+out="${OUT:?}/$step"
+mkdir -p "$out"
+export MOSAICKV_CACHE=/tmp/mkv/cache
+t_start=$SECONDS
+left() { echo $(( ${BUDGET_S:-540} - (SECONDS - t_start) )); }
+
+wait_ready() {  # wait_ready <port> <timeout s>
+  local port="$1" deadline=$((SECONDS + $2))
+  while [ $SECONDS -lt $deadline ]; do
+    if curl -sf "http://127.0.0.1:$port/health" >/dev/null && curl -sf -m 120 "http://127.0.0.1:$port/generate" \
+        -H 'Content-Type: application/json' -d '{"text":"Hello","sampling_params":{"max_new_tokens":2}}' >/dev/null; then
+      echo "port $port ready after $((SECONDS - t_start)) s"
+      return 0
+    fi
+    sleep 2
+  done
+  echo "port $port not ready" >&2
+  return 1
+}
+
+ps_sidecars() {  # CPU time of the sidecar processes (spawned children of the schedulers)
+  ps -eo pid,ppid,pcpu,cputime,etimes,args | grep -E "spawn_main|sglang::" | grep -v grep || true
+}
+
+case "$step" in
+  smollm2)
+    M="$(bash bench/device_smollm2.sh)"
+    common=(--model-path "$M" --host 127.0.0.1 --dtype bfloat16 --disable-prefill-cuda-graph
+            --disable-decode-cuda-graph --chunked-prefill-size 2048 --enable-metrics --mem-fraction-static 0.3)
+    python3 -m sglang.launch_server "${common[@]}" --port 30001 --attention-backend triton \
+      > "$out/dense.server.log" 2>&1 &
+    dense_pid=$!
+    sleep 20
+    python3 -m sglang.launch_server "${common[@]}" --port 30000 --kv-compressor mosaic \
+      --mosaic-compression-ratio 3 > "$out/mosaic-r3.server.log" 2>&1 &
+    mosaic_pid=$!
+    wait_ready 30001 240
+    wait_ready 30000 240
+    (  # stock SGLang: the references
+      python3 -m bench.accuracy --url http://127.0.0.1:30001 --label dense --lengths 2048 4096 8192 --samples 4 \
+        --out "$out/acc-dense.json" > "$out/acc-dense.log" 2>&1
+      python3 -m bench.agreement --url http://127.0.0.1:30001 --label dense --lengths 2048 4096 8192 --contexts 4 \
+        --out "$out/agree-dense.json" > "$out/agree-dense.log" 2>&1
+    ) &
+    ref_pid=$!
+    python3 -m bench.bad_input --url http://127.0.0.1:30000 --out "$out/bad-input.json" > "$out/bad-input.log" 2>&1 \
+      || echo "bad_input rc=$?"
+    python3 -m bench.accuracy --url http://127.0.0.1:30000 --label mosaic-r3 --lengths 2048 4096 8192 --samples 4 \
+      --out "$out/acc-mosaic-r3.json" > "$out/acc-mosaic-r3.log" 2>&1 || echo "accuracy rc=$?"
+    wait $ref_pid || echo "reference runs rc=$?"
+    python3 -m bench.agreement --url http://127.0.0.1:30000 --label mosaic-r3 --lengths 2048 4096 8192 \
+      --contexts 4 --reference "$out/agree-dense.json" --out "$out/agree-mosaic-r3.json" \
+      > "$out/agree-mosaic-r3.log" 2>&1 || echo "agreement rc=$?"
+    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-soak.txt" || true
+    kill "$dense_pid" 2>/dev/null || true
+    ps_sidecars > "$out/ps-before-soak.txt"
+    soak_s=$(( $(left) - 40 ))
+    echo "soak gets ${soak_s} s"
+    timeout "$soak_s" python3 -m bench.soak --url http://127.0.0.1:30000 --server-log "$out/mosaic-r3.server.log" \
+      --server-pid "$mosaic_pid" --vocab-size 49152 --max-context 8192 --requests 1000 --concurrency 64 \
+      --prefix-len 2048 --output-len 16 128 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill \
+      --long-prefill-tokens 7000 --kill-sidecar-every 30 --out "$out/soak.json" > "$out/soak.log" 2>&1 \
+      || echo "soak rc=$?"
+    ps_sidecars > "$out/ps-after-soak.txt"
+    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-soak.txt" || true
+    kill "$mosaic_pid" 2>/dev/null || true
+    ;;
+  8b)
+    common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy
+            --mem-fraction-static 0.4 --disable-prefill-cuda-graph --disable-decode-cuda-graph --context-length 16384)
+    bench=(--backend sglang --host 127.0.0.1 --model "$MKV_MODELS/llama-3.1-8b-shape"
+           --tokenizer "$MKV_MODELS/llama-3.1-8b-shape" --dataset-name random-ids --num-prompts 32
+           --random-input-len 8000 --random-output-len 256 --random-range-ratio 1.0)
+    python3 -m sglang.launch_server "${common[@]}" --port 30001 --attention-backend flashinfer \
+      > "$out/dense.server.log" 2>&1 &
+    dense_pid=$!
+    sleep 30
+    python3 -m sglang.launch_server "${common[@]}" --port 30000 --kv-compressor mosaic \
+      --mosaic-compression-ratio 3 > "$out/mosaic-r3.server.log" 2>&1 &
+    mosaic_pid=$!
+    wait_ready 30001 300
+    curl -s http://127.0.0.1:30001/get_server_info > "$out/dense.info.json" || true
+    timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30001 --output-file "$out/bench-dense.jsonl" \
+      > "$out/bench-dense.log" 2>&1 || echo "dense bench rc=$?"
+    kill "$dense_pid" 2>/dev/null || true
+    wait_ready 30000 120
+    curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r3.info.json" || true
+    timeout $(( $(left) - 20 )) python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
+      --output-file "$out/bench-mosaic-r3.jsonl" > "$out/bench-mosaic-r3.log" 2>&1 || echo "mosaic bench rc=$?"
+    ps_sidecars > "$out/ps.txt"
+    kill "$mosaic_pid" 2>/dev/null || true
+    ;;
+  *)
+    echo "unknown step $step" >&2
+    exit 2
+    ;;
+esac
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpus.csv" || true
+echo "step $step done after $((SECONDS - t_start)) s"
