@@ -6,7 +6,7 @@
 #
 #   smollm2  SmolLM2-135M-Instruct, stock SGLang (triton backend) and --kv-compressor mosaic (ratio 3, sidecar on)
 #            side by side on one GPU, both with --chunked-prefill-size 2048 and --enable-metrics:
-#            accuracy suite and essay agreement on both; on mosaic also the bad-request cases, /metrics, and the soak
+#            accuracy suite, essay agreement and the bad-request cases on both; on mosaic also /metrics and the soak
 #            (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect mid-prefill)
 #   8b       Llama-3.1-8B shape, dummy weights, both servers at --mem-fraction-static 0.4: sglang.bench_serving
 #            (32 x 8000 in / 256 out, rate inf) against stock SGLang (flashinfer) then mosaic-r3 (sidecar on)
@@ -66,6 +66,9 @@ case "$step" in
       --contexts 4 --reference "$out/agree-dense.json" --out "$out/agree-mosaic-r3.json" \
       > "$out/agree-mosaic-r3.log" 2>&1 || echo "agreement rc=$?"
     curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-soak.txt" || true
+    # the same bad requests against stock SGLang, last (a case that kills it is a finding about stock SGLang)
+    python3 -m bench.bad_input --url http://127.0.0.1:30001 --out "$out/bad-input-dense.json" \
+      > "$out/bad-input-dense.log" 2>&1 || echo "dense bad_input rc=$?"
     kill "$dense_pid" 2>/dev/null || true
     ps_sidecars > "$out/ps-before-soak.txt"
     soak_s=$(( $(left) - 40 ))
