@@ -582,6 +582,11 @@ def run_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.backend == "http":
         backend = GenerateBackend(args.url, timeout=args.timeout, retries=args.retries, tokenizer=args.tokenizer)
         info = backend.server_info()
+        context = (info or {}).get("context_length")
+        if context and max(args.lengths) >= int(context):
+            print(f"error: --lengths: expected lengths below the server's context length ({context}; each request "
+                  f"generates one token), got {max(args.lengths)}", file=sys.stderr)
+            return 2
         warnings = chunking_warnings(info, args.lengths, args.scored)
     else:
         backend = TransformersScorer(args.cache_dir, args.threads)

@@ -242,3 +242,13 @@ def test_transformers_scores_equal_a_direct_forward():
     assert torch.allclose(torch.tensor(scores.top1_logprob), rows.max(-1).values, atol=1e-4)
     assert all(lp <= best + 1e-6 for lp, best in zip(scores.logprob, scores.top1_logprob))
     assert not any(math.isnan(x) for x in scores.logprob)
+
+
+def test_cli_refuses_lengths_that_reach_the_server_context(capsys):
+    """A context as long as the server's context length cannot be scored (each request generates a token): the run
+    stops before any request with one line naming --lengths."""
+    with FakeSGLang() as fake:
+        fake.info["context_length"] = 600
+        assert A.main(["--url", fake.url, "--lengths", "300", "600", "--contexts", "1", "--retries", "0", "-q"]) == 2
+        assert fake.generates() == []
+    assert "--lengths: expected lengths below the server's context length (600" in capsys.readouterr().err

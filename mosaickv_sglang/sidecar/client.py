@@ -62,6 +62,9 @@ from mosaickv_sglang.strategies import Candidate, default_menu
 
 logger = logging.getLogger(__name__)
 
+# Thread-pool sizes a spawned worker inherits from the environment.
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
 __all__ = ["JobOutcome", "JobStatus", "PageGenerations", "SidecarClient", "SidecarConfig", "SidecarCounters"]
 
 
@@ -544,7 +547,18 @@ class SidecarClient:
         proc = self._ctx.Process(
             target=worker_main, args=(child_conn, self._slots.buffers, spec), name="mosaickv-sidecar", daemon=True
         )
-        proc.start()
+        # the spawned interpreter imports torch (and its BLAS/OpenMP pools) before worker_main runs: cap those pools
+        # through the environment it inherits, not only with torch.set_num_threads inside the worker
+        saved = {k: os.environ.get(k) for k in _THREAD_ENV}
+        os.environ.update({k: str(cfg.num_threads) for k in _THREAD_ENV})
+        try:
+            proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         child_conn.close()  # so that the worker's death reads as EOF here
         now = time.monotonic()
         self._worker = _Worker(proc, parent_conn, started_at=now, last_progress=now)

@@ -115,6 +115,10 @@ def worker_main(conn: Connection, buffers: SlotBuffers, spec: WorkerSpec) -> Non
         logging.basicConfig(level=spec.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server; the client shuts us down
     torch.set_num_threads(spec.num_threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (parallel work ran before): keep it
+        pass
     if spec.nice:
         os.nice(spec.nice)
     pid = os.getpid()

@@ -174,3 +174,19 @@ def test_submit_requires_a_started_client():
     with pytest.raises(RuntimeError, match="try_submit: expected a started, open client"):
         client.try_submit([client.generations.key(0, 0, 0)], k, v, q, ratio=RATIO)
     assert client.tick() == [] and client.close() == []
+
+
+def test_worker_thread_pools_are_capped_through_its_environment():
+    """The worker's BLAS/OpenMP pools are sized before it imports torch: its environment carries
+    ``num_threads`` for OMP/MKL/OpenBLAS, and the scheduler's own environment is left as it was."""
+    before = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    client = SidecarClient(tiny_config(num_threads=2))
+    client.start()
+    try:
+        env = dict(
+            item.split("=", 1) for item in open(f"/proc/{client.pid}/environ").read().split("\0") if "=" in item
+        )
+        assert {k: env.get(k) for k in before} == {k: "2" for k in before}
+        assert {k: os.environ.get(k) for k in before} == before
+    finally:
+        client.close()
