@@ -314,6 +314,9 @@ class SidecarBridge:
         submitted = 0
         while submitted < IDLE_JOBS and len(self.queue) and self.client.free_slots and not self.client.disabled:
             for job in self.queue.next_slice(self.pages_per_job):
+                if self.client.free_slots == 0:
+                    self.queue.add(job.segments)  # no slot left for this part of the slice: it waits its turn
+                    continue
                 submitted += self._submit_resegment(job.layer, [seg.key for seg in job.segments])
         return submitted
 

@@ -180,10 +180,16 @@ def test_a_prefix_read_by_a_second_request_is_resegmented_on_idle_ticks():
             sealer.window.observe(li, torch.randn(8, H_KV * GROUP * pool.head_dim, generator=gen2).to(DT))
         bridge.observe_readers([(1, slots[: 3 * S + 5])])  # reads three whole pages (and part of the fourth)
         assert bridge.pages_shared == 3 and len(bridge.queue) == 3 * LAYERS
+        held = bridge.client._slots.try_acquire()  # one slot busy: the first slice spans both layers, one waits
+        sidecar_idle_tick(None, object())
+        assert bridge.resegment_jobs == 1 and len(bridge.queue) == 3
+        bridge.client._slots.release(held)
         for _ in range(2 * LAYERS):
-            sidecar_idle_tick(None, object())
             bridge.drain(DRAIN_S)
+            sidecar_idle_tick(None, object())
+        bridge.drain(DRAIN_S)
         assert bridge.resegment_jobs == LAYERS and bridge.resegment_skipped == 0 and len(bridge.queue) == 0
+        assert bridge.counters().rejected_full == 0
         assert bridge.plans_applied == 2 * LAYERS and bridge.counters().resegmentations == LAYERS
         seg = dense_segment_bytes(S, pool.head_dim)
         shared = pages[:3]
