@@ -409,15 +409,9 @@ class TransformersScorer:
     name = "transformers"
 
     def __init__(self, cache_dir: Optional[str] = None, threads: int = 0) -> None:
-        import torch
+        from bench.smollm2 import load_cpu_model
 
-        from bench.smollm2 import load_smollm2
-
-        if threads < 0:
-            raise ValueError(f"threads: expected >= 0, got {threads!r}")
-        if threads:
-            torch.set_num_threads(threads)
-        self.model, self.tok = load_smollm2(cache_dir, attn_implementation="sdpa")
+        self.model, self.tok = load_cpu_model(cache_dir, threads)
 
     def tokenize(self, text: str) -> List[int]:
         """Token ids of ``text`` without special tokens."""

