@@ -8,10 +8,12 @@
 #            side by side on one GPU, both with --chunked-prefill-size 2048 and --enable-metrics:
 #            accuracy suite, essay agreement and the bad-request cases on both; on mosaic also /metrics and the soak
 #            (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect mid-prefill)
-#   8b       Llama-3.1-8B shape, dummy weights, both servers at --mem-fraction-static 0.4: sglang.bench_serving
-#            (32 x 8000 in / 256 out, rate inf) against stock SGLang (flashinfer) then mosaic-r3 (sidecar on)
+#   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
+#            256 out, rate inf) against stock SGLang (flashinfer), then mosaic-r3 (sidecar on), one server at a time
+#   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 120000 (so the arena fills and SGLang must retract and
+#            evict): the soak with every fault, the whole call for it
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|8b}"
+step="${1:?usage: bench/device_served.sh smollm2|8b|soak}"
 out="${OUT:?}/$step"
 mkdir -p "$out"
 export MOSAICKV_CACHE=/tmp/mkv/cache
@@ -82,6 +84,24 @@ case "$step" in
     curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-soak.txt" || true
     kill "$mosaic_pid" 2>/dev/null || true
     ;;
+  soak)
+    M="$(bash bench/device_smollm2.sh)"
+    python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port 30000 --dtype bfloat16 \
+      --disable-prefill-cuda-graph --disable-decode-cuda-graph --enable-metrics --mem-fraction-static 0.3 \
+      --max-total-tokens 120000 --kv-compressor mosaic --mosaic-compression-ratio 3 \
+      > "$out/mosaic-r3.server.log" 2>&1 &
+    mosaic_pid=$!
+    wait_ready 30000 240
+    ps_sidecars > "$out/ps-before-soak.txt"
+    timeout $(( $(left) - 30 )) python3 -m bench.soak --url http://127.0.0.1:30000 \
+      --server-log "$out/mosaic-r3.server.log" --server-pid "$mosaic_pid" --vocab-size 49152 --max-context 4096 \
+      --requests 1000 --concurrency 96 --prefix-len 1024 --output-len 8 64 --alone-subset 16 --flush-during-load 3 \
+      --disconnect-long-prefill --long-prefill-tokens 3800 --kill-sidecar-every 30 --out "$out/soak.json" \
+      > "$out/soak.log" 2>&1 || echo "soak rc=$?"
+    ps_sidecars > "$out/ps-after-soak.txt"
+    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-soak.txt" || true
+    kill "$mosaic_pid" 2>/dev/null || true
+    ;;
   8b)
     common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy
             --mem-fraction-static 0.4 --disable-prefill-cuda-graph --disable-decode-cuda-graph --context-length 16384)
@@ -91,16 +111,17 @@ case "$step" in
     python3 -m sglang.launch_server "${common[@]}" --port 30001 --attention-backend flashinfer \
       > "$out/dense.server.log" 2>&1 &
     dense_pid=$!
-    sleep 30
-    python3 -m sglang.launch_server "${common[@]}" --port 30000 --kv-compressor mosaic \
-      --mosaic-compression-ratio 3 > "$out/mosaic-r3.server.log" 2>&1 &
-    mosaic_pid=$!
     wait_ready 30001 300
     curl -s http://127.0.0.1:30001/get_server_info > "$out/dense.info.json" || true
     timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30001 --output-file "$out/bench-dense.jsonl" \
       > "$out/bench-dense.log" 2>&1 || echo "dense bench rc=$?"
     kill "$dense_pid" 2>/dev/null || true
-    wait_ready 30000 120
+    wait "$dense_pid" 2>/dev/null || true
+    # one server at a time: each sizes its KV pool from the memory it finds free
+    python3 -m sglang.launch_server "${common[@]}" --port 30000 --kv-compressor mosaic \
+      --mosaic-compression-ratio 3 > "$out/mosaic-r3.server.log" 2>&1 &
+    mosaic_pid=$!
+    wait_ready 30000 240
     curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r3.info.json" || true
     timeout $(( $(left) - 20 )) python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
       --output-file "$out/bench-mosaic-r3.jsonl" > "$out/bench-mosaic-r3.log" 2>&1 || echo "mosaic bench rc=$?"

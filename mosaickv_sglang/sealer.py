@@ -5,7 +5,8 @@ The attention backend calls :meth:`Sealer.before_forward` in its out-of-graph pl
 their physical pages. Two kinds of pages are sealed there:
 
 * **policy pages**: complete pages of the batch's requests that left the hot window (``--mosaic-hot-window``), with
-  the first ``--mosaic-sink-tokens`` sealed dense as always-read sinks (:meth:`MosaicMHATokenToKVPool.pages_to_seal`);
+  the first ``--mosaic-sink-tokens`` sealed dense as always-read sinks (:meth:`MosaicMHATokenToKVPool.pages_to_seal`),
+  once at least :data:`SEAL_BATCH_PAGES` of them are due (a seal's cost is mostly fixed);
 * **pressure pages**: when the free physical pages cannot hold this forward's new pages plus a reserve, complete
   dense pages least recently written first (finished requests' tails kept by the radix cache, hot windows of requests
   not in this batch). The hot window is a quality preference, never a reason to fail a batch.
@@ -44,6 +45,9 @@ __all__ = ["QueryWindow", "Sealer"]
 
 # Seconds between two status lines of the sealer in the server log (only when something was sealed meanwhile).
 STATUS_LOG_INTERVAL = 60.0
+# Policy pages (out of the hot window) wait until this many are due, so that one planner call (whose cost is mostly
+# fixed) seals many pages instead of one page every other decode step; hot-pool pressure seals at once.
+SEAL_BATCH_PAGES = 16
 # Retries of a batch whose plans do not fit the arenas, each with the ratio multiplied by this factor.
 ARENA_RETRY_FACTOR = 1.5
 ARENA_RETRIES = 2
@@ -122,6 +126,9 @@ class Sealer:
         Recent queries kept per layer for the planner's statistics.
     reserve_pages : int
         Physical pages kept free after a pressure seal, beyond what the forward needs.
+    min_seal_pages : int
+        Policy pages are sealed once at least this many are due (:data:`SEAL_BATCH_PAGES`); pages the forward needs
+        room for are sealed at once regardless.
 
     Attributes
     ----------
@@ -138,13 +145,17 @@ class Sealer:
     """
 
     def __init__(
-        self, pool: MosaicMHATokenToKVPool, num_q_heads: int, query_window: int = 32, reserve_pages: int = 0
-    ) -> None:
+        self, pool: MosaicMHATokenToKVPool, num_q_heads: int, query_window: int = 32, reserve_pages: int = 0,
+        min_seal_pages: int = SEAL_BATCH_PAGES,
+    ) -> None:  # fmt: skip
         self.pool = pool
         h = int(pool.head_num)
         self.window = QueryWindow(pool.layer_num, h, num_q_heads // h, int(pool.head_dim), query_window,
                                   torch.device(pool.device))  # fmt: skip
         self.reserve_pages = int(reserve_pages)
+        if isinstance(min_seal_pages, bool) or not isinstance(min_seal_pages, int) or min_seal_pages < 1:
+            raise ValueError(f"min_seal_pages: expected an integer >= 1, got {min_seal_pages!r}")
+        self.min_seal_pages = min_seal_pages
         self.pages_sealed = 0
         self.pressure_pages_sealed = 0
         self.pages_left_dense = 0
@@ -202,7 +213,7 @@ class Sealer:
             urgent = np.concatenate([chosen, extra])[:short]
             self.seal(urgent, np.concatenate([sink_mask, np.zeros(extra.size, dtype=bool)])[:short])
             chosen, sink_mask = chosen[short:], sink_mask[short:]
-        if chosen.size:
+        if chosen.size >= self.min_seal_pages:
             self.seal(chosen, sink_mask)
         self.maybe_log_status()
 

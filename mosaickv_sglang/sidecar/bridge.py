@@ -246,7 +246,7 @@ class SidecarBridge:
             return
         h = int(self.pool.head_num)
         for i, (p, e) in enumerate(zip(pages.tolist(), epochs.tolist())):
-            k, v = keys[i * h : (i + 1) * h], values[i * h : (i + 1) * h]
+            k, v = keys[i * h : (i + 1) * h].clone(), values[i * h : (i + 1) * h].clone()  # own memory: exact bytes
             old = self._shadow.pop((layer, p), None)
             if old is not None:
                 self._shadow_used -= 2 * old[1].numel() * old[1].element_size()

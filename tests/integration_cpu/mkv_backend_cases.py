@@ -45,8 +45,9 @@ class Scenario:
     """Requests allocated by SGLang's paged allocator, planned and run through both backends layer by layer."""
 
     def __init__(
-        self, cfg: MosaicKVConfig, group: int, seed: int, auto_seal: bool = False, hot: int = HOT, **pool_extra
-    ) -> None:
+        self, cfg: MosaicKVConfig, group: int, seed: int, auto_seal: bool = False, hot: int = HOT,
+        min_seal_pages: int = 1, **pool_extra,
+    ) -> None:  # fmt: skip
         self.group = group
         self.pool = build_pool(SIZE, hot, cfg, **pool_extra)
         self.stock = MHATokenToKVPool(SIZE, S, DT, H_KV, D, LAYERS, "cpu", False, v_head_dim=D)
@@ -59,6 +60,7 @@ class Scenario:
             SimpleNamespace(device="cpu", req_to_token_pool=rtp, token_to_kv_pool=self.pool), num_q_heads=H_KV * group,
             auto_seal=auto_seal,
         )
+        self.mosaic.sealer.min_seal_pages = min_seal_pages  # 1: every due page at once (tests of the policy's limits)
         self.native = TorchNativeAttnBackend(
             SimpleNamespace(device="cpu", req_to_token_pool=rtp, token_to_kv_pool=self.stock)
         )

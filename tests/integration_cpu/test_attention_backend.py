@@ -160,6 +160,36 @@ def test_hot_pool_pressure_seals_least_recently_written_pages():
     assert sc.pool.num_free_physical_pages >= 0
 
 
+def test_policy_pages_are_sealed_in_batches_and_pressure_seals_at_once():
+    """With ``min_seal_pages`` 6, pages that left the hot window wait until six are due, then go in one planner call
+    (with 1, the same decode steps make four calls of one page); outputs stay exact at ratio 1 while they wait. A
+    forward that lacks hot pages seals at once, batch or not."""
+    sc = Scenario(config(ratio=1.0), group=2, seed=7, auto_seal=True, min_seal_pages=6)
+    sealer = sc.mosaic.sealer
+    calls = []
+    seal = sealer.seal
+    sealer.seal = lambda pages, sinks: calls.append(int(pages.size)) or seal(pages, sinks)
+    _assert_match(sc.run_both(sc.extend_batch(PROMPTS)))
+    _assert_match(sc.run_both(sc.decode_batch()))  # the prompts' six pages out of the hot window: one call
+    assert calls == [6]
+    for _ in range(31):  # four more pages leave the hot window: due, not sealed (with 1, four calls of one page)
+        _assert_match(sc.run_both(sc.decode_batch()))
+    assert calls == [6]
+    for _ in range(48):
+        _assert_match(sc.run_both(sc.decode_batch()))
+        if len(calls) == 2:
+            break
+    assert len(calls) == 2 and calls[1] >= 6, calls
+    sc.pool.check_invariants()
+    pressured = Scenario(config(ratio=1.0, hot_window=1024), group=2, seed=5, auto_seal=True, hot=14 * S,
+                         min_seal_pages=100)  # fmt: skip
+    _assert_match(pressured.run_both(pressured.extend_batch(PROMPTS)))
+    for _ in range(3):
+        _assert_match(pressured.run_both(pressured.extend_batch([16, 16, 16, 16])))
+    assert pressured.mosaic.sealer.pressure_pages_sealed > 0
+    pressured.pool.check_invariants()
+
+
 def test_auto_seal_compresses_at_ratio_three():
     """At ratio 3 the sealer's fast plans compress the sealed pages within the planner's budget (sinks dense, the
     rest at a third of dense), the pool stays consistent and decode outputs stay finite and close to the dense
