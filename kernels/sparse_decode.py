@@ -41,7 +41,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def suggest_num_splits(batch: int, num_kv_heads: int, max_work_segments: int, num_sms: int = 132) -> int:
     """Split count giving about 8 resident programs per SM (``batch * num_kv_heads * splits ~ 8 * num_sms``), without
-    giving a split fewer than two segments of work. Fixed per batch shape: choose it at plan time.
+    giving a split fewer than two segments of work, rounded down to a power of two (at most
+    ``log2(MAX_NUM_SPLITS) + 1`` compiled variants of the kernels). Fixed per batch shape: choose it at plan time.
 
     Measured on one H100 (d=128, GQA 4, bf16, all-dense 64-token segments, one run): at batch 8 x 32k tokens,
     5 splits reached 2.0 TB/s and 16 splits 2.7 TB/s; at batch 1 x 128k, 33 splits 2.4 TB/s and 64 splits 2.6 TB/s.
@@ -59,7 +60,10 @@ def suggest_num_splits(batch: int, num_kv_heads: int, max_work_segments: int, nu
     progs = max(1, batch * num_kv_heads)
     want = max(1, (8 * num_sms + progs - 1) // progs)
     cap = max(1, max_work_segments // 2)
-    return int(max(1, min(want, cap, MAX_NUM_SPLITS)))
+    splits = int(max(1, min(want, cap, MAX_NUM_SPLITS)))
+    # a power of two (rounded down): NUM_SPLITS is a compile-time constant of the kernels, so a server whose batch
+    # sizes and lengths wander would otherwise compile them again for every new value (seconds each, mid-serving)
+    return 1 << (splits.bit_length() - 1)
 
 
 def sparse_decode_fwd(
