@@ -183,6 +183,9 @@ def test_worker_thread_pools_are_capped_through_its_environment():
     client = SidecarClient(tiny_config(num_threads=2))
     client.start()
     try:
+        # /proc/PID/environ is the block the process was exec'ed with: read it once the worker runs (not between the
+        # fork and the exec, where it still shows the parent's start-up environment)
+        assert client.wait_ready(READY_TIMEOUT_S)
         env = dict(
             item.split("=", 1) for item in open(f"/proc/{client.pid}/environ").read().split("\0") if "=" in item
         )
