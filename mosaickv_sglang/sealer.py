@@ -273,8 +273,7 @@ class Sealer:
         pool = self.pool
         s, h, d = pool.page_size, int(pool.head_num), int(pool.head_dim)
         dev = torch.device(pool.device)
-        slots = self._page_slots(pages)
-        keys, values = (self._segments(buf[layer], slots, pages.size) for buf in (pool.k_buffer, pool.v_buffer))
+        keys, values = self.gather(layer, pages)
         always = torch.from_numpy(np.repeat(sink_mask, h)).to(dev)
         budget = self._budget(sink_mask, ratio)
         heads = torch.arange(h, device=dev).repeat(pages.size)

@@ -77,9 +77,9 @@ class SidecarBridge:
     pool : MosaicMHATokenToKVPool
     window : QueryWindow
         The sealer's recent queries per layer (the statistics the sidecar plans with).
-    client : SidecarClient
-        Not yet started; :meth:`start` starts it. Its ``is_current`` must be this bridge's :meth:`is_current`
-        (:meth:`create` builds it so).
+    config : SidecarConfig
+        Of the worker; the bridge builds its :class:`SidecarClient` (not started: :meth:`start` starts it), with this
+        bridge's :meth:`is_current` deciding which finished plans still apply.
     shadow_bytes : int
         Host memory for copies of sealed pages (the dense source of re-segmentation); 0 turns re-segmentation off.
 
@@ -102,14 +102,14 @@ class SidecarBridge:
     """
 
     def __init__(
-        self, pool: "MosaicMHATokenToKVPool", window: "QueryWindow", client: SidecarClient,
+        self, pool: "MosaicMHATokenToKVPool", window: "QueryWindow", config: SidecarConfig,
         shadow_bytes: int = DEFAULT_SHADOW_BYTES,
     ) -> None:  # fmt: skip
         self.pool = pool
         self.window = window
-        self.client = client
+        self.client = SidecarClient(config, is_current=self.is_current)
         h = int(pool.head_num)
-        self.pages_per_job = max(1, client.config.max_segments // h)
+        self.pages_per_job = max(1, config.max_segments // h)
         self.shadow_bytes = int(shadow_bytes)
         self.pages_shared = 0
         self.resegment_jobs = 0
@@ -136,17 +136,14 @@ class SidecarBridge:
         cls, pool: "MosaicMHATokenToKVPool", window: "QueryWindow", shadow_bytes: int = DEFAULT_SHADOW_BYTES,
         **overrides: object,
     ) -> "SidecarBridge":  # fmt: skip
-        """A bridge with a client sized for ``pool`` (``overrides``: :class:`SidecarConfig` fields)."""
+        """A bridge with a sidecar sized for ``pool`` (``overrides``: :class:`SidecarConfig` fields)."""
         h = int(pool.head_num)
         kw = dict(window=window.window, kv_dtype=pool.store.dtype,
                   max_segments=max(h, DEFAULT_MAX_SEGMENTS // h * h))  # fmt: skip
         kw.update(overrides)
         config = SidecarConfig.from_mosaic(pool.mosaic_config, head_dim=int(pool.head_dim),
                                            group_size=window.group_size, **kw)  # fmt: skip
-        bridge = cls.__new__(cls)
-        client = SidecarClient(config, is_current=bridge.is_current)
-        bridge.__init__(pool, window, client, shadow_bytes)
-        return bridge
+        return cls(pool, window, config, shadow_bytes)
 
     def start(self) -> "SidecarBridge":
         """Start the worker process (it gets ready in the background); closed at interpreter exit."""
@@ -247,14 +244,17 @@ class SidecarBridge:
         h = int(self.pool.head_num)
         for i, (p, e) in enumerate(zip(pages.tolist(), epochs.tolist())):
             k, v = keys[i * h : (i + 1) * h].clone(), values[i * h : (i + 1) * h].clone()  # own memory: exact bytes
-            old = self._shadow.pop((layer, p), None)
-            if old is not None:
-                self._shadow_used -= 2 * old[1].numel() * old[1].element_size()
+            self._forget_copy(layer, p)
             self._shadow[(layer, p)] = (e, k, v)
-            self._shadow_used += 2 * k.numel() * k.element_size()
+            self._shadow_used += k.nbytes + v.nbytes
         while self._shadow_used > self.shadow_bytes and self._shadow:
-            _, (_, k, _) = self._shadow.popitem(last=False)
-            self._shadow_used -= 2 * k.numel() * k.element_size()
+            self._forget_copy(*next(iter(self._shadow)))
+
+    def _forget_copy(self, layer: int, page: int) -> None:
+        """Drop the host copy of ``page`` in ``layer``, if any."""
+        old = self._shadow.pop((layer, page), None)
+        if old is not None:
+            self._shadow_used -= old[1].nbytes + old[2].nbytes
 
     def _keep_shared(self, pages: np.ndarray, gather: Gather) -> None:
         """Host copies of every layer of pages about to be sealed that several requests read, queued for
@@ -276,9 +276,7 @@ class SidecarBridge:
         for p in pages.tolist():
             self._readers.pop(p, None)
             for layer in range(self.pool.layer_num):
-                old = self._shadow.pop((layer, p), None)
-                if old is not None:
-                    self._shadow_used -= 2 * old[1].numel() * old[1].element_size()
+                self._forget_copy(layer, p)
         self.queue.discard_pages(pages.tolist())
 
     # --- shared prefixes --------------------------------------------------------------------------------------------
