@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from mkv_http_fake import LocalServer, QuietHandler
 
 MODEL = "fake-sglang"
 
@@ -35,7 +37,7 @@ def default_top1(ids: Sequence[int], p: int) -> Tuple[int, float]:
 
 
 @dataclass
-class FakeSGLang:
+class FakeSGLang(LocalServer):
     """Server state and behaviour (see the module docstring)."""
 
     logprob: Callable[[Sequence[int], int], float] = default_logprob
@@ -48,12 +50,6 @@ class FakeSGLang:
     flushes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: Optional[ThreadingHTTPServer] = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
 
     def generates(self) -> List[Dict[str, Any]]:
         return [r["body"] for r in self.requests if r["path"] == "/generate"]
@@ -75,17 +71,8 @@ class FakeSGLang:
     def __enter__(self) -> "FakeSGLang":
         state = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:  # keep pytest output clean
-                pass
-
-            def _send(self, status: int, body: Any) -> None:
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(QuietHandler):
+            text_content_type = "text/plain"
 
             def do_GET(self) -> None:
                 with state.lock:
@@ -114,12 +101,8 @@ class FakeSGLang:
                     return self._send(200, state.generate_body(body))
                 self._send(200, state.answer(body))
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._serve(Handler)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        assert self.server is not None
-        self.server.shutdown()
-        self.server.server_close()
+        self._stop()

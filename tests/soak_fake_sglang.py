@@ -25,9 +25,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from mkv_http_fake import LocalServer, QuietHandler
 
 
 def fake_output(input_ids: List[int], max_new: int, sample: int = 0) -> List[int]:
@@ -37,7 +39,7 @@ def fake_output(input_ids: List[int], max_new: int, sample: int = 0) -> List[int
 
 
 @dataclass
-class FakeSGLang:
+class FakeSGLang(LocalServer):
     """Server state and behaviour (see the module docstring)."""
 
     token_delay: float = 0.001  # seconds per streamed token
@@ -60,27 +62,10 @@ class FakeSGLang:
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: Optional[ThreadingHTTPServer] = None
 
-    @property
-    def url(self) -> str:
-        if self.server is None:
-            raise RuntimeError("server: expected a started FakeSGLang, got one not entered")
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
-
     def __enter__(self) -> "FakeSGLang":
         state = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:  # keep pytest output clean
-                pass
-
-            def _send(self, status: int, body: Any) -> None:
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(QuietHandler):
 
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
@@ -161,15 +146,11 @@ class FakeSGLang:
                     with state.lock:
                         state.disconnects += 1
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._serve(Handler, self.port)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+        self._stop()
 
 
 def main() -> None:

@@ -13,14 +13,16 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Union
+
+from mkv_http_fake import LocalServer, QuietHandler
 
 MODEL = "fake-model"
 
 
 @dataclass
-class FakeOpenAI:
+class FakeOpenAI(LocalServer):
     """Server state and behaviour (see the module docstring)."""
 
     answer: Callable[[str], str] = lambda prompt: " 0000000."
@@ -34,29 +36,13 @@ class FakeOpenAI:
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: Optional[ThreadingHTTPServer] = None
 
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
-
     def completions(self) -> List[Dict[str, Any]]:
         return [r["body"] for r in self.requests if r["path"] == "/v1/completions"]
 
     def __enter__(self) -> "FakeOpenAI":
         state = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:  # keep pytest output clean
-                pass
-
-            def _send(self, status: int, body: Any) -> None:
-                data = json.dumps(body).encode() if not isinstance(body, bytes) else body
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(QuietHandler):
 
             def do_GET(self) -> None:
                 with state.lock:
@@ -101,12 +87,8 @@ class FakeOpenAI:
                     with state.lock:
                         state.in_flight -= 1
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._serve(Handler)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        assert self.server is not None
-        self.server.shutdown()
-        self.server.server_close()
+        self._stop()
