@@ -11,7 +11,8 @@
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
 #            256 out, rate inf) against stock SGLang (flashinfer), then mosaic-r3 (sidecar on), one server at a time
 #   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 120000 (so the arena fills and SGLang must retract and
-#            evict): the soak with every fault, the whole call for it
+#            evict): the soak with every fault, the server started by bench.soak and restarted with the same flags at
+#            the end; the Triton kernel variants compiled before and after (recompiles mid-serving show up there)
 set -euo pipefail
 step="${1:?usage: bench/device_served.sh smollm2|8b|soak}"
 out="${OUT:?}/$step"
@@ -32,6 +33,11 @@ wait_ready() {  # wait_ready <port> <timeout s>
   done
   echo "port $port not ready" >&2
   return 1
+}
+
+triton_kernels() {  # compiled Triton kernel variants in the cache, by kernel name (recompiles show up here)
+  find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name "*.json" ! -name "__grp__*" 2>/dev/null \
+    | xargs -r -n1 basename | sort | uniq -c | sort -rn || true
 }
 
 ps_sidecars() {  # CPU time of the sidecar processes (spawned children of the schedulers)
@@ -86,21 +92,16 @@ case "$step" in
     ;;
   soak)
     M="$(bash bench/device_smollm2.sh)"
-    python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port 30000 --dtype bfloat16 \
-      --disable-prefill-cuda-graph --disable-decode-cuda-graph --enable-metrics --mem-fraction-static 0.3 \
-      --max-total-tokens 120000 --kv-compressor mosaic --mosaic-compression-ratio 3 \
-      > "$out/mosaic-r3.server.log" 2>&1 &
-    mosaic_pid=$!
-    wait_ready 30000 240
-    ps_sidecars > "$out/ps-before-soak.txt"
-    timeout $(( $(left) - 30 )) python3 -m bench.soak --url http://127.0.0.1:30000 \
-      --server-log "$out/mosaic-r3.server.log" --server-pid "$mosaic_pid" --vocab-size 49152 --max-context 4096 \
-      --requests 1000 --concurrency 96 --prefix-len 1024 --output-len 8 64 --alone-subset 16 --flush-during-load 3 \
-      --disconnect-long-prefill --long-prefill-tokens 3800 --kill-sidecar-every 30 --out "$out/soak.json" \
+    triton_kernels > "$out/triton-cache-before.txt"
+    # the soak starts the server itself (--launch) so that it can stop it and start it again with the same flags
+    timeout $(( $(left) - 10 )) python3 -m bench.soak --launch "--model-path $M --host 127.0.0.1 --port 30000 \
+      --dtype bfloat16 --disable-prefill-cuda-graph --disable-decode-cuda-graph --enable-metrics \
+      --mem-fraction-static 0.3 --max-total-tokens 120000 --kv-compressor mosaic --mosaic-compression-ratio 3" \
+      --ready-timeout 240 --vocab-size 49152 --max-context 4096 --requests 1000 --concurrency 96 --prefix-len 1024 \
+      --output-len 8 64 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 3800 \
+      --kill-sidecar-every 30 --send-deadline $(( $(left) - 240 )) --restart --out "$out/soak.json" \
       > "$out/soak.log" 2>&1 || echo "soak rc=$?"
-    ps_sidecars > "$out/ps-after-soak.txt"
-    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-soak.txt" || true
-    kill "$mosaic_pid" 2>/dev/null || true
+    triton_kernels > "$out/triton-cache-after.txt"
     ;;
   8b)
     common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy

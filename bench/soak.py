@@ -699,8 +699,12 @@ class Soak:
                 c[o.status] = c.get(o.status, 0) + 1
         return c
 
+    def past_send_deadline(self) -> bool:
+        deadline = self.args.send_deadline
+        return bool(deadline) and time.monotonic() - self.t0 > deadline
+
     def _one(self, req: SoakRequest) -> None:
-        if self.stop.is_set():
+        if self.stop.is_set() or self.past_send_deadline():
             return
         with self.lock:
             self.sent += 1
@@ -884,6 +888,10 @@ def alone_replay(base: str, requests: List[SoakRequest], outcomes: Dict[int, Out
     rows = []
     for req in (r for r in requests if r.alone):
         loaded = outcomes.get(req.index)
+        if loaded is None:  # never sent (--send-deadline): nothing to compare with
+            rows.append({"index": req.index, "prompt_tokens": len(req.input_ids), "alone_status": "not-sent",
+                         "equal": None})  # fmt: skip
+            continue
         alone = send_generate(base, req.body(stream=False), timeout)
         cmp = compare_outputs(loaded.output_ids[0] if loaded and loaded.status == "completed" and loaded.output_ids
                               else None,
@@ -987,6 +995,9 @@ def build_parser() -> argparse.ArgumentParser:
     wl.add_argument("--alone-subset", type=int, default=16, help="greedy requests also sent alone after the drain")
     wl.add_argument("--alone-max-tokens", type=int, default=32)
     wl.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    wl.add_argument("--send-deadline", type=float, default=0.0, metavar="SECONDS",
+                    help="stop sending new requests this long after the load starts (0: never); the rest count as "
+                    "not sent and the report is still written (for machines with a time limit)")
     flt = ap.add_argument_group("faults")
     flt.add_argument("--flush-during-load", type=int, nargs="?", const=3, default=0, metavar="N",
                      help="POST /flush_cache N times (default 3) while the load runs")  # fmt: skip
@@ -1028,6 +1039,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--restart: expected --launch (only a server this script started is restarted), got --url")
     if args.flush_during_load < 0:
         raise ValueError(f"--flush-during-load: expected N >= 0, got {args.flush_during_load}")
+    if args.send_deadline < 0:
+        raise ValueError(f"--send-deadline: expected seconds >= 0, got {args.send_deadline}")
     if args.kill_sidecar_every < 0:
         raise ValueError(f"--kill-sidecar-every: expected seconds >= 0, got {args.kill_sidecar_every}")
 
@@ -1072,6 +1085,7 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, Any], int]:
         t0 = time.monotonic()
         outcomes = soak.run()
         report["load_seconds"] = round(time.monotonic() - t0, 1)
+        report["send_deadline_hit"] = soak.past_send_deadline()
         report["load"] = summarize(requests, outcomes)
         report["load_samples"] = soak.load_samples
         report["max_token_usage"] = max((s["token_usage"] for s in soak.load_samples), default=None)

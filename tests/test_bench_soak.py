@@ -427,3 +427,22 @@ def test_finder_without_titles_uses_the_tree_and_kill_sees_the_replacement(serve
 
 def test_fake_output_is_deterministic():
     assert fake_output([1, 2], 3) == fake_output([1, 2], 3) != fake_output([1, 2], 3, sample=1)
+
+
+def test_send_deadline_stops_sending_and_still_writes_the_report(tmp_path):
+    """Past --send-deadline no new request is sent: they count as not sent (not failed), the in-flight ones finish,
+    the alone subset compares only requests that ran, and the report is written."""
+    with FakeSGLang(token_delay=0.01) as fake:
+        code, rep = _run(fake, tmp_path, "--concurrency", "2", "--send-deadline", "0.3")
+    load = rep["load"]
+    assert rep["send_deadline_hit"] is True
+    assert 0 < load["sent"] < 48 and load["not_sent"] == 48 - load["sent"] and load["failed"] == 0
+    assert load["completed"] + load["cancelled"] == load["sent"]
+    skipped = [r for r in rep["alone"]["requests"] if r["alone_status"] == "not-sent"]
+    assert rep["alone"]["compared"] + len(skipped) <= 6 and rep["alone"]["differ"] == 0
+    assert code == 0 and rep["passed"] is True
+
+
+def test_send_deadline_must_not_be_negative(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--url", "http://127.0.0.1:1", "--send-deadline", "-1", "--out", str(tmp_path / "x.json")])
