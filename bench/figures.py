@@ -12,21 +12,29 @@ their kind from their content, and writes to ``--out`` (default ``bench/figures`
     average accuracy against the ratio read from each run's label (``dense`` 1, ``fp8`` 2, ``mosaic-r3`` /
     ``mosaic-3x`` 3) or given with ``--ratio LABEL=X``.
 ``throughput_vs_concurrency.png``
-    Output tokens/s against requests in flight, one line per configuration, one panel per workload: results of
-    :mod:`bench.serving_throughput` (``{config: {output_throughput, bench_args, ...}}``) and raw
-    ``sglang.bench_serving`` ``--output-file`` lines (``*.jsonl``). Concurrency is ``max_concurrency``, else
-    ``--max-concurrency`` of the bench arguments, else ``--num-prompts`` (all requests sent at once, rate inf).
+    Output tokens/s against requests in flight, one line per configuration, one panel per result and workload:
+    results of :mod:`bench.serving_throughput`, both the sweep schema ``mosaickv.serving_throughput/2`` (its
+    ``kind: concurrency`` points, x = ``max_concurrency``; failed and skipped points left out) and the older
+    one-run-per-configuration files (``{config: {output_throughput, bench_args, ...}}``), and raw
+    ``sglang.bench_serving`` ``--output-file`` lines (``*.jsonl``). For the older files and raw lines concurrency is
+    ``max_concurrency``, else ``--max-concurrency`` of the bench arguments, else ``--num-prompts`` (all requests
+    sent at once, rate inf).
 ``tpot_vs_context.png``
-    Time of one decode attention step of one layer (the part of TPOT that the KV cache decides) against context
-    length, MosaicKV's sparse decode against FlashInfer dense decode, one line per batch size, one panel per
-    :mod:`bench.decode_speed` result and shape (``rows``; skipped cases are left out).
+    TPOT against context length, from two sources, one panel each: (1) the time of one decode attention step of
+    one layer (the part of TPOT that the KV cache decides), MosaicKV's sparse decode against FlashInfer dense
+    decode, one line per batch size, one panel per :mod:`bench.decode_speed` result and shape (``rows``; skipped
+    cases left out); (2) served TPOT (median, ms per output token) measured through the server by
+    :mod:`bench.serving_throughput` ``--context-lengths`` (its ``kind: context`` points), one line per
+    configuration, one panel per result and batch size. Either source alone draws the figure.
 ``kv_capacity.png``
     KV capacity in tokens (SGLang's ``max_total_num_tokens``) per configuration, one panel per result of
     :mod:`bench.serve_check` (``summary.<config>.capacity_tokens``) or :mod:`bench.serving_throughput`
-    (``<config>.max_total_num_tokens``), with the ratio to the dense configuration of the same tensor parallelism.
+    (``configs.<config>.max_total_num_tokens``, or ``<config>.max_total_num_tokens`` in the older files), with the
+    ratio to the dense configuration of the same tensor parallelism.
 
 A figure whose inputs are missing is skipped with a message. ``--only`` picks figures, and ``--quality``,
-``--accuracy``, ``--throughput``, ``--decode``, ``--capacity`` replace the discovered files of one kind.
+``--accuracy``, ``--throughput``, ``--decode``, ``--capacity`` replace the discovered files of one kind (the served
+TPOT panels come from the ``--throughput`` files).
 matplotlib comes with the project's ``bench`` extra and is imported only when a figure is drawn.
 
 Run ``python -m bench.figures --help``.
@@ -46,12 +54,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 logger = logging.getLogger("bench.figures")
 
 __all__ = ["FIGURES", "classify", "discover", "label_ratio", "main", "plot_accuracy", "plot_capacity",
-           "plot_throughput", "plot_tpot"]  # fmt: skip
+           "plot_throughput", "plot_tpot", "served_tpot_points", "throughput_points"]  # fmt: skip
 
 FIGURES = ("accuracy", "throughput", "tpot", "capacity")
 FILE_NAMES = {"accuracy": "accuracy_vs_ratio.png", "throughput": "throughput_vs_concurrency.png",
               "tpot": "tpot_vs_context.png", "capacity": "kv_capacity.png"}  # fmt: skip
 ACCURACY_SCHEMA = "mosaickv.accuracy/1"
+THROUGHPUT_SCHEMA = "mosaickv.serving_throughput/2"
 DPI = 80
 # method -> (colour, marker, line style); one colour per family (2-D, token, channel, cast)
 STYLES: Dict[str, Tuple[str, str, str]] = {
@@ -129,6 +138,8 @@ def classify(data: Any) -> Optional[str]:
         return None
     if data.get("schema") == ACCURACY_SCHEMA:
         return "accuracy"
+    if data.get("schema") == THROUGHPUT_SCHEMA and isinstance(data.get("configs"), dict):
+        return "throughput"
     summary = data.get("summary")
     if isinstance(summary, dict) and isinstance(summary.get("rows"), list) and "records" in data:
         return "quality"
@@ -287,6 +298,32 @@ def _model_of(command: str) -> str:
     return Path(m).name if m else "model"
 
 
+def _workload_text(args: str) -> str:
+    """A short description of a bench_serving workload from its flags (bench_serving 0.5.17's defaults)."""
+    if _flag(args, "--dataset-name") == "generated-shared-prefix":
+        return (f"shared prefix, {_flag(args, '--gsp-num-groups') or 64} groups x "
+                f"{_flag(args, '--gsp-prompts-per-group') or 16}, in {_flag(args, '--gsp-system-prompt-len') or 2048}"
+                f" + {_flag(args, '--gsp-question-len') or 128} / out {_flag(args, '--gsp-output-len') or 256}")
+    return (f"{_flag(args, '--dataset-name')} in {_flag(args, '--random-input-len')} / out "
+            f"{_flag(args, '--random-output-len')}")
+
+
+def _sweep_points(data: Dict[str, Any], kind: str, key: str, where: str) -> List[Tuple[str, Dict[str, Any]]]:
+    """``[(config, point)]`` of a sweep result's points of one kind with a number at ``key`` (others logged)."""
+    out = []
+    for name, res in data["configs"].items():
+        for p in res.get("points", []):
+            if p.get("kind") != kind:
+                continue
+            if p.get("error") or p.get("skipped") or not isinstance(p.get(key), (int, float)):
+                what = f"{p.get('workload')} c={p.get('max_concurrency')}" if kind == "concurrency" else (
+                    f"context {p.get('context_length')} batch {p.get('max_concurrency')}")
+                _skip(f"{kind} point {name} {what}", f"{where}: {p.get('error') or p.get('skipped') or 'no ' + key}")
+                continue
+            out.append((name, p))
+    return out
+
+
 def throughput_points(path: PathLike, root: Optional[PathLike] = None) -> List[Dict[str, Any]]:
     """``[{panel, config, concurrency, output_throughput}]`` of one serving_throughput or bench_serving result."""
     path = Path(path)
@@ -294,7 +331,14 @@ def throughput_points(path: PathLike, root: Optional[PathLike] = None) -> List[D
     kind = classify(data)
     rootp = Path(root) if root is not None else None
     points = []
-    if kind == "throughput":
+    if kind == "throughput" and data.get("schema") == THROUGHPUT_SCHEMA:
+        model = Path(str(data.get("model") or "model")).name
+        for name, p in _sweep_points(data, "concurrency", "output_throughput", str(path)):
+            conc = p.get("max_concurrency") or p.get("num_prompts")
+            panel = f"{_name(path, rootp)}\n{model}, {p['workload']}: {_workload_text(p.get('bench_args', ''))}"
+            points.append({"panel": panel, "config": name, "concurrency": int(conc),
+                           "output_throughput": float(p["output_throughput"])})
+    elif kind == "throughput":
         for name, res in data.items():
             if "error" in res or res.get("output_throughput") is None:
                 _skip(f"throughput point {name}", f"{path}: {res.get('error', 'no output_throughput')}")
@@ -376,9 +420,62 @@ def plot_throughput(files: Sequence[PathLike], out: PathLike, root: Optional[Pat
 # =====================================================================================================================
 # (c) decode step time vs context length
 # =====================================================================================================================
-def plot_tpot(files: Sequence[PathLike], out: PathLike, root: Optional[PathLike] = None) -> Optional[Path]:
-    """Decode attention time per layer against context, mosaic vs FlashInfer; ``None`` (skipped) without data."""
+def _k(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens >= 1024 and tokens % 1024 == 0 else str(tokens)
+
+
+def served_tpot_points(path: PathLike, root: Optional[PathLike] = None) -> List[Dict[str, Any]]:
+    """``[{panel, config, batch, context, median_tpot_ms, p99_tpot_ms}]`` of the context sweep of one
+    serving_throughput result; none for an older serving_throughput result or bench_serving lines."""
+    path = Path(path)
+    data = _read(path)
+    kind = classify(data)
+    if kind not in ("throughput", "bench_serving"):
+        raise ValueError(f"{path}: expected a bench.serving_throughput or sglang.bench_serving result, got {kind}")
+    if kind != "throughput" or data.get("schema") != THROUGHPUT_SCHEMA:
+        return []
     rootp = Path(root) if root is not None else None
+    model = Path(str(data.get("model") or "model")).name
+    points = []
+    for name, p in _sweep_points(data, "context", "median_tpot_ms", str(path)):
+        panel = f"{_name(path, rootp)}\n{model}, batch {p['max_concurrency']}, {p.get('output_len')} output tokens"
+        points.append({"panel": panel, "config": name, "batch": int(p["max_concurrency"]),
+                       "context": int(p["context_length"]), "median_tpot_ms": float(p["median_tpot_ms"]),
+                       "p99_tpot_ms": p.get("p99_tpot_ms")})
+    return points
+
+
+def _has_context_sweep(path: PathLike) -> bool:
+    data = _read(Path(path))
+    return (isinstance(data, dict) and data.get("schema") == THROUGHPUT_SCHEMA
+            and any(p.get("kind") == "context" for r in data.get("configs", {}).values() for p in r.get("points", [])))
+
+
+def _served_tpot_panel(ax: Any, panel: str, points: List[Dict[str, Any]]) -> None:
+    for k, cfg in enumerate(dict.fromkeys(p["config"] for p in points)):
+        ps = sorted((p for p in points if p["config"] == cfg), key=lambda p: p["context"])
+        ax.plot([p["context"] for p in ps], [p["median_tpot_ms"] for p in ps], marker="os^Dv"[k % 5],
+                linestyle="--" if "tp" in cfg else "-", color=_config_color(cfg), label=cfg, markersize=6)
+    ctxs = sorted({p["context"] for p in points})
+    if len(ctxs) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(ctxs, [_k(c) for c in ctxs])
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{panel} (served)", fontsize=8)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("TPOT, median (ms)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_tpot(files: Sequence[PathLike], out: PathLike, root: Optional[PathLike] = None,
+              served: Sequence[PathLike] = ()) -> Optional[Path]:  # fmt: skip
+    """Decode attention time per layer against context, mosaic vs FlashInfer (``files``: bench.decode_speed), and
+    served TPOT against context per configuration (``served``: bench.serving_throughput results; those without a
+    context sweep add nothing); ``None`` (skipped) without data."""
+    rootp = Path(root) if root is not None else None
+    spoints = [p for f in served for p in served_tpot_points(f, root)]
+    spanels = list(dict.fromkeys(p["panel"] for p in spoints))
     panels = []
     for f in files:
         data = _read(Path(f))
@@ -386,11 +483,15 @@ def plot_tpot(files: Sequence[PathLike], out: PathLike, root: Optional[PathLike]
         rows = [r for r in data.get("rows", []) if r.get("flashinfer_ms") is not None and r.get("mosaic_ms")]
         for shape in dict.fromkeys(r["shape"] for r in rows):
             panels.append((Path(f), meta, shape, [r for r in rows if r["shape"] == shape]))
-    if not panels:
-        _skip("tpot_vs_context", "no bench.decode_speed results with timed rows")
+    if not panels and not spanels:
+        _skip("tpot_vs_context", "no bench.decode_speed results with timed rows and no bench.serving_throughput "
+              "context sweeps")
         return None
     plt = _pyplot()
-    fig, axes = _grid(plt, len(panels), 4.4, 3.6)
+    fig, all_axes = _grid(plt, len(panels) + len(spanels), 4.4, 3.6)
+    axes, served_axes = all_axes[: len(panels)], all_axes[len(panels) :]
+    for ax, panel in zip(served_axes, spanels):
+        _served_tpot_panel(ax, panel, [p for p in spoints if p["panel"] == panel])
     for ax, (path, meta, shape, rows) in zip(axes, panels):
         batches = sorted({r["batch"] for r in rows})
         colors = dict(zip(batches, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"] * 4))
@@ -415,10 +516,14 @@ def plot_tpot(files: Sequence[PathLike], out: PathLike, root: Optional[PathLike]
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8)
-    fig.suptitle("Decode step attention time vs context: MosaicKV sparse decode (solid) vs FlashInfer dense "
-                 "(dashed)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1 - 0.4 / fig.get_figheight()))
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8)
+    kernel = "Decode step attention time vs context: MosaicKV sparse decode (solid) vs FlashInfer dense (dashed)"
+    serving = "Served TPOT vs context (sglang.bench_serving, all requests of a batch at once, median)"
+    title = "\n".join(t for t, on in ((kernel, panels), (serving, spanels)) if on)
+    top = (0.4 if title.count("\n") == 0 else 0.6) / fig.get_figheight()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, (0.6 if handles else 0) / fig.get_figheight(), 1, 1 - top))
     return _save(fig, Path(out))
 
 
@@ -445,6 +550,11 @@ def capacity_rows(path: PathLike) -> Tuple[str, List[Tuple[str, int, Optional[fl
                 given[name] = float(s["capacity_vs_dense"])
         cmds = [r.get("command", "") for r in data.get("results", {}).values()]
         model = _model_of(cmds[0]) if cmds else model
+    elif kind == "throughput" and data.get("schema") == THROUGHPUT_SCHEMA:
+        model = Path(str(data.get("model") or "model")).name
+        for name, res in data["configs"].items():
+            if res.get("max_total_num_tokens"):
+                caps[name] = int(res["max_total_num_tokens"])
     elif kind == "throughput":
         for name, res in data.items():
             if res.get("max_total_num_tokens"):
@@ -538,7 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sources = {
         "accuracy": (pick(args.quality, "quality"), pick(args.accuracy, "accuracy")),
         "throughput": (pick(args.throughput, "throughput", "bench_serving"),),
-        "tpot": (pick(args.decode, "decode"),),
+        "tpot": (pick(args.decode, "decode"), pick(args.throughput, "throughput")),
         "capacity": (pick(args.capacity, "serve_check", "throughput"),),
     }
     written = []
@@ -548,9 +658,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             q, s = sources["accuracy"]
             res = plot_accuracy(q, s, target, dict(args.ratio), root=root)
             used = q + s
+        elif fig == "tpot":
+            d, t = sources["tpot"]
+            res = plot_tpot(d, target, root=root, served=t)
+            used = d + [f for f in t if _has_context_sweep(f)]
         else:
             used = sources[fig][0]
-            plotter = {"throughput": plot_throughput, "tpot": plot_tpot, "capacity": plot_capacity}[fig]
+            plotter = {"throughput": plot_throughput, "capacity": plot_capacity}[fig]
             res = plotter(used, target, root=root)
         if res is not None:
             written.append(res)

@@ -45,6 +45,41 @@ def _throughput():
             "broken": {"config": "broken", "error": "RuntimeError('bench_serving exited with 1')"}}
 
 
+def _sweep():
+    """A bench.serving_throughput result in the sweep schema: two workloads over concurrency, a context sweep; one
+    point failed, one cut by the time budget."""
+    rand = "--dataset-name random-ids --random-input-len 8000 --random-output-len 256 --random-range-ratio 1.0"
+    gsp = ("--dataset-name generated-shared-prefix --gsp-num-groups 8 --gsp-prompts-per-group 8 "
+           "--gsp-system-prompt-len 4096 --gsp-question-len 128 --gsp-output-len 128")
+
+    def conc(workload, args, c, tput, **extra):
+        return {"workload": workload, "kind": "concurrency", "max_concurrency": c, "num_prompts": max(4 * c, 16),
+                "bench_args": f"{args} --max-concurrency {c}", "output_throughput": tput, "median_tpot_ms": 20.0,
+                **extra}
+
+    def ctx(n, b, tpot):
+        return {"workload": "context", "kind": "context", "max_concurrency": b, "num_prompts": b,
+                "context_length": n, "output_len": 128, "bench_args": "--dataset-name random-ids",
+                "output_throughput": b * 1000 / tpot, "median_tpot_ms": tpot, "p99_tpot_ms": 1.5 * tpot}
+
+    def config(name, cap, scale, last):
+        points = [conc("random", rand, c, scale * 40.0 * c) for c in (1, 8)] + [last]
+        points += [conc("shared", gsp, c, scale * 50.0 * c) for c in (1, 8)]
+        points += [ctx(n, b, (10 + n / 4096 * b) / scale) for n in (4096, 16384) for b in (1, 16)]
+        return {"config": name, "server_command": "python -m sglang.launch_server --model-path /m/llama-8b-shape",
+                "startup_seconds": 60.0, "max_total_num_tokens": cap, "points": points}
+
+    dense_last = {**conc("random", rand, 32, 0.0), "error": "bench_serving exited with 1"}
+    dense_last.pop("output_throughput")
+    mosaic_last = {**conc("random", rand, 32, 0.0), "skipped": "budget"}
+    mosaic_last.pop("output_throughput")
+    return {"schema": F.THROUGHPUT_SCHEMA, "model": "/m/llama-8b-shape", "settings": {},
+            "budget": {"seconds": 3600, "cut": True},
+            "configs": {"dense": config("dense", 800000, 1.0, dense_last),
+                        "mosaic-r3": config("mosaic-r3", 2000000, 0.5, mosaic_last)},
+            "summary": {}}
+
+
 def _bench_serving_lines():
     return [{"tag": "mosaic-r3", "backend": "sglang", "dataset_name": "random-ids", "request_rate": "inf",
              "max_concurrency": c, "random_input_len": 4096, "random_output_len": 128, "server_info": None,
@@ -83,6 +118,7 @@ def results(tmp_path):
         "acc-mosaic.json": _accuracy("mosaic-r3", 0.7),
         "decode_speed_graph.json": _decode(),
         "serve/throughput.json": _throughput(),
+        "serve/sweep.json": _sweep(),
         "serve/serve_check.json": _serve_check(),
         "notes.json": {"anything": 1},
     }
@@ -102,7 +138,7 @@ def test_discover_tells_every_result_kind_from_its_content(results):
     found = F.discover(results)
     names = {k: sorted(p.name for p in v) for k, v in found.items()}
     assert names == {"quality": ["quality_a.json"], "accuracy": ["acc-dense.json", "acc-mosaic.json"],
-                     "decode": ["decode_speed_graph.json"], "throughput": ["throughput.json"],
+                     "decode": ["decode_speed_graph.json"], "throughput": ["sweep.json", "throughput.json"],
                      "serve_check": ["serve_check.json"], "bench_serving": ["bench_mosaic.jsonl"]}
 
 
@@ -127,6 +163,33 @@ def test_throughput_points_take_concurrency_from_the_run(results):
         F.throughput_points(results / "decode_speed_graph.json")
 
 
+def test_sweep_points_give_one_throughput_panel_per_workload_and_one_tpot_panel_per_batch(results, caplog):
+    path = results / "serve" / "sweep.json"
+    with caplog.at_level(logging.INFO, logger="bench.figures"):
+        pts = F.throughput_points(path)
+    # the failed and the budget-cut points are left out, with their reason
+    assert sorted((p["config"], p["concurrency"]) for p in pts if "random" in p["panel"]) == [
+        ("dense", 1), ("dense", 8), ("mosaic-r3", 1), ("mosaic-r3", 8)]
+    assert any("bench_serving exited with 1" in r.message for r in caplog.records)
+    assert any("c=32" in r.message and "budget" in r.message for r in caplog.records)
+    panels = sorted({p["panel"] for p in pts})
+    assert len(panels) == 2 and "llama-8b-shape, random: random-ids in 8000 / out 256" in panels[0]
+    assert "shared: shared prefix, 8 groups x 8, in 4096 + 128 / out 128" in panels[1]
+    assert {p["output_throughput"] for p in pts if p["config"] == "mosaic-r3" and "shared" in p["panel"]} == {
+        25.0, 200.0}
+    served = F.served_tpot_points(path)
+    assert len(served) == 8 and len({p["panel"] for p in served}) == 2
+    one = [p for p in served if p["batch"] == 16 and p["config"] == "dense"]
+    assert sorted((p["context"], p["median_tpot_ms"]) for p in one) == [(4096, 26.0), (16384, 74.0)]
+    # older results have no context sweep; other kinds are refused
+    assert F.served_tpot_points(results / "serve" / "throughput.json") == []
+    assert F.served_tpot_points(results / "serve" / "bench_mosaic.jsonl") == []
+    with pytest.raises(ValueError, match="expected a bench.serving_throughput or sglang.bench_serving result"):
+        F.served_tpot_points(results / "decode_speed_graph.json")
+    model, rows = F.capacity_rows(path)
+    assert model == "llama-8b-shape" and {n: r for n, _, r in rows} == {"dense": 1.0, "mosaic-r3": 2.5}
+
+
 def test_capacity_ratios_are_against_dense_of_the_same_tensor_parallelism(results):
     model, rows = F.capacity_rows(results / "serve" / "throughput.json")
     assert model == "llama-shape"
@@ -146,6 +209,12 @@ def test_each_plot_writes_a_small_png(results, tmp_path):
     _is_png(F.plot_throughput([results / "serve" / "throughput.json", results / "serve" / "bench_mosaic.jsonl"],
                               out / "b.png"))
     _is_png(F.plot_tpot([results / "decode_speed_graph.json"], out / "c.png"))
+    sweep = results / "serve" / "sweep.json"
+    _is_png(F.plot_tpot([results / "decode_speed_graph.json"], out / "c_both.png", served=[sweep]))
+    _is_png(F.plot_tpot([], out / "c_served.png", served=[sweep, results / "serve" / "throughput.json"]))
+    assert F.plot_tpot([], out / "c_none.png", served=[results / "serve" / "throughput.json"]) is None
+    _is_png(F.plot_throughput([sweep], out / "b_sweep.png"))
+    _is_png(F.plot_capacity([sweep], out / "d_sweep.png"))
     _is_png(F.plot_capacity([results / "serve" / "serve_check.json", results / "serve" / "throughput.json"],
                             out / "d.png"))
 
@@ -156,9 +225,10 @@ def test_plots_skip_cleanly_without_inputs(tmp_path, caplog):
         assert F.plot_accuracy([], [], out / "a.png") is None
         assert F.plot_throughput([], out / "b.png") is None
         assert F.plot_tpot([], out / "c.png") is None
+        assert F.plot_tpot([], out / "c.png", served=[]) is None
         assert F.plot_capacity([], out / "d.png") is None
     assert not out.exists()
-    assert sum("skipped" in r.message for r in caplog.records) == 4
+    assert sum("skipped" in r.message for r in caplog.records) == 5
     # an accuracy-suite run whose label gives no ratio is skipped with the flag that fixes it
     (tmp_path / "x.json").write_text(json.dumps(_accuracy("sparse", 0.5)))
     with caplog.at_level(logging.INFO, logger="bench.figures"):
