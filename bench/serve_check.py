@@ -2,8 +2,10 @@
 """Serve a model with stock SGLang and with ``--kv-compressor mosaic`` in turn and check the answers (GPU machine).
 
 For every configuration (``dense`` = stock SGLang; ``mosaic-r<R>`` = ``--kv-compressor mosaic
---mosaic-compression-ratio R``; a ``-b0`` suffix sets ``--mosaic-decode-read-budget 0``, i.e. read every segment)
-the script starts ``python -m sglang.launch_server``, waits for it, then runs:
+--mosaic-compression-ratio R``; a ``-b0`` suffix sets ``--mosaic-decode-read-budget 0``, i.e. read every segment;
+``-sc0`` sets ``--mosaic-sidecar off`` and ``-rs0`` ``--mosaic-resegment off``, so ``mosaic-r3`` against
+``mosaic-r3-rs0`` compares re-segmentation on and off at equal bytes) the script starts
+``python -m sglang.launch_server``, waits for it, then runs:
 
 * ``/v1/completions``: RULER-style needle prompts (:mod:`bench.ruler`, completion style) at the given lengths plus
   short plain prompts, greedy, ``--max-tokens`` tokens each; exact match of the needle;
@@ -66,8 +68,9 @@ def split_tp(name: str) -> "tuple[str, int]":
 
 
 def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
-    """Server flags of a configuration name (``dense``, ``fp8``, ``mosaic-r<ratio>[-b<tokens>][-h<tokens>]``, each
-    with an optional ``-tp<N>`` suffix for ``--tp-size N``); stock configurations use ``dense_backend``."""
+    """Server flags of a configuration name (``dense``, ``fp8``, ``mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0]
+    [-rs0]``, each with an optional ``-tp<N>`` suffix for ``--tp-size N``); ``sc0`` turns the sidecar off, ``rs0``
+    re-segmentation; stock configurations use ``dense_backend``."""
     base, tp = split_tp(name)
     flags = ["--tp-size", str(tp)] if tp > 1 else []
     if base == "dense":
@@ -78,16 +81,20 @@ def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
         parts = base[len("mosaic-r") :].split("-")
         flags += ["--kv-compressor", "mosaic", "--mosaic-compression-ratio", parts[0]]
         for extra in parts[1:]:
-            if extra.startswith("b"):
+            if extra == "sc0":
+                flags += ["--mosaic-sidecar", "off"]
+            elif extra == "rs0":
+                flags += ["--mosaic-resegment", "off"]
+            elif extra.startswith("b"):
                 flags += ["--mosaic-decode-read-budget", extra[1:]]
             elif extra.startswith("h"):
                 flags += ["--mosaic-hot-window", extra[1:]]
             else:
-                raise ValueError(f"config: unknown suffix {extra!r} in {name!r} (expected b<tokens>, h<tokens> or "
-                                 "tp<N>)")  # fmt: skip
+                raise ValueError(f"config: unknown suffix {extra!r} in {name!r} (expected b<tokens>, h<tokens>, sc0, "
+                                 "rs0 or tp<N>)")  # fmt: skip
         return flags
-    raise ValueError(f"config: expected dense, fp8 or mosaic-r<ratio>[-b<tokens>][-h<tokens>] with an optional "
-                     f"-tp<N>, got {name!r}")  # fmt: skip
+    raise ValueError(f"config: expected dense, fp8 or mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0][-rs0] with an "
+                     f"optional -tp<N>, got {name!r}")  # fmt: skip
 
 
 class Server:
@@ -274,8 +281,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", help="model path (a Hugging Face checkpoint directory); required unless --merge")
     ap.add_argument("--configs", nargs="+", default=["dense", "mosaic-r1-b0", "mosaic-r3"],
-                    help="configurations in order: dense, fp8, mosaic-r<ratio>[-b<read budget>][-h<hot window>], each with an "
-                         "optional -tp<N> (--tp-size N)")
+                    help="configurations in order: dense, fp8, mosaic-r<ratio>[-b<read budget>][-h<hot window>]"
+                         "[-sc0 (sidecar off)][-rs0 (re-segmentation off)], each with an optional -tp<N> (--tp-size N)")
     ap.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 7680], help="needle prompt lengths")
     ap.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey"], help="bench.ruler tasks")
     ap.add_argument("--samples", type=int, default=2, help="samples per task and length")

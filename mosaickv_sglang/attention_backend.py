@@ -115,7 +115,7 @@ class MosaicAttnBackend(AttentionBackend):
         Seal pages in the plan step (:class:`~mosaickv_sglang.sealer.Sealer`): those that left the hot window, and
         more under hot-pool pressure. ``False`` leaves sealing to the caller (tests). With ``--mosaic-sidecar on``
         (the pool's config), the sealer's CPU sidecar is started here (:class:`~mosaickv_sglang.sidecar.bridge.
-        SidecarBridge`).
+        SidecarBridge`); extend batches tell it their readers unless ``--mosaic-resegment off``.
 
     Attributes
     ----------
@@ -235,7 +235,7 @@ class MosaicAttnBackend(AttentionBackend):
                     f"{ext_l} vs {seq}"
                 )
         reads = None
-        if not mode.is_decode() and self.sealer.sidecar is not None:
+        if not mode.is_decode() and self.sealer.sidecar is not None and self.sealer.sidecar.resegment:
             reads = [(r, rows[b, : seq[b]]) for b, r in enumerate(forward_batch.req_pool_indices.tolist())]
         self._prepare_writes(forward_batch.out_cache_loc, [rows[b, : pre_l[b]] for b in range(len(seq))], reads)
         if mode.is_decode():

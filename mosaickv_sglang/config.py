@@ -122,6 +122,16 @@ OPTIONS: tuple[Option, ...] = (
         "MosaicKV: run the CPU sidecar that refines compression plans off the decode path ('on' or 'off').",
         choices=("on", "off"),
     ),
+    Option(
+        "resegment",
+        "--mosaic-resegment",
+        _parse_on_off,
+        True,
+        "MosaicKV: re-plan pages of prefixes shared through the radix cache on idle scheduler ticks ('on' or "
+        "'off'); 'off' keeps their plans as sealed (and refined by the sidecar). Needs --mosaic-sidecar on: "
+        "without the sidecar nothing is re-planned.",
+        choices=("on", "off"),
+    ),
 )
 
 OPTION_BY_FIELD = {o.field: o for o in OPTIONS}
@@ -148,6 +158,8 @@ class MosaicKVConfig:
         Compressed tokens read per decode step, request and KV head; 0 = all.
     sidecar:
         Whether the CPU planning sidecar runs.
+    resegment:
+        Whether the sidecar also re-plans prefix-shared pages on idle ticks; no effect without the sidecar.
     """
 
     compressor: str = "none"
@@ -157,6 +169,7 @@ class MosaicKVConfig:
     sink_tokens: int = 64
     decode_read_budget: int = 4096
     sidecar: bool = True
+    resegment: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("compressor", self.compressor, COMPRESSORS)
@@ -175,6 +188,8 @@ class MosaicKVConfig:
             _fail("decode_read_budget", f"0 (read all) or at least --mosaic-segment-size ({seg})", budget)
         if not isinstance(self.sidecar, bool):
             _fail("sidecar", "'on' or 'off'", self.sidecar)
+        if not isinstance(self.resegment, bool):
+            _fail("resegment", "'on' or 'off'", self.resegment)
 
     @property
     def enabled(self) -> bool:

@@ -220,7 +220,8 @@ class Sealer:
     def maybe_log_status(self, now: Optional[float] = None) -> None:
         """Every :data:`STATUS_LOG_INTERVAL` seconds in which pages were sealed, one INFO line: pages sealed (under
         pressure, left dense), arena room used, the tokens the pool can still take, the compression ratio of the sealed
-        segments and, with the sidecar, its queue depth, the plans applied and discarded and the re-segmentations."""
+        segments and, with the sidecar, its queue depth, the plans applied and discarded and the re-segmentations
+        (``resegment off`` with ``--mosaic-resegment off``)."""
         now = time.monotonic() if now is None else now
         if now - self._logged_at < STATUS_LOG_INTERVAL or self.pages_sealed == self._logged_sealed:
             return
@@ -228,9 +229,10 @@ class Sealer:
         sidecar = ""
         if self.sidecar is not None:
             counters = self.sidecar.counters()
+            reseg = f"{counters.resegmentations} re-segmentations" if self.sidecar.resegment else "resegment off"
             sidecar = (
                 f"; sidecar: {counters.queue_depth} jobs queued, {self.sidecar.plans_applied} plans applied, "
-                f"{self.sidecar.plans_discarded} discarded, {counters.resegmentations} re-segmentations"
+                f"{self.sidecar.plans_discarded} discarded, {reseg}"
             )
         logger.info(
             "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room), arena "

@@ -89,6 +89,11 @@ BAD_STARTUP_CASES = [
                r"^--mosaic-sidecar: expected 'on' or 'off', got 'maybe'$"),
     BadStartup("sidecar-a-number", None, {**ON, "mosaic_sidecar": 1},
                r"^--mosaic-sidecar: expected 'on' or 'off', got 1$"),
+    BadStartup("resegment-not-on-off", [*MOSAIC, "--mosaic-resegment", "maybe"], {**ON, "mosaic_resegment": "maybe"},
+               r"^--mosaic-resegment: expected 'on' or 'off', got 'maybe'$"),
+    BadStartup("resegment-without-compressor", ["--mosaic-resegment", "off"], {"mosaic_resegment": "off"},
+               r"^--mosaic-resegment: expected together with --kv-compressor mosaic, got --kv-compressor none; "
+               r"add --kv-compressor mosaic or drop --mosaic-resegment$"),
     # On the command line SGLang's argparse refuses an unknown --mosaic-* flag itself ("unrecognized arguments").
     BadStartup("unknown-mosaic-keyword", None, {**ON, "mosaic_ratio": 3},
                r"^mosaic_ratio: unknown MosaicKV option; expected one of \["),

@@ -19,13 +19,17 @@ from bench.serve_check import compare, config_flags, split_tp
                               "--mosaic-decode-read-budget", "0"]),
         ("mosaic-r2.5-h256", ["--kv-compressor", "mosaic", "--mosaic-compression-ratio", "2.5",
                               "--mosaic-hot-window", "256"]),
+        ("mosaic-r3-rs0", ["--kv-compressor", "mosaic", "--mosaic-compression-ratio", "3",
+                           "--mosaic-resegment", "off"]),
+        ("mosaic-r3-b0-sc0-tp2", ["--tp-size", "2", "--kv-compressor", "mosaic", "--mosaic-compression-ratio", "3",
+                                  "--mosaic-decode-read-budget", "0", "--mosaic-sidecar", "off"]),
     ],
 )
 def test_config_flags(name, want):
     assert config_flags(name) == want
 
 
-@pytest.mark.parametrize("name", ["mosaic", "mosaic-r3-x1", "dense-tpx", "sparse"])
+@pytest.mark.parametrize("name", ["mosaic", "mosaic-r3-x1", "dense-tpx", "sparse", "mosaic-r3-rs1", "mosaic-r3-sc"])
 def test_bad_config_names_are_refused(name):
     with pytest.raises(ValueError, match="config: "):
         config_flags(name)

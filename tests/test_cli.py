@@ -43,10 +43,10 @@ def test_cli_values_round_trip(sglang_with_plugin, cpu_args):
         cpu_args(
             "--kv-compressor", "mosaic", "--mosaic-compression-ratio", "4", "--mosaic-segment-size", "32",
             "--mosaic-hot-window", "256", "--mosaic-sink-tokens", "0", "--mosaic-decode-read-budget", "2048",
-            "--mosaic-sidecar", "off",
+            "--mosaic-sidecar", "off", "--mosaic-resegment", "off",
         ),
     )
-    assert seam.config_of(server_args) == MosaicKVConfig("mosaic", 4.0, 32, 256, 0, 2048, False)
+    assert seam.config_of(server_args) == MosaicKVConfig("mosaic", 4.0, 32, 256, 0, 2048, False, False)
     assert server_args.page_size == 32  # pages of one segment
 
 
@@ -68,9 +68,9 @@ def test_server_args_keywords(sglang_with_plugin, llama_shape):
     """ServerArgs(...) (what sglang.Engine(**kwargs) builds) takes the same options as keywords."""
     server_args = sglang_with_plugin.ServerArgs(
         model_path=str(llama_shape), load_format="dummy", device="cpu",
-        kv_compressor="mosaic", mosaic_compression_ratio=2, mosaic_sidecar="off",
+        kv_compressor="mosaic", mosaic_compression_ratio=2, mosaic_sidecar="off", mosaic_resegment=False,
     )
-    assert seam.config_of(server_args) == MosaicKVConfig("mosaic", 2.0, sidecar=False)
+    assert seam.config_of(server_args) == MosaicKVConfig("mosaic", 2.0, sidecar=False, resegment=False)
     with pytest.raises(ValueError, match=r"--mosaic-segment-size: expected a power of two in \[16, 256\], got 100"):
         sglang_with_plugin.ServerArgs(model_path=str(llama_shape), device="cpu", mosaic_segment_size=100)
 

@@ -29,9 +29,10 @@ def test_round_trip_through_options():
             "mosaic_sink_tokens": 4,
             "mosaic_decode_read_budget": 0,
             "mosaic_sidecar": "off",
+            "mosaic_resegment": "OFF",
         }
     )
-    assert config == MosaicKVConfig("mosaic", 4.5, 128, 1024, 4, 0, False)
+    assert config == MosaicKVConfig("mosaic", 4.5, 128, 1024, 4, 0, False, False)
     assert MosaicKVConfig.from_options(config.to_options()) == config
     assert config.sink_segments == 1 and config.enabled
 
@@ -54,6 +55,8 @@ def test_round_trip_through_options():
         ({"mosaic_decode_read_budget": 10}, r"--mosaic-decode-read-budget: expected 0 \(read all\) or at least"),
         ({"mosaic_decode_read_budget": -64}, r"--mosaic-decode-read-budget: expected 0"),
         ({"mosaic_sidecar": "maybe"}, r"--mosaic-sidecar: expected 'on' or 'off', got 'maybe'"),
+        ({"mosaic_resegment": "maybe"}, r"--mosaic-resegment: expected 'on' or 'off', got 'maybe'"),
+        ({"mosaic_resegment": 0}, r"--mosaic-resegment: expected 'on' or 'off', got 0"),
         ({"mosaic_ratio": 3}, r"mosaic_ratio: unknown MosaicKV option"),
     ],
 )
@@ -68,6 +71,8 @@ def test_direct_construction_is_validated_too():
     """Fields are checked in __post_init__, not only on the option path."""
     with pytest.raises(MosaicConfigError, match="--mosaic-sidecar"):
         MosaicKVConfig(sidecar="on")  # type: ignore[arg-type]
+    with pytest.raises(MosaicConfigError, match="--mosaic-resegment: expected 'on' or 'off', got 'off'"):
+        MosaicKVConfig(resegment="off")  # type: ignore[arg-type]
     with pytest.raises(MosaicConfigError, match="--mosaic-segment-size: expected an integer"):
         MosaicKVConfig(segment_size="64")  # type: ignore[arg-type]
 

@@ -51,12 +51,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class StandInSidecarBridge:
-    """Test stand-in for the sidecar bridge (``Sealer.sidecar``): its counters and applied/discarded totals only."""
+    """Test stand-in for the sidecar bridge (``Sealer.sidecar``): its counters, applied/discarded totals and
+    re-segmentation switch only."""
 
-    def __init__(self, counters: SidecarCounters, plans_applied: int, plans_discarded: int, segments_applied: int):
+    def __init__(self, counters: SidecarCounters, plans_applied: int, plans_discarded: int, segments_applied: int,
+                 resegment: bool = True):  # fmt: skip
         self._counters = counters
         self.plans_applied, self.plans_discarded = plans_applied, plans_discarded
         self.segments_applied = segments_applied
+        self.resegment = resegment
 
     def counters(self) -> SidecarCounters:
         return self._counters
@@ -292,7 +295,7 @@ def test_refresh_is_rate_limited(sealed):
 
 def test_status_line_has_compression_ratio_and_sidecar_fields(caplog):
     """The sealer's periodic line keeps its fields and adds the compression ratio and, with the sidecar, its queue
-    depth, plans applied/discarded and re-segmentations."""
+    depth, plans applied/discarded and re-segmentations (``resegment off`` when it is off)."""
     from mosaickv_sglang import sealer as sealer_mod
 
     pool, sealer, _ = sealed_pool(ratio=3.0, written=4, sealed=4)
@@ -302,11 +305,16 @@ def test_status_line_has_compression_ratio_and_sidecar_fields(caplog):
         sealer.sidecar = StandInSidecarBridge(SidecarCounters(queue_depth=3, resegmentations=2), 7, 4, 84)
         sealer.pages_sealed += 1  # something new to report
         sealer.maybe_log_status(t0 + 2 * sealer_mod.STATUS_LOG_INTERVAL + 2)
+        sealer.sidecar = StandInSidecarBridge(SidecarCounters(queue_depth=1), 8, 4, 96, resegment=False)
+        sealer.pages_sealed += 1
+        sealer.maybe_log_status(t0 + 3 * sealer_mod.STATUS_LOG_INTERVAL + 3)
+    sealer.sidecar = None
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MosaicKV: ")]
-    assert len(lines) == 2
+    assert len(lines) == 3
     ratio = f"compression ratio {pool.store.compression_ratio():.2f}"
     assert lines[0].startswith("MosaicKV: 4 pages sealed (0 under hot-pool pressure") and lines[0].endswith(ratio)
     assert lines[1].endswith(f"{ratio}; sidecar: 3 jobs queued, 7 plans applied, 4 discarded, 2 re-segmentations")
+    assert lines[2].endswith(f"{ratio}; sidecar: 1 jobs queued, 8 plans applied, 4 discarded, resegment off")
 
 
 def test_readme_documents_every_metric():

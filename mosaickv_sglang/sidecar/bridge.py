@@ -24,7 +24,9 @@ One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaic
   (:meth:`SidecarBridge.on_idle`) re-plan a slice of the queue with the recent queries of the requests that ran last,
   at the ratio the page was sealed with. The dense source is the bridge's host copy of the page (the *shadow*: the
   copies made for the sidecar, and every sealed page already known to be shared), bounded by ``shadow_bytes`` and
-  evicted oldest first; a shared page without a copy keeps its plan.
+  evicted oldest first; a shared page without a copy keeps its plan. With ``--mosaic-resegment off`` the bridge
+  neither records readers nor queues shared pages nor keeps host copies (they serve only re-segmentation): sealed
+  pages are still refined.
 
 The plans keep each page within the byte budget the fast plan had (the arena ledger's reservation is unchanged), so
 applying them, early or late, alters no page-level decision: TP ranks whose sidecars finish at different times still
@@ -81,7 +83,12 @@ class SidecarBridge:
         Of the worker; the bridge builds its :class:`SidecarClient` (not started: :meth:`start` starts it), with this
         bridge's :meth:`is_current` deciding which finished plans still apply.
     shadow_bytes : int
-        Host memory for copies of sealed pages (the dense source of re-segmentation); 0 turns re-segmentation off.
+        Host memory for copies of sealed pages (the dense source of re-segmentation); 0 keeps no copies, so queued
+        shared pages are skipped.
+    resegment : bool
+        Whether pages read by several requests are re-planned on idle ticks (``--mosaic-resegment``). ``False``:
+        :meth:`observe_readers` records nothing, no page is queued and no host copy is kept (``shadow_bytes`` is
+        ignored); sealed pages are still submitted and their plans applied.
 
     Attributes
     ----------
@@ -96,21 +103,22 @@ class SidecarBridge:
         Sealed segments (non-sink, all layers) handed to the sidecar, and those that kept their fast plan because
         every slot was busy.
     pages_shared : int
-        Pages found read by more than one request.
+        Pages found read by more than one request (0 with ``resegment`` off: readers are not recorded).
     resegment_jobs, resegment_skipped : int
         Re-segmentation jobs submitted, and queued shared pages skipped for want of a host copy.
     """
 
     def __init__(
         self, pool: "MosaicMHATokenToKVPool", window: "QueryWindow", config: SidecarConfig,
-        shadow_bytes: int = DEFAULT_SHADOW_BYTES,
+        shadow_bytes: int = DEFAULT_SHADOW_BYTES, resegment: bool = True,
     ) -> None:  # fmt: skip
         self.pool = pool
         self.window = window
         self.client = SidecarClient(config, is_current=self.is_current)
         h = int(pool.head_num)
         self.pages_per_job = max(1, config.max_segments // h)
-        self.shadow_bytes = int(shadow_bytes)
+        self.resegment = bool(resegment)
+        self.shadow_bytes = int(shadow_bytes) if self.resegment else 0
         self.pages_shared = 0
         self.resegment_jobs = 0
         self.resegment_skipped = 0
@@ -136,14 +144,15 @@ class SidecarBridge:
         cls, pool: "MosaicMHATokenToKVPool", window: "QueryWindow", shadow_bytes: int = DEFAULT_SHADOW_BYTES,
         **overrides: object,
     ) -> "SidecarBridge":  # fmt: skip
-        """A bridge with a sidecar sized for ``pool`` (``overrides``: :class:`SidecarConfig` fields)."""
+        """A bridge with a sidecar sized for ``pool`` (``overrides``: :class:`SidecarConfig` fields); re-segmentation
+        as ``pool.mosaic_config.resegment`` says."""
         h = int(pool.head_num)
         kw = dict(window=window.window, kv_dtype=pool.store.dtype,
                   max_segments=max(h, DEFAULT_MAX_SEGMENTS // h * h))  # fmt: skip
         kw.update(overrides)
         config = SidecarConfig.from_mosaic(pool.mosaic_config, head_dim=int(pool.head_dim),
                                            group_size=window.group_size, **kw)  # fmt: skip
-        return cls(pool, window, config, shadow_bytes)
+        return cls(pool, window, config, shadow_bytes, resegment=pool.mosaic_config.resegment)
 
     def start(self) -> "SidecarBridge":
         """Start the worker process (it gets ready in the background); closed at interpreter exit."""
@@ -283,7 +292,10 @@ class SidecarBridge:
     def observe_readers(self, reads: Sequence[Tuple[int, torch.Tensor]]) -> None:
         """Record which request reads which complete pages. ``reads`` holds, per request of an extend batch, its id
         (SGLang's ``req_pool_indices``) and every slot it reads, prefix and new tokens alike. A page that gains a
-        second reader (a prefix shared through the radix cache) is queued for re-segmentation once sealed."""
+        second reader (a prefix shared through the radix cache) is queued for re-segmentation once sealed. Nothing
+        is recorded with re-segmentation off."""
+        if not self.resegment:
+            return
         s = self.pool.page_size
         newly: List[int] = []
         for reader, slots in reads:
@@ -398,5 +410,5 @@ class SidecarBridge:
         c = self.counters()
         return (f"sidecar: {c.queue_depth} jobs queued, {self.plans_applied} plans applied ({self.segments_applied} "
                 f"segments), {self.plans_discarded} discarded, {self.segments_skipped} segments kept fast plans "
-                f"(queue full), {c.restarts} restarts")
+                f"(queue full), {c.restarts} restarts" + ("" if self.resegment else ", resegment off"))
 

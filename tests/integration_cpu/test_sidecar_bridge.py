@@ -6,6 +6,7 @@ Each test starts a real sidecar worker (a spawned process) and packs with the re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -40,10 +41,10 @@ def _assert_match(results) -> None:
         torch.testing.assert_close(out, ref, atol=3e-3, rtol=3e-3)
 
 
-def _sealer_with_sidecar(seed: int, **overrides):
-    """A ratio-3 pool (64 pages) and its sealer with a started bridge; queries observed in every layer so the sidecar
-    has statistics."""
-    pool = build_pool(64 * S, 64 * S, _config(ratio=3.0))
+def _sealer_with_sidecar(seed: int, resegment: bool = True, **overrides):
+    """A ratio-3 pool (64 pages, ``--mosaic-resegment`` as ``resegment``) and its sealer with a started bridge;
+    queries observed in every layer so the sidecar has statistics."""
+    pool = build_pool(64 * S, 64 * S, dataclasses.replace(_config(ratio=3.0), resegment=resegment))
     sealer = Sealer(pool, num_q_heads=H_KV * GROUP)
     bridge = SidecarBridge.create(pool, sealer.window, **overrides).start()
     sealer.attach_sidecar(bridge)
@@ -203,6 +204,42 @@ def test_a_prefix_read_by_a_second_request_is_resegmented_on_idle_ticks():
         assert len(bridge.queue) == 4 * LAYERS
         pool.free_pages(torch.from_numpy(pages))
         assert len(bridge.queue) == 0 and bridge._shadow_used == 0
+        pool.check_invariants()
+    finally:
+        register_sealer(None)
+        bridge.close()
+
+
+def test_with_resegment_off_shared_pages_are_not_replanned_but_sealed_pages_are_refined():
+    """``--mosaic-resegment off``: pages read by two requests before sealing and by a third after are neither queued
+    nor copied to the host, idle ticks submit no re-segmentation job, while the sealed batch still gets (and keeps)
+    the sidecar's plans."""
+    from mosaickv_sglang.patches.scheduler import sidecar_idle_tick
+    from mosaickv_sglang.runtime import register_sealer
+
+    pool, sealer, bridge = _sealer_with_sidecar(seed=4, resegment=False, num_slots=LAYERS)
+    register_sealer(sealer)
+    try:
+        assert not bridge.resegment and bridge.shadow_bytes == 0
+        pages = np.arange(1, 5, dtype=np.int64)
+        slots = (torch.from_numpy(pages)[:, None] * S + torch.arange(S)).reshape(-1)
+        bridge.observe_readers([(0, slots), (1, slots)])  # shared before sealing: would be copied and queued
+        write_pages(pool, pages, seed=105)
+        assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
+        assert bridge.segments_submitted == pages.size * H_KV * LAYERS
+        bridge.drain(DRAIN_S)
+        assert bridge.plans_applied == LAYERS and bridge.segments_applied == pages.size * H_KV * LAYERS
+        assert bridge.plans_discarded == 0
+        bridge.observe_readers([(2, slots)])  # a third reader once sealed: would be queued
+        for _ in range(3):
+            sidecar_idle_tick(None, object())
+            bridge.drain(DRAIN_S)
+        assert bridge.pages_shared == 0 and len(bridge.queue) == 0
+        assert not bridge._shadow and bridge._shadow_used == 0 and not bridge._readers
+        assert bridge.resegment_jobs == 0 and bridge.resegment_skipped == 0
+        assert bridge.counters().resegmentations == 0 and bridge.plans_applied == LAYERS
+        assert bridge.status().endswith("resegment off")
+        assert pool.store.pending_releases == 0
         pool.check_invariants()
     finally:
         register_sealer(None)
