@@ -10,11 +10,12 @@
 #            (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect mid-prefill)
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
 #            256 out, rate inf) against stock SGLang (flashinfer), then mosaic-r3 (sidecar on), one server at a time
-#   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 120000 (so the arena fills and SGLang must retract and
+#   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3: bench.serving_throughput over concurrency and context
+#   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 50000 (so the cache fills and SGLang must retract and
 #            evict): the soak with every fault, the server started by bench.soak and restarted with the same flags at
 #            the end; the Triton kernel variants compiled before and after (recompiles mid-serving show up there)
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|8b|soak}"
+step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep}"
 out="${OUT:?}/$step"
 mkdir -p "$out"
 export MOSAICKV_CACHE=/tmp/mkv/cache
@@ -96,12 +97,26 @@ case "$step" in
     # the soak starts the server itself (--launch) so that it can stop it and start it again with the same flags
     timeout $(( $(left) - 10 )) python3 -m bench.soak --launch "--model-path $M --host 127.0.0.1 --port 30000 \
       --dtype bfloat16 --disable-prefill-cuda-graph --disable-decode-cuda-graph --enable-metrics \
-      --mem-fraction-static 0.3 --max-total-tokens 120000 --kv-compressor mosaic --mosaic-compression-ratio 3" \
-      --ready-timeout 240 --vocab-size 49152 --max-context 4096 --requests 1000 --concurrency 96 --prefix-len 1024 \
-      --output-len 8 64 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 3800 \
+      --mem-fraction-static 0.3 --max-total-tokens 50000 --kv-compressor mosaic --mosaic-compression-ratio 3" \
+      --ready-timeout 240 --vocab-size 49152 --max-context 4096 --requests 1000 --concurrency 128 --prefix-len 1024 \
+      --output-len 8 128 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 3800 \
+      --disconnect-after 0.01 \
       --kill-sidecar-every 30 --send-deadline $(( $(left) - 240 )) --restart --out "$out/soak.json" \
       > "$out/soak.log" 2>&1 || echo "soak rc=$?"
     triton_kernels > "$out/triton-cache-after.txt"
+    ;;
+  sweep)
+    # stock SGLang (triton) and mosaic r3 in turn, one server each: output throughput over concurrency (random ids,
+    # shared prefixes) and served TPOT over context length; points sized to fit one call (4 requests at concurrency 1)
+    M="$(bash bench/device_smollm2.sh)"
+    timeout $(( $(left) - 10 )) python3 -m bench.serving_throughput --model "$M" --configs dense mosaic-r3 \
+      --dense-backend triton --server-args "--dtype bfloat16 --mem-fraction-static 0.5 --disable-prefill-cuda-graph \
+      --disable-decode-cuda-graph" \
+      --workload random='--dataset-name random-ids --random-input-len 4000 --random-output-len 64 --random-range-ratio 1.0' \
+      --workload shared='--dataset-name generated-shared-prefix --gsp-num-groups 4 --gsp-prompts-per-group 8 --gsp-system-prompt-len 4096 --gsp-question-len 128 --gsp-output-len 64' \
+      --concurrency 1 8 32 --prompts-per-slot 2 --min-prompts 4 --context-lengths 1024 4096 7680 --context-batch 1 16 \
+      --context-output-len 64 --budget-seconds $(( $(left) - 30 )) --point-timeout 120 --ready-timeout 240 \
+      --out "$out" > "$out/sweep.log" 2>&1 || echo "sweep rc=$?"
     ;;
   8b)
     common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy
