@@ -32,7 +32,8 @@ Backends (same samples and scoring for both):
 Each run writes one JSON file (``--out``): the configuration (with ``--label``, and the server's
 ``/get_server_info`` and ``/v1/models`` when it answers them), one record per sample (task, length, prompt tokens,
 expected, output, correct) and accuracies per task and length, per task, per length and on average (the mean over
-task and length cells). ``python -m bench.accuracy_report`` compares several such files.
+task and length cells). ``python -m bench.accuracy_report`` compares several such files. ``python -m
+bench.shared_context`` asks several questions about one context in turn (prefix reuse), with the same scoring.
 
 Run ``python -m bench.accuracy --help``.
 """
@@ -107,12 +108,16 @@ class Completion:
         Token counts as the backend reports them (``usage`` of an OpenAI response); ``None`` if not reported.
     finish_reason : str or None
         ``"stop"`` (end of sequence or stop string), ``"length"`` (``max_tokens`` reached), ...
+    cached_tokens : int or None
+        Prompt tokens the server took from its prefix cache (``usage.prompt_tokens_details.cached_tokens``; SGLang
+        reports it when launched with ``--enable-cache-report``); ``None`` if not reported.
     """
 
     text: str
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
     finish_reason: Optional[str] = None
+    cached_tokens: Optional[int] = None
 
 
 # =====================================================================================================================
@@ -260,7 +265,9 @@ class HttpBackend:
                 f"POST {self.url}/v1/completions: expected choices[0].text (str), got {str(out)[:300]} ({e})"
             ) from None
         usage = out.get("usage") or {}
-        return Completion(text, usage.get("prompt_tokens"), usage.get("completion_tokens"), choice.get("finish_reason"))
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        return Completion(text, usage.get("prompt_tokens"), usage.get("completion_tokens"), choice.get("finish_reason"),
+                          cached)
 
     def describe(self) -> Dict[str, Any]:
         """What the server says about itself: ``/get_server_info`` (SGLang) and ``/v1/models``, where offered."""

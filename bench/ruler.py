@@ -11,7 +11,8 @@ Each sample is split into ``context`` (everything before ``"\\n\\nQuestion:"``, 
 compressor compresses) and ``query`` (the question and the answer prefix, appended afterwards). Tasks:
 
 ``niah_single``      one needle ``"One of the special magic numbers for K is: V."``; asked for V.
-``niah_multikey``    four needles with different keys (three distractors); asked for one key's value.
+``niah_multikey``    four needles with different keys (three distractors); asked for one key's value
+                     (:func:`multikey_questions`: one such question per key, four readers of one context).
 ``niah_multivalue``  three needles with the same key; asked for all values.
 ``niah_multiquery``  four needles with different keys; asked for the values of two of them at once (RULER asks for
                      all four; two keeps the task within reach of a 135M model, ``niah_queries`` changes it).
@@ -43,6 +44,7 @@ __all__ = [
     "approx_token_count",
     "generate",
     "generate_suite",
+    "multikey_questions",
 ]
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -212,6 +214,17 @@ def _fit(build: Callable[[int], Tuple[str, str]], target: int, count: CountFn, u
 
 
 # --- tasks -----------------------------------------------------------------------------------------------------------
+def _query(question: str, prefix: str) -> str:
+    """``"\\n\\nQuestion: <question>\\nAnswer: <prefix>"``: the part appended after the context."""
+    return f"\n\nQuestion: {question}\nAnswer: {prefix}"
+
+
+def _single_key_query(key: str) -> str:
+    """The query of ``niah_single`` and ``niah_multikey``: asks for the one value of ``key``."""
+    return _query(f"What is the special magic number for {key} mentioned in the provided text?",
+                  f"The special magic number for {key} mentioned in the provided text is")
+
+
 def _niah(
     rng: random.Random,
     task: str,
@@ -258,16 +271,14 @@ def _niah(
     needles = [needles[i] for i in order]
     depths = sorted(rng.uniform(*depth_range) for _ in needles)
     if task == "niah_multivalue":
-        question = f"What are all the special magic numbers for {key} mentioned in the provided text?"
-        prefix = f"The special magic numbers for {key} mentioned in the provided text are"
+        query = _query(f"What are all the special magic numbers for {key} mentioned in the provided text?",
+                       f"The special magic numbers for {key} mentioned in the provided text are")
     elif task == "niah_multiquery":
         names = ", ".join(asked_keys[:-1]) + f" and {asked_keys[-1]}"
-        question = f"What are all the special magic numbers for {names} mentioned in the provided text?"
-        prefix = f"The special magic numbers for {names} mentioned in the provided text are"
+        query = _query(f"What are all the special magic numbers for {names} mentioned in the provided text?",
+                       f"The special magic numbers for {names} mentioned in the provided text are")
     else:
-        question = f"What is the special magic number for {key} mentioned in the provided text?"
-        prefix = f"The special magic number for {key} mentioned in the provided text is"
-    query = f"\n\nQuestion: {question}\nAnswer: {prefix}"
+        query = _single_key_query(key)
     filler_seed = rng.random()
 
     def build(n: int) -> Tuple[str, str]:
@@ -467,3 +478,18 @@ def generate_suite(
         for t in tasks
         for i in range(num_samples)
     ]
+
+
+def multikey_questions(sample: RulerSample) -> List[Tuple[str, Tuple[str, ...]]]:
+    """One ``(query, answers)`` per key of a ``niah_multikey`` sample, in the order of ``meta["keys"]``.
+
+    Every query is built as the sample's own (which asks for ``keys[0]``, so the first pair is ``(sample.query,
+    sample.answers)``) but for its key; its answers are that key's value. Appended to ``sample.context`` they make
+    four questions about one shared context.
+    """
+    if sample.task != "niah_multikey":
+        raise ValueError(f"sample.task: expected 'niah_multikey', got {sample.task!r}")
+    keys, values = sample.meta.get("keys"), sample.meta.get("values")
+    if not isinstance(keys, list) or not isinstance(values, list) or len(keys) != len(values) or not keys:
+        raise ValueError(f"sample.meta: expected equally long 'keys' and 'values' lists, got {sample.meta!r}")
+    return [(_single_key_query(str(k)), (str(v),)) for k, v in zip(keys, values)]

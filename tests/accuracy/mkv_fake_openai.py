@@ -4,12 +4,16 @@
 It answers ``POST /v1/completions`` with text from a test-supplied function, ``POST /v1/tokenize`` with a whitespace
 word count, and ``GET /v1/models`` / ``/get_server_info`` with fixed JSON. Tests can make the first requests fail
 (``fail``: a list of HTTP statuses, or ``"sleep"`` to stall past the client's timeout) and read what was asked
-(``requests``) and how many completions were in flight at once (``max_in_flight``).
+(``requests``, each with its arrival time ``t`` and, for answered completions, ``t_done`` on ``time.monotonic()``) and
+how many completions were in flight at once (``max_in_flight``). With ``cache_report`` a completion's ``usage`` carries
+``prompt_tokens_details.cached_tokens`` as SGLang's ``--enable-cache-report`` does: here the longest common prefix,
+in words, of the prompt with an earlier completion's prompt (a stand-in for the radix cache).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +34,7 @@ class FakeOpenAI(LocalServer):
     fail: List[Union[int, str]] = field(default_factory=list)
     stall: float = 1.0
     completion_body: Optional[Callable[[Dict[str, Any]], Any]] = None
+    cache_report: bool = False
     requests: List[Dict[str, Any]] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -39,6 +44,10 @@ class FakeOpenAI(LocalServer):
     def completions(self) -> List[Dict[str, Any]]:
         return [r["body"] for r in self.requests if r["path"] == "/v1/completions"]
 
+    def completed(self) -> List[Dict[str, Any]]:
+        """The completion requests answered so far (with ``t`` and ``t_done``), in arrival order."""
+        return [r for r in self.requests if r["path"] == "/v1/completions" and "t_done" in r]
+
     def __enter__(self) -> "FakeOpenAI":
         state = self
 
@@ -46,7 +55,7 @@ class FakeOpenAI(LocalServer):
 
             def do_GET(self) -> None:
                 with state.lock:
-                    state.requests.append({"method": "GET", "path": self.path, "body": None})
+                    state.requests.append({"method": "GET", "path": self.path, "body": None, "t": time.monotonic()})
                 if self.path == "/v1/models":
                     self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
                 elif self.path == "/get_server_info":
@@ -56,8 +65,10 @@ class FakeOpenAI(LocalServer):
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                record = {"method": "POST", "path": self.path, "body": body, "t": time.monotonic()}
                 with state.lock:
-                    state.requests.append({"method": "POST", "path": self.path, "body": body})
+                    earlier = [r["body"]["prompt"].split() for r in state.completed()]
+                    state.requests.append(record)
                     failure = state.fail.pop(0) if state.fail and self.path == "/v1/completions" else None
                 if failure == "sleep":
                     time.sleep(state.stall)
@@ -77,11 +88,17 @@ class FakeOpenAI(LocalServer):
                     if state.completion_body is not None:
                         return self._send(200, state.completion_body(body))
                     text = state.answer(body["prompt"])
+                    words = body["prompt"].split()
+                    usage: Dict[str, Any] = {"prompt_tokens": len(words), "completion_tokens": len(text.split()),
+                                             "total_tokens": 0}
+                    if state.cache_report:
+                        usage["prompt_tokens_details"] = {"cached_tokens": max(
+                            [0] + [len(os.path.commonprefix([words, e])) for e in earlier])}
+                    with state.lock:
+                        record["t_done"] = time.monotonic()
                     self._send(200, {
                         "id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
-                        "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": len(body["prompt"].split()), "completion_tokens": len(text.split()),
-                                  "total_tokens": 0},
+                        "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "usage": usage,
                     })
                 finally:
                     with state.lock:
