@@ -10,12 +10,14 @@
 #            (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect mid-prefill)
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
 #            256 out, rate inf) against stock SGLang (flashinfer), then mosaic-r3 (sidecar on), one server at a time
+#   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
+#            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5)
 #   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3: bench.serving_throughput over concurrency and context
 #   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 50000 (so the cache fills and SGLang must retract and
 #            evict): the soak with every fault, the server started by bench.soak and restarted with the same flags at
 #            the end; the Triton kernel variants compiled before and after (recompiles mid-serving show up there)
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep}"
+step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar}"
 out="${OUT:?}/$step"
 mkdir -p "$out"
 export MOSAICKV_CACHE=/tmp/mkv/cache
@@ -104,6 +106,44 @@ case "$step" in
       --kill-sidecar-every 30 --send-deadline $(( $(left) - 240 )) --restart --out "$out/soak.json" \
       > "$out/soak.log" 2>&1 || echo "soak rc=$?"
     triton_kernels > "$out/triton-cache-after.txt"
+    ;;
+  sidecar)
+    # issue #5: three mosaic r3 servers side by side (sidecar off / sidecar on without re-segmentation / sidecar on):
+    # shared-context accuracy on all three at once, then decode ITL under a shared-prefix load on "off" and "on",
+    # each measured while the other servers sit idle; sidecar CPU time from ps before and after
+    M="$(bash bench/device_smollm2.sh)"
+    names=(sc0 rs0 on); extra=("--mosaic-sidecar off" "--mosaic-resegment off" "")
+    pids=()
+    for i in 0 1 2; do
+      # shellcheck disable=SC2086
+      python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
+        --disable-prefill-cuda-graph --disable-decode-cuda-graph --mem-fraction-static 0.25 --enable-cache-report \
+        --enable-metrics --kv-compressor mosaic --mosaic-compression-ratio 3 ${extra[$i]} \
+        > "$out/mosaic-r3-${names[$i]}.server.log" 2>&1 &
+      pids+=($!)
+      sleep 5
+    done
+    for i in 0 1 2; do wait_ready $((30000 + i)) 300; done
+    ps_sidecars > "$out/ps-start.txt"
+    acc=()
+    for i in 0 1 2; do
+      python3 -m bench.shared_context --url "http://127.0.0.1:$((30000 + i))" --label "mosaic-r3-${names[$i]}" \
+        --lengths 2048 4096 --samples 4 --tokenizer "$M" --reader-pause 1.0 \
+        --out "$out/shared-${names[$i]}.json" > "$out/shared-${names[$i]}.log" 2>&1 &
+      acc+=($!)
+    done
+    for j in "${acc[@]}"; do wait "$j" || echo "shared_context rc=$?"; done
+    ps_sidecars > "$out/ps-after-accuracy.txt"
+    for i in 0 2; do
+      timeout 150 python3 -m sglang.bench_serving --backend sglang --host 127.0.0.1 --port $((30000 + i)) \
+        --model "$M" --tokenizer "$M" --dataset-name generated-shared-prefix --gsp-num-groups 4 \
+        --gsp-prompts-per-group 16 --gsp-system-prompt-len 4096 --gsp-question-len 128 --gsp-output-len 64 \
+        --max-concurrency 16 --output-file "$out/itl-${names[$i]}.jsonl" > "$out/itl-${names[$i]}.log" 2>&1 \
+        || echo "bench ${names[$i]} rc=$?"
+      ps_sidecars > "$out/ps-after-itl-${names[$i]}.txt"
+    done
+    for i in 0 1 2; do curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true; done
+    kill "${pids[@]}" 2>/dev/null || true
     ;;
   sweep)
     # stock SGLang (triton) and mosaic r3 in turn, one server each: output throughput over concurrency (random ids,
