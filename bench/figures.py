@@ -362,14 +362,23 @@ def throughput_points(path: PathLike, root: Optional[PathLike] = None) -> List[D
                 _skip(f"bench_serving line {k}", f"{path}: no max_concurrency at a finite request rate")
                 continue
             info = line.get("server_info") or {}
-            config = line.get("tag") or info.get("kv_compressor") or path.stem
-            panel = (f"{_name(path, rootp)}\n{line.get('dataset_name')} in {line.get('random_input_len')} / out "
-                     f"{line.get('random_output_len')}")
+            config = line.get("tag") or _config_of_stem(path.stem) or info.get("kv_compressor") or path.stem
+            # one panel per folder and workload: bench-dense.jsonl and bench-mosaic-r3.jsonl of one run side by side
+            panel = (f"{_name(path.parent, rootp)}/*.jsonl\n{line.get('dataset_name')} in "
+                     f"{line.get('random_input_len')} / out {line.get('random_output_len')}")
             points.append({"panel": panel, "config": str(config), "concurrency": int(conc),
                            "output_throughput": float(line["output_throughput"])})
     else:
         raise ValueError(f"{path}: expected a bench.serving_throughput or sglang.bench_serving result, got {kind}")
     return points
+
+
+def _config_of_stem(stem: str) -> Optional[str]:
+    """``bench-mosaic-r3`` -> ``mosaic-r3`` (the file names of ``bench/device_served.sh``); None for other names."""
+    for prefix in ("bench-", "bench_"):
+        if stem.startswith(prefix) and len(stem) > len(prefix):
+            return stem[len(prefix):]
+    return None
 
 
 def _config_color(name: str) -> str:

@@ -261,3 +261,18 @@ def test_committed_figures_are_small_pngs():
     assert {p.name for p in pngs} >= set(F.FILE_NAMES.values())
     for p in pngs:
         _is_png(p)
+
+
+def test_raw_bench_serving_files_of_one_folder_share_a_panel(tmp_path):
+    """bench-dense.jsonl and bench-mosaic-r3.jsonl of one run (no tag) are two lines of one panel, named by file."""
+    run = tmp_path / "8b"
+    run.mkdir()
+    for name, tput in (("dense", 360.0), ("mosaic-r3", 90.0)):
+        line = {"tag": None, "dataset_name": "random-ids", "request_rate": "inf", "max_concurrency": None,
+                "completed": 32, "random_input_len": 8000, "random_output_len": 256, "server_info": {},
+                "output_throughput": tput}
+        (run / f"bench-{name}.jsonl").write_text(json.dumps(line))
+    pts = [p for f in sorted(run.glob("*.jsonl")) for p in F.throughput_points(f, tmp_path)]
+    assert [(p["config"], p["concurrency"], p["output_throughput"]) for p in pts] == [
+        ("dense", 32, 360.0), ("mosaic-r3", 32, 90.0)]
+    assert len({p["panel"] for p in pts}) == 1 and pts[0]["panel"].startswith("8b/*.jsonl")
