@@ -39,7 +39,9 @@ POOL_STATS_OBSERVER = "sglang.srt.managers.scheduler_components.pool_stats_obser
 POOL_TOKEN_INFO = f"{POOL_STATS_OBSERVER}._get_token_info"
 FUSED_KV_WRITE_GATE = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
 SCHEDULER_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
-TOKENIZER_VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+TOKENIZER_VALIDATE_REQUEST = f"{TOKENIZER_MANAGER}._validate_one_request"
+TOKENIZER_GENERATE_REQUEST = f"{TOKENIZER_MANAGER}.generate_request"
 METRICS_REPORTER = "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter"
 REPORT_DECODE_STATS = f"{METRICS_REPORTER}.report_decode_stats"
 REPORT_PREFILL_STATS = f"{METRICS_REPORTER}.report_prefill_stats"
@@ -61,6 +63,7 @@ HOOK_TARGETS = (
     FUSED_KV_WRITE_GATE,
     SCHEDULER_ON_IDLE,
     TOKENIZER_VALIDATE_REQUEST,
+    TOKENIZER_GENERATE_REQUEST,
     REPORT_DECODE_STATS,
     REPORT_PREFILL_STATS,
     LOG_IDLE_METRICS,
