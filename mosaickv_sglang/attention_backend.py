@@ -35,6 +35,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.runtime import register_sealer
 from mosaickv_sglang.sealer import Sealer
+from mosaickv_sglang.warmup import backend_shape, enumerate_variants, run_warmup, warmup_enabled
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -180,6 +181,14 @@ class MosaicAttnBackend(AttentionBackend):
 
             self.sealer.attach_sidecar(SidecarBridge.create(self.pool, self.sealer.window).start())
         register_sealer(self.sealer)
+        if self.device.type == "cuda" and warmup_enabled():
+            self._warmup(model_runner)
+
+    def _warmup(self, model_runner: Any) -> None:
+        """Compile every kernel variant serving can hit (:mod:`mosaickv_sglang.warmup`) before taking traffic."""
+        shape = backend_shape(self, getattr(model_runner, "dtype", None))
+        count, seconds = run_warmup(enumerate_variants(shape), shape, self.device)
+        logger.info("MosaicKV: compiled %d kernel variants in %.1f s", count, seconds)
 
     # --- plan ------------------------------------------------------------------------------------------------------
     def read_budget_segments(self, max_segs: int) -> int:

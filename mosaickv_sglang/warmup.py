@@ -1,0 +1,271 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Compile every Triton kernel variant the server can hit, once, before it takes traffic.
+
+Triton compiles a kernel per distinct set of ``tl.constexpr`` values and per specialization of its other arguments:
+an integer equal to 1 becomes a constant, one divisible by 16 is marked so, and a pointer is marked 16-byte aligned
+or not. Each compile takes seconds; left to the first batches that need them, they stall the scheduler mid-serving.
+
+:func:`enumerate_variants` lists, for one model shape, the variants the serving paths launch (a pure function; the
+comments name the launch sites it mirrors); :func:`run_warmup` launches each once on tiny synthetic inputs. The
+attention backend calls both at construction on CUDA devices (``MOSAICKV_WARMUP=0`` skips).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+
+from mosaickv_sglang.kernels.format import FORM_DENSE, FORM_LOWRANK, SegmentPlan
+from mosaickv_sglang.strategies.menu import Candidate
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VariantSpec", "WarmupShape", "backend_shape", "enumerate_variants", "menu_ranks", "run_warmup", "warmup_enabled"]
+
+ENV_VAR = "MOSAICKV_WARMUP"
+# Triton's integer keys (1, multiple of 16, other) depend on a table width W only through W == 1 and W mod 16.
+_WIDTH_PERIOD = 32
+
+
+@dataclass(frozen=True)
+class WarmupShape:
+    """What decides the kernel variants of one server (one TP rank).
+
+    ``read_budget_segments``: ``decode_read_budget // S`` (``<= 0``: every sealed segment is read, no bound).
+    ``sidecar_ranks``: the low-rank ranks of the sidecar's menu (empty without a sidecar: the inline sealer's fast
+    planner has no low-rank forms). ``causal_modes``: extend masks the layers use.
+    """
+
+    num_kv_heads: int
+    group: int
+    head_dim: int
+    seg_size: int
+    dtype: torch.dtype  # KV pool / arena dtype
+    q_dtype: torch.dtype  # model (query) dtype
+    num_layers: int
+    num_sms: int
+    read_budget_segments: int
+    sidecar_ranks: Tuple[int, ...] = ()
+    causal_modes: Tuple[bool, ...] = (True,)
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One compiled variant of one kernel, with representative launch values.
+
+    ``width``: sel_ids width (``sparse_decode_split``) or MAX_SEGS (``segment_scores``, ``extend``). ``k_rank`` /
+    ``v_rank``: low-rank factor columns of a pack plan (0: no factors). ``misaligned``: pack plan vectors at an odd
+    int32 offset (a per-layer slice of the sealer's batched plan).
+    """
+
+    kernel: str
+    num_splits: int = 1
+    width: int = 1
+    causal: bool = True
+    k_rank: int = 0
+    v_rank: int = 0
+    misaligned: bool = False
+
+
+def _int_key(v: int) -> str:
+    return "1" if v == 1 else ("D" if v % 16 == 0 else "")
+
+
+def table_widths(num_kv_heads: int, max_width: Optional[int]) -> List[int]:
+    """One width ``W <= max_width`` (``None``: unbounded) per Triton specialization of a contiguous
+    ``[B, H_kv, W]`` table launched with its strides ``(H_kv * W, W, 1)`` and ``W``."""
+    hi = _WIDTH_PERIOD if max_width is None or max_width <= 0 else min(max_width, _WIDTH_PERIOD)
+    reps = {}
+    for w in range(1, hi + 1):
+        reps.setdefault((_int_key(num_kv_heads * w), _int_key(w)), w)
+    return sorted(reps.values())
+
+
+def split_counts(num_kv_heads: int, num_sms: int) -> List[int]:
+    """Every ``suggest_num_splits`` value: the powers of two up to its value at batch 1 with unbounded work."""
+    from mosaickv_sglang.kernels.sparse_decode import MAX_NUM_SPLITS, suggest_num_splits  # lazy: no @triton.jit on import
+
+    top = suggest_num_splits(1, num_kv_heads, 2 * MAX_NUM_SPLITS, num_sms)
+    return [1 << i for i in range(top.bit_length())]
+
+
+def rank_reps(ranks: Sequence[int]) -> List[int]:
+    """One rank per pack variant: ``R_PAD = next_pow2(R)`` and the key of the factor stride ``R``."""
+    reps = {}
+    for r in sorted(set(int(r) for r in ranks)):
+        reps.setdefault((triton.next_power_of_2(r), _int_key(r)), r)
+    return sorted(reps.values())
+
+
+def menu_ranks(menu: Sequence[Candidate]) -> Tuple[int, ...]:
+    """The low-rank ranks of a strategy menu, K and V sides together."""
+    sides = [(c.k_form, c.k_param) for c in menu] + [(c.v_form, c.v_param) for c in menu]
+    return tuple(sorted({p for f, p in sides if f == FORM_LOWRANK}))
+
+
+def enumerate_variants(shape: WarmupShape) -> List[VariantSpec]:
+    """The kernel variants serving can launch for ``shape``, each once."""
+    h = shape.num_kv_heads
+    specs = [VariantSpec("pack")]
+    # sealer.py plan_layers -> plan_fast_layers: layer i's plan is a slice at segment i * P * H_kv of one batched
+    # plan (format.py segment_slice), so its int32 form/param/flag vectors are 16-byte aligned only if 4 | i * P * H_kv
+    if shape.num_layers > 1 and h % 4:
+        specs.append(VariantSpec("pack", misaligned=True))
+    # sidecar plans (planner._factors via shared_buffers.read_plan -> store.reseal): contiguous fp32 factors whose
+    # width is the plan's largest rank on that side, any menu rank, independently for K and V
+    sides = [0] + rank_reps(shape.sidecar_ranks)
+    specs += [VariantSpec("pack", k_rank=k, v_rank=v) for k, v in itertools.product(sides, sides) if k or v]
+    # attention_backend.py _plan_extend / pool.store._segment_table: MAX_SEGS >= 1, unbounded
+    seg_widths = table_widths(h, None)
+    specs.append(VariantSpec("unpack"))
+    specs += [VariantSpec("extend", width=w, causal=c) for c in shape.causal_modes for w in seg_widths]
+    specs += [VariantSpec("segment_scores", width=w) for w in seg_widths]
+    # attention_backend.py _plan_decode: sel_ids [B, H_kv, read_budget] with 1 <= read_budget <= budget (or MAX_SEGS);
+    # NUM_SPLITS from suggest_num_splits; out_lse never passed (HAS_LSE False)
+    splits = split_counts(h, shape.num_sms)
+    sel_widths = table_widths(h, shape.read_budget_segments)
+    specs += [VariantSpec("sparse_decode_split", num_splits=s, width=w) for s in splits for w in sel_widths]
+    specs += [VariantSpec("sparse_decode_merge", num_splits=s) for s in splits if s > 1]
+    return specs
+
+
+def backend_shape(backend: Any, q_dtype: Optional[torch.dtype] = None) -> WarmupShape:
+    """The :class:`WarmupShape` of a :class:`~mosaickv_sglang.attention_backend.MosaicAttnBackend` (``q_dtype``: the
+    model dtype, default the pool's)."""
+    pool, sidecar = backend.pool, backend.sealer.sidecar
+    return WarmupShape(
+        num_kv_heads=backend.num_kv_heads, group=backend.num_q_heads // backend.num_kv_heads,
+        head_dim=backend.head_dim, seg_size=backend.page_size, dtype=pool.dtype,
+        q_dtype=q_dtype if isinstance(q_dtype, torch.dtype) else pool.dtype, num_layers=int(pool.layer_num),
+        num_sms=backend.num_sms, read_budget_segments=int(backend.config.decode_read_budget) // backend.page_size,
+        sidecar_ranks=menu_ranks(sidecar.client.menu) if sidecar is not None else (),
+    )  # fmt: skip
+
+
+def warmup_enabled() -> bool:
+    """``MOSAICKV_WARMUP`` unset or not ``0``."""
+    return os.environ.get(ENV_VAR, "1").strip() != "0"
+
+
+class _Inputs:
+    """Tiny valid tensors of one shape: a pool buffer pair and one page (``H_kv`` dense segments) packed."""
+
+    def __init__(self, shape: WarmupShape, device: torch.device) -> None:
+        from mosaickv_sglang.kernels.pack import pack_segments_fwd
+
+        self.shape, self.device = shape, device
+        s, d, h = shape.seg_size, shape.head_dim, shape.num_kv_heads
+        gen = torch.Generator().manual_seed(0)
+        self.k_buf = torch.randn(2 * s, h, d, generator=gen).to(device, shape.dtype)
+        self.v_buf = torch.randn(2 * s, h, d, generator=gen).to(device, shape.dtype)
+        self.tail_indptr = torch.tensor([0, s], dtype=torch.int32, device=device)
+        self.tail_indices = torch.arange(s, 2 * s, dtype=torch.int64, device=device)
+        self._pack = pack_segments_fwd
+        self.arena, self.desc, self.bounds = self.pack(SegmentPlan.uniform(h, s, d, device=device))
+
+    def pack(self, plan: SegmentPlan) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pack page 0's ``H_kv`` segments (slots ``0..S-1``) with ``plan`` into fresh tables."""
+        s, h, d, dev = self.shape.seg_size, self.shape.num_kv_heads, self.shape.head_dim, self.device
+        k_off, v_off, end = plan.bump_offsets(0)
+        arena = torch.zeros(max(end, 1) * 64, dtype=self.shape.dtype, device=dev)
+        desc = torch.zeros(h, 8, dtype=torch.int32, device=dev)
+        bounds = torch.zeros(h, 2, d, dtype=self.shape.dtype, device=dev)
+        tok = torch.arange(s, dtype=torch.int64, device=dev).repeat(h, 1)
+        heads = torch.arange(h, dtype=torch.int32, device=dev)
+        self._pack(self.k_buf, self.v_buf, tok, heads, plan, arena, desc, bounds, heads.clone(),
+                   k_off.to(dev, torch.int64), v_off.to(dev, torch.int64))  # fmt: skip
+        return arena, desc, bounds
+
+    def q(self, tokens: int) -> torch.Tensor:
+        sh = self.shape
+        return torch.randn(tokens, sh.num_kv_heads * sh.group, sh.head_dim, device=self.device).to(sh.q_dtype)
+
+    def seg_table(self, width: int) -> torch.Tensor:
+        """``[1, H_kv, width]`` int32: head ``h`` lists segment ``h`` first, ``-1`` after."""
+        h = self.shape.num_kv_heads
+        t = torch.full((1, h, width), -1, dtype=torch.int32, device=self.device)
+        t[0, :, 0] = torch.arange(h, dtype=torch.int32, device=self.device)
+        return t
+
+
+def _lowrank_plan(inp: _Inputs, k_rank: int, v_rank: int, misaligned: bool) -> SegmentPlan:
+    s, d, n, dev = inp.shape.seg_size, inp.shape.head_dim, inp.shape.num_kv_heads, inp.device
+
+    def vec(value: int) -> torch.Tensor:
+        off = 1 if misaligned else 0
+        return torch.full((n + off,), value, dtype=torch.int32, device=dev)[off:]
+
+    def side(rank: int):
+        if not rank:
+            return vec(FORM_DENSE), vec(0), None
+        a = torch.randn(n, s, rank, device=dev)
+        b = torch.randn(n, rank, d, device=dev) / rank**0.5
+        return vec(FORM_LOWRANK), vec(min(rank, s, d)), (a, b)
+
+    kf, kp, ka = side(k_rank)
+    vf, vp, va = side(v_rank)
+    ones = torch.ones(n, d, dtype=torch.float32, device=dev)
+    return SegmentPlan(token_keep=torch.ones(n, s, dtype=torch.bool, device=dev), k_form=kf, k_param=kp, v_form=vf,
+                       v_param=vp, k_chan_weight=ones, v_chan_weight=ones.clone(), k_factors=ka, v_factors=va,
+                       flags=vec(0))  # fmt: skip
+
+
+def _run_one(inp: _Inputs, spec: VariantSpec) -> None:
+    from mosaickv_sglang.kernels.extend import extend_fwd
+    from mosaickv_sglang.kernels.segment_scores import segment_scores_fwd
+    from mosaickv_sglang.kernels.sparse_decode import sparse_decode_fwd
+    from mosaickv_sglang.kernels.unpack import unpack_segments_fwd
+
+    sh, dev = inp.shape, inp.device
+    h, d, s = sh.num_kv_heads, sh.head_dim, sh.seg_size
+    f32 = dict(dtype=torch.float32, device=dev)
+    if spec.kernel == "pack":
+        inp.pack(_lowrank_plan(inp, spec.k_rank, spec.v_rank, spec.misaligned))
+    elif spec.kernel == "unpack":
+        k_out = torch.empty(1, h, 1, s, d, dtype=sh.dtype, device=dev)
+        unpack_segments_fwd(inp.arena, inp.desc, inp.seg_table(1), k_out, torch.empty_like(k_out))
+    elif spec.kernel == "segment_scores":
+        q = inp.q(1)
+        scores = torch.empty(1, h, spec.width, **f32)
+        counts = torch.ones(1, dtype=torch.int32, device=dev)
+        segment_scores_fwd(q, inp.desc, inp.bounds, inp.seg_table(spec.width), counts, scores)
+    elif spec.kernel == "extend":
+        t, h_q = 2, h * sh.group
+        q = inp.q(t)
+        k, v = (torch.randn(t, h, d, device=dev).to(sh.q_dtype) for _ in range(2))
+        scratch = [torch.empty(1, h, spec.width, s, d, dtype=sh.dtype, device=dev) for _ in range(2)]
+        qo = torch.tensor([0, t], dtype=torch.int32, device=dev)
+        extend_fwd(q, k, v, torch.empty(t, h_q, d, dtype=sh.q_dtype, device=dev), qo, t, inp.arena, inp.desc,
+                   inp.seg_table(spec.width), inp.k_buf, inp.v_buf, inp.tail_indptr, inp.tail_indices, *scratch,
+                   causal=spec.causal)  # fmt: skip
+    elif spec.kernel in ("sparse_decode_split", "sparse_decode_merge"):
+        q, ns = inp.q(1), spec.num_splits
+        h_q = h * sh.group
+        sparse_decode_fwd(q, inp.arena, inp.desc, inp.seg_table(spec.width), inp.k_buf, inp.v_buf, inp.tail_indptr,
+                          inp.tail_indices, torch.empty_like(q), torch.empty(1, h_q, ns, d, **f32),
+                          torch.empty(1, h_q, ns, **f32), num_splits=ns)  # fmt: skip
+    else:
+        raise ValueError(f"spec.kernel: expected one of pack, unpack, segment_scores, extend, sparse_decode_split, "
+                         f"sparse_decode_merge, got {spec.kernel!r}")  # fmt: skip
+
+
+def run_warmup(
+    specs: Sequence[VariantSpec], shape: WarmupShape, device: torch.device | str
+) -> Tuple[int, float]:
+    """Launch every spec once on tiny synthetic inputs on ``device`` (outputs discarded); returns ``(specs run,
+    seconds)``, synchronized."""
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    inp = _Inputs(shape, device)
+    for spec in specs:
+        _run_one(inp, spec)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return len(specs), time.perf_counter() - t0

@@ -1,0 +1,104 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Warmup at backend construction: skipped on the CPU; on the CPU interpreter, every Triton specialization key the
+real backend launches while serving (extend, sealing, decode) is one the warmup runner launches; on a GPU, the
+backend compiles at construction and logs it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
+
+from mkv_backend_cases import Scenario, config  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend  # noqa: E402
+
+import mosaickv_sglang.attention_backend as ab  # noqa: E402
+from mosaickv_sglang import warmup  # noqa: E402
+from mosaickv_sglang.kernels import extend, pack, segment_scores, sparse_decode, unpack  # noqa: E402
+
+KERNELS = [(sparse_decode, "_sparse_decode_split_kernel"), (sparse_decode, "_sparse_decode_merge_kernel"),
+           (segment_scores, "_segment_scores_main_kernel"), (extend, "_extend_attn_main_kernel"),
+           (unpack, "_unpack_segments_main_kernel"), (pack, "_pack_segments_main_kernel")]  # fmt: skip
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: records the compile key of each launch (Triton's own argument
+    specialization + constexprs + options), then launches the real kernel."""
+
+    def __init__(self, name, kernel, keys):
+        self.name, self.kernel, self.keys = name, kernel, keys
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            spec = tuple(native_specialize_impl(BaseBackend, a, False, True, True) for a in args)
+            self.keys.add((self.name, spec, tuple(sorted((k, str(v)) for k, v in kwargs.items()))))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def record(monkeypatch):
+    keys = set()
+    for mod, name in KERNELS:
+        monkeypatch.setattr(mod, name, _Recorder(name, getattr(mod, name), keys))
+    return keys
+
+
+@pytest.mark.parametrize("budget", [0, pytest.param(32, marks=pytest.mark.slow)], ids=["read-all", "budget-2-segs"])
+def test_warmup_launches_every_key_serving_launches(record, budget):
+    sc = Scenario(config(read_budget=budget), group=2, seed=3, auto_seal=True)
+    sc.run_mosaic(sc.extend_batch([1, 16, 37, 80]))
+    for _ in range(10):
+        sc.run_mosaic(sc.decode_batch())
+    sc.run_mosaic(sc.extend_batch([5, 40, 1, 17]))
+    for _ in range(3):
+        sc.run_mosaic(sc.decode_batch())
+    served = set(record)
+    assert {k[0] for k in served} == {name for _, name in KERNELS}
+    record.clear()
+    shape = warmup.backend_shape(sc.mosaic)
+    warmup.run_warmup(warmup.enumerate_variants(shape), shape, "cpu")
+    missing = served - record
+    assert not missing, f"served but not warmed: {sorted(missing)[:3]}"
+
+
+def test_backend_construction_on_cpu_does_not_warm_up(monkeypatch):
+    monkeypatch.setattr(ab, "run_warmup", lambda *a, **k: pytest.fail("warmup ran on the CPU"))
+    sc = Scenario(config(), group=2, seed=0)
+    assert sc.mosaic.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_backend_construction_on_gpu_warms_up_and_logs(monkeypatch, caplog, env):
+    import test_kv_pool as tkp
+
+    monkeypatch.setenv("MOSAICKV_WARMUP", env)
+    real = tkp.build_mha_kv_pool
+
+    def on_cuda(stub, size, cls):
+        stub.device = "cuda"
+        return real(stub, size, cls)
+
+    monkeypatch.setattr(tkp, "build_mha_kv_pool", on_cuda)
+    pool = tkp.build_pool(512, 384, config())
+    rtp = SimpleNamespace(req_to_token=torch.zeros(8, 256, dtype=torch.int32, device="cuda"))
+    with caplog.at_level(logging.INFO, logger=ab.logger.name):
+        backend = ab.MosaicAttnBackend(SimpleNamespace(device="cuda", req_to_token_pool=rtp, token_to_kv_pool=pool),
+                                       num_q_heads=tkp.H_KV * 2, auto_seal=False)  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MosaicKV: compiled")]
+    if env == "0":
+        assert not lines
+        return
+    n = len(warmup.enumerate_variants(warmup.backend_shape(backend)))
+    assert len(lines) == 1 and lines[0].startswith(f"MosaicKV: compiled {n} kernel variants in ")
