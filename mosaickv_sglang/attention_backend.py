@@ -244,8 +244,13 @@ class MosaicAttnBackend(AttentionBackend):
                     f"{ext_l} vs {seq}"
                 )
         reads = None
-        if not mode.is_decode() and self.sealer.sidecar is not None and self.sealer.sidecar.resegment:
-            reads = [(r, rows[b, : seq[b]]) for b, r in enumerate(forward_batch.req_pool_indices.tolist())]
+        if self.sealer.sidecar is not None and self.sealer.sidecar.resegment:
+            # who asks each query row of this forward: re-segmentation plans a shared page with its readers' queries
+            owners = forward_batch.req_pool_indices.long()
+            if not mode.is_decode():
+                reads = [(r, rows[b, : seq[b]]) for b, r in enumerate(forward_batch.req_pool_indices.tolist())]
+                owners = torch.repeat_interleave(owners, torch.tensor(ext_l, device=owners.device))
+            self.sealer.window.set_owners(owners)
         self._prepare_writes(forward_batch.out_cache_loc, [rows[b, : pre_l[b]] for b in range(len(seq))], reads)
         if mode.is_decode():
             self.forward_metadata = self._plan_decode([rows[b, : seq[b]] for b in range(len(seq))])

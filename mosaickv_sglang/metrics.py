@@ -67,12 +67,15 @@ class SidecarStats:
     counters : SidecarCounters
     plans_applied, plans_discarded, segments_applied : int
         Plans swapped into the pool, plans dropped (their pages freed or rewritten meanwhile), segments re-packed.
+    resegment_pooled : int
+        Re-segmentations planned with every request's queries (none of the readers' left in the window).
     """
 
     counters: SidecarCounters
     plans_applied: int
     plans_discarded: int
     segments_applied: int
+    resegment_pooled: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +151,7 @@ def _sidecar_stats(sidecar: Any) -> Optional[SidecarStats]:
     if sidecar is None:
         return None
     return SidecarStats(sidecar.counters(), int(sidecar.plans_applied), int(sidecar.plans_discarded),
-                        int(sidecar.segments_applied))  # fmt: skip
+                        int(sidecar.segments_applied), int(getattr(sidecar, "resegment_pooled", 0)))  # fmt: skip
 
 
 def collect_stats(sealer: "Sealer") -> MosaicStats:
@@ -239,6 +242,9 @@ METRICS: Tuple[MetricSpec, ...] = (
     MetricSpec("sglang:mosaic_resegmentations_total", "counter",
                "Sidecar jobs that re-planned prefix-shared segments on idle ticks.",
                _sc(lambda sc: sc.counters.resegmentations)),
+    MetricSpec("sglang:mosaic_resegment_pooled_total", "counter",
+               "Re-segmentation jobs planned with every request's recent queries because none of the shared page's "
+               "readers' queries was left in the query window.", _sc(lambda sc: sc.resegment_pooled)),
     MetricSpec("sglang:mosaic_plans_applied_total", "counter", "Sidecar plans applied to the pool.",
                _sc(lambda sc: sc.plans_applied)),
     MetricSpec("sglang:mosaic_plans_discarded_total", "counter",

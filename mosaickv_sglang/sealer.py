@@ -54,7 +54,8 @@ ARENA_RETRIES = 2
 
 
 class QueryWindow:
-    """The last ``window`` queries seen by each layer, over all requests (fp32 ring buffers on the pool's device).
+    """The last ``window`` queries seen by each layer, over all requests (fp32 ring buffers on the pool's device), each
+    with the request that asked it, so that a shared prefix can be re-planned with its own readers' queries.
 
     Parameters
     ----------
@@ -70,28 +71,50 @@ class QueryWindow:
     ) -> None:
         self.num_kv_heads, self.group_size, self.head_dim, self.window = num_kv_heads, group_size, head_dim, window
         self.ring = torch.zeros(num_layers, window, num_kv_heads, group_size, head_dim, device=device)
+        self.owner = torch.full((num_layers, window), -1, dtype=torch.int64, device=device)
+        self._batch_owners: Optional[torch.Tensor] = None
         self._next = [0] * num_layers
         self._count = [0] * num_layers
 
+    def set_owners(self, owners: Optional[torch.Tensor]) -> None:
+        """The request of each query row of the coming forward (shape ``[T]``, SGLang's ``req_pool_indices``, one per
+        decode row or per new token of an extend); ``None``: unknown (rows recorded with owner ``-1``)."""
+        self._batch_owners = None if owners is None else owners.to(self.owner.device, torch.int64)
+
     def observe(self, layer: int, q: torch.Tensor) -> None:
         """Append the queries ``q`` (shape ``[T, H_q * d]`` or ``[T, H_q, d]``) of local layer ``layer``; only the
-        last ``window`` rows are kept."""
+        last ``window`` rows are kept, with their owners from :meth:`set_owners` when it gave ``T`` of them."""
         t = q.shape[0]
         if t == 0:
             return
         rows = q.reshape(t, self.num_kv_heads, self.group_size, self.head_dim)[-self.window :]
         n = rows.shape[0]
-        idx = (self._next[layer] + torch.arange(n)) % self.window
-        self.ring[layer, idx.to(self.ring.device)] = rows.float()
+        idx = (self._next[layer] + torch.arange(n, device=self.ring.device)) % self.window
+        self.ring[layer, idx] = rows.float()
+        owners = self._batch_owners
+        self.owner[layer, idx] = owners[-n:] if owners is not None and owners.shape[0] == t else -1
         self._next[layer] = (self._next[layer] + n) % self.window
         self._count[layer] = min(self.window, self._count[layer] + n)
 
-    def queries(self, layer: int) -> Optional[torch.Tensor]:
-        """shape ``[H_kv, W', G, d]`` fp32: the observed queries of local layer ``layer`` (``None`` before any)."""
+    def queries(self, layer: int, readers: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
+        """shape ``[H_kv, W', G, d]`` fp32: the observed queries of local layer ``layer`` (``None`` before any); with
+        ``readers``, only those asked by these requests, or all of them when none of theirs is left in the window."""
         n = self._count[layer]
         if n == 0:
             return None
-        return self.ring[layer, :n].permute(1, 0, 2, 3)
+        rows = self.ring[layer, :n]
+        if readers:
+            mine = torch.isin(self.owner[layer, :n], torch.tensor(list(readers), device=self.owner.device))
+            if bool(mine.any()):
+                rows = rows[mine]
+        return rows.permute(1, 0, 2, 3)
+
+    def has_queries_of(self, layer: int, readers: Sequence[int]) -> bool:
+        """Whether any query of ``readers`` is still in layer ``layer``'s window."""
+        n = self._count[layer]
+        if n == 0 or not readers:
+            return False
+        return bool(torch.isin(self.owner[layer, :n], torch.tensor(list(readers), device=self.owner.device)).any())
 
 
 def _slice_plan(plan: SegmentPlan, sl: slice) -> SegmentPlan:

@@ -21,8 +21,9 @@ One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaic
 * **Re-segmentation of shared prefixes.** Extend batches tell the bridge which request reads which pages
   (:meth:`SidecarBridge.observe_readers`); a page read by a second request (a prefix shared through the radix cache)
   is queued (:class:`~mosaickv_sglang.sidecar.resegment.ResegmentQueue`), and idle scheduler ticks
-  (:meth:`SidecarBridge.on_idle`) re-plan a slice of the queue with the recent queries of the requests that ran last,
-  at the ratio the page was sealed with. The dense source is the bridge's host copy of the page (the *shadow*: the
+  (:meth:`SidecarBridge.on_idle`) re-plan a slice of the queue with the queries of the page's readers that are
+  still in the sealer's query window (all its readers merged; the recent queries of every request when none of
+  theirs is left), at the ratio the page was sealed with. The dense source is the bridge's host copy of the page (the *shadow*: the
   copies made for the sidecar, and every sealed page already known to be shared), bounded by ``shadow_bytes`` and
   evicted oldest first; a shared page without a copy keeps its plan. With ``--mosaic-resegment off`` the bridge
   neither records readers nor queues shared pages nor keeps host copies (they serve only re-segmentation): sealed
@@ -106,6 +107,9 @@ class SidecarBridge:
         Pages found read by more than one request (0 with ``resegment`` off: readers are not recorded).
     resegment_jobs, resegment_skipped : int
         Re-segmentation jobs submitted, and queued shared pages skipped for want of a host copy.
+    resegment_pooled : int
+        Re-segmentation jobs planned with every request's recent queries because none of their readers' queries was
+        left in the window.
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class SidecarBridge:
         self.pages_shared = 0
         self.resegment_jobs = 0
         self.resegment_skipped = 0
+        self.resegment_pooled = 0
         # one queue entry per (layer, page), keyed with head 0: pages are re-packed whole
         self.queue = ResegmentQueue(self.pages_per_job)
         self._shadow: "collections.OrderedDict[Tuple[int, int], Tuple[int, torch.Tensor, torch.Tensor]]" = (
@@ -327,10 +332,10 @@ class SidecarBridge:
                 if self.client.free_slots == 0:
                     self.queue.add(job.segments)  # no slot left for this part of the slice: it waits its turn
                     continue
-                submitted += self._submit_resegment(job.layer, [seg.key for seg in job.segments])
+                submitted += self._submit_resegment(job.layer, [seg.key for seg in job.segments], job.readers)
         return submitted
 
-    def _submit_resegment(self, layer: int, keys: List[SegmentKey]) -> int:
+    def _submit_resegment(self, layer: int, keys: List[SegmentKey], readers: Sequence[int] = ()) -> int:
         h, s, d = int(self.pool.head_num), self.pool.page_size, int(self.pool.head_dim)
         pages, epochs, ks, vs = [], [], [], []
         for key in sorted(keys, key=lambda k: k.page):
@@ -342,8 +347,11 @@ class SidecarBridge:
             epochs.append(key.generation)
             ks.append(copy[1])
             vs.append(copy[2])
-        q = self.window.queries(layer)
-        if not pages or q is None:
+        if not pages:
+            return 0
+        own = bool(readers) and self.window.has_queries_of(layer, readers)
+        q = self.window.queries(layer, readers if own else None)
+        if q is None:
             return 0
         heads = torch.arange(h, device=q.device).repeat(len(pages))
         segs = [SegmentKey(layer, hd, p, e) for p, e in zip(pages, epochs) for hd in range(h)]
@@ -354,6 +362,7 @@ class SidecarBridge:
         if job is None:
             return 0
         self.resegment_jobs += 1
+        self.resegment_pooled += not own
         return 1
 
     # --- application --------------------------------------------------------------------------------------------------

@@ -151,9 +151,10 @@ def test_decoding_with_the_sidecar_killed_midway_stays_exact_at_ratio_one():
 
 def test_a_prefix_read_by_a_second_request_is_resegmented_on_idle_ticks():
     """Request 0 writes four pages; they are sealed and refined. Request 1 then reads them (a radix-cache hit):
-    the idle hook (AFTER ``Scheduler.on_idle``) re-plans them from the bridge's host copies, with the recent
-    queries, at the ratio they were sealed with: the plan ``plan_exact`` makes in-process from the same inputs.
-    Freeing the pages drops their copies and anything still queued."""
+    the idle hook (AFTER ``Scheduler.on_idle``) re-plans them from the bridge's host copies, with their readers'
+    queries (request 1's; not those of request 7, which ran later and read other pages), at the ratio they were
+    sealed with: the plan ``plan_exact`` makes in-process from the same inputs. Freeing the pages drops their copies
+    and anything still queued."""
     from mosaickv_sglang.patches.scheduler import sidecar_idle_tick
     from mosaickv_sglang.runtime import register_sealer
 
@@ -169,8 +170,11 @@ def test_a_prefix_read_by_a_second_request_is_resegmented_on_idle_ticks():
         bridge.drain(DRAIN_S)
         assert bridge.plans_applied == LAYERS and bridge.pages_shared == 0 and len(bridge.queue) == 0
         gen2 = torch.Generator().manual_seed(30)
-        for li in range(LAYERS):  # request 1's queries, different from those the first plans were made with
-            sealer.window.observe(li, torch.randn(8, H_KV * GROUP * pool.head_dim, generator=gen2).to(DT))
+        for owner in (1, 7):  # request 1's queries, then request 7's (a request that reads none of these pages)
+            sealer.window.set_owners(torch.full((8,), owner))
+            for li in range(LAYERS):
+                sealer.window.observe(li, torch.randn(8, H_KV * GROUP * pool.head_dim, generator=gen2).to(DT))
+        sealer.window.set_owners(None)
         bridge.observe_readers([(1, slots[: 3 * S + 5])])  # reads three whole pages (and part of the fourth)
         assert bridge.pages_shared == 3 and len(bridge.queue) == 3 * LAYERS
         held = bridge.client._slots.try_acquire()  # one slot busy: the first slice spans both layers, one waits
@@ -184,6 +188,7 @@ def test_a_prefix_read_by_a_second_request_is_resegmented_on_idle_ticks():
         assert bridge.resegment_jobs == LAYERS and bridge.resegment_skipped == 0 and len(bridge.queue) == 0
         assert bridge.counters().rejected_full == 0
         assert bridge.plans_applied == 2 * LAYERS and bridge.counters().resegmentations == LAYERS
+        assert bridge.resegment_pooled == 0
         seg = dense_segment_bytes(S, pool.head_dim)
         shared = pages[:3]
         heads = torch.arange(H_KV).repeat(shared.size)
@@ -193,7 +198,9 @@ def test_a_prefix_read_by_a_second_request_is_resegmented_on_idle_ticks():
         try:
             for li in range(LAYERS):
                 k, v = (x[: shared.size * H_KV] for x in dense[li])
-                want = plan_exact(k, v, sealer.window.queries(li)[heads], budget_bytes=shared.size * (H_KV * seg // 3),
+                readers_q = sealer.window.queries(li, readers=(0, 1))
+                assert readers_q.shape[1] == 8 and sealer.window.queries(li).shape[1] == 24
+                want = plan_exact(k, v, readers_q[heads], budget_bytes=shared.size * (H_KV * seg // 3),
                                   menu=bridge.client.menu, group_ids=heads).plan  # fmt: skip
                 desc = pool.store.desc[li][rows]
                 assert desc[:, K_FORM].tolist() == want.k_form.tolist(), f"layer {li}"

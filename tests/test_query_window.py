@@ -1,0 +1,57 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The sealer's query window: a ring of each layer's last queries, each with the request that asked it."""
+
+import torch
+
+from mosaickv_sglang.sealer import QueryWindow
+
+H_KV, G, D, W = 2, 3, 8, 5
+
+
+def _q(t: int, seed: int) -> torch.Tensor:
+    return torch.randn(t, H_KV * G * D, generator=torch.Generator().manual_seed(seed))
+
+
+def _rows(window: QueryWindow, layer: int, readers=None) -> torch.Tensor:
+    """``[W', H_kv * G * d]``: the window's queries back in the layout they were observed in."""
+    q = window.queries(layer, readers)
+    return q.permute(1, 0, 2, 3).reshape(q.shape[1], -1)
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731 - the ring keeps rows, not their order
+    return key(a) == key(b)
+
+
+def test_the_ring_keeps_the_last_rows_and_their_owners():
+    win = QueryWindow(2, H_KV, G, D, W, torch.device("cpu"))
+    assert win.queries(0) is None and not win.has_queries_of(0, [1])
+    a, b = _q(3, 0), _q(4, 1)
+    win.set_owners(torch.tensor([1, 1, 2]))
+    win.observe(0, a)
+    win.set_owners(torch.tensor([3, 2, 3, 3]))
+    win.observe(0, b)
+    assert _same_rows(_rows(win, 0), torch.cat([a, b])[-W:])  # 7 rows seen, the last 5 kept
+    assert _same_rows(_rows(win, 0, [2]), torch.cat([a[2:3], b[1:2]]))
+    assert _same_rows(_rows(win, 0, [3, 2]), torch.cat([a[2:3], b]))
+    assert win.has_queries_of(0, [3]) and not win.has_queries_of(0, [1]) and not win.has_queries_of(1, [3])
+    assert _same_rows(_rows(win, 0, [1]), _rows(win, 0))  # none of request 1's left: every request's
+
+
+def test_rows_without_matching_owners_are_unowned():
+    """Owners given for a different number of rows (or none) do not label the rows: a prefill's owners never leak
+    onto another forward's queries."""
+    win = QueryWindow(1, H_KV, G, D, W, torch.device("cpu"))
+    win.set_owners(torch.tensor([4, 4]))
+    win.observe(0, _q(3, 2))
+    win.set_owners(None)
+    win.observe(0, _q(1, 3))
+    assert win.owner[0, :4].tolist() == [-1, -1, -1, -1] and not win.has_queries_of(0, [4])
+
+
+def test_a_long_extend_keeps_the_owners_of_its_last_rows():
+    win = QueryWindow(1, H_KV, G, D, W, torch.device("cpu"))
+    q = _q(8, 4)
+    win.set_owners(torch.tensor([5, 5, 5, 5, 5, 6, 6, 6]))
+    win.observe(0, q)
+    assert _same_rows(_rows(win, 0, [6]), q[5:]) and _same_rows(_rows(win, 0, [5]), q[3:5])
