@@ -11,7 +11,7 @@ from mosaickv_sglang.planner import PlanResult
 from mosaickv_sglang.sidecar import SidecarConfig
 
 S, D, G, W = 16, 64, 2, 4
-READY_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 180.0  # two spawned workers importing torch on a loaded 2-core machine
 """Generous: a spawned worker imports torch, seconds on a busy CI machine."""
 
 
