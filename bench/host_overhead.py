@@ -21,8 +21,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import atexit
 import cProfile
 import datetime
+import gc
 import json
 import os
 import platform
@@ -157,8 +159,10 @@ class DecodeState:
                                sliding_window_size=None)  # fmt: skip
 
     def close(self) -> None:
-        if self.backend.sealer.sidecar is not None:
-            self.backend.sealer.sidecar.close()
+        bridge = self.backend.sealer.sidecar
+        if bridge is not None:
+            bridge.close()
+            atexit.unregister(bridge.close)  # it holds the pool
 
 
 def instrument(st: DecodeState, timers: Timers) -> None:
@@ -263,8 +267,11 @@ def run_config(shape: str, batch: int, context: int, args: argparse.Namespace) -
         top = profile_top(st, args.profile_steps, args.profile_top) if args.profile_steps else []
     finally:
         st.close()
-    return dict(shape=shape, batch=batch, context=context, layers=st.layers, sealed_pages=st.num_sealed,
-                dense_pages=st.num_dense, setup_s=setup_s, median_ms=med, profile_top=top)  # fmt: skip
+    out = dict(shape=shape, batch=batch, context=context, layers=st.layers, sealed_pages=st.num_sealed,
+               dense_pages=st.num_dense, setup_s=setup_s, median_ms=med, profile_top=top)  # fmt: skip
+    del st, timers
+    gc.collect()  # the timing wrappers make cycles; free this configuration's buffers before the next one
+    return out
 
 
 def _git_commit() -> str:
