@@ -29,9 +29,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from mosaickv_sglang.kernels._checks import debug_checks_enabled
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.runtime import register_sealer
 from mosaickv_sglang.sealer import Sealer
@@ -77,6 +79,10 @@ class MosaicForwardMetadata:
     max_extend_len: int = 0  # longest extend length of the batch
     k_scratch: Optional[torch.Tensor] = None  # [B, H_kv, MAX_SEGS, S, d] pool dtype: decoded prefix (per layer)
     v_scratch: Optional[torch.Tensor] = None  # [B, H_kv, MAX_SEGS, S, d] pool dtype
+    # --- the batch's KV writes, translated once for every layer (None: translate per layer) ---
+    write_loc: Optional[torch.Tensor] = None  # out_cache_loc the plan was made for (logical slots)
+    write_slots: Optional[torch.Tensor] = None  # its physical slots (pool.physical_slots), valid at pool_version
+    pool_version: int = -1
 
 
 def _num_sms(device: torch.device) -> int:
@@ -98,6 +104,12 @@ def _host_list(x: Any, name: str) -> List[int]:
     if isinstance(x, torch.Tensor):
         return [int(v) for v in x.detach().cpu().tolist()]
     return [int(v) for v in x]
+
+
+def _slice_lens(lens: List[int], width: int) -> np.ndarray:
+    """``len(row[:n])`` for a row of ``width`` columns and each ``n`` of ``lens`` (Python slice semantics)."""
+    n = np.asarray(lens, dtype=np.int64).reshape(-1)
+    return np.where(n >= 0, np.minimum(n, width), np.maximum(0, width + n))
 
 
 class MosaicAttnBackend(AttentionBackend):
@@ -228,7 +240,7 @@ class MosaicAttnBackend(AttentionBackend):
             )
         seq_lens = getattr(forward_batch, "seq_lens_cpu", None)
         seq = _host_list(seq_lens if seq_lens is not None else forward_batch.seq_lens, "seq_lens")
-        rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices.long()].cpu()
+        rows = self._req_rows(forward_batch.req_pool_indices, seq)
         if mode.is_decode():
             pre_l = [n - 1 for n in seq]
         else:
@@ -251,32 +263,47 @@ class MosaicAttnBackend(AttentionBackend):
                 reads = [(r, rows[b, : seq[b]]) for b, r in enumerate(forward_batch.req_pool_indices.tolist())]
                 owners = torch.repeat_interleave(owners, torch.tensor(ext_l, device=owners.device))
             self.sealer.window.set_owners(owners)
-        self._prepare_writes(forward_batch.out_cache_loc, [rows[b, : pre_l[b]] for b in range(len(seq))], reads)
+        rows_np = rows.numpy()
+        loc = forward_batch.out_cache_loc
+        self._prepare_writes(loc, rows_np, _slice_lens(pre_l, rows.shape[1]), reads)
         if mode.is_decode():
-            self.forward_metadata = self._plan_decode([rows[b, : seq[b]] for b in range(len(seq))])
+            md = self._plan_decode(rows_np, _slice_lens(seq, rows.shape[1]))
         else:
-            self.forward_metadata = self._plan_extend([rows[b, : pre_l[b]] for b in range(len(seq))], ext_l)
+            md = self._plan_extend([rows[b, : pre_l[b]] for b in range(len(seq))], ext_l)
+        if isinstance(loc, torch.Tensor) and not debug_checks_enabled():
+            md.write_loc, md.write_slots = loc, self.pool.physical_slots(loc)
+            md.pool_version = self.pool.version
+        self.forward_metadata = md
+
+    def _req_rows(self, req_pool_indices: torch.Tensor, seq: List[int]) -> torch.Tensor:
+        """``req_to_token`` rows of the batch on the host, only the page-rounded columns that ``seq`` reaches (all of
+        them when a length is negative: slices then count from the end)."""
+        r2t = self.req_to_token_pool.req_to_token
+        width = r2t.shape[1]
+        if seq and min(seq) >= 1:
+            width = min(width, -(-max(seq) // self.page_size) * self.page_size)
+        return r2t[req_pool_indices.long(), :width].cpu()
 
     def _prepare_writes(
-        self, loc: Optional[torch.Tensor], written_slots: Sequence[torch.Tensor],
+        self, loc: Optional[torch.Tensor], rows: np.ndarray, written: np.ndarray,
         reads: Optional[List[Tuple[int, torch.Tensor]]] = None,
     ) -> None:  # fmt: skip
         """Before any KV write of the forward: seal what the policy and hot-pool pressure call for, then give every
-        page the batch writes a physical dense page and record the writes."""
+        page the batch writes a physical dense page and record the writes. Request ``b`` has written the slots
+        ``rows[b, :written[b]]``."""
         if loc is None or loc.numel() == 0:
             return
         loc_cpu = loc.detach().to("cpu", torch.int64)
         new_pages = torch.unique(torch.div(loc_cpu, self.page_size, rounding_mode="floor")).numpy()
         if self.auto_seal:
-            self.sealer.before_forward(written_slots, new_pages, reads)
+            self.sealer.before_forward_rows(rows, written, new_pages, reads)
         self.pool.ensure_physical(torch.from_numpy(new_pages))
         self.pool.note_writes(loc_cpu)
 
-    def _plan_decode(self, req_slots: Sequence[torch.Tensor]) -> MosaicForwardMetadata:
-        meta = self.pool.decode_metadata(req_slots)
-        bsz, dev = len(req_slots), self.device
+    def _plan_decode(self, rows: np.ndarray, lens: np.ndarray) -> MosaicForwardMetadata:
+        meta, tail_lens = self.pool.decode_metadata_rows(rows, lens)
+        bsz, dev = len(lens), self.device
         budget = self.read_budget_segments(meta.max_segs)
-        tail_lens = torch.diff(meta.tail_indptr.cpu())
         max_tail = int(tail_lens.max()) if bsz else 0
         work = budget + -(-max_tail // self.page_size)
         splits = self._suggest_num_splits(bsz, self.num_kv_heads, work, self.num_sms)
@@ -358,6 +385,16 @@ class MosaicAttnBackend(AttentionBackend):
         k_buf, v_buf = self.pool.get_kv_buffer(layer.layer_id)
         return st.arenas[local], st.desc[local], st.bounds[local], k_buf, v_buf
 
+    def _write_kv(
+        self, md: MosaicForwardMetadata, layer: "RadixAttention", loc: Any, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """``pool.set_kv_buffer(layer, loc, k, v)``, with the plan's physical slots when it was made for ``loc`` and
+        the page table has not changed since."""
+        if md.write_loc is not None and md.write_loc is loc and md.pool_version == self.pool.version:
+            self.pool.set_kv_buffer_physical(layer, md.write_slots, k, v)
+        else:
+            self.pool.set_kv_buffer(layer, loc, k, v)
+
     def forward_decode(
         self,
         q: torch.Tensor,
@@ -392,7 +429,7 @@ class MosaicAttnBackend(AttentionBackend):
         md = self._check_layer(layer, q, want_decode=True)
         h_q, h_kv, d = self.num_q_heads, self.num_kv_heads, self.head_dim
         if save_kv_cache and k is not None and v is not None:
-            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k.view(-1, h_kv, d), v.view(-1, h_kv, d))
+            self._write_kv(md, layer, forward_batch.out_cache_loc, k.view(-1, h_kv, d), v.view(-1, h_kv, d))
         q3 = q.reshape(-1, h_q, d)
         self.sealer.window.observe(layer.layer_id - self.pool.start_layer, q3)
         arena, desc, bounds, k_buf, v_buf = self._layer_tables(layer)
@@ -442,7 +479,7 @@ class MosaicAttnBackend(AttentionBackend):
         h_q, h_kv, d = self.num_q_heads, self.num_kv_heads, self.head_dim
         k3, v3 = k.view(-1, h_kv, d), v.view(-1, h_kv, d)
         if save_kv_cache:
-            self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k3, v3)
+            self._write_kv(md, layer, forward_batch.out_cache_loc, k3, v3)
         q3 = q.reshape(-1, h_q, d)
         self.sealer.window.observe(layer.layer_id - self.pool.start_layer, q3)
         causal = getattr(getattr(layer, "attn_type", None), "name", "DECODER") != "ENCODER_ONLY"

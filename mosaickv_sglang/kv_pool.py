@@ -62,6 +62,7 @@ from mosaickv_sglang.pool import (
     SealablePages,
     arena_granules_for,
 )
+from mosaickv_sglang.pool.rows import as_rows, in_range, page_starts, pages_aligned, ragged, sealable_counts
 from mosaickv_sglang.pool.sizing import ARENA_SLACK
 
 logger = logging.getLogger(__name__)
@@ -557,6 +558,18 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
             layer, self.physical_slots(loc), cache_k, cache_v, k_scale, v_scale, layer_id_override, dcp_kv_mask
         )
 
+    def set_kv_buffer_physical(self, layer: Any, slots: torch.Tensor, cache_k: torch.Tensor,
+                               cache_v: torch.Tensor) -> None:  # fmt: skip
+        """SGLang's ``set_kv_buffer`` at **physical** slots (``physical_slots`` of the logical ones, taken since the
+        last change of the page table: see :attr:`version`)."""
+        super().set_kv_buffer(layer, slots, cache_k, cache_v)
+
+    @property
+    def version(self) -> int:
+        """Bumped by every change of the page maps, fills and lives: physical slots taken at one version stay valid
+        while it lasts."""
+        return self._version
+
     # --- sealing and freeing -----------------------------------------------------------------------------------------
     def _local_layers(self, layer_ids: Optional[Sequence[int]]) -> Optional[List[int]]:
         if layer_ids is None:
@@ -784,6 +797,79 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         local = self._local_layer(layer_id)
         pages, tails = self._pages_and_tails(prefix_slots, local, "prefix_slots")
         return self.store.extend_metadata(pages, tails, extend_lens, max_segs=max_segs, layer_id=local)
+
+    def _rows(self, rows: object, lens: object) -> Tuple[np.ndarray, np.ndarray]:
+        r, n = as_rows(rows, lens)
+        if r.dtype != np.int32 or self.num_logical_pages * self.page_size + self.page_size >= 2**31:
+            r = r.astype(np.int64, copy=False)
+        return r, n
+
+    def decode_metadata_rows(self, rows: np.ndarray, lens: np.ndarray) -> Tuple[DecodeMetadata, np.ndarray]:
+        """:meth:`decode_metadata` of ``[rows[b, :lens[b]] for b in range(B)]`` (all-layers view), in one pass.
+
+        Parameters
+        ----------
+        rows : numpy.ndarray
+            shape ``[B, W]``, integer; row ``b`` starts with request ``b``'s logical slots (``req_to_token`` rows).
+            Fastest with ``W`` a multiple of ``page_size`` (otherwise the rows are padded, a copy).
+        lens : numpy.ndarray
+            shape ``[B]``, integer in ``[0, W]``.
+
+        Returns
+        -------
+        tuple
+            ``(DecodeMetadata, tail_lens)``: the metadata, equal to :meth:`decode_metadata`'s (same errors), and the
+            dense tail length of each request on the host (``[B]`` int64).
+        """
+        r, n = self._rows(rows, lens)
+        s, b = self.page_size, n.size
+        npg = -(-n // s)
+        width = int(npg.max()) if b else 0
+        if r.shape[1] < width * s:
+            r = np.pad(r, ((0, 0), (0, width * s - r.shape[1])))
+        pages, valid = page_starts(r, npg, s)
+        flat = pages[valid]
+        if not (in_range(flat, self.num_logical_pages) and pages_aligned(r, n, pages, s)):
+            return self._decode_metadata_reference(r, n)
+        safe = np.where(valid, pages, 0)
+        tail_page = valid & ~(self._live[safe] & (self._l2p[safe] < 0))
+        phys = self._l2p[pages[tail_page]]
+        if (phys < 0).any():
+            return self._decode_metadata_reference(r, n)
+        per_page = np.minimum(s, n[:, None] - np.arange(width)[None, :] * s)
+        tail_lens = np.where(tail_page, per_page, 0).sum(1).astype(np.int64)
+        offs = np.arange(s)
+        tail = (phys[:, None] * s + offs[None, :])[offs[None, :] < per_page[tail_page][:, None]]
+        req = np.repeat(np.arange(b), npg)
+        st = self.store
+        ids, counts, w = st.segment_table_flat(flat, req, st.sealed_in_all(flat), b, None)
+        indptr = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(tail_lens)]).astype(np.int32)
+        dev = st.device
+        meta = DecodeMetadata(ids, counts, torch.from_numpy(indptr).to(dev), torch.from_numpy(tail).to(dev), w)
+        return meta, tail_lens
+
+    def _decode_metadata_reference(self, r: np.ndarray, n: np.ndarray) -> Tuple[DecodeMetadata, np.ndarray]:
+        """The per-request path, for batches the fast one does not vouch for (it raises what they deserve)."""
+        meta = self.decode_metadata([torch.from_numpy(r[i, : n[i]]) for i in range(n.size)])
+        return meta, np.diff(meta.tail_indptr.cpu().numpy().astype(np.int64))
+
+    def pages_to_seal_rows(self, rows: np.ndarray, lens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """:meth:`pages_to_seal` of every request ``rows[b, :lens[b]]`` with at least ``page_size`` tokens,
+        concatenated in request order: ``(pages, always_dense)``, int64 and bool numpy arrays (same errors)."""
+        r, n = self._rows(rows, lens)
+        s, cfg = self.page_size, self.mosaic_config
+        n_seal, n_sink = sealable_counts(n, s, cfg.hot_window, cfg.sink_tokens)
+        n_seal = np.where(n < s, 0, n_seal)
+        pages, valid = page_starts(r, n_seal, s)
+        flat = pages[valid]
+        if not in_range(flat, self.num_logical_pages):
+            sp = [self.pages_to_seal(torch.from_numpy(r[i, : n[i]])) for i in range(n.size) if n[i] >= s]
+            if not sp:
+                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+            return np.concatenate([x.pages.numpy() for x in sp]), np.concatenate([x.always_dense.numpy() for x in sp])
+        sink = ragged(n_sink, pages.shape[1])[valid]
+        todo = ~self.store.sealed_in_all(flat)
+        return flat[todo], sink[todo]
 
     def pages_to_seal(self, req_slots: torch.Tensor) -> SealablePages:
         """Pages of one request that may be sealed now under ``mosaic_config``'s hot window and sinks, minus those

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -73,8 +73,10 @@ class QueryWindow:
         self.ring = torch.zeros(num_layers, window, num_kv_heads, group_size, head_dim, device=device)
         self.owner = torch.full((num_layers, window), -1, dtype=torch.int64, device=device)
         self._batch_owners: Optional[torch.Tensor] = None
+        self._owned = False  # whether any row was ever labelled
         self._next = [0] * num_layers
         self._count = [0] * num_layers
+        self._idx: Dict[Tuple[int, int], torch.Tensor] = {}  # ring rows of (start, count), on the ring's device
 
     def set_owners(self, owners: Optional[torch.Tensor]) -> None:
         """The request of each query row of the coming forward (shape ``[T]``, SGLang's ``req_pool_indices``, one per
@@ -89,10 +91,17 @@ class QueryWindow:
             return
         rows = q.reshape(t, self.num_kv_heads, self.group_size, self.head_dim)[-self.window :]
         n = rows.shape[0]
-        idx = (self._next[layer] + torch.arange(n, device=self.ring.device)) % self.window
+        key = (self._next[layer], n)
+        idx = self._idx.get(key)
+        if idx is None:
+            idx = self._idx[key] = ((self._next[layer] + torch.arange(n)) % self.window).to(self.ring.device)
         self.ring[layer, idx] = rows.float()
         owners = self._batch_owners
-        self.owner[layer, idx] = owners[-n:] if owners is not None and owners.shape[0] == t else -1
+        if owners is not None and owners.shape[0] == t:
+            self.owner[layer, idx] = owners[-n:]
+            self._owned = True
+        elif self._owned:  # unlabelled rows must not keep the owners of the rows they replace
+            self.owner[layer, idx] = -1
         self._next[layer] = (self._next[layer] + n) % self.window
         self._count[layer] = min(self.window, self._count[layer] + n)
 
@@ -206,22 +215,41 @@ class Sealer:
             (prefix and new tokens); the sidecar learns from them which pages several requests read (prefixes shared
             through the radix cache).
         """
-        pool = self.pool
-        if self.sidecar is not None:
-            self.sidecar.tick()
-            if reads is not None:
-                self.sidecar.observe_readers(reads)
+        self._tick(reads)
         pages: List[np.ndarray] = []
         sinks: List[np.ndarray] = []
         for slots in written_slots:
-            if slots.numel() < pool.page_size:
+            if slots.numel() < self.pool.page_size:
                 continue
-            sp = pool.pages_to_seal(slots)
+            sp = self.pool.pages_to_seal(slots)
             keep = ~np.isin(sp.pages.numpy(), new_pages)
             pages.append(sp.pages.numpy()[keep])
             sinks.append(sp.always_dense.numpy()[keep])
         chosen = np.concatenate(pages) if pages else np.zeros(0, dtype=np.int64)
         sink_mask = np.concatenate(sinks) if sinks else np.zeros(0, dtype=bool)
+        self._seal_due(chosen, sink_mask, new_pages)
+
+    def before_forward_rows(
+        self, rows: np.ndarray, lens: np.ndarray, new_pages: np.ndarray,
+        reads: Optional[Sequence[Tuple[int, torch.Tensor]]] = None,
+    ) -> None:  # fmt: skip
+        """:meth:`before_forward` with ``written_slots = [rows[b, :lens[b]] for b in range(B)]`` (same decisions),
+        the batch's pages read in one pass (:meth:`MosaicMHATokenToKVPool.pages_to_seal_rows`)."""
+        self._tick(reads)
+        pages, sinks = self.pool.pages_to_seal_rows(rows, lens)
+        keep = ~np.isin(pages, new_pages)
+        self._seal_due(pages[keep], sinks[keep], new_pages)
+
+    def _tick(self, reads: Optional[Sequence[Tuple[int, torch.Tensor]]]) -> None:
+        if self.sidecar is not None:
+            self.sidecar.tick()
+            if reads is not None:
+                self.sidecar.observe_readers(reads)
+
+    def _seal_due(self, chosen: np.ndarray, sink_mask: np.ndarray, new_pages: np.ndarray) -> None:
+        """Seal, of the policy pages ``chosen`` (request order, duplicates allowed), what pressure and the batch
+        size call for."""
+        pool = self.pool
         chosen, first = np.unique(chosen, return_index=True)
         sink_mask = sink_mask[first]
 

@@ -575,11 +575,25 @@ class CompressedKVStore:
     def _segment_table(
         self, req_pages: Sequence[torch.Tensor], max_segs: Optional[int], layer_id: Optional[int]
     ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        b, h = len(req_pages), self.num_kv_heads
+        b = len(req_pages)
         per = [self._pages(rp, name=f"req_pages[{i}]", distinct=False) for i, rp in enumerate(req_pages)]
         flat = np.concatenate(per) if per else np.zeros(0, dtype=np.int64)
         req = np.repeat(np.arange(b), [x.size for x in per]) if per else np.zeros(0, dtype=np.int64)
-        sealed = self._sealed_mask(layer_id)[flat]
+        return self.segment_table_flat(flat, req, self._sealed_mask(layer_id)[flat], b, max_segs)
+
+    def sealed_in_all(self, pages: np.ndarray) -> np.ndarray:
+        """shape ``[P]``, bool: whether each page is sealed in every layer (``pages``: int64, in range, unchecked).
+
+        :meth:`is_sealed` of the all-layers view without its checks.
+        """
+        return self._sealed_mask(None)[pages]
+
+    def segment_table_flat(
+        self, flat: np.ndarray, req: np.ndarray, sealed: np.ndarray, b: int, max_segs: Optional[int]
+    ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """``(seg_ids_padded, seg_counts, MAX_SEGS)`` on the device from every request's pages concatenated in
+        request order (``flat``, in range), their request (``req``, non-decreasing) and seal state (``sealed``)."""
+        h = self.num_kv_heads
         sp, sreq = flat[sealed], req[sealed]
         counts = np.bincount(sreq, minlength=b).astype(np.int64)
         need = int(counts.max()) if b else 0
