@@ -199,7 +199,12 @@ class MosaicAttnBackend(AttentionBackend):
     def _warmup(self, model_runner: Any) -> None:
         """Compile every kernel variant serving can hit (:mod:`mosaickv_sglang.warmup`) before taking traffic."""
         shape = backend_shape(self, getattr(model_runner, "dtype", None))
-        count, seconds = run_warmup(enumerate_variants(shape), shape, self.device)
+        try:
+            count, seconds = run_warmup(enumerate_variants(shape), shape, self.device)
+        except Exception:  # noqa: BLE001 - an optimisation: serving works without it, compiling on first use
+            logger.exception("MosaicKV: kernel warmup failed; kernels will compile on first use (MOSAICKV_WARMUP=0 "
+                             "skips the warmup)")  # fmt: skip
+            return
         logger.info("MosaicKV: compiled %d kernel variants in %.1f s", count, seconds)
 
     # --- plan ------------------------------------------------------------------------------------------------------

@@ -77,6 +77,22 @@ def test_backend_construction_on_cpu_does_not_warm_up(monkeypatch):
     assert sc.mosaic.device.type == "cpu"
 
 
+def test_a_failing_warmup_is_logged_and_serving_goes_on(monkeypatch, caplog):
+    """The warmup is an optimisation: if it raises, the error is logged with its traceback and the backend serves
+    (its kernels then compile on first use)."""
+    sc = Scenario(config(), group=2, seed=0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such variant")
+
+    monkeypatch.setattr(ab, "run_warmup", broken)
+    with caplog.at_level(logging.INFO, logger=ab.logger.name):
+        sc.mosaic._warmup(None)
+    failed = [r for r in caplog.records if "kernel warmup failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None and "no such variant" in str(failed[0].exc_info[1])
+    assert not [r for r in caplog.records if r.getMessage().startswith("MosaicKV: compiled")]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("env", ["1", "0"])
