@@ -560,6 +560,15 @@ def environment() -> Dict[str, Any]:
             "host": platform.node()}
 
 
+def write_result(out: Dict[str, Any], path: "str | Path", table: str) -> Path:
+    """Write the JSON result ``out`` to ``path`` (folders made), then print ``table`` (markdown); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    sys.stdout.write("\n" + table + "\n\n")
+    return path
+
+
 # =====================================================================================================================
 # CLI
 # =====================================================================================================================
@@ -665,10 +674,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "summary": summary,
         "records": records,
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    sys.stdout.write("\n" + markdown_table(summary, args.label) + "\n\n")
+    path = write_result(out, args.out, markdown_table(summary, args.label))
     sys.stdout.write(f"{args.label}: {summary['correct']}/{summary['total']} correct, average "
                      f"{100 * (summary['average'] or 0):.1f}%; wrote {path} in {out['seconds']:.0f}s\n")
     return 0

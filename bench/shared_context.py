@@ -40,16 +40,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import json
 import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from bench.accuracy import DEFAULT_LENGTHS, MAX_TOKENS, RESERVE, HttpBackend, _fmt_eta, environment, score_output
+from bench.accuracy import (DEFAULT_LENGTHS, MAX_TOKENS, RESERVE, HttpBackend, _fmt_eta, environment, score_output,
+                            write_result)
 from bench.ruler import RulerSample, generate, multikey_questions
 
 logger = logging.getLogger("bench.shared_context")
@@ -311,10 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "summary": summary,
         "records": records,
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    sys.stdout.write("\n" + markdown_table(summary, args.label) + "\n\n")
+    path = write_result(out, args.out, markdown_table(summary, args.label))
     sys.stdout.write(f"{args.label}: {summary['correct']}/{summary['total']} correct "
                      f"({100 * (summary['accuracy'] or 0):.1f}%), {summary['cache_reported']} responses with "
                      f"cached_tokens; wrote {path} in {out['seconds']:.0f}s\n")
