@@ -560,6 +560,20 @@ def environment() -> Dict[str, Any]:
             "host": platform.node()}
 
 
+def setup_logging(verbose: bool) -> None:
+    """Timestamped progress lines on stdout (DEBUG with ``verbose``), the HTTP and model libraries' own quieted."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)
+    for noisy in ("transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def check_label(parser: argparse.ArgumentParser, label: Optional[str]) -> None:
+    """``--label`` names result files: refuse an empty one or one with slashes or newlines (exits via ``parser``)."""
+    if not label or any(c in label for c in "/\\\n"):
+        parser.error(f"--label: expected a non-empty name without slashes or newlines, got {label!r}")
+
+
 def write_result(out: Dict[str, Any], path: "str | Path", table: str) -> Path:
     """Write the JSON result ``out`` to ``path`` (folders made), then print ``table`` (markdown); returns the path."""
     path = Path(path)
@@ -616,8 +630,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         p.error(f"--max-tokens: expected >= 1, got {args.max_tokens}")
     if args.label is None:
         args.label = args.backend
-    if not args.label or any(c in args.label for c in "/\\\n"):
-        p.error(f"--label: expected a non-empty name without slashes or newlines, got {args.label!r}")
+    check_label(p, args.label)
     if args.out is None:
         args.out = f"bench/results/accuracy-{args.label}.json"
     return args
@@ -625,12 +638,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-        stream=sys.stdout,
-    )
-    for noisy in ("transformers", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.verbose)
     t_start = time.perf_counter()
     backend: Any
     if args.backend == "http":

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from bench.accuracy import HttpBackend, HttpError, environment
+from bench.accuracy import HttpBackend, HttpError, environment, setup_logging
 from bench.essays import PACKAGE, VERSION, EssayContext, build_contexts, load_essays, token_stream
 
 logger = logging.getLogger("bench.agreement")
@@ -545,13 +545,6 @@ def _parse_run_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
-    for noisy in ("transformers", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _load(path: str) -> Dict[str, Any]:
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
@@ -562,7 +555,7 @@ def _load(path: str) -> Dict[str, Any]:
 
 def run_main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_run_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     t_start = time.perf_counter()
     reference = _load(args.reference) if args.reference else None
     backend: Any

@@ -47,8 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from bench.accuracy import (DEFAULT_LENGTHS, MAX_TOKENS, RESERVE, HttpBackend, _fmt_eta, environment, score_output,
-                            write_result)
+from bench.accuracy import (DEFAULT_LENGTHS, MAX_TOKENS, RESERVE, HttpBackend, _fmt_eta, check_label, environment,
+                            score_output, setup_logging, write_result)
 from bench.ruler import RulerSample, generate, multikey_questions
 
 logger = logging.getLogger("bench.shared_context")
@@ -269,8 +269,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              ("--max-tokens", args.max_tokens, 1), ("--reader-pause", args.reader_pause, 0)):
         if value < low:
             p.error(f"{name}: expected >= {low}, got {value}")
-    if not args.label or any(c in args.label for c in "/\\\n"):
-        p.error(f"--label: expected a non-empty name without slashes or newlines, got {args.label!r}")
+    check_label(p, args.label)
     if args.out is None:
         args.out = f"bench/results/shared-context-{args.label}.json"
     return args
@@ -278,10 +277,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
-    for noisy in ("transformers", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.verbose)
     t_start = time.perf_counter()
     backend = HttpBackend(args.url, model=args.model, timeout=args.timeout, retries=args.retries,
                           tokenizer=args.tokenizer)
