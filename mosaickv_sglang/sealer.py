@@ -105,25 +105,22 @@ class QueryWindow:
         self._next[layer] = (self._next[layer] + n) % self.window
         self._count[layer] = min(self.window, self._count[layer] + n)
 
-    def queries(self, layer: int, readers: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
-        """shape ``[H_kv, W', G, d]`` fp32: the observed queries of local layer ``layer`` (``None`` before any); with
-        ``readers``, only those asked by these requests, or all of them when none of theirs is left in the window."""
+    def queries(self, layer: int) -> Optional[torch.Tensor]:
+        """shape ``[H_kv, W', G, d]`` fp32: the observed queries of local layer ``layer`` (``None`` before any)."""
         n = self._count[layer]
         if n == 0:
             return None
-        rows = self.ring[layer, :n]
-        if readers:
-            mine = torch.isin(self.owner[layer, :n], torch.tensor(list(readers), device=self.owner.device))
-            if bool(mine.any()):
-                rows = rows[mine]
-        return rows.permute(1, 0, 2, 3)
+        return self.ring[layer, :n].permute(1, 0, 2, 3)
 
-    def has_queries_of(self, layer: int, readers: Sequence[int]) -> bool:
-        """Whether any query of ``readers`` is still in layer ``layer``'s window."""
+    def reader_queries(self, layer: int, readers: Sequence[int]) -> Optional[torch.Tensor]:
+        """:meth:`queries` asked by the requests ``readers`` only; ``None`` when none of theirs is in the window."""
         n = self._count[layer]
         if n == 0 or not readers:
-            return False
-        return bool(torch.isin(self.owner[layer, :n], torch.tensor(list(readers), device=self.owner.device)).any())
+            return None
+        mine = torch.isin(self.owner[layer, :n], torch.tensor(list(readers), device=self.owner.device))
+        if not bool(mine.any()):
+            return None
+        return self.ring[layer, :n][mine].permute(1, 0, 2, 3)
 
 
 def _slice_plan(plan: SegmentPlan, sl: slice) -> SegmentPlan:

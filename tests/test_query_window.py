@@ -14,7 +14,7 @@ def _q(t: int, seed: int) -> torch.Tensor:
 
 def _rows(window: QueryWindow, layer: int, readers=None) -> torch.Tensor:
     """``[W', H_kv * G * d]``: the window's queries back in the layout they were observed in."""
-    q = window.queries(layer, readers)
+    q = window.queries(layer) if readers is None else window.reader_queries(layer, readers)
     return q.permute(1, 0, 2, 3).reshape(q.shape[1], -1)
 
 
@@ -25,7 +25,7 @@ def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_the_ring_keeps_the_last_rows_and_their_owners():
     win = QueryWindow(2, H_KV, G, D, W, torch.device("cpu"))
-    assert win.queries(0) is None and not win.has_queries_of(0, [1])
+    assert win.queries(0) is None and win.reader_queries(0, [1]) is None
     a, b = _q(3, 0), _q(4, 1)
     win.set_owners(torch.tensor([1, 1, 2]))
     win.observe(0, a)
@@ -34,8 +34,8 @@ def test_the_ring_keeps_the_last_rows_and_their_owners():
     assert _same_rows(_rows(win, 0), torch.cat([a, b])[-W:])  # 7 rows seen, the last 5 kept
     assert _same_rows(_rows(win, 0, [2]), torch.cat([a[2:3], b[1:2]]))
     assert _same_rows(_rows(win, 0, [3, 2]), torch.cat([a[2:3], b]))
-    assert win.has_queries_of(0, [3]) and not win.has_queries_of(0, [1]) and not win.has_queries_of(1, [3])
-    assert _same_rows(_rows(win, 0, [1]), _rows(win, 0))  # none of request 1's left: every request's
+    assert win.reader_queries(0, [3]) is not None and win.reader_queries(1, [3]) is None
+    assert win.reader_queries(0, [1]) is None and win.reader_queries(0, []) is None  # none of request 1's left
 
 
 def test_rows_without_matching_owners_are_unowned():
@@ -46,7 +46,7 @@ def test_rows_without_matching_owners_are_unowned():
     win.observe(0, _q(3, 2))
     win.set_owners(None)
     win.observe(0, _q(1, 3))
-    assert win.owner[0, :4].tolist() == [-1, -1, -1, -1] and not win.has_queries_of(0, [4])
+    assert win.owner[0, :4].tolist() == [-1, -1, -1, -1] and win.reader_queries(0, [4]) is None
 
 
 def test_a_long_extend_keeps_the_owners_of_its_last_rows():

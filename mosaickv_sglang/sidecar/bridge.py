@@ -349,8 +349,10 @@ class SidecarBridge:
             vs.append(copy[2])
         if not pages:
             return 0
-        own = bool(readers) and self.window.has_queries_of(layer, readers)
-        q = self.window.queries(layer, readers if own else None)
+        q = self.window.reader_queries(layer, readers)
+        own = q is not None
+        if not own:
+            q = self.window.queries(layer)
         if q is None:
             return 0
         heads = torch.arange(h, device=q.device).repeat(len(pages))

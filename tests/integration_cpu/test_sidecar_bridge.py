@@ -28,6 +28,7 @@ from mosaickv_sglang.kernels.format import K_FORM, V_FORM  # noqa: E402
 from mosaickv_sglang.planner import plan_exact  # noqa: E402
 from mosaickv_sglang.sealer import Sealer  # noqa: E402
 from mosaickv_sglang.sidecar.bridge import SidecarBridge  # noqa: E402
+from mosaickv_sglang.sidecar.protocol import SegmentKey  # noqa: E402
 from mosaickv_sglang.strategies.base import dense_segment_bytes  # noqa: E402
 
 PROMPTS = [1, 16, 37, 80]
@@ -198,7 +199,7 @@ def test_a_prefix_read_by_a_second_request_is_resegmented_on_idle_ticks():
         try:
             for li in range(LAYERS):
                 k, v = (x[: shared.size * H_KV] for x in dense[li])
-                readers_q = sealer.window.queries(li, readers=(0, 1))
+                readers_q = sealer.window.reader_queries(li, (0, 1))
                 assert readers_q.shape[1] == 8 and sealer.window.queries(li).shape[1] == 24
                 want = plan_exact(k, v, readers_q[heads], budget_bytes=shared.size * (H_KV * seg // 3),
                                   menu=bridge.client.menu, group_ids=heads).plan  # fmt: skip
@@ -207,6 +208,15 @@ def test_a_prefix_read_by_a_second_request_is_resegmented_on_idle_ticks():
                 assert desc[:, V_FORM].tolist() == want.v_form.tolist(), f"layer {li}"
         finally:
             torch.set_num_threads(before)
+        # a page whose readers asked nothing still in the window is planned with every request's recent queries
+        sent = []
+        real_submit, bridge.client.try_submit = bridge.client.try_submit, lambda *a, **k: sent.append(a[3]) or object()
+        try:
+            keys = [SegmentKey(0, 0, int(p), int(pool.page_epoch[p])) for p in shared[:1]]
+            assert bridge._submit_resegment(0, keys, readers=(9,)) == 1 and bridge.resegment_pooled == 1
+        finally:
+            bridge.client.try_submit = real_submit
+        torch.testing.assert_close(sent[0], sealer.window.queries(0)[torch.arange(H_KV)], **EXACT)
         bridge.observe_readers([(2, slots)])
         assert len(bridge.queue) == 4 * LAYERS
         pool.free_pages(torch.from_numpy(pages))
