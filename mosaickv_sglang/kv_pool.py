@@ -863,13 +863,19 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         pages, valid = page_starts(r, n_seal, s)
         flat = pages[valid]
         if not in_range(flat, self.num_logical_pages):
-            sp = [self.pages_to_seal(torch.from_numpy(r[i, : n[i]])) for i in range(n.size) if n[i] >= s]
-            if not sp:
-                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
-            return np.concatenate([x.pages.numpy() for x in sp]), np.concatenate([x.always_dense.numpy() for x in sp])
+            return self.pages_to_seal_per_request(r, n)
         sink = ragged(n_sink, pages.shape[1])[valid]
         todo = ~self.store.sealed_in_all(flat)
         return flat[todo], sink[todo]
+
+    def pages_to_seal_per_request(self, rows: np.ndarray, lens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """:meth:`pages_to_seal_rows` one request at a time through :meth:`pages_to_seal` (the reference; it raises
+        what a bad batch deserves)."""
+        s = self.page_size
+        sp = [self.pages_to_seal(torch.from_numpy(rows[i, :n])) for i, n in enumerate(lens) if n >= s]
+        if not sp:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+        return np.concatenate([x.pages.numpy() for x in sp]), np.concatenate([x.always_dense.numpy() for x in sp])
 
     def pages_to_seal(self, req_slots: torch.Tensor) -> SealablePages:
         """Pages of one request that may be sealed now under ``mosaic_config``'s hot window and sinks, minus those
