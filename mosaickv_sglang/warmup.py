@@ -27,7 +27,8 @@ from mosaickv_sglang.strategies.menu import Candidate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VariantSpec", "WarmupShape", "backend_shape", "enumerate_variants", "menu_ranks", "run_warmup", "warmup_enabled"]
+__all__ = ["VariantSpec", "WarmupShape", "backend_shape", "enumerate_variants", "menu_ranks", "run_warmup",
+           "warmup_enabled"]
 
 ENV_VAR = "MOSAICKV_WARMUP"
 # Triton's integer keys (1, multiple of 16, other) depend on a table width W only through W == 1 and W mod 16.
@@ -90,7 +91,8 @@ def table_widths(num_kv_heads: int, max_width: Optional[int]) -> List[int]:
 
 def split_counts(num_kv_heads: int, num_sms: int) -> List[int]:
     """Every ``suggest_num_splits`` value: the powers of two up to its value at batch 1 with unbounded work."""
-    from mosaickv_sglang.kernels.sparse_decode import MAX_NUM_SPLITS, suggest_num_splits  # lazy: no @triton.jit on import
+    # lazy: no @triton.jit on import
+    from mosaickv_sglang.kernels.sparse_decode import MAX_NUM_SPLITS, suggest_num_splits
 
     top = suggest_num_splits(1, num_kv_heads, 2 * MAX_NUM_SPLITS, num_sms)
     return [1 << i for i in range(top.bit_length())]

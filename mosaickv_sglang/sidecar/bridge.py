@@ -23,9 +23,9 @@ One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaic
   is queued (:class:`~mosaickv_sglang.sidecar.resegment.ResegmentQueue`), and idle scheduler ticks
   (:meth:`SidecarBridge.on_idle`) re-plan a slice of the queue with the queries of the page's readers that are
   still in the sealer's query window (all its readers merged; the recent queries of every request when none of
-  theirs is left), at the ratio the page was sealed with. The dense source is the bridge's host copy of the page (the *shadow*: the
-  copies made for the sidecar, and every sealed page already known to be shared), bounded by ``shadow_bytes`` and
-  evicted oldest first; a shared page without a copy keeps its plan. With ``--mosaic-resegment off`` the bridge
+  theirs is left), at the ratio the page was sealed with. The dense source is the bridge's host copy of the page
+  (the *shadow*: the copies made for the sidecar, and every sealed page already known to be shared), bounded by
+  ``shadow_bytes`` and evicted oldest first; a shared page without a copy keeps its plan. With ``--mosaic-resegment off`` the bridge
   neither records readers nor queues shared pages nor keeps host copies (they serve only re-segmentation): sealed
   pages are still refined.
 
