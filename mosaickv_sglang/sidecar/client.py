@@ -574,12 +574,23 @@ class SidecarClient:
             return
         if w.proc.exitcode is not None:
             self._on_death(w, f"exited with code {w.proc.exitcode}")
+        elif self._has_unread(w):
+            # a scheduler blocked for long (a kernel warmup, a long forward) left the worker's Ready or replies
+            # unread: the timeouts below are judged only once the client has read what the worker sent
+            return
         elif not w.ready and now - w.started_at > self.config.start_timeout_s:
             self._on_death(w, f"not ready after {self.config.start_timeout_s:.1f} s")
         elif w.ready:
             sent = [j.sent_at for j in self._jobs.values() if j.sent_at is not None]
             if sent and now - max(w.last_progress, min(sent)) > self.config.job_timeout_s:
                 self._on_death(w, f"no progress for {self.config.job_timeout_s:.1f} s")
+
+    @staticmethod
+    def _has_unread(w: _Worker) -> bool:
+        try:
+            return bool(w.conn.poll(0))
+        except (EOFError, OSError):
+            return False
 
     def _stop_process(self, w: _Worker, wait: float) -> None:
         w.proc.join(wait)

@@ -167,6 +167,24 @@ def test_hung_worker_is_replaced_and_close_terminates_it():
         client.close()
 
 
+def test_a_blocked_scheduler_does_not_make_a_ready_worker_look_dead():
+    """A scheduler that did not tick for longer than start_timeout_s (a kernel warmup, a long forward) finds the
+    worker's Ready unread in the pipe: the client reads it instead of killing a healthy worker as not ready."""
+    client = SidecarClient(tiny_config(start_timeout_s=5.0))
+    client.start()
+    try:
+        w = client._worker
+        assert w is not None and w.conn.poll(READY_TIMEOUT_S), "the worker sent nothing"
+        pid = client.pid
+        w.started_at -= 1000.0  # as if the scheduler had been blocked since the spawn
+        assert client.tick() == []
+        assert client.is_ready and client.pid == pid and client.counters.restarts == 0
+        job, _ = _submit(client, seed=80, n=2)
+        assert [(o.job_id, o.status) for o in client.drain(30.0)] == [(job, JobStatus.OK)]
+    finally:
+        client.close()
+
+
 def test_submit_requires_a_started_client():
     """Using a client before start() is refused with a clear error."""
     client = SidecarClient(tiny_config())
