@@ -41,8 +41,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def suggest_num_splits(batch: int, num_kv_heads: int, max_work_segments: int, num_sms: int = 132) -> int:
     """Split count giving about 8 resident programs per SM (``batch * num_kv_heads * splits ~ 8 * num_sms``), without
-    giving a split fewer than two segments of work, rounded down to a power of two (at most
-    ``log2(MAX_NUM_SPLITS) + 1`` compiled variants of the kernels). Fixed per batch shape: choose it at plan time.
+    giving a split fewer than two segments of work, rounded down to a power of two (at most ``log2(MAX_NUM_SPLITS)``
+    compiled variants of the merge kernel; the split kernel takes it at run time). Choose it at plan time.
 
     Measured on one H100 (d=128, GQA 4, bf16, all-dense 64-token segments, one run): at batch 8 x 32k tokens,
     5 splits reached 2.0 TB/s and 16 splits 2.7 TB/s; at batch 1 x 128k, 33 splits 2.4 TB/s and 64 splits 2.6 TB/s.
@@ -61,8 +61,8 @@ def suggest_num_splits(batch: int, num_kv_heads: int, max_work_segments: int, nu
     want = max(1, (8 * num_sms + progs - 1) // progs)
     cap = max(1, max_work_segments // 2)
     splits = int(max(1, min(want, cap, MAX_NUM_SPLITS)))
-    # a power of two (rounded down): NUM_SPLITS is a compile-time constant of the kernels, so a server whose batch
-    # sizes and lengths wander would otherwise compile them again for every new value (seconds each, mid-serving)
+    # a power of two (rounded down): the split count is a compile-time constant of the merge kernel, so a server
+    # whose batch sizes and lengths wander would otherwise compile it again for every new value
     return 1 << (splits.bit_length() - 1)
 
 
@@ -165,13 +165,13 @@ def sparse_decode_fwd(
     lse_strides = out_lse.stride() if out_lse is not None else (0, 0)
     _sparse_decode_split_kernel[(bsz, h_kv, num_splits)](
         q, *q.stride(), arena, arena.view(torch.int32), desc, desc.stride(0),
-        sel_ids, *sel_ids.stride(), nsel,
+        sel_ids, *sel_ids.stride(), nsel, num_splits,
         k_tail_buf, *k_tail_buf.stride(), v_tail_buf, *v_tail_buf.stride(), tail_indptr, tail_indices,
         partial_out, *partial_out.stride(), partial_lse, *partial_lse.stride(),
         out, *out.stride(), lse_t, *lse_strides,
         scale * 1.4426950408889634,
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=_BLOCK_N, R_BLOCK=_R_BLOCK,
-        NUM_SPLITS=num_splits, COMPUTE_DTYPE=compute, DOT_PRECISION=precision, USE_TL_GATHER=_USE_TL_GATHER,
+        COMPUTE_DTYPE=compute, DOT_PRECISION=precision, USE_TL_GATHER=_USE_TL_GATHER,
         DIRECT_OUT=direct, HAS_LSE=out_lse is not None,
         num_warps=4, num_stages=2,
     )  # fmt: skip

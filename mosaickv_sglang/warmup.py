@@ -31,8 +31,6 @@ __all__ = ["VariantSpec", "WarmupShape", "backend_shape", "enumerate_variants", 
            "warmup_enabled"]
 
 ENV_VAR = "MOSAICKV_WARMUP"
-# Triton's integer keys (1, multiple of 16, other) depend on a table width W only through W == 1 and W mod 16.
-_WIDTH_PERIOD = 32
 
 
 @dataclass(frozen=True)
@@ -79,16 +77,6 @@ def _int_key(v: int) -> str:
     return "1" if v == 1 else ("D" if v % 16 == 0 else "")
 
 
-def table_widths(num_kv_heads: int, max_width: Optional[int]) -> List[int]:
-    """One width ``W <= max_width`` (``None``: unbounded) per Triton specialization of a contiguous
-    ``[B, H_kv, W]`` table launched with its strides ``(H_kv * W, W, 1)`` and ``W``."""
-    hi = _WIDTH_PERIOD if max_width is None or max_width <= 0 else min(max_width, _WIDTH_PERIOD)
-    reps = {}
-    for w in range(1, hi + 1):
-        reps.setdefault((_int_key(num_kv_heads * w), _int_key(w)), w)
-    return sorted(reps.values())
-
-
 def split_counts(num_kv_heads: int, num_sms: int) -> List[int]:
     """Every ``suggest_num_splits`` value: the powers of two up to its value at batch 1 with unbounded work."""
     # lazy: no @triton.jit on import
@@ -124,16 +112,15 @@ def enumerate_variants(shape: WarmupShape) -> List[VariantSpec]:
     # width is the plan's largest rank on that side, any menu rank, independently for K and V
     sides = [0] + rank_reps(shape.sidecar_ranks)
     specs += [VariantSpec("pack", k_rank=k, v_rank=v) for k, v in itertools.product(sides, sides) if k or v]
-    # attention_backend.py _plan_extend / pool.store._segment_table: MAX_SEGS >= 1, unbounded
-    seg_widths = table_widths(h, None)
+    # attention_backend.py _plan_extend / _plan_decode: the segment and selection tables' width (MAX_SEGS, the read
+    # budget) and the split count are run-time arguments the kernels do not specialize on (do_not_specialize): one
+    # variant each, whatever the batch; the split kernel has two (one split writes the output directly).
     specs.append(VariantSpec("unpack"))
-    specs += [VariantSpec("extend", width=w, causal=c) for c in shape.causal_modes for w in seg_widths]
-    specs += [VariantSpec("segment_scores", width=w) for w in seg_widths]
-    # attention_backend.py _plan_decode: sel_ids [B, H_kv, read_budget] with 1 <= read_budget <= budget (or MAX_SEGS);
-    # NUM_SPLITS from suggest_num_splits; out_lse never passed (HAS_LSE False)
+    specs += [VariantSpec("extend", causal=c) for c in shape.causal_modes]
+    specs.append(VariantSpec("segment_scores"))
     splits = split_counts(h, shape.num_sms)
-    sel_widths = table_widths(h, shape.read_budget_segments)
-    specs += [VariantSpec("sparse_decode_split", num_splits=s, width=w) for s in splits for w in sel_widths]
+    specs += [VariantSpec("sparse_decode_split", num_splits=s) for s in splits[:2]]
+    # the merge kernel's split count is a compile-time constant (its tile); out_lse is never passed (HAS_LSE False)
     specs += [VariantSpec("sparse_decode_merge", num_splits=s) for s in splits if s > 1]
     return specs
 

@@ -22,7 +22,9 @@ import triton.language as tl
 from ._common import DESC_N_ROWS, _update_online_softmax
 
 
-@triton.jit
+# The segment table width (max_segs) and the strides it sets are not specialized: one compiled variant serves every
+# batch. (The scratch strides are multiples of S * d, so their Triton key never changes.)
+@triton.jit(do_not_specialize=["stride_ids_b", "stride_ids_h", "max_segs"])
 def _extend_attn_main_kernel(
     q_ptr,
     stride_q_t,

@@ -16,7 +16,8 @@ import triton.language as tl
 from ._common import DESC_FLAGS, FLAG_ALWAYS_READ
 
 
-@triton.jit
+# The table width (max_segs) and the strides it sets are not specialized: one compiled variant serves every batch.
+@triton.jit(do_not_specialize=["stride_ids_b", "stride_ids_h", "stride_out_b", "stride_out_h", "max_segs"])
 def _segment_scores_main_kernel(
     q_ptr,
     stride_q_b,

@@ -1,15 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """Triton kernels of the MosaicKV 2-D sparse decode (split-K flash-decoding over packed segments + dense tail).
 
-Stage 1, ``_sparse_decode_split_kernel``, grid ``(B, H_kv, NUM_SPLITS)``: program ``(b, h, s)`` loads the
+Stage 1, ``_sparse_decode_split_kernel``, grid ``(B, H_kv, num_splits)``: program ``(b, h, s)`` loads the
 ``GROUP = H_q / H_kv`` query heads of KV head ``h`` as one ``[G_PAD, d]`` tile (``G_PAD = max(16, next_pow2(G))``
 rows, for ``tl.dot``), so every segment is read once for the whole GQA group. It walks the selected segments
-``sel_ids[b, h, s::NUM_SPLITS]`` (``-1`` skipped), rebuilds each segment's K and V rows in registers from their
+``sel_ids[b, h, s::num_splits]`` (``-1`` skipped), rebuilds each segment's K and V rows in registers from their
 packed form (dense: load; chan: mask words, bit test, ``tl.cumsum`` for the value slot, gathered load; low-rank:
 ``A @ B`` with ``tl.dot``, ``R_BLOCK`` ranks at a time), then the split's contiguous share of the request's dense
 tail (pool slots ``tail_indices[tail_indptr[b]:tail_indptr[b+1]]`` in the SGLang buffers ``[pool, H_kv, d]``), with
 an online softmax in base 2. It writes the normalized partial output and its natural-log LSE, or, when
-``NUM_SPLITS == 1``, the final output directly.
+``DIRECT_OUT`` (one split), the final output directly.
 
 Stage 2, ``_sparse_decode_merge_kernel``, grid ``(B, H_q)``: log-sum-exp merge of the splits.
 
@@ -38,7 +38,9 @@ from ._common import (
 )
 
 
-@triton.jit
+# Arguments that change with the batch (table widths, split count) are not specialized: one compiled variant serves
+# every batch (Triton would otherwise compile again for each value class: 1, multiple of 16, other).
+@triton.jit(do_not_specialize=["stride_sel_b", "stride_sel_h", "nsel", "num_splits", "stride_pl_b", "stride_pl_h"])
 def _sparse_decode_split_kernel(
     q_ptr,
     stride_q_b,
@@ -53,6 +55,7 @@ def _sparse_decode_split_kernel(
     stride_sel_h,
     stride_sel_i,
     nsel,
+    num_splits,
     kt_ptr,
     stride_kt_t,
     stride_kt_h,
@@ -85,7 +88,6 @@ def _sparse_decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     R_BLOCK: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TL_GATHER: tl.constexpr,
@@ -107,17 +109,17 @@ def _sparse_decode_split_kernel(
     acc = tl.zeros([G_PAD, HEAD_DIM], dtype=tl.float32)
     nrow = tl.arange(0, BLOCK_N)
 
-    # ---- packed segments: this split takes every NUM_SPLITS-th selected segment (balances -1 padding) ----------
+    # ---- packed segments: this split takes every num_splits-th selected segment (balances -1 padding) ----------
     # The id and descriptor row of the next segment are loaded one iteration ahead, so the sel -> desc -> payload
     # chain of dependent loads overlaps the current segment's work.
     sel_row = sel_ptr + b * stride_sel_b + h * stride_sel_h
     f8 = tl.arange(0, 8)
     sid_nx = tl.load(sel_row + split * stride_sel_i, mask=split < nsel, other=-1)
     desc_nx = tl.load(desc_ptr + tl.maximum(sid_nx, 0).to(tl.int64) * stride_desc_n + f8, mask=sid_nx >= 0, other=0)
-    for i in range(split, nsel, NUM_SPLITS):
+    for i in range(split, nsel, num_splits):
         sid = sid_nx
         drow = desc_nx
-        nxt = i + NUM_SPLITS
+        nxt = i + num_splits
         sid_nx = tl.load(sel_row + nxt * stride_sel_i, mask=nxt < nsel, other=-1)
         desc_nx = tl.load(desc_ptr + tl.maximum(sid_nx, 0).to(tl.int64) * stride_desc_n + f8, mask=sid_nx >= 0,
                           other=0)
@@ -154,7 +156,7 @@ def _sparse_decode_split_kernel(
     # ---- dense tail: split s takes tokens [s * chunk, (s + 1) * chunk) ------------------------------------------
     t_start = tl.load(tail_indptr_ptr + b).to(tl.int64)
     t_len = (tl.load(tail_indptr_ptr + b + 1) - tl.load(tail_indptr_ptr + b)).to(tl.int32)
-    chunk = tl.cdiv(tl.cdiv(t_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(t_len, num_splits), BLOCK_N) * BLOCK_N
     j_begin = split * chunk
     j_end = tl.minimum(j_begin + chunk, t_len)
     for j0 in range(j_begin, j_end, BLOCK_N):

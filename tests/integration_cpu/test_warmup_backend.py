@@ -5,6 +5,8 @@ backend compiles at construction and logs it."""
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -29,17 +31,32 @@ KERNELS = [(sparse_decode, "_sparse_decode_split_kernel"), (sparse_decode, "_spa
            (unpack, "_unpack_segments_main_kernel"), (pack, "_pack_segments_main_kernel")]  # fmt: skip
 
 
+def unspecialized(kernel) -> set:
+    """Names of the kernel's arguments declared ``do_not_specialize`` (compiled or interpreted kernel)."""
+    if hasattr(kernel, "params"):
+        return {p.name for p in kernel.params if p.do_not_specialize}
+    names = kernel.kwargs.get("do_not_specialize") or ()
+    return {kernel.arg_names[n] if isinstance(n, int) else n for n in names}
+
+
+def compile_key(kernel, args, kwargs) -> tuple:
+    """What Triton compiles a variant per: each positional argument's specialization (none for a
+    ``do_not_specialize`` one), the constexprs and options."""
+    skip = unspecialized(kernel)
+    names = kernel.arg_names
+    spec = tuple(native_specialize_impl(BaseBackend, a, False, names[i] not in skip, True) for i, a in enumerate(args))
+    return spec, tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+
+
 class _Recorder:
-    """Stands in for a Triton kernel: records the compile key of each launch (Triton's own argument
-    specialization + constexprs + options), then launches the real kernel."""
+    """Stands in for a Triton kernel: records the compile key of each launch, then launches the real kernel."""
 
     def __init__(self, name, kernel, keys):
         self.name, self.kernel, self.keys = name, kernel, keys
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            spec = tuple(native_specialize_impl(BaseBackend, a, False, True, True) for a in args)
-            self.keys.add((self.name, spec, tuple(sorted((k, str(v)) for k, v in kwargs.items()))))
+            self.keys.add((self.name, *compile_key(self.kernel, args, kwargs)))
             return self.kernel[grid](*args, **kwargs)
 
         return launch
@@ -69,6 +86,22 @@ def test_warmup_launches_every_key_serving_launches(record, budget):
     warmup.run_warmup(warmup.enumerate_variants(shape), shape, "cpu")
     missing = served - record
     assert not missing, f"served but not warmed: {sorted(missing)[:3]}"
+
+
+def test_table_widths_and_split_counts_do_not_change_the_compile_keys(record):
+    """The decode kernels launched with many selection widths, segment-table widths and split counts compile one
+    variant each (the split kernel two: one split or several; the merge kernel one per split count)."""
+    shape = warmup.WarmupShape(num_kv_heads=3, group=2, head_dim=64, seg_size=16, dtype=torch.float16,
+                               q_dtype=torch.float16, num_layers=2, num_sms=132, read_budget_segments=0)  # fmt: skip
+    inp = warmup._Inputs(shape, torch.device("cpu"))
+    for width, splits in itertools.product((1, 2, 3, 16, 17, 32, 48), (1, 2, 4, 16)):
+        for kernel in ("segment_scores", "extend", "sparse_decode_split"):
+            warmup._run_one(inp, warmup.VariantSpec(kernel, num_splits=splits, width=width))
+    decode = ("_segment_scores_main_kernel", "_extend_attn_main_kernel", "_sparse_decode_split_kernel",
+              "_sparse_decode_merge_kernel")  # fmt: skip
+    count = collections.Counter(k[0] for k in record if k[0] in decode)
+    assert count == {"_segment_scores_main_kernel": 1, "_extend_attn_main_kernel": 1,
+                     "_sparse_decode_split_kernel": 2, "_sparse_decode_merge_kernel": 3}  # fmt: skip
 
 
 def test_backend_construction_on_cpu_does_not_warm_up(monkeypatch):
