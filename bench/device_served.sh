@@ -38,9 +38,18 @@ wait_ready() {  # wait_ready <port> <timeout s>
   return 1
 }
 
-triton_kernels() {  # compiled Triton kernel variants in the cache, by kernel name (recompiles show up here)
-  find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name "*.json" ! -name "__grp__*" 2>/dev/null \
-    | xargs -r -n1 basename | sort | uniq -c | sort -rn || true
+triton_kernels() {  # compiled Triton kernel variants in the cache, by kernel name, then each with its write time
+  local dir="${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
+  find "$dir" -name "*.json" ! -name "__grp__*" 2>/dev/null | xargs -r -n1 basename | sort | uniq -c | sort -rn || true
+  find "$dir" -name "*.json" ! -name "__grp__*" -printf '%TT %f\n' 2>/dev/null | sort || true
+}
+
+wait_log() {  # wait_log <file> <pattern> <timeout s>: until a server log shows a line (e.g. its KV pool allocated)
+  local deadline=$((SECONDS + $3))
+  until grep -q "$2" "$1" 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { echo "no '$2' in $1" >&2; return 1; }
+    sleep 1
+  done
 }
 
 ps_sidecars() {  # CPU time of the sidecar processes (spawned children of the schedulers)
@@ -110,18 +119,20 @@ case "$step" in
   sidecar)
     # issue #5: three mosaic r3 servers side by side (sidecar off / sidecar on without re-segmentation / sidecar on):
     # shared-context accuracy on all three at once, then decode ITL under a shared-prefix load on "off" and "on",
-    # each measured while the other servers sit idle; sidecar CPU time from ps before and after
+    # each measured while the other servers sit idle; sidecar CPU time from ps before and after.
+    # SGLang sizes a pool as (free memory) - (1 - fraction) * (total memory), so servers sharing a GPU start one
+    # after another (each once the previous one has allocated its pool), with growing fractions (~25 GB each).
     M="$(bash bench/device_smollm2.sh)"
-    names=(sc0 rs0 on); extra=("--mosaic-sidecar off" "--mosaic-resegment off" "")
+    names=(sc0 rs0 on); extra=("--mosaic-sidecar off" "--mosaic-resegment off" ""); fractions=(0.2 0.4 0.6)
     pids=()
     for i in 0 1 2; do
       # shellcheck disable=SC2086
       python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
-        --disable-prefill-cuda-graph --disable-decode-cuda-graph --mem-fraction-static 0.25 --enable-cache-report \
-        --enable-metrics --kv-compressor mosaic --mosaic-compression-ratio 3 ${extra[$i]} \
-        > "$out/mosaic-r3-${names[$i]}.server.log" 2>&1 &
+        --disable-prefill-cuda-graph --disable-decode-cuda-graph --mem-fraction-static "${fractions[$i]}" \
+        --chunked-prefill-size 2048 --enable-cache-report --enable-metrics --kv-compressor mosaic \
+        --mosaic-compression-ratio 3 ${extra[$i]} > "$out/mosaic-r3-${names[$i]}.server.log" 2>&1 &
       pids+=($!)
-      sleep 5
+      wait_log "$out/mosaic-r3-${names[$i]}.server.log" "Memory pool end" 180
     done
     for i in 0 1 2; do wait_ready $((30000 + i)) 300; done
     ps_sidecars > "$out/ps-start.txt"
@@ -135,7 +146,7 @@ case "$step" in
     for j in "${acc[@]}"; do wait "$j" || echo "shared_context rc=$?"; done
     ps_sidecars > "$out/ps-after-accuracy.txt"
     for i in 0 2; do
-      timeout 150 python3 -m sglang.bench_serving --backend sglang --host 127.0.0.1 --port $((30000 + i)) \
+      timeout 100 python3 -m sglang.bench_serving --backend sglang --host 127.0.0.1 --port $((30000 + i)) \
         --model "$M" --tokenizer "$M" --dataset-name generated-shared-prefix --gsp-num-groups 4 \
         --gsp-prompts-per-group 16 --gsp-system-prompt-len 4096 --gsp-question-len 128 --gsp-output-len 64 \
         --max-concurrency 16 --output-file "$out/itl-${names[$i]}.jsonl" > "$out/itl-${names[$i]}.log" 2>&1 \

@@ -6,7 +6,9 @@ pool to learn that the allocator freed pages, and sizes the pool with a fixed pe
 
 - AFTER ``DefaultPoolConfigurator.__init__`` and AROUND ``calculate_pool_sizes``: split the KV budget into the dense
   hot pool and the arenas (:func:`~mosaickv_sglang.pool.layout_for_budget`); ``max_total_num_tokens`` becomes the
-  logical token count, about ``ratio`` times the dense one;
+  logical token count, about ``ratio`` times the dense one; AROUND ``calculate_pool_sizes_from_max_tokens`` (SGLang's
+  path for ``--max-total-tokens`` and other token caps): the arenas shrink to the capped count
+  (:func:`~mosaickv_sglang.pool.cap_layout`), so the cap bounds memory and the arenas fill with the tokens;
 - AROUND ``KVCacheConfigurator.resolve_max_num_reqs``: cap running requests at what the hot pool can always serve;
 - AROUND ``KVCacheConfigurator._build_mha_kv_pool``: construct :class:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool`
   in place of the MHA pool class, with SGLang's own arguments;
@@ -98,6 +100,32 @@ def mosaic_pool_sizes(original: Callable[..., Any], self: Any, available_bytes: 
         layout.max_running_requests,
     )  # fmt: skip
     return MemoryPoolConfig(max_total_num_tokens=layout.logical_tokens)
+
+
+def mosaic_capped_pool_sizes(original: Callable[..., Any], self: Any, max_total_num_tokens: int, page_size: int) -> Any:
+    """AROUND ``DefaultPoolConfigurator.calculate_pool_sizes_from_max_tokens``: the layout capped at
+    ``max_total_num_tokens`` logical tokens."""
+    kvc = getattr(self, KVC_ATTR, None)
+    layout = None if kvc is None else _layout(kvc)
+    if kvc is None or not _config(kvc).enabled or layout is None:
+        return original(self, max_total_num_tokens, page_size)
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+    from sglang.srt.runtime_context import get_parallel
+
+    from mosaickv_sglang.pool import cap_layout
+
+    mc = kvc.model_config
+    capped = cap_layout(
+        layout, int(max_total_num_tokens), _config(kvc).compression_ratio,
+        num_kv_heads=int(mc.get_num_kv_heads(get_parallel().attn_tp_size)), head_dim=int(mc.head_dim),
+        page_size=int(page_size), dtype=kvc.kv_cache_dtype,
+    )  # fmt: skip
+    object.__setattr__(kvc.server_args, LAYOUT_ATTR, capped)
+    logger.info(
+        "MosaicKV pool layout capped at %d logical tokens: %d arena granules per layer (was %d)",
+        capped.logical_tokens, capped.arena_granules_per_layer, layout.arena_granules_per_layer,
+    )  # fmt: skip
+    return MemoryPoolConfig(max_total_num_tokens=capped.logical_tokens)
 
 
 def cap_running_requests(original: Callable[..., int], self: Any, token_capacity: int) -> int:
@@ -208,6 +236,7 @@ def apply() -> None:
     """Register the KV-cache hooks."""
     seam.register_hook(seam.POOL_CONFIGURATOR_INIT, remember_configurator, "AFTER")
     seam.register_hook(seam.POOL_CONFIGURATOR_SIZES, mosaic_pool_sizes, "AROUND")
+    seam.register_hook(seam.POOL_CONFIGURATOR_CAPPED_SIZES, mosaic_capped_pool_sizes, "AROUND")
     seam.register_hook(seam.RESOLVE_MAX_NUM_REQS, cap_running_requests, "AROUND")
     seam.register_hook(seam.BUILD_MHA_KV_POOL, build_mosaic_pool, "AROUND")
     seam.register_hook(seam.BUILD_TOKEN_TO_KV_POOL, require_mosaic_pool, "AFTER")

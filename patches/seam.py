@@ -29,6 +29,7 @@ POOL_CONFIGURATOR = "sglang.srt.model_executor.pool_configurator.DefaultPoolConf
 PAGED_ALLOCATOR = "sglang.srt.mem_cache.allocator.paged.PagedTokenToKVPoolAllocator"
 POOL_CONFIGURATOR_INIT = f"{POOL_CONFIGURATOR}.__init__"
 POOL_CONFIGURATOR_SIZES = f"{POOL_CONFIGURATOR}.calculate_pool_sizes"
+POOL_CONFIGURATOR_CAPPED_SIZES = f"{POOL_CONFIGURATOR}.calculate_pool_sizes_from_max_tokens"
 RESOLVE_MAX_NUM_REQS = f"{KV_CONFIGURATOR}.resolve_max_num_reqs"
 BUILD_MHA_KV_POOL = f"{KV_CONFIGURATOR}._build_mha_kv_pool"
 BUILD_TOKEN_TO_KV_POOL = f"{KV_CONFIGURATOR}._build_token_to_kv_pool"
@@ -53,6 +54,7 @@ HOOK_TARGETS = (
     SERVER_ARGS_INIT,
     POOL_CONFIGURATOR_INIT,
     POOL_CONFIGURATOR_SIZES,
+    POOL_CONFIGURATOR_CAPPED_SIZES,
     RESOLVE_MAX_NUM_REQS,
     BUILD_MHA_KV_POOL,
     BUILD_TOKEN_TO_KV_POOL,

@@ -52,6 +52,7 @@ from mosaickv_sglang.pool.ledger import ArenaLedger, seal_budget_bytes
 from mosaickv_sglang.pool.pages import PAGE_DENSE, PAGE_FREE, PAGE_SEALED, SealablePages, sealable_pages
 from mosaickv_sglang.pool.sizing import (
     arena_granules_for,
+    cap_layout,
     capacity_tokens,
     dense_bytes_per_token,
     PoolLayout,
@@ -79,6 +80,7 @@ __all__ = [
     "seal_budget_bytes",
     "PoolLayout",
     "hot_tokens_for",
+    "cap_layout",
     "layout_for_budget",
     "max_requests_for_hot",
     "dense_bytes_per_token",

@@ -43,6 +43,7 @@ __all__ = [
     "hot_tokens_for",
     "max_requests_for_hot",
     "layout_for_budget",
+    "cap_layout",
     "PoolLayout",
 ]
 
@@ -190,6 +191,11 @@ HOT_POOL_MAX_SHARE = 0.25
 DEFAULT_HOT_REQUESTS = 64
 
 
+def _arena_ratio(ratio: float) -> float:
+    """The ratio the arenas are sized at: the target less :data:`ARENA_SLACK` (at least 1)."""
+    return _ratio(ratio) / ARENA_SLACK if ratio > ARENA_SLACK else 1.0
+
+
 @dataclass(frozen=True)
 class PoolLayout:
     """How one KV budget splits between the dense hot pool and the compressed arenas.
@@ -241,10 +247,31 @@ def layout_for_budget(
     d_tok = dense_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
     reqs = DEFAULT_HOT_REQUESTS if max_running_requests is None else max_running_requests
     hot = hot_tokens_for(reqs, hot_window, page_size, chunk_tokens, int(budget_bytes * HOT_POOL_MAX_SHARE) // d_tok)
-    eff = _ratio(ratio) / ARENA_SLACK if ratio > ARENA_SLACK else 1.0
+    eff = _arena_ratio(ratio)
     logical = capacity_tokens(
         budget_bytes, eff, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
         page_size=page_size, dense_tokens=hot + page_size, dtype=dtype,
     )  # fmt: skip
     granules = arena_granules_for(logical, eff, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
     return PoolLayout(logical, hot, granules, chunk_tokens, max_requests_for_hot(hot, page_size, chunk_tokens))
+
+
+def cap_layout(
+    layout: PoolLayout,
+    max_tokens: int,
+    ratio: float,
+    *,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: torch.dtype = torch.float16,
+) -> PoolLayout:
+    """``layout`` with at most ``max_tokens`` logical tokens (rounded down to a page) and arenas sized for them at
+    ``ratio`` as :func:`layout_for_budget` sizes them, so that a token cap (``--max-total-tokens``) also caps the
+    memory the arenas take. The hot pool, and so the running-request limit, stays as planned for the budget."""
+    s = _pos_int(page_size, "page_size")
+    logical = min(layout.logical_tokens, _pos_int(max_tokens, "max_tokens", lo=0) // s * s)
+    eff = _arena_ratio(ratio)
+    granules = arena_granules_for(logical, eff, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+    return PoolLayout(logical, layout.hot_tokens, min(granules, layout.arena_granules_per_layer), layout.chunk_tokens,
+                      layout.max_running_requests)  # fmt: skip

@@ -80,6 +80,32 @@ def test_pool_sizes_grow_with_the_ratio_and_leave_stock_sizing_alone(monkeypatch
     assert layout.max_running_requests == (layout.hot_tokens - 256) // (2 * S)
 
 
+def test_a_token_cap_shrinks_the_arenas_with_the_logical_tokens(monkeypatch):
+    """SGLang applies --max-total-tokens by calling calculate_pool_sizes_from_max_tokens after calculate_pool_sizes:
+    the logical tokens and the arenas shrink together (so the arenas fill with the tokens and the cap bounds memory),
+    the hot pool stays; a cap above the budget's count changes nothing; without mosaic the stock path runs."""
+    cell = dense_bytes_per_token(LAYERS, H_KV, D, DT)
+    budget = 40_000 * cell
+    kvc = _kvc(CFG)
+    full = _sizes(kvc, budget, monkeypatch).max_total_num_tokens
+    before = getattr(kvc.server_args, seam.LAYOUT_ATTR)
+    configurator = object.__new__(DefaultPoolConfigurator)
+    object.__setattr__(configurator, seam.KVC_ATTR, kvc)
+    capped = DefaultPoolConfigurator.calculate_pool_sizes_from_max_tokens(configurator, 20_000 + 5, S)
+    after = getattr(kvc.server_args, seam.LAYOUT_ATTR)
+    assert capped.max_total_num_tokens == after.logical_tokens == 20_000 // S * S
+    assert after.hot_tokens == before.hot_tokens and after.max_running_requests == before.max_running_requests
+    ratio = after.arena_granules_per_layer / before.arena_granules_per_layer
+    assert abs(ratio - after.logical_tokens / before.logical_tokens) < 1e-3
+    same = DefaultPoolConfigurator.calculate_pool_sizes_from_max_tokens(configurator, 10 * full, S)
+    assert same.max_total_num_tokens == after.logical_tokens and getattr(kvc.server_args, seam.LAYOUT_ATTR) == after
+    stock = _kvc(MosaicKVConfig())
+    object.__setattr__(configurator, seam.KVC_ATTR, stock)
+    assert DefaultPoolConfigurator.calculate_pool_sizes_from_max_tokens(configurator, 1000, S).max_total_num_tokens \
+        == 1000 // S * S
+    assert getattr(stock.server_args, seam.LAYOUT_ATTR, None) is None
+
+
 def test_running_requests_are_capped_by_the_hot_pool():
     """resolve_max_num_reqs keeps SGLang's value unless the hot pool cannot serve that many requests."""
     layout = PoolLayout(logical_tokens=100_000, hot_tokens=4096, arena_granules_per_layer=10,
