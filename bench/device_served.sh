@@ -11,10 +11,11 @@
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
 #            256 out, rate inf) against stock SGLang (flashinfer), then mosaic-r3 (sidecar on), one server at a time
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
-#            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5)
+#            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
+#            bad-request cases against the sidecar-on server (issue #8)
 #   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3: bench.serving_throughput over concurrency and context
-#   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 50000 (so the cache fills and SGLang must retract and
-#            evict): the soak with every fault, the server started by bench.soak and restarted with the same flags at
+#   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 50000 and --schedule-conservativeness 0.3 (so the cache
+#            fills, and SGLang admits more than fits and must retract and evict): the soak with every fault, the server started by bench.soak and restarted with the same flags at
 #            the end; the Triton kernel variants compiled before and after (recompiles mid-serving show up there)
 set -euo pipefail
 step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar}"
@@ -108,7 +109,8 @@ case "$step" in
     # the soak starts the server itself (--launch) so that it can stop it and start it again with the same flags
     timeout $(( $(left) - 10 )) python3 -m bench.soak --launch "--model-path $M --host 127.0.0.1 --port 30000 \
       --dtype bfloat16 --disable-prefill-cuda-graph --disable-decode-cuda-graph --enable-metrics \
-      --mem-fraction-static 0.3 --max-total-tokens 50000 --kv-compressor mosaic --mosaic-compression-ratio 3" \
+      --mem-fraction-static 0.3 --max-total-tokens 50000 --schedule-conservativeness 0.3 --kv-compressor mosaic \
+      --mosaic-compression-ratio 3" \
       --ready-timeout 240 --vocab-size 49152 --max-context 4096 --requests 1000 --concurrency 128 --prefix-len 1024 \
       --output-len 8 128 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 3800 \
       --disconnect-after 0.01 \
@@ -154,6 +156,9 @@ case "$step" in
       ps_sidecars > "$out/ps-after-itl-${names[$i]}.txt"
     done
     for i in 0 1 2; do curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true; done
+    # issue #8's request cases against the sidecar-on server (the defaults users get)
+    python3 -m bench.bad_input --url http://127.0.0.1:30002 --out "$out/bad-input.json" > "$out/bad-input.log" 2>&1 \
+      || echo "bad_input rc=$?"
     kill "${pids[@]}" 2>/dev/null || true
     ;;
   sweep)

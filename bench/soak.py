@@ -470,6 +470,8 @@ _REQ_POOL_RE = re.compile(r"req_to_token_pool memory leak detected!\s*available_
 _BUSY = "[Mem Check (BUSY)]"
 _TRACEBACK = "Traceback (most recent call last)"
 _EXCEPTION_RE = re.compile(r"(\w+) hit an exception")
+_RETRACT_RE = re.compile(r"KV cache pool is full\. Retract requests\. #retracted_reqs: (\d+)")
+_ARENA_FULL = "MosaicKV: compressed arena full"
 
 
 def scan_log(text: str) -> Dict[str, Any]:
@@ -480,6 +482,10 @@ def scan_log(text: str) -> Dict[str, Any]:
     Detected!``, the page checks' ``KV double free:`` / ``KV page use-after-free:``); the pool lines of a report may
     follow on the next lines. ``kv_tokens_leaked`` is the largest unaccounted token count of a report's pools (0 when
     no report gives one). The busy check's own ``[Mem Check (BUSY)]`` lines are not reports.
+
+    Memory pressure: ``retractions`` counts the scheduler's ``KV cache pool is full. Retract requests.`` lines and
+    ``retracted_reqs`` the requests they retracted; ``arena_full_warnings`` the sealer's warnings that the compressed
+    arena had no room (pages then stay dense).
     """
     lines = text.splitlines()
     reports: List[Dict[str, Any]] = []
@@ -505,9 +511,11 @@ def scan_log(text: str) -> Dict[str, Any]:
         reports.append(report)
     tracebacks = [i + 1 for i, line in enumerate(lines) if _TRACEBACK in line]
     crashed = sorted({m.group(1) for line in lines for m in [_EXCEPTION_RE.search(line)] if m})
+    retracted = [int(m.group(1)) for line in lines for m in [_RETRACT_RE.search(line)] if m]
     return {"leak_reports": len(reports), "first_leak_reports": reports[:FIRST_ERRORS], "kv_tokens_leaked": leaked,
             "tracebacks": len(tracebacks), "first_traceback_lines": tracebacks[:FIRST_ERRORS],
-            "crashed_components": crashed}  # fmt: skip
+            "crashed_components": crashed, "retractions": len(retracted), "retracted_reqs": sum(retracted),
+            "arena_full_warnings": sum(_ARENA_FULL in line for line in lines)}  # fmt: skip
 
 
 def read_log(path: Optional[Path], offset: int) -> str:
@@ -1154,6 +1162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"[soak] sent {load['sent']}  completed {load['completed']}  failed {load['failed']}  cancelled "
           f"{load['cancelled']}  kv_tokens_leaked {report['kv_tokens_leaked']}  server_restarts "
           f"{report['server_restarts']}  alone equal {report['alone']['equal']}/{report['alone']['compared']}  "
+          f"retractions {report['log'].get('retractions', '-')}  "
           f"-> {'PASS' if code == 0 else 'FAIL: ' + '; '.join(report['why_failed'])}", flush=True)  # fmt: skip
     return code
 

@@ -361,7 +361,28 @@ def test_scan_log_finds_sglang_leak_reports():
     assert req["leak_reports"] == 1 and req["first_leak_reports"][0]["req_slots_unaccounted"] == 2
     clean = scan_log(BUSY_LINE + "\n[2026-03-01 10:00:00 TP0] Prefill batch. #new-seq: 1\n")
     assert clean == {"leak_reports": 0, "first_leak_reports": [], "kv_tokens_leaked": 0, "tracebacks": 0,
-                     "first_traceback_lines": [], "crashed_components": []}  # fmt: skip
+                     "first_traceback_lines": [], "crashed_components": [], "retractions": 0, "retracted_reqs": 0,
+                     "arena_full_warnings": 0}  # fmt: skip
+
+
+def test_retraction_message_format_is_sglang_0517s():
+    """RETRACT below copies the scheduler's message; if an upgrade changes it, this fails and scan_log must follow."""
+    src = _sglang_source("srt/managers/scheduler.py")
+    assert '"KV cache pool is full. Retract requests. "' in src
+    assert 'msg_details = f"#retracted_reqs: {len(retracted_reqs)}, #new_tokens_gained: {new_token_gained}"' in src
+
+
+RETRACT = ("[2026-03-01 10:00:02 TP0] KV cache pool is full. Retract requests. #retracted_reqs: {n}, "
+           "#new_tokens_gained: 1280, #new_token_ratio: 0.4000 -> 0.5500")  # fmt: skip
+ARENA_FULL = ("[2026-03-01 10:00:03 TP0] MosaicKV: compressed arena full (1000 of 1000 granules reserved); "
+              "3 pages stay dense")  # fmt: skip
+
+
+def test_scan_log_counts_retractions_and_full_arenas():
+    log = "\n".join([RETRACT.format(n=3), BUSY_LINE, RETRACT.format(n=1), ARENA_FULL, "decode batch"])
+    got = scan_log(log)
+    assert (got["retractions"], got["retracted_reqs"], got["arena_full_warnings"]) == (2, 4, 1)
+    assert got["leak_reports"] == 0 and got["tracebacks"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
