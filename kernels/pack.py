@@ -12,7 +12,6 @@ import logging
 from typing import Tuple
 
 import torch
-import triton
 
 from . import _checks
 from ._triton.pack import _pack_segments_main_kernel
@@ -23,12 +22,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["pack_segments_fwd"]
 
 
-def _factor_args(factors, dummy: torch.Tensor) -> Tuple[tuple, int, bool]:
-    if factors is None:
-        return (dummy, 0, 0, 0, dummy, 0, 0, 0), 1, False
-    a, b = factors
-    r_pad = triton.next_power_of_2(max(int(a.shape[2]), 1))
-    return (a, *a.stride(), b, *b.stride()), r_pad, True
+def _factor_args(plan: SegmentPlan, dummy: torch.Tensor) -> Tuple[tuple, bool]:
+    """The factor pointers and strides of both sides, and whether any side has factors. A side without factors gets
+    the other side's (same dtype, never read: its segments are not low-rank), so the compiled variant does not
+    depend on which sides have factors."""
+    kf, vf = plan.k_factors, plan.v_factors
+    if kf is None and vf is None:
+        return (dummy, 0, 0, 0, dummy, 0, 0, 0) * 2, False
+    kf, vf = kf or vf, vf or kf
+    return tuple(x for a, b in (kf, vf) for x in (a, *a.stride(), b, *b.stride())), True
 
 
 def pack_segments_fwd(
@@ -106,9 +108,8 @@ def pack_segments_fwd(
     k_form, k_param, v_form, v_param, flags = (
         t.contiguous() for t in (plan.k_form, plan.k_param, plan.v_form, plan.v_param, plan.flags)
     )
-    dummy = arena
-    ka, k_rpad, has_kf = _factor_args(plan.k_factors, dummy)
-    va, v_rpad, has_vf = _factor_args(plan.v_factors, dummy)
+    factor_args, has_factors = _factor_args(plan, arena)
+    r_pad = min(s, d)  # SegmentPlan's bound on a low-rank r: at most min(S, d, factor width); S, d powers of two
     block_m = min(s, 64 if d <= 64 else 32)
     keep_u8 = plan.token_keep.view(torch.uint8)
     _pack_segments_main_kernel[(n,)](
@@ -117,11 +118,10 @@ def pack_segments_fwd(
         keep_u8, *keep_u8.stride(),
         k_form, k_param, v_form, v_param, flags,
         plan.k_chan_weight, *plan.k_chan_weight.stride(), plan.v_chan_weight, *plan.v_chan_weight.stride(),
-        *ka, *va,
+        *factor_args,
         arena, arena.view(torch.int32), desc, desc.stride(0), bounds, *bounds.stride(),
         seg_ids, k_offsets, v_offsets,
-        SEG_SIZE=s, HEAD_DIM=d, BLOCK_M=block_m, K_R_PAD=k_rpad, V_R_PAD=v_rpad,
-        HAS_K_FACTORS=has_kf, HAS_V_FACTORS=has_vf,
+        SEG_SIZE=s, HEAD_DIM=d, BLOCK_M=block_m, R_PAD=r_pad, HAS_FACTORS=has_factors,
         num_warps=4,
     )  # fmt: skip
 

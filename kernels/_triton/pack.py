@@ -102,7 +102,8 @@ def _pack_factors(
     BLOCK_M: tl.constexpr,
     R_PAD: tl.constexpr,
 ):
-    """Copy ``A[:m, :r]`` then ``B[:r, :]`` (any float dtype, cast to the arena dtype) into a low-rank payload."""
+    """Copy ``A[:m, :r]`` then ``B[:r, :]`` (any float dtype, cast to the arena dtype) into a low-rank payload;
+    ``r = param <= R_PAD`` and no wider than the factors (columns past ``r`` are never read)."""
     elem_ty = arena_ptr.dtype.element_ty
     cols = tl.arange(0, HEAD_DIM)
     rr = tl.arange(0, R_PAD)
@@ -120,7 +121,14 @@ def _pack_factors(
         tl.store(arena_ptr + bbase + i[:, None] * HEAD_DIM + cols[None, :], bt.to(elem_ty), mask=im)
 
 
-@triton.jit
+# The factor strides change with the plan's factor widths (its largest rank per side) and are not specialized: with
+# R_PAD fixed by the shape, one compiled variant packs factors of any rank.
+@triton.jit(
+    do_not_specialize=[
+        "stride_ka_n", "stride_ka_s", "stride_ka_r", "stride_kb_n", "stride_kb_r", "stride_kb_d",
+        "stride_va_n", "stride_va_s", "stride_va_r", "stride_vb_n", "stride_vb_r", "stride_vb_d",
+    ]
+)  # fmt: skip
 def _pack_segments_main_kernel(
     k_src_ptr,
     v_src_ptr,
@@ -178,10 +186,8 @@ def _pack_segments_main_kernel(
     SEG_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    K_R_PAD: tl.constexpr,
-    V_R_PAD: tl.constexpr,
-    HAS_K_FACTORS: tl.constexpr,
-    HAS_V_FACTORS: tl.constexpr,
+    R_PAD: tl.constexpr,
+    HAS_FACTORS: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM % 32 == 0)
     tl.static_assert(SEG_SIZE % BLOCK_M == 0)
@@ -221,14 +227,13 @@ def _pack_segments_main_kernel(
                    arena_ptr, arena_i32_ptr, HEAD_DIM, BLOCK_M)
         base += tl.sum(keep.to(tl.int32), axis=0)
 
-    if HAS_K_FACTORS:
+    if HAS_FACTORS:
         if k_form == FORM_LOWRANK:
             _pack_factors(ka_ptr + n * stride_ka_n, stride_ka_s, stride_ka_r, kb_ptr + n * stride_kb_n, stride_kb_r,
-                          stride_kb_d, k_param, m, k_off, arena_ptr, HEAD_DIM, BLOCK_M, K_R_PAD)
-    if HAS_V_FACTORS:
+                          stride_kb_d, k_param, m, k_off, arena_ptr, HEAD_DIM, BLOCK_M, R_PAD)
         if v_form == FORM_LOWRANK:
             _pack_factors(va_ptr + n * stride_va_n, stride_va_s, stride_va_r, vb_ptr + n * stride_vb_n, stride_vb_r,
-                          stride_vb_d, v_param, m, v_off, arena_ptr, HEAD_DIM, BLOCK_M, V_R_PAD)
+                          stride_vb_d, v_param, m, v_off, arena_ptr, HEAD_DIM, BLOCK_M, R_PAD)
 
     bt = bounds_ptr.dtype.element_ty
     tl.store(bounds_ptr + sid * stride_bd_n + cols * stride_bd_d, kmin.to(bt))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import pytest
 import torch
@@ -49,7 +49,7 @@ def random_plan(
     head_dim: int,
     *,
     forms: str = "mixed",
-    rmax: int = 16,
+    rmax: Union[int, Tuple[int, int]] = 16,
     always_read_frac: float = 0.0,
     full_rows: bool = False,
 ) -> SegmentPlan:
@@ -57,7 +57,8 @@ def random_plan(
 
     ``forms="mixed"`` cycles through all 9 (K form, V form) pairs (shuffled); ``"dense"`` keeps everything dense.
     Kept rows ``m`` mix ``S``, 1 and random values (``full_rows`` forces ``m = S``); chan ``k`` mixes 1, ``d - 1``
-    and random values; low-rank ``r`` mixes 1, ``Rmax`` and random values.
+    and random values; low-rank ``r`` mixes 1, ``Rmax`` and random values. ``rmax``: the factors' columns ``Rmax``,
+    or ``(K, V)`` per side, 0 giving that side no factors (its low-rank pairs become dense).
     """
     s, d = seg_size, head_dim
     if forms == "mixed":
@@ -68,9 +69,13 @@ def random_plan(
         pairs = [(FORM_DENSE, FORM_DENSE)] * n
     else:
         raise ValueError(f"forms: expected 'mixed' or 'dense', got {forms!r}")
+    side_rmax = dict(zip(("k", "v"), (rmax, rmax) if isinstance(rmax, int) else rmax))
+    pairs = [
+        tuple(FORM_DENSE if f == FORM_LOWRANK and not side_rmax[side] else f for side, f in zip(("k", "v"), p))
+        for p in pairs
+    ]
     keep = torch.zeros(n, s, dtype=torch.bool)
     params = {"k": [], "v": []}
-    rmax_eff = min(rmax, s, d)
     for i in range(n):
         m = s if full_rows else pick(gen, (s, 1, randint(gen, 1, s), randint(gen, 1, s)))
         keep[i, torch.randperm(s, generator=gen)[:m]] = True
@@ -78,13 +83,16 @@ def random_plan(
             if form == FORM_CHAN:
                 params[side].append(pick(gen, (1, d - 1, randint(gen, 1, d - 1), randint(gen, 1, d - 1))))
             elif form == FORM_LOWRANK:
+                rmax_eff = min(side_rmax[side], s, d)
                 params[side].append(pick(gen, (1, rmax_eff, randint(gen, 1, rmax_eff))))
             else:
                 params[side].append(0)
 
-    def factors():
-        a = torch.randn(n, s, rmax, generator=gen)
-        b = torch.randn(n, rmax, d, generator=gen) / rmax**0.5
+    def factors(r):
+        if not r:
+            return None
+        a = torch.randn(n, s, r, generator=gen)
+        b = torch.randn(n, r, d, generator=gen) / r**0.5
         return a, b
 
     i32 = dict(dtype=torch.int32)
@@ -104,8 +112,8 @@ def random_plan(
         v_param=torch.tensor(params["v"], **i32),
         k_chan_weight=weights(),
         v_chan_weight=weights(),
-        k_factors=factors(),
-        v_factors=factors(),
+        k_factors=factors(side_rmax["k"]),
+        v_factors=factors(side_rmax["v"]),
         flags=flags,
     )
 
@@ -159,7 +167,7 @@ def build_packed(
     device: torch.device,
     dtype: torch.dtype = torch.float16,
     forms: str = "mixed",
-    rmax: int = 16,
+    rmax: Union[int, Tuple[int, int]] = 16,
     always_read_frac: float = 0.0,
     full_rows: bool = False,
     token_index: Optional[torch.Tensor] = None,

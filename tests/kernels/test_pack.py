@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Pack kernel vs ``ref_pack_segments``, plus properties of the packed result decoded by ``ref_unpack_segment``."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from mkv_kernel_cases import build_packed, gpu_only, pack_args
-from mosaickv_sglang.kernels.format import FORM_CHAN, FORM_DENSE, GRANULE_ELEMS, SegmentPlan
+from mosaickv_sglang.kernels.format import FORM_CHAN, FORM_DENSE, FORM_LOWRANK, GRANULE_ELEMS, SegmentPlan
 from mosaickv_sglang.kernels.pack import pack_segments_fwd
 from mosaickv_sglang.kernels.reference import ref_pack_segments, ref_unpack_segment
 
@@ -40,6 +42,51 @@ def test_pack_matches_reference_bitwise(seed, d, s, n, rmax, device):
     assert _same_bits(case.arena, a2)
     assert torch.equal(case.desc, d2)
     assert _same_bits(case.bounds, b2)
+
+
+# (seed, head_dim, seg_size, (K, V) factor columns, 0: none): one side only, both with different widths, width 1
+# (unit factor strides), widths narrower than R_PAD = min(S, d) and wider
+FACTOR_CASES = [
+    (60, 64, 64, (8, 0)),
+    (61, 128, 32, (0, 16)),
+    (62, 128, 64, (32, 8)),
+    (63, 64, 16, (1, 48)),
+    (64, 128, 128, (12, 64)),
+]
+
+
+@pytest.mark.parametrize("seed, d, s, rmax", FACTOR_CASES)
+def test_pack_factors_on_either_side_any_width_match_reference(seed, d, s, rmax, device):
+    """Plans with low-rank factors on K only, V only or both, of several widths, pack the reference's bytes."""
+    case = build_packed(seed, n=12, seg_size=s, head_dim=d, h_kv=2, pool=2 * s + 3, device=device, rmax=rmax,
+                        pack="none")  # fmt: skip
+    plan = case.plan
+    assert [f is not None for f in (plan.k_factors, plan.v_factors)] == [r > 0 for r in rmax]
+    low = [int((f == FORM_LOWRANK).sum()) for f in (plan.k_form, plan.v_form)]
+    assert [n > 0 for n in low] == [r > 0 for r in rmax]
+    a2, d2, b2 = _pack_both(case)
+    assert _same_bits(case.arena, a2) and torch.equal(case.desc, d2) and _same_bits(case.bounds, b2)
+
+
+def test_pack_strided_factor_views(device):
+    """Factors given as column slices of wider buffers (row strides past the rank) pack the same bytes."""
+    case = build_packed(65, n=10, seg_size=32, head_dim=64, h_kv=2, pool=70, device=device, rmax=(8, 12), pack="none")
+    a_ref, d_ref, b_ref = _pack_both(case)
+
+    def widened(factors):
+        a, b = factors
+        wa = torch.full((*a.shape[:2], 40), float("nan"), dtype=a.dtype, device=a.device)
+        wb = torch.full((b.shape[0], 40, b.shape[2] + 32), float("nan"), dtype=b.dtype, device=b.device)
+        wa[..., : a.shape[2]] = a
+        wb[:, : b.shape[1], : b.shape[2]] = b
+        return wa[..., : a.shape[2]], wb[:, : b.shape[1], : b.shape[2]]
+
+    plan = dataclasses.replace(case.plan, k_factors=widened(case.plan.k_factors),
+                               v_factors=widened(case.plan.v_factors))  # fmt: skip
+    assert not plan.k_factors[0].is_contiguous() and not plan.v_factors[1].is_contiguous()
+    pack_segments_fwd(case.k_src, case.v_src, case.seg_token_index, case.seg_heads, plan, case.arena, case.desc,
+                      case.bounds, case.seg_ids, case.k_offsets, case.v_offsets)  # fmt: skip
+    assert _same_bits(case.arena, a_ref) and torch.equal(case.desc, d_ref) and _same_bits(case.bounds, b_ref)
 
 
 def test_pack_noncontiguous_sources_int32_index(device):
