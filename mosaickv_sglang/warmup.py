@@ -12,7 +12,6 @@ attention backend calls both at construction on CUDA devices (``MOSAICKV_WARMUP=
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
-import triton
 
 from mosaickv_sglang.kernels.format import FORM_DENSE, FORM_LOWRANK, SegmentPlan
 from mosaickv_sglang.strategies.menu import Candidate
@@ -73,10 +71,6 @@ class VariantSpec:
     misaligned: bool = False
 
 
-def _int_key(v: int) -> str:
-    return "1" if v == 1 else ("D" if v % 16 == 0 else "")
-
-
 def split_counts(num_kv_heads: int, num_sms: int) -> List[int]:
     """Every ``suggest_num_splits`` value: the powers of two up to its value at batch 1 with unbounded work."""
     # lazy: no @triton.jit on import
@@ -84,14 +78,6 @@ def split_counts(num_kv_heads: int, num_sms: int) -> List[int]:
 
     top = suggest_num_splits(1, num_kv_heads, 2 * MAX_NUM_SPLITS, num_sms)
     return [1 << i for i in range(top.bit_length())]
-
-
-def rank_reps(ranks: Sequence[int]) -> List[int]:
-    """One rank per pack variant: ``R_PAD = next_pow2(R)`` and the key of the factor stride ``R``."""
-    reps = {}
-    for r in sorted(set(int(r) for r in ranks)):
-        reps.setdefault((triton.next_power_of_2(r), _int_key(r)), r)
-    return sorted(reps.values())
 
 
 def menu_ranks(menu: Sequence[Candidate]) -> Tuple[int, ...]:
@@ -108,10 +94,12 @@ def enumerate_variants(shape: WarmupShape) -> List[VariantSpec]:
     # plan (format.py segment_slice), so its int32 form/param/flag vectors are 16-byte aligned only if 4 | i * P * H_kv
     if shape.num_layers > 1 and h % 4:
         specs.append(VariantSpec("pack", misaligned=True))
-    # sidecar plans (planner._factors via shared_buffers.read_plan -> store.reseal): contiguous fp32 factors whose
-    # width is the plan's largest rank on that side, any menu rank, independently for K and V
-    sides = [0] + rank_reps(shape.sidecar_ranks)
-    specs += [VariantSpec("pack", k_rank=k, v_rank=v) for k, v in itertools.product(sides, sides) if k or v]
+    # sidecar plans (planner._factors via shared_buffers.read_plan -> store.reseal): contiguous fp32 factors on K, V
+    # or both, as wide as the plan's largest rank on that side; one variant for them all (pack_segments_fwd: the
+    # factor strides are not specialized, R_PAD is fixed by the shape, a side without factors gets the other's)
+    if shape.sidecar_ranks:
+        r = max(shape.sidecar_ranks)
+        specs.append(VariantSpec("pack", k_rank=r, v_rank=r))
     # attention_backend.py _plan_extend / _plan_decode: the segment and selection tables' width (MAX_SEGS, the read
     # budget) and the split count are run-time arguments the kernels do not specialize on (do_not_specialize): one
     # variant each, whatever the batch; the split kernel has two (one split writes the output directly).

@@ -5,11 +5,14 @@ runner launches every spec (Triton interpreter on the CPU, fp16 / fp32 queries; 
 from __future__ import annotations
 
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import triton
 
+from mosaickv_sglang import warmup
+from mosaickv_sglang.kernels import pack
 from mosaickv_sglang.kernels.sparse_decode import suggest_num_splits
 from mosaickv_sglang.strategies import default_menu
 from mosaickv_sglang.warmup import (
@@ -17,9 +20,11 @@ from mosaickv_sglang.warmup import (
     WarmupShape,
     enumerate_variants,
     menu_ranks,
-    rank_reps,
     run_warmup,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: the helper lives beside this file
+from mkv_compile_keys import Recorder  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
@@ -29,10 +34,6 @@ def shape(**kw) -> WarmupShape:
                 num_layers=32, num_sms=132, read_budget_segments=64)  # fmt: skip
     base.update(kw)
     return WarmupShape(**base)
-
-
-def _key(v: int) -> str:
-    return "1" if v == 1 else ("D" if v % 16 == 0 else "")
 
 
 @pytest.mark.parametrize("h_kv,num_sms", [(1, 132), (3, 132), (8, 132), (32, 132), (8, 78)])
@@ -55,16 +56,27 @@ def test_table_width_kernels_have_one_variant_and_the_split_kernel_two():
 
 
 @pytest.mark.parametrize("seg_size,head_dim", list(itertools.product((16, 32, 64, 128, 256), (64, 128))))
-def test_every_sidecar_menu_rank_pair_maps_to_a_warmed_pack_variant(seg_size, head_dim):
+def test_every_sidecar_menu_rank_pair_maps_to_a_warmed_pack_variant(seg_size, head_dim, monkeypatch):
+    """The pack compile keys (recorded, not launched) of sidecar-like plans with every pair of menu ranks are keys of
+    the warmup's pack specs, and each spec has its own key."""
     menu = default_menu(seg_size, head_dim, lowrank=True)
     ranks = menu_ranks(menu)
     assert ranks and menu_ranks(default_menu(seg_size, head_dim, lowrank=False)) == ()
-    specs = enumerate_variants(shape(seg_size=seg_size, head_dim=head_dim, sidecar_ranks=ranks))
-    side = lambda r: (triton.next_power_of_2(r), _key(r)) if r else None  # noqa: E731
-    warmed = {(side(s.k_rank), side(s.v_rank)) for s in specs if s.kernel == "pack" and not s.misaligned}
+    sh = shape(seg_size=seg_size, head_dim=head_dim, sidecar_ranks=ranks)
+    keys = set()
+    monkeypatch.setattr(pack, "_pack_segments_main_kernel", Recorder("pack", pack._pack_segments_main_kernel, keys,
+                                                                     launch=False))  # fmt: skip
+    inp = warmup._Inputs(sh, torch.device("cpu"))
+    packs = [s for s in enumerate_variants(sh) if s.kernel == "pack"]
+    assert len(packs) == 2 and not any(s.misaligned for s in packs)
+    for spec in packs:
+        warmup._run_one(inp, spec)
+    warmed = set(keys)
+    assert len(warmed) == len(packs)
     # a plan's factor width per side is its largest rank there: any menu rank, or no factors
-    assert {(side(k), side(v)) for k in (0, *ranks) for v in (0, *ranks)} <= warmed
-    assert len(warmed) == len([s for s in specs if s.kernel == "pack" and not s.misaligned])
+    for k_rank, v_rank in itertools.product((0, *ranks), repeat=2):
+        inp.pack(warmup._lowrank_plan(inp, k_rank, v_rank, misaligned=False))
+    assert keys == warmed
 
 
 def test_without_sidecar_pack_has_no_factor_variants_and_misalignment_follows_heads():
@@ -73,7 +85,14 @@ def test_without_sidecar_pack_has_no_factor_variants_and_misalignment_follows_he
     packs = [s for s in enumerate_variants(shape(num_kv_heads=2)) if s.kernel == "pack"]
     assert packs == [VariantSpec("pack"), VariantSpec("pack", misaligned=True)]
     assert [s for s in enumerate_variants(shape(num_kv_heads=2, num_layers=1)) if s.kernel == "pack"] == packs[:1]
-    assert rank_reps([8, 16, 32, 12]) == [8, 12, 16, 32]
+
+
+def test_sidecar_adds_one_pack_variant_whatever_its_ranks():
+    for ranks in ((8,), (8, 16, 32), (1, 12, 48, 64)):
+        packs = [s for s in enumerate_variants(shape(num_kv_heads=2, sidecar_ranks=ranks)) if s.kernel == "pack"]
+        r = max(ranks)
+        assert packs == [VariantSpec("pack"), VariantSpec("pack", misaligned=True),
+                         VariantSpec("pack", k_rank=r, v_rank=r)]  # fmt: skip
 
 
 def test_specs_are_distinct_and_llama8b_count():
@@ -81,7 +100,7 @@ def test_specs_are_distinct_and_llama8b_count():
     assert len(set(specs)) == len(specs)
     # pack 1, unpack 1, extend 1, segment_scores 1, split 2, merge 6
     assert len(specs) == 12
-    assert len(enumerate_variants(shape(sidecar_ranks=(8, 16, 32)))) == 12 + 15
+    assert len(enumerate_variants(shape(sidecar_ranks=(8, 16, 32)))) == 12 + 1
 
 
 def _tiny(q_dtype: torch.dtype, **kw) -> WarmupShape:

@@ -17,10 +17,10 @@ import torch
 
 pytest.importorskip("sglang")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mkv_compile_keys, shared with ../test_warmup.py
 
 from mkv_backend_cases import Scenario, config  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.backends.compiler import BaseBackend  # noqa: E402
+from mkv_compile_keys import Recorder  # noqa: E402
 
 import mosaickv_sglang.attention_backend as ab  # noqa: E402
 from mosaickv_sglang import warmup  # noqa: E402
@@ -31,42 +31,11 @@ KERNELS = [(sparse_decode, "_sparse_decode_split_kernel"), (sparse_decode, "_spa
            (unpack, "_unpack_segments_main_kernel"), (pack, "_pack_segments_main_kernel")]  # fmt: skip
 
 
-def unspecialized(kernel) -> set:
-    """Names of the kernel's arguments declared ``do_not_specialize`` (compiled or interpreted kernel)."""
-    if hasattr(kernel, "params"):
-        return {p.name for p in kernel.params if p.do_not_specialize}
-    names = kernel.kwargs.get("do_not_specialize") or ()
-    return {kernel.arg_names[n] if isinstance(n, int) else n for n in names}
-
-
-def compile_key(kernel, args, kwargs) -> tuple:
-    """What Triton compiles a variant per: each positional argument's specialization (none for a
-    ``do_not_specialize`` one), the constexprs and options."""
-    skip = unspecialized(kernel)
-    names = kernel.arg_names
-    spec = tuple(native_specialize_impl(BaseBackend, a, False, names[i] not in skip, True) for i, a in enumerate(args))
-    return spec, tuple(sorted((k, str(v)) for k, v in kwargs.items()))
-
-
-class _Recorder:
-    """Stands in for a Triton kernel: records the compile key of each launch, then launches the real kernel."""
-
-    def __init__(self, name, kernel, keys):
-        self.name, self.kernel, self.keys = name, kernel, keys
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.keys.add((self.name, *compile_key(self.kernel, args, kwargs)))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 @pytest.fixture
 def record(monkeypatch):
     keys = set()
     for mod, name in KERNELS:
-        monkeypatch.setattr(mod, name, _Recorder(name, getattr(mod, name), keys))
+        monkeypatch.setattr(mod, name, Recorder(name, getattr(mod, name), keys))
     return keys
 
 
@@ -102,6 +71,18 @@ def test_table_widths_and_split_counts_do_not_change_the_compile_keys(record):
     count = collections.Counter(k[0] for k in record if k[0] in decode)
     assert count == {"_segment_scores_main_kernel": 1, "_extend_attn_main_kernel": 1,
                      "_sparse_decode_split_kernel": 2, "_sparse_decode_merge_kernel": 3}  # fmt: skip
+
+
+def test_factor_ranks_do_not_change_the_pack_compile_key(record):
+    """Plans with low-rank factors of any width (below, at and above R_PAD = min(S, d)) on K, V or both pack with one
+    compiled variant, plus the one without factors."""
+    shape = warmup.WarmupShape(num_kv_heads=4, group=2, head_dim=64, seg_size=32, dtype=torch.float16,
+                               q_dtype=torch.float16, num_layers=2, num_sms=132, read_budget_segments=0)  # fmt: skip
+    inp = warmup._Inputs(shape, torch.device("cpu"))
+    for k_rank, v_rank in itertools.product((0, 1, 8, 12, 16, 32, 48), repeat=2):
+        inp.pack(warmup._lowrank_plan(inp, k_rank, v_rank, misaligned=False))
+    keys = [k for k in record if k[0] == "_pack_segments_main_kernel"]
+    assert sorted(dict(k[2])["HAS_FACTORS"] for k in keys) == ["False", "True"]
 
 
 def test_backend_construction_on_cpu_does_not_warm_up(monkeypatch):
