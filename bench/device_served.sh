@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Served runs on one GPU (nvidia-h200), one step per device call, results under $OUT/<step> (tarred by the caller).
+# Served runs on one GPU (nvidia-h200), one step per device call, results in $OUT/<step>.tgz.
 # Needs the SGLang bundle sourced (device-env.sh); the smollm2 step also the GGUF parts in /tmp/mkv/model and the
 # extracted essays in /tmp/mkv/cache/essays (bench.essays' cache layout).
 #
@@ -23,6 +23,12 @@ out="${OUT:?}/$step"
 mkdir -p "$out"
 export MOSAICKV_CACHE=/tmp/mkv/cache
 t_start=$SECONDS
+pack_results() {  # on exit, also a failed one: the device tool brings back a limited number of files, so one archive
+  find "${HOME}/.cache/flashinfer" -type f -printf '%TT %s %p\n' 2>/dev/null | sort \
+    > "$out/flashinfer-cache.txt" || true
+  tar czf "$OUT/$step.tgz" -C "$OUT" "$step" && rm -rf "$out" && echo "results in $OUT/$step.tgz"
+}
+trap pack_results EXIT
 left() { echo $(( ${BUDGET_S:-540} - (SECONDS - t_start) )); }
 
 wait_ready() {  # wait_ready <port> <timeout s>
@@ -157,8 +163,8 @@ case "$step" in
     done
     for i in 0 1 2; do curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true; done
     # issue #8's request cases against the sidecar-on server (the defaults users get)
-    python3 -m bench.bad_input --url http://127.0.0.1:30002 --out "$out/bad-input.json" > "$out/bad-input.log" 2>&1 \
-      || echo "bad_input rc=$?"
+    [ -n "${SKIP_BAD_INPUT:-}" ] || python3 -m bench.bad_input --url http://127.0.0.1:30002 \
+      --out "$out/bad-input.json" > "$out/bad-input.log" 2>&1 || echo "bad_input rc=$?"
     kill "${pids[@]}" 2>/dev/null || true
     ;;
   sweep)
