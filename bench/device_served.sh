@@ -23,9 +23,12 @@ out="${OUT:?}/$step"
 mkdir -p "$out"
 export MOSAICKV_CACHE=/tmp/mkv/cache
 t_start=$SECONDS
+start_marker="$(mktemp)"
 pack_results() {  # on exit, also a failed one: the device tool brings back a limited number of files, so one archive
-  find "${HOME}/.cache/flashinfer" -type f -printf '%TT %s %p\n' 2>/dev/null | sort \
-    > "$out/flashinfer-cache.txt" || true
+  # files that first-use compilers wrote during the step outside Triton's cache (FlashInfer's JIT, the CUDA driver's
+  # PTX JIT, SGLang's JIT kernels, TorchInductor), with write times: a stall at the first large batch shows up here
+  find "${HOME}/.cache" "${HOME}/.nv" /tmp/torchinductor_* -type f -newer "$start_marker" ! -path "$out/*" \
+    -printf '%TT %s %p\n' 2>/dev/null | sort > "$out/jit-caches.txt" || true
   tar czf "$OUT/$step.tgz" -C "$OUT" "$step" && rm -rf "$out" && echo "results in $OUT/$step.tgz"
 }
 trap pack_results EXIT
