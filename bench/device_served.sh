@@ -157,12 +157,17 @@ case "$step" in
     for j in "${acc[@]}"; do wait "$j" || echo "shared_context rc=$?"; done
     ps_sidecars > "$out/ps-after-accuracy.txt"
     for i in 0 2; do
+      curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-before-itl-${names[$i]}.txt" || true
       timeout 100 python3 -m sglang.bench_serving --backend sglang --host 127.0.0.1 --port $((30000 + i)) \
         --model "$M" --tokenizer "$M" --dataset-name generated-shared-prefix --gsp-num-groups 4 \
         --gsp-prompts-per-group 16 --gsp-system-prompt-len 4096 --gsp-question-len 128 --gsp-output-len 64 \
         --max-concurrency 16 --output-file "$out/itl-${names[$i]}.jsonl" > "$out/itl-${names[$i]}.log" 2>&1 \
         || echo "bench ${names[$i]} rc=$?"
       ps_sidecars > "$out/ps-after-itl-${names[$i]}.txt"
+      # decode step times without prefill steps (the ITL above includes the steps that carry a prefill chunk)
+      curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-after-itl-${names[$i]}.txt" || true
+      python3 -m bench.decode_steps "$out/metrics-before-itl-${names[$i]}.txt" \
+        "$out/metrics-after-itl-${names[$i]}.txt" > "$out/decode-steps-${names[$i]}.txt" 2>&1 || true
     done
     for i in 0 1 2; do curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true; done
     # issue #8's request cases against the sidecar-on server (the defaults users get)

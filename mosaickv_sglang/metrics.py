@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,14 +23,15 @@ import torch
 from mosaickv_sglang.kernels.format import FORM_CHAN, FORM_DENSE, FORM_LOWRANK, FORM_NAMES, K_FORM, N_ROWS, V_FORM
 from mosaickv_sglang.pool import PAGE_SEALED, dense_bytes_per_token
 from mosaickv_sglang.sidecar.client import SidecarCounters
+from mosaickv_sglang.step_timer import DECODE_STEP_BUCKETS
 
 if TYPE_CHECKING:
     from mosaickv_sglang.sealer import Sealer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "REFRESH_INTERVAL", "STRATEGY_NAMES", "MetricSpec", "MosaicMetricsExporter", "MosaicStats",
-           "SidecarStats", "collect_stats", "strategy_name"]  # fmt: skip
+__all__ = ["DECODE_STEP_METRIC", "METRICS", "REFRESH_INTERVAL", "STRATEGY_NAMES", "MetricSpec", "MosaicMetricsExporter",
+           "MosaicStats", "SidecarStats", "collect_stats", "strategy_name"]  # fmt: skip
 
 # Seconds between two refreshes of the Prometheus series (the histogram reads every layer's descriptor table).
 REFRESH_INTERVAL = 5.0
@@ -254,6 +255,7 @@ METRICS: Tuple[MetricSpec, ...] = (
                _sc(lambda sc: sc.segments_applied)),
 )  # fmt: skip
 STRATEGY_METRIC = "sglang:mosaic_strategy_segments"
+DECODE_STEP_METRIC = "sglang:mosaic_decode_step_seconds"
 
 
 class MosaicMetricsExporter:
@@ -273,7 +275,7 @@ class MosaicMetricsExporter:
 
     def __init__(self, labels: Mapping[str, Any], registry: Any = None, interval: float = REFRESH_INTERVAL) -> None:
         # imported here, after SGLang set PROMETHEUS_MULTIPROC_DIR (as SGLang's collectors do)
-        from prometheus_client import REGISTRY, Counter, Gauge
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
         if interval < 0:
             raise ValueError(f"interval: expected seconds >= 0, got {interval}")
@@ -292,7 +294,16 @@ class MosaicMetricsExporter:
         self._strategy = Gauge(STRATEGY_METRIC, "Sealed segments (over layers and KV heads) per strategy.",
                                labelnames=names + ["strategy"], multiprocess_mode="mostrecent",
                                registry=reg)  # fmt: skip
+        self._decode_steps = Histogram(DECODE_STEP_METRIC, "Seconds between the starts of two consecutive decode steps "
+                                       "(prefill steps break the chain; mosaickv_sglang.step_timer).",
+                                       labelnames=names, buckets=DECODE_STEP_BUCKETS, registry=reg)  # fmt: skip
         self._counted: Dict[str, float] = {}
+
+    def observe_decode_steps(self, periods: Sequence[float]) -> None:
+        """Add decode step periods (:meth:`~mosaickv_sglang.step_timer.DecodeStepTimer.drain`) to the histogram."""
+        child = self._decode_steps.labels(**self.labels)
+        for period in periods:
+            child.observe(period)
 
     def export(self, stats: MosaicStats) -> None:
         """Set every series from ``stats``; counters advance by the growth of their total since the last export."""

@@ -3,9 +3,11 @@
 
 Targets: AFTER ``SchedulerMetricsReporter.report_decode_stats``, ``report_prefill_stats`` and
 ``_maybe_log_idle_metrics`` (``sglang.srt.managers.scheduler_components.metrics_reporter``), so the series stay fresh
-while decoding, prefilling or idle. Why hooks: SGLang's ``stat_loggers`` can replace the scheduler's metrics collector
-class, but not add series beside it, and no registry hands a plugin the scheduler's periodic report. Remove when SGLang
-offers a per-scheduler metrics callback.
+while decoding, prefilling or idle; BEFORE ``Scheduler.run_batch``, a clock read per step for the decode step
+histogram (:mod:`mosaickv_sglang.step_timer`), drained into it on those refreshes. Why hooks: SGLang's
+``stat_loggers`` can replace the scheduler's metrics collector class, but not add series beside it, no registry hands
+a plugin the scheduler's periodic report, and none times its steps. Remove when SGLang offers a per-scheduler metrics
+callback.
 
 Every hook is a no-op unless this process built a ``mosaic`` attention backend (``--kv-compressor mosaic``, see
 :func:`mosaickv_sglang.runtime.current_sealer`) and this scheduler exports metrics (``--enable-metrics``, and
@@ -19,6 +21,7 @@ import logging
 from typing import Any
 
 from mosaickv_sglang.runtime import current_sealer
+from mosaickv_sglang.step_timer import DecodeStepTimer
 
 from . import seam
 
@@ -42,13 +45,33 @@ def refresh_mosaic_metrics(result: Any, self: Any, *args: Any, **kwargs: Any) ->
             collector = getattr(self, seam.REPORTER_COLLECTOR_ATTR)
             exporter = MosaicMetricsExporter(getattr(collector, seam.COLLECTOR_LABELS_ATTR))
             setattr(self, seam.METRICS_EXPORTER_ATTR, exporter)
+        timer = getattr(self, seam.STEP_TIMER_ATTR, None)
+        if timer is not None:
+            exporter.observe_decode_steps(timer.drain())
         exporter.maybe_refresh(sealer)
     except Exception:
         logger.warning("MosaicKV: metrics export failed; MosaicKV metrics are off for this scheduler", exc_info=True)
         setattr(self, seam.METRICS_EXPORTER_ATTR, False)
 
 
+def time_decode_steps(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE ``Scheduler.run_batch``: mark the step's start on the reporter's :class:`DecodeStepTimer`."""
+    reporter = getattr(self, seam.SCHEDULER_REPORTER_ATTR, None)
+    if reporter is None or not getattr(reporter, seam.REPORTER_METRICS_ENABLED_ATTR, False):
+        return None
+    timer = getattr(reporter, seam.STEP_TIMER_ATTR, None)
+    if timer is None:
+        if current_sealer() is None:
+            return None
+        timer = DecodeStepTimer()
+        setattr(reporter, seam.STEP_TIMER_ATTR, timer)
+    mode = getattr(batch, "forward_mode", None)
+    timer.step(bool(mode is not None and mode.is_decode()))
+    return None
+
+
 def apply() -> None:
     """Register the metrics hooks."""
     for target in (seam.REPORT_DECODE_STATS, seam.REPORT_PREFILL_STATS, seam.LOG_IDLE_METRICS):
         seam.register_hook(target, refresh_mosaic_metrics, "AFTER")
+    seam.register_hook(seam.SCHEDULER_RUN_BATCH, time_decode_steps, "BEFORE")

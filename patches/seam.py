@@ -40,6 +40,7 @@ POOL_STATS_OBSERVER = "sglang.srt.managers.scheduler_components.pool_stats_obser
 POOL_TOKEN_INFO = f"{POOL_STATS_OBSERVER}._get_token_info"
 FUSED_KV_WRITE_GATE = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
 SCHEDULER_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
+SCHEDULER_RUN_BATCH = "sglang.srt.managers.scheduler.Scheduler.run_batch"
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 TOKENIZER_VALIDATE_REQUEST = f"{TOKENIZER_MANAGER}._validate_one_request"
 TOKENIZER_GENERATE_REQUEST = f"{TOKENIZER_MANAGER}.generate_request"
@@ -64,6 +65,7 @@ HOOK_TARGETS = (
     POOL_TOKEN_INFO,
     FUSED_KV_WRITE_GATE,
     SCHEDULER_ON_IDLE,
+    SCHEDULER_RUN_BATCH,
     TOKENIZER_VALIDATE_REQUEST,
     TOKENIZER_GENERATE_REQUEST,
     REPORT_DECODE_STATS,
@@ -87,6 +89,9 @@ REPORTER_METRICS_ENABLED_ATTR = "current_scheduler_metrics_enabled"
 REPORTER_COLLECTOR_ATTR = "metrics_collector"
 COLLECTOR_LABELS_ATTR = "labels"
 METRICS_EXPORTER_ATTR = "_mosaic_metrics"
+# The scheduler's SchedulerMetricsReporter, and where the step hook keeps its DecodeStepTimer on it.
+SCHEDULER_REPORTER_ATTR = "metrics_reporter"
+STEP_TIMER_ATTR = "_mosaic_step_timer"
 
 # ServerArgs fields MosaicKV sets when --kv-compressor mosaic is on and the user left them alone, with the value
 # and why (logged once at startup).

@@ -33,6 +33,7 @@ from test_kv_pool import D, DT, GROUP, H_KV, LAYERS, S, _config, build_pool  # n
 from mosaickv_sglang import runtime  # noqa: E402
 from mosaickv_sglang.kernels.format import FORM_CHAN, FORM_DENSE, FORM_LOWRANK, SegmentPlan  # noqa: E402
 from mosaickv_sglang.metrics import (  # noqa: E402
+    DECODE_STEP_METRIC,
     METRICS,
     STRATEGY_METRIC,
     STRATEGY_NAMES,
@@ -320,7 +321,7 @@ def test_status_line_has_compression_ratio_and_sidecar_fields(caplog):
 def test_readme_documents_every_metric():
     """Each exported series is named in the README."""
     readme = (REPO / "README.md").read_text()
-    names = [m.name for m in METRICS] + [STRATEGY_METRIC]
+    names = [m.name for m in METRICS] + [STRATEGY_METRIC, DECODE_STEP_METRIC]
     missing = [n for n in names if f"`{n}`" not in readme and f"`{n}{{" not in readme]
     assert missing == []
 
@@ -343,3 +344,71 @@ def test_reporter_attributes_the_hook_reads_exist_in_sglang():
     assert seam.REPORTER_COLLECTOR_ATTR in {f.name for f in dataclasses.fields(SchedulerMetricsReporter)}
     assert f"self.{seam.REPORTER_METRICS_ENABLED_ATTR} = " in inspect.getsource(SchedulerMetricsReporter.__post_init__)
     assert f"self.{seam.COLLECTOR_LABELS_ATTR} = labels" in inspect.getsource(SchedulerMetricsCollector.__init__)
+
+
+class StandInScheduler:
+    """Test stand-in for SGLang's Scheduler: only the metrics reporter the step hook reads."""
+
+    def __init__(self, reporter):
+        setattr(self, seam.SCHEDULER_REPORTER_ATTR, reporter)
+
+
+def _batch(mode):
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    batch = object.__new__(ScheduleBatch)
+    batch.forward_mode = mode
+    return batch
+
+
+def test_decode_step_periods_reach_the_histogram_and_its_quantiles(registered):
+    """The BEFORE run_batch hook times decode-after-decode steps only; the next refresh drains them into
+    sglang:mosaic_decode_step_seconds, and bench.decode_steps reads the load's count and quantiles from the scrape."""
+    import time
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from bench.decode_steps import load_quantiles
+
+    reporter = _reporter(enabled=True)
+    registry = CollectorRegistry()
+    setattr(reporter, seam.METRICS_EXPORTER_ATTR, MosaicMetricsExporter(LABELS, registry=registry))
+    scheduler = StandInScheduler(reporter)
+    before = generate_latest(registry).decode()
+    for mode in (ForwardMode.DECODE, ForwardMode.DECODE, ForwardMode.EXTEND, ForwardMode.DECODE, ForwardMode.DECODE,
+                 ForwardMode.DECODE):  # fmt: skip
+        metrics_hooks.time_decode_steps(scheduler, _batch(mode))
+        time.sleep(0.004)
+    timer = getattr(reporter, seam.STEP_TIMER_ATTR)
+    assert len(timer._pending) == 3
+    metrics_hooks.refresh_mosaic_metrics(None, reporter)
+    after = generate_latest(registry).decode()
+    got = _samples(registry)
+    assert got[_key(DECODE_STEP_METRIC + "_count", LABELS)] == 3
+    assert 3 * 0.004 <= got[_key(DECODE_STEP_METRIC + "_sum", LABELS)] < 3 * 0.2
+    q = load_quantiles(before, after)
+    assert q["steps"] == 3 and 0.004 <= q["p50"] <= q["p99"] < 0.2
+    assert timer.drain() == []
+
+
+def test_step_hook_is_a_no_op_without_metrics_or_mosaic(registered):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    off = _reporter(enabled=False)
+    metrics_hooks.time_decode_steps(StandInScheduler(off), _batch(ForwardMode.DECODE))
+    assert getattr(off, seam.STEP_TIMER_ATTR, None) is None
+    metrics_hooks.time_decode_steps(StandInScheduler(None), _batch(ForwardMode.DECODE))
+    runtime.register_sealer(None)
+    on = _reporter(enabled=True)
+    metrics_hooks.time_decode_steps(StandInScheduler(on), _batch(ForwardMode.DECODE))
+    assert getattr(on, seam.STEP_TIMER_ATTR, None) is None
+
+
+def test_run_batch_takes_the_batch_first_and_the_scheduler_keeps_its_reporter():
+    """The step hook's reading of SGLang 0.5.17: run_batch(self, batch, ...) and self.metrics_reporter."""
+    import inspect
+
+    from sglang.srt.managers.scheduler import Scheduler
+
+    assert list(inspect.signature(Scheduler.run_batch).parameters)[:2] == ["self", "batch"]
+    assert f"self.{seam.SCHEDULER_REPORTER_ATTR} = SchedulerMetricsReporter(" in inspect.getsource(Scheduler)

@@ -1,0 +1,77 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Decode step time quantiles over a load, from two ``/metrics`` scrapes of a MosaicKV server.
+
+``sglang:mosaic_decode_step_seconds`` (``mosaickv_sglang.step_timer``) counts the time between the starts of two
+consecutive decode steps, prefill steps excluded. Scrape ``/metrics`` before and after a load
+(``curl -s http://127.0.0.1:30000/metrics > before.txt``), then ``python -m bench.decode_steps before.txt
+after.txt``: the load's decode step p50 / p90 / p99 (Prometheus's ``histogram_quantile``, linear within the 5%-wide
+buckets), summed over the server's schedulers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from mosaickv_sglang.step_timer import histogram_quantile
+
+METRIC = "sglang:mosaic_decode_step_seconds"
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def read_buckets(text: str) -> Dict[float, float]:
+    """``{upper bound: cumulative count}`` of the decode step histogram in a ``/metrics`` text, summed over its
+    label sets (one per exporting scheduler); empty when the server has no such series."""
+    out: Dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != METRIC:
+            continue
+        for sample in family.samples:
+            if sample.name == METRIC + "_bucket":
+                le = float(sample.labels["le"])
+                out[le] = out.get(le, 0.0) + sample.value
+    return out
+
+
+def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTILES) -> Dict[str, Optional[float]]:
+    """The quantiles (seconds) and the step count of the steps counted between two scrapes."""
+    b, a = read_buckets(before), read_buckets(after)
+    if not a:
+        raise ValueError(f"after: expected a {METRIC} histogram (a --kv-compressor mosaic server with "
+                         f"--enable-metrics), got none")  # fmt: skip
+    bounds = sorted(a)
+    counts: List[float] = [a[le] - b.get(le, 0.0) for le in bounds]
+    if any(c < 0 for c in counts):
+        raise ValueError("before: expected a scrape of the same server taken before 'after', got larger counts")
+    out: Dict[str, Optional[float]] = {f"p{round(q * 100):d}": histogram_quantile(q, tuple(bounds), counts)
+                                       for q in quantiles}  # fmt: skip
+    out["steps"] = counts[-1] if counts else 0.0
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.decode_steps", description=__doc__.split("\n\n")[0])
+    ap.add_argument("before", type=Path, help="/metrics text scraped before the load")
+    ap.add_argument("after", type=Path, help="/metrics text scraped after the load")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
+    args = ap.parse_args(argv)
+    try:
+        got = load_quantiles(args.before.read_text(), args.after.read_text())
+    except (OSError, ValueError) as err:
+        print(f"decode_steps: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(got))
+    else:
+        ms = "  ".join(f"{k} {'-' if v is None else f'{v * 1e3:.2f} ms'}" for k, v in got.items() if k != "steps")
+        print(f"decode steps {int(got['steps'])}  {ms}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+# SPDX-License-Identifier: Apache-2.0
+"""bench.decode_steps: the decode step histogram of two /metrics scrapes, summed over schedulers, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("prometheus_client")
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest  # noqa: E402
+
+from bench.decode_steps import METRIC, load_quantiles, main  # noqa: E402
+from mosaickv_sglang.step_timer import DECODE_STEP_BUCKETS  # noqa: E402
+
+
+def _scrape(registry) -> str:
+    return generate_latest(registry).decode()
+
+
+def test_quantiles_of_the_steps_between_two_scrapes_over_two_schedulers(tmp_path, capsys):
+    """Steps before the first scrape do not count; two ranks' series add up; the CLI prints count and quantiles."""
+    registry = CollectorRegistry()
+    hist = Histogram(METRIC, "decode steps", labelnames=["tp_rank"], buckets=DECODE_STEP_BUCKETS, registry=registry)
+    rng = np.random.default_rng(7)
+    for v in rng.uniform(0.5, 1.0, size=50):  # an earlier, slower load
+        hist.labels(tp_rank="0").observe(float(v))
+    before = _scrape(registry)
+    load = rng.uniform(0.020, 0.030, size=400)
+    for i, v in enumerate(load):
+        hist.labels(tp_rank=str(i % 2)).observe(float(v))
+    after = _scrape(registry)
+    got = load_quantiles(before, after)
+    assert got["steps"] == 400
+    assert got["p50"] == pytest.approx(float(np.median(load)), rel=0.05)
+    assert got["p99"] == pytest.approx(float(np.quantile(load, 0.99)), rel=0.05)
+    (tmp_path / "b.txt").write_text(before)
+    (tmp_path / "a.txt").write_text(after)
+    assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 400
+    assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
+    assert capsys.readouterr().out.startswith("decode steps 400  p50 ")
+
+
+def test_errors_name_the_scrape_at_fault(tmp_path, capsys):
+    registry = CollectorRegistry()
+    hist = Histogram(METRIC, "decode steps", buckets=DECODE_STEP_BUCKETS, registry=registry)
+    hist.observe(0.02)
+    one = _scrape(registry)
+    hist.observe(0.02)
+    two = _scrape(registry)
+    with pytest.raises(ValueError, match="after: expected a sglang:mosaic_decode_step_seconds histogram"):
+        load_quantiles(one, "# no such series\n")
+    with pytest.raises(ValueError, match="before: expected a scrape of the same server taken before"):
+        load_quantiles(two, one)
+    (tmp_path / "a.txt").write_text("")
+    assert main([str(tmp_path / "missing.txt"), str(tmp_path / "a.txt")]) == 2
+    assert "decode_steps:" in capsys.readouterr().err
