@@ -15,8 +15,9 @@
 #            bad-request cases against the sidecar-on server (issue #8)
 #   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3: bench.serving_throughput over concurrency and context
 #   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 50000 and --schedule-conservativeness 0.3 (so the cache
-#            fills, and SGLang admits more than fits and must retract and evict): the soak with every fault, the server started by bench.soak and restarted with the same flags at
-#            the end; the Triton kernel variants compiled before and after (recompiles mid-serving show up there)
+#            fills, and SGLang admits more than fits and must retract and evict): the soak with every fault, the server
+#            started by bench.soak and restarted with the same flags at the end; the Triton kernel variants compiled
+#            before and after (recompiles mid-serving show up there)
 set -euo pipefail
 step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar}"
 out="${OUT:?}/$step"
