@@ -14,10 +14,12 @@
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
 #   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3: bench.serving_throughput over concurrency and context
-#   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 50000 and --schedule-conservativeness 0.3 (so the cache
-#            fills, and SGLang admits more than fits and must retract and evict): the soak with every fault, the server
-#            started by bench.soak and restarted with the same flags at the end; the Triton kernel variants compiled
-#            before and after (recompiles mid-serving show up there)
+#   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 600000 and --schedule-conservativeness 0.3: the soak with
+#            every fault, the server started by bench.soak and restarted with the same flags at the end; the Triton
+#            kernel variants compiled before and after (recompiles mid-serving show up there). Sizing: the arena holds
+#            600k tokens only at ratio 3, and sealed pages reached 2.55 in the 2026-11-30 soak, so it fills once about
+#            510k tokens are sealed, while the dense hot pool (~49k) plus that is still under the 600k logical slots:
+#            the arena, not the token count, is the limit (at a 50k cap the hot pool alone was most of the slots)
 set -euo pipefail
 step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar}"
 out="${OUT:?}/$step"
@@ -119,10 +121,10 @@ case "$step" in
     # the soak starts the server itself (--launch) so that it can stop it and start it again with the same flags
     timeout $(( $(left) - 10 )) python3 -m bench.soak --launch "--model-path $M --host 127.0.0.1 --port 30000 \
       --dtype bfloat16 --disable-prefill-cuda-graph --disable-decode-cuda-graph --enable-metrics \
-      --mem-fraction-static 0.3 --max-total-tokens 50000 --schedule-conservativeness 0.3 --kv-compressor mosaic \
+      --mem-fraction-static 0.3 --max-total-tokens 600000 --schedule-conservativeness 0.3 --kv-compressor mosaic \
       --mosaic-compression-ratio 3" \
-      --ready-timeout 240 --vocab-size 49152 --max-context 4096 --requests 1000 --concurrency 128 --prefix-len 1024 \
-      --output-len 8 128 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 3800 \
+      --ready-timeout 240 --vocab-size 49152 --max-context 6144 --requests 1000 --concurrency 192 --prefix-len 1536 \
+      --output-len 8 128 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 6000 \
       --disconnect-after 0.01 \
       --kill-sidecar-every 30 --send-deadline $(( $(left) - 240 )) --restart --out "$out/soak.json" \
       > "$out/soak.log" 2>&1 || echo "soak rc=$?"
