@@ -10,7 +10,8 @@
 #            (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect mid-prefill)
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
 #            256 out, rate inf) against stock SGLang (flashinfer), then mosaic-r3 (sidecar on), one server at a time;
-#            then 5 decode steps of each under torch's profiler (bench.profile_summary: GPU busy vs span, per kernel)
+#            then 2 prefill and 5 decode steps of each under torch's profiler (bench.profile_summary: GPU busy vs span,
+#            per kernel)
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
@@ -66,31 +67,48 @@ wait_log() {  # wait_log <file> <pattern> <timeout s>: until a server log shows 
   done
 }
 
-profile_decode() {  # profile_decode <port> <server log> <name>: 5 decode steps under torch's profiler, summarized
-  # a separate short load after the benchmark (exporting a trace blocks the scheduler for seconds); 16 requests of
-  # 8,000 tokens, profiled once the log shows a decode batch of 8 or more; the raw trace is too large to bring back
+start_profile() {  # start_profile <port> <dir> <steps>: SGLang's torch profiler for the next <steps> steps
+  curl -s -m 120 "http://127.0.0.1:$1/start_profile" -H 'Content-Type: application/json' \
+    -d "{\"output_dir\": \"$2\", \"num_steps\": $3, \"activities\": [\"CPU\", \"GPU\"]}" || true
+  echo
+}
+
+wait_trace() {  # wait_trace <dir>: until SGLang has written the profile's trace (at most 90 s)
+  local deadline=$((SECONDS + 90))
+  until compgen -G "$1/*.trace.json.gz" > /dev/null; do [ $SECONDS -lt $deadline ] || return 1; sleep 1; done
+  local size=-1
+  until [ "$size" = "$(du -sb "$1" | cut -f1)" ]; do size=$(du -sb "$1" | cut -f1); sleep 1; done  # written out
+}
+
+summarize_profile() {  # summarize_profile <dir> <name>: GPU kernels and CPU ops of the trace, then drop it (too large)
+  python3 -m bench.profile_summary "$1"/*.trace.json.gz --json "$out/profile-$2.json" > "$out/profile-$2.txt" 2>&1 \
+    || true
+  python3 -m bench.profile_summary "$1"/*.trace.json.gz --category cpu_op --top 40 > "$out/profile-$2-cpu.txt" 2>&1 \
+    || true
+  rm -rf "$1"
+}
+
+profile_steps() {  # profile_steps <port> <server log> <name>: 2 prefill and 5 decode steps under torch's profiler
+  # on a separate short load after the benchmark (exporting a trace blocks the scheduler for seconds): 16 requests
+  # of 8,000 tokens; the prefill profile starts with the load, the decode one once the log shows a decode batch of
+  # 8 or more (the load's; the benchmark's lines come before it); summaries at the end (reading a trace takes seconds)
   local port="$1" log="$2" name="$3" dir="$out/profile-$3" deadline load seen
-  seen=$(wc -l < "$log")
-  timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --num-prompts 16 --random-output-len 128 --port "$port" \
+  timeout 180 python3 -m sglang.bench_serving "${bench[@]}" --num-prompts 16 --random-output-len 256 --port "$port" \
     > "$out/profile-$name.load.log" 2>&1 &
   load=$!
+  seen=$(wc -l < "$log")
+  start_profile "$port" "$dir-prefill" 2 > "$out/profile-$name-prefill.response.txt"
+  wait_trace "$dir-prefill" || echo "profile $name: no prefill trace" >&2
   deadline=$((SECONDS + 120))
   until tail -n +$((seen + 1)) "$log" | grep -qE "Decode batch, #running-req: ([89]|[1-9][0-9])"; do
-    [ $SECONDS -lt $deadline ] || { echo "profile $name: no decode batch" >&2; wait "$load"; return 1; }
+    [ $SECONDS -lt $deadline ] || { echo "profile $name: no decode batch" >&2; break; }
     sleep 0.5
   done
-  curl -s -m 120 "http://127.0.0.1:$port/start_profile" -H 'Content-Type: application/json' \
-    -d "{\"output_dir\": \"$dir\", \"num_steps\": 5, \"activities\": [\"CPU\", \"GPU\"]}" \
-    > "$out/profile-$name.response.txt" 2>&1 || true
-  deadline=$((SECONDS + 90))
-  until compgen -G "$dir/*.trace.json.gz" > /dev/null; do [ $SECONDS -lt $deadline ] || break; sleep 1; done
-  sleep 5  # the export finishes writing
+  start_profile "$port" "$dir-decode" 5 > "$out/profile-$name-decode.response.txt"
+  wait_trace "$dir-decode" || echo "profile $name: no decode trace" >&2
   wait "$load" || true
-  python3 -m bench.profile_summary "$dir"/*.trace.json.gz --json "$out/profile-$name.json" \
-    > "$out/profile-$name.txt" 2>&1 || true
-  python3 -m bench.profile_summary "$dir"/*.trace.json.gz --category cpu_op --top 40 \
-    > "$out/profile-$name-cpu.txt" 2>&1 || true
-  rm -rf "$dir"
+  summarize_profile "$dir-prefill" "$name-prefill"
+  summarize_profile "$dir-decode" "$name-decode"
 }
 
 ps_sidecars() {  # CPU time of the sidecar processes (spawned children of the schedulers)
@@ -232,7 +250,7 @@ case "$step" in
     curl -s http://127.0.0.1:30001/get_server_info > "$out/dense.info.json" || true
     timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30001 --output-file "$out/bench-dense.jsonl" \
       > "$out/bench-dense.log" 2>&1 || echo "dense bench rc=$?"
-    profile_decode 30001 "$out/dense.server.log" dense || echo "dense profile rc=$?"
+    profile_steps 30001 "$out/dense.server.log" dense || echo "dense profile rc=$?"
     kill "$dense_pid" 2>/dev/null || true
     wait "$dense_pid" 2>/dev/null || true
     # one server at a time: each sizes its KV pool from the memory it finds free
@@ -243,7 +261,7 @@ case "$step" in
     curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r3.info.json" || true
     timeout $(( $(left) - 80 )) python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
       --output-file "$out/bench-mosaic-r3.jsonl" > "$out/bench-mosaic-r3.log" 2>&1 || echo "mosaic bench rc=$?"
-    profile_decode 30000 "$out/mosaic-r3.server.log" mosaic-r3 || echo "mosaic profile rc=$?"
+    profile_steps 30000 "$out/mosaic-r3.server.log" mosaic-r3 || echo "mosaic profile rc=$?"
     ps_sidecars > "$out/ps.txt"
     kill "$mosaic_pid" 2>/dev/null || true
     ;;
