@@ -372,6 +372,14 @@ def test_retraction_message_format_is_sglang_0517s():
     assert 'msg_details = f"#retracted_reqs: {len(retracted_reqs)}, #new_tokens_gained: {new_token_gained}"' in src
 
 
+def test_arena_full_line_is_the_sealers_warning():
+    """ARENA_FULL below copies the sealer's warning; if its wording changes, this fails and scan_log must follow."""
+    from mosaickv_sglang import sealer
+
+    assert '"MosaicKV: compressed arena full (%d of %d granules reserved); %d pages stay dense"' in (
+        Path(sealer.__file__).read_text())
+
+
 RETRACT = ("[2026-03-01 10:00:02 TP0] KV cache pool is full. Retract requests. #retracted_reqs: {n}, "
            "#new_tokens_gained: 1280, #new_token_ratio: 0.4000 -> 0.5500")  # fmt: skip
 ARENA_FULL = ("[2026-03-01 10:00:03 TP0] MosaicKV: compressed arena full (1000 of 1000 granules reserved); "
