@@ -70,6 +70,10 @@ class SidecarStats:
         Plans swapped into the pool, plans dropped (their pages freed or rewritten meanwhile), segments re-packed.
     resegment_pooled : int
         Re-segmentations planned with every request's queries (none of the readers' left in the window).
+    step_seconds : float
+        Scheduler time the bridge took before forwards (applying plans, submitting sealed pages).
+    idle_seconds : float
+        Scheduler time the bridge took on idle ticks.
     """
 
     counters: SidecarCounters
@@ -77,6 +81,8 @@ class SidecarStats:
     plans_discarded: int
     segments_applied: int
     resegment_pooled: int = 0
+    step_seconds: float = 0.0
+    idle_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +158,8 @@ def _sidecar_stats(sidecar: Any) -> Optional[SidecarStats]:
     if sidecar is None:
         return None
     return SidecarStats(sidecar.counters(), int(sidecar.plans_applied), int(sidecar.plans_discarded),
-                        int(sidecar.segments_applied), int(getattr(sidecar, "resegment_pooled", 0)))  # fmt: skip
+                        int(sidecar.segments_applied), int(sidecar.resegment_pooled),
+                        float(sidecar.tick_seconds + sidecar.submit_seconds), float(sidecar.idle_seconds))  # fmt: skip
 
 
 def collect_stats(sealer: "Sealer") -> MosaicStats:
@@ -253,6 +260,11 @@ METRICS: Tuple[MetricSpec, ...] = (
                _sc(lambda sc: sc.plans_discarded)),
     MetricSpec("sglang:mosaic_segments_applied_total", "counter", "Segments re-packed with sidecar plans.",
                _sc(lambda sc: sc.segments_applied)),
+    MetricSpec("sglang:mosaic_sidecar_step_seconds_total", "counter",
+               "Scheduler time the sidecar bridge took before forwards (applying plans, submitting sealed pages).",
+               _sc(lambda sc: sc.step_seconds)),
+    MetricSpec("sglang:mosaic_sidecar_idle_seconds_total", "counter",
+               "Scheduler time the sidecar bridge took on idle ticks (re-segmentation).", _sc(lambda sc: sc.idle_seconds)),
 )  # fmt: skip
 STRATEGY_METRIC = "sglang:mosaic_strategy_segments"
 DECODE_STEP_METRIC = "sglang:mosaic_decode_step_seconds"

@@ -56,11 +56,13 @@ class StandInSidecarBridge:
     re-segmentation switch only."""
 
     def __init__(self, counters: SidecarCounters, plans_applied: int, plans_discarded: int, segments_applied: int,
-                 resegment: bool = True):  # fmt: skip
+                 resegment: bool = True, seconds: tuple = (0.0, 0.0, 0.0)):  # fmt: skip
         self._counters = counters
         self.plans_applied, self.plans_discarded = plans_applied, plans_discarded
         self.segments_applied = segments_applied
         self.resegment = resegment
+        self.resegment_pooled = 0
+        self.tick_seconds, self.submit_seconds, self.idle_seconds = seconds
 
     def counters(self) -> SidecarCounters:
         return self._counters
@@ -186,18 +188,21 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
     assert not [k for k in got if "sidecar" in k[0] or "plans_" in k[0]]
 
     sealer.sidecar = StandInSidecarBridge(SidecarCounters(submitted=9, completed=6, queue_depth=2, resegmentations=1),
-                                          plans_applied=3, plans_discarded=1, segments_applied=36)  # fmt: skip
+                                          plans_applied=3, plans_discarded=1, segments_applied=36,
+                                          seconds=(0.125, 0.25, 0.5))  # fmt: skip
     try:
         exporter.export(collect_stats(sealer))
         sealer.sidecar = StandInSidecarBridge(SidecarCounters(submitted=12, completed=10, queue_depth=1,
-                                                              resegmentations=2), 5, 1, 60)  # fmt: skip
+                                                              resegmentations=2), 5, 1, 60,
+                                              seconds=(0.25, 0.5, 1.0))  # fmt: skip
         exporter.export(collect_stats(sealer))
     finally:
         sealer.sidecar = None
     got = _samples(registry)
     expected = {"sidecar_queue_depth": 1, "sidecar_submitted_total": 12, "sidecar_completed_total": 10,
                 "sidecar_failed_total": 0, "resegmentations_total": 2, "plans_applied_total": 5,
-                "plans_discarded_total": 1, "segments_applied_total": 60, "pages_sealed_total": 4}  # fmt: skip
+                "plans_discarded_total": 1, "segments_applied_total": 60, "pages_sealed_total": 4,
+                "sidecar_step_seconds_total": 0.75, "sidecar_idle_seconds_total": 1.0}  # fmt: skip
     assert {k: got[_key(f"sglang:mosaic_{k}", LABELS)] for k in expected} == expected
 
 

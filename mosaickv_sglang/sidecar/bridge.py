@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_SEGMENTS", "SidecarBridge"]
+__all__ = ["DEFAULT_MAX_SEGMENTS", "SidecarBridge", "to_host"]
 
 # Segments per job at most (rounded down to whole pages): small jobs keep each slot's copy and plan short.
 DEFAULT_MAX_SEGMENTS = 32
@@ -70,6 +70,23 @@ IDLE_JOBS = 1
 DEFAULT_SHADOW_BYTES = 1 << 30
 
 Gather = Callable[[int, np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Host copies of ``tensors`` (any devices, shapes and dtypes), in order, with one device-to-host transfer per
+    dtype: each transfer waits for the GPU, so many small ``.cpu()`` calls cost one wait each."""
+    out: List[Optional[torch.Tensor]] = [None] * len(tensors)
+    by_dtype: Dict[torch.dtype, List[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for idx in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu()
+        offset = 0
+        for i in idx:
+            n = tensors[i].numel()
+            out[i] = flat[offset : offset + n].view(tensors[i].shape)
+            offset += n
+    return out  # type: ignore[return-value]
 
 
 class SidecarBridge:
@@ -110,6 +127,11 @@ class SidecarBridge:
     resegment_pooled : int
         Re-segmentation jobs planned with every request's recent queries because none of their readers' queries was
         left in the window.
+    tick_seconds, submit_seconds : float
+        Scheduler time spent before forwards: in :meth:`tick` (reading replies, applying plans) and in
+        :meth:`submit_sealed` (copying pages to the host and into the slots); the sidecar's cost on the step time.
+    idle_seconds : float
+        Scheduler time spent in :meth:`on_idle` (idle ticks only: no step waits for it).
     """
 
     def __init__(
@@ -141,6 +163,9 @@ class SidecarBridge:
         self.plans_discarded = 0
         self.segments_submitted = 0
         self.segments_skipped = 0
+        self.tick_seconds = 0.0
+        self.submit_seconds = 0.0
+        self.idle_seconds = 0.0
         self._next_layer = 0
         self._closed = False
 
@@ -202,6 +227,13 @@ class SidecarBridge:
         """
         if self._closed or self.client.disabled:
             return 0
+        t0 = time.perf_counter()
+        try:
+            return self._submit_sealed(pages, dense_mask, ratio, gather)
+        finally:
+            self.submit_seconds += time.perf_counter() - t0
+
+    def _submit_sealed(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float, gather: Gather) -> int:
         todo = np.asarray(pages, dtype=np.int64)[~np.asarray(dense_mask, dtype=bool)]
         pool, h = self.pool, int(self.pool.head_num)
         self._ratio[todo] = ratio
@@ -216,37 +248,50 @@ class SidecarBridge:
 
     def _submit(self, todo: np.ndarray, ratio: float, gather: Gather) -> int:
         """Jobs of whole pages of one layer, layers in turn from where the last batch stopped; returns the segments
-        submitted."""
+        submitted. The jobs are chosen first (one per free slot), then all their K/V and queries reach the host in
+        one transfer per dtype: one wait for the GPU per batch, not one per job."""
         if todo.size == 0 or self.client.free_slots == 0:
             return 0
         pool, h = self.pool, int(self.pool.head_num)
         epoch = self.pool.page_epoch[todo] + 1
         seg = dense_segment_bytes(pool.page_size, int(pool.head_dim))
         chunks = [np.arange(i, min(i + self.pages_per_job, todo.size)) for i in range(0, todo.size, self.pages_per_job)]
-        done, layers = 0, pool.layer_num
+        jobs: List[Tuple[int, np.ndarray, torch.Tensor]] = []
+        free, layers, stopped = self.client.free_slots, pool.layer_num, False
         for step in range(layers):
             layer = (self._next_layer + step) % layers
             q = self.window.queries(layer)
             if q is None:
                 continue
             for idx in chunks:
-                if self.client.free_slots == 0:
-                    self._next_layer = layer
-                    return done
-                sel = todo[idx]
-                heads = torch.arange(h, device=q.device).repeat(sel.size)
-                keys, values = (x.cpu() for x in gather(layer, sel))
-                segs = [SegmentKey(layer, hd, int(p), int(e)) for p, e in zip(sel, epoch[idx]) for hd in range(h)]
-                self._remember(layer, sel, epoch[idx], keys, values)
-                job = self.client.try_submit(
-                    segs, keys, values, q[heads], budget_bytes=seal_budget_bytes(len(segs), 0, seg, ratio),
-                    group_ids=heads.cpu(), reason=REASON_SEALED,
-                )  # fmt: skip
-                if job is None:
-                    self._next_layer = layer
-                    return done
-                done += len(segs)
-        self._next_layer = (self._next_layer + 1) % layers
+                if len(jobs) == free:
+                    self._next_layer, stopped = layer, True
+                    break
+                jobs.append((layer, idx, q))
+            if stopped:
+                break
+        if not stopped:
+            self._next_layer = (self._next_layer + 1) % layers
+        device_parts: List[torch.Tensor] = []
+        for layer, idx, q in jobs:
+            heads = torch.arange(h, device=q.device).repeat(idx.size)
+            device_parts.extend(gather(layer, todo[idx]))
+            device_parts.append(q[heads])
+        host = to_host(device_parts)
+        done = 0
+        for j, (layer, idx, _) in enumerate(jobs):
+            keys, values, queries = host[3 * j : 3 * j + 3]
+            sel = todo[idx]
+            segs = [SegmentKey(layer, hd, int(p), int(e)) for p, e in zip(sel, epoch[idx]) for hd in range(h)]
+            self._remember(layer, sel, epoch[idx], keys, values)
+            job = self.client.try_submit(
+                segs, keys, values, queries, budget_bytes=seal_budget_bytes(len(segs), 0, seg, ratio),
+                group_ids=torch.arange(h).repeat(sel.size), reason=REASON_SEALED,
+            )  # fmt: skip
+            if job is None:
+                self._next_layer = layer
+                return done
+            done += len(segs)
         return done
 
     # --- host copies (shadow) -------------------------------------------------------------------------------------
@@ -274,9 +319,9 @@ class SidecarBridge:
         """Host copies of every layer of pages about to be sealed that several requests read, queued for
         re-segmentation."""
         epochs = self.pool.page_epoch[pages] + 1
+        host = to_host([x for layer in range(self.pool.layer_num) for x in gather(layer, pages)])
         for layer in range(self.pool.layer_num):
-            keys, values = (x.cpu() for x in gather(layer, pages))
-            self._remember(layer, pages, epochs, keys, values)
+            self._remember(layer, pages, epochs, host[2 * layer], host[2 * layer + 1])
         self._queue(pages, epochs)
 
     def _queue(self, pages: np.ndarray, epochs: np.ndarray) -> None:
@@ -325,7 +370,14 @@ class SidecarBridge:
         (whole pages of one layer each) while slots are free; returns the jobs submitted."""
         if self._closed:
             return 0
-        self.tick(IDLE_TICK_MS)
+        t0 = time.perf_counter()
+        try:
+            return self._on_idle()
+        finally:
+            self.idle_seconds += time.perf_counter() - t0
+
+    def _on_idle(self) -> int:
+        self._tick(IDLE_TICK_MS)
         submitted = 0
         while submitted < IDLE_JOBS and len(self.queue) and self.client.free_slots and not self.client.disabled:
             for job in self.queue.next_slice(self.pages_per_job):
@@ -373,6 +425,13 @@ class SidecarBridge:
         returns the jobs applied."""
         if self._closed:
             return 0
+        t0 = time.perf_counter()
+        try:
+            return self._tick(budget_ms)
+        finally:
+            self.tick_seconds += time.perf_counter() - t0
+
+    def _tick(self, budget_ms: Optional[float]) -> int:
         applied = 0
         for outcome in self.client.tick(budget_ms):
             applied += self._apply(outcome)
@@ -421,5 +480,6 @@ class SidecarBridge:
         c = self.counters()
         return (f"sidecar: {c.queue_depth} jobs queued, {self.plans_applied} plans applied ({self.segments_applied} "
                 f"segments), {self.plans_discarded} discarded, {self.segments_skipped} segments kept fast plans "
-                f"(queue full), {c.restarts} restarts" + ("" if self.resegment else ", resegment off"))
+                f"(queue full), {c.restarts} restarts, {1e3 * (self.tick_seconds + self.submit_seconds):.0f} ms "
+                f"scheduler time before forwards" + ("" if self.resegment else ", resegment off"))
 

@@ -68,8 +68,10 @@ def test_sealed_pages_get_the_exact_planner_s_plans_within_the_fast_budget():
         assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
         reserved = pool.arena_ledger.reserved
         assert bridge.segments_submitted == pages.size * H_KV * LAYERS and bridge.segments_skipped == 0
+        assert bridge.submit_seconds > 0 and bridge.tick_seconds == 0
         bridge.drain(DRAIN_S)
         assert bridge.plans_applied == LAYERS and bridge.plans_discarded == 0
+        assert bridge.tick_seconds > 0 and bridge.idle_seconds == 0
         assert pool.arena_ledger.reserved == reserved > 0
         seg = dense_segment_bytes(S, pool.head_dim)
         heads = torch.arange(H_KV).repeat(pages.size)
