@@ -26,7 +26,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -274,7 +274,7 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
         mosaic_bw_fraction_of_copy=(mosaic_bytes / (t_full * 1e-3)) / copy_bw,
         mix=mix, check=check,
     )  # fmt: skip
-    del kv, arena, tok, k_all, v_all
+    kv = arena = tok = k_all = v_all = None  # free the cache before the next case (the closures hold these names)
     torch.cuda.empty_cache()
     return row
 
