@@ -10,8 +10,8 @@
 #            (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect mid-prefill)
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
 #            256 out, rate inf) against stock SGLang (flashinfer), then mosaic-r3 (sidecar on), one server at a time;
-#            then 2 prefill and 5 decode steps of each under torch's profiler (bench.profile_summary: GPU busy vs span,
-#            per kernel)
+#            then 1 prefill and 3 decode steps of each under torch's profiler, GPU kernels only
+#            (bench.profile_summary: GPU busy vs span, per kernel)
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
@@ -22,6 +22,11 @@
 #            600k tokens only at ratio 3, and sealed pages reached 2.55 in the 2026-11-30 soak, so it fills once about
 #            510k tokens are sealed, while the dense hot pool (~49k) plus that is still under the 600k logical slots:
 #            the arena, not the token count, is the limit (at a 50k cap the hot pool alone was most of the slots)
+#
+# Run a step under `timeout -s TERM N` a little under the device call's limit: on TERM the step stops and its results
+# are still packed. FlashInfer's JIT cache (~/.cache/flashinfer: minutes of nvcc on a fresh machine, 75 s for its
+# sampling module alone) comes back as $OUT/flashinfer-cache.tgz when it is at most 60 MB; carried into the tree
+# as .device-jit/flashinfer-cache.tgz, it is restored before the next step starts.
 set -euo pipefail
 step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar}"
 out="${OUT:?}/$step"
@@ -35,8 +40,20 @@ pack_results() {  # on exit, also a failed one: the device tool brings back a li
   find "${HOME}/.cache" "${HOME}/.nv" /tmp/torchinductor_* -type f -newer "$start_marker" ! -path "$out/*" \
     -printf '%TT %s %p\n' 2>/dev/null | sort > "$out/jit-caches.txt" || true
   tar czf "$OUT/$step.tgz" -C "$OUT" "$step" && rm -rf "$out" && echo "results in $OUT/$step.tgz"
+  if [ -d "${HOME}/.cache/flashinfer" ]; then
+    tar czf "$OUT/flashinfer-cache.tgz" -C "$HOME/.cache" flashinfer
+    if [ "$(stat -c %s "$OUT/flashinfer-cache.tgz")" -gt $((60 << 20)) ]; then
+      echo "flashinfer cache $(du -sh "$OUT/flashinfer-cache.tgz" | cut -f1) compressed: too large to bring back"
+      rm -f "$OUT/flashinfer-cache.tgz"
+    fi
+  fi
 }
 trap pack_results EXIT
+trap 'echo "step $step stopped (TERM) after $((SECONDS - t_start)) s" >&2; exit 143' TERM
+if [ -f .device-jit/flashinfer-cache.tgz ]; then
+  mkdir -p "$HOME/.cache" && tar xzf .device-jit/flashinfer-cache.tgz -C "$HOME/.cache" \
+    && echo "restored FlashInfer's JIT cache ($(find "$HOME/.cache/flashinfer" -name '*.so' | wc -l) modules)"
+fi
 left() { echo $(( ${BUDGET_S:-540} - (SECONDS - t_start) )); }
 
 wait_ready() {  # wait_ready <port> <timeout s>
@@ -67,9 +84,10 @@ wait_log() {  # wait_log <file> <pattern> <timeout s>: until a server log shows 
   done
 }
 
-start_profile() {  # start_profile <port> <dir> <steps>: SGLang's torch profiler for the next <steps> steps
+start_profile() {  # start_profile <port> <dir> <steps>: SGLang's torch profiler, GPU kernels only, next <steps> steps
+  # (with CPU activities 2 prefill steps of the 8B shape made a trace of over 64 MB that took more than 90 s to write)
   curl -s -m 120 "http://127.0.0.1:$1/start_profile" -H 'Content-Type: application/json' \
-    -d "{\"output_dir\": \"$2\", \"num_steps\": $3, \"activities\": [\"CPU\", \"GPU\"]}" || true
+    -d "{\"output_dir\": \"$2\", \"num_steps\": $3, \"activities\": [\"GPU\"]}" || true
   echo
 }
 
@@ -80,15 +98,13 @@ wait_trace() {  # wait_trace <dir>: until SGLang has written the profile's trace
   until [ "$size" = "$(du -sb "$1" | cut -f1)" ]; do size=$(du -sb "$1" | cut -f1); sleep 1; done  # written out
 }
 
-summarize_profile() {  # summarize_profile <dir> <name>: GPU kernels and CPU ops of the trace, then drop it (too large)
+summarize_profile() {  # summarize_profile <dir> <name>: GPU kernels of the trace, then drop it (too large)
   python3 -m bench.profile_summary "$1"/*.trace.json.gz --json "$out/profile-$2.json" > "$out/profile-$2.txt" 2>&1 \
-    || true
-  python3 -m bench.profile_summary "$1"/*.trace.json.gz --category cpu_op --top 40 > "$out/profile-$2-cpu.txt" 2>&1 \
     || true
   rm -rf "$1"
 }
 
-profile_steps() {  # profile_steps <port> <server log> <name>: 2 prefill and 5 decode steps under torch's profiler
+profile_steps() {  # profile_steps <port> <server log> <name>: 1 prefill and 3 decode steps under torch's profiler
   # on a separate short load after the benchmark (exporting a trace blocks the scheduler for seconds): 16 requests
   # of 8,000 tokens; the prefill profile starts with the load, the decode one once the log shows a decode batch of
   # 8 or more (the load's; the benchmark's lines come before it); summaries at the end (reading a trace takes seconds)
@@ -97,14 +113,14 @@ profile_steps() {  # profile_steps <port> <server log> <name>: 2 prefill and 5 d
     > "$out/profile-$name.load.log" 2>&1 &
   load=$!
   seen=$(wc -l < "$log")
-  start_profile "$port" "$dir-prefill" 2 > "$out/profile-$name-prefill.response.txt"
+  start_profile "$port" "$dir-prefill" 1 > "$out/profile-$name-prefill.response.txt"
   wait_trace "$dir-prefill" || echo "profile $name: no prefill trace" >&2
   deadline=$((SECONDS + 120))
   until tail -n +$((seen + 1)) "$log" | grep -qE "Decode batch, #running-req: ([89]|[1-9][0-9])"; do
     [ $SECONDS -lt $deadline ] || { echo "profile $name: no decode batch" >&2; break; }
     sleep 0.5
   done
-  start_profile "$port" "$dir-decode" 5 > "$out/profile-$name-decode.response.txt"
+  start_profile "$port" "$dir-decode" 3 > "$out/profile-$name-decode.response.txt"
   wait_trace "$dir-decode" || echo "profile $name: no decode trace" >&2
   wait "$load" || true
   summarize_profile "$dir-prefill" "$name-prefill"
