@@ -5,7 +5,8 @@
 consecutive decode steps, prefill steps excluded. Scrape ``/metrics`` before and after a load
 (``curl -s http://127.0.0.1:30000/metrics > before.txt``), then ``python -m bench.decode_steps before.txt
 after.txt``: the load's decode step p50 / p90 / p99 (Prometheus's ``histogram_quantile``, linear within the 5%-wide
-buckets), summed over the server's schedulers.
+buckets), summed over the server's schedulers, and the scheduler time the sidecar took before forwards meanwhile
+(``sglang:mosaic_sidecar_step_seconds_total``; prefill steps included, so its per-step figure is an upper bound).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mosaickv_sglang.step_timer import histogram_quantile
 
 METRIC = "sglang:mosaic_decode_step_seconds"
 QUANTILES = (0.5, 0.9, 0.99)
+SIDECAR_METRIC = "sglang:mosaic_sidecar_step_seconds_total"
 
 
 def read_buckets(text: str) -> Dict[float, float]:
@@ -38,8 +40,17 @@ def read_buckets(text: str) -> Dict[float, float]:
     return out
 
 
+def read_counter(text: str, name: str) -> Optional[float]:
+    """A counter's value in a ``/metrics`` text (``name`` with its ``_total``), summed over its label sets; ``None``
+    when the server has no such series."""
+    values = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+              if sample.name == name]  # fmt: skip
+    return sum(values) if values else None
+
+
 def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTILES) -> Dict[str, Optional[float]]:
-    """The quantiles (seconds) and the step count of the steps counted between two scrapes."""
+    """The quantiles (seconds) and the step count of the steps counted between two scrapes, and the scheduler
+    time the sidecar bridge took before forwards meanwhile (``sidecar_s``; ``None`` with the sidecar off)."""
     b, a = read_buckets(before), read_buckets(after)
     if not a:
         raise ValueError(f"after: expected a {METRIC} histogram (a --kv-compressor mosaic server with "
@@ -51,6 +62,8 @@ def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTIL
     out: Dict[str, Optional[float]] = {f"p{round(q * 100):d}": histogram_quantile(q, tuple(bounds), counts)
                                        for q in quantiles}  # fmt: skip
     out["steps"] = counts[-1] if counts else 0.0
+    sb, sa = read_counter(before, SIDECAR_METRIC), read_counter(after, SIDECAR_METRIC)
+    out["sidecar_s"] = None if sa is None else sa - (sb or 0.0)
     return out
 
 
@@ -68,7 +81,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         print(json.dumps(got))
     else:
-        ms = "  ".join(f"{k} {'-' if v is None else f'{v * 1e3:.2f} ms'}" for k, v in got.items() if k != "steps")
+        ms = "  ".join(f"{k} {'-' if v is None else f'{v * 1e3:.2f} ms'}" for k, v in got.items()
+                       if k.startswith("p"))  # fmt: skip
+        sidecar = got["sidecar_s"]
+        if sidecar is not None:
+            per_step = f", {sidecar * 1e3 / got['steps']:.2f} ms per decode step" if got["steps"] else ""
+            ms += f"  sidecar before forwards {sidecar * 1e3:.1f} ms{per_step}"
         print(f"decode steps {int(got['steps'])}  {ms}")
     return 0
 

@@ -28,7 +28,7 @@
 # sampling module alone) comes back as $OUT/flashinfer-cache.tgz when it is at most 60 MB; carried into the tree
 # as .device-jit/flashinfer-cache.tgz, it is restored before the next step starts.
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar}"
+step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar|sidecar-itl}"
 out="${OUT:?}/$step"
 mkdir -p "$out"
 export MOSAICKV_CACHE=/tmp/mkv/cache
@@ -192,16 +192,22 @@ case "$step" in
       > "$out/soak.log" 2>&1 || echo "soak rc=$?"
     triton_kernels > "$out/triton-cache-after.txt"
     ;;
-  sidecar)
+  sidecar|sidecar-itl)
     # issue #5: three mosaic r3 servers side by side (sidecar off / sidecar on without re-segmentation / sidecar on):
     # shared-context accuracy on all three at once, then decode ITL under a shared-prefix load on "off" and "on",
     # each measured while the other servers sit idle; sidecar CPU time from ps before and after.
+    # sidecar-itl: only "off" and "on", only the ITL loads (a short check, about 3 minutes on a fresh machine).
     # SGLang sizes a pool as (free memory) - (1 - fraction) * (total memory), so servers sharing a GPU start one
     # after another (each once the previous one has allocated its pool), with growing fractions (~25 GB each).
     M="$(bash bench/device_smollm2.sh)"
-    names=(sc0 rs0 on); extra=("--mosaic-sidecar off" "--mosaic-resegment off" ""); fractions=(0.2 0.4 0.6)
+    if [ "$step" = sidecar ]; then
+      names=(sc0 rs0 on); extra=("--mosaic-sidecar off" "--mosaic-resegment off" ""); fractions=(0.2 0.4 0.6)
+    else
+      names=(sc0 on); extra=("--mosaic-sidecar off" ""); fractions=(0.2 0.4)
+    fi
+    last=$(( ${#names[@]} - 1 ))
     pids=()
-    for i in 0 1 2; do
+    for i in $(seq 0 $last); do
       # shellcheck disable=SC2086
       python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
         --disable-prefill-cuda-graph --disable-decode-cuda-graph --mem-fraction-static "${fractions[$i]}" \
@@ -210,18 +216,20 @@ case "$step" in
       pids+=($!)
       wait_log "$out/mosaic-r3-${names[$i]}.server.log" "Memory pool end" 180
     done
-    for i in 0 1 2; do wait_ready $((30000 + i)) 300; done
+    for i in $(seq 0 $last); do wait_ready $((30000 + i)) 300; done
     ps_sidecars > "$out/ps-start.txt"
-    acc=()
-    for i in 0 1 2; do
-      python3 -m bench.shared_context --url "http://127.0.0.1:$((30000 + i))" --label "mosaic-r3-${names[$i]}" \
-        --lengths 2048 4096 --samples 4 --tokenizer "$M" --reader-pause 1.0 \
-        --out "$out/shared-${names[$i]}.json" > "$out/shared-${names[$i]}.log" 2>&1 &
-      acc+=($!)
-    done
-    for j in "${acc[@]}"; do wait "$j" || echo "shared_context rc=$?"; done
-    ps_sidecars > "$out/ps-after-accuracy.txt"
-    for i in 0 2; do
+    if [ "$step" = sidecar ]; then
+      acc=()
+      for i in 0 1 2; do
+        python3 -m bench.shared_context --url "http://127.0.0.1:$((30000 + i))" --label "mosaic-r3-${names[$i]}" \
+          --lengths 2048 4096 --samples 4 --tokenizer "$M" --reader-pause 1.0 \
+          --out "$out/shared-${names[$i]}.json" > "$out/shared-${names[$i]}.log" 2>&1 &
+        acc+=($!)
+      done
+      for j in "${acc[@]}"; do wait "$j" || echo "shared_context rc=$?"; done
+      ps_sidecars > "$out/ps-after-accuracy.txt"
+    fi
+    for i in 0 $last; do
       curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-before-itl-${names[$i]}.txt" || true
       timeout 100 python3 -m sglang.bench_serving --backend sglang --host 127.0.0.1 --port $((30000 + i)) \
         --model "$M" --tokenizer "$M" --dataset-name generated-shared-prefix --gsp-num-groups 4 \
@@ -234,10 +242,12 @@ case "$step" in
       python3 -m bench.decode_steps "$out/metrics-before-itl-${names[$i]}.txt" \
         "$out/metrics-after-itl-${names[$i]}.txt" > "$out/decode-steps-${names[$i]}.txt" 2>&1 || true
     done
-    for i in 0 1 2; do curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true; done
+    for i in $(seq 0 $last); do
+      curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true
+    done
     # issue #8's request cases against the sidecar-on server (the defaults users get)
-    [ -n "${SKIP_BAD_INPUT:-}" ] || python3 -m bench.bad_input --url http://127.0.0.1:30002 \
-      --out "$out/bad-input.json" > "$out/bad-input.log" 2>&1 || echo "bad_input rc=$?"
+    [ "$step" = sidecar-itl ] || [ -n "${SKIP_BAD_INPUT:-}" ] || python3 -m bench.bad_input \
+      --url http://127.0.0.1:30002 --out "$out/bad-input.json" > "$out/bad-input.log" 2>&1 || echo "bad_input rc=$?"
     kill "${pids[@]}" 2>/dev/null || true
     ;;
   sweep)
