@@ -5,8 +5,9 @@
 consecutive decode steps, prefill steps excluded. Scrape ``/metrics`` before and after a load
 (``curl -s http://127.0.0.1:30000/metrics > before.txt``), then ``python -m bench.decode_steps before.txt
 after.txt``: the load's decode step p50 / p90 / p99 (Prometheus's ``histogram_quantile``, linear within the 5%-wide
-buckets), summed over the server's schedulers, and the scheduler time the sidecar took before forwards meanwhile
-(``sglang:mosaic_sidecar_step_seconds_total``; prefill steps included, so its per-step figure is an upper bound).
+buckets), summed over the server's schedulers, and the scheduler time sealing and the sidecar took meanwhile
+(``sglang:mosaic_seal_seconds_total``, ``sglang:mosaic_sidecar_step_seconds_total``; prefill steps included, so a
+per-step figure is an upper bound).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from mosaickv_sglang.step_timer import histogram_quantile
 METRIC = "sglang:mosaic_decode_step_seconds"
 QUANTILES = (0.5, 0.9, 0.99)
 SIDECAR_METRIC = "sglang:mosaic_sidecar_step_seconds_total"
+SEAL_SECONDS_METRIC = "sglang:mosaic_seal_seconds_total"
+SEAL_CALLS_METRIC = "sglang:mosaic_seal_calls_total"
 
 
 def read_buckets(text: str) -> Dict[float, float]:
@@ -49,8 +52,9 @@ def read_counter(text: str, name: str) -> Optional[float]:
 
 
 def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTILES) -> Dict[str, Optional[float]]:
-    """The quantiles (seconds) and the step count of the steps counted between two scrapes, and the scheduler
-    time the sidecar bridge took before forwards meanwhile (``sidecar_s``; ``None`` with the sidecar off)."""
+    """The quantiles (seconds) and the step count of the steps counted between two scrapes, and meanwhile the
+    scheduler time the sidecar bridge took before forwards (``sidecar_s``; ``None`` with the sidecar off) and the
+    sealing calls and their time (``seal_calls``, ``seal_s``; prefill steps included in all three)."""
     b, a = read_buckets(before), read_buckets(after)
     if not a:
         raise ValueError(f"after: expected a {METRIC} histogram (a --kv-compressor mosaic server with "
@@ -62,8 +66,10 @@ def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTIL
     out: Dict[str, Optional[float]] = {f"p{round(q * 100):d}": histogram_quantile(q, tuple(bounds), counts)
                                        for q in quantiles}  # fmt: skip
     out["steps"] = counts[-1] if counts else 0.0
-    sb, sa = read_counter(before, SIDECAR_METRIC), read_counter(after, SIDECAR_METRIC)
-    out["sidecar_s"] = None if sa is None else sa - (sb or 0.0)
+    counters = (("sidecar_s", SIDECAR_METRIC), ("seal_s", SEAL_SECONDS_METRIC), ("seal_calls", SEAL_CALLS_METRIC))
+    for key, name in counters:
+        b_val, a_val = read_counter(before, name), read_counter(after, name)
+        out[key] = None if a_val is None else a_val - (b_val or 0.0)
     return out
 
 
@@ -83,6 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         ms = "  ".join(f"{k} {'-' if v is None else f'{v * 1e3:.2f} ms'}" for k, v in got.items()
                        if k.startswith("p"))  # fmt: skip
+        if got["seal_s"] is not None:
+            ms += f"  sealing {got['seal_s'] * 1e3:.1f} ms in {int(got['seal_calls'] or 0)} calls"
         sidecar = got["sidecar_s"]
         if sidecar is not None:
             per_step = f", {sidecar * 1e3 / got['steps']:.2f} ms per decode step" if got["steps"] else ""

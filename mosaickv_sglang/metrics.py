@@ -110,6 +110,10 @@ class MosaicStats:
     pages_sealed, pressure_pages_sealed, pages_left_dense : int
         The sealer's totals since start (all pages sealed; of which for hot-pool pressure; left dense for want of
         arena room).
+    seal_calls : int
+        The sealer's :meth:`~mosaickv_sglang.sealer.Sealer.seal` calls since start.
+    seal_seconds : float
+        Scheduler time those calls took (planning and packing, device waits included).
     arena_reserved_fraction : float
         Arena ledger granules reserved / its capacity.
     free_hot_pages : int
@@ -128,6 +132,8 @@ class MosaicStats:
     pages_sealed: int
     pressure_pages_sealed: int
     pages_left_dense: int
+    seal_calls: int
+    seal_seconds: float
     arena_reserved_fraction: float
     free_hot_pages: int
     admissible_tokens: int
@@ -182,6 +188,8 @@ def collect_stats(sealer: "Sealer") -> MosaicStats:
         pages_sealed=int(sealer.pages_sealed),
         pressure_pages_sealed=int(sealer.pressure_pages_sealed),
         pages_left_dense=int(sealer.pages_left_dense),
+        seal_calls=int(sealer.seal_calls),
+        seal_seconds=float(sealer.seal_seconds),
         arena_reserved_fraction=ledger.reserved / max(1, ledger.capacity),
         free_hot_pages=int(pool.num_free_physical_pages),
         admissible_tokens=int(pool.admissible_tokens()),
@@ -227,6 +235,12 @@ METRICS: Tuple[MetricSpec, ...] = (
                "Pages sealed early because the hot pool ran short.", lambda st: st.pressure_pages_sealed),
     MetricSpec("sglang:mosaic_pages_left_dense_total", "counter",
                "Pages left dense because the arenas had no room.", lambda st: st.pages_left_dense),
+    MetricSpec("sglang:mosaic_seal_calls_total", "counter",
+               "Sealing calls (one fast-planner call and one pack each, whatever the number of pages).",
+               lambda st: st.seal_calls),
+    MetricSpec("sglang:mosaic_seal_seconds_total", "counter",
+               "Scheduler time spent sealing (planning and packing, device waits included).",
+               lambda st: st.seal_seconds),
     MetricSpec("sglang:mosaic_sidecar_queue_depth", "gauge", "Sidecar jobs in flight.",
                _sc(lambda sc: sc.counters.queue_depth)),
     MetricSpec("sglang:mosaic_sidecar_submitted_total", "counter", "Jobs accepted by the sidecar.",
@@ -264,7 +278,8 @@ METRICS: Tuple[MetricSpec, ...] = (
                "Scheduler time the sidecar bridge took before forwards (applying plans, submitting sealed pages).",
                _sc(lambda sc: sc.step_seconds)),
     MetricSpec("sglang:mosaic_sidecar_idle_seconds_total", "counter",
-               "Scheduler time the sidecar bridge took on idle ticks (re-segmentation).", _sc(lambda sc: sc.idle_seconds)),
+               "Scheduler time the sidecar bridge took on idle ticks (re-segmentation).",
+               _sc(lambda sc: sc.idle_seconds)),
 )  # fmt: skip
 STRATEGY_METRIC = "sglang:mosaic_strategy_segments"
 DECODE_STEP_METRIC = "sglang:mosaic_decode_step_seconds"

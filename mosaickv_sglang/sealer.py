@@ -168,6 +168,9 @@ class Sealer:
         Of which sealed for hot-pool pressure.
     pages_left_dense : int
         Pages that were to be sealed but stayed dense because the arenas had no room.
+    seal_calls, seal_seconds : int, float
+        Calls of :meth:`seal` (one planner call and one pack each, whatever the pages) and the scheduler time they
+        took, device waits included, the sidecar's copies excluded (those are the bridge's ``submit_seconds``).
     sidecar : SidecarBridge or None
         The CPU sidecar that refines sealed pages' plans (``None`` with ``--mosaic-sidecar off`` or before
         :meth:`attach_sidecar`): ticked before each forward, handed each sealed batch before it is packed.
@@ -188,6 +191,8 @@ class Sealer:
         self.pages_sealed = 0
         self.pressure_pages_sealed = 0
         self.pages_left_dense = 0
+        self.seal_calls = 0
+        self.seal_seconds = 0.0
         self.sidecar = None
         self._warned_arena = False
         self._logged_at = time.monotonic()
@@ -354,7 +359,7 @@ class Sealer:
 
     def seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> bool:
         """Plan and seal ``pages`` in every layer; when they do not fit, retry with a higher ratio, then with the sinks
-        compressed too, then leave them dense.
+        compressed too, then leave them dense. Counted in :attr:`seal_calls` and :attr:`seal_seconds`.
 
         Whether they fit is the arena ledger's decision (:class:`~mosaickv_sglang.pool.ArenaLedger`): it depends only
         on the pages, the sinks and the ratio, so every TP rank decides alike. An arena that is full although the
@@ -365,6 +370,16 @@ class Sealer:
         bool
             Whether the pages were sealed.
         """
+        t0 = time.perf_counter()
+        submitted0 = self.sidecar.submit_seconds if self.sidecar is not None else 0.0
+        try:
+            return self._seal(pages, sink_mask)
+        finally:
+            submitted = self.sidecar.submit_seconds - submitted0 if self.sidecar is not None else 0.0
+            self.seal_seconds += time.perf_counter() - t0 - submitted
+            self.seal_calls += 1
+
+    def _seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> bool:
         pool, ledger = self.pool, self.pool.arena_ledger
         ratio = float(pool.mosaic_config.compression_ratio)
         pages_t = torch.from_numpy(pages.astype(np.int64))

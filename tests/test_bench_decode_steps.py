@@ -12,7 +12,14 @@ pytest.importorskip("prometheus_client")
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
 
-from bench.decode_steps import METRIC, SIDECAR_METRIC, load_quantiles, main  # noqa: E402
+from bench.decode_steps import (  # noqa: E402
+    METRIC,
+    SEAL_CALLS_METRIC,
+    SEAL_SECONDS_METRIC,
+    SIDECAR_METRIC,
+    load_quantiles,
+    main,
+)
 from mosaickv_sglang.step_timer import DECODE_STEP_BUCKETS  # noqa: E402
 
 
@@ -42,26 +49,35 @@ def test_quantiles_of_the_steps_between_two_scrapes_over_two_schedulers(tmp_path
     assert json.loads(capsys.readouterr().out)["steps"] == 400
     assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
     assert capsys.readouterr().out.startswith("decode steps 400  p50 ")
-    assert got["sidecar_s"] is None  # sidecar off: no such counter
+    assert got["sidecar_s"] is None and got["seal_s"] is None  # no such counters in this scrape
 
 
 def test_sidecar_time_between_the_scrapes_summed_over_schedulers(tmp_path, capsys):
     registry = CollectorRegistry()
     hist = Histogram(METRIC, "decode steps", buckets=DECODE_STEP_BUCKETS, registry=registry)
     side = Counter(SIDECAR_METRIC.removesuffix("_total"), "sidecar", labelnames=["tp_rank"], registry=registry)
+    seal_s = Counter(SEAL_SECONDS_METRIC.removesuffix("_total"), "sealing", registry=registry)
+    seal_n = Counter(SEAL_CALLS_METRIC.removesuffix("_total"), "sealing calls", registry=registry)
     side.labels(tp_rank="0").inc(5.0)  # before the load
+    seal_s.inc(2.0)
+    seal_n.inc(7)
     before = _scrape(registry)
     for _ in range(200):
         hist.observe(0.03)
     side.labels(tp_rank="0").inc(0.25)
     side.labels(tp_rank="1").inc(0.15)
+    seal_s.inc(0.5)
+    seal_n.inc(3)
     after = _scrape(registry)
     got = load_quantiles(before, after)
     assert got["steps"] == 200 and got["sidecar_s"] == pytest.approx(0.4)
+    assert got["seal_s"] == pytest.approx(0.5) and got["seal_calls"] == 3
     (tmp_path / "b.txt").write_text(before)
     (tmp_path / "a.txt").write_text(after)
     assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
-    assert capsys.readouterr().out.rstrip().endswith("sidecar before forwards 400.0 ms, 2.00 ms per decode step")
+    out = capsys.readouterr().out.rstrip()
+    assert "  sealing 500.0 ms in 3 calls  " in out
+    assert out.endswith("sidecar before forwards 400.0 ms, 2.00 ms per decode step")
 
 
 def test_errors_name_the_scrape_at_fault(tmp_path, capsys):

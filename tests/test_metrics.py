@@ -157,6 +157,7 @@ def test_collect_stats_after_real_sealing_matches_the_plans_and_the_store():
     assert stats.bytes_per_token == pytest.approx((pool.store.bytes_used() + 2 * S * dense) / (6 * S))
     assert stats.bytes_per_token < dense
     assert (stats.pages_sealed, stats.pressure_pages_sealed, stats.pages_left_dense) == (4, 0, 0)
+    assert stats.seal_calls == 1 and stats.seal_seconds > 0  # one call for the four pages
     ledger = pool.arena_ledger
     assert stats.arena_reserved_fraction == ledger.reserved / ledger.capacity > 0
     assert stats.free_hot_pages == pool.num_free_physical_pages
@@ -202,7 +203,8 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
     expected = {"sidecar_queue_depth": 1, "sidecar_submitted_total": 12, "sidecar_completed_total": 10,
                 "sidecar_failed_total": 0, "resegmentations_total": 2, "plans_applied_total": 5,
                 "plans_discarded_total": 1, "segments_applied_total": 60, "pages_sealed_total": 4,
-                "sidecar_step_seconds_total": 0.75, "sidecar_idle_seconds_total": 1.0}  # fmt: skip
+                "sidecar_step_seconds_total": 0.75, "sidecar_idle_seconds_total": 1.0,
+                "seal_calls_total": 1}  # fmt: skip
     assert {k: got[_key(f"sglang:mosaic_{k}", LABELS)] for k in expected} == expected
 
 
