@@ -265,7 +265,8 @@ case "$step" in
     ;;
   8b)
     common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy
-            --mem-fraction-static 0.4 --disable-prefill-cuda-graph --disable-decode-cuda-graph --context-length 16384)
+            --mem-fraction-static 0.4 --disable-prefill-cuda-graph --disable-decode-cuda-graph --context-length 16384
+            --enable-metrics)
     bench=(--backend sglang --host 127.0.0.1 --model "$MKV_MODELS/llama-3.1-8b-shape"
            --tokenizer "$MKV_MODELS/llama-3.1-8b-shape" --dataset-name random-ids --num-prompts 32
            --random-input-len 8000 --random-output-len 256 --random-range-ratio 1.0)
@@ -285,8 +286,13 @@ case "$step" in
     mosaic_pid=$!
     wait_ready 30000 240
     curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r3.info.json" || true
+    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-bench-mosaic-r3.txt" || true
     timeout $(( $(left) - 80 )) python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
       --output-file "$out/bench-mosaic-r3.jsonl" > "$out/bench-mosaic-r3.log" 2>&1 || echo "mosaic bench rc=$?"
+    # decode step p50/p99 without prefill steps, and the time sealing and the sidecar took during the bench
+    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-bench-mosaic-r3.txt" || true
+    python3 -m bench.decode_steps "$out/metrics-before-bench-mosaic-r3.txt" "$out/metrics-after-bench-mosaic-r3.txt" \
+      > "$out/decode-steps-mosaic-r3.txt" 2>&1 || true
     profile_steps 30000 "$out/mosaic-r3.server.log" mosaic-r3 || echo "mosaic profile rc=$?"
     ps_sidecars > "$out/ps.txt"
     kill "$mosaic_pid" 2>/dev/null || true
