@@ -13,7 +13,10 @@ worker), and every submitted job ends exactly once as a :class:`JobOutcome`:
 * ``FAILED``: the planner raised in the worker (for example, an unreachable budget);
 * ``LOST``: the worker died (or hung past ``job_timeout_s``, or the client closed) while it owned the job.
 
-The client is single-threaded: call it from the scheduler thread only.
+Call it from the scheduler thread. Besides, a watchdog thread (every ``watchdog_s``) restarts a worker that died
+while the scheduler was not ticking (a long first-use compile, a long forward), so the sidecar is back within
+seconds whatever the scheduler does; the client's state is guarded by a lock that the scheduler's calls hold only
+while they run.
 
 Examples
 --------
@@ -32,6 +35,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -104,6 +108,9 @@ class SidecarConfig:
         :meth:`SidecarClient.close` waits this long for a clean exit before terminating the worker.
     parent_check_s : float
         How often an idle worker checks that its parent lives.
+    watchdog_s : float
+        How often the client's watchdog thread checks for a dead worker and restarts it when due, without waiting for
+        the scheduler's next tick (0: restarts happen on ticks only).
     job_delay_s : float
         Fault injection for tests: the worker sleeps this long before each job (0 in production).
     """
@@ -126,6 +133,7 @@ class SidecarConfig:
     job_timeout_s: float = 60.0
     shutdown_timeout_s: float = 2.0
     parent_check_s: float = 0.5
+    watchdog_s: float = 0.5
     job_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -136,7 +144,7 @@ class SidecarConfig:
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype: expected one of {[str(t) for t in KV_DTYPES]}, got {self.kv_dtype}")
         for name in ("restart_delay_s", "max_restart_delay_s", "start_timeout_s", "job_timeout_s",
-                     "shutdown_timeout_s", "parent_check_s", "job_delay_s"):
+                     "shutdown_timeout_s", "parent_check_s", "watchdog_s", "job_delay_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
@@ -328,6 +336,9 @@ class SidecarClient:
         self._start_failures = 0
         self._disabled = False
         self._closed = False
+        self._lock = threading.RLock()
+        self._stop_watchdog = threading.Event()
+        self._watchdog: Optional[threading.Thread] = None
         self._count: Dict[str, int] = {
             f: 0 for f in SidecarCounters.__dataclass_fields__ if f != "queue_depth"
         }
@@ -338,10 +349,28 @@ class SidecarClient:
         background, and jobs submitted meanwhile wait in their slots)."""
         if self._pool is not None:
             raise RuntimeError("start: expected a client not started yet, got one already started")
-        self._pool = SlotPool(SlotBuffers.allocate(self.config.slot_shape()))
-        self._spawn()
+        with self._lock:
+            self._pool = SlotPool(SlotBuffers.allocate(self.config.slot_shape()))
+            self._spawn()
         logger.info("MosaicKV sidecar started (pid %s, %d slots)", self.pid, self.config.num_slots)
+        if self.config.watchdog_s > 0:
+            self._watchdog = threading.Thread(target=self._watch, name="mosaickv-sidecar-watchdog", daemon=True)
+            self._watchdog.start()
         return self
+
+    def _watch(self) -> None:
+        """The watchdog thread: a dead worker is handled (its jobs end LOST) and restarted when its delay is due.
+        Only deaths: hangs and start timeouts are judged on the scheduler's ticks, once it has read the pipe."""
+        while not self._stop_watchdog.wait(self.config.watchdog_s):
+            with self._lock:
+                if self._closed:
+                    return
+                w = self._worker
+                if (w is None and self._restart_at is not None) or (w is not None and w.proc.exitcode is not None):
+                    try:
+                        self._check_worker(time.monotonic())
+                    except Exception:  # never let the watchdog die silently; the scheduler's ticks still restart
+                        logger.exception("MosaicKV sidecar watchdog")
 
     def __enter__(self) -> "SidecarClient":
         return self.start()
@@ -354,6 +383,14 @@ class SidecarClient:
     def close(self, timeout: Optional[float] = None) -> List[JobOutcome]:
         """Stop the worker: ``Shutdown``, then terminate, then kill, each after ``timeout`` (default
         ``config.shutdown_timeout_s``). Jobs still in flight end ``LOST``; their outcomes are returned."""
+        self._stop_watchdog.set()
+        with self._lock:
+            out = self._close(timeout)
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(5.0)
+        return out
+
+    def _close(self, timeout: Optional[float]) -> List[JobOutcome]:
         if self._closed:
             return []
         self._closed = True
@@ -456,20 +493,29 @@ class SidecarClient:
         if not isinstance(keys, torch.Tensor) or len(segs) != keys.shape[0]:
             got = keys.shape[0] if isinstance(keys, torch.Tensor) else type(keys).__name__
             raise ValueError(f"segments: expected one key per segment of keys ({got}), got {len(segs)}")
-        if self._disabled:
-            self._count["rejected_full"] += 1
-            return None
-        slot = self._pool.try_acquire()
-        if slot is None:
-            self._count["rejected_full"] += 1
-            return None
-        try:
+        with self._lock:
+            if self._disabled:
+                self._count["rejected_full"] += 1
+                return None
+            slot = self._pool.try_acquire()
+            if slot is None:
+                self._count["rejected_full"] += 1
+                return None
+        try:  # outside the lock: the copy is the slow part, and the slot is ours
             self._pool.buffers.write_inputs(
                 slot, keys, values, queries, importance=importance, group_ids=group_ids, always_dense=always_dense
             )
         except BaseException:
-            self._pool.release(slot)
+            with self._lock:
+                self._pool.release(slot)
             raise
+        with self._lock:
+            return self._enqueue(slot, segs, queries, ratio, budget_bytes, importance, group_ids, always_dense,
+                                 reason)  # fmt: skip
+
+    def _enqueue(self, slot: int, segs: Tuple[SegmentKey, ...], queries: torch.Tensor, ratio: Optional[float],
+                 budget_bytes: Optional[int], importance: Optional[SegmentImportance],
+                 group_ids: Optional[torch.Tensor], always_dense: Optional[torch.Tensor], reason: int) -> int:
         job_id = self._next_job_id
         self._next_job_id += 1
         cfg = self.config
@@ -494,14 +540,15 @@ class SidecarClient:
         Checks the worker (restarting it when dead or hung), hands queued jobs to it, reads replies and copies
         plans out of their slots. Returns the jobs that ended since the last call, by job id.
         """
-        if self._pool is None or self._closed:
-            return []
-        now = time.monotonic()
-        deadline = None if budget_ms is None else now + budget_ms / 1000.0
-        self._check_worker(now)
-        self._receive(deadline)
-        self._flush(time.monotonic())
-        out, self._finished = self._finished, []
+        with self._lock:
+            if self._pool is None or self._closed:
+                return []
+            now = time.monotonic()
+            deadline = None if budget_ms is None else now + budget_ms / 1000.0
+            self._check_worker(now)
+            self._receive(deadline)
+            self._flush(time.monotonic())
+            out, self._finished = self._finished, []
         return sorted(out, key=lambda o: o.job_id)
 
     def poll(self) -> List[JobOutcome]:
@@ -512,7 +559,9 @@ class SidecarClient:
         """Block up to ``timeout`` seconds until the worker is ready (startup and tests, not the scheduler loop)."""
         end = time.monotonic() + timeout
         while not self.is_ready and time.monotonic() < end:
-            self._finished.extend(self.tick())
+            ended = self.tick()  # evaluated first: tick() replaces the list, so extend the current one after it
+            with self._lock:
+                self._finished.extend(ended)
             self._wait_io(0.05)
         return self.is_ready
 

@@ -211,3 +211,46 @@ def test_worker_thread_pools_are_capped_through_its_environment():
         assert {k: os.environ.get(k) for k in before} == before
     finally:
         client.close()
+
+
+def test_watchdog_restarts_a_dead_worker_while_the_scheduler_does_not_tick():
+    """A scheduler stuck for long (a first-use compile) does not tick: the client's watchdog thread still notices a
+    killed worker and starts a new one within seconds; the next tick returns the in-flight job as LOST, exactly once."""
+    client = SidecarClient(tiny_config(num_slots=2, job_delay_s=2.0, watchdog_s=0.1))
+    with client:
+        assert client.wait_ready(READY_TIMEOUT_S)
+        old_pid = client.pid
+        job, _ = _submit(client, seed=90, n=2)
+        os.kill(old_pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        while client.counters.restarts == 0 and time.monotonic() - t_kill < 5.0:
+            time.sleep(0.02)  # no tick
+        assert client.counters.restarts == 1, "the watchdog did not restart the worker within 5 s"
+        assert client.pid not in (None, old_pid) and client.is_alive and _pid_gone(old_pid)
+        outs = client.tick()
+        assert [(o.job_id, o.status) for o in outs] == [(job, JobStatus.LOST)]
+        assert client.tick() == [] and client.free_slots == 2
+        assert client.wait_ready(READY_TIMEOUT_S)
+        job2, _ = _submit(client, seed=91, n=2)
+        assert [(o.job_id, o.status) for o in client.drain(30.0)] == [(job2, JobStatus.OK)]
+        last_pid = client.pid
+    assert _pid_gone(last_pid) and client._watchdog is not None and not client._watchdog.is_alive()
+
+
+def test_without_watchdog_a_dead_worker_waits_for_a_tick():
+    """``watchdog_s=0``: a killed worker stays down until the scheduler ticks; that tick ends its job LOST and the
+    restart follows on the next ticks."""
+    client = SidecarClient(tiny_config(num_slots=2, job_delay_s=2.0, watchdog_s=0.0))
+    with client:
+        assert client.wait_ready(READY_TIMEOUT_S) and client._watchdog is None
+        old_pid = client.pid
+        job, _ = _submit(client, seed=92, n=2)
+        os.kill(old_pid, signal.SIGKILL)
+        time.sleep(1.0)
+        assert client.counters.restarts == 0 and client.pid == old_pid  # nobody looked
+        assert [(o.job_id, o.status) for o in client.tick()] == [(job, JobStatus.LOST)]
+        t0 = time.monotonic()
+        while client.counters.restarts == 0 and time.monotonic() - t0 < 5.0:
+            assert client.tick() == []
+            time.sleep(0.02)
+        assert client.counters.restarts == 1 and client.pid not in (None, old_pid)
