@@ -272,7 +272,7 @@ class Sealer:
 
     def maybe_log_status(self, now: Optional[float] = None) -> None:
         """Every :data:`STATUS_LOG_INTERVAL` seconds in which pages were sealed, one INFO line: pages sealed (under
-        pressure, left dense), arena room used, the tokens the pool can still take, the compression ratio of the sealed
+        pressure, left dense), the sealing calls and their time since start, arena room used, the tokens the pool can still take, the compression ratio of the sealed
         segments and, with the sidecar, its queue depth, the plans applied and discarded and the re-segmentations
         (``resegment off`` with ``--mosaic-resegment off``)."""
         now = time.monotonic() if now is None else now
@@ -288,9 +288,9 @@ class Sealer:
                 f"{self.sidecar.plans_discarded} discarded, {reseg}"
             )
         logger.info(
-            "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room), arena "
-            "%.1f%% reserved, %d free hot pages, room for %d more tokens, compression ratio %.2f%s",
-            self.pages_sealed, self.pressure_pages_sealed, self.pages_left_dense,
+            "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room) in %d calls "
+            "(%.1f s), arena %.1f%% reserved, %d free hot pages, room for %d more tokens, compression ratio %.2f%s",
+            self.pages_sealed, self.pressure_pages_sealed, self.pages_left_dense, self.seal_calls, self.seal_seconds,
             100.0 * ledger.reserved / max(1, ledger.capacity), self.pool.num_free_physical_pages,
             self.pool.admissible_tokens(), self.pool.store.compression_ratio(), sidecar,
         )  # fmt: skip
