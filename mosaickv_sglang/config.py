@@ -132,6 +132,15 @@ OPTIONS: tuple[Option, ...] = (
         "without the sidecar nothing is re-planned.",
         choices=("on", "off"),
     ),
+    Option(
+        "cuda_graph",
+        "--mosaic-cuda-graph",
+        _parse_on_off,
+        False,
+        "MosaicKV: capture decode steps in CUDA graphs ('on' or 'off'). Experimental, not yet verified on a GPU; "
+        "prefill graphs stay off.",
+        choices=("on", "off"),
+    ),
 )
 
 OPTION_BY_FIELD = {o.field: o for o in OPTIONS}
@@ -160,6 +169,8 @@ class MosaicKVConfig:
         Whether the CPU planning sidecar runs.
     resegment:
         Whether the sidecar also re-plans prefix-shared pages on idle ticks; no effect without the sidecar.
+    cuda_graph:
+        Whether decode steps may run in CUDA graphs (experimental); off keeps --disable-decode-cuda-graph forced.
     """
 
     compressor: str = "none"
@@ -170,6 +181,7 @@ class MosaicKVConfig:
     decode_read_budget: int = 4096
     sidecar: bool = True
     resegment: bool = True
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("compressor", self.compressor, COMPRESSORS)
@@ -190,6 +202,8 @@ class MosaicKVConfig:
             _fail("sidecar", "'on' or 'off'", self.sidecar)
         if not isinstance(self.resegment, bool):
             _fail("resegment", "'on' or 'off'", self.resegment)
+        if not isinstance(self.cuda_graph, bool):
+            _fail("cuda_graph", "'on' or 'off'", self.cuda_graph)
 
     @property
     def enabled(self) -> bool:

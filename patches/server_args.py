@@ -54,13 +54,16 @@ def add_mosaic_cli_args(result: Any, parser: argparse.ArgumentParser) -> None:
 
 def serving_defaults(config: MosaicKVConfig, given: Callable[[str], Any]) -> dict[str, Any]:
     """ServerArgs values ``--kv-compressor mosaic`` implies, for the fields the user left unset (``given(field)`` is
-    ``None``): the page size (the segment size) and :data:`seam.SERVING_DEFAULTS`."""
+    ``None``): the page size (the segment size) and :data:`seam.SERVING_DEFAULTS` (``--mosaic-cuda-graph on``
+    leaves decode CUDA graphs alone)."""
     if not config.enabled:
         return {}
     out: dict[str, Any] = {}
     if given("page_size") is None:
         out["page_size"] = config.segment_size
     for field, (value, _why) in seam.SERVING_DEFAULTS.items():
+        if field == "disable_decode_cuda_graph" and config.cuda_graph:
+            continue
         if not given(field):
             out[field] = value
     return out

@@ -91,6 +91,11 @@ BAD_STARTUP_CASES = [
                r"^--mosaic-sidecar: expected 'on' or 'off', got 1$"),
     BadStartup("resegment-not-on-off", [*MOSAIC, "--mosaic-resegment", "maybe"], {**ON, "mosaic_resegment": "maybe"},
                r"^--mosaic-resegment: expected 'on' or 'off', got 'maybe'$"),
+    BadStartup("cuda-graph-not-on-off", [*MOSAIC, "--mosaic-cuda-graph", "yes"], {**ON, "mosaic_cuda_graph": "yes"},
+               r"^--mosaic-cuda-graph: expected 'on' or 'off', got 'yes'$"),
+    BadStartup("cuda-graph-without-compressor", ["--mosaic-cuda-graph", "on"], {"mosaic_cuda_graph": "on"},
+               r"^--mosaic-cuda-graph: expected together with --kv-compressor mosaic, got --kv-compressor none; "
+               r"add --kv-compressor mosaic or drop --mosaic-cuda-graph$"),
     BadStartup("resegment-without-compressor", ["--mosaic-resegment", "off"], {"mosaic_resegment": "off"},
                r"^--mosaic-resegment: expected together with --kv-compressor mosaic, got --kv-compressor none; "
                r"add --kv-compressor mosaic or drop --mosaic-resegment$"),
