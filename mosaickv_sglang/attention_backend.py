@@ -18,16 +18,17 @@ buffers. The backend follows SGLang 0.5.17's ``AttentionBackend`` contract with 
 Decode reads at most ``decode_read_budget // S`` sealed segments per request and KV head (``0`` = all; the dense tail
 is always read; ``FLAG_ALWAYS_READ`` sink segments rank first). Extend reads every prefix segment.
 
-Not supported (each raises ``NotImplementedError``): CUDA graphs (``--kv-compressor mosaic`` turns decode and prefill
-graphs off), speculative decoding modes (target verify / draft extend), cross-attention, sliding-window layers,
+Decode CUDA graphs (``--mosaic-cuda-graph on``, experimental) use static buffers: see :class:`_GraphState`. Not
+supported (each raises ``NotImplementedError``): prefill CUDA graphs, decode CUDA graphs unless ``--mosaic-cuda-graph
+on``, speculative decoding modes (target verify / draft extend), cross-attention, sliding-window layers,
 ``qk_head_dim != v_head_dim``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -48,8 +49,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["MosaicAttnBackend", "MosaicForwardMetadata", "create_mosaic_backend"]
 
 _CUDA_GRAPH_MSG = (
-    "MosaicAttnBackend: CUDA graphs are not supported yet; pass --disable-decode-cuda-graph (--kv-compressor mosaic "
-    "sets it unless told otherwise)"
+    "MosaicAttnBackend: decode CUDA graphs need --mosaic-cuda-graph on (experimental); otherwise pass "
+    "--disable-decode-cuda-graph (--kv-compressor mosaic sets it unless told otherwise)"
 )
 
 
@@ -83,6 +84,45 @@ class MosaicForwardMetadata:
     write_loc: Optional[torch.Tensor] = None  # out_cache_loc the plan was made for (logical slots)
     write_slots: Optional[torch.Tensor] = None  # its physical slots (pool.physical_slots), valid at pool_version
     pool_version: int = -1
+    # --- CUDA-graph decode: every tensor above is a view of _GraphState's static buffers ---
+    graph: bool = False
+    ring_rows: Optional[torch.Tensor] = None  # [B] int64: QueryWindow ring row of each batch row (observe_rows)
+
+
+@dataclass
+class _GraphState:
+    """Static buffers of CUDA-graph decode, allocated once by :meth:`MosaicAttnBackend.init_cuda_graph_state`.
+
+    A captured kernel keeps the addresses it was captured with, so every tensor a decode layer reads lives here and
+    the out-of-graph step (:meth:`MosaicAttnBackend._plan_decode_graph`, host work as in eager decode: sealing,
+    physical pages, ``pool.decode_metadata_rows``) copies the batch's metadata into them in place. The metadata of a
+    batch of ``B <= max_bs`` rows are prefix views (``[:B]``, same ``data_ptr``) of these buffers, so capture and
+    replay of the same padded size see the same addresses.
+
+    Fixed shapes: ``M = ceil(context_len / S)`` segment columns (every request fits), read budget
+    ``read_budget_segments(M)`` (segments beyond a request's count score ``-inf`` and are not read, so the
+    selection equals eager's), split count per batch size (:meth:`MosaicAttnBackend._graph_splits`), tail index
+    capacity ``max_bs * context_len + max_bs``.
+
+    Padded rows (SGLang's ``num_padding`` rows at the end of a replay batch, every row at capture) get zero
+    segments, a one-token tail on physical slot 0 (the padding page, which no request's tail reads), a KV write to
+    that slot and the query window's trash row; their outputs are garbage that SGLang drops.
+    """
+
+    max_bs: int
+    max_segs: int
+    read_budget: int
+    seg_ids: torch.Tensor  # [max_bs, H_kv, M] int32
+    seg_counts: torch.Tensor  # [max_bs] int32
+    tail_indptr: torch.Tensor  # [max_bs + 1] int32
+    tail_indices: torch.Tensor  # [max_bs * (context_len + 1)] int64
+    scores: torch.Tensor  # [max_bs, H_kv, M] float32
+    sel_ids: torch.Tensor  # [max_bs, H_kv, read_budget] int32
+    partial_out: torch.Tensor  # [max_bs * H_q * max_splits * d] float32, viewed per batch size
+    partial_lse: torch.Tensor  # [max_bs * H_q * max_splits] float32
+    write_slots: torch.Tensor  # [max_bs] int64: physical slots of the batch's new tokens
+    ring_rows: torch.Tensor  # [max_bs] int64: QueryWindow rows
+    splits: Dict[int, int] = field(default_factory=dict)  # batch size -> num_splits
 
 
 def _num_sms(device: torch.device) -> int:
@@ -147,7 +187,7 @@ class MosaicAttnBackend(AttentionBackend):
     supports_ragged_verify_graph: bool = False
     # MosaicKV capabilities, checked by the factory.
     supported_dtypes = (torch.float16, torch.bfloat16)
-    supports_cuda_graph: bool = False
+    supports_cuda_graph: bool = True  # decode only, with --mosaic-cuda-graph on
 
     def __init__(self, model_runner: Any, num_q_heads: Optional[int] = None, auto_seal: bool = True) -> None:
         super().__init__()
@@ -176,6 +216,7 @@ class MosaicAttnBackend(AttentionBackend):
         self.num_q_heads = num_q_heads
         self.num_sms = _num_sms(self.device)
         self.forward_metadata: Optional[MosaicForwardMetadata] = None
+        self._graph: Optional[_GraphState] = None
         # Lazy kernel imports, as SGLang's triton backend does (no CUDA context at import time).
         from mosaickv_sglang.kernels.extend import extend_fwd
         from mosaickv_sglang.kernels.segment_scores import segment_scores_fwd, select_segments
@@ -230,11 +271,16 @@ class MosaicAttnBackend(AttentionBackend):
             ``seq_lens`` / ``seq_lens_cpu`` (``[B]``, new tokens included) and, for extend,
             ``extend_prefix_lens(_cpu)`` / ``extend_seq_lens(_cpu)``.
         in_capture : bool
-            ``True`` under CUDA-graph capture: not supported.
+            ``True`` under CUDA-graph capture (after :meth:`init_cuda_graph_state`): every row is padding, nothing
+            is sealed or written to the host state.
         """
-        if in_capture:
-            raise NotImplementedError(_CUDA_GRAPH_MSG)
         mode = forward_batch.forward_mode
+        if in_capture and (self._graph is None or not mode.is_decode()):
+            raise NotImplementedError(_CUDA_GRAPH_MSG)
+        g = self._graph
+        if g is not None and mode.is_decode() and int(forward_batch.batch_size) <= g.max_bs:
+            self.forward_metadata = self._plan_decode_graph(forward_batch, in_capture)
+            return
         if mode.is_idle():
             self.forward_metadata = None
             return
@@ -279,6 +325,80 @@ class MosaicAttnBackend(AttentionBackend):
             md.write_loc, md.write_slots = loc, self.pool.physical_slots(loc)
             md.pool_version = self.pool.version
         self.forward_metadata = md
+
+    def _plan_decode_graph(self, forward_batch: "ForwardBatch", in_capture: bool) -> MosaicForwardMetadata:
+        """Out-of-graph step of a CUDA-graph decode batch: eager decode's host work for the real rows, then their
+        metadata copied into the static buffers (:class:`_GraphState`), padded rows as described there."""
+        g = self._graph
+        bs = int(forward_batch.batch_size)
+        real = 0 if in_capture else bs - int(getattr(forward_batch, "num_padding", 0) or 0)
+        g.seg_ids[:bs].fill_(-1)
+        g.seg_counts[:bs].zero_()
+        g.write_slots[:bs].zero_()
+        total = 0
+        if real > 0:
+            seq_lens = getattr(forward_batch, "seq_lens_cpu", None)
+            seq = _host_list(seq_lens if seq_lens is not None else forward_batch.seq_lens, "seq_lens")[:real]
+            rows = self._req_rows(forward_batch.req_pool_indices[:real], seq)
+            owners = None
+            if self.sealer.sidecar is not None and self.sealer.sidecar.resegment:
+                owners = forward_batch.req_pool_indices[:real].long()
+            rows_np = rows.numpy()
+            loc = forward_batch.out_cache_loc[:real]
+            self._prepare_writes(loc, rows_np, _slice_lens([n - 1 for n in seq], rows.shape[1]))
+            meta, tail_lens = self.pool.decode_metadata_rows(rows_np, _slice_lens(seq, rows.shape[1]))
+            if meta.max_segs > g.max_segs:
+                raise ValueError(
+                    f"max_segs: expected at most {g.max_segs} (init_cuda_graph_state), got {meta.max_segs}"
+                )
+            m = meta.seg_ids_padded.shape[2]
+            g.seg_ids[:real, :, :m].copy_(meta.seg_ids_padded)
+            g.seg_counts[:real].copy_(meta.seg_counts)
+            total = int(tail_lens.sum())
+            g.tail_indptr[: real + 1].copy_(meta.tail_indptr)
+            g.tail_indices[:total].copy_(meta.tail_indices)
+            g.write_slots[:real].copy_(self.pool.physical_slots(loc.to(self.device, torch.int64)))
+            ring = self.sealer.window.plan_rows(real, bs, owners)
+        else:
+            g.tail_indptr[:1].zero_()
+            ring = torch.full((bs,), self.sealer.window.trash_row, dtype=torch.int64)
+        pad = bs - real
+        if total + pad > g.tail_indices.numel():
+            raise ValueError(f"tail tokens: expected at most {g.tail_indices.numel()}, got {total + pad}")
+        if pad:
+            g.tail_indptr[real + 1 : bs + 1].copy_(torch.arange(total + 1, total + pad + 1, dtype=torch.int32))
+            g.tail_indices[total : total + pad].zero_()
+        g.ring_rows[:bs].copy_(ring)
+        splits = self._graph_splits(bs)
+        h_q, d = self.num_q_heads, self.head_dim
+        return MosaicForwardMetadata(
+            is_decode=True,
+            seg_ids_padded=g.seg_ids[:bs],
+            seg_counts=g.seg_counts[:bs],
+            tail_indptr=g.tail_indptr[: bs + 1],
+            tail_indices=g.tail_indices,
+            max_segs=g.max_segs,
+            read_budget=g.read_budget,
+            num_splits=splits,
+            scores=g.scores[:bs],
+            sel_ids=g.sel_ids[:bs],
+            partial_out=g.partial_out[: bs * h_q * splits * d].view(bs, h_q, splits, d),
+            partial_lse=g.partial_lse[: bs * h_q * splits].view(bs, h_q, splits),
+            write_slots=g.write_slots[:bs],
+            graph=True,
+            ring_rows=g.ring_rows[:bs],
+        )
+
+    def _graph_splits(self, bs: int) -> int:
+        """Split-K factor of a graph batch of ``bs`` rows (fixed per captured size): the read budget plus a tail of
+        about the hot window and sinks."""
+        g = self._graph
+        tail_pages = -(-(int(self.config.hot_window) + int(self.config.sink_tokens)) // self.page_size) + 1
+        splits = g.splits.get(bs)
+        if splits is None:
+            splits = g.splits[bs] = int(self._suggest_num_splits(bs, self.num_kv_heads, g.read_budget + tail_pages,
+                                                                 self.num_sms))  # fmt: skip
+        return splits
 
     def _req_rows(self, req_pool_indices: torch.Tensor, seq: List[int]) -> torch.Tensor:
         """``req_to_token`` rows of the batch on the host, only the page-rounded columns that ``seq`` reaches (all of
@@ -348,8 +468,32 @@ class MosaicAttnBackend(AttentionBackend):
         """Nothing to record: every per-batch tensor is built by the out-of-graph plan."""
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        """Not supported yet: raises ``NotImplementedError`` asking for ``--disable-decode-cuda-graph``."""
-        raise NotImplementedError(_CUDA_GRAPH_MSG)
+        """Allocate the static buffers of CUDA-graph decode (:class:`_GraphState`) for batches of up to ``max_bs``
+        requests; from then on decode batches that fit are planned into them."""
+        if isinstance(max_bs, bool) or not isinstance(max_bs, int) or max_bs < 1:
+            raise ValueError(f"max_bs: expected a positive integer, got {max_bs!r}")
+        width = int(self.req_to_token_pool.req_to_token.shape[1])
+        m = max(1, -(-width // self.page_size))
+        budget = self.read_budget_segments(m)
+        h_q, h_kv, d, dev = self.num_q_heads, self.num_kv_heads, self.head_dim, self.device
+        self._graph = g = _GraphState(
+            max_bs=max_bs,
+            max_segs=m,
+            read_budget=budget,
+            seg_ids=torch.full((max_bs, h_kv, m), -1, dtype=torch.int32, device=dev),
+            seg_counts=torch.zeros(max_bs, dtype=torch.int32, device=dev),
+            tail_indptr=torch.zeros(max_bs + 1, dtype=torch.int32, device=dev),
+            tail_indices=torch.zeros(max_bs * (width + 1), dtype=torch.int64, device=dev),
+            scores=torch.zeros((max_bs, h_kv, m), dtype=torch.float32, device=dev),
+            sel_ids=torch.full((max_bs, h_kv, budget), -1, dtype=torch.int32, device=dev),
+            partial_out=torch.zeros(0, device=dev),
+            partial_lse=torch.zeros(0, device=dev),
+            write_slots=torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            ring_rows=torch.full((max_bs,), self.sealer.window.trash_row, dtype=torch.int64, device=dev),
+        )
+        max_splits = max(self._graph_splits(bs) for bs in range(1, max_bs + 1))
+        g.partial_out = torch.zeros(max_bs * h_q * max_splits * d, dtype=torch.float32, device=dev)
+        g.partial_lse = torch.zeros(max_bs * h_q * max_splits, dtype=torch.float32, device=dev)
 
     def get_cuda_graph_seq_len_fill_value(self) -> int:
         """Padded requests of a graph batch would have one token (as in SGLang's triton backend)."""
@@ -395,7 +539,9 @@ class MosaicAttnBackend(AttentionBackend):
     ) -> None:
         """``pool.set_kv_buffer(layer, loc, k, v)``, with the plan's physical slots when it was made for ``loc`` and
         the page table has not changed since."""
-        if md.write_loc is not None and md.write_loc is loc and md.pool_version == self.pool.version:
+        if md.graph:
+            self.pool.set_kv_buffer_physical(layer, md.write_slots[: k.shape[0]], k, v)
+        elif md.write_loc is not None and md.write_loc is loc and md.pool_version == self.pool.version:
             self.pool.set_kv_buffer_physical(layer, md.write_slots, k, v)
         else:
             self.pool.set_kv_buffer(layer, loc, k, v)
@@ -436,7 +582,10 @@ class MosaicAttnBackend(AttentionBackend):
         if save_kv_cache and k is not None and v is not None:
             self._write_kv(md, layer, forward_batch.out_cache_loc, k.view(-1, h_kv, d), v.view(-1, h_kv, d))
         q3 = q.reshape(-1, h_q, d)
-        self.sealer.window.observe(layer.layer_id - self.pool.start_layer, q3)
+        if md.graph:
+            self.sealer.window.observe_rows(layer.layer_id - self.pool.start_layer, q3, md.ring_rows)
+        else:
+            self.sealer.window.observe(layer.layer_id - self.pool.start_layer, q3)
         arena, desc, bounds, k_buf, v_buf = self._layer_tables(layer)
         self._segment_scores_fwd(q3, desc, bounds, md.seg_ids_padded, md.seg_counts, md.scores, sm_scale=layer.scaling)
         self._select_segments(md.scores, md.seg_ids_padded, md.read_budget, out=md.sel_ids)
@@ -509,7 +658,8 @@ def create_mosaic_backend(runner: Any) -> MosaicAttnBackend:
         The pool is not a :class:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool` (message names
         ``--kv-compressor``) or its dtype is unsupported.
     NotImplementedError
-        Decode CUDA graphs are enabled (neither ``disable_cuda_graph`` nor ``disable_decode_cuda_graph`` is set).
+        Decode CUDA graphs are enabled (neither ``disable_cuda_graph`` nor ``disable_decode_cuda_graph`` is set)
+        without ``--mosaic-cuda-graph on``.
     """
     pool = getattr(runner, "token_to_kv_pool", None)
     if not isinstance(pool, MosaicMHATokenToKVPool):
@@ -525,7 +675,7 @@ def create_mosaic_backend(runner: Any) -> MosaicAttnBackend:
     decode_graphs = server_args is not None and not (
         getattr(server_args, "disable_cuda_graph", False) or getattr(server_args, "disable_decode_cuda_graph", False)
     )
-    if not MosaicAttnBackend.supports_cuda_graph and decode_graphs:
+    if decode_graphs and not pool.mosaic_config.cuda_graph:
         raise NotImplementedError(_CUDA_GRAPH_MSG)
     backend = MosaicAttnBackend(runner)
     logger.info(

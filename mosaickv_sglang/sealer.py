@@ -70,8 +70,9 @@ class QueryWindow:
         self, num_layers: int, num_kv_heads: int, group_size: int, head_dim: int, window: int, device: torch.device
     ) -> None:
         self.num_kv_heads, self.group_size, self.head_dim, self.window = num_kv_heads, group_size, head_dim, window
-        self.ring = torch.zeros(num_layers, window, num_kv_heads, group_size, head_dim, device=device)
-        self.owner = torch.full((num_layers, window), -1, dtype=torch.int64, device=device)
+        # one row past the window: the trash row that padded rows of a CUDA-graph batch write (observe_rows)
+        self.ring = torch.zeros(num_layers, window + 1, num_kv_heads, group_size, head_dim, device=device)
+        self.owner = torch.full((num_layers, window + 1), -1, dtype=torch.int64, device=device)
         self._batch_owners: Optional[torch.Tensor] = None
         self._owned = False  # whether any row was ever labelled
         self._next = [0] * num_layers
@@ -104,6 +105,47 @@ class QueryWindow:
             self.owner[layer, idx] = -1
         self._next[layer] = (self._next[layer] + n) % self.window
         self._count[layer] = min(self.window, self._count[layer] + n)
+
+    @property
+    def trash_row(self) -> int:
+        """Ring row that :meth:`observe_rows` writes for padded rows; never part of :meth:`queries`."""
+        return self.window
+
+    def plan_rows(self, real: int, total: int, owners: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Host half of :meth:`observe` for a CUDA-graph decode batch of ``total`` rows, the first ``real`` of them
+        real: advance every layer's ring position as ``observe`` of ``real`` rows would, label the rows' owners
+        (``owners``: shape ``[real]``, or ``None``) and return the ring row of each batch row (shape ``[total]``
+        int64 on the host; the trash row for padded rows and for real rows older than the window), for
+        :meth:`observe_rows`. Every layer must be at the same position (decode observes every layer once a step)."""
+        if not (0 <= real <= total):
+            raise ValueError(f"real: expected an integer in [0, total={total}], got {real}")
+        idx = torch.full((total,), self.trash_row, dtype=torch.int64)
+        if real == 0:
+            return idx
+        if len(set(self._next)) != 1 or len(set(self._count)) != 1:
+            raise ValueError(f"QueryWindow: expected every layer at the same ring position, got {self._next}")
+        n = min(real, self.window)
+        start = self._next[0]
+        rows = (start + torch.arange(n)) % self.window
+        idx[real - n : real] = rows
+        dev_rows = rows.to(self.owner.device)
+        if owners is not None and owners.shape[0] == real:
+            self.owner[:, dev_rows] = owners[-n:].to(self.owner.device, torch.int64)
+            self._owned = True
+        elif self._owned:
+            self.owner[:, dev_rows] = -1
+        nxt, cnt = (start + n) % self.window, min(self.window, self._count[0] + n)
+        self._next = [nxt] * len(self._next)
+        self._count = [cnt] * len(self._count)
+        return idx
+
+    def observe_rows(self, layer: int, q: torch.Tensor, rows: torch.Tensor) -> None:
+        """Device half of :meth:`plan_rows` (CUDA-graph safe: no host read, no host state): write the queries ``q``
+        (shape ``[T, H_q * d]`` or ``[T, H_q, d]``) of local layer ``layer`` at ring rows ``rows`` (shape ``[T]``
+        int64 on the ring's device)."""
+        t = q.shape[0]
+        rows_q = q.reshape(t, self.num_kv_heads, self.group_size, self.head_dim).float()
+        self.ring[layer].index_copy_(0, rows[:t], rows_q)
 
     def queries(self, layer: int) -> Optional[torch.Tensor]:
         """shape ``[H_kv, W', G, d]`` fp32: the observed queries of local layer ``layer`` (``None`` before any)."""
