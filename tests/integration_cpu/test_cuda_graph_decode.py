@@ -1,0 +1,165 @@
+# SPDX-License-Identifier: Apache-2.0
+"""CUDA-graph decode of MosaicAttnBackend, emulated on the CPU as SGLang 0.5.17's decode graph runner drives it.
+
+Per step the runner pads the batch to a captured size (``req_pool_indices`` 0, ``seq_lens`` 1 on padded rows,
+``out_cache_loc`` of the real rows only, ``num_padding``), calls ``init_forward_metadata_out_graph`` and replays
+the layers, which may read nothing but the static buffers. Here the layers are run on the padded batch after that
+same call, and compared with the eager path (and SGLang's torch_native backend at ratio 1).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import List
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench.host_syncs
+
+import mkv_backend_cases  # noqa: E402
+import test_kv_pool  # noqa: E402
+from bench.host_syncs import HostSyncCounter  # noqa: E402
+from mkv_backend_cases import Scenario, config, layer  # noqa: E402
+from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
+
+TOL = dict(atol=3e-3, rtol=3e-3)
+PROMPTS = [1, 16, 37, 80, 5, 50]
+CAPTURE_BS = [1, 2, 4, 8]
+# requests decoded per step: the batch size changes, and with it the captured size and the padding
+STEPS = [[0, 1, 2, 3, 4, 5], [1, 3], [0, 2, 3, 4, 5], [5], [0, 1, 2], [0, 1, 2, 3, 4, 5], [2, 4, 5], [3]]
+SEAL_AFTER = 2  # seal every due page after this step, in both scenarios
+
+
+@pytest.fixture(params=[64, 128], ids=["d64", "d128"])
+def head_dim(request, monkeypatch):
+    for mod in (mkv_backend_cases, test_kv_pool):
+        monkeypatch.setattr(mod, "D", request.param)
+    return request.param
+
+
+def _decode_subset(sc: Scenario, reqs: List[int]) -> SimpleNamespace:
+    """One new token for the requests ``reqs`` only (SGLang's alloc_decode)."""
+    new = torch.tensor([sc.lens[b] + 1 for b in reqs], dtype=torch.int64)
+    last = torch.tensor([int(sc.req_to_token[b, sc.lens[b] - 1]) for b in reqs])
+    out = sc.alloc.alloc_decode(new, new, last)
+    assert out is not None
+    for i, b in enumerate(reqs):
+        sc.req_to_token[b, sc.lens[b]] = int(out[i])
+        sc.lens[b] += 1
+    return SimpleNamespace(forward_mode=ForwardMode.DECODE, out_cache_loc=out, req_pool_indices=torch.tensor(reqs),
+                           seq_lens=new, seq_lens_cpu=new, encoder_lens=None, batch_size=len(reqs))  # fmt: skip
+
+
+def _pad(batch: SimpleNamespace) -> SimpleNamespace:
+    """The runner's replay view (build_replay_fb_view) of ``batch`` padded to the next captured size."""
+    raw = batch.batch_size
+    bs = next(c for c in CAPTURE_BS if c >= raw)
+    pad = bs - raw
+    seq = torch.cat([batch.seq_lens, torch.ones(pad, dtype=torch.int64)])
+    return SimpleNamespace(
+        forward_mode=ForwardMode.DECODE, batch_size=bs, num_padding=pad, out_cache_loc=batch.out_cache_loc,
+        req_pool_indices=torch.cat([batch.req_pool_indices, torch.zeros(pad, dtype=torch.int64)]),
+        seq_lens=seq, seq_lens_cpu=seq.clone(), encoder_lens=None,
+    )  # fmt: skip
+
+
+def _capture_batch(bs: int) -> SimpleNamespace:
+    """What capture_prepare hands the backend: every row padding-like (request 0, one token, slot 0)."""
+    one = torch.ones(bs, dtype=torch.int64)
+    return SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=bs, out_cache_loc=torch.zeros(bs, dtype=torch.int64),
+                           req_pool_indices=torch.zeros(bs, dtype=torch.int64), seq_lens=one, seq_lens_cpu=one,
+                           encoder_lens=None)  # fmt: skip
+
+
+def _qkv(sc: Scenario, n: int, pad: int):
+    q, k, v = sc.qkv(n)
+    d = mkv_backend_cases.D
+    z = torch.randn(pad, q.shape[1]).to(q.dtype), torch.randn(pad, *k.shape[1:]).to(k.dtype)
+    padded = torch.cat([q, z[0]]), torch.cat([k, z[1]]), torch.cat([v, z[1]])
+    assert q.shape[1] % d == 0
+    return (q, k, v), padded
+
+
+def _prefill(g: Scenario, e: Scenario) -> None:
+    bg, be = g.extend_batch(PROMPTS), e.extend_batch(PROMPTS)
+    for sc, b in ((g, bg), (e, be)):
+        sc.mosaic.init_forward_metadata(b)
+    g.native.init_forward_metadata(bg)
+    for li in range(test_kv_pool.LAYERS):
+        q, k, v = g.qkv(bg.out_cache_loc.numel())
+        lay = layer(li, g.group)
+        g.mosaic.forward_extend(q, k, v, lay, bg)
+        e.mosaic.forward_extend(q, k, v, lay, be)
+        g.native.forward_extend(q, k, v, lay, bg)
+
+
+def _static_ptrs(backend) -> dict:
+    gs = backend._graph
+    return {n: getattr(gs, n).data_ptr() for n in ("seg_ids", "seg_counts", "tail_indptr", "tail_indices", "scores",
+                                                   "sel_ids", "partial_out", "partial_lse", "write_slots", "ring_rows")}
+
+
+@pytest.mark.parametrize("ratio", [1.0, 3.0], ids=["ratio1", "ratio3"])
+@pytest.mark.parametrize("group", [1, 4], ids=["mha", "gqa4"])
+def test_graph_decode_matches_eager(group, ratio, head_dim):
+    """Graph-mode decode over changing, padded batches of ragged requests, with a seal midway: outputs equal eager
+    mosaic's (and torch_native's at ratio 1), no host synchronisation in the layers, the query windows equal, and
+    the static buffers keep their addresses."""
+    budget = 0 if ratio == 1.0 else 2 * test_kv_pool.S
+    cfg = config(ratio=ratio, read_budget=budget)
+    g, e = Scenario(cfg, group, seed=11), Scenario(cfg, group, seed=11)
+    g.mosaic.init_cuda_graph_state(max_bs=max(CAPTURE_BS), max_num_tokens=max(CAPTURE_BS))
+    ptrs = _static_ptrs(g.mosaic)
+    _prefill(g, e)
+    # capture (and the runner's warmup runs): padding rows only, no host state touched
+    window_before = [w.clone() for w in (g.mosaic.sealer.window.ring, g.mosaic.sealer.window.owner)]
+    next_before = list(g.mosaic.sealer.window._next)
+    for bs in reversed(CAPTURE_BS):
+        cap = _capture_batch(bs)
+        g.mosaic.init_forward_metadata_out_graph(cap, in_capture=True)
+        for li in range(test_kv_pool.LAYERS):
+            _, (q, k, v) = _qkv(g, 0, bs)
+            g.mosaic.forward_decode(q, k, v, layer(li, group), cap)
+    win = g.mosaic.sealer.window
+    assert win._next == next_before
+    torch.testing.assert_close(win.ring[:, : win.window], window_before[0][:, : win.window])
+    for step, reqs in enumerate(STEPS):
+        bg, be = _decode_subset(g, reqs), _decode_subset(e, reqs)
+        view = _pad(bg)
+        g.mosaic.init_forward_metadata_out_graph(view)
+        e.mosaic.init_forward_metadata(be)
+        g.native.init_forward_metadata(bg)
+        md = g.mosaic.forward_metadata
+        assert md.graph and md.seg_ids_padded.shape[0] == view.batch_size
+        assert md.seg_ids_padded.data_ptr() == ptrs["seg_ids"] and md.write_slots.data_ptr() == ptrs["write_slots"]
+        for li in range(test_kv_pool.LAYERS):
+            (q, k, v), (qp, kp, vp) = _qkv(g, len(reqs), view.num_padding)
+            lay = layer(li, group)
+            with HostSyncCounter() as count:
+                og = g.mosaic.forward_decode(qp, kp, vp, lay, view)
+            assert count.syncs == 0 and count.sized == 0, dict(count.by_name)
+            oe = e.mosaic.forward_decode(q, k, v, lay, be)
+            torch.testing.assert_close(og[: len(reqs)].float(), oe.float(), **TOL)
+            if ratio == 1.0:
+                on = g.native.forward_decode(q, k, v, lay, bg)
+                torch.testing.assert_close(og[: len(reqs)].float(), on.float(), **TOL)
+        assert _static_ptrs(g.mosaic) == ptrs
+        if step == SEAL_AFTER:
+            kind = "dense" if ratio == 1.0 else "chan"
+            assert torch.equal(g.seal(kind), e.seal(kind))
+    wg, we = g.mosaic.sealer.window, e.mosaic.sealer.window
+    assert wg._next == we._next and wg._count == we._count
+    for li in range(test_kv_pool.LAYERS):
+        torch.testing.assert_close(wg.queries(li), we.queries(li), atol=0, rtol=0)
+    g.pool.check_invariants()
+
+
+def test_in_capture_without_graph_state_raises():
+    sc = Scenario(config(), 1, seed=0)
+    with pytest.raises(NotImplementedError, match="--mosaic-cuda-graph on"):
+        sc.mosaic.init_forward_metadata_out_graph(_capture_batch(2), in_capture=True)
