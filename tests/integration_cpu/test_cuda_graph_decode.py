@@ -71,9 +71,9 @@ def _pad(batch: SimpleNamespace) -> SimpleNamespace:
 def _capture_batch(bs: int) -> SimpleNamespace:
     """What capture_prepare hands the backend: every row padding-like (request 0, one token, slot 0)."""
     one = torch.ones(bs, dtype=torch.int64)
-    return SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=bs, out_cache_loc=torch.zeros(bs, dtype=torch.int64),
-                           req_pool_indices=torch.zeros(bs, dtype=torch.int64), seq_lens=one, seq_lens_cpu=one,
-                           encoder_lens=None)  # fmt: skip
+    zero = torch.zeros(bs, dtype=torch.int64)
+    return SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=bs, out_cache_loc=zero, req_pool_indices=zero,
+                           seq_lens=one, seq_lens_cpu=one, encoder_lens=None)  # fmt: skip
 
 
 def _qkv(sc: Scenario, n: int, pad: int):
@@ -163,3 +163,117 @@ def test_in_capture_without_graph_state_raises():
     sc = Scenario(config(), 1, seed=0)
     with pytest.raises(NotImplementedError, match="--mosaic-cuda-graph on"):
         sc.mosaic.init_forward_metadata_out_graph(_capture_batch(2), in_capture=True)
+
+
+class _CudaSide:
+    """One mosaic backend on a CUDA pool (no stock pool): the GPU test's graph side and eager side."""
+
+    def __init__(self, cfg, group: int, monkeypatch) -> None:
+        from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+
+        from mosaickv_sglang.attention_backend import MosaicAttnBackend
+
+        real = test_kv_pool.build_mha_kv_pool
+
+        def on_cuda(stub, size, cls):
+            stub.device = "cuda"
+            return real(stub, size, cls)
+
+        monkeypatch.setattr(test_kv_pool, "build_mha_kv_pool", on_cuda)
+        S = test_kv_pool.S
+        self.group = group
+        self.pool = test_kv_pool.build_pool(mkv_backend_cases.SIZE, mkv_backend_cases.HOT, cfg)
+        self.alloc = PagedTokenToKVPoolAllocator(mkv_backend_cases.SIZE, page_size=S, dtype=test_kv_pool.DT,
+                                                 device="cuda", kvcache=self.pool, need_sort=False)  # fmt: skip
+        self.req_to_token = torch.zeros(mkv_backend_cases.MAX_REQS, mkv_backend_cases.MAX_CTX, dtype=torch.int32,
+                                        device="cuda")  # fmt: skip
+        self.lens: List[int] = []
+        rtp = SimpleNamespace(req_to_token=self.req_to_token)
+        runner = SimpleNamespace(device="cuda", req_to_token_pool=rtp, token_to_kv_pool=self.pool)
+        self.mosaic = MosaicAttnBackend(runner, num_q_heads=test_kv_pool.H_KV * group, auto_seal=False)
+        alloc = self.alloc
+        extend, decode = alloc.alloc_extend, alloc.alloc_decode
+        # the harness passes host tensors; on CUDA the allocator's device arguments must be on the device
+        alloc.alloc_extend = lambda p, p_cpu, s, s_cpu, last, n: extend(p.cuda(), p_cpu, s.cuda(), s_cpu,
+                                                                         last.cuda(), n)
+        alloc.alloc_decode = lambda s, s_cpu, last: decode(s.cuda(), s_cpu, last.cuda())
+
+    extend_batch = Scenario.extend_batch
+    seal = Scenario.seal
+    slots = Scenario.slots
+
+
+def _to_cuda(batch: SimpleNamespace) -> SimpleNamespace:
+    out = SimpleNamespace(**vars(batch))
+    for name in ("out_cache_loc", "req_pool_indices", "seq_lens", "extend_prefix_lens", "extend_seq_lens"):
+        if isinstance(getattr(out, name, None), torch.Tensor):
+            setattr(out, name, getattr(out, name).cuda())
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("ratio", [1.0, 3.0], ids=["ratio1", "ratio3"])
+@pytest.mark.parametrize("group", [1, 4], ids=["mha", "gqa4"])
+def test_captured_decode_graph_replays_like_eager(group, ratio, monkeypatch):
+    """One decode step of every layer captured in a torch.cuda.CUDAGraph per batch size, after the out-of-graph
+    step with in_capture=True, then replayed over changing, padded batches (out-of-graph step with the runner's
+    replay view, inputs copied into static tensors) with a seal midway: outputs and query windows equal eager's."""
+    monkeypatch.setenv("MOSAICKV_WARMUP", "0")
+    budget = 0 if ratio == 1.0 else 2 * test_kv_pool.S
+    cfg = config(ratio=ratio, read_budget=budget)
+    g, e = _CudaSide(cfg, group, monkeypatch), _CudaSide(cfg, group, monkeypatch)
+    h_q, h_kv, d, layers = test_kv_pool.H_KV * group, test_kv_pool.H_KV, test_kv_pool.D, test_kv_pool.LAYERS
+    gen = torch.Generator(device="cuda").manual_seed(5)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(test_kv_pool.DT)
+
+    bg, be = _to_cuda(g.extend_batch(PROMPTS)), _to_cuda(e.extend_batch(PROMPTS))
+    g.mosaic.init_forward_metadata(bg)
+    e.mosaic.init_forward_metadata(be)
+    for li in range(layers):
+        n = bg.out_cache_loc.numel()
+        q, k, v = rnd(n, h_q * d), rnd(n, h_kv, d), rnd(n, h_kv, d)
+        g.mosaic.forward_extend(q, k, v, layer(li, group), bg)
+        e.mosaic.forward_extend(q, k, v, layer(li, group), be)
+    g.mosaic.init_cuda_graph_state(max_bs=max(CAPTURE_BS), max_num_tokens=max(CAPTURE_BS))
+    graphs, static_in, static_out = {}, {}, {}
+    for bs in reversed(CAPTURE_BS):
+        cap = _to_cuda(_capture_batch(bs))
+        g.mosaic.init_forward_metadata_out_graph(cap, in_capture=True)
+        ins = [(rnd(bs, h_q * d), rnd(bs, h_kv, d), rnd(bs, h_kv, d)) for _ in range(layers)]
+
+        def run(ins=ins, cap=cap):
+            return [g.mosaic.forward_decode(q, k, v, layer(li, group), cap) for li, (q, k, v) in enumerate(ins)]
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()  # warmup (Triton compilation) outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = run()
+        graphs[bs], static_in[bs], static_out[bs] = graph, ins, outs
+    for step, reqs in enumerate(STEPS):
+        raw = _decode_subset(g, reqs)
+        bg, be, view = _to_cuda(raw), _to_cuda(_decode_subset(e, reqs)), _to_cuda(_pad(raw))
+        g.mosaic.init_forward_metadata_out_graph(view)
+        e.mosaic.init_forward_metadata(be)
+        ins = [(rnd(len(reqs), h_q * d), rnd(len(reqs), h_kv, d), rnd(len(reqs), h_kv, d)) for _ in range(layers)]
+        for (sq, sk, sv), (q, k, v) in zip(static_in[view.batch_size], ins):
+            sq[: len(reqs)].copy_(q)
+            sk[: len(reqs)].copy_(k)
+            sv[: len(reqs)].copy_(v)
+        graphs[view.batch_size].replay()
+        for li, (q, k, v) in enumerate(ins):
+            oe = e.mosaic.forward_decode(q, k, v, layer(li, group), be)
+            torch.testing.assert_close(static_out[view.batch_size][li][: len(reqs)].float(), oe.float(), **TOL)
+        if step == SEAL_AFTER:
+            kind = "dense" if ratio == 1.0 else "chan"
+            assert torch.equal(g.seal(kind).cpu(), e.seal(kind).cpu())
+    wg, we = g.mosaic.sealer.window, e.mosaic.sealer.window
+    assert wg._next == we._next and wg._count == we._count
+    for li in range(layers):
+        torch.testing.assert_close(wg.queries(li), we.queries(li), atol=0, rtol=0)
