@@ -60,6 +60,13 @@ def test_mosaic_implies_its_serving_defaults(sglang_with_plugin, cpu_args):
     assert same.page_size == 64
 
 
+def test_mosaic_cuda_graph_on_leaves_decode_graphs_on(sglang_with_plugin, cpu_args):
+    """--mosaic-cuda-graph on: decode CUDA graphs are no longer turned off (prefill graphs still are)."""
+    server_args = parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic", "--mosaic-cuda-graph", "on"))
+    assert seam.config_of(server_args).cuda_graph
+    assert server_args.disable_prefill_cuda_graph and not server_args.disable_decode_cuda_graph
+
+
 # Bad values and unsupported combinations on the command line: tests/test_bad_input.py (BAD_STARTUP_CASES).
 
 

@@ -7,6 +7,7 @@ Pools are built by SGLang's ``_build_mha_kv_pool``, slots come from SGLang's pag
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -113,11 +114,13 @@ def test_non_mosaic_pool_and_cuda_graphs_are_refused(monkeypatch):
     runner.token_to_kv_pool = sc.pool
     backend = ab.create_mosaic_backend(runner)  # positive control
     assert backend.num_q_heads == 2 * H_KV and backend.num_kv_heads == H_KV
-    with pytest.raises(NotImplementedError, match="--disable-decode-cuda-graph"):
-        backend.init_cuda_graph_state(8, 8)
     runner.server_args = SimpleNamespace(disable_cuda_graph=False, disable_decode_cuda_graph=False)
-    with pytest.raises(NotImplementedError, match="--disable-decode-cuda-graph"):
+    with pytest.raises(NotImplementedError, match="--mosaic-cuda-graph on.*--disable-decode-cuda-graph"):
         ab.create_mosaic_backend(runner)
+    monkeypatch.setattr(sc.pool, "mosaic_config", dataclasses.replace(sc.pool.mosaic_config, cuda_graph=True))
+    assert isinstance(ab.create_mosaic_backend(runner), ab.MosaicAttnBackend)
+    monkeypatch.undo()
+    monkeypatch.setattr(ab, "_attn_tp_size", lambda: 1)
     for flags in (dict(disable_cuda_graph=True), dict(disable_decode_cuda_graph=True)):
         runner.server_args = SimpleNamespace(**flags)
         assert isinstance(ab.create_mosaic_backend(runner), ab.MosaicAttnBackend)
