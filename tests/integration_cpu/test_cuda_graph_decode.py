@@ -128,6 +128,7 @@ def test_graph_decode_matches_eager(group, ratio, head_dim):
     win = g.mosaic.sealer.window
     assert win._next == next_before
     torch.testing.assert_close(win.ring[:, : win.window], window_before[0][:, : win.window])
+    sealed_seen = 0
     for step, reqs in enumerate(STEPS):
         bg, be = _decode_subset(g, reqs), _decode_subset(e, reqs)
         view = _pad(bg)
@@ -136,6 +137,7 @@ def test_graph_decode_matches_eager(group, ratio, head_dim):
         g.native.init_forward_metadata(bg)
         md = g.mosaic.forward_metadata
         assert md.graph and md.seg_ids_padded.shape[0] == view.batch_size
+        sealed_seen += int(md.seg_counts.sum())
         assert md.seg_ids_padded.data_ptr() == ptrs["seg_ids"] and md.write_slots.data_ptr() == ptrs["write_slots"]
         for li in range(test_kv_pool.LAYERS):
             (q, k, v), (qp, kp, vp) = _qkv(g, len(reqs), view.num_padding)
@@ -152,6 +154,7 @@ def test_graph_decode_matches_eager(group, ratio, head_dim):
         if step == SEAL_AFTER:
             kind = "dense" if ratio == 1.0 else "chan"
             assert torch.equal(g.seal(kind), e.seal(kind))
+    assert sealed_seen > 0  # the steps after the seal read sealed segments through the static tables
     wg, we = g.mosaic.sealer.window, e.mosaic.sealer.window
     assert wg._next == we._next and wg._count == we._count
     for li in range(test_kv_pool.LAYERS):
