@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,33 +29,32 @@ SEAL_SECONDS_METRIC = "sglang:mosaic_seal_seconds_total"
 SEAL_CALLS_METRIC = "sglang:mosaic_seal_calls_total"
 
 
-def read_buckets(text: str) -> Dict[float, float]:
-    """``{upper bound: cumulative count}`` of the decode step histogram in a ``/metrics`` text, summed over its
-    label sets (one per exporting scheduler); empty when the server has no such series."""
-    out: Dict[float, float] = {}
+# load_quantiles' keys for the counters it reads, and their series
+COUNTERS = {"sidecar_s": SIDECAR_METRIC, "seal_s": SEAL_SECONDS_METRIC, "seal_calls": SEAL_CALLS_METRIC}
+
+
+def read_scrape(text: str) -> Tuple[Dict[float, float], Dict[str, float]]:
+    """One pass over a ``/metrics`` text: ``{upper bound: cumulative count}`` of the decode step histogram and the
+    values of the :data:`COUNTERS` series present (``name`` with its ``_total``), each summed over its label sets
+    (one per exporting scheduler); the histogram is empty when the server has no such series."""
+    buckets: Dict[float, float] = {}
+    counters: Dict[str, float] = {}
+    names = set(COUNTERS.values())
     for family in text_string_to_metric_families(text):
-        if family.name != METRIC:
-            continue
         for sample in family.samples:
             if sample.name == METRIC + "_bucket":
                 le = float(sample.labels["le"])
-                out[le] = out.get(le, 0.0) + sample.value
-    return out
-
-
-def read_counter(text: str, name: str) -> Optional[float]:
-    """A counter's value in a ``/metrics`` text (``name`` with its ``_total``), summed over its label sets; ``None``
-    when the server has no such series."""
-    values = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-              if sample.name == name]  # fmt: skip
-    return sum(values) if values else None
+                buckets[le] = buckets.get(le, 0.0) + sample.value
+            elif sample.name in names:
+                counters[sample.name] = counters.get(sample.name, 0.0) + sample.value
+    return buckets, counters
 
 
 def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTILES) -> Dict[str, Optional[float]]:
     """The quantiles (seconds) and the step count of the steps counted between two scrapes, and meanwhile the
     scheduler time the sidecar bridge took before forwards (``sidecar_s``; ``None`` with the sidecar off) and the
     sealing calls and their time (``seal_calls``, ``seal_s``; prefill steps included in all three)."""
-    b, a = read_buckets(before), read_buckets(after)
+    (b, b_counters), (a, a_counters) = read_scrape(before), read_scrape(after)
     if not a:
         raise ValueError(f"after: expected a {METRIC} histogram (a --kv-compressor mosaic server with "
                          f"--enable-metrics), got none")  # fmt: skip
@@ -66,10 +65,8 @@ def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTIL
     out: Dict[str, Optional[float]] = {f"p{round(q * 100):d}": histogram_quantile(q, tuple(bounds), counts)
                                        for q in quantiles}  # fmt: skip
     out["steps"] = counts[-1] if counts else 0.0
-    counters = (("sidecar_s", SIDECAR_METRIC), ("seal_s", SEAL_SECONDS_METRIC), ("seal_calls", SEAL_CALLS_METRIC))
-    for key, name in counters:
-        b_val, a_val = read_counter(before, name), read_counter(after, name)
-        out[key] = None if a_val is None else a_val - (b_val or 0.0)
+    for key, name in COUNTERS.items():
+        out[key] = a_counters[name] - b_counters.get(name, 0.0) if name in a_counters else None
     return out
 
 

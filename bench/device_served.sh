@@ -42,7 +42,8 @@ pack_results() {  # on exit, also a failed one: the device tool brings back a li
   find "${HOME}/.cache" "${HOME}/.nv" /tmp/torchinductor_* -type f -newer "$start_marker" ! -path "$out/*" \
     -printf '%TT %s %p\n' 2>/dev/null | sort > "$out/jit-caches.txt" || true
   tar czf "$OUT/$step.tgz" -C "$OUT" "$step" && rm -rf "$out" && echo "results in $OUT/$step.tgz"
-  if [ -d "${HOME}/.cache/flashinfer" ]; then
+  # only when the step compiled something (a restored, unchanged cache is already where it came from)
+  if [ -n "$(find "${HOME}/.cache/flashinfer" -type f -newer "$start_marker" -print -quit 2>/dev/null)" ]; then
     tar czf "$OUT/flashinfer-cache.tgz" -C "$HOME/.cache" flashinfer
     if [ "$(stat -c %s "$OUT/flashinfer-cache.tgz")" -gt $((60 << 20)) ]; then
       echo "flashinfer cache $(du -sh "$OUT/flashinfer-cache.tgz" | cut -f1) compressed: too large to bring back"

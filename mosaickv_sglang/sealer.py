@@ -314,9 +314,9 @@ class Sealer:
 
     def maybe_log_status(self, now: Optional[float] = None) -> None:
         """Every :data:`STATUS_LOG_INTERVAL` seconds in which pages were sealed, one INFO line: pages sealed (under
-        pressure, left dense), the sealing calls and their time since start, arena room used, the tokens the pool can still take, the compression ratio of the sealed
-        segments and, with the sidecar, its queue depth, the plans applied and discarded and the re-segmentations
-        (``resegment off`` with ``--mosaic-resegment off``)."""
+        pressure, left dense), the sealing calls and their time since start, arena room used, the tokens the pool can
+        still take, the compression ratio of the sealed segments and, with the sidecar, its queue depth, the plans
+        applied and discarded and the re-segmentations (``resegment off`` with ``--mosaic-resegment off``)."""
         now = time.monotonic() if now is None else now
         if now - self._logged_at < STATUS_LOG_INTERVAL or self.pages_sealed == self._logged_sealed:
             return
