@@ -9,7 +9,7 @@
 #            accuracy suite, essay agreement and the bad-request cases on both; on mosaic also /metrics and the soak
 #            (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect mid-prefill)
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
-#            256 out, rate inf) against stock SGLang (flashinfer), then mosaic-r3 (sidecar on), one server at a time;
+#            256 out, rate inf) against mosaic-r3 (sidecar on), then stock SGLang (flashinfer), one server at a time;
 #            then 1 prefill and 3 decode steps of each under torch's profiler, GPU kernels only
 #            (bench.profile_summary: GPU busy vs span, per kernel)
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
@@ -267,30 +267,21 @@ case "$step" in
       --out "$out" > "$out/sweep.log" 2>&1 || echo "sweep rc=$?"
     ;;
   8b)
+    # mosaic first (its decode step is the open question), then stock SGLang while the call has time left;
+    # MOSAIC_ARGS adds mosaic flags (e.g. "--mosaic-cuda-graph on"), STOCK=0 skips stock
     common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy
-            --mem-fraction-static 0.4 --disable-prefill-cuda-graph --disable-decode-cuda-graph --context-length 16384
-            --enable-metrics)
+            --mem-fraction-static 0.4 --disable-prefill-cuda-graph --context-length 16384 --enable-metrics)
     bench=(--backend sglang --host 127.0.0.1 --model "$MKV_MODELS/llama-3.1-8b-shape"
            --tokenizer "$MKV_MODELS/llama-3.1-8b-shape" --dataset-name random-ids --num-prompts 32
            --random-input-len 8000 --random-output-len 256 --random-range-ratio 1.0)
-    python3 -m sglang.launch_server "${common[@]}" --port 30001 --attention-backend flashinfer \
-      > "$out/dense.server.log" 2>&1 &
-    dense_pid=$!
-    wait_ready 30001 300
-    curl -s http://127.0.0.1:30001/get_server_info > "$out/dense.info.json" || true
-    timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30001 --output-file "$out/bench-dense.jsonl" \
-      > "$out/bench-dense.log" 2>&1 || echo "dense bench rc=$?"
-    profile_steps 30001 "$out/dense.server.log" dense || echo "dense profile rc=$?"
-    kill "$dense_pid" 2>/dev/null || true
-    wait "$dense_pid" 2>/dev/null || true
-    # one server at a time: each sizes its KV pool from the memory it finds free
+    # shellcheck disable=SC2086
     python3 -m sglang.launch_server "${common[@]}" --port 30000 --kv-compressor mosaic \
-      --mosaic-compression-ratio 3 > "$out/mosaic-r3.server.log" 2>&1 &
+      --mosaic-compression-ratio 3 ${MOSAIC_ARGS:---disable-decode-cuda-graph} > "$out/mosaic-r3.server.log" 2>&1 &
     mosaic_pid=$!
-    wait_ready 30000 240
+    wait_ready 30000 300
     curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r3.info.json" || true
     curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-bench-mosaic-r3.txt" || true
-    timeout $(( $(left) - 80 )) python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
+    timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
       --output-file "$out/bench-mosaic-r3.jsonl" > "$out/bench-mosaic-r3.log" 2>&1 || echo "mosaic bench rc=$?"
     # decode step p50/p99 without prefill steps, and the time sealing and the sidecar took during the bench
     curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-bench-mosaic-r3.txt" || true
@@ -299,6 +290,19 @@ case "$step" in
     profile_steps 30000 "$out/mosaic-r3.server.log" mosaic-r3 || echo "mosaic profile rc=$?"
     ps_sidecars > "$out/ps.txt"
     kill "$mosaic_pid" 2>/dev/null || true
+    wait "$mosaic_pid" 2>/dev/null || true
+    if [ "${STOCK:-1}" = 1 ]; then
+      # one server at a time: each sizes its KV pool from the memory it finds free
+      python3 -m sglang.launch_server "${common[@]}" --port 30001 --attention-backend flashinfer \
+        --disable-decode-cuda-graph > "$out/dense.server.log" 2>&1 &
+      dense_pid=$!
+      wait_ready 30001 300
+      curl -s http://127.0.0.1:30001/get_server_info > "$out/dense.info.json" || true
+      timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30001 --output-file "$out/bench-dense.jsonl" \
+        > "$out/bench-dense.log" 2>&1 || echo "dense bench rc=$?"
+      profile_steps 30001 "$out/dense.server.log" dense || echo "dense profile rc=$?"
+      kill "$dense_pid" 2>/dev/null || true
+    fi
     ;;
   *)
     echo "unknown step $step" >&2
