@@ -135,5 +135,6 @@ class Scenario:
         pages = torch.cat([self.pool.pages_to_seal(self.slots(b)).pages for b in range(len(self.lens))])
         n = pages.numel() * H_KV
         kw = {} if kind == "dense" else dict(k_form=1, k_param=16, v_form=1, v_param=16)
-        self.pool.seal_pages(pages, [SegmentPlan.uniform(n, S, D, **kw) for _ in range(LAYERS)])
+        dev = self.pool.k_buffer[0].device
+        self.pool.seal_pages(pages, [SegmentPlan.uniform(n, S, D, device=dev, **kw) for _ in range(LAYERS)])
         return pages
