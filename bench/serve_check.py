@@ -69,8 +69,9 @@ def split_tp(name: str) -> "tuple[str, int]":
 
 def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
     """Server flags of a configuration name (``dense``, ``fp8``, ``mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0]
-    [-rs0]``, each with an optional ``-tp<N>`` suffix for ``--tp-size N``); ``sc0`` turns the sidecar off, ``rs0``
-    re-segmentation; stock configurations use ``dense_backend``."""
+    [-rs0][-cg]``, each with an optional ``-tp<N>`` suffix for ``--tp-size N``); ``sc0`` turns the sidecar off, ``rs0``
+    re-segmentation, ``cg`` turns decode CUDA graphs on (``--mosaic-cuda-graph on``); stock configurations use
+    ``dense_backend``."""
     base, tp = split_tp(name)
     flags = ["--tp-size", str(tp)] if tp > 1 else []
     if base == "dense":
@@ -85,15 +86,17 @@ def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
                 flags += ["--mosaic-sidecar", "off"]
             elif extra == "rs0":
                 flags += ["--mosaic-resegment", "off"]
+            elif extra == "cg":
+                flags += ["--mosaic-cuda-graph", "on"]
             elif extra.startswith("b"):
                 flags += ["--mosaic-decode-read-budget", extra[1:]]
             elif extra.startswith("h"):
                 flags += ["--mosaic-hot-window", extra[1:]]
             else:
                 raise ValueError(f"config: unknown suffix {extra!r} in {name!r} (expected b<tokens>, h<tokens>, sc0, "
-                                 "rs0 or tp<N>)")  # fmt: skip
+                                 "rs0, cg or tp<N>)")  # fmt: skip
         return flags
-    raise ValueError(f"config: expected dense, fp8 or mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0][-rs0] with an "
+    raise ValueError(f"config: expected dense, fp8 or mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0][-rs0][-cg] with an "
                      f"optional -tp<N>, got {name!r}")  # fmt: skip
 
 
@@ -282,7 +285,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--model", help="model path (a Hugging Face checkpoint directory); required unless --merge")
     ap.add_argument("--configs", nargs="+", default=["dense", "mosaic-r1-b0", "mosaic-r3"],
                     help="configurations in order: dense, fp8, mosaic-r<ratio>[-b<read budget>][-h<hot window>]"
-                         "[-sc0 (sidecar off)][-rs0 (re-segmentation off)], each with an optional -tp<N> (--tp-size N)")
+                         "[-sc0 (sidecar off)][-rs0 (re-segmentation off)][-cg (decode CUDA graphs)], each with an optional -tp<N> (--tp-size N)")
     ap.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 7680], help="needle prompt lengths")
     ap.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey"], help="bench.ruler tasks")
     ap.add_argument("--samples", type=int, default=2, help="samples per task and length")
