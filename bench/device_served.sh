@@ -16,14 +16,14 @@
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
 #   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3: bench.serving_throughput over concurrency and context
-#   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 300000 and --schedule-conservativeness 0.3: the soak with
+#   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 150000 and --schedule-conservativeness 0.3: the soak with
 #            every fault, the server started by bench.soak and restarted with the same flags at the end; the Triton
 #            kernel variants compiled before and after (recompiles mid-serving show up there). Sizing: the arena ledger
 #            reserves each sealed page's byte budget at the target ratio, and the cap sizes the arena for that many
-#            tokens at that ratio, so arena and logical slots fill together. At 600k the 192 running requests needed at
-#            most 39% (the arena filled to 92% with cached prefixes, which SGLang evicted; no retraction); their own
-#            ~500k tokens exceed 300k, so SGLang must retract while the arena is full (at 50k the hot pool was most of
-#            the slots and the arena stayed half empty)
+#            tokens at that ratio, so arena and logical slots fill together. The running requests peaked at 39% of
+#            600k and 73% of 300k (shared prefixes stored once; no retraction either time), so 150k is below their
+#            peak and SGLang must retract while the arena is full (at 50k the hot pool was most of the slots and the
+#            arena stayed half empty)
 #
 # Run a step under `timeout -s TERM N` a little under the device call's limit: on TERM the step stops and its results
 # are still packed. FlashInfer's JIT cache (~/.cache/flashinfer: minutes of nvcc on a fresh machine, 75 s for its
@@ -186,7 +186,7 @@ case "$step" in
     # the soak starts the server itself (--launch) so that it can stop it and start it again with the same flags
     timeout $(( $(left) - 10 )) python3 -m bench.soak --launch "--model-path $M --host 127.0.0.1 --port 30000 \
       --dtype bfloat16 --disable-prefill-cuda-graph --disable-decode-cuda-graph --enable-metrics \
-      --mem-fraction-static 0.3 --max-total-tokens 300000 --schedule-conservativeness 0.3 --kv-compressor mosaic \
+      --mem-fraction-static 0.3 --max-total-tokens 150000 --schedule-conservativeness 0.3 --kv-compressor mosaic \
       --mosaic-compression-ratio 3" \
       --ready-timeout 240 --vocab-size 49152 --max-context 6144 --requests 1000 --concurrency 192 --prefix-len 1536 \
       --output-len 8 128 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 6000 \
