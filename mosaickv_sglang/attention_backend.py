@@ -18,7 +18,7 @@ buffers. The backend follows SGLang 0.5.17's ``AttentionBackend`` contract with 
 Decode reads at most ``decode_read_budget // S`` sealed segments per request and KV head (``0`` = all; the dense tail
 is always read; ``FLAG_ALWAYS_READ`` sink segments rank first). Extend reads every prefix segment.
 
-Decode CUDA graphs (``--mosaic-cuda-graph on``, experimental) use static buffers: see :class:`_GraphState`. Not
+Decode CUDA graphs (``--mosaic-cuda-graph on``, the default) use static buffers: see :class:`_GraphState`. Not
 supported (each raises ``NotImplementedError``): prefill CUDA graphs, decode CUDA graphs unless ``--mosaic-cuda-graph
 on``, speculative decoding modes (target verify / draft extend), cross-attention, sliding-window layers,
 ``qk_head_dim != v_head_dim``.
@@ -49,8 +49,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["MosaicAttnBackend", "MosaicForwardMetadata", "create_mosaic_backend"]
 
 _CUDA_GRAPH_MSG = (
-    "MosaicAttnBackend: decode CUDA graphs need --mosaic-cuda-graph on (experimental); otherwise pass "
-    "--disable-decode-cuda-graph (--kv-compressor mosaic sets it unless told otherwise)"
+    "MosaicAttnBackend: decode CUDA graphs need --mosaic-cuda-graph on (the default); otherwise pass "
+    "--disable-decode-cuda-graph (--kv-compressor mosaic sets it with --mosaic-cuda-graph off)"
 )
 
 

@@ -136,9 +136,9 @@ OPTIONS: tuple[Option, ...] = (
         "cuda_graph",
         "--mosaic-cuda-graph",
         _parse_on_off,
-        False,
-        "MosaicKV: capture decode steps in CUDA graphs ('on' or 'off'). Experimental, not yet verified on a GPU; "
-        "prefill graphs stay off.",
+        True,
+        "MosaicKV: capture decode steps in CUDA graphs ('on' or 'off'); 'off' runs decode eager. Prefill graphs "
+        "stay off.",
         choices=("on", "off"),
     ),
 )
@@ -170,7 +170,7 @@ class MosaicKVConfig:
     resegment:
         Whether the sidecar also re-plans prefix-shared pages on idle ticks; no effect without the sidecar.
     cuda_graph:
-        Whether decode steps may run in CUDA graphs (experimental); off keeps --disable-decode-cuda-graph forced.
+        Whether decode steps may run in CUDA graphs; off forces --disable-decode-cuda-graph.
     """
 
     compressor: str = "none"
@@ -181,7 +181,7 @@ class MosaicKVConfig:
     decode_read_budget: int = 4096
     sidecar: bool = True
     resegment: bool = True
-    cuda_graph: bool = False
+    cuda_graph: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("compressor", self.compressor, COMPRESSORS)

@@ -98,7 +98,7 @@ STEP_TIMER_ATTR = "_mosaic_step_timer"
 SERVING_DEFAULTS = {
     "attention_backend": ("mosaic", "reads the compressed pool"),
     "disable_prefill_cuda_graph": (True, "extend plans on the host per batch"),
-    "disable_decode_cuda_graph": (True, "decode CUDA graphs need --mosaic-cuda-graph on (experimental)"),
+    "disable_decode_cuda_graph": (True, "--mosaic-cuda-graph off"),
     "disable_overlap_schedule": (True, "sealing runs on the scheduler thread between steps"),
 }
 

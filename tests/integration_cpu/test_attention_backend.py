@@ -100,8 +100,8 @@ def test_read_budget_with_compressed_segments_matches_ref_sparse_decode():
 
 def test_non_mosaic_pool_and_cuda_graphs_are_refused(monkeypatch):
     """A stock MHATokenToKVPool is refused by the constructor and the factory with a ValueError naming
-    --kv-compressor; CUDA-graph state asks for --disable-decode-cuda-graph; the factory builds the backend
-    otherwise (also with decode graphs off through either flag)."""
+    --kv-compressor; decode CUDA graphs with --mosaic-cuda-graph off ask for --disable-decode-cuda-graph; the factory
+    builds the backend otherwise (also with decode graphs off through either flag)."""
     stock = MHATokenToKVPool(256, S, DT, H_KV, D, LAYERS, "cpu", False, v_head_dim=D)
     runner = SimpleNamespace(device="cpu", token_to_kv_pool=stock, req_to_token_pool=None,
                              model_config=SimpleNamespace(get_max_num_attention_heads=lambda: 2 * H_KV))  # fmt: skip
@@ -115,6 +115,7 @@ def test_non_mosaic_pool_and_cuda_graphs_are_refused(monkeypatch):
     backend = ab.create_mosaic_backend(runner)  # positive control
     assert backend.num_q_heads == 2 * H_KV and backend.num_kv_heads == H_KV
     runner.server_args = SimpleNamespace(disable_cuda_graph=False, disable_decode_cuda_graph=False)
+    monkeypatch.setattr(sc.pool, "mosaic_config", dataclasses.replace(sc.pool.mosaic_config, cuda_graph=False))
     with pytest.raises(NotImplementedError, match="--mosaic-cuda-graph on.*--disable-decode-cuda-graph"):
         ab.create_mosaic_backend(runner)
     monkeypatch.setattr(sc.pool, "mosaic_config", dataclasses.replace(sc.pool.mosaic_config, cuda_graph=True))
