@@ -185,7 +185,7 @@ case "$step" in
     triton_kernels > "$out/triton-cache-before.txt"
     # the soak starts the server itself (--launch) so that it can stop it and start it again with the same flags
     timeout $(( $(left) - 10 )) python3 -m bench.soak --launch "--model-path $M --host 127.0.0.1 --port 30000 \
-      --dtype bfloat16 --disable-prefill-cuda-graph --disable-decode-cuda-graph --enable-metrics \
+      --dtype bfloat16 --disable-prefill-cuda-graph --enable-metrics \
       --mem-fraction-static 0.3 --max-total-tokens 150000 --schedule-conservativeness 0.3 --kv-compressor mosaic \
       --mosaic-compression-ratio 3" \
       --ready-timeout 240 --vocab-size 49152 --max-context 6144 --requests 1000 --concurrency 192 --prefix-len 1536 \
@@ -213,7 +213,7 @@ case "$step" in
     for i in $(seq 0 $last); do
       # shellcheck disable=SC2086
       python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
-        --disable-prefill-cuda-graph --disable-decode-cuda-graph --mem-fraction-static "${fractions[$i]}" \
+        --disable-prefill-cuda-graph --mem-fraction-static "${fractions[$i]}" \
         --chunked-prefill-size 2048 --enable-cache-report --enable-metrics --kv-compressor mosaic \
         --mosaic-compression-ratio 3 ${extra[$i]} > "$out/mosaic-r3-${names[$i]}.server.log" 2>&1 &
       pids+=($!)
@@ -268,15 +268,17 @@ case "$step" in
     ;;
   8b)
     # mosaic first (its decode step is the open question), then stock SGLang while the call has time left;
-    # MOSAIC_ARGS adds mosaic flags (e.g. "--mosaic-cuda-graph on"), STOCK=0 skips stock
+    # both with decode CUDA graphs (batch sizes up to 32); MOSAIC_ARGS adds mosaic flags (e.g. "--mosaic-cuda-graph
+    # off"), STOCK=0 skips stock
     common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy
-            --mem-fraction-static 0.4 --disable-prefill-cuda-graph --context-length 16384 --enable-metrics)
+            --mem-fraction-static 0.4 --disable-prefill-cuda-graph --cuda-graph-max-bs 32 --context-length 16384
+            --enable-metrics)
     bench=(--backend sglang --host 127.0.0.1 --model "$MKV_MODELS/llama-3.1-8b-shape"
            --tokenizer "$MKV_MODELS/llama-3.1-8b-shape" --dataset-name random-ids --num-prompts 32
            --random-input-len 8000 --random-output-len 256 --random-range-ratio 1.0)
     # shellcheck disable=SC2086
     python3 -m sglang.launch_server "${common[@]}" --port 30000 --kv-compressor mosaic \
-      --mosaic-compression-ratio 3 ${MOSAIC_ARGS:---disable-decode-cuda-graph} > "$out/mosaic-r3.server.log" 2>&1 &
+      --mosaic-compression-ratio 3 ${MOSAIC_ARGS:-} > "$out/mosaic-r3.server.log" 2>&1 &
     mosaic_pid=$!
     wait_ready 30000 300
     curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r3.info.json" || true
@@ -294,7 +296,7 @@ case "$step" in
     if [ "${STOCK:-1}" = 1 ]; then
       # one server at a time: each sizes its KV pool from the memory it finds free
       python3 -m sglang.launch_server "${common[@]}" --port 30001 --attention-backend flashinfer \
-        --disable-decode-cuda-graph > "$out/dense.server.log" 2>&1 &
+        > "$out/dense.server.log" 2>&1 &
       dense_pid=$!
       wait_ready 30001 300
       curl -s http://127.0.0.1:30001/get_server_info > "$out/dense.info.json" || true
