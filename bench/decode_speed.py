@@ -127,6 +127,21 @@ def build_plan(n: int, d: int, ratio: float, gen: torch.Generator, device: torch
     return plan, mix
 
 
+TUNE_WARPS = (2, 4, 8)
+TUNE_STAGES = (1, 2, 3)
+TUNE_SPLIT_FACTORS = (0.5, 1, 2, 4)
+
+
+def tune_variants(splits: int, max_splits: int = 64) -> list[tuple[int, int, int]]:
+    """Launch configurations ``(num_warps, num_stages, num_splits)`` that ``--tune`` times: every warp and stage
+    count of :data:`TUNE_WARPS` x :data:`TUNE_STAGES`, with the suggested split count scaled by
+    :data:`TUNE_SPLIT_FACTORS` (powers of two within ``[1, max_splits]``, duplicates dropped)."""
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits: expected an integer >= 1, got {splits!r}")
+    counts = sorted({min(max_splits, max(1, int(splits * f))) for f in TUNE_SPLIT_FACTORS})
+    return [(w, s, n) for w in TUNE_WARPS for s in TUNE_STAGES for n in counts]
+
+
 def timed(fn: Callable[[], Any], rep_ms: int, cuda_graph: bool = False) -> float:
     """Median milliseconds per call; with ``cuda_graph`` the calls are captured and replayed (no launch cost)."""
     import triton.testing
@@ -274,6 +289,25 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
         mosaic_bw_fraction_of_copy=(mosaic_bytes / (t_full * 1e-3)) / copy_bw,
         mix=mix, check=check,
     )  # fmt: skip
+    if args.tune:
+        row["tune"] = []
+        for warps, stages, n_splits in tune_variants(splits):
+            po = torch.empty(bsz, hq, n_splits, d, dtype=torch.float32, device=device)
+            pl = torch.empty(bsz, hq, n_splits, dtype=torch.float32, device=device)
+
+            def variant(po=po, pl=pl, n=n_splits, w=warps, s=stages):
+                sparse_decode_fwd(q, arena, desc, sel, k_all, v_all, tail_indptr, tail_indices, out, po, pl,
+                                  num_splits=n, num_warps=w, num_stages=s)  # fmt: skip
+
+            variant()
+            torch.cuda.synchronize()
+            row["tune"].append(dict(num_warps=warps, num_stages=stages, num_splits=n_splits,
+                                    ms=timed(variant, args.rep_ms, graph)))  # fmt: skip
+        best = min(row["tune"], key=lambda t: t["ms"])
+        row["tune_best"] = dict(best, speedup_vs_default=t_dec / best["ms"],
+                                tbps=(payload + tail_bytes) / (best["ms"] * 1e-3) / 1e12)  # fmt: skip
+        logger.info("tune %s ctx=%d bs=%d: default %.3f ms (4 warps, 2 stages, %d splits), best %.3f ms %s", shape,
+                    ctx, bsz, t_dec, splits, best["ms"], best)  # fmt: skip
     kv = arena = tok = k_all = v_all = None  # free the cache before the next case (the closures hold these names)
     torch.cuda.empty_cache()
     return row
@@ -358,6 +392,15 @@ def markdown(rows: list[dict], pack: dict, copy_bw: float, device_name: str) -> 
             f"| {r['dense_bytes_per_req_token']:.0f} | {r['mosaic_bytes_per_req_token']:.1f} | {r['mosaic_tbps']:.2f} "
             f"| {100 * r['mosaic_bw_fraction_of_copy']:.0f}% |"
         )
+    tuned = [r for r in rows if "tune_best" in r]
+    if tuned:
+        lines += ["", "| shape | context | batch | decode-only ms (4 warps, 2 stages, suggested splits) | best ms | "
+                  "warps | stages | splits | speed-up | best TB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in tuned:
+            b = r["tune_best"]
+            lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['mosaic_decode_ms']:.3f} "
+                         f"({r['num_splits']} splits) | {b['ms']:.3f} | {b['num_warps']} | {b['num_stages']} "
+                         f"| {b['num_splits']} | {b['speedup_vs_default']:.2f}x | {b['tbps']:.2f} |")  # fmt: skip
     if pack:
         lines += [
             "",
@@ -382,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (as SGLang decodes)")
     p.add_argument("--skip-pack", action="store_true", help="skip the pack/planner vs prefill measurement")
+    p.add_argument("--tune", action="store_true",
+                   help="also time the sparse decode kernel under other launch configurations (warps x stages x "
+                        "splits, see tune_variants) and report the best per case")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/decode_speed.json"))
     args = p.parse_args(argv)

@@ -8,7 +8,8 @@ plus the merge kernel when ``num_splits > 1``.
 
 Fixed heuristics (no autotune, so graph capture replays deterministically): ``BLOCK_N = 64`` rows per step,
 ``R_BLOCK = 16`` ranks per low-rank product step, query tile ``G_PAD = max(16, next_pow2(G))`` rows,
-``num_warps = 4``, ``num_stages = 2``. :func:`suggest_num_splits` gives a split count for a batch shape.
+``num_warps = 4``, ``num_stages = 2`` (overridable per call). :func:`suggest_num_splits` gives a split count for a
+batch shape.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ from .format import KERNEL_HEAD_DIMS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sparse_decode_fwd", "suggest_num_splits", "MAX_NUM_SPLITS"]
+__all__ = ["sparse_decode_fwd", "suggest_num_splits", "MAX_NUM_SPLITS", "NUM_WARPS", "NUM_STAGES"]
 
 MAX_NUM_SPLITS = 64
 _BLOCK_N = 64
 _R_BLOCK = 16
+# Launch configuration of the split kernel (``bench.decode_speed --tune`` times the alternatives on a GPU).
+NUM_WARPS = 4
+NUM_STAGES = 2
+_WARP_CHOICES = (1, 2, 4, 8, 16)
 # Rebuild chan rows with a pointer gather (False) or a register tl.gather (True); see docs/packed-format.md.
 _USE_TL_GATHER = False
 
@@ -82,6 +87,8 @@ def sparse_decode_fwd(
     num_splits: int = 1,
     *,
     out_lse: Optional[torch.Tensor] = None,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """Decode attention of one layer over (selected packed segments) + (dense tail), split-K.
 
@@ -120,6 +127,9 @@ def sparse_decode_fwd(
     out_lse : torch.Tensor, optional
         shape ``[B, H_q]``, dtype ``torch.float32``; when given, receives the natural-log LSE of the attention
         scores (``-inf`` for a request with nothing to attend, whose output is 0).
+    num_warps, num_stages : int
+        Launch configuration of the split kernel (one of 1, 2, 4, 8, 16 warps; 1 to 6 stages); each new pair is a
+        new compiled variant.
 
     Returns
     -------
@@ -144,6 +154,10 @@ def sparse_decode_fwd(
     _checks.check_tensor(tail_indices, "tail_indices", ndim=1, dtype=(torch.int32, torch.int64), device=dev)
     _checks.check_tensor(out, "out", shape=(bsz, h_q, d), dtype=_FLOAT_DTYPES, device=dev)
     _checks.check_int(num_splits, "num_splits", lo=1, hi=MAX_NUM_SPLITS)
+    _checks.check_int(num_warps, "num_warps", lo=1, hi=16)
+    if num_warps not in _WARP_CHOICES:
+        raise ValueError(f"num_warps: expected one of {_WARP_CHOICES}, got {num_warps}")
+    _checks.check_int(num_stages, "num_stages", lo=1, hi=6)
     _checks.check_tensor(partial_out, "partial_out", shape=(bsz, h_q, num_splits, d), dtype=torch.float32, device=dev)
     _checks.check_tensor(partial_lse, "partial_lse", shape=(bsz, h_q, num_splits), dtype=torch.float32, device=dev)
     if out_lse is not None:
@@ -173,7 +187,7 @@ def sparse_decode_fwd(
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=_BLOCK_N, R_BLOCK=_R_BLOCK,
         COMPUTE_DTYPE=compute, DOT_PRECISION=precision, USE_TL_GATHER=_USE_TL_GATHER,
         DIRECT_OUT=direct, HAS_LSE=out_lse is not None,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not direct:
         _sparse_decode_merge_kernel[(bsz, h_q)](

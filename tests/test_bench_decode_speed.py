@@ -22,3 +22,16 @@ def test_build_plan_meets_ratio(d, ratio):
     assert dense / stored == pytest.approx(ratio, rel=0.05)
     assert int(plan.flags[0]) == 1 and bool(plan.token_keep[0].all())
     assert sum(mix.values()) == n and len([v for v in mix.values() if v]) >= 3
+
+
+def test_tune_variants_cover_warps_stages_and_split_counts():
+    """--tune times every warp x stage pair at the suggested split count and its halves and multiples, within 1..64."""
+    from bench.decode_speed import TUNE_STAGES, TUNE_WARPS, tune_variants
+
+    v = tune_variants(8)
+    assert len(v) == len(set(v)) == len(TUNE_WARPS) * len(TUNE_STAGES) * 4
+    assert {n for _, _, n in v} == {4, 8, 16, 32} and (4, 2, 8) in v
+    assert {n for _, _, n in tune_variants(1)} == {1, 2, 4}
+    assert {n for _, _, n in tune_variants(32)} == {16, 32, 64}
+    with pytest.raises(ValueError, match="splits: expected an integer >= 1, got 0"):
+        tune_variants(0)

@@ -243,6 +243,19 @@ def test_sparse_decode_rejects_bad_scalars(device):
         sparse_decode_fwd(*x.args(), float("nan"), 2)
     with pytest.raises(ValueError, match=r"out_lse: expected shape \[2, 8\]"):
         sparse_decode_fwd(*x.args(), None, 2, out_lse=x.lse[:1])
+    with pytest.raises(ValueError, match=r"num_warps: expected one of \(1, 2, 4, 8, 16\), got 3"):
+        sparse_decode_fwd(*x.args(), None, 2, num_warps=3)
+    with pytest.raises(ValueError, match="num_stages: expected <= 6, got 7"):
+        sparse_decode_fwd(*x.args(), None, 2, num_stages=7)
+
+
+@pytest.mark.parametrize("warps, stages", [(2, 1), (8, 3)])
+def test_sparse_decode_launch_config_keeps_results(warps, stages, device, tol):
+    """Another launch configuration (the tuning bench's alternatives) gives the reference's output."""
+    x = DecodeInputs(11, 128, 4, torch.float16, 16, 2, [17, 0], [5, 2], 6, torch.float16, device)
+    x.run(num_warps=warps, num_stages=stages)
+    ref, _ = x.ref()
+    torch.testing.assert_close(x.out.double().cpu(), ref, **tol(torch.float16))
 
 
 def test_sparse_decode_debug_checks(device, monkeypatch):
