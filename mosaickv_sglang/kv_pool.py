@@ -61,6 +61,7 @@ from mosaickv_sglang.pool import (
     ReleaseHandle,
     SealablePages,
     arena_granules_for,
+    to_device,
 )
 from mosaickv_sglang.pool.rows import as_rows, in_range, page_starts, pages_aligned, ragged, sealable_counts
 from mosaickv_sglang.pool.sizing import ARENA_SLACK
@@ -657,12 +658,12 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         def tokens_major(x: torch.Tensor, name: str) -> torch.Tensor:
             if tuple(x.shape) != (n * h, s, d):
                 raise ValueError(f"{name}: expected shape [{n * h}, {s}, {d}], got {list(x.shape)}")
-            return x.to(dev, dtype).view(n, h, s, d).permute(0, 2, 1, 3).reshape(n * s, h, d).contiguous()
+            return to_device(x.to(dtype), dev).view(n, h, s, d).permute(0, 2, 1, 3).reshape(n * s, h, d).contiguous()
 
         k, v = tokens_major(keys, "keys"), tokens_major(values, "values")
         slots = torch.arange(n * s, dtype=torch.int64).view(n, s)
         layers = self.store.num_layers
-        return self.store.reseal(torch.from_numpy(p.copy()), [k] * layers, [v] * layers, slots, [plan.to(dev)],
+        return self.store.reseal(torch.from_numpy(p.copy()), [k] * layers, [v] * layers, slots, [plan],
                                  layer_ids=[int(layer)])  # fmt: skip
 
     def release_resealed(self, handle: ReleaseHandle) -> None:

@@ -33,7 +33,7 @@ from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.plan_layers import plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
-from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
+from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
 from mosaickv_sglang.strategies.base import dense_segment_bytes
 
 if TYPE_CHECKING:
@@ -343,7 +343,7 @@ class Sealer:
         """Physical slots of ``pages``, page-major: shape ``[P * S]`` on the pool's device."""
         pool = self.pool
         s, dev = pool.page_size, torch.device(pool.device)
-        phys = pool.physical_pages(torch.from_numpy(pages)).to(dev)
+        phys = to_device(pool.physical_pages(torch.from_numpy(pages)), dev)
         return (phys[:, None] * s + torch.arange(s, device=dev)[None, :]).reshape(-1)
 
     def _segments(self, buf: torch.Tensor, slots: torch.Tensor, num_pages: int) -> torch.Tensor:

@@ -61,7 +61,7 @@ from mosaickv_sglang.pool.sizing import (
     max_requests_for_hot,
     metadata_bytes_per_token,
 )
-from mosaickv_sglang.pool.store import CompressedKVStore, DecodeMetadata, ExtendMetadata, ReleaseHandle
+from mosaickv_sglang.pool.store import CompressedKVStore, DecodeMetadata, ExtendMetadata, ReleaseHandle, to_device
 
 __all__ = [
     "ArenaFullError",
@@ -86,4 +86,5 @@ __all__ = [
     "dense_bytes_per_token",
     "metadata_bytes_per_token",
     "sealable_pages",
+    "to_device",
 ]

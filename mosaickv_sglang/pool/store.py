@@ -130,6 +130,31 @@ def _check_int(x: object, name: str, lo: int) -> int:
     return x
 
 
+def to_device(x: torch.Tensor, device: Union[torch.device, str]) -> torch.Tensor:
+    """``x`` on ``device`` without the host waiting for it: a host tensor bound for CUDA is staged in pinned memory and
+    copied with ``non_blocking=True`` (a plain ``.to`` from pageable memory waits until every queued kernel is done).
+    The copy is ordered on the current stream like any kernel, so later kernels read it whole."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def _plan_to(plan: SegmentPlan, device: torch.device) -> SegmentPlan:
+    """:meth:`SegmentPlan.to` with host tensors copied by :func:`to_device`."""
+    if plan.device == device:
+        return plan
+    moved = object.__new__(SegmentPlan)
+    for f in dataclasses.fields(plan):
+        v = getattr(plan, f.name)
+        if isinstance(v, torch.Tensor):
+            v = to_device(v, device)
+        elif isinstance(v, tuple):
+            v = tuple(to_device(t, device) for t in v)
+        setattr(moved, f.name, v)
+    return moved
+
+
 def _host_long(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected torch.Tensor, got {type(x).__name__}")
@@ -338,9 +363,9 @@ class CompressedKVStore:
                 f"shape {list(slot_of_page_token.shape)} dtype {slot_of_page_token.dtype}"
             )
         rows = (p[:, None] * h + np.arange(h)[None, :]).reshape(-1)
-        tok = slot_of_page_token.to(self.device).repeat_interleave(h, dim=0).contiguous()
+        tok = to_device(slot_of_page_token, self.device).repeat_interleave(h, dim=0).contiguous()
         heads = torch.arange(h, dtype=torch.int32, device=self.device).repeat(n_p)
-        rows_dev = torch.from_numpy(rows.astype(np.int32)).to(self.device)
+        rows_dev = to_device(torch.from_numpy(rows.astype(np.int32)), self.device)
         return rows, tok, heads, rows_dev
 
     def _check_plans(self, plans: Sequence[SegmentPlan], layers: List[int], n: int) -> None:
@@ -439,7 +464,7 @@ class CompressedKVStore:
         allocs = self._alloc_layers(layers, plans)
         try:
             for li, plan, (off, _) in zip(layers, plans, allocs):
-                offs = torch.from_numpy(off).to(self.device)
+                offs = to_device(torch.from_numpy(off), self.device)
                 pack_segments_fwd(
                     k_bufs[li], v_bufs[li], tok, heads, plan, self.arenas[li], self.desc[li], self.bounds[li],
                     rows_dev, offs[:, 0].contiguous(), offs[:, 1].contiguous(),  # launcher: contiguous
@@ -471,10 +496,13 @@ class CompressedKVStore:
 
         Parameters
         ----------
-        pages, k_bufs, v_bufs, slot_of_page_token, plans, layer_ids
+        pages, k_bufs, v_bufs, slot_of_page_token, layer_ids
             As in :meth:`seal`; the pages must be ``PAGE_SEALED`` in every layer of ``layer_ids``, and the dense
             sources must hold their original tokens (e.g. a staging buffer from the sidecar, or pages unpacked from
             a lossless first format).
+        plans : sequence of SegmentPlan
+            As in :meth:`seal`, on any device: plans on the host (the sidecar's) are sized there, so re-packing reads
+            nothing back from the device, and copied to it without waiting.
 
         Returns
         -------
@@ -504,7 +532,8 @@ class CompressedKVStore:
             for li, plan, (off, _) in zip(layers, plans, allocs):
                 desc_new = torch.zeros(n, DESC_WIDTH, dtype=torch.int32, device=self.device)
                 bounds_new = torch.zeros(n, 2, self.head_dim, dtype=self.dtype, device=self.device)
-                offs = torch.from_numpy(off).to(self.device)
+                offs = to_device(torch.from_numpy(off), self.device)
+                plan = _plan_to(plan, self.device)
                 pack_segments_fwd(
                     k_bufs[li], v_bufs[li], tok, heads, plan, self.arenas[li], desc_new, bounds_new,
                     staging_ids, offs[:, 0].contiguous(), offs[:, 1].contiguous(),  # launcher: contiguous
@@ -513,7 +542,7 @@ class CompressedKVStore:
         except BaseException:
             self._free_allocs(layers, allocs)
             raise
-        rows_long = torch.from_numpy(rows).to(self.device)
+        rows_long = to_device(torch.from_numpy(rows), self.device)
         for li, (off, sz), (desc_new, bounds_new) in zip(layers, allocs, staged):
             self.desc[li].index_copy_(0, rows_long, desc_new)
             self.bounds[li].index_copy_(0, rows_long, bounds_new)

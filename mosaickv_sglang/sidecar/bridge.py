@@ -4,19 +4,22 @@
 One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaickv_sglang.sealer.Sealer`:
 
 * **Submission.** When the sealer seals a batch of pages with the fast planner, :meth:`SidecarBridge.submit_sealed`
-  copies the dense K/V of as many of those pages as free sidecar slots allow (whole pages of one layer per job, the
-  layers taken in turn so that every layer gets refined) into the shared slot buffers, with the layer's recent
-  queries and the byte budget the fast plan had for those pages. Sink pages (kept dense) are not submitted. A batch
-  that finds no free slot keeps its fast plans: the queue is bounded by the slots.
-* **Application.** :meth:`SidecarBridge.tick` (before each forward, and on idle scheduler ticks) reads the finished
-  jobs and re-packs each one's pages with the sidecar's plan (:meth:`MosaicMHATokenToKVPool.reseal_pages`): new
-  payloads next to the old, descriptors swapped, then the old payloads freed. Freeing them at once is safe here
-  because ticks run between steps on the scheduler thread, decode and prefill run eagerly with overlap scheduling
-  off (``--kv-compressor mosaic`` implies both), and every later kernel that could reuse the freed granules is
-  queued after the swap on the same stream.
+  gathers on the device the dense K/V of as many of those pages as free sidecar slots allow (whole pages of one layer
+  per job, the layers taken in turn so that every layer gets refined), with the layer's recent queries, and starts
+  their copies to the host without waiting for them (:class:`HostCopy`); the slots are reserved. The next
+  :meth:`SidecarBridge.tick` whose copies have landed hands the jobs (with the byte budget the fast plan had for
+  those pages) to the shared slot buffers: the scheduler never waits for the device. Sink pages (kept dense) are not
+  submitted. A batch that finds no free slot keeps its fast plans: the queue is bounded by the slots.
+* **Application.** :meth:`SidecarBridge.tick` (before each forward, and on idle scheduler ticks) submits the batches
+  whose copies have landed, reads the finished jobs and re-packs each one's pages with the sidecar's plan
+  (:meth:`MosaicMHATokenToKVPool.reseal_pages`): new payloads next to the old, descriptors swapped, then the old
+  payloads freed. Freeing them at once is safe here because ticks run between steps on the scheduler thread, decode
+  and prefill run eagerly with overlap scheduling off (``--kv-compressor mosaic`` implies both), and every later
+  kernel that could reuse the freed granules is queued after the swap on the same stream.
 * **Staleness.** A job's segment keys carry the page's epoch (:attr:`MosaicMHATokenToKVPool.page_epoch`, bumped
   when a page is sealed or freed). A plan is applied only if every page of the job still holds the contents it was
-  made for and is still sealed in that layer; otherwise it is discarded.
+  made for and is still sealed in that layer; otherwise it is discarded. Host copies of pages freed before their
+  copies landed are not kept.
 
 * **Re-segmentation of shared prefixes.** Extend batches tell the bridge which request reads which pages
   (:meth:`SidecarBridge.observe_readers`); a page read by a second request (a prefix shared through the radix cache)
@@ -40,7 +43,8 @@ import atexit
 import collections
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -57,7 +61,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_SEGMENTS", "SidecarBridge", "to_host"]
+__all__ = ["DEFAULT_MAX_SEGMENTS", "HostCopy", "SidecarBridge", "to_host"]
 
 # Segments per job at most (rounded down to whole pages): small jobs keep each slot's copy and plan short.
 DEFAULT_MAX_SEGMENTS = 32
@@ -72,21 +76,100 @@ DEFAULT_SHADOW_BYTES = 1 << 30
 Gather = Callable[[int, np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
 
 
-def to_host(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Host copies of ``tensors`` (any devices, shapes and dtypes), in order, with one device-to-host transfer per
-    dtype: each transfer waits for the GPU, so many small ``.cpu()`` calls cost one wait each."""
-    out: List[Optional[torch.Tensor]] = [None] * len(tensors)
-    by_dtype: Dict[torch.dtype, List[int]] = {}
+def _by_dtype(tensors: Sequence[torch.Tensor]) -> List[Tuple[List[int], torch.Tensor]]:
+    """Per dtype: the positions of ``tensors`` of that dtype and their elements concatenated (on their device)."""
+    groups: Dict[torch.dtype, List[int]] = {}
     for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
-    for idx in by_dtype.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu()
-        offset = 0
-        for i in idx:
-            n = tensors[i].numel()
-            out[i] = flat[offset : offset + n].view(tensors[i].shape)
-            offset += n
-    return out  # type: ignore[return-value]
+        groups.setdefault(t.dtype, []).append(i)
+    return [(idx, torch.cat([tensors[i].reshape(-1) for i in idx])) for idx in groups.values()]
+
+
+def _split(tensors: Sequence[torch.Tensor], idx: List[int], flat: torch.Tensor, out: List[torch.Tensor]) -> None:
+    offset = 0
+    for i in idx:
+        n = tensors[i].numel()
+        out[i] = flat[offset : offset + n].view(tensors[i].shape)
+        offset += n
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Host copies of ``tensors`` (any device, shapes and dtypes), in order, with one device-to-host transfer per
+    dtype, each waited for (:class:`HostCopy` does not wait): many small ``.cpu()`` calls would cost one wait each."""
+    out: List[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for idx, flat in _by_dtype(tensors):
+        _split(tensors, idx, flat.cpu(), out)
+    return out
+
+
+def _copy_done_event(device: torch.device) -> Optional["torch.cuda.Event"]:
+    """An event recorded on ``device``'s current stream after the copies queued there; ``None`` off CUDA (the copies
+    are done already)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+class HostCopy:
+    """Host copies of ``tensors`` (shapes and dtypes of any kind, one device), started without waiting.
+
+    One transfer per dtype, as :func:`to_host`; from a CUDA device into pinned host memory with ``non_blocking=True``,
+    followed by an event on the current stream, so the caller goes on while the device works (the device sources are
+    held until the copies are done). Host tensors are only concatenated.
+
+    Attributes
+    ----------
+    tensors : list of torch.Tensor
+        The host copies, in order: read them only once :meth:`ready` (or after :meth:`wait`).
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.tensors: List[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+        self._sources: List[torch.Tensor] = []
+        device = torch.device("cpu")
+        for idx, flat in _by_dtype(tensors):
+            device = flat.device
+            if flat.is_cuda:
+                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                host.copy_(flat, non_blocking=True)
+                self._sources.append(flat)
+            elif device.type != "cpu":
+                host = flat.cpu()
+            else:
+                host = flat
+            _split(tensors, idx, host, self.tensors)
+        self._event = _copy_done_event(device)
+
+    def ready(self) -> bool:
+        """Whether the copies are done (never waits)."""
+        if self._event is not None and not self._event.query():
+            return False
+        self._event, self._sources = None, []
+        return True
+
+    def wait(self) -> None:
+        """Block until the copies are done (tests and shutdown only)."""
+        if self._event is not None:
+            self._event.synchronize()
+        self._event, self._sources = None, []
+
+
+# a job waiting for its copies: layer, pages, their epochs after the seal, byte budget
+_Job = Tuple[int, np.ndarray, np.ndarray, int]
+
+
+@dataclass(eq=False)
+class _PendingBatch:
+    """A sealed batch whose host copies are on their way: the jobs to submit once they land.
+
+    ``jobs``: per job, its layer, pages, their epochs after the seal and its byte budget; the copy holds three
+    tensors per job (keys, values, queries), then, when ``shared`` names pages several requests read (with their
+    epochs), their keys and values in every layer."""
+
+    copy: HostCopy
+    jobs: List[_Job]
+    shared: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
 
 class SidecarBridge:
@@ -118,8 +201,9 @@ class SidecarBridge:
         Finished plans not applied: some page freed, reused or no longer sealed, or no arena room for the new
         payloads next to the old.
     segments_submitted, segments_skipped : int
-        Sealed segments (non-sink, all layers) handed to the sidecar, and those that kept their fast plan because
-        every slot was busy.
+        Sealed segments (non-sink, all layers) handed to the sidecar (counted at sealing, while their copies to the
+        host are on their way), and those that kept their fast plan because every slot was busy (or, once the copies
+        landed, because the sidecar refused them).
     pages_shared : int
         Pages found read by more than one request (0 with ``resegment`` off: readers are not recorded).
     resegment_jobs, resegment_skipped : int
@@ -128,8 +212,9 @@ class SidecarBridge:
         Re-segmentation jobs planned with every request's recent queries because none of their readers' queries was
         left in the window.
     tick_seconds, submit_seconds : float
-        Scheduler time spent before forwards: in :meth:`tick` (reading replies, applying plans) and in
-        :meth:`submit_sealed` (copying pages to the host and into the slots); the sidecar's cost on the step time.
+        Scheduler time spent before forwards: in :meth:`tick` (copying landed batches into the slots, reading
+        replies, applying plans) and in :meth:`submit_sealed` (gathering pages and starting their copies to the
+        host); the sidecar's cost on the step time.
     idle_seconds : float
         Scheduler time spent in :meth:`on_idle` (idle ticks only: no step waits for it).
     """
@@ -167,6 +252,8 @@ class SidecarBridge:
         self.submit_seconds = 0.0
         self.idle_seconds = 0.0
         self._next_layer = 0
+        self._pending: Deque[_PendingBatch] = collections.deque()
+        self._reserved = 0
         self._closed = False
 
     @classmethod
@@ -191,9 +278,12 @@ class SidecarBridge:
         return self
 
     def close(self) -> None:
-        """Stop the worker; jobs in flight are dropped (their fast plans stay)."""
+        """Stop the worker; jobs in flight and batches whose copies have not been submitted are dropped (their fast
+        plans stay)."""
         if not self._closed:
             self._closed = True
+            self._pending.clear()
+            self._reserved = 0
             self.client.close()
 
     def counters(self) -> SidecarCounters:
@@ -233,31 +323,41 @@ class SidecarBridge:
         finally:
             self.submit_seconds += time.perf_counter() - t0
 
+    @property
+    def _free_slots(self) -> int:
+        """Slots free and not reserved for a batch whose copies are on their way."""
+        return max(0, self.client.free_slots - self._reserved)
+
     def _submit_sealed(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float, gather: Gather) -> int:
         todo = np.asarray(pages, dtype=np.int64)[~np.asarray(dense_mask, dtype=bool)]
         pool, h = self.pool, int(self.pool.head_num)
         self._ratio[todo] = ratio
         total = int(todo.size) * h * pool.layer_num
+        jobs, parts = self._choose(todo, ratio, gather)
         shared = todo[[int(p) in self._readers and len(self._readers[int(p)]) > 1 for p in todo]]
+        kept = None
         if shared.size and self.shadow_bytes:
-            self._keep_shared(shared, gather)
-        submitted = self._submit(todo, ratio, gather)
+            kept = (shared, self.pool.page_epoch[shared] + 1)
+            parts.extend(x for layer in range(pool.layer_num) for x in gather(layer, shared))
+        if parts:
+            self._pending.append(_PendingBatch(HostCopy(parts), jobs, kept))
+            self._reserved += len(jobs)
+        submitted = sum(int(job[1].size) for job in jobs) * h
         self.segments_submitted += submitted
         self.segments_skipped += total - submitted
         return submitted
 
-    def _submit(self, todo: np.ndarray, ratio: float, gather: Gather) -> int:
-        """Jobs of whole pages of one layer, layers in turn from where the last batch stopped; returns the segments
-        submitted. The jobs are chosen first (one per free slot), then all their K/V and queries reach the host in
-        one transfer per dtype: one wait for the GPU per batch, not one per job."""
-        if todo.size == 0 or self.client.free_slots == 0:
-            return 0
+    def _choose(self, todo: np.ndarray, ratio: float, gather: Gather) -> Tuple[List[_Job], List[torch.Tensor]]:
+        """Jobs of whole pages of one layer, one per free slot, layers in turn from where the last batch stopped, and
+        their K/V and queries gathered on the device (three tensors per job)."""
+        if todo.size == 0 or self._free_slots == 0:
+            return [], []
         pool, h = self.pool, int(self.pool.head_num)
         epoch = self.pool.page_epoch[todo] + 1
         seg = dense_segment_bytes(pool.page_size, int(pool.head_dim))
         chunks = [np.arange(i, min(i + self.pages_per_job, todo.size)) for i in range(0, todo.size, self.pages_per_job)]
         jobs: List[Tuple[int, np.ndarray, torch.Tensor]] = []
-        free, layers, stopped = self.client.free_slots, pool.layer_num, False
+        free, layers, stopped = self._free_slots, pool.layer_num, False
         for step in range(layers):
             layer = (self._next_layer + step) % layers
             q = self.window.queries(layer)
@@ -272,36 +372,61 @@ class SidecarBridge:
                 break
         if not stopped:
             self._next_layer = (self._next_layer + 1) % layers
-        device_parts: List[torch.Tensor] = []
+        parts: List[torch.Tensor] = []
         for layer, idx, q in jobs:
             heads = torch.arange(h, device=q.device).repeat(idx.size)
-            device_parts.extend(gather(layer, todo[idx]))
-            device_parts.append(q[heads])
-        host = to_host(device_parts)
-        done = 0
-        for j, (layer, idx, _) in enumerate(jobs):
+            parts.extend(gather(layer, todo[idx]))
+            parts.append(q[heads])
+        chosen = [(layer, todo[idx], epoch[idx], seal_budget_bytes(int(idx.size) * h, 0, seg, ratio))
+                  for layer, idx, _ in jobs]  # fmt: skip
+        return chosen, parts
+
+    def _flush(self, wait: bool = False) -> None:
+        """Submit the pending batches whose copies have landed, in order (``wait``: all, waiting for them)."""
+        while self._pending:
+            batch = self._pending[0]
+            if wait:
+                batch.copy.wait()
+            elif not batch.copy.ready():
+                return
+            self._pending.popleft()
+            self._reserved -= len(batch.jobs)
+            self._land(batch)
+
+    def _land(self, batch: _PendingBatch) -> None:
+        host, h = batch.copy.tensors, int(self.pool.head_num)
+        if batch.shared is not None:
+            pages, epochs = batch.shared
+            base = 3 * len(batch.jobs)
+            for layer in range(self.pool.layer_num):
+                self._remember(layer, pages, epochs, host[base + 2 * layer], host[base + 2 * layer + 1])
+            live = self.pool.page_epoch[pages] == epochs
+            self._queue(pages[live], epochs[live])
+        for j, (layer, pages, epochs, budget) in enumerate(batch.jobs):
             keys, values, queries = host[3 * j : 3 * j + 3]
-            sel = todo[idx]
-            segs = [SegmentKey(layer, hd, int(p), int(e)) for p, e in zip(sel, epoch[idx]) for hd in range(h)]
-            self._remember(layer, sel, epoch[idx], keys, values)
-            job = self.client.try_submit(
-                segs, keys, values, queries, budget_bytes=seal_budget_bytes(len(segs), 0, seg, ratio),
-                group_ids=torch.arange(h).repeat(sel.size), reason=REASON_SEALED,
-            )  # fmt: skip
+            segs = [SegmentKey(layer, hd, p, e) for p, e in zip(pages.tolist(), epochs.tolist()) for hd in range(h)]
+            self._remember(layer, pages, epochs, keys, values)
+            job = None
+            if not self.client.disabled:
+                job = self.client.try_submit(segs, keys, values, queries, budget_bytes=budget,
+                                             group_ids=torch.arange(h).repeat(pages.size),
+                                             reason=REASON_SEALED)  # fmt: skip
             if job is None:
-                self._next_layer = layer
-                return done
-            done += len(segs)
-        return done
+                self.segments_submitted -= len(segs)
+                self.segments_skipped += len(segs)
 
     # --- host copies (shadow) -------------------------------------------------------------------------------------
     def _remember(self, layer: int, pages: np.ndarray, epochs: np.ndarray, keys: torch.Tensor,
                   values: torch.Tensor) -> None:  # fmt: skip
-        """Keep host copies of ``pages`` of ``layer`` (``keys``/``values`` ``[P * H, S, d]`` on the host)."""
+        """Keep host copies of ``pages`` of ``layer`` (``keys``/``values`` ``[P * H, S, d]`` on the host) that still
+        hold epoch ``epochs`` (a page freed since is skipped)."""
         if not self.shadow_bytes:
             return
         h = int(self.pool.head_num)
+        live = (self.pool.page_epoch[pages] == epochs).tolist()
         for i, (p, e) in enumerate(zip(pages.tolist(), epochs.tolist())):
+            if not live[i]:
+                continue
             k, v = keys[i * h : (i + 1) * h].clone(), values[i * h : (i + 1) * h].clone()  # own memory: exact bytes
             self._forget_copy(layer, p)
             self._shadow[(layer, p)] = (e, k, v)
@@ -314,15 +439,6 @@ class SidecarBridge:
         old = self._shadow.pop((layer, page), None)
         if old is not None:
             self._shadow_used -= old[1].nbytes + old[2].nbytes
-
-    def _keep_shared(self, pages: np.ndarray, gather: Gather) -> None:
-        """Host copies of every layer of pages about to be sealed that several requests read, queued for
-        re-segmentation."""
-        epochs = self.pool.page_epoch[pages] + 1
-        host = to_host([x for layer in range(self.pool.layer_num) for x in gather(layer, pages)])
-        for layer in range(self.pool.layer_num):
-            self._remember(layer, pages, epochs, host[2 * layer], host[2 * layer + 1])
-        self._queue(pages, epochs)
 
     def _queue(self, pages: np.ndarray, epochs: np.ndarray) -> None:
         self.queue.add(
@@ -379,9 +495,9 @@ class SidecarBridge:
     def _on_idle(self) -> int:
         self._tick(IDLE_TICK_MS)
         submitted = 0
-        while submitted < IDLE_JOBS and len(self.queue) and self.client.free_slots and not self.client.disabled:
+        while submitted < IDLE_JOBS and len(self.queue) and self._free_slots and not self.client.disabled:
             for job in self.queue.next_slice(self.pages_per_job):
-                if self.client.free_slots == 0:
+                if self._free_slots == 0:
                     self.queue.add(job.segments)  # no slot left for this part of the slice: it waits its turn
                     continue
                 submitted += self._submit_resegment(job.layer, [seg.key for seg in job.segments], job.readers)
@@ -421,8 +537,8 @@ class SidecarBridge:
 
     # --- application --------------------------------------------------------------------------------------------------
     def tick(self, budget_ms: Optional[float] = FORWARD_TICK_MS) -> int:
-        """Read finished jobs (about ``budget_ms`` of client work; restarts a dead worker) and apply their plans;
-        returns the jobs applied."""
+        """Submit the sealed batches whose copies have landed, read finished jobs (about ``budget_ms`` of client
+        work; restarts a dead worker) and apply their plans; returns the jobs applied. Never waits for the device."""
         if self._closed:
             return 0
         t0 = time.perf_counter()
@@ -432,6 +548,7 @@ class SidecarBridge:
             self.tick_seconds += time.perf_counter() - t0
 
     def _tick(self, budget_ms: Optional[float]) -> int:
+        self._flush()
         applied = 0
         for outcome in self.client.tick(budget_ms):
             applied += self._apply(outcome)
@@ -466,11 +583,14 @@ class SidecarBridge:
         return 1
 
     def drain(self, timeout: float) -> int:
-        """Block up to ``timeout`` seconds until no job is in flight, applying each (tests and shutdown only)."""
+        """Block up to ``timeout`` seconds until no job is in flight, applying each; batches whose copies are on
+        their way are waited for and submitted first (tests and shutdown only)."""
         end, applied = time.monotonic() + timeout, 0
+        if not self._closed:
+            self._flush(wait=True)
         while time.monotonic() < end:
             applied += self.tick(None)
-            if self.client.counters.queue_depth == 0:
+            if self.client.counters.queue_depth == 0 and not self._pending:
                 break
             time.sleep(0.01)
         return applied

@@ -1,0 +1,230 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The sidecar bridge submits sealed pages without waiting for the device: their copies to the host land on a later
+tick, which hands the jobs to the client (a fake pool, window and client here; the copy's event is a fake that says
+when the device is done)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import List
+
+import numpy as np
+import pytest
+import torch
+
+from bench.host_syncs import HostSyncCounter
+from mosaickv_sglang.sidecar import bridge as bridge_mod
+from mosaickv_sglang.sidecar.bridge import SidecarBridge
+from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarConfig, SidecarCounters
+from mosaickv_sglang.sidecar.protocol import SegmentKey
+
+H, S, D, LAYERS, PAGES = 2, 16, 64, 2, 32
+PAGES_PER_JOB = 2
+
+
+class FakeEvent:
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = True
+        self.done = True
+
+
+class FakePool:
+    head_num, head_dim, page_size, layer_num, num_logical_pages = H, D, S, LAYERS, PAGES
+
+    def __init__(self) -> None:
+        self.page_epoch = np.zeros(PAGES, dtype=np.int64)
+        self.sealed = np.zeros((LAYERS, PAGES), dtype=bool)
+        self.free_listeners: list = []
+        self.resealed: list = []
+
+    def seal(self, pages: np.ndarray) -> None:
+        self.page_epoch[pages] += 1
+        self.sealed[:, pages] = True
+
+    def free(self, pages: np.ndarray) -> None:
+        self.page_epoch[pages] += 1
+        self.sealed[:, pages] = False
+        for listener in self.free_listeners:
+            listener(pages)
+
+    def sealed_in_layer(self, pages: np.ndarray, layer: int) -> np.ndarray:
+        return self.sealed[layer, pages]
+
+    def reseal_pages(self, pages, layer, keys, values, plan):
+        self.resealed.append((layer, pages.tolist()))
+        return object()
+
+    def release_resealed(self, handle) -> None:
+        pass
+
+
+class FakeWindow:
+    def __init__(self) -> None:
+        self.q = torch.randn(LAYERS, H, 4, 1, D, generator=torch.Generator().manual_seed(1))
+
+    def queries(self, layer: int) -> torch.Tensor:
+        return self.q[layer]
+
+
+class FakeClient:
+    """Slots, jobs in flight, and every job finished OK on the next tick (valid as the bridge judges it)."""
+
+    def __init__(self, slots: int, is_current) -> None:
+        self.slots = slots
+        self.is_current = is_current
+        self.in_flight: List[dict] = []
+        self.received: List[dict] = []
+        self.disabled = False
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.in_flight)
+
+    @property
+    def counters(self) -> SidecarCounters:
+        return SidecarCounters(queue_depth=len(self.in_flight))
+
+    def try_submit(self, segments, keys, values, queries, *, budget_bytes, group_ids, reason):
+        if self.free_slots == 0:
+            return None
+        job = dict(segments=tuple(segments), keys=keys.clone(), values=values.clone(), queries=queries.clone(),
+                   budget=budget_bytes, id=len(self.received))  # fmt: skip
+        self.in_flight.append(job)
+        self.received.append(job)
+        return job["id"]
+
+    def tick(self, budget_ms=None):
+        done, self.in_flight = self.in_flight, []
+        return [JobOutcome(j["id"], JobStatus.OK, j["segments"], result=SimpleNamespace(plan=None),
+                           valid=tuple(self.is_current(k) for k in j["segments"]), keys=j["keys"],
+                           values=j["values"]) for j in done]  # fmt: skip
+
+    def close(self) -> None:
+        pass
+
+
+def dense(layer: int, pages: np.ndarray):
+    """What gather returns: a value per (layer, page, head, token) that names them."""
+    p = torch.from_numpy(np.asarray(pages, dtype=np.int64))
+    base = (layer * 1000 + p[:, None] * 10 + torch.arange(H)[None, :]).reshape(-1).float()
+    keys = base[:, None, None] + torch.arange(S).float()[None, :, None] / 100 + torch.zeros(1, 1, D)
+    return keys, -keys
+
+
+@pytest.fixture
+def setup(monkeypatch):
+    events: List[FakeEvent] = []
+
+    def new_event(device):
+        events.append(FakeEvent())
+        return events[-1]
+
+    monkeypatch.setattr(bridge_mod, "_copy_done_event", new_event)
+    pool = FakePool()
+    cfg = SidecarConfig(seg_size=S, head_dim=D, group_size=1, window=4, num_slots=4, max_segments=H * PAGES_PER_JOB)
+    bridge = SidecarBridge(pool, FakeWindow(), cfg, shadow_bytes=1 << 20)
+    bridge.client = FakeClient(4, bridge.is_current)
+    return SimpleNamespace(pool=pool, bridge=bridge, client=bridge.client, events=events)
+
+
+def seal(t, pages, dense_mask=None) -> int:
+    pages = np.asarray(pages, dtype=np.int64)
+    mask = np.zeros(pages.size, dtype=bool) if dense_mask is None else np.asarray(dense_mask)
+    n = t.bridge.submit_sealed(pages, mask, 2.0, dense)
+    t.pool.seal(pages)
+    return n
+
+
+def test_jobs_reach_the_client_only_once_the_copies_landed_with_the_epochs_of_the_seal(setup):
+    t = setup
+    pages = np.array([3, 4, 5, 6], dtype=np.int64)
+    assert seal(t, pages) == pages.size * H * LAYERS
+    assert len(t.events) == 1 and not t.events[0].waited
+    assert t.client.received == [] and t.bridge._free_slots == 0 and t.client.free_slots == 4
+    for _ in range(3):
+        t.bridge.tick()
+    assert t.client.received == [] and not t.events[0].waited
+    t.events[0].done = True
+    t.bridge.tick()
+    got = {(k.layer, k.page) for j in t.client.received for k in j["segments"]}
+    assert got == {(layer, int(p)) for layer in range(LAYERS) for p in pages}
+    for job in t.client.received:
+        keys = job["segments"]
+        layer, sel = keys[0].layer, np.array([k.page for k in keys[::H]])
+        assert keys == tuple(SegmentKey(layer, hd, int(p), 1) for p in sel for hd in range(H))
+        want_k, want_v = dense(layer, sel)
+        torch.testing.assert_close(job["keys"], want_k, atol=0, rtol=0)
+        torch.testing.assert_close(job["values"], want_v, atol=0, rtol=0)
+        torch.testing.assert_close(job["queries"], t.bridge.window.q[layer][torch.arange(H).repeat(sel.size)])
+    assert sorted(t.bridge._shadow) == sorted((layer, int(p)) for layer in range(LAYERS) for p in pages)
+    assert t.bridge.plans_applied == len(t.client.received) == 4 and t.bridge.plans_discarded == 0
+    assert t.bridge._reserved == 0 and t.bridge._free_slots == 4
+
+
+def test_pending_jobs_hold_their_slots_so_a_later_batch_does_not_overbook(setup):
+    t = setup
+    assert seal(t, [1, 2]) == 2 * H * LAYERS  # one job per layer
+    assert t.bridge._reserved == 2 and t.bridge._free_slots == 2 and t.client.free_slots == 4
+    assert seal(t, [7, 8, 9, 10]) == 2 * PAGES_PER_JOB * H  # two slots left: two jobs of two pages
+    assert t.bridge.segments_skipped == 4 * H * LAYERS - 2 * PAGES_PER_JOB * H
+    assert seal(t, [11, 12]) == 0 and len(t.events) == 2  # no slot: nothing gathered, no copy started
+    assert t.bridge.segments_skipped == 4 * H * LAYERS - 2 * PAGES_PER_JOB * H + 2 * H * LAYERS
+    t.events[1].done = True
+    t.bridge.tick()
+    assert t.client.received == []  # batches land in order
+    t.events[0].done = True
+    t.bridge.tick()
+    assert len(t.client.received) == 4 and t.bridge._reserved == 0
+
+
+def test_pages_freed_or_reused_before_the_copies_land_are_discarded_not_applied(setup):
+    t = setup
+    seal(t, [1, 2, 3, 4])  # jobs [1, 2] and [3, 4] in each layer
+    t.pool.free(np.array([2]))  # freed
+    t.pool.free(np.array([1]))  # freed, reused and sealed again
+    t.pool.seal(np.array([1]))
+    t.events[0].done = True
+    t.bridge.tick()
+    assert len(t.client.received) == 4
+    assert sorted(t.bridge._shadow) == [(0, 3), (0, 4), (1, 3), (1, 4)]
+    assert t.bridge.plans_applied == 2 and t.bridge.plans_discarded == 2
+    assert sorted(t.pool.resealed) == [(0, [3, 4]), (1, [3, 4])]
+
+
+def test_drain_waits_for_pending_copies_and_close_drops_them(setup):
+    t = setup
+    seal(t, [1, 2])
+    assert t.bridge.drain(5.0) == 2
+    assert t.events[0].waited and t.bridge.plans_applied == 2 and not t.bridge._pending
+    seal(t, [5, 6])
+    t.bridge.close()
+    assert not t.bridge._pending and t.bridge._reserved == 0 and t.bridge.tick() == 0
+    assert len(t.client.received) == 2
+
+
+def test_counters_and_timings(setup):
+    t = setup
+    assert seal(t, [1, 2, 3, 4], dense_mask=[True, False, False, False]) == 3 * H * LAYERS
+    assert t.bridge.segments_submitted == 3 * H * LAYERS and t.bridge.segments_skipped == 0
+    assert t.bridge.submit_seconds > 0 and t.bridge.tick_seconds == 0
+    t.client.disabled = True  # refused when the copies land: those segments kept their fast plans
+    t.events[0].done = True
+    t.bridge.tick()
+    assert t.client.received == [] and t.bridge.tick_seconds > 0
+    assert t.bridge.segments_submitted == 0 and t.bridge.segments_skipped == 3 * H * LAYERS
+
+
+def test_submission_reads_nothing_back_from_the_device(setup):
+    """No host read or value-sized op between the gather and the start of the copies (a GPU would wait for each)."""
+    t = setup
+    pages = np.array([1, 2, 3, 4], dtype=np.int64)
+    with HostSyncCounter() as count:
+        t.bridge.submit_sealed(pages, np.zeros(pages.size, dtype=bool), 2.0, dense)
+    assert count.syncs == 0, dict(count.by_name)
