@@ -328,6 +328,31 @@ def _row_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return ((x - x_hat).pow(2).sum(-1) / den.clamp(min=_EPS)).clamp(max=1.0) * (den > 0)
 
 
+def _lost_fraction(lost: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """:func:`_row_loss` from its parts: ``lost`` ``||x - x_hat||^2`` and ``energy`` ``||x||^2``, shape ``[N, S]``."""
+    return (lost / energy.clamp(min=_EPS)).clamp(max=1.0) * (energy > 0)
+
+
+def _chan_drop_masks(x: torch.Tensor, weight: torch.Tensor, ks: Sequence[int]) -> Dict[int, torch.Tensor]:
+    """For each ``k`` of ``ks``: the channels outside each vector's top-``k`` by ``|x_c| * w_c``, shape ``[N, S, d]``
+    bool, exactly ``descending_rank(chan_scores(x, weight)) >= k`` (ties: the lower index ranks first) from one
+    top-``max(ks)`` instead of a full sort.
+
+    Each score becomes a distinct int64 key, its float bits mapped to an order-preserving integer followed by the
+    reversed channel index, so the ``k``-th largest key is a threshold with no ties."""
+    if not ks:
+        return {}
+    d = x.shape[-1]
+    score = chan_scores(x, weight) + 0.0  # -0.0 -> +0.0, equal as floats so equal as keys
+    bits = score.view(torch.int32)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
+    tie = torch.arange(d - 1, -1, -1, device=x.device)
+    key = (bits.long() << max(1, (d - 1).bit_length())) | tie
+    del score, bits
+    top = torch.topk(key, max(ks), dim=-1, sorted=True).values
+    return {k: key < top[..., k - 1 : k] for k in ks}
+
+
 UNSEEN_PRIORS = ("uniform", "novelty")
 DEFAULT_UNSEEN_PRIOR = "novelty"
 """Default :func:`retrieval_prior`: an unseen query retrieves content that is not repeated in its segment (a
@@ -441,14 +466,22 @@ def _unseen_error(
     labels: torch.Tensor,
     ng: int,
     unseen_prior: str,
+    order: Optional[torch.Tensor] = None,
+    chan_loss: Optional[Dict[Tuple[int, int], torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """:func:`unseen_query_error` on checked inputs, contexts given as ``labels`` in ``[0, ng)`` (no host read)."""
+    """:func:`unseen_query_error` on checked inputs, contexts given as ``labels`` in ``[0, ng)`` (no host read).
+
+    ``order``: the tokens by decreasing ``token_mass`` (stable), if already sorted. ``chan_loss``: ``(side, k) ->
+    [N, S]`` fraction of each row's energy that per-vector top-``k`` loses (side 0 K, 1 V), if already measured;
+    missing entries are measured here."""
     n, s, _ = keys.shape
-    order = torch.sort(importance.token_mass, dim=1, descending=True, stable=True).indices
+    if order is None:
+        order = torch.sort(importance.token_mass, dim=1, descending=True, stable=True).indices
     prior = retrieval_prior(values, labels, ng, unseen_prior)
     dropped = _prefix(prior, order)
     dropped = dropped[:, -1:] - dropped  # [N, S+1]: prior mass of the tokens after the top m
     half: Dict[Tuple[int, int, int], torch.Tensor] = {}  # (side, form, param) -> [N, S+1] prefix of loss / 2
+    chan_loss = {} if chan_loss is None else chan_loss
 
     def kept_loss(side: int, x: torch.Tensor, weight: torch.Tensor, form: int, param: int) -> torch.Tensor:
         key = (side, form, param)
@@ -456,8 +489,11 @@ def _unseen_error(
             if form == fmt.FORM_DENSE:
                 loss = torch.zeros(n, s, device=x.device)
             elif form == fmt.FORM_CHAN:
-                xf = x.float()
-                loss = _row_loss(xf, xf * (descending_rank(chan_scores(xf, weight)) < param))
+                if (side, param) not in chan_loss:
+                    xf = x.float()
+                    lost = (xf * _chan_drop_masks(xf, weight, [param])[param]).pow(2).sum(-1)
+                    chan_loss[side, param] = _lost_fraction(lost, xf.pow(2).sum(-1))
+                loss = chan_loss[side, param]
             else:
                 raise ValueError(f"menu: expected dense or chan forms (no SVD here), got {fmt.FORM_NAMES[form]}")
             half[key] = _prefix(prior * loss * 0.5, order)
@@ -685,28 +721,38 @@ def _estimate_fast(
     resid = vf - out_g[labels][:, None, :]  # v_t - O
     c = resid.pow(2).sum(-1)
     var_g = torch.zeros(ng, device=dev).index_add_(0, labels, (p.pow(2) * c).sum(1))
-    energy = vf.pow(2).sum(-1).reshape(blocks, -1).mean(1)  # one floor per block, as if planned alone
+    k_energy, v_energy = kf.pow(2).sum(-1), vf.pow(2).sum(-1)
+    energy = v_energy.reshape(blocks, -1).mean(1)  # one floor per block, as if planned alone
     norm = (out_g.pow(2).sum(-1) + var_g)[labels] + energy.repeat_interleave(n // blocks) * 1e-12 + _EPS
 
     ks, ms, mt, mi, ki, vi = _fast_indices(menu, dev)
     order = torch.sort(p, dim=1, descending=True, stable=True).indices
-    k_rank = descending_rank(chan_scores(kf, importance.k_chan_weight))
-    v_rank = descending_rank(chan_scores(vf, importance.v_chan_weight))
+    k_drop = _chan_drop_masks(kf, importance.k_chan_weight, ks)
+    v_drop = _chan_drop_masks(vf, importance.v_chan_weight, ks)
     # Three families of vectors, each [N, len(ms), d] per option; the change of a candidate is delta = -a + b - c:
     #   a = sum_{dropped} p_t (v_t - O)             (dropped tokens)
     #   b = -sum_{kept} p_t s (q_bar . dk_t)(v_t - O)  (K top-k, dk_t the dropped elements, s = sm_scale)
     #   c = sum_{kept} p_t dv_t                      (V top-k, dv_t the dropped elements)
     pr = _prefix(p[:, :, None] * resid, order)  # [N, S+1, d]
     avec = pr[:, -1:, :] - pr[:, mt, :]
+    del pr
     zero = torch.zeros(n, len(ms), d, device=dev)
     kvec, vvec = [zero], [zero]
     kvar = [torch.zeros(n, len(ms), device=dev)]
+    chan_loss: Dict[Tuple[int, int], torch.Tensor] = {}  # (side, k) -> [N, S], for the unseen-query error
     for k in ks:
-        dk = kf * (k_rank >= k)
+        dk = kf * k_drop.pop(k)
         coh = p * scale * (dk * qbar[:, None, :]).sum(-1)
         kvec.append(-_prefix(coh[:, :, None] * resid, order)[:, mt, :])
-        kvar.append(_prefix(p.pow(2) * scale**2 * (dk.pow(2) * var_q[:, None, :]).sum(-1) * c, order)[:, mt])
-        vvec.append(_prefix(p[:, :, None] * vf * (v_rank >= k), order)[:, mt, :])
+        dk2 = dk.pow(2)
+        del dk
+        kvar.append(_prefix(p.pow(2) * scale**2 * (dk2 * var_q[:, None, :]).sum(-1) * c, order)[:, mt])
+        chan_loss[0, k] = _lost_fraction(dk2.sum(-1), k_energy)
+        del dk2
+        dv = vf * v_drop.pop(k)
+        vvec.append(_prefix(p[:, :, None] * dv, order)[:, mt, :])
+        chan_loss[1, k] = _lost_fraction(dv.pow(2).sum(-1), v_energy)
+        del dv
     allv = torch.cat([avec] + kvec + vvec, 1)  # [N, M * (1 + 2 * (nk + 1)), d]
     gram = torch.bmm(allv, allv.transpose(1, 2))
     nm, nk = len(ms), len(ks) + 1
@@ -721,7 +767,7 @@ def _estimate_fast(
     dense_i = list(menu).index(Candidate(s))
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
-    unseen = _unseen_error(keys, values, menu, importance, labels, ng, unseen_prior)
+    unseen = _unseen_error(keys, values, menu, importance, labels, ng, unseen_prior, order, chan_loss)
     return ErrorEstimate(err.float(), dmass.float(), p.sum(1), unseen, weight)
 
 
