@@ -717,7 +717,7 @@ def _estimate_fast(
     w2 = importance.k_chan_weight.float().pow(2)
     qbar = torch.zeros(n, d, device=dev) if importance.q_mean is None else importance.q_mean.float()
     var_q = (w2 - qbar.pow(2)).clamp(min=0)
-    out_g = torch.zeros(ng, d, device=dev).index_add_(0, labels, (p[:, :, None] * vf).sum(1))
+    out_g = torch.zeros(ng, d, device=dev).index_add_(0, labels, torch.bmm(p[:, None, :], vf).squeeze(1))
     resid = vf - out_g[labels][:, None, :]  # v_t - O
     c = resid.pow(2).sum(-1)
     var_g = torch.zeros(ng, device=dev).index_add_(0, labels, (p.pow(2) * c).sum(1))
@@ -727,43 +727,45 @@ def _estimate_fast(
 
     ks, ms, mt, mi, ki, vi = _fast_indices(menu, dev)
     order = torch.sort(p, dim=1, descending=True, stable=True).indices
+    tok_rank = torch.empty_like(order).scatter_(1, order, torch.arange(s, device=dev).expand(n, s))
+    kept = (tok_rank[:, None, :] < mt[None, :, None]).float()  # [N, M, S]: the top m tokens, for each m of ms
     k_drop = _chan_drop_masks(kf, importance.k_chan_weight, ks)
     v_drop = _chan_drop_masks(vf, importance.v_chan_weight, ks)
     # Three families of vectors, each [N, len(ms), d] per option; the change of a candidate is delta = -a + b - c:
     #   a = sum_{dropped} p_t (v_t - O)             (dropped tokens)
     #   b = -sum_{kept} p_t s (q_bar . dk_t)(v_t - O)  (K top-k, dk_t the dropped elements, s = sm_scale)
     #   c = sum_{kept} p_t dv_t                      (V top-k, dv_t the dropped elements)
-    pr = _prefix(p[:, :, None] * resid, order)  # [N, S+1, d]
-    avec = pr[:, -1:, :] - pr[:, mt, :]
-    del pr
-    zero = torch.zeros(n, len(ms), d, device=dev)
-    kvec, vvec = [zero], [zero]
+    # Token sums are products with the [N, M, S] keep masks, so no [N, S, d] product is materialised for them.
+    dropped_p = (1.0 - kept) * p[:, None, :]
+    kept_p = kept * p[:, None, :]
+    on_resid = [dropped_p]  # token weights of a and of every b, applied to v_t - O in one product
+    vvec = [torch.zeros(n, len(ms), d, device=dev)]
     kvar = [torch.zeros(n, len(ms), device=dev)]
+    k_stats = torch.stack([qbar, var_q, torch.ones_like(qbar)], 2)  # [N, d, 3]
     chan_loss: Dict[Tuple[int, int], torch.Tensor] = {}  # (side, k) -> [N, S], for the unseen-query error
     for k in ks:
         dk = kf * k_drop.pop(k)
-        coh = p * scale * (dk * qbar[:, None, :]).sum(-1)
-        kvec.append(-_prefix(coh[:, :, None] * resid, order)[:, mt, :])
-        dk2 = dk.pow(2)
+        coh = p * scale * torch.bmm(dk, k_stats[:, :, :1]).squeeze(2)
+        sums = torch.bmm(dk.pow_(2), k_stats[:, :, 1:])  # [N, S, 2]: sum_c var_q dk^2, sum_c dk^2
         del dk
-        kvar.append(_prefix(p.pow(2) * scale**2 * (dk2 * var_q[:, None, :]).sum(-1) * c, order)[:, mt])
-        chan_loss[0, k] = _lost_fraction(dk2.sum(-1), k_energy)
-        del dk2
+        on_resid.append(kept * -coh[:, None, :])
+        kvar.append(torch.bmm(kept, (p.pow(2) * scale**2 * sums[:, :, 0] * c)[:, :, None]).squeeze(2))
+        chan_loss[0, k] = _lost_fraction(sums[:, :, 1], k_energy)
         dv = vf * v_drop.pop(k)
-        vvec.append(_prefix(p[:, :, None] * dv, order)[:, mt, :])
-        chan_loss[1, k] = _lost_fraction(dv.pow(2).sum(-1), v_energy)
+        vvec.append(torch.bmm(kept_p, dv))
+        chan_loss[1, k] = _lost_fraction(dv.pow_(2).sum(-1), v_energy)
         del dv
-    allv = torch.cat([avec] + kvec + vvec, 1)  # [N, M * (1 + 2 * (nk + 1)), d]
-    gram = torch.bmm(allv, allv.transpose(1, 2))
+    ab = torch.bmm(torch.cat(on_resid, 1), resid)  # [N, M * (1 + nk), d]: a, then b of each k
     nm, nk = len(ms), len(ks) + 1
+    allv = torch.cat([ab[:, :nm], torch.zeros(n, nm, d, device=dev), ab[:, nm:]] + vvec, 1)
+    gram = torch.bmm(allv, allv.transpose(1, 2))  # [a, b of k = 0 (zero), b of each k, c of k = 0 (zero), ...]
     ia, ib, ic = mi, nm + ki * nm + mi, nm + nk * nm + vi * nm + mi
     sq = (
         gram[:, ia, ia] + gram[:, ib, ib] + gram[:, ic, ic]
         - 2 * gram[:, ia, ib] + 2 * gram[:, ia, ic] - 2 * gram[:, ib, ic]
     ).clamp(min=0)
     err = (sq + torch.stack(kvar, 1)[:, ki, mi]) / norm[:, None]
-    pm = _prefix(p, order)  # [N, S+1]
-    dmass = (pm[:, mt] - pm[:, -1:])[:, mi].clamp(max=0)
+    dmass = -dropped_p.sum(2)[:, mi].clamp(min=0)
     dense_i = list(menu).index(Candidate(s))
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
