@@ -328,6 +328,31 @@ def _row_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return ((x - x_hat).pow(2).sum(-1) / den.clamp(min=_EPS)).clamp(max=1.0) * (den > 0)
 
 
+def _lost_fraction(lost: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """:func:`_row_loss` from its parts: ``lost`` ``||x - x_hat||^2`` and ``energy`` ``||x||^2``, shape ``[N, S]``."""
+    return (lost / energy.clamp(min=_EPS)).clamp(max=1.0) * (energy > 0)
+
+
+def _chan_drop_masks(x: torch.Tensor, weight: torch.Tensor, ks: Sequence[int]) -> Dict[int, torch.Tensor]:
+    """For each ``k`` of ``ks``: the channels outside each vector's top-``k`` by ``|x_c| * w_c``, shape ``[N, S, d]``
+    bool, exactly ``descending_rank(chan_scores(x, weight)) >= k`` (ties: the lower index ranks first) from one
+    top-``max(ks)`` instead of a full sort.
+
+    Each score becomes a distinct int64 key, its float bits mapped to an order-preserving integer followed by the
+    reversed channel index, so the ``k``-th largest key is a threshold with no ties."""
+    if not ks:
+        return {}
+    d = x.shape[-1]
+    score = chan_scores(x, weight) + 0.0  # -0.0 -> +0.0, equal as floats so equal as keys
+    bits = score.view(torch.int32)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
+    tie = torch.arange(d - 1, -1, -1, device=x.device)
+    key = (bits.long() << max(1, (d - 1).bit_length())) | tie
+    del score, bits
+    top = torch.topk(key, max(ks), dim=-1, sorted=True).values
+    return {k: key < top[..., k - 1 : k] for k in ks}
+
+
 UNSEEN_PRIORS = ("uniform", "novelty")
 DEFAULT_UNSEEN_PRIOR = "novelty"
 """Default :func:`retrieval_prior`: an unseen query retrieves content that is not repeated in its segment (a
@@ -441,14 +466,22 @@ def _unseen_error(
     labels: torch.Tensor,
     ng: int,
     unseen_prior: str,
+    order: Optional[torch.Tensor] = None,
+    chan_loss: Optional[Dict[Tuple[int, int], torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """:func:`unseen_query_error` on checked inputs, contexts given as ``labels`` in ``[0, ng)`` (no host read)."""
+    """:func:`unseen_query_error` on checked inputs, contexts given as ``labels`` in ``[0, ng)`` (no host read).
+
+    ``order``: the tokens by decreasing ``token_mass`` (stable), if already sorted. ``chan_loss``: ``(side, k) ->
+    [N, S]`` fraction of each row's energy that per-vector top-``k`` loses (side 0 K, 1 V), if already measured;
+    missing entries are measured here."""
     n, s, _ = keys.shape
-    order = torch.sort(importance.token_mass, dim=1, descending=True, stable=True).indices
+    if order is None:
+        order = torch.sort(importance.token_mass, dim=1, descending=True, stable=True).indices
     prior = retrieval_prior(values, labels, ng, unseen_prior)
     dropped = _prefix(prior, order)
     dropped = dropped[:, -1:] - dropped  # [N, S+1]: prior mass of the tokens after the top m
     half: Dict[Tuple[int, int, int], torch.Tensor] = {}  # (side, form, param) -> [N, S+1] prefix of loss / 2
+    chan_loss = {} if chan_loss is None else chan_loss
 
     def kept_loss(side: int, x: torch.Tensor, weight: torch.Tensor, form: int, param: int) -> torch.Tensor:
         key = (side, form, param)
@@ -456,8 +489,11 @@ def _unseen_error(
             if form == fmt.FORM_DENSE:
                 loss = torch.zeros(n, s, device=x.device)
             elif form == fmt.FORM_CHAN:
-                xf = x.float()
-                loss = _row_loss(xf, xf * (descending_rank(chan_scores(xf, weight)) < param))
+                if (side, param) not in chan_loss:
+                    xf = x.float()
+                    lost = (xf * _chan_drop_masks(xf, weight, [param])[param]).pow(2).sum(-1)
+                    chan_loss[side, param] = _lost_fraction(lost, xf.pow(2).sum(-1))
+                loss = chan_loss[side, param]
             else:
                 raise ValueError(f"menu: expected dense or chan forms (no SVD here), got {fmt.FORM_NAMES[form]}")
             half[key] = _prefix(prior * loss * 0.5, order)
@@ -681,47 +717,59 @@ def _estimate_fast(
     w2 = importance.k_chan_weight.float().pow(2)
     qbar = torch.zeros(n, d, device=dev) if importance.q_mean is None else importance.q_mean.float()
     var_q = (w2 - qbar.pow(2)).clamp(min=0)
-    out_g = torch.zeros(ng, d, device=dev).index_add_(0, labels, (p[:, :, None] * vf).sum(1))
+    out_g = torch.zeros(ng, d, device=dev).index_add_(0, labels, torch.bmm(p[:, None, :], vf).squeeze(1))
     resid = vf - out_g[labels][:, None, :]  # v_t - O
     c = resid.pow(2).sum(-1)
     var_g = torch.zeros(ng, device=dev).index_add_(0, labels, (p.pow(2) * c).sum(1))
-    energy = vf.pow(2).sum(-1).reshape(blocks, -1).mean(1)  # one floor per block, as if planned alone
+    k_energy, v_energy = kf.pow(2).sum(-1), vf.pow(2).sum(-1)
+    energy = v_energy.reshape(blocks, -1).mean(1)  # one floor per block, as if planned alone
     norm = (out_g.pow(2).sum(-1) + var_g)[labels] + energy.repeat_interleave(n // blocks) * 1e-12 + _EPS
 
     ks, ms, mt, mi, ki, vi = _fast_indices(menu, dev)
     order = torch.sort(p, dim=1, descending=True, stable=True).indices
-    k_rank = descending_rank(chan_scores(kf, importance.k_chan_weight))
-    v_rank = descending_rank(chan_scores(vf, importance.v_chan_weight))
+    tok_rank = torch.empty_like(order).scatter_(1, order, torch.arange(s, device=dev).expand(n, s))
+    kept = (tok_rank[:, None, :] < mt[None, :, None]).float()  # [N, M, S]: the top m tokens, for each m of ms
+    k_drop = _chan_drop_masks(kf, importance.k_chan_weight, ks)
+    v_drop = _chan_drop_masks(vf, importance.v_chan_weight, ks)
     # Three families of vectors, each [N, len(ms), d] per option; the change of a candidate is delta = -a + b - c:
     #   a = sum_{dropped} p_t (v_t - O)             (dropped tokens)
     #   b = -sum_{kept} p_t s (q_bar . dk_t)(v_t - O)  (K top-k, dk_t the dropped elements, s = sm_scale)
     #   c = sum_{kept} p_t dv_t                      (V top-k, dv_t the dropped elements)
-    pr = _prefix(p[:, :, None] * resid, order)  # [N, S+1, d]
-    avec = pr[:, -1:, :] - pr[:, mt, :]
-    zero = torch.zeros(n, len(ms), d, device=dev)
-    kvec, vvec = [zero], [zero]
+    # Token sums are products with the [N, M, S] keep masks, so no [N, S, d] product is materialised for them.
+    dropped_p = (1.0 - kept) * p[:, None, :]
+    kept_p = kept * p[:, None, :]
+    on_resid = [dropped_p]  # token weights of a and of every b, applied to v_t - O in one product
+    vvec = [torch.zeros(n, len(ms), d, device=dev)]
     kvar = [torch.zeros(n, len(ms), device=dev)]
+    k_stats = torch.stack([qbar, var_q, torch.ones_like(qbar)], 2)  # [N, d, 3]
+    chan_loss: Dict[Tuple[int, int], torch.Tensor] = {}  # (side, k) -> [N, S], for the unseen-query error
     for k in ks:
-        dk = kf * (k_rank >= k)
-        coh = p * scale * (dk * qbar[:, None, :]).sum(-1)
-        kvec.append(-_prefix(coh[:, :, None] * resid, order)[:, mt, :])
-        kvar.append(_prefix(p.pow(2) * scale**2 * (dk.pow(2) * var_q[:, None, :]).sum(-1) * c, order)[:, mt])
-        vvec.append(_prefix(p[:, :, None] * vf * (v_rank >= k), order)[:, mt, :])
-    allv = torch.cat([avec] + kvec + vvec, 1)  # [N, M * (1 + 2 * (nk + 1)), d]
-    gram = torch.bmm(allv, allv.transpose(1, 2))
+        dk = kf * k_drop.pop(k)
+        coh = p * scale * torch.bmm(dk, k_stats[:, :, :1]).squeeze(2)
+        sums = torch.bmm(dk.pow_(2), k_stats[:, :, 1:])  # [N, S, 2]: sum_c var_q dk^2, sum_c dk^2
+        del dk
+        on_resid.append(kept * -coh[:, None, :])
+        kvar.append(torch.bmm(kept, (p.pow(2) * scale**2 * sums[:, :, 0] * c)[:, :, None]).squeeze(2))
+        chan_loss[0, k] = _lost_fraction(sums[:, :, 1], k_energy)
+        dv = vf * v_drop.pop(k)
+        vvec.append(torch.bmm(kept_p, dv))
+        chan_loss[1, k] = _lost_fraction(dv.pow_(2).sum(-1), v_energy)
+        del dv
+    ab = torch.bmm(torch.cat(on_resid, 1), resid)  # [N, M * (1 + nk), d]: a, then b of each k
     nm, nk = len(ms), len(ks) + 1
+    allv = torch.cat([ab[:, :nm], torch.zeros(n, nm, d, device=dev), ab[:, nm:]] + vvec, 1)
+    gram = torch.bmm(allv, allv.transpose(1, 2))  # [a, b of k = 0 (zero), b of each k, c of k = 0 (zero), ...]
     ia, ib, ic = mi, nm + ki * nm + mi, nm + nk * nm + vi * nm + mi
     sq = (
         gram[:, ia, ia] + gram[:, ib, ib] + gram[:, ic, ic]
         - 2 * gram[:, ia, ib] + 2 * gram[:, ia, ic] - 2 * gram[:, ib, ic]
     ).clamp(min=0)
     err = (sq + torch.stack(kvar, 1)[:, ki, mi]) / norm[:, None]
-    pm = _prefix(p, order)  # [N, S+1]
-    dmass = (pm[:, mt] - pm[:, -1:])[:, mi].clamp(max=0)
+    dmass = -dropped_p.sum(2)[:, mi].clamp(min=0)
     dense_i = list(menu).index(Candidate(s))
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
-    unseen = _unseen_error(keys, values, menu, importance, labels, ng, unseen_prior)
+    unseen = _unseen_error(keys, values, menu, importance, labels, ng, unseen_prior, order, chan_loss)
     return ErrorEstimate(err.float(), dmass.float(), p.sum(1), unseen, weight)
 
 
