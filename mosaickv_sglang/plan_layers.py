@@ -5,8 +5,9 @@
 plain reference, one call and about fifteen host synchronisations per layer) gives for that layer alone, with the
 same per-layer byte budget:
 
-* the error estimate runs on the layers' segments stacked (contexts kept apart per layer; chunks of
-  ``max_segments`` segments bound the memory), with the contexts as labels computed on the host (no ``unique``);
+* the error estimate runs on the layers' segments stacked (contexts kept apart per layer; chunks of whole layers,
+  at most ``max_segments`` segments and ``max_chunk_bytes`` of the largest temporary, bound the memory), with the
+  contexts as labels computed on the host (no ``unique``);
 * one :func:`~mosaickv_sglang.lagrange.choose_candidates_batched` call solves every layer's Lagrangian problem
   (one ``lambda`` per layer) on the device;
 * one :class:`~mosaickv_sglang.kernels.format.SegmentPlan` of all layers is built (its checks read values once)
@@ -45,11 +46,18 @@ from mosaickv_sglang.strategies.base import check_segment_shape, dense_segment_b
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_SEGMENTS", "plan_fast_layers"]
+__all__ = ["DEFAULT_MAX_CHUNK_BYTES", "DEFAULT_MAX_SEGMENTS", "plan_fast_layers"]
 
 DEFAULT_MAX_SEGMENTS = 8192
 """Segments estimated at once (whole layers; at least one layer): the estimator holds a few hundred bytes per
 segment, token and channel, so 8192 segments of 64 tokens at d = 128 take a few GiB."""
+
+DEFAULT_MAX_CHUNK_BYTES = 256 << 20
+"""Bytes of the estimator's largest temporary (8 bytes per segment, token and channel: the int64 channel keys) in one
+chunk: a seal needs no large transient allocation on a device the server has mostly filled (1024 segments of 64
+tokens at d = 128 per layer: four layers a chunk)."""
+
+_CHUNK_BYTES_PER_ELEMENT = 8
 
 
 @functools.lru_cache(maxsize=32)
@@ -165,6 +173,7 @@ def plan_fast_layers(
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
     unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
     max_segments: int = DEFAULT_MAX_SEGMENTS,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
 ) -> List[PlanResult]:
     """:func:`~mosaickv_sglang.planner.plan_fast` of each layer, all layers in one call (see the module docstring).
 
@@ -190,6 +199,8 @@ def plan_fast_layers(
         As in :func:`~mosaickv_sglang.planner.plan_fast`.
     max_segments : int
         ``>= 1``; segments estimated at once (whole layers, at least one).
+    max_chunk_bytes : int
+        ``>= 1``; bytes of the estimator's largest temporary at once (whole layers, at least one).
 
     Returns
     -------
@@ -213,6 +224,7 @@ def plan_fast_layers(
     prior = _check_unseen_prior(unseen_prior)
     scale = default_scale(d, sm_scale)
     check_int(max_segments, "max_segments", lo=1)
+    check_int(max_chunk_bytes, "max_chunk_bytes", lo=1)
     ad = _host_mask(always_dense, n, "always_dense")
     labels_h, ng = _host_labels(group_ids, n)
 
@@ -234,7 +246,8 @@ def plan_fast_layers(
     imp = _stack_importance(_layer_importance(keys, queries, importance, labels, ng, scale))
     must_plan = fixed < n and any(b < n * dense_b for b in budgets)
     if must_plan:
-        per = max(1, max_segments // max(n, 1))
+        layer_bytes = max(n, 1) * s * d * _CHUNK_BYTES_PER_ELEMENT
+        per = max(1, min(max_segments // max(n, 1), max_chunk_bytes // layer_bytes))
         errs = []
         for a in range(0, nl, per):
             b = min(nl, a + per)

@@ -111,3 +111,38 @@ def test_plans_match_the_reference(monkeypatch, d, g, pages, ratio):
         assert torch.allclose(a.est_error, b.est_error, rtol=1e-5, atol=1e-30)
         for f in PLAN_FIELDS:
             assert torch.equal(getattr(a.plan, f), getattr(b.plan, f)), f
+
+
+@pytest.mark.parametrize("layers_per_chunk", [1, 2])
+def test_chunks_by_bytes_give_the_plans_of_one_chunk(monkeypatch, layers_per_chunk):
+    """A byte bound of one or two layers' largest temporary (8 bytes per segment, token and channel) splits the
+    estimate into chunks of that many layers, and the plans are those of one chunk of all layers."""
+    h, s, d, g, pages, layers = 2, 64, 64, 4, 3, 5
+    keys, values, queries, heads = layer_case(11 + layers_per_chunk, layers, pages, h, s, d, g)
+    n = pages * h
+    ad = np.repeat(np.arange(pages) < 1, h)
+    kw = dict(budget_bytes=[budget_for(n, s, d, ad, 3.0)] * layers, queries=queries, group_ids=heads,
+              always_dense=ad)  # fmt: skip
+    one = plan_fast_layers(keys, values, max_chunk_bytes=1 << 40, **kw)
+    blocks = []
+
+    def counting(*args, **kwargs):
+        blocks.append(kwargs["blocks"])
+        return _estimate_fast(*args, **kwargs)
+
+    monkeypatch.setattr(plan_layers_mod, "_estimate_fast", counting)
+    chunked = plan_fast_layers(keys, values, max_chunk_bytes=layers_per_chunk * n * s * d * 8 + 7, **kw)
+    assert blocks == [layers_per_chunk] * (layers // layers_per_chunk) + [layers % layers_per_chunk] * (
+        layers % layers_per_chunk > 0)
+    for a, b in zip(chunked, one):
+        assert torch.equal(a.choice, b.choice)
+        assert a.lagrange_multiplier == b.lagrange_multiplier
+        assert torch.equal(a.est_error, b.est_error)
+        for f in PLAN_FIELDS:
+            assert torch.equal(getattr(a.plan, f), getattr(b.plan, f)), f
+
+
+def test_max_chunk_bytes_is_checked():
+    keys, values, queries, heads = layer_case(3, 2, 2, 2, 64, 64, 1)
+    with pytest.raises(ValueError, match="max_chunk_bytes"):
+        plan_fast_layers(keys, values, budget_bytes=[0, 0], queries=queries, group_ids=heads, max_chunk_bytes=0)
