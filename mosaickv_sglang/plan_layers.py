@@ -41,7 +41,7 @@ from mosaickv_sglang.planner import (
     _estimate_fast,
     _menu_tensors,
 )
-from mosaickv_sglang.strategies import Candidate, descending_rank
+from mosaickv_sglang.strategies import Candidate
 from mosaickv_sglang.strategies.base import check_segment_shape, dense_segment_bytes
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,13 @@ def _layer_importance(
     return out
 
 
+def _cat_float(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts).float()`` in one copy."""
+    out = torch.empty((sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:]), dtype=torch.float32,
+                      device=parts[0].device)  # fmt: skip
+    return torch.cat(list(parts), out=out)
+
+
 def _stack_importance(parts: Sequence[SegmentImportance]) -> SegmentImportance:
     def cat(name: str) -> torch.Tensor:
         return torch.cat([getattr(p, name).float() for p in parts], 0)
@@ -244,6 +251,8 @@ def plan_fast_layers(
     dense_i = items.index(Candidate(s))
 
     imp = _stack_importance(_layer_importance(keys, queries, importance, labels, ng, scale))
+    # by decreasing mass (stable): the estimator's token order and the plans' keep masks
+    order = torch.sort(imp.token_mass, dim=1, descending=True, stable=True).indices
     must_plan = fixed < n and any(b < n * dense_b for b in budgets)
     if must_plan:
         layer_bytes = max(n, 1) * s * d * _CHUNK_BYTES_PER_ELEMENT
@@ -255,8 +264,8 @@ def plan_fast_layers(
             part = SegmentImportance(imp.token_mass[rows], imp.k_chan_weight[rows], imp.v_chan_weight[rows],
                                      imp.q_mean[rows])  # fmt: skip
             layer_labels = (labels[None, :] + ng * torch.arange(b - a, device=dev)[:, None]).reshape(-1)
-            est = _estimate_fast(torch.cat(list(keys[a:b])), torch.cat(list(values[a:b])), items, part, layer_labels,
-                                 ng * (b - a), scale, weight, prior, blocks=b - a)  # fmt: skip
+            est = _estimate_fast(_cat_float(keys[a:b]), _cat_float(values[a:b]), items, part, layer_labels,
+                                 ng * (b - a), scale, weight, prior, blocks=b - a, order=order[rows])  # fmt: skip
             errs.append(est.err.view(b - a, n, len(items)))
         err = torch.cat(errs, 0)
     else:
@@ -270,7 +279,8 @@ def plan_fast_layers(
     est_err = err.gather(2, choice[..., None]).squeeze(2).float()
 
     flat = choice.reshape(-1)
-    keep = descending_rank(imp.token_mass) < mt["m"][flat][:, None]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(s, device=dev).expand(nl * n, s))
+    keep = rank < mt["m"][flat][:, None]
     i32 = torch.int32
     plan = fmt.SegmentPlan(
         token_keep=keep,

@@ -81,6 +81,10 @@ def test_estimates_match_the_reference(d, g, pages, dtype):
         imp = _importance(k, q, heads)
         new = _estimate_fast(k, v, menu, imp, labels, h, d**-0.5, 1.0, "novelty")
         ref = estimate_fast_reference(k, v, menu, imp, labels, h, d**-0.5, 1.0, "novelty")
+        order = torch.sort(imp.token_mass, dim=1, descending=True, stable=True).indices
+        given = _estimate_fast(k, v, menu, imp, labels, h, d**-0.5, 1.0, "novelty", order=order)
+        for f in FIELDS:
+            assert torch.equal(getattr(given, f), getattr(new, f)), f
         for f in FIELDS:
             a, b = getattr(new, f), getattr(ref, f)
             assert a.shape == b.shape and a.dtype == b.dtype, f
@@ -103,7 +107,7 @@ def test_plans_match_the_reference(monkeypatch, d, g, pages, ratio):
     kw = dict(budget_bytes=budgets, queries=queries, group_ids=heads, always_dense=ad)
     new = plan_fast_layers(keys, values, **kw)
     with monkeypatch.context() as m:
-        m.setattr(plan_layers_mod, "_estimate_fast", estimate_fast_reference)
+        m.setattr(plan_layers_mod, "_estimate_fast", lambda *a, order=None, **kw: estimate_fast_reference(*a, **kw))
         ref = plan_fast_layers(keys, values, **kw)
     for a, b in zip(new, ref):
         assert torch.equal(a.choice, b.choice)
