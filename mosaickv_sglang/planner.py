@@ -343,11 +343,11 @@ def _chan_drop_masks(x: torch.Tensor, weight: torch.Tensor, ks: Sequence[int]) -
     if not ks:
         return {}
     d = x.shape[-1]
-    score = chan_scores(x, weight) + 0.0  # -0.0 -> +0.0, equal as floats so equal as keys
+    score = chan_scores(x, weight).add_(0.0)  # -0.0 -> +0.0, equal as floats so equal as keys
     bits = score.view(torch.int32)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # negative floats: reverse their magnitude order
     tie = torch.arange(d - 1, -1, -1, device=x.device)
-    key = (bits.long() << max(1, (d - 1).bit_length())) | tie
+    key = torch.add(tie, bits, alpha=1 << max(1, (d - 1).bit_length()))  # int64 (bits << shift) | tie in one pass
     del score, bits
     top = torch.topk(key, max(ks), dim=-1, sorted=True).values
     return {k: key < top[..., k - 1 : k] for k in ks}
