@@ -121,7 +121,10 @@ def _layer_importance(
     labels: torch.Tensor,
     ng: int,
     scale: float,
+    per: int,
 ) -> List[SegmentImportance]:
+    """Each layer's importance, in order; runs of up to ``per`` consecutive layers whose queries have one shape in
+    one call (contexts kept apart per layer), so each entry may hold several layers' rows."""
     nl = len(keys)
     n, s, d = keys[0].shape
     dev = keys[0].device
@@ -133,7 +136,18 @@ def _layer_importance(
         name = "queries" if queries is not None else "importance"
         raise ValueError(f"{name}: expected a sequence of {nl} entries (one per layer), got {_describe(given)}")
     out = []
-    for i in range(nl):
+    i = 0
+    while i < nl:
+        if queries is not None and queries[i] is not None:
+            j = i + 1
+            while (j < nl and j - i < per and isinstance(queries[j], torch.Tensor)
+                   and queries[j].shape == queries[i].shape):  # fmt: skip
+                j += 1
+            q = torch.cat([flatten_queries(queries[t], n, d, f"queries[{t}]") for t in range(i, j)])
+            lab = (labels[None, :] + ng * torch.arange(j - i, device=dev)[:, None]).reshape(-1)
+            out.append(importance_from_labels(_cat_float(keys[i:j]), q, lab, ng * (j - i), scale))
+            i = j
+            continue
         if importance is not None:
             imp = importance[i]
             if not isinstance(imp, SegmentImportance):
@@ -143,12 +157,10 @@ def _layer_importance(
             if imp.q_mean is None:
                 imp = SegmentImportance(imp.token_mass, imp.k_chan_weight, imp.v_chan_weight, torch.zeros(n, d,
                                         device=dev))  # fmt: skip
-        elif queries[i] is None:
-            imp = uniform_importance(n, s, d, dev)
         else:
-            imp = importance_from_labels(keys[i], flatten_queries(queries[i], n, d, f"queries[{i}]"), labels, ng,
-                                         scale)  # fmt: skip
+            imp = uniform_importance(n, s, d, dev)
         out.append(imp)
+        i += 1
     return out
 
 
@@ -250,13 +262,12 @@ def plan_fast_layers(
     mt = _cached_menu_tensors(items, d, dev)
     dense_i = items.index(Candidate(s))
 
-    imp = _stack_importance(_layer_importance(keys, queries, importance, labels, ng, scale))
+    per = max(1, min(max_segments // max(n, 1), max_chunk_bytes // (max(n, 1) * s * d * _CHUNK_BYTES_PER_ELEMENT)))
+    imp = _stack_importance(_layer_importance(keys, queries, importance, labels, ng, scale, per))
     # by decreasing mass (stable): the estimator's token order and the plans' keep masks
     order = torch.sort(imp.token_mass, dim=1, descending=True, stable=True).indices
     must_plan = fixed < n and any(b < n * dense_b for b in budgets)
     if must_plan:
-        layer_bytes = max(n, 1) * s * d * _CHUNK_BYTES_PER_ELEMENT
-        per = max(1, min(max_segments // max(n, 1), max_chunk_bytes // layer_bytes))
         errs = []
         for a in range(0, nl, per):
             b = min(nl, a + per)

@@ -150,3 +150,22 @@ def test_max_chunk_bytes_is_checked():
     keys, values, queries, heads = layer_case(3, 2, 2, 2, 64, 64, 1)
     with pytest.raises(ValueError, match="max_chunk_bytes"):
         plan_fast_layers(keys, values, budget_bytes=[0, 0], queries=queries, group_ids=heads, max_chunk_bytes=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_importance_of_layer_runs_equals_per_layer(dtype):
+    """Runs of layers whose queries have one shape get their importance in one call: the same statistics as one
+    call per layer, across layers without queries, a different window and the chunk bound."""
+    h, s, d, g, pages = 2, 64, 64, 4, 3
+    keys, values, queries, heads = layer_case(5, 6, pages, h, s, d, g)
+    keys = [k.to(dtype) for k in keys]
+    queries[3] = queries[3][:, :2]  # W = 2 instead of 4
+    queries[4] = None
+    labels = torch.from_numpy(heads)
+    for per in (1, 2, 6):
+        runs = plan_layers_mod._layer_importance(keys, queries, None, labels, h, d**-0.5, per)
+        got = plan_layers_mod._stack_importance(runs)
+        want = [_importance(k, q, heads) for k, q in zip(keys, queries)]
+        for f in ("token_mass", "k_chan_weight", "v_chan_weight", "q_mean"):
+            assert torch.equal(getattr(got, f), torch.cat([getattr(w, f) for w in want])), (per, f)
+        assert len(runs) == {1: 6, 2: 5, 6: 5}[per]  # None | 1, 2 | 3 (W = 2) | 4 None | 5
