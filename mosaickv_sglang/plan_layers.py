@@ -165,10 +165,15 @@ def _layer_importance(
 
 
 def _cat_float(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(parts).float()`` in one copy."""
+    """``torch.cat(parts).float()`` in one copy (slice copies: ``cat`` into an ``out`` of another dtype is not a path
+    every backend has)."""
     out = torch.empty((sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:]), dtype=torch.float32,
                       device=parts[0].device)  # fmt: skip
-    return torch.cat(list(parts), out=out)
+    start = 0
+    for p in parts:
+        out[start : start + p.shape[0]].copy_(p)
+        start += p.shape[0]
+    return out
 
 
 def _stack_importance(parts: Sequence[SegmentImportance]) -> SegmentImportance:
