@@ -5,8 +5,9 @@
 plain reference, one call and about fifteen host synchronisations per layer) gives for that layer alone, with the
 same per-layer byte budget:
 
-* the error estimate runs on the layers' segments stacked (contexts kept apart per layer; chunks of
-  ``max_segments`` segments bound the memory), with the contexts as labels computed on the host (no ``unique``);
+* the error estimate runs on the layers' segments stacked (contexts kept apart per layer; chunks of whole layers,
+  at most ``max_segments`` segments and ``max_chunk_bytes`` of the largest temporary, bound the memory), with the
+  contexts as labels computed on the host (no ``unique``);
 * one :func:`~mosaickv_sglang.lagrange.choose_candidates_batched` call solves every layer's Lagrangian problem
   (one ``lambda`` per layer) on the device;
 * one :class:`~mosaickv_sglang.kernels.format.SegmentPlan` of all layers is built (its checks read values once)
@@ -40,16 +41,23 @@ from mosaickv_sglang.planner import (
     _estimate_fast,
     _menu_tensors,
 )
-from mosaickv_sglang.strategies import Candidate, descending_rank
+from mosaickv_sglang.strategies import Candidate
 from mosaickv_sglang.strategies.base import check_segment_shape, dense_segment_bytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_SEGMENTS", "plan_fast_layers"]
+__all__ = ["DEFAULT_MAX_CHUNK_BYTES", "DEFAULT_MAX_SEGMENTS", "plan_fast_layers"]
 
 DEFAULT_MAX_SEGMENTS = 8192
 """Segments estimated at once (whole layers; at least one layer): the estimator holds a few hundred bytes per
 segment, token and channel, so 8192 segments of 64 tokens at d = 128 take a few GiB."""
+
+DEFAULT_MAX_CHUNK_BYTES = 256 << 20
+"""Bytes of the estimator's largest temporary (8 bytes per segment, token and channel: the int64 channel keys) in one
+chunk: a seal needs no large transient allocation on a device the server has mostly filled (1024 segments of 64
+tokens at d = 128 per layer: four layers a chunk)."""
+
+_CHUNK_BYTES_PER_ELEMENT = 8
 
 
 @functools.lru_cache(maxsize=32)
@@ -113,7 +121,10 @@ def _layer_importance(
     labels: torch.Tensor,
     ng: int,
     scale: float,
+    per: int,
 ) -> List[SegmentImportance]:
+    """Each layer's importance, in order; runs of up to ``per`` consecutive layers whose queries have one shape in
+    one call (contexts kept apart per layer), so each entry may hold several layers' rows."""
     nl = len(keys)
     n, s, d = keys[0].shape
     dev = keys[0].device
@@ -125,7 +136,18 @@ def _layer_importance(
         name = "queries" if queries is not None else "importance"
         raise ValueError(f"{name}: expected a sequence of {nl} entries (one per layer), got {_describe(given)}")
     out = []
-    for i in range(nl):
+    i = 0
+    while i < nl:
+        if queries is not None and queries[i] is not None:
+            j = i + 1
+            while (j < nl and j - i < per and isinstance(queries[j], torch.Tensor)
+                   and queries[j].shape == queries[i].shape):  # fmt: skip
+                j += 1
+            q = torch.cat([flatten_queries(queries[t], n, d, f"queries[{t}]") for t in range(i, j)])
+            lab = (labels[None, :] + ng * torch.arange(j - i, device=dev)[:, None]).reshape(-1)
+            out.append(importance_from_labels(_cat_float(keys[i:j]), q, lab, ng * (j - i), scale))
+            i = j
+            continue
         if importance is not None:
             imp = importance[i]
             if not isinstance(imp, SegmentImportance):
@@ -135,12 +157,22 @@ def _layer_importance(
             if imp.q_mean is None:
                 imp = SegmentImportance(imp.token_mass, imp.k_chan_weight, imp.v_chan_weight, torch.zeros(n, d,
                                         device=dev))  # fmt: skip
-        elif queries[i] is None:
-            imp = uniform_importance(n, s, d, dev)
         else:
-            imp = importance_from_labels(keys[i], flatten_queries(queries[i], n, d, f"queries[{i}]"), labels, ng,
-                                         scale)  # fmt: skip
+            imp = uniform_importance(n, s, d, dev)
         out.append(imp)
+        i += 1
+    return out
+
+
+def _cat_float(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts).float()`` in one copy (slice copies: ``cat`` into an ``out`` of another dtype is not a path
+    every backend has)."""
+    out = torch.empty((sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:]), dtype=torch.float32,
+                      device=parts[0].device)  # fmt: skip
+    start = 0
+    for p in parts:
+        out[start : start + p.shape[0]].copy_(p)
+        start += p.shape[0]
     return out
 
 
@@ -165,6 +197,7 @@ def plan_fast_layers(
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
     unseen_prior: str = DEFAULT_UNSEEN_PRIOR,
     max_segments: int = DEFAULT_MAX_SEGMENTS,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
 ) -> List[PlanResult]:
     """:func:`~mosaickv_sglang.planner.plan_fast` of each layer, all layers in one call (see the module docstring).
 
@@ -190,6 +223,8 @@ def plan_fast_layers(
         As in :func:`~mosaickv_sglang.planner.plan_fast`.
     max_segments : int
         ``>= 1``; segments estimated at once (whole layers, at least one).
+    max_chunk_bytes : int
+        ``>= 1``; bytes of the estimator's largest temporary at once (whole layers, at least one).
 
     Returns
     -------
@@ -213,6 +248,7 @@ def plan_fast_layers(
     prior = _check_unseen_prior(unseen_prior)
     scale = default_scale(d, sm_scale)
     check_int(max_segments, "max_segments", lo=1)
+    check_int(max_chunk_bytes, "max_chunk_bytes", lo=1)
     ad = _host_mask(always_dense, n, "always_dense")
     labels_h, ng = _host_labels(group_ids, n)
 
@@ -231,10 +267,12 @@ def plan_fast_layers(
     mt = _cached_menu_tensors(items, d, dev)
     dense_i = items.index(Candidate(s))
 
-    imp = _stack_importance(_layer_importance(keys, queries, importance, labels, ng, scale))
+    per = max(1, min(max_segments // max(n, 1), max_chunk_bytes // (max(n, 1) * s * d * _CHUNK_BYTES_PER_ELEMENT)))
+    imp = _stack_importance(_layer_importance(keys, queries, importance, labels, ng, scale, per))
+    # by decreasing mass (stable): the estimator's token order and the plans' keep masks
+    order = torch.sort(imp.token_mass, dim=1, descending=True, stable=True).indices
     must_plan = fixed < n and any(b < n * dense_b for b in budgets)
     if must_plan:
-        per = max(1, max_segments // max(n, 1))
         errs = []
         for a in range(0, nl, per):
             b = min(nl, a + per)
@@ -242,8 +280,8 @@ def plan_fast_layers(
             part = SegmentImportance(imp.token_mass[rows], imp.k_chan_weight[rows], imp.v_chan_weight[rows],
                                      imp.q_mean[rows])  # fmt: skip
             layer_labels = (labels[None, :] + ng * torch.arange(b - a, device=dev)[:, None]).reshape(-1)
-            est = _estimate_fast(torch.cat(list(keys[a:b])), torch.cat(list(values[a:b])), items, part, layer_labels,
-                                 ng * (b - a), scale, weight, prior, blocks=b - a)  # fmt: skip
+            est = _estimate_fast(_cat_float(keys[a:b]), _cat_float(values[a:b]), items, part, layer_labels,
+                                 ng * (b - a), scale, weight, prior, blocks=b - a, order=order[rows])  # fmt: skip
             errs.append(est.err.view(b - a, n, len(items)))
         err = torch.cat(errs, 0)
     else:
@@ -257,7 +295,8 @@ def plan_fast_layers(
     est_err = err.gather(2, choice[..., None]).squeeze(2).float()
 
     flat = choice.reshape(-1)
-    keep = descending_rank(imp.token_mass) < mt["m"][flat][:, None]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(s, device=dev).expand(nl * n, s))
+    keep = rank < mt["m"][flat][:, None]
     i32 = torch.int32
     plan = fmt.SegmentPlan(
         token_keep=keep,

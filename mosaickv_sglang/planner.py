@@ -343,11 +343,11 @@ def _chan_drop_masks(x: torch.Tensor, weight: torch.Tensor, ks: Sequence[int]) -
     if not ks:
         return {}
     d = x.shape[-1]
-    score = chan_scores(x, weight) + 0.0  # -0.0 -> +0.0, equal as floats so equal as keys
+    score = chan_scores(x, weight).add_(0.0)  # -0.0 -> +0.0, equal as floats so equal as keys
     bits = score.view(torch.int32)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their magnitude order
+    bits ^= (bits >> 31) & 0x7FFFFFFF  # negative floats: reverse their magnitude order
     tie = torch.arange(d - 1, -1, -1, device=x.device)
-    key = (bits.long() << max(1, (d - 1).bit_length())) | tie
+    key = torch.add(tie, bits, alpha=1 << max(1, (d - 1).bit_length()))  # int64 (bits << shift) | tie in one pass
     del score, bits
     top = torch.topk(key, max(ks), dim=-1, sorted=True).values
     return {k: key < top[..., k - 1 : k] for k in ks}
@@ -704,12 +704,14 @@ def _estimate_fast(
     weight: float,
     unseen_prior: str,
     blocks: int = 1,
+    order: Optional[torch.Tensor] = None,
 ) -> ErrorEstimate:
     """:func:`estimate_errors_fast` on checked inputs, contexts given as ``labels`` in ``[0, ng)`` (no host read;
     the menu's index tensors are cached per device, so steady-state calls copy nothing to the device).
 
     ``blocks``: the rows are that many independent problems of equal size (layers, contexts not shared between
-    them); each gets exactly the estimate it would get alone."""
+    them); each gets exactly the estimate it would get alone. ``order``: the tokens by decreasing ``token_mass``
+    (stable sort), if the caller already has them."""
     n, s, d = keys.shape
     dev = keys.device
     kf, vf = keys.float(), values.float()
@@ -726,7 +728,8 @@ def _estimate_fast(
     norm = (out_g.pow(2).sum(-1) + var_g)[labels] + energy.repeat_interleave(n // blocks) * 1e-12 + _EPS
 
     ks, ms, mt, mi, ki, vi = _fast_indices(menu, dev)
-    order = torch.sort(p, dim=1, descending=True, stable=True).indices
+    if order is None:
+        order = torch.sort(p, dim=1, descending=True, stable=True).indices
     tok_rank = torch.empty_like(order).scatter_(1, order, torch.arange(s, device=dev).expand(n, s))
     kept = (tok_rank[:, None, :] < mt[None, :, None]).float()  # [N, M, S]: the top m tokens, for each m of ms
     k_drop = _chan_drop_masks(kf, importance.k_chan_weight, ks)

@@ -81,6 +81,10 @@ def test_estimates_match_the_reference(d, g, pages, dtype):
         imp = _importance(k, q, heads)
         new = _estimate_fast(k, v, menu, imp, labels, h, d**-0.5, 1.0, "novelty")
         ref = estimate_fast_reference(k, v, menu, imp, labels, h, d**-0.5, 1.0, "novelty")
+        order = torch.sort(imp.token_mass, dim=1, descending=True, stable=True).indices
+        given = _estimate_fast(k, v, menu, imp, labels, h, d**-0.5, 1.0, "novelty", order=order)
+        for f in FIELDS:
+            assert torch.equal(getattr(given, f), getattr(new, f)), f
         for f in FIELDS:
             a, b = getattr(new, f), getattr(ref, f)
             assert a.shape == b.shape and a.dtype == b.dtype, f
@@ -103,7 +107,7 @@ def test_plans_match_the_reference(monkeypatch, d, g, pages, ratio):
     kw = dict(budget_bytes=budgets, queries=queries, group_ids=heads, always_dense=ad)
     new = plan_fast_layers(keys, values, **kw)
     with monkeypatch.context() as m:
-        m.setattr(plan_layers_mod, "_estimate_fast", estimate_fast_reference)
+        m.setattr(plan_layers_mod, "_estimate_fast", lambda *a, order=None, **kw: estimate_fast_reference(*a, **kw))
         ref = plan_fast_layers(keys, values, **kw)
     for a, b in zip(new, ref):
         assert torch.equal(a.choice, b.choice)
@@ -111,3 +115,57 @@ def test_plans_match_the_reference(monkeypatch, d, g, pages, ratio):
         assert torch.allclose(a.est_error, b.est_error, rtol=1e-5, atol=1e-30)
         for f in PLAN_FIELDS:
             assert torch.equal(getattr(a.plan, f), getattr(b.plan, f)), f
+
+
+@pytest.mark.parametrize("layers_per_chunk", [1, 2])
+def test_chunks_by_bytes_give_the_plans_of_one_chunk(monkeypatch, layers_per_chunk):
+    """A byte bound of one or two layers' largest temporary (8 bytes per segment, token and channel) splits the
+    estimate into chunks of that many layers, and the plans are those of one chunk of all layers."""
+    h, s, d, g, pages, layers = 2, 64, 64, 4, 3, 5
+    keys, values, queries, heads = layer_case(11 + layers_per_chunk, layers, pages, h, s, d, g)
+    n = pages * h
+    ad = np.repeat(np.arange(pages) < 1, h)
+    kw = dict(budget_bytes=[budget_for(n, s, d, ad, 3.0)] * layers, queries=queries, group_ids=heads,
+              always_dense=ad)  # fmt: skip
+    one = plan_fast_layers(keys, values, max_chunk_bytes=1 << 40, **kw)
+    blocks = []
+
+    def counting(*args, **kwargs):
+        blocks.append(kwargs["blocks"])
+        return _estimate_fast(*args, **kwargs)
+
+    monkeypatch.setattr(plan_layers_mod, "_estimate_fast", counting)
+    chunked = plan_fast_layers(keys, values, max_chunk_bytes=layers_per_chunk * n * s * d * 8 + 7, **kw)
+    assert blocks == [layers_per_chunk] * (layers // layers_per_chunk) + [layers % layers_per_chunk] * (
+        layers % layers_per_chunk > 0)
+    for a, b in zip(chunked, one):
+        assert torch.equal(a.choice, b.choice)
+        assert a.lagrange_multiplier == b.lagrange_multiplier
+        assert torch.equal(a.est_error, b.est_error)
+        for f in PLAN_FIELDS:
+            assert torch.equal(getattr(a.plan, f), getattr(b.plan, f)), f
+
+
+def test_max_chunk_bytes_is_checked():
+    keys, values, queries, heads = layer_case(3, 2, 2, 2, 64, 64, 1)
+    with pytest.raises(ValueError, match="max_chunk_bytes"):
+        plan_fast_layers(keys, values, budget_bytes=[0, 0], queries=queries, group_ids=heads, max_chunk_bytes=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_importance_of_layer_runs_equals_per_layer(dtype):
+    """Runs of layers whose queries have one shape get their importance in one call: the same statistics as one
+    call per layer, across layers without queries, a different window and the chunk bound."""
+    h, s, d, g, pages = 2, 64, 64, 4, 3
+    keys, values, queries, heads = layer_case(5, 6, pages, h, s, d, g)
+    keys = [k.to(dtype) for k in keys]
+    queries[3] = queries[3][:, :2]  # W = 2 instead of 4
+    queries[4] = None
+    labels = torch.from_numpy(heads)
+    for per in (1, 2, 6):
+        runs = plan_layers_mod._layer_importance(keys, queries, None, labels, h, d**-0.5, per)
+        got = plan_layers_mod._stack_importance(runs)
+        want = [_importance(k, q, heads) for k, q in zip(keys, queries)]
+        for f in ("token_mass", "k_chan_weight", "v_chan_weight", "q_mean"):
+            assert torch.equal(getattr(got, f), torch.cat([getattr(w, f) for w in want])), (per, f)
+        assert len(runs) == {1: 6, 2: 5, 6: 5}[per]  # None | 1, 2 | 3 (W = 2) | 4 None | 5
