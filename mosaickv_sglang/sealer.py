@@ -97,14 +97,19 @@ class QueryWindow:
         if idx is None:
             idx = self._idx[key] = ((self._next[layer] + torch.arange(n)) % self.window).to(self.ring.device)
         self.ring[layer, idx] = rows.float()
-        owners = self._batch_owners
-        if owners is not None and owners.shape[0] == t:
-            self.owner[layer, idx] = owners[-n:]
-            self._owned = True
-        elif self._owned:  # unlabelled rows must not keep the owners of the rows they replace
-            self.owner[layer, idx] = -1
+        self._label(layer, idx, self._batch_owners, t)
         self._next[layer] = (self._next[layer] + n) % self.window
         self._count[layer] = min(self.window, self._count[layer] + n)
+
+    def _label(self, layers, idx: torch.Tensor, owners: Optional[torch.Tensor], t: int) -> None:
+        """Owners of ring rows ``idx`` of ``layers`` (an index or a slice): the last ``len(idx)`` of ``owners`` when it
+        has one per row of the ``t`` observed, else -1 once any row was labelled (unlabelled rows must not keep the
+        owners of the rows they replace)."""
+        if owners is not None and owners.shape[0] == t:
+            self.owner[layers, idx] = owners[-idx.shape[0] :].to(self.owner.device, torch.int64)
+            self._owned = True
+        elif self._owned:
+            self.owner[layers, idx] = -1
 
     @property
     def trash_row(self) -> int:
@@ -128,12 +133,7 @@ class QueryWindow:
         start = self._next[0]
         rows = (start + torch.arange(n)) % self.window
         idx[real - n : real] = rows
-        dev_rows = rows.to(self.owner.device)
-        if owners is not None and owners.shape[0] == real:
-            self.owner[:, dev_rows] = owners[-n:].to(self.owner.device, torch.int64)
-            self._owned = True
-        elif self._owned:
-            self.owner[:, dev_rows] = -1
+        self._label(slice(None), rows.to(self.owner.device), owners, real)
         nxt, cnt = (start + n) % self.window, min(self.window, self._count[0] + n)
         self._next = [nxt] * len(self._next)
         self._count = [cnt] * len(self._count)
