@@ -501,9 +501,12 @@ def plot_tpot(files: Sequence[PathLike], out: PathLike, root: Optional[PathLike]
     axes, served_axes = all_axes[: len(panels)], all_axes[len(panels) :]
     for ax, panel in zip(served_axes, spanels):
         _served_tpot_panel(ax, panel, [p for p in spoints if p["panel"] == panel])
+    # one colour per batch size across panels: the figure has one legend
+    all_batches = sorted({r["batch"] for _, _, _, rows in panels for r in rows})
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+    colors = {b: palette[i % len(palette)] for i, b in enumerate(all_batches)}
     for ax, (path, meta, shape, rows) in zip(axes, panels):
         batches = sorted({r["batch"] for r in rows})
-        colors = dict(zip(batches, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"] * 4))
         for b in batches:
             rs = sorted((r for r in rows if r["batch"] == b), key=lambda r: r["context"])
             xs = [r["context"] for r in rs]
