@@ -15,15 +15,16 @@
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
-#   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3: bench.serving_throughput over concurrency and context
+#   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3, both with decode CUDA graphs: bench.serving_throughput
+#            over concurrency 1 / 8 / 32 on random ids and shared prefixes (TPOT over context: bench.decode_speed)
 #   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 150000 and --schedule-conservativeness 0.3: the soak with
 #            every fault, the server started by bench.soak and restarted with the same flags at the end; the Triton
 #            kernel variants compiled before and after (recompiles mid-serving show up there). Sizing: the arena ledger
 #            reserves each sealed page's byte budget at the target ratio, and the cap sizes the arena for that many
-#            tokens at that ratio, so arena and logical slots fill together. The running requests peaked at 39% of
-#            600k and 73% of 300k (shared prefixes stored once; no retraction either time), so 150k is below their
-#            peak and SGLang must retract while the arena is full (at 50k the hot pool was most of the slots and the
-#            arena stayed half empty)
+#            tokens at that ratio, so arena and logical slots fill together (the dense hot pool's share of the slots
+#            aside). With outputs of 8-128 tokens the 150k run filled 99% of the slots and 72% of the arena without a
+#            retraction: the requests admitted never outgrew their reservation. Outputs of 16-512 tokens grow past it,
+#            so SGLang must retract while the slots and the arena are full
 #
 # Run a step under `timeout -s TERM N` a little under the device call's limit: on TERM the step stops and its results
 # are still packed. FlashInfer's JIT cache (~/.cache/flashinfer: minutes of nvcc on a fresh machine, 75 s for its
@@ -189,7 +190,7 @@ case "$step" in
       --mem-fraction-static 0.3 --max-total-tokens 150000 --schedule-conservativeness 0.3 --kv-compressor mosaic \
       --mosaic-compression-ratio 3" \
       --ready-timeout 240 --vocab-size 49152 --max-context 6144 --requests 1000 --concurrency 192 --prefix-len 1536 \
-      --output-len 8 128 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 6000 \
+      --output-len 16 512 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 6000 \
       --disconnect-after 0.01 \
       --kill-sidecar-every 30 --send-deadline $(( $(left) - 240 )) --restart --out "$out/soak.json" \
       > "$out/soak.log" 2>&1 || echo "soak rc=$?"
@@ -259,11 +260,11 @@ case "$step" in
     M="$(bash bench/device_smollm2.sh)"
     timeout $(( $(left) - 10 )) python3 -m bench.serving_throughput --model "$M" --configs dense mosaic-r3 \
       --dense-backend triton --server-args "--dtype bfloat16 --mem-fraction-static 0.5 --disable-prefill-cuda-graph \
-      --disable-decode-cuda-graph" \
+      --cuda-graph-max-bs 32" \
       --workload random='--dataset-name random-ids --random-input-len 4000 --random-output-len 64 --random-range-ratio 1.0' \
       --workload shared='--dataset-name generated-shared-prefix --gsp-num-groups 4 --gsp-prompts-per-group 8 --gsp-system-prompt-len 4096 --gsp-question-len 128 --gsp-output-len 64' \
-      --concurrency 1 8 32 --prompts-per-slot 2 --min-prompts 4 --context-lengths 1024 4096 7680 --context-batch 1 16 \
-      --context-output-len 64 --budget-seconds $(( $(left) - 30 )) --point-timeout 120 --ready-timeout 240 \
+      --concurrency 1 8 32 --prompts-per-slot 2 --min-prompts 4 \
+      --budget-seconds $(( $(left) - 30 )) --point-timeout 120 --ready-timeout 240 \
       --out "$out" > "$out/sweep.log" 2>&1 || echo "sweep rc=$?"
     ;;
   8b)
