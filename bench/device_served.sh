@@ -4,13 +4,14 @@
 # Needs the SGLang bundle sourced (device-env.sh); the smollm2 step also the GGUF parts in /tmp/mkv/model and the
 # extracted essays in /tmp/mkv/cache/essays (bench.essays' cache layout).
 #
-#   smollm2  SmolLM2-135M-Instruct, stock SGLang (triton backend) and --kv-compressor mosaic (ratio 3, sidecar on)
-#            side by side on one GPU, both with --chunked-prefill-size 2048 and --enable-metrics:
-#            accuracy suite, essay agreement and the bad-request cases on both; on mosaic also /metrics and the soak
-#            (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect mid-prefill)
+#   smollm2  SmolLM2-135M-Instruct, stock SGLang (triton backend) and --kv-compressor mosaic (ratio $RATIO, default 3,
+#            sidecar on) side by side on one GPU, both with --chunked-prefill-size 2048 and --enable-metrics:
+#            accuracy suite, essay agreement and the bad-request cases on both; on mosaic also /metrics and, unless
+#            SOAK=0, the soak (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect
+#            mid-prefill)
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
-#            256 out, rate inf) against mosaic-r3 (sidecar on), then stock SGLang (flashinfer), one server at a time;
-#            then 1 prefill and 3 decode steps of each under torch's profiler, GPU kernels only
+#            256 out, rate inf) against mosaic at $RATIO (default 3, sidecar on), then stock SGLang (flashinfer), one
+#            server at a time; then 1 prefill and 3 decode steps of each under torch's profiler, GPU kernels only
 #            (bench.profile_summary: GPU busy vs span, per kernel)
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
@@ -32,6 +33,7 @@
 # as .device-jit/flashinfer-cache.tgz, it is restored before the next step starts.
 set -euo pipefail
 step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar|sidecar-itl}"
+ratio="${RATIO:-3}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
 out="${OUT:?}/$step"
 mkdir -p "$out"
 export MOSAICKV_CACHE=/tmp/mkv/cache
@@ -110,11 +112,12 @@ summarize_profile() {  # summarize_profile <dir> <name>: GPU kernels of the trac
 
 profile_steps() {  # profile_steps <port> <server log> <name>: 1 prefill and 3 decode steps under torch's profiler
   # on a separate short load after the benchmark (exporting a trace blocks the scheduler for seconds): 16 requests
-  # of 8,000 tokens; the prefill profile starts with the load, the decode one once the log shows a decode batch of
-  # 8 or more (the load's; the benchmark's lines come before it); summaries at the end (reading a trace takes seconds)
+  # of 8,000 tokens (another seed than the benchmark's: its prompts would be radix cache hits); the prefill profile
+  # starts with the load, the decode one once the log shows a decode batch of 8 or more (the load's; the benchmark's
+  # lines come before it); summaries at the end (reading a trace takes seconds)
   local port="$1" log="$2" name="$3" dir="$out/profile-$3" deadline load seen
-  timeout 180 python3 -m sglang.bench_serving "${bench[@]}" --num-prompts 16 --random-output-len 256 --port "$port" \
-    > "$out/profile-$name.load.log" 2>&1 &
+  timeout 180 python3 -m sglang.bench_serving "${bench[@]}" --num-prompts 16 --random-output-len 256 --seed 2 \
+    --port "$port" > "$out/profile-$name.load.log" 2>&1 &
   load=$!
   seen=$(wc -l < "$log")
   start_profile "$port" "$dir-prefill" 1 > "$out/profile-$name-prefill.response.txt"
@@ -145,7 +148,7 @@ case "$step" in
     dense_pid=$!
     sleep 20
     python3 -m sglang.launch_server "${common[@]}" --port 30000 --kv-compressor mosaic \
-      --mosaic-compression-ratio 3 > "$out/mosaic-r3.server.log" 2>&1 &
+      --mosaic-compression-ratio "$ratio" > "$out/mosaic-r${ratio}.server.log" 2>&1 &
     mosaic_pid=$!
     wait_ready 30001 240
     wait_ready 30000 240
@@ -158,12 +161,13 @@ case "$step" in
     ref_pid=$!
     [ -n "${SKIP_BAD_INPUT:-}" ] || python3 -m bench.bad_input --url http://127.0.0.1:30000 --out "$out/bad-input.json" \
       > "$out/bad-input.log" 2>&1 || echo "bad_input rc=$?"
-    python3 -m bench.accuracy --url http://127.0.0.1:30000 --label mosaic-r3 --lengths 2048 4096 8192 --samples 4 \
-      --tokenizer "$M" --out "$out/acc-mosaic-r3.json" > "$out/acc-mosaic-r3.log" 2>&1 || echo "accuracy rc=$?"
+    python3 -m bench.accuracy --url http://127.0.0.1:30000 --label "mosaic-r${ratio}" --lengths 2048 4096 8192 \
+      --samples 4 --tokenizer "$M" --out "$out/acc-mosaic-r${ratio}.json" > "$out/acc-mosaic-r${ratio}.log" 2>&1 \
+      || echo "accuracy rc=$?"
     wait $ref_pid || echo "reference runs rc=$?"
-    python3 -m bench.agreement --url http://127.0.0.1:30000 --label mosaic-r3 --lengths 2048 4096 8192 \
-      --contexts 4 --tokenizer "$M" --reference "$out/agree-dense.json" --out "$out/agree-mosaic-r3.json" \
-      > "$out/agree-mosaic-r3.log" 2>&1 || echo "agreement rc=$?"
+    python3 -m bench.agreement --url http://127.0.0.1:30000 --label mosaic-r${ratio} --lengths 2048 4096 8192 \
+      --contexts 4 --tokenizer "$M" --reference "$out/agree-dense.json" --out "$out/agree-mosaic-r${ratio}.json" \
+      > "$out/agree-mosaic-r${ratio}.log" 2>&1 || echo "agreement rc=$?"
     curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-soak.txt" || true
     # the same bad requests against stock SGLang, last (a case that kills it is a finding about stock SGLang)
     [ -n "${SKIP_BAD_INPUT:-}" ] || python3 -m bench.bad_input --url http://127.0.0.1:30001 \
@@ -171,8 +175,10 @@ case "$step" in
     kill "$dense_pid" 2>/dev/null || true
     ps_sidecars > "$out/ps-before-soak.txt"
     soak_s=$(( $(left) - 40 ))
+    [ "${SOAK:-1}" = 1 ] || soak_s=0
     echo "soak gets ${soak_s} s"
-    [ "$soak_s" -lt 60 ] || timeout "$soak_s" python3 -m bench.soak --url http://127.0.0.1:30000 --server-log "$out/mosaic-r3.server.log" \
+    [ "$soak_s" -lt 60 ] || timeout "$soak_s" python3 -m bench.soak --url http://127.0.0.1:30000 \
+      --server-log "$out/mosaic-r${ratio}.server.log" \
       --server-pid "$mosaic_pid" --vocab-size 49152 --max-context 8192 --requests 1000 --concurrency 64 \
       --prefix-len 2048 --output-len 16 128 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill \
       --long-prefill-tokens 7000 --kill-sidecar-every 30 --out "$out/soak.json" > "$out/soak.log" 2>&1 \
@@ -279,18 +285,19 @@ case "$step" in
            --random-input-len 8000 --random-output-len 256 --random-range-ratio 1.0)
     # shellcheck disable=SC2086
     python3 -m sglang.launch_server "${common[@]}" --port 30000 --kv-compressor mosaic \
-      --mosaic-compression-ratio 3 ${MOSAIC_ARGS:-} > "$out/mosaic-r3.server.log" 2>&1 &
+      --mosaic-compression-ratio "$ratio" ${MOSAIC_ARGS:-} > "$out/mosaic-r${ratio}.server.log" 2>&1 &
     mosaic_pid=$!
     wait_ready 30000 300
-    curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r3.info.json" || true
-    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-bench-mosaic-r3.txt" || true
+    curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r${ratio}.info.json" || true
+    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-bench-mosaic-r${ratio}.txt" || true
     timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
-      --output-file "$out/bench-mosaic-r3.jsonl" > "$out/bench-mosaic-r3.log" 2>&1 || echo "mosaic bench rc=$?"
+      --output-file "$out/bench-mosaic-r${ratio}.jsonl" > "$out/bench-mosaic-r${ratio}.log" 2>&1 \
+      || echo "mosaic bench rc=$?"
     # decode step p50/p99 without prefill steps, and the time sealing and the sidecar took during the bench
-    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-bench-mosaic-r3.txt" || true
-    python3 -m bench.decode_steps "$out/metrics-before-bench-mosaic-r3.txt" "$out/metrics-after-bench-mosaic-r3.txt" \
-      > "$out/decode-steps-mosaic-r3.txt" 2>&1 || true
-    profile_steps 30000 "$out/mosaic-r3.server.log" mosaic-r3 || echo "mosaic profile rc=$?"
+    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-bench-mosaic-r${ratio}.txt" || true
+    python3 -m bench.decode_steps "$out/metrics-before-bench-mosaic-r${ratio}.txt" \
+      "$out/metrics-after-bench-mosaic-r${ratio}.txt" > "$out/decode-steps-mosaic-r${ratio}.txt" 2>&1 || true
+    profile_steps 30000 "$out/mosaic-r${ratio}.server.log" "mosaic-r${ratio}" || echo "mosaic profile rc=$?"
     ps_sidecars > "$out/ps.txt"
     kill "$mosaic_pid" 2>/dev/null || true
     wait "$mosaic_pid" 2>/dev/null || true
