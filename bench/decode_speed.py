@@ -166,7 +166,7 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
     from mosaickv_sglang.kernels.format import K_OFF, V_OFF, GRANULE_BYTES
     from mosaickv_sglang.kernels.pack import pack_segments_fwd
     from mosaickv_sglang.kernels.segment_scores import segment_scores_fwd, select_segments
-    from mosaickv_sglang.kernels.sparse_decode import sparse_decode_fwd, suggest_num_splits
+    from mosaickv_sglang.kernels.sparse_decode import CHAN_MODE, CHAN_MODE_NAMES, sparse_decode_fwd, suggest_num_splits
 
     hq, hkv, d, _, _ = SHAPES[shape]
     dt = torch.bfloat16
@@ -237,6 +237,7 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
 
     mosaic_full()
     torch.cuda.synchronize()
+    o_check = out[:1].clone() if args.tune else None  # request 0's output under the default chan mode
 
     # --- correctness before timing (request 0 against the fp64 references) ---
     check = {}
@@ -306,6 +307,29 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
         best = min(row["tune"], key=lambda t: t["ms"])
         row["tune_best"] = dict(best, speedup_vs_default=t_dec / best["ms"],
                                 tbps=(payload + tail_bytes) / (best["ms"] * 1e-3) / 1e12)  # fmt: skip
+        # every chan reconstruction mode at the best launch configuration (the default mode timed again, so that
+        # all modes are single samples of the same kind, not one of them a minimum over the sweep)
+        po = torch.empty(bsz, hq, best["num_splits"], d, dtype=torch.float32, device=device)
+        pl = torch.empty(bsz, hq, best["num_splits"], dtype=torch.float32, device=device)
+        row["tune_chan"] = []
+        for mode, name in CHAN_MODE_NAMES.items():
+
+            def variant(po=po, pl=pl, b=best, c=mode):
+                sparse_decode_fwd(q, arena, desc, sel, k_all, v_all, tail_indptr, tail_indices, out, po, pl,
+                                  num_splits=b["num_splits"], num_warps=b["num_warps"], num_stages=b["num_stages"],
+                                  chan_mode=c)  # fmt: skip
+
+            variant()
+            torch.cuda.synchronize()
+            err = float((out[:1].double() - o_check.double()).abs().max()) if o_check is not None else None
+            ms = timed(variant, args.rep_ms, graph)
+            row["tune_chan"].append(dict(chan_mode=mode, name=name, ms=ms, default=mode == CHAN_MODE,
+                                         tbps=(payload + tail_bytes) / (ms * 1e-3) / 1e12,
+                                         max_abs_vs_default=err))  # fmt: skip
+            if err is not None and err > 3e-2:
+                raise AssertionError(f"chan mode {name}: output differs from the default mode's by {err}")
+        logger.info("tune %s ctx=%d bs=%d chan modes at the best configuration: %s", shape, ctx, bsz,
+                    ", ".join(f"{c['name']} {c['ms']:.3f} ms" for c in row["tune_chan"]))  # fmt: skip
         logger.info("tune %s ctx=%d bs=%d: default %.3f ms (4 warps, 2 stages, %d splits), best %.3f ms %s", shape,
                     ctx, bsz, t_dec, splits, best["ms"], best)  # fmt: skip
     kv = arena = tok = k_all = v_all = None  # free the cache before the next case (the closures hold these names)
@@ -401,6 +425,19 @@ def markdown(rows: list[dict], pack: dict, copy_bw: float, device_name: str) -> 
             lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['mosaic_decode_ms']:.3f} "
                          f"({r['num_splits']} splits) | {b['ms']:.3f} | {b['num_warps']} | {b['num_stages']} "
                          f"| {b['num_splits']} | {b['speedup_vs_default']:.2f}x | {b['tbps']:.2f} |")  # fmt: skip
+    chan = [r for r in rows if r.get("tune_chan")]
+    if chan:
+        names = [c["name"] for c in chan[0]["tune_chan"]]
+        lines += ["", "chan reconstruction modes at each case's best launch configuration (decode-only ms; "
+                  "* = current default)", "",
+                  "| shape | context | batch | warps/stages/splits | " + " | ".join(names) + " | fastest | TB/s |",
+                  "|---|---|---|---|" + "---|" * len(names) + "---|---|"]  # fmt: skip
+        for r in chan:
+            b, cs = r["tune_best"], r["tune_chan"]
+            fast = min(cs, key=lambda c: c["ms"])
+            cells = " | ".join(f"{c['ms']:.3f}{'*' if c['default'] else ''}" for c in cs)
+            lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {b['num_warps']}/{b['num_stages']}/"
+                         f"{b['num_splits']} | {cells} | {fast['name']} | {fast['tbps']:.2f} |")  # fmt: skip
     if pack:
         lines += [
             "",
@@ -427,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-pack", action="store_true", help="skip the pack/planner vs prefill measurement")
     p.add_argument("--tune", action="store_true",
                    help="also time the sparse decode kernel under other launch configurations (warps x stages x "
-                        "splits, see tune_variants) and report the best per case")
+                        "splits, see tune_variants), report the best per case, and time every chan reconstruction "
+                        "mode (sparse_decode.CHAN_MODE_NAMES) at that best configuration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/decode_speed.json"))
     args = p.parse_args(argv)

@@ -8,8 +8,8 @@ plus the merge kernel when ``num_splits > 1``.
 
 Fixed heuristics (no autotune, so graph capture replays deterministically): ``BLOCK_N = 64`` rows per step,
 ``R_BLOCK = 16`` ranks per low-rank product step, query tile ``G_PAD = max(16, next_pow2(G))`` rows,
-``num_warps = 4``, ``num_stages = 2`` (overridable per call). :func:`suggest_num_splits` gives a split count for a
-batch shape.
+``num_warps = 4``, ``num_stages = 2``, chan rows rebuilt by :data:`CHAN_MODE` (all three overridable per call).
+:func:`suggest_num_splits` gives a split count for a batch shape.
 """
 
 from __future__ import annotations
@@ -23,12 +23,26 @@ import triton
 import triton.language as tl
 
 from . import _checks
+from ._triton import _common as _tc
 from ._triton.sparse_decode import _sparse_decode_merge_kernel, _sparse_decode_split_kernel
 from .format import KERNEL_HEAD_DIMS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sparse_decode_fwd", "suggest_num_splits", "MAX_NUM_SPLITS", "NUM_WARPS", "NUM_STAGES"]
+__all__ = [
+    "sparse_decode_fwd",
+    "suggest_num_splits",
+    "resolve_chan_mode",
+    "MAX_NUM_SPLITS",
+    "NUM_WARPS",
+    "NUM_STAGES",
+    "CHAN_MODE",
+    "CHAN_MODE_NAMES",
+    "CHAN_PTR_GATHER",
+    "CHAN_TL_GATHER",
+    "CHAN_POPCOUNT",
+    "CHAN_ROW_COMPACT",
+]
 
 MAX_NUM_SPLITS = 64
 _BLOCK_N = 64
@@ -37,8 +51,14 @@ _R_BLOCK = 16
 NUM_WARPS = 4
 NUM_STAGES = 2
 _WARP_CHOICES = (1, 2, 4, 8, 16)
-# Rebuild chan rows with a pointer gather (False) or a register tl.gather (True); see docs/packed-format.md.
-_USE_TL_GATHER = False
+# How the kernels rebuild chan rows (the CHAN_MODE constexpr; docs/packed-format.md, "Chan reconstruction"). All
+# modes give the same rows; ``bench.decode_speed --tune`` times them.
+CHAN_PTR_GATHER = int(_tc.CHAN_PTR_GATHER.value)  # per-element mask word + d-wide cumsum + pointer gather
+CHAN_TL_GATHER = int(_tc.CHAN_TL_GATHER.value)  # cumsum slots, [rows, d] value tile placed by tl.gather
+CHAN_POPCOUNT = int(_tc.CHAN_POPCOUNT.value)  # mask words once per row, popcount slots, pointer gather
+CHAN_ROW_COMPACT = int(_tc.CHAN_ROW_COMPACT.value)  # popcount slots, [rows, KMAX] value tile placed by tl.gather
+CHAN_MODE_NAMES = dict(_tc.CHAN_MODE_NAMES)
+CHAN_MODE = CHAN_PTR_GATHER  # default (untimed alternatives: see the doc)
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -71,6 +91,16 @@ def suggest_num_splits(batch: int, num_kv_heads: int, max_work_segments: int, nu
     return 1 << (splits.bit_length() - 1)
 
 
+def resolve_chan_mode(chan_mode: Optional[int], default: int = CHAN_MODE) -> int:
+    """``chan_mode`` checked against :data:`CHAN_MODE_NAMES` (``None``: ``default``)."""
+    if chan_mode is None:
+        return default
+    if isinstance(chan_mode, bool) or not isinstance(chan_mode, int) or chan_mode not in CHAN_MODE_NAMES:
+        names = ", ".join(f"{v} ({n})" for v, n in CHAN_MODE_NAMES.items())
+        raise ValueError(f"chan_mode: expected one of {names}, got {chan_mode!r}")
+    return int(chan_mode)
+
+
 def sparse_decode_fwd(
     q: torch.Tensor,
     arena: torch.Tensor,
@@ -89,6 +119,7 @@ def sparse_decode_fwd(
     out_lse: Optional[torch.Tensor] = None,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
+    chan_mode: Optional[int] = None,
 ) -> torch.Tensor:
     """Decode attention of one layer over (selected packed segments) + (dense tail), split-K.
 
@@ -130,6 +161,10 @@ def sparse_decode_fwd(
     num_warps, num_stages : int
         Launch configuration of the split kernel (one of 1, 2, 4, 8, 16 warps; 1 to 6 stages); each new pair is a
         new compiled variant.
+    chan_mode : int, optional
+        How chan rows are rebuilt: :data:`CHAN_PTR_GATHER`, :data:`CHAN_TL_GATHER`, :data:`CHAN_POPCOUNT` or
+        :data:`CHAN_ROW_COMPACT` (same output; speed differs). ``None``: :data:`CHAN_MODE`. Each mode is a
+        compiled variant.
 
     Returns
     -------
@@ -158,6 +193,7 @@ def sparse_decode_fwd(
     if num_warps not in _WARP_CHOICES:
         raise ValueError(f"num_warps: expected one of {_WARP_CHOICES}, got {num_warps}")
     _checks.check_int(num_stages, "num_stages", lo=1, hi=6)
+    chan = resolve_chan_mode(chan_mode)
     _checks.check_tensor(partial_out, "partial_out", shape=(bsz, h_q, num_splits, d), dtype=torch.float32, device=dev)
     _checks.check_tensor(partial_lse, "partial_lse", shape=(bsz, h_q, num_splits), dtype=torch.float32, device=dev)
     if out_lse is not None:
@@ -185,7 +221,7 @@ def sparse_decode_fwd(
         out, *out.stride(), lse_t, *lse_strides,
         scale * 1.4426950408889634,
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=_BLOCK_N, R_BLOCK=_R_BLOCK,
-        COMPUTE_DTYPE=compute, DOT_PRECISION=precision, USE_TL_GATHER=_USE_TL_GATHER,
+        COMPUTE_DTYPE=compute, DOT_PRECISION=precision, CHAN_MODE=chan,
         DIRECT_OUT=direct, HAS_LSE=out_lse is not None,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

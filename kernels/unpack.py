@@ -9,23 +9,31 @@ Used by :func:`mosaickv_sglang.kernels.extend.extend_fwd` to build its dense pre
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
 from . import _checks
 from ._triton.unpack import _unpack_segments_main_kernel
 from .format import KERNEL_HEAD_DIMS, MAX_SEG_SIZE, MIN_SEG_SIZE
+from .sparse_decode import CHAN_PTR_GATHER, resolve_chan_mode
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["unpack_segments_fwd"]
 
 _R_BLOCK = 16
-_USE_TL_GATHER = False
+_CHAN_MODE = CHAN_PTR_GATHER  # how chan rows are rebuilt (see sparse_decode.CHAN_MODE_NAMES)
 
 
 def unpack_segments_fwd(
-    arena: torch.Tensor, desc: torch.Tensor, seg_ids: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor
+    arena: torch.Tensor,
+    desc: torch.Tensor,
+    seg_ids: torch.Tensor,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    *,
+    chan_mode: Optional[int] = None,
 ) -> None:
     """Decode segments ``seg_ids`` into dense slots.
 
@@ -42,6 +50,9 @@ def unpack_segments_fwd(
         shape ``[*L, S, d]``, dtype ``torch.float16``, ``torch.bfloat16`` or ``torch.float32``, contiguous; rows
         ``[:m]`` of slot ``i`` receive the segment's decoded K / V rows, rows ``[m:]`` zeros. ``S`` (a power of two
         in 16..256) must be at least every decoded segment's ``m``.
+    chan_mode : int, optional
+        How chan rows are rebuilt (one of :data:`~mosaickv_sglang.kernels.sparse_decode.CHAN_MODE_NAMES`; same
+        rows); ``None``: pointer gather.
     """
     _checks.check_arena(arena)
     dev = arena.device
@@ -55,6 +66,7 @@ def unpack_segments_fwd(
     if s < MIN_SEG_SIZE or s > MAX_SEG_SIZE or s & (s - 1):
         raise ValueError(f"k_out: expected S (dim -2) a power of two in [{MIN_SEG_SIZE}, {MAX_SEG_SIZE}], got {s}")
     _checks.check_tensor(v_out, "v_out", shape=tuple(k_out.shape), dtype=out_dtypes, device=dev, contiguous=True)
+    chan = resolve_chan_mode(chan_mode, _CHAN_MODE)
     n = seg_ids.numel()
     if n == 0:
         return
@@ -70,5 +82,5 @@ def unpack_segments_fwd(
     _unpack_segments_main_kernel[(n, s // block_m)](
         arena, arena.view(torch.int32), desc, desc.stride(0), seg_ids.view(-1),
         ko, *ko.stride(), vo, *vo.stride(),
-        HEAD_DIM=d, BLOCK_M=block_m, R_BLOCK=_R_BLOCK, USE_TL_GATHER=_USE_TL_GATHER, num_warps=4,
+        HEAD_DIM=d, BLOCK_M=block_m, R_BLOCK=_R_BLOCK, CHAN_MODE=chan, num_warps=4,
     )  # fmt: skip

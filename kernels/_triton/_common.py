@@ -7,6 +7,9 @@ Packed layout (see ``docs/packed-format.md`` and ``mosaickv_sglang.kernels.forma
 * dense:   ``rows[m, d]`` at ``off``.
 * chan:    int32 words ``[m, d / 32]`` at int32 index ``off / 2``; values ``[m, k]`` at ``off + m * d / 16``.
 * lowrank: ``A[m, r]`` at ``off``; ``B[r, d]`` at ``off + m * r``.
+
+Chan rows can be rebuilt four ways, chosen by the kernels' ``CHAN_MODE`` constexpr (one of the ``CHAN_*`` constants
+below; docs/packed-format.md, "Chan reconstruction"). All four give the same rows bit for bit.
 """
 
 import triton
@@ -29,11 +32,74 @@ DESC_V_OFF: tl.constexpr = tl.constexpr(_fmt.V_OFF)
 DESC_FLAGS: tl.constexpr = tl.constexpr(_fmt.FLAGS)
 FLAG_ALWAYS_READ: tl.constexpr = tl.constexpr(_fmt.FLAG_ALWAYS_READ)
 
+CHAN_PTR_GATHER: tl.constexpr = tl.constexpr(0)
+"""Chan mode: each element loads its mask word (an L1 broadcast) and tests its bit, a ``d``-wide ``tl.cumsum`` along
+the row gives its slot among the row's ``k`` values, and a masked gathered load reads the value (the default)."""
+CHAN_TL_GATHER: tl.constexpr = tl.constexpr(1)
+"""Chan mode: bits and slots as :data:`CHAN_PTR_GATHER`; the row's value list is loaded as a ``[BLOCK_N, d]`` tile
+(masked to ``k`` columns) and placed with ``tl.gather``."""
+CHAN_POPCOUNT: tl.constexpr = tl.constexpr(2)
+"""Chan mode: the ``d / 32`` mask words of a row are loaded once per row (not once per element), and the slot of
+channel ``c`` is (set bits of the row's words before word ``c // 32``) + popcount(word & ((1 << c % 32) - 1)),
+so there is no ``d``-wide cumsum; masked gathered load of the value as :data:`CHAN_PTR_GATHER`."""
+CHAN_ROW_COMPACT: tl.constexpr = tl.constexpr(3)
+"""Chan mode: bits and slots as :data:`CHAN_POPCOUNT`; the row's value list is loaded as one contiguous
+``[BLOCK_N, KMAX]`` tile and placed with ``tl.gather``. ``KMAX`` is chosen per segment at run time among ``d / 4``,
+``d / 2`` and ``d`` (the smallest that holds ``k``: three compiled branches, no launcher metadata)."""
+CHAN_MODE_NAMES = {0: "ptr-gather", 1: "tl-gather", 2: "popcount", 3: "row-compact"}
+"""Host side: chan mode value -> short name (bench tables)."""
+
 
 @triton.jit
 def _get_desc_field(row, f8, FIELD: tl.constexpr):
     """Field ``FIELD`` of a descriptor row held in registers (``row``: int32 ``[8]``, ``f8 = tl.arange(0, 8)``)."""
     return tl.sum(tl.where(f8 == FIELD, row, 0), axis=0)
+
+
+@triton.jit
+def _popc32(x):
+    """Set bits of each element of a uint32 tensor, as int32. The SWAR form that LLVM's AggressiveInstCombine turns
+    into one ``ctpop`` (a ``popc`` instruction); it also runs in the interpreter, which has no libdevice."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _chan_slots(arena_i32_ptr, off, rows, row_mask, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(keep, slot)``, both ``[BLOCK_N, HEAD_DIM]``: whether channel ``c`` of each row is kept, and its slot among
+    the row's kept channels (valid where kept; at most ``k`` elsewhere). The ``HEAD_DIM / 32`` mask words are loaded
+    as ``[BLOCK_N]`` vectors, one per word, and spread over their 32 channels with selects; the slot is a prefix of
+    per-word popcounts plus the popcount of the word's bits below the channel."""
+    WORDS: tl.constexpr = HEAD_DIM // MASK_BITS
+    cols = tl.arange(0, HEAD_DIM)
+    wsel = (cols // MASK_BITS)[None, :]
+    lane = (cols % MASK_BITS).to(tl.uint32)
+    below = ((tl.full([HEAD_DIM], 1, tl.uint32) << lane) - 1)[None, :]  # lane < 32: no shift by 32
+    word = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.uint32)
+    before = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.int32)
+    pre = tl.zeros([BLOCK_N], dtype=tl.int32)
+    wptr = arena_i32_ptr + (off // 2) + rows * WORDS
+    for w in tl.static_range(WORDS):
+        ww = tl.load(wptr + w, mask=row_mask, other=0).to(tl.uint32, bitcast=True)
+        here = wsel == w
+        word = tl.where(here, ww[:, None], word)
+        before = tl.where(here, pre[:, None], before)
+        pre += _popc32(ww)
+    keep = ((word >> lane[None, :]) & 1) != 0
+    slot = before + _popc32(word & below)
+    return keep, slot
+
+
+@triton.jit
+def _chan_row_compact(arena_ptr, vbase, rows, row_mask, param, keep, slot, KMAX: tl.constexpr):
+    """Chan rows placed from a contiguous ``[BLOCK_N, KMAX]`` tile of the rows' value lists (``k = param <= KMAX``)
+    by ``tl.gather`` at ``slot``; 0 where not ``keep``. Arena dtype."""
+    kk = tl.arange(0, KMAX)[None, :]
+    packed = tl.load(arena_ptr + vbase + rows[:, None] * param + kk, mask=row_mask[:, None] & (kk < param), other=0.0)
+    x = tl.gather(packed, tl.where(keep, slot, 0), axis=1)
+    return tl.where(keep, x, 0.0)
 
 
 @triton.jit
@@ -50,33 +116,46 @@ def _reconstruct_rows(
     BLOCK_N: tl.constexpr,
     R_BLOCK: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
-    USE_TL_GATHER: tl.constexpr,
+    CHAN_MODE: tl.constexpr,
 ):
     """Rows ``rows`` (``[BLOCK_N]`` segment-local indices, masked by ``row_mask``) of one payload as a
     ``[BLOCK_N, HEAD_DIM]`` tile of ``OUT_DTYPE``; masked rows are 0. ``off`` is the payload's int64 element offset,
-    ``m`` the segment's kept rows, ``form``/``param`` its descriptor fields."""
+    ``m`` the segment's kept rows, ``form``/``param`` its descriptor fields. ``CHAN_MODE``: how chan rows are rebuilt
+    (one of the ``CHAN_*`` constants; same result)."""
     cols = tl.arange(0, HEAD_DIM)
     mask2 = row_mask[:, None]
     if form == FORM_CHAN:
         WORDS: tl.constexpr = HEAD_DIM // MASK_BITS
-        # each element reads its own mask word (32 lanes share one address: an L1 broadcast, no extra HBM bytes)
-        words = tl.load(
-            arena_i32_ptr + (off // 2) + rows[:, None] * WORDS + (cols // MASK_BITS)[None, :], mask=mask2, other=0
-        )
-        bit = (words >> (cols % MASK_BITS)[None, :]) & 1
-        pos = tl.cumsum(bit, axis=1) - 1  # position of a kept channel among the row's k values
         vbase = off + m * (2 * WORDS)
-        if USE_TL_GATHER:
-            packed = tl.load(
-                arena_ptr + vbase + rows[:, None] * param + cols[None, :],
-                mask=mask2 & (cols[None, :] < param),
-                other=0.0,
-            )
-            x = tl.gather(packed, tl.maximum(pos, 0), axis=1)
-            x = tl.where(bit != 0, x, 0.0).to(OUT_DTYPE)
+        if CHAN_MODE == CHAN_POPCOUNT:
+            keep, slot = _chan_slots(arena_i32_ptr, off, rows, row_mask, HEAD_DIM, BLOCK_N)
+            x = tl.load(arena_ptr + vbase + rows[:, None] * param + slot, mask=mask2 & keep, other=0.0)
+        elif CHAN_MODE == CHAN_ROW_COMPACT:
+            keep, slot = _chan_slots(arena_i32_ptr, off, rows, row_mask, HEAD_DIM, BLOCK_N)
+            if param <= HEAD_DIM // 4:
+                x = _chan_row_compact(arena_ptr, vbase, rows, row_mask, param, keep, slot, HEAD_DIM // 4)
+            elif param <= HEAD_DIM // 2:
+                x = _chan_row_compact(arena_ptr, vbase, rows, row_mask, param, keep, slot, HEAD_DIM // 2)
+            else:
+                x = _chan_row_compact(arena_ptr, vbase, rows, row_mask, param, keep, slot, HEAD_DIM)
         else:
-            x = tl.load(arena_ptr + vbase + rows[:, None] * param + pos, mask=mask2 & (bit != 0), other=0.0)
-            x = x.to(OUT_DTYPE)
+            # each element reads its own mask word (32 lanes share one address: an L1 broadcast, no extra HBM bytes)
+            words = tl.load(
+                arena_i32_ptr + (off // 2) + rows[:, None] * WORDS + (cols // MASK_BITS)[None, :], mask=mask2, other=0
+            )
+            bit = (words >> (cols % MASK_BITS)[None, :]) & 1
+            pos = tl.cumsum(bit, axis=1) - 1  # position of a kept channel among the row's k values
+            if CHAN_MODE == CHAN_TL_GATHER:
+                packed = tl.load(
+                    arena_ptr + vbase + rows[:, None] * param + cols[None, :],
+                    mask=mask2 & (cols[None, :] < param),
+                    other=0.0,
+                )
+                x = tl.gather(packed, tl.maximum(pos, 0), axis=1)
+                x = tl.where(bit != 0, x, 0.0)
+            else:
+                x = tl.load(arena_ptr + vbase + rows[:, None] * param + pos, mask=mask2 & (bit != 0), other=0.0)
+        x = x.to(OUT_DTYPE)
     elif form == FORM_LOWRANK:
         rr = tl.arange(0, R_BLOCK)
         acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)

@@ -5,11 +5,11 @@ Stage 1, ``_sparse_decode_split_kernel``, grid ``(B, H_kv, num_splits)``: progra
 ``GROUP = H_q / H_kv`` query heads of KV head ``h`` as one ``[G_PAD, d]`` tile (``G_PAD = max(16, next_pow2(G))``
 rows, for ``tl.dot``), so every segment is read once for the whole GQA group. It walks the selected segments
 ``sel_ids[b, h, s::num_splits]`` (``-1`` skipped), rebuilds each segment's K and V rows in registers from their
-packed form (dense: load; chan: mask words, bit test, ``tl.cumsum`` for the value slot, gathered load; low-rank:
-``A @ B`` with ``tl.dot``, ``R_BLOCK`` ranks at a time), then the split's contiguous share of the request's dense
-tail (pool slots ``tail_indices[tail_indptr[b]:tail_indptr[b+1]]`` in the SGLang buffers ``[pool, H_kv, d]``), with
-an online softmax in base 2. It writes the normalized partial output and its natural-log LSE, or, when
-``DIRECT_OUT`` (one split), the final output directly.
+packed form (dense: load; chan: mask bits, value slots and a gather, in one of the ways ``CHAN_MODE`` selects, see
+``_common.py``; low-rank: ``A @ B`` with ``tl.dot``, ``R_BLOCK`` ranks at a time), then the split's contiguous
+share of the request's dense tail (pool slots ``tail_indices[tail_indptr[b]:tail_indptr[b+1]]`` in the SGLang
+buffers ``[pool, H_kv, d]``), with an online softmax in base 2. It writes the normalized partial output and its
+natural-log LSE, or, when ``DIRECT_OUT`` (one split), the final output directly.
 
 Stage 2, ``_sparse_decode_merge_kernel``, grid ``(B, H_q)``: log-sum-exp merge of the splits.
 
@@ -90,7 +90,7 @@ def _sparse_decode_split_kernel(
     R_BLOCK: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    USE_TL_GATHER: tl.constexpr,
+    CHAN_MODE: tl.constexpr,
     DIRECT_OUT: tl.constexpr,
     HAS_LSE: tl.constexpr,
 ):
@@ -147,9 +147,9 @@ def _sparse_decode_split_kernel(
                     rows = r0 + nrow
                     rmask = rows < m
                     k = _reconstruct_rows(arena_ptr, arena_i32_ptr, k_form, k_param, m, k_off, rows, rmask,
-                                          HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, USE_TL_GATHER)
+                                          HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE)
                     v = _reconstruct_rows(arena_ptr, arena_i32_ptr, v_form, v_param, m, v_off, rows, rmask,
-                                          HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, USE_TL_GATHER)
+                                          HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE)
                     m_i, l_i, acc = _update_online_softmax(q, k, v, rmask[None, :], m_i, l_i, acc, qk_scale,
                                                          DOT_PRECISION)
 

@@ -41,7 +41,7 @@ def _unpack_segments_main_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     R_BLOCK: tl.constexpr,
-    USE_TL_GATHER: tl.constexpr,
+    CHAN_MODE: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -55,8 +55,8 @@ def _unpack_segments_main_kernel(
         rmask = rows < m
         cols = tl.arange(0, HEAD_DIM)
         k = _reconstruct_rows(arena_ptr, arena_i32_ptr, tl.load(drow + DESC_K_FORM), tl.load(drow + DESC_K_PARAM), m,
-                              k_off, rows, rmask, HEAD_DIM, BLOCK_M, R_BLOCK, ko_ptr.dtype.element_ty, USE_TL_GATHER)
+                              k_off, rows, rmask, HEAD_DIM, BLOCK_M, R_BLOCK, ko_ptr.dtype.element_ty, CHAN_MODE)
         v = _reconstruct_rows(arena_ptr, arena_i32_ptr, tl.load(drow + DESC_V_FORM), tl.load(drow + DESC_V_PARAM), m,
-                              v_off, rows, rmask, HEAD_DIM, BLOCK_M, R_BLOCK, vo_ptr.dtype.element_ty, USE_TL_GATHER)
+                              v_off, rows, rmask, HEAD_DIM, BLOCK_M, R_BLOCK, vo_ptr.dtype.element_ty, CHAN_MODE)
         tl.store(ko_ptr + i * stride_ko_n + rows[:, None] * stride_ko_s + cols[None, :] * stride_ko_d, k)
         tl.store(vo_ptr + i * stride_vo_n + rows[:, None] * stride_vo_s + cols[None, :] * stride_vo_d, v)

@@ -25,6 +25,9 @@ from mosaickv_sglang.kernels.format import (
 from mosaickv_sglang.kernels.reference import ref_pack_segments
 
 ALL_FORM_PAIRS = list(itertools.product((FORM_DENSE, FORM_CHAN, FORM_LOWRANK), repeat=2))
+# forms="chan": chan on at least one side of every segment, chan/chan twice as often
+CHAN_FORM_PAIRS = [(FORM_CHAN, FORM_CHAN), (FORM_CHAN, FORM_DENSE), (FORM_CHAN, FORM_CHAN), (FORM_DENSE, FORM_CHAN),
+                   (FORM_CHAN, FORM_LOWRANK), (FORM_LOWRANK, FORM_CHAN)]  # fmt: skip
 
 
 
@@ -55,9 +58,11 @@ def random_plan(
 ) -> SegmentPlan:
     """A CPU plan of ``n`` segments.
 
-    ``forms="mixed"`` cycles through all 9 (K form, V form) pairs (shuffled); ``"dense"`` keeps everything dense.
-    Kept rows ``m`` mix ``S``, 1 and random values (``full_rows`` forces ``m = S``); chan ``k`` mixes 1, ``d - 1``
-    and random values; low-rank ``r`` mixes 1, ``Rmax`` and random values. ``rmax``: the factors' columns ``Rmax``,
+    ``forms="mixed"`` cycles through all 9 (K form, V form) pairs (shuffled); ``"dense"`` keeps everything dense;
+    ``"chan"`` cycles through :data:`CHAN_FORM_PAIRS` (shuffled) and also draws chan ``k`` at ``d / 4``, ``d / 2``
+    and one above each (the row-compact decode's tile widths). Kept rows ``m`` mix ``S``, 1 and random values
+    (``full_rows`` forces ``m = S``); chan ``k`` mixes 1, ``d - 1`` and random values; low-rank ``r`` mixes 1,
+    ``Rmax`` and random values. ``rmax``: the factors' columns ``Rmax``,
     or ``(K, V)`` per side, 0 giving that side no factors (its low-rank pairs become dense).
     """
     s, d = seg_size, head_dim
@@ -65,10 +70,15 @@ def random_plan(
         pairs = [ALL_FORM_PAIRS[i % 9] for i in range(n)]
         perm = torch.randperm(n, generator=gen).tolist()
         pairs = [pairs[i] for i in perm]
+    elif forms == "chan":
+        pairs = [CHAN_FORM_PAIRS[i % len(CHAN_FORM_PAIRS)] for i in range(n)]
+        perm = torch.randperm(n, generator=gen).tolist()
+        pairs = [pairs[i] for i in perm]
     elif forms == "dense":
         pairs = [(FORM_DENSE, FORM_DENSE)] * n
     else:
-        raise ValueError(f"forms: expected 'mixed' or 'dense', got {forms!r}")
+        raise ValueError(f"forms: expected 'mixed', 'chan' or 'dense', got {forms!r}")
+    k_choices = (d // 4, d // 4 + 1, d // 2, d // 2 + 1) if forms == "chan" else ()
     side_rmax = dict(zip(("k", "v"), (rmax, rmax) if isinstance(rmax, int) else rmax))
     pairs = [
         tuple(FORM_DENSE if f == FORM_LOWRANK and not side_rmax[side] else f for side, f in zip(("k", "v"), p))
@@ -81,7 +91,7 @@ def random_plan(
         keep[i, torch.randperm(s, generator=gen)[:m]] = True
         for side, form in zip(("k", "v"), pairs[i]):
             if form == FORM_CHAN:
-                params[side].append(pick(gen, (1, d - 1, randint(gen, 1, d - 1), randint(gen, 1, d - 1))))
+                params[side].append(pick(gen, (1, d - 1, randint(gen, 1, d - 1), randint(gen, 1, d - 1), *k_choices)))
             elif form == FORM_LOWRANK:
                 rmax_eff = min(side_rmax[side], s, d)
                 params[side].append(pick(gen, (1, rmax_eff, randint(gen, 1, rmax_eff))))

@@ -11,7 +11,7 @@ from mkv_kernel_cases import build_packed, gpu_only, ragged_indices, random_sele
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kernels.reference import ref_pack_segments, ref_sparse_decode
 from mosaickv_sglang.kernels.segment_scores import segment_scores_fwd, select_segments
-from mosaickv_sglang.kernels.sparse_decode import sparse_decode_fwd, suggest_num_splits
+from mosaickv_sglang.kernels.sparse_decode import CHAN_MODE_NAMES, sparse_decode_fwd, suggest_num_splits
 
 H_KV = 2
 
@@ -30,10 +30,11 @@ class DecodeInputs:
     """Everything sparse_decode_fwd takes, for one seeded case."""
 
     def __init__(self, seed, d, group, qdt, s, num_splits, tail_lens, counts, nsel, tail_dtype, device, n_seg=12,
-                 strided=False):  # fmt: skip
+                 strided=False, forms="mixed"):  # fmt: skip
         bsz = len(counts)
         pool = n_seg * s + sum(tail_lens) + 7
-        self.case = build_packed(seed, n=n_seg, seg_size=s, head_dim=d, h_kv=H_KV, pool=pool, device=device)
+        self.case = build_packed(seed, n=n_seg, seg_size=s, head_dim=d, h_kv=H_KV, pool=pool, device=device,
+                                 forms=forms)  # fmt: skip
         gen = torch.Generator().manual_seed(seed + 1000)
         self.kt = torch.randn(pool, H_KV, d, generator=gen).to(tail_dtype).to(device)
         self.vt = torch.randn(pool, H_KV, d, generator=gen).to(tail_dtype).to(device)
@@ -75,6 +76,36 @@ def test_sparse_decode_matches_reference(seed, d, group, qdt, s, splits, tails, 
     assert torch.equal(torch.isneginf(got_lse), torch.isneginf(ref_lse))
     fin = torch.isfinite(ref_lse)
     torch.testing.assert_close(got_lse[fin], ref_lse[fin], **tol(qdt))
+
+
+# chan-heavy cases for the chan modes (fields as DECODE_CASES)
+CHAN_CASES = [
+    (40, 64, 1, torch.float16, 16, 2, [0, 19, 1], [6, 2, 9], 10, torch.float16),
+    (41, 128, 3, torch.float32, 64, 1, [33], [10], 10, torch.float32),
+    (42, 128, 4, torch.float16, 32, 3, [97, 5], [4, 9], 10, torch.float16),
+    (43, 64, 8, torch.float32, 64, 2, [1, 0], [7, 3], 8, torch.float16),
+]
+
+
+@pytest.mark.parametrize("seed, d, group, qdt, s, splits, tails, counts, nsel, tdt", CHAN_CASES)
+def test_sparse_decode_chan_modes_match_reference(seed, d, group, qdt, s, splits, tails, counts, nsel, tdt, device,
+                                                  tol):  # fmt: skip
+    """Every chan reconstruction mode matches the fp64 reference on chan-heavy caches (chan k of 1, d - 1, d/4,
+    d/2, one above each and random; ragged m and tails; GQA 1/3/4/8); in the interpreter all modes give the same
+    output bit for bit (they rebuild the same rows)."""
+    x = DecodeInputs(seed, d, group, qdt, s, splits, tails, counts, nsel, tdt, device, n_seg=14, forms="chan")
+    ref, ref_lse = x.ref()
+    first = None
+    for mode in CHAN_MODE_NAMES:
+        x.out.fill_(float("nan"))
+        x.run(chan_mode=mode)
+        torch.testing.assert_close(x.out.double().cpu(), ref, **tol(qdt), msg=lambda m: f"chan_mode {mode}: {m}")
+        fin = torch.isfinite(ref_lse)
+        torch.testing.assert_close(x.lse.double().cpu()[fin], ref_lse[fin], **tol(qdt))
+        if first is None:
+            first = x.out.clone()
+        elif device.type == "cpu":
+            assert torch.equal(x.out, first), f"chan_mode {mode} differs from chan_mode 0"
 
 
 def test_sparse_decode_strided_q_and_out(device, tol):
@@ -247,6 +278,10 @@ def test_sparse_decode_rejects_bad_scalars(device):
         sparse_decode_fwd(*x.args(), None, 2, num_warps=3)
     with pytest.raises(ValueError, match="num_stages: expected <= 6, got 7"):
         sparse_decode_fwd(*x.args(), None, 2, num_stages=7)
+    for bad in (4, -1, True, "popcount", 2.0):
+        with pytest.raises(ValueError, match=rf"chan_mode: expected one of 0 \(ptr-gather\), 1 \(tl-gather\), "
+                                             rf"2 \(popcount\), 3 \(row-compact\), got {bad!r}"):  # fmt: skip
+            sparse_decode_fwd(*x.args(), None, 2, chan_mode=bad)
 
 
 @pytest.mark.parametrize("warps, stages", [(2, 1), (8, 3)])
