@@ -9,17 +9,22 @@ One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaic
   their copies to the host without waiting for them (:class:`HostCopy`); the slots are reserved. The next
   :meth:`SidecarBridge.tick` whose copies have landed hands the jobs (with the byte budget the fast plan had for
   those pages) to the shared slot buffers: the scheduler never waits for the device. Sink pages (kept dense) are not
-  submitted. A batch that finds no free slot keeps its fast plans: the queue is bounded by the slots.
+  submitted. A batch that finds no free slot keeps its fast plans: the queue (jobs on their way, in flight, or
+  finished and waiting to be applied) is bounded by the slots.
 * **Application.** :meth:`SidecarBridge.tick` (before each forward, and on idle scheduler ticks) submits the batches
   whose copies have landed, reads the finished jobs and re-packs each one's pages with the sidecar's plan
   (:meth:`MosaicMHATokenToKVPool.reseal_pages`): new payloads next to the old, descriptors swapped, then the old
   payloads freed. Freeing them at once is safe here because ticks run between steps on the scheduler thread, decode
   and prefill run eagerly with overlap scheduling off (``--kv-compressor mosaic`` implies both), and every later
-  kernel that could reuse the freed granules is queued after the swap on the same stream.
+  kernel that could reuse the freed granules is queued after the swap on the same stream. The tick's time budget
+  (:data:`FORWARD_TICK_MS` before a forward, :data:`IDLE_TICK_MS` when idle, from the tick's start) bounds all of
+  it: landed batches are submitted and finished plans applied while the tick is within its budget, at least one of
+  each per tick; the plans left wait in the bridge, in order, and are applied first on later ticks (a step where
+  several jobs finish at once does not pay for all of them). :meth:`SidecarBridge.drain` applies everything.
 * **Staleness.** A job's segment keys carry the page's epoch (:attr:`MosaicMHATokenToKVPool.page_epoch`, bumped
   when a page is sealed or freed). A plan is applied only if every page of the job still holds the contents it was
-  made for and is still sealed in that layer; otherwise it is discarded. Host copies of pages freed before their
-  copies landed are not kept.
+  made for and is still sealed in that layer, checked again when a plan that waited is applied; otherwise it is
+  discarded. Host copies of pages freed before their copies landed are not kept.
 
 * **Re-segmentation of shared prefixes.** Extend batches tell the bridge which request reads which pages
   (:meth:`SidecarBridge.observe_readers`); a page read by a second request (a prefix shared through the radix cache)
@@ -43,7 +48,7 @@ import atexit
 import collections
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -65,9 +70,11 @@ __all__ = ["DEFAULT_MAX_SEGMENTS", "HostCopy", "SidecarBridge", "to_host"]
 
 # Segments per job at most (rounded down to whole pages): small jobs keep each slot's copy and plan short.
 DEFAULT_MAX_SEGMENTS = 32
-# Client work per tick before a forward (ms): reading replies and copying plans out; applying is extra.
+# Time budget of a tick before a forward (ms), from its start: landed batches are submitted and finished plans applied
+# while the tick is within it (at least one of each, so one may overrun it); the client's part (reading replies,
+# copying plans out) is bounded by the same budget on its own.
 FORWARD_TICK_MS = 1.0
-# Client work per idle scheduler tick (ms), and re-segmentation jobs submitted per idle tick at most.
+# Time budget of an idle scheduler tick (ms), as FORWARD_TICK_MS; re-segmentation jobs submitted per idle tick at most.
 IDLE_TICK_MS = 3.0
 IDLE_JOBS = 1
 # Host copies of sealed pages kept for re-segmentation, per scheduler (bytes).
@@ -198,8 +205,8 @@ class SidecarBridge:
     segments_applied : int
         Segments re-packed with a sidecar plan.
     plans_discarded : int
-        Finished plans not applied: some page freed, reused or no longer sealed, or no arena room for the new
-        payloads next to the old.
+        Finished plans not applied: some page freed, reused or no longer sealed (when read or when applied), or no
+        arena room for the new payloads next to the old.
     segments_submitted, segments_skipped : int
         Sealed segments (non-sink, all layers) handed to the sidecar (counted at sealing, while their copies to the
         host are on their way), and those that kept their fast plan because every slot was busy (or, once the copies
@@ -254,6 +261,8 @@ class SidecarBridge:
         self._next_layer = 0
         self._pending: Deque[_PendingBatch] = collections.deque()
         self._reserved = 0
+        # finished jobs read from the client but not yet applied (the tick's budget ran out), oldest first
+        self._unapplied: Deque[JobOutcome] = collections.deque()
         self._closed = False
 
     @classmethod
@@ -278,16 +287,19 @@ class SidecarBridge:
         return self
 
     def close(self) -> None:
-        """Stop the worker; jobs in flight and batches whose copies have not been submitted are dropped (their fast
-        plans stay)."""
+        """Stop the worker; jobs in flight, finished plans not yet applied and batches whose copies have not been
+        submitted are dropped (their fast plans stay)."""
         if not self._closed:
             self._closed = True
             self._pending.clear()
             self._reserved = 0
+            self._unapplied.clear()
             self.client.close()
 
     def counters(self) -> SidecarCounters:
-        return self.client.counters
+        """The client's counters, with ``queue_depth`` counting the finished plans waiting to be applied too."""
+        counters = self.client.counters
+        return replace(counters, queue_depth=counters.queue_depth + len(self._unapplied))
 
     # --- staleness ----------------------------------------------------------------------------------------------------
     def is_current(self, key: SegmentKey) -> bool:
@@ -325,8 +337,9 @@ class SidecarBridge:
 
     @property
     def _free_slots(self) -> int:
-        """Slots free and not reserved for a batch whose copies are on their way."""
-        return max(0, self.client.free_slots - self._reserved)
+        """Slots free and not reserved for a batch whose copies are on their way, nor counted for a finished plan
+        waiting to be applied (the client frees a job's slot once it read its plan)."""
+        return max(0, self.client.free_slots - self._reserved - len(self._unapplied))
 
     def _submit_sealed(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float, gather: Gather) -> int:
         todo = np.asarray(pages, dtype=np.int64)[~np.asarray(dense_mask, dtype=bool)]
@@ -381,9 +394,13 @@ class SidecarBridge:
                   for layer, idx, _ in jobs]  # fmt: skip
         return chosen, parts
 
-    def _flush(self, wait: bool = False) -> None:
-        """Submit the pending batches whose copies have landed, in order (``wait``: all, waiting for them)."""
+    def _flush(self, wait: bool = False, deadline: Optional[float] = None) -> None:
+        """Submit the pending batches whose copies have landed, in order (``wait``: all, waiting for them); with a
+        ``deadline`` (``time.perf_counter()``), none after it but the first."""
+        landed = 0
         while self._pending:
+            if landed and deadline is not None and time.perf_counter() >= deadline:
+                return
             batch = self._pending[0]
             if wait:
                 batch.copy.wait()
@@ -392,6 +409,7 @@ class SidecarBridge:
             self._pending.popleft()
             self._reserved -= len(batch.jobs)
             self._land(batch)
+            landed += 1
 
     def _land(self, batch: _PendingBatch) -> None:
         host, h = batch.copy.tensors, int(self.pool.head_num)
@@ -538,7 +556,9 @@ class SidecarBridge:
     # --- application --------------------------------------------------------------------------------------------------
     def tick(self, budget_ms: Optional[float] = FORWARD_TICK_MS) -> int:
         """Submit the sealed batches whose copies have landed, read finished jobs (about ``budget_ms`` of client
-        work; restarts a dead worker) and apply their plans; returns the jobs applied. Never waits for the device."""
+        work; restarts a dead worker) and apply their plans, the oldest first, while the tick has taken less than
+        ``budget_ms`` (at least one batch and one plan; ``None``: all); the plans left wait for later ticks. Returns
+        the jobs applied. Never waits for the device."""
         if self._closed:
             return 0
         t0 = time.perf_counter()
@@ -548,10 +568,15 @@ class SidecarBridge:
             self.tick_seconds += time.perf_counter() - t0
 
     def _tick(self, budget_ms: Optional[float]) -> int:
-        self._flush()
-        applied = 0
-        for outcome in self.client.tick(budget_ms):
-            applied += self._apply(outcome)
+        deadline = None if budget_ms is None else time.perf_counter() + budget_ms / 1000.0
+        self._flush(deadline=deadline)
+        self._unapplied.extend(self.client.tick(budget_ms))
+        applied = taken = 0
+        while self._unapplied:
+            if taken and deadline is not None and time.perf_counter() >= deadline:
+                break
+            applied += self._apply(self._unapplied.popleft())
+            taken += 1
         return applied
 
     def _apply(self, outcome: JobOutcome) -> int:
@@ -564,8 +589,8 @@ class SidecarBridge:
         h = int(self.pool.head_num)
         layer = keys[0].layer
         pages = np.array([k.page for k in keys[::h]], dtype=np.int64)
-        # the valid mask was taken when the reply was read; the pages may have changed since (same tick: they
-        # cannot, but a caller may hold outcomes): check again
+        # the valid mask was taken when the reply was read; the pages may have changed since (a plan that waited for
+        # a later tick): check again
         if not all(outcome.valid) or not all(self.is_current(k) for k in keys[::h]):
             self.plans_discarded += 1
             return 0
@@ -590,7 +615,7 @@ class SidecarBridge:
             self._flush(wait=True)
         while time.monotonic() < end:
             applied += self.tick(None)
-            if self.client.counters.queue_depth == 0 and not self._pending:
+            if self.client.counters.queue_depth == 0 and not self._pending and not self._unapplied:
                 break
             time.sleep(0.01)
         return applied
