@@ -326,8 +326,10 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
             row["tune_chan"].append(dict(chan_mode=mode, name=name, ms=ms, default=mode == CHAN_MODE,
                                          tbps=(payload + tail_bytes) / (ms * 1e-3) / 1e12,
                                          max_abs_vs_default=err))  # fmt: skip
-            if err is not None and err > 3e-2:
-                raise AssertionError(f"chan mode {name}: output differs from the default mode's by {err}")
+            if err is not None and err > 3e-2:  # recorded and reported: one broken mode must not lose the run
+                row["tune_chan"][-1]["mismatch"] = True
+                logger.error("chan mode %s: output differs from the default mode's by %g (its time is not valid)",
+                             name, err)  # fmt: skip
         logger.info("tune %s ctx=%d bs=%d chan modes at the best configuration: %s", shape, ctx, bsz,
                     ", ".join(f"{c['name']} {c['ms']:.3f} ms" for c in row["tune_chan"]))  # fmt: skip
         logger.info("tune %s ctx=%d bs=%d: default %.3f ms (4 warps, 2 stages, %d splits), best %.3f ms %s", shape,
@@ -434,8 +436,9 @@ def markdown(rows: list[dict], pack: dict, copy_bw: float, device_name: str) -> 
                   "|---|---|---|---|" + "---|" * len(names) + "---|---|"]  # fmt: skip
         for r in chan:
             b, cs = r["tune_best"], r["tune_chan"]
-            fast = min(cs, key=lambda c: c["ms"])
-            cells = " | ".join(f"{c['ms']:.3f}{'*' if c['default'] else ''}" for c in cs)
+            fast = min((c for c in cs if not c.get("mismatch")), key=lambda c: c["ms"])
+            cells = " | ".join(f"{c['ms']:.3f}{'*' if c['default'] else ''}{' (WRONG)' if c.get('mismatch') else ''}"
+                               for c in cs)  # fmt: skip
             lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {b['num_warps']}/{b['num_stages']}/"
                          f"{b['num_splits']} | {cells} | {fast['name']} | {fast['tbps']:.2f} |")  # fmt: skip
     if pack:

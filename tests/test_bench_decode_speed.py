@@ -35,3 +35,25 @@ def test_tune_variants_cover_warps_stages_and_split_counts():
     assert {n for _, _, n in tune_variants(32)} == {16, 32, 64}
     with pytest.raises(ValueError, match="splits: expected an integer >= 1, got 0"):
         tune_variants(0)
+
+
+def test_markdown_chan_mode_table_marks_a_wrong_mode_and_never_calls_it_fastest():
+    """The chan-mode table lists every mode at the best launch, stars the default, and a mode whose output differed
+    from the default's is flagged and left out of "fastest" (rows of the 2026-12-01 H200 tune, chan times added)."""
+    import json
+    from pathlib import Path
+
+    from bench.decode_speed import markdown
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "bench/results/served-2026-12-01-g/kernel-tune/tune.json")
+                      .read_text())  # fmt: skip
+    rows = data["rows"][:1]
+    rows[0]["tune_chan"] = [
+        dict(chan_mode=0, name="ptr-gather", ms=0.30, default=True, tbps=0.4),
+        dict(chan_mode=1, name="tl-gather", ms=0.40, default=False, tbps=0.3),
+        dict(chan_mode=2, name="popcount", ms=0.10, default=False, tbps=1.2, mismatch=True),
+        dict(chan_mode=3, name="row-compact", ms=0.20, default=False, tbps=0.6),
+    ]
+    text = markdown(rows, {}, 4.0e12, "test")
+    line = [ln for ln in text.splitlines() if ln.startswith("| llama-3.1-8b | 8192 | 16 | 4/1/16 |")]
+    assert line == ["| llama-3.1-8b | 8192 | 16 | 4/1/16 | 0.300* | 0.400 | 0.100 (WRONG) | 0.200 | row-compact | 0.60 |"]
