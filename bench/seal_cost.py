@@ -24,8 +24,8 @@ layer, per chunk or per menu entry. ``--no-count`` skips both counting runs.
 
 ``--profile DIR`` runs each path once more under :mod:`torch.profiler` (CPU, plus CUDA on a GPU) and writes to
 ``DIR`` ``<path>_by_self_cpu.txt`` (top ops by self CPU time), on CUDA ``<path>_by_self_device.txt`` (top ops by
-self device time), and ``<path>_trace.json`` (a Chrome trace), for ``<path>`` ``per_layer`` and ``one_call``. For a
-GPU session::
+self device time), and ``<path>_trace.json.gz`` (a gzipped Chrome trace), for ``<path>`` ``per_layer`` and
+``one_call``. For a GPU session::
 
     python -m bench.seal_cost --layers 32 --kv-heads 8 --pages 128 --page-size 64 --head-dim 128 --device cuda \\
         --dtype fp16 --repeats 3 --warmup 1 --json --profile $OUT/seal_profile
@@ -141,7 +141,7 @@ def profile(fn: Callable[[], object], device: torch.device, out_dir: str, name: 
         with open(path, "w") as f:
             f.write(averages.table(sort_by=key, row_limit=40, max_name_column_width=60) + "\n")
         paths.append(path)
-    path = os.path.join(out_dir, f"{name}_trace.json")
+    path = os.path.join(out_dir, f"{name}_trace.json.gz")
     prof.export_chrome_trace(path)
     return paths + [path]
 

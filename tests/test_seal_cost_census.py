@@ -4,6 +4,7 @@ in two runs), grow with the layers where the estimator's chunks split, and ``--p
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -109,8 +110,9 @@ def test_profile_writes_tables_and_traces(tmp_path, capsys):
     report = _run(f"--layers 2 {TINY} --no-count --profile {tmp_path}", capsys)
     assert "ops" not in report["one_call"]
     names = sorted(Path(p).name for p in report["profile"])
-    assert names == ["one_call_by_self_cpu.txt", "one_call_trace.json", "per_layer_by_self_cpu.txt",
-                     "per_layer_trace.json"]  # fmt: skip
+    assert names == ["one_call_by_self_cpu.txt", "one_call_trace.json.gz", "per_layer_by_self_cpu.txt",
+                     "per_layer_trace.json.gz"]  # fmt: skip
     table = (tmp_path / "one_call_by_self_cpu.txt").read_text()
     assert "aten::bmm" in table and "Self CPU" in table
-    assert json.loads((tmp_path / "one_call_trace.json").read_text())["traceEvents"]
+    with gzip.open(tmp_path / "one_call_trace.json.gz", "rt") as f:
+        assert json.load(f)["traceEvents"]
