@@ -372,13 +372,14 @@ def _novelty(values: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     query that retrieves it gets the copy's value), 1 for a token unlike its neighbours.
     """
     n, s, _ = values.shape
-    out = torch.empty(n, s, device=values.device)
+    nearest = torch.empty(n, s, device=values.device)
+    energy = torch.empty(n, s, device=values.device)
     eye = torch.eye(s, dtype=torch.bool, device=values.device)
-    for a in range(0, n, chunk):
+    for a in range(0, n, chunk):  # reductions per chunk, written in place; the elementwise rest once, below
         v = values[a : a + chunk].float()
-        d2 = torch.cdist(v, v).pow(2).masked_fill(eye, float("inf"))
-        out[a : a + chunk] = (d2.min(-1).values / v.pow(2).sum(-1).clamp(min=_EPS)).clamp(max=1.0)
-    return out
+        torch.amin(torch.cdist(v, v).pow(2).masked_fill(eye, float("inf")), -1, out=nearest[a : a + chunk])
+        torch.sum(v.pow(2), -1, out=energy[a : a + chunk])
+    return (nearest / energy.clamp(min=_EPS)).clamp(max=1.0)
 
 
 def retrieval_prior(
