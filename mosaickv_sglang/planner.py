@@ -329,7 +329,8 @@ def _row_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 def _lost_fraction(lost: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-    """:func:`_row_loss` from its parts: ``lost`` ``||x - x_hat||^2`` and ``energy`` ``||x||^2``, shape ``[N, S]``."""
+    """:func:`_row_loss` from its parts: ``lost`` ``||x - x_hat||^2`` and ``energy`` ``||x||^2``, shape ``[N, S]``
+    (``lost`` may stack several approximations, ``[K, N, S]``; ``energy`` broadcasts)."""
     return (lost / energy.clamp(min=_EPS)).clamp(max=1.0) * (energy > 0)
 
 
@@ -766,7 +767,7 @@ def _estimate_fast(
     vvec = [torch.zeros(n, len(ms), d, device=dev)]
     kvar = [torch.zeros(n, len(ms), device=dev)]
     k_stats = torch.stack([qbar, var_q, torch.ones_like(qbar)], 2)  # [N, d, 3]
-    chan_loss: Dict[Tuple[int, int], torch.Tensor] = {}  # (side, k) -> [N, S], for the unseen-query error
+    lost: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])  # per side (K, V) and k: [N, S] lost energy
     for k in ks:
         dk = kf * k_drop.pop(k)
         coh = p * scale * torch.bmm(dk, k_stats[:, :, :1]).squeeze(2)
@@ -774,11 +775,16 @@ def _estimate_fast(
         del dk
         on_resid.append(kept * -coh[:, None, :])
         kvar.append(torch.bmm(kept, (p.pow(2) * scale**2 * sums[:, :, 0] * c)[:, :, None]).squeeze(2))
-        chan_loss[0, k] = _lost_fraction(sums[:, :, 1], k_energy)
+        lost[0].append(sums[:, :, 1])
         dv = vf * v_drop.pop(k)
         vvec.append(torch.bmm(kept_p, dv))
-        chan_loss[1, k] = _lost_fraction(dv.pow_(2).sum(-1), v_energy)
+        lost[1].append(dv.pow_(2).sum(-1))
         del dv
+    chan_loss: Dict[Tuple[int, int], torch.Tensor] = {}  # (side, k) -> [N, S], for the unseen-query error
+    for side, energy_s in ((0, k_energy), (1, v_energy)):  # every k at once (elementwise: the same values)
+        if ks:
+            frac = _lost_fraction(torch.stack(lost[side]), energy_s)
+            chan_loss.update({(side, k): frac[i] for i, k in enumerate(ks)})
     ab = torch.bmm(torch.cat(on_resid, 1), resid)  # [N, M * (1 + nk), d]: a, then b of each k
     nm, nk = len(ms), len(ks) + 1
     allv = torch.cat([ab[:, :nm], torch.zeros(n, nm, d, device=dev), ab[:, nm:]] + vvec, 1)
