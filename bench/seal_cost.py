@@ -12,12 +12,30 @@ and counts, for each, the host synchronisations a GPU would make (:class:`bench.
 checks that both give the same plans (choices and estimated error per layer). Example::
 
     python -m bench.seal_cost --layers 32 --kv-heads 8 --pages 128 --page-size 64 --head-dim 128
+
+It also takes an op census of each (:class:`bench.op_census.OpCensus`, one extra untimed run): the aten ops one
+call dispatches (``ops``), split by kind (``ops_by_kind``: ``kernel`` ops launch at least one kernel on a GPU;
+``view``, ``alloc`` and ``transfer`` ops do not), and the 20 most frequent ops (``ops_by_name``, every kind;
+``kernel_ops_by_name``) and code sites of the planner dispatching kernel ops (``kernel_ops_by_site``). The census
+is the same on the CPU as on a GPU up to dtype casts (``.float()`` of an fp32 tensor dispatches nothing, so a
+``--dtype fp16`` census is the one to compare with a GPU run in fp16), so a launch-bound GPU call can be studied on
+the CPU: how ``one_call.ops_by_kind.kernel`` grows with ``--pages`` and ``--layers`` says which loops dispatch per
+layer, per chunk or per menu entry. ``--no-count`` skips both counting runs.
+
+``--profile DIR`` runs each path once more under :mod:`torch.profiler` (CPU, plus CUDA on a GPU) and writes to
+``DIR`` ``<path>_by_self_cpu.txt`` (top ops by self CPU time), on CUDA ``<path>_by_self_device.txt`` (top ops by
+self device time), and ``<path>_trace.json.gz`` (a gzipped Chrome trace), for ``<path>`` ``per_layer`` and
+``one_call``. For a GPU session::
+
+    python -m bench.seal_cost --layers 32 --kv-heads 8 --pages 128 --page-size 64 --head-dim 128 --device cuda \\
+        --dtype fp16 --repeats 3 --warmup 1 --json --profile $OUT/seal_profile
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from types import SimpleNamespace
 from typing import Callable, Dict, List
@@ -25,7 +43,10 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
+import mosaickv_sglang
+import mosaickv_sglang.kernels
 from bench.host_syncs import HostSyncCounter
+from bench.op_census import OpCensus
 from mosaickv_sglang.sealer import Sealer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -47,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each before")
-    p.add_argument("--no-count", action="store_true", help="skip the (extra) run that counts host syncs")
+    p.add_argument("--no-count", action="store_true", help="skip the (extra) runs that count host syncs and ops")
+    p.add_argument("--profile", metavar="DIR", help="write torch.profiler tables and traces of each path to DIR")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     return p
@@ -85,7 +107,43 @@ def timed(fn: Callable[[], object], device: torch.device, args: argparse.Namespa
         with HostSyncCounter() as count:
             fn()
         report.update(syncs=count.syncs, copies=count.copies, by_name=dict(count.by_name))
+        with OpCensus(SITE_ROOTS) as census:
+            fn()
+        report.update(census.report())
     return report
+
+
+SITE_ROOTS = tuple(os.path.dirname(m.__file__) for m in (mosaickv_sglang, mosaickv_sglang.kernels))
+"""Where the planner's code lives (``kernels`` is mapped from another folder): kernel ops are attributed to its
+innermost frame."""
+
+
+def profile(fn: Callable[[], object], device: torch.device, out_dir: str, name: str) -> List[str]:
+    """One run of ``fn`` under :mod:`torch.profiler`; writes the tables and trace named in the module docstring and
+    returns their paths."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    os.makedirs(out_dir, exist_ok=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    averages = prof.key_averages()
+    sorts = [("self_cpu", "self_cpu_time_total")] + ([("self_device", "self_device_time_total")]
+                                                      if device.type == "cuda" else [])  # fmt: skip
+    paths = []
+    for label, key in sorts:
+        path = os.path.join(out_dir, f"{name}_by_{label}.txt")
+        with open(path, "w") as f:
+            f.write(averages.table(sort_by=key, row_limit=40, max_name_column_width=60) + "\n")
+        paths.append(path)
+    path = os.path.join(out_dir, f"{name}_trace.json.gz")
+    prof.export_chrome_trace(path)
+    return paths + [path]
 
 
 def main(argv: List[str] = None) -> Dict[str, object]:
@@ -108,6 +166,12 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         for a, b in zip(before.pop("result"), after.pop("result"))
     )
     report = {"config": vars(args), "per_layer": before, "one_call": after, "identical_plans": same}
+    if args.profile:
+        report["profile"] = (
+            profile(lambda: [sealer.plan_layer(li, pages, sinks, args.ratio) for li in range(args.layers)], dev,
+                    args.profile, "per_layer")
+            + profile(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args.profile, "one_call")
+        )  # fmt: skip
     if args.json:
         print(json.dumps(report))
     else:
@@ -115,9 +179,15 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         print(f"seal of {args.layers} layers x {args.kv_heads} KV heads x {args.pages} pages of {args.page_size} "
               f"tokens, d={args.head_dim}, {args.dtype} on {args.device} ({threads} threads)")  # fmt: skip
         for name, r in (("per-layer plan_fast (before)", before), ("one-call plan_fast_layers (after)", after)):
-            counts = "" if args.no_count else f"   host syncs {r['syncs']:5d}   device copies {r['copies']:4d}"
+            counts = "" if args.no_count else (f"   host syncs {r['syncs']:5d}   device copies {r['copies']:4d}"
+                                               f"   ops {r['ops']:6d} (kernel {r['ops_by_kind']['kernel']:6d})")
             print(f"  {name:36s} {1e3 * r['seconds']:10.1f} ms{counts}")
         print(f"  speed-up {before['seconds'] / after['seconds']:.2f}x; identical plans: {same}")
+        if not args.no_count:
+            print("  one-call kernel ops by site: " + ", ".join(f"{k} {v}" for k, v in
+                                                              list(after["kernel_ops_by_site"].items())[:8]))
+        if args.profile:
+            print(f"  profiles: {', '.join(report['profile'])}")
     return report
 
 

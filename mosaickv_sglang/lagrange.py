@@ -39,7 +39,7 @@ def _totals(e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, lams: torch.Tens
     for a in range(0, nl, per):
         scores = e[a : a + per, None] + lams[a : a + per, :, None, None] * b
         out.append(bl[torch.argmin(scores, dim=3)].sum(2))
-    return torch.cat(out, 0)
+    return out[0] if len(out) == 1 else torch.cat(out, 0)  # one chunk (the usual case): no copy
 
 
 def _pick(e: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

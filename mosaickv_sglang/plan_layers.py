@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -65,11 +65,23 @@ def _cached_menu_tensors(menu: Tuple[Candidate, ...], d: int, device: torch.devi
     return _menu_tensors(menu, d, device)
 
 
-def _check_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> Tuple[int, int, int, int]:
+Layers = Union[Sequence[torch.Tensor], torch.Tensor]
+"""Per-layer segments: one ``[N, S, d]`` tensor per layer, or all layers stacked as one ``[L, N, S, d]`` tensor."""
+
+
+def _check_layers(keys: Layers, values: Layers) -> Tuple[int, int, int, int]:
+    if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
+        check_tensor(keys, "keys", ndim=4, dtype=FLOAT_DTYPES)
+        check_tensor(values, "values", shape=tuple(keys.shape), dtype=FLOAT_DTYPES, device=keys.device)
+        if keys.shape[0] == 0:
+            raise ValueError("keys: expected at least one layer, got none")
+        nl, n, s, d = keys.shape
+        check_segment_shape(s, d, s_name="keys (dim 2, segment size)", d_name="keys (dim 3, head_dim)")
+        return nl, n, s, d
     if not isinstance(keys, (list, tuple)) or not isinstance(values, (list, tuple)) or len(keys) != len(values):
         raise ValueError(
-            f"keys/values: expected two sequences of one tensor per layer of equal length, got "
-            f"{type(keys).__name__} and {type(values).__name__}"
+            f"keys/values: expected two sequences of one tensor per layer of equal length (or two tensors of shape "
+            f"[L, N, S, d]), got {type(keys).__name__} and {type(values).__name__}"
         )
     if not keys:
         raise ValueError("keys: expected at least one layer, got none")
@@ -115,7 +127,7 @@ def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _layer_importance(
-    keys: Sequence[torch.Tensor],
+    keys: Layers,
     queries: Optional[Sequence[Optional[torch.Tensor]]],
     importance: Optional[Sequence[SegmentImportance]],
     labels: torch.Tensor,
@@ -164,9 +176,12 @@ def _layer_importance(
     return out
 
 
-def _cat_float(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+def _cat_float(parts: Layers) -> torch.Tensor:
     """``torch.cat(parts).float()`` in one copy (slice copies: ``cat`` into an ``out`` of another dtype is not a path
-    every backend has)."""
+    every backend has); of stacked layers (``[L', N, S, d]``), their rows as contiguous fp32 ``[L' * N, S, d]``: no
+    copy at all when they already are fp32 and contiguous (the estimator never writes its inputs)."""
+    if isinstance(parts, torch.Tensor):
+        return parts.reshape((-1,) + tuple(parts.shape[2:])).to(torch.float32).contiguous()
     out = torch.empty((sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:]), dtype=torch.float32,
                       device=parts[0].device)  # fmt: skip
     start = 0
@@ -184,8 +199,8 @@ def _stack_importance(parts: Sequence[SegmentImportance]) -> SegmentImportance:
 
 
 def plan_fast_layers(
-    keys: Sequence[torch.Tensor],
-    values: Sequence[torch.Tensor],
+    keys: Layers,
+    values: Layers,
     *,
     budget_bytes: Sequence[int],
     queries: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -203,9 +218,10 @@ def plan_fast_layers(
 
     Parameters
     ----------
-    keys, values : sequence of torch.Tensor
+    keys, values : sequence of torch.Tensor, or torch.Tensor
         One tensor per layer, each shape ``[N, S, d]``, fp32/fp16/bf16, all on one device; the same ``N`` segments
-        (e.g. the pages being sealed) in every layer.
+        (e.g. the pages being sealed) in every layer. Or all layers as one tensor each, shape ``[L, N, S, d]``: then
+        the estimator's chunks of layers are views (fp32) or one cast each, not one copy per layer.
     budget_bytes : sequence of int
         One byte budget per layer, ``>= 0``.
     queries : sequence of torch.Tensor or None, optional

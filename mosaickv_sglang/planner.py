@@ -329,7 +329,8 @@ def _row_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 def _lost_fraction(lost: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-    """:func:`_row_loss` from its parts: ``lost`` ``||x - x_hat||^2`` and ``energy`` ``||x||^2``, shape ``[N, S]``."""
+    """:func:`_row_loss` from its parts: ``lost`` ``||x - x_hat||^2`` and ``energy`` ``||x||^2``, shape ``[N, S]``
+    (``lost`` may stack several approximations, ``[K, N, S]``; ``energy`` broadcasts)."""
     return (lost / energy.clamp(min=_EPS)).clamp(max=1.0) * (energy > 0)
 
 
@@ -372,13 +373,14 @@ def _novelty(values: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     query that retrieves it gets the copy's value), 1 for a token unlike its neighbours.
     """
     n, s, _ = values.shape
-    out = torch.empty(n, s, device=values.device)
+    nearest = torch.empty(n, s, device=values.device)
+    energy = torch.empty(n, s, device=values.device)
     eye = torch.eye(s, dtype=torch.bool, device=values.device)
-    for a in range(0, n, chunk):
+    for a in range(0, n, chunk):  # reductions per chunk, written in place; the elementwise rest once, below
         v = values[a : a + chunk].float()
-        d2 = torch.cdist(v, v).pow(2).masked_fill(eye, float("inf"))
-        out[a : a + chunk] = (d2.min(-1).values / v.pow(2).sum(-1).clamp(min=_EPS)).clamp(max=1.0)
-    return out
+        torch.amin(torch.cdist(v, v).pow(2).masked_fill(eye, float("inf")), -1, out=nearest[a : a + chunk])
+        torch.sum(v.pow(2), -1, out=energy[a : a + chunk])
+    return (nearest / energy.clamp(min=_EPS)).clamp(max=1.0)
 
 
 def retrieval_prior(
@@ -499,12 +501,32 @@ def _unseen_error(
             half[key] = _prefix(prior * loss * 0.5, order)
         return half[key]
 
-    cols = []
+    if not menu:
+        return torch.zeros(n, 0, device=keys.device)
+    # Every candidate's three terms in one gather (not three small ops per candidate): the tables side by side.
+    layout, cols = _unseen_layout(tuple(menu), s, keys.device)
+    sides = ((keys, importance.k_chan_weight), (values, importance.v_chan_weight))
+    tables = [kept_loss(side, *sides[side], form, param) for side, form, param in layout] + [dropped]
+    terms = torch.stack(tables, 1).view(n, -1).index_select(1, cols).view(n, 3, len(menu))
+    return (terms[:, 0] + terms[:, 1] + terms[:, 2]).float()  # per candidate: K loss + V loss + dropped mass
+
+
+@functools.lru_cache(maxsize=32)
+def _unseen_layout(
+    menu: Tuple[Candidate, ...], s: int, device: torch.device
+) -> Tuple[List[Tuple[int, int, int]], torch.Tensor]:
+    """Table layout of :func:`_unseen_error`: the distinct ``(side, form, param)`` of ``menu`` in order of first use
+    (K before V, candidate by candidate), and on ``device`` the columns, shape ``[3 * len(menu)]`` int64, of each
+    candidate's K, V and dropped-mass terms (in that order) in those tables and the dropped-mass table, stacked as
+    ``[N, T + 1, S + 1]`` and flattened to ``[N, (T + 1) * (S + 1)]``. Read-only: cached across calls."""
+    index: Dict[Tuple[int, int, int], int] = {}
     for c in menu:
-        lk = kept_loss(0, keys, importance.k_chan_weight, c.k_form, c.k_param)[:, c.m]
-        lv = kept_loss(1, values, importance.v_chan_weight, c.v_form, c.v_param)[:, c.m]
-        cols.append(lk + lv + dropped[:, c.m])
-    return (torch.stack(cols, 1) if cols else torch.zeros(n, 0, device=keys.device)).float()
+        index.setdefault((0, c.k_form, c.k_param), len(index))
+        index.setdefault((1, c.v_form, c.v_param), len(index))
+    k = [index[0, c.k_form, c.k_param] * (s + 1) + c.m for c in menu]
+    v = [index[1, c.v_form, c.v_param] * (s + 1) + c.m for c in menu]
+    dropped = [len(index) * (s + 1) + c.m for c in menu]
+    return list(index), torch.tensor(k + v + dropped, dtype=torch.int64, device=device)
 
 
 def estimate_errors_exact(
@@ -745,7 +767,7 @@ def _estimate_fast(
     vvec = [torch.zeros(n, len(ms), d, device=dev)]
     kvar = [torch.zeros(n, len(ms), device=dev)]
     k_stats = torch.stack([qbar, var_q, torch.ones_like(qbar)], 2)  # [N, d, 3]
-    chan_loss: Dict[Tuple[int, int], torch.Tensor] = {}  # (side, k) -> [N, S], for the unseen-query error
+    lost: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])  # per side (K, V) and k: [N, S] lost energy
     for k in ks:
         dk = kf * k_drop.pop(k)
         coh = p * scale * torch.bmm(dk, k_stats[:, :, :1]).squeeze(2)
@@ -753,11 +775,16 @@ def _estimate_fast(
         del dk
         on_resid.append(kept * -coh[:, None, :])
         kvar.append(torch.bmm(kept, (p.pow(2) * scale**2 * sums[:, :, 0] * c)[:, :, None]).squeeze(2))
-        chan_loss[0, k] = _lost_fraction(sums[:, :, 1], k_energy)
+        lost[0].append(sums[:, :, 1])
         dv = vf * v_drop.pop(k)
         vvec.append(torch.bmm(kept_p, dv))
-        chan_loss[1, k] = _lost_fraction(dv.pow_(2).sum(-1), v_energy)
+        lost[1].append(dv.pow_(2).sum(-1))
         del dv
+    chan_loss: Dict[Tuple[int, int], torch.Tensor] = {}  # (side, k) -> [N, S], for the unseen-query error
+    for side, energy_s in ((0, k_energy), (1, v_energy)):  # every k at once (elementwise: the same values)
+        if ks:
+            frac = _lost_fraction(torch.stack(lost[side]), energy_s)
+            chan_loss.update({(side, k): frac[i] for i, k in enumerate(ks)})
     ab = torch.bmm(torch.cat(on_resid, 1), resid)  # [N, M * (1 + nk), d]: a, then b of each k
     nm, nk = len(ms), len(ks) + 1
     allv = torch.cat([ab[:, :nm], torch.zeros(n, nm, d, device=dev), ab[:, nm:]] + vvec, 1)

@@ -351,6 +351,20 @@ class Sealer:
         s, h, d = self.pool.page_size, int(self.pool.head_num), int(self.pool.head_dim)
         return buf[slots].view(num_pages, s, h, d).permute(0, 2, 1, 3).reshape(num_pages * h, s, d)
 
+    def _stacked_segments(self, bufs: Sequence[torch.Tensor], slots: torch.Tensor, num_pages: int) -> torch.Tensor:
+        """:meth:`_segments` of every layer's buffer in ``bufs``, stacked: ``[L, P * H_kv, S, d]``, one gather per
+        layer (straight into the stack; two copies for a non-contiguous buffer)."""
+        s, h, d = self.pool.page_size, int(self.pool.head_num), int(self.pool.head_dim)
+        out = torch.empty((len(bufs), num_pages * h, s, d), dtype=bufs[0].dtype, device=bufs[0].device)
+        # row of (page p, head j, token t) in a [slots * H_kv, d] view of a buffer, page-major, head-minor
+        rows = (slots.view(num_pages, 1, s) * h + torch.arange(h, device=slots.device).view(1, h, 1)).reshape(-1)
+        for layer, buf in enumerate(bufs):
+            if buf.is_contiguous():
+                torch.index_select(buf.view(-1, d), 0, rows, out=out[layer].view(-1, d))
+            else:
+                out[layer].copy_(self._segments(buf, slots, num_pages))
+        return out
+
     def gather(self, layer: int, pages: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dense K and V segments of ``pages`` (dense now) in local layer ``layer``: ``[P * H_kv, S, d]`` each."""
         slots = self._page_slots(pages)
@@ -391,8 +405,9 @@ class Sealer:
         h = int(pool.head_num)
         slots = self._page_slots(pages)
         heads = torch.arange(h, device=slots.device).repeat(pages.size)
-        keys = [self._segments(pool.k_buffer[li], slots, pages.size) for li in range(pool.layer_num)]
-        values = [self._segments(pool.v_buffer[li], slots, pages.size) for li in range(pool.layer_num)]
+        layers = range(pool.layer_num)
+        keys = self._stacked_segments([pool.k_buffer[li] for li in layers], slots, pages.size)
+        values = self._stacked_segments([pool.v_buffer[li] for li in layers], slots, pages.size)
         queries = [None if q is None else q[heads] for q in map(self.window.queries, range(pool.layer_num))]
         results = plan_fast_layers(keys, values, budget_bytes=[self._budget(sink_mask, ratio)] * pool.layer_num,
                                    queries=queries, group_ids=np.tile(np.arange(h), pages.size),

@@ -162,8 +162,10 @@ def test_host_syncs_do_not_grow_with_search_rounds():
         assert count.syncs == 0 and count.copies == 0, count.by_name
 
 
-def test_sealer_plans_all_layers_in_one_call(monkeypatch):
-    """Sealer.seal makes one planner call for all layers, and its plans equal plan_layer's (the reference)."""
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_sealer_plans_all_layers_in_one_call(monkeypatch, contiguous):
+    """Sealer.seal makes one planner call for all layers, and its plans equal plan_layer's (the reference), whether
+    the pool's buffers are contiguous (one gather per layer into the stack) or not (the per-layer gather, copied)."""
     from mosaickv_sglang import sealer as sealer_mod
     from mosaickv_sglang.pool import ArenaLedger
 
@@ -171,6 +173,9 @@ def test_sealer_plans_all_layers_in_one_call(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     k = [torch.randn(pages * s, h, d, generator=gen) for _ in range(layers)]
     v = [torch.randn(pages * s, h, d, generator=gen) + 0.5 for _ in range(layers)]
+    if not contiguous:  # the same values, every other channel of a wider buffer
+        k, v = ([torch.stack([x, -x], 3).flatten(2)[..., ::2] for x in xs] for xs in (k, v))
+        assert not k[0].is_contiguous() and torch.equal(k[0], k[0].contiguous())
     sealed = []
     pool = SimpleNamespace(
         page_size=s, head_num=h, head_dim=d, device="cpu", layer_num=layers, k_buffer=k, v_buffer=v,
@@ -192,6 +197,26 @@ def test_sealer_plans_all_layers_in_one_call(monkeypatch):
             assert torch.equal(getattr(plan, f), getattr(ref, f)), (li, f)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("max_segments", [4, 8, 1 << 20])
+def test_stacked_layers_give_the_plans_of_per_layer_tensors(dtype, max_segments):
+    """Keys and values given as ``[L, N, S, d]`` tensors (the sealer's stacks) give exactly the plans of the same
+    layers given one tensor each, whether the estimator's chunks hold one, two or all layers."""
+    keys, values, queries, heads = layer_case(9, 4, 2, 2, 16, 64, 2)
+    keys, values = [k.to(dtype) for k in keys], [v.to(dtype) for v in values]
+    n = 4
+    ad = np.arange(n) < 1
+    kw = dict(budget_bytes=[budget_for(n, 16, 64, ad, r) for r in (2.0, 3.0, 4.0, 5.0)], queries=queries,
+              group_ids=heads, always_dense=ad, max_segments=max_segments)  # fmt: skip
+    ref = plan_fast_layers(keys, values, **kw)
+    new = plan_fast_layers(torch.stack(keys), torch.stack(values), **kw)
+    for r, m in zip(ref, new):
+        assert m.lagrange_multiplier == r.lagrange_multiplier
+        assert torch.equal(m.choice, r.choice) and torch.equal(m.est_error, r.est_error)
+        for f in ("token_keep", "k_form", "k_param", "v_form", "v_param", "k_chan_weight", "v_chan_weight", "flags"):
+            assert torch.equal(getattr(m.plan, f), getattr(r.plan, f)), f
+
+
 def test_invalid_inputs_name_the_argument():
     keys, values, queries, heads = layer_case(0, 2, 2, 2, 16, 64, 1)
     ok = dict(budget_bytes=[10**9, 10**9], queries=queries, group_ids=heads)
@@ -203,6 +228,12 @@ def test_invalid_inputs_name_the_argument():
         plan_fast_layers(keys, values, **{**ok, "group_ids": heads[:3]})
     with pytest.raises(ValueError, match=r"values\[1\]: expected shape"):
         plan_fast_layers(keys, [values[0], values[1][:1]], **ok)
+    with pytest.raises(ValueError, match="keys/values: expected two sequences"):
+        plan_fast_layers(torch.stack(keys), values, **ok)
+    with pytest.raises(ValueError, match="values: expected shape"):
+        plan_fast_layers(torch.stack(keys), torch.stack(values)[:, :3], **ok)
+    with pytest.raises(ValueError, match="keys: expected at least one layer"):
+        plan_fast_layers(torch.stack(keys)[:0], torch.stack(values)[:0], **{**ok, "budget_bytes": []})
     with pytest.raises(ValueError, match="queries/importance: expected exactly one"):
         plan_fast_layers(keys, values, budget_bytes=[10**9] * 2, group_ids=heads)
     with pytest.raises(ValueError, match=r"budget_bytes\[0\]: expected a budget >="):

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from mosaickv_sglang.importance import QueryStats, importance_from_queries
 from mosaickv_sglang.kernels import format as fmt
 from mosaickv_sglang.planner import (
+    _EPS,
+    _novelty,
     apply_plan_reference,
     attention_output_error,
     choose_candidates,
@@ -519,3 +521,25 @@ def test_retrieval_prior_sums_to_one_and_novelty_favours_unrepeated_tokens():
     assert int(nov[gid == 0].argmax()) == 5 and float(nov[0, 5]) > 100 * float(nov[0, 4])
     with pytest.raises(ValueError, match="unseen_prior: expected one of"):
         plan_fast(k, v, queries=q, ratio=2, group_ids=gid, unseen_prior="zipf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 3, 256])
+def test_novelty_equals_its_per_chunk_formula(dtype, chunk):
+    """_novelty is bitwise the per-chunk ``min_j ||v_t - v_j||^2 / ||v_t||^2`` clamped to 1 (its first form, written
+    out here), chunks that do not divide the segments, repeated tokens (0) and all-zero tokens (1) included."""
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(7, 16, 32, generator=gen).to(dtype)
+    v[0, 1] = v[0, 0]
+    v[2, 3] = 0.0
+    v[5, :4] = v[5, 4:8]
+    eye = torch.eye(16, dtype=torch.bool)
+    ref = torch.empty(7, 16)
+    for a in range(0, 7, chunk):
+        x = v[a : a + chunk].float()
+        d2 = torch.cdist(x, x).pow(2).masked_fill(eye, float("inf"))
+        ref[a : a + chunk] = (d2.min(-1).values / x.pow(2).sum(-1).clamp(min=_EPS)).clamp(max=1.0)
+    out = _novelty(v, chunk)
+    assert torch.equal(out, ref)
+    assert float(out[0, 0]) < 1e-2 and float(out[0, 1]) < 1e-2 and float(out[2, 3]) == 1.0
+    assert bool(((out >= 0) & (out <= 1)).all()) and float(out[1].min()) > 0.1

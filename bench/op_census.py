@@ -1,0 +1,133 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Count, on any device (the CPU included), the aten ops a code path dispatches and the ones that launch a kernel.
+
+:class:`OpCensus` is a :class:`~torch.utils._python_dispatch.TorchDispatchMode`: it sees every aten op that reaches
+a backend while it is active (after autograd and after composite ops are decomposed, so the same ops on the CPU and
+on CUDA, up to dtype casts that are no-ops when the dtype already matches). Each op falls in one kind:
+
+* ``view``: returns an alias of an input and writes nothing (``view``, ``slice``, ``select``, ``expand``,
+  ``transpose``, ``detach``, ``split``...: the schema's return alias info; also ``_unsafe_view``, which
+  ``reshape`` dispatches after a copy), or only changes metadata in place (ops tagged ``inplace_view``, e.g.
+  ``resize_``);
+* ``alloc``: allocation without a kernel (``empty``, ``empty_like``, ``empty_strided``, ``new_empty``...);
+* ``transfer``: a copy between devices (``_to_copy``/``copy_`` across devices, ``_local_scalar_dense`` i.e.
+  ``item``), a memcpy rather than a kernel (and on a GPU often a host synchronisation, see
+  :mod:`bench.host_syncs`);
+* ``kernel``: everything else; on a GPU each of these launches at least one kernel (some, e.g. ``sort``,
+  ``topk``, ``index_add_`` or ``cumsum``, launch several: the profiler's device table says how many).
+
+``by_name`` tallies ``"<kind>:<op>"``; ``by_site`` tallies the kernel ops by the innermost frame of the code under
+study (the first frame whose file path contains one of ``site_roots``), as ``"file:line (function)"``, to point at
+the loops that dispatch them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["KINDS", "OpCensus", "classify"]
+
+KINDS = ("kernel", "view", "alloc", "transfer")
+
+_ALLOC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
+_VIEW_LIKE = {"_unsafe_view", "_reshape_alias"}  # views whose schema does not say so
+_CROSS_DEVICE = {"_to_copy", "copy_", "_copy_from", "_copy_from_and_resize"}
+
+
+def _devices(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> set:
+    devs = set()
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            devs.add(a.device.type)
+        elif isinstance(a, torch.device):
+            devs.add(a.type)
+    return devs
+
+
+def classify(func: Any, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None) -> str:
+    """The kind (one of :data:`KINDS`) of one dispatched aten op, called as ``func(*args, **kwargs)``."""
+    kwargs = kwargs or {}
+    name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
+    if name in _ALLOC:
+        return "alloc"
+    if name == "_local_scalar_dense":
+        return "transfer"
+    if name in _CROSS_DEVICE and len(_devices(args, kwargs)) > 1:
+        return "transfer"
+    if name in _VIEW_LIKE or torch.Tag.inplace_view in getattr(func, "tags", ()):
+        return "view"
+    returns = func._schema.returns if hasattr(func, "_schema") else ()
+    if returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns):
+        return "view"
+    return "kernel"
+
+
+class OpCensus(TorchDispatchMode):
+    """Context manager counting dispatched aten ops by kind, name and (for kernels) code site; see the module
+    docstring.
+
+    Parameters
+    ----------
+    site_roots : sequence of str
+        Path fragments of the code under study (default ``("mosaickv_sglang",)``); kernel ops are attributed to the
+        innermost frame whose file path contains one of them, or to ``"<other>"``.
+
+    Attributes
+    ----------
+    counts : collections.Counter
+        kind -> ops.
+    by_name : collections.Counter
+        ``"<kind>:<op>"`` -> ops (``op`` the aten overload packet, e.g. ``"kernel:bmm"``).
+    by_site : collections.Counter
+        ``"file:line (function)"`` -> kernel ops.
+    """
+
+    def __init__(self, site_roots: Sequence[str] = ("mosaickv_sglang",)) -> None:
+        super().__init__()
+        self.site_roots = tuple(site_roots)
+        self.counts: Counter = Counter({k: 0 for k in KINDS})
+        self.by_name: Counter = Counter()
+        self.by_site: Counter = Counter()
+
+    @property
+    def total(self) -> int:
+        """All dispatched ops."""
+        return sum(self.counts.values())
+
+    def _site(self) -> str:
+        frame = sys._getframe(2)
+        while frame is not None:
+            path = frame.f_code.co_filename
+            if any(root in path for root in self.site_roots):
+                return f"{os.path.basename(path)}:{frame.f_lineno} ({frame.f_code.co_name})"
+            frame = frame.f_back
+        return "<other>"
+
+    def __torch_dispatch__(
+        self, func: Callable, types: Any, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        kind = classify(func, args, kwargs)
+        self.counts[kind] += 1
+        self.by_name[f"{kind}:{func.overloadpacket.__name__}"] += 1
+        if kind == "kernel":
+            self.by_site[self._site()] += 1
+        return func(*args, **kwargs)
+
+    def report(self, top: int = 20) -> Dict[str, object]:
+        """JSON-ready summary: ``ops`` (all), ``ops_by_kind``, and the ``top`` entries of ``ops_by_name`` (every
+        kind), ``kernel_ops_by_name`` and ``kernel_ops_by_site``, each most frequent first."""
+        kernels = Counter({k.split(":", 1)[1]: v for k, v in self.by_name.items() if k.startswith("kernel:")})
+        return {
+            "ops": self.total,
+            "ops_by_kind": dict(self.counts),
+            "ops_by_name": dict(self.by_name.most_common(top)),
+            "kernel_ops_by_name": dict(kernels.most_common(top)),
+            "kernel_ops_by_site": dict(self.by_site.most_common(top)),
+        }

@@ -1,0 +1,118 @@
+# SPDX-License-Identifier: Apache-2.0
+"""bench.op_census and bench.seal_cost's op census: ops are classified by kind, counted per call (non-zero, the same
+in two runs), grow with the layers where the estimator's chunks split, and ``--profile`` writes its tables."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench import seal_cost
+from bench.op_census import OpCensus
+from mosaickv_sglang.plan_layers import plan_fast_layers
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:  # --import-mode=importlib puts no test folder on sys.path
+    sys.path.insert(0, str(TESTS))
+
+from test_plan_layers import budget_for, layer_case  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = "--kv-heads 2 --pages 3 --page-size 16 --head-dim 64 --threads 1 --repeats 1 --warmup 0 --json"
+
+
+def _run(argv: str, capsys) -> dict:
+    report = seal_cost.main(argv.split())
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["one_call"].get("ops") == report["one_call"].get("ops")
+    return report
+
+
+def test_census_classifies_kernels_views_allocs_and_transfers():
+    """Views (``view``, slices, ``t``, the ``_unsafe_view`` after a reshape's copy) and allocations launch nothing;
+    arithmetic, ``clone``, a reshape that copies and dtype casts are kernels; ``item`` is a transfer."""
+    x = torch.randn(4, 8)
+    with OpCensus() as census:
+        x.view(8, 4)
+        x[1:]
+        x + 1
+        torch.empty(3)
+        s = x.sum()
+        x.t().reshape(-1)  # clone + _unsafe_view
+        x.double()
+        x.float()  # already fp32: dispatches nothing
+        s.item()
+    assert dict(census.counts) == {"kernel": 4, "view": 4, "alloc": 1, "transfer": 1}
+    assert census.by_name["kernel:clone"] == 1 and census.by_name["view:_unsafe_view"] == 1
+    assert census.by_name["kernel:_to_copy"] == 1 and census.by_name["transfer:_local_scalar_dense"] == 1
+    assert census.total == 10
+
+
+def test_seal_cost_reports_a_stable_census_of_each_path(capsys):
+    """One call dispatches a non-zero number of ops, split by kind; the top-20 tables are consistent with the totals;
+    a second run counts exactly the same ops; the one-call path dispatches fewer kernels than the per-layer one."""
+    first = _run(f"--layers 3 {TINY}", capsys)
+    second = _run(f"--layers 3 {TINY}", capsys)
+    assert first["identical_plans"]
+    for path in ("per_layer", "one_call"):
+        r = first[path]
+        assert r["ops"] == sum(r["ops_by_kind"].values()) and r["ops_by_kind"]["kernel"] > 0
+        assert 0 < len(r["ops_by_name"]) <= 20 and 0 < len(r["kernel_ops_by_name"]) <= 20
+        assert sum(r["kernel_ops_by_name"].values()) <= r["ops_by_kind"]["kernel"]
+        assert all(name.split(":", 1)[0] in r["ops_by_kind"] for name in r["ops_by_name"])
+        assert sum(r["kernel_ops_by_site"].values()) <= r["ops_by_kind"]["kernel"]
+        assert all(site.split(":", 1)[0].endswith(".py") for site in r["kernel_ops_by_site"] if site != "<other>")
+        for key in ("ops", "ops_by_kind", "ops_by_name", "kernel_ops_by_name", "kernel_ops_by_site"):
+            assert r[key] == second[path][key], (path, key)
+    assert first["one_call"]["ops_by_kind"]["kernel"] < first["per_layer"]["ops_by_kind"]["kernel"]
+
+
+def test_seal_cost_census_grows_with_layers(capsys):
+    """More layers, more ops in one call (per-layer gathers at least), and many more in the per-layer path."""
+    small = _run(f"--layers 2 {TINY}", capsys)
+    large = _run(f"--layers 4 {TINY}", capsys)
+    for path in ("per_layer", "one_call"):
+        assert large[path]["ops_by_kind"]["kernel"] > small[path]["ops_by_kind"]["kernel"], path
+    per_layer = (large["per_layer"]["ops_by_kind"]["kernel"] - small["per_layer"]["ops_by_kind"]["kernel"]) / 2
+    one_call = (large["one_call"]["ops_by_kind"]["kernel"] - small["one_call"]["ops_by_kind"]["kernel"]) / 2
+    assert one_call < per_layer
+
+
+def _kernel_ops(layers: int, max_segments: int) -> int:
+    keys, values, queries, heads = layer_case(5, layers, 2, 2, 16, 64, 2)
+    n = 4
+    ad = np.zeros(n, dtype=bool)
+    budgets = [budget_for(n, 16, 64, ad, 3.0)] * layers
+    with OpCensus() as census:
+        plan_fast_layers(keys, values, budget_bytes=budgets, queries=queries, group_ids=heads, always_dense=ad,
+                         max_segments=max_segments)  # fmt: skip
+    return census.counts["kernel"]
+
+
+def test_kernel_ops_grow_with_the_chunks_of_the_estimator():
+    """With one layer per chunk (``max_segments`` = one layer's segments) every added layer adds an estimator run, so
+    the census grows by far more per layer than with all layers in one chunk."""
+    one_chunk = _kernel_ops(4, 1 << 20) - _kernel_ops(2, 1 << 20)
+    per_layer_chunks = _kernel_ops(4, 4) - _kernel_ops(2, 4)
+    assert _kernel_ops(2, 4) > _kernel_ops(2, 1 << 20) > 0
+    assert per_layer_chunks > one_chunk + 2 * 50  # an estimator run is well over 50 kernel ops
+
+
+def test_profile_writes_tables_and_traces(tmp_path, capsys):
+    """``--profile DIR`` writes, on the CPU, the self-CPU table and a trace of each path, listed in the report."""
+    report = _run(f"--layers 2 {TINY} --no-count --profile {tmp_path}", capsys)
+    assert "ops" not in report["one_call"]
+    names = sorted(Path(p).name for p in report["profile"])
+    assert names == ["one_call_by_self_cpu.txt", "one_call_trace.json.gz", "per_layer_by_self_cpu.txt",
+                     "per_layer_trace.json.gz"]  # fmt: skip
+    table = (tmp_path / "one_call_by_self_cpu.txt").read_text()
+    assert "aten::bmm" in table and "Self CPU" in table
+    with gzip.open(tmp_path / "one_call_trace.json.gz", "rt") as f:
+        assert json.load(f)["traceEvents"]
