@@ -285,9 +285,9 @@ case "$step" in
       --batches 16 32 --cuda-graph --tune --skip-pack --out "$out/tune.json" > "$out/tune.log" 2>&1 \
       || echo "decode_speed rc=$?"
     for pages in 8 128; do
-      timeout 25 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
-        --device cuda --dtype fp16 --repeats 3 --warmup 1 --json > "$out/seal-$pages.json" 2> "$out/seal-$pages.log" \
-        || echo "seal_cost $pages rc=$?"
+      timeout 45 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
+        --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --profile "$out/seal-profile-$pages" \
+        > "$out/seal-$pages.json" 2> "$out/seal-$pages.log" || echo "seal_cost $pages rc=$?"
     done
     ;;
   8b)
