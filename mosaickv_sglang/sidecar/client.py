@@ -617,8 +617,8 @@ class SidecarClient:
         w = self._worker
         if w is None:
             if self._restart_at is not None and now >= self._restart_at and not self._disabled:
-                self._count["restarts"] += 1
                 self._spawn()
+                self._count["restarts"] += 1  # after the new worker is in place: a reader of the count sees it
                 logger.warning("MosaicKV sidecar restarted (pid %s)", self.pid)
             return
         if w.proc.exitcode is not None:
