@@ -276,19 +276,19 @@ case "$step" in
       --out "$out" > "$out/sweep.log" 2>&1 || echo "sweep rc=$?"
     ;;
   kernels)
-    # the kernel tests compiled for the GPU (bf16 included; the chan rebuild modes among them), then the sparse decode
-    # launch and chan-mode tuning, then the seal planner's cost; every part under its own timeout
+    # the kernel tests compiled for the GPU (bf16 included; the chan rebuild modes among them), the seal planner's
+    # cost and profile, then the sparse decode launch and chan-mode tuning with the time left
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels -x > "$out/kernel-tests.log" 2>&1 \
       || echo "kernel tests rc=$?"
     tail -3 "$out/kernel-tests.log"
-    timeout $(( $(left) - 60 )) python3 -m bench.decode_speed --shapes llama-3.1-8b --contexts 8192 131072 \
-      --batches 16 32 --cuda-graph --tune --skip-pack --out "$out/tune.json" > "$out/tune.log" 2>&1 \
-      || echo "decode_speed rc=$?"
     for pages in 8 128; do
-      timeout 45 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
+      timeout 90 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
         --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --profile "$out/seal-profile-$pages" \
         > "$out/seal-$pages.json" 2> "$out/seal-$pages.log" || echo "seal_cost $pages rc=$?"
     done
+    timeout $(( $(left) - 15 )) python3 -m bench.decode_speed --shapes llama-3.1-8b --contexts 8192 131072 \
+      --batches 16 32 --cuda-graph --tune --skip-pack --out "$out/tune.json" > "$out/tune.log" 2>&1 \
+      || echo "decode_speed rc=$?"
     ;;
   8b)
     # mosaic first (its decode step is the open question), then stock SGLang while the call has time left;
