@@ -4,8 +4,9 @@ one per tick; the plans left wait in the bridge, in order, for later ticks, are 
 all applied by ``drain`` or a tick without a budget (issue #5: a step where several jobs finish at once must not pay
 for all of them).
 
-A fake pool, window and client with a fake clock that only moves when a plan is applied (or a job submitted), so the
-budget is exact; then a real CPU pool, where plans applied a few per tick leave it as applying them all at once."""
+A fake pool and window (``bridge_fakes.py``) and a fake client, with a fake clock that only moves when a plan is
+applied (or a job submitted), so the budget is exact; then a real CPU pool, where plans applied a few per tick leave
+it as applying them all at once."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ from mosaickv_sglang.sidecar.bridge import SidecarBridge
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarConfig, SidecarCounters
 from mosaickv_sglang.sidecar.protocol import SegmentKey
 
-H, S, D, LAYERS, PAGES = 2, 16, 64, 2, 32
+TESTS = str(Path(__file__).resolve().parent)
+if TESTS not in sys.path:  # --import-mode=importlib puts no test folder on sys.path
+    sys.path.insert(0, TESTS)
+from bridge_fakes import D, H, LAYERS, S, FakeEvent, FakePool, FakeWindow  # noqa: E402
+
 PAGES_PER_JOB = 2
 SLOTS = 8
 APPLY_MS = 1.0  # fake time one plan application takes
@@ -40,61 +45,6 @@ class FakeClock:
 
     def advance(self, ms: float) -> None:
         self.seconds += ms / 1000.0
-
-
-class FakeEvent:
-    def __init__(self) -> None:
-        self.done = False
-
-    def query(self) -> bool:
-        return self.done
-
-    def synchronize(self) -> None:
-        self.done = True
-
-
-class FakePool:
-    """Page epochs and sealed flags; records every re-pack (layer, pages, plan) and charges :data:`APPLY_MS`."""
-
-    head_num, head_dim, page_size, layer_num, num_logical_pages = H, D, S, LAYERS, PAGES
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.page_epoch = np.zeros(PAGES, dtype=np.int64)
-        self.sealed = np.zeros((LAYERS, PAGES), dtype=bool)
-        self.free_listeners: list = []
-        self.resealed: List[Tuple[int, List[int], object]] = []
-        self.released = 0
-
-    def seal(self, pages) -> None:
-        self.page_epoch[pages] += 1
-        self.sealed[:, pages] = True
-
-    def free(self, pages) -> None:
-        pages = np.asarray(pages, dtype=np.int64)
-        self.page_epoch[pages] += 1
-        self.sealed[:, pages] = False
-        for listener in self.free_listeners:
-            listener(pages)
-
-    def sealed_in_layer(self, pages: np.ndarray, layer: int) -> np.ndarray:
-        return self.sealed[layer, pages]
-
-    def reseal_pages(self, pages, layer, keys, values, plan):
-        self.clock.advance(APPLY_MS)
-        self.resealed.append((layer, pages.tolist(), plan))
-        return plan
-
-    def release_resealed(self, handle) -> None:
-        self.released += 1
-
-
-class FakeWindow:
-    def __init__(self) -> None:
-        self.q = torch.randn(LAYERS, H, 4, 1, D, generator=torch.Generator().manual_seed(1))
-
-    def queries(self, layer: int) -> torch.Tensor:
-        return self.q[layer]
 
 
 class FakeClient:
@@ -159,7 +109,7 @@ def fake(monkeypatch):
                                                             monotonic=time.monotonic, sleep=time.sleep))  # fmt: skip
     events: List[FakeEvent] = []
     monkeypatch.setattr(bridge_mod, "_copy_done_event", lambda device: events.append(FakeEvent()) or events[-1])
-    pool = FakePool(clock)
+    pool = FakePool(on_reseal=lambda: clock.advance(APPLY_MS))
     cfg = SidecarConfig(seg_size=S, head_dim=D, group_size=1, window=4, num_slots=SLOTS,
                         max_segments=H * PAGES_PER_JOB)  # fmt: skip
     bridge = SidecarBridge(pool, FakeWindow(), cfg, shadow_bytes=0)

@@ -5,6 +5,8 @@ when the device is done)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import List
 
@@ -18,59 +20,12 @@ from mosaickv_sglang.sidecar.bridge import SidecarBridge
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarConfig, SidecarCounters
 from mosaickv_sglang.sidecar.protocol import SegmentKey
 
-H, S, D, LAYERS, PAGES = 2, 16, 64, 2, 32
+TESTS = str(Path(__file__).resolve().parent)
+if TESTS not in sys.path:  # --import-mode=importlib puts no test folder on sys.path
+    sys.path.insert(0, TESTS)
+from bridge_fakes import D, H, LAYERS, S, FakeEvent, FakePool, FakeWindow  # noqa: E402
+
 PAGES_PER_JOB = 2
-
-
-class FakeEvent:
-    def __init__(self) -> None:
-        self.done = False
-        self.waited = False
-
-    def query(self) -> bool:
-        return self.done
-
-    def synchronize(self) -> None:
-        self.waited = True
-        self.done = True
-
-
-class FakePool:
-    head_num, head_dim, page_size, layer_num, num_logical_pages = H, D, S, LAYERS, PAGES
-
-    def __init__(self) -> None:
-        self.page_epoch = np.zeros(PAGES, dtype=np.int64)
-        self.sealed = np.zeros((LAYERS, PAGES), dtype=bool)
-        self.free_listeners: list = []
-        self.resealed: list = []
-
-    def seal(self, pages: np.ndarray) -> None:
-        self.page_epoch[pages] += 1
-        self.sealed[:, pages] = True
-
-    def free(self, pages: np.ndarray) -> None:
-        self.page_epoch[pages] += 1
-        self.sealed[:, pages] = False
-        for listener in self.free_listeners:
-            listener(pages)
-
-    def sealed_in_layer(self, pages: np.ndarray, layer: int) -> np.ndarray:
-        return self.sealed[layer, pages]
-
-    def reseal_pages(self, pages, layer, keys, values, plan):
-        self.resealed.append((layer, pages.tolist()))
-        return object()
-
-    def release_resealed(self, handle) -> None:
-        pass
-
-
-class FakeWindow:
-    def __init__(self) -> None:
-        self.q = torch.randn(LAYERS, H, 4, 1, D, generator=torch.Generator().manual_seed(1))
-
-    def queries(self, layer: int) -> torch.Tensor:
-        return self.q[layer]
 
 
 class FakeClient:
@@ -195,7 +150,7 @@ def test_pages_freed_or_reused_before_the_copies_land_are_discarded_not_applied(
     assert len(t.client.received) == 4
     assert sorted(t.bridge._shadow) == [(0, 3), (0, 4), (1, 3), (1, 4)]
     assert t.bridge.plans_applied == 2 and t.bridge.plans_discarded == 2
-    assert sorted(t.pool.resealed) == [(0, [3, 4]), (1, [3, 4])]
+    assert sorted((layer, pages) for layer, pages, _ in t.pool.resealed) == [(0, [3, 4]), (1, [3, 4])]
 
 
 def test_drain_waits_for_pending_copies_and_close_drops_them(setup):
