@@ -157,7 +157,7 @@ case "$step" in
     (  # stock SGLang: the references
       python3 -m bench.accuracy --url http://127.0.0.1:30001 --label dense --lengths 2048 4096 8192 --samples 4 \
         --tokenizer "$M" --out "$out/acc-dense.json" > "$out/acc-dense.log" 2>&1
-      python3 -m bench.agreement --url http://127.0.0.1:30001 --label dense --lengths 2048 4096 8192 --contexts 4 \
+      python3 -m bench.agreement --url http://127.0.0.1:30001 --label dense --lengths 2048 4096 8000 --contexts 4 \
         --tokenizer "$M" --out "$out/agree-dense.json" > "$out/agree-dense.log" 2>&1
     ) &
     ref_pid=$!
@@ -167,7 +167,7 @@ case "$step" in
       --samples 4 --tokenizer "$M" --out "$out/acc-mosaic-r${ratio}.json" > "$out/acc-mosaic-r${ratio}.log" 2>&1 \
       || echo "accuracy rc=$?"
     wait $ref_pid || echo "reference runs rc=$?"
-    python3 -m bench.agreement --url http://127.0.0.1:30000 --label mosaic-r${ratio} --lengths 2048 4096 8192 \
+    python3 -m bench.agreement --url http://127.0.0.1:30000 --label mosaic-r${ratio} --lengths 2048 4096 8000 \
       --contexts 4 --tokenizer "$M" --reference "$out/agree-dense.json" --out "$out/agree-mosaic-r${ratio}.json" \
       > "$out/agree-mosaic-r${ratio}.log" 2>&1 || echo "agreement rc=$?"
     curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-soak.txt" || true

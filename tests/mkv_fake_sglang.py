@@ -46,6 +46,7 @@ class FakeSGLang(LocalServer):
         "version": "fake", "model_path": MODEL, "chunked_prefill_size": 512, "page_size": 64,
         "kv_compressor": "mosaic", "mosaic_hot_window": 512, "mosaic_sink_tokens": 64})
     generate_body: Optional[Callable[[Dict[str, Any]], Any]] = None
+    max_model_len: Optional[int] = None  # /v1/models' max_model_len and /get_model_info's context_length when set
     requests: List[Dict[str, Any]] = field(default_factory=list)
     flushes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -78,7 +79,12 @@ class FakeSGLang(LocalServer):
                 with state.lock:
                     state.requests.append({"method": "GET", "path": self.path, "body": None})
                 if self.path == "/v1/models":
-                    self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+                    card = {"id": MODEL, "object": "model"}
+                    if state.max_model_len is not None:
+                        card["max_model_len"] = state.max_model_len
+                    self._send(200, {"object": "list", "data": [card]})
+                elif self.path == "/get_model_info" and state.max_model_len is not None:
+                    self._send(200, {"model_path": MODEL, "context_length": state.max_model_len})
                 elif self.path == "/server_info" and state.info is not None:
                     self._send(200, state.info)
                 else:

@@ -252,3 +252,8 @@ def test_cli_refuses_lengths_that_reach_the_server_context(capsys):
         assert A.main(["--url", fake.url, "--lengths", "300", "600", "--contexts", "1", "--retries", "0", "-q"]) == 2
         assert fake.generates() == []
     assert "--lengths: expected lengths below the server's context length (600" in capsys.readouterr().err
+    # SGLang's server info gives context_length None unless the flag was given: the model's length is asked for
+    with FakeSGLang(max_model_len=8192) as fake:
+        assert A.main(["--url", fake.url, "--lengths", "2048", "8192", "--contexts", "1", "--retries", "0", "-q"]) == 2
+        assert fake.generates() == []
+    assert "server's context length (8192" in capsys.readouterr().err
