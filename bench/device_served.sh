@@ -30,9 +30,10 @@
 #            so SGLang must retract while the slots and the arena are full
 #
 # Run a step under `timeout -s TERM N` a little under the device call's limit: on TERM the step stops and its results
-# are still packed. FlashInfer's JIT cache (~/.cache/flashinfer: minutes of nvcc on a fresh machine, 75 s for its
-# sampling module alone) comes back as $OUT/flashinfer-cache.tgz when it is at most 60 MB; carried into the tree
-# as .device-jit/flashinfer-cache.tgz, it is restored before the next step starts.
+# are still packed. The JIT caches of FlashInfer (~/.cache/flashinfer: minutes of nvcc on a fresh machine, 75 s for
+# its sampling module alone) and of SGLang's JIT kernels (~/.cache/tvm-ffi: about 10 s of nvcc per kernel, norm,
+# rope, kvcache, activation...) come back as $OUT/jit-cache.tgz when they are at most 60 MB; carried into the tree
+# as .device-jit/jit-cache.tgz, they are restored before the next step starts.
 set -euo pipefail
 step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar|sidecar-itl|kernels}"
 ratio="${RATIO:-3}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
@@ -48,19 +49,22 @@ pack_results() {  # on exit, also a failed one: the device tool brings back a li
     -printf '%TT %s %p\n' 2>/dev/null | sort > "$out/jit-caches.txt" || true
   tar czf "$OUT/$step.tgz" -C "$OUT" "$step" && rm -rf "$out" && echo "results in $OUT/$step.tgz"
   # only when the step compiled something (a restored, unchanged cache is already where it came from)
-  if [ -n "$(find "${HOME}/.cache/flashinfer" -type f -newer "$start_marker" -print -quit 2>/dev/null)" ]; then
-    tar czf "$OUT/flashinfer-cache.tgz" -C "$HOME/.cache" flashinfer
-    if [ "$(stat -c %s "$OUT/flashinfer-cache.tgz")" -gt $((60 << 20)) ]; then
-      echo "flashinfer cache $(du -sh "$OUT/flashinfer-cache.tgz" | cut -f1) compressed: too large to bring back"
-      rm -f "$OUT/flashinfer-cache.tgz"
+  local caches=()
+  for c in flashinfer tvm-ffi; do [ -d "$HOME/.cache/$c" ] && caches+=("$c"); done
+  if [ ${#caches[@]} -gt 0 ] && [ -n "$(find "${caches[@]/#/$HOME/.cache/}" -type f -newer "$start_marker" -print -quit 2>/dev/null)" ]; then
+    tar czf "$OUT/jit-cache.tgz" -C "$HOME/.cache" "${caches[@]}"
+    if [ "$(stat -c %s "$OUT/jit-cache.tgz")" -gt $((60 << 20)) ]; then
+      echo "JIT caches $(du -sh "$OUT/jit-cache.tgz" | cut -f1) compressed: too large to bring back"
+      rm -f "$OUT/jit-cache.tgz"
     fi
   fi
 }
 trap pack_results EXIT
 trap 'echo "step $step stopped (TERM) after $((SECONDS - t_start)) s" >&2; exit 143' TERM
-if [ -f .device-jit/flashinfer-cache.tgz ]; then
-  mkdir -p "$HOME/.cache" && tar xzf .device-jit/flashinfer-cache.tgz -C "$HOME/.cache" \
-    && echo "restored FlashInfer's JIT cache ($(find "$HOME/.cache/flashinfer" -name '*.so' | wc -l) modules)"
+if [ -f .device-jit/jit-cache.tgz ]; then
+  mkdir -p "$HOME/.cache" && tar xzf .device-jit/jit-cache.tgz -C "$HOME/.cache" \
+    && echo "restored the JIT caches ($(find "$HOME/.cache/flashinfer" "$HOME/.cache/tvm-ffi" -name '*.so' 2>/dev/null \
+      | wc -l) modules)"
 fi
 left() { echo $(( ${BUDGET_S:-540} - (SECONDS - t_start) )); }
 
