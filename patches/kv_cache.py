@@ -7,7 +7,7 @@ pool to learn that the allocator freed pages, and sizes the pool with a fixed pe
 - AFTER ``DefaultPoolConfigurator.__init__`` and AROUND ``calculate_pool_sizes``: split the KV budget into the dense
   hot pool and the arenas (:func:`~mosaickv_sglang.pool.layout_for_budget`); ``max_total_num_tokens`` becomes the
   logical token count, about ``ratio`` times the dense one; AROUND ``calculate_pool_sizes_from_max_tokens`` (SGLang's
-  path for ``--max-total-tokens`` and other token caps): the arenas shrink to the capped count
+  path for ``--max-total-tokens`` and other token caps): the arenas shrink to the capped count less the hot pool
   (:func:`~mosaickv_sglang.pool.cap_layout`), so the cap bounds memory and the arenas fill with the tokens;
 - AROUND ``KVCacheConfigurator.resolve_max_num_reqs``: cap running requests at what the hot pool can always serve;
 - AROUND ``KVCacheConfigurator._build_mha_kv_pool``: construct :class:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool`

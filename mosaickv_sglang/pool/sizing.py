@@ -203,7 +203,8 @@ class PoolLayout:
     Attributes
     ----------
     logical_tokens : int
-        ``max_total_num_tokens``: token slots SGLang's allocator hands out (a multiple of the page size).
+        ``max_total_num_tokens``: token slots SGLang's allocator hands out (a multiple of the page size): the
+        tokens the arenas hold at the target ratio plus the hot pool's.
     hot_tokens : int
         Dense hot-pool slots (without the padding page).
     arena_granules_per_layer : int
@@ -236,7 +237,9 @@ def layout_for_budget(
 ) -> PoolLayout:
     """Split ``budget_bytes`` into a hot pool sized for ``max_running_requests`` (default
     :data:`DEFAULT_HOT_REQUESTS`) hot windows plus one chunk, capped at :data:`HOT_POOL_MAX_SHARE` of the budget, and
-    arenas for every remaining logical token at ``ratio / ARENA_SLACK``.
+    arenas that hold the rest of the budget at ``ratio / ARENA_SLACK``. The logical tokens are the arenas' tokens plus
+    the hot pool's: all of them fit when the hot pool is full; when it is not, the arenas fill first and
+    :meth:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool.admissible_tokens` holds the scheduler back.
 
     Raises
     ------
@@ -248,11 +251,12 @@ def layout_for_budget(
     reqs = DEFAULT_HOT_REQUESTS if max_running_requests is None else max_running_requests
     hot = hot_tokens_for(reqs, hot_window, page_size, chunk_tokens, int(budget_bytes * HOT_POOL_MAX_SHARE) // d_tok)
     eff = _arena_ratio(ratio)
-    logical = capacity_tokens(
+    sealed = capacity_tokens(
         budget_bytes, eff, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
         page_size=page_size, dense_tokens=hot + page_size, dtype=dtype,
     )  # fmt: skip
-    granules = arena_granules_for(logical, eff, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+    granules = arena_granules_for(sealed, eff, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+    logical = sealed + hot if sealed else 0
     return PoolLayout(logical, hot, granules, chunk_tokens, max_requests_for_hot(hot, page_size, chunk_tokens))
 
 
@@ -266,12 +270,14 @@ def cap_layout(
     page_size: int,
     dtype: torch.dtype = torch.float16,
 ) -> PoolLayout:
-    """``layout`` with at most ``max_tokens`` logical tokens (rounded down to a page) and arenas sized for them at
-    ``ratio`` as :func:`layout_for_budget` sizes them, so that a token cap (``--max-total-tokens``) also caps the
-    memory the arenas take. The hot pool, and so the running-request limit, stays as planned for the budget."""
+    """``layout`` with at most ``max_tokens`` logical tokens (rounded down to a page) and arenas sized, at ``ratio``
+    as :func:`layout_for_budget` sizes them, for the tokens beyond the hot pool (at least one page), so that a token
+    cap (``--max-total-tokens``) also caps the memory the arenas take and a full hot pool plus full arenas is exactly
+    the cap. The hot pool, and so the running-request limit, stays as planned for the budget."""
     s = _pos_int(page_size, "page_size")
     logical = min(layout.logical_tokens, _pos_int(max_tokens, "max_tokens", lo=0) // s * s)
     eff = _arena_ratio(ratio)
-    granules = arena_granules_for(logical, eff, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+    sealed = max(logical - layout.hot_tokens, s)
+    granules = arena_granules_for(sealed, eff, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
     return PoolLayout(logical, layout.hot_tokens, min(granules, layout.arena_granules_per_layer), layout.chunk_tokens,
                       layout.max_running_requests)  # fmt: skip

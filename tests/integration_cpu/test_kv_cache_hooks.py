@@ -32,7 +32,8 @@ from mosaickv_sglang.config import MosaicKVConfig  # noqa: E402
 from mosaickv_sglang.kernels.format import SegmentPlan  # noqa: E402
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool  # noqa: E402
 from mosaickv_sglang.patches import seam  # noqa: E402
-from mosaickv_sglang.pool import PoolLayout, dense_bytes_per_token  # noqa: E402
+from mosaickv_sglang.pool import PoolLayout, arena_granules_for, dense_bytes_per_token  # noqa: E402
+from mosaickv_sglang.pool.sizing import ARENA_SLACK  # noqa: E402
 
 CFG = MosaicKVConfig("mosaic", compression_ratio=3.0, segment_size=S, hot_window=32, sink_tokens=16, sidecar=False)
 
@@ -76,14 +77,18 @@ def test_pool_sizes_grow_with_the_ratio_and_leave_stock_sizing_alone(monkeypatch
     assert mosaic % S == 0 and layout.hot_tokens % S == 0
     # hot pool: 64 default requests x (32 + 2 pages) + one 256-token chunk, capped at a quarter of the budget
     assert layout.hot_tokens == min(64 * (32 + 2 * S) + 256, 10_000 // S * S)
-    assert 2.2 * (40_000 - layout.hot_tokens) < mosaic < 3.0 * (40_000 - layout.hot_tokens)
+    sealed = mosaic - layout.hot_tokens  # the arenas' tokens; the hot pool's slots come on top
+    assert 2.2 * (40_000 - layout.hot_tokens) < sealed < 3.0 * (40_000 - layout.hot_tokens)
+    per_token = arena_granules_for(1_000_000, 3.0 / ARENA_SLACK, num_kv_heads=H_KV, head_dim=D, dtype=DT) / 1e6
+    assert abs(layout.arena_granules_per_layer - sealed * per_token) <= 1 + 1e-6 * sealed * per_token
     assert layout.max_running_requests == (layout.hot_tokens - 256) // (2 * S)
 
 
 def test_a_token_cap_shrinks_the_arenas_with_the_logical_tokens(monkeypatch):
     """SGLang applies --max-total-tokens by calling calculate_pool_sizes_from_max_tokens after calculate_pool_sizes:
-    the logical tokens and the arenas shrink together (so the arenas fill with the tokens and the cap bounds memory),
-    the hot pool stays; a cap above the budget's count changes nothing; without mosaic the stock path runs."""
+    the logical tokens and the arenas shrink together, the arenas to the tokens beyond the hot pool (so a full hot
+    pool and full arenas are the cap, and the cap bounds memory), the hot pool stays; a cap above the budget's count
+    changes nothing; a cap below the hot pool leaves the arenas one page; without mosaic the stock path runs."""
     cell = dense_bytes_per_token(LAYERS, H_KV, D, DT)
     budget = 40_000 * cell
     kvc = _kvc(CFG)
@@ -96,7 +101,13 @@ def test_a_token_cap_shrinks_the_arenas_with_the_logical_tokens(monkeypatch):
     assert capped.max_total_num_tokens == after.logical_tokens == 20_000 // S * S
     assert after.hot_tokens == before.hot_tokens and after.max_running_requests == before.max_running_requests
     ratio = after.arena_granules_per_layer / before.arena_granules_per_layer
-    assert abs(ratio - after.logical_tokens / before.logical_tokens) < 1e-3
+    hot = before.hot_tokens
+    assert abs(ratio - (after.logical_tokens - hot) / (before.logical_tokens - hot)) < 1e-3
+    tiny = DefaultPoolConfigurator.calculate_pool_sizes_from_max_tokens(configurator, hot // 2, S)
+    assert tiny.max_total_num_tokens == hot // 2 // S * S
+    one_page = arena_granules_for(S, 3.0 / ARENA_SLACK, num_kv_heads=H_KV, head_dim=D, dtype=DT)
+    assert getattr(kvc.server_args, seam.LAYOUT_ATTR).arena_granules_per_layer == one_page
+    object.__setattr__(kvc.server_args, seam.LAYOUT_ATTR, after)
     same = DefaultPoolConfigurator.calculate_pool_sizes_from_max_tokens(configurator, 10 * full, S)
     assert same.max_total_num_tokens == after.logical_tokens and getattr(kvc.server_args, seam.LAYOUT_ATTR) == after
     stock = _kvc(MosaicKVConfig())
