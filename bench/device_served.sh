@@ -16,8 +16,10 @@
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
-#   kernels  no server: tests/kernels compiled for the GPU, bench.decode_speed --tune (launch and chan-rebuild modes,
-#            8B shape, 8k and 128k, batch 16 and 32), bench.seal_cost for 8 and 128 pages of the 8B shape
+#   kernels  no server: bench.seal_cost (with its profile) for 8 and 128 pages of the 8B shape, then tests/kernels
+#            compiled for the GPU
+#   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
+#            and 32)
 #   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3, both with decode CUDA graphs: bench.serving_throughput
 #            over concurrency 1 / 8 / 32 on random ids and shared prefixes (TPOT over context: bench.decode_speed)
 #   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 150000 and --schedule-conservativeness 0.3: the soak with
@@ -35,7 +37,7 @@
 # rope, kvcache, activation...) come back as $OUT/jit-cache.tgz when they are at most 60 MB; carried into the tree
 # as .device-jit/jit-cache.tgz, they are restored before the next step starts.
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar|sidecar-itl|kernels}"
+step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar|sidecar-itl|kernels|tune}"
 ratio="${RATIO:-3}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
 out="${OUT:?}/$step"
 mkdir -p "$out"
@@ -280,16 +282,19 @@ case "$step" in
       --out "$out" > "$out/sweep.log" 2>&1 || echo "sweep rc=$?"
     ;;
   kernels)
-    # the kernel tests compiled for the GPU (bf16 included; the chan rebuild modes among them), the seal planner's
-    # cost and profile, then the sparse decode launch and chan-mode tuning with the time left
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels -x > "$out/kernel-tests.log" 2>&1 \
-      || echo "kernel tests rc=$?"
-    tail -3 "$out/kernel-tests.log"
+    # the seal planner's cost and profile first (90 s each at most), then the kernel tests compiled for the GPU (bf16
+    # included; the chan rebuild modes among them) with the time left
     for pages in 8 128; do
       timeout 90 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
         --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --profile "$out/seal-profile-$pages" \
         > "$out/seal-$pages.json" 2> "$out/seal-$pages.log" || echo "seal_cost $pages rc=$?"
     done
+    timeout $(( $(left) - 15 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" 2>&1 \
+      || echo "kernel tests rc=$?"
+    tail -3 "$out/kernel-tests.log"
+    ;;
+  tune)
+    # the sparse decode launch and chan-mode tuning (8B shape, 8k and 128k, batch 16 and 32) with the whole budget
     timeout $(( $(left) - 15 )) python3 -m bench.decode_speed --shapes llama-3.1-8b --contexts 8192 131072 \
       --batches 16 32 --cuda-graph --tune --skip-pack --out "$out/tune.json" > "$out/tune.log" 2>&1 \
       || echo "decode_speed rc=$?"
