@@ -4,13 +4,13 @@
 # Needs the SGLang bundle sourced (device-env.sh); the smollm2 step also the GGUF parts in /tmp/mkv/model and the
 # extracted essays in /tmp/mkv/cache/essays (bench.essays' cache layout).
 #
-#   smollm2  SmolLM2-135M-Instruct, stock SGLang (triton backend) and --kv-compressor mosaic (ratio $RATIO, default 3,
+#   smollm2  SmolLM2-135M-Instruct, stock SGLang (triton backend) and --kv-compressor mosaic (ratio $RATIO, default 4,
 #            sidecar on) side by side on one GPU, both with --chunked-prefill-size 2048 and --enable-metrics:
 #            accuracy suite, essay agreement and the bad-request cases on both; on mosaic also /metrics and, unless
 #            SOAK=0, the soak (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect
 #            mid-prefill)
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
-#            256 out, rate inf) against mosaic at $RATIO (default 3, sidecar on), then stock SGLang (flashinfer), one
+#            256 out, rate inf) against mosaic at $RATIO (default 4, sidecar on), then stock SGLang (flashinfer), one
 #            server at a time; then 1 prefill and 3 decode steps of each under torch's profiler, GPU kernels only
 #            (bench.profile_summary: GPU busy vs span, per kernel)
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
@@ -38,7 +38,7 @@
 # as .device-jit/jit-cache.tgz, they are restored before the next step starts.
 set -euo pipefail
 step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar|sidecar-itl|kernels|tune}"
-ratio="${RATIO:-3}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
+ratio="${RATIO:-4}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
 out="${OUT:?}/$step"
 mkdir -p "$out"
 export MOSAICKV_CACHE=/tmp/mkv/cache

@@ -73,7 +73,7 @@ OPTIONS: tuple[Option, ...] = (
         "compression_ratio",
         "--mosaic-compression-ratio",
         float,
-        3.0,
+        4.0,
         "MosaicKV: target memory compression ratio of the sealed KV cache (dense bytes / compressed bytes), "
         f"in [1, {MAX_COMPRESSION_RATIO:g}]. 1 keeps every segment dense (exact outputs).",
         metavar="RATIO",
@@ -174,7 +174,7 @@ class MosaicKVConfig:
     """
 
     compressor: str = "none"
-    compression_ratio: float = 3.0
+    compression_ratio: float = 4.0
     segment_size: int = 64
     hot_window: int = 512
     sink_tokens: int = 64

@@ -117,4 +117,4 @@ def test_launch_server_help_lists_options():
     for opt in OPTIONS:
         assert opt.flag in out.stdout
     assert "--kv-compressor {none,mosaic}" in out.stdout
-    assert "Default: 3.0." in out.stdout and "Default: on." in out.stdout
+    assert "Default: 4.0." in out.stdout and "Default: on." in out.stdout
