@@ -308,16 +308,18 @@ class CompressedKVStore:
         st = np.where(sealed_all, PAGE_SEALED, np.where(self._state[0] == PAGE_FREE, PAGE_FREE, PAGE_DENSE))
         return torch.from_numpy(st.astype(np.int8))
 
-    def _sealed_mask(self, layer_id: Optional[int]) -> np.ndarray:
+    def _sealed_at(self, p: np.ndarray, layer_id: Optional[int]) -> np.ndarray:
+        """Whether each page of ``p`` (int64, in range) is sealed in ``layer_id`` (or in every layer): only those
+        pages' states are read, not the whole ``[L, num_pages]`` table (these run on every step and staleness check)."""
         if layer_id is None:
-            return (self._state == PAGE_SEALED).all(0)
+            return (self._state[:, p] == PAGE_SEALED).all(0)
         self._layers([layer_id])
-        return self._state[layer_id] == PAGE_SEALED
+        return self._state[layer_id, p] == PAGE_SEALED
 
     def is_sealed(self, pages: torch.Tensor, layer_id: Optional[int] = None) -> torch.Tensor:
         """shape ``[P]``, dtype ``torch.bool`` (CPU): whether each page is sealed (in ``layer_id``, or in all)."""
         p = self._pages(pages, distinct=False)
-        return torch.from_numpy(self._sealed_mask(layer_id)[p].copy())
+        return torch.from_numpy(self._sealed_at(p, layer_id))
 
     def mark_dense(self, pages: torch.Tensor) -> None:
         """Mark freshly allocated pages ``PAGE_DENSE`` (their tokens go to the dense pool).
@@ -608,14 +610,14 @@ class CompressedKVStore:
         per = [self._pages(rp, name=f"req_pages[{i}]", distinct=False) for i, rp in enumerate(req_pages)]
         flat = np.concatenate(per) if per else np.zeros(0, dtype=np.int64)
         req = np.repeat(np.arange(b), [x.size for x in per]) if per else np.zeros(0, dtype=np.int64)
-        return self.segment_table_flat(flat, req, self._sealed_mask(layer_id)[flat], b, max_segs)
+        return self.segment_table_flat(flat, req, self._sealed_at(flat, layer_id), b, max_segs)
 
     def sealed_in_all(self, pages: np.ndarray) -> np.ndarray:
         """shape ``[P]``, bool: whether each page is sealed in every layer (``pages``: int64, in range, unchecked).
 
         :meth:`is_sealed` of the all-layers view without its checks.
         """
-        return self._sealed_mask(None)[pages]
+        return self._sealed_at(pages, None)
 
     def segment_table_flat(
         self, flat: np.ndarray, req: np.ndarray, sealed: np.ndarray, b: int, max_segs: Optional[int]

@@ -304,9 +304,12 @@ class SidecarBridge:
     # --- staleness ----------------------------------------------------------------------------------------------------
     def is_current(self, key: SegmentKey) -> bool:
         """Whether the key's page still holds what the job was made from and is sealed in the key's layer."""
-        page = int(key.page)
-        return bool(self.pool.page_epoch[page] == key.generation and self.pool.sealed_in_layer(
-            np.array([page]), key.layer)[0])  # fmt: skip
+        return bool(self._current(key.layer, np.array([int(key.page)]), np.array([int(key.generation)]))[0])
+
+    def _current(self, layer: int, pages: np.ndarray, epochs: np.ndarray) -> np.ndarray:
+        """:meth:`is_current` of every page of ``pages`` (with ``epochs``) in ``layer`` at once: one read of the pool's
+        seal state for the lot (a job's staleness check before a forward is one call, not one per page)."""
+        return (self.pool.page_epoch[pages] == epochs) & np.asarray(self.pool.sealed_in_layer(pages, layer), dtype=bool)
 
     # --- submission ---------------------------------------------------------------------------------------------------
     def submit_sealed(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float, gather: Gather) -> int:
@@ -589,9 +592,10 @@ class SidecarBridge:
         h = int(self.pool.head_num)
         layer = keys[0].layer
         pages = np.array([k.page for k in keys[::h]], dtype=np.int64)
+        epochs = np.array([k.generation for k in keys[::h]], dtype=np.int64)
         # the valid mask was taken when the reply was read; the pages may have changed since (a plan that waited for
-        # a later tick): check again
-        if not all(outcome.valid) or not all(self.is_current(k) for k in keys[::h]):
+        # a later tick): check again, the job's pages in one call
+        if not all(outcome.valid) or not self._current(layer, pages, epochs).all():
             self.plans_discarded += 1
             return 0
         assert outcome.result is not None and outcome.keys is not None and outcome.values is not None

@@ -66,10 +66,16 @@ from mosaickv_sglang.strategies import Candidate, default_menu
 
 logger = logging.getLogger(__name__)
 
+# Niceness the worker adds by default: below the scheduler's priority, so a busy sidecar never takes a CPU the
+# scheduler's step wants (the kernel still gives it every idle cycle).
+DEFAULT_WORKER_NICE = 10
 # Thread-pool sizes a spawned worker inherits from the environment.
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
-__all__ = ["JobOutcome", "JobStatus", "PageGenerations", "SidecarClient", "SidecarConfig", "SidecarCounters"]
+__all__ = [
+    "DEFAULT_WORKER_NICE", "JobOutcome", "JobStatus", "PageGenerations", "SidecarClient", "SidecarConfig",
+    "SidecarCounters",
+]
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,9 @@ class SidecarConfig:
     sm_scale : float, optional
         Softmax scale (default ``1 / sqrt(d)``).
     num_threads, nice : int
-        Worker intra-op threads (1: deterministic, leaves the cores to the scheduler) and niceness increment.
+        Worker intra-op threads (1: deterministic, leaves the cores to the scheduler) and niceness increment
+        (default :data:`DEFAULT_WORKER_NICE`: where the worker and the scheduler share a CPU, the scheduler's step
+        goes first; planning is never on the decode path, so the worker is the one to wait).
     restart_delay_s, max_restart_delay_s : float
         Delay before restarting a dead worker; doubled per consecutive death before the worker became ready.
     max_start_failures : int
@@ -125,7 +133,7 @@ class SidecarConfig:
     menu: Optional[Tuple[Candidate, ...]] = None
     sm_scale: Optional[float] = None
     num_threads: int = 1
-    nice: int = 0
+    nice: int = DEFAULT_WORKER_NICE
     restart_delay_s: float = 0.1
     max_restart_delay_s: float = 2.0
     max_start_failures: int = 5
