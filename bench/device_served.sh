@@ -216,7 +216,9 @@ case "$step" in
     # each measured while the other servers sit idle; sidecar CPU time from ps before and after.
     # sidecar-itl: only "off" and "on", only the ITL loads (a short check, about 3 minutes on a fresh machine).
     # SGLang sizes a pool as (free memory) - (1 - fraction) * (total memory), so servers sharing a GPU start one
-    # after another (each once the previous one has allocated its pool), with growing fractions (~25 GB each).
+    # after another (each once the previous one has allocated its pool), with growing fractions (~25 GB each), and
+    # the same --max-total-tokens, so that every server has the same pool (in the eighth run "on" had 1.6x the pages
+    # of "off", a confounder of their step times).
     M="$(bash bench/device_smollm2.sh)"
     if [ "$step" = sidecar ]; then
       names=(sc0 rs0 on); extra=("--mosaic-sidecar off" "--mosaic-resegment off" ""); fractions=(0.2 0.4 0.6)
@@ -228,7 +230,7 @@ case "$step" in
     for i in $(seq 0 $last); do
       # shellcheck disable=SC2086
       python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
-        --disable-prefill-cuda-graph --mem-fraction-static "${fractions[$i]}" \
+        --disable-prefill-cuda-graph --mem-fraction-static "${fractions[$i]}" --max-total-tokens 3000000 \
         --chunked-prefill-size 2048 --enable-cache-report --enable-metrics --kv-compressor mosaic \
         --mosaic-compression-ratio 3 ${extra[$i]} > "$out/mosaic-r3-${names[$i]}.server.log" 2>&1 &
       pids+=($!)
