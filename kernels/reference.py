@@ -36,6 +36,7 @@ from .format import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ref_chan_rank",
     "ref_chan_select",
     "ref_pack_segments",
     "ref_unpack_segment",
@@ -72,6 +73,35 @@ def ref_chan_select(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tens
     sel = torch.zeros_like(score, dtype=torch.bool)
     sel.scatter_(1, order, True)
     return sel
+
+
+def ref_chan_rank(score: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference of :func:`mosaickv_sglang.kernels.chan_rank.chan_rank_fwd`: the descending rank of every score in
+    its row, ties broken towards the lower index (a stable sort).
+
+    Parameters
+    ----------
+    score : torch.Tensor
+        shape ``[..., d]``, dtype ``torch.float32``.
+    out : torch.Tensor, optional
+        shape ``score.shape``, dtype ``torch.uint8``; written too when given.
+
+    Returns
+    -------
+    torch.Tensor
+        shape ``score.shape``, dtype ``torch.uint8`` for ``d <= 256``, else ``torch.int64``. Scores are sorted as
+        their sign-magnitude bits read as integers (``-0.0`` and ``+0.0`` both 0): the order of the floats, with a
+        NaN placed by its bits (a positive NaN above ``+inf``).
+    """
+    bits = score.float().contiguous().view(torch.int32).to(torch.int64)
+    key = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    ar = torch.arange(score.shape[-1], device=score.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, ar)
+    rank = rank.to(torch.uint8) if score.shape[-1] <= 256 else rank
+    if out is not None:
+        out.copy_(rank)
+    return rank
 
 
 def _words_from_mask(sel: torch.Tensor) -> torch.Tensor:

@@ -334,16 +334,32 @@ def _lost_fraction(lost: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     return (lost / energy.clamp(min=_EPS)).clamp(max=1.0) * (energy > 0)
 
 
-def _chan_drop_masks(x: torch.Tensor, weight: torch.Tensor, ks: Sequence[int]) -> Dict[int, torch.Tensor]:
-    """For each ``k`` of ``ks``: the channels outside each vector's top-``k`` by ``|x_c| * w_c``, shape ``[N, S, d]``
-    bool, exactly ``descending_rank(chan_scores(x, weight)) >= k`` (ties: the lower index ranks first) from one
-    top-``max(ks)`` instead of a full sort.
+_CHAN_RANK_HEAD_DIMS = (16, 32, 64, 128, 256)  # kernels.chan_rank.CHAN_RANK_HEAD_DIMS, without importing triton
 
-    Each score becomes a distinct int64 key, its float bits mapped to an order-preserving integer followed by the
-    reversed channel index, so the ``k``-th largest key is a threshold with no ties."""
+
+def _chan_drop_masks(
+    x: torch.Tensor, weight: torch.Tensor, ks: Sequence[int], use_kernel: Optional[bool] = None
+) -> Dict[int, torch.Tensor]:
+    """For each ``k`` of ``ks``: the channels outside each vector's top-``k`` by ``|x_c| * w_c``, shape ``[N, S, d]``
+    bool, exactly ``descending_rank(chan_scores(x, weight)) >= k`` (ties: the lower index ranks first).
+
+    With the kernel (``use_kernel``; ``None``: on CUDA tensors whose ``d`` it supports), one
+    :func:`~mosaickv_sglang.kernels.chan_rank.chan_rank_fwd` ranks every channel (uint8) and each mask is a compare.
+    Otherwise one top-``max(ks)`` instead of a full sort: each score becomes a distinct int64 key, its float bits
+    mapped to an order-preserving integer followed by the reversed channel index, so the ``k``-th largest key is a
+    threshold with no ties (torch's CUDA topk of these keys was most of a seal's GPU time). Both order the scores
+    alike (``-0.0 == +0.0``; NaNs by their bits), so the masks are the same bit for bit."""
     if not ks:
         return {}
     d = x.shape[-1]
+    if use_kernel is None:
+        use_kernel = x.is_cuda and d in _CHAN_RANK_HEAD_DIMS
+    if use_kernel:
+        from mosaickv_sglang.kernels.chan_rank import chan_rank_fwd  # imports triton: only when used
+
+        rank = chan_rank_fwd(chan_scores(x, weight).contiguous())
+        # rank is uint8: a Python k >= 256 would wrap, and k >= d drops nothing anyway
+        return {k: rank >= k if k < d else torch.zeros_like(rank, dtype=torch.bool) for k in ks}
     score = chan_scores(x, weight).add_(0.0)  # -0.0 -> +0.0, equal as floats so equal as keys
     bits = score.view(torch.int32)
     bits ^= (bits >> 31) & 0x7FFFFFFF  # negative floats: reverse their magnitude order
