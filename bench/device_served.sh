@@ -16,8 +16,9 @@
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
-#   kernels  no server: bench.seal_cost (with its profile) for 8 and 128 pages of the 8B shape, then tests/kernels
-#            compiled for the GPU
+#   kernels  no server: bench.chan_rank (the rank kernel against torch's top-k), bench.seal_cost (with its profile)
+#            for 8 and 128 pages of the 8B shape, with the top-k and with the rank kernel, then tests/kernels compiled
+#            for the GPU
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3, both with decode CUDA graphs: bench.serving_throughput
@@ -286,10 +287,16 @@ case "$step" in
   kernels)
     # the seal planner's cost and profile first (90 s each at most), then the kernel tests compiled for the GPU (bf16
     # included; the chan rebuild modes among them) with the time left
+    # the chan rank kernel against torch's int64 top-k (the seal's largest op), then the seal with each
+    timeout 120 python3 -m bench.chan_rank --segments 32768 --seg-size 64 --head-dim 128 --json \
+      > "$out/chan-rank.json" 2> "$out/chan-rank.log" || echo "chan_rank rc=$?"
     for pages in 8 128; do
       timeout 90 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
         --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --profile "$out/seal-profile-$pages" \
         > "$out/seal-$pages.json" 2> "$out/seal-$pages.log" || echo "seal_cost $pages rc=$?"
+      timeout 60 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
+        --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --chan-rank-kernel \
+        > "$out/seal-$pages-rank-kernel.json" 2> "$out/seal-$pages-rank-kernel.log" || echo "seal_cost $pages rc=$?"
     done
     timeout $(( $(left) - 15 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" 2>&1 \
       || echo "kernel tests rc=$?"

@@ -335,6 +335,10 @@ def _lost_fraction(lost: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
 
 
 _CHAN_RANK_HEAD_DIMS = (16, 32, 64, 128, 256)  # kernels.chan_rank.CHAN_RANK_HEAD_DIMS, without importing triton
+CHAN_RANK_KERNEL_ON_CUDA = False
+"""Whether :func:`_chan_drop_masks` ranks channels with the Triton kernel on CUDA tensors by default. Off until the
+kernel has been compiled and timed on a GPU against the int64-key top-k (``python -m bench.chan_rank``;
+``python -m bench.seal_cost --chan-rank-kernel``): that top-k is 52-59% of a one-call seal's GPU time on an H200."""
 
 
 def _chan_drop_masks(
@@ -343,7 +347,8 @@ def _chan_drop_masks(
     """For each ``k`` of ``ks``: the channels outside each vector's top-``k`` by ``|x_c| * w_c``, shape ``[N, S, d]``
     bool, exactly ``descending_rank(chan_scores(x, weight)) >= k`` (ties: the lower index ranks first).
 
-    With the kernel (``use_kernel``; ``None``: on CUDA tensors whose ``d`` it supports), one
+    With the kernel (``use_kernel``; ``None``: on CUDA tensors whose ``d`` it supports when
+    :data:`CHAN_RANK_KERNEL_ON_CUDA`), one
     :func:`~mosaickv_sglang.kernels.chan_rank.chan_rank_fwd` ranks every channel (uint8) and each mask is a compare.
     Otherwise one top-``max(ks)`` instead of a full sort: each score becomes a distinct int64 key, its float bits
     mapped to an order-preserving integer followed by the reversed channel index, so the ``k``-th largest key is a
@@ -353,7 +358,7 @@ def _chan_drop_masks(
         return {}
     d = x.shape[-1]
     if use_kernel is None:
-        use_kernel = x.is_cuda and d in _CHAN_RANK_HEAD_DIMS
+        use_kernel = CHAN_RANK_KERNEL_ON_CUDA and x.is_cuda and d in _CHAN_RANK_HEAD_DIMS
     if use_kernel:
         from mosaickv_sglang.kernels.chan_rank import chan_rank_fwd  # imports triton: only when used
 
