@@ -5,9 +5,10 @@
 consecutive decode steps, prefill steps excluded. Scrape ``/metrics`` before and after a load
 (``curl -s http://127.0.0.1:30000/metrics > before.txt``), then ``python -m bench.decode_steps before.txt
 after.txt``: the load's decode step p50 / p90 / p99 (Prometheus's ``histogram_quantile``, linear within the 5%-wide
-buckets), summed over the server's schedulers, and the scheduler time sealing and the sidecar took meanwhile
+buckets), summed over the server's schedulers, the scheduler time sealing and the sidecar took meanwhile
 (``sglang:mosaic_seal_seconds_total``, ``sglang:mosaic_sidecar_step_seconds_total``; prefill steps included, so a
-per-step figure is an upper bound).
+per-step figure is an upper bound), and the decode batches' plans (``sglang:mosaic_decode_plan_seconds_total`` over
+``sglang:mosaic_decode_plans_total``: host work before each decode forward, sealing and the sidecar included).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ QUANTILES = (0.5, 0.9, 0.99)
 SIDECAR_METRIC = "sglang:mosaic_sidecar_step_seconds_total"
 SEAL_SECONDS_METRIC = "sglang:mosaic_seal_seconds_total"
 SEAL_CALLS_METRIC = "sglang:mosaic_seal_calls_total"
+PLAN_SECONDS_METRIC = "sglang:mosaic_decode_plan_seconds_total"
+PLANS_METRIC = "sglang:mosaic_decode_plans_total"
 
 
 # load_quantiles' keys for the counters it reads, and their series
-COUNTERS = {"sidecar_s": SIDECAR_METRIC, "seal_s": SEAL_SECONDS_METRIC, "seal_calls": SEAL_CALLS_METRIC}
+COUNTERS = {"sidecar_s": SIDECAR_METRIC, "seal_s": SEAL_SECONDS_METRIC, "seal_calls": SEAL_CALLS_METRIC,
+            "plan_s": PLAN_SECONDS_METRIC, "plans": PLANS_METRIC}
 
 
 def read_scrape(text: str) -> Tuple[Dict[float, float], Dict[str, float]]:
@@ -92,6 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if sidecar is not None:
             per_step = f", {sidecar * 1e3 / got['steps']:.2f} ms per decode step" if got["steps"] else ""
             ms += f"  sidecar before forwards {sidecar * 1e3:.1f} ms{per_step}"
+        if got["plan_s"] is not None and got["plans"]:
+            ms += f"  decode plans {got['plan_s'] * 1e3 / got['plans']:.2f} ms each ({int(got['plans'])})"
         print(f"decode steps {int(got['steps'])}  {ms}")
     return 0
 

@@ -27,6 +27,7 @@ on``, speculative decoding modes (target verify / draft extend), cross-attention
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -262,7 +263,9 @@ class MosaicAttnBackend(AttentionBackend):
         self.init_forward_metadata_out_graph(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch: "ForwardBatch", in_capture: bool = False) -> None:
-        """Plan one batch (host work; syncs): physical pages for the new tokens, segment table, tail, scratch.
+        """Plan one batch (host work; syncs): physical pages for the new tokens, segment table, tail, scratch. A
+        decode batch's plan (sealing and the sidecar's tick included) is counted in the sealer's
+        ``decode_plans`` / ``decode_plan_seconds``.
 
         Parameters
         ----------
@@ -277,6 +280,14 @@ class MosaicAttnBackend(AttentionBackend):
         mode = forward_batch.forward_mode
         if in_capture and (self._graph is None or not mode.is_decode()):
             raise NotImplementedError(_CUDA_GRAPH_MSG)
+        t0 = time.perf_counter()
+        self._plan_batch(forward_batch, in_capture)
+        if mode.is_decode() and not in_capture:
+            self.sealer.decode_plans += 1
+            self.sealer.decode_plan_seconds += time.perf_counter() - t0
+
+    def _plan_batch(self, forward_batch: "ForwardBatch", in_capture: bool) -> None:
+        mode = forward_batch.forward_mode
         g = self._graph
         if g is not None and mode.is_decode() and int(forward_batch.batch_size) <= g.max_bs:
             self.forward_metadata = self._plan_decode_graph(forward_batch, in_capture)

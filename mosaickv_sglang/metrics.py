@@ -114,6 +114,9 @@ class MosaicStats:
         The sealer's :meth:`~mosaickv_sglang.sealer.Sealer.seal` calls since start.
     seal_seconds : float
         Scheduler time those calls took (planning and packing, device waits included).
+    decode_plans, decode_plan_seconds : int, float
+        Decode batches planned by the attention backend and the scheduler time their plans took (sealing and the
+        sidecar's tick included).
     arena_reserved_fraction : float
         Arena ledger granules reserved / its capacity.
     free_hot_pages : int
@@ -134,6 +137,8 @@ class MosaicStats:
     pages_left_dense: int
     seal_calls: int
     seal_seconds: float
+    decode_plans: int
+    decode_plan_seconds: float
     arena_reserved_fraction: float
     free_hot_pages: int
     admissible_tokens: int
@@ -190,6 +195,8 @@ def collect_stats(sealer: "Sealer") -> MosaicStats:
         pages_left_dense=int(sealer.pages_left_dense),
         seal_calls=int(sealer.seal_calls),
         seal_seconds=float(sealer.seal_seconds),
+        decode_plans=int(sealer.decode_plans),
+        decode_plan_seconds=float(sealer.decode_plan_seconds),
         arena_reserved_fraction=ledger.reserved / max(1, ledger.capacity),
         free_hot_pages=int(pool.num_free_physical_pages),
         admissible_tokens=int(pool.admissible_tokens()),
@@ -241,6 +248,11 @@ METRICS: Tuple[MetricSpec, ...] = (
     MetricSpec("sglang:mosaic_seal_seconds_total", "counter",
                "Scheduler time spent sealing (planning and packing, device waits included).",
                lambda st: st.seal_seconds),
+    MetricSpec("sglang:mosaic_decode_plans_total", "counter", "Decode batches planned by the mosaic backend.",
+               lambda st: st.decode_plans),
+    MetricSpec("sglang:mosaic_decode_plan_seconds_total", "counter",
+               "Scheduler time planning decode batches (host work before each decode forward; sealing and the "
+               "sidecar's tick included).", lambda st: st.decode_plan_seconds),
     MetricSpec("sglang:mosaic_sidecar_queue_depth", "gauge",
                "Sidecar jobs in flight, or finished with plans waiting to be applied.",
                _sc(lambda sc: sc.counters.queue_depth)),

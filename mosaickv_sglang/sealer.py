@@ -213,6 +213,9 @@ class Sealer:
     seal_calls, seal_seconds : int, float
         Calls of :meth:`seal` (one planner call and one pack each, whatever the pages) and the scheduler time they
         took, device waits included, the sidecar's copies excluded (those are the bridge's ``submit_seconds``).
+    decode_plans, decode_plan_seconds : int, float
+        Decode batches the attention backend planned and the scheduler time its plans took (host work before each
+        decode forward: sealing and the sidecar's tick included; counted by the backend).
     sidecar : SidecarBridge or None
         The CPU sidecar that refines sealed pages' plans (``None`` with ``--mosaic-sidecar off`` or before
         :meth:`attach_sidecar`): ticked before each forward, handed each sealed batch before it is packed.
@@ -235,6 +238,8 @@ class Sealer:
         self.pages_left_dense = 0
         self.seal_calls = 0
         self.seal_seconds = 0.0
+        self.decode_plans = 0
+        self.decode_plan_seconds = 0.0
         self.sidecar = None
         self._warned_arena = False
         self._logged_at = time.monotonic()

@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from bench.decode_steps import (  # noqa: E402
     METRIC,
+    PLAN_SECONDS_METRIC,
+    PLANS_METRIC,
     SEAL_CALLS_METRIC,
     SEAL_SECONDS_METRIC,
     SIDECAR_METRIC,
@@ -58,7 +60,11 @@ def test_sidecar_time_between_the_scrapes_summed_over_schedulers(tmp_path, capsy
     side = Counter(SIDECAR_METRIC.removesuffix("_total"), "sidecar", labelnames=["tp_rank"], registry=registry)
     seal_s = Counter(SEAL_SECONDS_METRIC.removesuffix("_total"), "sealing", registry=registry)
     seal_n = Counter(SEAL_CALLS_METRIC.removesuffix("_total"), "sealing calls", registry=registry)
+    plan_s = Counter(PLAN_SECONDS_METRIC.removesuffix("_total"), "decode plans", registry=registry)
+    plans = Counter(PLANS_METRIC.removesuffix("_total"), "decode plans", registry=registry)
     side.labels(tp_rank="0").inc(5.0)  # before the load
+    plan_s.inc(1.0)
+    plans.inc(50)
     seal_s.inc(2.0)
     seal_n.inc(7)
     before = _scrape(registry)
@@ -68,16 +74,19 @@ def test_sidecar_time_between_the_scrapes_summed_over_schedulers(tmp_path, capsy
     side.labels(tp_rank="1").inc(0.15)
     seal_s.inc(0.5)
     seal_n.inc(3)
+    plan_s.inc(0.6)
+    plans.inc(200)
     after = _scrape(registry)
     got = load_quantiles(before, after)
     assert got["steps"] == 200 and got["sidecar_s"] == pytest.approx(0.4)
     assert got["seal_s"] == pytest.approx(0.5) and got["seal_calls"] == 3
+    assert got["plan_s"] == pytest.approx(0.6) and got["plans"] == 200
     (tmp_path / "b.txt").write_text(before)
     (tmp_path / "a.txt").write_text(after)
     assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
     out = capsys.readouterr().out.rstrip()
     assert "  sealing 500.0 ms in 3 calls  " in out
-    assert out.endswith("sidecar before forwards 400.0 ms, 2.00 ms per decode step")
+    assert out.endswith("sidecar before forwards 400.0 ms, 2.00 ms per decode step  decode plans 3.00 ms each (200)")
 
 
 def test_errors_name_the_scrape_at_fault(tmp_path, capsys):

@@ -158,6 +158,7 @@ def test_collect_stats_after_real_sealing_matches_the_plans_and_the_store():
     assert stats.bytes_per_token < dense
     assert (stats.pages_sealed, stats.pressure_pages_sealed, stats.pages_left_dense) == (4, 0, 0)
     assert stats.seal_calls == 1 and stats.seal_seconds > 0  # one call for the four pages
+    assert (stats.decode_plans, stats.decode_plan_seconds) == (sealer.decode_plans, sealer.decode_plan_seconds)
     ledger = pool.arena_ledger
     assert stats.arena_reserved_fraction == ledger.reserved / ledger.capacity > 0
     assert stats.free_hot_pages == pool.num_free_physical_pages
@@ -186,8 +187,9 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
     assert got[_key("sglang:mosaic_admissible_tokens", LABELS)] == pool.admissible_tokens()
     for name, count in stats.strategy_segments.items():
         assert got[_key(STRATEGY_METRIC, LABELS, strategy=name)] == count
-    assert not [k for k in got if "sidecar" in k[0] or "plans_" in k[0]]
+    assert not [k for k in got if "sidecar" in k[0] or k[0].startswith("sglang:mosaic_plans_")]
 
+    sealer.decode_plans, sealer.decode_plan_seconds = 40, 0.125
     sealer.sidecar = StandInSidecarBridge(SidecarCounters(submitted=9, completed=6, queue_depth=2, resegmentations=1),
                                           plans_applied=3, plans_discarded=1, segments_applied=36,
                                           seconds=(0.125, 0.25, 0.5))  # fmt: skip
@@ -204,7 +206,7 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
                 "sidecar_failed_total": 0, "resegmentations_total": 2, "plans_applied_total": 5,
                 "plans_discarded_total": 1, "segments_applied_total": 60, "pages_sealed_total": 4,
                 "sidecar_step_seconds_total": 0.75, "sidecar_idle_seconds_total": 1.0,
-                "seal_calls_total": 1}  # fmt: skip
+                "seal_calls_total": 1, "decode_plans_total": 40, "decode_plan_seconds_total": 0.125}  # fmt: skip
     assert {k: got[_key(f"sglang:mosaic_{k}", LABELS)] for k in expected} == expected
 
 

@@ -62,6 +62,8 @@ def test_extend_and_decode_match_torch_native_before_and_after_dense_seal(group)
     assert int(sc.mosaic.forward_metadata.seg_counts.sum()) == sealed.numel()
     _assert_match(sc.run_both(sc.decode_batch()))
     sc.pool.check_invariants()
+    # the decode plans (not the extends) are counted for /metrics, with their host time
+    assert sc.mosaic.sealer.decode_plans == 5 and sc.mosaic.sealer.decode_plan_seconds > 0
 
 
 def test_read_budget_with_compressed_segments_matches_ref_sparse_decode():
