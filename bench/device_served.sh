@@ -21,6 +21,8 @@
 #            for the GPU
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
+#   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
+#            (8B shape, batch 32, 8k and 128k), as text
 #   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3, both with decode CUDA graphs: bench.serving_throughput
 #            over concurrency 1 / 8 / 32 on random ids and shared prefixes (TPOT over context: bench.decode_speed)
 #   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 150000 and --schedule-conservativeness 0.3: the soak with
@@ -38,7 +40,7 @@
 # rope, kvcache, activation...) come back as $OUT/jit-cache.tgz when they are at most 60 MB; carried into the tree
 # as .device-jit/jit-cache.tgz, they are restored before the next step starts.
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar|sidecar-itl|kernels|tune}"
+step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar|sidecar-itl|kernels|tune|ncu}"
 ratio="${RATIO:-4}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
 out="${OUT:?}/$step"
 mkdir -p "$out"
@@ -301,6 +303,27 @@ case "$step" in
     timeout $(( $(left) - 15 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" 2>&1 \
       || echo "kernel tests rc=$?"
     tail -3 "$out/kernel-tests.log"
+    ;;
+  ncu)
+    # hardware counters (Nsight Compute, clocks left alone) of one launch each of the sparse decode split kernel, the
+    # segment scores kernel and FlashInfer's decode kernel, 8B shape, batch 32, at 8k and 128k: memory throughput,
+    # occupancy, stall reasons; text reports only (the .ncu-rep files are dropped)
+    ncu_bin="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)"
+    if [ -z "$ncu_bin" ]; then echo "ncu not found" | tee "$out/ncu-missing.txt"; exit 0; fi
+    # one kernel per run (--launch-count counts every matching launch); most wanted first
+    for case in 8192:_sparse_decode_split_kernel 8192:BatchDecode 131072:_sparse_decode_split_kernel \
+        8192:_segment_scores_main_kernel 131072:BatchDecode; do
+      ctx="${case%%:*}" kernel="${case#*:}"
+      [ "$(left)" -gt 60 ] || break
+      timeout $(( $(left) - 30 )) "$ncu_bin" --clock-control none --set full --launch-skip 3 --launch-count 1 \
+        -k "regex:$kernel" -o "$out/$kernel-$ctx" python3 -m bench.decode_speed --shapes llama-3.1-8b \
+        --contexts "$ctx" --batches 32 --skip-pack --rep-ms 10 --check-max-ctx 0 \
+        --out "$out/decode-speed-$kernel-$ctx.json" > "$out/ncu-$kernel-$ctx.log" 2>&1 || echo "ncu $case rc=$?"
+      if [ -f "$out/$kernel-$ctx.ncu-rep" ]; then
+        "$ncu_bin" --import "$out/$kernel-$ctx.ncu-rep" --page details > "$out/ncu-$kernel-$ctx.txt" 2>&1 || true
+        rm -f "$out/$kernel-$ctx.ncu-rep"
+      fi
+    done
     ;;
   tune)
     # the sparse decode launch and chan-mode tuning (8B shape, 8k and 128k, batch 16 and 32) with the whole budget
