@@ -1,0 +1,201 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Registers, spills and shared memory of our Triton kernels compiled for Hopper, on any machine (no GPU needed).
+
+Each kernel variant is compiled ahead of time for ``sm_90a`` (``triton.compile`` with a ``GPUTarget``), and the PTX is
+assembled by the ``ptxas`` that ships in Triton's wheel with ``-v``: registers per thread, spill bytes, stack frame,
+plus Triton's shared memory. From those, the resident blocks per SM (65,536 registers, 228 KB of shared memory, 64
+warps per SM on an H100/H200). A decode kernel whose loads wait on each other needs many warps in flight to reach
+HBM bandwidth; a variant at 255 registers with spills keeps very few. The numbers come from the compiler, not a GPU:
+time a variant on one before taking it (``python -m bench.decode_speed --tune``).
+
+    python -m bench.kernel_regs                       # every kernel, default launches
+    python -m bench.kernel_regs --kernel sparse_decode --head-dim 128 --block-n 32 64 --warps 4 8 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import mosaickv_sglang.kernels  # noqa: F401  (maps the kernels package, as the other benches do)
+from mosaickv_sglang.kernels._triton.chan_rank import _chan_rank_count_kernel, _chan_rank_sort_kernel
+from mosaickv_sglang.kernels._triton.segment_scores import _segment_scores_main_kernel
+from mosaickv_sglang.kernels._triton.sparse_decode import _sparse_decode_split_kernel
+
+KERNELS = ("sparse_decode", "segment_scores", "chan_rank")
+SM_REGISTERS = 65536
+SM_SHARED_BYTES = 228 * 1024
+SM_MAX_WARPS = 64
+REG_ALLOC_UNIT = 8  # registers per thread are allocated in steps of 8 (per warp: 256 registers)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled variant and what ``ptxas -v`` said of it."""
+
+    kernel: str
+    config: Dict[str, object]
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    stack_bytes: int
+    shared_bytes: int
+    blocks_per_sm: int
+    warps_per_sm: int
+
+
+def ptxas_path() -> str:
+    """The ``ptxas`` in Triton's wheel (``triton/backends/nvidia/bin``)."""
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"ptxas: expected Triton's copy at {path}, got none")
+    return path
+
+
+def parse_ptxas(text: str) -> Dict[str, int]:
+    """Registers, spill stores / loads and stack frame bytes from ``ptxas -v`` output (one kernel)."""
+    out = {"registers": -1, "spill_store_bytes": 0, "spill_load_bytes": 0, "stack_bytes": 0}
+    for line in text.splitlines():
+        words = line.replace(",", " ").split()
+        for i, w in enumerate(words[:-1]):
+            if w == "Used" and words[i + 2] == "registers":
+                out["registers"] = int(words[i + 1])
+        if "spill stores" in line:
+            nums = [int(w) for w in words if w.isdigit()]
+            out["stack_bytes"], out["spill_store_bytes"], out["spill_load_bytes"] = nums[0], nums[1], nums[2]
+    if out["registers"] < 0:
+        raise ValueError(f"ptxas output: expected a 'Used N registers' line, got {text[:300]!r}")
+    return out
+
+
+def occupancy(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Blocks of ``num_warps`` warps one SM holds at once, by registers, shared memory and warps."""
+    per_warp = -(-registers * 32 // (REG_ALLOC_UNIT * 32)) * REG_ALLOC_UNIT * 32
+    by_regs = SM_REGISTERS // (per_warp * num_warps)
+    by_shared = SM_SHARED_BYTES // shared_bytes if shared_bytes else by_regs
+    return max(0, min(by_regs, by_shared, SM_MAX_WARPS // num_warps))
+
+
+def compile_variant(name: str, fn, signature: Dict[str, str], constexprs: Dict[str, object], num_warps: int,
+                    num_stages: int, config: Dict[str, object]) -> Variant:  # fmt: skip
+    """Compile ``fn`` for sm_90a and read its resources."""
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise RuntimeError(f"{name}: expected a compiled Triton kernel, got {type(fn).__name__} (TRITON_INTERPRET is "
+                           "set: run without it)")
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    missing = [a for a in fn.arg_names if a not in sig]
+    if missing:
+        raise ValueError(f"{name}: expected a type for every argument, got none for {missing}")
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        res = subprocess.run([ptxas_path(), "--gpu-name", "sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    info = parse_ptxas(res.stdout + res.stderr)
+    shared = int(compiled.metadata.shared)
+    blocks = occupancy(info["registers"], num_warps, shared)
+    return Variant(name, config, num_warps, num_stages, shared_bytes=shared, blocks_per_sm=blocks,
+                   warps_per_sm=blocks * num_warps, **info)  # fmt: skip
+
+
+def _scalar_types(fn, pointers: Dict[str, str], floats: Sequence[str], constexprs: Dict[str, object]) -> Dict[str, str]:
+    return {a: pointers.get(a, "fp32" if a in floats else "i32") for a in fn.arg_names if a not in constexprs}
+
+
+def sparse_decode_variants(head_dims, block_ns, chan_modes, warps, stages, group: int = 4) -> List[Variant]:
+    """The split kernel of the sparse decode (bf16 arena and queries, GQA group ``group``)."""
+    pointers = {"q_ptr": "*bf16", "arena_ptr": "*bf16", "arena_i32_ptr": "*i32", "desc_ptr": "*i32", "sel_ptr": "*i32",
+                "kt_ptr": "*bf16", "vt_ptr": "*bf16", "tail_indptr_ptr": "*i32", "tail_idx_ptr": "*i64",
+                "po_ptr": "*fp32", "plse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}  # fmt: skip
+    out = []
+    for d, bn, chan, w, s in itertools.product(head_dims, block_ns, chan_modes, warps, stages):
+        consts = dict(GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=bn, R_BLOCK=16,
+                      COMPUTE_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", CHAN_MODE=chan, DIRECT_OUT=False,
+                      HAS_LSE=False)  # fmt: skip
+        sig = _scalar_types(_sparse_decode_split_kernel, pointers, ("qk_scale",), consts)
+        out.append(compile_variant("sparse_decode_split", _sparse_decode_split_kernel, sig, consts, w, s,
+                                   {"head_dim": d, "block_n": bn, "chan_mode": chan, "group": group}))  # fmt: skip
+    return out
+
+
+def segment_scores_variants(head_dims, group: int = 4, block_s: int = 16) -> List[Variant]:
+    pointers = {"q_ptr": "*bf16", "desc_ptr": "*i32", "bounds_ptr": "*bf16", "ids_ptr": "*i32", "counts_ptr": "*i32",
+                "out_ptr": "*fp32"}  # fmt: skip
+    out = []
+    for d in head_dims:
+        consts = dict(GROUP=group, HEAD_DIM=d, BLOCK_S=block_s)
+        sig = _scalar_types(_segment_scores_main_kernel, pointers, ("sm_scale",), consts)
+        out.append(compile_variant("segment_scores_main", _segment_scores_main_kernel, sig, consts, 4, 3,
+                                   {"head_dim": d, "block_s": block_s, "group": group}))  # fmt: skip
+    return out
+
+
+def chan_rank_variants(head_dims) -> List[Variant]:
+    from mosaickv_sglang.kernels.chan_rank import default_block_r
+
+    pointers = {"score_ptr": "*fp32", "rank_ptr": "*u8"}
+    out = []
+    for d in head_dims:
+        br = default_block_r(d)
+        for name, fn, consts in (("chan_rank_sort", _chan_rank_sort_kernel, dict(HEAD_DIM=d, BLOCK_R=br)),
+                                 ("chan_rank_count", _chan_rank_count_kernel,
+                                  dict(HEAD_DIM=d, BLOCK_R=br, BLOCK_J=1, UNROLL=True))):  # fmt: skip
+            sig = _scalar_types(fn, pointers, (), consts)
+            out.append(compile_variant(name, fn, sig, consts, 4, 3, {"head_dim": d, "block_r": br}))
+    return out
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.kernel_regs", description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernel", nargs="+", choices=KERNELS, default=list(KERNELS))
+    p.add_argument("--head-dim", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--block-n", nargs="+", type=int, default=[64], help="sparse decode: rows per step")
+    p.add_argument("--chan-mode", nargs="+", type=int, default=[0], help="sparse decode: chan rebuild modes")
+    p.add_argument("--warps", nargs="+", type=int, default=[4], help="sparse decode: warps per program")
+    p.add_argument("--stages", nargs="+", type=int, default=[2], help="sparse decode: pipeline stages")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parse_args(argv)
+    rows: List[Variant] = []
+    if "sparse_decode" in args.kernel:
+        rows += sparse_decode_variants(args.head_dim, args.block_n, args.chan_mode, args.warps, args.stages)
+    if "segment_scores" in args.kernel:
+        rows += segment_scores_variants(args.head_dim)
+    if "chan_rank" in args.kernel:
+        rows += chan_rank_variants(args.head_dim)
+    if args.json:
+        print(json.dumps([asdict(v) for v in rows]))
+        return 0
+    print(f"{'kernel':22} {'config':52} {'warps':>5} {'stages':>6} {'regs':>4} {'spill st/ld':>11} {'shared':>7} "
+          f"{'blocks/SM':>9} {'warps/SM':>8}")  # fmt: skip
+    for v in rows:
+        cfg = " ".join(f"{k}={val}" for k, val in v.config.items())
+        print(f"{v.kernel:22} {cfg:52} {v.num_warps:>5} {v.num_stages:>6} {v.registers:>4} "
+              f"{v.spill_store_bytes:>5}/{v.spill_load_bytes:<5} {v.shared_bytes:>7} {v.blocks_per_sm:>9} "
+              f"{v.warps_per_sm:>8}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+# SPDX-License-Identifier: Apache-2.0
+"""bench.kernel_regs: the ptxas report parser, the occupancy arithmetic, and a real ahead-of-time compile for sm_90a
+on this CPU-only machine (the chan rank sort kernel: no spills, many warps per SM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import kernel_regs as K
+
+PTXAS = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_k' for 'sm_90a'
+ptxas info    : Function properties for _k
+    64 bytes stack frame, 60 bytes spill stores, 52 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 64 bytes cumulative stack size
+"""
+
+
+def test_parse_ptxas_reads_registers_and_spills():
+    assert K.parse_ptxas(PTXAS) == {"registers": 255, "spill_store_bytes": 60, "spill_load_bytes": 52,
+                                    "stack_bytes": 64}  # fmt: skip
+    no_spill = PTXAS.replace("64 bytes stack frame, 60 bytes spill stores, 52 bytes spill loads",
+                             "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads").replace("255", "48")
+    assert K.parse_ptxas(no_spill)["registers"] == 48 and K.parse_ptxas(no_spill)["spill_store_bytes"] == 0
+    with pytest.raises(ValueError, match="expected a 'Used N registers' line"):
+        K.parse_ptxas("ptxas info    : 0 bytes gmem")
+
+
+@pytest.mark.parametrize(
+    "regs, warps, shared, blocks",
+    [(255, 4, 0, 2), (128, 4, 0, 4), (64, 4, 0, 8), (48, 4, 8192, 10), (32, 4, 0, 16), (255, 8, 0, 1),
+     (64, 4, 100 * 1024, 2), (33, 4, 0, 12)],
+)
+def test_occupancy_by_registers_shared_memory_and_warps(regs, warps, shared, blocks):
+    """65,536 registers per SM allocated per warp in units of 256 (8 a thread), 228 KB of shared memory, 64 warps."""
+    assert K.occupancy(regs, warps, shared) == blocks
+
+
+def test_chan_rank_sort_compiles_for_hopper_without_spills():
+    """Compiled ahead of time for sm_90a by Triton and the ptxas in its wheel (in a child without TRITON_INTERPRET,
+    which the test session sets): the sort kernel (the planner's rank kernel) keeps every value in registers, with
+    room for at least 32 warps per SM."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "chan_rank", "--head-dim", "128",
+                          "--json"], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    variants = {v["kernel"]: v for v in json.loads(out.stdout)}
+    sort = variants["chan_rank_sort"]
+    assert sort["spill_store_bytes"] == sort["spill_load_bytes"] == 0
+    assert 0 < sort["registers"] <= 64 and sort["warps_per_sm"] >= 32
+    assert variants["chan_rank_count"]["config"] == {"head_dim": 128, "block_r": 8}
+
+
+def test_an_interpreted_kernel_is_refused_with_the_reason():
+    """Under TRITON_INTERPRET (this session) the kernels are not compilable: one error naming the variable."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("kernels are compiled in this session")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET is set"):
+        K.chan_rank_variants([64])
