@@ -251,8 +251,10 @@ def layout_for_budget(
     reqs = DEFAULT_HOT_REQUESTS if max_running_requests is None else max_running_requests
     hot = hot_tokens_for(reqs, hot_window, page_size, chunk_tokens, int(budget_bytes * HOT_POOL_MAX_SHARE) // d_tok)
     eff = _arena_ratio(ratio)
+    # the hot pool's slots are logical tokens too: their descriptor and bounds rows come out of the budget
+    hot_meta = math.ceil(hot * metadata_bytes_per_token(num_layers, num_kv_heads, head_dim, page_size, dtype))
     sealed = capacity_tokens(
-        budget_bytes, eff, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        max(0, budget_bytes - hot_meta), eff, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
         page_size=page_size, dense_tokens=hot + page_size, dtype=dtype,
     )  # fmt: skip
     granules = arena_granules_for(sealed, eff, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)

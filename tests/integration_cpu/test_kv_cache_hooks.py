@@ -33,7 +33,8 @@ from mosaickv_sglang.kernels.format import SegmentPlan  # noqa: E402
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool  # noqa: E402
 from mosaickv_sglang.patches import seam  # noqa: E402
 from mosaickv_sglang.pool import PoolLayout, arena_granules_for, dense_bytes_per_token  # noqa: E402
-from mosaickv_sglang.pool.sizing import ARENA_SLACK  # noqa: E402
+from mosaickv_sglang.kernels.format import GRANULE_BYTES  # noqa: E402
+from mosaickv_sglang.pool.sizing import ARENA_SLACK, metadata_bytes_per_token  # noqa: E402
 
 CFG = MosaicKVConfig("mosaic", compression_ratio=3.0, segment_size=S, hot_window=32, sink_tokens=16, sidecar=False)
 
@@ -81,6 +82,11 @@ def test_pool_sizes_grow_with_the_ratio_and_leave_stock_sizing_alone(monkeypatch
     assert 2.2 * (40_000 - layout.hot_tokens) < sealed < 3.0 * (40_000 - layout.hot_tokens)
     per_token = arena_granules_for(1_000_000, 3.0 / ARENA_SLACK, num_kv_heads=H_KV, head_dim=D, dtype=DT) / 1e6
     assert abs(layout.arena_granules_per_layer - sealed * per_token) <= 1 + 1e-6 * sealed * per_token
+    # everything the pool allocates fits the budget: the hot pool and its padding page dense, the arenas, and a
+    # descriptor and bounds row for every logical page
+    used = ((layout.hot_tokens + S) * cell + LAYERS * layout.arena_granules_per_layer * GRANULE_BYTES
+            + mosaic * metadata_bytes_per_token(LAYERS, H_KV, D, S, DT))  # fmt: skip
+    assert budget - S * cell < used <= budget  # up to a page of tokens lost to rounding
     assert layout.max_running_requests == (layout.hot_tokens - 256) // (2 * S)
 
 
