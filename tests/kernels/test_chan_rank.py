@@ -135,3 +135,15 @@ def test_chan_rank_large_on_gpu(algo, d):
     ks = [d // 8, d // 4, d // 2]
     auto, topk = _chan_drop_masks(x, w, ks), _chan_drop_masks(x, w, ks, use_kernel=False)
     assert all(torch.equal(auto[k], topk[k]) for k in ks)
+
+
+def test_every_launch_variant_of_the_bench_is_valid_and_exact():
+    """bench.chan_rank times these variants on the GPU: each is a launch chan_rank_fwd accepts and ranks exactly (one
+    short row block each, d 64, ties included)."""
+    from bench.chan_rank import variants
+
+    gen = torch.Generator().manual_seed(11)
+    score = _tied_scores(gen, (3,), 64)
+    want = ref_chan_rank(score)
+    for v in variants(64):
+        assert torch.equal(chan_rank_fwd(score, **v).long(), want.long()), v
