@@ -1,11 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Registers, spills and shared memory of our Triton kernels compiled for Hopper, on any machine (no GPU needed).
 
-Each kernel variant is compiled ahead of time for ``sm_90a`` (``triton.compile`` with a ``GPUTarget``), and the PTX is
-assembled by the ``ptxas`` that ships in Triton's wheel with ``-v``: registers per thread, spill bytes, stack frame,
-plus Triton's shared memory. From those, the resident blocks per SM (65,536 registers, 228 KB of shared memory, 64
-warps per SM on an H100/H200). A decode kernel whose loads wait on each other needs many warps in flight to reach
-HBM bandwidth; a variant at 255 registers with spills keeps very few. The numbers come from the compiler, not a GPU:
+Each kernel variant is compiled ahead of time for ``sm_90a`` (``triton.compile`` with a ``GPUTarget``), specialized as
+Triton's launcher would specialize a launch with the strides of the 8B shape's buffers (:func:`specialize`), and the
+PTX is assembled by the ``ptxas`` that ships in Triton's wheel with ``-v``: registers per thread, spill bytes, stack
+frame, plus Triton's shared memory. From those, the resident blocks per SM (65,536 registers, 228 KB of shared
+memory, 64 warps per SM on an H100/H200). A decode kernel whose loads wait on each other needs many warps in flight
+to reach HBM bandwidth; a variant at 255 registers keeps very few. The numbers come from the compiler, not a GPU:
 time a variant on one before taking it (``python -m bench.decode_speed --tune``).
 
     python -m bench.kernel_regs                       # every kernel, default launches
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import triton
 import triton.language as tl
@@ -90,18 +91,52 @@ def occupancy(registers: int, num_warps: int, shared_bytes: int) -> int:
     return max(0, min(by_regs, by_shared, SM_MAX_WARPS // num_warps))
 
 
-def compile_variant(name: str, fn, signature: Dict[str, str], constexprs: Dict[str, object], num_warps: int,
-                    num_stages: int, config: Dict[str, object]) -> Variant:  # fmt: skip
-    """Compile ``fn`` for sm_90a and read its resources."""
+Attrs = Dict[Tuple[int, ...], list]
+
+
+def specialize(fn, pointers: Dict[str, str], floats: Sequence[str], values: Dict[str, int],
+               constexprs: Dict[str, object]) -> Tuple[Dict[str, str], Dict[str, object], Attrs]:  # fmt: skip
+    """Signature, constexprs and attributes of ``fn`` as Triton's launcher specializes a real launch: every pointer
+    16-byte aligned (``tt.divisibility`` 16), an integer argument equal to 1 a constant and one divisible by 16 marked
+    so, unless the kernel lists it in ``do_not_specialize``; ``values`` are the integers of a representative launch
+    (strides decide vectorization, so they matter)."""
+    sig: Dict[str, str] = {}
+    consts = dict(constexprs)
+    attrs: Attrs = {}
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if p.is_constexpr or name in consts:
+            sig[name] = "constexpr"
+            if name not in consts:
+                raise ValueError(f"{fn.__name__}: expected a value for constexpr {name}, got none")
+        elif name in pointers:
+            sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            if name not in values:
+                raise ValueError(f"{fn.__name__}: expected a representative value for {name}, got none")
+            v = int(values[name])
+            if not p.do_not_specialize and v == 1:
+                sig[name], consts[name] = "constexpr", 1
+            else:
+                sig[name] = "i32"
+                if not p.do_not_specialize and v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def compile_variant(name: str, fn, pointers: Dict[str, str], floats: Sequence[str], values: Dict[str, int],
+                    constexprs: Dict[str, object], num_warps: int, num_stages: int,
+                    config: Dict[str, object]) -> Variant:  # fmt: skip
+    """Compile ``fn`` for sm_90a, specialized as a launch with ``values`` would be, and read its resources."""
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError(f"{name}: expected a compiled Triton kernel, got {type(fn).__name__} (TRITON_INTERPRET is "
                            "set: run without it)")
-    sig = dict(signature)
-    sig.update({k: "constexpr" for k in constexprs})
-    missing = [a for a in fn.arg_names if a not in sig]
-    if missing:
-        raise ValueError(f"{name}: expected a type for every argument, got none for {missing}")
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+    sig, consts, attrs = specialize(fn, pointers, floats, values, constexprs)
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
@@ -116,8 +151,17 @@ def compile_variant(name: str, fn, signature: Dict[str, str], constexprs: Dict[s
                    warps_per_sm=blocks * num_warps, **info)  # fmt: skip
 
 
-def _scalar_types(fn, pointers: Dict[str, str], floats: Sequence[str], constexprs: Dict[str, object]) -> Dict[str, str]:
-    return {a: pointers.get(a, "fp32" if a in floats else "i32") for a in fn.arg_names if a not in constexprs}
+# Representative launches: the Llama-3.1-8B shape (32 q / 8 KV heads), batch 32, 16 splits, contiguous tensors
+# (the strides SGLang's buffers and the backend's scratch have); widths of tables are not specialized anyway.
+def _decode_values(d: int, h_q: int = 32, h_kv: int = 8, splits: int = 16, budget: int = 64) -> Dict[str, int]:
+    return dict(stride_q_b=h_q * d, stride_q_h=d, stride_q_d=1, stride_desc_n=8, stride_sel_b=h_kv * budget,
+                stride_sel_h=budget, stride_sel_i=1, nsel=budget, num_splits=splits, stride_kt_t=h_kv * d,
+                stride_kt_h=d, stride_kt_d=1, stride_vt_t=h_kv * d, stride_vt_h=d, stride_vt_d=1,
+                stride_po_b=h_q * splits * d, stride_po_h=splits * d, stride_po_s=d, stride_po_d=1,
+                stride_pl_b=h_q * splits, stride_pl_h=splits, stride_pl_s=1, stride_o_b=h_q * d, stride_o_h=d,
+                stride_o_d=1, stride_lse_b=0, stride_lse_h=0, stride_bd_n=2 * d, stride_bd_2=d, stride_bd_d=1,
+                stride_ids_b=h_kv * 256, stride_ids_h=256, stride_ids_i=1, stride_out_b=h_kv * 256,
+                stride_out_h=256, stride_out_i=1, max_segs=256)  # fmt: skip
 
 
 def sparse_decode_variants(head_dims, block_ns, chan_modes, warps, stages, group: int = 4) -> List[Variant]:
@@ -130,8 +174,8 @@ def sparse_decode_variants(head_dims, block_ns, chan_modes, warps, stages, group
         consts = dict(GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=bn, R_BLOCK=16,
                       COMPUTE_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", CHAN_MODE=chan, DIRECT_OUT=False,
                       HAS_LSE=False)  # fmt: skip
-        sig = _scalar_types(_sparse_decode_split_kernel, pointers, ("qk_scale",), consts)
-        out.append(compile_variant("sparse_decode_split", _sparse_decode_split_kernel, sig, consts, w, s,
+        out.append(compile_variant("sparse_decode_split", _sparse_decode_split_kernel, pointers, ("qk_scale",),
+                                   _decode_values(d), consts, w, s,
                                    {"head_dim": d, "block_n": bn, "chan_mode": chan, "group": group}))  # fmt: skip
     return out
 
@@ -142,8 +186,8 @@ def segment_scores_variants(head_dims, group: int = 4, block_s: int = 16) -> Lis
     out = []
     for d in head_dims:
         consts = dict(GROUP=group, HEAD_DIM=d, BLOCK_S=block_s)
-        sig = _scalar_types(_segment_scores_main_kernel, pointers, ("sm_scale",), consts)
-        out.append(compile_variant("segment_scores_main", _segment_scores_main_kernel, sig, consts, 4, 3,
+        out.append(compile_variant("segment_scores_main", _segment_scores_main_kernel, pointers, ("sm_scale",),
+                                   _decode_values(d), consts, 4, 3,
                                    {"head_dim": d, "block_s": block_s, "group": group}))  # fmt: skip
     return out
 
@@ -155,11 +199,11 @@ def chan_rank_variants(head_dims) -> List[Variant]:
     out = []
     for d in head_dims:
         br = default_block_r(d)
+        values = dict(stride_s_r=d, stride_s_d=1, stride_o_r=d, stride_o_d=1, n_rows=32768 * 64)
         for name, fn, consts in (("chan_rank_sort", _chan_rank_sort_kernel, dict(HEAD_DIM=d, BLOCK_R=br)),
                                  ("chan_rank_count", _chan_rank_count_kernel,
                                   dict(HEAD_DIM=d, BLOCK_R=br, BLOCK_J=1, UNROLL=True))):  # fmt: skip
-            sig = _scalar_types(fn, pointers, (), consts)
-            out.append(compile_variant(name, fn, sig, consts, 4, 3, {"head_dim": d, "block_r": br}))
+            out.append(compile_variant(name, fn, pointers, (), values, consts, 4, 3, {"head_dim": d, "block_r": br}))
     return out
 
 

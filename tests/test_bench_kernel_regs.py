@@ -64,3 +64,25 @@ def test_an_interpreted_kernel_is_refused_with_the_reason():
         pytest.skip("kernels are compiled in this session")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET is set"):
         K.chan_rank_variants([64])
+
+
+def test_specialize_follows_the_launchers_rules():
+    """As Triton specializes a launch: pointers aligned, an int equal to 1 a constant, an int divisible by 16 marked,
+    neither for an argument in do_not_specialize; a missing value is an error naming it."""
+    from types import SimpleNamespace as P
+
+    fn = P(__name__="k", params=[P(name="x_ptr", is_constexpr=False, do_not_specialize=False),
+                                 P(name="stride_a", is_constexpr=False, do_not_specialize=False),
+                                 P(name="stride_b", is_constexpr=False, do_not_specialize=False),
+                                 P(name="width", is_constexpr=False, do_not_specialize=True),
+                                 P(name="odd", is_constexpr=False, do_not_specialize=False),
+                                 P(name="scale", is_constexpr=False, do_not_specialize=False),
+                                 P(name="BLOCK", is_constexpr=True, do_not_specialize=False)])  # fmt: skip
+    values = {"stride_a": 1, "stride_b": 128, "width": 64, "odd": 7}
+    sig, consts, attrs = K.specialize(fn, {"x_ptr": "*bf16"}, ("scale",), values, {"BLOCK": 32})
+    assert sig == {"x_ptr": "*bf16", "stride_a": "constexpr", "stride_b": "i32", "width": "i32", "odd": "i32",
+                   "scale": "fp32", "BLOCK": "constexpr"}  # fmt: skip
+    assert consts == {"BLOCK": 32, "stride_a": 1}
+    assert attrs == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+    with pytest.raises(ValueError, match="expected a representative value for odd"):
+        K.specialize(fn, {"x_ptr": "*bf16"}, ("scale",), {"stride_a": 1, "stride_b": 128, "width": 64}, {"BLOCK": 32})
