@@ -70,6 +70,7 @@ __all__ = [
     "Completion",
     "HttpBackend",
     "HttpError",
+    "served_context_length",
     "TransformersBackend",
     "build_samples",
     "main",
@@ -125,6 +126,18 @@ class Completion:
 # =====================================================================================================================
 class HttpError(RuntimeError):
     """A request to the server failed for good (after retries, or with a status that retrying cannot fix)."""
+
+
+def served_context_length(get: Callable[[str], Any]) -> Optional[int]:
+    """The model's context length as an SGLang server serves it: ``/v1/models`` (``max_model_len``), else
+    ``/get_model_info`` (``context_length``); ``None`` if neither gives it. ``get(path)``: the JSON body of a GET, or
+    ``None`` when the server did not answer with one. (``/server_info``'s ``context_length`` is the flag, ``None``
+    unless it was given.)"""
+    models = get("/v1/models")
+    if isinstance(models, dict) and models.get("data") and models["data"][0].get("max_model_len"):
+        return int(models["data"][0]["max_model_len"])
+    info = get("/get_model_info")
+    return int(info["context_length"]) if isinstance(info, dict) and info.get("context_length") else None
 
 
 class HttpBackend:

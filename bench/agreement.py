@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from bench.accuracy import HttpBackend, HttpError, environment, setup_logging
+from bench.accuracy import HttpBackend, HttpError, environment, served_context_length, setup_logging
 from bench.essays import PACKAGE, VERSION, EssayContext, build_contexts, load_essays, token_stream
 
 logger = logging.getLogger("bench.agreement")
@@ -359,20 +359,9 @@ class GenerateBackend:
                 kept.update({k: v for k, v in info.items() if k == "kv_compressor" or k.startswith("mosaic_")})
                 kept["endpoint"] = path
                 if kept.get("context_length") is None:  # SGLang reports the flag, None unless given
-                    kept["context_length"] = self.served_context_length()
+                    kept["context_length"] = served_context_length(self.http._get_optional)
                 return kept
         return None
-
-    def served_context_length(self) -> Optional[int]:
-        """The model's context length as served: ``/v1/models`` (``max_model_len``) or ``/get_model_info``."""
-        models = self.http._get_optional("/v1/models")
-        try:
-            return int(models["data"][0]["max_model_len"])  # type: ignore[index]
-        except (TypeError, KeyError, IndexError, ValueError):
-            pass
-        info = self.http._get_optional("/get_model_info")
-        length = info.get("context_length") if isinstance(info, dict) else None
-        return int(length) if length else None
 
     def describe(self) -> Dict[str, Any]:
         return {"url": self.url, "model": self.model, "tokenizer": self.tokenizer}

@@ -64,6 +64,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from bench.accuracy import served_context_length
 from bench.bad_input import error_message
 
 GENERATE = "/generate"
@@ -927,13 +928,8 @@ def restarts_seen(before: Dict[str, Any], after: Dict[str, Any], exited: Optiona
 
 
 def server_context_len(base: str) -> Optional[int]:
-    """The server's context length from ``/v1/models`` (``max_model_len``) or ``/get_model_info``; None if neither
-    gives it."""
-    models = http_json(base, "/v1/models")
-    if isinstance(models, dict) and models.get("data") and models["data"][0].get("max_model_len"):
-        return int(models["data"][0]["max_model_len"])
-    info = http_json(base, "/get_model_info")
-    return int(info["context_length"]) if isinstance(info, dict) and info.get("context_length") else None
+    """The server's context length (:func:`bench.accuracy.served_context_length`); None if it gives none."""
+    return served_context_length(lambda path: http_json(base, path))
 
 
 def _identity(server: ServerHandle) -> Dict[str, Any]:
