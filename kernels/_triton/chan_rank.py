@@ -31,6 +31,19 @@ def _order_key(s):
 
 
 @triton.jit
+def _load_row_keys(score_ptr, stride_s_r, stride_s_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's ``BLOCK_R`` rows: their indices, which exist, the column indices, the rows' start pointers and
+    their order keys ``[BLOCK_R, HEAD_DIM]``."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_row = rows < n_rows
+    cols = tl.arange(0, HEAD_DIM)
+    # int64 row offsets: n_rows * HEAD_DIM passes 2**31 for a large seal (e.g. 32768 segments x 64 tokens x 128)
+    row_ptrs = score_ptr + rows.to(tl.int64)[:, None] * stride_s_r
+    key = _order_key(tl.load(row_ptrs + cols[None, :] * stride_s_d, mask=in_row[:, None], other=0.0))
+    return rows, in_row, cols, row_ptrs, key
+
+
+@triton.jit
 def _count_ahead(rank, key_i, row_ptrs, in_row, cols, j0, stride_s_d, BLOCK_J: tl.constexpr):
     """``rank`` plus, for each ``i``, the channels ``j0 <= j < j0 + BLOCK_J`` ranked ahead of it."""
     jj = j0 + tl.arange(0, BLOCK_J)
@@ -58,12 +71,7 @@ def _chan_rank_count_kernel(
 ):
     tl.static_assert(HEAD_DIM <= 256)  # ranks are stored as uint8
     tl.static_assert(BLOCK_J <= HEAD_DIM)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    in_row = rows < n_rows
-    cols = tl.arange(0, HEAD_DIM)
-    # int64 row offsets: n_rows * HEAD_DIM passes 2**31 for a large seal (e.g. 32768 segments x 64 tokens x 128)
-    row_ptrs = score_ptr + rows.to(tl.int64)[:, None] * stride_s_r
-    key_i = _order_key(tl.load(row_ptrs + cols[None, :] * stride_s_d, mask=in_row[:, None], other=0.0))
+    rows, in_row, cols, row_ptrs, key_i = _load_row_keys(score_ptr, stride_s_r, stride_s_d, n_rows, HEAD_DIM, BLOCK_R)
     rank = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.int32)
     if UNROLL:
         for j0 in tl.static_range(0, HEAD_DIM, BLOCK_J):
@@ -88,11 +96,7 @@ def _chan_rank_sort_kernel(
     BLOCK_R: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM <= 256)  # the channel index fits the composite's low 8 bits; ranks fit uint8
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    in_row = rows < n_rows
-    cols = tl.arange(0, HEAD_DIM)
-    row_ptrs = score_ptr + rows.to(tl.int64)[:, None] * stride_s_r  # int64: see _chan_rank_count_kernel
-    key = _order_key(tl.load(row_ptrs + cols[None, :] * stride_s_d, mask=in_row[:, None], other=0.0))
+    rows, in_row, cols, _, key = _load_row_keys(score_ptr, stride_s_r, stride_s_d, n_rows, HEAD_DIM, BLOCK_R)
     # distinct composites, larger = ranked first: the key, then the lower channel index
     comp = (key.to(tl.int64) << 8) | (255 - cols[None, :]).to(tl.int64)
     ordered = tl.sort(comp, dim=1, descending=True)  # [BLOCK_R, HEAD_DIM]: position p holds the rank-p channel
