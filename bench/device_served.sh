@@ -56,7 +56,8 @@ pack_results() {  # on exit, also a failed one: the device tool brings back a li
   # only when the step compiled something (a restored, unchanged cache is already where it came from)
   local caches=()
   for c in flashinfer tvm-ffi; do [ -d "$HOME/.cache/$c" ] && caches+=("$c"); done
-  if [ ${#caches[@]} -gt 0 ] && [ -n "$(find "${caches[@]/#/$HOME/.cache/}" -type f -newer "$start_marker" -print -quit 2>/dev/null)" ]; then
+  if [ ${#caches[@]} -gt 0 ] \
+      && [ -n "$(find "${caches[@]/#/$HOME/.cache/}" -type f -newer "$start_marker" -print -quit 2>/dev/null)" ]; then
     tar czf "$OUT/jit-cache.tgz" -C "$HOME/.cache" "${caches[@]}"
     if [ "$(stat -c %s "$OUT/jit-cache.tgz")" -gt $((60 << 20)) ]; then
       echo "JIT caches $(du -sh "$OUT/jit-cache.tgz" | cut -f1) compressed: too large to bring back"
@@ -287,9 +288,9 @@ case "$step" in
       --out "$out" > "$out/sweep.log" 2>&1 || echo "sweep rc=$?"
     ;;
   kernels)
-    # the seal planner's cost and profile first (90 s each at most), then the kernel tests compiled for the GPU (bf16
-    # included; the chan rebuild modes among them) with the time left
-    # the chan rank kernel against torch's int64 top-k (the seal's largest op), then the seal with each
+    # the chan rank kernel against torch's int64 top-k (the seal's largest op), the seal planner's cost and profile
+    # with the top-k and with the kernel, then the kernel tests compiled for the GPU (bf16 included; the chan rebuild
+    # modes among them) with the time left
     timeout 120 python3 -m bench.chan_rank --segments 32768 --seg-size 64 --head-dim 128 --json \
       > "$out/chan-rank.json" 2> "$out/chan-rank.log" || echo "chan_rank rc=$?"
     for pages in 8 128; do
