@@ -86,23 +86,27 @@ class FakeOpenAI(LocalServer):
                 try:
                     time.sleep(state.delay)
                     if state.completion_body is not None:
-                        return self._send(200, state.completion_body(body))
-                    text = state.answer(body["prompt"])
-                    words = body["prompt"].split()
-                    usage: Dict[str, Any] = {"prompt_tokens": len(words), "completion_tokens": len(text.split()),
-                                             "total_tokens": 0}
-                    if state.cache_report:
-                        usage["prompt_tokens_details"] = {"cached_tokens": max(
-                            [0] + [len(os.path.commonprefix([words, e])) for e in earlier])}
-                    with state.lock:
-                        record["t_done"] = time.monotonic()
-                    self._send(200, {
-                        "id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
-                        "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "usage": usage,
-                    })
+                        reply = state.completion_body(body)
+                    else:
+                        reply = self._completion(body, earlier)
+                        with state.lock:
+                            record["t_done"] = time.monotonic()
                 finally:
+                    # Before the reply is written: a client may send its next request as soon as it reads this one.
                     with state.lock:
                         state.in_flight -= 1
+                self._send(200, reply)
+
+            def _completion(self, body: Dict[str, Any], earlier: List[List[str]]) -> Dict[str, Any]:
+                text = state.answer(body["prompt"])
+                words = body["prompt"].split()
+                usage: Dict[str, Any] = {"prompt_tokens": len(words), "completion_tokens": len(text.split()),
+                                         "total_tokens": 0}
+                if state.cache_report:
+                    usage["prompt_tokens_details"] = {"cached_tokens": max(
+                        [0] + [len(os.path.commonprefix([words, e])) for e in earlier])}
+                return {"id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
+                        "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "usage": usage}
 
         self._serve(Handler)
         return self
