@@ -11,6 +11,7 @@ time a variant on one before taking it (``python -m bench.decode_speed --tune``)
 
     python -m bench.kernel_regs                       # every kernel, default launches
     python -m bench.kernel_regs --kernel sparse_decode --head-dim 128 --block-n 32 64 --warps 4 8 --json
+    python -m bench.kernel_regs --kernel sparse_decode --maxnreg 128 168   # register caps: what spills
 """
 
 from __future__ import annotations
@@ -129,15 +130,16 @@ def specialize(fn, pointers: Dict[str, str], floats: Sequence[str], values: Dict
 
 def compile_variant(name: str, fn, pointers: Dict[str, str], floats: Sequence[str], values: Dict[str, int],
                     constexprs: Dict[str, object], num_warps: int, num_stages: int,
-                    config: Dict[str, object]) -> Variant:  # fmt: skip
-    """Compile ``fn`` for sm_90a, specialized as a launch with ``values`` would be, and read its resources."""
+                    config: Dict[str, object], maxnreg: Optional[int] = None) -> Variant:  # fmt: skip
+    """Compile ``fn`` for sm_90a, specialized as a launch with ``values`` would be, and read its resources.
+    ``maxnreg``: the launch option of that name (a register cap per thread; ptxas spills what does not fit)."""
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError(f"{name}: expected a compiled Triton kernel, got {type(fn).__name__} (TRITON_INTERPRET is "
                            "set: run without it)")
     sig, consts, attrs = specialize(fn, pointers, floats, values, constexprs)
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
+                              options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
@@ -164,19 +166,22 @@ def _decode_values(d: int, h_q: int = 32, h_kv: int = 8, splits: int = 16, budge
                 stride_out_h=256, stride_out_i=1, max_segs=256)  # fmt: skip
 
 
-def sparse_decode_variants(head_dims, block_ns, chan_modes, warps, stages, group: int = 4) -> List[Variant]:
+def sparse_decode_variants(head_dims, block_ns, chan_modes, warps, stages, group: int = 4,
+                           maxnregs: Sequence[Optional[int]] = (None,)) -> List[Variant]:
     """The split kernel of the sparse decode (bf16 arena and queries, GQA group ``group``)."""
     pointers = {"q_ptr": "*bf16", "arena_ptr": "*bf16", "arena_i32_ptr": "*i32", "desc_ptr": "*i32", "sel_ptr": "*i32",
                 "kt_ptr": "*bf16", "vt_ptr": "*bf16", "tail_indptr_ptr": "*i32", "tail_idx_ptr": "*i64",
                 "po_ptr": "*fp32", "plse_ptr": "*fp32", "out_ptr": "*bf16", "lse_ptr": "*fp32"}  # fmt: skip
     out = []
-    for d, bn, chan, w, s in itertools.product(head_dims, block_ns, chan_modes, warps, stages):
+    for d, bn, chan, w, s, cap in itertools.product(head_dims, block_ns, chan_modes, warps, stages, maxnregs):
         consts = dict(GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=bn, R_BLOCK=16,
                       COMPUTE_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", CHAN_MODE=chan, DIRECT_OUT=False,
                       HAS_LSE=False)  # fmt: skip
+        config = {"head_dim": d, "block_n": bn, "chan_mode": chan, "group": group}
+        if cap is not None:
+            config["maxnreg"] = cap
         out.append(compile_variant("sparse_decode_split", _sparse_decode_split_kernel, pointers, ("qk_scale",),
-                                   _decode_values(d), consts, w, s,
-                                   {"head_dim": d, "block_n": bn, "chan_mode": chan, "group": group}))  # fmt: skip
+                                   _decode_values(d), consts, w, s, config, cap))  # fmt: skip
     return out
 
 
@@ -215,6 +220,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--chan-mode", nargs="+", type=int, default=[0], help="sparse decode: chan rebuild modes")
     p.add_argument("--warps", nargs="+", type=int, default=[4], help="sparse decode: warps per program")
     p.add_argument("--stages", nargs="+", type=int, default=[2], help="sparse decode: pipeline stages")
+    p.add_argument("--maxnreg", nargs="+", type=int, default=[None],
+                   help="sparse decode: register caps per thread (launch option maxnreg; default none)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     return p.parse_args(argv)
 
@@ -223,7 +230,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     rows: List[Variant] = []
     if "sparse_decode" in args.kernel:
-        rows += sparse_decode_variants(args.head_dim, args.block_n, args.chan_mode, args.warps, args.stages)
+        rows += sparse_decode_variants(args.head_dim, args.block_n, args.chan_mode, args.warps, args.stages,
+                                       maxnregs=args.maxnreg)
     if "segment_scores" in args.kernel:
         rows += segment_scores_variants(args.head_dim)
     if "chan_rank" in args.kernel:

@@ -58,6 +58,20 @@ def test_chan_rank_sort_compiles_for_hopper_without_spills():
     assert variants["chan_rank_count"]["config"] == {"head_dim": 128, "block_r": 8}
 
 
+def test_sparse_decode_register_cap_reaches_ptxas():
+    """``--maxnreg`` caps the split kernel's registers (ptxas spills the rest, and says so); at head_dim 64 a cap of
+    168 holds it at 3 blocks of 4 warps per SM, where uncapped ptxas takes more registers for 2."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "sparse_decode", "--head-dim", "64",
+                          "--maxnreg", "96", "168", "--json"], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    tight, loose = json.loads(out.stdout)
+    assert (tight["config"]["maxnreg"], loose["config"]["maxnreg"]) == (96, 168)
+    assert tight["registers"] <= 96 and tight["spill_store_bytes"] > 0 and tight["blocks_per_sm"] >= 5
+    assert loose["registers"] <= 168 and loose["blocks_per_sm"] == 3
+
+
 def test_an_interpreted_kernel_is_refused_with_the_reason():
     """Under TRITON_INTERPRET (this session) the kernels are not compilable: one error naming the variable."""
     if os.environ.get("TRITON_INTERPRET") != "1":

@@ -117,11 +117,13 @@ def _reconstruct_rows(
     R_BLOCK: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
     CHAN_MODE: tl.constexpr,
+    WITH_LOWRANK: tl.constexpr = True,
 ):
     """Rows ``rows`` (``[BLOCK_N]`` segment-local indices, masked by ``row_mask``) of one payload as a
     ``[BLOCK_N, HEAD_DIM]`` tile of ``OUT_DTYPE``; masked rows are 0. ``off`` is the payload's int64 element offset,
     ``m`` the segment's kept rows, ``form``/``param`` its descriptor fields. ``CHAN_MODE``: how chan rows are rebuilt
-    (one of the ``CHAN_*`` constants; same result)."""
+    (one of the ``CHAN_*`` constants; same result). Without ``WITH_LOWRANK`` the low-rank branch is not compiled (for
+    callers that never pass that form: it sets the register budget of the whole kernel)."""
     cols = tl.arange(0, HEAD_DIM)
     mask2 = row_mask[:, None]
     if form == FORM_CHAN:
@@ -156,7 +158,7 @@ def _reconstruct_rows(
             else:
                 x = tl.load(arena_ptr + vbase + rows[:, None] * param + pos, mask=mask2 & (bit != 0), other=0.0)
         x = x.to(OUT_DTYPE)
-    elif form == FORM_LOWRANK:
+    elif WITH_LOWRANK and form == FORM_LOWRANK:
         rr = tl.arange(0, R_BLOCK)
         acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         bbase = off + m * param
@@ -172,6 +174,60 @@ def _reconstruct_rows(
         x = tl.load(arena_ptr + off + rows[:, None] * HEAD_DIM + cols[None, :], mask=mask2, other=0.0)
         x = x.to(OUT_DTYPE)
     return x
+
+
+@triton.jit
+def _lowrank_scores(q, arena_ptr, off, param, m, rows, row_mask, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                    R_BLOCK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``q @ K[rows]^T`` for a low-rank payload ``K = A @ B`` computed as ``(q @ B^T) @ A[rows]^T``, ``R_BLOCK``
+    ranks at a time: ``[G, BLOCK_N]`` fp32 (unscaled) without rebuilding the ``[BLOCK_N, HEAD_DIM]`` rows. ``q``:
+    ``[G, HEAD_DIM]`` in ``COMPUTE_DTYPE``; the partial ``q @ B^T`` is rounded to it as a rebuilt row would be."""
+    cols = tl.arange(0, HEAD_DIM)
+    rr = tl.arange(0, R_BLOCK)
+    bbase = off + m * param
+    qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, param, R_BLOCK):
+        rk = r0 + rr
+        rmask = rk < param
+        b = tl.load(arena_ptr + bbase + rk[:, None] * HEAD_DIM + cols[None, :], mask=rmask[:, None], other=0.0)
+        qb = tl.dot(q, tl.trans(b.to(COMPUTE_DTYPE)), input_precision=DOT_PRECISION)
+        a = tl.load(arena_ptr + off + rows[:, None] * param + rk[None, :], mask=row_mask[:, None] & rmask[None, :],
+                    other=0.0)
+        qk = tl.dot(qb.to(COMPUTE_DTYPE), tl.trans(a.to(COMPUTE_DTYPE)), qk, input_precision=DOT_PRECISION)
+    return qk
+
+
+@triton.jit
+def _lowrank_weighted_sum(p, arena_ptr, off, param, m, rows, row_mask, HEAD_DIM: tl.constexpr,
+                          R_BLOCK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``p @ V[rows]`` for a low-rank payload ``V = A @ B`` computed as ``(p @ A[rows]) @ B``: ``[G, HEAD_DIM]``
+    fp32. ``p``: ``[G, BLOCK_N]`` weights in ``COMPUTE_DTYPE`` (0 on masked rows)."""
+    cols = tl.arange(0, HEAD_DIM)
+    rr = tl.arange(0, R_BLOCK)
+    bbase = off + m * param
+    out = tl.zeros([p.shape[0], HEAD_DIM], dtype=tl.float32)
+    for r0 in range(0, param, R_BLOCK):
+        rk = r0 + rr
+        rmask = rk < param
+        a = tl.load(arena_ptr + off + rows[:, None] * param + rk[None, :], mask=row_mask[:, None] & rmask[None, :],
+                    other=0.0)
+        pa = tl.dot(p, a.to(COMPUTE_DTYPE), input_precision=DOT_PRECISION)
+        b = tl.load(arena_ptr + bbase + rk[:, None] * HEAD_DIM + cols[None, :], mask=rmask[:, None], other=0.0)
+        out = tl.dot(pa.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), out, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _online_softmax_probs(qk, qk_mask, m_i, l_i, qk_scale):
+    """First half of :func:`_update_online_softmax`, from the raw scores ``qk = q @ k^T`` (fp32):
+    ``(p, alpha, m_new, l_new)``; the caller adds ``p @ v`` to ``acc * alpha``. Lets a caller score with ``k``
+    before it builds ``v``, so the two are never held at once."""
+    qk = tl.where(qk_mask, qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit

@@ -4,9 +4,10 @@
 Stage 1, ``_sparse_decode_split_kernel``, grid ``(B, H_kv, num_splits)``: program ``(b, h, s)`` loads the
 ``GROUP = H_q / H_kv`` query heads of KV head ``h`` as one ``[G_PAD, d]`` tile (``G_PAD = max(16, next_pow2(G))``
 rows, for ``tl.dot``), so every segment is read once for the whole GQA group. It walks the selected segments
-``sel_ids[b, h, s::num_splits]`` (``-1`` skipped), rebuilds each segment's K and V rows in registers from their
-packed form (dense: load; chan: mask bits, value slots and a gather, in one of the ways ``CHAN_MODE`` selects, see
-``_common.py``; low-rank: ``A @ B`` with ``tl.dot``, ``R_BLOCK`` ranks at a time), then the split's contiguous
+``sel_ids[b, h, s::num_splits]`` (``-1`` skipped) and reads each segment from its packed form: dense rows are loaded,
+chan rows rebuilt in registers (mask bits, value slots and a gather, in one of the ways ``CHAN_MODE`` selects, see
+``_common.py``), low-rank sides never rebuilt: K scored as ``(q @ B^T) @ A^T`` and V applied as ``(p @ A) @ B``,
+``R_BLOCK`` ranks at a time. K is scored before V is read, so one rebuilt tile is live at a time. Then the split's contiguous
 share of the request's dense tail (pool slots ``tail_indices[tail_indptr[b]:tail_indptr[b+1]]`` in the SGLang
 buffers ``[pool, H_kv, d]``), with an online softmax in base 2. It writes the normalized partial output and its
 natural-log LSE, or, when ``DIRECT_OUT`` (one split), the final output directly.
@@ -33,6 +34,10 @@ from ._common import (
     FORM_DENSE,
     GRANULE_ELEMS,
     _get_desc_field,
+    FORM_LOWRANK,
+    _lowrank_scores,
+    _lowrank_weighted_sum,
+    _online_softmax_probs,
     _update_online_softmax,
     _reconstruct_rows,
 )
@@ -146,12 +151,23 @@ def _sparse_decode_split_kernel(
                 for r0 in range(0, m, BLOCK_N):
                     rows = r0 + nrow
                     rmask = rows < m
-                    k = _reconstruct_rows(arena_ptr, arena_i32_ptr, k_form, k_param, m, k_off, rows, rmask,
-                                          HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE)
-                    v = _reconstruct_rows(arena_ptr, arena_i32_ptr, v_form, v_param, m, v_off, rows, rmask,
-                                          HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE)
-                    m_i, l_i, acc = _update_online_softmax(q, k, v, rmask[None, :], m_i, l_i, acc, qk_scale,
-                                                         DOT_PRECISION)
+                    # K scored, then V applied: one rebuilt [BLOCK_N, d] tile at a time; low-rank never rebuilt
+                    if k_form == FORM_LOWRANK:
+                        qk = _lowrank_scores(q, arena_ptr, k_off, k_param, m, rows, rmask, HEAD_DIM, BLOCK_N,
+                                             R_BLOCK, COMPUTE_DTYPE, DOT_PRECISION)
+                    else:
+                        k = _reconstruct_rows(arena_ptr, arena_i32_ptr, k_form, k_param, m, k_off, rows, rmask,
+                                              HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE, False)
+                        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                    p, alpha, m_i, l_i = _online_softmax_probs(qk, rmask[None, :], m_i, l_i, qk_scale)
+                    if v_form == FORM_LOWRANK:
+                        pv = _lowrank_weighted_sum(p.to(COMPUTE_DTYPE), arena_ptr, v_off, v_param, m, rows, rmask,
+                                                   HEAD_DIM, R_BLOCK, COMPUTE_DTYPE, DOT_PRECISION)
+                    else:
+                        v = _reconstruct_rows(arena_ptr, arena_i32_ptr, v_form, v_param, m, v_off, rows, rmask,
+                                              HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE, False)
+                        pv = tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
+                    acc = acc * alpha[:, None] + pv
 
     # ---- dense tail: split s takes tokens [s * chunk, (s + 1) * chunk) ------------------------------------------
     t_start = tl.load(tail_indptr_ptr + b).to(tl.int64)

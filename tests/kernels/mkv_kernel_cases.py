@@ -28,6 +28,9 @@ ALL_FORM_PAIRS = list(itertools.product((FORM_DENSE, FORM_CHAN, FORM_LOWRANK), r
 # forms="chan": chan on at least one side of every segment, chan/chan twice as often
 CHAN_FORM_PAIRS = [(FORM_CHAN, FORM_CHAN), (FORM_CHAN, FORM_DENSE), (FORM_CHAN, FORM_CHAN), (FORM_DENSE, FORM_CHAN),
                    (FORM_CHAN, FORM_LOWRANK), (FORM_LOWRANK, FORM_CHAN)]  # fmt: skip
+# forms="lowrank": low-rank on at least one side of every segment, low-rank/low-rank twice as often
+LOWRANK_FORM_PAIRS = [(FORM_LOWRANK, FORM_LOWRANK), (FORM_LOWRANK, FORM_DENSE), (FORM_LOWRANK, FORM_LOWRANK),
+                      (FORM_DENSE, FORM_LOWRANK), (FORM_LOWRANK, FORM_CHAN), (FORM_CHAN, FORM_LOWRANK)]  # fmt: skip
 
 
 
@@ -60,7 +63,8 @@ def random_plan(
 
     ``forms="mixed"`` cycles through all 9 (K form, V form) pairs (shuffled); ``"dense"`` keeps everything dense;
     ``"chan"`` cycles through :data:`CHAN_FORM_PAIRS` (shuffled) and also draws chan ``k`` at ``d / 4``, ``d / 2``
-    and one above each (the row-compact decode's tile widths). Kept rows ``m`` mix ``S``, 1 and random values
+    and one above each (the row-compact decode's tile widths); ``"lowrank"`` cycles through
+    :data:`LOWRANK_FORM_PAIRS` (shuffled). Kept rows ``m`` mix ``S``, 1 and random values
     (``full_rows`` forces ``m = S``); chan ``k`` mixes 1, ``d - 1`` and random values; low-rank ``r`` mixes 1,
     ``Rmax`` and random values. ``rmax``: the factors' columns ``Rmax``,
     or ``(K, V)`` per side, 0 giving that side no factors (its low-rank pairs become dense).
@@ -70,14 +74,15 @@ def random_plan(
         pairs = [ALL_FORM_PAIRS[i % 9] for i in range(n)]
         perm = torch.randperm(n, generator=gen).tolist()
         pairs = [pairs[i] for i in perm]
-    elif forms == "chan":
-        pairs = [CHAN_FORM_PAIRS[i % len(CHAN_FORM_PAIRS)] for i in range(n)]
+    elif forms in ("chan", "lowrank"):
+        table = CHAN_FORM_PAIRS if forms == "chan" else LOWRANK_FORM_PAIRS
+        pairs = [table[i % len(table)] for i in range(n)]
         perm = torch.randperm(n, generator=gen).tolist()
         pairs = [pairs[i] for i in perm]
     elif forms == "dense":
         pairs = [(FORM_DENSE, FORM_DENSE)] * n
     else:
-        raise ValueError(f"forms: expected 'mixed', 'chan' or 'dense', got {forms!r}")
+        raise ValueError(f"forms: expected 'mixed', 'chan', 'lowrank' or 'dense', got {forms!r}")
     k_choices = (d // 4, d // 4 + 1, d // 2, d // 2 + 1) if forms == "chan" else ()
     side_rmax = dict(zip(("k", "v"), (rmax, rmax) if isinstance(rmax, int) else rmax))
     pairs = [

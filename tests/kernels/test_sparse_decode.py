@@ -26,15 +26,24 @@ DECODE_CASES = [
 ]
 
 
+# low-rank-heavy cases, ranks up to rmax over several 16-rank steps (fields as DECODE_CASES, then rmax as (K, V))
+LOWRANK_CASES = [
+    (50, 64, 1, torch.float16, 64, 2, [0, 19, 1], [6, 2, 9], 10, torch.float16, (40, 33)),
+    (51, 128, 3, torch.float32, 64, 1, [33], [10], 10, torch.float32, (17, 48)),
+    (52, 128, 4, torch.float16, 128, 3, [97, 5], [4, 9], 10, torch.float16, (64, 16)),
+    (53, 64, 8, torch.float32, 32, 2, [1, 0], [7, 3], 8, torch.float16, (31, 32)),
+]
+
+
 class DecodeInputs:
     """Everything sparse_decode_fwd takes, for one seeded case."""
 
     def __init__(self, seed, d, group, qdt, s, num_splits, tail_lens, counts, nsel, tail_dtype, device, n_seg=12,
-                 strided=False, forms="mixed"):  # fmt: skip
+                 strided=False, forms="mixed", rmax=16):  # fmt: skip
         bsz = len(counts)
         pool = n_seg * s + sum(tail_lens) + 7
         self.case = build_packed(seed, n=n_seg, seg_size=s, head_dim=d, h_kv=H_KV, pool=pool, device=device,
-                                 forms=forms)  # fmt: skip
+                                 forms=forms, rmax=rmax)  # fmt: skip
         gen = torch.Generator().manual_seed(seed + 1000)
         self.kt = torch.randn(pool, H_KV, d, generator=gen).to(tail_dtype).to(device)
         self.vt = torch.randn(pool, H_KV, d, generator=gen).to(tail_dtype).to(device)
@@ -76,6 +85,22 @@ def test_sparse_decode_matches_reference(seed, d, group, qdt, s, splits, tails, 
     assert torch.equal(torch.isneginf(got_lse), torch.isneginf(ref_lse))
     fin = torch.isfinite(ref_lse)
     torch.testing.assert_close(got_lse[fin], ref_lse[fin], **tol(qdt))
+
+
+@pytest.mark.parametrize("seed, d, group, qdt, s, splits, tails, counts, nsel, tdt, rmax", LOWRANK_CASES)
+def test_sparse_decode_low_rank_matches_reference(seed, d, group, qdt, s, splits, tails, counts, nsel, tdt, rmax,
+                                                  device, tol):  # fmt: skip
+    """Low-rank K is scored as ``(q B^T) A^T`` and low-rank V applied as ``(p A) B`` without rebuilding rows: same
+    output and LSE as the fp64 reference, for ranks 1 to 64 (one to four 16-rank steps, ragged last step), kept rows
+    1 to S, mixed with dense and chan sides."""
+    x = DecodeInputs(seed, d, group, qdt, s, splits, tails, counts, nsel, tdt, device, n_seg=14, forms="lowrank",
+                     rmax=rmax)  # fmt: skip
+    ref, ref_lse = x.ref()
+    x.run()
+    torch.testing.assert_close(x.out.double().cpu(), ref, **tol(qdt))
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(x.lse.double().cpu()), torch.isneginf(ref_lse))
+    torch.testing.assert_close(x.lse.double().cpu()[fin], ref_lse[fin], **tol(qdt))
 
 
 # chan-heavy cases for the chan modes (fields as DECODE_CASES)
