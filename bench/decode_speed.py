@@ -130,6 +130,7 @@ def build_plan(n: int, d: int, ratio: float, gen: torch.Generator, device: torch
 TUNE_WARPS = (2, 4, 8)
 TUNE_STAGES = (1, 2, 3)
 TUNE_SPLIT_FACTORS = (0.5, 1, 2, 4)
+TUNE_MAXNREG = (None, 168, 128)  # register caps per thread timed at the best configuration (None: ptxas chooses)
 
 
 def tune_variants(splits: int, max_splits: int = 64) -> list[tuple[int, int, int]]:
@@ -332,6 +333,20 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
                              name, err)  # fmt: skip
         logger.info("tune %s ctx=%d bs=%d chan modes at the best configuration: %s", shape, ctx, bsz,
                     ", ".join(f"{c['name']} {c['ms']:.3f} ms" for c in row["tune_chan"]))  # fmt: skip
+        row["tune_maxnreg"] = []
+        for cap in TUNE_MAXNREG:
+
+            def variant(po=po, pl=pl, b=best, c=cap):
+                sparse_decode_fwd(q, arena, desc, sel, k_all, v_all, tail_indptr, tail_indices, out, po, pl,
+                                  num_splits=b["num_splits"], num_warps=b["num_warps"], num_stages=b["num_stages"],
+                                  maxnreg=c)  # fmt: skip
+
+            variant()
+            torch.cuda.synchronize()
+            ms = timed(variant, args.rep_ms, graph)
+            row["tune_maxnreg"].append(dict(maxnreg=cap, ms=ms, tbps=(payload + tail_bytes) / (ms * 1e-3) / 1e12))
+        logger.info("tune %s ctx=%d bs=%d register caps at the best configuration: %s", shape, ctx, bsz,
+                    ", ".join(f"{c['maxnreg'] or 'none'} {c['ms']:.3f} ms" for c in row["tune_maxnreg"]))
         logger.info("tune %s ctx=%d bs=%d: default %.3f ms (4 warps, 2 stages, %d splits), best %.3f ms %s", shape,
                     ctx, bsz, t_dec, splits, best["ms"], best)  # fmt: skip
     kv = arena = tok = k_all = v_all = None  # free the cache before the next case (the closures hold these names)
@@ -441,6 +456,17 @@ def markdown(rows: list[dict], pack: dict, copy_bw: float, device_name: str) -> 
                                for c in cs)  # fmt: skip
             lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {b['num_warps']}/{b['num_stages']}/"
                          f"{b['num_splits']} | {cells} | {fast['name']} | {fast['tbps']:.2f} |")  # fmt: skip
+    caps = [r for r in rows if r.get("tune_maxnreg")]
+    if caps:
+        names = [str(c["maxnreg"] or "none") for c in caps[0]["tune_maxnreg"]]
+        lines += ["", "register caps per thread (maxnreg) at each case's best launch configuration (decode-only ms)",
+                  "", "| shape | context | batch | " + " | ".join(names) + " | fastest |",
+                  "|---|---|---|" + "---|" * len(names) + "---|"]  # fmt: skip
+        for r in caps:
+            cs = r["tune_maxnreg"]
+            fast = min(cs, key=lambda c: c["ms"])
+            lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | "
+                         + " | ".join(f"{c['ms']:.3f}" for c in cs) + f" | {fast['maxnreg'] or 'none'} |")
     if pack:
         lines += [
             "",
@@ -468,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", action="store_true",
                    help="also time the sparse decode kernel under other launch configurations (warps x stages x "
                         "splits, see tune_variants), report the best per case, and time every chan reconstruction "
-                        "mode (sparse_decode.CHAN_MODE_NAMES) at that best configuration")
+                        "mode (sparse_decode.CHAN_MODE_NAMES) and register cap (TUNE_MAXNREG) at that best "
+                        "configuration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/decode_speed.json"))
     args = p.parse_args(argv)

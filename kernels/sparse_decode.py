@@ -36,6 +36,7 @@ __all__ = [
     "MAX_NUM_SPLITS",
     "NUM_WARPS",
     "NUM_STAGES",
+    "MAXNREG",
     "CHAN_MODE",
     "CHAN_MODE_NAMES",
     "CHAN_PTR_GATHER",
@@ -50,6 +51,9 @@ _R_BLOCK = 16
 # Launch configuration of the split kernel (``bench.decode_speed --tune`` times the alternatives on a GPU).
 NUM_WARPS = 4
 NUM_STAGES = 2
+# Register cap per thread of the split kernel (Triton's ``maxnreg``; None: ptxas chooses, 217-245 at 4 warps, which
+# leaves 2 programs per SM). ``bench.kernel_regs --maxnreg`` shows what a cap spills; ``--tune`` times caps.
+MAXNREG: Optional[int] = None
 _WARP_CHOICES = (1, 2, 4, 8, 16)
 # How the kernels rebuild chan rows (the CHAN_MODE constexpr; docs/packed-format.md, "Chan reconstruction"). All
 # modes give the same rows; ``bench.decode_speed --tune`` times them.
@@ -120,6 +124,7 @@ def sparse_decode_fwd(
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     chan_mode: Optional[int] = None,
+    maxnreg: Optional[int] = MAXNREG,
 ) -> torch.Tensor:
     """Decode attention of one layer over (selected packed segments) + (dense tail), split-K.
 
@@ -165,6 +170,9 @@ def sparse_decode_fwd(
         How chan rows are rebuilt: :data:`CHAN_PTR_GATHER`, :data:`CHAN_TL_GATHER`, :data:`CHAN_POPCOUNT` or
         :data:`CHAN_ROW_COMPACT` (same output; speed differs). ``None``: :data:`CHAN_MODE`. Each mode is a
         compiled variant.
+    maxnreg : int, optional
+        Register cap per thread of the split kernel (32 to 255; ptxas spills what does not fit), ``None`` for none.
+        Each cap is a compiled variant.
 
     Returns
     -------
@@ -194,6 +202,8 @@ def sparse_decode_fwd(
         raise ValueError(f"num_warps: expected one of {_WARP_CHOICES}, got {num_warps}")
     _checks.check_int(num_stages, "num_stages", lo=1, hi=6)
     chan = resolve_chan_mode(chan_mode)
+    if maxnreg is not None:
+        _checks.check_int(maxnreg, "maxnreg", lo=32, hi=255)
     _checks.check_tensor(partial_out, "partial_out", shape=(bsz, h_q, num_splits, d), dtype=torch.float32, device=dev)
     _checks.check_tensor(partial_lse, "partial_lse", shape=(bsz, h_q, num_splits), dtype=torch.float32, device=dev)
     if out_lse is not None:
@@ -223,7 +233,7 @@ def sparse_decode_fwd(
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=_BLOCK_N, R_BLOCK=_R_BLOCK,
         COMPUTE_DTYPE=compute, DOT_PRECISION=precision, CHAN_MODE=chan,
         DIRECT_OUT=direct, HAS_LSE=out_lse is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
     )  # fmt: skip
     if not direct:
         _sparse_decode_merge_kernel[(bsz, h_q)](

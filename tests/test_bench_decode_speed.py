@@ -57,3 +57,21 @@ def test_markdown_chan_mode_table_marks_a_wrong_mode_and_never_calls_it_fastest(
     text = markdown(rows, {}, 4.0e12, "test")
     line = [ln for ln in text.splitlines() if ln.startswith("| llama-3.1-8b | 8192 | 16 | 4/1/16 |")]
     assert line == ["| llama-3.1-8b | 8192 | 16 | 4/1/16 | 0.300* | 0.400 | 0.100 (WRONG) | 0.200 | row-compact | 0.60 |"]
+
+
+def test_markdown_register_cap_table_names_the_fastest_cap():
+    """The register-cap table lists every cap of TUNE_MAXNREG at the best launch ("none": ptxas chooses) and names the
+    fastest (rows of the 2026-12-01 H200 tune, cap times added)."""
+    import json
+    from pathlib import Path
+
+    from bench.decode_speed import TUNE_MAXNREG, markdown
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "bench/results/served-2026-12-01-g/kernel-tune/tune.json")
+                      .read_text())  # fmt: skip
+    rows = data["rows"][:1]
+    assert "register caps" not in markdown(rows, {}, 4.0e12, "test")
+    rows[0]["tune_maxnreg"] = [dict(maxnreg=c, ms=ms, tbps=1.0) for c, ms in zip(TUNE_MAXNREG, (0.30, 0.25, 0.27))]
+    text = markdown(rows, {}, 4.0e12, "test")
+    assert "| shape | context | batch | none | 168 | 128 | fastest |" in text
+    assert "| llama-3.1-8b | 8192 | 16 | 0.300 | 0.250 | 0.270 | 168 |" in text

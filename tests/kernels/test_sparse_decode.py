@@ -307,13 +307,17 @@ def test_sparse_decode_rejects_bad_scalars(device):
         with pytest.raises(ValueError, match=rf"chan_mode: expected one of 0 \(ptr-gather\), 1 \(tl-gather\), "
                                              rf"2 \(popcount\), 3 \(row-compact\), got {bad!r}"):  # fmt: skip
             sparse_decode_fwd(*x.args(), None, 2, chan_mode=bad)
+    with pytest.raises(ValueError, match="maxnreg: expected >= 32, got 16"):
+        sparse_decode_fwd(*x.args(), None, 2, maxnreg=16)
+    with pytest.raises(TypeError, match="maxnreg: expected int, got float"):
+        sparse_decode_fwd(*x.args(), None, 2, maxnreg=128.0)
 
 
-@pytest.mark.parametrize("warps, stages", [(2, 1), (8, 3)])
-def test_sparse_decode_launch_config_keeps_results(warps, stages, device, tol):
-    """Another launch configuration (the tuning bench's alternatives) gives the reference's output."""
+@pytest.mark.parametrize("warps, stages, maxnreg", [(2, 1, None), (8, 3, None), (4, 2, 128)])
+def test_sparse_decode_launch_config_keeps_results(warps, stages, maxnreg, device, tol):
+    """Another launch configuration (the tuning bench's alternatives, a register cap) gives the reference's output."""
     x = DecodeInputs(11, 128, 4, torch.float16, 16, 2, [17, 0], [5, 2], 6, torch.float16, device)
-    x.run(num_warps=warps, num_stages=stages)
+    x.run(num_warps=warps, num_stages=stages, maxnreg=maxnreg)
     ref, _ = x.ref()
     torch.testing.assert_close(x.out.double().cpu(), ref, **tol(torch.float16))
 
