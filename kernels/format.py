@@ -219,7 +219,7 @@ class SegmentPlan:
         shape ``[N]``, dtype ``torch.int32``; descriptor flags (bit 0 :data:`FLAG_ALWAYS_READ`).
 
     All tensors must be on one device. ``__post_init__`` checks shapes, dtypes and parameter ranges (this reads
-    values, i.e. synchronizes with the GPU: plans are built off the decode path).
+    one value, i.e. synchronizes with the GPU once: plans are built off the decode path).
     """
 
     token_keep: torch.Tensor
@@ -256,7 +256,48 @@ class SegmentPlan:
         _checks.check_tensor(self.v_chan_weight, "v_chan_weight", shape=(n, d), dtype=torch.float32, device=dev)
         if n == 0:
             return
-        rows = keep.sum(1)
+        for side in ("k", "v"):
+            factors = getattr(self, f"{side}_factors")
+            if factors is None:
+                continue
+            if not isinstance(factors, tuple) or len(factors) != 2:
+                raise TypeError(f"{side}_factors: expected a tuple (A, B), got {type(factors).__name__}")
+            a, b = factors
+            _checks.check_tensor(a, f"{side}_factors[0]", ndim=3, device=dev)
+            rmax = a.shape[2]
+            _checks.check_tensor(a, f"{side}_factors[0]", shape=(n, s, rmax))
+            _checks.check_tensor(b, f"{side}_factors[1]", shape=(n, rmax, d), device=dev)
+            for nm, t in ((f"{side}_factors[0]", a), (f"{side}_factors[1]", b)):
+                if not t.dtype.is_floating_point:
+                    raise ValueError(f"{nm}: expected a floating dtype, got {t.dtype}")
+        # One reduction and one read of the result (one GPU synchronisation per plan); the checks that name the
+        # problem run only when it is set.
+        if bool(self._any_invalid_value(d, s)):
+            self._raise_invalid_value(d, s)
+
+    def _any_invalid_value(self, d: int, s: int) -> torch.Tensor:
+        """A 0-d bool tensor: whether any check of :meth:`_raise_invalid_value` fails (nothing read to the host)."""
+        bad = [(self.token_keep.sum(1) < 1).any()]
+        for side in ("k", "v"):
+            form = getattr(self, f"{side}_form")
+            param = getattr(self, f"{side}_param")
+            weight = getattr(self, f"{side}_chan_weight")
+            factors = getattr(self, f"{side}_factors")
+            chan = form == FORM_CHAN
+            low = form == FORM_LOWRANK
+            bad.append(((form < FORM_DENSE) | (form > FORM_LOWRANK)).any())
+            bad.append((chan & ((param < 1) | (param > d - 1))).any())
+            bad.append((chan[:, None] & ~(torch.isfinite(weight) & (weight >= 0))).any())
+            if factors is None:
+                bad.append(low.any())
+            else:
+                hi = min(s, d, factors[0].shape[2])
+                bad.append((low & ((param < 1) | (param > hi))).any())
+        return torch.stack(bad).any()
+
+    def _raise_invalid_value(self, d: int, s: int) -> None:
+        """Raise the error naming the first invalid value (reads values: called when :meth:`_any_invalid_value`)."""
+        rows = self.token_keep.sum(1)
         if bool((rows < 1).any()):
             raise ValueError(
                 "token_keep: expected at least one kept token per segment, "
@@ -283,30 +324,19 @@ class SegmentPlan:
                 if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
                     raise ValueError(f"{side}_chan_weight: expected finite weights >= 0, got negative or non-finite")
             low = form == FORM_LOWRANK
-            if factors is not None:
-                if not isinstance(factors, tuple) or len(factors) != 2:
-                    raise TypeError(f"{side}_factors: expected a tuple (A, B), got {type(factors).__name__}")
-                a, b = factors
-                _checks.check_tensor(a, f"{side}_factors[0]", ndim=3, device=dev)
-                rmax = a.shape[2]
-                _checks.check_tensor(a, f"{side}_factors[0]", shape=(n, s, rmax))
-                _checks.check_tensor(b, f"{side}_factors[1]", shape=(n, rmax, d), device=dev)
-                for nm, t in ((f"{side}_factors[0]", a), (f"{side}_factors[1]", b)):
-                    if not t.dtype.is_floating_point:
-                        raise ValueError(f"{nm}: expected a floating dtype, got {t.dtype}")
             if bool(low.any()):
                 if factors is None:
                     raise ValueError(
                         f"{side}_factors: expected (A, B) because some segments use FORM_LOWRANK, got None"
                     )
-                rmax = factors[0].shape[2]
-                hi = min(s, d, rmax)
+                hi = min(s, d, factors[0].shape[2])
                 pr = param[low]
                 if bool(((pr < 1) | (pr > hi)).any()):
                     raise ValueError(
                         f"{side}_param: expected lowrank r in [1, {hi}] (min of S, d, Rmax), "
                         f"got {sorted(set(pr.tolist()))[:8]}"
                     )
+        raise AssertionError("SegmentPlan: a value check failed that names no field (the two checks disagree)")
 
     # --- derived quantities ------------------------------------------------------------------------------------------
     @property

@@ -139,11 +139,11 @@ def _seal_syncs(layers: int, pages: int = 3, h: int = 2, s: int = 16, d: int = 6
 
 
 def test_host_syncs_do_not_grow_with_layers():
-    """One call plans every layer with the same small number of host reads (and one host-to-device copy) for 1, 4
-    and 12 layers; the per-layer reference needs dozens per layer."""
+    """One call plans every layer with two host reads (the plan's one combined value check and the lambdas) and one
+    host-to-device copy for 1, 4 and 12 layers; the per-layer reference needs dozens per layer."""
     by_layers = {nl: _seal_syncs(nl) for nl in (1, 4, 12)}
     one_call = {nl: c[2] for nl, c in by_layers.items()}
-    assert len(set(one_call.values())) == 1 and one_call[1] <= 20, by_layers
+    assert set(one_call.values()) == {2}, by_layers
     assert all(c[3] <= 1 for c in by_layers.values()), by_layers
     assert by_layers[12][0] >= 12 * 20, by_layers
 
