@@ -120,7 +120,7 @@ class DecodeState:
             dense.extend(pages[n_seal:])
             dense_slots.append(row[n_seal * S :])
         sealed_a = np.array(sealed, dtype=np.int64)
-        pool.store._state[:, sealed_a] = PAGE_SEALED
+        pool.store._force_state(slice(None), sealed_a, PAGE_SEALED)
         pool._live[sealed_a] = True
         pool._fill[sealed_a] = S
         pool.ensure_physical(torch.tensor(dense, dtype=torch.int64))

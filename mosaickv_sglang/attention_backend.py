@@ -302,7 +302,9 @@ class MosaicAttnBackend(AttentionBackend):
             )
         seq_lens = getattr(forward_batch, "seq_lens_cpu", None)
         seq = _host_list(seq_lens if seq_lens is not None else forward_batch.seq_lens, "seq_lens")
-        rows = self._req_rows(forward_batch.req_pool_indices, seq)
+        step = self._decode_row_step(seq) if mode.is_decode() else 1
+        rows = self._req_rows(forward_batch.req_pool_indices, seq, step)
+        width = rows.shape[1] * step
         if mode.is_decode():
             pre_l = [n - 1 for n in seq]
         else:
@@ -327,9 +329,9 @@ class MosaicAttnBackend(AttentionBackend):
             self.sealer.window.set_owners(owners)
         rows_np = rows.numpy()
         loc = forward_batch.out_cache_loc
-        self._prepare_writes(loc, rows_np, _slice_lens(pre_l, rows.shape[1]), reads)
+        self._prepare_writes(loc, rows_np, _slice_lens(pre_l, width), reads, step)
         if mode.is_decode():
-            md = self._plan_decode(rows_np, _slice_lens(seq, rows.shape[1]))
+            md = self._plan_decode(rows_np, _slice_lens(seq, width), step)
         else:
             md = self._plan_extend([rows[b, : pre_l[b]] for b in range(len(seq))], ext_l)
         if isinstance(loc, torch.Tensor) and not debug_checks_enabled():
@@ -350,14 +352,16 @@ class MosaicAttnBackend(AttentionBackend):
         if real > 0:
             seq_lens = getattr(forward_batch, "seq_lens_cpu", None)
             seq = _host_list(seq_lens if seq_lens is not None else forward_batch.seq_lens, "seq_lens")[:real]
-            rows = self._req_rows(forward_batch.req_pool_indices[:real], seq)
+            step = self._decode_row_step(seq)
+            rows = self._req_rows(forward_batch.req_pool_indices[:real], seq, step)
+            width = rows.shape[1] * step
             owners = None
             if self.sealer.sidecar is not None and self.sealer.sidecar.resegment:
                 owners = forward_batch.req_pool_indices[:real].long()
             rows_np = rows.numpy()
             loc = forward_batch.out_cache_loc[:real]
-            self._prepare_writes(loc, rows_np, _slice_lens([n - 1 for n in seq], rows.shape[1]))
-            meta, tail_lens = self.pool.decode_metadata_rows(rows_np, _slice_lens(seq, rows.shape[1]))
+            self._prepare_writes(loc, rows_np, _slice_lens([n - 1 for n in seq], width), step=step)
+            meta, tail_lens = self.pool.decode_metadata_rows(rows_np, _slice_lens(seq, width), step)
             if meta.max_segs > g.max_segs:
                 raise ValueError(
                     f"max_segs: expected at most {g.max_segs} (init_cuda_graph_state), got {meta.max_segs}"
@@ -411,33 +415,39 @@ class MosaicAttnBackend(AttentionBackend):
                                                                  self.num_sms))  # fmt: skip
         return splits
 
-    def _req_rows(self, req_pool_indices: torch.Tensor, seq: List[int]) -> torch.Tensor:
+    def _decode_row_step(self, seq: List[int]) -> int:
+        """Slots per column of a decode batch's rows: ``page_size`` (each page's first slot only, ``page_size`` times
+        fewer to copy and scan; see :mod:`mosaickv_sglang.pool.rows`), or 1 (every slot, each one checked) under
+        ``MOSAICKV_DEBUG_CHECKS`` and for lengths below 1."""
+        return self.page_size if seq and min(seq) >= 1 and not debug_checks_enabled() else 1
+
+    def _req_rows(self, req_pool_indices: torch.Tensor, seq: List[int], step: int = 1) -> torch.Tensor:
         """``req_to_token`` rows of the batch on the host, only the page-rounded columns that ``seq`` reaches (all of
-        them when a length is negative: slices then count from the end)."""
+        them when a length is negative: slices then count from the end), every ``step``-th of them."""
         r2t = self.req_to_token_pool.req_to_token
         width = r2t.shape[1]
         if seq and min(seq) >= 1:
             width = min(width, -(-max(seq) // self.page_size) * self.page_size)
-        return r2t[req_pool_indices.long(), :width].cpu()
+        return r2t[req_pool_indices.long(), :width:step].cpu()
 
     def _prepare_writes(
         self, loc: Optional[torch.Tensor], rows: np.ndarray, written: np.ndarray,
-        reads: Optional[List[Tuple[int, torch.Tensor]]] = None,
+        reads: Optional[List[Tuple[int, torch.Tensor]]] = None, step: int = 1,
     ) -> None:  # fmt: skip
         """Before any KV write of the forward: seal what the policy and hot-pool pressure call for, then give every
-        page the batch writes a physical dense page and record the writes. Request ``b`` has written the slots
-        ``rows[b, :written[b]]``."""
+        page the batch writes a physical dense page and record the writes. Request ``b`` has written its first
+        ``written[b]`` slots, whose every ``step``-th is in ``rows[b]``."""
         if loc is None or loc.numel() == 0:
             return
         loc_cpu = loc.detach().to("cpu", torch.int64)
         new_pages = torch.unique(torch.div(loc_cpu, self.page_size, rounding_mode="floor")).numpy()
         if self.auto_seal:
-            self.sealer.before_forward_rows(rows, written, new_pages, reads)
+            self.sealer.before_forward_rows(rows, written, new_pages, reads, step)
         self.pool.ensure_physical(torch.from_numpy(new_pages))
         self.pool.note_writes(loc_cpu)
 
-    def _plan_decode(self, rows: np.ndarray, lens: np.ndarray) -> MosaicForwardMetadata:
-        meta, tail_lens = self.pool.decode_metadata_rows(rows, lens)
+    def _plan_decode(self, rows: np.ndarray, lens: np.ndarray, step: int = 1) -> MosaicForwardMetadata:
+        meta, tail_lens = self.pool.decode_metadata_rows(rows, lens, step)
         bsz, dev = len(lens), self.device
         budget = self.read_budget_segments(meta.max_segs)
         max_tail = int(tail_lens.max()) if bsz else 0

@@ -63,7 +63,15 @@ from mosaickv_sglang.pool import (
     arena_granules_for,
     to_device,
 )
-from mosaickv_sglang.pool.rows import as_rows, in_range, page_starts, pages_aligned, ragged, sealable_counts
+from mosaickv_sglang.pool.rows import (
+    as_rows,
+    expand_page_starts,
+    in_range,
+    page_starts,
+    pages_aligned,
+    ragged,
+    sealable_counts,
+)
 from mosaickv_sglang.pool.sizing import ARENA_SLACK
 
 logger = logging.getLogger(__name__)
@@ -799,22 +807,30 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         pages, tails = self._pages_and_tails(prefix_slots, local, "prefix_slots")
         return self.store.extend_metadata(pages, tails, extend_lens, max_segs=max_segs, layer_id=local)
 
-    def _rows(self, rows: object, lens: object) -> Tuple[np.ndarray, np.ndarray]:
-        r, n = as_rows(rows, lens)
+    def _rows(self, rows: object, lens: object, step: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+        if step not in (1, self.page_size):
+            raise ValueError(f"step: expected 1 or page_size {self.page_size}, got {step}")
+        r, n = as_rows(rows, lens, step=step)
         if r.dtype != np.int32 or self.num_logical_pages * self.page_size + self.page_size >= 2**31:
             r = r.astype(np.int64, copy=False)
         return r, n
 
-    def decode_metadata_rows(self, rows: np.ndarray, lens: np.ndarray) -> Tuple[DecodeMetadata, np.ndarray]:
+    def decode_metadata_rows(
+        self, rows: np.ndarray, lens: np.ndarray, step: int = 1
+    ) -> Tuple[DecodeMetadata, np.ndarray]:
         """:meth:`decode_metadata` of ``[rows[b, :lens[b]] for b in range(B)]`` (all-layers view), in one pass.
 
         Parameters
         ----------
         rows : numpy.ndarray
-            shape ``[B, W]``, integer; row ``b`` starts with request ``b``'s logical slots (``req_to_token`` rows).
-            Fastest with ``W`` a multiple of ``page_size`` (otherwise the rows are padded, a copy).
+            shape ``[B, W]``, integer; row ``b`` starts with request ``b``'s logical slots (``req_to_token`` rows),
+            or with ``step = page_size`` the first slot of each of its pages (``req_to_token[b, ::page_size]``; the
+            slots within a page are taken to follow it, see :mod:`mosaickv_sglang.pool.rows`). Fastest with ``W``
+            a multiple of ``page_size / step`` (otherwise the rows are padded, a copy).
         lens : numpy.ndarray
-            shape ``[B]``, integer in ``[0, W]``.
+            shape ``[B]``, integer in ``[0, W * step]``.
+        step : int
+            Slots per column: 1 or ``page_size``.
 
         Returns
         -------
@@ -822,21 +838,21 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
             ``(DecodeMetadata, tail_lens)``: the metadata, equal to :meth:`decode_metadata`'s (same errors), and the
             dense tail length of each request on the host (``[B]`` int64).
         """
-        r, n = self._rows(rows, lens)
+        r, n = self._rows(rows, lens, step)
         s, b = self.page_size, n.size
         npg = -(-n // s)
         width = int(npg.max()) if b else 0
-        if r.shape[1] < width * s:
-            r = np.pad(r, ((0, 0), (0, width * s - r.shape[1])))
-        pages, valid = page_starts(r, npg, s)
+        if r.shape[1] < width * s // step:
+            r = np.pad(r, ((0, 0), (0, width * s // step - r.shape[1])))
+        pages, valid = page_starts(r, npg, s, step)
         flat = pages[valid]
-        if not (in_range(flat, self.num_logical_pages) and pages_aligned(r, n, pages, s)):
-            return self._decode_metadata_reference(r, n)
+        if not (in_range(flat, self.num_logical_pages) and pages_aligned(r, n, pages, s, step)):
+            return self._decode_metadata_reference(r, n, step)
         safe = np.where(valid, pages, 0)
         tail_page = valid & ~(self._live[safe] & (self._l2p[safe] < 0))
         phys = self._l2p[pages[tail_page]]
         if (phys < 0).any():
-            return self._decode_metadata_reference(r, n)
+            return self._decode_metadata_reference(r, n, step)
         per_page = np.minimum(s, n[:, None] - np.arange(width)[None, :] * s)
         tail_lens = np.where(tail_page, per_page, 0).sum(1).astype(np.int64)
         offs = np.arange(s)
@@ -849,22 +865,29 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         meta = DecodeMetadata(ids, counts, torch.from_numpy(indptr).to(dev), torch.from_numpy(tail).to(dev), w)
         return meta, tail_lens
 
-    def _decode_metadata_reference(self, r: np.ndarray, n: np.ndarray) -> Tuple[DecodeMetadata, np.ndarray]:
+    def _decode_metadata_reference(
+        self, r: np.ndarray, n: np.ndarray, step: int = 1
+    ) -> Tuple[DecodeMetadata, np.ndarray]:
         """The per-request path, for batches the fast one does not vouch for (it raises what they deserve)."""
+        if step != 1:
+            r = expand_page_starts(r, self.page_size)
         meta = self.decode_metadata([torch.from_numpy(r[i, : n[i]]) for i in range(n.size)])
         return meta, np.diff(meta.tail_indptr.cpu().numpy().astype(np.int64))
 
-    def pages_to_seal_rows(self, rows: np.ndarray, lens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def pages_to_seal_rows(
+        self, rows: np.ndarray, lens: np.ndarray, step: int = 1
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """:meth:`pages_to_seal` of every request ``rows[b, :lens[b]]`` with at least ``page_size`` tokens,
-        concatenated in request order: ``(pages, always_dense)``, int64 and bool numpy arrays (same errors)."""
-        r, n = self._rows(rows, lens)
+        concatenated in request order: ``(pages, always_dense)``, int64 and bool numpy arrays (same errors).
+        ``step``: as in :meth:`decode_metadata_rows`."""
+        r, n = self._rows(rows, lens, step)
         s, cfg = self.page_size, self.mosaic_config
         n_seal, n_sink = sealable_counts(n, s, cfg.hot_window, cfg.sink_tokens)
         n_seal = np.where(n < s, 0, n_seal)
-        pages, valid = page_starts(r, n_seal, s)
+        pages, valid = page_starts(r, n_seal, s, step)
         flat = pages[valid]
         if not in_range(flat, self.num_logical_pages):
-            return self.pages_to_seal_per_request(r, n)
+            return self.pages_to_seal_per_request(expand_page_starts(r, s) if step != 1 else r, n)
         sink = ragged(n_sink, pages.shape[1])[valid]
         todo = ~self.store.sealed_in_all(flat)
         return flat[todo], sink[todo]
@@ -904,7 +927,8 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
 
         Checked: logical -> physical is injective and inverse to physical -> logical; free physical pages are
         exactly the unowned ones, each once; the device page table equals its host mirror; a store-allocated page
-        has a physical page unless it is sealed in every layer, and a free one has none; arena accounting is exact.
+        has a physical page unless it is sealed in every layer, and a free one has none; the store's count of sealed
+        layers per page matches its page states; arena accounting is exact.
         """
         errors = []
         owned = self._l2p[1:][self._l2p[1:] >= 0]
@@ -919,6 +943,8 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
             errors.append(f"free physical pages {free.tolist()[:8]}... differ from unowned {unowned.tolist()[:8]}...")
         if not np.array_equal(self.page_table.cpu().numpy().astype(np.int64), self._l2p):
             errors.append("the device page table differs from its host mirror")
+        if not np.array_equal(self.store._layers_sealed, (self.store._state == PAGE_SEALED).sum(0)):
+            errors.append("the store's sealed-layer counts differ from its page states")
         state = self.store.page_state().numpy()
         sealed_all = state == PAGE_SEALED  # the all-layers view
         if not np.array_equal(self._live[1:], state[1:] != PAGE_FREE):

@@ -280,12 +280,13 @@ class Sealer:
 
     def before_forward_rows(
         self, rows: np.ndarray, lens: np.ndarray, new_pages: np.ndarray,
-        reads: Optional[Sequence[Tuple[int, torch.Tensor]]] = None,
+        reads: Optional[Sequence[Tuple[int, torch.Tensor]]] = None, step: int = 1,
     ) -> None:  # fmt: skip
         """:meth:`before_forward` with ``written_slots = [rows[b, :lens[b]] for b in range(B)]`` (same decisions),
-        the batch's pages read in one pass (:meth:`MosaicMHATokenToKVPool.pages_to_seal_rows`)."""
+        the batch's pages read in one pass (:meth:`MosaicMHATokenToKVPool.pages_to_seal_rows`, whose ``step`` this
+        passes on: 1, or ``page_size`` for rows of page starts)."""
         self._tick(reads)
-        pages, sinks = self.pool.pages_to_seal_rows(rows, lens)
+        pages, sinks = self.pool.pages_to_seal_rows(rows, lens, step)
         keep = ~np.isin(pages, new_pages)
         self._seal_due(pages[keep], sinks[keep], new_pages)
 

@@ -4,6 +4,10 @@
 The per-request forms (one tensor of slots per request) cost a handful of NumPy calls per request and step; these
 functions do the same work with a few calls per batch. Row ``b`` holds request ``b``'s slots in its first
 ``lens[b]`` columns; the columns after are ignored.
+
+With ``step = page_size`` a row holds only the first slot of each page (``req_to_token[b, ::page_size]``): column
+``j`` is token ``j * step``. The slots within a page are then taken to follow its first one, as SGLang's paged
+allocator lays them out; only the page starts are checked. A decode step reads ``page_size`` times fewer slots.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Tuple
 
 import numpy as np
 
-__all__ = ["as_rows", "in_range", "page_starts", "pages_aligned", "ragged", "sealable_counts"]
+__all__ = ["as_rows", "expand_page_starts", "in_range", "page_starts", "pages_aligned", "ragged", "sealable_counts"]
 
 
 def ragged(counts: np.ndarray, width: int) -> np.ndarray:
@@ -20,31 +24,44 @@ def ragged(counts: np.ndarray, width: int) -> np.ndarray:
     return np.arange(width)[None, :] < counts[:, None]
 
 
-def page_starts(rows: np.ndarray, num_pages: np.ndarray, page_size: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Pages of each request as the reference reads them (``slots[::S] // S``).
+def page_starts(
+    rows: np.ndarray, num_pages: np.ndarray, page_size: int, step: int = 1
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Pages of each request as the reference reads them (``slots[::S] // S``); ``step``: slots per column (1 or
+    ``S``, see the module docstring).
 
     Returns
     -------
     tuple of numpy.ndarray
         ``(pages, valid)``: shape ``[B, P]`` (``P = max(num_pages)``), int64 pages and the mask of the first
-        ``num_pages[b]`` of row ``b``. ``rows`` must have at least ``(P - 1) * S + 1`` columns.
+        ``num_pages[b]`` of row ``b``. ``rows`` must have at least ``((P - 1) * S) / step + 1`` columns.
     """
     width = int(num_pages.max()) if num_pages.size else 0
-    pages = rows[:, : width * page_size : page_size].astype(np.int64) // page_size
+    per = page_size // step
+    pages = rows[:, : width * per : per].astype(np.int64) // page_size
     return pages, ragged(num_pages, width)
 
 
-def pages_aligned(rows: np.ndarray, lens: np.ndarray, pages: np.ndarray, page_size: int) -> bool:
+def pages_aligned(rows: np.ndarray, lens: np.ndarray, pages: np.ndarray, page_size: int, step: int = 1) -> bool:
     """Whether slot ``j < lens[b]`` of every row is ``pages[b, j // S] * S + j % S`` (page-aligned, as SGLang's paged
-    allocator lays slots out). ``rows`` has ``pages.shape[1] * S`` columns or more."""
+    allocator lays slots out), for the tokens the columns hold (every ``step``-th). ``rows`` has
+    ``pages.shape[1] * S / step`` columns or more."""
     b, width = pages.shape
     s = page_size
     if b == 0 or width == 0:
         return True
-    expect = (pages.astype(rows.dtype, copy=False) * s)[:, :, None] + np.arange(s, dtype=rows.dtype)
-    eq = rows[:, : width * s] == expect.reshape(b, width * s)
+    per = s // step
+    expect = (pages.astype(rows.dtype, copy=False) * s)[:, :, None] + np.arange(0, s, step, dtype=rows.dtype)
+    eq = rows[:, : width * per] == expect.reshape(b, width * per)
     first = eq.argmin(1)  # the first mismatch of each row, or 0 when there is none
-    return not (~eq[np.arange(b), first] & (first < lens)).any()
+    return not (~eq[np.arange(b), first] & (first * step < lens)).any()
+
+
+def expand_page_starts(starts: np.ndarray, page_size: int) -> np.ndarray:
+    """Whole rows from page-start rows (``step = page_size``): shape ``[B, P * S]``, slot ``start + j % S`` at column
+    ``j``, as the paged allocator would have laid them out. For error paths, which read whole rows."""
+    b, width = starts.shape
+    return (starts[:, :, None] + np.arange(page_size, dtype=starts.dtype)).reshape(b, width * page_size)
 
 
 def sealable_counts(
@@ -62,8 +79,9 @@ def in_range(values: np.ndarray, hi: int, lo: int = 0) -> bool:
     return values.size == 0 or (int(values.min()) >= lo and int(values.max()) < hi)
 
 
-def as_rows(rows: object, lens: object, name: str = "rows") -> Tuple[np.ndarray, np.ndarray]:
-    """``(rows, lens)`` as a 2-D integer array and int64 lengths in ``[0, W]``; raises ``ValueError`` otherwise."""
+def as_rows(rows: object, lens: object, name: str = "rows", step: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """``(rows, lens)`` as a 2-D integer array and int64 lengths in ``[0, W * step]``; raises ``ValueError``
+    otherwise."""
     r = np.asarray(rows)
     n = np.asarray(lens)
     if r.ndim != 2 or not np.issubdtype(r.dtype, np.integer):
@@ -71,7 +89,9 @@ def as_rows(rows: object, lens: object, name: str = "rows") -> Tuple[np.ndarray,
     if n.ndim != 1 or n.shape[0] != r.shape[0] or not np.issubdtype(n.dtype, np.integer):
         raise ValueError(f"lens: expected {r.shape[0]} integer lengths, got dtype {n.dtype} shape {list(n.shape)}")
     n = n.astype(np.int64, copy=False)
-    if not in_range(n, r.shape[1] + 1):
-        raise ValueError(f"lens: expected lengths in [0, {r.shape[1]}], got [{int(n.min())}, {int(n.max())}]")
+    if not in_range(n, r.shape[1] * step + 1):
+        raise ValueError(
+            f"lens: expected lengths in [0, {r.shape[1] * step}], got [{int(n.min())}, {int(n.max())}]"
+        )
     return r, n
 

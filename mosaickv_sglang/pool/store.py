@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -254,6 +254,8 @@ class CompressedKVStore:
         ]
         # host mirrors: page states and the granule runs of every segment's current payloads
         self._state = np.full((num_layers, num_pages), PAGE_FREE, dtype=np.int8)
+        # layers in which each page is sealed (kept with _state): "sealed in every layer" without reading [L, P]
+        self._layers_sealed = np.zeros(num_pages, dtype=np.int32)
         self._k_off = np.zeros((num_layers, n_seg), dtype=np.int64)
         self._v_off = np.zeros((num_layers, n_seg), dtype=np.int64)
         self._k_gran = np.zeros((num_layers, n_seg), dtype=np.int64)
@@ -312,7 +314,7 @@ class CompressedKVStore:
         """Whether each page of ``p`` (int64, in range) is sealed in ``layer_id`` (or in every layer): only those
         pages' states are read, not the whole ``[L, num_pages]`` table (these run on every step and staleness check)."""
         if layer_id is None:
-            return (self._state[:, p] == PAGE_SEALED).all(0)
+            return self._layers_sealed[p] == self.num_layers
         self._layers([layer_id])
         return self._state[layer_id, p] == PAGE_SEALED
 
@@ -336,6 +338,7 @@ class CompressedKVStore:
                 f"pages: expected free pages, got {int(busy.sum())} already in use (e.g. {int(p[busy][0])})"
             )
         self._state[:, p] = PAGE_DENSE
+        self._layers_sealed[p] = 0
 
     def pages_to_seal(
         self, req_pages: torch.Tensor, seq_len: int, hot_window: int, sink_tokens: int
@@ -478,6 +481,7 @@ class CompressedKVStore:
             self._k_off[li, rows], self._v_off[li, rows] = off[:, 0], off[:, 1]
             self._k_gran[li, rows], self._v_gran[li, rows] = sz[:, 0], sz[:, 1]
             self._state[li, p] = PAGE_SEALED
+        self._layers_sealed[p] += len(layers)  # dense in each of them before (checked above)
         logger.debug("sealed %d pages in %d layers", p.size, len(layers))
 
     def reseal(
@@ -601,6 +605,13 @@ class CompressedKVStore:
                 self._k_gran[li, rows] = 0
                 self._v_gran[li, rows] = 0
         self._state[:, p] = PAGE_FREE
+        self._layers_sealed[p] = 0
+
+    def _force_state(self, layers: Any, pages: np.ndarray, state: int) -> None:
+        """Tests and benches only: set page states without payloads (a state built without sealing), keeping the
+        per-page count of sealed layers. ``layers``: an index of the layer axis (``slice(None)`` for all)."""
+        self._state[layers, pages] = state
+        self._layers_sealed[:] = (self._state == PAGE_SEALED).sum(0)
 
     # --- metadata ------------------------------------------------------------------------------------------------
     def _segment_table(
@@ -634,10 +645,11 @@ class CompressedKVStore:
             width = _check_int(max_segs, "max_segs", 1)
             if need > width:
                 raise ValueError(f"max_segs: expected >= the most sealed pages of a request ({need}), got {width}")
-        ids = np.full((b, h, width), -1, dtype=np.int32)
+        page = np.full((b, width), -1, dtype=np.int64)
         if sp.size:
-            pos = np.arange(sp.size) - (np.cumsum(counts) - counts)[sreq]
-            ids[sreq[:, None], np.arange(h)[None, :], pos[:, None]] = sp[:, None] * h + np.arange(h)[None, :]
+            page[sreq, np.arange(sp.size) - (np.cumsum(counts) - counts)[sreq]] = sp
+        heads = np.arange(h, dtype=np.int64)[None, :, None]
+        ids = np.where(page[:, None, :] >= 0, page[:, None, :] * h + heads, -1).astype(np.int32)
         return (
             torch.from_numpy(ids).to(self.device),
             torch.from_numpy(counts.astype(np.int32)).to(self.device),

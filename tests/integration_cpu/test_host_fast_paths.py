@@ -49,12 +49,12 @@ def _random_state(pool: MosaicMHATokenToKVPool, rng: np.random.Generator) -> np.
             pool.ensure_physical(torch.tensor([p]))
             pool.note_writes(torch.arange(p * S, p * S + int(rng.integers(1, S + 1))))
             if k == 3:
-                st._state[rng.choice(LAYERS, size=int(rng.integers(1, LAYERS)), replace=False), p] = PAGE_SEALED
+                st._force_state(rng.choice(LAYERS, size=int(rng.integers(1, LAYERS)), replace=False), p, PAGE_SEALED)
         elif k == 2:
-            st._state[:, p] = PAGE_SEALED
+            st._force_state(slice(None), p, PAGE_SEALED)
             pool._live[p] = True
         elif k == 4:
-            st._state[:, p] = PAGE_DENSE
+            st._force_state(slice(None), p, PAGE_DENSE)
             pool._live[p] = True
     return np.flatnonzero(kinds[1:]) + 1
 
@@ -157,6 +157,89 @@ def test_before_forward_rows_takes_the_same_decisions(seed):
         assert e1 == e2
         if e1 is None:
             assert seen[-1] == seen[-2]
+
+
+def _corrupt_a_page_start(rng: np.random.Generator, rows: np.ndarray, lens: np.ndarray) -> bool:
+    """Break the first slot of one page of a request (misaligned, -1 or out of range); False when no request has a
+    token."""
+    have = np.flatnonzero(lens > 0)
+    if have.size == 0:
+        return False
+    i = int(rng.choice(have))
+    j = int(rng.integers(0, -(-int(lens[i]) // S))) * S
+    rows[i, j] = (rows[i, j] + 1, -1, NUM_PAGES * S)[int(rng.integers(0, 3))]
+    return True
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_page_start_rows_give_what_whole_rows_give(seed):
+    """``step = S`` (each page's first slot only, what a decode step copies from ``req_to_token``) gives the same
+    metadata, pages to seal and seal decisions as whole rows on batches laid out as the paged allocator lays them;
+    a bad page start is refused as whole rows refuse it."""
+    rng = np.random.default_rng(3000 + seed)
+    pool = _pool(hot_window=int(rng.choice([0, S, 3 * S])), sink_tokens=int(rng.choice([0, S, 2 * S])))
+    held = _random_state(pool, rng)
+    sealer = Sealer(pool, H_KV * 2)
+    seen: List[Tuple[List[int], List[bool], List[int]]] = []
+    sealer._seal_due = lambda c, m, n: seen.append((c.tolist(), m.tolist(), n.tolist()))
+    checked = 0
+    for trial in range(12):
+        rows, lens = _random_batch(rng, corrupt=False, held=held)
+        if trial % 3 == 2 and _corrupt_a_page_start(rng, rows, lens):
+            for step in (1, S):
+                with pytest.raises(ValueError):
+                    pool.decode_metadata_rows(rows[:, ::step], lens, step)
+            continue
+        whole, err = _reference_or_error(pool.decode_metadata_rows, rows, lens)
+        starts = rows[:, ::S]
+        if err is not None:  # unwritten pages: the same error from page starts
+            with pytest.raises(ValueError) as got:
+                pool.decode_metadata_rows(starts, lens, S)
+            assert str(got.value) == err
+            continue
+        meta, tail_lens = pool.decode_metadata_rows(starts, lens, S)
+        _assert_same_meta(meta, whole[0])
+        assert tail_lens.tolist() == whole[1].tolist()
+        assert [x.tolist() for x in pool.pages_to_seal_rows(starts, lens, S)] == [
+            x.tolist() for x in pool.pages_to_seal_rows(rows, lens)]
+        new_pages = np.unique(rng.integers(0, NUM_PAGES, size=int(rng.integers(0, 6)))).astype(np.int64)
+        sealer.before_forward_rows(rows, lens, new_pages)
+        sealer.before_forward_rows(starts, lens, new_pages, step=S)
+        assert seen[-1] == seen[-2]
+        checked += 1
+    assert checked >= 4
+    with pytest.raises(ValueError, match=f"step: expected 1 or page_size {S}, got 4"):
+        pool.decode_metadata_rows(rows[:, ::4], lens, 4)
+    with pytest.raises(ValueError, match=r"lens: expected lengths in \[0, 32\], got \[33, 33\]"):
+        pool.pages_to_seal_rows(np.zeros((1, 2), dtype=np.int32), np.array([33]), S)
+
+
+def test_decode_step_copies_page_starts_unless_debug_checks(monkeypatch):
+    """A decode plan reads ``req_to_token`` every ``S``-th column (every column under ``MOSAICKV_DEBUG_CHECKS``), and
+    both plans are the same."""
+    pool = _pool(hot_window=S, sink_tokens=0)
+    r2t = torch.zeros(2, 4 * S, dtype=torch.int32)
+    r2t[0, : 2 * S + 1] = torch.cat([torch.arange(5 * S, 6 * S), torch.arange(S, 2 * S), torch.tensor([7 * S])])
+    r2t[1, :1] = 3 * S
+    pool.ensure_physical(torch.tensor([5, 1, 7, 3]))
+    pool.note_writes(torch.cat([torch.arange(5 * S, 6 * S), torch.arange(S, 2 * S)]))
+    be = _backend(pool, r2t)
+    widths: List[int] = []
+    real = be._req_rows
+    be._req_rows = lambda idx, seq, step=1: widths.append(step) or real(idx, seq, step)
+    loc = torch.tensor([7 * S, 3 * S], dtype=torch.int64)
+    seq = torch.tensor([2 * S + 1, 1])
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, out_cache_loc=loc, req_pool_indices=torch.arange(2),
+                            seq_lens=seq, seq_lens_cpu=seq)  # fmt: skip
+    be.init_forward_metadata(batch)
+    fast = be.forward_metadata
+    monkeypatch.setenv("MOSAICKV_DEBUG_CHECKS", "1")
+    be.init_forward_metadata(batch)
+    checked = be.forward_metadata
+    assert widths == [S, 1]
+    for name in ("seg_ids_padded", "seg_counts", "tail_indptr", "tail_indices"):
+        assert torch.equal(getattr(fast, name), getattr(checked, name)), name
+    assert fast.tail_indices.numel() == 2 * S + 2  # nothing sealed: every written slot is in the dense tail
 
 
 def test_slice_lens_follows_python_slices():
