@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Cost of the seal planner's chan drop masks: the int64-key ``torch.topk`` path against the rank kernel variants.
+"""Cost of the seal planner's chan drop masks: the int64-key ``torch.topk`` path against a full ``torch.sort`` of the
+keys and the rank kernel variants.
 
 On the same fp16-rounded vectors ``[N, S, d]`` and weights ``[N, d]``, times (``triton.testing.do_bench``, CUDA
-events) ``planner._chan_drop_masks`` for ``--ks`` through each path, and ``chan_rank_fwd`` alone for each launch
+events) ``planner._chan_drop_masks`` for ``--ks`` through each method, and ``chan_rank_fwd`` alone for each launch
 variant (algorithm, rows per program, channels per count step, warps), after checking that every variant's masks
 equal the topk path's. Prints one line per provider and, with ``--json``, one JSON object (device, versions,
 config, times in ms). The 8B shape sealing 128 pages in one call::
@@ -54,7 +55,7 @@ def main(argv=None) -> Dict[str, object]:
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     x = torch.randn(n, s, d, device="cuda", generator=gen).half().float()  # fp16 values: tied |x| in a vector
     w = torch.rand(n, d, device="cuda", generator=gen)
-    want = _chan_drop_masks(x, w, ks, use_kernel=False)
+    want = _chan_drop_masks(x, w, ks, method="topk")
     score = chan_scores(x, w).contiguous()
     times: Dict[str, object] = {}
 
@@ -62,12 +63,13 @@ def main(argv=None) -> Dict[str, object]:
         times[name] = triton.testing.do_bench(fn, warmup=5, rep=args.rep_ms)
         print(f"{name:60s} {times[name]:9.3f} ms", flush=True)
 
-    bench("masks topk path", lambda: _chan_drop_masks(x, w, ks, use_kernel=False))
-    got = _chan_drop_masks(x, w, ks, use_kernel=True)
-    if not all(torch.equal(got[k], want[k]) for k in ks):
-        raise SystemExit("kernel path masks differ from the topk path")
-    del got
-    bench("masks kernel path (defaults)", lambda: _chan_drop_masks(x, w, ks, use_kernel=True))
+    bench("masks topk path", lambda: _chan_drop_masks(x, w, ks, method="topk"))
+    for method in ("sort", "kernel"):
+        got = _chan_drop_masks(x, w, ks, method=method)
+        if not all(torch.equal(got[k], want[k]) for k in ks):
+            raise SystemExit(f"{method} path masks differ from the topk path")
+        del got
+        bench(f"masks {method} path", lambda m=method: _chan_drop_masks(x, w, ks, method=m))
     out = torch.empty(score.shape, dtype=torch.uint8, device="cuda")
     for v in variants(d):
         name = "rank " + " ".join(f"{k}={val}" for k, val in v.items())

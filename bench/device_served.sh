@@ -288,18 +288,20 @@ case "$step" in
       --out "$out" > "$out/sweep.log" 2>&1 || echo "sweep rc=$?"
     ;;
   kernels)
-    # the chan rank kernel against torch's int64 top-k (the seal's largest op), the seal planner's cost and profile
-    # with the top-k and with the kernel, then the kernel tests compiled for the GPU (bf16 included; the chan rebuild
-    # modes among them) with the time left
+    # the chan rank kernel and a full sort against torch's int64 top-k (the seal's largest op), the seal planner's
+    # cost and profile with the top-k, then with the sort and the kernel, then the kernel tests compiled for the GPU
+    # (bf16 included; the chan rebuild modes among them) with the time left
     timeout 120 python3 -m bench.chan_rank --segments 32768 --seg-size 64 --head-dim 128 --json \
       > "$out/chan-rank.json" 2> "$out/chan-rank.log" || echo "chan_rank rc=$?"
     for pages in 8 128; do
       timeout 90 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
         --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --profile "$out/seal-profile-$pages" \
         > "$out/seal-$pages.json" 2> "$out/seal-$pages.log" || echo "seal_cost $pages rc=$?"
-      timeout 60 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
-        --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --chan-rank-kernel \
-        > "$out/seal-$pages-rank-kernel.json" 2> "$out/seal-$pages-rank-kernel.log" || echo "seal_cost $pages rc=$?"
+      for method in sort kernel; do
+        timeout 60 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 \
+          --head-dim 128 --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --chan-drop "$method" \
+          > "$out/seal-$pages-$method.json" 2> "$out/seal-$pages-$method.log" || echo "seal_cost $pages rc=$?"
+      done
     done
     timeout $(( $(left) - 15 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" 2>&1 \
       || echo "kernel tests rc=$?"

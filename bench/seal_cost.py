@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each before")
     p.add_argument("--no-count", action="store_true", help="skip the (extra) runs that count host syncs and ops")
     p.add_argument("--profile", metavar="DIR", help="write torch.profiler tables and traces of each path to DIR")
-    p.add_argument("--chan-rank-kernel", action="store_true",
-                   help="rank channels with the Triton kernel on CUDA (planner.CHAN_RANK_KERNEL_ON_CUDA)")
+    p.add_argument("--chan-drop", choices=planner.CHAN_DROP_METHODS, default=planner.CHAN_DROP_METHOD_ON_CUDA,
+                   help="how the planner finds each vector's top channels on CUDA (planner.CHAN_DROP_METHOD_ON_CUDA; "
+                        f"default {planner.CHAN_DROP_METHOD_ON_CUDA})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     return p
@@ -153,7 +154,7 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    planner.CHAN_RANK_KERNEL_ON_CUDA = args.chan_rank_kernel
+    planner.CHAN_DROP_METHOD_ON_CUDA = args.chan_drop
     pool = stand_in_pool(args)
     sealer = Sealer(pool, args.kv_heads * args.group, query_window=args.window)
     gen = torch.Generator().manual_seed(args.seed + 1)

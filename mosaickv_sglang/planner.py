@@ -335,31 +335,38 @@ def _lost_fraction(lost: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
 
 
 _CHAN_RANK_HEAD_DIMS = (16, 32, 64, 128, 256)  # kernels.chan_rank.CHAN_RANK_HEAD_DIMS, without importing triton
-CHAN_RANK_KERNEL_ON_CUDA = False
-"""Whether :func:`_chan_drop_masks` ranks channels with the Triton kernel on CUDA tensors by default. Off until the
-kernel has been compiled and timed on a GPU against the int64-key top-k (``python -m bench.chan_rank``;
-``python -m bench.seal_cost --chan-rank-kernel``): that top-k is 52-59% of a one-call seal's GPU time on an H200."""
+CHAN_DROP_METHODS = ("topk", "sort", "kernel")
+CHAN_DROP_METHOD_ON_CUDA = "topk"
+"""How :func:`_chan_drop_masks` finds each vector's top-``k`` channels on CUDA tensors by default (on the CPU:
+``"topk"``). ``"topk"`` until the alternatives have been timed on a GPU (``python -m bench.chan_rank``; ``python -m
+bench.seal_cost --chan-drop sort|kernel``): its int64 top-k is 52-59% of a one-call seal's GPU time on an H200, half of
+it sorting the top-k (``sorted=True``) after selecting it."""
 
 
 def _chan_drop_masks(
-    x: torch.Tensor, weight: torch.Tensor, ks: Sequence[int], use_kernel: Optional[bool] = None
+    x: torch.Tensor, weight: torch.Tensor, ks: Sequence[int], method: Optional[str] = None
 ) -> Dict[int, torch.Tensor]:
     """For each ``k`` of ``ks``: the channels outside each vector's top-``k`` by ``|x_c| * w_c``, shape ``[N, S, d]``
     bool, exactly ``descending_rank(chan_scores(x, weight)) >= k`` (ties: the lower index ranks first).
 
-    With the kernel (``use_kernel``; ``None``: on CUDA tensors whose ``d`` it supports when
-    :data:`CHAN_RANK_KERNEL_ON_CUDA`), one
-    :func:`~mosaickv_sglang.kernels.chan_rank.chan_rank_fwd` ranks every channel (uint8) and each mask is a compare.
-    Otherwise one top-``max(ks)`` instead of a full sort: each score becomes a distinct int64 key, its float bits
-    mapped to an order-preserving integer followed by the reversed channel index, so the ``k``-th largest key is a
-    threshold with no ties (torch's CUDA topk of these keys was most of a seal's GPU time). Both order the scores
-    alike (``-0.0 == +0.0``; NaNs by their bits), so the masks are the same bit for bit."""
+    ``method`` (one of :data:`CHAN_DROP_METHODS`; ``None``: :data:`CHAN_DROP_METHOD_ON_CUDA` on CUDA tensors whose
+    ``d`` the kernel supports, else ``"topk"``):
+
+    * ``"topk"`` / ``"sort"``: each score becomes a distinct int64 key, its float bits mapped to an order-preserving
+      integer followed by the reversed channel index, so the ``k``-th largest key is a threshold with no ties; the
+      thresholds come from one sorted top-``max(ks)`` or from one full sort of each vector's ``d`` keys.
+    * ``"kernel"``: :func:`~mosaickv_sglang.kernels.chan_rank.chan_rank_fwd` ranks every channel (uint8) and each
+      mask is a compare.
+
+    All order the scores alike (``-0.0 == +0.0``; NaNs by their bits), so the masks are the same bit for bit."""
     if not ks:
         return {}
     d = x.shape[-1]
-    if use_kernel is None:
-        use_kernel = CHAN_RANK_KERNEL_ON_CUDA and x.is_cuda and d in _CHAN_RANK_HEAD_DIMS
-    if use_kernel:
+    if method is None:
+        method = CHAN_DROP_METHOD_ON_CUDA if x.is_cuda and d in _CHAN_RANK_HEAD_DIMS else "topk"
+    if method not in CHAN_DROP_METHODS:
+        raise ValueError(f"method: expected one of {CHAN_DROP_METHODS}, got {method!r}")
+    if method == "kernel":
         from mosaickv_sglang.kernels.chan_rank import chan_rank_fwd  # imports triton: only when used
 
         rank = chan_rank_fwd(chan_scores(x, weight).contiguous())
@@ -371,7 +378,10 @@ def _chan_drop_masks(
     tie = torch.arange(d - 1, -1, -1, device=x.device)
     key = torch.add(tie, bits, alpha=1 << max(1, (d - 1).bit_length()))  # int64 (bits << shift) | tie in one pass
     del score, bits
-    top = torch.topk(key, max(ks), dim=-1, sorted=True).values
+    if method == "sort":
+        top = torch.sort(key, dim=-1, descending=True).values
+    else:
+        top = torch.topk(key, max(ks), dim=-1, sorted=True).values
     return {k: key < top[..., k - 1 : k] for k in ks}
 
 

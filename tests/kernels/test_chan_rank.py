@@ -103,9 +103,10 @@ def test_chan_rank_rejects_bad_arguments(device):
 
 
 @pytest.mark.parametrize("d, ks", [(64, [1, 8, 17, 63, 64]), (32, [4, 16, 32])])
-def test_chan_drop_masks_kernel_path_equals_topk_path(d, ks, device):
-    """_chan_drop_masks gives the same masks bit for bit through the rank kernel as through the int64-key topk, on
-    fp16-rounded vectors (tied |x| within a vector), zero rows, signed zeros and tied weights."""
+def test_chan_drop_masks_kernel_and_sort_paths_equal_topk_path(d, ks, device):
+    """_chan_drop_masks gives the same masks bit for bit through the rank kernel and through a full sort of the
+    int64 keys as through their topk, on fp16-rounded vectors (tied |x| within a vector), zero rows, signed zeros
+    and tied weights; an unknown method is refused."""
     gen = torch.Generator().manual_seed(d)
     n, s = 3, 5
     x = (torch.randn(n, s, d, generator=gen) * 4).round().half().float()
@@ -113,12 +114,15 @@ def test_chan_drop_masks_kernel_path_equals_topk_path(d, ks, device):
     x[1, 1, ::2] = -0.0
     w = torch.randint(1, 4, (n, d), generator=gen).float()
     x, w = x.to(device), w.to(device)
-    topk = _chan_drop_masks(x, w, ks, use_kernel=False)
-    kern = _chan_drop_masks(x, w, ks, use_kernel=True)
-    assert sorted(kern) == sorted(ks)
-    for k in ks:
-        assert torch.equal(kern[k], topk[k]), k
-        assert torch.equal(kern[k].sum(-1), torch.full((n, s), d - k, device=device))
+    topk = _chan_drop_masks(x, w, ks, method="topk")
+    for method in ("kernel", "sort"):
+        got = _chan_drop_masks(x, w, ks, method=method)
+        assert sorted(got) == sorted(ks)
+        for k in ks:
+            assert torch.equal(got[k], topk[k]), (method, k)
+            assert torch.equal(got[k].sum(-1), torch.full((n, s), d - k, device=device))
+    with pytest.raises(ValueError, match=r"method: expected one of \('topk', 'sort', 'kernel'\), got 'radix'"):
+        _chan_drop_masks(x, w, ks, method="radix")
 
 
 @gpu_only
@@ -126,15 +130,17 @@ def test_chan_drop_masks_kernel_path_equals_topk_path(d, ks, device):
 @pytest.mark.parametrize("d", [64, 128])
 def test_chan_rank_large_on_gpu(algo, d):
     """Many programs on the GPU (a seal's row count, > 2**31 / d rows not needed): equal to the reference; the
-    planner's auto path (CUDA: the kernel) equals its topk path."""
+    planner's default path on CUDA and its sort and kernel paths equal its topk path."""
     gen = torch.Generator().manual_seed(d)
     s = _tied_scores(gen, (4099, 64), d).cuda()
     assert torch.equal(chan_rank_fwd(s, algo=algo), ref_chan_rank(s))
     x = torch.randn(512, 64, d, device="cuda").half().float()
     w = torch.rand(512, d, device="cuda")
     ks = [d // 8, d // 4, d // 2]
-    auto, topk = _chan_drop_masks(x, w, ks), _chan_drop_masks(x, w, ks, use_kernel=False)
-    assert all(torch.equal(auto[k], topk[k]) for k in ks)
+    topk = _chan_drop_masks(x, w, ks, method="topk")
+    for method in (None, "sort", "kernel"):
+        got = _chan_drop_masks(x, w, ks, method=method)
+        assert all(torch.equal(got[k], topk[k]) for k in ks), method
 
 
 def test_every_launch_variant_of_the_bench_is_valid_and_exact():
