@@ -43,6 +43,7 @@ __all__ = [
     "CHAN_TL_GATHER",
     "CHAN_POPCOUNT",
     "CHAN_ROW_COMPACT",
+    "CHAN_WORD_BLOCKS",
 ]
 
 MAX_NUM_SPLITS = 64
@@ -61,6 +62,7 @@ CHAN_PTR_GATHER = int(_tc.CHAN_PTR_GATHER.value)  # per-element mask word + d-wi
 CHAN_TL_GATHER = int(_tc.CHAN_TL_GATHER.value)  # cumsum slots, [rows, d] value tile placed by tl.gather
 CHAN_POPCOUNT = int(_tc.CHAN_POPCOUNT.value)  # mask words once per row, popcount slots, pointer gather
 CHAN_ROW_COMPACT = int(_tc.CHAN_ROW_COMPACT.value)  # popcount slots, [rows, KMAX] value tile placed by tl.gather
+CHAN_WORD_BLOCKS = int(_tc.CHAN_WORD_BLOCKS.value)  # no rebuilt rows: scored / applied 32 channels (a word) at a time
 CHAN_MODE_NAMES = dict(_tc.CHAN_MODE_NAMES)
 CHAN_MODE = CHAN_PTR_GATHER  # default (untimed alternatives: see the doc)
 
@@ -167,8 +169,9 @@ def sparse_decode_fwd(
         Launch configuration of the split kernel (one of 1, 2, 4, 8, 16 warps; 1 to 6 stages); each new pair is a
         new compiled variant.
     chan_mode : int, optional
-        How chan rows are rebuilt: :data:`CHAN_PTR_GATHER`, :data:`CHAN_TL_GATHER`, :data:`CHAN_POPCOUNT` or
-        :data:`CHAN_ROW_COMPACT` (same output; speed differs). ``None``: :data:`CHAN_MODE`. Each mode is a
+        How chan rows are rebuilt: :data:`CHAN_PTR_GATHER`, :data:`CHAN_TL_GATHER`, :data:`CHAN_POPCOUNT`,
+        :data:`CHAN_ROW_COMPACT` (the same rows), or not rebuilt whole: :data:`CHAN_WORD_BLOCKS` (the same values,
+        products summed 32 channels at a time: equal within rounding). ``None``: :data:`CHAN_MODE`. Each mode is a
         compiled variant.
     maxnreg : int, optional
         Register cap per thread of the split kernel (32 to 255; ptxas spills what does not fit), ``None`` for none.

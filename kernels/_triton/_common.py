@@ -46,7 +46,12 @@ CHAN_ROW_COMPACT: tl.constexpr = tl.constexpr(3)
 """Chan mode: bits and slots as :data:`CHAN_POPCOUNT`; the row's value list is loaded as one contiguous
 ``[BLOCK_N, KMAX]`` tile and placed with ``tl.gather``. ``KMAX`` is chosen per segment at run time among ``d / 4``,
 ``d / 2`` and ``d`` (the smallest that holds ``k``: three compiled branches, no launcher metadata)."""
-CHAN_MODE_NAMES = {0: "ptr-gather", 1: "tl-gather", 2: "popcount", 3: "row-compact"}
+CHAN_WORD_BLOCKS: tl.constexpr = tl.constexpr(4)
+"""Chan mode of the sparse decode only (elsewhere as :data:`CHAN_PTR_GATHER`): the rows are never rebuilt whole. K is
+scored and V applied 32 channels (one mask word) at a time: a ``[BLOCK_N, 32]`` block of values from the word's
+bits (slot = set bits of the row's earlier words + popcount of the word below the channel), multiplied with the
+query's (or the weights') matching 32 channels; the fewest operations and live registers per element."""
+CHAN_MODE_NAMES = {0: "ptr-gather", 1: "tl-gather", 2: "popcount", 3: "row-compact", 4: "word-blocks"}
 """Host side: chan mode value -> short name (bench tables)."""
 
 
@@ -118,15 +123,17 @@ def _reconstruct_rows(
     OUT_DTYPE: tl.constexpr,
     CHAN_MODE: tl.constexpr,
     WITH_LOWRANK: tl.constexpr = True,
+    WITH_CHAN: tl.constexpr = True,
 ):
     """Rows ``rows`` (``[BLOCK_N]`` segment-local indices, masked by ``row_mask``) of one payload as a
     ``[BLOCK_N, HEAD_DIM]`` tile of ``OUT_DTYPE``; masked rows are 0. ``off`` is the payload's int64 element offset,
     ``m`` the segment's kept rows, ``form``/``param`` its descriptor fields. ``CHAN_MODE``: how chan rows are rebuilt
-    (one of the ``CHAN_*`` constants; same result). Without ``WITH_LOWRANK`` the low-rank branch is not compiled (for
-    callers that never pass that form: it sets the register budget of the whole kernel)."""
+    (one of the ``CHAN_*`` constants; same result; :data:`CHAN_WORD_BLOCKS` rebuilds as :data:`CHAN_PTR_GATHER`).
+    Without ``WITH_LOWRANK`` / ``WITH_CHAN`` that form's branch is not compiled (for callers that never pass it: it
+    sets the register budget of the whole kernel)."""
     cols = tl.arange(0, HEAD_DIM)
     mask2 = row_mask[:, None]
-    if form == FORM_CHAN:
+    if WITH_CHAN and form == FORM_CHAN:
         WORDS: tl.constexpr = HEAD_DIM // MASK_BITS
         vbase = off + m * (2 * WORDS)
         if CHAN_MODE == CHAN_POPCOUNT:
@@ -174,6 +181,56 @@ def _reconstruct_rows(
         x = tl.load(arena_ptr + off + rows[:, None] * HEAD_DIM + cols[None, :], mask=mask2, other=0.0)
         x = x.to(OUT_DTYPE)
     return x
+
+
+@triton.jit
+def _chan_word_block(arena_ptr, arena_i32_ptr, off, m, param, rows, row_mask, pre, w: tl.constexpr,
+                     HEAD_DIM: tl.constexpr):
+    """Channels ``[32 w, 32 w + 32)`` of chan rows ``rows`` as ``[BLOCK_N, 32]`` values (arena dtype, 0 where not
+    kept), and ``pre`` (``[BLOCK_N]`` int32: set bits of the rows' words before ``w``) advanced past word ``w``."""
+    WORDS: tl.constexpr = HEAD_DIM // MASK_BITS
+    lane = tl.arange(0, MASK_BITS).to(tl.uint32)
+    below = (tl.full([MASK_BITS], 1, tl.uint32) << lane) - 1  # lane < 32: no shift by 32
+    word = tl.load(arena_i32_ptr + (off // 2) + rows * WORDS + w, mask=row_mask, other=0).to(tl.uint32, bitcast=True)
+    keep = ((word[:, None] >> lane[None, :]) & 1) != 0
+    slot = pre[:, None] + _popc32(word[:, None] & below[None, :])
+    vbase = off + m * (2 * WORDS)
+    x = tl.load(arena_ptr + vbase + rows[:, None] * param + slot, mask=row_mask[:, None] & keep, other=0.0)
+    return x, pre + _popc32(word)
+
+
+@triton.jit
+def _chan_scores_by_word(q_rows, stride_q_d, gmask, arena_ptr, arena_i32_ptr, off, m, param, rows, row_mask,
+                         G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                         COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``q @ K[rows]^T`` for a chan payload, one mask word of channels at a time (:data:`CHAN_WORD_BLOCKS`):
+    ``[G_PAD, BLOCK_N]`` fp32 (unscaled). ``q_rows``: ``[G_PAD]`` pointers to the group's query rows (masked by ``gmask``),
+    read 32 channels at a time in ``COMPUTE_DTYPE``."""
+    WORDS: tl.constexpr = HEAD_DIM // MASK_BITS
+    c = tl.arange(0, MASK_BITS)
+    qk = tl.zeros([G_PAD, BLOCK_N], dtype=tl.float32)
+    pre = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for w in tl.static_range(WORDS):
+        x, pre = _chan_word_block(arena_ptr, arena_i32_ptr, off, m, param, rows, row_mask, pre, w, HEAD_DIM)
+        qw = tl.load(q_rows[:, None] + (c + w * MASK_BITS)[None, :] * stride_q_d, mask=gmask[:, None], other=0.0)
+        qk = tl.dot(qw.to(COMPUTE_DTYPE), tl.trans(x.to(COMPUTE_DTYPE)), qk, input_precision=DOT_PRECISION)
+    return qk
+
+
+@triton.jit
+def _chan_weighted_sum_by_word(p, arena_ptr, arena_i32_ptr, off, m, param, rows, row_mask, G_PAD: tl.constexpr,
+                               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``p @ V[rows]`` for a chan payload, one mask word of channels at a time (:data:`CHAN_WORD_BLOCKS`):
+    ``[G_PAD, HEAD_DIM]`` fp32. ``p``: ``[G_PAD, BLOCK_N]`` weights (0 on masked rows) in the dtype of the products."""
+    WORDS: tl.constexpr = HEAD_DIM // MASK_BITS
+    widx = tl.arange(0, WORDS)[None, :, None]
+    out = tl.zeros([G_PAD, WORDS, MASK_BITS], dtype=tl.float32)
+    pre = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for w in tl.static_range(WORDS):
+        x, pre = _chan_word_block(arena_ptr, arena_i32_ptr, off, m, param, rows, row_mask, pre, w, HEAD_DIM)
+        pv = tl.dot(p, x.to(p.dtype), input_precision=DOT_PRECISION)
+        out += tl.where(widx == w, pv[:, None, :], 0.0)
+    return tl.reshape(out, [G_PAD, HEAD_DIM])
 
 
 @triton.jit

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    CHAN_WORD_BLOCKS,
     DESC_K_FORM,
     DESC_K_OFF,
     DESC_K_PARAM,
@@ -31,15 +32,18 @@ from ._common import (
     DESC_V_FORM,
     DESC_V_OFF,
     DESC_V_PARAM,
+    FORM_CHAN,
     FORM_DENSE,
-    GRANULE_ELEMS,
-    _get_desc_field,
     FORM_LOWRANK,
+    GRANULE_ELEMS,
+    _chan_scores_by_word,
+    _chan_weighted_sum_by_word,
+    _get_desc_field,
     _lowrank_scores,
     _lowrank_weighted_sum,
     _online_softmax_probs,
-    _update_online_softmax,
     _reconstruct_rows,
+    _update_online_softmax,
 )
 
 
@@ -106,7 +110,9 @@ def _sparse_decode_split_kernel(
     cols = tl.arange(0, HEAD_DIM)
     gmask = g < GROUP
     qh = h * GROUP + g
-    q = tl.load(q_ptr + b * stride_q_b + qh[:, None] * stride_q_h + cols[None, :] * stride_q_d, mask=gmask[:, None])
+    q_rows = q_ptr + b * stride_q_b + qh * stride_q_h
+    q = tl.load(q_rows[:, None] + cols[None, :] * stride_q_d, mask=gmask[:, None])
+    BY_WORD: tl.constexpr = CHAN_MODE == CHAN_WORD_BLOCKS
     q = q.to(COMPUTE_DTYPE)
 
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
@@ -151,21 +157,32 @@ def _sparse_decode_split_kernel(
                 for r0 in range(0, m, BLOCK_N):
                     rows = r0 + nrow
                     rmask = rows < m
-                    # K scored, then V applied: one rebuilt [BLOCK_N, d] tile at a time; low-rank never rebuilt
+                    # K scored, then V applied: one rebuilt [BLOCK_N, d] tile at a time; low-rank never rebuilt,
+                    # nor chan with CHAN_WORD_BLOCKS (32 channels at a time)
                     if k_form == FORM_LOWRANK:
                         qk = _lowrank_scores(q, arena_ptr, k_off, k_param, m, rows, rmask, HEAD_DIM, BLOCK_N,
                                              R_BLOCK, COMPUTE_DTYPE, DOT_PRECISION)
+                    elif BY_WORD and (k_form == FORM_CHAN):
+                        qk = _chan_scores_by_word(q_rows, stride_q_d, gmask, arena_ptr, arena_i32_ptr, k_off, m,
+                                                  k_param, rows, rmask, G_PAD, HEAD_DIM, BLOCK_N, COMPUTE_DTYPE,
+                                                  DOT_PRECISION)
                     else:
                         k = _reconstruct_rows(arena_ptr, arena_i32_ptr, k_form, k_param, m, k_off, rows, rmask,
-                                              HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE, False)
+                                              HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE, False,
+                                              not BY_WORD)
                         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
                     p, alpha, m_i, l_i = _online_softmax_probs(qk, rmask[None, :], m_i, l_i, qk_scale)
                     if v_form == FORM_LOWRANK:
                         pv = _lowrank_weighted_sum(p.to(COMPUTE_DTYPE), arena_ptr, v_off, v_param, m, rows, rmask,
                                                    HEAD_DIM, R_BLOCK, COMPUTE_DTYPE, DOT_PRECISION)
+                    elif BY_WORD and (v_form == FORM_CHAN):
+                        pv = _chan_weighted_sum_by_word(p.to(COMPUTE_DTYPE), arena_ptr, arena_i32_ptr, v_off, m,
+                                                        v_param, rows, rmask, G_PAD, HEAD_DIM, BLOCK_N,
+                                                        DOT_PRECISION)
                     else:
                         v = _reconstruct_rows(arena_ptr, arena_i32_ptr, v_form, v_param, m, v_off, rows, rmask,
-                                              HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE, False)
+                                              HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE, False,
+                                              not BY_WORD)
                         pv = tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
                     acc = acc * alpha[:, None] + pv
 
