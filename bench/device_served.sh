@@ -303,6 +303,11 @@ case "$step" in
           > "$out/seal-$pages-$method.json" 2> "$out/seal-$pages-$method.log" || echo "seal_cost $pages rc=$?"
       done
     done
+    # fewer, larger planner chunks at 128 pages (16 layers a chunk, was 4): launches against transient memory
+    timeout 60 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages 128 --page-size 64 --head-dim 128 \
+      --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --max-segments 16384 \
+      --max-chunk-bytes 1073741824 > "$out/seal-128-chunk16.json" 2> "$out/seal-128-chunk16.log" \
+      || echo "seal_cost chunk16 rc=$?"
     timeout $(( $(left) - 15 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" 2>&1 \
       || echo "kernel tests rc=$?"
     tail -3 "$out/kernel-tests.log"

@@ -48,6 +48,7 @@ import mosaickv_sglang.kernels
 from bench.host_syncs import HostSyncCounter
 from bench.op_census import OpCensus
 from mosaickv_sglang import planner
+from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS
 from mosaickv_sglang.sealer import Sealer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chan-drop", choices=planner.CHAN_DROP_METHODS, default=planner.CHAN_DROP_METHOD_ON_CUDA,
                    help="how the planner finds each vector's top channels on CUDA (planner.CHAN_DROP_METHOD_ON_CUDA; "
                         f"default {planner.CHAN_DROP_METHOD_ON_CUDA})")
+    p.add_argument("--max-segments", type=int, default=DEFAULT_MAX_SEGMENTS,
+                   help=f"the one-call planner's segments per chunk (default {DEFAULT_MAX_SEGMENTS})")
+    p.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES,
+                   help=f"the one-call planner's largest temporary per chunk (default {DEFAULT_MAX_CHUNK_BYTES})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     return p
@@ -107,6 +112,13 @@ def timed(fn: Callable[[], object], device: torch.device, args: argparse.Namespa
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     report: Dict[str, object] = {"seconds": min(times), "result": out}
+    if device.type == "cuda":  # transient device memory of one call, above what was allocated before it
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        report["peak_transient_bytes"] = torch.cuda.max_memory_allocated(device) - base
     if not args.no_count:
         with HostSyncCounter() as count:
             fn()
@@ -157,6 +169,7 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     planner.CHAN_DROP_METHOD_ON_CUDA = args.chan_drop
     pool = stand_in_pool(args)
     sealer = Sealer(pool, args.kv_heads * args.group, query_window=args.window)
+    sealer.plan_max_segments, sealer.plan_max_chunk_bytes = args.max_segments, args.max_chunk_bytes
     gen = torch.Generator().manual_seed(args.seed + 1)
     for layer in range(args.layers):
         q = 1.5 * torch.randn(args.window, args.kv_heads * args.group, args.head_dim, generator=gen)
@@ -186,7 +199,8 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         for name, r in (("per-layer plan_fast (before)", before), ("one-call plan_fast_layers (after)", after)):
             counts = "" if args.no_count else (f"   host syncs {r['syncs']:5d}   device copies {r['copies']:4d}"
                                                f"   ops {r['ops']:6d} (kernel {r['ops_by_kind']['kernel']:6d})")
-            print(f"  {name:36s} {1e3 * r['seconds']:10.1f} ms{counts}")
+            peak = f"   peak +{r['peak_transient_bytes'] / 2**20:.0f} MiB" if "peak_transient_bytes" in r else ""
+            print(f"  {name:36s} {1e3 * r['seconds']:10.1f} ms{counts}{peak}")
         print(f"  speed-up {before['seconds'] / after['seconds']:.2f}x; identical plans: {same}")
         if not args.no_count:
             print("  one-call kernel ops by site: " + ", ".join(f"{k} {v}" for k, v in

@@ -31,7 +31,7 @@ from mosaickv_sglang.config import MAX_COMPRESSION_RATIO
 from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
-from mosaickv_sglang.plan_layers import plan_fast_layers
+from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
 from mosaickv_sglang.strategies.base import dense_segment_bytes
@@ -216,6 +216,9 @@ class Sealer:
     decode_plans, decode_plan_seconds : int, float
         Decode batches the attention backend planned and the scheduler time its plans took (host work before each
         decode forward: sealing and the sidecar's tick included; counted by the backend).
+    plan_max_segments, plan_max_chunk_bytes : int
+        The one-call planner's chunking (:func:`~mosaickv_sglang.plan_layers.plan_fast_layers`'s ``max_segments`` and
+        ``max_chunk_bytes``): larger chunks launch fewer ops per seal and hold more transient device memory.
     sidecar : SidecarBridge or None
         The CPU sidecar that refines sealed pages' plans (``None`` with ``--mosaic-sidecar off`` or before
         :meth:`attach_sidecar`): ticked before each forward, handed each sealed batch before it is packed.
@@ -240,6 +243,8 @@ class Sealer:
         self.seal_seconds = 0.0
         self.decode_plans = 0
         self.decode_plan_seconds = 0.0
+        self.plan_max_segments = DEFAULT_MAX_SEGMENTS
+        self.plan_max_chunk_bytes = DEFAULT_MAX_CHUNK_BYTES
         self.sidecar = None
         self._warned_arena = False
         self._logged_at = time.monotonic()
@@ -417,7 +422,9 @@ class Sealer:
         queries = [None if q is None else q[heads] for q in map(self.window.queries, range(pool.layer_num))]
         results = plan_fast_layers(keys, values, budget_bytes=[self._budget(sink_mask, ratio)] * pool.layer_num,
                                    queries=queries, group_ids=np.tile(np.arange(h), pages.size),
-                                   always_dense=np.repeat(np.asarray(sink_mask, dtype=bool), h))  # fmt: skip
+                                   always_dense=np.repeat(np.asarray(sink_mask, dtype=bool), h),
+                                   max_segments=self.plan_max_segments,
+                                   max_chunk_bytes=self.plan_max_chunk_bytes)  # fmt: skip
         return [r.plan for r in results]
 
     def seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> bool:

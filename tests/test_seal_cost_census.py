@@ -105,6 +105,19 @@ def test_kernel_ops_grow_with_the_chunks_of_the_estimator():
     assert per_layer_chunks > one_chunk + 2 * 50  # an estimator run is well over 50 kernel ops
 
 
+def test_seal_cost_chunk_options_reach_the_sealers_planner(capsys):
+    """``--max-segments`` bounds the one-call planner's chunks through the sealer: one layer a chunk dispatches more
+    kernels than the default (all layers in one chunk here), with the same plans and no peak memory report off CUDA."""
+    default = _run(f"--layers 3 {TINY}", capsys)
+    layered = _run(f"--layers 3 {TINY} --max-segments 6", capsys)  # 3 pages x 2 heads: one layer a chunk
+    assert layered["identical_plans"] and layered["config"]["max_segments"] == 6
+    assert layered["one_call"]["ops_by_kind"]["kernel"] > default["one_call"]["ops_by_kind"]["kernel"] + 50
+    assert layered["per_layer"]["ops_by_kind"] == default["per_layer"]["ops_by_kind"]
+    assert "peak_transient_bytes" not in default["one_call"]
+    with pytest.raises(ValueError, match="max_chunk_bytes: expected >= 1, got 0"):
+        _run(f"--layers 3 {TINY} --max-chunk-bytes 0", capsys)
+
+
 def test_profile_writes_tables_and_traces(tmp_path, capsys):
     """``--profile DIR`` writes, on the CPU, the self-CPU table and a trace of each path, listed in the report."""
     report = _run(f"--layers 2 {TINY} --no-count --profile {tmp_path}", capsys)
