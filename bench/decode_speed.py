@@ -312,16 +312,22 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
         # all modes are single samples of the same kind, not one of them a minimum over the sweep)
         po = torch.empty(bsz, hq, best["num_splits"], d, dtype=torch.float32, device=device)
         pl = torch.empty(bsz, hq, best["num_splits"], dtype=torch.float32, device=device)
-        row["tune_chan"] = []
-        for mode, name in CHAN_MODE_NAMES.items():
 
-            def variant(po=po, pl=pl, b=best, c=mode):
-                sparse_decode_fwd(q, arena, desc, sel, k_all, v_all, tail_indptr, tail_indices, out, po, pl,
-                                  num_splits=b["num_splits"], num_warps=b["num_warps"], num_stages=b["num_stages"],
-                                  chan_mode=c)  # fmt: skip
+        def best_launch(**kw: Any) -> Callable[[], Any]:
+            """The best launch configuration with ``kw`` added, run once (its output is in ``out``)."""
+
+            def variant() -> Any:
+                return sparse_decode_fwd(q, arena, desc, sel, k_all, v_all, tail_indptr, tail_indices, out, po, pl,
+                                         num_splits=best["num_splits"], num_warps=best["num_warps"],
+                                         num_stages=best["num_stages"], **kw)  # fmt: skip
 
             variant()
             torch.cuda.synchronize()
+            return variant
+
+        row["tune_chan"] = []
+        for mode, name in CHAN_MODE_NAMES.items():
+            variant = best_launch(chan_mode=mode)
             err = float((out[:1].double() - o_check.double()).abs().max()) if o_check is not None else None
             ms = timed(variant, args.rep_ms, graph)
             row["tune_chan"].append(dict(chan_mode=mode, name=name, ms=ms, default=mode == CHAN_MODE,
@@ -335,15 +341,7 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
                     ", ".join(f"{c['name']} {c['ms']:.3f} ms" for c in row["tune_chan"]))  # fmt: skip
         row["tune_maxnreg"] = []
         for cap in TUNE_MAXNREG:
-
-            def variant(po=po, pl=pl, b=best, c=cap):
-                sparse_decode_fwd(q, arena, desc, sel, k_all, v_all, tail_indptr, tail_indices, out, po, pl,
-                                  num_splits=b["num_splits"], num_warps=b["num_warps"], num_stages=b["num_stages"],
-                                  maxnreg=c)  # fmt: skip
-
-            variant()
-            torch.cuda.synchronize()
-            ms = timed(variant, args.rep_ms, graph)
+            ms = timed(best_launch(maxnreg=cap), args.rep_ms, graph)
             row["tune_maxnreg"].append(dict(maxnreg=cap, ms=ms, tbps=(payload + tail_bytes) / (ms * 1e-3) / 1e12))
         logger.info("tune %s ctx=%d bs=%d register caps at the best configuration: %s", shape, ctx, bsz,
                     ", ".join(f"{c['maxnreg'] or 'none'} {c['ms']:.3f} ms" for c in row["tune_maxnreg"]))

@@ -234,22 +234,29 @@ def _chan_weighted_sum_by_word(p, arena_ptr, arena_i32_ptr, off, m, param, rows,
 
 
 @triton.jit
+def _lowrank_factor_blocks(arena_ptr, off, param, m, r0, rows, row_mask, HEAD_DIM: tl.constexpr,
+                           R_BLOCK: tl.constexpr):
+    """Ranks ``[r0, r0 + R_BLOCK)`` of a low-rank payload (``A [m, r]`` then ``B [r, d]`` at ``off``): ``A[rows]``
+    ``[BLOCK_N, R_BLOCK]`` and ``B`` ``[R_BLOCK, HEAD_DIM]``, arena dtype, 0 past rank ``param``."""
+    cols = tl.arange(0, HEAD_DIM)
+    rk = r0 + tl.arange(0, R_BLOCK)
+    rmask = rk < param
+    a = tl.load(arena_ptr + off + rows[:, None] * param + rk[None, :], mask=row_mask[:, None] & rmask[None, :],
+                other=0.0)
+    b = tl.load(arena_ptr + off + m * param + rk[:, None] * HEAD_DIM + cols[None, :], mask=rmask[:, None], other=0.0)
+    return a, b
+
+
+@triton.jit
 def _lowrank_scores(q, arena_ptr, off, param, m, rows, row_mask, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                     R_BLOCK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``q @ K[rows]^T`` for a low-rank payload ``K = A @ B`` computed as ``(q @ B^T) @ A[rows]^T``, ``R_BLOCK``
     ranks at a time: ``[G, BLOCK_N]`` fp32 (unscaled) without rebuilding the ``[BLOCK_N, HEAD_DIM]`` rows. ``q``:
     ``[G, HEAD_DIM]`` in ``COMPUTE_DTYPE``; the partial ``q @ B^T`` is rounded to it as a rebuilt row would be."""
-    cols = tl.arange(0, HEAD_DIM)
-    rr = tl.arange(0, R_BLOCK)
-    bbase = off + m * param
     qk = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
     for r0 in range(0, param, R_BLOCK):
-        rk = r0 + rr
-        rmask = rk < param
-        b = tl.load(arena_ptr + bbase + rk[:, None] * HEAD_DIM + cols[None, :], mask=rmask[:, None], other=0.0)
+        a, b = _lowrank_factor_blocks(arena_ptr, off, param, m, r0, rows, row_mask, HEAD_DIM, R_BLOCK)
         qb = tl.dot(q, tl.trans(b.to(COMPUTE_DTYPE)), input_precision=DOT_PRECISION)
-        a = tl.load(arena_ptr + off + rows[:, None] * param + rk[None, :], mask=row_mask[:, None] & rmask[None, :],
-                    other=0.0)
         qk = tl.dot(qb.to(COMPUTE_DTYPE), tl.trans(a.to(COMPUTE_DTYPE)), qk, input_precision=DOT_PRECISION)
     return qk
 
@@ -259,17 +266,10 @@ def _lowrank_weighted_sum(p, arena_ptr, off, param, m, rows, row_mask, HEAD_DIM:
                           R_BLOCK: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``p @ V[rows]`` for a low-rank payload ``V = A @ B`` computed as ``(p @ A[rows]) @ B``: ``[G, HEAD_DIM]``
     fp32. ``p``: ``[G, BLOCK_N]`` weights in ``COMPUTE_DTYPE`` (0 on masked rows)."""
-    cols = tl.arange(0, HEAD_DIM)
-    rr = tl.arange(0, R_BLOCK)
-    bbase = off + m * param
     out = tl.zeros([p.shape[0], HEAD_DIM], dtype=tl.float32)
     for r0 in range(0, param, R_BLOCK):
-        rk = r0 + rr
-        rmask = rk < param
-        a = tl.load(arena_ptr + off + rows[:, None] * param + rk[None, :], mask=row_mask[:, None] & rmask[None, :],
-                    other=0.0)
+        a, b = _lowrank_factor_blocks(arena_ptr, off, param, m, r0, rows, row_mask, HEAD_DIM, R_BLOCK)
         pa = tl.dot(p, a.to(COMPUTE_DTYPE), input_precision=DOT_PRECISION)
-        b = tl.load(arena_ptr + bbase + rk[:, None] * HEAD_DIM + cols[None, :], mask=rmask[:, None], other=0.0)
         out = tl.dot(pa.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), out, input_precision=DOT_PRECISION)
     return out
 
