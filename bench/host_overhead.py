@@ -16,6 +16,7 @@ Usage::
 
     python -m bench.host_overhead --out host.json             # every shape, B = 1, 32, 128, contexts 2k and 8k
     python -m bench.host_overhead --compare before.json host.json   # a before/after table of two runs
+    python -m bench.host_overhead --cuda-graph --shapes 8b --batches 32 --contexts 32768   # the served decode path
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class Timers:
 class DecodeState:
     """A backend over a pool in the state described in the module docstring, and a page allocator for new tokens."""
 
-    def __init__(self, shape: str, batch: int, context: int, steps: int, sidecar: bool, seed: int) -> None:
+    def __init__(self, shape: str, batch: int, context: int, steps: int, sidecar: bool, seed: int,
+                 cuda_graph: bool = False) -> None:  # fmt: skip
         from mosaickv_sglang.attention_backend import MosaicAttnBackend
         from mosaickv_sglang.config import MosaicKVConfig
         from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
@@ -107,6 +109,9 @@ class DecodeState:
                                  token_to_kv_pool=pool)  # fmt: skip
         self.backend = MosaicAttnBackend(runner, num_q_heads=self.q_heads, auto_seal=True)
         self.backend.sealer.min_seal_pages = 1 << 30
+        self.cuda_graph = cuda_graph
+        if cuda_graph:  # decode batches planned into the static buffers, as under SGLang's CUDA-graph runner
+            self.backend.init_cuda_graph_state(max_bs=batch, max_num_tokens=batch)
         self.free_pages = list(rng.permutation(np.arange(1, pool.num_logical_pages)).astype(np.int64))
         self.pages: List[List[int]] = []
         sealed, dense, dense_slots = [], [], []
@@ -150,7 +155,7 @@ class DecodeState:
         seq = torch.tensor(self.lens, dtype=torch.int64)
         return SimpleNamespace(forward_mode=ForwardMode.DECODE, out_cache_loc=torch.tensor(out, dtype=torch.int64),
                                req_pool_indices=torch.arange(self.batch), seq_lens=seq, seq_lens_cpu=seq,
-                               encoder_lens=None)  # fmt: skip
+                               encoder_lens=None, batch_size=self.batch, num_padding=0)  # fmt: skip
 
     def layer(self, layer_id: int) -> SimpleNamespace:
         d = self.head_dim
@@ -174,6 +179,7 @@ def instrument(st: DecodeState, timers: Timers) -> None:
     timers.wrap(pool, "ensure_physical", "ensure_physical_note_writes")
     timers.wrap(pool, "note_writes", "ensure_physical_note_writes")
     timers.wrap(be, "_plan_decode", "plan_decode")
+    timers.wrap(be, "_plan_decode_graph", "plan_decode_graph")
     for name in METADATA_METHODS:
         if hasattr(pool, name):
             timers.wrap(pool, name, "decode_metadata")
@@ -182,10 +188,13 @@ def instrument(st: DecodeState, timers: Timers) -> None:
 
 
 def run_step(st: DecodeState, timers: Optional[Timers]) -> None:
-    """One decode step: the plan, then the host part of every layer (kernels not launched)."""
+    """One decode step: the plan, then the host part of every layer (kernels not launched; with ``cuda_graph`` the
+    layers replay in the graph, so the plan is all the step's host work)."""
     be, pool = st.backend, st.pool
     batch = st.next_batch()
     be.init_forward_metadata(batch)
+    if st.cuda_graph:
+        return
     h_q, d = st.q_heads, st.head_dim
     q, k, v = st.q, st.k, st.v
     clock = time.perf_counter
@@ -213,13 +222,19 @@ def split(acc: Dict[str, float]) -> Dict[str, float]:
     g = acc.get
     tick = g("sidecar_tick", 0.0)
     meta = g("decode_metadata", 0.0)
-    known = g("before_forward", 0.0) + g("ensure_physical_note_writes", 0.0) + g("plan_decode", 0.0)
+    prep = g("before_forward", 0.0) + g("ensure_physical_note_writes", 0.0)
+    if "plan_decode_graph" in acc:  # the graph plan holds the writes' preparation and the metadata
+        rest = g("plan_decode_graph") - prep - meta
+        rows = g("total", 0.0) - g("plan_decode_graph")
+    else:
+        rest = g("plan_decode", 0.0) - meta
+        rows = g("total", 0.0) - prep - g("plan_decode", 0.0)
     ms = {
-        "rows_and_prep": g("total", 0.0) - known,
+        "rows_and_prep": rows,
         "before_forward": g("before_forward", 0.0) - tick,
         "ensure_physical_note_writes": g("ensure_physical_note_writes", 0.0),
         "decode_metadata": meta,
-        "plan_decode_rest": g("plan_decode", 0.0) - meta,
+        "plan_decode_rest": rest,
         "sidecar_tick": tick,
         "plan_total": g("total", 0.0),
     }
@@ -249,7 +264,7 @@ def profile_top(st: DecodeState, steps: int, top: int) -> List[Dict[str, Any]]:
 def run_config(shape: str, batch: int, context: int, args: argparse.Namespace) -> Dict[str, Any]:
     t0 = time.perf_counter()
     st = DecodeState(shape, batch, context, args.warmup + args.steps + args.profile_steps, args.sidecar == "on",
-                     args.seed)  # fmt: skip
+                     args.seed, args.cuda_graph)  # fmt: skip
     setup_s = time.perf_counter() - t0
     try:
         timers = Timers()
@@ -335,6 +350,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--profile-steps", type=int, default=3, help="steps under cProfile after the measured ones")
     ap.add_argument("--profile-top", type=int, default=15, help="functions kept from the profile (by own time)")
     ap.add_argument("--sidecar", choices=("on", "off"), default="on", help="start the CPU sidecar (server default)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="plan each step as a CUDA-graph decode step (static buffers; the layers' host work is then in "
+                         "the graph, so only the plan is timed)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a scheduler process uses 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the results as JSON here")
@@ -369,7 +387,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                                        + list(argv or sys.argv[1:])),
         machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine(),
                      python=platform.python_version(), torch=torch.__version__, threads=args.threads),
-        steps=args.steps, warmup=args.warmup, sidecar=args.sidecar, results=results,
+        steps=args.steps, warmup=args.warmup, sidecar=args.sidecar, cuda_graph=args.cuda_graph, results=results,
     )  # fmt: skip
     print(table(results))
     if args.out:
