@@ -237,6 +237,7 @@ class MosaicAttnBackend(AttentionBackend):
         register_sealer(self.sealer)
         if self.device.type == "cuda" and warmup_enabled():
             self._warmup(model_runner)
+            self._choose_chan_drop()
 
     def _warmup(self, model_runner: Any) -> None:
         """Compile every kernel variant serving can hit (:mod:`mosaickv_sglang.warmup`) before taking traffic."""
@@ -248,6 +249,17 @@ class MosaicAttnBackend(AttentionBackend):
                              "skips the warmup)")  # fmt: skip
             return
         logger.info("MosaicKV: compiled %d kernel variants in %.1f s", count, seconds)
+
+    def _choose_chan_drop(self) -> None:
+        """Make the seal planner's fastest chan drop method on this GPU its default (:mod:`.chan_drop_select`)."""
+        from mosaickv_sglang.chan_drop_select import select_chan_drop_method
+
+        try:
+            select_chan_drop_method(self.device, self.head_dim, self.page_size)
+        except ValueError:
+            raise  # a bad MOSAICKV_CHAN_DROP: the user's mistake, named
+        except Exception:  # noqa: BLE001 - an optimisation: the planner's default method serves without it
+            logger.exception("MosaicKV: timing the chan drop methods failed; the planner keeps its default")
 
     # --- plan ------------------------------------------------------------------------------------------------------
     def read_budget_segments(self, max_segs: int) -> int:

@@ -338,9 +338,8 @@ _CHAN_RANK_HEAD_DIMS = (16, 32, 64, 128, 256)  # kernels.chan_rank.CHAN_RANK_HEA
 CHAN_DROP_METHODS = ("topk", "sort", "kernel")
 CHAN_DROP_METHOD_ON_CUDA = "topk"
 """How :func:`_chan_drop_masks` finds each vector's top-``k`` channels on CUDA tensors by default (on the CPU:
-``"topk"``). ``"topk"`` until the alternatives have been timed on a GPU (``python -m bench.chan_rank``; ``python -m
-bench.seal_cost --chan-drop sort|kernel``): its int64 top-k is 52-59% of a one-call seal's GPU time on an H200, half of
-it sorting the top-k (``sorted=True``) after selecting it."""
+``"topk"``). A server sets it at startup to the fastest on its GPU (:mod:`mosaickv_sglang.chan_drop_select`); the
+int64 top-k was 52-59% of a one-call seal's GPU time on an H200, half of it sorting the top-k (``sorted=True``)."""
 
 
 def _chan_drop_masks(

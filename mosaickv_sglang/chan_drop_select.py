@@ -1,0 +1,107 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Pick, on the server's own GPU, the fastest way the seal planner finds each vector's top channels.
+
+:func:`~mosaickv_sglang.planner._chan_drop_masks` has three methods (torch's top-k of int64 keys, a full sort of
+them, the Triton rank kernel) that give the same masks bit for bit; which is fastest depends on the GPU and the
+libraries. The attention backend calls :func:`select_chan_drop_method` once at startup on CUDA: it times each method
+on synthetic vectors of the server's head dim and segment size and makes the fastest the planner's default
+(:data:`~mosaickv_sglang.planner.CHAN_DROP_METHOD_ON_CUDA`). Plans do not depend on the choice, so tensor-parallel
+ranks that choose differently still take the same decisions. ``MOSAICKV_CHAN_DROP=topk|sort|kernel`` fixes the method
+without timing; ``auto`` (the default) times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+from mosaickv_sglang import planner
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ENV_VAR", "select_chan_drop_method", "time_chan_drop_methods"]
+
+ENV_VAR = "MOSAICKV_CHAN_DROP"
+TIMED_SEGMENTS = 1024  # a chunk of a typical seal: 16 pages x 8 KV heads x 8 layers
+TIMED_REPEATS = 3
+
+
+def _env_method() -> Optional[str]:
+    """The method ``MOSAICKV_CHAN_DROP`` fixes, or ``None`` for ``auto`` / unset."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value == "auto":
+        return None
+    if value not in planner.CHAN_DROP_METHODS:
+        raise ValueError(f"{ENV_VAR}: expected auto or one of {', '.join(planner.CHAN_DROP_METHODS)}, got {value!r}")
+    return value
+
+
+def time_chan_drop_methods(
+    device: torch.device,
+    head_dim: int,
+    seg_size: int,
+    methods: Sequence[str] = planner.CHAN_DROP_METHODS,
+    segments: int = TIMED_SEGMENTS,
+    repeats: int = TIMED_REPEATS,
+) -> Dict[str, float]:
+    """Seconds of one ``_chan_drop_masks`` call per method on ``[segments, seg_size, head_dim]`` fp16-rounded
+    vectors (the best of ``repeats`` after one untimed call, which also compiles the kernel). A method that raises
+    is logged and left out; so is the kernel where the head dim has no variant."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(segments, seg_size, head_dim, generator=gen).half().float().to(device)
+    w = torch.rand(segments, head_dim, generator=gen).to(device)
+    ks = sorted({max(1, head_dim // 8), max(1, head_dim // 4), max(1, head_dim // 2)})
+    out: Dict[str, float] = {}
+    for method in methods:
+        if method == "kernel" and head_dim not in planner._CHAN_RANK_HEAD_DIMS:
+            continue
+        try:
+            planner._chan_drop_masks(x, w, ks, method=method)
+            best = float("inf")
+            for _ in range(repeats):
+                best = min(best, _seconds(lambda m=method: planner._chan_drop_masks(x, w, ks, method=m), device))
+        except Exception:  # noqa: BLE001 - a method that cannot run here is not chosen; the others still can be
+            logger.warning("MosaicKV: chan drop method %s failed on %s; not chosen", method, device, exc_info=True)
+            continue
+        out[method] = best
+    return out
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def select_chan_drop_method(
+    device: torch.device,
+    head_dim: int,
+    seg_size: int,
+    timings: Optional[Dict[str, float]] = None,
+) -> str:
+    """Set :data:`~mosaickv_sglang.planner.CHAN_DROP_METHOD_ON_CUDA` to ``MOSAICKV_CHAN_DROP``'s method, or else to
+    the fastest of ``timings`` (default: :func:`time_chan_drop_methods` on ``device``); returns it. With no timing
+    (every method failed) the default stays."""
+    fixed = _env_method()
+    if fixed is not None:
+        planner.CHAN_DROP_METHOD_ON_CUDA = fixed
+        logger.info("MosaicKV: chan drop method %s (%s)", fixed, ENV_VAR)
+        return fixed
+    if timings is None:
+        timings = time_chan_drop_methods(device, head_dim, seg_size)
+    if timings:
+        planner.CHAN_DROP_METHOD_ON_CUDA = min(timings, key=timings.__getitem__)
+    logger.info("MosaicKV: chan drop method %s (%s)", planner.CHAN_DROP_METHOD_ON_CUDA,
+                ", ".join(f"{m} {1e3 * s:.2f} ms" for m, s in timings.items()) or "no timing")  # fmt: skip
+    return planner.CHAN_DROP_METHOD_ON_CUDA
