@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
@@ -37,6 +37,7 @@ __all__ = [
     "NUM_WARPS",
     "NUM_STAGES",
     "MAXNREG",
+    "DEFAULT",
     "CHAN_MODE",
     "CHAN_MODE_NAMES",
     "CHAN_PTR_GATHER",
@@ -52,9 +53,12 @@ _R_BLOCK = 16
 # Launch configuration of the split kernel (``bench.decode_speed --tune`` times the alternatives on a GPU).
 NUM_WARPS = 4
 NUM_STAGES = 2
-# Register cap per thread of the split kernel (Triton's ``maxnreg``; None: ptxas chooses, 217-245 at 4 warps, which
-# leaves 2 programs per SM). ``bench.kernel_regs --maxnreg`` shows what a cap spills; ``--tune`` times caps.
+# Register cap per thread of the split kernel (Triton's ``maxnreg``; None: ptxas chooses, 215-245 at 4 warps, which
+# leaves 2 programs per SM). ``bench.kernel_regs --maxnreg`` shows what a cap spills; ``--tune`` times caps. A server
+# sets it and CHAN_MODE at startup to the fastest on its GPU (mosaickv_sglang.decode_tune).
 MAXNREG: Optional[int] = None
+DEFAULT = "default"
+"""``sparse_decode_fwd(maxnreg=DEFAULT)``: :data:`MAXNREG` as it is at the call."""
 _WARP_CHOICES = (1, 2, 4, 8, 16)
 # How the kernels rebuild chan rows (the CHAN_MODE constexpr; docs/packed-format.md, "Chan reconstruction"). All
 # modes give the same rows; ``bench.decode_speed --tune`` times them.
@@ -97,10 +101,11 @@ def suggest_num_splits(batch: int, num_kv_heads: int, max_work_segments: int, nu
     return 1 << (splits.bit_length() - 1)
 
 
-def resolve_chan_mode(chan_mode: Optional[int], default: int = CHAN_MODE) -> int:
-    """``chan_mode`` checked against :data:`CHAN_MODE_NAMES` (``None``: ``default``)."""
+def resolve_chan_mode(chan_mode: Optional[int], default: Optional[int] = None) -> int:
+    """``chan_mode`` checked against :data:`CHAN_MODE_NAMES` (``None``: ``default``, or :data:`CHAN_MODE` as it is
+    at the call)."""
     if chan_mode is None:
-        return default
+        return CHAN_MODE if default is None else default
     if isinstance(chan_mode, bool) or not isinstance(chan_mode, int) or chan_mode not in CHAN_MODE_NAMES:
         names = ", ".join(f"{v} ({n})" for v, n in CHAN_MODE_NAMES.items())
         raise ValueError(f"chan_mode: expected one of {names}, got {chan_mode!r}")
@@ -126,7 +131,7 @@ def sparse_decode_fwd(
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     chan_mode: Optional[int] = None,
-    maxnreg: Optional[int] = MAXNREG,
+    maxnreg: Union[int, None, str] = DEFAULT,
 ) -> torch.Tensor:
     """Decode attention of one layer over (selected packed segments) + (dense tail), split-K.
 
@@ -174,8 +179,8 @@ def sparse_decode_fwd(
         products summed 32 channels at a time: equal within rounding). ``None``: :data:`CHAN_MODE`. Each mode is a
         compiled variant.
     maxnreg : int, optional
-        Register cap per thread of the split kernel (32 to 255; ptxas spills what does not fit), ``None`` for none.
-        Each cap is a compiled variant.
+        Register cap per thread of the split kernel (32 to 255; ptxas spills what does not fit), ``None`` for none,
+        :data:`DEFAULT` for :data:`MAXNREG`. Each cap is a compiled variant.
 
     Returns
     -------
@@ -205,6 +210,8 @@ def sparse_decode_fwd(
         raise ValueError(f"num_warps: expected one of {_WARP_CHOICES}, got {num_warps}")
     _checks.check_int(num_stages, "num_stages", lo=1, hi=6)
     chan = resolve_chan_mode(chan_mode)
+    if maxnreg == DEFAULT:
+        maxnreg = MAXNREG
     if maxnreg is not None:
         _checks.check_int(maxnreg, "maxnreg", lo=32, hi=255)
     _checks.check_tensor(partial_out, "partial_out", shape=(bsz, h_q, num_splits, d), dtype=torch.float32, device=dev)

@@ -236,8 +236,22 @@ class MosaicAttnBackend(AttentionBackend):
             self.sealer.attach_sidecar(SidecarBridge.create(self.pool, self.sealer.window).start())
         register_sealer(self.sealer)
         if self.device.type == "cuda" and warmup_enabled():
+            self._tune_decode(model_runner)
             self._warmup(model_runner)
             self._choose_chan_drop()
+
+    def _tune_decode(self, model_runner: Any) -> None:
+        """Make the sparse decode's fastest output-invariant variant on this GPU its default (:mod:`.decode_tune`),
+        before the warmup compiles the defaults."""
+        from mosaickv_sglang.decode_tune import select_decode_variant, tune_enabled
+
+        if not tune_enabled():
+            return
+        try:
+            select_decode_variant(backend_shape(self, getattr(model_runner, "dtype", None)), self.device)
+        except Exception:  # noqa: BLE001 - an optimisation: the kernel's defaults serve without it
+            logger.exception("MosaicKV: timing the sparse decode variants failed; the kernel keeps its defaults "
+                             "(MOSAICKV_DECODE_TUNE=0 skips the timing)")  # fmt: skip
 
     def _warmup(self, model_runner: Any) -> None:
         """Compile every kernel variant serving can hit (:mod:`mosaickv_sglang.warmup`) before taking traffic."""

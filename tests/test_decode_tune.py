@@ -1,0 +1,71 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The startup choice of the sparse decode's chan mode and register cap: every candidate decodes a chan-compressed
+batch to the same output bit for bit (so the choice cannot change an answer), the fastest becomes the kernel's default,
+a candidate with another output or an error is dropped, and ``MOSAICKV_DECODE_TUNE=0`` turns the timing off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mosaickv_sglang import decode_tune as T
+from mosaickv_sglang.kernels import sparse_decode as sd
+from mosaickv_sglang.kernels.format import FORM_CHAN, K_FORM, V_FORM
+from mosaickv_sglang.kernels.reference import ref_sparse_decode
+from mosaickv_sglang.warmup import WarmupShape
+
+SHAPE = WarmupShape(num_kv_heads=2, group=4, head_dim=64, seg_size=16, dtype=torch.float16, q_dtype=torch.float16,
+                    num_layers=2, num_sms=4, read_budget_segments=0)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def keep_defaults(monkeypatch):
+    monkeypatch.setattr(sd, "CHAN_MODE", sd.CHAN_PTR_GATHER)
+    monkeypatch.setattr(sd, "MAXNREG", None)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return T.DecodeBatch(SHAPE, torch.device("cpu"), batch=2, segments=3, tail=5)
+
+
+def test_the_timed_batch_is_chan_compressed_and_decodes_as_the_reference(batch):
+    assert (batch.desc[:, K_FORM] == FORM_CHAN).all() and (batch.desc[:, V_FORM] == FORM_CHAN).all()
+    got = batch.run((sd.CHAN_PTR_GATHER, None)).double()
+    ref = ref_sparse_decode(batch.q, batch.arena, batch.desc, batch.sel, batch.k_buf, batch.v_buf, batch.tail_indptr,
+                            batch.tail_indices)  # fmt: skip
+    torch.testing.assert_close(got, ref, atol=3e-3, rtol=3e-3)
+
+
+def test_every_candidate_gives_the_same_output_and_gets_a_time(batch):
+    times = T.time_decode_variants(batch, repeats=1, launches=1)
+    assert set(times) == set(T.CANDIDATES) and all(t > 0 for t in times.values())
+    assert sd.CHAN_WORD_BLOCKS not in {v[0] for v in T.CANDIDATES}  # it rounds differently
+
+
+def test_a_candidate_with_another_output_or_an_error_is_dropped(batch, monkeypatch):
+    real = batch.run
+
+    def run(v):
+        if v[0] == sd.CHAN_POPCOUNT and v[1] is None:
+            raise RuntimeError("cannot compile")
+        out = real(v)
+        return out + 1 if v[0] == sd.CHAN_TL_GATHER else out
+
+    monkeypatch.setattr(batch, "run", run)
+    times = T.time_decode_variants(batch, repeats=1, launches=1)
+    assert set(times) == set(T.CANDIDATES) - {(sd.CHAN_TL_GATHER, None), (sd.CHAN_POPCOUNT, None)}
+
+
+def test_the_fastest_becomes_the_kernel_default():
+    timings = {(sd.CHAN_PTR_GATHER, None): 3e-4, (sd.CHAN_POPCOUNT, 168): 1e-4, (sd.CHAN_ROW_COMPACT, None): 2e-4}
+    assert T.select_decode_variant(SHAPE, torch.device("cpu"), timings) == (sd.CHAN_POPCOUNT, 168)
+    assert (sd.CHAN_MODE, sd.MAXNREG) == (sd.CHAN_POPCOUNT, 168)
+    assert sd.resolve_chan_mode(None) == sd.CHAN_POPCOUNT  # read at the call, not at import
+    assert T.select_decode_variant(SHAPE, torch.device("cpu"), {}) == (sd.CHAN_POPCOUNT, 168)  # no timing: unchanged
+
+
+def test_the_environment_turns_the_timing_off(monkeypatch):
+    assert T.tune_enabled()
+    monkeypatch.setenv(T.ENV_VAR, "0")
+    assert not T.tune_enabled()
