@@ -308,6 +308,10 @@ case "$step" in
       --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --max-segments 16384 \
       --max-chunk-bytes 1073741824 > "$out/seal-128-chunk16.json" 2> "$out/seal-128-chunk16.log" \
       || echo "seal_cost chunk16 rc=$?"
+    # the GPU-only tests first (bf16, large launches, the startup choices' output invariance), then the rest on CUDA
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_decode_tune.py \
+      tests/test_chan_drop_select.py > "$out/gpu-tests.log" 2>&1 || echo "gpu tests rc=$?"
+    tail -3 "$out/gpu-tests.log"
     timeout $(( $(left) - 15 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" 2>&1 \
       || echo "kernel tests rc=$?"
     tail -3 "$out/kernel-tests.log"

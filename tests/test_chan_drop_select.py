@@ -54,3 +54,11 @@ def test_timing_runs_each_method_and_skips_those_that_fail(monkeypatch):
 
     monkeypatch.setattr(planner, "_chan_drop_masks", broken)
     assert set(C.time_chan_drop_methods(torch.device("cpu"), 64, 16, methods=("topk", "sort"), segments=4)) == {"topk"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_all_three_methods_are_timed_on_the_gpu():
+    got = C.time_chan_drop_methods(torch.device("cuda"), 128, 64)
+    assert set(got) == set(planner.CHAN_DROP_METHODS) and all(0 < t < 1 for t in got.values()), got
+    assert C.select_chan_drop_method(torch.device("cuda"), 128, 64, got) == min(got, key=got.__getitem__)

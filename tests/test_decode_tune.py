@@ -69,3 +69,17 @@ def test_the_environment_turns_the_timing_off(monkeypatch):
     assert T.tune_enabled()
     monkeypatch.setenv(T.ENV_VAR, "0")
     assert not T.tune_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim, dtype", [(128, torch.bfloat16), (64, torch.float16)])
+def test_every_candidate_gives_the_same_output_on_the_gpu(head_dim, dtype):
+    """Compiled for the GPU, every candidate's output is bit for bit the first's (none dropped), so the startup
+    choice cannot change an answer; the chosen variant is one of them."""
+    shape = WarmupShape(num_kv_heads=8, group=4, head_dim=head_dim, seg_size=64, dtype=dtype, q_dtype=dtype,
+                        num_layers=32, num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                        read_budget_segments=64)  # fmt: skip
+    times = T.time_decode_variants(T.DecodeBatch(shape, torch.device("cuda")), repeats=2, launches=5)
+    assert set(times) == set(T.CANDIDATES), times
+    assert T.select_decode_variant(shape, torch.device("cuda"), times) in T.CANDIDATES
