@@ -138,6 +138,8 @@ def select_decode_variant(shape: WarmupShape, device: torch.device,
     stay."""
     if timings is None:
         timings = time_decode_variants(DecodeBatch(shape, device))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the server's memory budget was set before: give the batch's buffers back
     if timings:
         sd.CHAN_MODE, sd.MAXNREG = min(timings, key=timings.__getitem__)
     chosen = (sd.CHAN_MODE, sd.MAXNREG)
