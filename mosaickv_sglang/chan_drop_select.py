@@ -68,9 +68,6 @@ def time_chan_drop_methods(
             logger.warning("MosaicKV: chan drop method %s failed on %s; not chosen", method, device, exc_info=True)
             continue
         out[method] = best
-    del x, w
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the server's memory budget was set before: give the timing's buffers back
     return out
 
 
@@ -103,6 +100,8 @@ def select_chan_drop_method(
         return fixed
     if timings is None:
         timings = time_chan_drop_methods(device, head_dim, seg_size)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the server's memory budget was set before: give the timing's buffers back
     if timings:
         planner.CHAN_DROP_METHOD_ON_CUDA = min(timings, key=timings.__getitem__)
     logger.info("MosaicKV: chan drop method %s (%s)", planner.CHAN_DROP_METHOD_ON_CUDA,
