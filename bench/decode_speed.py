@@ -341,10 +341,16 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
                     ", ".join(f"{c['name']} {c['ms']:.3f} ms" for c in row["tune_chan"]))  # fmt: skip
         row["tune_maxnreg"] = []
         for cap in TUNE_MAXNREG:
-            ms = timed(best_launch(maxnreg=cap), args.rep_ms, graph)
+            try:
+                ms = timed(best_launch(maxnreg=cap), args.rep_ms, graph)
+            except Exception as e:  # recorded and reported: one cap that does not compile must not lose the run
+                logger.error("register cap %s failed: %r", cap, e)
+                row["tune_maxnreg"].append(dict(maxnreg=cap, ms=None, failed=repr(e)[:300]))
+                continue
             row["tune_maxnreg"].append(dict(maxnreg=cap, ms=ms, tbps=(payload + tail_bytes) / (ms * 1e-3) / 1e12))
         logger.info("tune %s ctx=%d bs=%d register caps at the best configuration: %s", shape, ctx, bsz,
-                    ", ".join(f"{c['maxnreg'] or 'none'} {c['ms']:.3f} ms" for c in row["tune_maxnreg"]))
+                    ", ".join(f"{c['maxnreg'] or 'none'} {c['ms'] if c['ms'] is None else round(c['ms'], 3)} ms"
+                              for c in row["tune_maxnreg"]))  # fmt: skip
         logger.info("tune %s ctx=%d bs=%d: default %.3f ms (4 warps, 2 stages, %d splits), best %.3f ms %s", shape,
                     ctx, bsz, t_dec, splits, best["ms"], best)  # fmt: skip
     kv = arena = tok = k_all = v_all = None  # free the cache before the next case (the closures hold these names)
@@ -462,9 +468,11 @@ def markdown(rows: list[dict], pack: dict, copy_bw: float, device_name: str) -> 
                   "|---|---|---|" + "---|" * len(names) + "---|"]  # fmt: skip
         for r in caps:
             cs = r["tune_maxnreg"]
-            fast = min(cs, key=lambda c: c["ms"])
+            ok = [c for c in cs if c["ms"] is not None]
+            fast = (min(ok, key=lambda c: c["ms"])["maxnreg"] or "none") if ok else "-"
             lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | "
-                         + " | ".join(f"{c['ms']:.3f}" for c in cs) + f" | {fast['maxnreg'] or 'none'} |")
+                         + " | ".join("failed" if c["ms"] is None else f"{c['ms']:.3f}" for c in cs)
+                         + f" | {fast} |")  # fmt: skip
     if pack:
         lines += [
             "",

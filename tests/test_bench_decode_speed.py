@@ -75,3 +75,5 @@ def test_markdown_register_cap_table_names_the_fastest_cap():
     text = markdown(rows, {}, 4.0e12, "test")
     assert "| shape | context | batch | none | 168 | 128 | fastest |" in text
     assert "| llama-3.1-8b | 8192 | 16 | 0.300 | 0.250 | 0.270 | 168 |" in text
+    rows[0]["tune_maxnreg"][1] = dict(maxnreg=168, ms=None, failed="RuntimeError('no')")
+    assert "| llama-3.1-8b | 8192 | 16 | 0.300 | failed | 0.270 | 128 |" in markdown(rows, {}, 4.0e12, "test")
