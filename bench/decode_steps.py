@@ -7,7 +7,8 @@ consecutive decode steps, prefill steps excluded. Scrape ``/metrics`` before and
 after.txt``: the load's decode step p50 / p90 / p99 (Prometheus's ``histogram_quantile``, linear within the 5%-wide
 buckets), summed over the server's schedulers, the scheduler time sealing and the sidecar took meanwhile
 (``sglang:mosaic_seal_seconds_total``, ``sglang:mosaic_sidecar_step_seconds_total``; prefill steps included, so a
-per-step figure is an upper bound), and the decode batches' plans (``sglang:mosaic_decode_plan_seconds_total`` over
+per-step figure is an upper bound; with its parts ``..._submit/land/apply_seconds_total`` when the server exports them),
+and the decode batches' plans (``sglang:mosaic_decode_plan_seconds_total`` over
 ``sglang:mosaic_decode_plans_total``: host work before each decode forward, sealing and the sidecar included).
 """
 
@@ -30,11 +31,14 @@ SEAL_SECONDS_METRIC = "sglang:mosaic_seal_seconds_total"
 SEAL_CALLS_METRIC = "sglang:mosaic_seal_calls_total"
 PLAN_SECONDS_METRIC = "sglang:mosaic_decode_plan_seconds_total"
 PLANS_METRIC = "sglang:mosaic_decode_plans_total"
+SIDECAR_PART_METRICS = {"submit_s": "sglang:mosaic_sidecar_submit_seconds_total",
+                        "land_s": "sglang:mosaic_sidecar_land_seconds_total",
+                        "apply_s": "sglang:mosaic_sidecar_apply_seconds_total"}  # fmt: skip
 
 
 # load_quantiles' keys for the counters it reads, and their series
 COUNTERS = {"sidecar_s": SIDECAR_METRIC, "seal_s": SEAL_SECONDS_METRIC, "seal_calls": SEAL_CALLS_METRIC,
-            "plan_s": PLAN_SECONDS_METRIC, "plans": PLANS_METRIC}
+            "plan_s": PLAN_SECONDS_METRIC, "plans": PLANS_METRIC, **SIDECAR_PART_METRICS}
 
 
 def read_scrape(text: str) -> Tuple[Dict[float, float], Dict[str, float]]:
@@ -96,6 +100,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if sidecar is not None:
             per_step = f", {sidecar * 1e3 / got['steps']:.2f} ms per decode step" if got["steps"] else ""
             ms += f"  sidecar before forwards {sidecar * 1e3:.1f} ms{per_step}"
+            parts = [f"{k[:-2]} {got[k] * 1e3:.1f} ms" for k in SIDECAR_PART_METRICS if got.get(k) is not None]
+            if parts:
+                ms += f" ({', '.join(parts)})"
         if got["plan_s"] is not None and got["plans"]:
             ms += f"  decode plans {got['plan_s'] * 1e3 / got['plans']:.2f} ms each ({int(got['plans'])})"
         print(f"decode steps {int(got['steps'])}  {ms}")

@@ -74,6 +74,9 @@ class SidecarStats:
         Scheduler time the bridge took before forwards (applying plans, submitting sealed pages).
     idle_seconds : float
         Scheduler time the bridge took on idle ticks.
+    submit_seconds, land_seconds, apply_seconds : float
+        Of the bridge's scheduler time: submitting sealed pages (part of ``step_seconds``), handing landed copies to
+        the worker, applying plans (both on forward and idle ticks).
     """
 
     counters: SidecarCounters
@@ -83,6 +86,9 @@ class SidecarStats:
     resegment_pooled: int = 0
     step_seconds: float = 0.0
     idle_seconds: float = 0.0
+    submit_seconds: float = 0.0
+    land_seconds: float = 0.0
+    apply_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +176,9 @@ def _sidecar_stats(sidecar: Any) -> Optional[SidecarStats]:
         return None
     return SidecarStats(sidecar.counters(), int(sidecar.plans_applied), int(sidecar.plans_discarded),
                         int(sidecar.segments_applied), int(sidecar.resegment_pooled),
-                        float(sidecar.tick_seconds + sidecar.submit_seconds), float(sidecar.idle_seconds))  # fmt: skip
+                        float(sidecar.tick_seconds + sidecar.submit_seconds), float(sidecar.idle_seconds),
+                        float(sidecar.submit_seconds), float(sidecar.land_seconds),
+                        float(sidecar.apply_seconds))  # fmt: skip
 
 
 def collect_stats(sealer: "Sealer") -> MosaicStats:
@@ -293,6 +301,15 @@ METRICS: Tuple[MetricSpec, ...] = (
     MetricSpec("sglang:mosaic_sidecar_idle_seconds_total", "counter",
                "Scheduler time the sidecar bridge took on idle ticks (re-segmentation).",
                _sc(lambda sc: sc.idle_seconds)),
+    MetricSpec("sglang:mosaic_sidecar_submit_seconds_total", "counter",
+               "Of the sidecar step time: submitting sealed pages (gathering their K/V and queries, starting the "
+               "copies to the host).", _sc(lambda sc: sc.submit_seconds)),
+    MetricSpec("sglang:mosaic_sidecar_land_seconds_total", "counter",
+               "Scheduler time handing landed copies to the sidecar worker's slots (and keeping host copies of shared "
+               "pages), forward and idle ticks.", _sc(lambda sc: sc.land_seconds)),
+    MetricSpec("sglang:mosaic_sidecar_apply_seconds_total", "counter",
+               "Scheduler time applying sidecar plans (re-packing their pages), forward and idle ticks.",
+               _sc(lambda sc: sc.apply_seconds)),
 )  # fmt: skip
 STRATEGY_METRIC = "sglang:mosaic_strategy_segments"
 DECODE_STEP_METRIC = "sglang:mosaic_decode_step_seconds"

@@ -19,6 +19,7 @@ from bench.decode_steps import (  # noqa: E402
     SEAL_CALLS_METRIC,
     SEAL_SECONDS_METRIC,
     SIDECAR_METRIC,
+    SIDECAR_PART_METRICS,
     load_quantiles,
     main,
 )
@@ -87,6 +88,28 @@ def test_sidecar_time_between_the_scrapes_summed_over_schedulers(tmp_path, capsy
     out = capsys.readouterr().out.rstrip()
     assert "  sealing 500.0 ms in 3 calls  " in out
     assert out.endswith("sidecar before forwards 400.0 ms, 2.00 ms per decode step  decode plans 3.00 ms each (200)")
+
+
+def test_sidecar_parts_are_printed_when_exported(tmp_path, capsys):
+    """A server that exports the sidecar time's parts (submit, land, apply) gets them after the total."""
+    registry = CollectorRegistry()
+    hist = Histogram(METRIC, "decode steps", buckets=DECODE_STEP_BUCKETS, registry=registry)
+    side = Counter(SIDECAR_METRIC.removesuffix("_total"), "sidecar", registry=registry)
+    parts = {k: Counter(name.removesuffix("_total"), k, registry=registry) for k, name in SIDECAR_PART_METRICS.items()}
+    before = _scrape(registry)
+    for _ in range(100):
+        hist.observe(0.01)
+    side.inc(0.5)
+    parts["submit_s"].inc(0.25)
+    parts["land_s"].inc(0.125)
+    parts["apply_s"].inc(0.0625)
+    got = load_quantiles(before, _scrape(registry))
+    assert (got["submit_s"], got["land_s"], got["apply_s"]) == (0.25, 0.125, 0.0625)
+    (tmp_path / "b.txt").write_text(before)
+    (tmp_path / "a.txt").write_text(_scrape(registry))
+    assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
+    assert ("sidecar before forwards 500.0 ms, 5.00 ms per decode step (submit 250.0 ms, land 125.0 ms, apply 62.5 ms)"
+            in capsys.readouterr().out)
 
 
 def test_errors_name_the_scrape_at_fault(tmp_path, capsys):

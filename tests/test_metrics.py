@@ -56,13 +56,14 @@ class StandInSidecarBridge:
     re-segmentation switch only."""
 
     def __init__(self, counters: SidecarCounters, plans_applied: int, plans_discarded: int, segments_applied: int,
-                 resegment: bool = True, seconds: tuple = (0.0, 0.0, 0.0)):  # fmt: skip
+                 resegment: bool = True, seconds: tuple = (0.0, 0.0, 0.0), parts: tuple = (0.0, 0.0)):  # fmt: skip
         self._counters = counters
         self.plans_applied, self.plans_discarded = plans_applied, plans_discarded
         self.segments_applied = segments_applied
         self.resegment = resegment
         self.resegment_pooled = 0
         self.tick_seconds, self.submit_seconds, self.idle_seconds = seconds
+        self.land_seconds, self.apply_seconds = parts
 
     def counters(self) -> SidecarCounters:
         return self._counters
@@ -197,7 +198,7 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
         exporter.export(collect_stats(sealer))
         sealer.sidecar = StandInSidecarBridge(SidecarCounters(submitted=12, completed=10, queue_depth=1,
                                                               resegmentations=2), 5, 1, 60,
-                                              seconds=(0.25, 0.5, 1.0))  # fmt: skip
+                                              seconds=(0.25, 0.5, 1.0), parts=(0.0625, 0.125))  # fmt: skip
         exporter.export(collect_stats(sealer))
     finally:
         sealer.sidecar = None
@@ -206,6 +207,8 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
                 "sidecar_failed_total": 0, "resegmentations_total": 2, "plans_applied_total": 5,
                 "plans_discarded_total": 1, "segments_applied_total": 60, "pages_sealed_total": 4,
                 "sidecar_step_seconds_total": 0.75, "sidecar_idle_seconds_total": 1.0,
+                "sidecar_submit_seconds_total": 0.5, "sidecar_land_seconds_total": 0.0625,
+                "sidecar_apply_seconds_total": 0.125,
                 "seal_calls_total": 1, "decode_plans_total": 40, "decode_plan_seconds_total": 0.125}  # fmt: skip
     assert {k: got[_key(f"sglang:mosaic_{k}", LABELS)] for k in expected} == expected
 

@@ -222,6 +222,9 @@ class SidecarBridge:
         Scheduler time spent before forwards: in :meth:`tick` (copying landed batches into the slots, reading
         replies, applying plans) and in :meth:`submit_sealed` (gathering pages and starting their copies to the
         host); the sidecar's cost on the step time.
+    land_seconds, apply_seconds : float
+        Of that scheduler time (idle ticks included): handing landed copies to the worker's slots (and keeping host
+        copies of shared pages), and applying finished plans (re-packing their pages).
     idle_seconds : float
         Scheduler time spent in :meth:`on_idle` (idle ticks only: no step waits for it).
     """
@@ -257,6 +260,8 @@ class SidecarBridge:
         self.segments_skipped = 0
         self.tick_seconds = 0.0
         self.submit_seconds = 0.0
+        self.land_seconds = 0.0
+        self.apply_seconds = 0.0
         self.idle_seconds = 0.0
         self._next_layer = 0
         self._pending: Deque[_PendingBatch] = collections.deque()
@@ -411,7 +416,11 @@ class SidecarBridge:
                 return
             self._pending.popleft()
             self._reserved -= len(batch.jobs)
-            self._land(batch)
+            t0 = time.perf_counter()
+            try:
+                self._land(batch)
+            finally:
+                self.land_seconds += time.perf_counter() - t0
             landed += 1
 
     def _land(self, batch: _PendingBatch) -> None:
@@ -578,7 +587,11 @@ class SidecarBridge:
         while self._unapplied:
             if taken and deadline is not None and time.perf_counter() >= deadline:
                 break
-            applied += self._apply(self._unapplied.popleft())
+            t0 = time.perf_counter()
+            try:
+                applied += self._apply(self._unapplied.popleft())
+            finally:
+                self.apply_seconds += time.perf_counter() - t0
             taken += 1
         return applied
 

@@ -72,6 +72,7 @@ def test_sealed_pages_get_the_exact_planner_s_plans_within_the_fast_budget():
         bridge.drain(DRAIN_S)
         assert bridge.plans_applied == LAYERS and bridge.plans_discarded == 0
         assert bridge.tick_seconds > 0 and bridge.idle_seconds == 0
+        assert bridge.land_seconds > 0 and 0 < bridge.apply_seconds < bridge.tick_seconds  # its parts
         assert pool.arena_ledger.reserved == reserved > 0
         seg = dense_segment_bytes(S, pool.head_dim)
         heads = torch.arange(H_KV).repeat(pages.size)
