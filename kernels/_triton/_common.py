@@ -276,7 +276,7 @@ def _lowrank_weighted_sum(p, arena_ptr, off, param, m, rows, row_mask, HEAD_DIM:
 
 @triton.jit
 def _online_softmax_probs(qk, qk_mask, m_i, l_i, qk_scale):
-    """First half of :func:`_update_online_softmax`, from the raw scores ``qk = q @ k^T`` (fp32):
+    """The softmax half of :func:`_update_online_softmax`, from the raw scores ``qk = q @ k^T`` (fp32):
     ``(p, alpha, m_new, l_new)``; the caller adds ``p @ v`` to ``acc * alpha``. Lets a caller score with ``k``
     before it builds ``v``, so the two are never held at once."""
     qk = tl.where(qk_mask, qk * qk_scale, float("-inf"))
@@ -291,12 +291,7 @@ def _online_softmax_probs(qk, qk_mask, m_i, l_i, qk_scale):
 def _update_online_softmax(q, k, v, qk_mask, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
     """One flash-attention step in the base-2 domain. ``q [M, D]``, ``k``/``v [N, D]`` (same dtype),
     ``qk_mask`` broadcastable to ``[M, N]``; ``qk_scale = sm_scale * log2(e)``. Fully masked rows stay neutral."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    qk = tl.where(qk_mask, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p, alpha, m_new, l_i = _online_softmax_probs(qk, qk_mask, m_i, l_i, qk_scale)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
