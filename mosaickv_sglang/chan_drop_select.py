@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
 from mosaickv_sglang import planner
+from mosaickv_sglang.device_timer import seconds_per_call
 
 logger = logging.getLogger(__name__)
 
@@ -61,27 +61,13 @@ def time_chan_drop_methods(
             continue
         try:
             planner._chan_drop_masks(x, w, ks, method=method)
-            best = float("inf")
-            for _ in range(repeats):
-                best = min(best, _seconds(lambda m=method: planner._chan_drop_masks(x, w, ks, method=m), device))
+            call = lambda m=method: planner._chan_drop_masks(x, w, ks, method=m)  # noqa: E731
+            best = min(seconds_per_call(call, device) for _ in range(repeats))
         except Exception:  # noqa: BLE001 - a method that cannot run here is not chosen; the others still can be
             logger.warning("MosaicKV: chan drop method %s failed on %s; not chosen", method, device, exc_info=True)
             continue
         out[method] = best
     return out
-
-
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def select_chan_drop_method(

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from mosaickv_sglang.device_timer import seconds_per_call
 from mosaickv_sglang.kernels import sparse_decode as sd
 from mosaickv_sglang.kernels.format import FORM_CHAN, SegmentPlan
 from mosaickv_sglang.warmup import WarmupShape
@@ -94,21 +94,6 @@ class DecodeBatch:
                                     num_splits=self.splits, chan_mode=v[0], maxnreg=v[1])  # fmt: skip
 
 
-def _seconds(batch: DecodeBatch, v: Variant, launches: int) -> float:
-    if batch.q.is_cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(launches):
-            batch.run(v)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / launches
-    t0 = time.perf_counter()
-    for _ in range(launches):
-        batch.run(v)
-    return (time.perf_counter() - t0) / launches
-
-
 def time_decode_variants(batch: DecodeBatch, candidates: Sequence[Variant] = CANDIDATES, repeats: int = 5,
                          launches: int = 10) -> Dict[Variant, float]:  # fmt: skip
     """Seconds per launch of each candidate on ``batch`` (the best of ``repeats`` loops of ``launches``, after one
@@ -125,7 +110,7 @@ def time_decode_variants(batch: DecodeBatch, candidates: Sequence[Variant] = CAN
                 logger.warning("MosaicKV: decode variant %s gives another output than %s; not chosen", _name(v),
                                _name(candidates[0]))  # fmt: skip
                 continue
-            out[v] = min(_seconds(batch, v, launches) for _ in range(repeats))
+            out[v] = min(seconds_per_call(lambda: batch.run(v), batch.q.device, launches) for _ in range(repeats))
         except Exception:  # noqa: BLE001 - a variant that cannot run here is not chosen; the others still can be
             logger.warning("MosaicKV: decode variant %s failed; not chosen", _name(v), exc_info=True)
     return out
