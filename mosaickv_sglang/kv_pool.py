@@ -65,12 +65,12 @@ from mosaickv_sglang.pool import (
 )
 from mosaickv_sglang.pool.rows import (
     as_rows,
-    expand_page_starts,
     in_range,
     page_starts,
     pages_aligned,
     ragged,
     sealable_counts,
+    whole_rows,
 )
 from mosaickv_sglang.pool.sizing import ARENA_SLACK
 
@@ -847,12 +847,12 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         pages, valid = page_starts(r, npg, s, step)
         flat = pages[valid]
         if not (in_range(flat, self.num_logical_pages) and pages_aligned(r, n, pages, s, step)):
-            return self._decode_metadata_reference(r, n, step)
+            return self._decode_metadata_reference(whole_rows(r, s, step), n)
         safe = np.where(valid, pages, 0)
         tail_page = valid & ~(self._live[safe] & (self._l2p[safe] < 0))
         phys = self._l2p[pages[tail_page]]
         if (phys < 0).any():
-            return self._decode_metadata_reference(r, n, step)
+            return self._decode_metadata_reference(whole_rows(r, s, step), n)
         per_page = np.minimum(s, n[:, None] - np.arange(width)[None, :] * s)
         tail_lens = np.where(tail_page, per_page, 0).sum(1).astype(np.int64)
         offs = np.arange(s)
@@ -865,12 +865,8 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         meta = DecodeMetadata(ids, counts, torch.from_numpy(indptr).to(dev), torch.from_numpy(tail).to(dev), w)
         return meta, tail_lens
 
-    def _decode_metadata_reference(
-        self, r: np.ndarray, n: np.ndarray, step: int = 1
-    ) -> Tuple[DecodeMetadata, np.ndarray]:
+    def _decode_metadata_reference(self, r: np.ndarray, n: np.ndarray) -> Tuple[DecodeMetadata, np.ndarray]:
         """The per-request path, for batches the fast one does not vouch for (it raises what they deserve)."""
-        if step != 1:
-            r = expand_page_starts(r, self.page_size)
         meta = self.decode_metadata([torch.from_numpy(r[i, : n[i]]) for i in range(n.size)])
         return meta, np.diff(meta.tail_indptr.cpu().numpy().astype(np.int64))
 
@@ -887,7 +883,7 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         pages, valid = page_starts(r, n_seal, s, step)
         flat = pages[valid]
         if not in_range(flat, self.num_logical_pages):
-            return self.pages_to_seal_per_request(expand_page_starts(r, s) if step != 1 else r, n)
+            return self.pages_to_seal_per_request(whole_rows(r, s, step), n)
         sink = ragged(n_sink, pages.shape[1])[valid]
         todo = ~self.store.sealed_in_all(flat)
         return flat[todo], sink[todo]

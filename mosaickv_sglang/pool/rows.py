@@ -16,7 +16,7 @@ from typing import Tuple
 
 import numpy as np
 
-__all__ = ["as_rows", "expand_page_starts", "in_range", "page_starts", "pages_aligned", "ragged", "sealable_counts"]
+__all__ = ["as_rows", "in_range", "page_starts", "pages_aligned", "ragged", "sealable_counts", "whole_rows"]
 
 
 def ragged(counts: np.ndarray, width: int) -> np.ndarray:
@@ -57,11 +57,14 @@ def pages_aligned(rows: np.ndarray, lens: np.ndarray, pages: np.ndarray, page_si
     return not (~eq[np.arange(b), first] & (first * step < lens)).any()
 
 
-def expand_page_starts(starts: np.ndarray, page_size: int) -> np.ndarray:
-    """Whole rows from page-start rows (``step = page_size``): shape ``[B, P * S]``, slot ``start + j % S`` at column
-    ``j``, as the paged allocator would have laid them out. For error paths, which read whole rows."""
-    b, width = starts.shape
-    return (starts[:, :, None] + np.arange(page_size, dtype=starts.dtype)).reshape(b, width * page_size)
+def whole_rows(rows: np.ndarray, page_size: int, step: int) -> np.ndarray:
+    """``rows`` with a column per token: as they are for ``step = 1``; for page-start rows (``step = page_size``),
+    shape ``[B, P * S]`` with slot ``start + j % S`` at column ``j``, as the paged allocator would have laid them out.
+    For error paths, which read whole rows."""
+    if step == 1:
+        return rows
+    b, width = rows.shape
+    return (rows[:, :, None] + np.arange(page_size, dtype=rows.dtype)).reshape(b, width * page_size)
 
 
 def sealable_counts(
