@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 import numpy as np
 import torch
 
-from mosaickv_sglang.kernels.format import FORM_CHAN, FORM_DENSE, FORM_LOWRANK, FORM_NAMES, K_FORM, N_ROWS, V_FORM
+from mosaickv_sglang.kernels.format import (
+    FORM_CHAN,
+    FORM_DENSE,
+    FORM_LOWRANK,
+    FORM_NAMES,
+    GRANULE_BYTES,
+    K_FORM,
+    N_ROWS,
+    V_FORM,
+)
 from mosaickv_sglang.pool import PAGE_SEALED, dense_bytes_per_token
 from mosaickv_sglang.sidecar.client import SidecarCounters
 from mosaickv_sglang.step_timer import DECODE_STEP_BUCKETS
@@ -116,6 +125,9 @@ class MosaicStats:
     pages_sealed, pressure_pages_sealed, pages_left_dense : int
         The sealer's totals since start (all pages sealed; of which for hot-pool pressure; left dense for want of
         arena room).
+    arena_compactions, granules_compacted : int
+        Arena compactions (a layer's payloads moved to the front because a seal found enough free granules only in
+        pieces) and the granules they moved, since start.
     seal_calls : int
         The sealer's :meth:`~mosaickv_sglang.sealer.Sealer.seal` calls since start.
     seal_seconds : float
@@ -141,6 +153,8 @@ class MosaicStats:
     pages_sealed: int
     pressure_pages_sealed: int
     pages_left_dense: int
+    arena_compactions: int
+    granules_compacted: int
     seal_calls: int
     seal_seconds: float
     decode_plans: int
@@ -201,6 +215,8 @@ def collect_stats(sealer: "Sealer") -> MosaicStats:
         pages_sealed=int(sealer.pages_sealed),
         pressure_pages_sealed=int(sealer.pressure_pages_sealed),
         pages_left_dense=int(sealer.pages_left_dense),
+        arena_compactions=int(store.compactions),
+        granules_compacted=int(store.granules_compacted),
         seal_calls=int(sealer.seal_calls),
         seal_seconds=float(sealer.seal_seconds),
         decode_plans=int(sealer.decode_plans),
@@ -250,6 +266,11 @@ METRICS: Tuple[MetricSpec, ...] = (
                "Pages sealed early because the hot pool ran short.", lambda st: st.pressure_pages_sealed),
     MetricSpec("sglang:mosaic_pages_left_dense_total", "counter",
                "Pages left dense because the arenas had no room.", lambda st: st.pages_left_dense),
+    MetricSpec("sglang:mosaic_arena_compactions_total", "counter",
+               "Arena compactions: a layer's payloads moved together because a seal found its room only in pieces.",
+               lambda st: st.arena_compactions),
+    MetricSpec("sglang:mosaic_arena_compacted_bytes_total", "counter", "Arena bytes moved by compactions.",
+               lambda st: st.granules_compacted * GRANULE_BYTES),
     MetricSpec("sglang:mosaic_seal_calls_total", "counter",
                "Sealing calls (one fast-planner call and one pack each, whatever the number of pages).",
                lambda st: st.seal_calls),

@@ -342,9 +342,11 @@ class Sealer:
             )
         logger.info(
             "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room) in %d calls "
-            "(%.1f s), arena %.1f%% reserved, %d free hot pages, room for %d more tokens, compression ratio %.2f%s",
+            "(%.1f s), arena %.1f%% reserved (%d compactions), %d free hot pages, room for %d more tokens, compression "
+            "ratio %.2f%s",
             self.pages_sealed, self.pressure_pages_sealed, self.pages_left_dense, self.seal_calls, self.seal_seconds,
-            100.0 * ledger.reserved / max(1, ledger.capacity), self.pool.num_free_physical_pages,
+            100.0 * ledger.reserved / max(1, ledger.capacity), self.pool.store.compactions,
+            self.pool.num_free_physical_pages,
             self.pool.admissible_tokens(), self.pool.store.compression_ratio(), sidecar,
         )  # fmt: skip
         self._logged_at, self._logged_sealed = now, self.pages_sealed

@@ -240,6 +240,13 @@ class GranuleAllocator:
         self._lens = new_lens[keep]
         self._free -= total
 
+    def pack(self) -> None:
+        """Record that every allocated run was moved to the front (a compaction): the free granules become the one
+        extent ``[used, capacity)``. The caller moves the data and the runs' offsets."""
+        used = self.used_granules
+        self._starts = np.array([used] if self._free else [], dtype=np.int64)
+        self._lens = np.array([self._free] if self._free else [], dtype=np.int64)
+
     # --- freeing -------------------------------------------------------------------------------------------------
     def free(self, offsets: ArrayLike, sizes: ArrayLike) -> None:
         """Return runs to the free list, coalescing neighbours.

@@ -20,13 +20,17 @@ from mosaickv_sglang.kernels.format import (
     DESC_WIDTH,
     GRANULE_BYTES,
     GRANULE_ELEMS,
+    K_OFF,
     KERNEL_HEAD_DIMS,
     MAX_SEG_SIZE,
     MIN_SEG_SIZE,
     SegmentPlan,
+    V_OFF,
 )
 from mosaickv_sglang.kernels.pack import pack_segments_fwd
 from mosaickv_sglang.pool.allocator import ArenaFullError, GranuleAllocator
+from mosaickv_sglang.pool.compaction import move_runs, packed_offsets
+from mosaickv_sglang.pool.device import to_device
 from mosaickv_sglang.pool.pages import PAGE_DENSE, PAGE_FREE, PAGE_SEALED, sealable_pages
 from mosaickv_sglang.pool.sizing import capacity_tokens
 
@@ -128,16 +132,6 @@ def _check_int(x: object, name: str, lo: int) -> int:
     if isinstance(x, bool) or not isinstance(x, int) or x < lo:
         raise ValueError(f"{name}: expected an integer >= {lo}, got {x!r}")
     return x
-
-
-def to_device(x: torch.Tensor, device: Union[torch.device, str]) -> torch.Tensor:
-    """``x`` on ``device`` without the host waiting for it: a host tensor bound for CUDA is staged in pinned memory and
-    copied with ``non_blocking=True`` (a plain ``.to`` from pageable memory waits until every queued kernel is done).
-    The copy is ordered on the current stream like any kernel, so later kernels read it whole."""
-    device = torch.device(device)
-    if device.type == "cuda" and x.device.type == "cpu":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
 
 
 def _plan_to(plan: SegmentPlan, device: torch.device) -> SegmentPlan:
@@ -262,6 +256,8 @@ class CompressedKVStore:
         self._v_gran = np.zeros((num_layers, n_seg), dtype=np.int64)
         self._pending: Dict[int, ReleaseHandle] = {}
         self._handle_ids = itertools.count()
+        self.compactions = 0  # compact() calls that moved something, and the granules they moved
+        self.granules_compacted = 0
         logger.info(
             "MosaicKV compressed store: %d layers x %d pages x %d tokens, %d KV heads, head_dim %d, %s on %s; "
             "arena %.3f GB (%d granules/layer), descriptors %.3f GB, bounds %.3f GB",
@@ -392,9 +388,12 @@ class CompressedKVStore:
             kg, vg = plan.granules()
             # K0, V0, K1, V1, ...: a segment's K and V payloads adjacent
             sizes = torch.stack([kg, vg], 1).reshape(-1).cpu().numpy()
-            offsets = self.allocators[li].try_alloc(sizes)
+            alloc = self.allocators[li]
+            offsets = alloc.try_alloc(sizes)
+            if offsets is None and alloc.free_granules >= int(sizes.sum()):
+                self.compact(li)  # the room is there, in pieces too small
+                offsets = alloc.try_alloc(sizes)
             if offsets is None:
-                alloc = self.allocators[li]
                 for lj, off, sz in reversed(done):
                     self.allocators[lj].free(off, sz)
                 raise ArenaFullError(
@@ -402,6 +401,53 @@ class CompressedKVStore:
                 )
             done.append((li, offsets, sizes))
         return [(off.reshape(-1, 2), sz.reshape(-1, 2)) for _, off, sz in done]
+
+    def compact(self, layer_id: int) -> int:
+        """Move every payload of layer ``layer_id``'s arena to the front, in address order, so that its free granules
+        are one extent (see :mod:`mosaickv_sglang.pool.compaction`); called by :meth:`seal` and :meth:`reseal` when a
+        batch does not fit although the arena has enough free granules.
+
+        Descriptor rows and host runs follow their payloads, and so do the old payloads of pending :meth:`reseal`
+        handles. The copies run in stream order, after every step already launched, like the packing of a seal:
+        call it between steps, as :meth:`seal` is.
+
+        Returns
+        -------
+        int
+            Granules moved.
+        """
+        li = self._layers([layer_id])[0]
+        h = self.num_kv_heads
+        pages = np.flatnonzero(self._state[li] == PAGE_SEALED)
+        rows = (pages[:, None] * h + np.arange(h)[None, :]).reshape(-1)
+        pending = [hd for hd in self._pending.values() if li in hd.runs]
+        offsets = np.concatenate([self._k_off[li, rows], self._v_off[li, rows]] + [hd.runs[li][0] for hd in pending])
+        sizes = np.concatenate([self._k_gran[li, rows], self._v_gran[li, rows]] + [hd.runs[li][1] for hd in pending])
+        order, new = packed_offsets(offsets, sizes)
+        moving = order[new[order] != offsets[order]]  # a suffix in address order: every run after the first gap
+        if moving.size == 0:
+            return 0
+        move_runs(self.arenas[li], offsets[moving], new[moving], sizes[moving])
+        n = rows.size
+        self._k_off[li, rows], self._v_off[li, rows] = new[:n], new[n : 2 * n]
+        at = 2 * n
+        for hd in pending:
+            k = hd.runs[li][0].size
+            hd.runs[li] = (new[at : at + k].copy(), hd.runs[li][1])
+            at += k
+        changed = rows[(new[:n] != offsets[:n]) | (new[n : 2 * n] != offsets[n : 2 * n])]
+        if changed.size:
+            idx = to_device(torch.from_numpy(changed), self.device)
+            offs = np.stack([self._k_off[li, changed], self._v_off[li, changed]], 1).astype(np.int32)
+            self.desc[li][idx.unsqueeze(1), torch.tensor([K_OFF, V_OFF], device=self.device)] = to_device(
+                torch.from_numpy(offs), self.device
+            )
+        self.allocators[li].pack()
+        moved = int(sizes[moving].sum())
+        self.compactions += 1
+        self.granules_compacted += moved
+        logger.debug("compacted the arena of layer %d: %d runs, %d granules moved", li, moving.size, moved)
+        return moved
 
     def _free_allocs(self, layers: List[int], allocs: List[Tuple[np.ndarray, np.ndarray]]) -> None:
         for li, (off, sz) in zip(layers, allocs):
