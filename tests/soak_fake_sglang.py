@@ -43,7 +43,7 @@ class FakeSGLang(LocalServer):
     """Server state and behaviour (see the module docstring)."""
 
     token_delay: float = 0.001  # seconds per streamed token
-    fail: List[int] = field(default_factory=list)  # HTTP statuses for the first /generate requests
+    fail: List[Optional[int]] = field(default_factory=list)  # HTTP statuses for the first /generate requests (None: ok)
     differ_under_load: bool = False  # change output token 2 when another request is in flight at the start
     long_prompt: int = 10**9  # prompts at least this long ...
     prefill_delay: float = 0.0  # ... wait this long (after the headers) before their first chunk

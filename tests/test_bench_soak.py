@@ -181,6 +181,7 @@ def test_driver_counts_a_clean_soak(tmp_path, capsys):
     assert rep["alone"]["compared"] == 6 and rep["alone"]["equal"] == 6 and "ratio 1" in rep["alone"]["note"]
     assert rep["idle"]["idle"] is True and rep["server_restarts"] == 0 and rep["kv_tokens_leaked"] == 0
     assert rep["max_token_usage"] == 0.9 and rep["server_context_len"] == 1_000_000
+    assert rep["warmup"]["status"] == "completed"  # one sampled request before the load (first-use compilers)
     assert rep["passed"] is True and code == 0
     printed = capsys.readouterr().out
     assert "in flight" in printed and "token_usage 0.90" in printed and printed.rstrip().endswith("-> PASS")
@@ -188,7 +189,7 @@ def test_driver_counts_a_clean_soak(tmp_path, capsys):
 
 def test_injected_500_is_a_failure_and_fails_the_run(tmp_path):
     """One HTTP 500 is one failed request (class http-500, its message kept), and the exit status is 1."""
-    with FakeSGLang(fail=[500]) as fake:
+    with FakeSGLang(fail=[None, 500]) as fake:  # the first /generate is the sampled warmup, before the load
         code, rep = _run(fake, tmp_path, "--cancel-fraction", "0", "--stream-fraction", "0.3")
     load = rep["load"]
     assert (load["sent"], load["completed"], load["failed"], load["cancelled"]) == (48, 47, 1, 0)
