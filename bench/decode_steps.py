@@ -92,8 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         print(json.dumps(got))
     else:
-        ms = "  ".join(f"{k} {'-' if v is None else f'{v * 1e3:.2f} ms'}" for k, v in got.items()
-                       if k.startswith("p"))  # fmt: skip
+        quantile_keys = [f"p{round(q * 100):d}" for q in QUANTILES]
+        ms = "  ".join(f"{k} {'-' if got[k] is None else f'{got[k] * 1e3:.2f} ms'}" for k in quantile_keys)
         if got["seal_s"] is not None:
             ms += f"  sealing {got['seal_s'] * 1e3:.1f} ms in {int(got['seal_calls'] or 0)} calls"
         sidecar = got["sidecar_s"]
