@@ -91,13 +91,22 @@ def group_logsumexp(x: torch.Tensor, labels: torch.Tensor, num_groups: int) -> t
 
 
 def flatten_queries(queries: torch.Tensor, n: int, d: int, name: str = "queries") -> torch.Tensor:
-    """``[N, W, G, d]`` (or ``[N, Q, d]``) queries as fp32 ``[N, W * G, d]``."""
+    """``[N, W, G, d]`` (or ``[N, Q, d]``) queries as fp32 ``[N, W * G, d]``.
+
+    Also ``[P, H, W, G, d]`` with ``P * H == N``: segment ``p * H + h`` reads ``queries[p, h]``. Pages that share
+    their heads' queries pass ``q.expand(P, H, W, G, d)`` of one ``[H, W, G, d]``, a view: the ``[N, W * G, d]`` copy
+    is made here, when (and only while) it is needed, not held for every layer of a seal at once."""
     check_tensor(queries, name, dtype=FLOAT_DTYPES)
+    if queries.dim() == 5 and queries.shape[0] * queries.shape[1] == n and queries.shape[4] == d:
+        return queries.reshape(n, -1, d).float()
     if queries.dim() == 4 and queries.shape[0] == n and queries.shape[3] == d:
         return queries.reshape(n, -1, d).float()
     if queries.dim() == 3 and queries.shape[0] == n and queries.shape[2] == d:
         return queries.float()
-    raise ValueError(f"{name}: expected shape [{n}, W, G, {d}] (or [{n}, Q, {d}]), got {list(queries.shape)}")
+    raise ValueError(
+        f"{name}: expected shape [{n}, W, G, {d}] (or [{n}, Q, {d}], or [P, H, W, G, {d}] with P * H = {n}), got "
+        f"{list(queries.shape)}"
+    )
 
 
 def segment_scores(q: torch.Tensor, keys: torch.Tensor, sm_scale: float) -> torch.Tensor:

@@ -226,8 +226,9 @@ def plan_fast_layers(
         One byte budget per layer, ``>= 0``.
     queries : sequence of torch.Tensor or None, optional
         Per layer: shape ``[N, W, G, d]`` (``W`` may differ between layers), the recent queries of each segment's
-        GQA group, or ``None`` (no query seen yet: every token and channel alike). Exactly one of ``queries`` and
-        ``importance``.
+        GQA group, or ``None`` (no query seen yet: every token and channel alike); or ``[P, H, W, G, d]`` with ``P *
+        H == N`` (an expanded view: copied per chunk, see :func:`~mosaickv_sglang.importance.flatten_queries`).
+        Exactly one of ``queries`` and ``importance``.
     importance : sequence of SegmentImportance, optional
         Per layer: the segments' statistics.
     group_ids : numpy.ndarray, optional

@@ -187,10 +187,13 @@ def test_sealer_plans_all_layers_in_one_call(monkeypatch, contiguous):
         sealer.window.observe(li, torch.randn(8, h * 4, d, generator=gen))
     calls = []
     real = sealer_mod.plan_fast_layers
-    monkeypatch.setattr(sealer_mod, "plan_fast_layers", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(sealer_mod, "plan_fast_layers", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     pages_np, sinks = np.arange(pages, dtype=np.int64), np.arange(pages) < 1
     assert sealer.seal(pages_np, sinks)
     assert len(calls) == 1 and len(sealed) == 1 and len(sealed[0]) == layers
+    # the queries are views of each layer's window ([P, H, W, G, d], stride 0 over pages), not copies per segment
+    qs = calls[0]["queries"]
+    assert qs[0] is None and all(q.dim() == 5 and q.shape[:2] == (pages, h) and q.stride(0) == 0 for q in qs[1:])
     for li, plan in enumerate(sealed[0]):
         ref = sealer.plan_layer(li, pages_np, sinks, 3.0)
         for f in ("token_keep", "k_form", "k_param", "v_form", "v_param", "k_chan_weight", "v_chan_weight", "flags"):
@@ -238,3 +241,15 @@ def test_invalid_inputs_name_the_argument():
         plan_fast_layers(keys, values, budget_bytes=[10**9] * 2, group_ids=heads)
     with pytest.raises(ValueError, match=r"budget_bytes\[0\]: expected a budget >="):
         plan_fast_layers(keys, values, **{**ok, "budget_bytes": [0, 0]})
+
+
+def test_flatten_queries_of_a_pages_heads_view_equals_indexing_by_head():
+    """``[P, H, W, G, d]`` (a view expanding one ``[H, W, G, d]`` over pages) flattens to what ``q[heads]`` with
+    ``heads = arange(H).repeat(P)`` gives; a wrong shape names the argument."""
+    from mosaickv_sglang.importance import flatten_queries
+
+    q = torch.randn(3, 5, 4, 64, generator=torch.Generator().manual_seed(2))
+    heads = torch.arange(3).repeat(7)
+    assert torch.equal(flatten_queries(q.expand(7, *q.shape), 21, 64), flatten_queries(q[heads], 21, 64))
+    with pytest.raises(ValueError, match=r"queries: expected shape \[20, W, G, 64\]"):
+        flatten_queries(q.expand(7, *q.shape), 20, 64)
