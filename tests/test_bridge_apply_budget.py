@@ -68,7 +68,7 @@ class FakeClient:
     def counters(self) -> SidecarCounters:
         return SidecarCounters(queue_depth=len(self.in_flight) + len(self.finished))
 
-    def try_submit(self, segments, keys, values, queries, *, budget_bytes, group_ids, reason):
+    def try_submit(self, segments, keys, values, queries, *, budget_bytes, group_ids, reason, queries_by_group=False):
         self.clock.advance(SUBMIT_MS)
         job_id = len(self.submitted)
         self.submitted.append(tuple(segments))

@@ -46,11 +46,13 @@ class FakeClient:
     def counters(self) -> SidecarCounters:
         return SidecarCounters(queue_depth=len(self.in_flight))
 
-    def try_submit(self, segments, keys, values, queries, *, budget_bytes, group_ids, reason):
+    def try_submit(self, segments, keys, values, queries, *, budget_bytes, group_ids, reason, queries_by_group=False):
         if self.free_slots == 0:
             return None
-        job = dict(segments=tuple(segments), keys=keys.clone(), values=values.clone(), queries=queries.clone(),
-                   budget=budget_bytes, id=len(self.received))  # fmt: skip
+        # per segment, as the worker reads them (SlotBuffers.read_inputs), and the rows actually sent
+        per_segment = queries[group_ids] if queries_by_group else queries
+        job = dict(segments=tuple(segments), keys=keys.clone(), values=values.clone(), queries=per_segment.clone(),
+                   query_rows=int(queries.shape[0]), budget=budget_bytes, id=len(self.received))  # fmt: skip
         self.in_flight.append(job)
         self.received.append(job)
         return job["id"]
@@ -118,6 +120,7 @@ def test_jobs_reach_the_client_only_once_the_copies_landed_with_the_epochs_of_th
         torch.testing.assert_close(job["keys"], want_k, atol=0, rtol=0)
         torch.testing.assert_close(job["values"], want_v, atol=0, rtol=0)
         torch.testing.assert_close(job["queries"], t.bridge.window.q[layer][torch.arange(H).repeat(sel.size)])
+        assert job["query_rows"] == H  # the layer's queries once, not once per page
     assert sorted(t.bridge._shadow) == sorted((layer, int(p)) for layer in range(LAYERS) for p in pages)
     assert t.bridge.plans_applied == len(t.client.received) == 4 and t.bridge.plans_discarded == 0
     assert t.bridge._reserved == 0 and t.bridge._free_slots == 4

@@ -395,9 +395,8 @@ class SidecarBridge:
             self._next_layer = (self._next_layer + 1) % layers
         parts: List[torch.Tensor] = []
         for layer, idx, q in jobs:
-            heads = torch.arange(h, device=q.device).repeat(idx.size)
             parts.extend(gather(layer, todo[idx]))
-            parts.append(q[heads])
+            parts.append(q)  # the layer's queries once ([H, W, G, d]): every page of the job reads its heads' rows
         chosen = [(layer, todo[idx], epoch[idx], seal_budget_bytes(int(idx.size) * h, 0, seg, ratio))
                   for layer, idx, _ in jobs]  # fmt: skip
         return chosen, parts
@@ -439,8 +438,8 @@ class SidecarBridge:
             job = None
             if not self.client.disabled:
                 job = self.client.try_submit(segs, keys, values, queries, budget_bytes=budget,
-                                             group_ids=torch.arange(h).repeat(pages.size),
-                                             reason=REASON_SEALED)  # fmt: skip
+                                             group_ids=torch.arange(h).repeat(pages.size), reason=REASON_SEALED,
+                                             queries_by_group=True)  # fmt: skip
             if job is None:
                 self.segments_submitted -= len(segs)
                 self.segments_skipped += len(segs)
@@ -553,12 +552,12 @@ class SidecarBridge:
             q = self.window.queries(layer)
         if q is None:
             return 0
-        heads = torch.arange(h, device=q.device).repeat(len(pages))
+        heads = torch.arange(h).repeat(len(pages))
         segs = [SegmentKey(layer, hd, p, e) for p, e in zip(pages, epochs) for hd in range(h)]
         seg = dense_segment_bytes(s, d)
         budget = sum(seal_budget_bytes(h, 0, seg, float(max(r, 1.0))) for r in self._ratio[pages])
-        job = self.client.try_submit(segs, torch.cat(ks), torch.cat(vs), q[heads], budget_bytes=budget,
-                                     group_ids=heads.cpu(), reason=REASON_RESEGMENT)  # fmt: skip
+        job = self.client.try_submit(segs, torch.cat(ks), torch.cat(vs), q, budget_bytes=budget, group_ids=heads,
+                                     reason=REASON_RESEGMENT, queries_by_group=True)  # fmt: skip
         if job is None:
             return 0
         self.resegment_jobs += 1

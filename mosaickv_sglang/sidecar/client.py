@@ -466,6 +466,7 @@ class SidecarClient:
         group_ids: Optional[torch.Tensor] = None,
         always_dense: Optional[torch.Tensor] = None,
         reason: int = REASON_SEALED,
+        queries_by_group: bool = False,
     ) -> Optional[int]:
         """Queue one planning job without blocking.
 
@@ -481,6 +482,9 @@ class SidecarClient:
             As in :func:`~mosaickv_sglang.planner.plan_exact` (exactly one of ``ratio`` and ``budget_bytes``).
         reason : int
             ``REASON_SEALED`` or ``REASON_RESEGMENT``.
+        queries_by_group : bool
+            ``queries`` holds one row per group (``[R, W', G, d]``), segment ``i`` reading row ``group_ids[i]``
+            (:meth:`SlotBuffers.write_inputs`): pages of one layer send their heads' queries once.
 
         Returns
         -------
@@ -510,20 +514,20 @@ class SidecarClient:
                 self._count["rejected_full"] += 1
                 return None
         try:  # outside the lock: the copy is the slow part, and the slot is ours
-            self._pool.buffers.write_inputs(
-                slot, keys, values, queries, importance=importance, group_ids=group_ids, always_dense=always_dense
-            )
+            self._pool.buffers.write_inputs(slot, keys, values, queries, importance=importance, group_ids=group_ids,
+                                            always_dense=always_dense, queries_by_group=queries_by_group)  # fmt: skip
         except BaseException:
             with self._lock:
                 self._pool.release(slot)
             raise
         with self._lock:
             return self._enqueue(slot, segs, queries, ratio, budget_bytes, importance, group_ids, always_dense,
-                                 reason)  # fmt: skip
+                                 reason, int(queries.shape[0]) if queries_by_group else 0)  # fmt: skip
 
     def _enqueue(self, slot: int, segs: Tuple[SegmentKey, ...], queries: torch.Tensor, ratio: Optional[float],
                  budget_bytes: Optional[int], importance: Optional[SegmentImportance],
-                 group_ids: Optional[torch.Tensor], always_dense: Optional[torch.Tensor], reason: int) -> int:
+                 group_ids: Optional[torch.Tensor], always_dense: Optional[torch.Tensor], reason: int,
+                 query_rows: int = 0) -> int:
         job_id = self._next_job_id
         self._next_job_id += 1
         cfg = self.config
@@ -534,6 +538,7 @@ class SidecarClient:
             has_importance=importance is not None,
             has_q_mean=importance is not None and importance.q_mean is not None,
             has_group_ids=group_ids is not None, has_always_dense=always_dense is not None, reason=reason,
+            query_rows=query_rows,
         )
         self._jobs[job_id] = _Job(req)
         self._unsent.append(job_id)

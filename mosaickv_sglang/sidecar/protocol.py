@@ -108,6 +108,9 @@ class PlanRequest:
         Which optional inputs the slot holds (otherwise the planner's defaults apply).
     reason : int
         :data:`REASON_SEALED` or :data:`REASON_RESEGMENT` (counted separately).
+    query_rows : int
+        0: the slot holds one row of queries per segment; ``R > 0``: ``R`` rows, one per attention group, segment
+        ``i`` reading row ``group_ids[i]`` (pages of one layer share their heads' queries: a job sends them once).
     """
 
     job_id: int
@@ -125,6 +128,7 @@ class PlanRequest:
     has_group_ids: bool = False
     has_always_dense: bool = False
     reason: int = REASON_SEALED
+    query_rows: int = 0
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,7 @@ class SlotBuffers:
         importance: Optional[SegmentImportance] = None,
         group_ids: Optional[torch.Tensor] = None,
         always_dense: Optional[torch.Tensor] = None,
+        queries_by_group: bool = False,
     ) -> None:
         """Copy one job's inputs into ``slot`` (any device; copies to the host).
 
@@ -197,13 +198,16 @@ class SlotBuffers:
         keys, values : torch.Tensor
             shape ``[N, S, d]``, float, ``N <= N_max``.
         queries : torch.Tensor
-            shape ``[N, W', G, d]``, float, ``1 <= W' <= W``.
+            shape ``[N, W', G, d]``, float, ``1 <= W' <= W``; with ``queries_by_group``, ``[R, W', G, d]``, one row
+            per group (``R <= N``), segment ``i`` reading row ``group_ids[i]``.
         importance : SegmentImportance, optional
             ``token_mass`` ``[N, S]``, channel weights and ``q_mean`` ``[N, d]``.
         group_ids : torch.Tensor, optional
             shape ``[N]``, integer.
         always_dense : torch.Tensor, optional
             shape ``[N]``, dtype ``torch.bool``.
+        queries_by_group : bool
+            Whether ``queries`` has one row per group (needs ``group_ids``, each in ``[0, R)``).
         """
         sh = self.shape
         s, d, g = sh.seg_size, sh.head_dim, sh.group_size
@@ -212,13 +216,24 @@ class SlotBuffers:
         if not 1 <= n <= sh.max_segments:
             raise ValueError(f"keys: expected 1 to {sh.max_segments} segments (dim 0), got {n}")
         check_tensor(values, "values", shape=(n, s, d), dtype=KV_DTYPES)
-        check_tensor(queries, "queries", shape=(n, None, g, d), dtype=KV_DTYPES)
+        if queries_by_group:
+            check_tensor(queries, "queries", shape=(None, None, g, d), dtype=KV_DTYPES)
+            rows = queries.shape[0]
+            if group_ids is None or not 1 <= rows <= n:
+                raise ValueError(f"queries: expected 1 to {n} rows, one per group of group_ids, got {rows} rows and "
+                                 f"group_ids {'missing' if group_ids is None else 'given'}")  # fmt: skip
+            check_tensor(group_ids, "group_ids", shape=(n,), dtype=(torch.int32, torch.int64))
+            if int(group_ids.min()) < 0 or int(group_ids.max()) >= rows:
+                raise ValueError(f"group_ids: expected rows of queries in [0, {rows}), got "
+                                 f"[{int(group_ids.min())}, {int(group_ids.max())}]")  # fmt: skip
+        else:
+            check_tensor(queries, "queries", shape=(n, None, g, d), dtype=KV_DTYPES)
         w = queries.shape[1]
         if not 1 <= w <= sh.window:
             raise ValueError(f"queries: expected 1 to {sh.window} queries (dim 1), got {w}")
         self.keys[slot, :n].copy_(keys)
         self.values[slot, :n].copy_(values)
-        self.queries[slot, :n, :w].copy_(queries)
+        self.queries[slot, : queries.shape[0], :w].copy_(queries)
         if importance is not None:
             if not isinstance(importance, SegmentImportance):
                 raise TypeError(f"importance: expected SegmentImportance, got {type(importance).__name__}")
@@ -254,6 +269,9 @@ class SlotBuffers:
         if not 1 <= req.num_queries <= sh.window:
             raise ValueError(f"request: expected 1 <= W' <= {sh.window}, got {req.num_queries}")
         i, n, w = req.slot, req.num_segments, req.num_queries
+        if req.query_rows and not (req.has_group_ids and 1 <= req.query_rows <= n):
+            raise ValueError(f"request: expected query rows in [1, {n}] with group_ids, got {req.query_rows} rows"
+                             f"{'' if req.has_group_ids else ' without group_ids'}")  # fmt: skip
         importance = None
         if req.has_importance:
             importance = SegmentImportance(
@@ -263,7 +281,9 @@ class SlotBuffers:
         return {
             "keys": self.keys[i, :n],
             "values": self.values[i, :n],
-            "queries": self.queries[i, :n, :w],
+            # one row per group: expanded here, in the worker, off the scheduler's path
+            "queries": (self.queries[i, : req.query_rows, :w][self.group_ids[i, :n]] if req.query_rows
+                        else self.queries[i, :n, :w]),
             "importance": importance,
             "group_ids": self.group_ids[i, :n] if req.has_group_ids else None,
             "always_dense": self.always_dense[i, :n] if req.has_always_dense else None,

@@ -119,3 +119,39 @@ def test_config_validation():
         SidecarConfig(job_timeout_s=-1)
     with pytest.raises(ValueError, match="kv_dtype: expected one of"):
         SidecarConfig(kv_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3])
+def test_queries_sent_once_per_group_plan_as_queries_per_segment(heads):
+    """A job whose pages share their heads' queries sends them once (``queries_by_group``): the worker reads each
+    segment's row through ``group_ids`` and plans exactly as with the rows repeated per segment."""
+    cfg = tiny_config()
+    buffers = SlotBuffers.allocate(cfg.slot_shape())
+    n = 6 // heads * heads
+    k, v, _ = make_segments(n, seed=4, w=3)
+    q_heads = torch.randn(heads, 3, G, D, generator=torch.Generator().manual_seed(9))
+    groups = torch.arange(heads).repeat(n // heads)
+    spec = WorkerSpec(os.getppid(), cfg.resolved_menu())
+    buffers.write_inputs(0, k, v, q_heads, group_ids=groups, queries_by_group=True)
+    by_group = handle_request(_request(1, 0, n, 3, ratio=2.0, has_group_ids=True, query_rows=heads), buffers, spec)
+    got = plan_tensors(buffers.read_plan(by_group, cfg.resolved_menu()))
+    buffers.write_inputs(1, k, v, q_heads[groups], group_ids=groups)
+    per_seg = handle_request(_request(2, 1, n, 3, ratio=2.0, has_group_ids=True), buffers, spec)
+    want = plan_tensors(buffers.read_plan(per_seg, cfg.resolved_menu()))
+    assert by_group.status == per_seg.status == STATUS_OK and want.keys() == got.keys()
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, rtol=0, atol=0, msg=name)
+
+
+def test_queries_by_group_are_checked():
+    """Rows per group need group_ids inside them; a request naming rows without group_ids fails its job."""
+    buffers = SlotBuffers.allocate(tiny_config().slot_shape())
+    k, v, q = make_segments(4, seed=5, w=2)
+    with pytest.raises(ValueError, match=r"queries: expected 1 to 4 rows, one per group of group_ids, got 2 rows and "
+                                         r"group_ids missing"):  # fmt: skip
+        buffers.write_inputs(0, k, v, q[:2], queries_by_group=True)
+    with pytest.raises(ValueError, match=r"group_ids: expected rows of queries in \[0, 2\), got \[0, 2\]"):
+        buffers.write_inputs(0, k, v, q[:2], group_ids=torch.tensor([0, 1, 2, 0]), queries_by_group=True)
+    with pytest.raises(ValueError, match=r"request: expected query rows in \[1, 4\] with group_ids, got 2 rows "
+                                         r"without group_ids"):  # fmt: skip
+        buffers.read_inputs(_request(1, 0, 4, 2, ratio=2.0, query_rows=2))
