@@ -16,9 +16,9 @@
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
-#   kernels  no server: bench.chan_rank (the rank kernel against torch's top-k), bench.seal_cost (with its profile)
-#            for 8 and 128 pages of the 8B shape, with the top-k and with the rank kernel, then tests/kernels compiled
-#            for the GPU
+#   kernels  no server: the gpu-marked tests, bench.chan_rank (the rank kernel against torch's top-k),
+#            bench.seal_cost for 8 and 128 pages of the 8B shape with each chan drop method (the rank kernel's with its
+#            profile), then tests/kernels compiled for the GPU
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -288,31 +288,27 @@ case "$step" in
       --out "$out" > "$out/sweep.log" 2>&1 || echo "sweep rc=$?"
     ;;
   kernels)
-    # the chan rank kernel and a full sort against torch's int64 top-k (the seal's largest op), the seal planner's
-    # cost and profile with the top-k, then with the sort and the kernel, then the kernel tests compiled for the GPU
-    # (bf16 included; the chan rebuild modes among them) with the time left
-    timeout 120 python3 -m bench.chan_rank --segments 32768 --seg-size 64 --head-dim 128 --json \
-      > "$out/chan-rank.json" 2> "$out/chan-rank.log" || echo "chan_rank rc=$?"
-    for pages in 8 128; do
-      timeout 90 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
-        --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --profile "$out/seal-profile-$pages" \
-        > "$out/seal-$pages.json" 2> "$out/seal-$pages.log" || echo "seal_cost $pages rc=$?"
-      for method in sort kernel; do
-        timeout 60 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 \
-          --head-dim 128 --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --chan-drop "$method" \
-          > "$out/seal-$pages-$method.json" 2> "$out/seal-$pages-$method.log" || echo "seal_cost $pages rc=$?"
-      done
-    done
-    # fewer, larger planner chunks at 128 pages (16 layers a chunk, was 4): launches against transient memory
-    timeout 60 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages 128 --page-size 64 --head-dim 128 \
-      --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --max-segments 16384 \
-      --max-chunk-bytes 1073741824 > "$out/seal-128-chunk16.json" 2> "$out/seal-128-chunk16.log" \
-      || echo "seal_cost chunk16 rc=$?"
-    # the GPU-only tests first (bf16, large launches, the startup choices' output invariance), then the rest on CUDA
+    # the GPU-only tests first (bf16, large launches, the startup choices' output invariance), then the chan rank
+    # kernel and a full sort against torch's int64 top-k (the seal's largest op), the seal planner's cost and profile
+    # with each chan drop method, then the rest of the kernel tests compiled for the GPU with the time left. Profiler
+    # traces are summarized and dropped (the ninth run's traces made the results too slow to pack in the call)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_decode_tune.py \
       tests/test_chan_drop_select.py > "$out/gpu-tests.log" 2>&1 || echo "gpu tests rc=$?"
     tail -3 "$out/gpu-tests.log"
-    timeout $(( $(left) - 15 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" 2>&1 \
+    timeout 120 python3 -m bench.chan_rank --segments 32768 --seg-size 64 --head-dim 128 --json \
+      > "$out/chan-rank.json" 2> "$out/chan-rank.log" || echo "chan_rank rc=$?"
+    for pages in 8 128; do
+      for method in topk sort kernel; do
+        prof=()
+        [ "$method" != kernel ] || prof=(--profile "$out/seal-profile-$pages")
+        timeout 90 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 \
+          --head-dim 128 --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --chan-drop "$method" \
+          ${prof[@]+"${prof[@]}"} > "$out/seal-$pages-$method.json" 2> "$out/seal-$pages-$method.log" \
+          || echo "seal_cost $pages $method rc=$?"
+      done
+      rm -f "$out/seal-profile-$pages"/*.json.gz
+    done
+    timeout $(( $(left) - 30 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" 2>&1 \
       || echo "kernel tests rc=$?"
     tail -3 "$out/kernel-tests.log"
     ;;
