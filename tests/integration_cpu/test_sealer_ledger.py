@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("sglang")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
 
-from test_kv_pool import DT, GROUP, H_KV, LAYERS, S, _config, build_pool  # noqa: E402
+from test_kv_pool import DT, GROUP, H_KV, LAYERS, D, S, _config, build_pool  # noqa: E402
 
 from mosaickv_sglang.sealer import Sealer  # noqa: E402
 
@@ -86,3 +86,33 @@ def test_status_line_every_interval_in_which_pages_were_sealed(caplog):
     assert len(lines) == 1
     assert lines[0].startswith(f"MosaicKV: {PAGES_PER_BATCH} pages sealed (0 under hot-pool pressure, 0 left dense")
     assert f"room for {pool.admissible_tokens()} more tokens" in lines[0]
+
+
+def test_a_fragmented_arena_is_compacted_instead_of_leaving_admitted_pages_dense(caplog):
+    """The ninth run's soak: payloads freed in any order had cut an arena's free room into pieces smaller than one
+    dense segment, so a batch the ledger admitted stayed dense ('although its ledger has room') until the hot pool ran
+    out. Here one-row payloads fill the arena, every other page is freed (holes of 6 granules, a tail of 8), and a
+    sink page (dense payloads of 16 granules) is sealed through the sealer: each layer's arena is compacted and the
+    page sealed, nothing logged as an error."""
+    from mosaickv_sglang.kernels.format import SegmentPlan
+
+    n_tiny, seg_side = 40, S * D * 2 // 128  # granules of one dense K (or V) payload
+    pool = build_pool(64 * S, 64 * S, _config(ratio=3.0), arena_granules_per_layer=n_tiny * H_KV * 2 + 8)
+    sealer = Sealer(pool, num_q_heads=H_KV * GROUP)
+    rank = (pool, sealer, torch.Generator().manual_seed(3), "random")
+    tiny = np.arange(1, 1 + n_tiny, dtype=np.int64)
+    _write(rank, tiny)
+    plan = SegmentPlan.uniform(n_tiny * H_KV, S, D)
+    plan.token_keep[:, 1:] = False  # one row kept: one granule a side
+    pool.seal_pages(torch.from_numpy(tiny), [plan] * LAYERS)
+    pool.free_pages(torch.from_numpy(tiny[::2]))
+    alloc = pool.store.allocators[0]
+    assert alloc.largest_free < seg_side <= alloc.free_granules // (2 * H_KV), "holes too small, room enough in all"
+    sink = np.array([n_tiny + 1], dtype=np.int64)
+    _write(rank, sink)
+    with caplog.at_level(logging.ERROR, logger="mosaickv_sglang.sealer"):
+        assert sealer.seal(sink, np.ones(1, dtype=bool))
+    assert not [r for r in caplog.records if "although its ledger has room" in r.getMessage()]
+    assert pool.store.compactions == LAYERS and sealer.pages_left_dense == 0
+    assert pool.store.is_sealed(torch.from_numpy(np.concatenate([tiny[1::2], sink]))).all()
+    pool.check_invariants()
