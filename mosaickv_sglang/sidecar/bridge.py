@@ -56,6 +56,7 @@ import torch
 
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarClient, SidecarConfig, SidecarCounters
+from mosaickv_sglang.sidecar.page_copies import PageCopies
 from mosaickv_sglang.sidecar.protocol import REASON_RESEGMENT, REASON_SEALED, SegmentKey
 from mosaickv_sglang.sidecar.resegment import ResegmentQueue, SharedSegment
 from mosaickv_sglang.strategies.base import dense_segment_bytes
@@ -246,10 +247,7 @@ class SidecarBridge:
         self.resegment_pooled = 0
         # one queue entry per (layer, page), keyed with head 0: pages are re-packed whole
         self.queue = ResegmentQueue(self.pages_per_job)
-        self._shadow: "collections.OrderedDict[Tuple[int, int], Tuple[int, torch.Tensor, torch.Tensor]]" = (
-            collections.OrderedDict()
-        )
-        self._shadow_used = 0
+        self._shadow = PageCopies((h, pool.page_size, int(pool.head_dim)), config.kv_dtype, self.shadow_bytes)
         self._readers: Dict[int, Set[int]] = {}
         self._ratio = np.zeros(pool.num_logical_pages, dtype=np.float64)
         pool.free_listeners.append(self._on_free)
@@ -454,20 +452,12 @@ class SidecarBridge:
         h = int(self.pool.head_num)
         live = (self.pool.page_epoch[pages] == epochs).tolist()
         for i, (p, e) in enumerate(zip(pages.tolist(), epochs.tolist())):
-            if not live[i]:
-                continue
-            k, v = keys[i * h : (i + 1) * h].clone(), values[i * h : (i + 1) * h].clone()  # own memory: exact bytes
-            self._forget_copy(layer, p)
-            self._shadow[(layer, p)] = (e, k, v)
-            self._shadow_used += k.nbytes + v.nbytes
-        while self._shadow_used > self.shadow_bytes and self._shadow:
-            self._forget_copy(*next(iter(self._shadow)))
+            if live[i]:  # copied into a slot: the oldest copy gives its slot up when all are taken
+                self._shadow.put((layer, p), e, keys[i * h : (i + 1) * h], values[i * h : (i + 1) * h])
 
     def _forget_copy(self, layer: int, page: int) -> None:
         """Drop the host copy of ``page`` in ``layer``, if any."""
-        old = self._shadow.pop((layer, page), None)
-        if old is not None:
-            self._shadow_used -= old[1].nbytes + old[2].nbytes
+        self._shadow.forget((layer, page))
 
     def _queue(self, pages: np.ndarray, epochs: np.ndarray) -> None:
         self.queue.add(

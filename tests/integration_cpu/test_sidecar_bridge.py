@@ -223,7 +223,7 @@ def test_a_prefix_read_by_a_second_request_is_resegmented_on_idle_ticks():
         bridge.observe_readers([(2, slots)])
         assert len(bridge.queue) == 4 * LAYERS
         pool.free_pages(torch.from_numpy(pages))
-        assert len(bridge.queue) == 0 and bridge._shadow_used == 0
+        assert len(bridge.queue) == 0 and bridge._shadow.used_bytes == 0
         pool.check_invariants()
     finally:
         register_sealer(None)
@@ -255,7 +255,7 @@ def test_with_resegment_off_shared_pages_are_not_replanned_but_sealed_pages_are_
             sidecar_idle_tick(None, object())
             bridge.drain(DRAIN_S)
         assert bridge.pages_shared == 0 and len(bridge.queue) == 0
-        assert not bridge._shadow and bridge._shadow_used == 0 and not bridge._readers
+        assert not bridge._shadow and bridge._shadow.used_bytes == 0 and not bridge._readers
         assert bridge.resegment_jobs == 0 and bridge.resegment_skipped == 0
         assert bridge.counters().resegmentations == 0 and bridge.plans_applied == LAYERS
         assert bridge.status().endswith("resegment off")
