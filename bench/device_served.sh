@@ -18,7 +18,8 @@
 #            bad-request cases against the sidecar-on server (issue #8)
 #   kernels  no server: the gpu-marked tests, bench.chan_rank (the rank kernel against torch's top-k),
 #            bench.seal_cost for 8 and 128 pages of the 8B shape with each chan drop method (the rank kernel's with its
-#            profile), then tests/kernels compiled for the GPU
+#            profile), bench.sidecar_cost (the bridge's time per seal and tick, profiled), then tests/kernels compiled
+#            for the GPU
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -308,6 +309,9 @@ case "$step" in
       done
       rm -f "$out/seal-profile-$pages"/*.json.gz
     done
+    # where the sidecar bridge's scheduler time goes (the ninth run's 8B server: 7.4 ms a decode step)
+    timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 --seals 20 --ticks 5 --profile 30 \
+      > "$out/sidecar-cost.txt" 2>&1 || echo "sidecar_cost rc=$?"
     timeout $(( $(left) - 30 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" 2>&1 \
       || echo "kernel tests rc=$?"
     tail -3 "$out/kernel-tests.log"
