@@ -67,7 +67,8 @@ def _check(args: argparse.Namespace) -> None:
 class StandInPool:
     """What the bridge reads of a pool: shapes, page epochs, seal states; re-packs are counted, not performed."""
 
-    def __init__(self, args: argparse.Namespace, num_pages: int) -> None:
+    def __init__(self, args: "argparse.Namespace | SimpleNamespace", num_pages: int) -> None:
+        """``args``: ``kv_heads``, ``head_dim``, ``page_size`` and ``layers``."""
         self.head_num, self.head_dim, self.page_size = args.kv_heads, args.head_dim, args.page_size
         self.layer_num, self.num_logical_pages = args.layers, num_pages
         self.page_epoch = np.zeros(num_pages, dtype=np.int64)
@@ -80,6 +81,7 @@ class StandInPool:
         self.sealed[:, pages] = True
 
     def free(self, pages: np.ndarray) -> None:
+        pages = np.asarray(pages, dtype=np.int64)
         self.page_epoch[pages] += 1
         self.sealed[:, pages] = False
         for listener in self.free_listeners:

@@ -4,10 +4,12 @@ event, the pool's page state and re-packs, and the query window (shared by the b
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Callable, List, Optional, Tuple
 
-import numpy as np
 import torch
+
+from bench.sidecar_cost import StandInPool
 
 H, S, D, LAYERS, PAGES = 2, 16, 64, 2, 32
 
@@ -27,33 +29,16 @@ class FakeEvent:
         self.done = True
 
 
-class FakePool:
-    """Page epochs and sealed flags; records every re-pack ``(layer, pages, plan)`` (``on_reseal`` is called first,
-    e.g. to charge a fake clock) and counts the releases."""
-
-    head_num, head_dim, page_size, layer_num, num_logical_pages = H, D, S, LAYERS, PAGES
+class FakePool(StandInPool):
+    """:class:`bench.sidecar_cost.StandInPool` (page epochs and sealed flags) of this module's shapes that records
+    every re-pack ``(layer, pages, plan)`` (``on_reseal`` is called first, e.g. to charge a fake clock) and counts the
+    releases."""
 
     def __init__(self, on_reseal: Optional[Callable[[], None]] = None) -> None:
+        super().__init__(SimpleNamespace(kv_heads=H, head_dim=D, page_size=S, layers=LAYERS), PAGES)
         self.on_reseal = on_reseal
-        self.page_epoch = np.zeros(PAGES, dtype=np.int64)
-        self.sealed = np.zeros((LAYERS, PAGES), dtype=bool)
-        self.free_listeners: list = []
         self.resealed: List[Tuple[int, List[int], object]] = []
         self.released = 0
-
-    def seal(self, pages) -> None:
-        self.page_epoch[pages] += 1
-        self.sealed[:, pages] = True
-
-    def free(self, pages) -> None:
-        pages = np.asarray(pages, dtype=np.int64)
-        self.page_epoch[pages] += 1
-        self.sealed[:, pages] = False
-        for listener in self.free_listeners:
-            listener(pages)
-
-    def sealed_in_layer(self, pages: np.ndarray, layer: int) -> np.ndarray:
-        return self.sealed[layer, pages]
 
     def reseal_pages(self, pages, layer, keys, values, plan):
         if self.on_reseal is not None:
