@@ -30,7 +30,9 @@ their kind from their content, and writes to ``--out`` (default ``bench/figures`
     KV capacity in tokens (SGLang's ``max_total_num_tokens``) per configuration, one panel per result of
     :mod:`bench.serve_check` (``summary.<config>.capacity_tokens``) or :mod:`bench.serving_throughput`
     (``configs.<config>.max_total_num_tokens``, or ``<config>.max_total_num_tokens`` in the older files), with the
-    ratio to the dense configuration of the same tensor parallelism.
+    ratio to the dense configuration of the same tensor parallelism; and one panel per served run's folder of
+    ``sglang.bench_serving`` lines (``bench-<config>.jsonl``: each line's ``server_info.max_total_num_tokens``) that
+    has a dense server and another among them.
 
 A figure whose inputs are missing is skipped with a message. ``--only`` picks figures, and ``--quality``,
 ``--accuracy``, ``--throughput``, ``--decode``, ``--capacity`` replace the discovered files of one kind (the served
@@ -583,10 +585,39 @@ def capacity_rows(path: PathLike) -> Tuple[str, List[Tuple[str, int, Optional[fl
     return model, rows
 
 
+def served_capacity_rows(paths: Sequence[PathLike]) -> Tuple[str, List[Tuple[str, int, Optional[float]]]]:
+    """``(model, rows)`` as :func:`capacity_rows` from the ``sglang.bench_serving`` lines of one served run's folder,
+    one file per server (``bench-<config>.jsonl``, the ``server_info.max_total_num_tokens`` each line carries); no
+    rows unless a ``dense`` (or ``stock``) server and another one are among them."""
+    caps: Dict[str, int] = {}
+    model = "model"
+    for path in paths:
+        lines = _read(Path(path))
+        info = (lines[0].get("server_info") or {}) if lines else {}
+        if info.get("max_total_num_tokens"):
+            name = Path(path).stem.removeprefix("bench-")
+            caps[f"{name}-tp{info['tp_size']}" if int(info.get("tp_size") or 1) > 1 else name] = int(
+                info["max_total_num_tokens"]
+            )
+            model = Path(str(info.get("model_path") or model)).name
+    dense = {_tp(n): c for n, c in caps.items() if n.startswith("dense") or n.startswith("stock")}
+    if not dense or len(caps) == len(dense):
+        return model, []
+    return model, [(n, c, round(c / dense[_tp(n)], 3) if _tp(n) in dense else None) for n, c in caps.items()]
+
+
 def plot_capacity(files: Sequence[PathLike], out: PathLike, root: Optional[PathLike] = None) -> Optional[Path]:
-    """KV capacity per configuration, one panel per result; ``None`` (skipped) without data."""
+    """KV capacity per configuration, one panel per result (served runs' ``bench_serving`` lines: one panel per
+    folder); ``None`` (skipped) without data."""
     rootp = Path(root) if root is not None else None
-    panels = [(Path(f), *capacity_rows(f)) for f in files]
+    served: Dict[Path, List[Path]] = {}
+    panels = []
+    for f in map(Path, files):
+        if f.suffix == ".jsonl":
+            served.setdefault(f.parent, []).append(f)
+        else:
+            panels.append((f, *capacity_rows(f)))
+    panels += [(folder / "bench-*.jsonl", *served_capacity_rows(group)) for folder, group in served.items()]
     panels = [p for p in panels if p[2]]
     if not panels:
         _skip("kv_capacity", "no bench.serve_check or bench.serving_throughput results with a capacity")
@@ -661,7 +692,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "accuracy": (pick(args.quality, "quality"), pick(args.accuracy, "accuracy")),
         "throughput": (pick(args.throughput, "throughput", "bench_serving"),),
         "tpot": (pick(args.decode, "decode"), pick(args.throughput, "throughput")),
-        "capacity": (pick(args.capacity, "serve_check", "throughput"),),
+        "capacity": (pick(args.capacity, "serve_check", "throughput", "bench_serving"),),
     }
     written = []
     for fig in args.only:

@@ -200,6 +200,21 @@ def test_capacity_ratios_are_against_dense_of_the_same_tensor_parallelism(result
     assert model == "smollm2-135m-instruct-fp32" and dict((n, c) for n, c, _ in rows)["mosaic-r3"] == 4800640
 
 
+def test_served_runs_give_capacity_panels_from_their_bench_serving_lines(tmp_path):
+    """One panel per served run's folder: each ``bench-<config>.jsonl``'s ``server_info.max_total_num_tokens``, the
+    ratio against the dense server of the same TP; a folder with the dense server alone gives no rows."""
+    run = tmp_path / "served" / "8b"
+    run.mkdir(parents=True)
+    for name, cap, backend in (("dense", 332253, "flashinfer"), ("mosaic-r4", 1060288, "mosaic")):
+        line = {"output_throughput": 1.0, "server_info": {"max_total_num_tokens": cap, "tp_size": 1,
+                                                          "attention_backend": backend, "model_path": "/m/llama-8b"}}
+        (run / f"bench-{name}.jsonl").write_text(json.dumps(line) + "\n")
+    model, rows = F.served_capacity_rows(sorted(run.glob("*.jsonl")))
+    assert model == "llama-8b" and sorted(rows) == [("dense", 332253, 1.0), ("mosaic-r4", 1060288, 3.191)]
+    assert F.served_capacity_rows([run / "bench-dense.jsonl"]) == ("llama-8b", [])
+    _is_png(F.plot_capacity(sorted(run.glob("*.jsonl")), tmp_path / "cap.png"))
+
+
 def test_each_plot_writes_a_small_png(results, tmp_path):
     out = tmp_path / "figs"
     q = [results / "quality_a.json"]
