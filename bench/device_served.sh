@@ -296,6 +296,10 @@ case "$step" in
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_decode_tune.py \
       tests/test_chan_drop_select.py > "$out/gpu-tests.log" 2>&1 || echo "gpu tests rc=$?"
     tail -3 "$out/gpu-tests.log"
+    # arena compaction on the GPU (the store tests run on CUDA when there is one)
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/pool/test_store_compaction.py \
+      > "$out/compaction-tests.log" 2>&1 || echo "compaction tests rc=$?"
+    tail -1 "$out/compaction-tests.log"
     timeout 120 python3 -m bench.chan_rank --segments 32768 --seg-size 64 --head-dim 128 --json \
       > "$out/chan-rank.json" 2> "$out/chan-rank.log" || echo "chan_rank rc=$?"
     for pages in 8 128; do
