@@ -168,20 +168,22 @@ def test_the_client_s_part_counts_against_the_budget_and_one_plan_is_still_appli
     assert [plan for _, _, plan in t.pool.resealed] == [0, 1, 2]
 
 
-def test_landed_batches_are_submitted_within_the_budget(fake):
-    """Two sealed batches whose copies have landed: a tick whose budget one batch's submission exceeds submits the
-    first only; the second keeps its slots reserved until the next tick submits it."""
+def test_landed_jobs_are_submitted_one_at_a_time_within_the_budget(fake):
+    """Two sealed batches whose copies have landed (one job per layer each): a tick whose budget one job's submission
+    exceeds submits one job, in order; the jobs not submitted keep their slots reserved; a tick with room for three
+    submits the other three, across batches."""
     t = fake
-    for pages in ([1, 2], [5, 6]):  # one job per layer each
+    for pages in ([1, 2], [5, 6]):
         t.bridge.submit_sealed(np.array(pages, dtype=np.int64), np.zeros(2, dtype=bool), 2.0, _dense)
         t.pool.seal(np.array(pages))
     for event in t.events:
         event.done = True
     t.bridge.tick(0.5)
-    assert [{k.page for k in segs} for segs in t.client.submitted] == [{1, 2}, {1, 2}]
-    assert len(t.bridge._pending) == 1 and t.bridge._reserved == LAYERS
-    t.bridge.tick(0.5)
-    assert [{k.page for k in segs} for segs in t.client.submitted][2:] == [{5, 6}, {5, 6}]
+    assert [({k.page for k in segs}, segs[0].layer) for segs in t.client.submitted] == [({1, 2}, 0)]
+    assert len(t.bridge._pending) == 2 and t.bridge._reserved == 2 * LAYERS - 1
+    t.bridge.tick(2.5)
+    assert [({k.page for k in segs}, segs[0].layer) for segs in t.client.submitted] == [
+        ({1, 2}, 0), ({1, 2}, 1), ({5, 6}, 1), ({5, 6}, 0)]  # the second batch starts where the first stopped
     assert not t.bridge._pending and t.bridge._reserved == 0
 
 

@@ -6,9 +6,10 @@ One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaic
 * **Submission.** When the sealer seals a batch of pages with the fast planner, :meth:`SidecarBridge.submit_sealed`
   gathers on the device the dense K/V of as many of those pages as free sidecar slots allow (whole pages of one layer
   per job, the layers taken in turn so that every layer gets refined), with the layer's recent queries, and starts
-  their copies to the host without waiting for them (:class:`HostCopy`); the slots are reserved. The next
-  :meth:`SidecarBridge.tick` whose copies have landed hands the jobs (with the byte budget the fast plan had for
-  those pages) to the shared slot buffers: the scheduler never waits for the device. Sink pages (kept dense) are not
+  their copies to the host without waiting for them (:class:`HostCopy`); the slots are reserved. Once the copies
+  have landed, ticks hand the jobs (with the byte budget the fast plan had for those pages) to the shared slot
+  buffers one at a time, within their time budget: the scheduler never waits for the device, and a batch of jobs is
+  spread over steps instead of landing in one. Sink pages (kept dense) are not
   submitted. A batch that finds no free slot keeps its fast plans: the queue (jobs on their way, in flight, or
   finished and waiting to be applied) is bounded by the slots.
 * **Application.** :meth:`SidecarBridge.tick` (before each forward, and on idle scheduler ticks) submits the batches
@@ -178,6 +179,7 @@ class _PendingBatch:
     copy: HostCopy
     jobs: List[_Job]
     shared: Optional[Tuple[np.ndarray, np.ndarray]] = None
+    landed: int = 0  # jobs handed to the worker so far (a tick lands jobs one at a time, within its budget)
 
 
 class SidecarBridge:
@@ -400,8 +402,9 @@ class SidecarBridge:
         return chosen, parts
 
     def _flush(self, wait: bool = False, deadline: Optional[float] = None) -> None:
-        """Submit the pending batches whose copies have landed, in order (``wait``: all, waiting for them); with a
-        ``deadline`` (``time.perf_counter()``), none after it but the first."""
+        """Hand the jobs of the pending batches whose copies have landed to the worker, in order, one job at a time
+        (``wait``: all, waiting for the copies); with a ``deadline`` (``time.perf_counter()``), none after it but the
+        first: a batch of 8 jobs is spread over ticks instead of landing in one step."""
         landed = 0
         while self._pending:
             if landed and deadline is not None and time.perf_counter() >= deadline:
@@ -411,36 +414,43 @@ class SidecarBridge:
                 batch.copy.wait()
             elif not batch.copy.ready():
                 return
-            self._pending.popleft()
-            self._reserved -= len(batch.jobs)
             t0 = time.perf_counter()
             try:
-                self._land(batch)
+                self._land_next(batch)
             finally:
                 self.land_seconds += time.perf_counter() - t0
             landed += 1
+            if batch.landed == len(batch.jobs):
+                self._pending.popleft()
 
-    def _land(self, batch: _PendingBatch) -> None:
+    def _land_next(self, batch: _PendingBatch) -> None:
+        """The next job of ``batch`` to the worker (first, once, the host copies of its shared pages)."""
         host, h = batch.copy.tensors, int(self.pool.head_num)
         if batch.shared is not None:
             pages, epochs = batch.shared
+            batch.shared = None
             base = 3 * len(batch.jobs)
             for layer in range(self.pool.layer_num):
                 self._remember(layer, pages, epochs, host[base + 2 * layer], host[base + 2 * layer + 1])
             live = self.pool.page_epoch[pages] == epochs
             self._queue(pages[live], epochs[live])
-        for j, (layer, pages, epochs, budget) in enumerate(batch.jobs):
-            keys, values, queries = host[3 * j : 3 * j + 3]
-            segs = [SegmentKey(layer, hd, p, e) for p, e in zip(pages.tolist(), epochs.tolist()) for hd in range(h)]
-            self._remember(layer, pages, epochs, keys, values)
-            job = None
-            if not self.client.disabled:
-                job = self.client.try_submit(segs, keys, values, queries, budget_bytes=budget,
-                                             group_ids=torch.arange(h).repeat(pages.size), reason=REASON_SEALED,
-                                             queries_by_group=True)  # fmt: skip
-            if job is None:
-                self.segments_submitted -= len(segs)
-                self.segments_skipped += len(segs)
+        if batch.landed == len(batch.jobs):
+            return
+        j = batch.landed
+        batch.landed += 1
+        self._reserved -= 1
+        layer, pages, epochs, budget = batch.jobs[j]
+        keys, values, queries = host[3 * j : 3 * j + 3]
+        segs = [SegmentKey(layer, hd, p, e) for p, e in zip(pages.tolist(), epochs.tolist()) for hd in range(h)]
+        self._remember(layer, pages, epochs, keys, values)
+        job = None
+        if not self.client.disabled:
+            job = self.client.try_submit(segs, keys, values, queries, budget_bytes=budget,
+                                         group_ids=torch.arange(h).repeat(pages.size), reason=REASON_SEALED,
+                                         queries_by_group=True)  # fmt: skip
+        if job is None:
+            self.segments_submitted -= len(segs)
+            self.segments_skipped += len(segs)
 
     # --- host copies (shadow) -------------------------------------------------------------------------------------
     def _remember(self, layer: int, pages: np.ndarray, epochs: np.ndarray, keys: torch.Tensor,
