@@ -147,6 +147,12 @@ def _host_list(x: Any, name: str) -> List[int]:
     return [int(v) for v in x]
 
 
+def _batch_list(forward_batch: Any, name: str) -> List[int]:
+    """``forward_batch.<name>`` as a host list, from its ``<name>_cpu`` copy when SGLang keeps one."""
+    host = getattr(forward_batch, f"{name}_cpu", None)
+    return _host_list(host if host is not None else getattr(forward_batch, name), name)
+
+
 def _slice_lens(lens: List[int], width: int) -> np.ndarray:
     """``len(row[:n])`` for a row of ``width`` columns and each ``n`` of ``lens`` (Python slice semantics)."""
     n = np.asarray(lens, dtype=np.int64).reshape(-1)
@@ -326,18 +332,13 @@ class MosaicAttnBackend(AttentionBackend):
                 f"MosaicAttnBackend: forward mode {mode.name} is not supported with --kv-compressor mosaic (decode, "
                 "extend and mixed only; no speculative decoding)"
             )
-        seq_lens = getattr(forward_batch, "seq_lens_cpu", None)
-        seq = _host_list(seq_lens if seq_lens is not None else forward_batch.seq_lens, "seq_lens")
-        step = self._decode_row_step(seq) if mode.is_decode() else 1
-        rows = self._req_rows(forward_batch.req_pool_indices, seq, step)
-        width = rows.shape[1] * step
+        seq = _batch_list(forward_batch, "seq_lens")
+        rows, step, width = self._batch_rows(forward_batch.req_pool_indices, seq, mode.is_decode())
         if mode.is_decode():
             pre_l = [n - 1 for n in seq]
         else:
-            pre = getattr(forward_batch, "extend_prefix_lens_cpu", None)
-            ext = getattr(forward_batch, "extend_seq_lens_cpu", None)
-            pre_l = _host_list(pre if pre is not None else forward_batch.extend_prefix_lens, "extend_prefix_lens")
-            ext_l = _host_list(ext if ext is not None else forward_batch.extend_seq_lens, "extend_seq_lens")
+            pre_l = _batch_list(forward_batch, "extend_prefix_lens")
+            ext_l = _batch_list(forward_batch, "extend_seq_lens")
             if len(pre_l) != len(seq) or len(ext_l) != len(seq) or any(
                 p + e != s for p, e, s in zip(pre_l, ext_l, seq)
             ):
@@ -376,11 +377,8 @@ class MosaicAttnBackend(AttentionBackend):
         g.write_slots[:bs].zero_()
         total = 0
         if real > 0:
-            seq_lens = getattr(forward_batch, "seq_lens_cpu", None)
-            seq = _host_list(seq_lens if seq_lens is not None else forward_batch.seq_lens, "seq_lens")[:real]
-            step = self._decode_row_step(seq)
-            rows = self._req_rows(forward_batch.req_pool_indices[:real], seq, step)
-            width = rows.shape[1] * step
+            seq = _batch_list(forward_batch, "seq_lens")[:real]
+            rows, step, width = self._batch_rows(forward_batch.req_pool_indices[:real], seq, decode=True)
             owners = None
             if self.sealer.sidecar is not None and self.sealer.sidecar.resegment:
                 owners = forward_batch.req_pool_indices[:real].long()
@@ -446,6 +444,13 @@ class MosaicAttnBackend(AttentionBackend):
         fewer to copy and scan; see :mod:`mosaickv_sglang.pool.rows`), or 1 (every slot, each one checked) under
         ``MOSAICKV_DEBUG_CHECKS`` and for lengths below 1."""
         return self.page_size if seq and min(seq) >= 1 and not debug_checks_enabled() else 1
+
+    def _batch_rows(self, req_pool_indices: torch.Tensor, seq: List[int], decode: bool) -> Tuple[torch.Tensor, int, int]:
+        """``(rows, step, width)``: the batch's :meth:`_req_rows`, every slot for an extend batch or with a decode
+        batch's :meth:`_decode_row_step`, and the tokens its columns span (``rows.shape[1] * step``)."""
+        step = self._decode_row_step(seq) if decode else 1
+        rows = self._req_rows(req_pool_indices, seq, step)
+        return rows, step, rows.shape[1] * step
 
     def _req_rows(self, req_pool_indices: torch.Tensor, seq: List[int], step: int = 1) -> torch.Tensor:
         """``req_to_token`` rows of the batch on the host, only the page-rounded columns that ``seq`` reaches (all of

@@ -465,10 +465,6 @@ class SidecarBridge:
             if live[i]:  # copied into a slot: the oldest copy gives its slot up when all are taken
                 self._shadow.put((layer, p), e, keys[i * h : (i + 1) * h], values[i * h : (i + 1) * h])
 
-    def _forget_copy(self, layer: int, page: int) -> None:
-        """Drop the host copy of ``page`` in ``layer``, if any."""
-        self._shadow.forget((layer, page))
-
     def _queue(self, pages: np.ndarray, epochs: np.ndarray) -> None:
         self.queue.add(
             SharedSegment(SegmentKey(layer, 0, int(p), int(e)), 0, tuple(sorted(self._readers.get(int(p), ()))))
@@ -480,7 +476,7 @@ class SidecarBridge:
         for p in pages.tolist():
             self._readers.pop(p, None)
             for layer in range(self.pool.layer_num):
-                self._forget_copy(layer, p)
+                self._shadow.forget((layer, p))
         self.queue.discard_pages(pages.tolist())
 
     # --- shared prefixes --------------------------------------------------------------------------------------------
