@@ -16,10 +16,10 @@
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
-#   kernels  no server: the gpu-marked tests, bench.chan_rank (the rank kernel against torch's top-k),
-#            bench.seal_cost for 8 and 128 pages of the 8B shape with each chan drop method (the rank kernel's with its
-#            profile), bench.sidecar_cost (the bridge's time per seal and tick, profiled), then tests/kernels compiled
-#            for the GPU
+#   kernels  no server: the gpu-marked tests, the arena compaction tests on CUDA, bench.sidecar_cost (the bridge's
+#            time per seal and tick, profiled), bench.seal_cost for 128 pages of the 8B shape (the rank kernel's chan
+#            drop, with its profile); while $BUDGET_S lasts, the other chan drop methods, 8 pages, bench.chan_rank
+#            (the rank kernel against torch's top-k) and tests/kernels compiled for the GPU
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -289,10 +289,10 @@ case "$step" in
       --out "$out" > "$out/sweep.log" 2>&1 || echo "sweep rc=$?"
     ;;
   kernels)
-    # the GPU-only tests first (bf16, large launches, the startup choices' output invariance), then the chan rank
-    # kernel and a full sort against torch's int64 top-k (the seal's largest op), the seal planner's cost and profile
-    # with each chan drop method, then the rest of the kernel tests compiled for the GPU with the time left. Profiler
-    # traces are summarized and dropped (the ninth run's traces made the results too slow to pack in the call)
+    # the GPU-only tests first (bf16, large launches, the startup choices' output invariance), arena compaction on
+    # CUDA, the sidecar bridge's cost, the seal planner's cost and profile, then (budget allowing) the other chan drop
+    # methods and the rest of the kernel tests compiled for the GPU. Profiler traces are summarized and dropped (the
+    # ninth run's traces made the results too slow to pack in the call)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_decode_tune.py \
       tests/test_chan_drop_select.py > "$out/gpu-tests.log" 2>&1 || echo "gpu tests rc=$?"
     tail -3 "$out/gpu-tests.log"
@@ -300,25 +300,31 @@ case "$step" in
     timeout 90 python3 -m pytest -q -p no:cacheprovider tests/pool/test_store_compaction.py \
       > "$out/compaction-tests.log" 2>&1 || echo "compaction tests rc=$?"
     tail -1 "$out/compaction-tests.log"
-    timeout 120 python3 -m bench.chan_rank --segments 32768 --seg-size 64 --head-dim 128 --json \
-      > "$out/chan-rank.json" 2> "$out/chan-rank.log" || echo "chan_rank rc=$?"
-    for pages in 8 128; do
-      for method in topk sort kernel; do
-        prof=()
-        [ "$method" != kernel ] || prof=(--profile "$out/seal-profile-$pages")
-        timeout 90 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 \
-          --head-dim 128 --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --chan-drop "$method" \
-          ${prof[@]+"${prof[@]}"} > "$out/seal-$pages-$method.json" 2> "$out/seal-$pages-$method.log" \
-          || echo "seal_cost $pages $method rc=$?"
-      done
-      rm -f "$out/seal-profile-$pages"/*.json.gz
-    done
     # where the sidecar bridge's scheduler time goes (the ninth run's 8B server: 7.4 ms a decode step)
     timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 --seals 20 --ticks 5 --profile 30 \
       > "$out/sidecar-cost.txt" 2>&1 || echo "sidecar_cost rc=$?"
-    timeout $(( $(left) - 30 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" 2>&1 \
-      || echo "kernel tests rc=$?"
-    tail -3 "$out/kernel-tests.log"
+    # the seal planner at 128 pages with the default chan drop (its peak memory and profile), then, while the budget
+    # lasts, the other chan drop methods, 8 pages and the chan rank kernel against torch's top-k
+    for run in 128:kernel 128:topk 128:sort 8:kernel 8:topk 8:sort; do
+      pages="${run%%:*}" method="${run#*:}"
+      [ "$(left)" -gt 150 ] || { echo "seal_cost $pages $method skipped (budget)"; continue; }
+      prof=()
+      [ "$run" != 128:kernel ] || prof=(--profile "$out/seal-profile-$pages")
+      timeout 90 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 \
+        --head-dim 128 --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --chan-drop "$method" \
+        ${prof[@]+"${prof[@]}"} > "$out/seal-$pages-$method.json" 2> "$out/seal-$pages-$method.log" \
+        || echo "seal_cost $pages $method rc=$?"
+      rm -f "$out/seal-profile-$pages"/*.json.gz
+    done
+    if [ "$(left)" -gt 150 ]; then
+      timeout 120 python3 -m bench.chan_rank --segments 32768 --seg-size 64 --head-dim 128 --json \
+        > "$out/chan-rank.json" 2> "$out/chan-rank.log" || echo "chan_rank rc=$?"
+    fi
+    if [ "$(left)" -gt 90 ]; then
+      timeout $(( $(left) - 30 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" \
+        2>&1 || echo "kernel tests rc=$?"
+      tail -3 "$out/kernel-tests.log"
+    fi
     ;;
   ncu)
     # hardware counters (Nsight Compute, clocks left alone) of one launch each of the sparse decode split kernel, the
