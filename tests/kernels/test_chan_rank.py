@@ -143,7 +143,7 @@ def test_chan_rank_large_on_gpu(algo, d):
         assert all(torch.equal(got[k], topk[k]) for k in ks), method
 
 
-def test_every_launch_variant_of_the_bench_is_valid_and_exact():
+def test_every_launch_variant_of_the_bench_is_valid_and_exact(device):
     """bench.chan_rank times these variants on the GPU: each is a launch chan_rank_fwd accepts and ranks exactly (one
     short row block each, d 64, ties included)."""
     from bench.chan_rank import variants
@@ -152,4 +152,4 @@ def test_every_launch_variant_of_the_bench_is_valid_and_exact():
     score = _tied_scores(gen, (3,), 64)
     want = ref_chan_rank(score)
     for v in variants(64):
-        assert torch.equal(chan_rank_fwd(score, **v).long(), want.long()), v
+        assert torch.equal(chan_rank_fwd(score.to(device), **v).cpu().long(), want.long()), v
