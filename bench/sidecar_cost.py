@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tick-gap-ms", type=float, default=20.0, help="pause between ticks (a decode step's GPU time)")
     p.add_argument("--slots", type=int, default=8, help="sidecar slots")
     p.add_argument("--resegment", choices=("on", "off"), default="on", help="host copies kept for re-segmentation")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (SGLang's scheduler sets 1 on a GPU; more threads turned host copies "
+                        "of a page into 16 ms waits for a core while the sidecar worker ran)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N functions of most time")
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("layers", "kv_heads", "head_dim", "page_size", "group", "window", "pages", "seals", "slots"):
+    for name in ("layers", "kv_heads", "head_dim", "page_size", "group", "window", "pages", "seals", "slots", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     if args.ticks < 0 or args.tick_gap_ms < 0:
@@ -100,6 +103,15 @@ class StandInPool:
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
     _check(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> Dict[str, object]:
     dev, dtype = torch.device(args.device), DTYPES[args.dtype]
     h, s, d = args.kv_heads, args.page_size, args.head_dim
     ring = 2 * args.pages  # pages in use: one seal's worth sealed, the next being sealed
@@ -175,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         return report
     seal, tick, br = report["seal_ms"], report["tick_ms"], report["bridge_ms"]
     print(f"sidecar bridge, {args.layers} layers x {args.kv_heads} KV heads, d={args.head_dim}, {args.pages} pages a "
-          f"seal, {args.dtype} on {args.device}")  # fmt: skip
+          f"seal, {args.dtype} on {args.device}, {args.threads} torch thread(s)")  # fmt: skip
     print(f"  submit_sealed: mean {seal['mean']:.2f} ms, max {seal['max']:.2f} ms ({seal['count']} seals)")
     if tick["count"]:
         print(f"  tick: mean {tick['mean']:.2f} ms, max {tick['max']:.2f} ms ({tick['count']} ticks)")
