@@ -6,8 +6,8 @@ consecutive decode steps, prefill steps excluded. Scrape ``/metrics`` before and
 (``curl -s http://127.0.0.1:30000/metrics > before.txt``), then ``python -m bench.decode_steps before.txt
 after.txt``: the load's decode step p50 / p90 / p99 (Prometheus's ``histogram_quantile``, linear within the 5%-wide
 buckets), summed over the server's schedulers, the scheduler time sealing and the sidecar took meanwhile
-(``sglang:mosaic_seal_seconds_total``, ``sglang:mosaic_sidecar_step_seconds_total``; prefill steps included, so a
-per-step figure is an upper bound; with its parts ``..._submit/land/apply_seconds_total`` when the server exports them),
+(``sglang:mosaic_seal_seconds_total``, ``sglang:mosaic_sidecar_step_seconds_total``; prefill steps included, so they
+are totals, not divided by the decode steps; with its parts ``..._submit/land/apply_seconds_total`` when the server exports them),
 and the decode batches' plans (``sglang:mosaic_decode_plan_seconds_total`` over
 ``sglang:mosaic_decode_plans_total``: host work before each decode forward, sealing and the sidecar included).
 """
@@ -98,8 +98,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ms += f"  sealing {got['seal_s'] * 1e3:.1f} ms in {int(got['seal_calls'] or 0)} calls"
         sidecar = got["sidecar_s"]
         if sidecar is not None:
-            per_step = f", {sidecar * 1e3 / got['steps']:.2f} ms per decode step" if got["steps"] else ""
-            ms += f"  sidecar before forwards {sidecar * 1e3:.1f} ms{per_step}"
+            # not divided by the decode steps: the counter includes prefill steps (the tenth run's 2 s of a 33 s
+            # bench were mostly prefill seals' submissions, and read as 7 ms a decode step)
+            ms += f"  sidecar before forwards {sidecar * 1e3:.1f} ms (prefill steps included)"
             parts = [f"{k[:-2]} {got[k] * 1e3:.1f} ms" for k in SIDECAR_PART_METRICS if got.get(k) is not None]
             if parts:
                 ms += f" ({', '.join(parts)})"

@@ -359,16 +359,21 @@ case "$step" in
   8b)
     # mosaic first (its decode step is the open question), then stock SGLang while the call has time left;
     # both with decode CUDA graphs (batch sizes up to 32); MOSAIC_ARGS adds mosaic flags (e.g. "--mosaic-cuda-graph
-    # off"), STOCK=0 skips stock
+    # off"), STOCK=0 skips stock, HOST_PROFILE=1 writes the mosaic server's plan profiles (host-profile.<kind>)
     common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy
             --mem-fraction-static 0.4 --disable-prefill-cuda-graph --cuda-graph-max-bs 32 --context-length 16384
             --enable-metrics)
     bench=(--backend sglang --host 127.0.0.1 --model "$MKV_MODELS/llama-3.1-8b-shape"
            --tokenizer "$MKV_MODELS/llama-3.1-8b-shape" --dataset-name random-ids --num-prompts 32
            --random-input-len 8000 --random-output-len 256 --random-range-ratio 1.0)
+    # HOST_PROFILE=1: the mosaic server profiles its plan calls (MOSAICKV_PROFILE; its numbers are then not to be
+    # compared with stock's: cProfile slows the Python it watches)
+    host_profile=""
+    [ "${HOST_PROFILE:-0}" = 0 ] || host_profile="$out/host-profile"
     # shellcheck disable=SC2086
-    python3 -m sglang.launch_server "${common[@]}" --port 30000 --kv-compressor mosaic \
-      --mosaic-compression-ratio "$ratio" ${MOSAIC_ARGS:-} > "$out/mosaic-r${ratio}.server.log" 2>&1 &
+    MOSAICKV_PROFILE="$host_profile" python3 -m sglang.launch_server "${common[@]}" --port 30000 \
+      --kv-compressor mosaic --mosaic-compression-ratio "$ratio" ${MOSAIC_ARGS:-} \
+      > "$out/mosaic-r${ratio}.server.log" 2>&1 &
     mosaic_pid=$!
     wait_ready 30000 300
     curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r${ratio}.info.json" || true

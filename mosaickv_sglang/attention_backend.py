@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from mosaickv_sglang.call_profile import CallProfile
 from mosaickv_sglang.kernels._checks import debug_checks_enabled
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.runtime import register_sealer
@@ -235,6 +236,8 @@ class MosaicAttnBackend(AttentionBackend):
         self._suggest_num_splits = suggest_num_splits
         self._extend_fwd = extend_fwd
         self.sealer = Sealer(self.pool, num_q_heads)
+        self.call_profile = CallProfile.from_env(int(getattr(model_runner, "tp_rank", 0) or 0),
+                                                 int(getattr(model_runner, "tp_size", 1) or 1))  # fmt: skip
         self.auto_seal = bool(auto_seal)
         if self.auto_seal and self.config.sidecar:
             from mosaickv_sglang.sidecar.bridge import SidecarBridge
@@ -313,7 +316,11 @@ class MosaicAttnBackend(AttentionBackend):
         if in_capture and (self._graph is None or not mode.is_decode()):
             raise NotImplementedError(_CUDA_GRAPH_MSG)
         t0 = time.perf_counter()
-        self._plan_batch(forward_batch, in_capture)
+        if in_capture:
+            self._plan_batch(forward_batch, in_capture)
+        else:
+            with self.call_profile.section("decode" if mode.is_decode() else mode.name.lower()):
+                self._plan_batch(forward_batch, in_capture)
         if mode.is_decode() and not in_capture:
             self.sealer.decode_plans += 1
             self.sealer.decode_plan_seconds += time.perf_counter() - t0

@@ -88,7 +88,7 @@ def test_sidecar_time_between_the_scrapes_summed_over_schedulers(tmp_path, capsy
     out = capsys.readouterr().out.rstrip()
     assert "  sealing 500.0 ms in 3 calls  " in out
     assert "plan_s" not in out and "  plans " not in out  # counters are not printed as quantiles (the ninth run's line)
-    assert out.endswith("sidecar before forwards 400.0 ms, 2.00 ms per decode step  decode plans 3.00 ms each (200)")
+    assert out.endswith("sidecar before forwards 400.0 ms (prefill steps included)  decode plans 3.00 ms each (200)")
 
 
 def test_sidecar_parts_are_printed_when_exported(tmp_path, capsys):
@@ -109,7 +109,7 @@ def test_sidecar_parts_are_printed_when_exported(tmp_path, capsys):
     (tmp_path / "b.txt").write_text(before)
     (tmp_path / "a.txt").write_text(_scrape(registry))
     assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
-    assert ("sidecar before forwards 500.0 ms, 5.00 ms per decode step (submit 250.0 ms, land 125.0 ms, apply 62.5 ms)"
+    assert ("sidecar before forwards 500.0 ms (prefill steps included) (submit 250.0 ms, land 125.0 ms, apply 62.5 ms)"
             in capsys.readouterr().out)
 
 

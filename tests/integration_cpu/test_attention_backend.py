@@ -246,3 +246,19 @@ def test_sealing_decisions_are_identical_across_ranks(hot_window, hot_pages):
     sealer = ranks[0].mosaic.sealer
     assert sealer.pages_sealed > len(PROMPTS)  # more than the sink pages
     assert (sealer.pressure_pages_sealed > 0) == (hot_window == 1024)
+
+
+def test_mosaickv_profile_writes_the_plans_profiles(tmp_path, monkeypatch):
+    """With ``MOSAICKV_PROFILE`` set, extend and decode plans (sealing included) are profiled per kind and written
+    on ``dump``; the outputs are unchanged (still equal to TorchNativeAttnBackend's)."""
+    monkeypatch.setenv("MOSAICKV_PROFILE", str(tmp_path / "prof"))
+    sc = Scenario(config(ratio=1.0), 2, seed=31, auto_seal=True)
+    assert sc.mosaic.call_profile.enabled
+    _assert_match(sc.run_both(sc.extend_batch(PROMPTS)))
+    for _ in range(6):
+        _assert_match(sc.run_both(sc.decode_batch()))
+    sc.mosaic.call_profile.dump()
+    assert sc.mosaic.call_profile.calls == {"extend": 1, "decode": 6}
+    decode = (tmp_path / "prof.decode").read_text()
+    assert "kind decode: 6 profiled" in decode and "_plan_batch" in decode and "before_forward_rows" in decode
+    assert "_plan_batch" in (tmp_path / "prof.extend").read_text()
