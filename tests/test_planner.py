@@ -524,22 +524,26 @@ def test_retrieval_prior_sums_to_one_and_novelty_favours_unrepeated_tokens():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("chunk", [1, 3, 256])
-def test_novelty_equals_its_per_chunk_formula(dtype, chunk):
-    """_novelty is bitwise the per-chunk ``min_j ||v_t - v_j||^2 / ||v_t||^2`` clamped to 1 (its first form, written
-    out here), chunks that do not divide the segments, repeated tokens (0) and all-zero tokens (1) included."""
-    gen = torch.Generator().manual_seed(3)
-    v = torch.randn(7, 16, 32, generator=gen).to(dtype)
+@pytest.mark.parametrize("seg", [16, 64])
+def test_novelty_equals_its_formula_in_float64(dtype, seg):
+    """_novelty is ``min_{j != t} ||v_t - v_j||^2 / ||v_t||^2`` clamped to [0, 1], computed directly in float64
+    (fp32 Gram-matrix rounding aside), whatever the chunking (chunks that do not divide the segments give the same
+    bits); repeated tokens (about 0) and all-zero tokens (1) included."""
+    gen = torch.Generator().manual_seed(3 + seg)
+    v = (torch.randn(7, seg, 32, generator=gen) * torch.rand(7, seg, 1, generator=gen) * 4).to(dtype)
     v[0, 1] = v[0, 0]
     v[2, 3] = 0.0
     v[5, :4] = v[5, 4:8]
-    eye = torch.eye(16, dtype=torch.bool)
-    ref = torch.empty(7, 16)
-    for a in range(0, 7, chunk):
-        x = v[a : a + chunk].float()
-        d2 = torch.cdist(x, x).pow(2).masked_fill(eye, float("inf"))
-        ref[a : a + chunk] = (d2.min(-1).values / x.pow(2).sum(-1).clamp(min=_EPS)).clamp(max=1.0)
-    out = _novelty(v, chunk)
-    assert torch.equal(out, ref)
-    assert float(out[0, 0]) < 1e-2 and float(out[0, 1]) < 1e-2 and float(out[2, 3]) == 1.0
+    v[6, seg // 2] = v[6, 0] * 1.001  # a near-duplicate
+    x = v.double()
+    d2 = (x[:, :, None, :] - x[:, None, :, :]).pow(2).sum(-1)
+    d2.masked_fill_(torch.eye(seg, dtype=torch.bool), float("inf"))
+    ref = (d2.min(-1).values / x.pow(2).sum(-1).clamp(min=_EPS)).clamp(max=1.0)
+    out = _novelty(v)
+    assert out.dtype == torch.float32 and out.shape == (7, seg)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    for chunk in (1, 3):
+        assert torch.equal(_novelty(v, chunk), out)
+    assert float(out[0, 0]) < 1e-4 and float(out[0, 1]) < 1e-4 and float(out[2, 3]) == 1.0
+    assert float(out[6, seg // 2]) < 1e-4
     assert bool(((out >= 0) & (out <= 1)).all()) and float(out[1].min()) > 0.1
