@@ -52,7 +52,6 @@ from mosaickv_sglang.importance import (
 )
 from mosaickv_sglang.kernels import format as fmt
 from mosaickv_sglang.kernels._checks import check_int, check_tensor
-from mosaickv_sglang.lagrange import _GRID  # lambdas tried at once per bracketing round (one host sync per round)
 from mosaickv_sglang.strategies import Candidate, Selection, default_menu, descending_rank
 from mosaickv_sglang.strategies.base import chan_scores, check_segment_shape, dense_segment_bytes
 from mosaickv_sglang.strategies.lowrank import factors_from_svd, masked_svd
@@ -947,6 +946,7 @@ def choose_candidates(err: torch.Tensor, cand_bytes: torch.Tensor, budget_bytes:
     return _fixup_single(e, bl, choice, budget_bytes), hi
 
 
+_GRID = 8  # lambdas tried at once per bracketing round: one host sync per round instead of per bisection step
 
 
 def _bracket(
