@@ -24,6 +24,8 @@
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
 #            (8B shape, batch 32, 8k and 128k), as text
+#   tpot     Llama-3.1-8B shape, one configuration ($CONFIG, default mosaic-r4) per call: served TPOT at 32k and 130k
+#            prompts, batch 1 and 16 (bench.serving_throughput --context-lengths)
 #   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3, both with decode CUDA graphs: bench.serving_throughput
 #            over concurrency 1 / 8 / 32 on random ids and shared prefixes (TPOT over context: bench.decode_speed)
 #   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 150000 and --schedule-conservativeness 0.3: the soak with
@@ -41,7 +43,7 @@
 # rope, kvcache, activation...) come back as $OUT/jit-cache.tgz when they are at most 60 MB; carried into the tree
 # as .device-jit/jit-cache.tgz, they are restored before the next step starts.
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|sidecar|sidecar-itl|kernels|tune|ncu}"
+step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|tpot|sidecar|sidecar-itl|kernels|tune|ncu}"
 ratio="${RATIO:-4}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
 out="${OUT:?}/$step"
 mkdir -p "$out"
@@ -290,6 +292,18 @@ case "$step" in
       --concurrency 1 8 32 --prompts-per-slot 2 --min-prompts 4 \
       --budget-seconds $(( $(left) - 30 )) --point-timeout 120 --ready-timeout 240 \
       --out "$out" > "$out/sweep.log" 2>&1 || echo "sweep rc=$?"
+    ;;
+  tpot)
+    # issue #4's TPOT over context on the 8B shape (dummy weights): prompts of 32,768 and 130,048 tokens, 1 and 16
+    # requests at once (SGLang queues what its pool cannot hold), 64 output tokens; one configuration per call
+    # (CONFIG=mosaic-r4 by default, or dense, fp8); merge the calls with
+    # `python -m bench.serving_throughput --merge DIR... --out DIR`
+    timeout $(( $(left) - 10 )) python3 -m bench.serving_throughput --model "$MKV_MODELS/llama-3.1-8b-shape" \
+      --configs "${CONFIG:-mosaic-r4}" --dense-backend flashinfer --server-args "--load-format dummy \
+      --mem-fraction-static 0.85 --disable-prefill-cuda-graph --cuda-graph-max-bs 16 --context-length 131072 \
+      --enable-metrics" --context-lengths 32768 130048 --context-batch 1 16 --context-output-len 64 \
+      --budget-seconds $(( $(left) - 30 )) --point-timeout 400 --ready-timeout 300 --out "$out" \
+      > "$out/tpot.log" 2>&1 || echo "tpot rc=$?"
     ;;
   kernels)
     # the GPU-only tests first (bf16, large launches, the startup choices' output invariance), arena compaction on
