@@ -72,8 +72,14 @@ class CallProfile:
         profiler = self._profilers.get(kind)
         if profiler is None:
             profiler = self._profilers[kind] = cProfile.Profile()
+        try:
+            profiler.enable()
+        except ValueError as err:  # another profiler holds the interpreter's hooks (Python 3.12+): stop profiling
+            logger.warning("MosaicKV: %s profiling stopped: %s", ENV_VAR, err)
+            self.path = None
+            yield
+            return
         self._active = True
-        profiler.enable()
         try:
             yield
         finally:

@@ -74,3 +74,23 @@ def test_an_exception_in_the_body_still_counts_and_stops_the_profiler(tmp_path):
 def test_bad_dump_every_is_refused():
     with pytest.raises(ValueError, match="dump_every: expected an integer >= 1, got 0"):
         CallProfile("x", dump_every=0)
+
+
+def test_another_active_profiler_stops_profiling_instead_of_failing(tmp_path, monkeypatch, caplog):
+    """If the interpreter's profiling hooks are taken (``enable`` raises ``ValueError`` on Python 3.12+), the body
+    still runs, a warning names the variable, and later sections do nothing."""
+    prof = CallProfile(str(tmp_path / "p"), dump_every=1)
+
+    class Taken:
+        def enable(self):
+            raise ValueError("Another profiling tool is already active")
+
+    prof._profilers["decode"] = Taken()
+    ran = []
+    with caplog.at_level(logging.WARNING, logger="mosaickv_sglang.call_profile"):
+        with prof.section("decode"):
+            ran.append(1)
+    assert ran == [1] and "MOSAICKV_PROFILE profiling stopped" in caplog.text and not prof.enabled
+    with prof.section("decode"):
+        ran.append(2)
+    assert ran == [1, 2] and list(tmp_path.iterdir()) == []
