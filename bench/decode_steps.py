@@ -7,7 +7,8 @@ consecutive decode steps, prefill steps excluded. Scrape ``/metrics`` before and
 after.txt``: the load's decode step p50 / p90 / p99 (Prometheus's ``histogram_quantile``, linear within the 5%-wide
 buckets), summed over the server's schedulers, the scheduler time sealing and the sidecar took meanwhile
 (``sglang:mosaic_seal_seconds_total``, ``sglang:mosaic_sidecar_step_seconds_total``; prefill steps included, so they
-are totals, not divided by the decode steps; with its parts ``..._submit/land/apply_seconds_total`` when the server exports them),
+are totals, not divided by the decode steps; with its parts ``..._submit/land/apply_seconds_total`` when the server
+exports them),
 and the decode batches' plans (``sglang:mosaic_decode_plan_seconds_total`` over
 ``sglang:mosaic_decode_plans_total``: host work before each decode forward, sealing and the sidecar included).
 """

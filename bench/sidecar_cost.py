@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("layers", "kv_heads", "head_dim", "page_size", "group", "window", "pages", "seals", "slots", "threads"):
+    for name in ("layers", "kv_heads", "head_dim", "page_size", "group", "window", "pages", "seals", "slots",
+                 "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     if args.ticks < 0 or args.tick_gap_ms < 0:
