@@ -208,13 +208,14 @@ case "$step" in
   soak)
     M="$(bash bench/device_smollm2.sh)"
     triton_kernels > "$out/triton-cache-before.txt"
-    # the soak starts the server itself (--launch) so that it can stop it and start it again with the same flags
+    # the soak starts the server itself (--launch) so that it can stop it and start it again with the same flags;
+    # prompt + output up to the model's 8,192-token context (the tenth run's soak stopped at 6,144)
     timeout $(( $(left) - 10 )) python3 -m bench.soak --launch "--model-path $M --host 127.0.0.1 --port 30000 \
       --dtype bfloat16 --disable-prefill-cuda-graph --enable-metrics \
       --mem-fraction-static 0.3 --max-total-tokens 150000 --schedule-conservativeness 0.3 --kv-compressor mosaic \
       --mosaic-compression-ratio 3" \
-      --ready-timeout 240 --vocab-size 49152 --max-context 6144 --requests 1000 --concurrency 192 --prefix-len 1536 \
-      --output-len 16 512 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 6000 \
+      --ready-timeout 240 --vocab-size 49152 --max-context 8192 --requests 1000 --concurrency 192 --prefix-len 1536 \
+      --output-len 16 512 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 8000 \
       --disconnect-after 0.01 \
       --kill-sidecar-every 30 --send-deadline $(( $(left) - 240 )) --restart --out "$out/soak.json" \
       > "$out/soak.log" 2>&1 || echo "soak rc=$?"
