@@ -864,6 +864,7 @@ def evaluate_sample(
     observe: str = "context",
     batch: int = 32,
     check_exact: bool = False,
+    other_context: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Run one RULER sample through dense and every variant; returns a JSON-able record.
 
@@ -872,7 +873,9 @@ def evaluate_sample(
     observe : str
         Queries the planners see: ``"context"`` (the last ``window`` context tokens; the question is unknown when the
         cache is compressed, as for a shared prefix) or ``"question"`` (the last ``window`` tokens of the question,
-        SnapKV's observation window).
+        SnapKV's observation window), or ``"other"`` (the last ``window`` tokens of ``other_context``, another
+        sample's context: what a server's shared query window gives a request's pages when another request's tokens
+        came last in the batch).
     batch : int
         Variants evaluated together in one batched model run.
     check_exact : bool
@@ -891,8 +894,12 @@ def evaluate_sample(
         cap = CaptureHook(window, dense_bank)
         run_tokens(model, _new_cache(model), torch.tensor([qry]), t, cap)
         queries = [cap.queries[i] for i in range(n_layers)]
+    elif observe == "other":
+        if not other_context:
+            raise ValueError("other_context: expected another sample's context with observe='other', got none")
+        _, queries = prefill(model, tok(other_context, add_special_tokens=False).input_ids, window)
     elif observe != "context":
-        raise ValueError(f"observe: expected 'context' or 'question', got {observe!r}")
+        raise ValueError(f"observe: expected 'context', 'question' or 'other', got {observe!r}")
     keys, values = dense.keys, dense.values
     t_prefill = time.perf_counter() - t0
 
@@ -1145,9 +1152,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--haystack", choices=["noise", "words"], default="noise")
     p.add_argument("--window", type=int, default=32, help="observed queries: the last W tokens (default 32)")
-    p.add_argument("--observe", choices=["context", "question"], default="context",
+    p.add_argument("--observe", choices=["context", "question", "other"], default="context",
                    help="queries the planners see: the last W context tokens (default; question unknown, as for a "
-                   "shared prefix) or the last W question tokens (SnapKV-style observation window)")
+                   "shared prefix), the last W question tokens (SnapKV-style observation window), or the last W "
+                   "context tokens of the next sample (another request's queries)")
     p.add_argument("--batch", type=int, default=32, help="variants run together in one batched forward (default 32)")
     p.add_argument("--gen-tokens", type=int, default=8, help="greedy tokens (at least answer length + 2; default 8)")
     p.add_argument("--seg-size", type=int, default=64)
@@ -1206,7 +1214,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     records = []
     for i, sample in enumerate(samples):
         rec = evaluate_sample(model, tok, sample, vars_, settings, window=args.window, gen_tokens=args.gen_tokens,
-                              observe=args.observe, batch=args.batch, check_exact=not args.no_check and i == 0)
+                              observe=args.observe, batch=args.batch, check_exact=not args.no_check and i == 0,
+                              other_context=samples[(i + 1) % len(samples)].context)  # fmt: skip
         rec["length"] = sample.target_tokens
         records.append(rec)
         if rec["checks"]:

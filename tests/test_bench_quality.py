@@ -193,3 +193,20 @@ def test_evaluate_sample_end_to_end_on_the_tiny_model(tiny):
     assert rec["variants"]["token-only@4"]["attn_err"] > 0 and rec["variants"]["fp8@2"]["needle_kept"] == 1.0
     summary = Q.summarize([rec], vars_)
     assert "channel-only" in Q.markdown_table(summary) and "niah_single" in Q.em_table(summary)
+
+
+def test_observe_other_plans_with_another_contexts_queries(tiny):
+    """observe='other' plans with the queries of another context (a server's shared window after another request's
+    tokens): the plans, and so the attention error, differ from observe='context'; it needs the other context."""
+    model = tiny[0]
+    sample = generate("niah_single", target_tokens=480, seed=0, count_tokens=len, digits=4)
+    other = generate("niah_single", target_tokens=480, seed=5, count_tokens=len, digits=4)
+    vars_ = Q.variants(["mosaic-fast"], [4.0])
+    kw = dict(window=8, gen_tokens=3, batch=4)
+    own = Q.evaluate_sample(model, _CharTokenizer(), sample, vars_, SETTINGS, **kw)
+    theirs = Q.evaluate_sample(model, _CharTokenizer(), sample, vars_, SETTINGS, observe="other",
+                               other_context=other.context, **kw)  # fmt: skip
+    assert own["dense"] == theirs["dense"]
+    assert own["variants"]["mosaic-fast@4"]["attn_err"] != theirs["variants"]["mosaic-fast@4"]["attn_err"]
+    with pytest.raises(ValueError, match="other_context: expected another sample's context"):
+        Q.evaluate_sample(model, _CharTokenizer(), sample, vars_, SETTINGS, observe="other", **kw)
