@@ -318,7 +318,8 @@ case "$step" in
     timeout 90 python3 -m pytest -q -p no:cacheprovider tests/pool/test_store_compaction.py \
       > "$out/compaction-tests.log" 2>&1 || echo "compaction tests rc=$?"
     tail -1 "$out/compaction-tests.log"
-    # where the sidecar bridge's scheduler time goes (the ninth run's 8B server: 7.4 ms a decode step)
+    # where the sidecar bridge's scheduler time goes (the tenth run's 8B server: 16 ms a seal's submission, 18 ms a
+    # job's landing; the stand-in's: about 1 ms each)
     timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 --seals 20 --ticks 5 --profile 30 \
       > "$out/sidecar-cost.txt" 2>&1 || echo "sidecar_cost rc=$?"
     # the seal planner at 128 pages with the default chan drop (its peak memory and profile), then, while the budget
