@@ -10,7 +10,9 @@ buckets), summed over the server's schedulers, the scheduler time sealing and th
 are totals, not divided by the decode steps; with its parts ``..._submit/land/apply_seconds_total`` when the server
 exports them),
 and the decode batches' plans (``sglang:mosaic_decode_plan_seconds_total`` over
-``sglang:mosaic_decode_plans_total``: host work before each decode forward, sealing and the sidecar included).
+``sglang:mosaic_decode_plans_total``: host work before each decode forward, sealing and the sidecar included; with
+their sealing and sidecar parts, ``..._decode_plan_seal/sidecar_seconds_total``, when the server exports them: those
+count decode steps only).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ SEAL_SECONDS_METRIC = "sglang:mosaic_seal_seconds_total"
 SEAL_CALLS_METRIC = "sglang:mosaic_seal_calls_total"
 PLAN_SECONDS_METRIC = "sglang:mosaic_decode_plan_seconds_total"
 PLANS_METRIC = "sglang:mosaic_decode_plans_total"
+PLAN_PART_METRICS = {"plan_seal_s": "sglang:mosaic_decode_plan_seal_seconds_total",
+                     "plan_sidecar_s": "sglang:mosaic_decode_plan_sidecar_seconds_total"}  # fmt: skip
 SIDECAR_PART_METRICS = {"submit_s": "sglang:mosaic_sidecar_submit_seconds_total",
                         "land_s": "sglang:mosaic_sidecar_land_seconds_total",
                         "apply_s": "sglang:mosaic_sidecar_apply_seconds_total"}  # fmt: skip
@@ -39,7 +43,7 @@ SIDECAR_PART_METRICS = {"submit_s": "sglang:mosaic_sidecar_submit_seconds_total"
 
 # load_quantiles' keys for the counters it reads, and their series
 COUNTERS = {"sidecar_s": SIDECAR_METRIC, "seal_s": SEAL_SECONDS_METRIC, "seal_calls": SEAL_CALLS_METRIC,
-            "plan_s": PLAN_SECONDS_METRIC, "plans": PLANS_METRIC, **SIDECAR_PART_METRICS}
+            "plan_s": PLAN_SECONDS_METRIC, "plans": PLANS_METRIC, **SIDECAR_PART_METRICS, **PLAN_PART_METRICS}
 
 
 def read_scrape(text: str) -> Tuple[Dict[float, float], Dict[str, float]]:
@@ -106,7 +110,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if parts:
                 ms += f" ({', '.join(parts)})"
         if got["plan_s"] is not None and got["plans"]:
-            ms += f"  decode plans {got['plan_s'] * 1e3 / got['plans']:.2f} ms each ({int(got['plans'])})"
+            each = 1e3 / got["plans"]
+            ms += f"  decode plans {got['plan_s'] * each:.2f} ms each ({int(got['plans'])}"
+            parts = [f"{k[5:-2]} {got[k] * each:.2f} ms" for k in PLAN_PART_METRICS if got.get(k) is not None]
+            ms += f"; of which {', '.join(parts)})" if parts else ")"
         print(f"decode steps {int(got['steps'])}  {ms}")
     return 0
 

@@ -300,7 +300,7 @@ class MosaicAttnBackend(AttentionBackend):
     def init_forward_metadata_out_graph(self, forward_batch: "ForwardBatch", in_capture: bool = False) -> None:
         """Plan one batch (host work; syncs): physical pages for the new tokens, segment table, tail, scratch. A
         decode batch's plan (sealing and the sidecar's tick included) is counted in the sealer's
-        ``decode_plans`` / ``decode_plan_seconds``.
+        ``decode_plans`` / ``decode_plan_seconds``, with its sealing and sidecar parts.
 
         Parameters
         ----------
@@ -315,15 +315,18 @@ class MosaicAttnBackend(AttentionBackend):
         mode = forward_batch.forward_mode
         if in_capture and (self._graph is None or not mode.is_decode()):
             raise NotImplementedError(_CUDA_GRAPH_MSG)
-        t0 = time.perf_counter()
+        sealer = self.sealer
+        t0, seal0, sidecar0 = time.perf_counter(), sealer.seal_seconds, sealer.sidecar_seconds()
         if in_capture:
             self._plan_batch(forward_batch, in_capture)
         else:
             with self.call_profile.section("decode" if mode.is_decode() else mode.name.lower()):
                 self._plan_batch(forward_batch, in_capture)
         if mode.is_decode() and not in_capture:
-            self.sealer.decode_plans += 1
-            self.sealer.decode_plan_seconds += time.perf_counter() - t0
+            sealer.decode_plans += 1
+            sealer.decode_plan_seconds += time.perf_counter() - t0
+            sealer.decode_plan_seal_seconds += sealer.seal_seconds - seal0
+            sealer.decode_plan_sidecar_seconds += sealer.sidecar_seconds() - sidecar0
 
     def _plan_batch(self, forward_batch: "ForwardBatch", in_capture: bool) -> None:
         mode = forward_batch.forward_mode

@@ -135,6 +135,8 @@ class MosaicStats:
     decode_plans, decode_plan_seconds : int, float
         Decode batches planned by the attention backend and the scheduler time their plans took (sealing and the
         sidecar's tick included).
+    decode_plan_seal_seconds, decode_plan_sidecar_seconds : float
+        Of that time: sealing calls, and the sidecar bridge's work.
     arena_reserved_fraction : float
         Arena ledger granules reserved / its capacity.
     free_hot_pages : int
@@ -159,6 +161,8 @@ class MosaicStats:
     seal_seconds: float
     decode_plans: int
     decode_plan_seconds: float
+    decode_plan_seal_seconds: float
+    decode_plan_sidecar_seconds: float
     arena_reserved_fraction: float
     free_hot_pages: int
     admissible_tokens: int
@@ -221,6 +225,8 @@ def collect_stats(sealer: "Sealer") -> MosaicStats:
         seal_seconds=float(sealer.seal_seconds),
         decode_plans=int(sealer.decode_plans),
         decode_plan_seconds=float(sealer.decode_plan_seconds),
+        decode_plan_seal_seconds=float(sealer.decode_plan_seal_seconds),
+        decode_plan_sidecar_seconds=float(sealer.decode_plan_sidecar_seconds),
         arena_reserved_fraction=ledger.reserved / max(1, ledger.capacity),
         free_hot_pages=int(pool.num_free_physical_pages),
         admissible_tokens=int(pool.admissible_tokens()),
@@ -282,6 +288,12 @@ METRICS: Tuple[MetricSpec, ...] = (
     MetricSpec("sglang:mosaic_decode_plan_seconds_total", "counter",
                "Scheduler time planning decode batches (host work before each decode forward; sealing and the "
                "sidecar's tick included).", lambda st: st.decode_plan_seconds),
+    MetricSpec("sglang:mosaic_decode_plan_seal_seconds_total", "counter",
+               "Of the decode plans' time: sealing calls (policy and pressure seals made before decode forwards).",
+               lambda st: st.decode_plan_seal_seconds),
+    MetricSpec("sglang:mosaic_decode_plan_sidecar_seconds_total", "counter",
+               "Of the decode plans' time: the sidecar bridge (its tick, and the submissions of those seals).",
+               lambda st: None if st.sidecar is None else st.decode_plan_sidecar_seconds),
     MetricSpec("sglang:mosaic_sidecar_queue_depth", "gauge",
                "Sidecar jobs in flight, or finished with plans waiting to be applied.",
                _sc(lambda sc: sc.counters.queue_depth)),

@@ -216,6 +216,10 @@ class Sealer:
     decode_plans, decode_plan_seconds : int, float
         Decode batches the attention backend planned and the scheduler time its plans took (host work before each
         decode forward: sealing and the sidecar's tick included; counted by the backend).
+    decode_plan_seal_seconds, decode_plan_sidecar_seconds : float
+        Of ``decode_plan_seconds``: the sealing calls made in decode plans (policy and pressure seals; the sidecar's
+        copies excluded) and the sidecar bridge's scheduler time in them (its tick, and the submissions of those
+        seals). The bridge's and the sealing totals also count prefill steps; these count decode steps only.
     plan_max_segments, plan_max_chunk_bytes : int
         The one-call planner's chunking (:func:`~mosaickv_sglang.plan_layers.plan_fast_layers`'s ``max_segments`` and
         ``max_chunk_bytes``): larger chunks launch fewer ops per seal and hold more transient device memory.
@@ -243,6 +247,8 @@ class Sealer:
         self.seal_seconds = 0.0
         self.decode_plans = 0
         self.decode_plan_seconds = 0.0
+        self.decode_plan_seal_seconds = 0.0
+        self.decode_plan_sidecar_seconds = 0.0
         self.plan_max_segments = DEFAULT_MAX_SEGMENTS
         self.plan_max_chunk_bytes = DEFAULT_MAX_CHUNK_BYTES
         self.sidecar = None
@@ -382,6 +388,10 @@ class Sealer:
         """Dense K and V segments of ``pages`` (dense now) in local layer ``layer``: ``[P * H_kv, S, d]`` each."""
         slots = self._page_slots(pages)
         return tuple(self._segments(buf[layer], slots, pages.size) for buf in (self.pool.k_buffer, self.pool.v_buffer))
+
+    def sidecar_seconds(self) -> float:
+        """The sidecar bridge's scheduler time before forwards so far (tick and submissions; 0 without a sidecar)."""
+        return 0.0 if self.sidecar is None else float(self.sidecar.tick_seconds + self.sidecar.submit_seconds)
 
     def attach_sidecar(self, bridge: Optional["SidecarBridge"]) -> None:
         """Refine the plans of sealed pages with ``bridge`` (``None``: stop; the bridge is closed by its owner)."""

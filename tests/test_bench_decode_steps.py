@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from bench.decode_steps import (  # noqa: E402
     METRIC,
+    PLAN_PART_METRICS,
     PLAN_SECONDS_METRIC,
     PLANS_METRIC,
     SEAL_CALLS_METRIC,
@@ -89,6 +90,30 @@ def test_sidecar_time_between_the_scrapes_summed_over_schedulers(tmp_path, capsy
     assert "  sealing 500.0 ms in 3 calls  " in out
     assert "plan_s" not in out and "  plans " not in out  # counters are not printed as quantiles (the ninth run's line)
     assert out.endswith("sidecar before forwards 400.0 ms (prefill steps included)  decode plans 3.00 ms each (200)")
+
+
+def test_decode_plan_parts_are_printed_per_plan_when_exported(tmp_path, capsys):
+    """A server that exports the decode plans' sealing and sidecar parts gets them per plan, after the plans' time."""
+    registry = CollectorRegistry()
+    hist = Histogram(METRIC, "decode steps", buckets=DECODE_STEP_BUCKETS, registry=registry)
+    plan_s = Counter(PLAN_SECONDS_METRIC.removesuffix("_total"), "decode plans", registry=registry)
+    plans = Counter(PLANS_METRIC.removesuffix("_total"), "decode plans", registry=registry)
+    parts = {k: Counter(name.removesuffix("_total"), k, registry=registry) for k, name in PLAN_PART_METRICS.items()}
+    parts["plan_seal_s"].inc(9.0)  # before the load
+    before = _scrape(registry)
+    for _ in range(100):
+        hist.observe(0.03)
+    plan_s.inc(0.5)
+    plans.inc(100)
+    parts["plan_seal_s"].inc(0.25)
+    parts["plan_sidecar_s"].inc(0.125)
+    got = load_quantiles(before, _scrape(registry))
+    assert (got["plan_seal_s"], got["plan_sidecar_s"]) == (0.25, 0.125)
+    (tmp_path / "b.txt").write_text(before)
+    (tmp_path / "a.txt").write_text(_scrape(registry))
+    assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(
+        "decode plans 5.00 ms each (100; of which seal 2.50 ms, sidecar 1.25 ms)")
 
 
 def test_sidecar_parts_are_printed_when_exported(tmp_path, capsys):

@@ -191,6 +191,7 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
     assert not [k for k in got if "sidecar" in k[0] or k[0].startswith("sglang:mosaic_plans_")]
 
     sealer.decode_plans, sealer.decode_plan_seconds = 40, 0.125
+    sealer.decode_plan_seal_seconds, sealer.decode_plan_sidecar_seconds = 0.0625, 0.03125
     sealer.sidecar = StandInSidecarBridge(SidecarCounters(submitted=9, completed=6, queue_depth=2, resegmentations=1),
                                           plans_applied=3, plans_discarded=1, segments_applied=36,
                                           seconds=(0.125, 0.25, 0.5))  # fmt: skip
@@ -209,7 +210,8 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
                 "sidecar_step_seconds_total": 0.75, "sidecar_idle_seconds_total": 1.0,
                 "sidecar_submit_seconds_total": 0.5, "sidecar_land_seconds_total": 0.0625,
                 "sidecar_apply_seconds_total": 0.125,
-                "seal_calls_total": 1, "decode_plans_total": 40, "decode_plan_seconds_total": 0.125}  # fmt: skip
+                "seal_calls_total": 1, "decode_plans_total": 40, "decode_plan_seconds_total": 0.125,
+                "decode_plan_seal_seconds_total": 0.0625, "decode_plan_sidecar_seconds_total": 0.03125}  # fmt: skip
     assert {k: got[_key(f"sglang:mosaic_{k}", LABELS)] for k in expected} == expected
 
 

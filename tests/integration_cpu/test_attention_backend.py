@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -262,3 +263,61 @@ def test_mosaickv_profile_writes_the_plans_profiles(tmp_path, monkeypatch):
     decode = (tmp_path / "prof.decode").read_text()
     assert "kind decode: 6 profiled" in decode and "_plan_batch" in decode and "before_forward_rows" in decode
     assert "_plan_batch" in (tmp_path / "prof.extend").read_text()
+
+
+class _TimedBridge:
+    """What the sealer reads of a SidecarBridge; each tick and submission takes (and counts) a few milliseconds."""
+
+    resegment = False
+    plans_applied = plans_discarded = 0
+
+    def __init__(self) -> None:
+        self.tick_seconds = self.submit_seconds = 0.0
+        self.ticks = self.submits = 0
+
+    @staticmethod
+    def _spend(seconds: float) -> float:
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        return time.perf_counter() - t0
+
+    def tick(self) -> int:
+        self.tick_seconds += self._spend(0.002)
+        self.ticks += 1
+        return 0
+
+    def observe_readers(self, reads) -> None:
+        pass
+
+    def submit_sealed(self, pages, dense_mask, ratio, gather) -> int:
+        self.submit_seconds += self._spend(0.004)
+        self.submits += 1
+        return 0
+
+    def counters(self):
+        from mosaickv_sglang.sidecar.protocol import SidecarCounters
+
+        return SidecarCounters()
+
+
+def test_decode_plan_time_is_split_into_sealing_and_sidecar():
+    """The decode plans' time has its sealing and sidecar parts (for /metrics): only what ran inside decode plans,
+    not the extend plans' seals and ticks."""
+    sc = Scenario(config(ratio=1.0), 2, seed=12, auto_seal=True)
+    sealer = sc.mosaic.sealer
+    bridge = _TimedBridge()
+    sealer.attach_sidecar(bridge)
+    sc.run_mosaic(sc.extend_batch(PROMPTS))
+    sc.run_mosaic(sc.extend_batch([40, 40, 40, 40]))  # an extend plan that seals (the first extend's pages)
+    seal_in_extends, sidecar_in_extends = sealer.seal_seconds, sealer.sidecar_seconds()
+    ticks, submits = bridge.ticks, bridge.submits
+    assert ticks == 2 and sidecar_in_extends == bridge.tick_seconds + bridge.submit_seconds > 0
+    assert sealer.decode_plan_seal_seconds == sealer.decode_plan_sidecar_seconds == 0.0
+    for _ in range(20):
+        sc.run_mosaic(sc.decode_batch())
+    assert sealer.decode_plans == 20 and bridge.ticks == ticks + 20 and bridge.submits > submits
+    assert sealer.decode_plan_seal_seconds == pytest.approx(sealer.seal_seconds - seal_in_extends)
+    assert sealer.decode_plan_sidecar_seconds == pytest.approx(sealer.sidecar_seconds() - sidecar_in_extends)
+    assert sealer.decode_plan_sidecar_seconds >= 0.002 * 20 + 0.004 * (bridge.submits - submits)
+    parts = sealer.decode_plan_seal_seconds + sealer.decode_plan_sidecar_seconds
+    assert 0 < sealer.decode_plan_seal_seconds and parts < sealer.decode_plan_seconds
