@@ -455,7 +455,9 @@ class MosaicAttnBackend(AttentionBackend):
         ``MOSAICKV_DEBUG_CHECKS`` and for lengths below 1."""
         return self.page_size if seq and min(seq) >= 1 and not debug_checks_enabled() else 1
 
-    def _batch_rows(self, req_pool_indices: torch.Tensor, seq: List[int], decode: bool) -> Tuple[torch.Tensor, int, int]:
+    def _batch_rows(
+        self, req_pool_indices: torch.Tensor, seq: List[int], decode: bool
+    ) -> Tuple[torch.Tensor, int, int]:
         """``(rows, step, width)``: the batch's :meth:`_req_rows`, every slot for an extend batch or with a decode
         batch's :meth:`_decode_row_step`, and the tokens its columns span (``rows.shape[1] * step``)."""
         step = self._decode_row_step(seq) if decode else 1
