@@ -27,7 +27,8 @@
 #   tpot     Llama-3.1-8B shape, one configuration ($CONFIG, default mosaic-r4) per call: served TPOT at 32k and 130k
 #            prompts, batch 1 and 16 (bench.serving_throughput --context-lengths)
 #   sweep    SmolLM2, stock SGLang (triton) then mosaic-r3, both with decode CUDA graphs: bench.serving_throughput
-#            over concurrency 1 / 8 / 32 on random ids and shared prefixes (TPOT over context: bench.decode_speed)
+#            over concurrency 1 / 8 / 32 on random ids and shared prefixes (WORKLOAD=random|shared: one of them a
+#            call; TPOT over context: bench.decode_speed)
 #   soak     SmolLM2, mosaic-r3 alone with --max-total-tokens 150000 and --schedule-conservativeness 0.3: the soak with
 #            every fault, the server started by bench.soak and restarted with the same flags at the end; the Triton
 #            kernel variants compiled before and after (recompiles mid-serving show up there). Sizing: the arena ledger
@@ -283,13 +284,23 @@ case "$step" in
     ;;
   sweep)
     # stock SGLang (triton) and mosaic r3 in turn, one server each: output throughput over concurrency (random ids,
-    # shared prefixes) and served TPOT over context length; points sized to fit one call (4 requests at concurrency 1)
+    # shared prefixes) and served TPOT over context length; points sized to fit one call (4 requests at concurrency 1).
+    # WORKLOAD=random|shared runs one workload (the seventh run's call covered only the random ids' points); merge the
+    # calls with `python -m bench.serving_throughput --merge DIR... --out DIR`
     M="$(bash bench/device_smollm2.sh)"
+    random_ids='--dataset-name random-ids --random-input-len 4000 --random-output-len 64 --random-range-ratio 1.0'
+    shared='--dataset-name generated-shared-prefix --gsp-num-groups 4 --gsp-prompts-per-group 8'
+    shared+=' --gsp-system-prompt-len 4096 --gsp-question-len 128 --gsp-output-len 64'
+    workloads=()
+    case "${WORKLOAD:-both}" in
+      random) workloads=(--workload "random=$random_ids") ;;
+      shared) workloads=(--workload "shared=$shared") ;;
+      both) workloads=(--workload "random=$random_ids" --workload "shared=$shared") ;;
+      *) echo "WORKLOAD: expected random, shared or both, got ${WORKLOAD}" >&2; exit 2 ;;
+    esac
     timeout $(( $(left) - 10 )) python3 -m bench.serving_throughput --model "$M" --configs dense mosaic-r3 \
       --dense-backend triton --server-args "--dtype bfloat16 --mem-fraction-static 0.5 --disable-prefill-cuda-graph \
-      --cuda-graph-max-bs 32" \
-      --workload random='--dataset-name random-ids --random-input-len 4000 --random-output-len 64 --random-range-ratio 1.0' \
-      --workload shared='--dataset-name generated-shared-prefix --gsp-num-groups 4 --gsp-prompts-per-group 8 --gsp-system-prompt-len 4096 --gsp-question-len 128 --gsp-output-len 64' \
+      --cuda-graph-max-bs 32" "${workloads[@]}" \
       --concurrency 1 8 32 --prompts-per-slot 2 --min-prompts 4 \
       --budget-seconds $(( $(left) - 30 )) --point-timeout 120 --ready-timeout 240 \
       --out "$out" > "$out/sweep.log" 2>&1 || echo "sweep rc=$?"
