@@ -378,11 +378,16 @@ def http_json(base: str, path: str, timeout: float = 30.0) -> Any:
         return None
 
 
+def _short_request(spec: WorkloadSpec, seed: int, length: int, max_new: int, temperature: float) -> Dict[str, Any]:
+    """A ``/generate`` body of ``length`` seeded random ids of the workload's range and ``max_new`` tokens."""
+    rng = random.Random(seed)
+    return {"input_ids": [rng.randrange(spec.id_low, spec.id_high) for _ in range(length)],
+            "sampling_params": {"max_new_tokens": max_new, "temperature": temperature, "ignore_eos": True}}
+
+
 def greedy_probe(base: str, spec: WorkloadSpec, timeout: float, length: int = 16, max_new: int = 8) -> Dict[str, Any]:
     """``/health`` and one small greedy ``/generate``: is the server serving?"""
-    rng = random.Random(spec.seed + 1)
-    body = {"input_ids": [rng.randrange(spec.id_low, spec.id_high) for _ in range(length)],
-            "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0, "ignore_eos": True}}  # fmt: skip
+    body = _short_request(spec, spec.seed + 1, length, max_new, 0.0)
     health, _ = http_status(base, "/health", timeout=timeout)
     res = send_generate(base, body, timeout)
     ok = health == 200 and res.status == "completed" and bool(res.output_ids) and len(res.output_ids[0]) == max_new
@@ -394,9 +399,7 @@ def sampling_warmup(base: str, spec: WorkloadSpec, timeout: float, length: int =
     """One short request sampled as the workload's are, before the load: first-use compilers run outside the timed
     load (the ninth run's soak spent its first 113 s compiling FlashInfer's sampling module on a fresh machine, with
     every request waiting)."""
-    rng = random.Random(spec.seed + 2)
-    body = {"input_ids": [rng.randrange(spec.id_low, spec.id_high) for _ in range(length)],
-            "sampling_params": {"max_new_tokens": 4, "temperature": spec.temperature, "ignore_eos": True}}  # fmt: skip
+    body = _short_request(spec, spec.seed + 2, length, 4, spec.temperature)
     t0 = time.monotonic()
     res = send_generate(base, body, timeout)
     return {"status": res.status, "error": res.message, "seconds": round(time.monotonic() - t0, 1)}

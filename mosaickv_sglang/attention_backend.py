@@ -26,6 +26,7 @@ on``, speculative decoding modes (target verify / draft extend), cross-attention
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -317,11 +318,9 @@ class MosaicAttnBackend(AttentionBackend):
             raise NotImplementedError(_CUDA_GRAPH_MSG)
         sealer = self.sealer
         t0, seal0, sidecar0 = time.perf_counter(), sealer.seal_seconds, sealer.sidecar_seconds()
-        if in_capture:
+        kind = "decode" if mode.is_decode() else mode.name.lower()
+        with contextlib.nullcontext() if in_capture else self.call_profile.section(kind):
             self._plan_batch(forward_batch, in_capture)
-        else:
-            with self.call_profile.section("decode" if mode.is_decode() else mode.name.lower()):
-                self._plan_batch(forward_batch, in_capture)
         if mode.is_decode() and not in_capture:
             sealer.decode_plans += 1
             sealer.decode_plan_seconds += time.perf_counter() - t0

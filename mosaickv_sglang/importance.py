@@ -97,9 +97,9 @@ def flatten_queries(queries: torch.Tensor, n: int, d: int, name: str = "queries"
     their heads' queries pass ``q.expand(P, H, W, G, d)`` of one ``[H, W, G, d]``, a view: the ``[N, W * G, d]`` copy
     is made here, when (and only while) it is needed, not held for every layer of a seal at once."""
     check_tensor(queries, name, dtype=FLOAT_DTYPES)
-    if queries.dim() == 5 and queries.shape[0] * queries.shape[1] == n and queries.shape[4] == d:
-        return queries.reshape(n, -1, d).float()
-    if queries.dim() == 4 and queries.shape[0] == n and queries.shape[3] == d:
+    per_segment = queries.dim() == 4 and queries.shape[0] == n
+    per_page_head = queries.dim() == 5 and queries.shape[0] * queries.shape[1] == n
+    if (per_segment or per_page_head) and queries.shape[-1] == d:
         return queries.reshape(n, -1, d).float()
     if queries.dim() == 3 and queries.shape[0] == n and queries.shape[2] == d:
         return queries.float()

@@ -194,7 +194,7 @@ def _sidecar_stats(sidecar: Any) -> Optional[SidecarStats]:
         return None
     return SidecarStats(sidecar.counters(), int(sidecar.plans_applied), int(sidecar.plans_discarded),
                         int(sidecar.segments_applied), int(sidecar.resegment_pooled),
-                        float(sidecar.tick_seconds + sidecar.submit_seconds), float(sidecar.idle_seconds),
+                        float(sidecar.step_seconds), float(sidecar.idle_seconds),
                         float(sidecar.submit_seconds), float(sidecar.land_seconds),
                         float(sidecar.apply_seconds))  # fmt: skip
 

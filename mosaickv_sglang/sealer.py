@@ -391,7 +391,7 @@ class Sealer:
 
     def sidecar_seconds(self) -> float:
         """The sidecar bridge's scheduler time before forwards so far (tick and submissions; 0 without a sidecar)."""
-        return 0.0 if self.sidecar is None else float(self.sidecar.tick_seconds + self.sidecar.submit_seconds)
+        return 0.0 if self.sidecar is None else float(self.sidecar.step_seconds)
 
     def attach_sidecar(self, bridge: Optional["SidecarBridge"]) -> None:
         """Refine the plans of sealed pages with ``bridge`` (``None``: stop; the bridge is closed by its owner)."""

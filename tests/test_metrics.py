@@ -65,6 +65,10 @@ class StandInSidecarBridge:
         self.tick_seconds, self.submit_seconds, self.idle_seconds = seconds
         self.land_seconds, self.apply_seconds = parts
 
+    @property
+    def step_seconds(self) -> float:
+        return self.tick_seconds + self.submit_seconds
+
     def counters(self) -> SidecarCounters:
         return self._counters
 

@@ -301,6 +301,11 @@ class SidecarBridge:
             self._unapplied.clear()
             self.client.close()
 
+    @property
+    def step_seconds(self) -> float:
+        """Scheduler time before forwards so far: :attr:`tick_seconds` plus :attr:`submit_seconds`."""
+        return self.tick_seconds + self.submit_seconds
+
     def counters(self) -> SidecarCounters:
         """The client's counters, with ``queue_depth`` counting the finished plans waiting to be applied too."""
         counters = self.client.counters
@@ -637,6 +642,6 @@ class SidecarBridge:
         c = self.counters()
         return (f"sidecar: {c.queue_depth} jobs queued, {self.plans_applied} plans applied ({self.segments_applied} "
                 f"segments), {self.plans_discarded} discarded, {self.segments_skipped} segments kept fast plans "
-                f"(queue full), {c.restarts} restarts, {1e3 * (self.tick_seconds + self.submit_seconds):.0f} ms "
+                f"(queue full), {c.restarts} restarts, {1e3 * self.step_seconds:.0f} ms "
                 f"scheduler time before forwards" + ("" if self.resegment else ", resegment off"))
 

@@ -281,6 +281,10 @@ class _TimedBridge:
         time.sleep(seconds)
         return time.perf_counter() - t0
 
+    @property
+    def step_seconds(self) -> float:
+        return self.tick_seconds + self.submit_seconds
+
     def tick(self) -> int:
         self.tick_seconds += self._spend(0.002)
         self.ticks += 1
