@@ -207,12 +207,13 @@ def workload_points(name: str, args: List[str], concurrency: Sequence[int], prom
 
 
 def context_points(lengths: Sequence[int], batches: Sequence[int], output_len: int) -> List[Point]:
-    """TPOT over context: B requests of exactly L prompt tokens, all at once, for each L and B."""
+    """TPOT over context: B requests of exactly L prompt tokens, all at once, for each B and L: the small batches first,
+    so a time budget cuts the costliest points (the largest batch at the longest context), not the single requests."""
     return [Point("context", "context", ["--dataset-name", "random-ids", "--random-input-len", str(n),
                                          "--random-output-len", str(output_len), "--random-range-ratio", "1.0",
                                          "--tokenize-prompt", "--request-rate", "inf", "--max-concurrency", str(b),
                                          "--num-prompts", str(b)], b, b, n, output_len)
-            for n in lengths for b in batches]  # fmt: skip
+            for b in batches for n in lengths]  # fmt: skip
 
 
 # =====================================================================================================================

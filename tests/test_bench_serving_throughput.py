@@ -71,13 +71,13 @@ def test_workloads_that_clash_with_the_sweep_are_refused(args, match):
 def test_context_points_send_a_batch_of_exact_length_prompts_at_once():
     pts = T.context_points([4096, 32768], [1, 16], 128)
     assert [(p.context_length, p.max_concurrency, p.num_prompts) for p in pts] == [
-        (4096, 1, 1), (4096, 16, 16), (32768, 1, 1), (32768, 16, 16)]
-    a = pts[1].args
+        (4096, 1, 1), (32768, 1, 1), (4096, 16, 16), (32768, 16, 16)]
+    a = pts[2].args
     for flag, value in [("--dataset-name", "random-ids"), ("--random-input-len", "4096"),
                         ("--random-output-len", "128"), ("--random-range-ratio", "1.0"), ("--request-rate", "inf"),
                         ("--max-concurrency", "16"), ("--num-prompts", "16")]:  # fmt: skip
         assert T.flag_value(a, flag) == value, flag
-    assert "--tokenize-prompt" in a and pts[1].slug == "context-L4096-b16"
+    assert "--tokenize-prompt" in a and pts[2].slug == "context-L4096-b16"
 
 
 def test_parse_workload():
@@ -153,8 +153,8 @@ def test_one_server_per_configuration_runs_the_whole_sweep_and_figures_draw_it(t
                for p in res["points"]]  # fmt: skip
         assert got == [("concurrency", "random", 1, 6, None), ("concurrency", "random", 4, 16, None),
                        ("concurrency", "shared", 1, 8, None), ("concurrency", "shared", 4, 8, None),
-                       ("context", "context", 1, 1, 1024), ("context", "context", 2, 2, 1024),
-                       ("context", "context", 1, 1, 4096), ("context", "context", 2, 2, 4096)]  # fmt: skip
+                       ("context", "context", 1, 1, 1024), ("context", "context", 1, 1, 4096),
+                       ("context", "context", 2, 2, 1024), ("context", "context", 2, 2, 4096)]  # fmt: skip
         assert not any("error" in p or "skipped" in p for p in res["points"])
         random4, shared4, ctx = res["points"][1], res["points"][3], res["points"][7]
         assert random4["bench_args"].endswith("--max-concurrency 4 --num-prompts 16 --flush-cache --disable-tqdm")
