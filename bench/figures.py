@@ -436,8 +436,9 @@ def _k(tokens: int) -> str:
 
 
 def served_tpot_points(path: PathLike, root: Optional[PathLike] = None) -> List[Dict[str, Any]]:
-    """``[{panel, config, batch, context, median_tpot_ms, p99_tpot_ms}]`` of the context sweep of one
-    serving_throughput result; none for an older serving_throughput result or bench_serving lines."""
+    """``[{panel, config, batch, context, tpot_ms, p99_tpot_ms}]`` of the context sweep of one
+    serving_throughput result; none for an older serving_throughput result or bench_serving lines. The TPOT is the
+    server's mean where the point has it (the config's label says when it is bench_serving's median instead)."""
     path = Path(path)
     data = _read(path)
     kind = classify(data)
@@ -447,11 +448,19 @@ def served_tpot_points(path: PathLike, root: Optional[PathLike] = None) -> List[
         return []
     rootp = Path(root) if root is not None else None
     model = Path(str(data.get("model") or "model")).name
+    from bench.serving_throughput import point_tpot
+
     points = []
-    for name, p in _sweep_points(data, "context", "median_tpot_ms", str(path)):
+    for name, p in _sweep_points(data, "context", "context_length", str(path)):
+        tpot = point_tpot(p)
+        if tpot is None:
+            _skip(f"context point {name} context {p['context_length']} batch {p.get('max_concurrency')}",
+                  f"{path}: no TPOT (no server mean, and bench_serving saw no first token)")  # fmt: skip
+            continue
         panel = f"{_name(path, rootp)}\n{model}, batch {p['max_concurrency']}, {p.get('output_len')} output tokens"
-        points.append({"panel": panel, "config": name, "batch": int(p["max_concurrency"]),
-                       "context": int(p["context_length"]), "median_tpot_ms": float(p["median_tpot_ms"]),
+        label = name if tpot[1] == "server_mean_tpot_ms" else f"{name} (bench_serving median)"
+        points.append({"panel": panel, "config": label, "batch": int(p["max_concurrency"]),
+                       "context": int(p["context_length"]), "tpot_ms": tpot[0],
                        "p99_tpot_ms": p.get("p99_tpot_ms")})
     return points
 
@@ -465,7 +474,7 @@ def _has_context_sweep(path: PathLike) -> bool:
 def _served_tpot_panel(ax: Any, panel: str, points: List[Dict[str, Any]]) -> None:
     for k, cfg in enumerate(dict.fromkeys(p["config"] for p in points)):
         ps = sorted((p for p in points if p["config"] == cfg), key=lambda p: p["context"])
-        ax.plot([p["context"] for p in ps], [p["median_tpot_ms"] for p in ps], marker="os^Dv"[k % 5],
+        ax.plot([p["context"] for p in ps], [p["tpot_ms"] for p in ps], marker="os^Dv"[k % 5],
                 linestyle="--" if "tp" in cfg else "-", color=_config_color(cfg), label=cfg, markersize=6)
     ctxs = sorted({p["context"] for p in points})
     if len(ctxs) > 1:
@@ -474,7 +483,7 @@ def _served_tpot_panel(ax: Any, panel: str, points: List[Dict[str, Any]]) -> Non
     ax.set_ylim(bottom=0)
     ax.set_title(f"{panel} (served)", fontsize=8)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("TPOT, median (ms)")
+    ax.set_ylabel("TPOT (ms)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 

@@ -17,9 +17,13 @@ is that module's deprecated alias in SGLang 0.5.17; ``--bench-module`` picks ano
 * TPOT over context (``--context-lengths``): for each length L and batch B (``--context-batch``, default 1 and 16),
   B requests of exactly L prompt tokens (``--dataset-name random-ids --random-input-len L --random-range-ratio 1.0
   --tokenize-prompt``) and ``--context-output-len`` output tokens, all sent at once (``--request-rate inf
-  --max-concurrency B --num-prompts B``); median and p99 TPOT and ITL are recorded. bench_serving at a fixed
-  concurrency is used rather than ``sglang.bench_one_batch`` because it measures TPOT through the same server that
-  users run (scheduler, batching, CUDA graphs or not, and the plugin's hooks and sidecar), not a bare model runner.
+  --max-concurrency B --num-prompts B``, special tokens kept in the streamed text); median and p99 TPOT and ITL are
+  recorded, and with the server's ``--enable-metrics`` its own mean TTFT and TPOT over the point (``server_mean_*``,
+  from ``/metrics`` before and after; counted in tokens, so right also where bench_serving sees no text; the summary
+  and the figure prefer it). At B > 1 a request's time after its first token includes the prefill chunks of the
+  requests admitted after it. bench_serving at a fixed concurrency is used rather than ``sglang.bench_one_batch``
+  because it measures TPOT through the same server that users run (scheduler, batching, CUDA graphs or not, and the
+  plugin's hooks and sidecar), not a bare model runner.
 
 Every run flushes the radix cache after bench_serving's warm-up request (``--flush-cache``; ``--no-flush-cache``
 keeps it), so no point reuses the prompts of another, and disables tqdm (``--disable-tqdm``).
@@ -44,11 +48,13 @@ Output, rewritten after every point (``<out>/throughput.json``, schema ``mosaick
                         "error"?, "points": [{"workload", "kind": "concurrency" | "context", "max_concurrency",
                         "num_prompts", "context_length"?, "output_len"?, "bench_args", "seconds",
                         "output_throughput", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms",
-                        "mean_ttft_ms", ... | "error" | "skipped"}]}},
+                        "mean_ttft_ms", ..., "server_requests"?, "server_mean_ttft_ms"?, "server_mean_tpot_ms"?,
+                        "tpot_note"? | "error" | "skipped"}]}},
      "summary": {"capacity_vs_dense": {NAME: x}, "throughput_vs_dense": [{config, workload, max_concurrency,
                  output_throughput, dense_output_throughput, output_throughput_vs_dense}],
-                 "tpot_vs_dense": [{config, context_length, batch, median_tpot_ms, dense_median_tpot_ms,
-                 median_tpot_vs_dense}]}}
+                 "tpot_vs_dense": [{config, context_length, batch, median_tpot_ms?, dense_median_tpot_ms?,
+                 median_tpot_vs_dense?, server_mean_tpot_ms?, dense_server_mean_tpot_ms?,
+                 server_mean_tpot_vs_dense?}]}}
 
 Ratios are against the stock configuration of the same tensor parallelism (``dense`` or ``dense-tp<N>``) at the same
 workload and concurrency (or context length and batch). Per point, bench_serving's own result line and log stay
@@ -79,6 +85,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -208,12 +215,59 @@ def workload_points(name: str, args: List[str], concurrency: Sequence[int], prom
 
 def context_points(lengths: Sequence[int], batches: Sequence[int], output_len: int) -> List[Point]:
     """TPOT over context: B requests of exactly L prompt tokens, all at once, for each B and L: the small batches first,
-    so a time budget cuts the costliest points (the largest batch at the longest context), not the single requests."""
+    so a time budget cuts the costliest points (the largest batch at the longest context), not the single requests.
+
+    The requests keep special tokens in their text (``skip_special_tokens`` false): bench_serving counts a token only
+    when its streamed text grows, and a model with dummy weights can emit special tokens only (the eleventh run's 32k
+    points: no first token seen, so bench_serving's TPOT held the prefill)."""
+    body = json.dumps({"sampling_params": {"temperature": 0.0, "max_new_tokens": output_len, "ignore_eos": True,
+                                           "skip_special_tokens": False}})  # fmt: skip
     return [Point("context", "context", ["--dataset-name", "random-ids", "--random-input-len", str(n),
                                          "--random-output-len", str(output_len), "--random-range-ratio", "1.0",
                                          "--tokenize-prompt", "--request-rate", "inf", "--max-concurrency", str(b),
-                                         "--num-prompts", str(b)], b, b, n, output_len)
+                                         "--num-prompts", str(b), "--extra-request-body", body],
+                  b, b, n, output_len)
             for b in batches for n in lengths]  # fmt: skip
+
+
+# SGLang's request-time metrics (with --enable-metrics), summed over their label sets
+REQUEST_TIME_METRICS = ("sglang:e2e_request_latency_seconds_sum", "sglang:e2e_request_latency_seconds_count",
+                        "sglang:time_to_first_token_seconds_sum", "sglang:generation_tokens_total")
+
+
+def request_times(url: str) -> Optional[Dict[str, float]]:
+    """The sums of :data:`REQUEST_TIME_METRICS` on ``url``'s ``/metrics``, or None without them (no --enable-metrics,
+    another server)."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    sums = dict.fromkeys(REQUEST_TIME_METRICS, 0.0)
+    seen = set()
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in sums and not line.startswith("#"):
+            sums[name] += float(line.rsplit(" ", 1)[1])
+            seen.add(name)
+    return sums if len(seen) == len(sums) else None
+
+
+def server_token_times(before: Optional[Dict[str, float]], after: Optional[Dict[str, float]]) -> Dict[str, Any]:
+    """Mean TTFT and TPOT of the requests served between two :func:`request_times` scrapes, as the server timed them
+    (by token counts, whatever the text; bench_serving's warm-up request included): TPOT is the requests' time after
+    their first token over the tokens after the first."""
+    if not before or not after:
+        return {}
+    d = {k: after[k] - before[k] for k in REQUEST_TIME_METRICS}
+    requests = round(d["sglang:e2e_request_latency_seconds_count"])
+    later_tokens = d["sglang:generation_tokens_total"] - requests
+    if requests <= 0 or later_tokens <= 0:
+        return {}
+    decode = d["sglang:e2e_request_latency_seconds_sum"] - d["sglang:time_to_first_token_seconds_sum"]
+    return {"server_requests": requests,
+            "server_mean_ttft_ms": round(1000.0 * d["sglang:time_to_first_token_seconds_sum"] / requests, 3),
+            "server_mean_tpot_ms": round(1000.0 * decode / later_tokens, 3)}  # fmt: skip
 
 
 # =====================================================================================================================
@@ -296,6 +350,24 @@ def _measured(p: Dict[str, Any], key: str) -> bool:
     return not p.get("error") and not p.get("skipped") and isinstance(p.get(key), (int, float))
 
 
+def _tpot_value(p: Dict[str, Any], key: str) -> Optional[float]:
+    """A context point's TPOT by one measure: the server's mean (``server_mean_tpot_ms``), or bench_serving's median
+    (``median_tpot_ms``) when it saw the first token (otherwise that TPOT holds the prefill)."""
+    if not _measured(p, key) or (key == "median_tpot_ms" and not p.get("median_ttft_ms")):
+        return None
+    return float(p[key])
+
+
+def point_tpot(p: Dict[str, Any]) -> Optional[Tuple[float, str]]:
+    """A context point's TPOT and its measure: the server's mean where recorded, else bench_serving's median (see
+    :func:`_tpot_value`); None when neither holds."""
+    for key in ("server_mean_tpot_ms", "median_tpot_ms"):
+        value = _tpot_value(p, key)
+        if value is not None:
+            return value, key
+    return None
+
+
 def summarize(configs: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """Each configuration against the stock one of the same TP size: capacity, output throughput at the same workload
     and concurrency, median TPOT at the same context length and batch."""
@@ -314,7 +386,7 @@ def summarize(configs: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
         ref_tput = {(p["workload"], p["max_concurrency"], p["num_prompts"]): p for p in base.get("points", [])
                     if p["kind"] == "concurrency" and _measured(p, "output_throughput")}  # fmt: skip
         ref_tpot = {(p["context_length"], p["max_concurrency"]): p for p in base.get("points", [])
-                    if p["kind"] == "context" and _measured(p, "median_tpot_ms")}  # fmt: skip
+                    if p["kind"] == "context" and point_tpot(p)}  # fmt: skip
         for p in res.get("points", []):
             if p["kind"] == "concurrency" and _measured(p, "output_throughput"):
                 q = ref_tput.get((p["workload"], p["max_concurrency"], p["num_prompts"]))
@@ -324,13 +396,16 @@ def summarize(configs: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
                                  "dense_output_throughput": q["output_throughput"],
                                  "output_throughput_vs_dense": round(p["output_throughput"]
                                                                      / q["output_throughput"], 3)})  # fmt: skip
-            elif p["kind"] == "context" and _measured(p, "median_tpot_ms"):
+            elif p["kind"] == "context" and point_tpot(p):
                 q = ref_tpot.get((p["context_length"], p["max_concurrency"]))
-                if q and q["median_tpot_ms"]:
-                    tpot.append({"config": name, "dense": dense_name, "context_length": p["context_length"],
-                                 "batch": p["max_concurrency"], "median_tpot_ms": p["median_tpot_ms"],
-                                 "dense_median_tpot_ms": q["median_tpot_ms"],
-                                 "median_tpot_vs_dense": round(p["median_tpot_ms"] / q["median_tpot_ms"], 3)})
+                row = {"config": name, "dense": dense_name, "context_length": p["context_length"],
+                       "batch": p["max_concurrency"]}  # fmt: skip
+                for key in ("median_tpot_ms", "server_mean_tpot_ms"):
+                    a, b = (_tpot_value(x, key) for x in (p, q or {}))
+                    if a and b:
+                        row.update({key: a, f"dense_{key}": b, key.replace("_ms", "_vs_dense"): round(a / b, 3)})
+                if len(row) > 4:
+                    tpot.append(row)
     return {"capacity_vs_dense": capacity, "throughput_vs_dense": tput, "tpot_vs_dense": tpot}
 
 
@@ -459,9 +534,14 @@ class Sweep:
         rec = point.record()
         extra = (["--flush-cache"] if args.flush_cache else []) + ["--disable-tqdm"]
         t0 = time.time()
+        before = request_times(url) if point.kind == "context" else None
         try:
             rec.update(run_bench(args.bench_module, url, args.model, point.args + extra,
                                  cfg_dir / f"{point.slug}.json", cfg_dir / f"{point.slug}.log", timeout))
+            rec.update(server_token_times(before, request_times(url) if before else None))
+            if point.kind == "context" and not rec.get("median_ttft_ms"):
+                rec["tpot_note"] = ("bench_serving saw no first token (no streamed text): its TPOT holds the prefill; "
+                                    "server_mean_tpot_ms does not")  # fmt: skip
             logger.info("[%s %d/%d] %.1f output tok/s, TPOT median %.1f ms, p99 %.1f ms", name, index + 1,
                         len(self.points), rec.get("output_throughput") or 0, rec.get("median_tpot_ms") or 0,
                         rec.get("p99_tpot_ms") or 0)  # fmt: skip
@@ -507,8 +587,11 @@ def _log_summary(doc: Dict[str, Any]) -> None:
                     row["max_concurrency"], row["output_throughput"], row["output_throughput_vs_dense"],
                     row["dense"])  # fmt: skip
     for row in s["tpot_vs_dense"]:
-        logger.info("%s context %s batch %s: TPOT median %.1f ms = %.3fx %s", row["config"], row["context_length"],
-                    row["batch"], row["median_tpot_ms"], row["median_tpot_vs_dense"], row["dense"])  # fmt: skip
+        for key, label in (("server_mean_tpot_ms", "server mean"), ("median_tpot_ms", "bench_serving median")):
+            if key in row:
+                logger.info("%s context %s batch %s: TPOT (%s) %.1f ms = %.3fx %s", row["config"],
+                            row["context_length"], row["batch"], label, row[key], row[key.replace("_ms", "_vs_dense")],
+                            row["dense"])  # fmt: skip
 
 
 def main(argv: Optional[List[str]] = None) -> int:

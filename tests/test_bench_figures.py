@@ -60,7 +60,8 @@ def _sweep():
     def ctx(n, b, tpot):
         return {"workload": "context", "kind": "context", "max_concurrency": b, "num_prompts": b,
                 "context_length": n, "output_len": 128, "bench_args": "--dataset-name random-ids",
-                "output_throughput": b * 1000 / tpot, "median_tpot_ms": tpot, "p99_tpot_ms": 1.5 * tpot}
+                "output_throughput": b * 1000 / tpot, "median_tpot_ms": tpot, "p99_tpot_ms": 1.5 * tpot,
+                "median_ttft_ms": n / 100, "server_mean_tpot_ms": tpot}
 
     def config(name, cap, scale, last):
         points = [conc("random", rand, c, scale * 40.0 * c) for c in (1, 8)] + [last]
@@ -180,7 +181,7 @@ def test_sweep_points_give_one_throughput_panel_per_workload_and_one_tpot_panel_
     served = F.served_tpot_points(path)
     assert len(served) == 8 and len({p["panel"] for p in served}) == 2
     one = [p for p in served if p["batch"] == 16 and p["config"] == "dense"]
-    assert sorted((p["context"], p["median_tpot_ms"]) for p in one) == [(4096, 26.0), (16384, 74.0)]
+    assert sorted((p["context"], p["tpot_ms"]) for p in one) == [(4096, 26.0), (16384, 74.0)]
     # older results have no context sweep; other kinds are refused
     assert F.served_tpot_points(results / "serve" / "throughput.json") == []
     assert F.served_tpot_points(results / "serve" / "bench_mosaic.jsonl") == []

@@ -6,6 +6,7 @@ back by bench.figures; the flags it passes are bench_serving's own (SGLang 0.5.1
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import re
@@ -78,6 +79,77 @@ def test_context_points_send_a_batch_of_exact_length_prompts_at_once():
                         ("--max-concurrency", "16"), ("--num-prompts", "16")]:  # fmt: skip
         assert T.flag_value(a, flag) == value, flag
     assert "--tokenize-prompt" in a and pts[2].slug == "context-L4096-b16"
+
+
+def test_context_points_keep_special_tokens_in_the_streamed_text():
+    """bench_serving counts a token only when the streamed text grows; dummy weights may emit special tokens only."""
+    for p in T.context_points([4096], [1, 16], 64):
+        body = json.loads(T.flag_value(p.args, "--extra-request-body"))
+        assert body == {"sampling_params": {"temperature": 0.0, "max_new_tokens": 64, "ignore_eos": True,
+                                            "skip_special_tokens": False}}  # fmt: skip
+
+
+def _scrape(e2e: float, count: int, ttft: float, tokens: int, drop: str = "") -> str:
+    lines = ["# HELP sglang:e2e_request_latency_seconds Histogram of End-to-end request latency in seconds"]
+    for name, v in (("e2e_request_latency_seconds_sum", e2e), ("e2e_request_latency_seconds_count", count),
+                    ("time_to_first_token_seconds_sum", ttft), ("generation_tokens_total", tokens),
+                    ("time_to_first_token_seconds_count", 99), ("generation_tokens_created", 5.0)):
+        if name != drop:  # two label sets, as SGLang splits streamed and not streamed requests
+            lines += [f'sglang:{name}{{is_streaming="true",model_name="m"}} {0.75 * v}',
+                      f'sglang:{name}{{is_streaming="false",model_name="m"}} {0.25 * v}']
+    return "\n".join(lines) + "\n"
+
+
+def test_server_token_times_are_the_requests_time_after_their_first_token_over_the_later_tokens(monkeypatch):
+    pages = {}
+
+    class Resp(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def fake_urlopen(url, timeout):
+        if url not in pages:
+            raise OSError("connection refused")
+        return Resp(pages[url].encode())
+
+    monkeypatch.setattr(T.urllib.request, "urlopen", fake_urlopen)
+    pages["http://a/metrics"] = _scrape(e2e=10.0, count=4, ttft=2.0, tokens=400)
+    before = T.request_times("http://a")
+    assert before == {"sglang:e2e_request_latency_seconds_sum": 10.0, "sglang:e2e_request_latency_seconds_count": 4,
+                      "sglang:time_to_first_token_seconds_sum": 2.0, "sglang:generation_tokens_total": 400}
+    # 16 more requests of 64 tokens: 12 s to their first tokens, 30 s in all
+    pages["http://a/metrics"] = _scrape(e2e=40.0, count=20, ttft=14.0, tokens=400 + 16 * 64)
+    got = T.server_token_times(before, T.request_times("http://a"))
+    assert got == {"server_requests": 16, "server_mean_ttft_ms": 750.0,
+                   "server_mean_tpot_ms": round(1000 * 18.0 / (16 * 63), 3)}  # fmt: skip
+    assert T.server_token_times(before, before) == {} and T.server_token_times(None, before) == {}
+    pages["http://b/metrics"] = _scrape(1.0, 1, 0.5, 8, drop="time_to_first_token_seconds_sum")
+    assert T.request_times("http://b") is None  # no --enable-metrics, or not SGLang's
+    assert T.request_times("http://down") is None
+
+
+def test_tpot_ratios_use_one_measure_on_both_sides_and_never_a_median_that_holds_the_prefill():
+    def ctx(n, **kw):
+        return {"workload": "context", "kind": "context", "context_length": n, "max_concurrency": 1, **kw}
+
+    dense = {"points": [ctx(1, median_tpot_ms=9.0, median_ttft_ms=100.0, server_mean_tpot_ms=8.0),
+                        ctx(2, median_tpot_ms=50.0, median_ttft_ms=0.0, server_mean_tpot_ms=8.0),
+                        ctx(3, median_tpot_ms=9.0, median_ttft_ms=100.0)]}
+    mosaic = {"points": [ctx(1, median_tpot_ms=4.5, median_ttft_ms=100.0, server_mean_tpot_ms=2.0),
+                         ctx(2, median_tpot_ms=40.0, median_ttft_ms=0.0, server_mean_tpot_ms=4.0),
+                         ctx(3, median_tpot_ms=3.0, median_ttft_ms=100.0, server_mean_tpot_ms=1.0),
+                         ctx(4, median_tpot_ms=3.0, median_ttft_ms=0.0)]}
+    rows = {r["context_length"]: r for r in T.summarize({"dense": dense, "mosaic-r4": mosaic})["tpot_vs_dense"]}
+    assert rows[1]["median_tpot_vs_dense"] == 0.5 and rows[1]["server_mean_tpot_vs_dense"] == 0.25
+    assert rows[2]["server_mean_tpot_vs_dense"] == 0.5 and "median_tpot_ms" not in rows[2]  # no first token seen
+    assert rows[3]["median_tpot_vs_dense"] == 0.333 and "server_mean_tpot_ms" not in rows[3]
+    assert set(rows) == {1, 2, 3}
+    assert T.point_tpot(mosaic["points"][0]) == (2.0, "server_mean_tpot_ms")
+    assert T.point_tpot(dense["points"][2]) == (9.0, "median_tpot_ms")
+    assert T.point_tpot(mosaic["points"][3]) is None and T.point_tpot({**dense["points"][0], "error": "x"}) is None
 
 
 def test_parse_workload():
@@ -164,6 +236,11 @@ def test_one_server_per_configuration_runs_the_whole_sweep_and_figures_draw_it(t
         for key in ("median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms"):
             assert ctx[key] == pytest.approx(want[key]), key
         assert ctx["mean_concurrency"] == 2.0 and "concurrency" not in ctx
+        # the server's own times over the point, from /metrics before and after (concurrency points scrape none)
+        assert ctx["server_requests"] == 2 and "tpot_note" not in ctx
+        assert ctx["server_mean_tpot_ms"] == pytest.approx(want["median_tpot_ms"], rel=1e-3)
+        assert ctx["server_mean_ttft_ms"] == pytest.approx(want["mean_ttft_ms"], rel=1e-3)
+        assert "server_requests" not in random4
     s = doc["summary"]
     assert s["capacity_vs_dense"] == {"mosaic-r3": 3.0}
     rows = {(r["workload"], r["max_concurrency"]): r for r in s["throughput_vs_dense"]}
@@ -172,6 +249,9 @@ def test_one_server_per_configuration_runs_the_whole_sweep_and_figures_draw_it(t
     assert r["output_throughput_vs_dense"] == round(r["output_throughput"] / r["dense_output_throughput"], 3) > 1
     assert {(r["context_length"], r["batch"]) for r in s["tpot_vs_dense"]} == {(1024, 1), (1024, 2), (4096, 1),
                                                                                 (4096, 2)}  # fmt: skip
+    for r in s["tpot_vs_dense"]:
+        assert r["server_mean_tpot_vs_dense"] == round(r["server_mean_tpot_ms"] / r["dense_server_mean_tpot_ms"], 3)
+        assert r["median_tpot_vs_dense"] < 1  # the fake's compressed cache decodes faster
 
     # bench.figures reads it: only throughput.json is a result (the per-point files are not picked up twice)
     out = tmp_path / "out"

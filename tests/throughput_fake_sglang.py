@@ -5,7 +5,8 @@
 ``--host`` and ignores other flags except ``--kv-compressor``, ``--mosaic-compression-ratio`` and ``--kv-cache-dtype``,
 from which it reports a KV capacity (:func:`capacity`) on ``GET /get_server_info`` (with ``max_req_input_len`` one
 below ``--context-length`` when that is given); it answers ``/health`` and
-``/v1/completions`` (the readiness check) and counts ``POST /flush_cache``; for the real bench_serving it also answers
+``/v1/completions`` (the readiness check) and counts ``POST /flush_cache``; ``GET /metrics`` gives SGLang's
+request-time metrics of the requests the fake bench reported (``POST /fake_served``); for the real bench_serving it also answers
 ``/v1/models``, ``/server_info`` and a streamed ``POST /generate`` (one character per token, ``completion_tokens``
 counted up to ``max_new_tokens``, 1 ms a token). ``--fake-exit-after-info N`` makes it
 exit (status 3) right after answering its N-th ``/get_server_info``, like a crash mid-sweep.
@@ -14,7 +15,7 @@ exit (status 3) right after answering its N-th ``/get_server_info``, like a cras
 flags the script may pass with SGLang 0.5.17's names and defaults (and refuses others, exit status 2), asks the
 server for ``/get_server_info`` (so it fails against a wrong port or a dead server), flushes with ``--flush-cache``,
 and appends one result line shaped like bench_serving's to ``--output-file``, with throughput and TPOT a fixed
-function of the request (:func:`fake_metrics`). Environment: ``FAKE_BENCH_SLEEP`` seconds per run;
+function of the request (:func:`fake_metrics`), which it also reports to the server's ``/metrics``. Environment: ``FAKE_BENCH_SLEEP`` seconds per run;
 ``FAKE_BENCH_SLOW=C:S`` sleeps S seconds at ``--max-concurrency C``; ``FAKE_BENCH_CALLS`` names a file that gets
 each run's argument list as a JSON line.
 """
@@ -52,6 +53,7 @@ class FakeServer(LocalServer):
                      "mosaic_compression_ratio": ratio, "version": "fake", "internal_states": [{}]}  # fmt: skip
         self.flushes = 0
         self.infos = 0
+        self.served = {"requests": 0, "e2e": 0.0, "ttft": 0.0, "tokens": 0}  # for /metrics
         state = self
 
         class Handler(QuietHandler):
@@ -63,6 +65,8 @@ class FakeServer(LocalServer):
                     self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
                 elif path == "/server_info":
                     self._send(200, state.info)
+                elif path == "/metrics":
+                    self._send(200, state.metrics())
                 elif path == "/get_server_info":
                     state.infos += 1
                     self._send(200, state.info)
@@ -78,6 +82,11 @@ class FakeServer(LocalServer):
                 path = self.path.split("?")[0]
                 if path == "/generate":
                     self._generate(json.loads(raw))
+                elif path == "/fake_served":  # the fake bench's requests, for /metrics
+                    done = json.loads(raw)
+                    for key in state.served:
+                        state.served[key] += done[key]
+                    self._send(200, "")
                 elif path == "/flush_cache":
                     state.flushes += 1
                     self._send(200, "Cache flushed.\n")
@@ -101,6 +110,16 @@ class FakeServer(LocalServer):
                 self.wfile.write(b"data: [DONE]\n\n")
 
         self._serve(Handler, port)
+
+    def metrics(self) -> str:
+        """SGLang's request-time metrics of the fake bench's requests, in two label sets as SGLang splits them."""
+        s, lines = self.served, []
+        for name, value in (("e2e_request_latency_seconds_sum", s["e2e"]),
+                            ("e2e_request_latency_seconds_count", s["requests"]),
+                            ("time_to_first_token_seconds_sum", s["ttft"]), ("generation_tokens_total", s["tokens"])):
+            lines.append(f"# TYPE sglang:{name} untyped")
+            lines += [f'sglang:{name}{{is_streaming="{st}",model_name="fake"}} {value / 2}' for st in ("false", "true")]
+        return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -143,6 +162,7 @@ def _bench_parser() -> argparse.ArgumentParser:
     ap.add_argument("--flush-cache", action="store_true")
     ap.add_argument("--disable-tqdm", action="store_true")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--extra-request-body", type=json.loads, default=None)
     ap.add_argument("--gsp-num-groups", type=int, default=64)
     ap.add_argument("--gsp-prompts-per-group", type=int, default=16)
     ap.add_argument("--gsp-system-prompt-len", type=int, default=2048)
@@ -175,6 +195,10 @@ def bench_main(argv: Optional[List[str]] = None) -> int:
     time.sleep(float(os.environ.get("FAKE_BENCH_SLEEP", "0")))
     ratio = float(info.get("mosaic_compression_ratio") or 1.0)
     m = fake_metrics(ratio, input_len, output_len, batch)
+    served = {"requests": requests, "ttft": requests * m["mean_ttft_ms"] / 1000, "tokens": requests * output_len,
+              "e2e": requests * (m["mean_ttft_ms"] + (output_len - 1) * m["median_tpot_ms"]) / 1000}
+    urllib.request.urlopen(urllib.request.Request(base + "/fake_served", data=json.dumps(served).encode(),
+                                                  method="POST"), timeout=10).close()  # fmt: skip
     line = {"tag": None, "backend": args.backend, "dataset_name": args.dataset_name, "request_rate": args.request_rate,
             "max_concurrency": args.max_concurrency, "random_input_len": args.random_input_len,
             "random_output_len": args.random_output_len, "random_range_ratio": args.random_range_ratio,
