@@ -20,6 +20,8 @@
 #            time per seal and tick, profiled), bench.seal_cost for 128 pages of the 8B shape (the rank kernel's chan
 #            drop, with its profile); while $BUDGET_S lasts, the other chan drop methods, 8 pages, bench.chan_rank
 #            (the rank kernel against torch's top-k) and tests/kernels compiled for the GPU
+#   overlap  SmolLM2, --mosaic-overlap-schedule on: bench.serve_check of stock SGLang, ratio 1 with the overlap
+#            scheduler off and on (token for token against stock), ratio 4 off and on
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -44,7 +46,7 @@
 # rope, kvcache, activation...) come back as $OUT/jit-cache.tgz when they are at most 60 MB; carried into the tree
 # as .device-jit/jit-cache.tgz, they are restored before the next step starts.
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|tpot|sidecar|sidecar-itl|kernels|tune|ncu}"
+step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|tpot|overlap|sidecar|sidecar-itl|kernels|tune|ncu}"
 ratio="${RATIO:-4}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
 out="${OUT:?}/$step"
 mkdir -p "$out"
@@ -215,17 +217,29 @@ case "$step" in
     M="$(bash bench/device_smollm2.sh)"
     triton_kernels > "$out/triton-cache-before.txt"
     # the soak starts the server itself (--launch) so that it can stop it and start it again with the same flags;
-    # prompt + output up to the model's 8,192-token context (the tenth run's soak stopped at 6,144)
+    # prompt + output up to the model's 8,192-token context (the tenth run's soak stopped at 6,144); MOSAIC_ARGS adds
+    # mosaic flags (e.g. "--mosaic-overlap-schedule on")
     timeout $(( $(left) - 10 )) python3 -m bench.soak --launch "--model-path $M --host 127.0.0.1 --port 30000 \
       --dtype bfloat16 --disable-prefill-cuda-graph --enable-metrics \
       --mem-fraction-static 0.3 --max-total-tokens 150000 --schedule-conservativeness 0.3 --kv-compressor mosaic \
-      --mosaic-compression-ratio 3" \
+      --mosaic-compression-ratio 3 ${MOSAIC_ARGS:-}" \
       --ready-timeout 240 --vocab-size 49152 --max-context 8192 --requests 1000 --concurrency 192 --prefix-len 1536 \
       --output-len 16 512 --alone-subset 16 --flush-during-load 3 --disconnect-long-prefill --long-prefill-tokens 8000 \
       --disconnect-after 0.01 \
       --kill-sidecar-every 30 --send-deadline $(( $(left) - 240 )) --restart --out "$out/soak.json" \
       > "$out/soak.log" 2>&1 || echo "soak rc=$?"
     triton_kernels > "$out/triton-cache-after.txt"
+    ;;
+  overlap)
+    # --mosaic-overlap-schedule on, on SmolLM2 with decode graphs, one server at a time: ratio 1 (every segment dense,
+    # every segment read) against stock SGLang token for token, with the overlap scheduler off and on, then ratio 4
+    # with it on against ratio 4 with it off (answers and needles; the 8b step with MOSAIC_ARGS times it)
+    M="$(bash bench/device_smollm2.sh)"
+    timeout $(( $(left) - 10 )) python3 -m bench.serve_check --model "$M" \
+      --configs dense mosaic-r1-b0 mosaic-r1-b0-ov mosaic-r4 mosaic-r4-ov --dense-backend triton \
+      --server-args "--dtype bfloat16 --mem-fraction-static 0.5 --disable-prefill-cuda-graph --enable-metrics" \
+      --lengths 2048 4096 8000 --samples 2 --max-tokens 32 --ready-timeout 240 --out "$out" \
+      > "$out/serve-check.log" 2>&1 || echo "serve_check rc=$?"
     ;;
   sidecar|sidecar-itl)
     # issue #5: three mosaic r3 servers side by side (sidecar off / sidecar on without re-segmentation / sidecar on):

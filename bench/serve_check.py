@@ -69,9 +69,9 @@ def split_tp(name: str) -> "tuple[str, int]":
 
 def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
     """Server flags of a configuration name (``dense``, ``fp8``, ``mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0]
-    [-rs0][-cg]``, each with an optional ``-tp<N>`` suffix for ``--tp-size N``); ``sc0`` turns the sidecar off, ``rs0``
-    re-segmentation, ``cg`` turns decode CUDA graphs on (``--mosaic-cuda-graph on``); stock configurations use
-    ``dense_backend``."""
+    [-rs0][-cg][-ov]``, each with an optional ``-tp<N>`` suffix for ``--tp-size N``); ``sc0`` turns the sidecar off,
+    ``rs0`` re-segmentation, ``cg`` turns decode CUDA graphs on (``--mosaic-cuda-graph on``), ``ov`` the overlap
+    scheduler (``--mosaic-overlap-schedule on``); stock configurations use ``dense_backend``."""
     base, tp = split_tp(name)
     flags = ["--tp-size", str(tp)] if tp > 1 else []
     if base == "dense":
@@ -88,16 +88,18 @@ def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
                 flags += ["--mosaic-resegment", "off"]
             elif extra == "cg":
                 flags += ["--mosaic-cuda-graph", "on"]
+            elif extra == "ov":
+                flags += ["--mosaic-overlap-schedule", "on"]
             elif extra.startswith("b"):
                 flags += ["--mosaic-decode-read-budget", extra[1:]]
             elif extra.startswith("h"):
                 flags += ["--mosaic-hot-window", extra[1:]]
             else:
                 raise ValueError(f"config: unknown suffix {extra!r} in {name!r} (expected b<tokens>, h<tokens>, sc0, "
-                                 "rs0, cg or tp<N>)")  # fmt: skip
+                                 "rs0, cg, ov or tp<N>)")  # fmt: skip
         return flags
-    raise ValueError(f"config: expected dense, fp8 or mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0][-rs0][-cg] with an "
-                     f"optional -tp<N>, got {name!r}")  # fmt: skip
+    raise ValueError(f"config: expected dense, fp8 or mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0][-rs0][-cg][-ov] "
+                     f"with an optional -tp<N>, got {name!r}")  # fmt: skip
 
 
 class Server:

@@ -141,6 +141,15 @@ OPTIONS: tuple[Option, ...] = (
         "stay off.",
         choices=("on", "off"),
     ),
+    Option(
+        "overlap_schedule",
+        "--mosaic-overlap-schedule",
+        _parse_on_off,
+        False,
+        "MosaicKV: let SGLang's overlap scheduler prepare the next batch while the GPU runs the current one ('on' "
+        "or 'off'); 'off' implies --disable-overlap-schedule. Experimental: not yet verified on a GPU.",
+        choices=("on", "off"),
+    ),
 )
 
 OPTION_BY_FIELD = {o.field: o for o in OPTIONS}
@@ -171,6 +180,8 @@ class MosaicKVConfig:
         Whether the sidecar also re-plans prefix-shared pages on idle ticks; no effect without the sidecar.
     cuda_graph:
         Whether decode steps may run in CUDA graphs; off forces --disable-decode-cuda-graph.
+    overlap_schedule:
+        Whether SGLang's overlap scheduler stays on; off forces --disable-overlap-schedule.
     """
 
     compressor: str = "none"
@@ -182,6 +193,7 @@ class MosaicKVConfig:
     sidecar: bool = True
     resegment: bool = True
     cuda_graph: bool = True
+    overlap_schedule: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("compressor", self.compressor, COMPRESSORS)
@@ -204,6 +216,8 @@ class MosaicKVConfig:
             _fail("resegment", "'on' or 'off'", self.resegment)
         if not isinstance(self.cuda_graph, bool):
             _fail("cuda_graph", "'on' or 'off'", self.cuda_graph)
+        if not isinstance(self.overlap_schedule, bool):
+            _fail("overlap_schedule", "'on' or 'off'", self.overlap_schedule)
 
     @property
     def enabled(self) -> bool:

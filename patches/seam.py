@@ -99,7 +99,7 @@ SERVING_DEFAULTS = {
     "attention_backend": ("mosaic", "reads the compressed pool"),
     "disable_prefill_cuda_graph": (True, "extend plans on the host per batch"),
     "disable_decode_cuda_graph": (True, "--mosaic-cuda-graph off"),
-    "disable_overlap_schedule": (True, "sealing runs on the scheduler thread between steps"),
+    "disable_overlap_schedule": (True, "--mosaic-overlap-schedule off"),
 }
 
 # ServerArgs fields read to build ServingSettings: {ServingSettings field: ServerArgs field}.

@@ -55,7 +55,7 @@ def add_mosaic_cli_args(result: Any, parser: argparse.ArgumentParser) -> None:
 def serving_defaults(config: MosaicKVConfig, given: Callable[[str], Any]) -> dict[str, Any]:
     """ServerArgs values ``--kv-compressor mosaic`` implies, for the fields the user left unset (``given(field)`` is
     ``None``): the page size (the segment size) and :data:`seam.SERVING_DEFAULTS` (``--mosaic-cuda-graph on``
-    leaves decode CUDA graphs alone)."""
+    leaves decode CUDA graphs alone, ``--mosaic-overlap-schedule on`` the overlap scheduler)."""
     if not config.enabled:
         return {}
     out: dict[str, Any] = {}
@@ -63,6 +63,11 @@ def serving_defaults(config: MosaicKVConfig, given: Callable[[str], Any]) -> dic
         out["page_size"] = config.segment_size
     for field, (value, _why) in seam.SERVING_DEFAULTS.items():
         if field == "disable_decode_cuda_graph" and config.cuda_graph:
+            continue
+        if field == "disable_overlap_schedule" and config.overlap_schedule:
+            if given(field):
+                raise MosaicConfigError("--mosaic-overlap-schedule: expected 'off' with --disable-overlap-schedule, "
+                                        "got 'on'; drop one of them")  # fmt: skip
             continue
         if not given(field):
             out[field] = value

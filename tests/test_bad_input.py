@@ -96,6 +96,14 @@ BAD_STARTUP_CASES = [
     BadStartup("cuda-graph-without-compressor", ["--mosaic-cuda-graph", "on"], {"mosaic_cuda_graph": "on"},
                r"^--mosaic-cuda-graph: expected together with --kv-compressor mosaic, got --kv-compressor none; "
                r"add --kv-compressor mosaic or drop --mosaic-cuda-graph$"),
+    BadStartup("overlap-schedule-not-on-off", [*MOSAIC, "--mosaic-overlap-schedule", "true"],
+               {**ON, "mosaic_overlap_schedule": "true"},
+               r"^--mosaic-overlap-schedule: expected 'on' or 'off', got 'true'$"),
+    BadStartup("overlap-schedule-and-disable-overlap", [*MOSAIC, "--mosaic-overlap-schedule", "on",
+                                                        "--disable-overlap-schedule"],
+               {**ON, "mosaic_overlap_schedule": "on", "disable_overlap_schedule": True},
+               r"^--mosaic-overlap-schedule: expected 'off' with --disable-overlap-schedule, got 'on'; drop one of "
+               r"them$"),
     BadStartup("resegment-without-compressor", ["--mosaic-resegment", "off"], {"mosaic_resegment": "off"},
                r"^--mosaic-resegment: expected together with --kv-compressor mosaic, got --kv-compressor none; "
                r"add --kv-compressor mosaic or drop --mosaic-resegment$"),

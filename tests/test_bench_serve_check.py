@@ -25,13 +25,16 @@ from bench.serve_check import compare, config_flags, split_tp
                                   "--mosaic-decode-read-budget", "0", "--mosaic-sidecar", "off"]),
         ("mosaic-r1-b0-cg", ["--kv-compressor", "mosaic", "--mosaic-compression-ratio", "1",
                              "--mosaic-decode-read-budget", "0", "--mosaic-cuda-graph", "on"]),
+        ("mosaic-r1-b0-ov", ["--kv-compressor", "mosaic", "--mosaic-compression-ratio", "1",
+                             "--mosaic-decode-read-budget", "0", "--mosaic-overlap-schedule", "on"]),
     ],
 )
 def test_config_flags(name, want):
     assert config_flags(name) == want
 
 
-@pytest.mark.parametrize("name", ["mosaic", "mosaic-r3-x1", "dense-tpx", "sparse", "mosaic-r3-rs1", "mosaic-r3-sc", "mosaic-r3-cg1"])
+@pytest.mark.parametrize("name", ["mosaic", "mosaic-r3-x1", "dense-tpx", "sparse", "mosaic-r3-rs1", "mosaic-r3-sc",
+                                  "mosaic-r3-cg1", "mosaic-r3-ov1"])
 def test_bad_config_names_are_refused(name):
     with pytest.raises(ValueError, match="config: "):
         config_flags(name)

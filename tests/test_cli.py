@@ -75,6 +75,18 @@ def test_mosaic_cuda_graph_decides_the_decode_graph_default():
     assert "disable_decode_cuda_graph" not in told
 
 
+def test_mosaic_overlap_schedule_decides_the_overlap_default(sglang_with_plugin, cpu_args):
+    """--mosaic-overlap-schedule off (the default) implies --disable-overlap-schedule; on leaves SGLang's overlap
+    scheduler alone. (SGLang decides for itself on this CPU, so the implied defaults are checked directly.)"""
+    unset = lambda field: None  # noqa: E731
+    assert serving_defaults(MosaicKVConfig("mosaic"), unset)["disable_overlap_schedule"]
+    on = serving_defaults(MosaicKVConfig("mosaic", overlap_schedule=True), unset)
+    assert "disable_overlap_schedule" not in on and on["disable_prefill_cuda_graph"]
+    parsed = parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic", "--mosaic-overlap-schedule", "on"))
+    assert seam.config_of(parsed).overlap_schedule
+    assert not seam.config_of(parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic"))).overlap_schedule
+
+
 def test_mosaic_cuda_graph_option_is_parsed(sglang_with_plugin, cpu_args):
     assert seam.config_of(parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic"))).cuda_graph
     off = parse(sglang_with_plugin, cpu_args("--kv-compressor", "mosaic", "--mosaic-cuda-graph", "off"))

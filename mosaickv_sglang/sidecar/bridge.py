@@ -15,9 +15,10 @@ One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaic
 * **Application.** :meth:`SidecarBridge.tick` (before each forward, and on idle scheduler ticks) submits the batches
   whose copies have landed, reads the finished jobs and re-packs each one's pages with the sidecar's plan
   (:meth:`MosaicMHATokenToKVPool.reseal_pages`): new payloads next to the old, descriptors swapped, then the old
-  payloads freed. Freeing them at once is safe here because ticks run between steps on the scheduler thread, decode
-  and prefill run eagerly with overlap scheduling off (``--kv-compressor mosaic`` implies both), and every later
-  kernel that could reuse the freed granules is queued after the swap on the same stream. The tick's time budget
+  payloads freed. Freeing them at once is safe here because ticks run on the scheduler thread, either in the
+  attention plan (on the forward stream, after the step in flight, with or without SGLang's overlap scheduler) or
+  on idle scheduler ticks with no step in flight, and every later kernel that could reuse the freed granules is
+  queued after the swap (the forward stream waits for the scheduler's stream before each step). The tick's time budget
   (:data:`FORWARD_TICK_MS` before a forward, :data:`IDLE_TICK_MS` when idle, from the tick's start) bounds all of
   it: landed batches are submitted and finished plans applied while the tick is within its budget, at least one of
   each per tick; the plans left wait in the bridge, in order, and are applied first on later ticks (a step where
