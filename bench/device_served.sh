@@ -21,7 +21,7 @@
 #            drop, with its profile); while $BUDGET_S lasts, the other chan drop methods, 8 pages, bench.chan_rank
 #            (the rank kernel against torch's top-k) and tests/kernels compiled for the GPU
 #   overlap  SmolLM2, --mosaic-overlap-schedule on: bench.serve_check of stock SGLang, ratio 1 with the overlap
-#            scheduler off and on (token for token against stock), ratio 4 off and on
+#            scheduler on and off (token for token against stock), ratio 4 with it on
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -231,14 +231,14 @@ case "$step" in
     triton_kernels > "$out/triton-cache-after.txt"
     ;;
   overlap)
-    # --mosaic-overlap-schedule on, on SmolLM2 with decode graphs, one server at a time: ratio 1 (every segment dense,
-    # every segment read) against stock SGLang token for token, with the overlap scheduler off and on, then ratio 4
-    # with it on against ratio 4 with it off (answers and needles; the 8b step with MOSAIC_ARGS times it)
+    # --mosaic-overlap-schedule on, on SmolLM2 with decode graphs (up to batch 32), one server at a time: ratio 1
+    # (every segment dense, every segment read) against stock SGLang token for token, with the overlap scheduler on
+    # and then off; ratio 4 with it on, while the call has time (the 8b step with MOSAIC_ARGS times it)
     M="$(bash bench/device_smollm2.sh)"
     timeout $(( $(left) - 10 )) python3 -m bench.serve_check --model "$M" \
-      --configs dense mosaic-r1-b0 mosaic-r1-b0-ov mosaic-r4 mosaic-r4-ov --dense-backend triton \
-      --server-args "--dtype bfloat16 --mem-fraction-static 0.5 --disable-prefill-cuda-graph --enable-metrics" \
-      --lengths 2048 4096 8000 --samples 2 --max-tokens 32 --ready-timeout 240 --out "$out" \
+      --configs dense mosaic-r1-b0-ov mosaic-r1-b0 mosaic-r4-ov --dense-backend triton \
+      --server-args "--dtype bfloat16 --mem-fraction-static 0.5 --disable-prefill-cuda-graph --cuda-graph-max-bs 32 \
+      --enable-metrics" --lengths 2048 4096 8000 --samples 2 --max-tokens 32 --ready-timeout 240 --out "$out" \
       > "$out/serve-check.log" 2>&1 || echo "serve_check rc=$?"
     ;;
   sidecar|sidecar-itl)
