@@ -6,7 +6,9 @@ torch calls inside them, on the machine and under the load where it happens. Wit
 of call runs under its own ``cProfile.Profile`` of the scheduler thread (the attention backend's plans: ``decode`` and
 ``extend``, sealing and the sidecar's tick included), and the functions of most cumulative and of most own time are
 written to ``PATH.<kind>`` (``PATH.tp<rank>.<kind>`` with tensor parallelism) every :data:`DUMP_EVERY` calls of that
-kind, replacing the previous dump. Unset (the default), a section is a no-op.
+kind, replacing the previous dump, with the callers of the :data:`TOP_CALLERS` functions of most own time (which of
+the plugin's calls pays for a ``copy_`` or a ``torch.empty``), and the whole profile beside it in pstats' format
+(``PATH.<kind>.prof``: ``python -m pstats PATH.<kind>.prof``). Unset (the default), a section is a no-op.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import os
 import pstats
 from typing import Dict, Iterator, Optional
 
-__all__ = ["CallProfile", "ENV_VAR", "DUMP_EVERY", "TOP_FUNCTIONS"]
+__all__ = ["CallProfile", "ENV_VAR", "DUMP_EVERY", "TOP_CALLERS", "TOP_FUNCTIONS"]
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "MOSAICKV_PROFILE"
 DUMP_EVERY = 20
 TOP_FUNCTIONS = 60
+TOP_CALLERS = 15
 
 
 class CallProfile:
@@ -103,10 +106,13 @@ class CallProfile:
             stats = pstats.Stats(profiler, stream=out)
             stats.sort_stats("cumulative").print_stats(TOP_FUNCTIONS)
             stats.sort_stats("tottime").print_stats(TOP_FUNCTIONS)
+            stats.print_callers(TOP_CALLERS)
             target = f"{self.path}.{k}"
             try:
                 with open(f"{target}.tmp", "w") as f:
                     f.write(out.getvalue())
                 os.replace(f"{target}.tmp", target)
+                stats.dump_stats(f"{target}.prof.tmp")
+                os.replace(f"{target}.prof.tmp", f"{target}.prof")
             except OSError as err:
                 logger.warning("MosaicKV: could not write the host-call profile to %s: %s", target, err)

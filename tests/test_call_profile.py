@@ -4,6 +4,7 @@
 
 import logging
 import os
+import pstats
 
 import pytest
 
@@ -41,7 +42,12 @@ def test_each_kind_is_written_every_dump_every_calls(tmp_path):
         _work_named_for_the_profile(10)
     prof.dump()
     assert "kind extend: 1 profiled" in open(prefix + ".extend").read()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prof.decode", "prof.extend"]  # no .tmp left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prof.decode", "prof.decode.prof", "prof.extend",
+                                                          "prof.extend.prof"]  # no .tmp left behind
+    # who calls the functions of most own time, and the whole profile for pstats
+    assert "was called by..." in text
+    whole = pstats.Stats(prefix + ".decode.prof")
+    assert any(name == "_work_named_for_the_profile" for _, _, name in whole.stats)
 
 
 def test_tensor_parallel_ranks_write_their_own_files(tmp_path, monkeypatch):
