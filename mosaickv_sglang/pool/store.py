@@ -26,6 +26,7 @@ from mosaickv_sglang.kernels.format import (
     MIN_SEG_SIZE,
     SegmentPlan,
     V_OFF,
+    plans_granules,
 )
 from mosaickv_sglang.kernels.pack import pack_segments_fwd
 from mosaickv_sglang.pool.allocator import ArenaFullError, GranuleAllocator
@@ -384,10 +385,10 @@ class CompressedKVStore:
     def _alloc_layers(self, layers: List[int], plans: Sequence[SegmentPlan]) -> List[Tuple[np.ndarray, np.ndarray]]:
         """K/V offsets and granules per layer, all layers or none (rolled back on :class:`ArenaFullError`)."""
         done: List[Tuple[int, np.ndarray, np.ndarray]] = []
-        for li, plan in zip(layers, plans):
-            kg, vg = plan.granules()
-            # K0, V0, K1, V1, ...: a segment's K and V payloads adjacent
-            sizes = torch.stack([kg, vg], 1).reshape(-1).cpu().numpy()
+        # per layer K0, V0, K1, V1, ...: a segment's K and V payloads adjacent; one host copy for all layers
+        all_sizes = plans_granules(plans).reshape(len(plans), -1).cpu().numpy() if len(plans) else None
+        for i, li in enumerate(layers):
+            sizes = all_sizes[i]
             alloc = self.allocators[li]
             offsets = alloc.try_alloc(sizes)
             if offsets is None and alloc.free_granules >= int(sizes.sum()):

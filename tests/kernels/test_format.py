@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from mkv_kernel_cases import random_plan
 
 from mosaickv_sglang.kernels import format as fmt
 from mosaickv_sglang.kernels.format import (
@@ -14,6 +15,7 @@ from mosaickv_sglang.kernels.format import (
     assign_offsets,
     payload_elems,
     payload_granules,
+    plans_granules,
 )
 
 
@@ -114,3 +116,20 @@ def test_plan_uniform_helper():
     assert p.k_form.tolist() == [FORM_CHAN] * 4 and p.rows().tolist() == [32] * 4
     with pytest.raises(ValueError, match="lowrank needs factors"):
         SegmentPlan.uniform(4, 32, 128, v_form=FORM_LOWRANK, v_param=2)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_plans_granules_equals_each_plans_own(d):
+    """One pass over a seal's per-layer plans (mixed forms, ragged kept rows) gives every plan's own granules."""
+    gen = torch.Generator().manual_seed(d)
+    for n in (1, 7, 40):
+        plans = [random_plan(gen, n, 64, d) for _ in range(5)]
+        got = plans_granules(plans)
+        assert got.shape == (5, n, 2) and got.dtype == torch.int64
+        for layer, plan in enumerate(plans):
+            kg, vg = plan.granules()
+            assert torch.equal(got[layer, :, 0], kg) and torch.equal(got[layer, :, 1], vg)
+    with pytest.raises(ValueError, match="expected plans of 3 segments of head_dim"):
+        plans_granules([random_plan(gen, 3, 64, d), random_plan(gen, 4, 64, d)])
+    with pytest.raises(ValueError, match="expected at least one plan"):
+        plans_granules([])
