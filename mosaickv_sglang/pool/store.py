@@ -515,8 +515,8 @@ class CompressedKVStore:
             return
         allocs = self._alloc_layers(layers, plans)
         try:
-            for li, plan, (off, _) in zip(layers, plans, allocs):
-                offs = to_device(torch.from_numpy(off), self.device)
+            all_offs = to_device(torch.from_numpy(np.stack([off for off, _ in allocs])), self.device)  # one copy
+            for li, plan, offs in zip(layers, plans, all_offs):
                 pack_segments_fwd(
                     k_bufs[li], v_bufs[li], tok, heads, plan, self.arenas[li], self.desc[li], self.bounds[li],
                     rows_dev, offs[:, 0].contiguous(), offs[:, 1].contiguous(),  # launcher: contiguous
