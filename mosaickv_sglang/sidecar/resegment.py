@@ -20,9 +20,10 @@ order and, through the single-threaded sidecar, the same plans:
 
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Sequence, Set, Tuple
 
 import torch
 
@@ -108,6 +109,11 @@ class ResegmentQueue:
     def __init__(self, max_job_segments: int) -> None:
         self.max_job_segments = check_int(max_job_segments, "max_job_segments", lo=1)
         self._pending: Dict[Tuple[int, int, int], SharedSegment] = {}
+        # (priority, slot) of every segment added, including replaced and discarded ones (skipped when popped), so a
+        # slice costs its own size, not a sort of the queue (an idle tick's few milliseconds); and the queued slots
+        # of each page, so that freeing pages does not scan the queue (the scheduler frees pages at every request end)
+        self._heap: List[Tuple[Tuple[object, ...], Tuple[int, int, int]]] = []
+        self._by_page: Dict[int, Set[Tuple[int, int, int]]] = {}
         self.handed_out = 0
 
     def __len__(self) -> int:
@@ -118,15 +124,26 @@ class ResegmentQueue:
         for s in segments:
             if not isinstance(s, SharedSegment):
                 raise TypeError(f"segments: expected SharedSegment items, got {type(s).__name__}")
-            self._pending[s.slot_id] = s
+            slot = s.slot_id
+            self._pending[slot] = s
+            self._by_page.setdefault(slot[2], set()).add(slot)
+            heapq.heappush(self._heap, (_priority(s), slot))
+        self._compact()
 
     def discard_pages(self, pages: Iterable[int]) -> int:
         """Forget queued segments on freed pages; returns how many were dropped."""
-        gone = set(int(p) for p in pages)
-        drop = [k for k in self._pending if k[2] in gone]
-        for k in drop:
-            del self._pending[k]
-        return len(drop)
+        dropped = 0
+        for page in set(int(p) for p in pages):
+            for slot in self._by_page.pop(page, ()):
+                dropped += self._pending.pop(slot, None) is not None
+        self._compact()
+        return dropped
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the queued segments once stale entries outnumber them."""
+        if len(self._heap) > 2 * len(self._pending) + 1024:
+            self._heap = [(_priority(s), slot) for slot, s in self._pending.items()]
+            heapq.heapify(self._heap)
 
     def next_slice(self, max_segments: int) -> List[ResegmentJob]:
         """Take at most ``max_segments`` segments, in priority order, as jobs of one layer and reader set each.
@@ -134,9 +151,18 @@ class ResegmentQueue:
         The result depends only on the set of queued segments, not on the order they were added.
         """
         check_int(max_segments, "max_segments", lo=0)
-        chosen = sorted(self._pending.values(), key=_priority)[:max_segments]
-        for s in chosen:
-            del self._pending[s.slot_id]
+        chosen: List[SharedSegment] = []
+        while self._heap and len(chosen) < max_segments:
+            priority, slot = heapq.heappop(self._heap)
+            s = self._pending.get(slot)
+            if s is None or _priority(s) != priority:
+                continue  # replaced since (its newer entry is in the heap) or discarded
+            del self._pending[slot]
+            on_page = self._by_page[slot[2]]
+            on_page.discard(slot)
+            if not on_page:
+                del self._by_page[slot[2]]
+            chosen.append(s)
         groups: Dict[Tuple[int, Tuple[int, ...]], List[SharedSegment]] = {}
         for s in chosen:
             groups.setdefault((s.key.layer, s.readers), []).append(s)

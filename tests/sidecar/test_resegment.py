@@ -94,6 +94,63 @@ def test_queue_replaces_and_discards():
         SharedSegment(SegmentKey(0, 0, 1, 0), start=0, readers=())
 
 
+class _SortedQueue:
+    """The queue as first written, kept as the reference: a dict of slots, a full sort per slice, a scan per free."""
+
+    def __init__(self) -> None:
+        self.pending: Dict[Tuple[int, int, int], SharedSegment] = {}
+
+    def add(self, segs: List[SharedSegment]) -> None:
+        for seg in segs:
+            self.pending[seg.slot_id] = seg
+
+    def discard_pages(self, pages: List[int]) -> int:
+        drop = [k for k in self.pending if k[2] in set(pages)]
+        for k in drop:
+            del self.pending[k]
+        return len(drop)
+
+    def next_slice(self, n: int) -> List[SharedSegment]:
+        key = lambda x: (-len(x.readers), x.key.layer, x.readers, x.key.head, x.start, x.key.page,  # noqa: E731
+                         x.key.generation)
+        chosen = sorted(self.pending.values(), key=key)[:n]
+        for seg in chosen:
+            del self.pending[seg.slot_id]
+        return chosen
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_queue_slices_equal_a_full_sort_under_random_adds_replacements_and_frees(seed):
+    """The queue's heap (slices that cost their own size) hands out exactly what sorting the whole queue would, under
+    random adds, re-adds of the same storage with other readers or generations, frees and slices of any size."""
+    rng = random.Random(seed)
+    q, ref = ResegmentQueue(max_job_segments=4), _SortedQueue()
+
+    def seg() -> SharedSegment:
+        readers = tuple(rng.sample(range(1, 9), rng.randint(1, 4)))
+        key = SegmentKey(rng.randrange(3), rng.randrange(2), rng.randrange(12), rng.randrange(3))
+        return SharedSegment(key, start=rng.randrange(4) * S, readers=readers)
+
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.5:
+            batch = [seg() for _ in range(rng.randint(1, 20))]
+            q.add(batch)
+            ref.add(batch)
+        elif op < 0.65:
+            pages = rng.sample(range(12), rng.randint(1, 3))
+            assert q.discard_pages(pages) == ref.discard_pages(pages)
+        else:
+            n = rng.randint(0, 15)
+            got = [sg for job in q.next_slice(n) for sg in job.segments]
+            assert sorted(got, key=lambda x: x.slot_id) == sorted(ref.next_slice(n), key=lambda x: x.slot_id)
+        assert len(q) == len(ref.pending)
+    while len(ref.pending):
+        got = [sg for job in q.next_slice(7) for sg in job.segments]
+        assert sorted(got, key=lambda x: x.slot_id) == sorted(ref.next_slice(7), key=lambda x: x.slot_id)
+    assert len(q) == 0 and q.next_slice(5) == []
+
+
 def test_job_inputs_shapes():
     """job_inputs gives the planner [N, S] token mass, [N, W', G, d] queries and per-head contexts."""
     job = ResegmentQueue(8)
