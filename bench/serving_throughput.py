@@ -90,6 +90,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.serve_check import Server, _get, config_flags, split_tp
 
 logger = logging.getLogger("bench.serving_throughput")
@@ -245,11 +247,11 @@ def request_times(url: str) -> Optional[Dict[str, float]]:
         return None
     sums = dict.fromkeys(REQUEST_TIME_METRICS, 0.0)
     seen = set()
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in sums and not line.startswith("#"):
-            sums[name] += float(line.rsplit(" ", 1)[1])
-            seen.add(name)
+    for family in text_string_to_metric_families(text):  # as bench.decode_steps.read_scrape reads a scrape
+        for sample in family.samples:
+            if sample.name in sums:
+                sums[sample.name] += sample.value
+                seen.add(sample.name)
     return sums if len(seen) == len(sums) else None
 
 

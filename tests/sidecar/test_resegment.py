@@ -11,6 +11,7 @@ import torch
 from mkv_sidecar_data import D, G, S, W, plan_tensors
 
 from mosaickv_sglang.importance import QueryStats
+from mosaickv_sglang.sidecar import resegment
 from mosaickv_sglang.sidecar import (
     REASON_RESEGMENT,
     JobStatus,
@@ -111,9 +112,7 @@ class _SortedQueue:
         return len(drop)
 
     def next_slice(self, n: int) -> List[SharedSegment]:
-        key = lambda x: (-len(x.readers), x.key.layer, x.readers, x.key.head, x.start, x.key.page,  # noqa: E731
-                         x.key.generation)
-        chosen = sorted(self.pending.values(), key=key)[:n]
+        chosen = sorted(self.pending.values(), key=resegment._priority)[:n]
         for seg in chosen:
             del self.pending[seg.slot_id]
         return chosen
