@@ -36,9 +36,11 @@ import numpy as np
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
+from mosaickv_sglang.batch_inputs import read_rows_and_slots, scheduled_batch_for
 from mosaickv_sglang.call_profile import CallProfile
 from mosaickv_sglang.kernels._checks import debug_checks_enabled
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
+from mosaickv_sglang.pool import to_device
 from mosaickv_sglang.runtime import register_sealer
 from mosaickv_sglang.sealer import Sealer
 from mosaickv_sglang.warmup import backend_shape, enumerate_variants, run_warmup, warmup_enabled
@@ -387,13 +389,22 @@ class MosaicAttnBackend(AttentionBackend):
         total = 0
         if real > 0:
             seq = _batch_list(forward_batch, "seq_lens")[:real]
-            rows, step, width = self._batch_rows(forward_batch.req_pool_indices[:real], seq, decode=True)
+            loc = forward_batch.out_cache_loc[:real]
+            scheduled = scheduled_batch_for(forward_batch.out_cache_loc)
+            loc_cpu = None
+            if scheduled is not None and scheduled.req_pool_indices.numel() == real:
+                # the overlap scheduler's batch: read on a side stream, not behind the step in flight
+                step = self._decode_row_step(seq)
+                rows, loc_cpu = read_rows_and_slots(self.req_to_token_pool.req_to_token, scheduled, real,
+                                                    self._row_width(seq), step)  # fmt: skip
+                width = rows.shape[1] * step
+            else:
+                rows, step, width = self._batch_rows(forward_batch.req_pool_indices[:real], seq, decode=True)
             owners = None
             if self.sealer.sidecar is not None and self.sealer.sidecar.resegment:
                 owners = forward_batch.req_pool_indices[:real].long()
             rows_np = rows.numpy()
-            loc = forward_batch.out_cache_loc[:real]
-            self._prepare_writes(loc, rows_np, _slice_lens([n - 1 for n in seq], width), step=step)
+            self._prepare_writes(loc, rows_np, _slice_lens([n - 1 for n in seq], width), step=step, loc_cpu=loc_cpu)
             meta, tail_lens = self.pool.decode_metadata_rows(rows_np, _slice_lens(seq, width), step)
             if meta.max_segs > g.max_segs:
                 raise ValueError(
@@ -414,9 +425,11 @@ class MosaicAttnBackend(AttentionBackend):
         if total + pad > g.tail_indices.numel():
             raise ValueError(f"tail tokens: expected at most {g.tail_indices.numel()}, got {total + pad}")
         if pad:
-            g.tail_indptr[real + 1 : bs + 1].copy_(torch.arange(total + 1, total + pad + 1, dtype=torch.int32))
+            g.tail_indptr[real + 1 : bs + 1].copy_(
+                to_device(torch.arange(total + 1, total + pad + 1, dtype=torch.int32), self.device)
+            )
             g.tail_indices[total : total + pad].zero_()
-        g.ring_rows[:bs].copy_(ring)
+        g.ring_rows[:bs].copy_(to_device(ring, self.device))
         splits = self._graph_splits(bs)
         h_q, d = self.num_q_heads, self.head_dim
         return MosaicForwardMetadata(
@@ -466,22 +479,27 @@ class MosaicAttnBackend(AttentionBackend):
     def _req_rows(self, req_pool_indices: torch.Tensor, seq: List[int], step: int = 1) -> torch.Tensor:
         """``req_to_token`` rows of the batch on the host, only the page-rounded columns that ``seq`` reaches (all of
         them when a length is negative: slices then count from the end), every ``step``-th of them."""
-        r2t = self.req_to_token_pool.req_to_token
-        width = r2t.shape[1]
+        return self.req_to_token_pool.req_to_token[req_pool_indices.long(), : self._row_width(seq) : step].cpu()
+
+    def _row_width(self, seq: List[int]) -> int:
+        """Columns of ``req_to_token`` that :meth:`_req_rows` reads for lengths ``seq``."""
+        width = int(self.req_to_token_pool.req_to_token.shape[1])
         if seq and min(seq) >= 1:
             width = min(width, -(-max(seq) // self.page_size) * self.page_size)
-        return r2t[req_pool_indices.long(), :width:step].cpu()
+        return width
 
     def _prepare_writes(
         self, loc: Optional[torch.Tensor], rows: np.ndarray, written: np.ndarray,
-        reads: Optional[List[Tuple[int, torch.Tensor]]] = None, step: int = 1,
+        reads: Optional[List[Tuple[int, torch.Tensor]]] = None, step: int = 1, loc_cpu: Optional[torch.Tensor] = None,
     ) -> None:  # fmt: skip
         """Before any KV write of the forward: seal what the policy and hot-pool pressure call for, then give every
         page the batch writes a physical dense page and record the writes. Request ``b`` has written its first
-        ``written[b]`` slots, whose every ``step``-th is in ``rows[b]``."""
+        ``written[b]`` slots, whose every ``step``-th is in ``rows[b]``. ``loc_cpu``: ``loc`` already on the host
+        (int64), when the caller read it."""
         if loc is None or loc.numel() == 0:
             return
-        loc_cpu = loc.detach().to("cpu", torch.int64)
+        if loc_cpu is None:
+            loc_cpu = loc.detach().to("cpu", torch.int64)
         new_pages = torch.unique(torch.div(loc_cpu, self.page_size, rounding_mode="floor")).numpy()
         if self.auto_seal:
             self.sealer.before_forward_rows(rows, written, new_pages, reads, step)

@@ -147,7 +147,7 @@ OPTIONS: tuple[Option, ...] = (
         _parse_on_off,
         False,
         "MosaicKV: let SGLang's overlap scheduler prepare the next batch while the GPU runs the current one ('on' "
-        "or 'off'); 'off' implies --disable-overlap-schedule. Experimental: not yet verified on a GPU.",
+        "or 'off'); 'off' implies --disable-overlap-schedule. Experimental.",
         choices=("on", "off"),
     ),
 )

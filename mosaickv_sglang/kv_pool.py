@@ -408,7 +408,7 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         self._l2p[p] = phys
         self._p2l[phys] = p
         dev = self.page_table.device
-        self.page_table[torch.from_numpy(p).to(dev)] = torch.from_numpy(phys.astype(np.int32)).to(dev)
+        self.page_table[to_device(torch.from_numpy(p), dev)] = to_device(torch.from_numpy(phys.astype(np.int32)), dev)
 
     def _release(self, p: np.ndarray) -> None:
         """Return the physical pages of the (mapped, non-padding) logical pages ``p``."""
@@ -420,7 +420,7 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         self._p2l[phys] = -1
         self._phys_free.extend(int(x) for x in np.sort(phys)[::-1])
         dev = self.page_table.device
-        self.page_table[torch.from_numpy(p).to(dev)] = -1
+        self.page_table[to_device(torch.from_numpy(p), dev)] = -1
 
     def ensure_physical(self, pages: torch.Tensor) -> torch.Tensor:
         """Give every logical page about to be written a physical dense page (host; call outside CUDA graphs).
@@ -862,7 +862,8 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         ids, counts, w = st.segment_table_flat(flat, req, st.sealed_in_all(flat), b, None)
         indptr = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(tail_lens)]).astype(np.int32)
         dev = st.device
-        meta = DecodeMetadata(ids, counts, torch.from_numpy(indptr).to(dev), torch.from_numpy(tail).to(dev), w)
+        meta = DecodeMetadata(ids, counts, to_device(torch.from_numpy(indptr), dev), to_device(torch.from_numpy(tail), dev),
+                              w)  # fmt: skip
         return meta, tail_lens
 
     def _decode_metadata_reference(self, r: np.ndarray, n: np.ndarray) -> Tuple[DecodeMetadata, np.ndarray]:

@@ -133,7 +133,7 @@ class QueryWindow:
         start = self._next[0]
         rows = (start + torch.arange(n)) % self.window
         idx[real - n : real] = rows
-        self._label(slice(None), rows.to(self.owner.device), owners, real)
+        self._label(slice(None), to_device(rows, self.owner.device), owners, real)
         nxt, cnt = (start + n) % self.window, min(self.window, self._count[0] + n)
         self._next = [nxt] * len(self._next)
         self._count = [cnt] * len(self._count)

@@ -4,6 +4,9 @@
 - AFTER ``Scheduler.on_idle``: a few milliseconds of sidecar work on idle scheduler ticks
   (:meth:`~mosaickv_sglang.sidecar.bridge.SidecarBridge.on_idle`: apply finished plans, re-plan a slice of the
   prefix-shared segments). Busy steps tick the sidecar from the sealer instead, before each forward.
+- BEFORE ``Scheduler.run_batch``, with ``--mosaic-overlap-schedule on``: note the batch's request indices (host),
+  new slots and the scheduler's stream (:func:`~mosaickv_sglang.batch_inputs.note_scheduled_batch`), so that the
+  decode plan reads them back without waiting for the step in flight.
 
 A no-op unless this process built a ``mosaic`` attention backend with the sidecar on.
 """
@@ -13,6 +16,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
+from mosaickv_sglang.batch_inputs import clear_scheduled_batch, note_scheduled_batch
 from mosaickv_sglang.runtime import current_sealer
 
 from . import seam
@@ -28,6 +34,21 @@ def sidecar_idle_tick(result: Any, self: Any, *args: Any, **kwargs: Any) -> None
         bridge.on_idle()
 
 
+def note_batch_inputs(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE ``Scheduler.run_batch``: note a generation batch's request indices, new slots and the scheduler's
+    current stream when this process has a mosaic backend with the overlap scheduler on (else forget any note)."""
+    sealer = current_sealer()
+    indices = getattr(batch, seam.BATCH_REQ_POOL_INDICES_CPU_ATTR, None)
+    loc = getattr(batch, seam.BATCH_OUT_CACHE_LOC_ATTR, None)
+    if sealer is None or not sealer.pool.mosaic_config.overlap_schedule or not isinstance(indices, torch.Tensor) \
+            or not isinstance(loc, torch.Tensor) or indices.device.type != "cpu":  # fmt: skip
+        clear_scheduled_batch()
+        return
+    stream = torch.cuda.current_stream(loc.device) if loc.is_cuda else None
+    note_scheduled_batch(indices, loc, stream)
+
+
 def apply() -> None:
     """Register the scheduler hooks."""
     seam.register_hook(seam.SCHEDULER_ON_IDLE, sidecar_idle_tick, "AFTER")
+    seam.register_hook(seam.SCHEDULER_RUN_BATCH, note_batch_inputs, "BEFORE")

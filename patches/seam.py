@@ -91,6 +91,9 @@ COLLECTOR_LABELS_ATTR = "labels"
 METRICS_EXPORTER_ATTR = "_mosaic_metrics"
 # The scheduler's SchedulerMetricsReporter, and where the step hook keeps its DecodeStepTimer on it.
 SCHEDULER_REPORTER_ATTR = "metrics_reporter"
+# ScheduleBatch fields the overlap hook reads (patches/scheduler.py): host request indices and the new slots
+BATCH_REQ_POOL_INDICES_CPU_ATTR = "req_pool_indices_cpu"
+BATCH_OUT_CACHE_LOC_ATTR = "out_cache_loc"
 STEP_TIMER_ATTR = "_mosaic_step_timer"
 
 # ServerArgs fields MosaicKV sets when --kv-compressor mosaic is on and the user left them alone, with the value

@@ -698,8 +698,8 @@ class CompressedKVStore:
         heads = np.arange(h, dtype=np.int64)[None, :, None]
         ids = np.where(page[:, None, :] >= 0, page[:, None, :] * h + heads, -1).astype(np.int32)
         return (
-            torch.from_numpy(ids).to(self.device),
-            torch.from_numpy(counts.astype(np.int32)).to(self.device),
+            to_device(torch.from_numpy(ids), self.device),
+            to_device(torch.from_numpy(counts.astype(np.int32)), self.device),
             width,
         )
 

@@ -162,6 +162,54 @@ def test_graph_decode_matches_eager(group, ratio, head_dim):
     g.pool.check_invariants()
 
 
+def _graph_buffers(backend, bs: int) -> dict:
+    """The static buffers a graph plan of ``bs`` rows fills, on the host (the tail indices up to its length)."""
+    gs = backend._graph
+    total = int(gs.tail_indptr[bs])
+    return {"seg_ids": gs.seg_ids[:bs].cpu(), "seg_counts": gs.seg_counts[:bs].cpu(),
+            "tail_indptr": gs.tail_indptr[: bs + 1].cpu(), "tail_indices": gs.tail_indices[:total].cpu(),
+            "write_slots": gs.write_slots[:bs].cpu(), "ring_rows": gs.ring_rows[:bs].cpu()}  # fmt: skip
+
+
+def test_graph_plan_reads_the_noted_batch(monkeypatch):
+    """A batch noted by the overlap hook (batch_inputs.note_scheduled_batch, here without a stream) is read through
+    read_rows_and_slots when the forward batch borrows its out_cache_loc tensor, with the same plan as the plain
+    reads; a note for another tensor is ignored."""
+    import mosaickv_sglang.attention_backend as backend_mod
+    from mosaickv_sglang.batch_inputs import clear_scheduled_batch, note_scheduled_batch
+
+    calls = []
+    real_read = backend_mod.read_rows_and_slots
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(backend_mod, "read_rows_and_slots", counted)
+    cfg = config(ratio=3.0, read_budget=2 * test_kv_pool.S)
+    noted, plain = Scenario(cfg, 4, seed=11), Scenario(cfg, 4, seed=11)
+    for sc in (noted, plain):
+        sc.mosaic.init_cuda_graph_state(max_bs=max(CAPTURE_BS), max_num_tokens=max(CAPTURE_BS))
+    _prefill(noted, plain)
+    try:
+        for step, reqs in enumerate(STEPS):
+            bn, bp = _decode_subset(noted, reqs), _decode_subset(plain, reqs)
+            vn, vp = _pad(bn), _pad(bp)
+            if step % 3 == 2:  # a note for another batch's tensor: not used
+                note_scheduled_batch(torch.tensor(reqs[::-1]), bn.out_cache_loc.clone(), None)
+            else:
+                note_scheduled_batch(torch.tensor(reqs), bn.out_cache_loc, None)
+            noted.mosaic.init_forward_metadata_out_graph(vn)
+            plain.mosaic.init_forward_metadata_out_graph(vp)
+            got, want = _graph_buffers(noted.mosaic, vn.batch_size), _graph_buffers(plain.mosaic, vp.batch_size)
+            for name in want:
+                assert torch.equal(got[name], want[name]), (step, name)
+    finally:
+        clear_scheduled_batch()
+    assert calls == [len(r) for i, r in enumerate(STEPS) if i % 3 != 2]
+    noted.pool.check_invariants()
+
+
 def test_in_capture_without_graph_state_raises():
     sc = Scenario(config(), 1, seed=0)
     with pytest.raises(NotImplementedError, match="--mosaic-cuda-graph on"):
@@ -280,3 +328,54 @@ def test_captured_decode_graph_replays_like_eager(group, ratio, monkeypatch):
     assert wg._next == we._next and wg._count == we._count
     for li in range(layers):
         torch.testing.assert_close(wg.queries(li), we.queries(li), atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_plan_does_not_wait_for_the_step_in_flight(monkeypatch):
+    """The overlap scheduler's case: the batch noted with the scheduler's stream, a kernel of about a second still
+    running on the forward stream (the step in flight). The out-of-graph decode plan, made on the forward stream,
+    returns before that kernel ends (nothing in it waits for the stream), and its static buffers equal those of the
+    same plan made with the GPU idle."""
+    from mosaickv_sglang.batch_inputs import clear_scheduled_batch, note_scheduled_batch
+
+    monkeypatch.setenv("MOSAICKV_WARMUP", "0")
+    cfg = config(ratio=3.0, read_budget=2 * test_kv_pool.S)
+    group = 4
+    busy, idle = _CudaSide(cfg, group, monkeypatch), _CudaSide(cfg, group, monkeypatch)
+    h_q, h_kv, d = test_kv_pool.H_KV * group, test_kv_pool.H_KV, test_kv_pool.D
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    bb, bi = _to_cuda(busy.extend_batch(PROMPTS)), _to_cuda(idle.extend_batch(PROMPTS))
+    busy.mosaic.init_forward_metadata(bb)
+    idle.mosaic.init_forward_metadata(bi)
+    for li in range(test_kv_pool.LAYERS):
+        n = bb.out_cache_loc.numel()
+        q, k, v = (torch.randn(*shape, generator=gen, device="cuda").to(test_kv_pool.DT)
+                   for shape in ((n, h_q * d), (n, h_kv, d), (n, h_kv, d)))  # fmt: skip
+        busy.mosaic.forward_extend(q, k, v, layer(li, group), bb)
+        idle.mosaic.forward_extend(q, k, v, layer(li, group), bi)
+    for sc in (busy, idle):
+        sc.mosaic.init_cuda_graph_state(max_bs=max(CAPTURE_BS), max_num_tokens=max(CAPTURE_BS))
+    scheduler, forward = torch.cuda.Stream(), torch.cuda.Stream()
+    try:
+        for step, reqs in enumerate(STEPS):
+            rb, ri = _decode_subset(busy, reqs), _decode_subset(idle, reqs)
+            vb, vi = _to_cuda(_pad(rb)), _to_cuda(_pad(ri))
+            assert vb.out_cache_loc is rb.out_cache_loc
+            torch.cuda.synchronize()
+            note_scheduled_batch(torch.tensor(reqs), rb.out_cache_loc, scheduler)
+            forward.wait_stream(scheduler)
+            with torch.cuda.stream(forward):
+                torch.cuda._sleep(2_000_000_000)  # about a second: the step in flight
+                busy.mosaic.init_forward_metadata_out_graph(vb)
+                in_flight = not forward.query()
+            clear_scheduled_batch()
+            torch.cuda.synchronize()
+            idle.mosaic.init_forward_metadata_out_graph(vi)
+            torch.cuda.synchronize()
+            assert in_flight, f"step {step}: the plan waited for the forward stream"
+            got, want = _graph_buffers(busy.mosaic, vb.batch_size), _graph_buffers(idle.mosaic, vi.batch_size)
+            for name in want:
+                assert torch.equal(got[name], want[name]), (step, name)
+    finally:
+        clear_scheduled_batch()
