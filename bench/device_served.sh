@@ -43,8 +43,9 @@
 # Run a step under `timeout -s TERM N` a little under the device call's limit: on TERM the step stops and its results
 # are still packed. The JIT caches of FlashInfer (~/.cache/flashinfer: minutes of nvcc on a fresh machine, 75 s for
 # its sampling module alone) and of SGLang's JIT kernels (~/.cache/tvm-ffi: about 10 s of nvcc per kernel, norm,
-# rope, kvcache, activation...) come back as $OUT/jit-cache.tgz when they are at most 60 MB; carried into the tree
-# as .device-jit/jit-cache.tgz, they are restored before the next step starts.
+# rope, kvcache, activation...) come back as $OUT/jit-flashinfer.tgz and $OUT/jit-tvm-ffi.tgz, one archive per
+# cache, each at most 16 MiB (the device tool's limit per file: one archive of both went over it in the twelfth run);
+# carried into the tree as .device-jit/, every .device-jit/*.tgz is restored before the next step starts.
 set -euo pipefail
 step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|tpot|overlap|sidecar|sidecar-itl|kernels|tune|ncu}"
 ratio="${RATIO:-4}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
@@ -58,17 +59,18 @@ pack_results() {  # on exit, also a failed one: the device tool brings back a li
   find "${HOME}/.cache" "${HOME}/.nv" /tmp/torchinductor_* -type f -newer "$start_marker" ! -path "$out/*" \
     -printf '%TT %s %p\n' 2>/dev/null | sort > "$out/jit-caches.txt" || true
   tar czf "$OUT/$step.tgz" -C "$OUT" "$step" && rm -rf "$out" && echo "results in $OUT/$step.tgz"
-  # only when the step compiled something (a restored, unchanged cache is already where it came from)
-  local caches=()
-  for c in flashinfer tvm-ffi; do [ -d "$HOME/.cache/$c" ] && caches+=("$c"); done
-  if [ ${#caches[@]} -gt 0 ] \
-      && [ -n "$(find "${caches[@]/#/$HOME/.cache/}" -type f -newer "$start_marker" -print -quit 2>/dev/null)" ]; then
-    tar czf "$OUT/jit-cache.tgz" -C "$HOME/.cache" "${caches[@]}"
-    if [ "$(stat -c %s "$OUT/jit-cache.tgz")" -gt $((60 << 20)) ]; then
-      echo "JIT caches $(du -sh "$OUT/jit-cache.tgz" | cut -f1) compressed: too large to bring back"
-      rm -f "$OUT/jit-cache.tgz"
+  # each cache only when the step compiled something in it (a restored, unchanged cache is already where it came from)
+  local c
+  for c in flashinfer tvm-ffi; do
+    [ -d "$HOME/.cache/$c" ] || continue
+    [ -n "$(find "$HOME/.cache/$c" -type f -newer "$start_marker" ! -name '*.lock' -print -quit 2>/dev/null)" ] \
+      || continue
+    tar czf "$OUT/jit-$c.tgz" -C "$HOME/.cache" "$c"
+    if [ "$(stat -c %s "$OUT/jit-$c.tgz")" -gt $((16 << 20)) ]; then
+      echo "JIT cache $c: $(du -sh "$OUT/jit-$c.tgz" | cut -f1) compressed, too large to bring back"
+      rm -f "$OUT/jit-$c.tgz"
     fi
-  fi
+  done
 }
 # FlashInfer's JIT modules are rebuilt by ninja when an input is newer than the time its build log recorded. The
 # bundle's sources carry the time of the CPU machine's install (each session's), so a module built before it was
@@ -78,11 +80,13 @@ pack_results() {  # on exit, also a failed one: the device tool brings back a li
 fi_site="$(python3 -c 'import importlib.util as u, os; print(os.path.dirname(u.find_spec("flashinfer").origin))' \
   2>/dev/null || true)"
 [ -z "$fi_site" ] || find "$fi_site" -exec touch -h -d '2026-01-01 00:00:00' {} + 2>/dev/null || true
-if [ -f .device-jit/jit-cache.tgz ]; then
-  mkdir -p "$HOME/.cache" && tar xzf .device-jit/jit-cache.tgz -C "$HOME/.cache" \
-    && echo "restored the JIT caches ($(find "$HOME/.cache/flashinfer" "$HOME/.cache/tvm-ffi" -name '*.so' 2>/dev/null \
-      | wc -l) modules)"
-fi
+restored=0
+for archive in .device-jit/*.tgz; do
+  [ -f "$archive" ] || continue
+  mkdir -p "$HOME/.cache" && tar xzf "$archive" -C "$HOME/.cache" && restored=1
+done
+[ "$restored" = 0 ] || echo "restored the JIT caches ($(find "$HOME/.cache/flashinfer" "$HOME/.cache/tvm-ffi" \
+  -name '*.so' 2>/dev/null | wc -l) modules)"
 start_marker="$(mktemp)"
 trap pack_results EXIT
 trap 'echo "step $step stopped (TERM) after $((SECONDS - t_start)) s" >&2; exit 143' TERM
