@@ -20,8 +20,9 @@
 #            time per seal and tick, profiled), bench.seal_cost for 128 pages of the 8B shape (the rank kernel's chan
 #            drop, with its profile); while $BUDGET_S lasts, the other chan drop methods, 8 pages, bench.chan_rank
 #            (the rank kernel against torch's top-k) and tests/kernels compiled for the GPU
-#   overlap  SmolLM2, --mosaic-overlap-schedule on: bench.serve_check of stock SGLang, ratio 1 with the overlap
-#            scheduler on and off (token for token against stock), ratio 4 with it on
+#   overlap  SmolLM2, --mosaic-overlap-schedule on: bench.serve_check of stock SGLang (triton), stock with FlashInfer
+#            (stock against stock: the kernels' rounding noise), ratio 1 with the overlap scheduler on (token for token
+#            against stock), ratio 4 with it on
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -236,11 +237,12 @@ case "$step" in
     ;;
   overlap)
     # --mosaic-overlap-schedule on, on SmolLM2 with decode graphs (up to batch 32), one server at a time: ratio 1
-    # (every segment dense, every segment read) against stock SGLang token for token, with the overlap scheduler on
-    # and then off; ratio 4 with it on, while the call has time (the 8b step with MOSAIC_ARGS times it)
+    # (every segment dense, every segment read) against stock SGLang token for token with the overlap scheduler on
+    # (the twelfth run showed it equal to off), stock with FlashInfer against stock with triton for the noise floor,
+    # and ratio 4 with it on, while the call has time (the 8b step with MOSAIC_ARGS times it)
     M="$(bash bench/device_smollm2.sh)"
     timeout $(( $(left) - 10 )) python3 -m bench.serve_check --model "$M" \
-      --configs dense mosaic-r1-b0-ov mosaic-r1-b0 mosaic-r4-ov --dense-backend triton \
+      --configs dense mosaic-r1-b0-ov dense-flashinfer mosaic-r4-ov --dense-backend triton \
       --server-args "--dtype bfloat16 --mem-fraction-static 0.5 --disable-prefill-cuda-graph --cuda-graph-max-bs 32 \
       --enable-metrics" --lengths 2048 4096 8000 --samples 2 --max-tokens 32 --ready-timeout 240 --out "$out" \
       > "$out/serve-check.log" 2>&1 || echo "serve_check rc=$?"

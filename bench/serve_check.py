@@ -67,15 +67,24 @@ def split_tp(name: str) -> "tuple[str, int]":
     return name, 1
 
 
+# Stock attention backends a ``dense-<backend>`` configuration may name (stock against stock: the rounding noise of
+# two kernels, the floor under "equal to dense").
+STOCK_BACKENDS = ("flashinfer", "triton", "torch_native", "fa3")
+
+
 def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
-    """Server flags of a configuration name (``dense``, ``fp8``, ``mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0]
-    [-rs0][-cg][-ov]``, each with an optional ``-tp<N>`` suffix for ``--tp-size N``); ``sc0`` turns the sidecar off,
-    ``rs0`` re-segmentation, ``cg`` turns decode CUDA graphs on (``--mosaic-cuda-graph on``), ``ov`` the overlap
-    scheduler (``--mosaic-overlap-schedule on``); stock configurations use ``dense_backend``."""
+    """Server flags of a configuration name (``dense``, ``dense-<backend>``, ``fp8``,
+    ``mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0][-rs0][-cg][-ov]``, each with an optional ``-tp<N>`` suffix for
+    ``--tp-size N``); ``sc0`` turns the sidecar off, ``rs0`` re-segmentation, ``cg`` turns decode CUDA graphs on
+    (``--mosaic-cuda-graph on``), ``ov`` the overlap scheduler (``--mosaic-overlap-schedule on``); stock
+    configurations use ``dense_backend``, ``dense-<backend>`` one of :data:`STOCK_BACKENDS` (compared against
+    ``dense`` like any other)."""
     base, tp = split_tp(name)
     flags = ["--tp-size", str(tp)] if tp > 1 else []
     if base == "dense":
         return flags + ["--attention-backend", dense_backend]
+    if base.startswith("dense-") and base[len("dense-") :] in STOCK_BACKENDS:
+        return flags + ["--attention-backend", base[len("dense-") :]]
     if base == "fp8":
         return flags + ["--attention-backend", dense_backend, "--kv-cache-dtype", "fp8_e4m3"]
     if base.startswith("mosaic-r"):
@@ -98,8 +107,9 @@ def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
                 raise ValueError(f"config: unknown suffix {extra!r} in {name!r} (expected b<tokens>, h<tokens>, sc0, "
                                  "rs0, cg, ov or tp<N>)")  # fmt: skip
         return flags
-    raise ValueError(f"config: expected dense, fp8 or mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0][-rs0][-cg][-ov] "
-                     f"with an optional -tp<N>, got {name!r}")  # fmt: skip
+    raise ValueError(f"config: expected dense, dense-<{'|'.join(STOCK_BACKENDS)}>, fp8 or "
+                     f"mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0][-rs0][-cg][-ov] with an optional -tp<N>, got "
+                     f"{name!r}")  # fmt: skip
 
 
 class Server:
@@ -286,8 +296,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", help="model path (a Hugging Face checkpoint directory); required unless --merge")
     ap.add_argument("--configs", nargs="+", default=["dense", "mosaic-r1-b0", "mosaic-r3"],
-                    help="configurations in order: dense, fp8, mosaic-r<ratio>[-b<read budget>][-h<hot window>]"
-                         "[-sc0 (sidecar off)][-rs0 (re-segmentation off)][-cg (decode CUDA graphs)], each with an optional -tp<N> (--tp-size N)")
+                    help="configurations in order: dense, dense-<stock backend> (stock with another attention "
+                         "backend, compared against dense), fp8, mosaic-r<ratio>[-b<read budget>][-h<hot window>]"
+                         "[-sc0 (sidecar off)][-rs0 (re-segmentation off)][-cg (decode CUDA graphs)][-ov (overlap "
+                         "scheduler)], each with an optional -tp<N> (--tp-size N)")
     ap.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 7680], help="needle prompt lengths")
     ap.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey"], help="bench.ruler tasks")
     ap.add_argument("--samples", type=int, default=2, help="samples per task and length")

@@ -27,6 +27,8 @@ from bench.serve_check import compare, config_flags, split_tp
                              "--mosaic-decode-read-budget", "0", "--mosaic-cuda-graph", "on"]),
         ("mosaic-r1-b0-ov", ["--kv-compressor", "mosaic", "--mosaic-compression-ratio", "1",
                              "--mosaic-decode-read-budget", "0", "--mosaic-overlap-schedule", "on"]),
+        ("dense-flashinfer", ["--attention-backend", "flashinfer"]),
+        ("dense-triton-tp2", ["--tp-size", "2", "--attention-backend", "triton"]),
     ],
 )
 def test_config_flags(name, want):
@@ -34,7 +36,7 @@ def test_config_flags(name, want):
 
 
 @pytest.mark.parametrize("name", ["mosaic", "mosaic-r3-x1", "dense-tpx", "sparse", "mosaic-r3-rs1", "mosaic-r3-sc",
-                                  "mosaic-r3-cg1", "mosaic-r3-ov1"])
+                                  "mosaic-r3-cg1", "mosaic-r3-ov1", "dense-", "dense-flash", "dense-fp8"])
 def test_bad_config_names_are_refused(name):
     with pytest.raises(ValueError, match="config: "):
         config_flags(name)
@@ -63,6 +65,13 @@ def test_compare_pairs_each_config_with_dense_at_its_tp_size_and_with_itself_at_
     assert (row["equal_to_dense"], row["capacity_vs_dense"], row["chat_equal"]) == (2, 2.5, False)
     assert (row["equal_to_tp1"], row["chat_equal_to_tp1"], row["needle_correct"]) == (1, False, 1)
     assert "equal_to_tp1" not in s["mosaic-r3"] and "equal_to_dense" not in s["dense-tp2"]
+
+
+def test_stock_with_another_backend_is_compared_against_dense():
+    """dense-<backend> (stock against stock) gets the same comparison as a mosaic configuration."""
+    s = compare({"dense": _res(["1234", "5678", "42"], 100), "dense-flashinfer": _res(["1234", "5679", "42"], 98)})
+    row = s["dense-flashinfer"]
+    assert (row["equal_to_dense"], row["compared"], row["capacity_vs_dense"]) == (2, 3, 0.98)
 
 
 def test_merge_compares_runs_made_in_separate_directories(tmp_path, capsys):
