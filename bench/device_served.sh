@@ -53,6 +53,8 @@ ratio="${RATIO:-4}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-
 out="${OUT:?}/$step"
 mkdir -p "$out"
 export MOSAICKV_CACHE=/tmp/mkv/cache
+# the servers' status lines (slowest decode plans, gc pauses) every 5 s: the loads last seconds, not minutes
+export MOSAICKV_STATUS_INTERVAL="${MOSAICKV_STATUS_INTERVAL:-5}"
 t_start=$SECONDS
 pack_results() {  # on exit, also a failed one: the device tool brings back a limited number of files, so one archive
   # files that first-use compilers wrote during the step outside Triton's cache (FlashInfer's JIT, the CUDA driver's

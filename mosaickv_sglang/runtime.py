@@ -21,9 +21,16 @@ _sealer: Optional["Sealer"] = None
 
 
 def register_sealer(sealer: Optional["Sealer"]) -> None:
-    """Make ``sealer`` this process's sealer (``None``: forget it)."""
+    """Make ``sealer`` this process's sealer (``None``: forget it); its :class:`~mosaickv_sglang.host_stalls.HostStalls`
+    times this process's garbage collections from now on (the previous sealer's stop)."""
     global _sealer
+    previous = getattr(_sealer, "stalls", None)
+    if previous is not None:
+        previous.uninstall()
     _sealer = sealer
+    stalls = getattr(sealer, "stalls", None)
+    if stalls is not None:
+        stalls.install()
 
 
 def current_sealer() -> Optional["Sealer"]:

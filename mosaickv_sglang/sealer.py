@@ -21,6 +21,7 @@ requests share is never planned for one request's question alone.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from mosaickv_sglang.config import MAX_COMPRESSION_RATIO
+from mosaickv_sglang.host_stalls import HostStalls
 from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
@@ -45,12 +47,28 @@ __all__ = ["QueryWindow", "Sealer"]
 
 # Seconds between two status lines of the sealer in the server log (only when something was sealed meanwhile).
 STATUS_LOG_INTERVAL = 60.0
+# Environment variable overriding STATUS_LOG_INTERVAL (seconds; the GPU runs' loads last seconds, not minutes).
+STATUS_INTERVAL_ENV = "MOSAICKV_STATUS_INTERVAL"
 # Policy pages (out of the hot window) wait until this many are due, so that one planner call (whose cost is mostly
 # fixed) seals many pages instead of one page every other decode step; hot-pool pressure seals at once.
 SEAL_BATCH_PAGES = 16
 # Retries of a batch whose plans do not fit the arenas, each with the ratio multiplied by this factor.
 ARENA_RETRY_FACTOR = 1.5
 ARENA_RETRIES = 2
+
+
+def status_interval() -> float:
+    """Seconds between two status lines: ``MOSAICKV_STATUS_INTERVAL`` when set, else :data:`STATUS_LOG_INTERVAL`."""
+    raw = os.environ.get(STATUS_INTERVAL_ENV, "").strip()
+    if not raw:
+        return STATUS_LOG_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:
+        raise ValueError(f"{STATUS_INTERVAL_ENV}: expected seconds >= 0, got {raw!r}")
+    return value
 
 
 class QueryWindow:
@@ -245,6 +263,7 @@ class Sealer:
         self.pages_left_dense = 0
         self.seal_calls = 0
         self.seal_seconds = 0.0
+        self.stalls = HostStalls()
         self.decode_plans = 0
         self.decode_plan_seconds = 0.0
         self.decode_plan_seal_seconds = 0.0
@@ -254,6 +273,7 @@ class Sealer:
         self.sidecar = None
         self._warned_arena = False
         self._logged_at = time.monotonic()
+        self.status_interval = status_interval()
         self._logged_sealed = 0
 
     # --- decisions ---------------------------------------------------------------------------------------------------
@@ -330,12 +350,13 @@ class Sealer:
         self.maybe_log_status()
 
     def maybe_log_status(self, now: Optional[float] = None) -> None:
-        """Every :data:`STATUS_LOG_INTERVAL` seconds in which pages were sealed, one INFO line: pages sealed (under
+        """Every :attr:`status_interval` seconds in which pages were sealed, one INFO line: pages sealed (under
         pressure, left dense), the sealing calls and their time since start, arena room used, the tokens the pool can
         still take, the compression ratio of the sealed segments and, with the sidecar, its queue depth, the plans
-        applied and discarded and the re-segmentations (``resegment off`` with ``--mosaic-resegment off``)."""
+        applied and discarded and the re-segmentations (``resegment off`` with ``--mosaic-resegment off``), then the
+        slowest decode plans and the garbage-collection pauses since the last line (:attr:`stalls`)."""
         now = time.monotonic() if now is None else now
-        if now - self._logged_at < STATUS_LOG_INTERVAL or self.pages_sealed == self._logged_sealed:
+        if now - self._logged_at < self.status_interval or self.pages_sealed == self._logged_sealed:
             return
         ledger = self.pool.arena_ledger
         sidecar = ""
@@ -349,11 +370,11 @@ class Sealer:
         logger.info(
             "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room) in %d calls "
             "(%.1f s), arena %.1f%% reserved (%d compactions), %d free hot pages, room for %d more tokens, compression "
-            "ratio %.2f%s",
+            "ratio %.2f%s%s",
             self.pages_sealed, self.pressure_pages_sealed, self.pages_left_dense, self.seal_calls, self.seal_seconds,
             100.0 * ledger.reserved / max(1, ledger.capacity), self.pool.store.compactions,
             self.pool.num_free_physical_pages,
-            self.pool.admissible_tokens(), self.pool.store.compression_ratio(), sidecar,
+            self.pool.admissible_tokens(), self.pool.store.compression_ratio(), sidecar, self.stalls.summary(),
         )  # fmt: skip
         self._logged_at, self._logged_sealed = now, self.pages_sealed
 

@@ -79,6 +79,7 @@ def test_status_line_every_interval_in_which_pages_were_sealed(caplog):
     with caplog.at_level(logging.INFO, logger=sealer_mod.__name__):
         sealer.maybe_log_status(t0 + sealer_mod.STATUS_LOG_INTERVAL + 1)  # nothing sealed yet: quiet
         assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
+        sealer.stalls.note_plan(0.0412, 0.0389, 0.0002)
         sealer.maybe_log_status(t0 + 1)  # too soon
         sealer.maybe_log_status(t0 + sealer_mod.STATUS_LOG_INTERVAL + 2)
         sealer.maybe_log_status(t0 + 3 * sealer_mod.STATUS_LOG_INTERVAL)  # nothing new since: quiet
@@ -86,6 +87,7 @@ def test_status_line_every_interval_in_which_pages_were_sealed(caplog):
     assert len(lines) == 1
     assert lines[0].startswith(f"MosaicKV: {PAGES_PER_BATCH} pages sealed (0 under hot-pool pressure, 0 left dense")
     assert f"room for {pool.admissible_tokens()} more tokens" in lines[0]
+    assert "; slowest decode plans 41.2 ms (seal 38.9, sidecar 0.2)" in lines[0]
 
 
 def test_a_fragmented_arena_is_compacted_instead_of_leaving_admitted_pages_dense(caplog):
