@@ -324,7 +324,8 @@ class MosaicAttnBackend(AttentionBackend):
         with contextlib.nullcontext() if in_capture else self.call_profile.section(kind):
             self._plan_batch(forward_batch, in_capture)
         if mode.is_decode() and not in_capture:
-            took, seal, sidecar = time.perf_counter() - t0, sealer.seal_seconds - seal0, sealer.sidecar_seconds() - sidecar0
+            took = time.perf_counter() - t0
+            seal, sidecar = sealer.seal_seconds - seal0, sealer.sidecar_seconds() - sidecar0
             sealer.decode_plans += 1
             sealer.decode_plan_seconds += took
             sealer.decode_plan_seal_seconds += seal

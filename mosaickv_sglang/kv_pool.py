@@ -862,8 +862,8 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         ids, counts, w = st.segment_table_flat(flat, req, st.sealed_in_all(flat), b, None)
         indptr = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(tail_lens)]).astype(np.int32)
         dev = st.device
-        meta = DecodeMetadata(ids, counts, to_device(torch.from_numpy(indptr), dev), to_device(torch.from_numpy(tail), dev),
-                              w)  # fmt: skip
+        indptr_dev, tail_dev = to_device(torch.from_numpy(indptr), dev), to_device(torch.from_numpy(tail), dev)
+        meta = DecodeMetadata(ids, counts, indptr_dev, tail_dev, w)
         return meta, tail_lens
 
     def _decode_metadata_reference(self, r: np.ndarray, n: np.ndarray) -> Tuple[DecodeMetadata, np.ndarray]:

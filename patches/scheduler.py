@@ -8,7 +8,8 @@
   new slots and the scheduler's stream (:func:`~mosaickv_sglang.batch_inputs.note_scheduled_batch`), so that the
   decode plan reads them back without waiting for the step in flight.
 
-A no-op unless this process built a ``mosaic`` attention backend with the sidecar on.
+Both are no-ops unless this process built a ``mosaic`` attention backend, the first with the sidecar on, the second
+with the overlap scheduler on.
 """
 
 from __future__ import annotations
