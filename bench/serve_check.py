@@ -107,9 +107,8 @@ def config_flags(name: str, dense_backend: str = "flashinfer") -> List[str]:
                 raise ValueError(f"config: unknown suffix {extra!r} in {name!r} (expected b<tokens>, h<tokens>, sc0, "
                                  "rs0, cg, ov or tp<N>)")  # fmt: skip
         return flags
-    raise ValueError(f"config: expected dense, dense-<{'|'.join(STOCK_BACKENDS)}>, fp8 or "
-                     f"mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0][-rs0][-cg][-ov] with an optional -tp<N>, got "
-                     f"{name!r}")  # fmt: skip
+    raise ValueError(f"config: expected dense, fp8 or mosaic-r<ratio>[-b<tokens>][-h<tokens>][-sc0][-rs0][-cg][-ov] "
+                     f"with an optional -tp<N>, or dense-<{'|'.join(STOCK_BACKENDS)}>, got {name!r}")  # fmt: skip
 
 
 class Server:
