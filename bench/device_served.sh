@@ -16,7 +16,8 @@
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
-#   kernels  no server: the gpu-marked tests, the arena compaction tests on CUDA, bench.sidecar_cost (the bridge's
+#   kernels  no server: the gpu-marked tests (kernels, startup choices, the backend's graph and overlap-plan tests),
+#            the arena compaction tests on CUDA, bench.sidecar_cost (the bridge's
 #            time per seal and tick, profiled), bench.seal_cost for 128 pages of the 8B shape (the rank kernel's chan
 #            drop, with its profile); while $BUDGET_S lasts, the other chan drop methods, 8 pages, bench.chan_rank
 #            (the rank kernel against torch's top-k) and tests/kernels compiled for the GPU
@@ -352,6 +353,11 @@ case "$step" in
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_decode_tune.py \
       tests/test_chan_drop_select.py > "$out/gpu-tests.log" 2>&1 || echo "gpu tests rc=$?"
     tail -3 "$out/gpu-tests.log"
+    # the backend's GPU tests: captured decode graphs replay like eager, and the overlap scheduler's decode plan does
+    # not wait for the step in flight
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/integration_cpu/test_cuda_graph_decode.py \
+      > "$out/graph-gpu-tests.log" 2>&1 || echo "graph gpu tests rc=$?"
+    tail -3 "$out/graph-gpu-tests.log"
     # arena compaction on the GPU (the store tests run on CUDA when there is one)
     timeout 90 python3 -m pytest -q -p no:cacheprovider tests/pool/test_store_compaction.py \
       > "$out/compaction-tests.log" 2>&1 || echo "compaction tests rc=$?"
