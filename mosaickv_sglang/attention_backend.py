@@ -394,15 +394,14 @@ class MosaicAttnBackend(AttentionBackend):
             seq = _batch_list(forward_batch, "seq_lens")[:real]
             loc = forward_batch.out_cache_loc[:real]
             scheduled = scheduled_batch_for(forward_batch.out_cache_loc)
-            loc_cpu = None
+            step, loc_cpu = self._decode_row_step(seq), None
             if scheduled is not None and scheduled.req_pool_indices.numel() == real:
                 # the overlap scheduler's batch: read on a side stream, not behind the step in flight
-                step = self._decode_row_step(seq)
                 rows, loc_cpu = read_rows_and_slots(self.req_to_token_pool.req_to_token, scheduled, real,
                                                     self._row_width(seq), step)  # fmt: skip
-                width = rows.shape[1] * step
             else:
-                rows, step, width = self._batch_rows(forward_batch.req_pool_indices[:real], seq, decode=True)
+                rows = self._req_rows(forward_batch.req_pool_indices[:real], seq, step)
+            width = rows.shape[1] * step
             owners = None
             if self.sealer.sidecar is not None and self.sealer.sidecar.resegment:
                 owners = forward_batch.req_pool_indices[:real].long()
