@@ -396,8 +396,10 @@ case "$step" in
     ncu_bin="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)"
     if [ -z "$ncu_bin" ]; then echo "ncu not found" | tee "$out/ncu-missing.txt"; exit 0; fi
     # one kernel per run (--launch-count counts every matching launch); most wanted first
-    for case in 8192:_sparse_decode_split_kernel 8192:BatchDecode 131072:_sparse_decode_split_kernel \
-        8192:_segment_scores_main_kernel 131072:BatchDecode; do
+    # (FlashInfer's decode of the GQA shape is its tensor-core BatchPrefillWithPagedKVCacheKernel: the thirteenth
+    # run's "BatchDecode" matched no launch)
+    for case in 8192:_sparse_decode_split_kernel 8192:BatchPrefillWithPagedKVCache 131072:_sparse_decode_split_kernel \
+        8192:_segment_scores_main_kernel 131072:BatchPrefillWithPagedKVCache; do
       ctx="${case%%:*}" kernel="${case#*:}"
       [ "$(left)" -gt 60 ] || break
       timeout $(( $(left) - 30 )) "$ncu_bin" --clock-control none --set full --launch-skip 3 --launch-count 1 \
@@ -419,7 +421,8 @@ case "$step" in
   8b)
     # mosaic first (its decode step is the open question), then stock SGLang while the call has time left;
     # both with decode CUDA graphs (batch sizes up to 32); MOSAIC_ARGS adds mosaic flags (e.g. "--mosaic-cuda-graph
-    # off"), STOCK=0 skips stock, HOST_PROFILE=1 writes the mosaic server's plan profiles (host-profile.<kind>)
+    # off"), STOCK=0 skips stock, HOST_PROFILE=1 writes the mosaic server's plan profiles (host-profile.<kind>),
+    # HOST_SAMPLES=1 samples both schedulers' stacks (MOSAICKV_STACK_SAMPLES) and ranks their functions over the bench
     common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy
             --mem-fraction-static 0.4 --disable-prefill-cuda-graph --cuda-graph-max-bs 32 --context-length 16384
             --enable-metrics)
@@ -430,17 +433,39 @@ case "$step" in
     # compared with stock's: cProfile slows the Python it watches)
     host_profile=""
     [ "${HOST_PROFILE:-0}" = 0 ] || host_profile="$out/host-profile"
+    # HOST_SAMPLES=1: each server's scheduler stacks, every 2 ms, in $out/stacks-<name> (the sampler rewrites the
+    # file every 5 s with the counts since startup); copies taken before and after its bench give the bench's share
+    stacks() { [ "${HOST_SAMPLES:-0}" = 0 ] || echo "$out/stacks-$1"; }
+    stacks_mark() {
+      [ "${HOST_SAMPLES:-0}" = 0 ] || [ ! -f "$out/stacks-$1" ] || cp "$out/stacks-$1" "$out/stacks-$1.$2"
+    }
+    stacks_summary() {
+      [ "${HOST_SAMPLES:-0}" = 0 ] && return 0
+      sleep 6  # the sampler's next write
+      stacks_mark "$1" after
+      [ -f "$out/stacks-$1.after" ] || { echo "no stack samples from $1"; return 0; }
+      local minus=()
+      [ ! -f "$out/stacks-$1.before" ] || minus=(--minus "$out/stacks-$1.before")
+      python3 -m bench.stack_summary "$out/stacks-$1.after" ${minus[@]+"${minus[@]}"} --top 40 \
+        > "$out/stack-summary-$1.txt" 2>&1 || echo "stack_summary $1 rc=$?"
+      python3 -m bench.stack_summary "$out/stacks-$1.after" ${minus[@]+"${minus[@]}"} --top 40 --under run_batch \
+        > "$out/stack-summary-$1-run-batch.txt" 2>&1 || echo "stack_summary $1 rc=$?"
+      rm -f "$out/stacks-$1.before"
+    }
     # shellcheck disable=SC2086
-    MOSAICKV_PROFILE="$host_profile" python3 -m sglang.launch_server "${common[@]}" --port 30000 \
+    MOSAICKV_PROFILE="$host_profile" MOSAICKV_STACK_SAMPLES="$(stacks "mosaic-r${ratio}")" \
+      python3 -m sglang.launch_server "${common[@]}" --port 30000 \
       --kv-compressor mosaic --mosaic-compression-ratio "$ratio" ${MOSAIC_ARGS:-} \
       > "$out/mosaic-r${ratio}.server.log" 2>&1 &
     mosaic_pid=$!
     wait_ready 30000 300
     curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r${ratio}.info.json" || true
     curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-bench-mosaic-r${ratio}.txt" || true
+    stacks_mark "mosaic-r${ratio}" before
     timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
       --output-file "$out/bench-mosaic-r${ratio}.jsonl" > "$out/bench-mosaic-r${ratio}.log" 2>&1 \
       || echo "mosaic bench rc=$?"
+    stacks_summary "mosaic-r${ratio}"
     # decode step p50/p99 without prefill steps, and the time sealing and the sidecar took during the bench
     curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-bench-mosaic-r${ratio}.txt" || true
     python3 -m bench.decode_steps "$out/metrics-before-bench-mosaic-r${ratio}.txt" \
@@ -451,13 +476,15 @@ case "$step" in
     wait "$mosaic_pid" 2>/dev/null || true
     if [ "${STOCK:-1}" = 1 ]; then
       # one server at a time: each sizes its KV pool from the memory it finds free
-      python3 -m sglang.launch_server "${common[@]}" --port 30001 --attention-backend flashinfer \
-        > "$out/dense.server.log" 2>&1 &
+      MOSAICKV_STACK_SAMPLES="$(stacks dense)" python3 -m sglang.launch_server "${common[@]}" --port 30001 \
+        --attention-backend flashinfer > "$out/dense.server.log" 2>&1 &
       dense_pid=$!
       wait_ready 30001 300
       curl -s http://127.0.0.1:30001/get_server_info > "$out/dense.info.json" || true
+      stacks_mark dense before
       timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30001 --output-file "$out/bench-dense.jsonl" \
         > "$out/bench-dense.log" 2>&1 || echo "dense bench rc=$?"
+      stacks_summary dense
       # the stock profile only on request (PROFILE_STOCK=1): with it the step runs past a 600 s call (ninth run)
       [ "${PROFILE_STOCK:-0}" = 0 ] || profile_steps 30001 "$out/dense.server.log" dense || echo "dense profile rc=$?"
       kill "$dense_pid" 2>/dev/null || true

@@ -21,6 +21,7 @@ import torch
 
 from mosaickv_sglang.batch_inputs import clear_scheduled_batch, note_scheduled_batch
 from mosaickv_sglang.runtime import current_sealer
+from mosaickv_sglang.stack_sampler import maybe_start as maybe_start_stack_sampler
 
 from . import seam
 
@@ -49,7 +50,15 @@ def note_batch_inputs(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     note_scheduled_batch(indices, loc, stream)
 
 
+def sample_stacks(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE ``Scheduler.run_batch``: with ``MOSAICKV_STACK_SAMPLES`` set, the first batch starts sampling this
+    scheduler thread's stacks (any server that loads the plugin, stock ones included)."""
+    ps = getattr(self, seam.SCHEDULER_PARALLEL_STATE_ATTR, None)
+    maybe_start_stack_sampler(int(getattr(ps, "tp_rank", 0) or 0), int(getattr(ps, "tp_size", 1) or 1))
+
+
 def apply() -> None:
     """Register the scheduler hooks."""
     seam.register_hook(seam.SCHEDULER_ON_IDLE, sidecar_idle_tick, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, note_batch_inputs, "BEFORE")
+    seam.register_hook(seam.SCHEDULER_RUN_BATCH, sample_stacks, "BEFORE")

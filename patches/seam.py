@@ -95,6 +95,8 @@ SCHEDULER_REPORTER_ATTR = "metrics_reporter"
 BATCH_REQ_POOL_INDICES_CPU_ATTR = "req_pool_indices_cpu"
 BATCH_OUT_CACHE_LOC_ATTR = "out_cache_loc"
 STEP_TIMER_ATTR = "_mosaic_step_timer"
+# The scheduler's ParallelState (tp_rank, tp_size): the stack sampler's file name per tensor-parallel rank.
+SCHEDULER_PARALLEL_STATE_ATTR = "ps"
 
 # ServerArgs fields MosaicKV sets when --kv-compressor mosaic is on and the user left them alone, with the value
 # and why (logged once at startup).
