@@ -187,6 +187,22 @@ def test_landed_jobs_are_submitted_one_at_a_time_within_the_budget(fake):
     assert not t.bridge._pending and t.bridge._reserved == 0
 
 
+def test_a_tick_past_its_budget_after_a_landing_applies_no_plan(fake):
+    """A tick does one unit of work past its budget, not one of each kind: a landing that takes the budget leaves the
+    finished plans to the next tick (both in one tick held the thirteenth run's slowest decode steps); a tick with
+    nothing to land still applies one."""
+    t = fake
+    t.client.finish(*(t.job(i, 0, [2 * i, 2 * i + 1]) for i in range(2)))
+    t.bridge.submit_sealed(np.array([20, 21], dtype=np.int64), np.zeros(2, dtype=bool), 2.0, _dense)
+    t.pool.seal(np.array([20, 21]))
+    t.events[0].done = True
+    assert t.bridge.tick(0.5) == 0  # one job submitted (1 ms), no plan applied
+    assert len(t.client.submitted) == 1 and len(t.bridge._unapplied) == 2
+    assert t.bridge.tick(0.5) == 0 and len(t.client.submitted) == LAYERS  # the other layer's job
+    assert t.bridge.tick(0.5) == 1 and t.bridge.tick(0.5) == 1  # nothing left to land: one plan a tick
+    assert [plan for _, _, plan in t.pool.resealed] == [0, 1]
+
+
 def test_a_waiting_plan_whose_pages_were_freed_or_resealed_is_discarded_and_counted(fake):
     """Plans that wait for a later tick are checked again when their turn comes: pages freed, or freed and sealed
     again, meanwhile discard the plan (counted), and the plans behind them are still applied."""

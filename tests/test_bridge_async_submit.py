@@ -109,7 +109,7 @@ def test_jobs_reach_the_client_only_once_the_copies_landed_with_the_epochs_of_th
         t.bridge.tick()
     assert t.client.received == [] and not t.events[0].waited
     t.events[0].done = True
-    t.bridge.tick()
+    t.bridge.tick(None)  # no budget: all of it in this tick
     got = {(k.layer, k.page) for j in t.client.received for k in j["segments"]}
     assert got == {(layer, int(p)) for layer in range(LAYERS) for p in pages}
     for job in t.client.received:
@@ -138,7 +138,7 @@ def test_pending_jobs_hold_their_slots_so_a_later_batch_does_not_overbook(setup)
     t.bridge.tick()
     assert t.client.received == []  # batches land in order
     t.events[0].done = True
-    t.bridge.tick()
+    t.bridge.tick(None)  # no budget: all of it in this tick
     assert len(t.client.received) == 4 and t.bridge._reserved == 0
 
 
@@ -149,7 +149,7 @@ def test_pages_freed_or_reused_before_the_copies_land_are_discarded_not_applied(
     t.pool.free(np.array([1]))  # freed, reused and sealed again
     t.pool.seal(np.array([1]))
     t.events[0].done = True
-    t.bridge.tick()
+    t.bridge.tick(None)  # no budget: all of it in this tick
     assert len(t.client.received) == 4
     assert sorted(t.bridge._shadow) == [(0, 3), (0, 4), (1, 3), (1, 4)]
     assert t.bridge.plans_applied == 2 and t.bridge.plans_discarded == 2
@@ -174,7 +174,7 @@ def test_counters_and_timings(setup):
     assert t.bridge.submit_seconds > 0 and t.bridge.tick_seconds == 0
     t.client.disabled = True  # refused when the copies land: those segments kept their fast plans
     t.events[0].done = True
-    t.bridge.tick()
+    t.bridge.tick(None)  # no budget: all of it in this tick
     assert t.client.received == [] and t.bridge.tick_seconds > 0
     assert t.bridge.segments_submitted == 0 and t.bridge.segments_skipped == 3 * H * LAYERS
 
@@ -186,3 +186,25 @@ def test_submission_reads_nothing_back_from_the_device(setup):
     with HostSyncCounter() as count:
         t.bridge.submit_sealed(pages, np.zeros(pages.size, dtype=bool), 2.0, dense)
     assert count.syncs == 0, dict(count.by_name)
+
+
+def test_shared_pages_copies_land_one_layer_a_unit_before_the_jobs(setup, monkeypatch):
+    """A tick past its budget still lands one unit; the host copies of pages several requests read are one unit a
+    layer (the whole model's in one unit held a served decode step 4.7 ms past the budget), and their
+    re-segmentation is queued once every layer's copies are kept."""
+    t = setup
+    t.bridge._readers = {3: {1, 2}, 4: {1, 2}}  # read by two requests: shared
+    seal(t, [3, 4, 5])
+    jobs = len(t.bridge._pending[0].jobs)
+    assert jobs == 4  # [3, 4] and [5] in each layer
+    t.events[0].done = True
+    clock = iter(np.arange(0.0, 100.0, 1.0))  # every reading of the clock 1 s later: each tick past its budget
+    monkeypatch.setattr(bridge_mod.time, "perf_counter", lambda: float(next(clock)))
+    for layer in range(LAYERS):
+        t.bridge.tick()
+        assert sorted(t.bridge._shadow) == sorted((lay, p) for lay in range(layer + 1) for p in (3, 4))
+        assert t.client.received == []
+        assert len(t.bridge.queue) == (0 if layer < LAYERS - 1 else LAYERS * 2)
+    for n in range(1, jobs + 1):  # then the jobs, one a tick
+        t.bridge.tick()
+        assert len(t.client.received) == n and len(t.bridge._pending) == (n < jobs)
