@@ -168,6 +168,29 @@ profile_steps() {  # profile_steps <port> <server log> <name>: 1 prefill and 3 d
   summarize_profile "$dir-decode" "$name-decode"
 }
 
+# HOST_SAMPLES=1 (8b, sidecar-itl): each server's scheduler stacks, every 2 ms, in $out/stacks-<name>
+# (MOSAICKV_STACK_SAMPLES; the sampler rewrites the file every 5 s with the counts since startup); copies taken before
+# and after a load give the load's share (stack-summary-<name>.txt, and the same under run_batch)
+stacks() { [ "${HOST_SAMPLES:-0}" = 0 ] || echo "$out/stacks-$1"; }  # stacks <name>: the path, or "" (off)
+
+stacks_mark() {  # stacks_mark <name> <tag>: a copy of the samples so far
+  [ "${HOST_SAMPLES:-0}" = 0 ] || [ ! -f "$out/stacks-$1" ] || cp "$out/stacks-$1" "$out/stacks-$1.$2"
+}
+
+stacks_summary() {  # stacks_summary <name>: the functions of the samples since stacks_mark <name> before
+  [ "${HOST_SAMPLES:-0}" = 0 ] && return 0
+  sleep 6  # the sampler's next write
+  stacks_mark "$1" after
+  [ -f "$out/stacks-$1.after" ] || { echo "no stack samples from $1"; return 0; }
+  local minus=()
+  [ ! -f "$out/stacks-$1.before" ] || minus=(--minus "$out/stacks-$1.before")
+  python3 -m bench.stack_summary "$out/stacks-$1.after" ${minus[@]+"${minus[@]}"} --top 40 \
+    > "$out/stack-summary-$1.txt" 2>&1 || echo "stack_summary $1 rc=$?"
+  python3 -m bench.stack_summary "$out/stacks-$1.after" ${minus[@]+"${minus[@]}"} --top 40 --under run_batch \
+    > "$out/stack-summary-$1-run-batch.txt" 2>&1 || echo "stack_summary $1 rc=$?"
+  rm -f "$out/stacks-$1.before"
+}
+
 ps_sidecars() {  # CPU time of the sidecar processes (spawned children of the schedulers)
   ps -eo pid,ppid,pcpu,cputime,etimes,args | grep -E "spawn_main|sglang::" | grep -v grep || true
 }
@@ -269,7 +292,8 @@ case "$step" in
     pids=()
     for i in $(seq 0 $last); do
       # shellcheck disable=SC2086
-      python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
+      MOSAICKV_STACK_SAMPLES="$(stacks "r3-${names[$i]}")" python3 -m sglang.launch_server --model-path "$M" \
+        --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
         --disable-prefill-cuda-graph --mem-fraction-static "${fractions[$i]}" --max-total-tokens 3000000 \
         --chunked-prefill-size 2048 --enable-cache-report --enable-metrics --kv-compressor mosaic \
         --mosaic-compression-ratio 3 ${extra[$i]} > "$out/mosaic-r3-${names[$i]}.server.log" 2>&1 &
@@ -291,6 +315,7 @@ case "$step" in
     fi
     for i in 0 $last; do
       curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-before-itl-${names[$i]}.txt" || true
+      stacks_mark "r3-${names[$i]}" before
       timeout 100 python3 -m sglang.bench_serving --backend sglang --host 127.0.0.1 --port $((30000 + i)) \
         --model "$M" --tokenizer "$M" --dataset-name generated-shared-prefix --gsp-num-groups 4 \
         --gsp-prompts-per-group 16 --gsp-system-prompt-len 4096 --gsp-question-len 128 --gsp-output-len 64 \
@@ -301,6 +326,7 @@ case "$step" in
       curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-after-itl-${names[$i]}.txt" || true
       python3 -m bench.decode_steps "$out/metrics-before-itl-${names[$i]}.txt" \
         "$out/metrics-after-itl-${names[$i]}.txt" > "$out/decode-steps-${names[$i]}.txt" 2>&1 || true
+      stacks_summary "r3-${names[$i]}"
     done
     for i in $(seq 0 $last); do
       curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true
@@ -422,7 +448,7 @@ case "$step" in
     # mosaic first (its decode step is the open question), then stock SGLang while the call has time left;
     # both with decode CUDA graphs (batch sizes up to 32); MOSAIC_ARGS adds mosaic flags (e.g. "--mosaic-cuda-graph
     # off"), STOCK=0 skips stock, HOST_PROFILE=1 writes the mosaic server's plan profiles (host-profile.<kind>),
-    # HOST_SAMPLES=1 samples both schedulers' stacks (MOSAICKV_STACK_SAMPLES) and ranks their functions over the bench
+    # HOST_SAMPLES=1 samples both schedulers' stacks (stacks_summary above) over their bench
     common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy
             --mem-fraction-static 0.4 --disable-prefill-cuda-graph --cuda-graph-max-bs 32 --context-length 16384
             --enable-metrics)
@@ -433,25 +459,6 @@ case "$step" in
     # compared with stock's: cProfile slows the Python it watches)
     host_profile=""
     [ "${HOST_PROFILE:-0}" = 0 ] || host_profile="$out/host-profile"
-    # HOST_SAMPLES=1: each server's scheduler stacks, every 2 ms, in $out/stacks-<name> (the sampler rewrites the
-    # file every 5 s with the counts since startup); copies taken before and after its bench give the bench's share
-    stacks() { [ "${HOST_SAMPLES:-0}" = 0 ] || echo "$out/stacks-$1"; }
-    stacks_mark() {
-      [ "${HOST_SAMPLES:-0}" = 0 ] || [ ! -f "$out/stacks-$1" ] || cp "$out/stacks-$1" "$out/stacks-$1.$2"
-    }
-    stacks_summary() {
-      [ "${HOST_SAMPLES:-0}" = 0 ] && return 0
-      sleep 6  # the sampler's next write
-      stacks_mark "$1" after
-      [ -f "$out/stacks-$1.after" ] || { echo "no stack samples from $1"; return 0; }
-      local minus=()
-      [ ! -f "$out/stacks-$1.before" ] || minus=(--minus "$out/stacks-$1.before")
-      python3 -m bench.stack_summary "$out/stacks-$1.after" ${minus[@]+"${minus[@]}"} --top 40 \
-        > "$out/stack-summary-$1.txt" 2>&1 || echo "stack_summary $1 rc=$?"
-      python3 -m bench.stack_summary "$out/stacks-$1.after" ${minus[@]+"${minus[@]}"} --top 40 --under run_batch \
-        > "$out/stack-summary-$1-run-batch.txt" 2>&1 || echo "stack_summary $1 rc=$?"
-      rm -f "$out/stacks-$1.before"
-    }
     # shellcheck disable=SC2086
     MOSAICKV_PROFILE="$host_profile" MOSAICKV_STACK_SAMPLES="$(stacks "mosaic-r${ratio}")" \
       python3 -m sglang.launch_server "${common[@]}" --port 30000 \
