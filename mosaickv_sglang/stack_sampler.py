@@ -16,13 +16,14 @@ GIL for long stretches are seen late but still counted once per interval.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import threading
 import time
 from collections import Counter
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Callable, Dict, Optional
 
 __all__ = ["ENV_VAR", "INTERVAL_ENV_VAR", "StackSampler", "collapse", "maybe_start", "WRITE_EVERY_S"]
@@ -38,8 +39,8 @@ MAX_DEPTH = 96
 _started: Optional["StackSampler"] = None
 
 
-def _label(frame: FrameType) -> str:
-    code = frame.f_code
+@functools.lru_cache(maxsize=8192)  # one label per code object: a sample then costs a walk of the frames
+def _label(code: CodeType) -> str:
     parts = code.co_filename.replace("\\", "/").split("/")
     where = "/".join(parts[-2:])
     return f"{code.co_name} ({where}:{code.co_firstlineno})"
@@ -50,7 +51,7 @@ def collapse(frame: Optional[FrameType], max_depth: int = MAX_DEPTH) -> str:
     ``max_depth`` innermost frames at most."""
     labels = []
     while frame is not None and len(labels) < max_depth:
-        labels.append(_label(frame))
+        labels.append(_label(frame.f_code))
         frame = frame.f_back
     return ";".join(reversed(labels))
 
