@@ -62,6 +62,8 @@ pack_results() {  # on exit, also a failed one: the device tool brings back a li
   # PTX JIT, SGLang's JIT kernels, TorchInductor), with write times: a stall at the first large batch shows up here
   find "${HOME}/.cache" "${HOME}/.nv" /tmp/torchinductor_* -type f -newer "$start_marker" ! -path "$out/*" \
     -printf '%TT %s %p\n' 2>/dev/null | sort > "$out/jit-caches.txt" || true
+  # the stack samplers' raw files (every stack since a server started) stay behind; their loads' share is gzipped
+  find "$out" -maxdepth 1 -name 'stacks-*' ! -name '*.load.gz' -delete 2>/dev/null || true
   tar czf "$OUT/$step.tgz" -C "$OUT" "$step" && rm -rf "$out" && echo "results in $OUT/$step.tgz"
   # each cache only when the step compiled something in it (a restored, unchanged cache is already where it came from)
   local c
@@ -184,11 +186,14 @@ stacks_summary() {  # stacks_summary <name>: the functions of the samples since 
   [ -f "$out/stacks-$1.after" ] || { echo "no stack samples from $1"; return 0; }
   local minus=()
   [ ! -f "$out/stacks-$1.before" ] || minus=(--minus "$out/stacks-$1.before")
+  # the load's samples alone, gzipped (the raw files hold every stack since startup: megabytes, and the step's
+  # archive must stay under the device tool's 16 MiB)
   python3 -m bench.stack_summary "$out/stacks-$1.after" ${minus[@]+"${minus[@]}"} --top 40 \
-    > "$out/stack-summary-$1.txt" 2>&1 || echo "stack_summary $1 rc=$?"
+    --write "$out/stacks-$1.load" > "$out/stack-summary-$1.txt" 2>&1 || echo "stack_summary $1 rc=$?"
   python3 -m bench.stack_summary "$out/stacks-$1.after" ${minus[@]+"${minus[@]}"} --top 40 --under run_batch \
     > "$out/stack-summary-$1-run-batch.txt" 2>&1 || echo "stack_summary $1 rc=$?"
-  rm -f "$out/stacks-$1.before"
+  [ ! -f "$out/stacks-$1.load" ] || gzip -9f "$out/stacks-$1.load"
+  rm -f "$out/stacks-$1.before" "$out/stacks-$1.after"
 }
 
 ps_sidecars() {  # CPU time of the sidecar processes (spawned children of the schedulers)

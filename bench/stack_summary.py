@@ -78,6 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--top", type=int, default=25, help="functions listed per table (default 25)")
     ap.add_argument("--under", default=None, help="keep only the samples with a frame containing this text")
     ap.add_argument("--minus", type=Path, default=None, help="an earlier copy of the file: count only what came after")
+    ap.add_argument("--write", type=Path, default=None, metavar="OUT",
+                    help="also write the samples counted (after --minus) to OUT, collapsed, most frequent first")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = ap.parse_args(argv)
     if args.top < 1:
@@ -89,6 +91,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as err:
         print(f"stack_summary: {args.path}: {err}", file=sys.stderr)
         return 2
+    if args.write is not None:
+        try:
+            args.write.write_text("".join(f"{stack} {n}\n" for stack, n in sorted(counts.items(),
+                                                                                 key=lambda kv: (-kv[1], kv[0]))))
+        except OSError as err:
+            print(f"stack_summary: {args.write}: {err}", file=sys.stderr)
+            return 2
     got = summarize(counts, args.top, args.under)
     if args.json:
         print(json.dumps(got))

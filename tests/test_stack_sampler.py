@@ -156,8 +156,12 @@ def test_summary_reads_and_ranks(tmp_path, capsys):
     assert '"samples": 10' in capsys.readouterr().out
     earlier = tmp_path / "earlier"
     earlier.write_text("main;run_batch;forward 4\n")
-    assert stack_summary.main([str(path), "--minus", str(earlier), "--json"]) == 0
+    load = tmp_path / "load"
+    assert stack_summary.main([str(path), "--minus", str(earlier), "--json", "--write", str(load)]) == 0
     assert '"samples": 6' in capsys.readouterr().out
+    assert load.read_text() == "main;process_result 3\nmain;run_batch;forward 2\nmain;run_batch;plan 1\n"
+    assert stack_summary.main([str(path), "--write", str(tmp_path / "no-dir" / "x")]) == 2
+    assert "no-dir" in capsys.readouterr().err
     assert stack_summary.main([str(earlier), "--minus", str(path)]) == 2
     assert "--minus: expected an earlier copy of the same file" in capsys.readouterr().err
 
