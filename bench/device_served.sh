@@ -478,11 +478,11 @@ case "$step" in
     timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
       --output-file "$out/bench-mosaic-r${ratio}.jsonl" > "$out/bench-mosaic-r${ratio}.log" 2>&1 \
       || echo "mosaic bench rc=$?"
-    stacks_summary "mosaic-r${ratio}"
     # decode step p50/p99 without prefill steps, and the time sealing and the sidecar took during the bench
     curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-bench-mosaic-r${ratio}.txt" || true
     python3 -m bench.decode_steps "$out/metrics-before-bench-mosaic-r${ratio}.txt" \
       "$out/metrics-after-bench-mosaic-r${ratio}.txt" > "$out/decode-steps-mosaic-r${ratio}.txt" 2>&1 || true
+    stacks_summary "mosaic-r${ratio}"  # (after the scrape: its wait for the sampler's write is idle time)
     profile_steps 30000 "$out/mosaic-r${ratio}.server.log" "mosaic-r${ratio}" || echo "mosaic profile rc=$?"
     ps_sidecars > "$out/ps.txt"
     kill "$mosaic_pid" 2>/dev/null || true
