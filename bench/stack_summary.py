@@ -18,6 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from mosaickv_sglang.stack_sampler import collapsed_text
+
 
 def read_collapsed(text: str) -> Counter:
     """``{stack: count}`` from collapsed-stack lines (``frame;...;leaf count``; blank lines skipped)."""
@@ -93,8 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.write is not None:
         try:
-            args.write.write_text("".join(f"{stack} {n}\n" for stack, n in sorted(counts.items(),
-                                                                                 key=lambda kv: (-kv[1], kv[0]))))
+            args.write.write_text(collapsed_text(counts))
         except OSError as err:
             print(f"stack_summary: {args.write}: {err}", file=sys.stderr)
             return 2

@@ -26,7 +26,7 @@ from collections import Counter
 from types import CodeType, FrameType
 from typing import Callable, Dict, Optional
 
-__all__ = ["ENV_VAR", "INTERVAL_ENV_VAR", "StackSampler", "collapse", "maybe_start", "WRITE_EVERY_S"]
+__all__ = ["ENV_VAR", "INTERVAL_ENV_VAR", "StackSampler", "collapse", "collapsed_text", "maybe_start", "WRITE_EVERY_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,11 @@ def collapse(frame: Optional[FrameType], max_depth: int = MAX_DEPTH) -> str:
         labels.append(_label(frame.f_code))
         frame = frame.f_back
     return ";".join(reversed(labels))
+
+
+def collapsed_text(counts: Dict[str, int]) -> str:
+    """``{stack: count}`` as collapsed-stack lines (``stack count``), the most frequent first (then by stack)."""
+    return "".join(f"{stack} {n}\n" for stack, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 class StackSampler:
@@ -107,11 +112,10 @@ class StackSampler:
         """Replace the file with the counts so far, most frequent stack first; a write error is logged, never
         raised (the server goes on)."""
         with self._lock:
-            items = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            text = collapsed_text(self.counts)
         try:
             with open(f"{self.path}.tmp", "w") as f:
-                for stack, n in items:
-                    f.write(f"{stack} {n}\n")
+                f.write(text)
             os.replace(f"{self.path}.tmp", self.path)
         except OSError as err:
             logger.warning("MosaicKV: could not write the stack samples to %s: %s", self.path, err)

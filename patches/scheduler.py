@@ -7,9 +7,11 @@
 - BEFORE ``Scheduler.run_batch``, with ``--mosaic-overlap-schedule on``: note the batch's request indices (host),
   new slots and the scheduler's stream (:func:`~mosaickv_sglang.batch_inputs.note_scheduled_batch`), so that the
   decode plan reads them back without waiting for the step in flight.
+- BEFORE ``Scheduler.run_batch``, with ``MOSAICKV_STACK_SAMPLES`` set: the first batch starts sampling this
+  scheduler thread's stacks (:mod:`mosaickv_sglang.stack_sampler`), in any server that loads the plugin.
 
-Both are no-ops unless this process built a ``mosaic`` attention backend, the first with the sidecar on, the second
-with the overlap scheduler on.
+The first two are no-ops unless this process built a ``mosaic`` attention backend, the first with the sidecar on,
+the second with the overlap scheduler on.
 """
 
 from __future__ import annotations

@@ -453,9 +453,7 @@ class SidecarBridge:
                 live = self.pool.page_epoch[pages] == epochs
                 self._queue(pages[live], epochs[live])
             return
-        if batch.landed == len(batch.jobs):
-            return
-        j = batch.landed
+        j = batch.landed  # < len(batch.jobs): _flush lands units only of batches not done
         batch.landed += 1
         self._reserved -= 1
         layer, pages, epochs, budget = batch.jobs[j]
