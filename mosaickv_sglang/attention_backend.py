@@ -42,7 +42,7 @@ from mosaickv_sglang.kernels._checks import debug_checks_enabled
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.pool import to_device
 from mosaickv_sglang.runtime import register_sealer
-from mosaickv_sglang.sealer import Sealer
+from mosaickv_sglang.sealer import Sealer, seal_beside_step_enabled
 from mosaickv_sglang.warmup import backend_shape, enumerate_variants, run_warmup, warmup_enabled
 
 if TYPE_CHECKING:
@@ -239,6 +239,8 @@ class MosaicAttnBackend(AttentionBackend):
         self._suggest_num_splits = suggest_num_splits
         self._extend_fwd = extend_fwd
         self.sealer = Sealer(self.pool, num_q_heads)
+        self.sealer.seal_beside_step = (self.config.overlap_schedule and self.device.type == "cuda"
+                                        and seal_beside_step_enabled())  # fmt: skip
         self.call_profile = CallProfile.from_env(int(getattr(model_runner, "tp_rank", 0) or 0),
                                                  int(getattr(model_runner, "tp_size", 1) or 1))  # fmt: skip
         self.auto_seal = bool(auto_seal)
@@ -322,7 +324,14 @@ class MosaicAttnBackend(AttentionBackend):
         t0, seal0, sidecar0 = time.perf_counter(), sealer.seal_seconds, sealer.sidecar_seconds()
         kind = "decode" if mode.is_decode() else mode.name.lower()
         with contextlib.nullcontext() if in_capture else self.call_profile.section(kind):
-            self._plan_batch(forward_batch, in_capture)
+            if in_capture:
+                self._plan_batch(forward_batch, in_capture)
+            else:
+                sealer.begin_plan()
+                try:
+                    self._plan_batch(forward_batch, in_capture)
+                finally:
+                    sealer.end_plan()
         if mode.is_decode() and not in_capture:
             took = time.perf_counter() - t0
             seal, sidecar = sealer.seal_seconds - seal0, sealer.sidecar_seconds() - sidecar0
@@ -347,7 +356,16 @@ class MosaicAttnBackend(AttentionBackend):
                 "extend and mixed only; no speculative decoding)"
             )
         seq = _batch_list(forward_batch, "seq_lens")
-        rows, step, width = self._batch_rows(forward_batch.req_pool_indices, seq, mode.is_decode())
+        scheduled = scheduled_batch_for(forward_batch.out_cache_loc)
+        loc_cpu = None
+        if scheduled is not None and scheduled.req_pool_indices.numel() == len(seq):
+            # the overlap scheduler's batch: read on a side stream, not behind the step in flight
+            step = self._decode_row_step(seq) if mode.is_decode() else 1
+            rows, loc_cpu = read_rows_and_slots(self.req_to_token_pool.req_to_token, scheduled, len(seq),
+                                                self._row_width(seq), step)  # fmt: skip
+            width = rows.shape[1] * step
+        else:
+            rows, step, width = self._batch_rows(forward_batch.req_pool_indices, seq, mode.is_decode())
         if mode.is_decode():
             pre_l = [n - 1 for n in seq]
         else:
@@ -365,12 +383,16 @@ class MosaicAttnBackend(AttentionBackend):
             # who asks each query row of this forward: re-segmentation plans a shared page with its readers' queries
             owners = forward_batch.req_pool_indices.long()
             if not mode.is_decode():
-                reads = [(r, rows[b, : seq[b]]) for b, r in enumerate(forward_batch.req_pool_indices.tolist())]
-                owners = torch.repeat_interleave(owners, torch.tensor(ext_l, device=owners.device))
+                ids = (scheduled.req_pool_indices if scheduled is not None and loc_cpu is not None
+                       else forward_batch.req_pool_indices).tolist()  # fmt: skip
+                reads = [(r, rows[b, : seq[b]]) for b, r in enumerate(ids)]
+                # repeats copied without waiting and the output's size given: nothing here waits for the device
+                owners = torch.repeat_interleave(owners, to_device(torch.tensor(ext_l), owners.device),
+                                                 output_size=sum(ext_l))  # fmt: skip
             self.sealer.window.set_owners(owners)
         rows_np = rows.numpy()
         loc = forward_batch.out_cache_loc
-        self._prepare_writes(loc, rows_np, _slice_lens(pre_l, width), reads, step)
+        self._prepare_writes(loc, rows_np, _slice_lens(pre_l, width), reads, step, loc_cpu=loc_cpu)
         if mode.is_decode():
             md = self._plan_decode(rows_np, _slice_lens(seq, width), step)
         else:

@@ -20,10 +20,11 @@ requests share is never planned for one request's question alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,18 +44,26 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QueryWindow", "Sealer"]
+__all__ = ["QueryWindow", "Sealer", "seal_beside_step_enabled"]
 
 # Seconds between two status lines of the sealer in the server log (only when something was sealed meanwhile).
 STATUS_LOG_INTERVAL = 60.0
 # Environment variable overriding STATUS_LOG_INTERVAL (seconds; the GPU runs' loads last seconds, not minutes).
 STATUS_INTERVAL_ENV = "MOSAICKV_STATUS_INTERVAL"
+# Environment variable that turns sealing beside the step in flight off ("0"; see seal_beside_step_enabled).
+SEAL_BESIDE_STEP_ENV = "MOSAICKV_SEAL_BESIDE_STEP"
 # Policy pages (out of the hot window) wait until this many are due, so that one planner call (whose cost is mostly
 # fixed) seals many pages instead of one page every other decode step; hot-pool pressure seals at once.
 SEAL_BATCH_PAGES = 16
 # Retries of a batch whose plans do not fit the arenas, each with the ratio multiplied by this factor.
 ARENA_RETRY_FACTOR = 1.5
 ARENA_RETRIES = 2
+
+
+def seal_beside_step_enabled() -> bool:
+    """``MOSAICKV_SEAL_BESIDE_STEP`` unset or not ``0``: with the overlap scheduler, seal beside the step in flight
+    (:meth:`Sealer.end_plan`); ``0`` seals after it, as without the overlap scheduler."""
+    return os.environ.get(SEAL_BESIDE_STEP_ENV, "1").strip() != "0"
 
 
 def status_interval() -> float:
@@ -96,6 +105,11 @@ class QueryWindow:
         self._next = [0] * num_layers
         self._count = [0] * num_layers
         self._idx: Dict[Tuple[int, int], torch.Tensor] = {}  # ring rows of (start, count), on the ring's device
+        # snapshot (take_snapshot): the ring as the step after the current plan will find it, read while a step runs
+        self._plan_count: Optional[List[int]] = None
+        self._snapshot: Optional[torch.Tensor] = None
+        self._snapshot_count: List[int] = [0] * num_layers
+        self._reading_snapshot = False
 
     def set_owners(self, owners: Optional[torch.Tensor]) -> None:
         """The request of each query row of the coming forward (shape ``[T]``, SGLang's ``req_pool_indices``, one per
@@ -166,11 +180,39 @@ class QueryWindow:
         self.ring[layer].index_copy_(0, rows[:t], rows_q)
 
     def queries(self, layer: int) -> Optional[torch.Tensor]:
-        """shape ``[H_kv, W', G, d]`` fp32: the observed queries of local layer ``layer`` (``None`` before any)."""
-        n = self._count[layer]
+        """shape ``[H_kv, W', G, d]`` fp32: the observed queries of local layer ``layer`` (``None`` before any); those
+        of the snapshot inside :meth:`reading_snapshot`."""
+        ring, count = (self._snapshot, self._snapshot_count) if self._reading_snapshot else (self.ring, self._count)
+        n = count[layer]
         if n == 0:
             return None
-        return self.ring[layer, :n].permute(1, 0, 2, 3)
+        return ring[layer, :n].permute(1, 0, 2, 3)
+
+    # --- snapshot: the window read beside a step in flight ----------------------------------------------------------
+    def mark_plan_start(self) -> None:
+        """A plan starts: remember how many rows each layer holds (a CUDA-graph plan advances them in
+        :meth:`plan_rows` before its step has written the rows)."""
+        self._plan_count = list(self._count)
+
+    def take_snapshot(self) -> None:
+        """A plan ends: copy the ring (queued on the current stream, before the step the plan was made for, so that
+        step's queries are not in it) with the row counts the plan started with. :meth:`reading_snapshot` then reads
+        this copy while that step runs and overwrites the ring."""
+        if self._snapshot is None:
+            self._snapshot = torch.empty_like(self.ring)
+        self._snapshot.copy_(self.ring)
+        self._snapshot_count = list(self._count if self._plan_count is None else self._plan_count)
+        self._plan_count = None
+
+    @contextlib.contextmanager
+    def reading_snapshot(self) -> Iterator[None]:
+        """Within it, :meth:`queries` reads the last :meth:`take_snapshot` (the live ring without one)."""
+        prev = self._reading_snapshot
+        self._reading_snapshot = self._snapshot is not None
+        try:
+            yield
+        finally:
+            self._reading_snapshot = prev
 
     def reader_queries(self, layer: int, readers: Sequence[int]) -> Optional[torch.Tensor]:
         """:meth:`queries` asked by the requests ``readers`` only; ``None`` when none of theirs is in the window."""
@@ -181,6 +223,11 @@ class QueryWindow:
         if not bool(mine.any()):
             return None
         return self.ring[layer, :n][mine].permute(1, 0, 2, 3)
+
+
+def _waiter(stream: "torch.cuda.Stream", other: "torch.cuda.Stream") -> Callable[[], None]:
+    """A callback making ``stream`` wait for the work queued on ``other`` so far."""
+    return lambda: stream.wait_stream(other)
 
 
 def _slice_plan(plan: SegmentPlan, sl: slice) -> SegmentPlan:
@@ -244,6 +291,11 @@ class Sealer:
     sidecar : SidecarBridge or None
         The CPU sidecar that refines sealed pages' plans (``None`` with ``--mosaic-sidecar off`` or before
         :meth:`attach_sidecar`): ticked before each forward, handed each sealed batch before it is packed.
+    seal_beside_step : bool
+        Seal beside the step in flight (SGLang's overlap scheduler; set by the attention backend): see
+        :meth:`end_plan`. Off: every seal runs on the current stream, after the step in flight.
+    side_seals, pages_deferred : int
+        Seals made beside the step in flight, and policy pages left for a later plan because that step writes them.
     """
 
     def __init__(
@@ -271,6 +323,15 @@ class Sealer:
         self.plan_max_segments = DEFAULT_MAX_SEGMENTS
         self.plan_max_chunk_bytes = DEFAULT_MAX_CHUNK_BYTES
         self.sidecar = None
+        self.seal_beside_step = False
+        self.side_seals = 0
+        self.pages_deferred = 0
+        self._planned_pages = np.zeros(0, dtype=np.int64)
+        self._in_flight = np.zeros(0, dtype=np.int64)
+        self._deferred = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+        self._plan_end: Optional["torch.cuda.Event"] = None
+        self._frees_at_plan_end = pool.store.granule_frees
+        self._side_stream: Optional["torch.cuda.Stream"] = None
         self._warned_arena = False
         self._logged_at = time.monotonic()
         self.status_interval = status_interval()
@@ -295,7 +356,7 @@ class Sealer:
             (prefix and new tokens); the sidecar learns from them which pages several requests read (prefixes shared
             through the radix cache).
         """
-        self._tick(reads)
+        self._observe(reads)
         pages: List[np.ndarray] = []
         sinks: List[np.ndarray] = []
         for slots in written_slots:
@@ -308,6 +369,7 @@ class Sealer:
         chosen = np.concatenate(pages) if pages else np.zeros(0, dtype=np.int64)
         sink_mask = np.concatenate(sinks) if sinks else np.zeros(0, dtype=bool)
         self._seal_due(chosen, sink_mask, new_pages)
+        self._tick()
 
     def before_forward_rows(
         self, rows: np.ndarray, lens: np.ndarray, new_pages: np.ndarray,
@@ -316,26 +378,53 @@ class Sealer:
         """:meth:`before_forward` with ``written_slots = [rows[b, :lens[b]] for b in range(B)]`` (same decisions),
         the batch's pages read in one pass (:meth:`MosaicMHATokenToKVPool.pages_to_seal_rows`, whose ``step`` this
         passes on: 1, or ``page_size`` for rows of page starts)."""
-        self._tick(reads)
+        self._observe(reads)
         pages, sinks = self.pool.pages_to_seal_rows(rows, lens, step)
         keep = ~np.isin(pages, new_pages)
         self._seal_due(pages[keep], sinks[keep], new_pages)
+        self._tick()
 
-    def _tick(self, reads: Optional[Sequence[Tuple[int, torch.Tensor]]]) -> None:
+    def _observe(self, reads: Optional[Sequence[Tuple[int, torch.Tensor]]]) -> None:
+        if self.sidecar is not None and reads is not None:
+            self.sidecar.observe_readers(reads)
+
+    def _tick(self) -> None:
+        # after the seal: the plans it applies free old payloads, which a seal beside the step in flight must not
+        # reuse (see end_plan)
         if self.sidecar is not None:
             self.sidecar.tick()
-            if reads is not None:
-                self.sidecar.observe_readers(reads)
 
     def _seal_due(self, chosen: np.ndarray, sink_mask: np.ndarray, new_pages: np.ndarray) -> None:
         """Seal, of the policy pages ``chosen`` (request order, duplicates allowed), what pressure and the batch
         size call for."""
         pool = self.pool
+        self._planned_pages = np.asarray(new_pages, dtype=np.int64)
+        deferred = np.zeros(0, dtype=np.int64)
+        if self.seal_beside_step:
+            deferred, deferred_sinks = self._still_deferrable()
+            chosen = np.concatenate([np.asarray(chosen, dtype=np.int64), deferred])
+            sink_mask = np.concatenate([np.asarray(sink_mask, dtype=bool), deferred_sinks])
         chosen, first = np.unique(chosen, return_index=True)
         sink_mask = sink_mask[first]
 
         need = int(np.count_nonzero(pool.physical_pages(torch.from_numpy(new_pages)).numpy() < 0))
         short = need + self.reserve_pages - pool.num_free_physical_pages
+        beside = short <= 0 and self._can_seal_beside()
+        if beside:
+            # pages the step in flight writes wait for a later plan; so do due pages short of a batch that came from
+            # an earlier plan's deferral (no later plan of their requests might find them again)
+            held = np.isin(chosen, self._in_flight)
+            if chosen.size - int(np.count_nonzero(held)) < self.min_seal_pages:
+                held |= np.isin(chosen, deferred)
+            self._defer(chosen[held], sink_mask[held])
+            self.pages_deferred += int(np.count_nonzero(np.isin(chosen[held], self._in_flight)))
+            chosen, sink_mask = chosen[~held], sink_mask[~held]
+            if chosen.size >= self.min_seal_pages:
+                with self._beside_step():
+                    self.seal(chosen, sink_mask)
+            self.maybe_log_status()
+            return
+        self._defer(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
         if short > 0:
             # the pages this forward cannot do without go first, on their own: policy pages, then the least recently
             # written ones; the scheduler admitted the forward only if the arenas can take them (admissible_tokens)
@@ -347,7 +436,81 @@ class Sealer:
             chosen, sink_mask = chosen[short:], sink_mask[short:]
         if chosen.size >= self.min_seal_pages:
             self.seal(chosen, sink_mask)
+        elif deferred.size:
+            kept = np.isin(chosen, deferred)
+            self._defer(chosen[kept], sink_mask[kept])
         self.maybe_log_status()
+
+    # --- sealing beside the step in flight (SGLang's overlap scheduler) ------------------------------------------
+    def begin_plan(self) -> None:
+        """The attention backend starts planning a step (not under CUDA-graph capture)."""
+        if self.seal_beside_step:
+            self.window.mark_plan_start()
+
+    def end_plan(self) -> None:
+        """The attention backend has planned a step; with :attr:`seal_beside_step`, that step is the one in flight
+        while the next step is planned (the overlap scheduler). Noted here, on the current (forward) stream, before
+        the step's kernels: the pages it writes (the plan's new pages), the query window as it finds it
+        (:meth:`QueryWindow.take_snapshot`), an event, and the arena's count of frees.
+
+        The next plan seals beside that step, on a side stream that waits for the event only, when the hot pool
+        needs no room at once and no arena granule was freed since (the step in flight may read a granule freed after
+        it was launched, and the side stream could reuse it): it leaves the pages the step writes for a later plan,
+        plans from the snapshot, makes its compaction wait for the step, and the forward stream waits for it before
+        the next step. Otherwise the seal runs on the forward stream, after the step in flight, as without this.
+        Decisions depend only on host state, so every TP rank takes the same ones."""
+        if not self.seal_beside_step:
+            return
+        self._in_flight, self._planned_pages = self._planned_pages, np.zeros(0, dtype=np.int64)
+        self.window.take_snapshot()
+        self._frees_at_plan_end = self.pool.store.granule_frees
+        dev = torch.device(self.pool.device)
+        if dev.type == "cuda":
+            self._plan_end = torch.cuda.Event()
+            self._plan_end.record(torch.cuda.current_stream(dev))
+
+    def _can_seal_beside(self) -> bool:
+        return self.seal_beside_step and self.pool.store.granule_frees == self._frees_at_plan_end
+
+    def _defer(self, pages: np.ndarray, sink_mask: np.ndarray) -> None:
+        self._deferred = (pages, self.pool.page_epoch[pages].copy(), sink_mask)
+
+    def _still_deferrable(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The deferred pages that still hold what they held (same epoch: neither freed nor sealed since) and a
+        physical page, with their sink flags."""
+        pages, epochs, sinks = self._deferred
+        if pages.size == 0:
+            return pages, sinks
+        ok = (self.pool.page_epoch[pages] == epochs) & (self.pool.physical_pages(torch.from_numpy(pages)).numpy() >= 0)
+        return pages[ok], sinks[ok]
+
+    @contextlib.contextmanager
+    def _beside_step(self) -> Iterator[None]:
+        """Queue the seal's device work on a side stream that waits for the end of the last plan (not for the step
+        in flight), its compaction for the step too; the current stream waits for the seal. Off CUDA: only the
+        snapshot of the query window."""
+        dev = torch.device(self.pool.device)
+        if dev.type != "cuda":
+            with self.window.reading_snapshot():
+                yield
+            self.side_seals += 1
+            return
+        store, fwd = self.pool.store, torch.cuda.current_stream(dev)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=dev)
+        side = self._side_stream
+        if self._plan_end is not None:
+            side.wait_event(self._plan_end)
+        else:
+            side.wait_stream(fwd)
+        store.before_move = _waiter(side, fwd)
+        try:
+            with torch.cuda.stream(side), self.window.reading_snapshot():
+                yield
+        finally:
+            store.before_move = None
+            fwd.wait_stream(side)
+        self.side_seals += 1
 
     def maybe_log_status(self, now: Optional[float] = None) -> None:
         """Every :attr:`status_interval` seconds in which pages were sealed, one INFO line: pages sealed (under

@@ -55,3 +55,41 @@ def test_a_long_extend_keeps_the_owners_of_its_last_rows():
     win.set_owners(torch.tensor([5, 5, 5, 5, 5, 6, 6, 6]))
     win.observe(0, q)
     assert _same_rows(_rows(win, 0, [6]), q[5:]) and _same_rows(_rows(win, 0, [5]), q[3:5])
+
+
+def test_the_snapshot_is_the_window_the_planned_step_finds():
+    """An eager step observes after its plan: the snapshot taken at the plan's end holds what was observed before it,
+    and reading_snapshot serves it while later rows go into the live ring."""
+    win = QueryWindow(2, H_KV, G, D, W, torch.device("cpu"))
+    with win.reading_snapshot():  # no snapshot yet: the live ring
+        assert win.queries(0) is None
+    a, b = _q(3, 2), _q(2, 3)
+    win.observe(0, a)
+    win.mark_plan_start()
+    win.take_snapshot()
+    win.observe(0, b)  # the step in flight
+    win.observe(1, b)
+    assert _same_rows(_rows(win, 0), torch.cat([a, b]))
+    with win.reading_snapshot():
+        assert _same_rows(_rows(win, 0), a)
+        assert win.queries(1) is None
+    assert _same_rows(_rows(win, 0), torch.cat([a, b]))  # back to the live ring
+
+
+def test_the_snapshot_of_a_graph_plan_leaves_out_the_rows_its_step_will_write():
+    """plan_rows advances the ring in the plan, before its step writes the rows: the snapshot keeps the counts the
+    plan started with, so the rows of the step in flight (stale in the copy) are not read."""
+    win = QueryWindow(2, H_KV, G, D, W, torch.device("cpu"))
+    a = _q(2, 4)
+    for layer in range(2):
+        win.observe(layer, a)
+    win.mark_plan_start()
+    rows = win.plan_rows(2, 2)
+    win.take_snapshot()
+    b = _q(2, 5)
+    for layer in range(2):
+        win.observe_rows(layer, b, rows)
+    with win.reading_snapshot():
+        for layer in range(2):
+            assert _same_rows(_rows(win, layer), a)
+    assert _same_rows(_rows(win, 0), torch.cat([a, b]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -259,6 +259,10 @@ class CompressedKVStore:
         self._handle_ids = itertools.count()
         self.compactions = 0  # compact() calls that moved something, and the granules they moved
         self.granules_compacted = 0
+        # calls that freed granules (release, free): a granule freed after a step was launched may still be read by it
+        self.granule_frees = 0
+        # called before compact() moves payloads (the sealer makes a side stream wait there for the step in flight)
+        self.before_move: Optional[Callable[[], None]] = None
         logger.info(
             "MosaicKV compressed store: %d layers x %d pages x %d tokens, %d KV heads, head_dim %d, %s on %s; "
             "arena %.3f GB (%d granules/layer), descriptors %.3f GB, bounds %.3f GB",
@@ -428,6 +432,8 @@ class CompressedKVStore:
         moving = order[new[order] != offsets[order]]  # a suffix in address order: every run after the first gap
         if moving.size == 0:
             return 0
+        if self.before_move is not None:
+            self.before_move()
         move_runs(self.arenas[li], offsets[moving], new[moving], sizes[moving])
         n = rows.size
         self._k_off[li, rows], self._v_off[li, rows] = new[:n], new[n : 2 * n]
@@ -619,6 +625,7 @@ class CompressedKVStore:
         del self._pending[handle.handle_id]
         for li, (off, sz) in handle.runs.items():
             self.allocators[li].free(off, sz)
+        self.granule_frees += 1
 
     @property
     def pending_releases(self) -> int:
@@ -651,6 +658,7 @@ class CompressedKVStore:
                 self.allocators[li].free(off, sz)
                 self._k_gran[li, rows] = 0
                 self._v_gran[li, rows] = 0
+                self.granule_frees += 1
         self._state[:, p] = PAGE_FREE
         self._layers_sealed[p] = 0
 
