@@ -530,11 +530,14 @@ class Sealer:
                 f"; sidecar: {counters.queue_depth} jobs queued, {self.sidecar.plans_applied} plans applied, "
                 f"{self.sidecar.plans_discarded} discarded, {reseg}"
             )
+        beside = (f" ({self.side_seals} beside the step in flight, {self.pages_deferred} pages deferred)"
+                  if self.seal_beside_step else "")  # fmt: skip
         logger.info(
-            "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room) in %d calls "
+            "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room) in %d calls%s "
             "(%.1f s), arena %.1f%% reserved (%d compactions), %d free hot pages, room for %d more tokens, compression "
             "ratio %.2f%s%s",
-            self.pages_sealed, self.pressure_pages_sealed, self.pages_left_dense, self.seal_calls, self.seal_seconds,
+            self.pages_sealed, self.pressure_pages_sealed, self.pages_left_dense, self.seal_calls, beside,
+            self.seal_seconds,
             100.0 * ledger.reserved / max(1, ledger.capacity), self.pool.store.compactions,
             self.pool.num_free_physical_pages,
             self.pool.admissible_tokens(), self.pool.store.compression_ratio(), sidecar, self.stalls.summary(),
