@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from mosaickv_sglang.batch_inputs import read_rows_and_slots, scheduled_batch_for
+from mosaickv_sglang.batch_inputs import read_rows_and_slots, scheduled_batch_for, unmatched_reason
 from mosaickv_sglang.call_profile import CallProfile
 from mosaickv_sglang.kernels._checks import debug_checks_enabled
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
@@ -362,10 +362,13 @@ class MosaicAttnBackend(AttentionBackend):
             # the overlap scheduler's batch: read on a side stream, not behind the step in flight
             step = self._decode_row_step(seq) if mode.is_decode() else 1
             rows, loc_cpu = read_rows_and_slots(self.req_to_token_pool.req_to_token, scheduled, len(seq),
-                                                self._row_width(seq), step)  # fmt: skip
+                                                self._row_width(seq), step, forward_batch.out_cache_loc.numel())
             width = rows.shape[1] * step
         else:
             rows, step, width = self._batch_rows(forward_batch.req_pool_indices, seq, mode.is_decode())
+        if self.config.overlap_schedule:
+            why = "size" if scheduled is not None and loc_cpu is None else unmatched_reason(forward_batch.out_cache_loc)
+            self.sealer.note_rows_read(mode.name.lower(), why)
         if mode.is_decode():
             pre_l = [n - 1 for n in seq]
         else:

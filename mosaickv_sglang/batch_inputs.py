@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 __all__ = ["ScheduledBatch", "clear_scheduled_batch", "note_scheduled_batch", "read_rows_and_slots",
-           "scheduled_batch_for"]  # fmt: skip
+           "scheduled_batch_for", "unmatched_reason"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,14 @@ def scheduled_batch_for(out_cache_loc: Optional[torch.Tensor]) -> Optional[Sched
     return s
 
 
+def unmatched_reason(out_cache_loc: Optional[torch.Tensor]) -> str:
+    """Why :func:`scheduled_batch_for` finds no noted batch for ``out_cache_loc`` (``""`` when it does): ``"no
+    note"`` or ``"another tensor"`` (a forward batch whose ``out_cache_loc`` is not the scheduler's)."""
+    if _scheduled is None:
+        return "no note"
+    return "" if scheduled_batch_for(out_cache_loc) is not None else "another tensor"
+
+
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = _side_streams.get(index)
@@ -82,12 +90,14 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
 
 
 def read_rows_and_slots(req_to_token: torch.Tensor, batch: ScheduledBatch, rows: int, width: int,
-                        step: int) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(req_to_token[idx, :width:step], out_cache_loc[:rows])`` on the host (int64 slots), ``idx`` the batch's
-    first ``rows`` request indices; on CUDA gathered and copied on a side stream that waits for ``batch.stream``
-    only, so the host waits for the scheduler's writes and not for the kernels queued on the current stream."""
+                        step: int, slots: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(req_to_token[idx, :width:step], out_cache_loc[:slots])`` on the host (int64 slots), ``idx`` the batch's
+    first ``rows`` request indices, ``slots`` (default ``rows``: one new token a request, as in decode; an extend
+    batch passes all of its new tokens); on CUDA gathered and copied on a side stream that waits for
+    ``batch.stream`` only, so the host waits for the scheduler's writes and not for the kernels queued on the
+    current stream."""
     idx = batch.req_pool_indices[:rows]
-    loc = batch.out_cache_loc[:rows]
+    loc = batch.out_cache_loc[: rows if slots is None else slots]
     if req_to_token.device.type != "cuda" or batch.stream is None:
         return req_to_token[idx.to(req_to_token.device), :width:step].cpu(), loc.to("cpu", torch.int64)
     side = _side_stream(req_to_token.device)

@@ -50,7 +50,7 @@ __all__ = ["QueryWindow", "Sealer", "seal_beside_step_enabled"]
 STATUS_LOG_INTERVAL = 60.0
 # Environment variable overriding STATUS_LOG_INTERVAL (seconds; the GPU runs' loads last seconds, not minutes).
 STATUS_INTERVAL_ENV = "MOSAICKV_STATUS_INTERVAL"
-# Environment variable that turns sealing beside the step in flight off ("0"; see seal_beside_step_enabled).
+# Environment variable that turns sealing beside the step in flight on ("1"; see seal_beside_step_enabled).
 SEAL_BESIDE_STEP_ENV = "MOSAICKV_SEAL_BESIDE_STEP"
 # Policy pages (out of the hot window) wait until this many are due, so that one planner call (whose cost is mostly
 # fixed) seals many pages instead of one page every other decode step; hot-pool pressure seals at once.
@@ -61,9 +61,11 @@ ARENA_RETRIES = 2
 
 
 def seal_beside_step_enabled() -> bool:
-    """``MOSAICKV_SEAL_BESIDE_STEP`` unset or not ``0``: with the overlap scheduler, seal beside the step in flight
-    (:meth:`Sealer.end_plan`); ``0`` seals after it, as without the overlap scheduler."""
-    return os.environ.get(SEAL_BESIDE_STEP_ENV, "1").strip() != "0"
+    """``MOSAICKV_SEAL_BESIDE_STEP=1``: with the overlap scheduler, seal beside the step in flight
+    (:meth:`Sealer.end_plan`). Off by default: on the 8B shape (fifteenth GPU run) the extend plans still waited for
+    the step in flight before sealing, and the deferred pages added hot-pool pressure seals (262.8 against 280.9
+    output tokens/s, the same day's run without it)."""
+    return os.environ.get(SEAL_BESIDE_STEP_ENV, "0").strip() == "1"
 
 
 def status_interval() -> float:
@@ -296,6 +298,8 @@ class Sealer:
         :meth:`end_plan`. Off: every seal runs on the current stream, after the step in flight.
     side_seals, pages_deferred : int
         Seals made beside the step in flight, and policy pages left for a later plan because that step writes them.
+    rows_read : dict
+        With the overlap scheduler: eager plans by ``(kind, how their rows were read)`` (:meth:`note_rows_read`).
     """
 
     def __init__(
@@ -324,6 +328,7 @@ class Sealer:
         self.plan_max_chunk_bytes = DEFAULT_MAX_CHUNK_BYTES
         self.sidecar = None
         self.seal_beside_step = False
+        self.rows_read: Dict[Tuple[str, str], int] = {}
         self.side_seals = 0
         self.pages_deferred = 0
         self._planned_pages = np.zeros(0, dtype=np.int64)
@@ -442,6 +447,13 @@ class Sealer:
         self.maybe_log_status()
 
     # --- sealing beside the step in flight (SGLang's overlap scheduler) ------------------------------------------
+    def note_rows_read(self, kind: str, why: str) -> None:
+        """An eager plan (``kind``: ``extend``, ``decode``, ...) with the overlap scheduler read its batch's rows
+        beside the step in flight (``why`` empty) or behind it (``why``: the reason, from
+        :func:`~mosaickv_sglang.batch_inputs.unmatched_reason`); counted in :attr:`rows_read` for the status line."""
+        key = (kind, why or "beside")
+        self.rows_read[key] = self.rows_read.get(key, 0) + 1
+
     def begin_plan(self) -> None:
         """The attention backend starts planning a step (not under CUDA-graph capture)."""
         if self.seal_beside_step:
@@ -532,10 +544,13 @@ class Sealer:
             )
         beside = (f" ({self.side_seals} beside the step in flight, {self.pages_deferred} pages deferred)"
                   if self.seal_beside_step else "")  # fmt: skip
+        if self.rows_read:
+            reads = ", ".join(f"{kind} {why} {n}" for (kind, why), n in sorted(self.rows_read.items()))
+            beside += f" (eager plans' rows read: {reads})"
         logger.info(
-            "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room) in %d calls%s "
-            "(%.1f s), arena %.1f%% reserved (%d compactions), %d free hot pages, room for %d more tokens, compression "
-            "ratio %.2f%s%s",
+            "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room) in %d "
+            "calls%s (%.1f s), arena %.1f%% reserved (%d compactions), %d free hot pages, room for %d more tokens, "
+            "compression ratio %.2f%s%s",
             self.pages_sealed, self.pressure_pages_sealed, self.pages_left_dense, self.seal_calls, beside,
             self.seal_seconds,
             100.0 * ledger.reserved / max(1, ledger.capacity), self.pool.store.compactions,

@@ -14,6 +14,7 @@ from mosaickv_sglang.batch_inputs import (
     note_scheduled_batch,
     read_rows_and_slots,
     scheduled_batch_for,
+    unmatched_reason,
 )
 from mosaickv_sglang.config import MosaicKVConfig
 
@@ -33,6 +34,13 @@ def test_note_is_used_only_for_its_own_tensor():
     assert scheduled_batch_for(loc.clone()) is None and scheduled_batch_for(None) is None
     clear_scheduled_batch()
     assert scheduled_batch_for(loc) is None
+
+
+def test_unmatched_reason_names_why_a_plan_reads_behind_the_step():
+    loc = torch.tensor([5, 70])
+    assert unmatched_reason(loc) == "no note"
+    note_scheduled_batch(torch.tensor([0, 1]), loc, None)
+    assert unmatched_reason(loc) == "" and unmatched_reason(loc.clone()) == "another tensor"
 
 
 def test_note_refuses_device_indices():

@@ -718,7 +718,7 @@ class CompressedKVStore:
         lens = torch.tensor([0] + [t.numel() for t in host], dtype=torch.int64)
         indptr = torch.cumsum(lens, 0).to(torch.int32)
         indices = torch.cat(host) if host else torch.zeros(0, dtype=torch.int64)
-        return indptr.to(self.device), indices.to(self.device)
+        return to_device(indptr, self.device), to_device(indices, self.device)
 
     def decode_metadata(
         self,
@@ -787,7 +787,8 @@ class CompressedKVStore:
             raise ValueError(f"extend_lens: expected {b} counts >= 0, got {lens.tolist()}")
         ids, counts, width = self._segment_table(prefix_pages, max_segs, layer_id)
         indptr, indices = self._tails(prefix_tails, b)
-        qo = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)]).to(torch.int32).to(self.device)
+        qo = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)]).to(torch.int32)
+        qo = to_device(qo, self.device)  # pinned: a pageable copy would wait for the step in flight
         shape = (b, self.num_kv_heads, width, self.page_size, self.head_dim)
         return ExtendMetadata(qo, int(lens.max()) if b else 0, ids, counts, indptr, indices, shape)
 
