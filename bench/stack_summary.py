@@ -3,10 +3,11 @@
 
 ``python -m bench.stack_summary PATH``: the samples' total, then the functions seen in most samples (inclusive: once
 per sample whatever the depth) and the leaves (where the thread was: the Python line that waited or computed), each as
-a share of all samples. ``--under TEXT`` keeps the samples with a frame containing ``TEXT`` (``run_batch``,
-``process_batch_result``, ``init_forward_metadata``...), shares still of all samples; ``--minus EARLIER`` subtracts
-an earlier copy of the same file (the file holds the counts since the server started: a copy taken before a load and
-one after it give the load's samples); ``--json`` prints one object.
+a share of all samples (a leaf names the line the thread was on, ``function (file:first line) @line``, as the
+sampler writes it; inclusive counts are per function). ``--under TEXT`` keeps the samples with a frame containing
+``TEXT`` (``run_batch``, ``process_batch_result``, ``init_forward_metadata``...), shares still of all samples;
+``--minus EARLIER`` subtracts an earlier copy of the same file (the file holds the counts since the server started: a
+copy taken before a load and one after it give the load's samples); ``--json`` prints one object.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def subtract(later: Counter, earlier: Counter) -> Counter:
     return Counter({stack: n - earlier.get(stack, 0) for stack, n in later.items() if n > earlier.get(stack, 0)})
 
 
+def _function(frame: str) -> str:
+    """A frame's function label, without the line the sampler adds to a leaf (``f (a/b.py:10) @12``)."""
+    head, sep, line = frame.rpartition(" @")
+    return head if sep and line.isdigit() else frame
+
+
 def summarize(counts: Counter, top: int = 25, under: Optional[str] = None) -> Dict[str, object]:
     """Total samples, the samples kept by ``under`` and the ``top`` functions by inclusive and by leaf samples, as
     ``[label, samples, share of all samples]``."""
@@ -59,7 +66,7 @@ def summarize(counts: Counter, top: int = 25, under: Optional[str] = None) -> Di
             continue
         kept += n
         leaves[frames[-1]] += n
-        for f in set(frames):
+        for f in {_function(f) for f in frames}:
             inclusive[f] += n
 
     def rows(c: Counter) -> List[Tuple[str, int, float]]:

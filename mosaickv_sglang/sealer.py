@@ -335,7 +335,7 @@ class Sealer:
         self._in_flight = np.zeros(0, dtype=np.int64)
         self._deferred = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
         self._plan_end: Optional["torch.cuda.Event"] = None
-        self._frees_at_plan_end = pool.store.granule_frees
+        self._frees_at_plan_end: Optional[int] = None  # the arena's frees at the last end_plan (None: no plan yet)
         self._side_stream: Optional["torch.cuda.Stream"] = None
         self._warned_arena = False
         self._logged_at = time.monotonic()
@@ -482,7 +482,7 @@ class Sealer:
             self._plan_end.record(torch.cuda.current_stream(dev))
 
     def _can_seal_beside(self) -> bool:
-        return self.seal_beside_step and self.pool.store.granule_frees == self._frees_at_plan_end
+        return self.seal_beside_step and self._frees_at_plan_end == self.pool.store.granule_frees
 
     def _defer(self, pages: np.ndarray, sink_mask: np.ndarray) -> None:
         self._deferred = (pages, self.pool.page_epoch[pages].copy(), sink_mask)
@@ -528,8 +528,10 @@ class Sealer:
         """Every :attr:`status_interval` seconds in which pages were sealed, one INFO line: pages sealed (under
         pressure, left dense), the sealing calls and their time since start, arena room used, the tokens the pool can
         still take, the compression ratio of the sealed segments and, with the sidecar, its queue depth, the plans
-        applied and discarded and the re-segmentations (``resegment off`` with ``--mosaic-resegment off``), then the
-        slowest decode plans and the garbage-collection pauses since the last line (:attr:`stalls`)."""
+        applied and discarded, the re-segmentations (``resegment off`` with ``--mosaic-resegment off``) and the
+        slowest unit of each kind of its tick work (:meth:`SidecarBridge.take_slowest`), then the slowest decode plans
+        and the garbage-collection pauses since the last line (:attr:`stalls`); with the overlap scheduler, how the
+        eager plans read their rows (:meth:`note_rows_read`) and the seals beside the step in flight."""
         now = time.monotonic() if now is None else now
         if now - self._logged_at < self.status_interval or self.pages_sealed == self._logged_sealed:
             return
@@ -538,9 +540,11 @@ class Sealer:
         if self.sidecar is not None:
             counters = self.sidecar.counters()
             reseg = f"{counters.resegmentations} re-segmentations" if self.sidecar.resegment else "resegment off"
+            slowest = sorted(self.sidecar.take_slowest().items(), key=lambda kv: -kv[1])
+            units = ", ".join(f"{kind} {1e3 * sec:.1f} ms" for kind, sec in slowest)
             sidecar = (
                 f"; sidecar: {counters.queue_depth} jobs queued, {self.sidecar.plans_applied} plans applied, "
-                f"{self.sidecar.plans_discarded} discarded, {reseg}"
+                f"{self.sidecar.plans_discarded} discarded, {reseg}" + (f", slowest units {units}" if units else "")
             )
         beside = (f" ({self.side_seals} beside the step in flight, {self.pages_deferred} pages deferred)"
                   if self.seal_beside_step else "")  # fmt: skip

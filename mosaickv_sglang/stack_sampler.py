@@ -47,12 +47,16 @@ def _label(code: CodeType) -> str:
 
 
 def collapse(frame: Optional[FrameType], max_depth: int = MAX_DEPTH) -> str:
-    """The stack ending at ``frame`` as ``root;...;leaf`` (each frame ``function (dir/file.py:first line)``), the
+    """The stack ending at ``frame`` as ``root;...;leaf`` (each frame ``function (dir/file.py:first line)``, the leaf
+    with `` @<line>``, the line it was running: a C call that waits shows as the line that made it), the
     ``max_depth`` innermost frames at most."""
     labels = []
+    leaf = frame
     while frame is not None and len(labels) < max_depth:
         labels.append(_label(frame.f_code))
         frame = frame.f_back
+    if labels:
+        labels[0] = f"{labels[0]} @{leaf.f_lineno}"
     return ";".join(reversed(labels))
 
 

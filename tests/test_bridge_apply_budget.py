@@ -300,3 +300,26 @@ def test_plans_applied_a_few_per_tick_leave_the_pool_as_applying_them_all_at_onc
         torch.testing.assert_close(a.bounds[li], b.bounds[li], atol=0, rtol=0)
         # bits, not values: packed codes read as fp16 can be NaN
         assert torch.equal(a.arenas[li].view(torch.int16), b.arenas[li].view(torch.int16)), f"layer {li}"
+
+
+def test_the_slowest_unit_of_each_kind_is_kept_until_taken(fake, monkeypatch):
+    """The bridge keeps the longest single unit of each kind of tick work (for the sealer's status line): a job
+    handed over (1 ms here), the client's part (3 ms when its replies are slow) and a plan applied (1 ms); taking them
+    forgets them."""
+    t = fake
+    t.bridge.submit_sealed(np.array([20, 21], dtype=np.int64), np.zeros(2, dtype=bool), 2.0, _dense)
+    t.pool.seal(np.array([20, 21]))
+    t.events[0].done = True
+    read = t.client.tick
+
+    def slow_read(budget_ms=None):
+        t.clock.advance(3.0)
+        return read(budget_ms)
+
+    monkeypatch.setattr(t.client, "tick", slow_read)
+    t.client.finish(t.job(0, 0, [2, 3]))
+    t.bridge.tick(None)
+    got = t.bridge.take_slowest()
+    assert got == {"job": pytest.approx(SUBMIT_MS / 1e3), "replies": pytest.approx(3e-3),
+                   "apply": pytest.approx(APPLY_MS / 1e3)}  # fmt: skip
+    assert t.bridge.take_slowest() == {}

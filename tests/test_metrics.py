@@ -64,6 +64,11 @@ class StandInSidecarBridge:
         self.resegment_pooled = 0
         self.tick_seconds, self.submit_seconds, self.idle_seconds = seconds
         self.land_seconds, self.apply_seconds = parts
+        self.slowest: Dict[str, float] = {}
+
+    def take_slowest(self) -> Dict[str, float]:
+        out, self.slowest = self.slowest, {}
+        return out
 
     @property
     def step_seconds(self) -> float:
@@ -314,7 +319,8 @@ def test_refresh_is_rate_limited(sealed):
 
 def test_status_line_has_compression_ratio_and_sidecar_fields(caplog):
     """The sealer's periodic line keeps its fields and adds the compression ratio and, with the sidecar, its queue
-    depth, plans applied/discarded and re-segmentations (``resegment off`` when it is off)."""
+    depth, plans applied/discarded, re-segmentations (``resegment off`` when it is off) and the slowest unit of each
+    kind of tick work since the last line."""
     from mosaickv_sglang import sealer as sealer_mod
 
     pool, sealer, _ = sealed_pool(ratio=3.0, written=4, sealed=4)
@@ -327,10 +333,17 @@ def test_status_line_has_compression_ratio_and_sidecar_fields(caplog):
         sealer.sidecar = StandInSidecarBridge(SidecarCounters(queue_depth=1), 8, 4, 96, resegment=False)
         sealer.pages_sealed += 1
         sealer.maybe_log_status(t0 + 3 * sealer_mod.STATUS_LOG_INTERVAL + 3)
+        sealer.sidecar.slowest = {"apply": 0.0021, "job": 0.0172}
+        sealer.pages_sealed += 1
+        sealer.maybe_log_status(t0 + 4 * sealer_mod.STATUS_LOG_INTERVAL + 4)
+        sealer.pages_sealed += 1
+        sealer.maybe_log_status(t0 + 5 * sealer_mod.STATUS_LOG_INTERVAL + 5)  # taken: not shown again
     sealer.sidecar = None
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MosaicKV: ")]
-    assert len(lines) == 3
+    assert len(lines) == 5
     ratio = f"compression ratio {pool.store.compression_ratio():.2f}"
+    assert lines[3].endswith("resegment off, slowest units job 17.2 ms, apply 2.1 ms")
+    assert lines[4].endswith("resegment off")
     assert lines[0].startswith("MosaicKV: 4 pages sealed (0 under hot-pool pressure") and lines[0].endswith(ratio)
     assert f"arena room) in 1 calls ({sealer.seal_seconds:.1f} s), arena " in lines[0]
     assert lines[1].endswith(f"{ratio}; sidecar: 3 jobs queued, 7 plans applied, 4 discarded, 2 re-segmentations")

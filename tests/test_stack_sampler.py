@@ -25,10 +25,13 @@ def _outer_frame():
 
 
 def test_collapse_lists_the_stack_root_first():
-    stack = collapse(_outer_frame())
+    frame = _outer_frame()
+    stack = collapse(frame)
     frames = stack.split(";")
-    assert frames[-1].startswith("_inner_frame (tests/test_stack_sampler.py:")
-    assert frames[-2].startswith("_outer_frame (tests/test_stack_sampler.py:")
+    first = _inner_frame.__code__.co_firstlineno
+    # the leaf with the line it was on, the others with their function's first line only
+    assert frames[-1] == f"_inner_frame (tests/test_stack_sampler.py:{first}) @{frame.f_lineno}"
+    assert frames[-2].startswith("_outer_frame (tests/test_stack_sampler.py:") and " @" not in frames[-2]
     assert frames[-3].startswith("test_collapse_lists_the_stack_root_first (")
     assert len(collapse(_outer_frame(), max_depth=2).split(";")) == 2
 
@@ -139,6 +142,14 @@ def test_the_scheduler_keeps_its_ranks_where_the_hook_reads_them():
     src = inspect.getsource(Scheduler.__init__)
     assert f"self.{seam.SCHEDULER_PARALLEL_STATE_ATTR} = ParallelState(" in src
     assert "tp_rank=tp_rank" in src and "tp_size=server_args.tp_size" in src
+
+
+def test_summary_counts_a_leaf_line_with_its_function():
+    counts = stack_summary.read_collapsed("main (m.py:1);f (m.py:5) @7 2\nmain (m.py:1);f (m.py:5) @9 1\n"
+                                          "main (m.py:1);f (m.py:5);g (m.py:20) @21 1\n")  # fmt: skip
+    got = stack_summary.summarize(counts)
+    assert ("f (m.py:5)", 4, 1.0) in got["inclusive"]
+    assert got["leaves"][:2] == [("f (m.py:5) @7", 2, 0.5), ("f (m.py:5) @9", 1, 0.25)]
 
 
 def test_summary_reads_and_ranks(tmp_path, capsys):

@@ -36,9 +36,9 @@ One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaic
   still in the sealer's query window (all its readers merged; the recent queries of every request when none of
   theirs is left), at the ratio the page was sealed with. The dense source is the bridge's host copy of the page
   (the *shadow*: the copies made for the sidecar, and every sealed page already known to be shared), bounded by
-  ``shadow_bytes`` and evicted oldest first; a shared page without a copy keeps its plan. With ``--mosaic-resegment off`` the bridge
-  neither records readers nor queues shared pages nor keeps host copies (they serve only re-segmentation): sealed
-  pages are still refined.
+  ``shadow_bytes`` and evicted oldest first; a shared page without a copy keeps its plan. With
+  ``--mosaic-resegment off`` the bridge neither records readers nor queues shared pages nor keeps host copies (they
+  serve only re-segmentation): sealed pages are still refined.
 
 The plans keep each page within the byte budget the fast plan had (the arena ledger's reservation is unchanged), so
 applying them, early or late, alters no page-level decision: TP ranks whose sidecars finish at different times still
@@ -275,6 +275,7 @@ class SidecarBridge:
         self._reserved = 0
         # finished jobs read from the client but not yet applied (the tick's budget ran out), oldest first
         self._unapplied: Deque[JobOutcome] = collections.deque()
+        self._slowest: Dict[str, float] = {}  # the longest unit of each kind since take_slowest (seconds)
         self._closed = False
 
     @classmethod
@@ -427,11 +428,12 @@ class SidecarBridge:
                 batch.copy.wait()
             elif not batch.copy.ready():
                 return landed
+            kind = "shared copies" if batch.shared is not None else "job"
             t0 = time.perf_counter()
             try:
                 self._land_next(batch)
             finally:
-                self.land_seconds += time.perf_counter() - t0
+                self.land_seconds += self._note_unit(kind, t0)
             landed += 1
             if batch.done:
                 self._pending.popleft()
@@ -594,7 +596,9 @@ class SidecarBridge:
     def _tick(self, budget_ms: Optional[float]) -> int:
         deadline = None if budget_ms is None else time.perf_counter() + budget_ms / 1000.0
         landed = self._flush(deadline=deadline)
+        t0 = time.perf_counter()
         self._unapplied.extend(self.client.tick(budget_ms))
+        self._note_unit("replies", t0)
         applied = taken = 0
         while self._unapplied:
             # one unit of work a tick past its budget, a landing or a plan: both in one tick held the thirteenth
@@ -605,9 +609,24 @@ class SidecarBridge:
             try:
                 applied += self._apply(self._unapplied.popleft())
             finally:
-                self.apply_seconds += time.perf_counter() - t0
+                self.apply_seconds += self._note_unit("apply", t0)
             taken += 1
         return applied
+
+    def _note_unit(self, kind: str, t0: float) -> float:
+        """Seconds since ``t0`` (``time.perf_counter()``), kept as ``kind``'s longest unit when it is."""
+        took = time.perf_counter() - t0
+        if took > self._slowest.get(kind, 0.0):
+            self._slowest[kind] = took
+        return took
+
+    def take_slowest(self) -> Dict[str, float]:
+        """The longest single unit of each kind of tick work since the last call (seconds; kinds: ``"shared
+        copies"``, one layer of a batch's shared-page host copies; ``"job"``, one job handed to the worker;
+        ``"replies"``, the client's part of a tick; ``"apply"``, one plan applied), then forgets them: a tick past
+        its budget is one of these."""
+        out, self._slowest = self._slowest, {}
+        return out
 
     def _apply(self, outcome: JobOutcome) -> int:
         if outcome.status is JobStatus.STALE:
