@@ -305,7 +305,7 @@ def test_plans_applied_a_few_per_tick_leave_the_pool_as_applying_them_all_at_onc
 def test_the_slowest_unit_of_each_kind_is_kept_until_taken(fake, monkeypatch):
     """The bridge keeps the longest single unit of each kind of tick work (for the sealer's status line): a job
     handed over (1 ms here), the client's part (3 ms when its replies are slow) and a plan applied (1 ms); taking them
-    forgets them."""
+    forgets them; idle ticks' units are not kept."""
     t = fake
     t.bridge.submit_sealed(np.array([20, 21], dtype=np.int64), np.zeros(2, dtype=bool), 2.0, _dense)
     t.pool.seal(np.array([20, 21]))
@@ -323,3 +323,6 @@ def test_the_slowest_unit_of_each_kind_is_kept_until_taken(fake, monkeypatch):
     assert got == {"job": pytest.approx(SUBMIT_MS / 1e3), "replies": pytest.approx(3e-3),
                    "apply": pytest.approx(APPLY_MS / 1e3)}  # fmt: skip
     assert t.bridge.take_slowest() == {}
+    t.client.finish(t.job(1, 0, [4, 5]))
+    t.bridge.on_idle()  # applies the plan, in an idle tick: not kept
+    assert t.bridge.plans_applied == 2 and t.bridge.take_slowest() == {}

@@ -276,6 +276,7 @@ class SidecarBridge:
         # finished jobs read from the client but not yet applied (the tick's budget ran out), oldest first
         self._unapplied: Deque[JobOutcome] = collections.deque()
         self._slowest: Dict[str, float] = {}  # the longest unit of each kind since take_slowest (seconds)
+        self._idle = False  # in an idle tick (its units are not the step's: not kept in _slowest)
         self._closed = False
 
     @classmethod
@@ -537,7 +538,11 @@ class SidecarBridge:
             self.idle_seconds += time.perf_counter() - t0
 
     def _on_idle(self) -> int:
-        self._tick(IDLE_TICK_MS)
+        self._idle = True
+        try:
+            self._tick(IDLE_TICK_MS)
+        finally:
+            self._idle = False
         submitted = 0
         while submitted < IDLE_JOBS and len(self.queue) and self._free_slots and not self.client.disabled:
             for job in self.queue.next_slice(self.pages_per_job):
@@ -614,17 +619,18 @@ class SidecarBridge:
         return applied
 
     def _note_unit(self, kind: str, t0: float) -> float:
-        """Seconds since ``t0`` (``time.perf_counter()``), kept as ``kind``'s longest unit when it is."""
+        """Seconds since ``t0`` (``time.perf_counter()``), kept as ``kind``'s longest unit when it is (not in an idle
+        tick)."""
         took = time.perf_counter() - t0
-        if took > self._slowest.get(kind, 0.0):
+        if not self._idle and took > self._slowest.get(kind, 0.0):
             self._slowest[kind] = took
         return took
 
     def take_slowest(self) -> Dict[str, float]:
-        """The longest single unit of each kind of tick work since the last call (seconds; kinds: ``"shared
-        copies"``, one layer of a batch's shared-page host copies; ``"job"``, one job handed to the worker;
-        ``"replies"``, the client's part of a tick; ``"apply"``, one plan applied), then forgets them: a tick past
-        its budget is one of these."""
+        """The longest single unit of each kind of work in the ticks before forwards since the last call (seconds;
+        kinds: ``"shared copies"``, one layer of a batch's shared-page host copies; ``"job"``, one job handed to the
+        worker; ``"replies"``, the client's part of a tick; ``"apply"``, one plan applied), then forgets them: a
+        tick past its budget is one of these. Idle ticks, which no step waits for, are not counted."""
         out, self._slowest = self._slowest, {}
         return out
 
