@@ -356,19 +356,9 @@ class MosaicAttnBackend(AttentionBackend):
                 "extend and mixed only; no speculative decoding)"
             )
         seq = _batch_list(forward_batch, "seq_lens")
-        scheduled = scheduled_batch_for(forward_batch.out_cache_loc)
-        loc_cpu = None
-        if scheduled is not None and scheduled.req_pool_indices.numel() == len(seq):
-            # the overlap scheduler's batch: read on a side stream, not behind the step in flight
-            step = self._decode_row_step(seq) if mode.is_decode() else 1
-            rows, loc_cpu = read_rows_and_slots(self.req_to_token_pool.req_to_token, scheduled, len(seq),
-                                                self._row_width(seq), step, forward_batch.out_cache_loc.numel())
-            width = rows.shape[1] * step
-        else:
-            rows, step, width = self._batch_rows(forward_batch.req_pool_indices, seq, mode.is_decode())
-        if self.config.overlap_schedule:
-            why = "size" if scheduled is not None and loc_cpu is None else unmatched_reason(forward_batch.out_cache_loc)
-            self.sealer.note_rows_read(mode.name.lower(), why)
+        step = self._decode_row_step(seq) if mode.is_decode() else 1
+        rows, loc_cpu, noted_ids = self._read_rows(forward_batch, seq, step, forward_batch.out_cache_loc.numel())
+        width = rows.shape[1] * step
         if mode.is_decode():
             pre_l = [n - 1 for n in seq]
         else:
@@ -386,8 +376,7 @@ class MosaicAttnBackend(AttentionBackend):
             # who asks each query row of this forward: re-segmentation plans a shared page with its readers' queries
             owners = forward_batch.req_pool_indices.long()
             if not mode.is_decode():
-                ids = (scheduled.req_pool_indices if scheduled is not None and loc_cpu is not None
-                       else forward_batch.req_pool_indices).tolist()  # fmt: skip
+                ids = (noted_ids if noted_ids is not None else forward_batch.req_pool_indices).tolist()
                 reads = [(r, rows[b, : seq[b]]) for b, r in enumerate(ids)]
                 # repeats copied without waiting and the output's size given: nothing here waits for the device
                 owners = torch.repeat_interleave(owners, to_device(torch.tensor(ext_l), owners.device),
@@ -418,14 +407,8 @@ class MosaicAttnBackend(AttentionBackend):
         if real > 0:
             seq = _batch_list(forward_batch, "seq_lens")[:real]
             loc = forward_batch.out_cache_loc[:real]
-            scheduled = scheduled_batch_for(forward_batch.out_cache_loc)
-            step, loc_cpu = self._decode_row_step(seq), None
-            if scheduled is not None and scheduled.req_pool_indices.numel() == real:
-                # the overlap scheduler's batch: read on a side stream, not behind the step in flight
-                rows, loc_cpu = read_rows_and_slots(self.req_to_token_pool.req_to_token, scheduled, real,
-                                                    self._row_width(seq), step)  # fmt: skip
-            else:
-                rows = self._req_rows(forward_batch.req_pool_indices[:real], seq, step)
+            step = self._decode_row_step(seq)
+            rows, loc_cpu, _ = self._read_rows(forward_batch, seq, step)
             width = rows.shape[1] * step
             owners = None
             if self.sealer.sidecar is not None and self.sealer.sidecar.resegment:
@@ -494,14 +477,25 @@ class MosaicAttnBackend(AttentionBackend):
         ``MOSAICKV_DEBUG_CHECKS`` and for lengths below 1."""
         return self.page_size if seq and min(seq) >= 1 and not debug_checks_enabled() else 1
 
-    def _batch_rows(
-        self, req_pool_indices: torch.Tensor, seq: List[int], decode: bool
-    ) -> Tuple[torch.Tensor, int, int]:
-        """``(rows, step, width)``: the batch's :meth:`_req_rows`, every slot for an extend batch or with a decode
-        batch's :meth:`_decode_row_step`, and the tokens its columns span (``rows.shape[1] * step``)."""
-        step = self._decode_row_step(seq) if decode else 1
-        rows = self._req_rows(req_pool_indices, seq, step)
-        return rows, step, rows.shape[1] * step
+    def _read_rows(
+        self, forward_batch: "ForwardBatch", seq: List[int], step: int, slots: Optional[int] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(rows, loc_cpu, noted_ids)`` of the batch's first ``len(seq)`` requests: their :meth:`_req_rows`; from
+        the overlap scheduler's note of this batch when there is one (read on a side stream, not behind the step in
+        flight; ``loc_cpu`` its first ``slots`` new slots, default one a request, ``noted_ids`` its host request
+        indices), else ``None`` for both. With the overlap scheduler, counts how the rows were read."""
+        n = len(seq)
+        scheduled = scheduled_batch_for(forward_batch.out_cache_loc)
+        if scheduled is not None and scheduled.req_pool_indices.numel() == n:
+            rows, loc_cpu = read_rows_and_slots(self.req_to_token_pool.req_to_token, scheduled, n,
+                                                self._row_width(seq), step, slots)  # fmt: skip
+            why, noted_ids = "", scheduled.req_pool_indices[:n]
+        else:
+            rows, loc_cpu, noted_ids = self._req_rows(forward_batch.req_pool_indices[:n], seq, step), None, None
+            why = "size" if scheduled is not None else unmatched_reason(forward_batch.out_cache_loc)
+        if self.config.overlap_schedule:
+            self.sealer.note_rows_read(forward_batch.forward_mode.name.lower(), why)
+        return rows, loc_cpu, noted_ids
 
     def _req_rows(self, req_pool_indices: torch.Tensor, seq: List[int], step: int = 1) -> torch.Tensor:
         """``req_to_token`` rows of the batch on the host, only the page-rounded columns that ``seq`` reaches (all of

@@ -11,9 +11,11 @@ What the plan reads was written by the scheduler's stream only: the batch's ``re
 ``out_cache_loc`` (the allocator's new slots). So a hook before ``Scheduler.run_batch`` notes the batch
 (:func:`note_scheduled_batch`: its request indices on the host, its ``out_cache_loc`` tensor and the scheduler's
 current stream), and :func:`read_rows_and_slots` gathers and copies on a side stream that waits for the scheduler's
-stream alone. The note is used only for the forward batch that borrows the very same ``out_cache_loc`` tensor (SGLang
-hands the ScheduleBatch's tensor to the forward batch); any other batch, or no note, reads on the current stream as
-before.
+stream alone. The hook clears the note when ``run_batch`` returns, so only the plans of that batch's forward see it.
+SGLang hands the ScheduleBatch's ``out_cache_loc`` to the forward batch, and its eager runner
+(``EagerRunner.load_batch``: every extend, and decode batches too large for a CUDA graph) then copies the forward
+batch's inputs into fixed buffers: the note serves a forward batch whose ``out_cache_loc`` is its very tensor or such
+a copy (same shape and device). Any other batch, or no note, reads on the current stream as before.
 """
 
 from __future__ import annotations
@@ -65,20 +67,26 @@ def clear_scheduled_batch() -> None:
     _scheduled = None
 
 
+def _is_its_copy(loc: torch.Tensor, noted: torch.Tensor) -> bool:
+    # the eager runner's buffers may hold another integer dtype
+    return loc is noted or (loc.shape == noted.shape and loc.device == noted.device)
+
+
 def scheduled_batch_for(out_cache_loc: Optional[torch.Tensor]) -> Optional[ScheduledBatch]:
-    """The noted batch if ``out_cache_loc`` is its very tensor (the same batch), else ``None``."""
+    """The noted batch if ``out_cache_loc`` is its tensor or the eager runner's copy of it (same shape and device),
+    else ``None``."""
     s = _scheduled
-    if s is None or out_cache_loc is None or s.out_cache_loc is not out_cache_loc:
+    if s is None or out_cache_loc is None or not _is_its_copy(out_cache_loc, s.out_cache_loc):
         return None
     return s
 
 
 def unmatched_reason(out_cache_loc: Optional[torch.Tensor]) -> str:
     """Why :func:`scheduled_batch_for` finds no noted batch for ``out_cache_loc`` (``""`` when it does): ``"no
-    note"`` or ``"another tensor"`` (a forward batch whose ``out_cache_loc`` is not the scheduler's)."""
+    note"`` or ``"another batch"`` (an ``out_cache_loc`` of another shape or device than the noted one)."""
     if _scheduled is None:
         return "no note"
-    return "" if scheduled_batch_for(out_cache_loc) is not None else "another tensor"
+    return "" if scheduled_batch_for(out_cache_loc) is not None else "another batch"
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":

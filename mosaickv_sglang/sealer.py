@@ -299,7 +299,7 @@ class Sealer:
     side_seals, pages_deferred : int
         Seals made beside the step in flight, and policy pages left for a later plan because that step writes them.
     rows_read : dict
-        With the overlap scheduler: eager plans by ``(kind, how their rows were read)`` (:meth:`note_rows_read`).
+        With the overlap scheduler: plans by ``(kind, how their rows were read)`` (:meth:`note_rows_read`).
     """
 
     def __init__(
@@ -448,7 +448,7 @@ class Sealer:
 
     # --- sealing beside the step in flight (SGLang's overlap scheduler) ------------------------------------------
     def note_rows_read(self, kind: str, why: str) -> None:
-        """An eager plan (``kind``: ``extend``, ``decode``, ...) with the overlap scheduler read its batch's rows
+        """A plan (``kind``: ``extend``, ``decode``, ...) with the overlap scheduler read its batch's rows
         beside the step in flight (``why`` empty) or behind it (``why``: the reason, from
         :func:`~mosaickv_sglang.batch_inputs.unmatched_reason`); counted in :attr:`rows_read` for the status line."""
         key = (kind, why or "beside")
@@ -531,7 +531,7 @@ class Sealer:
         applied and discarded, the re-segmentations (``resegment off`` with ``--mosaic-resegment off``) and the
         slowest unit of each kind of its tick work (:meth:`SidecarBridge.take_slowest`), then the slowest decode plans
         and the garbage-collection pauses since the last line (:attr:`stalls`); with the overlap scheduler, how the
-        eager plans read their rows (:meth:`note_rows_read`) and the seals beside the step in flight."""
+        plans read their rows (:meth:`note_rows_read`) and the seals beside the step in flight."""
         now = time.monotonic() if now is None else now
         if now - self._logged_at < self.status_interval or self.pages_sealed == self._logged_sealed:
             return
@@ -550,7 +550,7 @@ class Sealer:
                   if self.seal_beside_step else "")  # fmt: skip
         if self.rows_read:
             reads = ", ".join(f"{kind} {why} {n}" for (kind, why), n in sorted(self.rows_read.items()))
-            beside += f" (eager plans' rows read: {reads})"
+            beside += f" (plans' rows read: {reads})"
         logger.info(
             "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room) in %d "
             "calls%s (%.1f s), arena %.1f%% reserved (%d compactions), %d free hot pages, room for %d more tokens, "

@@ -6,7 +6,8 @@
   prefix-shared segments). Busy steps tick the sidecar from the sealer instead, before each forward.
 - BEFORE ``Scheduler.run_batch``, with ``--mosaic-overlap-schedule on``: note the batch's request indices (host),
   new slots and the scheduler's stream (:func:`~mosaickv_sglang.batch_inputs.note_scheduled_batch`), so that the
-  decode plan reads them back without waiting for the step in flight.
+  plans of its forward read them back without waiting for the step in flight.
+- AFTER ``Scheduler.run_batch``: forget that note (no later plan may take it for its own batch).
 - BEFORE ``Scheduler.run_batch``, with ``MOSAICKV_STACK_SAMPLES`` set: the first batch starts sampling this
   scheduler thread's stacks (:mod:`mosaickv_sglang.stack_sampler`), in any server that loads the plugin.
 
@@ -52,6 +53,11 @@ def note_batch_inputs(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     note_scheduled_batch(indices, loc, stream)
 
 
+def forget_batch_inputs(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``Scheduler.run_batch``: forget the note of the batch just launched."""
+    clear_scheduled_batch()
+
+
 def sample_stacks(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     """BEFORE ``Scheduler.run_batch``: with ``MOSAICKV_STACK_SAMPLES`` set, the first batch starts sampling this
     scheduler thread's stacks (any server that loads the plugin, stock ones included)."""
@@ -63,4 +69,5 @@ def apply() -> None:
     """Register the scheduler hooks."""
     seam.register_hook(seam.SCHEDULER_ON_IDLE, sidecar_idle_tick, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, note_batch_inputs, "BEFORE")
+    seam.register_hook(seam.SCHEDULER_RUN_BATCH, forget_batch_inputs, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, sample_stacks, "BEFORE")

@@ -26,21 +26,45 @@ def _no_note():
     clear_scheduled_batch()
 
 
-def test_note_is_used_only_for_its_own_tensor():
+def test_note_is_used_for_its_own_tensor_or_a_copy_of_its_shape():
     loc = torch.tensor([5, 70, 133])
     note_scheduled_batch(torch.tensor([2, 0, 1], dtype=torch.int32), loc, None)
     got = scheduled_batch_for(loc)
     assert got is not None and got.req_pool_indices.dtype == torch.int64
-    assert scheduled_batch_for(loc.clone()) is None and scheduled_batch_for(None) is None
+    assert scheduled_batch_for(loc.clone()) is got and scheduled_batch_for(loc.to(torch.int32)) is got
+    assert scheduled_batch_for(loc[:2]) is None and scheduled_batch_for(torch.arange(4)) is None
+    assert scheduled_batch_for(loc.to("meta")) is None and scheduled_batch_for(None) is None
     clear_scheduled_batch()
     assert scheduled_batch_for(loc) is None
+
+
+def test_the_eager_runners_copy_of_a_batch_finds_its_note():
+    """SGLang's eager runner copies every forward batch's inputs into its fixed buffers before the plan
+    (EagerRunner.load_batch): the copy's out_cache_loc is another tensor, and the note still serves it."""
+    from sglang.srt.model_executor.cuda_graph_buffer_registry import build_eager_registry
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+    from sglang.srt.model_executor.runner.eager_runner import EagerRunner
+
+    registry = build_eager_registry(device=torch.device("cpu"), max_bs=8, max_num_token=256,
+                                    cache_loc_dtype=torch.int64)  # fmt: skip
+    ext = [37, 5, 20]
+    n = sum(ext)
+    loc = torch.randperm(500, generator=torch.Generator().manual_seed(5))[:n]
+    batch = ForwardBatch(forward_mode=ForwardMode.EXTEND, batch_size=3, input_ids=torch.arange(n),
+                         req_pool_indices=torch.tensor([4, 0, 2]), seq_lens=torch.tensor(ext), out_cache_loc=loc,
+                         seq_lens_sum=n, seq_lens_cpu=torch.tensor(ext), positions=torch.arange(n))  # fmt: skip
+    loaded = EagerRunner.load_batch(SimpleNamespace(_eager_registry=registry), batch)
+    assert loaded.out_cache_loc is not loc and torch.equal(loaded.out_cache_loc, loc)
+    note_scheduled_batch(torch.tensor([4, 0, 2]), loc, None)
+    assert scheduled_batch_for(loaded.out_cache_loc) is not None and unmatched_reason(loaded.out_cache_loc) == ""
 
 
 def test_unmatched_reason_names_why_a_plan_reads_behind_the_step():
     loc = torch.tensor([5, 70])
     assert unmatched_reason(loc) == "no note"
     note_scheduled_batch(torch.tensor([0, 1]), loc, None)
-    assert unmatched_reason(loc) == "" and unmatched_reason(loc.clone()) == "another tensor"
+    assert unmatched_reason(loc) == "" and unmatched_reason(loc.clone()) == ""
+    assert unmatched_reason(torch.tensor([5, 70, 9])) == "another batch"
 
 
 def test_note_refuses_device_indices():
@@ -94,6 +118,16 @@ def test_run_batch_hook_notes_the_batch(overlap):
         assert scheduled_batch_for(loc) is None
     finally:
         register_sealer(None)
+
+
+def test_run_batch_hook_forgets_the_note_when_the_batch_is_launched():
+    """AFTER Scheduler.run_batch: the note is dropped, so no later plan takes it for its own batch."""
+    from mosaickv_sglang.patches.scheduler import forget_batch_inputs
+
+    loc = torch.tensor([64, 129])
+    note_scheduled_batch(torch.tensor([3, 1]), loc, None)
+    forget_batch_inputs(None, object(), SimpleNamespace(out_cache_loc=loc))
+    assert scheduled_batch_for(loc) is None
 
 
 def test_schedule_batch_has_the_fields_the_hook_reads():

@@ -188,23 +188,36 @@ def test_submission_reads_nothing_back_from_the_device(setup):
     assert count.syncs == 0, dict(count.by_name)
 
 
-def test_shared_pages_copies_land_one_layer_a_unit_before_the_jobs(setup, monkeypatch):
+@pytest.mark.parametrize("per_unit", [1, 2, 4])
+def test_shared_pages_copies_land_a_few_pages_a_unit_before_the_jobs(setup, monkeypatch, per_unit):
     """A tick past its budget still lands one unit; the host copies of pages several requests read are one unit a
-    layer (the whole model's in one unit held a served decode step 4.7 ms past the budget), and their
-    re-segmentation is queued once every layer's copies are kept."""
+    few pages of one layer (one layer's in one unit held a served decode step 9.7 ms, the whole model's 4.7 ms past
+    the budget), each copy the page's own K and V, and their re-segmentation is queued once every layer's copies are
+    kept."""
+    monkeypatch.setattr(bridge_mod, "SHARED_PAGES_PER_UNIT", per_unit)
     t = setup
-    t.bridge._readers = {3: {1, 2}, 4: {1, 2}}  # read by two requests: shared
-    seal(t, [3, 4, 5])
+    shared = [3, 4, 6]
+    t.bridge._readers = {p: {1, 2} for p in shared}  # read by two requests: shared
+    seal(t, [3, 4, 5, 6])
     jobs = len(t.bridge._pending[0].jobs)
-    assert jobs == 4  # [3, 4] and [5] in each layer
+    assert jobs == 4  # [3, 4] and [5, 6] in each layer
     t.events[0].done = True
-    clock = iter(np.arange(0.0, 100.0, 1.0))  # every reading of the clock 1 s later: each tick past its budget
+    clock = iter(np.arange(0.0, 1000.0, 1.0))  # every reading of the clock 1 s later: each tick past its budget
     monkeypatch.setattr(bridge_mod.time, "perf_counter", lambda: float(next(clock)))
-    for layer in range(LAYERS):
+    order = [(layer, p) for layer in range(LAYERS) for p in shared]
+    kept, units = 0, 0
+    while kept < len(order):
         t.bridge.tick()
-        assert sorted(t.bridge._shadow) == sorted((lay, p) for lay in range(layer + 1) for p in (3, 4))
+        units += 1
+        kept += min(per_unit, len(shared) - kept % len(shared))
+        assert sorted(t.bridge._shadow) == sorted(order[:kept])
         assert t.client.received == []
-        assert len(t.bridge.queue) == (0 if layer < LAYERS - 1 else LAYERS * 2)
+        assert len(t.bridge.queue) == (0 if kept < len(order) else LAYERS * len(shared))
+    assert units == LAYERS * -(-len(shared) // per_unit)
+    for layer, p in order:
+        _, k, v = t.bridge._shadow.get((layer, p))
+        want_k, want_v = dense(layer, np.array([p]))
+        assert torch.equal(k, want_k) and torch.equal(v, want_v), (layer, p)
     for n in range(1, jobs + 1):  # then the jobs, one a tick
         t.bridge.tick()
         assert len(t.client.received) == n and len(t.bridge._pending) == (n < jobs)

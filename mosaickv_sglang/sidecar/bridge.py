@@ -83,6 +83,9 @@ IDLE_TICK_MS = 3.0
 IDLE_JOBS = 1
 # Host copies of sealed pages kept for re-segmentation, per scheduler (bytes).
 DEFAULT_SHADOW_BYTES = 1 << 30
+# Shared pages whose host copies (one layer) a unit keeps: a slot's first use faults its memory in (about 160 us a page
+# of the 8B shape), and one layer's copies at once took the sixteenth run's SmolLM2 ticks 9.7 ms (8B: up to 31 ms).
+SHARED_PAGES_PER_UNIT = 4
 
 Gather = Callable[[int, np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -182,7 +185,7 @@ class _PendingBatch:
     jobs: List[_Job]
     shared: Optional[Tuple[np.ndarray, np.ndarray]] = None
     landed: int = 0  # jobs handed to the worker so far (a tick lands jobs one at a time, within its budget)
-    shared_layers: int = 0  # layers of the shared pages kept so far (one a unit, before the jobs)
+    shared_kept: int = 0  # (layer, shared page) copies kept so far, layer by layer, a few pages a unit, before the jobs
 
     @property
     def done(self) -> bool:
@@ -441,17 +444,19 @@ class SidecarBridge:
         return landed
 
     def _land_next(self, batch: _PendingBatch) -> None:
-        """The next unit of ``batch``: first the host copies of its shared pages, one layer a unit (the whole model's
-        at once took the thirteenth run's decode steps up to 4.7 ms past the tick's budget), then, once they are
-        all kept, their re-segmentation queued; then its jobs to the worker, one a unit."""
+        """The next unit of ``batch``: first the host copies of its shared pages, :data:`SHARED_PAGES_PER_UNIT` pages
+        of one layer a unit, then, once they are all kept, their re-segmentation queued; then its jobs to the worker,
+        one a unit."""
         host, h = batch.copy.tensors, int(self.pool.head_num)
         if batch.shared is not None:
             pages, epochs = batch.shared
-            layer = batch.shared_layers
+            layer, first = divmod(batch.shared_kept, pages.size)
+            last = min(first + SHARED_PAGES_PER_UNIT, pages.size)
             base = 3 * len(batch.jobs) + 2 * layer
-            self._remember(layer, pages, epochs, host[base], host[base + 1])
-            batch.shared_layers += 1
-            if batch.shared_layers == self.pool.layer_num:
+            self._remember(layer, pages[first:last], epochs[first:last], host[base][first * h : last * h],
+                           host[base + 1][first * h : last * h])  # fmt: skip
+            batch.shared_kept += last - first
+            if batch.shared_kept == self.pool.layer_num * pages.size:
                 batch.shared = None
                 live = self.pool.page_epoch[pages] == epochs
                 self._queue(pages[live], epochs[live])
@@ -628,7 +633,8 @@ class SidecarBridge:
 
     def take_slowest(self) -> Dict[str, float]:
         """The longest single unit of each kind of work in the ticks before forwards since the last call (seconds;
-        kinds: ``"shared copies"``, one layer of a batch's shared-page host copies; ``"job"``, one job handed to the
+        kinds: ``"shared copies"``, a batch's shared-page host copies of one unit (:data:`SHARED_PAGES_PER_UNIT` pages
+        of one layer); ``"job"``, one job handed to the
         worker; ``"replies"``, the client's part of a tick; ``"apply"``, one plan applied), then forgets them: a
         tick past its budget is one of these. Idle ticks, which no step waits for, are not counted."""
         out, self._slowest = self._slowest, {}

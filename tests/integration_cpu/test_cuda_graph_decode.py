@@ -174,7 +174,7 @@ def _graph_buffers(backend, bs: int) -> dict:
 def test_graph_plan_reads_the_noted_batch(monkeypatch):
     """A batch noted by the overlap hook (batch_inputs.note_scheduled_batch, here without a stream) is read through
     read_rows_and_slots when the forward batch borrows its out_cache_loc tensor, with the same plan as the plain
-    reads; a note for another tensor is ignored."""
+    reads; a note for another batch is ignored."""
     import mosaickv_sglang.attention_backend as backend_mod
     from mosaickv_sglang.batch_inputs import clear_scheduled_batch, note_scheduled_batch
 
@@ -195,11 +195,13 @@ def test_graph_plan_reads_the_noted_batch(monkeypatch):
         for step, reqs in enumerate(STEPS):
             bn, bp = _decode_subset(noted, reqs), _decode_subset(plain, reqs)
             vn, vp = _pad(bn), _pad(bp)
-            if step % 3 == 2:  # a note for another batch's tensor: not used
-                note_scheduled_batch(torch.tensor(reqs[::-1]), bn.out_cache_loc.clone(), None)
+            if step % 3 == 2:  # a note for another batch (one request more): not used
+                loc = bn.out_cache_loc
+                note_scheduled_batch(torch.tensor(reqs + reqs[:1]), torch.cat([loc, loc[:1]]), None)
             else:
                 note_scheduled_batch(torch.tensor(reqs), bn.out_cache_loc, None)
             noted.mosaic.init_forward_metadata_out_graph(vn)
+            clear_scheduled_batch()  # as the hook after run_batch does
             plain.mosaic.init_forward_metadata_out_graph(vp)
             got, want = _graph_buffers(noted.mosaic, vn.batch_size), _graph_buffers(plain.mosaic, vp.batch_size)
             for name in want:
