@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["MosaicAttnBackend", "MosaicForwardMetadata", "create_mosaic_backend"]
 
+# SGLang 0.5.17's ModelRunner attribute holding a forward's read-done event for the scheduler's WAR barrier.
+WAR_READ_DONE_ATTR = "war_fastpath_read_done_event"
 _CUDA_GRAPH_MSG = (
     "MosaicAttnBackend: decode CUDA graphs need --mosaic-cuda-graph on (the default); otherwise pass "
     "--disable-decode-cuda-graph (--kv-compressor mosaic sets it with --mosaic-cuda-graph off)"
@@ -211,6 +213,7 @@ class MosaicAttnBackend(AttentionBackend):
         self.pool: MosaicMHATokenToKVPool = pool
         self.token_to_kv_pool = pool
         self.req_to_token_pool = model_runner.req_to_token_pool
+        self.model_runner = model_runner
         self.device = torch.device(getattr(model_runner, "device", pool.device))
         self.config = pool.mosaic_config
         self.page_size = int(pool.page_size)
@@ -393,6 +396,21 @@ class MosaicAttnBackend(AttentionBackend):
             md.write_loc, md.write_slots = loc, self.pool.physical_slots(loc)
             md.pool_version = self.pool.version
         self.forward_metadata = md
+        if not in_capture:
+            self._publish_read_done()
+
+    def _publish_read_done(self) -> None:
+        """With sealing beside the step in flight, tell SGLang's overlap scheduler that this eager forward is done
+        reading what the scheduler's stream writes (``req_to_token``, the batch's inputs) once its plan ends, as
+        SGLang's CUDA-graph decode runner does: the scheduler's stream then waits for this event rather than for
+        the whole forward (``Scheduler._apply_war_barrier``), so the next batch's rows and slots are ready, and its
+        plan and seal run, while this forward runs. The plan's own reads have finished (the host waited for them);
+        the forward reads only this backend's metadata, ``out_cache_loc`` and the pool."""
+        if not self.sealer.seal_beside_step or self.device.type != "cuda":
+            return
+        done = torch.cuda.Event()
+        done.record()
+        setattr(self.model_runner, WAR_READ_DONE_ATTR, done)
 
     def _plan_decode_graph(self, forward_batch: "ForwardBatch", in_capture: bool) -> MosaicForwardMetadata:
         """Out-of-graph step of a CUDA-graph decode batch: eager decode's host work for the real rows, then their

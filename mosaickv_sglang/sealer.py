@@ -62,9 +62,10 @@ ARENA_RETRIES = 2
 
 def seal_beside_step_enabled() -> bool:
     """``MOSAICKV_SEAL_BESIDE_STEP=1``: with the overlap scheduler, seal beside the step in flight
-    (:meth:`Sealer.end_plan`). Off by default: on the 8B shape (fifteenth GPU run) the extend plans still waited for
-    the step in flight before sealing, and the deferred pages added hot-pool pressure seals (262.8 against 280.9
-    output tokens/s, the same day's run without it)."""
+    (:meth:`Sealer.end_plan`), and let SGLang's scheduler stop waiting for whole extend forwards (the backend's
+    read-done event). Off by default, not yet measured with that event: in the sixteenth GPU run (8B shape) the
+    extend plans read their rows beside the step but still waited, for the scheduler's stream, which waited for the
+    whole previous forward (SGLang's WAR barrier)."""
     return os.environ.get(SEAL_BESIDE_STEP_ENV, "0").strip() == "1"
 
 

@@ -445,7 +445,7 @@ class SidecarBridge:
 
     def _land_next(self, batch: _PendingBatch) -> None:
         """The next unit of ``batch``: first the host copies of its shared pages, :data:`SHARED_PAGES_PER_UNIT` pages
-        of one layer a unit, then, once they are all kept, their re-segmentation queued; then its jobs to the worker,
+        of one layer a unit, each layer's re-segmentation queued with its last copies; then its jobs to the worker,
         one a unit."""
         host, h = batch.copy.tensors, int(self.pool.head_num)
         if batch.shared is not None:
@@ -456,10 +456,11 @@ class SidecarBridge:
             self._remember(layer, pages[first:last], epochs[first:last], host[base][first * h : last * h],
                            host[base + 1][first * h : last * h])  # fmt: skip
             batch.shared_kept += last - first
+            if last == pages.size:  # the layer's copies are all kept: its re-segmentation queued
+                live = self.pool.page_epoch[pages] == epochs
+                self._queue(pages[live], epochs[live], (layer,))
             if batch.shared_kept == self.pool.layer_num * pages.size:
                 batch.shared = None
-                live = self.pool.page_epoch[pages] == epochs
-                self._queue(pages[live], epochs[live])
             return
         j = batch.landed  # < len(batch.jobs): _flush lands units only of batches not done
         batch.landed += 1
@@ -490,10 +491,12 @@ class SidecarBridge:
             if live[i]:  # copied into a slot: the oldest copy gives its slot up when all are taken
                 self._shadow.put((layer, p), e, keys[i * h : (i + 1) * h], values[i * h : (i + 1) * h])
 
-    def _queue(self, pages: np.ndarray, epochs: np.ndarray) -> None:
+    def _queue(self, pages: np.ndarray, epochs: np.ndarray, layers: Optional[Sequence[int]] = None) -> None:
+        """Queue the re-segmentation of ``pages`` (at ``epochs``) in ``layers`` (default: every layer)."""
         self.queue.add(
             SharedSegment(SegmentKey(layer, 0, int(p), int(e)), 0, tuple(sorted(self._readers.get(int(p), ()))))
-            for layer in range(self.pool.layer_num) for p, e in zip(pages.tolist(), epochs.tolist())
+            for layer in (range(self.pool.layer_num) if layers is None else layers)
+            for p, e in zip(pages.tolist(), epochs.tolist())
         )  # fmt: skip
 
     def _on_free(self, pages: np.ndarray) -> None:

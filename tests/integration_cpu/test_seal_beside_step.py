@@ -151,8 +151,8 @@ def test_a_deferred_page_freed_before_its_plan_is_not_sealed():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.xfail(strict=True, reason="fifteenth and sixteenth GPU runs: the first extend plan waited for the step "
-                   "in flight (the sixteenth with the rows fix and a warm device cache); torch's sync debug mode names "
-                   "no synchronizing call; a plan still waiting after 0.5 s dumps where (pytest --runxfail)")
+                   "in flight; the sixteenth's dump shows it in read_rows_and_slots' gather on the side stream, its "
+                   "first allocation there (no cached blocks; warmed since, not re-run)")
 def test_an_extend_plan_seals_beside_the_step_in_flight(monkeypatch):
     """The overlap scheduler's case on a GPU: chunked prefills of two prompts, each plan made on the forward stream
     while a kernel of about a second (the step in flight) runs there. Every plan, seals included, returns before that
@@ -163,6 +163,8 @@ def test_an_extend_plan_seals_beside_the_step_in_flight(monkeypatch):
     import test_cuda_graph_decode as graph_cases
     from mkv_backend_cases import config, layer
 
+    from mosaickv_sglang import batch_inputs
+    from mosaickv_sglang.attention_backend import WAR_READ_DONE_ATTR
     from mosaickv_sglang.batch_inputs import clear_scheduled_batch, note_scheduled_batch
 
     monkeypatch.setenv("MOSAICKV_WARMUP", "0")
@@ -180,9 +182,10 @@ def test_an_extend_plan_seals_beside_the_step_in_flight(monkeypatch):
     # a server's caches are warm: pinned blocks of each size class, and device blocks cached for the forward stream
     # (a new stream has none, and a cudaMalloc while the stream sleeps can wait for it)
     warm = [torch.empty(1 << p, dtype=torch.uint8, pin_memory=True) for p in range(9, 23) for _ in range(16)]
-    with torch.cuda.stream(forward):
-        warm += [torch.empty(1 << 26, dtype=torch.uint8, device="cuda")]
-        warm += [torch.empty(1 << p, dtype=torch.uint8, device="cuda") for p in range(9, 20) for _ in range(64)]
+    for stream in (forward, batch_inputs._side_stream(torch.device("cuda"))):  # the plan's reads use a side stream
+        with torch.cuda.stream(stream):
+            warm += [torch.empty(1 << 26, dtype=torch.uint8, device="cuda")]
+            warm += [torch.empty(1 << p, dtype=torch.uint8, device="cuda") for p in range(9, 20) for _ in range(64)]
     del warm
     try:
         for step, ext in enumerate([[37, 40], [40, 21], [40, 40], [33, 40]]):
@@ -201,6 +204,10 @@ def test_an_extend_plan_seals_beside_the_step_in_flight(monkeypatch):
             clear_scheduled_batch()
             idle.mosaic.init_forward_metadata(bi)
             assert in_flight, f"step {step}: the extend plan waited for the forward stream"
+            # the read-done event for SGLang's scheduler, recorded at the plan's end: after the step in flight
+            done = getattr(busy.mosaic.model_runner, WAR_READ_DONE_ATTR)
+            assert isinstance(done, torch.cuda.Event) and not hasattr(idle.mosaic.model_runner, WAR_READ_DONE_ATTR)
+            delattr(busy.mosaic.model_runner, WAR_READ_DONE_ATTR)
             n = bb.out_cache_loc.numel()
             for li in range(LAYERS):
                 q, k, v = (torch.randn(*shape, generator=gen, device="cuda").to(DT)
@@ -251,3 +258,33 @@ def test_extend_plans_with_the_overlap_scheduler_read_the_noted_batch_and_say_so
     with caplog.at_level(logging.INFO, logger=sealer_mod.__name__):
         sealer.maybe_log_status(sealer._logged_at + sealer.status_interval + 1)
     assert "plans' rows read: extend another batch 1, extend beside 1, extend no note 1" in caplog.text
+
+
+def test_sglang_s_scheduler_reads_the_read_done_event_the_backend_publishes():
+    """SGLang 0.5.17's ModelRunner holds the forward's read-done event under the name the backend sets, and the
+    scheduler's WAR barrier takes it from the worker's runner: renamed, the backend's event would go unread and
+    the scheduler would wait for whole extend forwards again."""
+    import inspect
+
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.managers.tp_worker import TpModelWorker
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    from mosaickv_sglang.attention_backend import WAR_READ_DONE_ATTR
+
+    assert f"self.{WAR_READ_DONE_ATTR}" in inspect.getsource(ModelRunner.__init__)
+    barrier = inspect.getsource(Scheduler._apply_war_barrier)
+    assert "war_fastpath_runner" in barrier and f"runner.{WAR_READ_DONE_ATTR}" in barrier
+    assert "return self.model_runner" in inspect.getsource(TpModelWorker.war_fastpath_runner.fget)
+
+
+def test_a_cpu_plan_publishes_no_read_done_event():
+    """Off CUDA (here, sealing beside the step forced on) an extend plan records no event for the scheduler."""
+    from mkv_backend_cases import Scenario, config
+
+    from mosaickv_sglang.attention_backend import WAR_READ_DONE_ATTR
+
+    sc = Scenario(config(ratio=3.0), group=2, seed=3, auto_seal=True)
+    sc.mosaic.sealer.seal_beside_step = True
+    sc.run_mosaic(sc.extend_batch([37, 16]))
+    assert not hasattr(sc.mosaic.model_runner, WAR_READ_DONE_ATTR)
