@@ -636,10 +636,10 @@ class SidecarBridge:
 
     def take_slowest(self) -> Dict[str, float]:
         """The longest single unit of each kind of work in the ticks before forwards since the last call (seconds;
-        kinds: ``"shared copies"``, a batch's shared-page host copies of one unit (:data:`SHARED_PAGES_PER_UNIT` pages
-        of one layer); ``"job"``, one job handed to the
-        worker; ``"replies"``, the client's part of a tick; ``"apply"``, one plan applied), then forgets them: a
-        tick past its budget is one of these. Idle ticks, which no step waits for, are not counted."""
+        kinds: ``"shared copies"``, :data:`SHARED_PAGES_PER_UNIT` pages of one layer of a batch's shared-page host
+        copies; ``"job"``, one job handed to the worker; ``"replies"``, the client's part of a tick; ``"apply"``, one
+        plan applied), then forgets them: a tick past its budget is one of these. Idle ticks, which no step waits
+        for, are not counted."""
         out, self._slowest = self._slowest, {}
         return out
 
