@@ -8,7 +8,7 @@ after.txt``: the load's decode step p50 / p90 / p99 (Prometheus's ``histogram_qu
 buckets), summed over the server's schedulers, the scheduler time sealing and the sidecar took meanwhile
 (``sglang:mosaic_seal_seconds_total``, ``sglang:mosaic_sidecar_step_seconds_total``; prefill steps included, so they
 are totals, not divided by the decode steps; with its parts ``..._submit/land/apply_seconds_total`` when the server
-exports them),
+exports them, and the bridge's I/O thread's time beside them, ``sglang:mosaic_sidecar_io_thread_seconds_total``),
 and the decode batches' plans (``sglang:mosaic_decode_plan_seconds_total`` over
 ``sglang:mosaic_decode_plans_total``: host work before each decode forward, sealing and the sidecar included; with
 their sealing and sidecar parts, ``..._decode_plan_seal/sidecar_seconds_total``, when the server exports them: those
@@ -39,11 +39,13 @@ PLAN_PART_METRICS = {"plan_seal_s": "sglang:mosaic_decode_plan_seal_seconds_tota
 SIDECAR_PART_METRICS = {"submit_s": "sglang:mosaic_sidecar_submit_seconds_total",
                         "land_s": "sglang:mosaic_sidecar_land_seconds_total",
                         "apply_s": "sglang:mosaic_sidecar_apply_seconds_total"}  # fmt: skip
+IO_THREAD_METRIC = "sglang:mosaic_sidecar_io_thread_seconds_total"
 
 
 # load_quantiles' keys for the counters it reads, and their series
 COUNTERS = {"sidecar_s": SIDECAR_METRIC, "seal_s": SEAL_SECONDS_METRIC, "seal_calls": SEAL_CALLS_METRIC,
-            "plan_s": PLAN_SECONDS_METRIC, "plans": PLANS_METRIC, **SIDECAR_PART_METRICS, **PLAN_PART_METRICS}
+            "plan_s": PLAN_SECONDS_METRIC, "plans": PLANS_METRIC, **SIDECAR_PART_METRICS, **PLAN_PART_METRICS,
+            "io_s": IO_THREAD_METRIC}
 
 
 def read_scrape(text: str) -> Tuple[Dict[float, float], Dict[str, float]]:
@@ -109,6 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parts = [f"{k[:-2]} {got[k] * 1e3:.1f} ms" for k in SIDECAR_PART_METRICS if got.get(k) is not None]
             if parts:
                 ms += f" ({', '.join(parts)})"
+        if got.get("io_s") is not None:
+            ms += f"  I/O thread beside the scheduler {got['io_s'] * 1e3:.1f} ms"
         if got["plan_s"] is not None and got["plans"]:
             each = 1e3 / got["plans"]
             ms += f"  decode plans {got['plan_s'] * each:.2f} ms each ({int(got['plans'])}"

@@ -86,6 +86,8 @@ class SidecarStats:
     submit_seconds, land_seconds, apply_seconds : float
         Of the bridge's scheduler time: submitting sealed pages (part of ``step_seconds``), handing landed copies to
         the worker, applying plans (both on forward and idle ticks).
+    io_seconds : float
+        Time of the bridge's I/O thread (landing copies, reading replies): not scheduler time.
     """
 
     counters: SidecarCounters
@@ -98,6 +100,7 @@ class SidecarStats:
     submit_seconds: float = 0.0
     land_seconds: float = 0.0
     apply_seconds: float = 0.0
+    io_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +199,7 @@ def _sidecar_stats(sidecar: Any) -> Optional[SidecarStats]:
                         int(sidecar.segments_applied), int(sidecar.resegment_pooled),
                         float(sidecar.step_seconds), float(sidecar.idle_seconds),
                         float(sidecar.submit_seconds), float(sidecar.land_seconds),
-                        float(sidecar.apply_seconds))  # fmt: skip
+                        float(sidecar.apply_seconds), float(sidecar.io_seconds))  # fmt: skip
 
 
 def collect_stats(sealer: "Sealer") -> MosaicStats:
@@ -343,6 +346,9 @@ METRICS: Tuple[MetricSpec, ...] = (
     MetricSpec("sglang:mosaic_sidecar_apply_seconds_total", "counter",
                "Scheduler time applying sidecar plans (re-packing their pages), forward and idle ticks.",
                _sc(lambda sc: sc.apply_seconds)),
+    MetricSpec("sglang:mosaic_sidecar_io_thread_seconds_total", "counter",
+               "Time of the sidecar bridge's I/O thread (landing copies in the worker's slots, reading its replies), "
+               "beside the scheduler thread.", _sc(lambda sc: sc.io_seconds)),
 )  # fmt: skip
 STRATEGY_METRIC = "sglang:mosaic_strategy_segments"
 DECODE_STEP_METRIC = "sglang:mosaic_decode_step_seconds"

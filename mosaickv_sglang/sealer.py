@@ -686,15 +686,17 @@ class Sealer:
             if int(reserve.sum()) > ledger.room:
                 continue
             plans = self.plan_layers(pages, dense_mask, ratio)
-            if self.sidecar is not None:
-                self.sidecar.submit_sealed(pages, dense_mask, ratio, self.gather)
-            try:
-                pool.seal_pages(pages_t, plans)
-            except ArenaFullError as err:
-                logger.error("MosaicKV: an arena is full although its ledger has room (%s); %d pages stay dense on "
-                             "this rank only, so tensor-parallel ranks may now diverge", err, pages.size)  # fmt: skip
-                self.pages_left_dense += int(pages.size)
-                return False
+            with self.sidecar.sealing() if self.sidecar is not None else contextlib.nullcontext():
+                if self.sidecar is not None:
+                    self.sidecar.submit_sealed(pages, dense_mask, ratio, self.gather)
+                try:
+                    pool.seal_pages(pages_t, plans)
+                except ArenaFullError as err:
+                    logger.error("MosaicKV: an arena is full although its ledger has room (%s); %d pages stay dense "
+                                 "on this rank only, so tensor-parallel ranks may now diverge", err,
+                                 pages.size)  # fmt: skip
+                    self.pages_left_dense += int(pages.size)
+                    return False
             ledger.reserve(pages.astype(np.int64), reserve)
             self.pages_sealed += int(pages.size)
             return True

@@ -13,6 +13,7 @@ pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
 
 from bench.decode_steps import (  # noqa: E402
+    IO_THREAD_METRIC,
     METRIC,
     PLAN_PART_METRICS,
     PLAN_SECONDS_METRIC,
@@ -117,11 +118,13 @@ def test_decode_plan_parts_are_printed_per_plan_when_exported(tmp_path, capsys):
 
 
 def test_sidecar_parts_are_printed_when_exported(tmp_path, capsys):
-    """A server that exports the sidecar time's parts (submit, land, apply) gets them after the total."""
+    """A server that exports the sidecar time's parts (submit, land, apply) gets them after the total, and its I/O
+    thread's time beside them."""
     registry = CollectorRegistry()
     hist = Histogram(METRIC, "decode steps", buckets=DECODE_STEP_BUCKETS, registry=registry)
     side = Counter(SIDECAR_METRIC.removesuffix("_total"), "sidecar", registry=registry)
     parts = {k: Counter(name.removesuffix("_total"), k, registry=registry) for k, name in SIDECAR_PART_METRICS.items()}
+    io = Counter(IO_THREAD_METRIC.removesuffix("_total"), "I/O thread", registry=registry)
     before = _scrape(registry)
     for _ in range(100):
         hist.observe(0.01)
@@ -129,13 +132,14 @@ def test_sidecar_parts_are_printed_when_exported(tmp_path, capsys):
     parts["submit_s"].inc(0.25)
     parts["land_s"].inc(0.125)
     parts["apply_s"].inc(0.0625)
+    io.inc(2.0)
     got = load_quantiles(before, _scrape(registry))
-    assert (got["submit_s"], got["land_s"], got["apply_s"]) == (0.25, 0.125, 0.0625)
+    assert (got["submit_s"], got["land_s"], got["apply_s"], got["io_s"]) == (0.25, 0.125, 0.0625, 2.0)
     (tmp_path / "b.txt").write_text(before)
     (tmp_path / "a.txt").write_text(_scrape(registry))
     assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
     assert ("sidecar before forwards 500.0 ms (prefill steps included) (submit 250.0 ms, land 125.0 ms, apply 62.5 ms)"
-            in capsys.readouterr().out)
+            "  I/O thread beside the scheduler 2000.0 ms" in capsys.readouterr().out)
 
 
 def test_errors_name_the_scrape_at_fault(tmp_path, capsys):

@@ -5,7 +5,9 @@ when the device is done)."""
 
 from __future__ import annotations
 
+import multiprocessing.connection
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List
@@ -62,6 +64,9 @@ class FakeClient:
         return [JobOutcome(j["id"], JobStatus.OK, j["segments"], result=SimpleNamespace(plan=None),
                            valid=tuple(self.is_current(k) for k in j["segments"]), keys=j["keys"],
                            values=j["values"]) for j in done]  # fmt: skip
+
+    def wait_io(self, timeout, also=()) -> None:
+        multiprocessing.connection.wait(list(also), timeout)
 
     def close(self) -> None:
         pass
@@ -221,3 +226,36 @@ def test_shared_pages_copies_land_a_few_pages_a_unit_before_the_jobs(setup, monk
     for n in range(1, jobs + 1):  # then the jobs, one a tick
         t.bridge.tick()
         assert len(t.client.received) == n and len(t.bridge._pending) == (n < jobs)
+
+
+def test_the_io_thread_sleeps_while_idle_and_wakes_for_a_new_batch(setup, monkeypatch):
+    """The I/O thread (as on CUDA): idle, it looks at the client once per IO_WAIT_S (10 s here), not in a busy loop;
+    a sealed batch wakes it at once (a pipe), and it lands the jobs and reads their plans with no tick; the tick
+    applies them."""
+    t = setup
+    monkeypatch.setattr(bridge_mod, "IO_WAIT_S", 10.0)
+    rounds = []
+    client_tick = t.client.tick
+
+    def tick(budget_ms=None):
+        rounds.append(time.monotonic())
+        return client_tick(budget_ms)
+
+    t.client.tick = tick
+    t.bridge._start_io()
+    try:
+        time.sleep(0.45)
+        assert 1 <= len(rounds) <= 2, len(rounds)  # one look, then asleep (the first version polled every 5 ms)
+        start = time.monotonic()
+        t.bridge.io_seconds = 0.0
+        assert seal(t, [3, 4]) == 2 * H * LAYERS
+        while len(t.bridge._unapplied) < LAYERS and time.monotonic() - start < 5:
+            time.sleep(0.002)
+        assert time.monotonic() - start < 5  # woken, not found at the end of its 10 s wait
+        assert len(t.client.received) == LAYERS and t.events[0].waited  # the thread waited for the copies itself
+        assert t.bridge.plans_applied == 0 and t.bridge.land_seconds == 0
+        assert t.bridge.tick() >= 1 and t.bridge.tick(None) >= 0 and t.bridge.plans_applied == LAYERS
+        assert len(t.pool.resealed) == LAYERS and t.bridge.io_seconds > 0
+    finally:
+        t.bridge.close()
+    assert t.bridge._io_thread is None and t.bridge._wake_fds is None

@@ -56,7 +56,8 @@ class StandInSidecarBridge:
     re-segmentation switch only."""
 
     def __init__(self, counters: SidecarCounters, plans_applied: int, plans_discarded: int, segments_applied: int,
-                 resegment: bool = True, seconds: tuple = (0.0, 0.0, 0.0), parts: tuple = (0.0, 0.0)):  # fmt: skip
+                 resegment: bool = True, seconds: tuple = (0.0, 0.0, 0.0), parts: tuple = (0.0, 0.0),
+                 io_seconds: float = 0.0):  # fmt: skip
         self._counters = counters
         self.plans_applied, self.plans_discarded = plans_applied, plans_discarded
         self.segments_applied = segments_applied
@@ -64,6 +65,7 @@ class StandInSidecarBridge:
         self.resegment_pooled = 0
         self.tick_seconds, self.submit_seconds, self.idle_seconds = seconds
         self.land_seconds, self.apply_seconds = parts
+        self.io_seconds = io_seconds
         self.slowest: Dict[str, float] = {}
 
     def take_slowest(self) -> Dict[str, float]:
@@ -208,7 +210,8 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
         exporter.export(collect_stats(sealer))
         sealer.sidecar = StandInSidecarBridge(SidecarCounters(submitted=12, completed=10, queue_depth=1,
                                                               resegmentations=2), 5, 1, 60,
-                                              seconds=(0.25, 0.5, 1.0), parts=(0.0625, 0.125))  # fmt: skip
+                                              seconds=(0.25, 0.5, 1.0), parts=(0.0625, 0.125),
+                                              io_seconds=2.5)  # fmt: skip
         exporter.export(collect_stats(sealer))
     finally:
         sealer.sidecar = None
@@ -218,7 +221,7 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
                 "plans_discarded_total": 1, "segments_applied_total": 60, "pages_sealed_total": 4,
                 "sidecar_step_seconds_total": 0.75, "sidecar_idle_seconds_total": 1.0,
                 "sidecar_submit_seconds_total": 0.5, "sidecar_land_seconds_total": 0.0625,
-                "sidecar_apply_seconds_total": 0.125,
+                "sidecar_apply_seconds_total": 0.125, "sidecar_io_thread_seconds_total": 2.5,
                 "seal_calls_total": 1, "decode_plans_total": 40, "decode_plan_seconds_total": 0.125,
                 "decode_plan_seal_seconds_total": 0.0625, "decode_plan_sidecar_seconds_total": 0.03125}  # fmt: skip
     assert {k: got[_key(f"sglang:mosaic_{k}", LABELS)] for k in expected} == expected

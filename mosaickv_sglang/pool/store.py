@@ -37,7 +37,7 @@ from mosaickv_sglang.pool.sizing import capacity_tokens
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompressedKVStore", "DecodeMetadata", "ExtendMetadata", "ReleaseHandle"]
+__all__ = ["CompressedKVStore", "DecodeMetadata", "ExtendMetadata", "ReleaseHandle", "pin_plan"]
 
 _GB = float(1 << 30)
 
@@ -135,19 +135,30 @@ def _check_int(x: object, name: str, lo: int) -> int:
     return x
 
 
-def _plan_to(plan: SegmentPlan, device: torch.device) -> SegmentPlan:
-    """:meth:`SegmentPlan.to` with host tensors copied by :func:`to_device`."""
-    if plan.device == device:
-        return plan
+def _map_plan(plan: SegmentPlan, fn: Callable[[torch.Tensor], torch.Tensor]) -> SegmentPlan:
+    """``plan`` with ``fn`` applied to each of its tensors (factor pairs included), fields unchecked."""
     moved = object.__new__(SegmentPlan)
     for f in dataclasses.fields(plan):
         v = getattr(plan, f.name)
         if isinstance(v, torch.Tensor):
-            v = to_device(v, device)
+            v = fn(v)
         elif isinstance(v, tuple):
-            v = tuple(to_device(t, device) for t in v)
+            v = tuple(fn(t) for t in v)
         setattr(moved, f.name, v)
     return moved
+
+
+def _plan_to(plan: SegmentPlan, device: torch.device) -> SegmentPlan:
+    """:meth:`SegmentPlan.to` with host tensors copied by :func:`to_device`."""
+    if plan.device == device:
+        return plan
+    return _map_plan(plan, lambda t: to_device(t, device))
+
+
+def pin_plan(plan: SegmentPlan) -> SegmentPlan:
+    """A host ``plan`` with its tensors in pinned memory, so that :meth:`CompressedKVStore.reseal` copies it to a
+    CUDA device without staging it first (needs CUDA; a plan already pinned is returned as is)."""
+    return _map_plan(plan, lambda t: t.pin_memory())
 
 
 def _host_long(x: object, name: str) -> torch.Tensor:

@@ -589,13 +589,19 @@ class SidecarClient:
             self._wait_io(0.05)
 
     # --- internals ------------------------------------------------------------------------------------------------
-    def _wait_io(self, timeout: float) -> None:
+    def wait_io(self, timeout: float, also: Sequence[int] = ()) -> None:
+        """Block up to ``timeout`` seconds, without the interpreter's lock, until the worker sends something or
+        dies (its reply is read by the next :meth:`tick`), or one of the file descriptors ``also`` is readable."""
+        self._wait_io(timeout, also)
+
+    def _wait_io(self, timeout: float, also: Sequence[int] = ()) -> None:
         w = self._worker
-        if w is None:
+        waited = list(also) + ([] if w is None else [w.conn, w.proc.sentinel])
+        if not waited:
             time.sleep(timeout)
             return
         try:
-            multiprocessing.connection.wait([w.conn, w.proc.sentinel], timeout)
+            multiprocessing.connection.wait(waited, timeout)
         except (OSError, ValueError):
             time.sleep(timeout)
 

@@ -7,6 +7,7 @@ Pools are built by SGLang's ``_build_mha_kv_pool``, slots come from SGLang's pag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -289,6 +290,9 @@ class _TimedBridge:
         self.tick_seconds += self._spend(0.002)
         self.ticks += 1
         return 0
+
+    def sealing(self):
+        return contextlib.nullcontext()
 
     def observe_readers(self, reads) -> None:
         pass

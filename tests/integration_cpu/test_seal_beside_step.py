@@ -150,9 +150,10 @@ def test_a_deferred_page_freed_before_its_plan_is_not_sealed():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.xfail(strict=True, reason="fifteenth and sixteenth GPU runs: the first extend plan waited for the step "
-                   "in flight; the sixteenth's dump shows it in read_rows_and_slots' gather on the side stream, its "
-                   "first allocation there (no cached blocks; warmed since, not re-run)")
+@pytest.mark.xfail(strict=True, reason="fifteenth to seventeenth GPU runs: the first extend plan waited in its "
+                   "gather's first launch (a module load); in the seventeenth, with the twin planned first, the plans "
+                   "no longer waited and the test failed on its own check of the twin's event (fixed since, not "
+                   "re-run)")
 def test_an_extend_plan_seals_beside_the_step_in_flight(monkeypatch):
     """The overlap scheduler's case on a GPU: chunked prefills of two prompts, each plan made on the forward stream
     while a kernel of about a second (the step in flight) runs there. Every plan, seals included, returns before that
@@ -190,6 +191,10 @@ def test_an_extend_plan_seals_beside_the_step_in_flight(monkeypatch):
     try:
         for step, ext in enumerate([[37, 40], [40, 21], [40, 40], [33, 40]]):
             bb, bi = graph_cases._to_cuda(busy.extend_batch(ext)), graph_cases._to_cuda(idle.extend_batch(ext))
+            # the twin first, with the GPU idle: a kernel's first launch loads its module, which (lazy loading) can
+            # wait for the kernels in flight; a server has launched them all before (the sixteenth and seventeenth
+            # runs' dumps showed the first plan in the gather's first launch)
+            idle.mosaic.init_forward_metadata(bi)
             torch.cuda.synchronize()
             note_scheduled_batch(torch.arange(len(ext)), bb.out_cache_loc, scheduler)
             forward.wait_stream(scheduler)
@@ -202,12 +207,11 @@ def test_an_extend_plan_seals_beside_the_step_in_flight(monkeypatch):
                     faulthandler.cancel_dump_traceback_later()
                 in_flight = not forward.query()
             clear_scheduled_batch()
-            idle.mosaic.init_forward_metadata(bi)
             assert in_flight, f"step {step}: the extend plan waited for the forward stream"
-            # the read-done event for SGLang's scheduler, recorded at the plan's end: after the step in flight
-            done = getattr(busy.mosaic.model_runner, WAR_READ_DONE_ATTR)
-            assert isinstance(done, torch.cuda.Event) and not hasattr(idle.mosaic.model_runner, WAR_READ_DONE_ATTR)
-            delattr(busy.mosaic.model_runner, WAR_READ_DONE_ATTR)
+            # the read-done event for SGLang's scheduler, recorded at each eager plan's end (the twin's too)
+            for side in sides:
+                assert isinstance(getattr(side.mosaic.model_runner, WAR_READ_DONE_ATTR), torch.cuda.Event)
+                delattr(side.mosaic.model_runner, WAR_READ_DONE_ATTR)
             n = bb.out_cache_loc.numel()
             for li in range(LAYERS):
                 q, k, v = (torch.randn(*shape, generator=gen, device="cuda").to(DT)

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,12 +43,12 @@ def _assert_match(results) -> None:
         torch.testing.assert_close(out, ref, atol=3e-3, rtol=3e-3)
 
 
-def _sealer_with_sidecar(seed: int, resegment: bool = True, **overrides):
-    """A ratio-3 pool (64 pages, ``--mosaic-resegment`` as ``resegment``) and its sealer with a started bridge;
-    queries observed in every layer so the sidecar has statistics."""
+def _sealer_with_sidecar(seed: int, resegment: bool = True, io_thread: bool = False, **overrides):
+    """A ratio-3 pool (64 pages, ``--mosaic-resegment`` as ``resegment``) and its sealer with a started bridge (with
+    its I/O thread as ``io_thread`` says); queries observed in every layer so the sidecar has statistics."""
     pool = build_pool(64 * S, 64 * S, dataclasses.replace(_config(ratio=3.0), resegment=resegment))
     sealer = Sealer(pool, num_q_heads=H_KV * GROUP)
-    bridge = SidecarBridge.create(pool, sealer.window, **overrides).start()
+    bridge = SidecarBridge.create(pool, sealer.window, **overrides).start(io_thread=io_thread)
     sealer.attach_sidecar(bridge)
     gen = torch.Generator().manual_seed(seed)
     for li in range(LAYERS):
@@ -94,6 +95,56 @@ def test_sealed_pages_get_the_exact_planner_s_plans_within_the_fast_budget():
         pool.check_invariants()
     finally:
         bridge.close()
+
+
+def test_with_the_io_thread_ticks_only_apply_and_the_pool_ends_the_same():
+    """With the I/O thread (the default on CUDA) a sealed batch's copies are landed and the worker's replies read
+    without any tick: the scheduler thread's ticks only apply the plans (no landing, no client call). The pool ends
+    with the same descriptors and payloads as a bridge without the thread given the same pages; a drain runs on the
+    caller's thread and the I/O thread resumes after it; closing stops it."""
+    pages = np.arange(1, 6, dtype=np.int64)
+    ends = []
+    for io in (False, True):
+        pool, sealer, bridge = _sealer_with_sidecar(seed=5, num_slots=LAYERS, io_thread=io)
+        try:
+            callers = []
+            client_tick = bridge.client.tick
+
+            def tick(budget_ms=None, _tick=client_tick):
+                callers.append(threading.current_thread().name)
+                return _tick(budget_ms)
+
+            bridge.client.tick = tick
+            write_pages(pool, pages, seed=105)
+            assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
+            if io:
+                end = time.monotonic() + DRAIN_S
+                while bridge.counters().queue_depth and time.monotonic() < end or bridge._pending:
+                    time.sleep(0.02)  # no tick: the thread lands the jobs and reads the plans
+                assert len(bridge._unapplied) == LAYERS and bridge.plans_applied == 0
+                assert bridge.io_seconds > 0 and bridge.land_seconds == 0
+                while bridge.plans_applied < LAYERS:
+                    assert bridge.tick() >= 1  # a plan at least per tick (the tick's budget)
+                assert set(callers) == {"mosaickv-sidecar-io"}, callers
+                assert bridge.land_seconds == 0 and bridge.apply_seconds > 0
+                bridge.drain(DRAIN_S)
+                assert bridge._io_thread is not None and bridge._io_thread.is_alive()
+            else:
+                bridge.drain(DRAIN_S)
+                assert set(callers) == {threading.current_thread().name} and bridge.io_seconds == 0
+            assert bridge.plans_applied == LAYERS and bridge.plans_discarded == 0
+            assert pool.store.pending_releases == 0
+            pool.check_invariants()
+            ends.append(([d.clone() for d in pool.store.desc], [a.clone() for a in pool.store.arenas]))
+        finally:
+            bridge.close()
+        assert bridge._io_thread is None
+        assert "mosaickv-sidecar-io" not in {t.name for t in threading.enumerate()}
+    (desc0, arena0), (desc1, arena1) = ends
+    for li in range(LAYERS):
+        assert torch.equal(desc0[li], desc1[li]), f"layer {li}"  # the plans and where their payloads lie
+        # the payloads, bit for bit (packed payloads hold bit patterns that read as NaN in the arena's dtype)
+        assert torch.equal(arena0[li].view(torch.int16), arena1[li].view(torch.int16)), f"layer {li}"
 
 
 def test_plans_for_freed_or_reused_pages_are_discarded():
