@@ -71,6 +71,8 @@ def _check(args: argparse.Namespace) -> None:
 class StandInPool:
     """What the bridge reads of a pool: shapes, page epochs, seal states; re-packs are counted, not performed."""
 
+    device = "cpu"  # the bridge runs as on a host-only pool: no I/O thread, no pinned plans
+
     def __init__(self, args: "argparse.Namespace | SimpleNamespace", num_pages: int) -> None:
         """``args``: ``kv_heads``, ``head_dim``, ``page_size`` and ``layers``."""
         self.head_num, self.head_dim, self.page_size = args.kv_heads, args.head_dim, args.page_size
