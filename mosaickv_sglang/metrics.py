@@ -87,7 +87,7 @@ class SidecarStats:
         Of the bridge's scheduler time: submitting sealed pages (part of ``step_seconds``), handing landed copies to
         the worker, applying plans (both on forward and idle ticks).
     io_seconds : float
-        Time of the bridge's I/O thread (landing copies, reading replies): not scheduler time.
+        CPU time of the bridge's I/O thread (landing copies, reading replies): not scheduler time.
     """
 
     counters: SidecarCounters
@@ -347,8 +347,8 @@ METRICS: Tuple[MetricSpec, ...] = (
                "Scheduler time applying sidecar plans (re-packing their pages), forward and idle ticks.",
                _sc(lambda sc: sc.apply_seconds)),
     MetricSpec("sglang:mosaic_sidecar_io_thread_seconds_total", "counter",
-               "Time of the sidecar bridge's I/O thread (landing copies in the worker's slots, reading its replies), "
-               "beside the scheduler thread.", _sc(lambda sc: sc.io_seconds)),
+               "CPU time of the sidecar bridge's I/O thread (landing copies in the worker's slots, reading its "
+               "replies), beside the scheduler thread.", _sc(lambda sc: sc.io_seconds)),
 )  # fmt: skip
 STRATEGY_METRIC = "sglang:mosaic_strategy_segments"
 DECODE_STEP_METRIC = "sglang:mosaic_decode_step_seconds"

@@ -54,7 +54,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Callable, ContextManager, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -293,9 +293,9 @@ class SidecarBridge:
         self._closed = False
         # the I/O thread (start(io_thread=True)) lands copies and reads replies; the scheduler thread applies plans.
         # _lock guards what both touch (pending batches, reservations, the finished plans, host copies, the
-        # re-segmentation queue and readers, counters); _land_lock makes one flush at a time
+        # re-segmentation queue and readers, counters). Landing has one thread at a time: the I/O thread while it
+        # runs; ticks and drain only with it stopped
         self._lock = threading.RLock()
-        self._land_lock = threading.Lock()
         self._io_thread: Optional[threading.Thread] = None
         self._io_stop = threading.Event()
         self._wake_fds: Optional[Tuple[int, int]] = None  # a pipe that wakes the I/O thread (a new batch, a stop)
@@ -426,7 +426,7 @@ class SidecarBridge:
             self.submit_seconds += time.perf_counter() - t0
             self._wake_io()
 
-    def sealing(self) -> "threading.RLock":
+    def sealing(self) -> ContextManager[bool]:
         """Hold it (``with bridge.sealing():``) around :meth:`submit_sealed` and the seal of the same pages: the
         I/O thread lands no batch meanwhile, so the worker never plans pages whose seal has not ended (its reply
         would find them unsealed, hence stale)."""
@@ -496,30 +496,29 @@ class SidecarBridge:
         none after it but the first: a batch of 8 jobs is spread over ticks instead of landing in one step. Returns
         the units landed."""
         landed = 0
-        with self._land_lock:
-            while True:
-                if landed and deadline is not None and time.perf_counter() >= deadline:
+        while True:
+            if landed and deadline is not None and time.perf_counter() >= deadline:
+                return landed
+            with self._lock:
+                if not self._pending:
                     return landed
+                batch = self._pending[0]
+            if wait:
+                batch.copy.wait()
+            elif not batch.copy.ready():
+                return landed
+            kind = "shared copies" if batch.shared is not None else "job"
+            t0 = time.perf_counter()
+            try:
+                self._land_next(batch)
+            finally:
+                took = self._note_unit(kind, t0)
+                if not self._on_io_thread():
+                    self.land_seconds += took
+            landed += 1
+            if batch.done:
                 with self._lock:
-                    if not self._pending:
-                        return landed
-                    batch = self._pending[0]
-                if wait:
-                    batch.copy.wait()
-                elif not batch.copy.ready():
-                    return landed
-                kind = "shared copies" if batch.shared is not None else "job"
-                t0 = time.perf_counter()
-                try:
-                    self._land_next(batch)
-                finally:
-                    took = self._note_unit(kind, t0)
-                    if not self._on_io_thread():
-                        self.land_seconds += took
-                landed += 1
-                with self._lock:
-                    if batch.done and self._pending and self._pending[0] is batch:
-                        self._pending.popleft()
+                    self._pending.popleft()
 
     def _land_next(self, batch: _PendingBatch) -> None:
         """The next unit of ``batch``: first the host copies of its shared pages, :data:`SHARED_PAGES_PER_UNIT` pages

@@ -575,7 +575,7 @@ class SidecarClient:
             ended = self.tick()  # evaluated first: tick() replaces the list, so extend the current one after it
             with self._lock:
                 self._finished.extend(ended)
-            self._wait_io(0.05)
+            self.wait_io(0.05)
         return self.is_ready
 
     def drain(self, timeout: float) -> List[JobOutcome]:
@@ -586,15 +586,12 @@ class SidecarClient:
             out.extend(self.tick())
             if not self._jobs or time.monotonic() >= end or self._closed:
                 return sorted(out, key=lambda o: o.job_id)
-            self._wait_io(0.05)
+            self.wait_io(0.05)
 
     # --- internals ------------------------------------------------------------------------------------------------
     def wait_io(self, timeout: float, also: Sequence[int] = ()) -> None:
         """Block up to ``timeout`` seconds, without the interpreter's lock, until the worker sends something or
         dies (its reply is read by the next :meth:`tick`), or one of the file descriptors ``also`` is readable."""
-        self._wait_io(timeout, also)
-
-    def _wait_io(self, timeout: float, also: Sequence[int] = ()) -> None:
         w = self._worker
         waited = list(also) + ([] if w is None else [w.conn, w.proc.sentinel])
         if not waited:
