@@ -282,7 +282,9 @@ case "$step" in
     # issue #5: three mosaic r3 servers side by side (sidecar off / sidecar on without re-segmentation / sidecar on):
     # shared-context accuracy on all three at once, then decode ITL under a shared-prefix load on "off" and "on",
     # each measured while the other servers sit idle; sidecar CPU time from ps before and after.
-    # sidecar-itl: only "off" and "on", only the ITL loads (a short check, about 3 minutes on a fresh machine).
+    # sidecar-itl: "off", "on" and "on" with CPython's 5 ms switch interval ("on-gil5": the I/O thread's default
+    # lowers it to 0.5 ms), only the ITL loads, each load ITL_OUTPUT_LEN (default 256) tokens a request (64 before the
+    # eighteenth run: 278 decode steps, a p99 of three steps); about 4 minutes on a fresh machine.
     # SGLang sizes a pool as (free memory) - (1 - fraction) * (total memory), so servers sharing a GPU start one
     # after another (each once the previous one has allocated its pool), with growing fractions (~25 GB each), and
     # the same --max-total-tokens, so that every server has the same pool (in the eighth run "on" had 1.6x the pages
@@ -290,15 +292,17 @@ case "$step" in
     M="$(bash bench/device_smollm2.sh)"
     if [ "$step" = sidecar ]; then
       names=(sc0 rs0 on); extra=("--mosaic-sidecar off" "--mosaic-resegment off" ""); fractions=(0.2 0.4 0.6)
+      envs=("" "" ""); itl_servers="0 2"; itl_output_len=64
     else
-      names=(sc0 on); extra=("--mosaic-sidecar off" ""); fractions=(0.2 0.4)
+      names=(sc0 on on-gil5); extra=("--mosaic-sidecar off" "" ""); fractions=(0.2 0.4 0.6)
+      envs=("" "" "MOSAICKV_SIDECAR_SWITCH_INTERVAL_MS=0"); itl_servers="0 1 2"; itl_output_len=${ITL_OUTPUT_LEN:-256}
     fi
     last=$(( ${#names[@]} - 1 ))
     pids=()
     for i in $(seq 0 $last); do
       # shellcheck disable=SC2086
-      MOSAICKV_STACK_SAMPLES="$(stacks "r3-${names[$i]}")" python3 -m sglang.launch_server --model-path "$M" \
-        --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
+      env ${envs[$i]} MOSAICKV_STACK_SAMPLES="$(stacks "r3-${names[$i]}")" \
+        python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
         --disable-prefill-cuda-graph --mem-fraction-static "${fractions[$i]}" --max-total-tokens 3000000 \
         --chunked-prefill-size 2048 --enable-cache-report --enable-metrics --kv-compressor mosaic \
         --mosaic-compression-ratio 3 ${extra[$i]} > "$out/mosaic-r3-${names[$i]}.server.log" 2>&1 &
@@ -318,12 +322,13 @@ case "$step" in
       for j in "${acc[@]}"; do wait "$j" || echo "shared_context rc=$?"; done
       ps_sidecars > "$out/ps-after-accuracy.txt"
     fi
-    for i in 0 $last; do
+    for i in $itl_servers; do
       curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-before-itl-${names[$i]}.txt" || true
       stacks_mark "r3-${names[$i]}" before
       timeout 100 python3 -m sglang.bench_serving --backend sglang --host 127.0.0.1 --port $((30000 + i)) \
         --model "$M" --tokenizer "$M" --dataset-name generated-shared-prefix --gsp-num-groups 4 \
-        --gsp-prompts-per-group 16 --gsp-system-prompt-len 4096 --gsp-question-len 128 --gsp-output-len 64 \
+        --gsp-prompts-per-group 16 --gsp-system-prompt-len 4096 --gsp-question-len 128 \
+        --gsp-output-len "$itl_output_len" \
         --max-concurrency 16 --output-file "$out/itl-${names[$i]}.jsonl" > "$out/itl-${names[$i]}.log" 2>&1 \
         || echo "bench ${names[$i]} rc=$?"
       ps_sidecars > "$out/ps-after-itl-${names[$i]}.txt"

@@ -100,6 +100,12 @@ class StandInPool:
         self.resealed += 1
         return SimpleNamespace()
 
+    def stage_reseal(self, pages, layer, keys, values, plan, stream=None) -> object:
+        return (pages, layer, keys, values, plan)
+
+    def reseal_staged(self, staged: tuple) -> object:
+        return self.reseal_pages(*staged)
+
     def release_resealed(self, handle: object) -> None:
         pass
 

@@ -60,6 +60,7 @@ from mosaickv_sglang.pool import (
     ExtendMetadata,
     ReleaseHandle,
     SealablePages,
+    StagedReseal,
     arena_granules_for,
     to_device,
 )
@@ -657,22 +658,24 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         ArenaFullError
             The arena cannot hold the new payloads next to the old ones; nothing changed.
         """
+        return self.reseal_staged(self.stage_reseal(pages, layer, keys, values, plan))
+
+    def stage_reseal(
+        self, pages: np.ndarray, layer: int, keys: torch.Tensor, values: torch.Tensor, plan: SegmentPlan,
+        stream: Optional[Any] = None,
+    ) -> StagedReseal:  # fmt: skip
+        """The first half of :meth:`reseal_pages`, which any thread may run while steps do
+        (:meth:`CompressedKVStore.stage_reseal`: checks, payload sizes, uploads on ``stream``); the scheduler thread
+        commits it with :meth:`reseal_staged`."""
         p = self._logical_pages(torch.as_tensor(np.asarray(pages, dtype=np.int64)))
         if not 0 <= int(layer) < self.layer_num:
             raise ValueError(f"layer: expected a local layer in [0, {self.layer_num}), got {layer!r}")
-        s, h, d, n = self.page_size, int(self.head_num), int(self.head_dim), p.size
-        dev, dtype = torch.device(self.device), self.store.dtype
+        return self.store.stage_reseal(torch.from_numpy(p.copy()), int(layer), keys, values, plan, stream)
 
-        def tokens_major(x: torch.Tensor, name: str) -> torch.Tensor:
-            if tuple(x.shape) != (n * h, s, d):
-                raise ValueError(f"{name}: expected shape [{n * h}, {s}, {d}], got {list(x.shape)}")
-            return to_device(x.to(dtype), dev).view(n, h, s, d).permute(0, 2, 1, 3).reshape(n * s, h, d).contiguous()
-
-        k, v = tokens_major(keys, "keys"), tokens_major(values, "values")
-        slots = torch.arange(n * s, dtype=torch.int64).view(n, s)
-        layers = self.store.num_layers
-        return self.store.reseal(torch.from_numpy(p.copy()), [k] * layers, [v] * layers, slots, [plan],
-                                 layer_ids=[int(layer)])  # fmt: skip
+    def reseal_staged(self, staged: StagedReseal) -> ReleaseHandle:
+        """The second half of :meth:`reseal_pages`: :meth:`CompressedKVStore.reseal_staged` (allocate, pack, swap, on
+        the current stream after the staging's uploads); between steps, as :meth:`reseal_pages`."""
+        return self.store.reseal_staged(staged)
 
     def release_resealed(self, handle: ReleaseHandle) -> None:
         """Free the payloads a :meth:`reseal_pages` displaced (once no step can read them any more)."""

@@ -39,12 +39,20 @@ class FakePool(StandInPool):
         self.on_reseal = on_reseal
         self.resealed: List[Tuple[int, List[int], object]] = []
         self.released = 0
+        self.staged = 0  # re-seals staged (by the I/O thread)
 
     def reseal_pages(self, pages, layer, keys, values, plan):
         if self.on_reseal is not None:
             self.on_reseal()
         self.resealed.append((layer, pages.tolist(), plan))
         return plan
+
+    def stage_reseal(self, pages, layer, keys, values, plan, stream=None):
+        self.staged += 1
+        return (pages, layer, keys, values, plan)
+
+    def reseal_staged(self, staged):
+        return self.reseal_pages(*staged)
 
     def release_resealed(self, handle) -> None:
         self.released += 1

@@ -256,6 +256,40 @@ def test_the_io_thread_sleeps_while_idle_and_wakes_for_a_new_batch(setup, monkey
         assert t.bridge.plans_applied == 0 and t.bridge.land_seconds == 0
         assert t.bridge.tick() >= 1 and t.bridge.tick(None) >= 0 and t.bridge.plans_applied == LAYERS
         assert len(t.pool.resealed) == LAYERS and t.bridge.io_seconds > 0
+        assert t.pool.staged == LAYERS and not t.bridge._staged  # staged on the thread, each committed by a tick
     finally:
         t.bridge.close()
     assert t.bridge._io_thread is None and t.bridge._wake_fds is None
+
+
+@pytest.mark.parametrize("env, interval", [(None, 0.0005), ("2", 0.002), ("0", None), ("50", None)])
+def test_starting_the_io_thread_lowers_the_switch_interval_until_close(setup, monkeypatch, env, interval):
+    """While the I/O thread runs, the scheduler waits at most MOSAICKV_SIDECAR_SWITCH_INTERVAL_MS (default 0.5 ms)
+    for the interpreter's lock, not CPython's 5 ms; 0, or a value above the interpreter's, leaves it; close restores
+    it."""
+    t = setup
+    if env is None:
+        monkeypatch.delenv(bridge_mod.SWITCH_INTERVAL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(bridge_mod.SWITCH_INTERVAL_ENV, env)
+    t.client.start = lambda: None
+    before = sys.getswitchinterval()
+    assert before == pytest.approx(0.005)
+    try:
+        t.bridge.start(io_thread=True)
+        assert sys.getswitchinterval() == pytest.approx(before if interval is None else interval)
+    finally:
+        t.bridge.close()
+    assert sys.getswitchinterval() == before
+
+
+@pytest.mark.parametrize("env", ["-1", "fast", "2000"])
+def test_a_bad_switch_interval_is_refused_at_start(setup, monkeypatch, env):
+    monkeypatch.setenv(bridge_mod.SWITCH_INTERVAL_ENV, env)
+    started = []
+    setup.client.start = lambda: started.append(1)
+    with pytest.raises(ValueError, match=rf"MOSAICKV_SIDECAR_SWITCH_INTERVAL_MS: expected milliseconds in \[0, 1000\] "
+                                         rf"\(0: CPython's own\), got '{env}'"):
+        setup.bridge.start(io_thread=True)
+    assert setup.bridge._io_thread is None and not started  # refused before the worker starts
+    setup.bridge.close()

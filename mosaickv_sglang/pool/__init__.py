@@ -34,8 +34,10 @@ runs, so freeing needs no device read.
 
 **Double-buffered re-planning.** :meth:`~CompressedKVStore.reseal` (for the sidecar's final plans) allocates and
 packs new payloads next to the old ones into staging descriptor rows, then swaps the live descriptor rows, and
-returns a :class:`ReleaseHandle` with the old runs; the caller releases it (:meth:`~CompressedKVStore.release`) once
-no in-flight step can still read the old payloads. Swaps happen between steps, never under a running batch.
+returns a :class:`ReleaseHandle` with the old runs (:meth:`~CompressedKVStore.stage_reseal` does the part that reads
+no store state, uploads included, on another thread or stream; :meth:`~CompressedKVStore.reseal_staged` commits it);
+the caller releases the handle (:meth:`~CompressedKVStore.release`) once no in-flight step can still read the old
+payloads. Swaps happen between steps, never under a running batch.
 
 **Metadata.** :meth:`~CompressedKVStore.decode_metadata` builds exactly the inputs of ``segment_scores_fwd`` /
 ``select_segments`` / ``sparse_decode_fwd`` (``seg_ids_padded [B, H_kv, MAX_SEGS]``, ``seg_counts``,
@@ -61,7 +63,14 @@ from mosaickv_sglang.pool.sizing import (
     max_requests_for_hot,
     metadata_bytes_per_token,
 )
-from mosaickv_sglang.pool.store import CompressedKVStore, DecodeMetadata, ExtendMetadata, ReleaseHandle, to_device
+from mosaickv_sglang.pool.store import (
+    CompressedKVStore,
+    DecodeMetadata,
+    ExtendMetadata,
+    ReleaseHandle,
+    StagedReseal,
+    to_device,
+)
 
 __all__ = [
     "ArenaFullError",
@@ -74,6 +83,7 @@ __all__ = [
     "PAGE_FREE",
     "PAGE_SEALED",
     "ReleaseHandle",
+    "StagedReseal",
     "SealablePages",
     "arena_granules_for",
     "capacity_tokens",

@@ -7,6 +7,7 @@ See the package docstring (:mod:`mosaickv_sglang.pool`) for the design. This mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -129,6 +130,43 @@ class ReleaseHandle:
         return int(sum(int(s.sum()) for _, s in self.runs.values()))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class StagedReseal:
+    """One layer's re-seal with everything that does not touch the store's state done
+    (:meth:`CompressedKVStore.stage_reseal`): the tokens, slots and plan on the store's device, the payload sizes on
+    the host. :meth:`CompressedKVStore.reseal_staged` commits it.
+
+    Attributes
+    ----------
+    pages : numpy.ndarray
+        shape ``[P]``, int64; the store's pages.
+    layer_id : int
+    keys, values : torch.Tensor
+        shape ``[P * S, H_kv, d]``, the store's dtype and device; the pages' tokens, token-major.
+    segments : tuple
+        What :meth:`CompressedKVStore._segments` returns for ``pages``: host rows, then the token index, heads and
+        rows on the device.
+    plan : SegmentPlan
+        On the store's device.
+    sizes : numpy.ndarray
+        shape ``[P * H_kv * 2]``, int64; granules of each segment's K and V payloads, interleaved.
+    ready : torch.cuda.Event or None
+        Recorded on ``stream`` after the uploads (CUDA only).
+    stream : torch.cuda.Stream or None
+        Where the device tensors were made, when not the committing stream.
+    """
+
+    pages: np.ndarray
+    layer_id: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    segments: Tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]
+    plan: SegmentPlan
+    sizes: np.ndarray
+    ready: Optional[Any] = None
+    stream: Optional[Any] = None
+
+
 def _check_int(x: object, name: str, lo: int) -> int:
     if isinstance(x, bool) or not isinstance(x, int) or x < lo:
         raise ValueError(f"{name}: expected an integer >= {lo}, got {x!r}")
@@ -146,6 +184,13 @@ def _map_plan(plan: SegmentPlan, fn: Callable[[torch.Tensor], torch.Tensor]) -> 
             v = tuple(fn(t) for t in v)
         setattr(moved, f.name, v)
     return moved
+
+
+def _plan_tensors(plan: SegmentPlan) -> List[torch.Tensor]:
+    """Every tensor of ``plan`` (factor pairs included)."""
+    out: List[torch.Tensor] = []
+    _map_plan(plan, lambda t: out.append(t) or t)
+    return out
 
 
 def _plan_to(plan: SegmentPlan, device: torch.device) -> SegmentPlan:
@@ -397,11 +442,15 @@ class CompressedKVStore:
                     f"(P * H_kv segments, page-major), got ({plan.num_segments}, {plan.seg_size}, {plan.head_dim})"
                 )
 
-    def _alloc_layers(self, layers: List[int], plans: Sequence[SegmentPlan]) -> List[Tuple[np.ndarray, np.ndarray]]:
-        """K/V offsets and granules per layer, all layers or none (rolled back on :class:`ArenaFullError`)."""
+    def _alloc_layers(
+        self, layers: List[int], plans: Sequence[SegmentPlan], all_sizes: Optional[np.ndarray] = None
+    ) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """K/V offsets and granules per layer, all layers or none (rolled back on :class:`ArenaFullError`);
+        ``all_sizes`` (``[L, N * 2]``): the plans' granules when already known."""
         done: List[Tuple[int, np.ndarray, np.ndarray]] = []
         # per layer K0, V0, K1, V1, ...: a segment's K and V payloads adjacent; one host copy for all layers
-        all_sizes = plans_granules(plans).reshape(len(plans), -1).cpu().numpy() if len(plans) else None
+        if all_sizes is None and len(plans):
+            all_sizes = plans_granules(plans).reshape(len(plans), -1).cpu().numpy()
         for i, li in enumerate(layers):
             sizes = all_sizes[i]
             alloc = self.allocators[li]
@@ -586,16 +635,30 @@ class CompressedKVStore:
         """
         layers = self._layers(layer_ids)
         p = self._pages(pages)
-        rows, tok, heads, rows_dev = self._check_seal_inputs(
+        segments = self._check_seal_inputs(
             layers, p, PAGE_SEALED, "PAGE_SEALED pages in every resealed layer", "that are not",
             k_bufs, v_bufs, slot_of_page_token, plans,
         )  # fmt: skip
+        return self._reseal(layers, p, segments, k_bufs, v_bufs, plans)
+
+    def _reseal(
+        self,
+        layers: List[int],
+        p: np.ndarray,
+        segments: Tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor],
+        k_bufs: Sequence[torch.Tensor],
+        v_bufs: Sequence[torch.Tensor],
+        plans: Sequence[SegmentPlan],
+        all_sizes: Optional[np.ndarray] = None,
+    ) -> ReleaseHandle:
+        """:meth:`reseal` on checked inputs (``all_sizes``: the plans' granules when known)."""
+        rows, tok, heads, rows_dev = segments
         n = rows.size
         handle = ReleaseHandle(next(self._handle_ids), {})
         if n == 0:
             self._pending[handle.handle_id] = handle
             return handle
-        allocs = self._alloc_layers(layers, plans)
+        allocs = self._alloc_layers(layers, plans, all_sizes)
         staging_ids = torch.arange(n, dtype=torch.int32, device=self.device)
         staged = []
         try:
@@ -624,6 +687,95 @@ class CompressedKVStore:
         self._pending[handle.handle_id] = handle
         logger.debug("resealed %d pages in %d layers (handle %d)", p.size, len(layers), handle.handle_id)
         return handle
+
+    def stage_reseal(
+        self,
+        pages: torch.Tensor,
+        layer_id: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        plan: SegmentPlan,
+        stream: Optional[Any] = None,
+    ) -> StagedReseal:
+        """The part of re-sealing one layer's pages from their tokens laid out as segments (the sidecar's replies)
+        that reads none of the store's mutable state, so that another thread can do it while steps run: argument
+        checks, payload sizes (on the host for a host plan), and on ``stream`` (CUDA; default: the current stream)
+        the uploads of the tokens and the plan. Commit with :meth:`reseal_staged`.
+
+        Parameters
+        ----------
+        pages : torch.Tensor
+            shape ``[P]``, integer dtype; distinct pages.
+        layer_id : int
+        keys, values : torch.Tensor
+            shape ``[P * H_kv, S, d]``, float, any device (pinned host memory is copied without the host waiting);
+            the pages' original tokens, segments page-major, head-minor.
+        plan : SegmentPlan
+            The ``P * H_kv`` segments' new plan, any device.
+        stream : torch.cuda.Stream, optional
+            Where the uploads run (a store on CUDA only).
+        """
+        li = self._layers([layer_id])[0]
+        p = self._pages(pages)
+        n, s, h, d = p.size, self.page_size, self.num_kv_heads, self.head_dim
+        for name, x in (("keys", keys), ("values", values)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name}: expected torch.Tensor, got {type(x).__name__}")
+            if tuple(x.shape) != (n * h, s, d):
+                raise ValueError(f"{name}: expected shape [{n * h}, {s}, {d}], got {list(x.shape)}")
+        self._check_plans([plan], [li], n * h)
+        sizes = plans_granules([plan]).reshape(-1).cpu().numpy()  # a host plan: no device read
+        on_cuda = self.device.type == "cuda"
+        if stream is not None and not on_cuda:
+            raise ValueError(f"stream: expected None for a store on {self.device}, got a stream")
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            def tokens_major(x: torch.Tensor) -> torch.Tensor:
+                x = to_device(x, self.device).to(self.dtype)
+                return x.view(n, h, s, d).permute(0, 2, 1, 3).reshape(n * s, h, d).contiguous()
+
+            k, v = tokens_major(keys), tokens_major(values)
+            segments = self._segments(p, torch.arange(n * s, dtype=torch.int64).view(n, s))
+            plan = _plan_to(plan, self.device)
+            ready = None
+            if on_cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+        return StagedReseal(p, li, k, v, segments, plan, sizes, ready, stream)
+
+    def reseal_staged(self, staged: StagedReseal) -> ReleaseHandle:
+        """Commit a :meth:`stage_reseal`: as :meth:`reseal` of its pages in its layer (double-buffered; the old
+        payloads stay until :meth:`release`), ordered on the current stream after the staging's uploads.
+
+        Raises
+        ------
+        ArenaFullError
+            Not enough room for the new payloads next to the old ones; nothing changed.
+        ValueError
+            Some page is no longer ``PAGE_SEALED`` in the staged layer; nothing changed.
+        """
+        if not isinstance(staged, StagedReseal):
+            raise TypeError(f"staged: expected StagedReseal, got {type(staged).__name__}")
+        li, p = staged.layer_id, staged.pages
+        wrong_state = self._state[li, p] != PAGE_SEALED
+        if wrong_state.any():
+            raise ValueError(f"pages: expected PAGE_SEALED pages in the resealed layer, got {int(wrong_state.sum())} "
+                             f"that are not (e.g. page {int(p[wrong_state][0])})")  # fmt: skip
+        if staged.ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(staged.ready)
+            if staged.stream is not None and staged.stream != current:
+                # made on the staging stream, read on this one: not reused before this stream's reads are done
+                for t in (staged.keys, staged.values, *staged.segments[1:], *_plan_tensors(staged.plan)):
+                    t.record_stream(current)
+        bufs_k, bufs_v = [staged.keys] * self.num_layers, [staged.values] * self.num_layers
+        return self._reseal([li], p, staged.segments, bufs_k, bufs_v, [staged.plan], staged.sizes[None, :])
+
+    def reseal_segments(
+        self, pages: torch.Tensor, layer_id: int, keys: torch.Tensor, values: torch.Tensor, plan: SegmentPlan
+    ) -> ReleaseHandle:
+        """:meth:`stage_reseal` and :meth:`reseal_staged` in one call, on the current stream."""
+        return self.reseal_staged(self.stage_reseal(pages, layer_id, keys, values, plan))
 
     def release(self, handle: ReleaseHandle) -> None:
         """Free the old payloads of a :meth:`reseal` (exactly once per handle)."""

@@ -14,8 +14,9 @@ One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaic
   finished and waiting to be applied) is bounded by the slots.
 * **Application.** :meth:`SidecarBridge.tick` (before each forward, and on idle scheduler ticks) submits the batches
   whose copies have landed, reads the finished jobs and re-packs each one's pages with the sidecar's plan
-  (:meth:`MosaicMHATokenToKVPool.reseal_pages`): new payloads next to the old, descriptors swapped, then the old
-  payloads freed. Freeing them at once is safe here because ticks run on the scheduler thread, either in the
+  (:meth:`MosaicMHATokenToKVPool.reseal_pages`, or with the I/O thread of :meth:`SidecarBridge.start` its two
+  halves: the uploads on that thread, the rest on the scheduler's): new payloads next to the old, descriptors
+  swapped, then the old payloads freed. Freeing them at once is safe here because ticks run on the scheduler thread, either in the
   attention plan (on the forward stream, after the step in flight, with or without SGLang's overlap scheduler) or
   on idle scheduler ticks with no step in flight, and every later kernel that could reuse the freed granules is
   queued after the swap (the forward stream waits for the scheduler's stream before each step). The tick's time budget
@@ -51,6 +52,7 @@ import atexit
 import collections
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -60,7 +62,7 @@ import numpy as np
 import torch
 
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
-from mosaickv_sglang.pool.store import pin_plan
+from mosaickv_sglang.pool.store import StagedReseal, pin_plan
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarClient, SidecarConfig, SidecarCounters
 from mosaickv_sglang.sidecar.page_copies import PageCopies
 from mosaickv_sglang.sidecar.protocol import REASON_RESEGMENT, REASON_SEALED, SegmentKey
@@ -91,6 +93,26 @@ DEFAULT_SHADOW_BYTES = 1 << 30
 SHARED_PAGES_PER_UNIT = 4
 # Longest wait of the I/O thread for a reply or a new batch before it looks again (seconds): either wakes it at once.
 IO_WAIT_S = 0.1
+SWITCH_INTERVAL_ENV = "MOSAICKV_SIDECAR_SWITCH_INTERVAL_MS"
+DEFAULT_SWITCH_INTERVAL_MS = 0.5
+"""CPython's switch interval while the I/O thread runs (milliseconds; ``MOSAICKV_SIDECAR_SWITCH_INTERVAL_MS``, 0
+leaves the interpreter's). A thread that wants the interpreter's lock while another runs Python waits up to this
+long before asking for it (5 ms by default): the scheduler could wait that long for the I/O thread."""
+
+
+def io_switch_interval() -> float:
+    """The switch interval to run the I/O thread with, in seconds (0: leave the interpreter's), from
+    :data:`SWITCH_INTERVAL_ENV` or :data:`DEFAULT_SWITCH_INTERVAL_MS`."""
+    raw = os.environ.get(SWITCH_INTERVAL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SWITCH_INTERVAL_MS / 1e3
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not 0.0 <= ms <= 1000.0:
+        raise ValueError(f"{SWITCH_INTERVAL_ENV}: expected milliseconds in [0, 1000] (0: CPython's own), got {raw!r}")
+    return ms / 1e3
 
 Gather = Callable[[int, np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -245,7 +267,7 @@ class SidecarBridge:
         copies of shared pages), and applying finished plans (re-packing their pages). With the I/O thread running,
         landing is its work, not the scheduler's (:attr:`io_seconds`).
     io_seconds : float
-        CPU time of the I/O thread's rounds (:meth:`start`): landing copies, reading replies and pinning plans;
+        CPU time of the I/O thread's rounds (:meth:`start`): landing copies, reading replies, staging plans;
         not scheduler time, though the thread shares the interpreter with the scheduler (its wall time, waits for the
         interpreter's lock included, read 5 s of a 5.5 s load in the seventeenth run).
     idle_seconds : float
@@ -291,7 +313,8 @@ class SidecarBridge:
         self._slowest: Dict[str, float] = {}  # the longest unit of each kind since take_slowest (seconds)
         self._idle = False  # in an idle tick (its units are not the step's: not kept in _slowest)
         self._closed = False
-        # the I/O thread (start(io_thread=True)) lands copies and reads replies; the scheduler thread applies plans.
+        # the I/O thread (start(io_thread=True)) lands copies, reads replies and stages their re-seals; the scheduler
+        # thread applies plans.
         # _lock guards what both touch (pending batches, reservations, the finished plans, host copies, the
         # re-segmentation queue and readers, counters). Landing has one thread at a time: the I/O thread while it
         # runs; ticks and drain only with it stopped
@@ -300,6 +323,10 @@ class SidecarBridge:
         self._io_stop = threading.Event()
         self._wake_fds: Optional[Tuple[int, int]] = None  # a pipe that wakes the I/O thread (a new batch, a stop)
         self._pin_plans = False  # the I/O thread pins finished plans for their upload (a pool on CUDA)
+        # with the I/O thread on CUDA: the plans' uploads run there, on this stream; job id -> its staged re-seal
+        self._upload_stream: Optional["torch.cuda.Stream"] = None
+        self._switch_before: Optional[float] = None  # the interpreter's switch interval before start() lowered it
+        self._staged: Dict[int, StagedReseal] = {}
         self.io_seconds = 0.0
 
     @classmethod
@@ -321,15 +348,23 @@ class SidecarBridge:
         """Start the worker process (it gets ready in the background); closed at interpreter exit.
 
         ``io_thread`` (default: when the pool is on a CUDA device) starts a thread that lands the sealed batches'
-        copies in the worker's slots, reads its replies and pins their plans for the upload, so that the scheduler
-        thread's ticks only apply plans (the sixteenth run's SmolLM2 decode steps took 1.4 ms more at the median
-        with that work on the scheduler thread)."""
-        self.client.start()
-        atexit.register(self.close)
+        copies in the worker's slots, reads its replies, and on CUDA stages each plan's re-seal
+        (:meth:`MosaicMHATokenToKVPool.stage_reseal`: checks, payload sizes, the uploads of its tokens and plan, on
+        the thread's own stream), so that the scheduler thread's ticks only allocate, pack and swap (the sixteenth
+        run's SmolLM2 decode steps took 1.4 ms more at the median with the landing on the scheduler thread; a whole
+        apply took 2.3 ms of host time a job on an H200, ``bench.apply_cost``)."""
         self._pin_plans = torch.device(self.pool.device).type == "cuda"
         if io_thread is None:
             io_thread = self._pin_plans
+        interval = io_switch_interval() if io_thread else 0.0  # a bad value is refused before the worker starts
+        self.client.start()
+        atexit.register(self.close)
         if io_thread:
+            if self._pin_plans:
+                self._upload_stream = torch.cuda.Stream(torch.device(self.pool.device))
+            if 0.0 < interval < sys.getswitchinterval():
+                self._switch_before = sys.getswitchinterval()
+                sys.setswitchinterval(interval)
             self._start_io()
         return self
 
@@ -374,6 +409,10 @@ class SidecarBridge:
                 self._pending.clear()
                 self._reserved = 0
                 self._unapplied.clear()
+                self._staged.clear()
+            if self._switch_before is not None:
+                sys.setswitchinterval(self._switch_before)
+                self._switch_before = None
             self.client.close()
 
     @property
@@ -740,8 +779,10 @@ class SidecarBridge:
         t0 = time.thread_time()
         landed = self._flush()
         outcomes = [self._pinned(o) for o in self.client.tick(None)]
+        staged = {o.job_id: st for o in outcomes if (st := self._stage(o)) is not None}
         if outcomes:
             with self._lock:
+                self._staged.update(staged)
                 self._unapplied.extend(outcomes)
         self.io_seconds += time.thread_time() - t0
         return bool(landed or outcomes)
@@ -763,13 +804,36 @@ class SidecarBridge:
                 pass
 
     def _pinned(self, outcome: JobOutcome) -> JobOutcome:
-        """``outcome`` with its K/V and plan in pinned memory when the pool is on CUDA: the scheduler's apply then
-        starts their copies to the device without staging them."""
+        """``outcome`` with its K/V and plan in pinned memory when the pool is on CUDA, so that their uploads need no
+        staging copy."""
         if outcome.status is not JobStatus.OK or not self._pin_plans:
             return outcome
         assert outcome.result is not None and outcome.keys is not None and outcome.values is not None
         return replace(outcome, keys=outcome.keys.pin_memory(), values=outcome.values.pin_memory(),
                        result=replace(outcome.result, plan=pin_plan(outcome.result.plan)))  # fmt: skip
+
+    def _stage(self, outcome: JobOutcome) -> Optional[StagedReseal]:
+        """On the I/O thread: what of ``outcome``'s re-seal needs no pool state (checks, payload sizes, and on CUDA the
+        uploads of its tokens and plan, on the thread's stream), so that the scheduler's apply only allocates, packs
+        and swaps. ``None`` for a failed, lost or stale job, or when the pages changed already (the apply discards
+        those)."""
+        if outcome.status is not JobStatus.OK or not all(outcome.valid):
+            return None
+        assert outcome.result is not None and outcome.keys is not None and outcome.values is not None
+        layer, pages, _ = self._job_pages(outcome)
+        try:
+            return self.pool.stage_reseal(pages, layer, outcome.keys, outcome.values, outcome.result.plan,
+                                          stream=self._upload_stream)  # fmt: skip
+        except Exception:  # the apply re-seals it unstaged, on the scheduler thread (and reports what fails there)
+            logger.exception("MosaicKV sidecar: staging job %d's re-seal on the I/O thread failed", outcome.job_id)
+            return None
+
+    def _job_pages(self, outcome: JobOutcome) -> Tuple[int, np.ndarray, np.ndarray]:
+        """The layer of ``outcome``'s job and its pages and their epochs (one per page: jobs are whole pages)."""
+        keys, h = outcome.segments, int(self.pool.head_num)
+        pages = np.array([k.page for k in keys[::h]], dtype=np.int64)
+        epochs = np.array([k.generation for k in keys[::h]], dtype=np.int64)
+        return keys[0].layer, pages, epochs
 
     def _note_unit(self, kind: str, t0: float) -> float:
         """Seconds since ``t0`` (``time.perf_counter()``), kept as ``kind``'s longest unit when it is (not in an idle
@@ -789,16 +853,14 @@ class SidecarBridge:
         return out
 
     def _apply(self, outcome: JobOutcome) -> int:
+        with self._lock:
+            staged = self._staged.pop(outcome.job_id, None)
         if outcome.status is JobStatus.STALE:
             self.plans_discarded += 1
             return 0
         if outcome.status is not JobStatus.OK:
             return 0  # FAILED / LOST: counted by the client; the fast plan stays
-        keys = outcome.segments
-        h = int(self.pool.head_num)
-        layer = keys[0].layer
-        pages = np.array([k.page for k in keys[::h]], dtype=np.int64)
-        epochs = np.array([k.generation for k in keys[::h]], dtype=np.int64)
+        layer, pages, epochs = self._job_pages(outcome)
         # the valid mask was taken when the reply was read; the pages may have changed since (a plan that waited for
         # a later tick): check again, the job's pages in one call
         if not all(outcome.valid) or not self._current(layer, pages, epochs).all():
@@ -806,7 +868,10 @@ class SidecarBridge:
             return 0
         assert outcome.result is not None and outcome.keys is not None and outcome.values is not None
         try:
-            handle = self.pool.reseal_pages(pages, layer, outcome.keys, outcome.values, outcome.result.plan)
+            if staged is not None:  # uploaded by the I/O thread: allocate, pack and swap
+                handle = self.pool.reseal_staged(staged)
+            else:
+                handle = self.pool.reseal_pages(pages, layer, outcome.keys, outcome.values, outcome.result.plan)
         except ArenaFullError as err:
             logger.debug("MosaicKV sidecar: no arena room to apply job %d (%s); its fast plan stays",
                          outcome.job_id, err)  # fmt: skip
@@ -814,7 +879,7 @@ class SidecarBridge:
             return 0
         self.pool.release_resealed(handle)
         self.plans_applied += 1
-        self.segments_applied += len(keys)
+        self.segments_applied += len(outcome.segments)
         return 1
 
     def drain(self, timeout: float) -> int:

@@ -150,10 +150,6 @@ def test_a_deferred_page_freed_before_its_plan_is_not_sealed():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.xfail(strict=True, reason="fifteenth to seventeenth GPU runs: the first extend plan waited in its "
-                   "gather's first launch (a module load); in the seventeenth, with the twin planned first, the plans "
-                   "no longer waited and the test failed on its own check of the twin's event (fixed since, not "
-                   "re-run)")
 def test_an_extend_plan_seals_beside_the_step_in_flight(monkeypatch):
     """The overlap scheduler's case on a GPU: chunked prefills of two prompts, each plan made on the forward stream
     while a kernel of about a second (the step in flight) runs there. Every plan, seals included, returns before that
@@ -200,7 +196,7 @@ def test_an_extend_plan_seals_beside_the_step_in_flight(monkeypatch):
             forward.wait_stream(scheduler)
             with torch.cuda.stream(forward):
                 torch.cuda._sleep(2_000_000_000)  # about a second: the step in flight
-                faulthandler.dump_traceback_later(0.5)  # a plan that waits shows where (pytest --runxfail)
+                faulthandler.dump_traceback_later(0.5)  # a plan that waits shows where
                 try:
                     busy.mosaic.init_forward_metadata(bb)
                 finally:
