@@ -42,7 +42,7 @@ from mosaickv_sglang.kernels._checks import debug_checks_enabled
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.pool import to_device
 from mosaickv_sglang.runtime import register_sealer
-from mosaickv_sglang.sealer import Sealer, seal_beside_step_enabled, seal_stream_priority
+from mosaickv_sglang.sealer import Sealer, seal_beside_step_enabled
 from mosaickv_sglang.warmup import backend_shape, enumerate_variants, run_warmup, warmup_enabled
 
 if TYPE_CHECKING:
@@ -244,8 +244,6 @@ class MosaicAttnBackend(AttentionBackend):
         self.sealer = Sealer(self.pool, num_q_heads)
         self.sealer.seal_beside_step = (self.config.overlap_schedule and self.device.type == "cuda"
                                         and seal_beside_step_enabled())  # fmt: skip
-        if self.sealer.seal_beside_step:
-            seal_stream_priority()  # a bad value is refused at startup, not at the first seal
         self.call_profile = CallProfile.from_env(int(getattr(model_runner, "tp_rank", 0) or 0),
                                                  int(getattr(model_runner, "tp_size", 1) or 1))  # fmt: skip
         self.auto_seal = bool(auto_seal)

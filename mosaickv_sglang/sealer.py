@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QueryWindow", "Sealer", "seal_beside_step_enabled", "seal_stream_priority"]
+__all__ = ["QueryWindow", "Sealer", "seal_beside_step_enabled"]
 
 # Seconds between two status lines of the sealer in the server log (only when something was sealed meanwhile).
 STATUS_LOG_INTERVAL = 60.0
@@ -52,10 +52,6 @@ STATUS_LOG_INTERVAL = 60.0
 STATUS_INTERVAL_ENV = "MOSAICKV_STATUS_INTERVAL"
 # Environment variable that turns sealing beside the step in flight on ("1"; see seal_beside_step_enabled).
 SEAL_BESIDE_STEP_ENV = "MOSAICKV_SEAL_BESIDE_STEP"
-# Environment variable choosing the priority of the stream that seals beside the step ("high" or "normal"; see
-# seal_stream_priority).
-SEAL_STREAM_PRIORITY_ENV = "MOSAICKV_SEAL_STREAM_PRIORITY"
-SEAL_STREAM_PRIORITIES = ("high", "normal")
 # Policy pages (out of the hot window) wait until this many are due, so that one planner call (whose cost is mostly
 # fixed) seals many pages instead of one page every other decode step; hot-pool pressure seals at once.
 SEAL_BATCH_PAGES = 16
@@ -71,19 +67,6 @@ def seal_beside_step_enabled() -> bool:
     behind SGLang's WAR barrier, but the output throughput stayed as without it (293.4 against 292.0 tokens/s in
     the sixteenth), the fast planner's own host time being the limit."""
     return os.environ.get(SEAL_BESIDE_STEP_ENV, "0").strip() == "1"
-
-
-def seal_stream_priority() -> str:
-    """``MOSAICKV_SEAL_STREAM_PRIORITY`` (``"high"`` or ``"normal"``, default ``"high"``): the priority of the side
-    stream of seals beside the step in flight. Its many small planner kernels queue behind the step's kernels on a
-    normal stream; the planner reads a few values back, each read waiting for its kernels, so its host time grows
-    with the step's (a 128-page seal took 72 ms alone on an H200, ``bench.seal_cost``, and 274 ms a call served
-    beside 8B steps, seventeenth run). A high-priority stream's blocks are scheduled before the step's pending
-    ones."""
-    raw = os.environ.get(SEAL_STREAM_PRIORITY_ENV, "").strip() or "high"
-    if raw not in SEAL_STREAM_PRIORITIES:
-        raise ValueError(f"{SEAL_STREAM_PRIORITY_ENV}: expected one of {SEAL_STREAM_PRIORITIES}, got {raw!r}")
-    return raw
 
 
 def status_interval() -> float:
@@ -527,9 +510,7 @@ class Sealer:
             return
         store, fwd = self.pool.store, torch.cuda.current_stream(dev)
         if self._side_stream is None:
-            # priority -1: the highest CUDA offers on current GPUs (torch maps it into the device's range)
-            priority = -1 if seal_stream_priority() == "high" else 0
-            self._side_stream = torch.cuda.Stream(device=dev, priority=priority)
+            self._side_stream = torch.cuda.Stream(device=dev)
         side = self._side_stream
         if self._plan_end is not None:
             side.wait_event(self._plan_end)

@@ -87,17 +87,3 @@ def test_status_interval_from_the_environment(monkeypatch):
         monkeypatch.setenv("MOSAICKV_STATUS_INTERVAL", bad)
         with pytest.raises(ValueError, match=f"MOSAICKV_STATUS_INTERVAL: expected seconds >= 0, got '{bad}'"):
             status_interval()
-
-
-def test_seal_stream_priority_from_the_environment(monkeypatch):
-    from mosaickv_sglang.sealer import seal_stream_priority
-
-    monkeypatch.delenv("MOSAICKV_SEAL_STREAM_PRIORITY", raising=False)
-    assert seal_stream_priority() == "high"
-    monkeypatch.setenv("MOSAICKV_SEAL_STREAM_PRIORITY", " normal ")
-    assert seal_stream_priority() == "normal"
-    for bad in ("low", "1"):
-        monkeypatch.setenv("MOSAICKV_SEAL_STREAM_PRIORITY", bad)
-        with pytest.raises(ValueError, match=rf"MOSAICKV_SEAL_STREAM_PRIORITY: expected one of \('high', 'normal'\), "
-                                             f"got '{bad}'"):
-            seal_stream_priority()
