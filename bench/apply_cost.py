@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                 if r > 0:
                     times[mode].append(took)
     sync()
-    report: Dict[str, object] = {"config": vars(args), "applies": len(times["idle"]), "plans_landed": _landed(store, jobs)}
+    report: Dict[str, object] = {"config": vars(args), "applies": len(times["idle"]),
+                                 "plans_landed": _landed(store, jobs)}  # fmt: skip
     for mode in MODES:
         ms = [1e3 * t for t in times[mode]]
         report[mode] = {"median_ms": statistics.median(ms), "max_ms": max(ms), "mean_ms": statistics.fmean(ms)}

@@ -16,15 +16,15 @@ One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaic
   whose copies have landed, reads the finished jobs and re-packs each one's pages with the sidecar's plan
   (:meth:`MosaicMHATokenToKVPool.reseal_pages`, or with the I/O thread of :meth:`SidecarBridge.start` its two
   halves: the uploads on that thread, the rest on the scheduler's): new payloads next to the old, descriptors
-  swapped, then the old payloads freed. Freeing them at once is safe here because ticks run on the scheduler thread, either in the
-  attention plan (on the forward stream, after the step in flight, with or without SGLang's overlap scheduler) or
-  on idle scheduler ticks with no step in flight, and every later kernel that could reuse the freed granules is
-  queued after the swap (the forward stream waits for the scheduler's stream before each step). The tick's time budget
-  (:data:`FORWARD_TICK_MS` before a forward, :data:`IDLE_TICK_MS` when idle, from the tick's start) bounds all of
-  it: landed batches are submitted a unit at a time (one layer of the host copies of a batch's shared pages, or one
-  job) and finished plans applied while the tick is within its budget, at least one of the two per tick;
-  the plans left wait in the bridge, in order, and are applied first on later ticks (a step where several jobs
-  finish at once does not pay for all of them). :meth:`SidecarBridge.drain` applies everything.
+  swapped, then the old payloads freed. Freeing them at once is safe here because ticks run on the scheduler
+  thread, either in the attention plan (on the forward stream, after the step in flight, with or without SGLang's
+  overlap scheduler) or on idle scheduler ticks with no step in flight, and every later kernel that could reuse the
+  freed granules is queued after the swap (the forward stream waits for the scheduler's stream before each step).
+  The tick's time budget (:data:`FORWARD_TICK_MS` before a forward, :data:`IDLE_TICK_MS` when idle, from the
+  tick's start) bounds all of it: landed batches are submitted a unit at a time (one layer of the host copies of a
+  batch's shared pages, or one job) and finished plans applied while the tick is within its budget, at least one of
+  the two per tick; the plans left wait in the bridge, in order, and are applied first on later ticks (a step where
+  several jobs finish at once does not pay for all of them). :meth:`SidecarBridge.drain` applies everything.
 * **Staleness.** A job's segment keys carry the page's epoch (:attr:`MosaicMHATokenToKVPool.page_epoch`, bumped
   when a page is sealed or freed). A plan is applied only if every page of the job still holds the contents it was
   made for and is still sealed in that layer, checked again when a plan that waited is applied; otherwise it is
