@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--pages", type=int, default=10, help="pages per job (the bridge's max_segments / kv heads)")
     p.add_argument("--jobs", type=int, default=16, help="jobs applied per round (each on its own pages)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of every job in both modes (the first is warm-up)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every job in every mode (the first is warm-up)")
     p.add_argument("--ratio", type=float, default=3.0)
     p.add_argument("--busy-ms", type=float, default=5.0, help="device work queued before a busy apply")
     p.add_argument("--device", default="cpu")
