@@ -9,6 +9,9 @@
 #            accuracy suite, essay agreement and the bad-request cases on both; on mosaic also /metrics and, unless
 #            SOAK=0, the soak (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect
 #            mid-prefill)
+#   axes     SmolLM2, issue #6's accuracy at equal bytes: stock SGLang (triton), mosaic at $RATIO with --mosaic-axes
+#            both, token and channel (the served single-axis baselines), and with FP8=1 stock with --kv-cache-dtype
+#            fp8_e4m3; the accuracy suite at 2k, 4k, 6k and 8k ($SAMPLES samples a length, default 4) on all at once
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
 #            256 out, rate inf) against mosaic at $RATIO (default 4, sidecar on), then stock SGLang (flashinfer), one
 #            server at a time; after mosaic's bench (and stock's with PROFILE_STOCK=1), 1 prefill and 3 decode steps
@@ -49,7 +52,7 @@
 # cache, each at most 16 MiB (the device tool's limit per file: one archive of both went over it in the twelfth run);
 # carried into the tree as .device-jit/, every .device-jit/*.tgz is restored before the next step starts.
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|8b|soak|sweep|tpot|overlap|sidecar|sidecar-itl|kernels|tune|ncu}"
+step="${1:?usage: bench/device_served.sh smollm2|axes|8b|soak|sweep|tpot|overlap|sidecar|sidecar-itl|kernels|tune|ncu}"
 ratio="${RATIO:-4}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
 out="${OUT:?}/$step"
 mkdir -p "$out"
@@ -248,6 +251,36 @@ case "$step" in
     ps_sidecars > "$out/ps-after-soak.txt"
     curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-soak.txt" || true
     kill "$mosaic_pid" 2>/dev/null || true
+    ;;
+  axes)
+    M="$(bash bench/device_smollm2.sh)"
+    mosaic="--kv-compressor mosaic --mosaic-compression-ratio $ratio"
+    names=(dense "mosaic-r$ratio" "token-only-r$ratio" "channel-only-r$ratio")
+    extra=("--attention-backend triton" "$mosaic" "$mosaic --mosaic-axes token" "$mosaic --mosaic-axes channel")
+    if [ "${FP8:-0}" = 1 ]; then names+=(fp8); extra+=("--kv-cache-dtype fp8_e4m3"); fi
+    last=$(( ${#names[@]} - 1 ))
+    pids=()
+    for i in $(seq 0 $last); do  # one after another, each pool sized once the previous one is allocated
+      # shellcheck disable=SC2086
+      python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
+        --disable-prefill-cuda-graph --chunked-prefill-size 2048 --enable-metrics \
+        --mem-fraction-static "0.$((15 * (i + 1)))" ${extra[$i]} > "$out/${names[$i]}.server.log" 2>&1 &
+      pids+=($!)
+      wait_log "$out/${names[$i]}.server.log" "Memory pool end" 180
+    done
+    for i in $(seq 0 $last); do wait_ready $((30000 + i)) 300; done
+    acc=()
+    for i in $(seq 0 $last); do
+      timeout $(( $(left) - 20 )) python3 -m bench.accuracy --url "http://127.0.0.1:$((30000 + i))" \
+        --label "${names[$i]}" --lengths 2048 4096 6144 8192 --samples "${SAMPLES:-4}" --tokenizer "$M" \
+        --out "$out/acc-${names[$i]}.json" > "$out/acc-${names[$i]}.log" 2>&1 &
+      acc+=($!)
+    done
+    for j in "${acc[@]}"; do wait "$j" || echo "accuracy rc=$?"; done
+    for i in $(seq 0 $last); do
+      curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true
+    done
+    kill "${pids[@]}" 2>/dev/null || true
     ;;
   soak)
     M="$(bash bench/device_smollm2.sh)"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Optional
 
 COMPRESSORS = ("none", "mosaic")
+AXES = ("both", "token", "channel")  # mosaickv_sglang.strategies.menu.AXES (config imports no torch)
 
 # Largest ratio the strategy menu can reach on average (tok-m at S/4 with chan-k at d/8, minus
 # metadata) is about 20x; asking for more is a typo, not a setting.
@@ -133,6 +134,17 @@ OPTIONS: tuple[Option, ...] = (
         choices=("on", "off"),
     ),
     Option(
+        "axes",
+        "--mosaic-axes",
+        str,
+        "both",
+        "MosaicKV: the compression axes the planners may use: 'both' (2-D, the method), 'token' (drop tokens, "
+        "keep each kept vector whole: a SnapKV-like baseline) or 'channel' (keep every token, prune channels per "
+        "vector: a ThinK-like baseline). The single-axis settings serve accuracy comparisons at equal bytes; they "
+        "reach lower ratios.",
+        choices=AXES,
+    ),
+    Option(
         "cuda_graph",
         "--mosaic-cuda-graph",
         _parse_on_off,
@@ -178,6 +190,8 @@ class MosaicKVConfig:
         Whether the CPU planning sidecar runs.
     resegment:
         Whether the sidecar also re-plans prefix-shared pages on idle ticks; no effect without the sidecar.
+    axes:
+        Compression axes of the planners' menus: ``"both"``, ``"token"`` or ``"channel"``.
     cuda_graph:
         Whether decode steps may run in CUDA graphs; off forces --disable-decode-cuda-graph.
     overlap_schedule:
@@ -192,6 +206,7 @@ class MosaicKVConfig:
     decode_read_budget: int = 4096
     sidecar: bool = True
     resegment: bool = True
+    axes: str = "both"
     cuda_graph: bool = True
     overlap_schedule: bool = False
 
@@ -214,6 +229,7 @@ class MosaicKVConfig:
             _fail("sidecar", "'on' or 'off'", self.sidecar)
         if not isinstance(self.resegment, bool):
             _fail("resegment", "'on' or 'off'", self.resegment)
+        _check_choice("axes", self.axes, AXES)
         if not isinstance(self.cuda_graph, bool):
             _fail("cuda_graph", "'on' or 'off'", self.cuda_graph)
         if not isinstance(self.overlap_schedule, bool):

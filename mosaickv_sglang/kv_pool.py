@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, get_tensor_size_bytes, unwrap_write_loc
 
-from mosaickv_sglang.config import MosaicKVConfig
+from mosaickv_sglang.config import MosaicConfigError, MosaicKVConfig
 from mosaickv_sglang.kernels._checks import debug_checks_enabled
 from mosaickv_sglang.kernels.format import ARENA_DTYPES, KERNEL_HEAD_DIMS, SegmentPlan
 from mosaickv_sglang.pool import (
@@ -74,6 +74,7 @@ from mosaickv_sglang.pool.rows import (
     whole_rows,
 )
 from mosaickv_sglang.pool.sizing import ARENA_SLACK
+from mosaickv_sglang.strategies import RATIO_MARGIN, default_menu, menu_max_ratio, restrict_menu
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,19 @@ def _host_int64(x: object, name: str) -> np.ndarray:
     if x.dim() != 1 or x.dtype.is_floating_point or x.dtype == torch.bool or x.is_complex():
         raise ValueError(f"{name}: expected a 1-D integer tensor, got dtype {x.dtype} shape {list(x.shape)}")
     return x.detach().to("cpu", torch.int64).numpy()
+
+
+def _check_reachable_ratio(config: MosaicKVConfig, head_dim: int) -> None:
+    """Refuse a ``--mosaic-compression-ratio`` that the fast planner's menu (``--mosaic-axes``) cannot reach for
+    segments of ``--mosaic-segment-size`` tokens and this model's ``head_dim``: every seal would fail."""
+    s = config.segment_size
+    reach = menu_max_ratio(restrict_menu(default_menu(s, head_dim, lowrank=False), config.axes, s), s, head_dim)
+    if config.compression_ratio > reach * RATIO_MARGIN:
+        raise MosaicConfigError(
+            f"--mosaic-compression-ratio: expected at most {reach * RATIO_MARGIN:.2f} with --mosaic-axes {config.axes} "
+            f"(segments of {s} tokens, head_dim {head_dim}), got {config.compression_ratio:g}; lower the ratio"
+            + ("" if config.axes == "both" else " or use --mosaic-axes both")
+        )
 
 
 class MosaicMHATokenToKVPool(MHATokenToKVPool):
@@ -223,6 +237,7 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
             raise ValueError(f"v_head_dim: expected head_dim ({head_dim}) or None, got {v_head_dim}")
         if head_dim not in KERNEL_HEAD_DIMS:
             raise ValueError(f"head_dim: expected one of {list(KERNEL_HEAD_DIMS)}, got {head_dim!r}")
+        _check_reachable_ratio(mosaic_config, head_dim)
         if dtype not in ARENA_DTYPES:
             raise ValueError(
                 f"dtype: expected one of {[str(t) for t in ARENA_DTYPES]}, got {dtype}; use --kv-cache-dtype auto, "

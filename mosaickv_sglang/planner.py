@@ -36,7 +36,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,7 +52,7 @@ from mosaickv_sglang.importance import (
 )
 from mosaickv_sglang.kernels import format as fmt
 from mosaickv_sglang.kernels._checks import check_int, check_tensor
-from mosaickv_sglang.strategies import Candidate, Selection, default_menu, descending_rank
+from mosaickv_sglang.strategies import Candidate, Selection, default_menu, descending_rank, restrict_menu
 from mosaickv_sglang.strategies.base import chan_scores, check_segment_shape, dense_segment_bytes
 from mosaickv_sglang.strategies.lowrank import factors_from_svd, masked_svd
 
@@ -1203,15 +1203,14 @@ def _plan_restricted(
     values: torch.Tensor,
     queries: torch.Tensor,
     estimator: str,
-    keep_fn: Callable[[Candidate, int], bool],
+    axes: str,
     menu: Optional[Sequence[Candidate]],
     **kw: Any,
 ) -> PlanResult:
     if estimator not in ("exact", "fast"):
         raise ValueError(f"estimator: expected 'exact' or 'fast', got {estimator!r}")
     _, s, d = _check_kv(keys, values)
-    base = _check_menu(menu, s, d, lowrank=estimator == "exact")
-    items = tuple(c for c in base if keep_fn(c, s))
+    items = restrict_menu(_check_menu(menu, s, d, lowrank=estimator == "exact"), axes, s)
     if estimator == "exact":
         return plan_exact(keys, values, queries, menu=items, **kw)
     return plan_fast(keys, values, queries=queries, menu=items, **kw)
@@ -1238,9 +1237,7 @@ def plan_token_only(
     segments), so a comparison isolates the value of the second axis. ``estimator``: ``"exact"`` or ``"fast"``.
     """
     return _plan_restricted(
-        keys, values, queries, estimator,
-        lambda c, s: c.k_form == fmt.FORM_DENSE and c.v_form == fmt.FORM_DENSE,
-        menu,
+        keys, values, queries, estimator, "token", menu,
         ratio=ratio, budget_bytes=budget_bytes, group_ids=group_ids, always_dense=always_dense, sm_scale=sm_scale,
         unseen_weight=unseen_weight, unseen_prior=unseen_prior,
     )
@@ -1267,9 +1264,7 @@ def plan_channel_only(
     optimiser. ``estimator``: ``"exact"`` or ``"fast"``.
     """
     return _plan_restricted(
-        keys, values, queries, estimator,
-        lambda c, s: c.m == s and c.k_form != fmt.FORM_LOWRANK and c.v_form != fmt.FORM_LOWRANK,
-        menu,
+        keys, values, queries, estimator, "channel", menu,
         ratio=ratio, budget_bytes=budget_bytes, group_ids=group_ids, always_dense=always_dense, sm_scale=sm_scale,
         unseen_weight=unseen_weight, unseen_prior=unseen_prior,
     )

@@ -13,9 +13,10 @@ their physical pages. Two kinds of pages are sealed there:
 
 Plans come from :func:`~mosaickv_sglang.plan_layers.plan_fast_layers`, all layers in one call
 (:meth:`Sealer.plan_layer` keeps the per-layer :func:`~mosaickv_sglang.planner.plan_fast` as its reference), with a
-byte budget of ``dense / --mosaic-compression-ratio`` for ordinary segments and ``dense`` for sinks. Its query
-statistics are the recent queries of *all* requests of each layer (:class:`QueryWindow`), so a segment that several
-requests share is never planned for one request's question alone.
+byte budget of ``dense / --mosaic-compression-ratio`` for ordinary segments and ``dense`` for sinks, and the menu
+that ``--mosaic-axes`` allows (both axes; or tokens only, or channels only, the served single-axis baselines). Its
+query statistics are the recent queries of *all* requests of each layer (:class:`QueryWindow`), so a segment that
+several requests share is never planned for one request's question alone.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
+from mosaickv_sglang.strategies import RATIO_MARGIN, default_menu, menu_max_ratio, restrict_menu
 from mosaickv_sglang.strategies.base import dense_segment_bytes
 
 if TYPE_CHECKING:
@@ -309,6 +311,10 @@ class Sealer:
     ) -> None:  # fmt: skip
         self.pool = pool
         h = int(pool.head_num)
+        s, d = pool.page_size, int(pool.head_dim)
+        # the fast planner's menu (--mosaic-axes), and the highest ratio it reaches: retries stay below it
+        self.menu = restrict_menu(default_menu(s, d, lowrank=False), pool.mosaic_config.axes, s)
+        self.max_ratio = menu_max_ratio(self.menu, s, d) * RATIO_MARGIN
         self.window = QueryWindow(pool.layer_num, h, num_q_heads // h, int(pool.head_dim), query_window,
                                   torch.device(pool.device))  # fmt: skip
         self.reserve_pages = int(reserve_pages)
@@ -622,10 +628,10 @@ class Sealer:
         if q is None:
             importance = uniform_importance(keys.shape[0], s, d, dev)
             result = plan_fast(keys, values, budget_bytes=budget, importance=importance, group_ids=heads,
-                               always_dense=always)  # fmt: skip
+                               always_dense=always, menu=self.menu)  # fmt: skip
         else:
             result = plan_fast(keys, values, budget_bytes=budget, queries=q[heads], group_ids=heads,
-                               always_dense=always)  # fmt: skip
+                               always_dense=always, menu=self.menu)  # fmt: skip
         return result.plan
 
     def plan_layers(self, pages: np.ndarray, sink_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:
@@ -643,7 +649,7 @@ class Sealer:
                    for q in map(self.window.queries, range(pool.layer_num))]  # fmt: skip
         results = plan_fast_layers(keys, values, budget_bytes=[self._budget(sink_mask, ratio)] * pool.layer_num,
                                    queries=queries, group_ids=np.tile(np.arange(h), pages.size),
-                                   always_dense=np.repeat(np.asarray(sink_mask, dtype=bool), h),
+                                   always_dense=np.repeat(np.asarray(sink_mask, dtype=bool), h), menu=self.menu,
                                    max_segments=self.plan_max_segments,
                                    max_chunk_bytes=self.plan_max_chunk_bytes)  # fmt: skip
         return [r.plan for r in results]
@@ -680,7 +686,7 @@ class Sealer:
         if sink_mask.any():
             attempts.append((ratio, np.zeros_like(sink_mask)))
         for ratio, dense_mask in attempts:
-            if ratio > MAX_COMPRESSION_RATIO:
+            if ratio > min(MAX_COMPRESSION_RATIO, self.max_ratio):
                 continue
             reserve = ledger.reservation(dense_mask, ratio)
             if int(reserve.sum()) > ledger.room:

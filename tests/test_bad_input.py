@@ -91,6 +91,8 @@ BAD_STARTUP_CASES = [
                r"^--mosaic-sidecar: expected 'on' or 'off', got 1$"),
     BadStartup("resegment-not-on-off", [*MOSAIC, "--mosaic-resegment", "maybe"], {**ON, "mosaic_resegment": "maybe"},
                r"^--mosaic-resegment: expected 'on' or 'off', got 'maybe'$"),
+    BadStartup("axes-unknown", [*MOSAIC, "--mosaic-axes", "tokens"], {**ON, "mosaic_axes": "tokens"},
+               r"^--mosaic-axes: expected one of 'both', 'token', 'channel', got 'tokens'$"),
     BadStartup("cuda-graph-not-on-off", [*MOSAIC, "--mosaic-cuda-graph", "yes"], {**ON, "mosaic_cuda_graph": "yes"},
                r"^--mosaic-cuda-graph: expected 'on' or 'off', got 'yes'$"),
     BadStartup("cuda-graph-without-compressor", ["--mosaic-cuda-graph", "on"], {"mosaic_cuda_graph": "on"},

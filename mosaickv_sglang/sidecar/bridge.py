@@ -65,6 +65,7 @@ from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
 from mosaickv_sglang.pool.store import StagedReseal, pin_plan
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarClient, SidecarConfig, SidecarCounters
 from mosaickv_sglang.sidecar.page_copies import PageCopies
+from mosaickv_sglang.strategies import default_menu, restrict_menu
 from mosaickv_sglang.sidecar.protocol import REASON_RESEGMENT, REASON_SEALED, SegmentKey
 from mosaickv_sglang.sidecar.resegment import ResegmentQueue, SharedSegment
 from mosaickv_sglang.strategies.base import dense_segment_bytes
@@ -335,10 +336,13 @@ class SidecarBridge:
         **overrides: object,
     ) -> "SidecarBridge":  # fmt: skip
         """A bridge with a sidecar sized for ``pool`` (``overrides``: :class:`SidecarConfig` fields); re-segmentation
-        as ``pool.mosaic_config.resegment`` says."""
+        as ``pool.mosaic_config.resegment`` says, the sidecar's menu restricted to ``pool.mosaic_config.axes``."""
         h = int(pool.head_num)
         kw = dict(window=window.window, kv_dtype=pool.store.dtype,
                   max_segments=max(h, DEFAULT_MAX_SEGMENTS // h * h))  # fmt: skip
+        axes, s = pool.mosaic_config.axes, pool.page_size
+        if axes != "both":
+            kw["menu"] = restrict_menu(default_menu(s, int(pool.head_dim), lowrank=True), axes, s)
         kw.update(overrides)
         config = SidecarConfig.from_mosaic(pool.mosaic_config, head_dim=int(pool.head_dim),
                                            group_size=window.group_size, **kw)  # fmt: skip

@@ -31,7 +31,7 @@ from .base import (
 from .chan_k import ChanKStrategy
 from .dense import DenseStrategy
 from .lowrank import LowRankStrategy
-from .menu import Candidate, default_menu
+from .menu import AXES, RATIO_MARGIN, Candidate, default_menu, menu_max_ratio, restrict_menu
 from .tok_chan import ComposedStrategy
 from .tok_m import TokMStrategy
 
@@ -44,6 +44,8 @@ STRATEGIES: Dict[str, Type[Strategy]] = {
 }
 
 __all__ = [
+    "AXES",
+    "RATIO_MARGIN",
     "STRATEGIES",
     "Candidate",
     "ChanKStrategy",
@@ -55,7 +57,9 @@ __all__ = [
     "TokMStrategy",
     "default_menu",
     "dense_segment_bytes",
+    "menu_max_ratio",
     "descending_rank",
     "overhead_bytes",
+    "restrict_menu",
     "segment_bytes",
 ]

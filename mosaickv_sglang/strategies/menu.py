@@ -14,7 +14,7 @@ from typing import Iterable, Sequence, Tuple
 from mosaickv_sglang.kernels import format as fmt
 from mosaickv_sglang.kernels._checks import check_int
 
-from .base import Strategy, check_segment_shape, segment_bytes
+from .base import Strategy, check_segment_shape, dense_segment_bytes, segment_bytes
 from .chan_k import ChanKStrategy
 from .dense import DenseStrategy
 from .lowrank import LowRankStrategy
@@ -128,3 +128,32 @@ def default_menu(
     dense = Candidate(seg_size)
     rest = sorted(out - {dense}, key=lambda c: (-c.bytes(head_dim), c.name))
     return (dense, *rest)
+
+
+AXES = ("both", "token", "channel")
+"""The compression axes a menu may use (``--mosaic-axes``): ``"both"`` (2-D, every candidate), ``"token"`` (tokens
+dropped, every kept vector dense: a SnapKV-like baseline) or ``"channel"`` (every token kept, channels pruned per
+vector, no low-rank forms: a ThinK-like baseline)."""
+
+
+def restrict_menu(menu: Sequence[Candidate], axes: str, seg_size: int) -> Tuple[Candidate, ...]:
+    """The candidates of ``menu`` that use only the compression ``axes`` (one of :data:`AXES`), in menu order."""
+    if axes not in AXES:
+        raise ValueError(f"axes: expected one of {AXES}, got {axes!r}")
+    if axes == "token":
+        return tuple(c for c in menu if c.k_form == fmt.FORM_DENSE and c.v_form == fmt.FORM_DENSE)
+    if axes == "channel":
+        return tuple(c for c in menu
+                     if c.m == seg_size and fmt.FORM_LOWRANK not in (c.k_form, c.v_form))  # fmt: skip
+    return tuple(menu)
+
+
+RATIO_MARGIN = 0.999
+"""A ratio is planned only up to this fraction of :func:`menu_max_ratio` (byte budgets are rounded down)."""
+
+
+def menu_max_ratio(menu: Sequence[Candidate], seg_size: int, head_dim: int) -> float:
+    """The highest compression ratio ``menu`` reaches: a dense segment's bytes over its smallest candidate's."""
+    if not menu:
+        raise ValueError("menu: expected at least one candidate, got none")
+    return dense_segment_bytes(seg_size, head_dim) / min(c.bytes(head_dim) for c in menu)

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from mosaickv_sglang.kernels import format as fmt
-from mosaickv_sglang.strategies import Candidate, default_menu, dense_segment_bytes, overhead_bytes
+from mosaickv_sglang.strategies import (
+    Candidate,
+    default_menu,
+    dense_segment_bytes,
+    menu_max_ratio,
+    overhead_bytes,
+    restrict_menu,
+)
 
 
 @pytest.mark.parametrize("s, d", [(16, 64), (32, 64), (64, 64), (64, 128), (256, 128)])
@@ -67,3 +74,29 @@ def test_default_menu_checks_shape():
         default_menu(48, 64)
     with pytest.raises(ValueError, match="head_dim: expected a multiple of 32"):
         default_menu(64, 80)
+
+
+@pytest.mark.parametrize("seg_size, head_dim", [(16, 64), (64, 128)])
+def test_restricted_menus_keep_one_axis_each(seg_size, head_dim):
+    """--mosaic-axes: 'token' keeps the candidates with both sides dense (tokens dropped only), 'channel' those that
+    keep every token with no low-rank side (channels pruned only); 'both' is the menu itself. Each single-axis menu
+    keeps the dense candidate first and reaches a lower ratio than the 2-D menu."""
+    full = default_menu(seg_size, head_dim, lowrank=True)
+    token = restrict_menu(full, "token", seg_size)
+    channel = restrict_menu(full, "channel", seg_size)
+    assert restrict_menu(full, "both", seg_size) == full
+    assert token[0] == channel[0] == Candidate(seg_size)
+    assert all(c.k_form == c.v_form == fmt.FORM_DENSE for c in token)
+    assert sorted({c.m for c in token}) == sorted({c.m for c in full})  # every token count of the menu
+    assert all(c.m == seg_size and fmt.FORM_LOWRANK not in (c.k_form, c.v_form) for c in channel)
+    assert {c.k_form for c in channel} == {fmt.FORM_DENSE, fmt.FORM_CHAN}
+    assert set(token) | set(channel) < set(full) and set(token) & set(channel) == {Candidate(seg_size)}
+    fast = default_menu(seg_size, head_dim, lowrank=False)
+    both_reach = menu_max_ratio(fast, seg_size, head_dim)
+    for axes in ("token", "channel"):
+        reach = menu_max_ratio(restrict_menu(fast, axes, seg_size), seg_size, head_dim)
+        assert 2.0 < reach < both_reach
+    with pytest.raises(ValueError, match=r"axes: expected one of \('both', 'token', 'channel'\), got 'tokens'"):
+        restrict_menu(full, "tokens", seg_size)
+    with pytest.raises(ValueError, match="menu: expected at least one candidate, got none"):
+        menu_max_ratio((), seg_size, head_dim)
