@@ -317,7 +317,7 @@ case "$step" in
     # each measured while the other servers sit idle; sidecar CPU time from ps before and after.
     # sidecar-itl: "off", "on" and "on" with CPython's 5 ms switch interval ("on-gil5": the I/O thread's default
     # lowers it to 0.5 ms), only the ITL loads, each load ITL_OUTPUT_LEN (default 256) tokens a request (64 before the
-    # eighteenth run: 278 decode steps, a p99 of three steps); about 4 minutes on a fresh machine.
+    # eighteenth run: 278 decode steps, a p99 of three steps), ITL_ROUNDS rounds (below); about 6 minutes.
     # SGLang sizes a pool as (free memory) - (1 - fraction) * (total memory), so servers sharing a GPU start one
     # after another (each once the previous one has allocated its pool), with growing fractions (~25 GB each), and
     # the same --max-total-tokens, so that every server has the same pool (in the eighth run "on" had 1.6x the pages
@@ -355,21 +355,31 @@ case "$step" in
       for j in "${acc[@]}"; do wait "$j" || echo "shared_context rc=$?"; done
       ps_sidecars > "$out/ps-after-accuracy.txt"
     fi
-    for i in $itl_servers; do
-      curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-before-itl-${names[$i]}.txt" || true
-      stacks_mark "r3-${names[$i]}" before
-      timeout 100 python3 -m sglang.bench_serving --backend sglang --host 127.0.0.1 --port $((30000 + i)) \
-        --model "$M" --tokenizer "$M" --dataset-name generated-shared-prefix --gsp-num-groups 4 \
-        --gsp-prompts-per-group 16 --gsp-system-prompt-len 4096 --gsp-question-len 128 \
-        --gsp-output-len "$itl_output_len" \
-        --max-concurrency 16 --output-file "$out/itl-${names[$i]}.jsonl" > "$out/itl-${names[$i]}.log" 2>&1 \
-        || echo "bench ${names[$i]} rc=$?"
-      ps_sidecars > "$out/ps-after-itl-${names[$i]}.txt"
-      # decode step times without prefill steps (the ITL above includes the steps that carry a prefill chunk)
-      curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-after-itl-${names[$i]}.txt" || true
-      python3 -m bench.decode_steps "$out/metrics-before-itl-${names[$i]}.txt" \
-        "$out/metrics-after-itl-${names[$i]}.txt" > "$out/decode-steps-${names[$i]}.txt" 2>&1 || true
-      stacks_summary "r3-${names[$i]}"
+    # sidecar-itl: ITL_ROUNDS (default 2) rounds of the loads, the servers in turn within each round, so that an
+    # order or drift effect shows as a difference between rounds (the eighteenth run's off server was 1.1 ms slower
+    # at the median than both sidecar servers, measured first); each load starts from an empty radix cache
+    rounds=1
+    [ "$step" != sidecar-itl ] || rounds="${ITL_ROUNDS:-2}"
+    for r in $(seq 1 "$rounds"); do
+      for i in $itl_servers; do
+        tag="${names[$i]}"
+        [ "$r" = 1 ] || tag="${names[$i]}-round$r"
+        curl -s -X POST "http://127.0.0.1:$((30000 + i))/flush_cache" > /dev/null || true
+        curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-before-itl-$tag.txt" || true
+        [ "$r" != 1 ] || stacks_mark "r3-${names[$i]}" before
+        timeout 100 python3 -m sglang.bench_serving --backend sglang --host 127.0.0.1 --port $((30000 + i)) \
+          --model "$M" --tokenizer "$M" --dataset-name generated-shared-prefix --gsp-num-groups 4 \
+          --gsp-prompts-per-group 16 --gsp-system-prompt-len 4096 --gsp-question-len 128 \
+          --gsp-output-len "$itl_output_len" \
+          --max-concurrency 16 --output-file "$out/itl-$tag.jsonl" > "$out/itl-$tag.log" 2>&1 \
+          || echo "bench $tag rc=$?"
+        ps_sidecars > "$out/ps-after-itl-$tag.txt"
+        # decode step times without prefill steps (the ITL above includes the steps that carry a prefill chunk)
+        curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-after-itl-$tag.txt" || true
+        python3 -m bench.decode_steps "$out/metrics-before-itl-$tag.txt" \
+          "$out/metrics-after-itl-$tag.txt" > "$out/decode-steps-$tag.txt" 2>&1 || true
+        [ "$r" != 1 ] || stacks_summary "r3-${names[$i]}"
+      done
     done
     for i in $(seq 0 $last); do
       curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true
