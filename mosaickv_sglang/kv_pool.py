@@ -74,7 +74,7 @@ from mosaickv_sglang.pool.rows import (
     whole_rows,
 )
 from mosaickv_sglang.pool.sizing import ARENA_SLACK
-from mosaickv_sglang.strategies import RATIO_MARGIN, default_menu, menu_max_ratio, restrict_menu
+from mosaickv_sglang.strategies import RATIO_MARGIN, axes_menu, menu_max_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _check_reachable_ratio(config: MosaicKVConfig, head_dim: int) -> None:
     """Refuse a ``--mosaic-compression-ratio`` that the fast planner's menu (``--mosaic-axes``) cannot reach for
     segments of ``--mosaic-segment-size`` tokens and this model's ``head_dim``: every seal would fail."""
     s = config.segment_size
-    reach = menu_max_ratio(restrict_menu(default_menu(s, head_dim, lowrank=False), config.axes, s), s, head_dim)
+    reach = menu_max_ratio(axes_menu(config.axes, s, head_dim, lowrank=False), s, head_dim)
     if config.compression_ratio > reach * RATIO_MARGIN:
         raise MosaicConfigError(
             f"--mosaic-compression-ratio: expected at most {reach * RATIO_MARGIN:.2f} with --mosaic-axes {config.axes} "

@@ -38,7 +38,7 @@ from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
-from mosaickv_sglang.strategies import RATIO_MARGIN, default_menu, menu_max_ratio, restrict_menu
+from mosaickv_sglang.strategies import RATIO_MARGIN, axes_menu, menu_max_ratio
 from mosaickv_sglang.strategies.base import dense_segment_bytes
 
 if TYPE_CHECKING:
@@ -313,7 +313,7 @@ class Sealer:
         h = int(pool.head_num)
         s, d = pool.page_size, int(pool.head_dim)
         # the fast planner's menu (--mosaic-axes), and the highest ratio it reaches: retries stay below it
-        self.menu = restrict_menu(default_menu(s, d, lowrank=False), pool.mosaic_config.axes, s)
+        self.menu = axes_menu(pool.mosaic_config.axes, s, d, lowrank=False)
         self.max_ratio = menu_max_ratio(self.menu, s, d) * RATIO_MARGIN
         self.window = QueryWindow(pool.layer_num, h, num_q_heads // h, int(pool.head_dim), query_window,
                                   torch.device(pool.device))  # fmt: skip

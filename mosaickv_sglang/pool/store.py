@@ -525,14 +525,18 @@ class CompressedKVStore:
             if len(bufs) != self.num_layers:
                 raise ValueError(f"{name}: expected one buffer per layer ({self.num_layers}), got {len(bufs)}")
 
-    def _check_seal_inputs(self, layers, p, expected_state, expected, wrong, k_bufs, v_bufs, slot_of_page_token,
-                           plans):  # fmt: skip
-        """Shared argument checks of :meth:`seal` and :meth:`reseal`; returns the segments of pages ``p``."""
+    def _check_states(self, layers: List[int], p: np.ndarray, expected_state: int, expected: str, wrong: str) -> None:
+        """Pages ``p`` in state ``expected_state`` in every layer of ``layers``, else ``ValueError``."""
         wrong_state = (self._state[np.ix_(layers, p)] != expected_state).any(0)
         if wrong_state.any():
             raise ValueError(
                 f"pages: expected {expected}, got {int(wrong_state.sum())} {wrong} (e.g. page {int(p[wrong_state][0])})"
             )
+
+    def _check_seal_inputs(self, layers, p, expected_state, expected, wrong, k_bufs, v_bufs, slot_of_page_token,
+                           plans):  # fmt: skip
+        """Shared argument checks of :meth:`seal` and :meth:`reseal`; returns the segments of pages ``p``."""
+        self._check_states(layers, p, expected_state, expected, wrong)
         self._check_bufs(k_bufs, v_bufs)
         segments = self._segments(p, slot_of_page_token)
         self._check_plans(plans, layers, segments[0].size)
@@ -757,10 +761,7 @@ class CompressedKVStore:
         if not isinstance(staged, StagedReseal):
             raise TypeError(f"staged: expected StagedReseal, got {type(staged).__name__}")
         li, p = staged.layer_id, staged.pages
-        wrong_state = self._state[li, p] != PAGE_SEALED
-        if wrong_state.any():
-            raise ValueError(f"pages: expected PAGE_SEALED pages in the resealed layer, got {int(wrong_state.sum())} "
-                             f"that are not (e.g. page {int(p[wrong_state][0])})")  # fmt: skip
+        self._check_states([li], p, PAGE_SEALED, "PAGE_SEALED pages in the resealed layer", "that are not")
         if staged.ready is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(staged.ready)

@@ -65,9 +65,9 @@ from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
 from mosaickv_sglang.pool.store import StagedReseal, pin_plan
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarClient, SidecarConfig, SidecarCounters
 from mosaickv_sglang.sidecar.page_copies import PageCopies
-from mosaickv_sglang.strategies import default_menu, restrict_menu
 from mosaickv_sglang.sidecar.protocol import REASON_RESEGMENT, REASON_SEALED, SegmentKey
 from mosaickv_sglang.sidecar.resegment import ResegmentQueue, SharedSegment
+from mosaickv_sglang.strategies import axes_menu
 from mosaickv_sglang.strategies.base import dense_segment_bytes
 
 if TYPE_CHECKING:
@@ -323,8 +323,8 @@ class SidecarBridge:
         self._io_thread: Optional[threading.Thread] = None
         self._io_stop = threading.Event()
         self._wake_fds: Optional[Tuple[int, int]] = None  # a pipe that wakes the I/O thread (a new batch, a stop)
-        self._pin_plans = False  # the I/O thread pins finished plans for their upload (a pool on CUDA)
-        # with the I/O thread on CUDA: the plans' uploads run there, on this stream; job id -> its staged re-seal
+        # with the I/O thread on CUDA: the plans' uploads run there (pinned first), on this stream; job id -> its
+        # staged re-seal
         self._upload_stream: Optional["torch.cuda.Stream"] = None
         self._switch_before: Optional[float] = None  # the interpreter's switch interval before start() lowered it
         self._staged: Dict[int, StagedReseal] = {}
@@ -342,7 +342,7 @@ class SidecarBridge:
                   max_segments=max(h, DEFAULT_MAX_SEGMENTS // h * h))  # fmt: skip
         axes, s = pool.mosaic_config.axes, pool.page_size
         if axes != "both":
-            kw["menu"] = restrict_menu(default_menu(s, int(pool.head_dim), lowrank=True), axes, s)
+            kw["menu"] = axes_menu(axes, s, int(pool.head_dim), lowrank=True)
         kw.update(overrides)
         config = SidecarConfig.from_mosaic(pool.mosaic_config, head_dim=int(pool.head_dim),
                                            group_size=window.group_size, **kw)  # fmt: skip
@@ -357,15 +357,15 @@ class SidecarBridge:
         the thread's own stream), so that the scheduler thread's ticks only allocate, pack and swap (the sixteenth
         run's SmolLM2 decode steps took 1.4 ms more at the median with the landing on the scheduler thread; a whole
         apply took 2.3 ms of host time a job on an H200, ``bench.apply_cost``)."""
-        self._pin_plans = torch.device(self.pool.device).type == "cuda"
+        device = torch.device(self.pool.device)
         if io_thread is None:
-            io_thread = self._pin_plans
+            io_thread = device.type == "cuda"
         interval = io_switch_interval() if io_thread else 0.0  # a bad value is refused before the worker starts
         self.client.start()
         atexit.register(self.close)
         if io_thread:
-            if self._pin_plans:
-                self._upload_stream = torch.cuda.Stream(torch.device(self.pool.device))
+            if device.type == "cuda":
+                self._upload_stream = torch.cuda.Stream(device)
             if 0.0 < interval < sys.getswitchinterval():
                 self._switch_before = sys.getswitchinterval()
                 sys.setswitchinterval(interval)
@@ -779,7 +779,8 @@ class SidecarBridge:
                 self._io_stop.wait(IO_WAIT_S)
 
     def _io_round(self) -> bool:
-        """Land what has landed, read the replies and pin their plans for the upload; returns whether it did any."""
+        """Land what has landed, read the replies and stage their re-seals (:meth:`_stage`); returns whether it did
+        any."""
         t0 = time.thread_time()
         landed = self._flush()
         outcomes = [self._pinned(o) for o in self.client.tick(None)]
@@ -810,7 +811,7 @@ class SidecarBridge:
     def _pinned(self, outcome: JobOutcome) -> JobOutcome:
         """``outcome`` with its K/V and plan in pinned memory when the pool is on CUDA, so that their uploads need no
         staging copy."""
-        if outcome.status is not JobStatus.OK or not self._pin_plans:
+        if outcome.status is not JobStatus.OK or self._upload_stream is None:
             return outcome
         assert outcome.result is not None and outcome.keys is not None and outcome.values is not None
         return replace(outcome, keys=outcome.keys.pin_memory(), values=outcome.values.pin_memory(),

@@ -31,7 +31,7 @@ from .base import (
 from .chan_k import ChanKStrategy
 from .dense import DenseStrategy
 from .lowrank import LowRankStrategy
-from .menu import AXES, RATIO_MARGIN, Candidate, default_menu, menu_max_ratio, restrict_menu
+from .menu import AXES, RATIO_MARGIN, Candidate, axes_menu, default_menu, menu_max_ratio, restrict_menu
 from .tok_chan import ComposedStrategy
 from .tok_m import TokMStrategy
 
@@ -55,6 +55,7 @@ __all__ = [
     "Selection",
     "Strategy",
     "TokMStrategy",
+    "axes_menu",
     "default_menu",
     "dense_segment_bytes",
     "menu_max_ratio",

@@ -148,6 +148,12 @@ def restrict_menu(menu: Sequence[Candidate], axes: str, seg_size: int) -> Tuple[
     return tuple(menu)
 
 
+def axes_menu(axes: str, seg_size: int, head_dim: int, *, lowrank: bool) -> Tuple[Candidate, ...]:
+    """:func:`default_menu` (with or without low-rank forms) restricted to the compression ``axes``
+    (:func:`restrict_menu`): the menu a planner uses under ``--mosaic-axes``."""
+    return restrict_menu(default_menu(seg_size, head_dim, lowrank=lowrank), axes, seg_size)
+
+
 RATIO_MARGIN = 0.999
 """A ratio is planned only up to this fraction of :func:`menu_max_ratio` (byte budgets are rounded down)."""
 
