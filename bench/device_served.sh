@@ -9,9 +9,10 @@
 #            accuracy suite, essay agreement and the bad-request cases on both; on mosaic also /metrics and, unless
 #            SOAK=0, the soak (1,000 requests, sidecar killed every 30 s, /flush_cache during load, a disconnect
 #            mid-prefill)
-#   axes     SmolLM2, issue #6's accuracy at equal bytes: stock SGLang (triton), mosaic at $RATIO with --mosaic-axes
-#            both, token and channel (the served single-axis baselines), and with FP8=1 stock with --kv-cache-dtype
-#            fp8_e4m3; the accuracy suite at 2k, 4k, 6k and 8k ($SAMPLES samples a length, default 4) on all at once
+#   axes     SmolLM2, issue #6's accuracy at equal bytes: stock SGLang (triton); with FP8=1 stock with --kv-cache-dtype
+#            fp8_e4m3 (triton); mosaic at each of $RATIOS (default $RATIO); --mosaic-axes token and channel (the served
+#            single-axis baselines) at each of $AXES_RATIOS (default $RATIO); the accuracy suite at 2k, 4k, 6k and 8k
+#            ($SAMPLES samples a length, default 4) on all at once
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
 #            256 out, rate inf) against mosaic at $RATIO (default 4, sidecar on), then stock SGLang (flashinfer), one
 #            server at a time; after mosaic's bench (and stock's with PROFILE_STOCK=1), 1 prefill and 3 decode steps
@@ -254,17 +255,25 @@ case "$step" in
     ;;
   axes)
     M="$(bash bench/device_smollm2.sh)"
-    mosaic="--kv-compressor mosaic --mosaic-compression-ratio $ratio"
-    names=(dense "mosaic-r$ratio" "token-only-r$ratio" "channel-only-r$ratio")
-    extra=("--attention-backend triton" "$mosaic" "$mosaic --mosaic-axes token" "$mosaic --mosaic-axes channel")
-    if [ "${FP8:-0}" = 1 ]; then names+=(fp8); extra+=("--kv-cache-dtype fp8_e4m3"); fi
+    # fp8 on the triton backend like dense (SGLang's triton kernels read fp8 KV; FlashInfer's would need a JIT build)
+    names=(dense); extra=("--attention-backend triton")
+    if [ "${FP8:-0}" = 1 ]; then names+=(fp8); extra+=("--attention-backend triton --kv-cache-dtype fp8_e4m3"); fi
+    for r in ${RATIOS:-$ratio}; do
+      names+=("mosaic-r$r"); extra+=("--kv-compressor mosaic --mosaic-compression-ratio $r")
+    done
+    for r in ${AXES_RATIOS:-$ratio}; do
+      mosaic="--kv-compressor mosaic --mosaic-compression-ratio $r"
+      names+=("token-only-r$r" "channel-only-r$r"); extra+=("$mosaic --mosaic-axes token" "$mosaic --mosaic-axes channel")
+    done
+    # the servers' static fractions grow by 0.8 / (number of servers): each gets about that share of the GPU
+    fractions=($(python3 -c "n = ${#names[@]}; print(*(f'{0.8 * (i + 1) / n:.3f}' for i in range(n)))"))
     last=$(( ${#names[@]} - 1 ))
     pids=()
     for i in $(seq 0 $last); do  # one after another, each pool sized once the previous one is allocated
       # shellcheck disable=SC2086
       python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
         --disable-prefill-cuda-graph --chunked-prefill-size 2048 --enable-metrics \
-        --mem-fraction-static "0.$((15 * (i + 1)))" ${extra[$i]} > "$out/${names[$i]}.server.log" 2>&1 &
+        --mem-fraction-static "${fractions[$i]}" ${extra[$i]} > "$out/${names[$i]}.server.log" 2>&1 &
       pids+=($!)
       wait_log "$out/${names[$i]}.server.log" "Memory pool end" 180
     done
