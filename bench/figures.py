@@ -8,9 +8,13 @@ their kind from their content, and writes to ``--out`` (default ``bench/figures`
     One row per :mod:`bench.quality` result (``summary.rows``): answer score (left; RULER string match, ``score``,
     dense's as a dashed line) and teacher-forced top-1 agreement with dense (right; ``agree_tf``) against the achieved
     compression ratio of the compressed region, one line per method (2-D planners, token-only, channel-only, ThinK,
-    fp8 casts). Accuracy-suite results (:mod:`bench.accuracy`, schema ``mosaickv.accuracy/1``) add a panel of
-    average accuracy against the ratio read from each run's label (``dense`` 1, ``fp8`` 2, ``mosaic-r3`` /
-    ``mosaic-3x`` 3) or given with ``--ratio LABEL=X``.
+    fp8 casts).
+``served_accuracy_vs_ratio.png``
+    Accuracy-suite results (:mod:`bench.accuracy`, schema ``mosaickv.accuracy/1``), one panel per folder (the
+    configurations of one served run side by side): average accuracy against the ratio read from each run's label
+    (``dense`` 1, ``fp8`` 2, ``mosaic-r3`` / ``mosaic-3x`` / ``token-only-r3`` 3) or given with ``--ratio LABEL=X``, a
+    line per family (2-D mosaic, token-only, channel-only), fp8 a star, dense a dashed line, error bars of one
+    binomial standard error.
 ``throughput_vs_concurrency.png``
     Output tokens/s against requests in flight, one line per configuration, one panel per result and workload:
     results of :mod:`bench.serving_throughput`, both the sweep schema ``mosaickv.serving_throughput/2`` (its
@@ -34,9 +38,10 @@ their kind from their content, and writes to ``--out`` (default ``bench/figures`
     ``sglang.bench_serving`` lines (``bench-<config>.jsonl``: each line's ``server_info.max_total_num_tokens``) that
     has a dense server and another among them.
 
-A figure whose inputs are missing is skipped with a message. ``--only`` picks figures, and ``--quality``,
-``--accuracy``, ``--throughput``, ``--decode``, ``--capacity`` replace the discovered files of one kind (the served
-TPOT panels come from the ``--throughput`` files).
+A figure whose inputs are missing is skipped with a message. ``--only`` picks figures (``accuracy``, ``suite``,
+``throughput``, ``tpot``, ``capacity``), and ``--quality``, ``--accuracy``, ``--throughput``, ``--decode``,
+``--capacity`` replace the discovered files of one kind (the served TPOT panels come from the ``--throughput``
+files).
 matplotlib comes with the project's ``bench`` extra and is imported only when a figure is drawn.
 
 Run ``python -m bench.figures --help``.
@@ -55,11 +60,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 logger = logging.getLogger("bench.figures")
 
-__all__ = ["FIGURES", "classify", "discover", "label_ratio", "main", "plot_accuracy", "plot_capacity",
-           "plot_throughput", "plot_tpot", "served_tpot_points", "throughput_points"]  # fmt: skip
+__all__ = ["FIGURES", "classify", "discover", "label_ratio", "main", "plot_accuracy", "plot_capacity", "plot_suite",
+           "plot_throughput", "plot_tpot", "served_tpot_points", "suite_points", "throughput_points"]  # fmt: skip
 
-FIGURES = ("accuracy", "throughput", "tpot", "capacity")
-FILE_NAMES = {"accuracy": "accuracy_vs_ratio.png", "throughput": "throughput_vs_concurrency.png",
+FIGURES = ("accuracy", "suite", "throughput", "tpot", "capacity")
+FILE_NAMES = {"accuracy": "accuracy_vs_ratio.png", "suite": "served_accuracy_vs_ratio.png",
+              "throughput": "throughput_vs_concurrency.png",
               "tpot": "tpot_vs_context.png", "capacity": "kv_capacity.png"}  # fmt: skip
 ACCURACY_SCHEMA = "mosaickv.accuracy/1"
 THROUGHPUT_SCHEMA = "mosaickv.serving_throughput/2"
@@ -238,52 +244,109 @@ def _quality_panel(ax_score: Any, ax_agree: Any, data: Dict[str, Any], title: st
         ax.grid(alpha=0.3)
 
 
-def plot_accuracy(quality: Sequence[PathLike], suites: Sequence[PathLike], out: PathLike,
-                  ratios: Optional[Dict[str, float]] = None, root: Optional[PathLike] = None) -> Optional[Path]:
-    """Accuracy against compression ratio (see the module docstring); ``None`` (skipped) without inputs."""
+def plot_accuracy(quality: Sequence[PathLike], out: PathLike, root: Optional[PathLike] = None) -> Optional[Path]:
+    """Accuracy of :mod:`bench.quality` results against compression ratio (see the module docstring); ``None``
+    (skipped) without inputs."""
     qs = [(Path(p), _read(Path(p))) for p in quality]
-    points = []
+    if not qs:
+        _skip("accuracy_vs_ratio", "no bench.quality results")
+        return None
+    plt = _pyplot()
+    nrows = len(qs)
+    fig, axes = plt.subplots(nrows, 2, figsize=(10.0, 2.9 * nrows + 0.9), squeeze=False)
+    rootp = Path(root) if root is not None else None
+    for k, (path, data) in enumerate(qs):
+        _quality_panel(axes[k][0], axes[k][1], data, _name(path, rootp))
+    _figure_legend(fig, [a for row in axes for a in row], 2.9 * nrows + 0.9)
+    fig.suptitle("Accuracy vs KV compression ratio (SmolLM2-135M-Instruct, RULER-style, CPU)", fontsize=10,
+                 y=1 - 0.08 / (2.9 * nrows + 0.9))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 1.0 / (2.9 * nrows + 0.9)))
+    return _save(fig, Path(out))
+
+
+def _figure_legend(fig: Any, axes: Sequence[Any], height: float) -> None:
+    """One legend above the panels: every label once."""
+    handles: Dict[str, Any] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(len(handles), 6), fontsize=8,
+               bbox_to_anchor=(0.5, 1 - 0.4 / height))
+
+
+def suite_points(suites: Sequence[PathLike], ratios: Optional[Dict[str, float]] = None,
+                 root: Optional[PathLike] = None) -> Dict[str, List[Dict[str, Any]]]:
+    """Accuracy-suite runs grouped by their folder (one served run's configurations side by side): per folder, one
+    point per run with ``label``, ``family``, ``ratio`` (from the label or ``ratios``), ``average``, ``correct``,
+    ``total``, ``samples`` and ``lengths``; runs without a ratio are skipped with the flag that fixes it."""
+    rootp = Path(root) if root is not None else None
+    groups: Dict[str, List[Dict[str, Any]]] = {}
     for p in suites:
-        data = _read(Path(p))
+        path = Path(p)
+        data = _read(path)
         label = str(data.get("label"))
         ratio = label_ratio(label, ratios)
         if ratio is None:
             _skip("an accuracy-suite run", f"{p}: no ratio for label {label!r}; pass --ratio {label}=X")
             continue
-        points.append((label, ratio, data["summary"]["average"], Path(p)))
-    if not qs and not points:
-        _skip("accuracy_vs_ratio", "no bench.quality or bench.accuracy results")
+        summ, cfg = data["summary"], data.get("config", {})
+        folder = _name(path.parent, rootp) if rootp is not None else path.parent.name
+        if folder in (".", ""):
+            folder = path.name
+        groups.setdefault(folder, []).append({
+            "label": label, "family": _family(label), "ratio": ratio, "average": float(summ["average"]),
+            "correct": summ.get("correct"), "total": summ.get("total"), "samples": cfg.get("samples"),
+            "lengths": cfg.get("lengths"),
+        })  # fmt: skip
+    return groups
+
+
+def _stderr(point: Dict[str, Any]) -> float:
+    n, p = point.get("total"), point["average"]
+    return (p * (1 - p) / n) ** 0.5 if isinstance(n, int) and n > 0 else 0.0
+
+
+def plot_suite(suites: Sequence[PathLike], out: PathLike, ratios: Optional[Dict[str, float]] = None,
+               root: Optional[PathLike] = None) -> Optional[Path]:
+    """Accuracy-suite average against compression ratio, one panel per folder of runs: a line per family
+    (2-D mosaic, token-only, channel-only) over the ratios, fp8 as a star, dense as a dashed line; error bars are
+    one binomial standard error (``sqrt(p (1 - p) / prompts)``). ``None`` (skipped) without inputs."""
+    groups = suite_points(suites, ratios, root)
+    if not groups:
+        _skip("served_accuracy_vs_ratio", "no bench.accuracy results with a ratio")
         return None
     plt = _pyplot()
-    nrows = len(qs) + (1 if points else 0)
-    fig, axes = plt.subplots(nrows, 2, figsize=(10.0, 2.9 * nrows + 0.9), squeeze=False)
-    rootp = Path(root) if root is not None else None
-    for k, (path, data) in enumerate(qs):
-        _quality_panel(axes[k][0], axes[k][1], data, _name(path, rootp))
-    if points:
-        ax = axes[nrows - 1][0]
-        for label, ratio, avg, _ in sorted(points, key=lambda x: x[1]):
-            color, marker, _style = STYLES.get(_family(label), ("tab:purple", ".", ""))
-            ax.plot([ratio], [avg], color=color, marker=marker, linestyle="none", markersize=8, label=label)
-            ax.annotate(label, (ratio, avg), textcoords="offset points", xytext=(5, 5), fontsize=7)
-        ax.set_title("accuracy suite (bench.accuracy): average over tasks and lengths", fontsize=8)
+    fig, axes = _grid(plt, len(groups), 5.2, 3.6, max_cols=2)
+    # the runs with the most configurations first; families side by side at a shared ratio (x nudged apart)
+    nudge = {"mosaic": 0.0, "token-only": -0.06, "channel-only": 0.06, "think": 0.12}
+    for ax, (folder, pts) in zip(axes, sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))):
+        by_family: Dict[str, List[Dict[str, Any]]] = {}
+        for pt in pts:
+            by_family.setdefault(pt["family"], []).append(pt)
+        for family, fpts in sorted(by_family.items()):
+            fpts.sort(key=lambda x: x["ratio"])
+            color, marker, style = STYLES.get(family, ("tab:purple", ".", "-"))
+            if family == "dense":
+                for pt in fpts:
+                    ax.axhline(pt["average"], color=color, linestyle="--", linewidth=1, label="dense")
+                continue
+            xs = [x["ratio"] + nudge.get(family, 0.0) for x in fpts]
+            ax.errorbar(xs, [x["average"] for x in fpts], yerr=[_stderr(x) for x in fpts],
+                        color=color, marker=marker, linestyle=style if len(fpts) > 1 and style else "none",
+                        label=family, markersize=7, capsize=3)
+        first = pts[0]
+        lengths = first.get("lengths")
+        sub = f"{first.get('samples')} samples a task and length, lengths {lengths}, {first.get('total')} prompts"
+        ax.set_title(f"{folder}\n{sub}", fontsize=7.5)
         ax.set_xlabel("compression ratio (from the run label)")
-        ax.set_ylabel("average accuracy")
-        ax.set_xlim(0.5, max(6.5, max(x[1] for x in points) + 0.5))
-        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel("average accuracy (exact match)")
+        ax.set_xlim(0.5, max(6.5, max(x["ratio"] for x in pts) + 0.5))
         ax.grid(alpha=0.3)
-        axes[nrows - 1][1].axis("off")
-    handles: Dict[str, Any] = {}
-    for row in axes:
-        for ax in row:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                handles.setdefault(lab, h)
-    height = 2.9 * nrows + 0.9
-    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(len(handles), 6), fontsize=8,
-               bbox_to_anchor=(0.5, 1 - 0.4 / height))
-    fig.suptitle("Accuracy vs KV compression ratio (SmolLM2-135M-Instruct, RULER-style, CPU)", fontsize=10,
-                 y=1 - 0.08 / height)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 1.0 / height))
+    height = 3.6 * ((len(groups) + 1) // 2) + 0.6
+    _figure_legend(fig, axes, height + 0.6)
+    fig.suptitle("Accuracy suite vs KV compression ratio (bench.accuracy, RULER-style), one panel per run", fontsize=10,
+                 y=1 - 0.05 / (height + 0.6))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / (height + 0.6)))
     return _save(fig, Path(out))
 
 
@@ -669,7 +732,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.figures",
         description="Regenerate the PNG figures of bench/RESULTS.md from the JSON results: accuracy vs compression "
-        "ratio, output throughput vs concurrency, decode time vs context, KV capacity per configuration.",
+        "ratio (the CPU quality study; the served accuracy suite), output throughput vs concurrency, decode time vs "
+        "context, KV capacity per configuration.",
     )
     p.add_argument("--results", default="bench/results", help="folder searched for results (default bench/results)")
     p.add_argument("--out", default="bench/figures", help="folder of the PNGs (default bench/figures)")
@@ -698,7 +762,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     out = Path(args.out)
     sources = {
-        "accuracy": (pick(args.quality, "quality"), pick(args.accuracy, "accuracy")),
+        "accuracy": (pick(args.quality, "quality"),),
+        "suite": (pick(args.accuracy, "accuracy"),),
         "throughput": (pick(args.throughput, "throughput", "bench_serving"),),
         "tpot": (pick(args.decode, "decode"), pick(args.throughput, "throughput")),
         "capacity": (pick(args.capacity, "serve_check", "throughput", "bench_serving"),),
@@ -706,17 +771,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written = []
     for fig in args.only:
         target = out / FILE_NAMES[fig]
-        if fig == "accuracy":
-            q, s = sources["accuracy"]
-            res = plot_accuracy(q, s, target, dict(args.ratio), root=root)
-            used = q + s
+        if fig == "suite":
+            used = sources["suite"][0]
+            res = plot_suite(used, target, dict(args.ratio), root=root)
         elif fig == "tpot":
             d, t = sources["tpot"]
             res = plot_tpot(d, target, root=root, served=t)
             used = d + [f for f in t if _has_context_sweep(f)]
         else:
             used = sources[fig][0]
-            plotter = {"throughput": plot_throughput, "capacity": plot_capacity}[fig]
+            plotter = {"accuracy": plot_accuracy, "throughput": plot_throughput, "capacity": plot_capacity}[fig]
             res = plotter(used, target, root=root)
         if res is not None:
             written.append(res)

@@ -103,9 +103,9 @@ def _serve_check():
                                   "/c/smollm2-135m-instruct-fp32 --port 30000"}}}
 
 
-def _accuracy(label, average):
-    return {"schema": F.ACCURACY_SCHEMA, "label": label, "config": {}, "summary": {"average": average},
-            "records": []}
+def _accuracy(label, average, total=28):
+    return {"schema": F.ACCURACY_SCHEMA, "label": label, "config": {"samples": 1, "lengths": [2048, 4096]},
+            "summary": {"average": average, "correct": round(average * total), "total": total}, "records": []}
 
 
 @pytest.fixture()
@@ -220,8 +220,8 @@ def test_each_plot_writes_a_small_png(results, tmp_path):
     out = tmp_path / "figs"
     q = [results / "quality_a.json"]
     acc = [results / "acc-dense.json", results / "acc-mosaic.json"]
-    _is_png(F.plot_accuracy(q, acc, out / "a.png"))
-    _is_png(F.plot_accuracy([], acc, out / "a_suite_only.png"))
+    _is_png(F.plot_accuracy(q, out / "a.png"))
+    _is_png(F.plot_suite(acc, out / "s.png"))
     _is_png(F.plot_throughput([results / "serve" / "throughput.json", results / "serve" / "bench_mosaic.jsonl"],
                               out / "b.png"))
     _is_png(F.plot_tpot([results / "decode_speed_graph.json"], out / "c.png"))
@@ -238,17 +238,18 @@ def test_each_plot_writes_a_small_png(results, tmp_path):
 def test_plots_skip_cleanly_without_inputs(tmp_path, caplog):
     out = tmp_path / "figs"
     with caplog.at_level(logging.INFO, logger="bench.figures"):
-        assert F.plot_accuracy([], [], out / "a.png") is None
+        assert F.plot_accuracy([], out / "a.png") is None
+        assert F.plot_suite([], out / "s.png") is None
         assert F.plot_throughput([], out / "b.png") is None
         assert F.plot_tpot([], out / "c.png") is None
         assert F.plot_tpot([], out / "c.png", served=[]) is None
         assert F.plot_capacity([], out / "d.png") is None
     assert not out.exists()
-    assert sum("skipped" in r.message for r in caplog.records) == 5
+    assert sum("skipped" in r.message for r in caplog.records) == 6
     # an accuracy-suite run whose label gives no ratio is skipped with the flag that fixes it
     (tmp_path / "x.json").write_text(json.dumps(_accuracy("sparse", 0.5)))
     with caplog.at_level(logging.INFO, logger="bench.figures"):
-        assert F.plot_accuracy([], [tmp_path / "x.json"], out / "a.png") is None
+        assert F.plot_suite([tmp_path / "x.json"], out / "s.png") is None
     assert any("pass --ratio sparse=X" in r.message for r in caplog.records)
 
 
@@ -292,3 +293,22 @@ def test_raw_bench_serving_files_of_one_folder_share_a_panel(tmp_path):
     assert [(p["config"], p["concurrency"], p["output_throughput"]) for p in pts] == [
         ("dense", 32, 360.0), ("mosaic-r3", 32, 90.0)]
     assert len({p["panel"] for p in pts}) == 1 and pts[0]["panel"].startswith("8b/*.jsonl")
+
+
+def test_suite_points_group_runs_by_folder_with_family_ratio_and_counts(tmp_path):
+    runs = {"a/acc-dense.json": ("dense", 0.5), "a/acc-fp8.json": ("fp8", 0.5), "a/acc-m3.json": ("mosaic-r3", 0.6),
+            "a/acc-t3.json": ("token-only-r3", 0.25), "a/acc-c4.json": ("channel-only-r4", 0.75),
+            "b/acc-dense.json": ("dense", 0.4)}
+    for name, (label, avg) in runs.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(_accuracy(label, avg, total=8)))
+    groups = F.suite_points(sorted(tmp_path.glob("*/*.json")), root=tmp_path)
+    assert sorted(groups) == ["a", "b"]
+    got = {(p["label"], p["family"], p["ratio"], p["correct"], p["total"]) for p in groups["a"]}
+    assert got == {("dense", "dense", 1.0, 4, 8), ("fp8", "fp8", 2.0, 4, 8), ("mosaic-r3", "mosaic", 3.0, 5, 8),
+                   ("token-only-r3", "token-only", 3.0, 2, 8), ("channel-only-r4", "channel-only", 4.0, 6, 8)}
+    assert [p["label"] for p in groups["b"]] == ["dense"]
+    # one binomial standard error: sqrt(p (1 - p) / n)
+    by_label = {p["label"]: p for p in groups["a"]}
+    assert F._stderr(by_label["channel-only-r4"]) == pytest.approx((0.75 * 0.25 / 8) ** 0.5)
+    _is_png(F.plot_suite(sorted(tmp_path.glob("*/*.json")), tmp_path / "s.png", root=tmp_path))
