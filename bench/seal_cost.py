@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chan-drop", choices=planner.CHAN_DROP_METHODS, default=planner.CHAN_DROP_METHOD_ON_CUDA,
                    help="how the planner finds each vector's top channels on CUDA (planner.CHAN_DROP_METHOD_ON_CUDA; "
                         f"default {planner.CHAN_DROP_METHOD_ON_CUDA})")
+    p.add_argument("--estimate-terms", choices=planner.ESTIMATE_TERMS_METHODS, default=planner.ESTIMATE_TERMS_ON_CUDA,
+                   help="how the fast estimator computes its per-k channel terms on CUDA "
+                        f"(planner.ESTIMATE_TERMS_ON_CUDA; default {planner.ESTIMATE_TERMS_ON_CUDA})")
+    p.add_argument("--also-estimate-terms", choices=planner.ESTIMATE_TERMS_METHODS, default=None,
+                   help="time the one-call planner again with this method, in the same run, and compare its plans")
     p.add_argument("--max-segments", type=int, default=DEFAULT_MAX_SEGMENTS,
                    help=f"the one-call planner's segments per chunk (default {DEFAULT_MAX_SEGMENTS})")
     p.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES,
@@ -82,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     return p
+
+
+def differing_segments(plans_a: List[object], plans_b: List[object]) -> int:
+    """Segments (rows of each layer's plan) whose kept tokens or K/V forms and parameters differ between two runs."""
+    fields = ("token_keep", "k_form", "k_param", "v_form", "v_param")
+    n = 0
+    for a, b in zip(plans_a, plans_b, strict=True):
+        diff = torch.zeros(getattr(a, "k_form").shape[0], dtype=torch.bool, device=getattr(a, "k_form").device)
+        for f in fields:
+            x, y = getattr(a, f), getattr(b, f)
+            ne = x != y
+            diff |= ne.reshape(ne.shape[0], -1).any(1)
+        n += int(diff.sum())
+    return n
 
 
 def stand_in_pool(args: argparse.Namespace) -> SimpleNamespace:
@@ -167,6 +186,7 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     if args.threads:
         torch.set_num_threads(args.threads)
     planner.CHAN_DROP_METHOD_ON_CUDA = args.chan_drop
+    planner.ESTIMATE_TERMS_ON_CUDA = args.estimate_terms
     pool = stand_in_pool(args)
     sealer = Sealer(pool, args.kv_heads * args.group, query_window=args.window)
     sealer.plan_max_segments, sealer.plan_max_chunk_bytes = args.max_segments, args.max_chunk_bytes
@@ -179,11 +199,17 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     dev = torch.device(args.device)
     before = timed(lambda: [sealer.plan_layer(li, pages, sinks, args.ratio) for li in range(args.layers)], dev, args)
     after = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
-    same = all(
-        all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("token_keep", "k_form", "k_param", "v_form", "v_param"))
-        for a, b in zip(before.pop("result"), after.pop("result"))
-    )
+    before_plans, after_plans = before.pop("result"), after.pop("result")
+    same = differing_segments(before_plans, after_plans) == 0
     report = {"config": vars(args), "per_layer": before, "one_call": after, "identical_plans": same}
+    if args.also_estimate_terms:
+        planner.ESTIMATE_TERMS_ON_CUDA = args.also_estimate_terms
+        try:
+            also = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
+        finally:
+            planner.ESTIMATE_TERMS_ON_CUDA = args.estimate_terms
+        report["one_call_also"] = also
+        report["also_differing_segments"] = differing_segments(after_plans, also.pop("result"))
     if args.profile:
         report["profile"] = (
             profile(lambda: [sealer.plan_layer(li, pages, sinks, args.ratio) for li in range(args.layers)], dev,
@@ -202,6 +228,13 @@ def main(argv: List[str] = None) -> Dict[str, object]:
             peak = f"   peak +{r['peak_transient_bytes'] / 2**20:.0f} MiB" if "peak_transient_bytes" in r else ""
             print(f"  {name:36s} {1e3 * r['seconds']:10.1f} ms{counts}{peak}")
         print(f"  speed-up {before['seconds'] / after['seconds']:.2f}x; identical plans: {same}")
+        if args.also_estimate_terms:
+            also = report["one_call_also"]
+            print(f"  one call, estimate terms {args.estimate_terms}: {1e3 * after['seconds']:.1f} ms; "
+                  f"{args.also_estimate_terms}: {1e3 * also['seconds']:.1f} ms "
+                  f"({after['seconds'] / also['seconds']:.2f}x); segments planned differently: "
+                  f"{report['also_differing_segments']}"
+                  + ("" if dev.type == "cuda" else " (not on CUDA: both took the torch ops)"))
         if not args.no_count:
             print("  one-call kernel ops by site: " + ", ".join(f"{k} {v}" for k, v in
                                                               list(after["kernel_ops_by_site"].items())[:8]))

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ref_chan_rank",
+    "ref_chan_terms",
     "ref_chan_select",
     "ref_pack_segments",
     "ref_unpack_segment",
@@ -420,3 +421,35 @@ def ref_extend(
                 o, _ = _attend(qd[q0:q1, hq], k_all, v_all, scale, mask)
                 res[q0:q1, hq] = o
     return res
+
+
+def ref_chan_terms(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k_drop: torch.Tensor,
+    v_drop: torch.Tensor,
+    p: torch.Tensor,
+    qbar: torch.Tensor,
+    var_q: torch.Tensor,
+    resid: torch.Tensor,
+    kept: torch.Tensor,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of :func:`mosaickv_sglang.kernels.estimate_terms.chan_terms_fwd`, in float64, segment by segment:
+    ``(coh [N, S], kvar [N, M], lost_k [N, S], vvec [N, M, d], lost_v [N, S])``."""
+    n, s, d = keys.shape
+    m = kept.shape[1]
+    f = torch.float64
+    out = (torch.zeros(n, s, dtype=f), torch.zeros(n, m, dtype=f), torch.zeros(n, s, dtype=f),
+           torch.zeros(n, m, d, dtype=f), torch.zeros(n, s, dtype=f))  # fmt: skip
+    coh, kvar, lost_k, vvec, lost_v = out
+    for i in range(n):
+        dk = keys[i].cpu().to(f) * k_drop[i].cpu()
+        dv = values[i].cpu().to(f) * v_drop[i].cpu()
+        pi, keep = p[i].cpu().to(f), kept[i].cpu().to(f)
+        coh[i] = pi * scale * (dk @ qbar[i].cpu().to(f))
+        lost_k[i] = (dk * dk).sum(1)
+        lost_v[i] = (dv * dv).sum(1)
+        kvar[i] = keep @ (pi * pi * scale * scale * ((dk * dk) @ var_q[i].cpu().to(f)) * resid[i].cpu().to(f))
+        vvec[i] = (keep * pi) @ dv
+    return out

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -802,7 +803,23 @@ def _estimate_fast(
     kvar = [torch.zeros(n, len(ms), device=dev)]
     k_stats = torch.stack([qbar, var_q, torch.ones_like(qbar)], 2)  # [N, d, 3]
     lost: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])  # per side (K, V) and k: [N, S] lost energy
+    fused = ks and _fused_estimate_terms(kf)
+    if fused:
+        from mosaickv_sglang.kernels.estimate_terms import chan_terms_fwd  # imports triton: only when used
+
+        kc, vc, pc = kf.contiguous(), vf.contiguous(), p.contiguous()
+        qc, varc, cc, keptc = qbar.contiguous(), var_q.contiguous(), c.contiguous(), kept.contiguous()
     for k in ks:
+        if fused:
+            coh, kv, lost_k, vv, lost_v = chan_terms_fwd(
+                kc, vc, k_drop.pop(k).contiguous(), v_drop.pop(k).contiguous(), pc, qc, varc, cc, keptc, scale
+            )
+            on_resid.append(kept * -coh[:, None, :])
+            kvar.append(kv)
+            lost[0].append(lost_k)
+            vvec.append(vv)
+            lost[1].append(lost_v)
+            continue
         dk = kf * k_drop.pop(k)
         coh = p * scale * torch.bmm(dk, k_stats[:, :, :1]).squeeze(2)
         sums = torch.bmm(dk.pow_(2), k_stats[:, :, 1:])  # [N, S, 2]: sum_c var_q dk^2, sum_c dk^2
@@ -835,6 +852,36 @@ def _estimate_fast(
     dmass[:, dense_i] = 0.0
     unseen = _unseen_error(keys, values, menu, importance, labels, ng, unseen_prior, order, chan_loss)
     return ErrorEstimate(err.float(), dmass.float(), p.sum(1), unseen, weight)
+
+
+ESTIMATE_TERMS_METHODS = ("torch", "kernel")
+ESTIMATE_TERMS_ON_CUDA = "torch"
+"""How :func:`_estimate_fast` computes its per-``k`` channel terms on CUDA tensors: ``"torch"`` (about ten ops per
+``k``, each a pass over ``[N, S, d]`` fp32 tensors) or ``"kernel"``
+(:func:`~mosaickv_sglang.kernels.estimate_terms.chan_terms_fwd`, one pass; same terms within fp32 rounding). The
+kernel is not yet timed on a GPU, so torch stays the default; ``MOSAICKV_ESTIMATE_TERMS=kernel`` picks the kernel
+at import, ``bench.seal_cost --estimate-terms`` per run. On the CPU: always torch."""
+
+
+def _estimate_terms_from_env() -> None:
+    global ESTIMATE_TERMS_ON_CUDA
+    env = os.environ.get("MOSAICKV_ESTIMATE_TERMS")
+    if env is None or env == "":
+        return
+    if env not in ESTIMATE_TERMS_METHODS:
+        raise ValueError(f"MOSAICKV_ESTIMATE_TERMS: expected one of {ESTIMATE_TERMS_METHODS}, got {env!r}")
+    ESTIMATE_TERMS_ON_CUDA = env
+
+
+_estimate_terms_from_env()
+
+
+def _fused_estimate_terms(x: torch.Tensor) -> bool:
+    """Whether :func:`_estimate_fast` takes the fused channel terms for ``x`` (its fp32 keys)."""
+    if ESTIMATE_TERMS_ON_CUDA not in ESTIMATE_TERMS_METHODS:
+        raise ValueError(f"ESTIMATE_TERMS_ON_CUDA: expected one of {ESTIMATE_TERMS_METHODS}, "
+                         f"got {ESTIMATE_TERMS_ON_CUDA!r}")  # fmt: skip
+    return ESTIMATE_TERMS_ON_CUDA == "kernel" and x.is_cuda and x.shape[-1] in _CHAN_RANK_HEAD_DIMS
 
 
 @functools.lru_cache(maxsize=32)

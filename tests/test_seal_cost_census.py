@@ -129,3 +129,28 @@ def test_profile_writes_tables_and_traces(tmp_path, capsys):
     assert "aten::bmm" in table and "Self CPU" in table
     with gzip.open(tmp_path / "one_call_trace.json.gz", "rt") as f:
         assert json.load(f)["traceEvents"]
+
+
+def test_seal_cost_times_the_other_estimate_terms_method_and_compares_plans(capsys):
+    report = seal_cost.main("--layers 2 --kv-heads 2 --pages 3 --head-dim 64 --no-count --also-estimate-terms "
+                            "kernel".split())
+    assert report["one_call_also"]["seconds"] > 0 and report["also_differing_segments"] == 0
+    assert "not on CUDA: both took the torch ops" in capsys.readouterr().out
+    from mosaickv_sglang import planner
+
+    assert planner.ESTIMATE_TERMS_ON_CUDA == "torch"  # restored after the second timing
+
+
+def test_differing_segments_counts_rows_that_differ_in_any_field():
+    from types import SimpleNamespace
+
+    import torch
+
+    def plan(keep, kf):
+        z = torch.zeros(len(kf), dtype=torch.int64)
+        return SimpleNamespace(token_keep=torch.tensor(keep), k_form=torch.tensor(kf), k_param=z, v_form=z, v_param=z)
+
+    a = [plan([[1, 1], [1, 0], [0, 1]], [0, 1, 1])]
+    b = [plan([[1, 1], [1, 1], [0, 1]], [0, 1, 2])]
+    assert seal_cost.differing_segments(a, a) == 0
+    assert seal_cost.differing_segments(a, b) == 2
