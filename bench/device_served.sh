@@ -438,7 +438,8 @@ case "$step" in
     # methods and the rest of the kernel tests compiled for the GPU. Profiler traces are summarized and dropped (the
     # ninth run's traces made the results too slow to pack in the call)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_decode_tune.py \
-      tests/test_chan_drop_select.py > "$out/gpu-tests.log" 2>&1 || echo "gpu tests rc=$?"
+      tests/test_chan_drop_select.py tests/test_estimate_terms_select.py > "$out/gpu-tests.log" 2>&1 \
+      || echo "gpu tests rc=$?"
     tail -3 "$out/gpu-tests.log"
     # the backend's GPU tests: captured decode graphs replay like eager, and the overlap scheduler's decode plan does
     # not wait for the step in flight
@@ -454,7 +455,8 @@ case "$step" in
     timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 --seals 20 --ticks 5 --profile 30 \
       > "$out/sidecar-cost.txt" 2>&1 || echo "sidecar_cost rc=$?"
     # the seal planner at 128 pages with the default chan drop (its peak memory and profile), then, while the budget
-    # lasts, the other chan drop methods, 8 pages and the chan rank kernel against torch's top-k
+    # lasts, the other chan drop methods, 8 pages and the chan rank kernel against torch's top-k; each one-call plan
+    # timed again with the estimator's fused channel terms (--also-estimate-terms kernel: the same run, plans compared)
     for run in 128:kernel 128:topk 128:sort 8:kernel 8:topk 8:sort; do
       pages="${run%%:*}" method="${run#*:}"
       [ "$(left)" -gt 150 ] || { echo "seal_cost $pages $method skipped (budget)"; continue; }
@@ -462,7 +464,8 @@ case "$step" in
       [ "$run" != 128:kernel ] || prof=(--profile "$out/seal-profile-$pages")
       timeout 90 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 \
         --head-dim 128 --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --chan-drop "$method" \
-        ${prof[@]+"${prof[@]}"} > "$out/seal-$pages-$method.json" 2> "$out/seal-$pages-$method.log" \
+        --estimate-terms torch --also-estimate-terms kernel ${prof[@]+"${prof[@]}"} > "$out/seal-$pages-$method.json" \
+        2> "$out/seal-$pages-$method.log" \
         || echo "seal_cost $pages $method rc=$?"
       rm -f "$out/seal-profile-$pages"/*.json.gz
     done

@@ -256,6 +256,7 @@ class MosaicAttnBackend(AttentionBackend):
             self._tune_decode(model_runner)
             self._warmup(model_runner)
             self._choose_chan_drop()
+            self._choose_estimate_terms()
 
     def _tune_decode(self, model_runner: Any) -> None:
         """Make the sparse decode's fastest output-invariant variant on this GPU its default (:mod:`.decode_tune`),
@@ -291,6 +292,18 @@ class MosaicAttnBackend(AttentionBackend):
             raise  # a bad MOSAICKV_CHAN_DROP: the user's mistake, named
         except Exception:  # noqa: BLE001 - an optimisation: the planner's default method serves without it
             logger.exception("MosaicKV: timing the chan drop methods failed; the planner keeps its default")
+
+    def _choose_estimate_terms(self) -> None:
+        """Make the faster way of the fast estimator's channel terms on this GPU the planner's default, if the
+        kernel's terms match the torch ops' (:mod:`.estimate_terms_select`)."""
+        from mosaickv_sglang.estimate_terms_select import select_estimate_terms_method
+
+        try:
+            select_estimate_terms_method(self.device, self.head_dim, self.page_size)
+        except ValueError:
+            raise  # a bad MOSAICKV_ESTIMATE_TERMS: the user's mistake, named
+        except Exception:  # noqa: BLE001 - an optimisation: the planner's torch ops serve without it
+            logger.exception("MosaicKV: timing the estimate terms methods failed; the planner keeps its default")
 
     # --- plan ------------------------------------------------------------------------------------------------------
     def read_budget_segments(self, max_segs: int) -> int:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -750,6 +749,32 @@ def estimate_errors_fast(
     return _estimate_fast(keys, values, tuple(menu), importance, labels, ng, scale, weight, unseen_prior)
 
 
+def _chan_terms_torch(
+    kf: torch.Tensor,
+    vf: torch.Tensor,
+    k_drop: torch.Tensor,
+    v_drop: torch.Tensor,
+    p: torch.Tensor,
+    k_stats: torch.Tensor,
+    c: torch.Tensor,
+    kept: torch.Tensor,
+    kept_p: torch.Tensor,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_estimate_fast`'s channel terms of one top-``k`` setting in torch ops, the twin of
+    :func:`~mosaickv_sglang.kernels.estimate_terms.chan_terms_fwd`: ``(coh [N, S], kvar [N, M], lost_k [N, S],
+    vvec [N, M, d], lost_v [N, S])``. ``k_stats`` is ``[N, d, 3]`` (``q_bar``, ``var_q``, ones) and ``kept_p``
+    ``kept * p``."""
+    dk = kf * k_drop
+    coh = p * scale * torch.bmm(dk, k_stats[:, :, :1]).squeeze(2)
+    sums = torch.bmm(dk.pow_(2), k_stats[:, :, 1:])  # [N, S, 2]: sum_c var_q dk^2, sum_c dk^2
+    del dk
+    kvar = torch.bmm(kept, (p.pow(2) * scale**2 * sums[:, :, 0] * c)[:, :, None]).squeeze(2)
+    dv = vf * v_drop
+    vvec = torch.bmm(kept_p, dv)
+    return coh, kvar, sums[:, :, 1], vvec, dv.pow_(2).sum(-1)
+
+
 def _estimate_fast(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -803,34 +828,26 @@ def _estimate_fast(
     kvar = [torch.zeros(n, len(ms), device=dev)]
     k_stats = torch.stack([qbar, var_q, torch.ones_like(qbar)], 2)  # [N, d, 3]
     lost: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])  # per side (K, V) and k: [N, S] lost energy
-    fused = ks and _fused_estimate_terms(kf)
-    if fused:
+    if ks and _fused_estimate_terms(kf):
         from mosaickv_sglang.kernels.estimate_terms import chan_terms_fwd  # imports triton: only when used
 
-        kc, vc, pc = kf.contiguous(), vf.contiguous(), p.contiguous()
-        qc, varc, cc, keptc = qbar.contiguous(), var_q.contiguous(), c.contiguous(), kept.contiguous()
+        kc, vc, pc, cc, keptc = kf.contiguous(), vf.contiguous(), p.contiguous(), c.contiguous(), kept.contiguous()
+        qc, varc = qbar.contiguous(), var_q.contiguous()
+
+        def terms(k_drop_k: torch.Tensor, v_drop_k: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+            return chan_terms_fwd(kc, vc, k_drop_k.contiguous(), v_drop_k.contiguous(), pc, qc, varc, cc, keptc, scale)
+    else:
+
+        def terms(k_drop_k: torch.Tensor, v_drop_k: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+            return _chan_terms_torch(kf, vf, k_drop_k, v_drop_k, p, k_stats, c, kept, kept_p, scale)
+
     for k in ks:
-        if fused:
-            coh, kv, lost_k, vv, lost_v = chan_terms_fwd(
-                kc, vc, k_drop.pop(k).contiguous(), v_drop.pop(k).contiguous(), pc, qc, varc, cc, keptc, scale
-            )
-            on_resid.append(kept * -coh[:, None, :])
-            kvar.append(kv)
-            lost[0].append(lost_k)
-            vvec.append(vv)
-            lost[1].append(lost_v)
-            continue
-        dk = kf * k_drop.pop(k)
-        coh = p * scale * torch.bmm(dk, k_stats[:, :, :1]).squeeze(2)
-        sums = torch.bmm(dk.pow_(2), k_stats[:, :, 1:])  # [N, S, 2]: sum_c var_q dk^2, sum_c dk^2
-        del dk
+        coh, kv, lost_k, vv, lost_v = terms(k_drop.pop(k), v_drop.pop(k))
         on_resid.append(kept * -coh[:, None, :])
-        kvar.append(torch.bmm(kept, (p.pow(2) * scale**2 * sums[:, :, 0] * c)[:, :, None]).squeeze(2))
-        lost[0].append(sums[:, :, 1])
-        dv = vf * v_drop.pop(k)
-        vvec.append(torch.bmm(kept_p, dv))
-        lost[1].append(dv.pow_(2).sum(-1))
-        del dv
+        kvar.append(kv)
+        lost[0].append(lost_k)
+        vvec.append(vv)
+        lost[1].append(lost_v)
     chan_loss: Dict[Tuple[int, int], torch.Tensor] = {}  # (side, k) -> [N, S], for the unseen-query error
     for side, energy_s in ((0, k_energy), (1, v_energy)):  # every k at once (elementwise: the same values)
         if ks:
@@ -856,24 +873,11 @@ def _estimate_fast(
 
 ESTIMATE_TERMS_METHODS = ("torch", "kernel")
 ESTIMATE_TERMS_ON_CUDA = "torch"
-"""How :func:`_estimate_fast` computes its per-``k`` channel terms on CUDA tensors: ``"torch"`` (about ten ops per
-``k``, each a pass over ``[N, S, d]`` fp32 tensors) or ``"kernel"``
-(:func:`~mosaickv_sglang.kernels.estimate_terms.chan_terms_fwd`, one pass; same terms within fp32 rounding). The
-kernel is not yet timed on a GPU, so torch stays the default; ``MOSAICKV_ESTIMATE_TERMS=kernel`` picks the kernel
-at import, ``bench.seal_cost --estimate-terms`` per run. On the CPU: always torch."""
-
-
-def _estimate_terms_from_env() -> None:
-    global ESTIMATE_TERMS_ON_CUDA
-    env = os.environ.get("MOSAICKV_ESTIMATE_TERMS")
-    if env is None or env == "":
-        return
-    if env not in ESTIMATE_TERMS_METHODS:
-        raise ValueError(f"MOSAICKV_ESTIMATE_TERMS: expected one of {ESTIMATE_TERMS_METHODS}, got {env!r}")
-    ESTIMATE_TERMS_ON_CUDA = env
-
-
-_estimate_terms_from_env()
+"""How :func:`_estimate_fast` computes its per-``k`` channel terms on CUDA tensors: ``"torch"``
+(:func:`_chan_terms_torch`, about ten ops per ``k``, each a pass over ``[N, S, d]`` fp32 tensors) or ``"kernel"``
+(:func:`~mosaickv_sglang.kernels.estimate_terms.chan_terms_fwd`, one pass; the same terms within fp32 rounding). A
+server sets it at startup to the faster on its GPU, if the kernel's terms match (:mod:`mosaickv_sglang.
+estimate_terms_select`). On the CPU: always torch."""
 
 
 def _fused_estimate_terms(x: torch.Tensor) -> bool:

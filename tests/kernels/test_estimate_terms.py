@@ -130,10 +130,29 @@ def test_estimate_terms_method_is_checked(monkeypatch):
     monkeypatch.setattr(planner, "ESTIMATE_TERMS_ON_CUDA", "triton")
     with pytest.raises(ValueError, match="ESTIMATE_TERMS_ON_CUDA: expected one of"):
         planner._fused_estimate_terms(torch.zeros(1, 1, 64))
-    monkeypatch.setenv("MOSAICKV_ESTIMATE_TERMS", "fast")
-    with pytest.raises(ValueError, match="MOSAICKV_ESTIMATE_TERMS: expected one of"):
-        planner._estimate_terms_from_env()
-    monkeypatch.setenv("MOSAICKV_ESTIMATE_TERMS", "kernel")
-    planner._estimate_terms_from_env()
-    assert planner.ESTIMATE_TERMS_ON_CUDA == "kernel"
+    monkeypatch.setattr(planner, "ESTIMATE_TERMS_ON_CUDA", "kernel")
     assert not planner._fused_estimate_terms(torch.zeros(1, 1, 64))  # CPU tensors: always torch
+
+
+def test_startup_timing_checks_the_kernel_against_the_torch_ops(monkeypatch, caplog):
+    """On the CPU (the kernel through the interpreter) both methods are timed on matching terms; a kernel whose terms
+    differ is left out with a warning, and the kernel is skipped for a head dim it has no variant for."""
+    import logging
+
+    from mosaickv_sglang import estimate_terms_select as E
+    from mosaickv_sglang.kernels import estimate_terms
+
+    cpu = torch.device("cpu")
+    got = E.time_estimate_terms_methods(cpu, 64, 16, segments=4, repeats=1)
+    assert set(got) == {"torch", "kernel"} and all(t > 0 for t in got.values())
+    assert set(E.time_estimate_terms_methods(cpu, 48, 16, segments=2, repeats=1)) == {"torch"}
+    real = estimate_terms.chan_terms_fwd
+
+    def off_by_a_little(*args):
+        coh, kvar, lost_k, vvec, lost_v = real(*args)
+        return coh, kvar, lost_k * 1.01, vvec, lost_v
+
+    monkeypatch.setattr(estimate_terms, "chan_terms_fwd", off_by_a_little)
+    with caplog.at_level(logging.WARNING, logger="mosaickv_sglang.estimate_terms_select"):
+        assert set(E.time_estimate_terms_methods(cpu, 64, 16, segments=2, repeats=1)) == {"torch"}
+    assert any("differs from the torch ops" in r.message for r in caplog.records)
