@@ -94,7 +94,7 @@ def differing_segments(plans_a: List[object], plans_b: List[object]) -> int:
     fields = ("token_keep", "k_form", "k_param", "v_form", "v_param")
     n = 0
     for a, b in zip(plans_a, plans_b, strict=True):
-        diff = torch.zeros(getattr(a, "k_form").shape[0], dtype=torch.bool, device=getattr(a, "k_form").device)
+        diff = torch.zeros(a.k_form.shape[0], dtype=torch.bool, device=a.k_form.device)
         for f in fields:
             x, y = getattr(a, f), getattr(b, f)
             ne = x != y
