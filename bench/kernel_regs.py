@@ -33,10 +33,11 @@ from triton.compiler import ASTSource
 
 import mosaickv_sglang.kernels  # noqa: F401  (maps the kernels package, as the other benches do)
 from mosaickv_sglang.kernels._triton.chan_rank import _chan_rank_count_kernel, _chan_rank_sort_kernel
+from mosaickv_sglang.kernels._triton.estimate_terms import _chan_terms_kernel
 from mosaickv_sglang.kernels._triton.segment_scores import _segment_scores_main_kernel
 from mosaickv_sglang.kernels._triton.sparse_decode import _sparse_decode_split_kernel
 
-KERNELS = ("sparse_decode", "segment_scores", "chan_rank")
+KERNELS = ("sparse_decode", "segment_scores", "chan_rank", "estimate_terms")
 SM_REGISTERS = 65536
 SM_SHARED_BYTES = 228 * 1024
 SM_MAX_WARPS = 64
@@ -212,6 +213,20 @@ def chan_rank_variants(head_dims) -> List[Variant]:
     return out
 
 
+def estimate_terms_variants(head_dims, seg_size: int = 64, token_options: int = 6) -> List[Variant]:
+    """The fast estimator's channel terms (``kernels.estimate_terms``) with its launcher's defaults."""
+    from mosaickv_sglang.kernels.estimate_terms import BLOCK_S, NUM_WARPS
+
+    pointers = {name: "*fp32" for name in ("K", "V", "P", "QBAR", "VARQ", "RESID", "KEPT", "COH", "LOST_K",
+                                           "LOST_V", "KVAR", "VVEC")}  # fmt: skip
+    pointers.update(KDROP="*u8", VDROP="*u8")
+    block_m = max(16, triton.next_power_of_2(token_options))
+    return [compile_variant("estimate_terms", _chan_terms_kernel, pointers, ("scale",),
+                            dict(S=seg_size, M=token_options), dict(HEAD_DIM=d, BLOCK_S=BLOCK_S, BLOCK_M=block_m),
+                            NUM_WARPS, 3, {"head_dim": d, "seg_size": seg_size, "block_m": block_m})
+            for d in head_dims]  # fmt: skip
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.kernel_regs", description=__doc__.split("\n\n")[0])
     p.add_argument("--kernel", nargs="+", choices=KERNELS, default=list(KERNELS))
@@ -236,6 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += segment_scores_variants(args.head_dim)
     if "chan_rank" in args.kernel:
         rows += chan_rank_variants(args.head_dim)
+    if "estimate_terms" in args.kernel:
+        rows += estimate_terms_variants(args.head_dim)
     if args.json:
         print(json.dumps([asdict(v) for v in rows]))
         return 0

@@ -255,8 +255,7 @@ class MosaicAttnBackend(AttentionBackend):
         if self.device.type == "cuda" and warmup_enabled():
             self._tune_decode(model_runner)
             self._warmup(model_runner)
-            self._choose_chan_drop()
-            self._choose_estimate_terms()
+            self._choose_planner_methods()
 
     def _tune_decode(self, model_runner: Any) -> None:
         """Make the sparse decode's fastest output-invariant variant on this GPU its default (:mod:`.decode_tune`),
@@ -282,28 +281,21 @@ class MosaicAttnBackend(AttentionBackend):
             return
         logger.info("MosaicKV: compiled %d kernel variants in %.1f s", count, seconds)
 
-    def _choose_chan_drop(self) -> None:
-        """Make the seal planner's fastest chan drop method on this GPU its default (:mod:`.chan_drop_select`)."""
+    def _choose_planner_methods(self) -> None:
+        """Make the seal planner's fastest equivalent methods on this GPU its defaults: how it finds each vector's top
+        channels (:mod:`.chan_drop_select`) and how the fast estimator computes its channel terms, if the kernel's
+        terms match the torch ops' (:mod:`.estimate_terms_select`)."""
         from mosaickv_sglang.chan_drop_select import select_chan_drop_method
-
-        try:
-            select_chan_drop_method(self.device, self.head_dim, self.page_size)
-        except ValueError:
-            raise  # a bad MOSAICKV_CHAN_DROP: the user's mistake, named
-        except Exception:  # noqa: BLE001 - an optimisation: the planner's default method serves without it
-            logger.exception("MosaicKV: timing the chan drop methods failed; the planner keeps its default")
-
-    def _choose_estimate_terms(self) -> None:
-        """Make the faster way of the fast estimator's channel terms on this GPU the planner's default, if the
-        kernel's terms match the torch ops' (:mod:`.estimate_terms_select`)."""
         from mosaickv_sglang.estimate_terms_select import select_estimate_terms_method
 
-        try:
-            select_estimate_terms_method(self.device, self.head_dim, self.page_size)
-        except ValueError:
-            raise  # a bad MOSAICKV_ESTIMATE_TERMS: the user's mistake, named
-        except Exception:  # noqa: BLE001 - an optimisation: the planner's torch ops serve without it
-            logger.exception("MosaicKV: timing the estimate terms methods failed; the planner keeps its default")
+        for what, select in (("chan drop", select_chan_drop_method),
+                             ("estimate terms", select_estimate_terms_method)):  # fmt: skip
+            try:
+                select(self.device, self.head_dim, self.page_size)
+            except ValueError:
+                raise  # a bad MOSAICKV_CHAN_DROP / MOSAICKV_ESTIMATE_TERMS: the user's mistake, named
+            except Exception:  # noqa: BLE001 - an optimisation: the planner's default method serves without it
+                logger.exception("MosaicKV: timing the %s methods failed; the planner keeps its default", what)
 
     # --- plan ------------------------------------------------------------------------------------------------------
     def read_budget_segments(self, max_segs: int) -> int:

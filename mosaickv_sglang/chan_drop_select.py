@@ -13,13 +13,13 @@ without timing; ``auto`` (the default) times.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Dict, Optional, Sequence
 
 import torch
 
 from mosaickv_sglang import planner
 from mosaickv_sglang.device_timer import seconds_per_call
+from mosaickv_sglang.startup_choice import choose_fastest
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +28,6 @@ __all__ = ["ENV_VAR", "select_chan_drop_method", "time_chan_drop_methods"]
 ENV_VAR = "MOSAICKV_CHAN_DROP"
 TIMED_SEGMENTS = 1024  # a chunk of a typical seal: 16 pages x 8 KV heads x 8 layers
 TIMED_REPEATS = 3
-
-
-def _env_method() -> Optional[str]:
-    """The method ``MOSAICKV_CHAN_DROP`` fixes, or ``None`` for ``auto`` / unset."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if value == "auto":
-        return None
-    if value not in planner.CHAN_DROP_METHODS:
-        raise ValueError(f"{ENV_VAR}: expected auto or one of {', '.join(planner.CHAN_DROP_METHODS)}, got {value!r}")
-    return value
 
 
 def time_chan_drop_methods(
@@ -79,17 +69,8 @@ def select_chan_drop_method(
     """Set :data:`~mosaickv_sglang.planner.CHAN_DROP_METHOD_ON_CUDA` to ``MOSAICKV_CHAN_DROP``'s method, or else to
     the fastest of ``timings`` (default: :func:`time_chan_drop_methods` on ``device``); returns it. With no timing
     (every method failed) the default stays."""
-    fixed = _env_method()
-    if fixed is not None:
-        planner.CHAN_DROP_METHOD_ON_CUDA = fixed
-        logger.info("MosaicKV: chan drop method %s (%s)", fixed, ENV_VAR)
-        return fixed
-    if timings is None:
-        timings = time_chan_drop_methods(device, head_dim, seg_size)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the server's memory budget was set before: give the timing's buffers back
-    if timings:
-        planner.CHAN_DROP_METHOD_ON_CUDA = min(timings, key=timings.__getitem__)
-    logger.info("MosaicKV: chan drop method %s (%s)", planner.CHAN_DROP_METHOD_ON_CUDA,
-                ", ".join(f"{m} {1e3 * s:.2f} ms" for m, s in timings.items()) or "no timing")  # fmt: skip
+    planner.CHAN_DROP_METHOD_ON_CUDA = choose_fastest(
+        "chan drop", ENV_VAR, planner.CHAN_DROP_METHODS, planner.CHAN_DROP_METHOD_ON_CUDA, device,
+        lambda: time_chan_drop_methods(device, head_dim, seg_size), timings,
+    )  # fmt: skip
     return planner.CHAN_DROP_METHOD_ON_CUDA

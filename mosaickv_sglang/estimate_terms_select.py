@@ -15,13 +15,13 @@ differently stay consistent. ``MOSAICKV_ESTIMATE_TERMS=torch|kernel`` fixes the 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from mosaickv_sglang import planner
 from mosaickv_sglang.device_timer import seconds_per_call
+from mosaickv_sglang.startup_choice import choose_fastest
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +32,6 @@ TIMED_SEGMENTS = 1024  # a chunk of a typical seal: 16 pages x 8 KV heads x 8 la
 TIMED_TOKEN_OPTIONS = 6  # token counts of the default menu (m of 1/8 .. 1 of the segment)
 TIMED_REPEATS = 3
 MATCH_RTOL = 1e-3  # largest error of a kernel term relative to the largest magnitude of the torch term
-
-
-def _env_method() -> Optional[str]:
-    """The method ``MOSAICKV_ESTIMATE_TERMS`` fixes, or ``None`` for ``auto`` / unset."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if value == "auto":
-        return None
-    if value not in planner.ESTIMATE_TERMS_METHODS:
-        raise ValueError(f"{ENV_VAR}: expected auto or one of {', '.join(planner.ESTIMATE_TERMS_METHODS)}, "
-                         f"got {value!r}")  # fmt: skip
-    return value
 
 
 def _synthetic_case(
@@ -133,17 +122,8 @@ def select_estimate_terms_method(
     """Set :data:`~mosaickv_sglang.planner.ESTIMATE_TERMS_ON_CUDA` to ``MOSAICKV_ESTIMATE_TERMS``'s method, or else
     to the fastest of ``timings`` (default: :func:`time_estimate_terms_methods` on ``device``); returns it. With no
     timing (every method failed) the default stays."""
-    fixed = _env_method()
-    if fixed is not None:
-        planner.ESTIMATE_TERMS_ON_CUDA = fixed
-        logger.info("MosaicKV: estimate terms method %s (%s)", fixed, ENV_VAR)
-        return fixed
-    if timings is None:
-        timings = time_estimate_terms_methods(device, head_dim, seg_size)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the server's memory budget was set before: give the timing's buffers back
-    if timings:
-        planner.ESTIMATE_TERMS_ON_CUDA = min(timings, key=timings.__getitem__)
-    logger.info("MosaicKV: estimate terms method %s (%s)", planner.ESTIMATE_TERMS_ON_CUDA,
-                ", ".join(f"{m} {1e3 * s:.2f} ms" for m, s in timings.items()) or "no timing")  # fmt: skip
+    planner.ESTIMATE_TERMS_ON_CUDA = choose_fastest(
+        "estimate terms", ENV_VAR, planner.ESTIMATE_TERMS_METHODS, planner.ESTIMATE_TERMS_ON_CUDA, device,
+        lambda: time_estimate_terms_methods(device, head_dim, seg_size), timings,
+    )  # fmt: skip
     return planner.ESTIMATE_TERMS_ON_CUDA

@@ -100,3 +100,18 @@ def test_specialize_follows_the_launchers_rules():
     assert attrs == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
     with pytest.raises(ValueError, match="expected a representative value for odd"):
         K.specialize(fn, {"x_ptr": "*bf16"}, ("scale",), {"stride_a": 1, "stride_b": 128, "width": 64}, {"BLOCK": 32})
+
+
+def test_estimate_terms_kernel_compiles_for_hopper_without_spills():
+    """The fast estimator's channel terms kernel, compiled ahead of time for sm_90a at head_dim 64 and 128 (its IEEE
+    fp32 ``tl.dot`` included): no spills, at least 4 warps per SM."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "estimate_terms", "--head-dim", "64",
+                          "128", "--json"], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    variants = json.loads(out.stdout)
+    assert [v["config"]["head_dim"] for v in variants] == [64, 128]
+    for v in variants:
+        assert v["kernel"] == "estimate_terms" and v["spill_store_bytes"] == v["spill_load_bytes"] == 0
+        assert 0 < v["registers"] <= 255 and v["warps_per_sm"] >= 4
