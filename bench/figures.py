@@ -252,15 +252,15 @@ def plot_accuracy(quality: Sequence[PathLike], out: PathLike, root: Optional[Pat
         _skip("accuracy_vs_ratio", "no bench.quality results")
         return None
     plt = _pyplot()
-    nrows = len(qs)
-    fig, axes = plt.subplots(nrows, 2, figsize=(10.0, 2.9 * nrows + 0.9), squeeze=False)
+    height = 2.9 * len(qs) + 0.9
+    fig, axes = plt.subplots(len(qs), 2, figsize=(10.0, height), squeeze=False)
     rootp = Path(root) if root is not None else None
     for k, (path, data) in enumerate(qs):
         _quality_panel(axes[k][0], axes[k][1], data, _name(path, rootp))
-    _figure_legend(fig, [a for row in axes for a in row], 2.9 * nrows + 0.9)
+    _figure_legend(fig, [a for row in axes for a in row], height)
     fig.suptitle("Accuracy vs KV compression ratio (SmolLM2-135M-Instruct, RULER-style, CPU)", fontsize=10,
-                 y=1 - 0.08 / (2.9 * nrows + 0.9))
-    fig.tight_layout(rect=(0, 0, 1, 1 - 1.0 / (2.9 * nrows + 0.9)))
+                 y=1 - 0.08 / height)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 1.0 / height))
     return _save(fig, Path(out))
 
 

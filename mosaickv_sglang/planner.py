@@ -822,11 +822,9 @@ def _estimate_fast(
     #   c = sum_{kept} p_t dv_t                      (V top-k, dv_t the dropped elements)
     # Token sums are products with the [N, M, S] keep masks, so no [N, S, d] product is materialised for them.
     dropped_p = (1.0 - kept) * p[:, None, :]
-    kept_p = kept * p[:, None, :]
     on_resid = [dropped_p]  # token weights of a and of every b, applied to v_t - O in one product
     vvec = [torch.zeros(n, len(ms), d, device=dev)]
     kvar = [torch.zeros(n, len(ms), device=dev)]
-    k_stats = torch.stack([qbar, var_q, torch.ones_like(qbar)], 2)  # [N, d, 3]
     lost: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])  # per side (K, V) and k: [N, S] lost energy
     if ks and _fused_estimate_terms(kf):
         from mosaickv_sglang.kernels.estimate_terms import chan_terms_fwd  # imports triton: only when used
@@ -837,6 +835,8 @@ def _estimate_fast(
         def terms(k_drop_k: torch.Tensor, v_drop_k: torch.Tensor) -> Tuple[torch.Tensor, ...]:
             return chan_terms_fwd(kc, vc, k_drop_k.contiguous(), v_drop_k.contiguous(), pc, qc, varc, cc, keptc, scale)
     else:
+        kept_p = kept * p[:, None, :]
+        k_stats = torch.stack([qbar, var_q, torch.ones_like(qbar)], 2)  # [N, d, 3]
 
         def terms(k_drop_k: torch.Tensor, v_drop_k: torch.Tensor) -> Tuple[torch.Tensor, ...]:
             return _chan_terms_torch(kf, vf, k_drop_k, v_drop_k, p, k_stats, c, kept, kept_p, scale)
