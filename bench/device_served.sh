@@ -436,24 +436,31 @@ case "$step" in
     # the GPU-only tests first (bf16, large launches, the startup choices' output invariance), arena compaction on
     # CUDA, the sidecar bridge's cost, the seal planner's cost and profile, then (budget allowing) the other chan drop
     # methods and the rest of the kernel tests compiled for the GPU. Profiler traces are summarized and dropped (the
-    # ninth run's traces made the results too slow to pack in the call)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_decode_tune.py \
-      tests/test_chan_drop_select.py tests/test_estimate_terms_select.py > "$out/gpu-tests.log" 2>&1 \
-      || echo "gpu tests rc=$?"
-    tail -3 "$out/gpu-tests.log"
-    # the backend's GPU tests: captured decode graphs replay like eager, and the overlap scheduler's decode plan does
-    # not wait for the step in flight
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/integration_cpu/test_cuda_graph_decode.py \
-      > "$out/graph-gpu-tests.log" 2>&1 || echo "graph gpu tests rc=$?"
-    tail -3 "$out/graph-gpu-tests.log"
-    # arena compaction on the GPU (the store tests run on CUDA when there is one)
-    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/pool/test_store_compaction.py \
-      > "$out/compaction-tests.log" 2>&1 || echo "compaction tests rc=$?"
-    tail -1 "$out/compaction-tests.log"
-    # where the sidecar bridge's scheduler time goes (the tenth run's 8B server: 16 ms a seal's submission, 18 ms a
-    # job's landing; the stand-in's: about 1 ms each)
-    timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 --seals 20 --ticks 5 --profile 30 \
-      > "$out/sidecar-cost.txt" 2>&1 || echo "sidecar_cost rc=$?"
+    # ninth run's traces made the results too slow to pack in the call). SEAL_ONLY=1: the estimate terms kernel's
+    # tests compiled for the GPU, then the seal planner's runs, nothing else
+    if [ "${SEAL_ONLY:-0}" = 1 ]; then
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_estimate_terms.py \
+        tests/test_estimate_terms_select.py > "$out/estimate-terms-tests.log" 2>&1 || echo "estimate terms tests rc=$?"
+      tail -3 "$out/estimate-terms-tests.log"
+    else
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_decode_tune.py \
+        tests/test_chan_drop_select.py tests/test_estimate_terms_select.py > "$out/gpu-tests.log" 2>&1 \
+        || echo "gpu tests rc=$?"
+      tail -3 "$out/gpu-tests.log"
+      # the backend's GPU tests: captured decode graphs replay like eager, and the overlap scheduler's decode plan does
+      # not wait for the step in flight
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/integration_cpu/test_cuda_graph_decode.py \
+        > "$out/graph-gpu-tests.log" 2>&1 || echo "graph gpu tests rc=$?"
+      tail -3 "$out/graph-gpu-tests.log"
+      # arena compaction on the GPU (the store tests run on CUDA when there is one)
+      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/pool/test_store_compaction.py \
+        > "$out/compaction-tests.log" 2>&1 || echo "compaction tests rc=$?"
+      tail -1 "$out/compaction-tests.log"
+      # where the sidecar bridge's scheduler time goes (the tenth run's 8B server: 16 ms a seal's submission, 18 ms a
+      # job's landing; the stand-in's: about 1 ms each)
+      timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 --seals 20 --ticks 5 --profile 30 \
+        > "$out/sidecar-cost.txt" 2>&1 || echo "sidecar_cost rc=$?"
+    fi
     # the seal planner at 128 pages with the default chan drop (its peak memory and profile), then, while the budget
     # lasts, the other chan drop methods, 8 pages and the chan rank kernel against torch's top-k; each one-call plan
     # timed again with the estimator's fused channel terms (--also-estimate-terms kernel: the same run, plans compared)
@@ -469,11 +476,11 @@ case "$step" in
         || echo "seal_cost $pages $method rc=$?"
       rm -f "$out/seal-profile-$pages"/*.json.gz
     done
-    if [ "$(left)" -gt 150 ]; then
+    if [ "${SEAL_ONLY:-0}" = 0 ] && [ "$(left)" -gt 150 ]; then
       timeout 120 python3 -m bench.chan_rank --segments 32768 --seg-size 64 --head-dim 128 --json \
         > "$out/chan-rank.json" 2> "$out/chan-rank.log" || echo "chan_rank rc=$?"
     fi
-    if [ "$(left)" -gt 90 ]; then
+    if [ "${SEAL_ONLY:-0}" = 0 ] && [ "$(left)" -gt 90 ]; then
       timeout $(( $(left) - 30 )) python3 -m pytest -q -p no:cacheprovider tests/kernels > "$out/kernel-tests.log" \
         2>&1 || echo "kernel tests rc=$?"
       tail -3 "$out/kernel-tests.log"

@@ -40,18 +40,18 @@ def _inputs(seed, n, s, d, m, device="cpu"):
 
 
 @pytest.mark.parametrize("seed,n,s,d,m", CASES)
-def test_chan_terms_match_the_float64_reference(seed, n, s, d, m):
-    args = _inputs(seed, n, s, d, m)
+def test_chan_terms_match_the_float64_reference(device, seed, n, s, d, m):
+    args = _inputs(seed, n, s, d, m, device)
     got = chan_terms_fwd(*args)
     want = ref_chan_terms(*args)
     for name, g, w in zip(("coh", "kvar", "lost_k", "vvec", "lost_v"), got, want):
         assert g.dtype == torch.float32 and g.shape == w.shape, name
-        torch.testing.assert_close(g.double(), w, rtol=2e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(g.double().cpu(), w.cpu(), rtol=2e-5, atol=1e-5, msg=name)
 
 
-def test_chan_terms_match_the_planners_torch_ops():
+def test_chan_terms_match_the_planners_torch_ops(device):
     """The ops of ``_estimate_fast``'s per-k loop, as written there, give the kernel's outputs."""
-    keys, values, k_drop, v_drop, p, qbar, var_q, resid, kept, scale = _inputs(11, 6, 64, 64, 5)
+    keys, values, k_drop, v_drop, p, qbar, var_q, resid, kept, scale = _inputs(11, 6, 64, 64, 5, device)
     coh, kvar, lost_k, vvec, lost_v = chan_terms_fwd(keys, values, k_drop, v_drop, p, qbar, var_q, resid, kept, scale)
     k_stats = torch.stack([qbar, var_q, torch.ones_like(qbar)], 2)
     dk = keys * k_drop
@@ -66,8 +66,8 @@ def test_chan_terms_match_the_planners_torch_ops():
     torch.testing.assert_close(lost_v, dv.pow(2).sum(-1), rtol=1e-5, atol=1e-6)
 
 
-def test_chan_terms_refuse_bad_inputs():
-    args = _inputs(0, 2, 16, 64, 2)
+def test_chan_terms_refuse_bad_inputs(device):
+    args = _inputs(0, 2, 16, 64, 2, device)
     with pytest.raises(ValueError, match="keys: expected last dim in"):
         chan_terms_fwd(*[a[..., :48].contiguous() if i in (0, 1, 2, 3) else a for i, a in enumerate(args)])
     bad = list(args)
@@ -91,8 +91,8 @@ def test_chan_terms_on_gpu(seed, n, s, d, m):
 
 
 @pytest.mark.parametrize("seed,n_seg,s,d,groups", [(0, 6, 64, 128, 2), (1, 9, 32, 64, 3), (2, 4, 16, 64, 1)])
-def test_fast_estimator_with_the_fused_terms_equals_the_torch_ops(monkeypatch, seed, n_seg, s, d, groups):
-    """``_estimate_fast`` with the kernel (forced on the CPU, through the interpreter) gives the torch path's
+def test_fast_estimator_with_the_fused_terms_equals_the_torch_ops(monkeypatch, device, seed, n_seg, s, d, groups):
+    """``_estimate_fast`` with the kernel (forced; on the CPU through the interpreter) gives the torch path's
     estimates within fp32 rounding, and so the same plans' errors, for the whole default menu (mixed strategies)."""
     from mosaickv_sglang import planner
     from mosaickv_sglang.importance import importance_from_queries
@@ -104,6 +104,7 @@ def test_fast_estimator_with_the_fused_terms_equals_the_torch_ops(monkeypatch, s
     v = torch.randn(n_seg, s, d, generator=g)
     gid = torch.arange(n_seg) % groups
     q = torch.randn(n_seg, 8, d, generator=g)  # each segment's observed queries
+    k, v, gid, q = k.to(device), v.to(device), gid.to(device), q.to(device)
     imp = importance_from_queries(k, q, group_ids=gid)
     menu = [c for c in default_menu(s, d) if fmt.FORM_LOWRANK not in (c.k_form, c.v_form)]
     assert any(c.k_form == fmt.FORM_CHAN for c in menu)
@@ -134,18 +135,17 @@ def test_estimate_terms_method_is_checked(monkeypatch):
     assert not planner._fused_estimate_terms(torch.zeros(1, 1, 64))  # CPU tensors: always torch
 
 
-def test_startup_timing_checks_the_kernel_against_the_torch_ops(monkeypatch, caplog):
-    """On the CPU (the kernel through the interpreter) both methods are timed on matching terms; a kernel whose terms
+def test_startup_timing_checks_the_kernel_against_the_torch_ops(monkeypatch, caplog, device):
+    """On the test device (on the CPU, the kernel through the interpreter) both methods are timed on matching terms; a kernel whose terms
     differ is left out with a warning, and the kernel is skipped for a head dim it has no variant for."""
     import logging
 
     from mosaickv_sglang import estimate_terms_select as E
     from mosaickv_sglang.kernels import estimate_terms
 
-    cpu = torch.device("cpu")
-    got = E.time_estimate_terms_methods(cpu, 64, 16, segments=4, repeats=1)
+    got = E.time_estimate_terms_methods(device, 64, 16, segments=4, repeats=1)
     assert set(got) == {"torch", "kernel"} and all(t > 0 for t in got.values())
-    assert set(E.time_estimate_terms_methods(cpu, 48, 16, segments=2, repeats=1)) == {"torch"}
+    assert set(E.time_estimate_terms_methods(device, 48, 16, segments=2, repeats=1)) == {"torch"}
     real = estimate_terms.chan_terms_fwd
 
     def off_by_a_little(*args):
@@ -154,5 +154,5 @@ def test_startup_timing_checks_the_kernel_against_the_torch_ops(monkeypatch, cap
 
     monkeypatch.setattr(estimate_terms, "chan_terms_fwd", off_by_a_little)
     with caplog.at_level(logging.WARNING, logger="mosaickv_sglang.estimate_terms_select"):
-        assert set(E.time_estimate_terms_methods(cpu, 64, 16, segments=2, repeats=1)) == {"torch"}
+        assert set(E.time_estimate_terms_methods(device, 64, 16, segments=2, repeats=1)) == {"torch"}
     assert any("differs from the torch ops" in r.message for r in caplog.records)
