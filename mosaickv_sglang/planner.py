@@ -77,6 +77,9 @@ __all__ = [
 _EPS = 1e-30
 _MIN_KEPT_FRACTION = 1e-3
 DEFAULT_CHUNK = 256
+# Transient bytes of one chunk of _novelty: 1,638 segments at S=64, d=128, so 128 pages of the 8B shape's 32 layers x
+# 8 heads in 21 chunks (in 128 at DEFAULT_CHUNK, seven launches each: the served planner's most sampled ops)
+NOVELTY_CHUNK_BYTES = 128 << 20
 DEFAULT_UNSEEN_WEIGHT = 1.0
 """Default weight of :func:`unseen_query_error` in the planner's objective (see :class:`ErrorEstimate`).
 
@@ -396,7 +399,13 @@ def _check_unseen_prior(kind: object) -> str:
     return str(kind)
 
 
-def _novelty(values: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def _novelty_chunk(s: int, d: int) -> int:
+    """Segments a chunk of :func:`_novelty` takes: as many as fit in :data:`NOVELTY_CHUNK_BYTES` of fp32 distances,
+    value copies and their squares (``4 * S * (S + 2 d)`` bytes a segment), at least one."""
+    return max(1, NOVELTY_CHUNK_BYTES // (4 * s * (s + 2 * d)))
+
+
+def _novelty(values: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
     """How much of each token's value its nearest other token of the segment misses: shape ``[N, S]``, in ``[0, 1]``.
 
     ``min_{j != t} ||v_t - v_j||^2 / ||v_t||^2`` (clamped to ``[0, 1]``): about 0 for a token repeated in its segment
@@ -405,7 +414,8 @@ def _novelty(values: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     same route for segments over 25 tokens, through a dozen more kernels and a square root undone by squaring: a
     quarter of a seal planner call's launches on the 8B shape, tenth run's profile).
     """
-    n, s, _ = values.shape
+    n, s, d = values.shape
+    chunk = _novelty_chunk(s, d) if chunk is None else chunk
     nearest = torch.empty(n, s, device=values.device)
     energy = torch.empty(n, s, device=values.device)
     eye = torch.eye(s, dtype=torch.bool, device=values.device)

@@ -547,3 +547,18 @@ def test_novelty_equals_its_formula_in_float64(dtype, seg):
     assert float(out[0, 0]) < 1e-4 and float(out[0, 1]) < 1e-4 and float(out[2, 3]) == 1.0
     assert float(out[6, seg // 2]) < 1e-4
     assert bool(((out >= 0) & (out <= 1)).all()) and float(out[1].min()) > 0.1
+
+
+def test_novelty_chunks_by_bytes(monkeypatch):
+    """The default chunk holds as many segments as fit in NOVELTY_CHUNK_BYTES (at least one), and the result does not
+    depend on it."""
+    from mosaickv_sglang import planner
+
+    assert planner._novelty_chunk(64, 128) == planner.NOVELTY_CHUNK_BYTES // (4 * 64 * (64 + 2 * 128))
+    assert planner._novelty_chunk(64, 128) * 4 * 64 * 320 <= planner.NOVELTY_CHUNK_BYTES
+    assert planner._novelty_chunk(1 << 12, 1 << 12) == 1
+    v = torch.randn(9, 16, 64, generator=torch.Generator().manual_seed(5)).half()
+    whole = _novelty(v)
+    monkeypatch.setattr(planner, "NOVELTY_CHUNK_BYTES", 2 * 4 * 16 * (16 + 128))  # two segments a chunk
+    assert planner._novelty_chunk(16, 64) == 2
+    assert torch.equal(_novelty(v), whole)
