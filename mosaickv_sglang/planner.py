@@ -526,50 +526,48 @@ def _unseen_error(
     prior = retrieval_prior(values, labels, ng, unseen_prior)
     dropped = _prefix(prior, order)
     dropped = dropped[:, -1:] - dropped  # [N, S+1]: prior mass of the tokens after the top m
-    half: Dict[Tuple[int, int, int], torch.Tensor] = {}  # (side, form, param) -> [N, S+1] prefix of loss / 2
     chan_loss = {} if chan_loss is None else chan_loss
 
-    def kept_loss(side: int, x: torch.Tensor, weight: torch.Tensor, form: int, param: int) -> torch.Tensor:
-        key = (side, form, param)
-        if key not in half:
-            if form == fmt.FORM_DENSE:
-                loss = torch.zeros(n, s, device=x.device)
-            elif form == fmt.FORM_CHAN:
-                if (side, param) not in chan_loss:
-                    xf = x.float()
-                    lost = (xf * _chan_drop_masks(xf, weight, [param])[param]).pow(2).sum(-1)
-                    chan_loss[side, param] = _lost_fraction(lost, xf.pow(2).sum(-1))
-                loss = chan_loss[side, param]
-            else:
-                raise ValueError(f"menu: expected dense or chan forms (no SVD here), got {fmt.FORM_NAMES[form]}")
-            half[key] = _prefix(prior * loss * 0.5, order)
-        return half[key]
+    def row_loss(side: int, x: torch.Tensor, weight: torch.Tensor, form: int, param: int) -> torch.Tensor:
+        if form == fmt.FORM_DENSE:
+            return torch.zeros(n, s, device=x.device)
+        if form != fmt.FORM_CHAN:
+            raise ValueError(f"menu: expected dense or chan forms (no SVD here), got {fmt.FORM_NAMES[form]}")
+        if (side, param) not in chan_loss:
+            xf = x.float()
+            lost = (xf * _chan_drop_masks(xf, weight, [param])[param]).pow(2).sum(-1)
+            chan_loss[side, param] = _lost_fraction(lost, xf.pow(2).sum(-1))
+        return chan_loss[side, param]
 
     if not menu:
         return torch.zeros(n, 0, device=keys.device)
-    # Every candidate's three terms in one gather (not three small ops per candidate): the tables side by side.
-    layout, cols = _unseen_layout(tuple(menu), s, keys.device)
+    # Every distinct (side, form, param)'s loss in one prefix sum, and every candidate's three terms in one gather
+    # (not a prefix sum per table and three small ops per candidate)
+    layout, cols = _unseen_layout(tuple(menu), keys.device)
     sides = ((keys, importance.k_chan_weight), (values, importance.v_chan_weight))
-    tables = [kept_loss(side, *sides[side], form, param) for side, form, param in layout] + [dropped]
-    terms = torch.stack(tables, 1).view(n, -1).index_select(1, cols).view(n, 3, len(menu))
+    losses = torch.stack([row_loss(side, *sides[side], form, param) for side, form, param in layout], 2)
+    half = _prefix(prior[:, :, None] * losses * 0.5, order)  # [N, S+1, T]: prefix sums of each table's loss / 2
+    tables = torch.cat([half, dropped[:, :, None]], 2)  # [N, S+1, T+1]
+    terms = tables.view(n, -1).index_select(1, cols).view(n, 3, len(menu))
     return (terms[:, 0] + terms[:, 1] + terms[:, 2]).float()  # per candidate: K loss + V loss + dropped mass
 
 
 @functools.lru_cache(maxsize=32)
 def _unseen_layout(
-    menu: Tuple[Candidate, ...], s: int, device: torch.device
+    menu: Tuple[Candidate, ...], device: torch.device
 ) -> Tuple[List[Tuple[int, int, int]], torch.Tensor]:
     """Table layout of :func:`_unseen_error`: the distinct ``(side, form, param)`` of ``menu`` in order of first use
     (K before V, candidate by candidate), and on ``device`` the columns, shape ``[3 * len(menu)]`` int64, of each
-    candidate's K, V and dropped-mass terms (in that order) in those tables and the dropped-mass table, stacked as
-    ``[N, T + 1, S + 1]`` and flattened to ``[N, (T + 1) * (S + 1)]``. Read-only: cached across calls."""
+    candidate's K, V and dropped-mass terms (in that order) in those tables and the dropped-mass table, side by side
+    as ``[N, S + 1, T + 1]`` and flattened to ``[N, (S + 1) * (T + 1)]``. Read-only: cached across calls."""
     index: Dict[Tuple[int, int, int], int] = {}
     for c in menu:
         index.setdefault((0, c.k_form, c.k_param), len(index))
         index.setdefault((1, c.v_form, c.v_param), len(index))
-    k = [index[0, c.k_form, c.k_param] * (s + 1) + c.m for c in menu]
-    v = [index[1, c.v_form, c.v_param] * (s + 1) + c.m for c in menu]
-    dropped = [len(index) * (s + 1) + c.m for c in menu]
+    width = len(index) + 1
+    k = [c.m * width + index[0, c.k_form, c.k_param] for c in menu]
+    v = [c.m * width + index[1, c.v_form, c.v_param] for c in menu]
+    dropped = [c.m * width + len(index) for c in menu]
     return list(index), torch.tensor(k + v + dropped, dtype=torch.int64, device=device)
 
 
