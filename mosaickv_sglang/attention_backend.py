@@ -244,6 +244,7 @@ class MosaicAttnBackend(AttentionBackend):
         self.sealer = Sealer(self.pool, num_q_heads)
         self.sealer.seal_beside_step = (self.config.overlap_schedule and self.device.type == "cuda"
                                         and seal_beside_step_enabled())  # fmt: skip
+        self.rows_read_seconds = 0.0  # the plans' reads of their batches' rows (_read_rows) so far
         self.call_profile = CallProfile.from_env(int(getattr(model_runner, "tp_rank", 0) or 0),
                                                  int(getattr(model_runner, "tp_size", 1) or 1))  # fmt: skip
         self.auto_seal = bool(auto_seal)
@@ -330,6 +331,7 @@ class MosaicAttnBackend(AttentionBackend):
             raise NotImplementedError(_CUDA_GRAPH_MSG)
         sealer = self.sealer
         t0, seal0, sidecar0 = time.perf_counter(), sealer.seal_seconds, sealer.sidecar_seconds()
+        rows0, gc0 = self.rows_read_seconds, sealer.stalls.gc_seconds_total
         kind = "decode" if mode.is_decode() else mode.name.lower()
         with contextlib.nullcontext() if in_capture else self.call_profile.section(kind):
             if in_capture:
@@ -347,7 +349,8 @@ class MosaicAttnBackend(AttentionBackend):
             sealer.decode_plan_seconds += took
             sealer.decode_plan_seal_seconds += seal
             sealer.decode_plan_sidecar_seconds += sidecar
-            sealer.stalls.note_plan(took, seal, sidecar)
+            sealer.stalls.note_plan(took, seal, sidecar, self.rows_read_seconds - rows0,
+                                    sealer.stalls.gc_seconds_total - gc0)  # fmt: skip
 
     def _plan_batch(self, forward_batch: "ForwardBatch", in_capture: bool) -> None:
         mode = forward_batch.forward_mode
@@ -506,8 +509,9 @@ class MosaicAttnBackend(AttentionBackend):
         """``(rows, loc_cpu, noted_ids)`` of the batch's first ``len(seq)`` requests: their :meth:`_req_rows`; from
         the overlap scheduler's note of this batch when there is one (read on a side stream, not behind the step in
         flight; ``loc_cpu`` its first ``slots`` new slots, default one a request, ``noted_ids`` its host request
-        indices), else ``None`` for both. With the overlap scheduler, counts how the rows were read."""
-        n = len(seq)
+        indices), else ``None`` for both. With the overlap scheduler, counts how the rows were read. Its time, mostly a
+        wait for the device, adds up in :attr:`rows_read_seconds`."""
+        t0, n = time.perf_counter(), len(seq)
         scheduled = scheduled_batch_for(forward_batch.out_cache_loc)
         if scheduled is not None and scheduled.req_pool_indices.numel() == n:
             rows, loc_cpu = read_rows_and_slots(self.req_to_token_pool.req_to_token, scheduled, n,
@@ -518,6 +522,7 @@ class MosaicAttnBackend(AttentionBackend):
             why = "size" if scheduled is not None else unmatched_reason(forward_batch.out_cache_loc)
         if self.config.overlap_schedule:
             self.sealer.note_rows_read(forward_batch.forward_mode.name.lower(), why)
+        self.rows_read_seconds += time.perf_counter() - t0
         return rows, loc_cpu, noted_ids
 
     def _req_rows(self, req_pool_indices: torch.Tensor, seq: List[int], step: int = 1) -> torch.Tensor:

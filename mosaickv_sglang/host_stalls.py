@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What made the scheduler's host slow between two status lines: the slowest decode plans with their sealing and
-sidecar parts, and Python's garbage-collection pauses.
+"""What made the scheduler's host slow between two status lines: the slowest decode plans with their sealing,
+sidecar, row-reading (the plan's wait for the device) and garbage-collection parts, and Python's garbage-collection
+pauses.
 
 A decode step's p99 far above its p50 (issue #5's target is p99 within 10% of p50) comes from a few slow steps; the
 decode-step histogram shows how slow, not why. :class:`HostStalls` keeps the few slowest decode plans since the last
@@ -34,15 +35,18 @@ class HostStalls:
         if keep < 1:
             raise ValueError(f"keep: expected an integer >= 1, got {keep}")
         self.keep = int(keep)
-        self._plans: List[Tuple[float, float, float]] = []  # min-heap of (seconds, seal, sidecar)
+        self._plans: List[Tuple[float, ...]] = []  # min-heap of (seconds, seal, sidecar, rows, gc)
         self._gc_started: Optional[float] = None
         self._gc_count = 0
         self._gc_seconds = 0.0
         self._gc_longest: Tuple[float, int] = (0.0, -1)  # seconds, generation
+        self.gc_seconds_total = 0.0  # every pause timed since install, never reset: a plan's share is a difference
 
-    def note_plan(self, seconds: float, seal_seconds: float, sidecar_seconds: float) -> None:
-        """A decode plan took ``seconds``, of which sealing and the sidecar took the other two."""
-        item = (float(seconds), float(seal_seconds), float(sidecar_seconds))
+    def note_plan(self, seconds: float, seal_seconds: float, sidecar_seconds: float, rows_seconds: float = 0.0,
+                  gc_seconds: float = 0.0) -> None:  # fmt: skip
+        """A decode plan took ``seconds``, of which sealing, the sidecar, reading the batch's rows to the host (a wait
+        for the device) and garbage collection took the others."""
+        item = (float(seconds), float(seal_seconds), float(sidecar_seconds), float(rows_seconds), float(gc_seconds))
         if len(self._plans) < self.keep:
             heapq.heappush(self._plans, item)
         elif item[0] > self._plans[0][0]:
@@ -57,6 +61,7 @@ class HostStalls:
             self._gc_started = None
             self._gc_count += 1
             self._gc_seconds += pause
+            self.gc_seconds_total += pause
             if pause > self._gc_longest[0]:
                 self._gc_longest = (pause, int(info.get("generation", -1)))
 
@@ -75,8 +80,9 @@ class HostStalls:
         over."""
         parts = []
         if self._plans:
-            plans = ", ".join(f"{1e3 * s:.1f} ms (seal {1e3 * seal:.1f}, sidecar {1e3 * side:.1f})"
-                              for s, seal, side in sorted(self._plans, reverse=True))  # fmt: skip
+            plans = ", ".join(f"{1e3 * s:.1f} ms (seal {1e3 * seal:.1f}, sidecar {1e3 * side:.1f}, rows "
+                              f"{1e3 * rows:.1f}, gc {1e3 * pause:.1f})"
+                              for s, seal, side, rows, pause in sorted(self._plans, reverse=True))  # fmt: skip
             parts.append(f"slowest decode plans {plans}")
         if self._gc_count:
             longest, gen = self._gc_longest

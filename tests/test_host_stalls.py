@@ -17,9 +17,11 @@ def test_keeps_the_slowest_plans_in_order_then_starts_over():
     times = [0.001 * i for i in range(1, 41)]
     random.Random(5).shuffle(times)
     for t in times:
-        stalls.note_plan(t, t / 2, t / 4)
-    assert stalls.summary() == ("; slowest decode plans 40.0 ms (seal 20.0, sidecar 10.0), 39.0 ms (seal 19.5, sidecar "
-                                "9.8), 38.0 ms (seal 19.0, sidecar 9.5)")  # fmt: skip
+        stalls.note_plan(t, t / 2, t / 4, t / 8, t / 10)
+    assert stalls.summary() == (
+        "; slowest decode plans 40.0 ms (seal 20.0, sidecar 10.0, rows 5.0, gc 4.0), 39.0 ms (seal 19.5, sidecar 9.8, "
+        "rows 4.9, gc 3.9), 38.0 ms (seal 19.0, sidecar 9.5, rows 4.8, gc 3.8)"
+    )
     assert stalls.summary() == ""  # nothing since
 
 
@@ -53,6 +55,8 @@ def test_pauses_are_measured_from_start_to_stop(monkeypatch):
     stalls.on_gc("stop", {"generation": 2})
     monkeypatch.undo()
     assert stalls.summary() == "; gc 2 collections, 34.0 ms, longest 30.0 ms (generation 2)"
+    assert stalls.gc_seconds_total == pytest.approx(0.034)  # not reset by the summary: plans take differences
+    assert stalls.summary() == ""
 
 
 def test_bad_keep_is_refused():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,29 @@ def test_extend_and_decode_match_torch_native_before_and_after_dense_seal(group)
     sc.pool.check_invariants()
     # the decode plans (not the extends) are counted for /metrics, with their host time
     assert sc.mosaic.sealer.decode_plans == 5 and sc.mosaic.sealer.decode_plan_seconds > 0
+    # a decode plan's row reading (a device wait on a GPU) and the collections during the plan are named in the stalls
+    assert 0 < sc.mosaic.rows_read_seconds
+    stalls, req_rows = sc.mosaic.sealer.stalls, sc.mosaic._req_rows
+    stalls.summary()
+
+    def slow_req_rows(*args, **kwargs):
+        time.sleep(0.02)
+        gc.collect()
+        return req_rows(*args, **kwargs)
+
+    sc.mosaic._req_rows = slow_req_rows
+    installed = stalls.on_gc in gc.callbacks
+    stalls.install()
+    try:
+        sc.run_both(sc.decode_batch())
+    finally:
+        if not installed:
+            stalls.uninstall()
+        del sc.mosaic._req_rows
+    plans = stalls._plans
+    assert len(plans) == 1
+    took, _, _, rows, pause = plans[0]
+    assert 0.02 <= rows <= took and 0 < pause <= rows
 
 
 def test_read_budget_with_compressed_segments_matches_ref_sparse_decode():
