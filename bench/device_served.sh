@@ -329,7 +329,8 @@ case "$step" in
     # SGLang sizes a pool as (free memory) - (1 - fraction) * (total memory), so servers sharing a GPU start one
     # after another (each once the previous one has allocated its pool), with growing fractions (~25 GB each), and
     # the same --max-total-tokens, so that every server has the same pool (in the eighth run "on" had 1.6x the pages
-    # of "off", a confounder of their step times).
+    # of "off", a confounder of their step times). MOSAIC_ARGS adds flags to every server (e.g.
+    # "--mosaic-overlap-schedule on": each decode plan then runs while the previous step is on the GPU).
     M="$(bash bench/device_smollm2.sh)"
     if [ "$step" = sidecar ]; then
       names=(sc0 rs0 on); extra=("--mosaic-sidecar off" "--mosaic-resegment off" ""); fractions=(0.2 0.4 0.6)
@@ -346,7 +347,7 @@ case "$step" in
         python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
         --disable-prefill-cuda-graph --mem-fraction-static "${fractions[$i]}" --max-total-tokens 3000000 \
         --chunked-prefill-size 2048 --enable-cache-report --enable-metrics --kv-compressor mosaic \
-        --mosaic-compression-ratio 3 ${extra[$i]} > "$out/mosaic-r3-${names[$i]}.server.log" 2>&1 &
+        --mosaic-compression-ratio 3 ${extra[$i]} ${MOSAIC_ARGS:-} > "$out/mosaic-r3-${names[$i]}.server.log" 2>&1 &
       pids+=($!)
       wait_log "$out/mosaic-r3-${names[$i]}.server.log" "Memory pool end" 180
     done
