@@ -331,7 +331,14 @@ case "$step" in
     # the same --max-total-tokens, so that every server has the same pool (in the eighth run "on" had 1.6x the pages
     # of "off", a confounder of their step times). MOSAIC_ARGS adds flags to every server (e.g.
     # "--mosaic-overlap-schedule on": each decode plan then runs while the previous step is on the GPU).
-    M="$(bash bench/device_smollm2.sh)"
+    # ITL_MODEL=8b: the Llama-3.1-8B shape with dummy weights instead of SmolLM2 (no model parts needed; each pool
+    # capped at 200,000 tokens: about 12 GB of each server's 28 GB is left for the KV cache)
+    model_args=(--dtype bfloat16) max_tokens=3000000
+    if [ "${ITL_MODEL:-smollm2}" = 8b ]; then
+      M="$MKV_MODELS/llama-3.1-8b-shape" model_args=(--load-format dummy --context-length 16384) max_tokens=200000
+    else
+      M="$(bash bench/device_smollm2.sh)"
+    fi
     if [ "$step" = sidecar ]; then
       names=(sc0 rs0 on); extra=("--mosaic-sidecar off" "--mosaic-resegment off" ""); fractions=(0.2 0.4 0.6)
       envs=("" "" ""); itl_servers="0 2"; itl_output_len=64
@@ -344,8 +351,8 @@ case "$step" in
     for i in $(seq 0 $last); do
       # shellcheck disable=SC2086
       env ${envs[$i]} MOSAICKV_STACK_SAMPLES="$(stacks "r3-${names[$i]}")" \
-        python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) --dtype bfloat16 \
-        --disable-prefill-cuda-graph --mem-fraction-static "${fractions[$i]}" --max-total-tokens 3000000 \
+        python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) "${model_args[@]}" \
+        --disable-prefill-cuda-graph --mem-fraction-static "${fractions[$i]}" --max-total-tokens "$max_tokens" \
         --chunked-prefill-size 2048 --enable-cache-report --enable-metrics --kv-compressor mosaic \
         --mosaic-compression-ratio 3 ${extra[$i]} ${MOSAIC_ARGS:-} > "$out/mosaic-r3-${names[$i]}.server.log" 2>&1 &
       pids+=($!)
