@@ -331,10 +331,10 @@ case "$step" in
     # the same --max-total-tokens, so that every server has the same pool (in the eighth run "on" had 1.6x the pages
     # of "off", a confounder of their step times). MOSAIC_ARGS adds flags to every server (e.g.
     # "--mosaic-overlap-schedule on": each decode plan then runs while the previous step is on the GPU).
-    # ITL_MODEL=8b: the Llama-3.1-8B shape with dummy weights instead of SmolLM2 (no model parts needed; each pool
-    # capped at 200,000 tokens: about 12 GB of each server's 28 GB is left for the KV cache)
+    # ITL_MODEL=8b (sidecar-itl only): the Llama-3.1-8B shape with dummy weights instead of SmolLM2 (no model parts
+    # needed; each pool capped at 200,000 tokens: about 12 GB of each server's 28 GB is left for the KV cache)
     model_args=(--dtype bfloat16) max_tokens=3000000
-    if [ "${ITL_MODEL:-smollm2}" = 8b ]; then
+    if [ "$step" = sidecar-itl ] && [ "${ITL_MODEL:-smollm2}" = 8b ]; then
       M="$MKV_MODELS/llama-3.1-8b-shape" model_args=(--load-format dummy --context-length 16384) max_tokens=200000
     else
       M="$(bash bench/device_smollm2.sh)"
