@@ -52,6 +52,8 @@ __all__ = ["QueryWindow", "Sealer", "seal_beside_step_enabled"]
 STATUS_LOG_INTERVAL = 60.0
 # Environment variable overriding STATUS_LOG_INTERVAL (seconds; the GPU runs' loads last seconds, not minutes).
 STATUS_INTERVAL_ENV = "MOSAICKV_STATUS_INTERVAL"
+SEAL_MAX_SEGMENTS_ENV = "MOSAICKV_SEAL_MAX_SEGMENTS"
+SEAL_MAX_CHUNK_BYTES_ENV = "MOSAICKV_SEAL_MAX_CHUNK_BYTES"
 # Environment variable that turns sealing beside the step in flight on ("1"; see seal_beside_step_enabled).
 SEAL_BESIDE_STEP_ENV = "MOSAICKV_SEAL_BESIDE_STEP"
 # Policy pages (out of the hot window) wait until this many are due, so that one planner call (whose cost is mostly
@@ -83,6 +85,28 @@ def status_interval() -> float:
     if not value >= 0.0:
         raise ValueError(f"{STATUS_INTERVAL_ENV}: expected seconds >= 0, got {raw!r}")
     return value
+
+
+def seal_chunking() -> Tuple[int, int]:
+    """The one-call planner's chunk bounds, ``(max_segments, max_chunk_bytes)``: ``MOSAICKV_SEAL_MAX_SEGMENTS`` and
+    ``MOSAICKV_SEAL_MAX_CHUNK_BYTES`` when set (integers >= 1), else the defaults of
+    :func:`~mosaickv_sglang.plan_layers.plan_fast_layers`. Larger chunks launch fewer kernels a seal (a served seal
+    waits for room in the launch queue at each) and hold more transient device memory."""
+    out = []
+    bounds = ((SEAL_MAX_SEGMENTS_ENV, DEFAULT_MAX_SEGMENTS), (SEAL_MAX_CHUNK_BYTES_ENV, DEFAULT_MAX_CHUNK_BYTES))
+    for env, default in bounds:
+        raw = os.environ.get(env, "").strip()
+        if not raw:
+            out.append(default)
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"{env}: expected an integer >= 1, got {raw!r}")
+        out.append(value)
+    return out[0], out[1]
 
 
 class QueryWindow:
@@ -331,8 +355,7 @@ class Sealer:
         self.decode_plan_seconds = 0.0
         self.decode_plan_seal_seconds = 0.0
         self.decode_plan_sidecar_seconds = 0.0
-        self.plan_max_segments = DEFAULT_MAX_SEGMENTS
-        self.plan_max_chunk_bytes = DEFAULT_MAX_CHUNK_BYTES
+        self.plan_max_segments, self.plan_max_chunk_bytes = seal_chunking()
         self.sidecar = None
         self.seal_beside_step = False
         self.rows_read: Dict[Tuple[str, str], int] = {}

@@ -118,3 +118,35 @@ def test_a_fragmented_arena_is_compacted_instead_of_leaving_admitted_pages_dense
     assert pool.store.compactions == LAYERS and sealer.pages_left_dense == 0
     assert pool.store.is_sealed(torch.from_numpy(np.concatenate([tiny[1::2], sink]))).all()
     pool.check_invariants()
+
+
+def test_seal_chunking_from_the_environment(monkeypatch):
+    """MOSAICKV_SEAL_MAX_SEGMENTS / MOSAICKV_SEAL_MAX_CHUNK_BYTES reach the one-call planner of every seal; bad
+    values are named."""
+    from mosaickv_sglang import sealer as sealer_mod
+    from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS
+
+    monkeypatch.delenv("MOSAICKV_SEAL_MAX_SEGMENTS", raising=False)
+    monkeypatch.delenv("MOSAICKV_SEAL_MAX_CHUNK_BYTES", raising=False)
+    assert sealer_mod.seal_chunking() == (DEFAULT_MAX_SEGMENTS, DEFAULT_MAX_CHUNK_BYTES)
+    monkeypatch.setenv("MOSAICKV_SEAL_MAX_SEGMENTS", " 32768 ")
+    monkeypatch.setenv("MOSAICKV_SEAL_MAX_CHUNK_BYTES", "1073741824")
+    pool, sealer, *_ = rank = _rank(10**6, "random", 4)
+    assert (sealer.plan_max_segments, sealer.plan_max_chunk_bytes) == (32768, 1 << 30)
+    seen = []
+    real = sealer_mod.plan_fast_layers
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["max_segments"], kwargs["max_chunk_bytes"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sealer_mod, "plan_fast_layers", spy)
+    pages = np.arange(1, 1 + PAGES_PER_BATCH, dtype=np.int64)
+    _write(rank, pages)
+    assert sealer.seal(pages, np.zeros(pages.size, dtype=bool))
+    assert seen and set(seen) == {(32768, 1 << 30)}
+    for env, bad in (("MOSAICKV_SEAL_MAX_SEGMENTS", "0"), ("MOSAICKV_SEAL_MAX_CHUNK_BYTES", "1GB")):
+        monkeypatch.setenv(env, bad)
+        with pytest.raises(ValueError, match=f"{env}: expected an integer >= 1, got '{bad}'"):
+            sealer_mod.seal_chunking()
+        monkeypatch.setenv(env, "8")
