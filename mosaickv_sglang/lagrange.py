@@ -42,31 +42,30 @@ def _totals(e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, lams: torch.Tens
     return out[0] if len(out) == 1 else torch.cat(out, 0)  # one chunk (the usual case): no copy
 
 
-def _pick(e: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """``argmin_c e[l, n, c] + lam[l] * b[c]`` (ties: the lower index): ``[L, N]``."""
-    return torch.argmin(e + lam[:, None, None] * b, dim=2)
+def _pick(e: torch.Tensor, b: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
+    """``argmin_c e[l, n, c] + lams[l, k] * b[c]`` (ties: the lower index): ``lams`` ``[L, K]`` -> ``[L, K, N]``."""
+    return torch.argmin(e[:, None] + lams[:, :, None, None] * b, dim=3)
 
 
 def _bracket(
-    e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-    active: torch.Tensor,
+    e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Shrink each active ``[lo, hi]`` (``lo`` infeasible, ``hi`` feasible) to a relative width of 1e-12."""
+    """Shrink each ``[lo, hi]`` (``lo`` infeasible, ``hi`` feasible) to a relative width of 1e-12; a bracket already
+    that narrow (e.g. ``hi == lo``: a layer that needs no search) stays as it is."""
     t = torch.arange(1, _GRID + 1, dtype=torch.float64, device=e.device) / (_GRID + 1)
+    bounds = torch.stack([lo, hi], 1)  # [L, 2]
     for _ in range(_ROUNDS):
-        active = active & (hi > lo * (1.0 + _REL_WIDTH))
-        log_lo = torch.log(lo)
-        grid = torch.exp(log_lo[:, None] + t[None, :] * (torch.log(hi) - log_lo)[:, None])  # [L, _GRID]
-        feasible = _totals(e, b, bl, grid) <= budget[:, None]
-        found = feasible.any(1)
-        first = torch.argmax(feasible.to(torch.int8), dim=1)  # totals fall as lambda grows: first feasible point
-        at_first = grid.gather(1, first[:, None]).squeeze(1)
-        before = grid.gather(1, (first - 1).clamp(min=0)[:, None]).squeeze(1)
-        new_hi = torch.where(found, at_first, hi)
-        new_lo = torch.where(found, torch.where(first == 0, lo, before), grid[:, -1])
-        lo = torch.where(active, new_lo, lo)
-        hi = torch.where(active, new_hi, hi)
-    return lo, hi
+        active = bounds[:, 1] > bounds[:, 0] * (1.0 + _REL_WIDTH)
+        log_b = torch.log(bounds)
+        grid = torch.exp(log_b[:, :1] + t[None, :] * (log_b[:, 1:] - log_b[:, :1]))  # [L, _GRID]
+        # totals fall as lambda grows: the new bracket is the first feasible point and the one before it, in
+        # [lo, grid..., hi]; none feasible: [the last grid point, hi] (a last column that always fits)
+        feasible = torch.cat([_totals(e, b, bl, grid), budget[:, None]], 1) <= budget[:, None]
+        first = torch.argmax(feasible.to(torch.int8), dim=1)
+        points = torch.cat([bounds[:, :1], grid, bounds[:, 1:]], 1)  # [L, _GRID + 2]
+        shrunk = points.unfold(1, 2, 1).gather(1, first[:, None, None].expand(-1, 1, 2)).squeeze(1)
+        bounds = torch.where(active[:, None], shrunk, bounds)
+    return bounds[:, 0], bounds[:, 1]
 
 
 def _threshold_upgrades(
@@ -143,23 +142,23 @@ def choose_candidates_batched(
     budget = budget_bytes.to(torch.int64)
     zero = torch.zeros(nl, dtype=torch.float64, device=dev)
 
-    fits_at_zero = _totals(e, b, bl, zero[:, None])[:, 0] <= budget
     spread = e.masked_fill(~finite, 0).amax((1, 2)) - e.masked_fill(~finite, math.inf).amin((1, 2))
     hi0 = spread.clamp(min=0) + 1.0
     steps = _GROWTH ** torch.arange(_GROWTH_STEPS, dtype=torch.float64, device=dev)
     growth = hi0[:, None] * steps[None, :]
-    grown = _totals(e, b, bl, growth) <= budget[:, None]
+    fits = _totals(e, b, bl, torch.cat([zero[:, None], growth], 1)) <= budget[:, None]  # lambda 0, then growth
+    fits_at_zero, grown = fits[:, 0], fits[:, 1:]
     hi = growth.gather(1, torch.argmax(grown.to(torch.int8), dim=1)[:, None]).squeeze(1)
     hi = torch.where(grown.any(1), hi, growth[:, -1])
     lo = hi * _LO_FACTOR
     fits_at_lo = _totals(e, b, bl, lo[:, None])[:, 0] <= budget
 
     search = ~fits_at_zero & ~fits_at_lo
-    lo, hi = _bracket(e, b, bl, budget, lo, hi, search)
+    lo, hi = _bracket(e, b, bl, budget, lo, torch.where(search, hi, lo))
     # Where no search ran, hi = lo = the lambda that already fits (0, or the start of the bracket).
     lam = torch.where(fits_at_zero, zero, torch.where(fits_at_lo, lo, hi))
     lam_alt = torch.where(search, lo, lam)
-    choice, alt = _pick(e, b, lam), _pick(e, b, lam_alt)
+    choice, alt = _pick(e, b, torch.stack([lam, lam_alt], 1)).unbind(1)
     left = budget - bl[choice].sum(1)
     choice = _threshold_upgrades(e, bl, choice, alt, left)
     choice = torch.where(fits_at_zero[:, None], choice, _single_move(e, bl, choice, budget))

@@ -34,6 +34,7 @@ from mosaickv_sglang.lagrange import choose_candidates_batched
 from mosaickv_sglang.planner import (
     DEFAULT_UNSEEN_PRIOR,
     DEFAULT_UNSEEN_WEIGHT,
+    ErrorEstimate,
     PlanResult,
     _check_menu,
     _check_unseen_prior,
@@ -63,6 +64,26 @@ _CHUNK_BYTES_PER_ELEMENT = 8
 @functools.lru_cache(maxsize=32)
 def _cached_menu_tensors(menu: Tuple[Candidate, ...], d: int, device: torch.device) -> Dict[str, torch.Tensor]:
     return _menu_tensors(menu, d, device)
+
+
+_PLAN_COLUMNS = ("m", "k_form", "k_param", "v_form", "v_param")
+
+
+@functools.lru_cache(maxsize=32)
+def _plan_columns(menu: Tuple[Candidate, ...], d: int, device: torch.device) -> torch.Tensor:
+    """The :data:`_PLAN_COLUMNS` of each candidate, shape ``[5, len(menu)]`` int32 (one ``index_select`` gives
+    every segment's). Read-only: cached across calls."""
+    mt = _cached_menu_tensors(menu, d, device)
+    return torch.stack([mt[name] for name in _PLAN_COLUMNS]).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=32)
+def _dense_only(c: int, dense_i: int, device: torch.device) -> torch.Tensor:
+    """The errors of a segment that may only stay dense: shape ``[c]``, ``inf`` but 0 for candidate ``dense_i``.
+    Read-only: cached across calls."""
+    out = torch.full((c,), float("inf"), device=device)
+    out[dense_i] = 0.0
+    return out
 
 
 Layers = Union[Sequence[torch.Tensor], torch.Tensor]
@@ -112,6 +133,25 @@ def _host_labels(group_ids: Optional[np.ndarray], n: int) -> Tuple[np.ndarray, i
     return labels.astype(np.int64).reshape(n), int(uniq.size)
 
 
+def _run_labels(labels: np.ndarray, ng: int, per: int) -> np.ndarray:
+    """The contexts of the rows of ``per`` consecutive layers, kept apart per layer: layer ``i``'s ``labels`` plus
+    ``i * ng``, shape ``[per * N]`` (the first ``l * N`` are those of ``l`` layers)."""
+    return (labels[None, :] + ng * np.arange(per, dtype=np.int64)[:, None]).reshape(-1)
+
+
+def _cat_estimates(parts: Sequence[ErrorEstimate]) -> ErrorEstimate:
+    """The estimates of consecutive chunks of rows as one (its :attr:`~ErrorEstimate.err` in one pass, not a few
+    ops per chunk)."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in parts], 0)
+
+    fields = (cat("first_order"), cat("mass_delta"), cat("mass_share"), cat("unseen"))
+    return ErrorEstimate(*fields, unseen_weight=parts[0].unseen_weight)
+
+
 def _describe(x: object) -> str:
     if isinstance(x, np.ndarray):
         return f"numpy {x.dtype} of shape {list(x.shape)}"
@@ -134,9 +174,11 @@ def _layer_importance(
     ng: int,
     scale: float,
     per: int,
+    run_labels: Optional[torch.Tensor] = None,
 ) -> List[SegmentImportance]:
     """Each layer's importance, in order; runs of up to ``per`` consecutive layers whose queries have one shape in
-    one call (contexts kept apart per layer), so each entry may hold several layers' rows."""
+    one call (contexts kept apart per layer), so each entry may hold several layers' rows. ``run_labels``: the
+    contexts of ``per`` layers' rows (:func:`_run_labels`), if the caller already has them on the device."""
     nl = len(keys)
     n, s, d = keys[0].shape
     dev = keys[0].device
@@ -156,7 +198,10 @@ def _layer_importance(
                    and queries[j].shape == queries[i].shape):  # fmt: skip
                 j += 1
             q = torch.cat([flatten_queries(queries[t], n, d, f"queries[{t}]") for t in range(i, j)])
-            lab = (labels[None, :] + ng * torch.arange(j - i, device=dev)[:, None]).reshape(-1)
+            if run_labels is not None:
+                lab = run_labels[: (j - i) * n]
+            else:
+                lab = (labels[None, :] + ng * torch.arange(j - i, device=dev)[:, None]).reshape(-1)
             out.append(importance_from_labels(_cat_float(keys[i:j]), q, lab, ng * (j - i), scale))
             i = j
             continue
@@ -279,48 +324,46 @@ def plan_fast_layers(
                 f" that this menu can reach with {fixed} always-dense segments, got {budget} bytes; lower the ratio "
                 "or extend the menu"
             )
-    host = _to_device(np.concatenate([labels_h, ad.astype(np.int64), np.asarray(budgets, dtype=np.int64)]), dev)
-    labels, ad_t, budget_t = host[:n], host[n : 2 * n].bool(), host[2 * n :]
+    per = max(1, min(nl, max_segments // max(n, 1), max_chunk_bytes // (max(n, 1) * s * d * _CHUNK_BYTES_PER_ELEMENT)))
+    host = _to_device(np.concatenate([_run_labels(labels_h, ng, per), ad.astype(np.int64),
+                                      np.asarray(budgets, dtype=np.int64)]), dev)  # fmt: skip
+    run_labels, ad_t, budget_t = host[: per * n], host[per * n : (per + 1) * n].bool(), host[(per + 1) * n :]
     mt = _cached_menu_tensors(items, d, dev)
     dense_i = items.index(Candidate(s))
 
-    per = max(1, min(max_segments // max(n, 1), max_chunk_bytes // (max(n, 1) * s * d * _CHUNK_BYTES_PER_ELEMENT)))
-    imp = _stack_importance(_layer_importance(keys, queries, importance, labels, ng, scale, per))
+    imp = _stack_importance(_layer_importance(keys, queries, importance, run_labels[:n], ng, scale, per, run_labels))
     # by decreasing mass (stable): the estimator's token order and the plans' keep masks
     order = torch.sort(imp.token_mass, dim=1, descending=True, stable=True).indices
     must_plan = fixed < n and any(b < n * dense_b for b in budgets)
     if must_plan:
-        errs = []
+        ests = []
         for a in range(0, nl, per):
             b = min(nl, a + per)
             rows = slice(a * n, b * n)
             part = SegmentImportance(imp.token_mass[rows], imp.k_chan_weight[rows], imp.v_chan_weight[rows],
                                      imp.q_mean[rows])  # fmt: skip
-            layer_labels = (labels[None, :] + ng * torch.arange(b - a, device=dev)[:, None]).reshape(-1)
-            est = _estimate_fast(_cat_float(keys[a:b]), _cat_float(values[a:b]), items, part, layer_labels,
-                                 ng * (b - a), scale, weight, prior, blocks=b - a, order=order[rows])  # fmt: skip
-            errs.append(est.err.view(b - a, n, len(items)))
-        err = torch.cat(errs, 0)
+            ests.append(_estimate_fast(_cat_float(keys[a:b]), _cat_float(values[a:b]), items, part,
+                                       run_labels[: (b - a) * n], ng * (b - a), scale, weight, prior, blocks=b - a,
+                                       order=order[rows]))  # fmt: skip
+        err = _cat_estimates(ests).err.view(nl, n, len(items))
     else:
         err = torch.zeros(nl, n, len(items), device=dev)
     # Segments that must stay dense (sinks; every segment of a layer whose budget fits all-dense): dense or nothing.
-    dense_only = torch.full((len(items),), float("inf"), device=dev)
-    dense_only[dense_i] = 0.0
+    dense_only = _dense_only(len(items), dense_i, dev)
     stay = ad_t[None, :] | (budget_t >= n * dense_b)[:, None]
     err = torch.where(stay[:, :, None], dense_only, err)
     choice, lam = choose_candidates_batched(err, mt["bytes"], budget_t)
     est_err = err.gather(2, choice[..., None]).squeeze(2).float()
 
-    flat = choice.reshape(-1)
+    cols = dict(zip(_PLAN_COLUMNS, _plan_columns(items, d, dev).index_select(1, choice.reshape(-1))))
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(s, device=dev).expand(nl * n, s))
-    keep = rank < mt["m"][flat][:, None]
     i32 = torch.int32
     plan = fmt.SegmentPlan(
-        token_keep=keep,
-        k_form=mt["k_form"][flat].to(i32),
-        k_param=mt["k_param"][flat].to(i32),
-        v_form=mt["v_form"][flat].to(i32),
-        v_param=mt["v_param"][flat].to(i32),
+        token_keep=rank < cols["m"][:, None],
+        k_form=cols["k_form"],
+        k_param=cols["k_param"],
+        v_form=cols["v_form"],
+        v_param=cols["v_param"],
         k_chan_weight=imp.k_chan_weight.contiguous(),
         v_chan_weight=imp.v_chan_weight.contiguous(),
         flags=ad_t.to(i32).repeat(nl) * fmt.FLAG_ALWAYS_READ,

@@ -331,6 +331,14 @@ def _row_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return ((x - x_hat).pow(2).sum(-1) / den.clamp(min=_EPS)).clamp(max=1.0) * (den > 0)
 
 
+def _sq_norms(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``||x_t||^2`` of every row of each ``[N, S, d]`` fp32 tensor of ``xs``, stacked: ``[len(xs), N, S]``."""
+    out = torch.empty((len(xs),) + tuple(xs[0].shape[:2]), device=xs[0].device)
+    for i, x in enumerate(xs):
+        torch.sum(x.pow(2), -1, out=out[i])
+    return out
+
+
 def _lost_fraction(lost: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     """:func:`_row_loss` from its parts: ``lost`` ``||x - x_hat||^2`` and ``energy`` ``||x||^2``, shape ``[N, S]``
     (``lost`` may stack several approximations, ``[K, N, S]``; ``energy`` broadcasts)."""
@@ -384,7 +392,14 @@ def _chan_drop_masks(
         top = torch.sort(key, dim=-1, descending=True).values
     else:
         top = torch.topk(key, max(ks), dim=-1, sorted=True).values
-    return {k: key < top[..., k - 1 : k] for k in ks}
+    kth = top.index_select(-1, _kth_positions(tuple(ks), x.device)).movedim(-1, 0)  # [len(ks), ...]: k-th largest
+    return dict(zip(ks, key < kth[..., None]))  # every k in one compare
+
+
+@functools.lru_cache(maxsize=32)
+def _kth_positions(ks: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``k - 1`` of each ``k`` of ``ks`` on ``device``, int64. Read-only: cached across calls."""
+    return torch.tensor([k - 1 for k in ks], dtype=torch.int64, device=device)
 
 
 UNSEEN_PRIORS = ("uniform", "novelty")
@@ -405,30 +420,32 @@ def _novelty_chunk(s: int, d: int) -> int:
     return max(1, NOVELTY_CHUNK_BYTES // (4 * s * (s + 2 * d)))
 
 
-def _novelty(values: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+def _novelty(values: torch.Tensor, chunk: Optional[int] = None, energy: Optional[torch.Tensor] = None) -> torch.Tensor:
     """How much of each token's value its nearest other token of the segment misses: shape ``[N, S]``, in ``[0, 1]``.
 
     ``min_{j != t} ||v_t - v_j||^2 / ||v_t||^2`` (clamped to ``[0, 1]``): about 0 for a token repeated in its segment
     (a query that retrieves it gets the copy's value), 1 for a token unlike its neighbours. The squared distances come
     from the Gram matrix, ``||v_t||^2 + ||v_j||^2 - 2 v_t . v_j``, in one batched product (``torch.cdist`` takes the
     same route for segments over 25 tokens, through a dozen more kernels and a square root undone by squaring: a
-    quarter of a seal planner call's launches on the 8B shape, tenth run's profile).
+    quarter of a seal planner call's launches on the 8B shape, tenth run's profile). ``energy``: the ``||v_t||^2``
+    (shape ``[N, S]``, fp32), if already measured.
     """
     n, s, d = values.shape
     chunk = _novelty_chunk(s, d) if chunk is None else chunk
     nearest = torch.empty(n, s, device=values.device)
-    energy = torch.empty(n, s, device=values.device)
+    measure = energy is None
+    energy = torch.empty(n, s, device=values.device) if measure else energy
     eye = torch.eye(s, dtype=torch.bool, device=values.device)
     for a in range(0, n, chunk):  # reductions per chunk, written in place; the elementwise rest once, below
         v = values[a : a + chunk].float()
-        e = torch.sum(v.pow(2), -1, out=energy[a : a + chunk])
+        e = torch.sum(v.pow(2), -1, out=energy[a : a + chunk]) if measure else energy[a : a + chunk]
         d2 = torch.baddbmm(e.unsqueeze(1), v, v.transpose(1, 2), alpha=-2.0).add_(e.unsqueeze(2))
         torch.amin(d2.masked_fill_(eye, float("inf")), -1, out=nearest[a : a + chunk])
     return (nearest.clamp_(min=0.0) / energy.clamp(min=_EPS)).clamp(max=1.0)
 
 
 def retrieval_prior(
-    values: torch.Tensor, labels: torch.Tensor, ng: int, kind: str = "uniform"
+    values: torch.Tensor, labels: torch.Tensor, ng: int, kind: str = "uniform", energy: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """Probability that an unseen retrieval query targets each token: shape ``[N, S]``, fp32, sums to 1 per context.
 
@@ -441,10 +458,12 @@ def retrieval_prior(
         shape ``[N, S, d]``, float.
     labels : torch.Tensor
         shape ``[N]``, dtype ``torch.int64``; contexts ``0..ng-1``.
+    energy : torch.Tensor, optional
+        shape ``[N, S]``, fp32; the values' ``||v_t||^2``, if already measured (for ``"novelty"``).
     """
     _check_unseen_prior(kind)
     n, s, _ = values.shape
-    w = torch.ones(n, s, device=values.device) if kind == "uniform" else _novelty(values) + 1e-3
+    w = torch.ones(n, s, device=values.device) if kind == "uniform" else _novelty(values, energy=energy) + 1e-3
     tot = torch.zeros(ng, device=values.device).index_add_(0, labels, w.sum(1))
     return w / tot[labels][:, None]
 
@@ -514,23 +533,22 @@ def _unseen_error(
     unseen_prior: str,
     order: Optional[torch.Tensor] = None,
     chan_loss: Optional[Dict[Tuple[int, int], torch.Tensor]] = None,
+    v_energy: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`unseen_query_error` on checked inputs, contexts given as ``labels`` in ``[0, ng)`` (no host read).
 
     ``order``: the tokens by decreasing ``token_mass`` (stable), if already sorted. ``chan_loss``: ``(side, k) ->
     [N, S]`` fraction of each row's energy that per-vector top-``k`` loses (side 0 K, 1 V), if already measured;
-    missing entries are measured here."""
+    missing entries are measured here. ``v_energy``: the values' ``||v_t||^2`` (``[N, S]``), if already measured."""
     n, s, _ = keys.shape
     if order is None:
         order = torch.sort(importance.token_mass, dim=1, descending=True, stable=True).indices
-    prior = retrieval_prior(values, labels, ng, unseen_prior)
-    dropped = _prefix(prior, order)
-    dropped = dropped[:, -1:] - dropped  # [N, S+1]: prior mass of the tokens after the top m
+    prior = retrieval_prior(values, labels, ng, unseen_prior, v_energy)
+    mass = _cumsum_in_order(prior, order)
+    dropped = mass[:, -1:] - mass  # [N, S]: row m - 1, prior mass of the tokens after the top m
     chan_loss = {} if chan_loss is None else chan_loss
 
     def row_loss(side: int, x: torch.Tensor, weight: torch.Tensor, form: int, param: int) -> torch.Tensor:
-        if form == fmt.FORM_DENSE:
-            return torch.zeros(n, s, device=x.device)
         if form != fmt.FORM_CHAN:
             raise ValueError(f"menu: expected dense or chan forms (no SVD here), got {fmt.FORM_NAMES[form]}")
         if (side, param) not in chan_loss:
@@ -543,31 +561,40 @@ def _unseen_error(
         return torch.zeros(n, 0, device=keys.device)
     # Every distinct (side, form, param)'s loss in one prefix sum, and every candidate's three terms in one gather
     # (not a prefix sum per table and three small ops per candidate)
-    layout, cols = _unseen_layout(tuple(menu), keys.device)
+    layout, cols = _unseen_layout(tuple(menu), s, keys.device)
     sides = ((keys, importance.k_chan_weight), (values, importance.v_chan_weight))
-    losses = torch.stack([row_loss(side, *sides[side], form, param) for side, form, param in layout], 2)
-    half = _prefix(prior[:, :, None] * losses * 0.5, order)  # [N, S+1, T]: prefix sums of each table's loss / 2
-    tables = torch.cat([half, dropped[:, :, None]], 2)  # [N, S+1, T+1]
-    terms = tables.view(n, -1).index_select(1, cols).view(n, 3, len(menu))
+    tables = [dropped[:, :, None]]
+    if layout:
+        losses = torch.stack([row_loss(side, *sides[side], form, param) for side, form, param in layout], 2)
+        tables.insert(0, _cumsum_in_order(prior[:, :, None] * losses * 0.5, order))  # [N, S, T]: loss / 2, summed
+    terms = torch.cat(tables, 2).view(n, -1).index_select(1, cols).view(n, 3, len(menu))
     return (terms[:, 0] + terms[:, 1] + terms[:, 2]).float()  # per candidate: K loss + V loss + dropped mass
 
 
 @functools.lru_cache(maxsize=32)
 def _unseen_layout(
-    menu: Tuple[Candidate, ...], device: torch.device
+    menu: Tuple[Candidate, ...], s: int, device: torch.device
 ) -> Tuple[List[Tuple[int, int, int]], torch.Tensor]:
-    """Table layout of :func:`_unseen_error`: the distinct ``(side, form, param)`` of ``menu`` in order of first use
-    (K before V, candidate by candidate), and on ``device`` the columns, shape ``[3 * len(menu)]`` int64, of each
-    candidate's K, V and dropped-mass terms (in that order) in those tables and the dropped-mass table, side by side
-    as ``[N, S + 1, T + 1]`` and flattened to ``[N, (S + 1) * (T + 1)]``. Read-only: cached across calls."""
+    """Table layout of :func:`_unseen_error`: the distinct ``(side, form, param)`` of ``menu`` but the dense ones, in
+    order of first use (K before V, candidate by candidate), and on ``device`` the columns, shape ``[3 * len(menu)]``
+    int64, of each candidate's K, V and dropped-mass terms (in that order) in those tables and the dropped-mass table,
+    side by side as ``[N, S, T + 1]`` (row ``m - 1``: the top ``m`` tokens kept) and flattened to ``[N, S * (T +
+    1)]``. A dense side loses nothing: its term is the dropped mass with every token kept (row ``S - 1``), an exact
+    0. Read-only: cached across calls."""
     index: Dict[Tuple[int, int, int], int] = {}
     for c in menu:
-        index.setdefault((0, c.k_form, c.k_param), len(index))
-        index.setdefault((1, c.v_form, c.v_param), len(index))
+        for key in ((0, c.k_form, c.k_param), (1, c.v_form, c.v_param)):
+            if key[1] != fmt.FORM_DENSE:
+                index.setdefault(key, len(index))
     width = len(index) + 1
-    k = [c.m * width + index[0, c.k_form, c.k_param] for c in menu]
-    v = [c.m * width + index[1, c.v_form, c.v_param] for c in menu]
-    dropped = [c.m * width + len(index) for c in menu]
+    nothing_lost = (s - 1) * width + len(index)
+
+    def col(c: Candidate, key: Tuple[int, int, int]) -> int:
+        return nothing_lost if key[1] == fmt.FORM_DENSE else (c.m - 1) * width + index[key]
+
+    k = [col(c, (0, c.k_form, c.k_param)) for c in menu]
+    v = [col(c, (1, c.v_form, c.v_param)) for c in menu]
+    dropped = [(c.m - 1) * width + len(index) for c in menu]
     return list(index), torch.tensor(k + v + dropped, dtype=torch.int64, device=device)
 
 
@@ -691,11 +718,11 @@ def estimate_errors_exact(
     return ErrorEstimate(err, dmass, share, unseen, weight)
 
 
-def _prefix(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Cumulative sums of ``x`` (``[N, S, ...]``) over tokens in ``order``, with a leading zero: ``[N, S+1, ...]``."""
+def _cumsum_in_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums of ``x`` (``[N, S, ...]``) over tokens in ``order``: ``[N, S, ...]``, row ``m - 1`` the sum
+    of the first ``m``."""
     idx = order.view(order.shape + (1,) * (x.dim() - 2)).expand_as(x)
-    cs = x.gather(1, idx).cumsum(1)
-    return torch.cat([torch.zeros_like(cs[:, :1]), cs], 1)
+    return x.gather(1, idx).cumsum(1)
 
 
 def estimate_errors_fast(
@@ -813,11 +840,11 @@ def _estimate_fast(
     resid = vf - out_g[labels][:, None, :]  # v_t - O
     c = resid.pow(2).sum(-1)
     var_g = torch.zeros(ng, device=dev).index_add_(0, labels, (p.pow(2) * c).sum(1))
-    k_energy, v_energy = kf.pow(2).sum(-1), vf.pow(2).sum(-1)
-    energy = v_energy.reshape(blocks, -1).mean(1)  # one floor per block, as if planned alone
-    norm = (out_g.pow(2).sum(-1) + var_g)[labels] + energy.repeat_interleave(n // blocks) * 1e-12 + _EPS
+    energies = _sq_norms((kf, vf))  # [2, N, S]: ||k_t||^2, ||v_t||^2
+    floor = energies[1].reshape(blocks, -1).mean(1)[:, None] * 1e-12  # one floor per block, as if planned alone
+    norm = ((out_g.pow(2).sum(-1) + var_g)[labels].view(blocks, -1) + floor).view(n) + _EPS
 
-    ks, ms, mt, mi, ki, vi = _fast_indices(menu, dev)
+    ks, ms, mt, mi, ki, _ = _fast_indices(menu, dev)
     if order is None:
         order = torch.sort(p, dim=1, descending=True, stable=True).indices
     tok_rank = torch.empty_like(order).scatter_(1, order, torch.arange(s, device=dev).expand(n, s))
@@ -829,9 +856,11 @@ def _estimate_fast(
     #   b = -sum_{kept} p_t s (q_bar . dk_t)(v_t - O)  (K top-k, dk_t the dropped elements, s = sm_scale)
     #   c = sum_{kept} p_t dv_t                      (V top-k, dv_t the dropped elements)
     # Token sums are products with the [N, M, S] keep masks, so no [N, S, d] product is materialised for them.
-    dropped_p = (1.0 - kept) * p[:, None, :]
-    on_resid = [dropped_p]  # token weights of a and of every b, applied to v_t - O in one product
-    vvec = [torch.zeros(n, len(ms), d, device=dev)]
+    # token weights of a and of every b, [N, 1 + len(ks), M, S], applied to v_t - O in one product
+    on_resid = torch.empty(n, 1 + len(ks), len(ms), s, device=dev)
+    dropped_p = torch.mul(1.0 - kept, p[:, None, :], out=on_resid[:, 0])
+    zero_vecs = torch.zeros(n, len(ms), d, device=dev)
+    vvec = [zero_vecs]
     kvar = [torch.zeros(n, len(ms), device=dev)]
     lost: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])  # per side (K, V) and k: [N, S] lost energy
     if ks and _fused_estimate_terms(kf):
@@ -849,33 +878,35 @@ def _estimate_fast(
         def terms(k_drop_k: torch.Tensor, v_drop_k: torch.Tensor) -> Tuple[torch.Tensor, ...]:
             return _chan_terms_torch(kf, vf, k_drop_k, v_drop_k, p, k_stats, c, kept, kept_p, scale)
 
+    coh = []
     for k in ks:
-        coh, kv, lost_k, vv, lost_v = terms(k_drop.pop(k), v_drop.pop(k))
-        on_resid.append(kept * -coh[:, None, :])
+        coh_k, kv, lost_k, vv, lost_v = terms(k_drop.pop(k), v_drop.pop(k))
+        coh.append(coh_k)
         kvar.append(kv)
         lost[0].append(lost_k)
         vvec.append(vv)
         lost[1].append(lost_v)
     chan_loss: Dict[Tuple[int, int], torch.Tensor] = {}  # (side, k) -> [N, S], for the unseen-query error
-    for side, energy_s in ((0, k_energy), (1, v_energy)):  # every k at once (elementwise: the same values)
-        if ks:
-            frac = _lost_fraction(torch.stack(lost[side]), energy_s)
-            chan_loss.update({(side, k): frac[i] for i, k in enumerate(ks)})
-    ab = torch.bmm(torch.cat(on_resid, 1), resid)  # [N, M * (1 + nk), d]: a, then b of each k
-    nm, nk = len(ms), len(ks) + 1
-    allv = torch.cat([ab[:, :nm], torch.zeros(n, nm, d, device=dev), ab[:, nm:]] + vvec, 1)
+    if ks:  # both sides and every k at once (elementwise: the same values)
+        frac = _lost_fraction(torch.stack(lost[0] + lost[1]).view(2, len(ks), n, s), energies[:, None])
+        chan_loss = {(side, k): frac[side, i] for side in (0, 1) for i, k in enumerate(ks)}
+        torch.mul(kept[:, None], -torch.stack(coh, 1)[:, :, None, :], out=on_resid[:, 1:])  # b's weights, every k
+    ab = torch.bmm(on_resid.view(n, -1, s), resid)  # [N, M * (1 + nk), d]: a, then b of each k
+    nm = len(ms)
+    allv = torch.cat([ab[:, :nm], zero_vecs, ab[:, nm:]] + vvec, 1)
     gram = torch.bmm(allv, allv.transpose(1, 2))  # [a, b of k = 0 (zero), b of each k, c of k = 0 (zero), ...]
-    ia, ib, ic = mi, nm + ki * nm + mi, nm + nk * nm + vi * nm + mi
-    sq = (
-        gram[:, ia, ia] + gram[:, ib, ib] + gram[:, ic, ic]
-        - 2 * gram[:, ia, ib] + 2 * gram[:, ia, ic] - 2 * gram[:, ib, ic]
-    ).clamp(min=0)
-    err = (sq + torch.stack(kvar, 1)[:, ki, mi]) / norm[:, None]
+    # ||-a + b - c||^2 = aa + bb + cc - 2 ab + 2 ac - 2 bc: every candidate's terms in one gather, summed in order
+    rows, cols = _gram_entries(menu, dev)
+    sq_terms = gram[:, rows, cols].view(n, len(_GRAM_TERMS), len(menu)) * _gram_factors(dev)
+    sq = sq_terms[:, 0]
+    for i in range(1, len(_GRAM_TERMS)):
+        sq = sq + sq_terms[:, i]
+    err = (sq.clamp(min=0) + torch.stack(kvar, 1)[:, ki, mi]) / norm[:, None]
     dmass = -dropped_p.sum(2)[:, mi].clamp(min=0)
     dense_i = list(menu).index(Candidate(s))
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
-    unseen = _unseen_error(keys, values, menu, importance, labels, ng, unseen_prior, order, chan_loss)
+    unseen = _unseen_error(keys, values, menu, importance, labels, ng, unseen_prior, order, chan_loss, energies[1])
     return ErrorEstimate(err.float(), dmass.float(), p.sum(1), unseen, weight)
 
 
@@ -912,6 +943,28 @@ def _fast_indices(
     ki = torch.tensor([col[c.k_param] if c.k_form == fmt.FORM_CHAN else 0 for c in menu], device=device)
     vi = torch.tensor([col[c.v_param] if c.v_form == fmt.FORM_CHAN else 0 for c in menu], device=device)
     return ks, ms, mt, mi, ki, vi
+
+
+@functools.lru_cache(maxsize=32)
+def _gram_entries(menu: Tuple[Candidate, ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where :func:`_estimate_fast`'s Gram matrix holds the terms of each candidate's squared norm: rows and columns
+    on ``device``, shape ``[len(_GRAM_TERMS) * len(menu)]`` int64, term by term (each for every candidate in order),
+    with the vectors ``[a, b of each k, c of each k]`` in that order (``k = 0``, no top-k, first). Read-only: cached
+    across calls."""
+    ks, ms, _, mi, ki, vi = _fast_indices(menu, device)
+    nm, nk = len(ms), len(ks) + 1
+    rows = {"a": mi, "b": nm + ki * nm + mi, "c": nm + nk * nm + vi * nm + mi}
+    return torch.cat([rows[x] for x, _ in _GRAM_TERMS]), torch.cat([rows[y] for _, y in _GRAM_TERMS])
+
+
+_GRAM_TERMS = (("a", "a"), ("b", "b"), ("c", "c"), ("a", "b"), ("a", "c"), ("b", "c"))
+_GRAM_FACTORS = (1.0, 1.0, 1.0, -2.0, 2.0, -2.0)  # of each term of _GRAM_TERMS in ||-a + b - c||^2
+
+
+@functools.lru_cache(maxsize=32)
+def _gram_factors(device: torch.device) -> torch.Tensor:
+    """:data:`_GRAM_FACTORS` on ``device``, shape ``[len(_GRAM_FACTORS), 1]`` fp32. Read-only: cached across calls."""
+    return torch.tensor(_GRAM_FACTORS, device=device)[:, None]
 
 
 # --- optimisation ----------------------------------------------------------------------------------------------------
