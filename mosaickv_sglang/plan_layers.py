@@ -77,6 +77,16 @@ def _plan_columns(menu: Tuple[Candidate, ...], d: int, device: torch.device) -> 
     return torch.stack([mt[name] for name in _PLAN_COLUMNS]).to(torch.int32)
 
 
+def _select_columns(columns: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """``columns[:, choice]`` in one gather, each row starting 16-byte aligned: a layer's slice of every plan vector
+    (and of ``flags``) is then aligned or misaligned alike, the two pack variants the warmup compiles."""
+    n = choice.numel()
+    pad = -n % 4
+    if pad:
+        choice = torch.nn.functional.pad(choice, (0, pad))
+    return columns.index_select(1, choice)[:, :n]
+
+
 @functools.lru_cache(maxsize=32)
 def _dense_only(c: int, dense_i: int, device: torch.device) -> torch.Tensor:
     """The errors of a segment that may only stay dense: shape ``[c]``, ``inf`` but 0 for candidate ``dense_i``.
@@ -355,7 +365,7 @@ def plan_fast_layers(
     choice, lam = choose_candidates_batched(err, mt["bytes"], budget_t)
     est_err = err.gather(2, choice[..., None]).squeeze(2).float()
 
-    cols = dict(zip(_PLAN_COLUMNS, _plan_columns(items, d, dev).index_select(1, choice.reshape(-1))))
+    cols = dict(zip(_PLAN_COLUMNS, _select_columns(_plan_columns(items, d, dev), choice.reshape(-1))))
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(s, device=dev).expand(nl * n, s))
     i32 = torch.int32
     plan = fmt.SegmentPlan(

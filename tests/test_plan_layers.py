@@ -220,6 +220,20 @@ def test_stacked_layers_give_the_plans_of_per_layer_tensors(dtype, max_segments)
             assert torch.equal(getattr(m.plan, f), getattr(r.plan, f)), f
 
 
+@pytest.mark.parametrize("pages, h", [(1, 1), (2, 3), (3, 2), (1, 5), (4, 4)])
+def test_each_layers_plan_vectors_are_aligned_alike(pages, h):
+    """A layer's int32 plan vectors (forms, params, flags) are all 16-byte aligned or none is: the pack kernel
+    specializes on each pointer's alignment, and the warmup compiles only those two variants."""
+    keys, values, queries, heads = layer_case(5, 5, pages, h, 16, 64, 2)
+    n = pages * h
+    ad = np.arange(n) < 1
+    plans = plan_fast_layers(keys, values, budget_bytes=[budget_for(n, 16, 64, ad, 3.0)] * 5, queries=queries,
+                             group_ids=heads, always_dense=ad)  # fmt: skip
+    for li, m in enumerate(plans):
+        vectors = (m.plan.k_form, m.plan.k_param, m.plan.v_form, m.plan.v_param, m.plan.flags)
+        assert len({t.data_ptr() % 16 == 0 for t in vectors}) == 1, (li, [t.data_ptr() % 16 for t in vectors])
+
+
 def test_invalid_inputs_name_the_argument():
     keys, values, queries, heads = layer_case(0, 2, 2, 2, 16, 64, 1)
     ok = dict(budget_bytes=[10**9, 10**9], queries=queries, group_ids=heads)
