@@ -445,14 +445,16 @@ case "$step" in
     # CUDA, the sidecar bridge's cost, the seal planner's cost and profile, then (budget allowing) the other chan drop
     # methods and the rest of the kernel tests compiled for the GPU. Profiler traces are summarized and dropped (the
     # ninth run's traces made the results too slow to pack in the call). SEAL_ONLY=1: the estimate terms kernel's
-    # tests compiled for the GPU, then the seal planner's runs, nothing else
+    # tests compiled for the GPU and the late-compile watch's, then the seal planner's runs, nothing else
     if [ "${SEAL_ONLY:-0}" = 1 ]; then
       timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_estimate_terms.py \
-        tests/test_estimate_terms_select.py > "$out/estimate-terms-tests.log" 2>&1 || echo "estimate terms tests rc=$?"
+        tests/test_estimate_terms_select.py tests/test_late_compiles.py -m "not slow" \
+        > "$out/estimate-terms-tests.log" 2>&1 || echo "estimate terms tests rc=$?"
       tail -3 "$out/estimate-terms-tests.log"
     else
       timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_decode_tune.py \
-        tests/test_chan_drop_select.py tests/test_estimate_terms_select.py > "$out/gpu-tests.log" 2>&1 \
+        tests/test_chan_drop_select.py tests/test_estimate_terms_select.py tests/test_late_compiles.py \
+        > "$out/gpu-tests.log" 2>&1 \
         || echo "gpu tests rc=$?"
       tail -3 "$out/gpu-tests.log"
       # the backend's GPU tests: captured decode graphs replay like eager, and the overlap scheduler's decode plan does

@@ -40,6 +40,7 @@ from mosaickv_sglang.batch_inputs import read_rows_and_slots, scheduled_batch_fo
 from mosaickv_sglang.call_profile import CallProfile
 from mosaickv_sglang.kernels._checks import debug_checks_enabled
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
+from mosaickv_sglang.late_compiles import LateCompileWatch
 from mosaickv_sglang.pool import to_device
 from mosaickv_sglang.runtime import register_sealer
 from mosaickv_sglang.sealer import Sealer, seal_beside_step_enabled
@@ -247,6 +248,7 @@ class MosaicAttnBackend(AttentionBackend):
         self.rows_read_seconds = 0.0  # the plans' reads of their batches' rows (_read_rows) so far
         self.call_profile = CallProfile.from_env(int(getattr(model_runner, "tp_rank", 0) or 0),
                                                  int(getattr(model_runner, "tp_size", 1) or 1))  # fmt: skip
+        self.late_compiles: Optional[LateCompileWatch] = None  # installed after the warmup (CUDA)
         self.auto_seal = bool(auto_seal)
         if self.auto_seal and self.config.sidecar:
             from mosaickv_sglang.sidecar.bridge import SidecarBridge
@@ -257,6 +259,7 @@ class MosaicAttnBackend(AttentionBackend):
             self._tune_decode(model_runner)
             self._warmup(model_runner)
             self._choose_planner_methods()
+            self.late_compiles = LateCompileWatch().install()
 
     def _tune_decode(self, model_runner: Any) -> None:
         """Make the sparse decode's fastest output-invariant variant on this GPU its default (:mod:`.decode_tune`),
