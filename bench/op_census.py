@@ -19,6 +19,12 @@ on CUDA, up to dtype casts that are no-ops when the dtype already matches). Each
 ``by_name`` tallies ``"<kind>:<op>"``; ``by_site`` tallies the kernel ops by the innermost frame of the code under
 study (the first frame whose file path contains one of ``site_roots``), as ``"file:line (function)"``, to point at
 the loops that dispatch them.
+
+``bytes_by_name`` and ``bytes_by_site`` tally the memory traffic of the kernel ops the same ways: each op's tensor
+arguments and results, an argument counted once per distinct element it addresses (a broadcast, stride-0 dimension
+counts once), at their element sizes. It is what a kernel of that op reads and writes at least, so at a GPU's copy
+bandwidth ``total_bytes`` bounds the GPU time a memory-bound path needs from below, and the sites with the most
+bytes are where a fused kernel saves the most. ``flops`` counts the matrix products' multiply-adds times two.
 """
 
 from __future__ import annotations
@@ -94,6 +100,9 @@ class OpCensus(TorchDispatchMode):
         self.counts: Counter = Counter({k: 0 for k in KINDS})
         self.by_name: Counter = Counter()
         self.by_site: Counter = Counter()
+        self.bytes_by_name: Counter = Counter()
+        self.bytes_by_site: Counter = Counter()
+        self.flops = 0
 
     @property
     def total(self) -> int:
@@ -114,11 +123,18 @@ class OpCensus(TorchDispatchMode):
     ) -> Any:
         kwargs = kwargs or {}
         kind = classify(func, args, kwargs)
+        name = func.overloadpacket.__name__
         self.counts[kind] += 1
-        self.by_name[f"{kind}:{func.overloadpacket.__name__}"] += 1
+        self.by_name[f"{kind}:{name}"] += 1
+        out = func(*args, **kwargs)
         if kind == "kernel":
-            self.by_site[self._site()] += 1
-        return func(*args, **kwargs)
+            site = self._site()
+            self.by_site[site] += 1
+            moved = traffic_bytes(args, kwargs, out)
+            self.bytes_by_name[name] += moved
+            self.bytes_by_site[site] += moved
+            self.flops += matmul_flops(name, args, out)
+        return out
 
     def report(self, top: int = 20) -> Dict[str, object]:
         """JSON-ready summary: ``ops`` (all), ``ops_by_kind``, and the ``top`` entries of ``ops_by_name`` (every
@@ -130,4 +146,57 @@ class OpCensus(TorchDispatchMode):
             "ops_by_name": dict(self.by_name.most_common(top)),
             "kernel_ops_by_name": dict(kernels.most_common(top)),
             "kernel_ops_by_site": dict(self.by_site.most_common(top)),
+            "total_bytes": self.total_bytes,
+            "flops": self.flops,
+            "bytes_by_name": dict(self.bytes_by_name.most_common(top)),
+            "bytes_by_site": dict(self.bytes_by_site.most_common(top)),
         }
+
+    @property
+    def total_bytes(self) -> int:
+        """Memory traffic of every kernel op (see the module docstring)."""
+        return sum(self.bytes_by_name.values())
+
+
+def addressed_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements ``t`` addresses: its numel without its stride-0 (broadcast) dimensions."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return 0 if t.numel() == 0 else n * t.element_size()
+
+
+def _tensors(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def traffic_bytes(args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> int:
+    """Bytes one kernel op reads and writes at least: its tensor arguments and results (a tensor passed twice, e.g.
+    an in-place op's result, once)."""
+    seen = set()
+    total = 0
+    for t in _tensors((args, kwargs, out)):
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += addressed_bytes(t)
+    return total
+
+
+_MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm"}
+
+
+def matmul_flops(name: str, args: Tuple[Any, ...], out: Any) -> int:
+    """``2 * M * N * K`` (times the batch) for a matrix product op, else 0."""
+    if name not in _MATMULS or not isinstance(out, torch.Tensor):
+        return 0
+    a = args[1] if name in {"addmm", "baddbmm", "addbmm"} else args[0]
+    return 2 * out.numel() * int(a.shape[-1]) * (int(a.shape[0]) if name == "addbmm" else 1)

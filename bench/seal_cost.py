@@ -15,12 +15,15 @@ checks that both give the same plans (choices and estimated error per layer). Ex
 
 It also takes an op census of each (:class:`bench.op_census.OpCensus`, one extra untimed run): the aten ops one
 call dispatches (``ops``), split by kind (``ops_by_kind``: ``kernel`` ops launch at least one kernel on a GPU;
-``view``, ``alloc`` and ``transfer`` ops do not), and the 20 most frequent ops (``ops_by_name``, every kind;
-``kernel_ops_by_name``) and code sites of the planner dispatching kernel ops (``kernel_ops_by_site``). The census
-is the same on the CPU as on a GPU up to dtype casts (``.float()`` of an fp32 tensor dispatches nothing, so a
-``--dtype fp16`` census is the one to compare with a GPU run in fp16), so a launch-bound GPU call can be studied on
-the CPU: how ``one_call.ops_by_kind.kernel`` grows with ``--pages`` and ``--layers`` says which loops dispatch per
-layer, per chunk or per menu entry. ``--no-count`` skips both counting runs.
+``view``, ``alloc`` and ``transfer`` ops do not), the 20 most frequent ops (``ops_by_name``, every kind;
+``kernel_ops_by_name``) and code sites of the planner dispatching kernel ops (``kernel_ops_by_site``), and the
+kernel ops' memory traffic (``total_bytes``, ``bytes_by_name``, ``bytes_by_site``: what each reads and writes at
+least) and the matrix products' ``flops``. The census is the same on the CPU as on a GPU up to dtype casts
+(``.float()`` of an fp32 tensor dispatches nothing, so a ``--dtype fp16`` census is the one to compare with a GPU run
+in fp16) and the methods chosen on CUDA only (the Triton chan drop and estimate terms kernels, whose traffic the
+census does not see), so a launch-bound or memory-bound GPU call can be studied on the CPU: how
+``one_call.ops_by_kind.kernel`` grows with ``--pages`` and ``--layers`` says which loops dispatch per layer, per chunk
+or per menu entry, and ``bytes_by_site`` where fusing saves the most traffic. ``--no-count`` skips both counting runs.
 
 ``--profile DIR`` runs each path once more under :mod:`torch.profiler` (CPU, plus CUDA on a GPU) and writes to
 ``DIR`` ``<path>_by_self_cpu.txt`` (top ops by self CPU time), on CUDA ``<path>_by_self_device.txt`` (top ops by

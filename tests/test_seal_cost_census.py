@@ -55,6 +55,29 @@ def test_census_classifies_kernels_views_allocs_and_transfers():
     assert census.total == 10
 
 
+def test_census_counts_each_kernels_traffic_and_the_products_flops():
+    """A kernel op's bytes are its arguments' and results' distinct elements (a broadcast input once, an in-place
+    result that is its argument once); views move nothing; matrix products count 2*M*N*K multiply-add flops."""
+    x, y = torch.randn(100, 8), torch.randn(100, 8, dtype=torch.float16)
+    row = torch.randn(1, 8).expand(100, 8)
+    a, b = torch.randn(3, 5, 7), torch.randn(3, 7, 2)
+    with OpCensus() as census:
+        x.view(800)
+        x + y  # fp32 + fp16 -> fp32: 3200 + 1600 + 3200
+        x * row  # 3200 + 32 + 3200
+        x.add_(1.0)  # 3200
+        torch.bmm(a, b)
+        torch.addmm(torch.zeros(5, 2), a[0], b[0])
+    assert census.bytes_by_name["add"] == 3200 + 1600 + 3200 and census.bytes_by_name["add_"] == 3200
+    assert census.bytes_by_name["mul"] == 3200 + 32 + 3200
+    assert census.bytes_by_name["bmm"] == (105 + 42 + 30) * 4
+    assert census.flops == 2 * 3 * 5 * 2 * 7 + 2 * 5 * 2 * 7
+    assert census.total_bytes == sum(census.bytes_by_site.values()) == sum(census.bytes_by_name.values())
+    report = census.report()
+    assert report["total_bytes"] == census.total_bytes and report["flops"] == census.flops
+    assert list(report["bytes_by_name"])[0] == "add"
+
+
 def test_seal_cost_reports_a_stable_census_of_each_path(capsys):
     """One call dispatches a non-zero number of ops, split by kind; the top-20 tables are consistent with the totals;
     a second run counts exactly the same ops; the one-call path dispatches fewer kernels than the per-layer one."""
