@@ -16,7 +16,11 @@
 #   8b       Llama-3.1-8B shape, dummy weights, --mem-fraction-static 0.4: sglang.bench_serving (32 x 8000 in /
 #            256 out, rate inf) against mosaic at $RATIO (default 4, sidecar on), then stock SGLang (flashinfer), one
 #            server at a time; after mosaic's bench (and stock's with PROFILE_STOCK=1), 1 prefill and 3 decode steps
-#            under torch's profiler, GPU kernels only (bench.profile_summary: GPU busy vs span, per kernel)
+#            under torch's profiler, GPU kernels only (bench.profile_summary: GPU busy vs span, per kernel). The
+#            workload and memory: PROMPTS, IN_LEN, OUT_LEN, MEM_FRACTION, CONTEXT_LEN, BENCH_TIMEOUT (seconds a bench);
+#            e.g. PROMPTS=16 IN_LEN=32000 OUT_LEN=2000 MEM_FRACTION=0.2 CONTEXT_LEN=34100 BENCH_TIMEOUT=200: issue #4's
+#            long-context workload scaled to the KV memory left by --mem-fraction-static (each server sizes its own
+#            pool in that memory: the capacity-bound regime). FP8=1 adds stock with --kv-cache-dtype fp8_e4m3 last
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
@@ -531,12 +535,13 @@ case "$step" in
     # both with decode CUDA graphs (batch sizes up to 32); MOSAIC_ARGS adds mosaic flags (e.g. "--mosaic-cuda-graph
     # off"), STOCK=0 skips stock, HOST_PROFILE=1 writes the mosaic server's plan profiles (host-profile.<kind>),
     # HOST_SAMPLES=1 samples both schedulers' stacks (stacks_summary above) over their bench
+    bench_timeout="${BENCH_TIMEOUT:-150}"
     common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy
-            --mem-fraction-static 0.4 --disable-prefill-cuda-graph --cuda-graph-max-bs 32 --context-length 16384
-            --enable-metrics)
+            --mem-fraction-static "${MEM_FRACTION:-0.4}" --disable-prefill-cuda-graph --cuda-graph-max-bs 32
+            --context-length "${CONTEXT_LEN:-16384}" --enable-metrics)
     bench=(--backend sglang --host 127.0.0.1 --model "$MKV_MODELS/llama-3.1-8b-shape"
-           --tokenizer "$MKV_MODELS/llama-3.1-8b-shape" --dataset-name random-ids --num-prompts 32
-           --random-input-len 8000 --random-output-len 256 --random-range-ratio 1.0)
+           --tokenizer "$MKV_MODELS/llama-3.1-8b-shape" --dataset-name random-ids --num-prompts "${PROMPTS:-32}"
+           --random-input-len "${IN_LEN:-8000}" --random-output-len "${OUT_LEN:-256}" --random-range-ratio 1.0)
     # HOST_PROFILE=1: the mosaic server profiles its plan calls (MOSAICKV_PROFILE; its numbers are then not to be
     # compared with stock's: cProfile slows the Python it watches)
     host_profile=""
@@ -551,7 +556,7 @@ case "$step" in
     curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r${ratio}.info.json" || true
     curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-bench-mosaic-r${ratio}.txt" || true
     stacks_mark "mosaic-r${ratio}" before
-    timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
+    timeout "$bench_timeout" python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
       --output-file "$out/bench-mosaic-r${ratio}.jsonl" > "$out/bench-mosaic-r${ratio}.log" 2>&1 \
       || echo "mosaic bench rc=$?"
     # decode step p50/p99 without prefill steps, and the time sealing and the sidecar took during the bench
@@ -571,12 +576,23 @@ case "$step" in
       wait_ready 30001 300
       curl -s http://127.0.0.1:30001/get_server_info > "$out/dense.info.json" || true
       stacks_mark dense before
-      timeout 150 python3 -m sglang.bench_serving "${bench[@]}" --port 30001 --output-file "$out/bench-dense.jsonl" \
-        > "$out/bench-dense.log" 2>&1 || echo "dense bench rc=$?"
+      timeout "$bench_timeout" python3 -m sglang.bench_serving "${bench[@]}" --port 30001 \
+        --output-file "$out/bench-dense.jsonl" > "$out/bench-dense.log" 2>&1 || echo "dense bench rc=$?"
       stacks_summary dense
       # the stock profile only on request (PROFILE_STOCK=1): with it the step runs past a 600 s call (ninth run)
       [ "${PROFILE_STOCK:-0}" = 0 ] || profile_steps 30001 "$out/dense.server.log" dense || echo "dense profile rc=$?"
       kill "$dense_pid" 2>/dev/null || true
+      wait "$dense_pid" 2>/dev/null || true
+    fi
+    if [ "${FP8:-0}" = 1 ]; then
+      python3 -m sglang.launch_server "${common[@]}" --port 30002 --attention-backend flashinfer \
+        --kv-cache-dtype fp8_e4m3 > "$out/fp8.server.log" 2>&1 &
+      fp8_pid=$!
+      wait_ready 30002 300
+      curl -s http://127.0.0.1:30002/get_server_info > "$out/fp8.info.json" || true
+      timeout "$bench_timeout" python3 -m sglang.bench_serving "${bench[@]}" --port 30002 \
+        --output-file "$out/bench-fp8.jsonl" > "$out/bench-fp8.log" 2>&1 || echo "fp8 bench rc=$?"
+      kill "$fp8_pid" 2>/dev/null || true
     fi
     ;;
   *)
