@@ -32,6 +32,8 @@ QUANTILES = (0.5, 0.9, 0.99)
 SIDECAR_METRIC = "sglang:mosaic_sidecar_step_seconds_total"
 SEAL_SECONDS_METRIC = "sglang:mosaic_seal_seconds_total"
 SEAL_CALLS_METRIC = "sglang:mosaic_seal_calls_total"
+SEAL_PART_METRICS = {"seal_plan_s": "sglang:mosaic_seal_plan_seconds_total",
+                     "seal_gpu_s": "sglang:mosaic_seal_gpu_seconds_total"}  # fmt: skip
 PLAN_SECONDS_METRIC = "sglang:mosaic_decode_plan_seconds_total"
 PLANS_METRIC = "sglang:mosaic_decode_plans_total"
 PLAN_PART_METRICS = {"plan_seal_s": "sglang:mosaic_decode_plan_seal_seconds_total",
@@ -45,7 +47,7 @@ IO_THREAD_METRIC = "sglang:mosaic_sidecar_io_thread_seconds_total"
 # load_quantiles' keys for the counters it reads, and their series
 COUNTERS = {"sidecar_s": SIDECAR_METRIC, "seal_s": SEAL_SECONDS_METRIC, "seal_calls": SEAL_CALLS_METRIC,
             "plan_s": PLAN_SECONDS_METRIC, "plans": PLANS_METRIC, **SIDECAR_PART_METRICS, **PLAN_PART_METRICS,
-            "io_s": IO_THREAD_METRIC}
+            "io_s": IO_THREAD_METRIC, **SEAL_PART_METRICS}
 
 
 def read_scrape(text: str) -> Tuple[Dict[float, float], Dict[str, float]]:
@@ -103,6 +105,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ms = "  ".join(f"{k} {'-' if got[k] is None else f'{got[k] * 1e3:.2f} ms'}" for k in quantile_keys)
         if got["seal_s"] is not None:
             ms += f"  sealing {got['seal_s'] * 1e3:.1f} ms in {int(got['seal_calls'] or 0)} calls"
+            named = (("seal_plan_s", "planning"), ("seal_gpu_s", "GPU span"))
+            parts = [f"{name} {got[k] * 1e3:.1f} ms" for k, name in named if got.get(k) is not None]
+            if parts:
+                ms += f" ({', '.join(parts)})"
         sidecar = got["sidecar_s"]
         if sidecar is not None:
             # not divided by the decode steps: the counter includes prefill steps (the tenth run's 2 s of a 33 s

@@ -13,13 +13,16 @@ is active and tallies three kinds:
   no-ops).
 
 On a GPU each of the first two is one synchronisation; the counts on the CPU are the same, so a CPU test can bound
-the synchronisations of a code path. ``by_name`` keeps the tally per function name.
+the synchronisations of a code path. ``by_name`` keeps the tally per function name, ``by_site`` the synchronisations
+per code site (the innermost frame under one of ``site_roots``, as ``"file:line (function)"``).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections import Counter
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -55,14 +58,19 @@ class HostSyncCounter(TorchFunctionMode):
     reads, sized, copies : int
     by_name : collections.Counter
         ``"<kind>:<function>"`` -> calls.
+    by_site : collections.Counter
+        ``"<kind>:<function> file:line (function)"`` -> synchronisations (reads and sized ops), at the innermost frame
+        whose file path contains one of ``site_roots`` (default ``("mosaickv_sglang",)``), or ``<other>``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, site_roots: Sequence[str] = ("mosaickv_sglang",)) -> None:
         super().__init__()
+        self.site_roots = tuple(site_roots)
         self.reads = 0
         self.sized = 0
         self.copies = 0
         self.by_name: Counter = Counter()
+        self.by_site: Counter = Counter()
 
     @property
     def syncs(self) -> int:
@@ -72,6 +80,17 @@ class HostSyncCounter(TorchFunctionMode):
     def _count(self, kind: str, name: str) -> None:
         setattr(self, kind, getattr(self, kind) + 1)
         self.by_name[f"{kind}:{name}"] += 1
+        if kind != "copies":
+            self.by_site[f"{kind}:{name} {self._site()}"] += 1
+
+    def _site(self) -> str:
+        frame = sys._getframe(2)
+        while frame is not None:
+            path = frame.f_code.co_filename
+            if any(root in path for root in self.site_roots):
+                return f"{os.path.basename(path)}:{frame.f_lineno} ({frame.f_code.co_name})"
+            frame = frame.f_back
+        return "<other>"
 
     def __torch_function__(
         self, func: Callable, types: Any, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None

@@ -135,6 +135,10 @@ class MosaicStats:
         The sealer's :meth:`~mosaickv_sglang.sealer.Sealer.seal` calls since start.
     seal_seconds : float
         Scheduler time those calls took (planning and packing, device waits included).
+    seal_plan_seconds : float
+        Of that time: the planner's calls (their device reads included).
+    seal_gpu_seconds : float or None
+        The seals' GPU spans (:class:`~mosaickv_sglang.seal_spans.SealSpans`) collected so far; ``None`` off CUDA.
     decode_plans, decode_plan_seconds : int, float
         Decode batches planned by the attention backend and the scheduler time their plans took (sealing and the
         sidecar's tick included).
@@ -162,6 +166,8 @@ class MosaicStats:
     granules_compacted: int
     seal_calls: int
     seal_seconds: float
+    seal_plan_seconds: float
+    seal_gpu_seconds: Optional[float]
     decode_plans: int
     decode_plan_seconds: float
     decode_plan_seal_seconds: float
@@ -226,6 +232,8 @@ def collect_stats(sealer: "Sealer") -> MosaicStats:
         granules_compacted=int(store.granules_compacted),
         seal_calls=int(sealer.seal_calls),
         seal_seconds=float(sealer.seal_seconds),
+        seal_plan_seconds=float(sealer.seal_plan_seconds),
+        seal_gpu_seconds=float(sealer.spans.collect()) if sealer.spans.enabled else None,
         decode_plans=int(sealer.decode_plans),
         decode_plan_seconds=float(sealer.decode_plan_seconds),
         decode_plan_seal_seconds=float(sealer.decode_plan_seal_seconds),
@@ -286,6 +294,12 @@ METRICS: Tuple[MetricSpec, ...] = (
     MetricSpec("sglang:mosaic_seal_seconds_total", "counter",
                "Scheduler time spent sealing (planning and packing, device waits included).",
                lambda st: st.seal_seconds),
+    MetricSpec("sglang:mosaic_seal_plan_seconds_total", "counter",
+               "Of the sealing time: the fast planner's calls (their device reads included).",
+               lambda st: st.seal_plan_seconds),
+    MetricSpec("sglang:mosaic_seal_gpu_seconds_total", "counter",
+               "GPU time spanned by the seals' device work (CUDA events on the seal's stream, collected without "
+               "waiting; absent off CUDA).", lambda st: st.seal_gpu_seconds),
     MetricSpec("sglang:mosaic_decode_plans_total", "counter", "Decode batches planned by the mosaic backend.",
                lambda st: st.decode_plans),
     MetricSpec("sglang:mosaic_decode_plan_seconds_total", "counter",

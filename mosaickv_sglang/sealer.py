@@ -38,6 +38,7 @@ from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
+from mosaickv_sglang.seal_spans import SealSpans
 from mosaickv_sglang.strategies import RATIO_MARGIN, axes_menu, menu_max_ratio
 from mosaickv_sglang.strategies.base import dense_segment_bytes
 
@@ -307,6 +308,10 @@ class Sealer:
     seal_calls, seal_seconds : int, float
         Calls of :meth:`seal` (one planner call and one pack each, whatever the pages) and the scheduler time they
         took, device waits included, the sidecar's copies excluded (those are the bridge's ``submit_seconds``).
+    seal_plan_seconds : float
+        Of ``seal_seconds``: the planner's calls (:meth:`plan_layers`, its device reads included).
+    spans : SealSpans
+        The seals' GPU spans on CUDA (``spans.gpu_seconds``, collected at each status line and metrics read).
     decode_plans, decode_plan_seconds : int, float
         Decode batches the attention backend planned and the scheduler time its plans took (host work before each
         decode forward: sealing and the sidecar's tick included; counted by the backend).
@@ -350,6 +355,8 @@ class Sealer:
         self.pages_left_dense = 0
         self.seal_calls = 0
         self.seal_seconds = 0.0
+        self.seal_plan_seconds = 0.0
+        self.spans = SealSpans(torch.device(pool.device))
         self.stalls = HostStalls()
         self.decode_plans = 0
         self.decode_plan_seconds = 0.0
@@ -581,12 +588,13 @@ class Sealer:
         if self.rows_read:
             reads = ", ".join(f"{kind} {why} {n}" for (kind, why), n in sorted(self.rows_read.items()))
             beside += f" (plans' rows read: {reads})"
+        span = f", GPU span {self.spans.collect():.1f} s" if self.spans.enabled else ""
         logger.info(
             "MosaicKV: %d pages sealed (%d under hot-pool pressure, %d left dense for want of arena room) in %d "
-            "calls%s (%.1f s), arena %.1f%% reserved (%d compactions), %d free hot pages, room for %d more tokens, "
-            "compression ratio %.2f%s%s",
+            "calls%s (%.1f s, planning %.1f s%s), arena %.1f%% reserved (%d compactions), %d free hot pages, room for "
+            "%d more tokens, compression ratio %.2f%s%s",
             self.pages_sealed, self.pressure_pages_sealed, self.pages_left_dense, self.seal_calls, beside,
-            self.seal_seconds,
+            self.seal_seconds, self.seal_plan_seconds, span,
             100.0 * ledger.reserved / max(1, ledger.capacity), self.pool.store.compactions,
             self.pool.num_free_physical_pages,
             self.pool.admissible_tokens(), self.pool.store.compression_ratio(), sidecar, self.stalls.summary(),
@@ -692,9 +700,11 @@ class Sealer:
         """
         t0 = time.perf_counter()
         submitted0 = self.sidecar.submit_seconds if self.sidecar is not None else 0.0
+        self.spans.begin()
         try:
             return self._seal(pages, sink_mask)
         finally:
+            self.spans.end()
             submitted = self.sidecar.submit_seconds - submitted0 if self.sidecar is not None else 0.0
             self.seal_seconds += time.perf_counter() - t0 - submitted
             self.seal_calls += 1
@@ -714,7 +724,9 @@ class Sealer:
             reserve = ledger.reservation(dense_mask, ratio)
             if int(reserve.sum()) > ledger.room:
                 continue
+            t_plan = time.perf_counter()
             plans = self.plan_layers(pages, dense_mask, ratio)
+            self.seal_plan_seconds += time.perf_counter() - t_plan
             with self.sidecar.sealing() if self.sidecar is not None else contextlib.nullcontext():
                 if self.sidecar is not None:
                     self.sidecar.submit_sealed(pages, dense_mask, ratio, self.gather)

@@ -19,6 +19,7 @@ from bench.decode_steps import (  # noqa: E402
     PLAN_SECONDS_METRIC,
     PLANS_METRIC,
     SEAL_CALLS_METRIC,
+    SEAL_PART_METRICS,
     SEAL_SECONDS_METRIC,
     SIDECAR_METRIC,
     SIDECAR_PART_METRICS,
@@ -140,6 +141,33 @@ def test_sidecar_parts_are_printed_when_exported(tmp_path, capsys):
     assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
     assert ("sidecar before forwards 500.0 ms (prefill steps included) (submit 250.0 ms, land 125.0 ms, apply 62.5 ms)"
             "  I/O thread beside the scheduler 2000.0 ms" in capsys.readouterr().out)
+
+
+def test_seal_parts_are_printed_when_exported(tmp_path, capsys):
+    """A server that exports the sealing time's planner part and the seals' GPU span gets them after the sealing
+    total; one that exports the planner part only (off CUDA) gets that alone."""
+    registry = CollectorRegistry()
+    hist = Histogram(METRIC, "decode steps", buckets=DECODE_STEP_BUCKETS, registry=registry)
+    seal_s = Counter(SEAL_SECONDS_METRIC.removesuffix("_total"), "sealing", registry=registry)
+    seal_n = Counter(SEAL_CALLS_METRIC.removesuffix("_total"), "sealing calls", registry=registry)
+    plan = Counter(SEAL_PART_METRICS["seal_plan_s"].removesuffix("_total"), "planning", registry=registry)
+    before = _scrape(registry)
+    for _ in range(10):
+        hist.observe(0.01)
+    seal_s.inc(2.0)
+    seal_n.inc(4)
+    plan.inc(1.5)
+    (tmp_path / "b.txt").write_text(before)
+    (tmp_path / "a.txt").write_text(_scrape(registry))
+    assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("  sealing 2000.0 ms in 4 calls (planning 1500.0 ms)")
+    gpu = Counter(SEAL_PART_METRICS["seal_gpu_s"].removesuffix("_total"), "GPU span", registry=registry)
+    gpu.inc(0.25)
+    (tmp_path / "a.txt").write_text(_scrape(registry))
+    got = load_quantiles(before, _scrape(registry))
+    assert (got["seal_plan_s"], got["seal_gpu_s"]) == (1.5, 0.25)
+    assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
+    assert "  sealing 2000.0 ms in 4 calls (planning 1500.0 ms, GPU span 250.0 ms)" in capsys.readouterr().out
 
 
 def test_errors_name_the_scrape_at_fault(tmp_path, capsys):

@@ -348,7 +348,9 @@ def test_status_line_has_compression_ratio_and_sidecar_fields(caplog):
     assert lines[3].endswith("resegment off, slowest units job 17.2 ms, apply 2.1 ms")
     assert lines[4].endswith("resegment off")
     assert lines[0].startswith("MosaicKV: 4 pages sealed (0 under hot-pool pressure") and lines[0].endswith(ratio)
-    assert f"arena room) in 1 calls ({sealer.seal_seconds:.1f} s), arena " in lines[0]
+    assert f"arena room) in 1 calls ({sealer.seal_seconds:.1f} s, planning {sealer.seal_plan_seconds:.1f} s), " \
+        "arena " in lines[0]
+    assert 0 < sealer.seal_plan_seconds <= sealer.seal_seconds
     assert lines[1].endswith(f"{ratio}; sidecar: 3 jobs queued, 7 plans applied, 4 discarded, 2 re-segmentations")
     assert lines[2].endswith(f"{ratio}; sidecar: 1 jobs queued, 8 plans applied, 4 discarded, resegment off")
 
