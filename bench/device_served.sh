@@ -436,11 +436,15 @@ case "$step" in
     # issue #4's TPOT over context on the 8B shape (dummy weights): prompts of 32,768 and 130,048 tokens, 1 and 16
     # requests at once (SGLang queues what its pool cannot hold), 64 output tokens; one configuration per call
     # (CONFIG=mosaic-r4 by default, or dense, fp8); merge the calls with
-    # `python -m bench.serving_throughput --merge DIR... --out DIR`
+    # `python -m bench.serving_throughput --merge DIR... --out DIR`; MOSAIC_ARGS adds flags to a mosaic
+    # configuration's server (e.g. "--mosaic-overlap-schedule on")
+    config="${CONFIG:-mosaic-r4}"
+    extra=""
+    case "$config" in mosaic*) extra="${MOSAIC_ARGS:-}" ;; esac
     timeout $(( $(left) - 10 )) python3 -m bench.serving_throughput --model "$MKV_MODELS/llama-3.1-8b-shape" \
-      --configs "${CONFIG:-mosaic-r4}" --dense-backend flashinfer --server-args "--load-format dummy \
+      --configs "$config" --dense-backend flashinfer --server-args "--load-format dummy \
       --mem-fraction-static 0.85 --disable-prefill-cuda-graph --cuda-graph-max-bs 16 --context-length 131072 \
-      --enable-metrics" --context-lengths 32768 130048 --context-batch 1 16 --context-output-len 64 \
+      --enable-metrics $extra" --context-lengths 32768 130048 --context-batch 1 16 --context-output-len 64 \
       --budget-seconds $(( $(left) - 30 )) --point-timeout 400 --ready-timeout 300 --out "$out" \
       > "$out/tpot.log" 2>&1 || echo "tpot rc=$?"
     ;;
