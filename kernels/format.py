@@ -220,7 +220,8 @@ class SegmentPlan:
         shape ``[N]``, dtype ``torch.int32``; descriptor flags (bit 0 :data:`FLAG_ALWAYS_READ`).
 
     All tensors must be on one device. ``__post_init__`` checks shapes, dtypes and parameter ranges (this reads
-    one value, i.e. synchronizes with the GPU once: plans are built off the decode path).
+    one value, i.e. synchronizes with the GPU once). ``check_values=False`` (a plan valid by construction, e.g. the
+    fast planner's in a seal) checks shapes and dtypes only, reading nothing, unless ``MOSAICKV_DEBUG_CHECKS=1``.
     """
 
     token_keep: torch.Tensor
@@ -233,8 +234,9 @@ class SegmentPlan:
     k_factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     v_factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     flags: Optional[torch.Tensor] = None
+    check_values: dataclasses.InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check_values: bool = True) -> None:
         from . import _checks  # local import: _checks is tiny, keeps format importable on its own
 
         keep = self.token_keep
@@ -273,7 +275,7 @@ class SegmentPlan:
                     raise ValueError(f"{nm}: expected a floating dtype, got {t.dtype}")
         # One reduction and one read of the result (one GPU synchronisation per plan); the checks that name the
         # problem run only when it is set.
-        if bool(self._any_invalid_value(d, s)):
+        if (check_values or _checks.debug_checks_enabled()) and bool(self._any_invalid_value(d, s)):
             self._raise_invalid_value(d, s)
 
     def _any_invalid_value(self, d: int, s: int) -> torch.Tensor:

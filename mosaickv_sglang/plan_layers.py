@@ -374,17 +374,20 @@ def plan_fast_layers(
         k_param=cols["k_param"],
         v_form=cols["v_form"],
         v_param=cols["v_param"],
-        k_chan_weight=imp.k_chan_weight.contiguous(),
-        v_chan_weight=imp.v_chan_weight.contiguous(),
+        # valid by construction, so no value is read back (a seal's one read is its payload sizes): keep masks of
+        # m >= 1 tokens, forms and params from the checked menu, weights >= 0 made finite (non-finite queries would
+        # give non-finite ones)
+        k_chan_weight=torch.nan_to_num(imp.k_chan_weight, nan=0.0, neginf=0.0).contiguous(),
+        v_chan_weight=torch.nan_to_num(imp.v_chan_weight, nan=0.0, neginf=0.0).contiguous(),
         flags=ad_t.to(i32).repeat(nl) * fmt.FLAG_ALWAYS_READ,
+        check_values=False,
     )
     seg_bytes = mt["bytes"][choice]
-    lams = lam.tolist()
     results = [
         PlanResult(plan.segment_slice(i * n, (i + 1) * n), items, choice[i], est_err[i], seg_bytes[i], budgets[i],
-                   n * dense_b, lams[i])  # fmt: skip
+                   n * dense_b, lam[i])  # fmt: skip
         for i in range(nl)
     ]
     if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("planned %d layers x %d segments, lambdas %s", nl, n, lams)
+        logger.debug("planned %d layers x %d segments, lambdas %s", nl, n, lam.tolist())
     return results

@@ -36,7 +36,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -111,8 +111,10 @@ class PlanResult:
         The byte budget.
     dense_bytes : int
         Packed bytes of the all-dense plan.
-    lagrange_multiplier : float
-        The ``lambda`` of the sweep (0 when everything fit without it).
+    lagrange : float or torch.Tensor
+        The ``lambda`` of the sweep (0 when everything fit without it): a 0-d tensor on the plan's device when the
+        one-call planner chose it (:func:`~mosaickv_sglang.plan_layers.plan_fast_layers`: not read to the host
+        unless asked for), else a float. :attr:`lagrange_multiplier` reads it as a float.
     """
 
     plan: fmt.SegmentPlan
@@ -122,7 +124,12 @@ class PlanResult:
     seg_bytes: torch.Tensor
     budget_bytes: int
     dense_bytes: int
-    lagrange_multiplier: float
+    lagrange: Union[float, torch.Tensor]
+
+    @property
+    def lagrange_multiplier(self) -> float:
+        """:attr:`lagrange` as a float (reads it from the device when it is a tensor there)."""
+        return float(self.lagrange)
 
     @property
     def total_bytes(self) -> int:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from mkv_kernel_cases import random_plan
 
+from bench.host_syncs import HostSyncCounter
 from mosaickv_sglang.kernels import format as fmt
 from mosaickv_sglang.kernels.format import (
     FORM_CHAN,
@@ -109,6 +110,21 @@ def test_plan_rejects_invalid(over, match):
     """Invalid plans fail at construction with a message naming the field."""
     with pytest.raises(ValueError, match=match):
         _plan(**over)
+
+
+def test_unchecked_plan_checks_shapes_and_reads_no_value(monkeypatch):
+    """``check_values=False``: shapes and dtypes are still checked, values are not (nothing read), unless
+    MOSAICKV_DEBUG_CHECKS=1."""
+    monkeypatch.delenv("MOSAICKV_DEBUG_CHECKS", raising=False)
+    bad_values = dict(k_param=torch.tensor([0, 64, 4], dtype=torch.int32), check_values=False)
+    with HostSyncCounter() as count:
+        p = _plan(**bad_values)
+    assert count.reads == 0 and p.num_segments == 3
+    with pytest.raises(ValueError, match=r"k_form: expected shape \[3\]"):
+        _plan(k_form=torch.tensor([0, 1], dtype=torch.int32), check_values=False)
+    monkeypatch.setenv("MOSAICKV_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match=r"k_param: expected chan k in \[1, 63\]"):
+        _plan(**bad_values)
 
 
 def test_plan_uniform_helper():
