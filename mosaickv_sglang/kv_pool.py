@@ -612,9 +612,11 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         pages: torch.Tensor,
         plans_per_layer: Sequence[SegmentPlan],
         layer_ids: Optional[Sequence[int]] = None,
+        sizes: Optional[np.ndarray] = None,
     ) -> None:
         """Compress dense logical pages into the arenas, then free the physical pages of those now sealed in every
-        layer. All or nothing (see :meth:`CompressedKVStore.seal`).
+        layer. All or nothing (see :meth:`CompressedKVStore.seal`, which also takes the plans' payload ``sizes`` when
+        they were read from the device before).
 
         Parameters
         ----------
@@ -643,7 +645,7 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         s = self.page_size
         slots = torch.from_numpy(self._l2p[p] * s)[:, None] + torch.arange(s, dtype=torch.int64)[None, :]
         pages_t = torch.from_numpy(p.copy())
-        self.store.seal(pages_t, self.k_buffer, self.v_buffer, slots, plans_per_layer, layer_ids=local)
+        self.store.seal(pages_t, self.k_buffer, self.v_buffer, slots, plans_per_layer, layer_ids=local, sizes=sizes)
         self.page_epoch[p] += 1
         done = p if local is None else p[self.store.is_sealed(pages_t).numpy()]
         self._release(done)

@@ -35,6 +35,7 @@ from mosaickv_sglang.host_stalls import HostStalls
 from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
+from mosaickv_sglang.pending_seal import PendingSeal, seal_async_enabled, sizes_to_host
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
@@ -330,6 +331,12 @@ class Sealer:
         :meth:`end_plan`. Off: every seal runs on the current stream, after the step in flight.
     side_seals, pages_deferred : int
         Seals made beside the step in flight, and policy pages left for a later plan because that step writes them.
+    seal_async : bool
+        ``MOSAICKV_SEAL_ASYNC=1``: policy seals in two halves (:mod:`.pending_seal`), planned in one plan
+        (:meth:`start_seal`) and packed in the next (:meth:`finish_seal`); pressure seals stay whole.
+    async_seals, pending_voided : int
+        Seals packed a plan after they were planned, and planned seals voided (a page freed or sealed meanwhile, or
+        no ledger room left; their live pages are due again at the next plan).
     rows_read : dict
         With the overlap scheduler: plans by ``(kind, how their rows were read)`` (:meth:`note_rows_read`).
     """
@@ -368,6 +375,10 @@ class Sealer:
         self.rows_read: Dict[Tuple[str, str], int] = {}
         self.side_seals = 0
         self.pages_deferred = 0
+        self.seal_async = seal_async_enabled()
+        self.async_seals = 0
+        self.pending_voided = 0
+        self._pending: Optional[PendingSeal] = None
         self._planned_pages = np.zeros(0, dtype=np.int64)
         self._in_flight = np.zeros(0, dtype=np.int64)
         self._deferred = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
@@ -441,8 +452,19 @@ class Sealer:
         size call for."""
         pool = self.pool
         self._planned_pages = np.asarray(new_pages, dtype=np.int64)
+        if self._pending is not None:
+            # the previous plan's seal first: its pages leave the hot pool (and the due pages found before it), and
+            # a voided one's are due again below
+            finished = self._pending.pages
+            if self._can_seal_beside():
+                with self._beside_step():
+                    self.finish_seal()
+            else:
+                self.finish_seal()
+            keep = ~np.isin(chosen, finished)
+            chosen, sink_mask = np.asarray(chosen)[keep], np.asarray(sink_mask)[keep]
         deferred = np.zeros(0, dtype=np.int64)
-        if self.seal_beside_step:
+        if self.seal_beside_step or self.seal_async:
             deferred, deferred_sinks = self._still_deferrable()
             chosen = np.concatenate([np.asarray(chosen, dtype=np.int64), deferred])
             sink_mask = np.concatenate([np.asarray(sink_mask, dtype=bool), deferred_sinks])
@@ -463,7 +485,7 @@ class Sealer:
             chosen, sink_mask = chosen[~held], sink_mask[~held]
             if chosen.size >= self.min_seal_pages:
                 with self._beside_step():
-                    self.seal(chosen, sink_mask)
+                    self._policy_seal(chosen, sink_mask)
             self.maybe_log_status()
             return
         self._defer(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
@@ -477,7 +499,7 @@ class Sealer:
             self.seal(urgent, np.concatenate([sink_mask, np.zeros(extra.size, dtype=bool)])[:short])
             chosen, sink_mask = chosen[short:], sink_mask[short:]
         if chosen.size >= self.min_seal_pages:
-            self.seal(chosen, sink_mask)
+            self._policy_seal(chosen, sink_mask)
         elif deferred.size:
             kept = np.isin(chosen, deferred)
             self._defer(chosen[kept], sink_mask[kept])
@@ -585,6 +607,8 @@ class Sealer:
             )
         beside = (f" ({self.side_seals} beside the step in flight, {self.pages_deferred} pages deferred)"
                   if self.seal_beside_step else "")  # fmt: skip
+        if self.seal_async:
+            beside += f" ({self.async_seals} packed a plan later, {self.pending_voided} voided)"
         if self.rows_read:
             reads = ", ".join(f"{kind} {why} {n}" for (kind, why), n in sorted(self.rows_read.items()))
             beside += f" (plans' rows read: {reads})"
@@ -698,21 +722,78 @@ class Sealer:
         bool
             Whether the pages were sealed.
         """
+        with self._seal_time(count_call=True):
+            return self._seal(pages, sink_mask)
+
+    @contextlib.contextmanager
+    def _seal_time(self, count_call: bool) -> Iterator[None]:
+        """Counts the time inside in :attr:`seal_seconds` (the sidecar's copies excluded) and, on CUDA, the device
+        work queued inside in :attr:`spans`."""
         t0 = time.perf_counter()
         submitted0 = self.sidecar.submit_seconds if self.sidecar is not None else 0.0
         self.spans.begin()
         try:
-            return self._seal(pages, sink_mask)
+            yield
         finally:
             self.spans.end()
             submitted = self.sidecar.submit_seconds - submitted0 if self.sidecar is not None else 0.0
             self.seal_seconds += time.perf_counter() - t0 - submitted
-            self.seal_calls += 1
+            self.seal_calls += int(count_call)
+
+    def start_seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> bool:
+        """The first half of :meth:`seal` (:mod:`.pending_seal`): plan ``pages`` and start copying their payload
+        sizes to the host, without waiting for the device; :meth:`finish_seal` packs them. A seal still pending is
+        finished first. Returns whether a plan is now pending (``False``: no arena room, the pages stay dense)."""
+        self.finish_seal()
+        with self._seal_time(count_call=False):
+            planned = self._plan_fitting(pages, sink_mask)
+            if planned is None:
+                self._no_room(pages)
+                return False
+            ratio, dense_mask, reserve, plans = planned
+            sizes, ready = sizes_to_host(plans)
+            self._pending = PendingSeal(pages, sink_mask, self.pool.page_epoch[pages].copy(), ratio, dense_mask,
+                                        reserve, plans, sizes, ready)  # fmt: skip
+            return True
+
+    def finish_seal(self) -> bool:
+        """The second half: pack the pending seal's pages, if every one still holds what was planned and the ledger
+        still has their room; else leave them dense, the live ones due again at the next plan. Returns whether pages
+        were sealed (``False`` too when nothing was pending)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return False
+        with self._seal_time(count_call=True):
+            live = pending.live(self.pool.page_epoch)
+            if not live.all() or int(pending.reserve.sum()) > self.pool.arena_ledger.room:
+                self.pending_voided += 1
+                self._defer(pending.pages[live], pending.sink_mask[live])
+                return False
+            self.async_seals += 1
+            return self._commit(pending.pages, pending.ratio, pending.dense_mask, pending.reserve, pending.plans,
+                                sizes=pending.host_sizes())  # fmt: skip
+
+    def _policy_seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> None:
+        """A seal of policy pages: whole, or its first half with :attr:`seal_async`."""
+        if self.seal_async:
+            self.start_seal(pages, sink_mask)
+        else:
+            self.seal(pages, sink_mask)
 
     def _seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> bool:
-        pool, ledger = self.pool, self.pool.arena_ledger
-        ratio = float(pool.mosaic_config.compression_ratio)
-        pages_t = torch.from_numpy(pages.astype(np.int64))
+        planned = self._plan_fitting(pages, sink_mask)
+        if planned is None:
+            self._no_room(pages)
+            return False
+        return self._commit(pages, *planned)
+
+    def _plan_fitting(
+        self, pages: np.ndarray, sink_mask: np.ndarray
+    ) -> Optional[Tuple[float, np.ndarray, np.ndarray, List[SegmentPlan]]]:
+        """Plans for the first ratio (higher ones, then the sinks compressed too) whose reservation the arena ledger
+        has room for: ``(ratio, dense mask, reservation, plans)``, or ``None``."""
+        ledger = self.pool.arena_ledger
+        ratio = float(self.pool.mosaic_config.compression_ratio)
         # higher ratios first; last, the sinks compressed too, so that every page fits at the target ratio (the room
         # the scheduler is told about, see MosaicMHATokenToKVPool.admissible_tokens)
         attempts = [(ratio * ARENA_RETRY_FACTOR**i, sink_mask) for i in range(ARENA_RETRIES + 1)]
@@ -727,23 +808,36 @@ class Sealer:
             t_plan = time.perf_counter()
             plans = self.plan_layers(pages, dense_mask, ratio)
             self.seal_plan_seconds += time.perf_counter() - t_plan
-            with self.sidecar.sealing() if self.sidecar is not None else contextlib.nullcontext():
-                if self.sidecar is not None:
-                    self.sidecar.submit_sealed(pages, dense_mask, ratio, self.gather)
-                try:
+            return ratio, dense_mask, reserve, plans
+        return None
+
+    def _commit(self, pages: np.ndarray, ratio: float, dense_mask: np.ndarray, reserve: np.ndarray,
+                plans: List[SegmentPlan], sizes: Optional[np.ndarray] = None) -> bool:  # fmt: skip
+        """Hand the pages to the sidecar, pack them with ``plans`` and reserve their room in the ledger."""
+        pool = self.pool
+        pages_t = torch.from_numpy(pages.astype(np.int64))
+        with self.sidecar.sealing() if self.sidecar is not None else contextlib.nullcontext():
+            if self.sidecar is not None:
+                self.sidecar.submit_sealed(pages, dense_mask, ratio, self.gather)
+            try:
+                if sizes is None:
                     pool.seal_pages(pages_t, plans)
-                except ArenaFullError as err:
-                    logger.error("MosaicKV: an arena is full although its ledger has room (%s); %d pages stay dense "
-                                 "on this rank only, so tensor-parallel ranks may now diverge", err,
-                                 pages.size)  # fmt: skip
-                    self.pages_left_dense += int(pages.size)
-                    return False
-            ledger.reserve(pages.astype(np.int64), reserve)
-            self.pages_sealed += int(pages.size)
-            return True
+                else:
+                    pool.seal_pages(pages_t, plans, sizes=sizes)
+            except ArenaFullError as err:
+                logger.error("MosaicKV: an arena is full although its ledger has room (%s); %d pages stay dense "
+                             "on this rank only, so tensor-parallel ranks may now diverge", err,
+                             pages.size)  # fmt: skip
+                self.pages_left_dense += int(pages.size)
+                return False
+        pool.arena_ledger.reserve(pages.astype(np.int64), reserve)
+        self.pages_sealed += int(pages.size)
+        return True
+
+    def _no_room(self, pages: np.ndarray) -> None:
+        ledger = self.pool.arena_ledger
         if not self._warned_arena:
             logger.warning("MosaicKV: compressed arena full (%d of %d granules reserved); %d pages stay dense",
                            ledger.reserved, ledger.capacity, pages.size)  # fmt: skip
             self._warned_arena = True
         self.pages_left_dense += int(pages.size)
-        return False

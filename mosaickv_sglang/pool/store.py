@@ -550,6 +550,7 @@ class CompressedKVStore:
         slot_of_page_token: torch.Tensor,
         plans: Sequence[SegmentPlan],
         layer_ids: Optional[Sequence[int]] = None,
+        sizes: Optional[np.ndarray] = None,
     ) -> None:
         """Compress dense pages into the arenas and mark them sealed, all layers or none.
 
@@ -567,6 +568,9 @@ class CompressedKVStore:
             (segment ``i * H_kv + h`` is page ``pages[i]``, head ``h``), on ``device``.
         layer_ids : sequence of int, optional
             Layers to seal (default: all). A page's dense slots may be reused only once it is sealed in all layers.
+        sizes : numpy.ndarray, optional
+            shape ``[len(plans), P * H_kv * 2]``: the plans' payload granules (``plans_granules(plans)``), when
+            already read from the device; else read here (one synchronisation).
 
         Raises
         ------
@@ -583,7 +587,9 @@ class CompressedKVStore:
         )  # fmt: skip
         if p.size == 0:
             return
-        allocs = self._alloc_layers(layers, plans)
+        if sizes is not None and np.shape(sizes) != (len(plans), 2 * rows.size):
+            raise ValueError(f"sizes: expected shape [{len(plans)}, {2 * rows.size}], got {list(np.shape(sizes))}")
+        allocs = self._alloc_layers(layers, plans, sizes)
         try:
             all_offs = to_device(torch.from_numpy(np.stack([off for off, _ in allocs])), self.device)  # one copy
             for li, plan, offs in zip(layers, plans, all_offs):

@@ -1,0 +1,133 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Sealing in two halves (MOSAICKV_SEAL_ASYNC=1, :mod:`mosaickv_sglang.pending_seal`) on the CPU: the first half
+reads nothing from the device and seals nothing; the second packs exactly what a whole seal packs; a page freed in
+between voids the plan and the live pages are sealed by a later plan; through the backend's plans, every page is
+sealed one plan later than without it and decode outputs match the reference backend."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench (repository root)
+
+from mkv_backend_cases import Scenario, config  # noqa: E402
+
+from bench.host_syncs import HostSyncCounter  # noqa: E402
+from mosaickv_sglang import pending_seal  # noqa: E402
+
+
+def _filled(seed: int, ratio: float = 3.0) -> tuple:
+    """A scenario whose requests have complete pages out of the hot window, none sealed: ``(scenario, pages,
+    sinks)``."""
+    sc = Scenario(config(ratio=ratio), group=2, seed=seed)
+    sc.run_mosaic(sc.extend_batch([70, 53, 90]))
+    pages, sinks = [], []
+    for b in range(len(sc.lens)):
+        sp = sc.pool.pages_to_seal(sc.slots(b))
+        pages.append(sp.pages.numpy())
+        sinks.append(sp.always_dense.numpy())
+    return sc, np.concatenate(pages).astype(np.int64), np.concatenate(sinks)
+
+
+def _store_state(sc: Scenario) -> list:
+    store = sc.pool.store
+    return [t.clone() for t in (*store.arenas, *store.desc, *store.bounds)] + [
+        torch.from_numpy(np.array(a)) for a in (store._k_off, store._v_off, store._k_gran, store._v_gran)
+    ]
+
+
+def test_two_halves_pack_what_a_whole_seal_packs():
+    whole, pages, sinks = _filled(4)
+    split, pages2, sinks2 = _filled(4)
+    assert np.array_equal(pages, pages2) and pages.size >= 4
+    assert whole.mosaic.sealer.seal(pages, sinks)
+    sealer = split.mosaic.sealer
+    free_before = split.pool.num_free_physical_pages
+    with HostSyncCounter() as count:
+        assert sealer.start_seal(pages2, sinks2)
+    # .numpy() raises on a CUDA tensor, so the ones here read host tensors (the page ids): no device read
+    device_reads = {k: v for k, v in count.by_site.items() if not k.startswith("reads:numpy ")}
+    assert not device_reads, device_reads
+    assert not split.pool.store.is_sealed(torch.from_numpy(pages2)).any()
+    assert split.pool.num_free_physical_pages == free_before and sealer.seal_calls == 0
+    assert sealer.finish_seal() and sealer.finish_seal() is False  # nothing left pending
+    assert (sealer.seal_calls, sealer.async_seals, sealer.pages_sealed) == (1, 1, pages.size)
+    assert split.pool.num_free_physical_pages == whole.pool.num_free_physical_pages
+    assert split.pool.arena_ledger.reserved == whole.pool.arena_ledger.reserved
+    for a, b in zip(_store_state(whole), _store_state(split)):
+        assert torch.equal(a, b)
+    batch = whole.decode_batch()
+    assert torch.equal(batch.out_cache_loc, split.decode_batch().out_cache_loc)
+    outs = [whole.run_both(batch), split.run_both(batch)]
+    for (mw, _, _), (ms, _, _) in zip(*outs):
+        assert torch.equal(mw, ms)
+
+
+def test_a_page_freed_in_between_voids_the_plan_and_the_rest_is_sealed_later():
+    sc, pages, sinks = _filled(7)
+    sealer = sc.mosaic.sealer
+    sealer.seal_async = True
+    reserved = sc.pool.arena_ledger.reserved
+    assert sealer.start_seal(pages, sinks)
+    gone = pages[-1]
+    sc.pool.free_pages(torch.tensor([gone]))
+    assert sealer.finish_seal() is False
+    assert (sealer.pending_voided, sealer.pages_sealed, sealer.async_seals) == (1, 0, 0)
+    assert sc.pool.arena_ledger.reserved == reserved and not sc.pool.store.is_sealed(torch.from_numpy(pages)).any()
+    # the next plan finds the live pages again (they are due), plans them, and the one after packs them
+    none = np.zeros(0, dtype=np.int64)
+    sealer._seal_due(none, np.zeros(0, dtype=bool), none)
+    assert sealer._pending is not None and np.array_equal(np.sort(sealer._pending.pages), np.sort(pages[:-1]))
+    sealer._seal_due(none, np.zeros(0, dtype=bool), none)
+    assert sealer.pages_sealed == pages.size - 1 and sealer.async_seals == 1
+    assert sc.pool.store.is_sealed(torch.from_numpy(pages[:-1])).all()
+
+
+def test_no_room_leaves_the_pages_dense_with_nothing_pending():
+    sc, pages, sinks = _filled(2)
+    sealer = sc.mosaic.sealer
+    ledger = sc.pool.arena_ledger
+    ledger.reserve(np.array([0], dtype=np.int64), np.array([ledger.room], dtype=np.int64))  # fill the ledger
+    assert sealer.start_seal(pages, sinks) is False
+    assert sealer._pending is None and sealer.pages_left_dense == pages.size
+
+
+def test_the_environment_turns_it_on(monkeypatch):
+    monkeypatch.setenv("MOSAICKV_SEAL_ASYNC", "1")
+    assert pending_seal.seal_async_enabled()
+    sc = Scenario(config(ratio=3.0), group=2, seed=1)
+    assert sc.mosaic.sealer.seal_async
+    monkeypatch.setenv("MOSAICKV_SEAL_ASYNC", "0")
+    assert not pending_seal.seal_async_enabled()
+
+
+@pytest.mark.parametrize("group, beside", [(1, False), (4, False), (4, True)])
+def test_served_plans_seal_a_plan_later_and_decode_matches_the_reference(group, beside):
+    """Through the backend (auto-seal, one page a batch; with or without sealing beside the step in flight): every
+    seal is packed at the next plan, and each step's outputs match SGLang's torch_native backend as closely as
+    without it (ratio 1: sealed pages are exact, so a wrong pack would show)."""
+    runs = {}
+    for mode in (False, True):
+        sc = Scenario(config(ratio=1.0), group=group, seed=11, auto_seal=True)
+        sc.mosaic.sealer.seal_async = mode
+        sc.mosaic.sealer.seal_beside_step = beside
+        sealed = []
+        worst = 0.0
+        for batch in [sc.extend_batch([40, 23, 57])] + [None] * 24:
+            batch = batch if batch is not None else sc.decode_batch()
+            for mosaic_out, native_out, _ in sc.run_both(batch):
+                worst = max(worst, float((mosaic_out.float() - native_out.float()).abs().max()))
+            sealed.append(sc.mosaic.sealer.pages_sealed)
+        runs[mode] = (sealed, worst, sc.mosaic.sealer)
+    (sync_sealed, sync_worst, _), (async_sealed, async_worst, sealer) = runs[False], runs[True]
+    assert sync_sealed[-1] > 0 and sealer.async_seals > 0 and sealer.pending_voided == 0
+    assert sealer.side_seals > 0 if beside else sealer.side_seals == 0
+    assert async_sealed[1:] == sync_sealed[:-1]
+    assert async_worst <= max(2 * sync_worst, 2e-2), (async_worst, sync_worst)
