@@ -19,13 +19,13 @@ per code site (the innermost frame under one of ``site_roots``, as ``"file:line 
 
 from __future__ import annotations
 
-import os
-import sys
 from collections import Counter
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from bench.op_census import code_site
 
 __all__ = ["HostSyncCounter"]
 
@@ -81,16 +81,7 @@ class HostSyncCounter(TorchFunctionMode):
         setattr(self, kind, getattr(self, kind) + 1)
         self.by_name[f"{kind}:{name}"] += 1
         if kind != "copies":
-            self.by_site[f"{kind}:{name} {self._site()}"] += 1
-
-    def _site(self) -> str:
-        frame = sys._getframe(2)
-        while frame is not None:
-            path = frame.f_code.co_filename
-            if any(root in path for root in self.site_roots):
-                return f"{os.path.basename(path)}:{frame.f_lineno} ({frame.f_code.co_name})"
-            frame = frame.f_back
-        return "<other>"
+            self.by_site[f"{kind}:{name} {code_site(self.site_roots)}"] += 1
 
     def __torch_function__(
         self, func: Callable, types: Any, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None

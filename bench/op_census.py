@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["KINDS", "OpCensus", "classify"]
+__all__ = ["KINDS", "OpCensus", "classify", "code_site"]
 
 KINDS = ("kernel", "view", "alloc", "transfer")
 
@@ -109,15 +109,6 @@ class OpCensus(TorchDispatchMode):
         """All dispatched ops."""
         return sum(self.counts.values())
 
-    def _site(self) -> str:
-        frame = sys._getframe(2)
-        while frame is not None:
-            path = frame.f_code.co_filename
-            if any(root in path for root in self.site_roots):
-                return f"{os.path.basename(path)}:{frame.f_lineno} ({frame.f_code.co_name})"
-            frame = frame.f_back
-        return "<other>"
-
     def __torch_dispatch__(
         self, func: Callable, types: Any, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None
     ) -> Any:
@@ -128,7 +119,7 @@ class OpCensus(TorchDispatchMode):
         self.by_name[f"{kind}:{name}"] += 1
         out = func(*args, **kwargs)
         if kind == "kernel":
-            site = self._site()
+            site = code_site(self.site_roots)
             self.by_site[site] += 1
             moved = traffic_bytes(args, kwargs, out)
             self.bytes_by_name[name] += moved
@@ -156,6 +147,18 @@ class OpCensus(TorchDispatchMode):
     def total_bytes(self) -> int:
         """Memory traffic of every kernel op (see the module docstring)."""
         return sum(self.bytes_by_name.values())
+
+
+def code_site(site_roots: Sequence[str]) -> str:
+    """``"file:line (function)"`` of the innermost frame of the caller's stack whose file path contains one of
+    ``site_roots``, or ``"<other>"``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if any(root in path for root in site_roots):
+            return f"{os.path.basename(path)}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "<other>"
 
 
 def addressed_bytes(t: torch.Tensor) -> int:
