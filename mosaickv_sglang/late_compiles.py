@@ -49,12 +49,16 @@ class LateCompileWatch:
         return result
 
     def install(self) -> "LateCompileWatch":
-        """Become Triton's post-compile hook (once), keeping the one installed before to call first."""
+        """Become Triton's post-compile hook (once), keeping the one installed before to call first; when a watch
+        already holds the hook (a second backend in the process), that watch, so each compile is logged once."""
         if self._installed:
             return self
         from triton import knobs
 
-        self._previous = knobs.runtime.jit_post_compile_hook
+        current = knobs.runtime.jit_post_compile_hook
+        if isinstance(current, LateCompileWatch):
+            return current
+        self._previous = current
         knobs.runtime.jit_post_compile_hook = self
         self._installed = True
         return self

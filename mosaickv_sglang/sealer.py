@@ -769,9 +769,10 @@ class Sealer:
                 self.pending_voided += 1
                 self._defer(pending.pages[live], pending.sink_mask[live])
                 return False
-            self.async_seals += 1
-            return self._commit(pending.pages, pending.ratio, pending.dense_mask, pending.reserve, pending.plans,
-                                sizes=pending.host_sizes())  # fmt: skip
+            sealed = self._commit(pending.pages, pending.ratio, pending.dense_mask, pending.reserve, pending.plans,
+                                  sizes=pending.host_sizes())  # fmt: skip
+            self.async_seals += int(sealed)
+            return sealed
 
     def _policy_seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> None:
         """A seal of policy pages: whole, or its first half with :attr:`seal_async`."""

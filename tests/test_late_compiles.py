@@ -64,6 +64,13 @@ def test_chains_the_previous_hook_and_gives_it_back(clean_hook):
     assert knobs.runtime.jit_post_compile_hook is previous
 
 
+def test_a_second_watch_in_the_process_returns_the_first(clean_hook):
+    first = LateCompileWatch().install()
+    assert LateCompileWatch().install() is first and knobs.runtime.jit_post_compile_hook is first
+    knobs.runtime.jit_post_compile_hook(**_hook_call("mosaickv_sglang.kernels._triton.pack", "k"))
+    assert first.compiles == ["k"]
+
+
 def test_leaves_a_hook_installed_after_it(clean_hook):
     watch = LateCompileWatch().install()
 
