@@ -97,6 +97,25 @@ def test_sealed_pages_get_the_exact_planner_s_plans_within_the_fast_budget():
         bridge.close()
 
 
+def test_a_seal_in_two_halves_reaches_the_sidecar_when_packed():
+    """MOSAICKV_SEAL_ASYNC's halves: nothing reaches the sidecar while the seal is only planned; once packed, the
+    pages are submitted and refined as a whole seal's are."""
+    pool, sealer, bridge = _sealer_with_sidecar(seed=2, num_slots=LAYERS)
+    try:
+        pages = np.arange(1, 5, dtype=np.int64)
+        write_pages(pool, pages, seed=102)
+        assert sealer.start_seal(pages, np.zeros(pages.size, dtype=bool))
+        assert bridge.segments_submitted == 0 and not pool.store.is_sealed(torch.from_numpy(pages)).any()
+        assert sealer.finish_seal()
+        assert bridge.segments_submitted == pages.size * H_KV * LAYERS and bridge.segments_skipped == 0
+        bridge.drain(DRAIN_S)
+        assert bridge.plans_applied == LAYERS and bridge.plans_discarded == 0
+        assert pool.store.pending_releases == 0
+        pool.check_invariants()
+    finally:
+        bridge.close()
+
+
 def test_with_the_io_thread_ticks_only_apply_and_the_pool_ends_the_same():
     """With the I/O thread (the default on CUDA) a sealed batch's copies are landed and the worker's replies read
     without any tick: the scheduler thread's ticks only apply the plans (no landing, no client call). The pool ends
