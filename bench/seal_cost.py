@@ -117,7 +117,8 @@ def stand_in_pool(args: argparse.Namespace) -> SimpleNamespace:
     return SimpleNamespace(
         page_size=args.page_size, head_num=args.kv_heads, head_dim=args.head_dim, device=args.device,
         layer_num=args.layers, k_buffer=k, v_buffer=v, physical_pages=lambda pages: pages.clone(),
-        mosaic_config=SimpleNamespace(compression_ratio=args.ratio, axes="both"), seal_pages=lambda pages, plans: None,
+        mosaic_config=SimpleNamespace(compression_ratio=args.ratio, axes="both"),
+        seal_pages=lambda pages, plans, sizes=None: None,
     )  # fmt: skip
 
 

@@ -821,10 +821,7 @@ class Sealer:
             if self.sidecar is not None:
                 self.sidecar.submit_sealed(pages, dense_mask, ratio, self.gather)
             try:
-                if sizes is None:
-                    pool.seal_pages(pages_t, plans)
-                else:
-                    pool.seal_pages(pages_t, plans, sizes=sizes)
+                pool.seal_pages(pages_t, plans, sizes=sizes)
             except ArenaFullError as err:
                 logger.error("MosaicKV: an arena is full although its ledger has room (%s); %d pages stay dense "
                              "on this rank only, so tensor-parallel ranks may now diverge", err,
