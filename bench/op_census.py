@@ -129,7 +129,9 @@ class OpCensus(TorchDispatchMode):
 
     def report(self, top: int = 20) -> Dict[str, object]:
         """JSON-ready summary: ``ops`` (all), ``ops_by_kind``, and the ``top`` entries of ``ops_by_name`` (every
-        kind), ``kernel_ops_by_name`` and ``kernel_ops_by_site``, each most frequent first."""
+        kind), ``kernel_ops_by_name`` and ``kernel_ops_by_site``, each most frequent first; the traffic totals; and
+        every function's kernel ops and traffic (``kernel_ops_by_function``, ``bytes_by_function``: its sites
+        summed, keyed ``"file (function)"``)."""
         kernels = Counter({k.split(":", 1)[1]: v for k, v in self.by_name.items() if k.startswith("kernel:")})
         return {
             "ops": self.total,
@@ -141,6 +143,8 @@ class OpCensus(TorchDispatchMode):
             "flops": self.flops,
             "bytes_by_name": dict(self.bytes_by_name.most_common(top)),
             "bytes_by_site": dict(self.bytes_by_site.most_common(top)),
+            "kernel_ops_by_function": dict(by_function(self.by_site).most_common()),
+            "bytes_by_function": dict(by_function(self.bytes_by_site).most_common()),
         }
 
     @property
@@ -159,6 +163,15 @@ def code_site(site_roots: Sequence[str]) -> str:
             return f"{os.path.basename(path)}:{frame.f_lineno} ({frame.f_code.co_name})"
         frame = frame.f_back
     return "<other>"
+
+
+def by_function(by_site: Counter) -> Counter:
+    """A ``"file:line (function)"`` tally summed per ``"file (function)"`` (``<other>`` kept as it is)."""
+    out: Counter = Counter()
+    for site, value in by_site.items():
+        where, _, function = site.partition(" ")
+        out[f"{where.split(':')[0]} {function}".strip()] += value
+    return out
 
 
 def addressed_bytes(t: torch.Tensor) -> int:

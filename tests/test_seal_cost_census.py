@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from bench import seal_cost
-from bench.op_census import OpCensus
+from bench.op_census import OpCensus, by_function
 from mosaickv_sglang.plan_layers import plan_fast_layers
 
 TESTS = Path(__file__).resolve().parent
@@ -76,6 +77,13 @@ def test_census_counts_each_kernels_traffic_and_the_products_flops():
     report = census.report()
     assert report["total_bytes"] == census.total_bytes and report["flops"] == census.flops
     assert list(report["bytes_by_name"])[0] == "add"
+    assert sum(report["bytes_by_function"].values()) == census.total_bytes
+    assert report["kernel_ops_by_function"] == {"<other>": 6}  # no site under the default root
+
+
+def test_by_function_sums_the_sites_of_each_function():
+    sites = Counter({"planner.py:10 (f)": 3, "planner.py:12 (f)": 4, "planner.py:30 (g)": 5, "<other>": 1})
+    assert by_function(sites) == {"planner.py (f)": 7, "planner.py (g)": 5, "<other>": 1}
 
 
 def test_seal_cost_reports_a_stable_census_of_each_path(capsys):
