@@ -20,7 +20,8 @@
 #            workload and memory: PROMPTS, IN_LEN, OUT_LEN, MEM_FRACTION, CONTEXT_LEN, BENCH_TIMEOUT (seconds a bench);
 #            e.g. PROMPTS=16 IN_LEN=32000 OUT_LEN=2000 MEM_FRACTION=0.2 CONTEXT_LEN=34100 BENCH_TIMEOUT=200: issue #4's
 #            long-context workload scaled to the KV memory left by --mem-fraction-static (each server sizes its own
-#            pool in that memory: the capacity-bound regime). FP8=1 adds stock with --kv-cache-dtype fp8_e4m3 last
+#            pool in that memory: the capacity-bound regime). FP8=1 adds stock with --kv-cache-dtype fp8_e4m3 last;
+#            MOSAIC=0 skips mosaic (stock and fp8 in a call of their own when the workload is too long for one)
 #   sidecar  SmolLM2, three mosaic-r3 servers (sidecar off / on without re-segmentation / on): shared-context accuracy,
 #            decode ITL under a shared-prefix load with the sidecar off and busy, sidecar CPU time (issue #5); the
 #            bad-request cases against the sidecar-on server (issue #8)
@@ -551,28 +552,30 @@ case "$step" in
     # compared with stock's: cProfile slows the Python it watches)
     host_profile=""
     [ "${HOST_PROFILE:-0}" = 0 ] || host_profile="$out/host-profile"
-    # shellcheck disable=SC2086
-    MOSAICKV_PROFILE="$host_profile" MOSAICKV_STACK_SAMPLES="$(stacks "mosaic-r${ratio}")" \
-      python3 -m sglang.launch_server "${common[@]}" --port 30000 \
-      --kv-compressor mosaic --mosaic-compression-ratio "$ratio" ${MOSAIC_ARGS:-} \
-      > "$out/mosaic-r${ratio}.server.log" 2>&1 &
-    mosaic_pid=$!
-    wait_ready 30000 300
-    curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r${ratio}.info.json" || true
-    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-bench-mosaic-r${ratio}.txt" || true
-    stacks_mark "mosaic-r${ratio}" before
-    timeout "$bench_timeout" python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
-      --output-file "$out/bench-mosaic-r${ratio}.jsonl" > "$out/bench-mosaic-r${ratio}.log" 2>&1 \
-      || echo "mosaic bench rc=$?"
-    # decode step p50/p99 without prefill steps, and the time sealing and the sidecar took during the bench
-    curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-bench-mosaic-r${ratio}.txt" || true
-    python3 -m bench.decode_steps "$out/metrics-before-bench-mosaic-r${ratio}.txt" \
-      "$out/metrics-after-bench-mosaic-r${ratio}.txt" > "$out/decode-steps-mosaic-r${ratio}.txt" 2>&1 || true
-    stacks_summary "mosaic-r${ratio}"  # (after the scrape: its wait for the sampler's write is idle time)
-    profile_steps 30000 "$out/mosaic-r${ratio}.server.log" "mosaic-r${ratio}" || echo "mosaic profile rc=$?"
-    ps_sidecars > "$out/ps.txt"
-    kill "$mosaic_pid" 2>/dev/null || true
-    wait "$mosaic_pid" 2>/dev/null || true
+    if [ "${MOSAIC:-1}" = 1 ]; then  # MOSAIC=0: stock (and FP8=1's fp8) alone, for a workload too long for one call
+      # shellcheck disable=SC2086
+      MOSAICKV_PROFILE="$host_profile" MOSAICKV_STACK_SAMPLES="$(stacks "mosaic-r${ratio}")" \
+        python3 -m sglang.launch_server "${common[@]}" --port 30000 \
+        --kv-compressor mosaic --mosaic-compression-ratio "$ratio" ${MOSAIC_ARGS:-} \
+        > "$out/mosaic-r${ratio}.server.log" 2>&1 &
+      mosaic_pid=$!
+      wait_ready 30000 300
+      curl -s http://127.0.0.1:30000/get_server_info > "$out/mosaic-r${ratio}.info.json" || true
+      curl -s http://127.0.0.1:30000/metrics > "$out/metrics-before-bench-mosaic-r${ratio}.txt" || true
+      stacks_mark "mosaic-r${ratio}" before
+      timeout "$bench_timeout" python3 -m sglang.bench_serving "${bench[@]}" --port 30000 \
+        --output-file "$out/bench-mosaic-r${ratio}.jsonl" > "$out/bench-mosaic-r${ratio}.log" 2>&1 \
+        || echo "mosaic bench rc=$?"
+      # decode step p50/p99 without prefill steps, and the time sealing and the sidecar took during the bench
+      curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-bench-mosaic-r${ratio}.txt" || true
+      python3 -m bench.decode_steps "$out/metrics-before-bench-mosaic-r${ratio}.txt" \
+        "$out/metrics-after-bench-mosaic-r${ratio}.txt" > "$out/decode-steps-mosaic-r${ratio}.txt" 2>&1 || true
+      stacks_summary "mosaic-r${ratio}"  # (after the scrape: its wait for the sampler's write is idle time)
+      profile_steps 30000 "$out/mosaic-r${ratio}.server.log" "mosaic-r${ratio}" || echo "mosaic profile rc=$?"
+      ps_sidecars > "$out/ps.txt"
+      kill "$mosaic_pid" 2>/dev/null || true
+      wait "$mosaic_pid" 2>/dev/null || true
+    fi
     if [ "${STOCK:-1}" = 1 ]; then
       # one server at a time: each sizes its KV pool from the memory it finds free
       MOSAICKV_STACK_SAMPLES="$(stacks dense)" python3 -m sglang.launch_server "${common[@]}" --port 30001 \
@@ -598,6 +601,7 @@ case "$step" in
       timeout "$bench_timeout" python3 -m sglang.bench_serving "${bench[@]}" --port 30002 \
         --output-file "$out/bench-fp8.jsonl" > "$out/bench-fp8.log" 2>&1 || echo "fp8 bench rc=$?"
       kill "$fp8_pid" 2>/dev/null || true
+      wait "$fp8_pid" 2>/dev/null || true
     fi
     ;;
   *)
