@@ -545,9 +545,11 @@ case "$step" in
     common=(--model-path "$MKV_MODELS/llama-3.1-8b-shape" --host 127.0.0.1 --load-format dummy
             --mem-fraction-static "${MEM_FRACTION:-0.4}" --disable-prefill-cuda-graph --cuda-graph-max-bs 32
             --context-length "${CONTEXT_LEN:-16384}" --enable-metrics)
+    # --tokenize-prompt: prompts of exactly IN_LEN tokens (as text, random ids re-tokenize to 1.77x as many: before the
+    # twenty-first run "8,000 in" was 14,208 tokens a prompt)
     bench=(--backend sglang --host 127.0.0.1 --model "$MKV_MODELS/llama-3.1-8b-shape"
            --tokenizer "$MKV_MODELS/llama-3.1-8b-shape" --dataset-name random-ids --num-prompts "${PROMPTS:-32}"
-           --random-input-len "${IN_LEN:-8000}" --random-output-len "${OUT_LEN:-256}" --random-range-ratio 1.0)
+           --random-input-len "${IN_LEN:-8000}" --random-output-len "${OUT_LEN:-256}" --random-range-ratio 1.0 --tokenize-prompt)
     # HOST_PROFILE=1: the mosaic server profiles its plan calls (MOSAICKV_PROFILE; its numbers are then not to be
     # compared with stock's: cProfile slows the Python it watches)
     host_profile=""
@@ -571,7 +573,9 @@ case "$step" in
       python3 -m bench.decode_steps "$out/metrics-before-bench-mosaic-r${ratio}.txt" \
         "$out/metrics-after-bench-mosaic-r${ratio}.txt" > "$out/decode-steps-mosaic-r${ratio}.txt" 2>&1 || true
       stacks_summary "mosaic-r${ratio}"  # (after the scrape: its wait for the sampler's write is idle time)
-      profile_steps 30000 "$out/mosaic-r${ratio}.server.log" "mosaic-r${ratio}" || echo "mosaic profile rc=$?"
+      # PROFILE=0 skips it (its load is 16 more prompts of IN_LEN tokens)
+      [ "${PROFILE:-1}" = 0 ] || profile_steps 30000 "$out/mosaic-r${ratio}.server.log" "mosaic-r${ratio}" \
+        || echo "mosaic profile rc=$?"
       ps_sidecars > "$out/ps.txt"
       kill "$mosaic_pid" 2>/dev/null || true
       wait "$mosaic_pid" 2>/dev/null || true
