@@ -18,7 +18,7 @@
 #            server at a time; after mosaic's bench (and stock's with PROFILE_STOCK=1), 1 prefill and 3 decode steps
 #            under torch's profiler, GPU kernels only (bench.profile_summary: GPU busy vs span, per kernel). The
 #            workload and memory: PROMPTS, IN_LEN, OUT_LEN, MEM_FRACTION, CONTEXT_LEN, BENCH_TIMEOUT (seconds a bench);
-#            e.g. PROMPTS=16 IN_LEN=32000 OUT_LEN=2000 MEM_FRACTION=0.2 CONTEXT_LEN=34100 BENCH_TIMEOUT=200: issue #4's
+#            e.g. PROMPTS=16 IN_LEN=32000 OUT_LEN=2000 MEM_FRACTION=0.2 CONTEXT_LEN=34100 BENCH_TIMEOUT=260: issue #4's
 #            long-context workload scaled to the KV memory left by --mem-fraction-static (each server sizes its own
 #            pool in that memory: the capacity-bound regime). FP8=1 adds stock with --kv-cache-dtype fp8_e4m3 last;
 #            MOSAIC=0 skips mosaic (stock and fp8 in a call of their own when the workload is too long for one)
