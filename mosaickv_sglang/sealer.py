@@ -305,7 +305,8 @@ class Sealer:
     pressure_pages_sealed : int
         Of which sealed for hot-pool pressure.
     pages_left_dense : int
-        Pages that were to be sealed but stayed dense because the arenas had no room.
+        Pages that were to be sealed but stayed dense because the arenas had no room, each once until it is freed
+        (a due page is tried again at each plan while the arenas stay full).
     seal_calls, seal_seconds : int, float
         Calls of :meth:`seal` (one planner call and one pack each, whatever the pages) and the scheduler time they
         took, device waits included, the sidecar's copies excluded (those are the bridge's ``submit_seconds``).
@@ -360,6 +361,7 @@ class Sealer:
         self.pages_sealed = 0
         self.pressure_pages_sealed = 0
         self.pages_left_dense = 0
+        self._left_dense_epoch: Optional[np.ndarray] = None  # per logical page: its epoch when last counted, or -1
         self.seal_calls = 0
         self.seal_seconds = 0.0
         self.seal_plan_seconds = 0.0
@@ -826,7 +828,7 @@ class Sealer:
                 logger.error("MosaicKV: an arena is full although its ledger has room (%s); %d pages stay dense "
                              "on this rank only, so tensor-parallel ranks may now diverge", err,
                              pages.size)  # fmt: skip
-                self.pages_left_dense += int(pages.size)
+                self._count_left_dense(pages)
                 return False
         pool.arena_ledger.reserve(pages.astype(np.int64), reserve)
         self.pages_sealed += int(pages.size)
@@ -838,4 +840,14 @@ class Sealer:
             logger.warning("MosaicKV: compressed arena full (%d of %d granules reserved); %d pages stay dense",
                            ledger.reserved, ledger.capacity, pages.size)  # fmt: skip
             self._warned_arena = True
-        self.pages_left_dense += int(pages.size)
+        self._count_left_dense(pages)
+
+    def _count_left_dense(self, pages: np.ndarray) -> None:
+        """Counts in :attr:`pages_left_dense` those of ``pages`` not counted since they were last allocated."""
+        epochs = self.pool.page_epoch
+        if self._left_dense_epoch is None:
+            self._left_dense_epoch = np.full(epochs.shape, -1, dtype=np.int64)
+        pages = np.unique(np.asarray(pages, dtype=np.int64))
+        fresh = self._left_dense_epoch[pages] != epochs[pages]
+        self.pages_left_dense += int(np.count_nonzero(fresh))
+        self._left_dense_epoch[pages] = epochs[pages]

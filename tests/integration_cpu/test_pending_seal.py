@@ -99,6 +99,20 @@ def test_no_room_leaves_the_pages_dense_with_nothing_pending():
     assert sealer._pending is None and sealer.pages_left_dense == pages.size
 
 
+def test_pages_tried_again_with_the_arenas_full_count_once_until_freed():
+    sc, pages, sinks = _filled(3)
+    sealer = sc.mosaic.sealer
+    ledger = sc.pool.arena_ledger
+    ledger.reserve(np.array([0], dtype=np.int64), np.array([ledger.room], dtype=np.int64))  # fill the ledger
+    assert sealer.seal(pages, sinks) is False
+    assert sealer.seal(pages, sinks) is False and sealer.seal(pages[:2], sinks[:2]) is False
+    assert (sealer.pages_left_dense, sealer.seal_calls) == (pages.size, 3)
+    # a freed page is another page when its slot is written again: tried then, it counts anew
+    sc.pool.free_pages(torch.tensor([int(pages[0])]))
+    assert sealer.seal(pages, sinks) is False
+    assert sealer.pages_left_dense == pages.size + 1
+
+
 def test_the_environment_turns_it_on(monkeypatch):
     monkeypatch.setenv("MOSAICKV_SEAL_ASYNC", "1")
     assert pending_seal.seal_async_enabled()
