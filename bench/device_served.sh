@@ -587,9 +587,12 @@ case "$step" in
       dense_pid=$!
       wait_ready 30001 300
       curl -s http://127.0.0.1:30001/get_server_info > "$out/dense.info.json" || true
+      # the servers' own TTFT and latency histograms (bench_serving reports a TTFT of 0 with --tokenize-prompt)
+      curl -s http://127.0.0.1:30001/metrics > "$out/metrics-before-bench-dense.txt" || true
       stacks_mark dense before
       timeout "$bench_timeout" python3 -m sglang.bench_serving "${bench[@]}" --port 30001 \
         --output-file "$out/bench-dense.jsonl" > "$out/bench-dense.log" 2>&1 || echo "dense bench rc=$?"
+      curl -s http://127.0.0.1:30001/metrics > "$out/metrics-after-bench-dense.txt" || true
       stacks_summary dense
       # the stock profile only on request (PROFILE_STOCK=1): with it the step runs past a 600 s call (ninth run)
       [ "${PROFILE_STOCK:-0}" = 0 ] || profile_steps 30001 "$out/dense.server.log" dense || echo "dense profile rc=$?"
@@ -602,8 +605,10 @@ case "$step" in
       fp8_pid=$!
       wait_ready 30002 300
       curl -s http://127.0.0.1:30002/get_server_info > "$out/fp8.info.json" || true
+      curl -s http://127.0.0.1:30002/metrics > "$out/metrics-before-bench-fp8.txt" || true
       timeout "$bench_timeout" python3 -m sglang.bench_serving "${bench[@]}" --port 30002 \
         --output-file "$out/bench-fp8.jsonl" > "$out/bench-fp8.log" 2>&1 || echo "fp8 bench rc=$?"
+      curl -s http://127.0.0.1:30002/metrics > "$out/metrics-after-bench-fp8.txt" || true
       kill "$fp8_pid" 2>/dev/null || true
       wait "$fp8_pid" 2>/dev/null || true
     fi
