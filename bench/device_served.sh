@@ -481,19 +481,24 @@ case "$step" in
       timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 --seals 20 --ticks 5 --profile 30 \
         > "$out/sidecar-cost.txt" 2>&1 || echo "sidecar_cost rc=$?"
     fi
-    # the seal planner at 128 pages with the default chan drop (its peak memory and profile), then, while the budget
-    # lasts, the other chan drop methods, 8 pages and the chan rank kernel against torch's top-k; each one-call plan
-    # timed again with the estimator's fused channel terms (--also-estimate-terms kernel: the same run, plans compared)
-    for run in 128:kernel 128:topk 128:sort 8:kernel 8:topk 8:sort; do
-      pages="${run%%:*}" method="${run#*:}"
-      [ "$(left)" -gt 150 ] || { echo "seal_cost $pages $method skipped (budget)"; continue; }
+    # the seal planner at 128 pages with the default chan drop (its peak memory and profile), then larger planner
+    # chunks (segments:bytes; the default 8192:256 MiB makes 4 chunks of a 128-page seal of the 8B shape, 2,173
+    # kernel ops against 820 in one chunk: time against peak memory), then, while the budget lasts, the other chan
+    # drop methods, 8 pages and the chan rank kernel against torch's top-k; each one-call plan timed again with the
+    # estimator's fused channel terms (--also-estimate-terms kernel: the same run, plans compared)
+    for run in 128:kernel 128:kernel:16384:536870912 128:kernel:32768:1073741824 128:topk 128:sort 8:kernel 8:topk \
+        8:sort; do
+      IFS=: read -r pages method segs chunk_bytes <<< "$run"
+      tag="$pages-$method${segs:+-$segs}"
+      [ "$(left)" -gt 150 ] || { echo "seal_cost $tag skipped (budget)"; continue; }
       prof=()
       [ "$run" != 128:kernel ] || prof=(--profile "$out/seal-profile-$pages")
+      [ -z "$segs" ] || prof+=(--max-segments "$segs" --max-chunk-bytes "$chunk_bytes")
       timeout 90 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 \
         --head-dim 128 --device cuda --dtype fp16 --repeats 3 --warmup 1 --json --no-count --chan-drop "$method" \
-        --estimate-terms torch --also-estimate-terms kernel ${prof[@]+"${prof[@]}"} > "$out/seal-$pages-$method.json" \
-        2> "$out/seal-$pages-$method.log" \
-        || echo "seal_cost $pages $method rc=$?"
+        --estimate-terms torch --also-estimate-terms kernel ${prof[@]+"${prof[@]}"} > "$out/seal-$tag.json" \
+        2> "$out/seal-$tag.log" \
+        || echo "seal_cost $tag rc=$?"
       rm -f "$out/seal-profile-$pages"/*.json.gz
     done
     if [ "${SEAL_ONLY:-0}" = 0 ] && [ "$(left)" -gt 150 ]; then
