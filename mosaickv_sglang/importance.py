@@ -192,17 +192,30 @@ def uniform_importance(n: int, s: int, d: int, device: torch.device) -> SegmentI
                              torch.zeros(n, d, device=device))  # fmt: skip
 
 
+def query_stats(queries: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Of each row of ``queries`` (shape ``[X, Q, d]``, fp32): the root mean square of each channel over its queries
+    (the keys' channel weights) and its mean query, each ``[X, d]``."""
+    return queries.pow(2).mean(1).sqrt(), queries.mean(1)
+
+
 def importance_from_labels(
-    keys: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor, num_groups: int, sm_scale: float
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    labels: torch.Tensor,
+    num_groups: int,
+    sm_scale: float,
+    stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> SegmentImportance:
     """:func:`importance_from_queries` with the contexts already as ``labels`` (shape ``[N]``, int64, values in
-    ``[0, num_groups)``) and ``queries`` flattened to ``[N, Q, d]`` fp32: no host read (no ``unique``)."""
+    ``[0, num_groups)``) and ``queries`` flattened to ``[N, Q, d]`` fp32: no host read (no ``unique``). ``stats``:
+    :func:`query_stats` of ``queries``, if already known (e.g. measured once per head of segments that share their
+    head's queries)."""
     scores = segment_scores(queries, keys, sm_scale)
     lse = torch.logsumexp(scores, dim=2)
     ctx = group_logsumexp(lse, labels, num_groups)[labels]
     mass = torch.exp(scores - ctx[:, :, None]).mean(1)
-    w = queries.pow(2).mean(1).sqrt()
-    return SegmentImportance(mass.contiguous(), w.contiguous(), torch.ones_like(w), queries.mean(1).contiguous())
+    w, q_mean = query_stats(queries) if stats is None else stats
+    return SegmentImportance(mass.contiguous(), w.contiguous(), torch.ones_like(w), q_mean.contiguous())
 
 
 # --- running statistics ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mosaickv_sglang.importance import FLOAT_DTYPES, SegmentImportance, default_scale, flatten_queries
-from mosaickv_sglang.importance import importance_from_labels, uniform_importance
+from mosaickv_sglang.importance import importance_from_labels, query_stats, uniform_importance
 from mosaickv_sglang.kernels import format as fmt
 from mosaickv_sglang.kernels._checks import check_int, check_tensor
 from mosaickv_sglang.lagrange import choose_candidates_batched
@@ -212,7 +212,8 @@ def _layer_importance(
                 lab = run_labels[: (j - i) * n]
             else:
                 lab = (labels[None, :] + ng * torch.arange(j - i, device=dev)[:, None]).reshape(-1)
-            out.append(importance_from_labels(_cat_float(keys[i:j]), q, lab, ng * (j - i), scale))
+            stats = _per_head_query_stats(queries[i:j], n, d)
+            out.append(importance_from_labels(_cat_float(keys[i:j]), q, lab, ng * (j - i), scale, stats))
             i = j
             continue
         if importance is not None:
@@ -229,6 +230,25 @@ def _layer_importance(
         out.append(imp)
         i += 1
     return out
+
+
+def _per_head_query_stats(
+    queries: Sequence[torch.Tensor], n: int, d: int
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`~mosaickv_sglang.importance.query_stats` of these layers' flattened queries (``[L' * n, d]`` each),
+    measured once per head when every layer's queries are a view of one ``[H, W, G, d]`` per page (``[P, H, W, G,
+    d]``, stride 0 over pages, as the sealer passes them) and all have one shape: a row per head, in a few ops for
+    all the layers, not the ``[n, W * G, d]`` copy read twice (half of the importance pass's memory traffic).
+    ``None`` otherwise."""
+    shape = queries[0].shape
+    if not all(q.dim() == 5 and q.stride(0) == 0 and q.shape == shape for q in queries):
+        return None
+    pages, heads = shape[:2]
+    if pages * heads != n or shape[-1] != d:
+        return None
+    layers = len(queries)
+    w, mean = query_stats(torch.stack([q[0] for q in queries]).reshape(layers * heads, -1, d).float())
+    return tuple(x.view(layers, 1, heads, d).expand(-1, pages, -1, -1).reshape(layers * n, d) for x in (w, mean))
 
 
 def _cat_float(parts: Layers) -> torch.Tensor:
