@@ -107,7 +107,7 @@ def test_pages_tried_again_with_the_arenas_full_count_once_until_freed():
     assert sealer.seal(pages, sinks) is False
     assert sealer.seal(pages, sinks) is False and sealer.seal(pages[:2], sinks[:2]) is False
     assert (sealer.pages_left_dense, sealer.seal_calls) == (pages.size, 3)
-    # a freed page is another page when its slot is written again: tried then, it counts anew
+    # freeing a page moves its epoch: the next time it is due (written again), it counts anew
     sc.pool.free_pages(torch.tensor([int(pages[0])]))
     assert sealer.seal(pages, sinks) is False
     assert sealer.pages_left_dense == pages.size + 1
