@@ -554,7 +554,8 @@ case "$step" in
     # twenty-first run "8,000 in" was 14,208 tokens a prompt)
     bench=(--backend sglang --host 127.0.0.1 --model "$MKV_MODELS/llama-3.1-8b-shape"
            --tokenizer "$MKV_MODELS/llama-3.1-8b-shape" --dataset-name random-ids --num-prompts "${PROMPTS:-32}"
-           --random-input-len "${IN_LEN:-8000}" --random-output-len "${OUT_LEN:-256}" --random-range-ratio 1.0 --tokenize-prompt)
+           --random-input-len "${IN_LEN:-8000}" --random-output-len "${OUT_LEN:-256}" --random-range-ratio 1.0
+           --tokenize-prompt)
     # HOST_PROFILE=1: the mosaic server profiles its plan calls (MOSAICKV_PROFILE; its numbers are then not to be
     # compared with stock's: cProfile slows the Python it watches)
     host_profile=""
