@@ -90,20 +90,24 @@ def test_a_page_freed_in_between_voids_the_plan_and_the_rest_is_sealed_later():
     assert sc.pool.store.is_sealed(torch.from_numpy(pages[:-1])).all()
 
 
-def test_no_room_leaves_the_pages_dense_with_nothing_pending():
-    sc, pages, sinks = _filled(2)
-    sealer = sc.mosaic.sealer
+def _filled_with_full_arenas(seed: int):
+    """:func:`_filled`, then the arena ledger filled: no seal has room."""
+    sc, pages, sinks = _filled(seed)
     ledger = sc.pool.arena_ledger
-    ledger.reserve(np.array([0], dtype=np.int64), np.array([ledger.room], dtype=np.int64))  # fill the ledger
+    ledger.reserve(np.array([0], dtype=np.int64), np.array([ledger.room], dtype=np.int64))
+    return sc, pages, sinks
+
+
+def test_no_room_leaves_the_pages_dense_with_nothing_pending():
+    sc, pages, sinks = _filled_with_full_arenas(2)
+    sealer = sc.mosaic.sealer
     assert sealer.start_seal(pages, sinks) is False
     assert sealer._pending is None and sealer.pages_left_dense == pages.size
 
 
 def test_pages_tried_again_with_the_arenas_full_count_once_until_freed():
-    sc, pages, sinks = _filled(3)
+    sc, pages, sinks = _filled_with_full_arenas(3)
     sealer = sc.mosaic.sealer
-    ledger = sc.pool.arena_ledger
-    ledger.reserve(np.array([0], dtype=np.int64), np.array([ledger.room], dtype=np.int64))  # fill the ledger
     assert sealer.seal(pages, sinks) is False
     assert sealer.seal(pages, sinks) is False and sealer.seal(pages[:2], sinks[:2]) is False
     assert (sealer.pages_left_dense, sealer.seal_calls) == (pages.size, 3)
