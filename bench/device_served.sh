@@ -578,6 +578,8 @@ case "$step" in
       curl -s http://127.0.0.1:30000/metrics > "$out/metrics-after-bench-mosaic-r${ratio}.txt" || true
       python3 -m bench.decode_steps "$out/metrics-before-bench-mosaic-r${ratio}.txt" \
         "$out/metrics-after-bench-mosaic-r${ratio}.txt" > "$out/decode-steps-mosaic-r${ratio}.txt" 2>&1 || true
+      python3 -m bench.server_latency "$out/metrics-before-bench-mosaic-r${ratio}.txt" \
+        "$out/metrics-after-bench-mosaic-r${ratio}.txt" > "$out/latency-mosaic-r${ratio}.txt" 2>&1 || true
       stacks_summary "mosaic-r${ratio}"  # (after the scrape: its wait for the sampler's write is idle time)
       # PROFILE=0 skips it (its load is 16 more prompts of IN_LEN tokens)
       [ "${PROFILE:-1}" = 0 ] || profile_steps 30000 "$out/mosaic-r${ratio}.server.log" "mosaic-r${ratio}" \
@@ -593,12 +595,15 @@ case "$step" in
       dense_pid=$!
       wait_ready 30001 300
       curl -s http://127.0.0.1:30001/get_server_info > "$out/dense.info.json" || true
-      # the servers' own TTFT and latency histograms (bench_serving reports a TTFT of 0 with --tokenize-prompt)
+      # the servers' own TTFT and latency histograms (bench_serving reports a TTFT of 0 with --tokenize-prompt):
+      # bench.server_latency, each server's latency-<name>.txt
       curl -s http://127.0.0.1:30001/metrics > "$out/metrics-before-bench-dense.txt" || true
       stacks_mark dense before
       timeout "$bench_timeout" python3 -m sglang.bench_serving "${bench[@]}" --port 30001 \
         --output-file "$out/bench-dense.jsonl" > "$out/bench-dense.log" 2>&1 || echo "dense bench rc=$?"
       curl -s http://127.0.0.1:30001/metrics > "$out/metrics-after-bench-dense.txt" || true
+      python3 -m bench.server_latency "$out/metrics-before-bench-dense.txt" "$out/metrics-after-bench-dense.txt" \
+        > "$out/latency-dense.txt" 2>&1 || true
       stacks_summary dense
       # the stock profile only on request (PROFILE_STOCK=1): with it the step runs past a 600 s call (ninth run)
       [ "${PROFILE_STOCK:-0}" = 0 ] || profile_steps 30001 "$out/dense.server.log" dense || echo "dense profile rc=$?"
@@ -615,6 +620,8 @@ case "$step" in
       timeout "$bench_timeout" python3 -m sglang.bench_serving "${bench[@]}" --port 30002 \
         --output-file "$out/bench-fp8.jsonl" > "$out/bench-fp8.log" 2>&1 || echo "fp8 bench rc=$?"
       curl -s http://127.0.0.1:30002/metrics > "$out/metrics-after-bench-fp8.txt" || true
+      python3 -m bench.server_latency "$out/metrics-before-bench-fp8.txt" "$out/metrics-after-bench-fp8.txt" \
+        > "$out/latency-fp8.txt" 2>&1 || true
       kill "$fp8_pid" 2>/dev/null || true
       wait "$fp8_pid" 2>/dev/null || true
     fi
