@@ -17,14 +17,13 @@ count decode steps only).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.scrape_cli import read_two_scrapes
 from mosaickv_sglang.step_timer import histogram_quantile
 
 METRIC = "sglang:mosaic_decode_step_seconds"
@@ -88,17 +87,10 @@ def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTIL
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.decode_steps", description=__doc__.split("\n\n")[0])
-    ap.add_argument("before", type=Path, help="/metrics text scraped before the load")
-    ap.add_argument("after", type=Path, help="/metrics text scraped after the load")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
-    args = ap.parse_args(argv)
-    try:
-        got = load_quantiles(args.before.read_text(), args.after.read_text())
-    except (OSError, ValueError) as err:
-        print(f"decode_steps: {err}", file=sys.stderr)
+    got, as_json = read_two_scrapes("python -m bench.decode_steps", __doc__.split("\n\n")[0], load_quantiles, argv)
+    if got is None:
         return 2
-    if args.json:
+    if as_json:
         print(json.dumps(got))
     else:
         quantile_keys = [f"p{round(q * 100):d}" for q in QUANTILES]

@@ -14,14 +14,13 @@ one before its run). It works for stock servers as for MosaicKV's, where ``sglan
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.scrape_cli import read_two_scrapes
 from mosaickv_sglang.step_timer import histogram_quantile
 
 METRICS = {"ttft": "sglang:time_to_first_token_seconds", "e2e": "sglang:e2e_request_latency_seconds",
@@ -76,17 +75,10 @@ def load_latencies(before: str, after: str) -> Dict[str, Dict[str, Optional[floa
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.server_latency", description=__doc__.split("\n\n")[0])
-    ap.add_argument("before", type=Path, help="/metrics text scraped before the load")
-    ap.add_argument("after", type=Path, help="/metrics text scraped after the load")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
-    args = ap.parse_args(argv)
-    try:
-        got = load_latencies(args.before.read_text(), args.after.read_text())
-    except (OSError, ValueError) as err:
-        print(f"server_latency: {err}", file=sys.stderr)
+    got, as_json = read_two_scrapes("python -m bench.server_latency", __doc__.split("\n\n")[0], load_latencies, argv)
+    if got is None:
         return 2
-    if args.json:
+    if as_json:
         print(json.dumps(got))
         return 0
 
