@@ -207,12 +207,11 @@ def _layer_importance(
             while (j < nl and j - i < per and isinstance(queries[j], torch.Tensor)
                    and queries[j].shape == queries[i].shape):  # fmt: skip
                 j += 1
-            heads = _head_queries(queries[i:j], n, d)
-            if heads is None:
-                q = torch.cat([flatten_queries(queries[t], n, d, f"queries[{t}]") for t in range(i, j)])
-                stats = None
+            shared = _queries_of_head_views(queries[i:j], n, d)
+            if shared is None:
+                q, stats = torch.cat([flatten_queries(queries[t], n, d, f"queries[{t}]") for t in range(i, j)]), None
             else:
-                q, stats = _per_segment_queries(heads, n)
+                q, stats = shared
             if run_labels is not None:
                 lab = run_labels[: (j - i) * n]
             else:
@@ -236,29 +235,27 @@ def _layer_importance(
     return out
 
 
-def _head_queries(queries: Sequence[torch.Tensor], n: int, d: int) -> Optional[torch.Tensor]:
-    """These layers' queries as one fp32 tensor of each head's, shape ``[L', P, H, W * G, d]`` with stride 0 over the
-    ``P`` pages, when every layer's are a view of one ``[H, W, G, d]`` per page (``[P, H, W, G, d]``, stride 0 over
-    pages, as the sealer passes them) and all have one shape; ``None`` otherwise."""
+def _queries_of_head_views(
+    queries: Sequence[torch.Tensor], n: int, d: int
+) -> Optional[Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]:
+    """When every layer's queries are a view of one ``[H, W, G, d]`` per page (``[P, H, W, G, d]``, stride 0 over
+    pages, as the sealer passes them) and all have one shape: the queries flattened per segment (``[L' * n, W * G,
+    d]`` fp32, what :func:`~mosaickv_sglang.importance.flatten_queries` of each layer, concatenated, gives: one copy
+    instead of a copy per layer and their concatenation), and their
+    :func:`~mosaickv_sglang.importance.query_stats` measured once per head (``[L' * n, d]`` each: half of the
+    importance pass's memory traffic read the per-segment copy twice). ``None`` otherwise."""
     shape = queries[0].shape
     if not all(q.dim() == 5 and q.stride(0) == 0 and q.shape == shape for q in queries):
         return None
-    pages, heads = shape[:2]
-    if pages * heads != n or shape[-1] != d:
+    pages, h = shape[:2]
+    if pages * h != n or shape[-1] != d:
         return None
-    stacked = torch.stack([q[0] for q in queries]).reshape(len(queries), 1, heads, -1, d).float()
-    return stacked.expand(-1, pages, -1, -1, -1)
-
-
-def _per_segment_queries(heads: torch.Tensor, n: int) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """From :func:`_head_queries`: the queries flattened per segment (``[L' * n, W * G, d]``, what
-    :func:`~mosaickv_sglang.importance.flatten_queries` of each layer, concatenated, gives: one copy instead of a copy
-    per layer and their concatenation), and their :func:`~mosaickv_sglang.importance.query_stats` measured once per
-    head (``[L' * n, d]`` each: half of the importance pass's memory traffic read the per-segment copy twice)."""
-    layers, _, h, q, d = heads.shape
-    w, mean = query_stats(heads[:, 0].reshape(layers * h, q, d))
-    stats = tuple(x.view(layers, 1, h, d).expand(heads.shape[:3] + (d,)).reshape(layers * n, d) for x in (w, mean))
-    return heads.reshape(layers * n, q, d), stats
+    layers = len(queries)
+    heads = torch.stack([q[0] for q in queries]).reshape(layers * h, -1, d).float()  # [L' * H, W * G, d]
+    w, mean = query_stats(heads)
+    stats = tuple(x.view(layers, 1, h, d).expand(-1, pages, -1, -1).reshape(layers * n, d) for x in (w, mean))
+    per_segment = heads.view(layers, 1, h, -1, d).expand(-1, pages, -1, -1, -1).reshape(layers * n, -1, d)
+    return per_segment, stats
 
 
 def _cat_float(parts: Layers) -> torch.Tensor:

@@ -296,20 +296,20 @@ def test_queries_of_per_head_views_equal_the_per_layer_copies(d, g, dtype):
     channel weights and mean queries, over several layers at once; any layer given per segment (or of another shape)
     makes the run fall back to the copies (``None``)."""
     from mosaickv_sglang.importance import flatten_queries, query_stats
-    from mosaickv_sglang.plan_layers import _head_queries, _per_segment_queries
+    from mosaickv_sglang.plan_layers import _queries_of_head_views
 
     gen = torch.Generator().manual_seed(d + g)
     pages, h = 5, 3
     n = pages * h
     views = [(1.5 * torch.randn(h, 6, g, d, generator=gen)).to(dtype).expand(pages, h, 6, g, d) for _ in range(3)]
-    q_got, (w_got, mean_got) = _per_segment_queries(_head_queries(views, n, d), n)
+    q_got, (w_got, mean_got) = _queries_of_head_views(views, n, d)
     q_ref = torch.cat([flatten_queries(q, n, d) for q in views])
     w_ref, mean_ref = query_stats(q_ref)
     assert q_got.dtype == torch.float32 and q_got.is_contiguous() and torch.equal(q_got, q_ref)
     assert w_got.shape == mean_got.shape == (3 * n, d) and w_got.is_contiguous()
     assert torch.equal(w_got, w_ref) and torch.equal(mean_got, mean_ref)
     per_segment = views[1].reshape(n, *views[1].shape[2:]).clone()
-    assert _head_queries([views[0], per_segment], n, d) is None
-    assert _head_queries([views[0]], n + 1, d) is None
+    assert _queries_of_head_views([views[0], per_segment], n, d) is None
+    assert _queries_of_head_views([views[0]], n + 1, d) is None
     other = (1.5 * torch.randn(h, 7, g, d, generator=gen)).to(dtype).expand(pages, h, 7, g, d)
-    assert _head_queries([views[0], other], n, d) is None
+    assert _queries_of_head_views([views[0], other], n, d) is None
