@@ -17,13 +17,12 @@ count decode steps only).
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.scrape_cli import read_two_scrapes
+from bench.scrape_cli import run_two_scrapes
 from mosaickv_sglang.step_timer import histogram_quantile
 
 METRIC = "sglang:mosaic_decode_step_seconds"
@@ -86,38 +85,36 @@ def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTIL
     return out
 
 
+def _line(got: Dict[str, Optional[float]]) -> str:
+    """The one-line form of :func:`load_quantiles`' result."""
+    quantile_keys = [f"p{round(q * 100):d}" for q in QUANTILES]
+    ms = "  ".join(f"{k} {'-' if got[k] is None else f'{got[k] * 1e3:.2f} ms'}" for k in quantile_keys)
+    if got["seal_s"] is not None:
+        ms += f"  sealing {got['seal_s'] * 1e3:.1f} ms in {int(got['seal_calls'] or 0)} calls"
+        named = (("seal_plan_s", "planning"), ("seal_gpu_s", "GPU span"))
+        parts = [f"{name} {got[k] * 1e3:.1f} ms" for k, name in named if got.get(k) is not None]
+        if parts:
+            ms += f" ({', '.join(parts)})"
+    sidecar = got["sidecar_s"]
+    if sidecar is not None:
+        # not divided by the decode steps: the counter includes prefill steps (the tenth run's 2 s of a 33 s
+        # bench were mostly prefill seals' submissions, and read as 7 ms a decode step)
+        ms += f"  sidecar before forwards {sidecar * 1e3:.1f} ms (prefill steps included)"
+        parts = [f"{k[:-2]} {got[k] * 1e3:.1f} ms" for k in SIDECAR_PART_METRICS if got.get(k) is not None]
+        if parts:
+            ms += f" ({', '.join(parts)})"
+    if got.get("io_s") is not None:
+        ms += f"  I/O thread beside the scheduler {got['io_s'] * 1e3:.1f} ms"
+    if got["plan_s"] is not None and got["plans"]:
+        each = 1e3 / got["plans"]
+        ms += f"  decode plans {got['plan_s'] * each:.2f} ms each ({int(got['plans'])}"
+        parts = [f"{k[5:-2]} {got[k] * each:.2f} ms" for k in PLAN_PART_METRICS if got.get(k) is not None]
+        ms += f"; of which {', '.join(parts)})" if parts else ")"
+    return f"decode steps {int(got['steps'])}  {ms}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    got, as_json = read_two_scrapes("python -m bench.decode_steps", __doc__.split("\n\n")[0], load_quantiles, argv)
-    if got is None:
-        return 2
-    if as_json:
-        print(json.dumps(got))
-    else:
-        quantile_keys = [f"p{round(q * 100):d}" for q in QUANTILES]
-        ms = "  ".join(f"{k} {'-' if got[k] is None else f'{got[k] * 1e3:.2f} ms'}" for k in quantile_keys)
-        if got["seal_s"] is not None:
-            ms += f"  sealing {got['seal_s'] * 1e3:.1f} ms in {int(got['seal_calls'] or 0)} calls"
-            named = (("seal_plan_s", "planning"), ("seal_gpu_s", "GPU span"))
-            parts = [f"{name} {got[k] * 1e3:.1f} ms" for k, name in named if got.get(k) is not None]
-            if parts:
-                ms += f" ({', '.join(parts)})"
-        sidecar = got["sidecar_s"]
-        if sidecar is not None:
-            # not divided by the decode steps: the counter includes prefill steps (the tenth run's 2 s of a 33 s
-            # bench were mostly prefill seals' submissions, and read as 7 ms a decode step)
-            ms += f"  sidecar before forwards {sidecar * 1e3:.1f} ms (prefill steps included)"
-            parts = [f"{k[:-2]} {got[k] * 1e3:.1f} ms" for k in SIDECAR_PART_METRICS if got.get(k) is not None]
-            if parts:
-                ms += f" ({', '.join(parts)})"
-        if got.get("io_s") is not None:
-            ms += f"  I/O thread beside the scheduler {got['io_s'] * 1e3:.1f} ms"
-        if got["plan_s"] is not None and got["plans"]:
-            each = 1e3 / got["plans"]
-            ms += f"  decode plans {got['plan_s'] * each:.2f} ms each ({int(got['plans'])}"
-            parts = [f"{k[5:-2]} {got[k] * each:.2f} ms" for k in PLAN_PART_METRICS if got.get(k) is not None]
-            ms += f"; of which {', '.join(parts)})" if parts else ")"
-        print(f"decode steps {int(got['steps'])}  {ms}")
-    return 0
+    return run_two_scrapes("python -m bench.decode_steps", __doc__.split("\n\n")[0], load_quantiles, _line, argv)
 
 
 if __name__ == "__main__":

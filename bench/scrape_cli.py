@@ -5,25 +5,30 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
 
 
-def read_two_scrapes(
-    prog: str, description: str, load: Callable[[str, str], T], argv: Optional[Sequence[str]]
-) -> Tuple[Optional[T], bool]:
-    """Parse ``argv`` and return ``(load(before text, after text), --json given)``; ``(None, ...)`` after printing
-    ``<module>: <error>`` to stderr when a file cannot be read or ``load`` raises ``ValueError``."""
+def run_two_scrapes(
+    prog: str, description: str, load: Callable[[str, str], T], line: Callable[[T], str],
+    argv: Optional[Sequence[str]],
+) -> int:  # fmt: skip
+    """Parse ``argv``, print ``load(before text, after text)`` as one JSON object (``--json``) or as ``line`` of it,
+    and return 0; return 2 after printing ``<module>: <error>`` to stderr when a file cannot be read or ``load``
+    raises ``ValueError``."""
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("before", type=Path, help="/metrics text scraped before the load")
     ap.add_argument("after", type=Path, help="/metrics text scraped after the load")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     args = ap.parse_args(argv)
     try:
-        return load(args.before.read_text(), args.after.read_text()), args.json
+        got = load(args.before.read_text(), args.after.read_text())
     except (OSError, ValueError) as err:
         print(f"{prog.rsplit('.', 1)[-1]}: {err}", file=sys.stderr)
-        return None, args.json
+        return 2
+    print(json.dumps(got) if args.json else line(got))
+    return 0

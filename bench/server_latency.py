@@ -14,13 +14,12 @@ one before its run). It works for stock servers as for MosaicKV's, where ``sglan
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Dict, Optional, Sequence, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.scrape_cli import read_two_scrapes
+from bench.scrape_cli import run_two_scrapes
 from mosaickv_sglang.step_timer import histogram_quantile
 
 METRICS = {"ttft": "sglang:time_to_first_token_seconds", "e2e": "sglang:e2e_request_latency_seconds",
@@ -74,21 +73,18 @@ def load_latencies(before: str, after: str) -> Dict[str, Dict[str, Optional[floa
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    got, as_json = read_two_scrapes("python -m bench.server_latency", __doc__.split("\n\n")[0], load_latencies, argv)
-    if got is None:
-        return 2
-    if as_json:
-        print(json.dumps(got))
-        return 0
+def _line(got: Dict[str, Dict[str, Optional[float]]]) -> str:
+    """The one-line form of :func:`load_latencies`' result."""
 
     def ms(x: Optional[float]) -> str:
         return "-" if x is None else f"{x * 1e3:.1f} ms"
 
-    parts = [f"{key} n {int(v['count'] or 0)} mean {ms(v['mean'])} p50 {ms(v['p50'])} p90 {ms(v['p90'])}"
-             for key, v in got.items()]  # fmt: skip
-    print("  ".join(parts))
-    return 0
+    return "  ".join(f"{key} n {int(v['count'] or 0)} mean {ms(v['mean'])} p50 {ms(v['p50'])} p90 {ms(v['p90'])}"
+                     for key, v in got.items())  # fmt: skip
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_two_scrapes("python -m bench.server_latency", __doc__.split("\n\n")[0], load_latencies, _line, argv)
 
 
 if __name__ == "__main__":
