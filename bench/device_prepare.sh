@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # On the CPU machine, from the project root: everything the GPU steps carry that git does not track, rebuilt from
 # scratch (about 5 minutes with warm caches). Each folder fits one device transfer (64 MiB, the tracked tree
-# included) with room for the tracked tree to grow: parts of PART_MIB (default 40) MiB.
+# included) with room for the tracked tree to grow: parts of PART_MIB (default 32) MiB.
 #
 #   .device-bundle/p00 p01 p03 p04 ...  SGLang 0.5.17's bundle (../shared/device/build-bundle.sh), re-split
 #   .device-bundle/p02                  its unpacker, model shapes and device-env.sh (the last part sent, sourced there)
@@ -14,10 +14,11 @@
 #   mkdir -p /tmp/mkv/parts && cp .device-bundle/pNN/part.* /tmp/mkv/parts/        carry .device-bundle/pNN (each)
 #   mkdir -p /tmp/mkv/model /tmp/mkv/cache && cp .device-model/mN/gguf.part.* /tmp/mkv/model/ \
 #     && { [ ! -d .device-model/mN/essays ] || cp -r .device-model/mN/essays /tmp/mkv/cache/; }  carry .device-model/mN
-#   source .device-bundle/p02/device-env.sh && bash bench/device_served.sh STEP     carry .device-bundle/p02 .device-jit
+#   mkdir -p /tmp/mkv/jit && cp .device-jit/*.tgz /tmp/mkv/jit/                      carry .device-jit
+#   source .device-bundle/p02/device-env.sh && bash bench/device_served.sh STEP     carry .device-bundle/p02
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-part_mib="${PART_MIB:-40}"
+part_mib="${PART_MIB:-32}"
 [[ "$part_mib" =~ ^[0-9]+$ ]] && [ "$part_mib" -ge 8 ] && [ "$part_mib" -le 60 ] \
   || { echo "device_prepare: PART_MIB: expected MiB between 8 and 60, got '$part_mib'" >&2; exit 1; }
 [ -d ../shared/device ] || { echo "device_prepare: expected ../shared/device beside the project" >&2; exit 1; }
@@ -64,6 +65,7 @@ cp -r "$cache/essays" "${models[-1]}/"
 du -sh .device-model/*
 tracked=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 largest=$(du -sb .device-bundle/p* .device-model/m* | sort -n | tail -1 | cut -f1)
+# the step's call carries p02 (the unpacker's zstandard module: 23 MiB), not .device-jit (its own call, below)
 echo "tracked files: $((tracked / 1048576)) MiB; with the largest folder: $(((tracked + largest) / 1048576)) of 64 MiB"
 [ $((tracked + largest)) -lt $((60 * 1048576)) ] \
   || echo "device_prepare: WARNING: under 4 MiB to spare in one transfer; run again with a smaller PART_MIB" >&2
@@ -71,10 +73,11 @@ echo "device calls, in order (each carries the folder named):"
 for d in .device-bundle/p*; do
   [ "$d" = .device-bundle/p02 ] || echo "  mkdir -p /tmp/mkv/parts && cp $d/part.* /tmp/mkv/parts/    carry $d"
 done
+echo "  mkdir -p /tmp/mkv/jit && cp .device-jit/*.tgz /tmp/mkv/jit/    carry .device-jit (once JIT caches came back)"
 for m in "${models[@]}"; do
   essays=""
   [ ! -d "$m/essays" ] || essays=" && cp -r $m/essays /tmp/mkv/cache/"
   echo "  mkdir -p /tmp/mkv/model /tmp/mkv/cache && cp $m/gguf.part.* /tmp/mkv/model/$essays    carry $m"
 done
 echo "  source .device-bundle/p02/device-env.sh > /tmp/env.log 2>&1; bash bench/device_served.sh STEP    carry" \
-  ".device-bundle/p02 .device-jit"
+  ".device-bundle/p02"

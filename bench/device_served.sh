@@ -56,7 +56,8 @@
 # its sampling module alone) and of SGLang's JIT kernels (~/.cache/tvm-ffi: about 10 s of nvcc per kernel, norm,
 # rope, kvcache, activation...) come back as $OUT/jit-flashinfer.tgz and $OUT/jit-tvm-ffi.tgz, one archive per
 # cache, each at most 16 MiB (the device tool's limit per file: one archive of both went over it in the twelfth run);
-# carried into the tree as .device-jit/, every .device-jit/*.tgz is restored before the next step starts.
+# sent back as .device-jit/ (copied to /tmp/mkv/jit in a call of its own), every archive is restored before the next
+# step starts.
 set -euo pipefail
 step="${1:?usage: bench/device_served.sh smollm2|axes|8b|soak|sweep|tpot|overlap|sidecar|sidecar-itl|kernels|tune|ncu}"
 ratio="${RATIO:-4}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
@@ -96,7 +97,9 @@ fi_site="$(python3 -c 'import importlib.util as u, os; print(os.path.dirname(u.f
   2>/dev/null || true)"
 [ -z "$fi_site" ] || find "$fi_site" -exec touch -h -d '2026-01-01 00:00:00' {} + 2>/dev/null || true
 restored=0
-for archive in .device-jit/*.tgz; do
+# the caches travel in a device call of their own (bench/device_prepare.sh: the tracked tree, .device-bundle/p02 and
+# .device-jit together went over one transfer's 64 MiB in the twenty-second run) into /tmp/mkv/jit, or in the tree
+for archive in .device-jit/*.tgz /tmp/mkv/jit/*.tgz; do
   [ -f "$archive" ] || continue
   mkdir -p "$HOME/.cache" && tar xzf "$archive" -C "$HOME/.cache" && restored=1
 done
@@ -337,10 +340,15 @@ case "$step" in
     # of "off", a confounder of their step times). MOSAIC_ARGS adds flags to every server (e.g.
     # "--mosaic-overlap-schedule on": each decode plan then runs while the previous step is on the GPU).
     # ITL_MODEL=8b (sidecar-itl only): the Llama-3.1-8B shape with dummy weights instead of SmolLM2 (no model parts
-    # needed; each pool capped at 200,000 tokens: about 12 GB of each server's 28 GB is left for the KV cache)
+    # needed; each pool capped at 200,000 tokens: about 12 GB of each server's 28 GB is left for the KV cache), and
+    # --max-running-requests 16 (the load's concurrency): the hot pool is planned for 16 requests, not 64, on every
+    # server (in the twenty-second run "off", with the least free memory, had its hot pool cut to a quarter of its
+    # budget, 26,048 tokens against the others' 43,008: it sealed under hot-pool pressure in decode steps, 37 ms
+    # plans, and its p99 was 3.2x its p50, a confounder of the comparison)
     model_args=(--dtype bfloat16) max_tokens=3000000
     if [ "$step" = sidecar-itl ] && [ "${ITL_MODEL:-smollm2}" = 8b ]; then
-      M="$MKV_MODELS/llama-3.1-8b-shape" model_args=(--load-format dummy --context-length 16384) max_tokens=200000
+      M="$MKV_MODELS/llama-3.1-8b-shape" max_tokens=200000
+      model_args=(--load-format dummy --context-length 16384 --max-running-requests 16)
     else
       M="$(bash bench/device_smollm2.sh)"
     fi
