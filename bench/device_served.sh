@@ -465,13 +465,14 @@ case "$step" in
     # tests compiled for the GPU and the late-compile watch's, then the seal planner's runs, nothing else
     if [ "${SEAL_ONLY:-0}" = 1 ]; then
       timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_estimate_terms.py \
-        tests/test_estimate_terms_select.py tests/test_late_compiles.py tests/test_seal_spans.py -m "not slow" \
+        tests/test_estimate_terms_select.py tests/test_late_compiles.py tests/test_seal_spans.py \
+        tests/test_pinned_staging.py -m "not slow" \
         > "$out/estimate-terms-tests.log" 2>&1 || echo "estimate terms tests rc=$?"
       tail -3 "$out/estimate-terms-tests.log"
     else
       timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_decode_tune.py \
         tests/test_chan_drop_select.py tests/test_estimate_terms_select.py tests/test_late_compiles.py \
-        tests/test_seal_spans.py \
+        tests/test_seal_spans.py tests/test_pinned_staging.py \
         > "$out/gpu-tests.log" 2>&1 \
         || echo "gpu tests rc=$?"
       tail -3 "$out/gpu-tests.log"
@@ -488,6 +489,9 @@ case "$step" in
       # job's landing; the stand-in's: about 1 ms each)
       timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 --seals 20 --ticks 5 --profile 30 \
         > "$out/sidecar-cost.txt" 2>&1 || echo "sidecar_cost rc=$?"
+      # the seals' copies each in a pinned block of its own (torch's allocator), as before the reused staging buffers
+      timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 --seals 20 --ticks 5 --staging off \
+        > "$out/sidecar-cost-staging-off.txt" 2>&1 || echo "sidecar_cost staging off rc=$?"
     fi
     # the seal planner at 128 pages with the default chan drop (its peak memory and profile), then larger planner
     # chunks (segments:bytes; the default 8192:256 MiB makes 4 chunks of a 128-page seal of the 8B shape, 2,173

@@ -30,6 +30,7 @@ import torch
 from mosaickv_sglang.sealer import QueryWindow
 from mosaickv_sglang.sidecar.bridge import SidecarBridge
 from mosaickv_sglang.sidecar.client import SidecarConfig
+from mosaickv_sglang.sidecar.pinned_staging import PinnedStaging
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tick-gap-ms", type=float, default=20.0, help="pause between ticks (a decode step's GPU time)")
     p.add_argument("--slots", type=int, default=8, help="sidecar slots")
     p.add_argument("--resegment", choices=("on", "off"), default="on", help="host copies kept for re-segmentation")
+    p.add_argument("--staging", choices=("on", "off"), default="on",
+                   help="the seals' copies land in reused host buffers (pinned on CUDA, as served), or each in its own "
+                        "(torch's pinned allocator on CUDA)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (SGLang's scheduler sets 1 on a GPU; more threads turned host copies "
                         "of a page into 16 ms waits for a core while the sidecar worker ran)")
@@ -132,7 +136,8 @@ def _run(args: argparse.Namespace) -> Dict[str, object]:
     pool = StandInPool(args, ring + 1)
     config = SidecarConfig(seg_size=s, head_dim=d, group_size=args.group, window=args.window, num_slots=args.slots,
                            max_segments=max(h, 32 // h * h), kv_dtype=dtype)  # fmt: skip
-    bridge = SidecarBridge(pool, window, config, resegment=args.resegment == "on").start()
+    staging = PinnedStaging(pin=dev.type == "cuda") if args.staging == "on" else None
+    bridge = SidecarBridge(pool, window, config, resegment=args.resegment == "on", staging=staging).start()
 
     def gather(layer: int, pages: np.ndarray):
         rows = ((torch.from_numpy(pages) - 1)[:, None] * h + torch.arange(h)).reshape(-1).to(dev)
@@ -173,6 +178,7 @@ def _run(args: argparse.Namespace) -> Dict[str, object]:
                       "apply": 1e3 * bridge.apply_seconds, "tick": 1e3 * bridge.tick_seconds},
         "segments_submitted": bridge.segments_submitted, "segments_skipped": bridge.segments_skipped,
         "plans_applied": bridge.plans_applied, "plans_discarded": bridge.plans_discarded,
+        "staging_allocations": None if staging is None else staging.allocations,
     }  # fmt: skip
     if profiler:
         out = io.StringIO()
@@ -203,6 +209,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     print(f"  bridge time: submit {br['submit']:.1f} ms, land {br['land']:.1f} ms, apply {br['apply']:.1f} ms; "
           f"{report['segments_submitted']} segments submitted, {report['segments_skipped']} skipped, "
           f"{report['plans_applied']} plans applied")  # fmt: skip
+    if report["staging_allocations"] is not None:
+        print(f"  host buffers allocated: {report['staging_allocations']} (reused across the seals)")
     if "profile" in report:
         print(report["profile"])
     return report

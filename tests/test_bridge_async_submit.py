@@ -20,6 +20,7 @@ from bench.host_syncs import HostSyncCounter
 from mosaickv_sglang.sidecar import bridge as bridge_mod
 from mosaickv_sglang.sidecar.bridge import SidecarBridge
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarConfig, SidecarCounters
+from mosaickv_sglang.sidecar.pinned_staging import PinnedStaging
 from mosaickv_sglang.sidecar.protocol import SegmentKey
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -159,6 +160,33 @@ def test_pages_freed_or_reused_before_the_copies_land_are_discarded_not_applied(
     assert sorted(t.bridge._shadow) == [(0, 3), (0, 4), (1, 3), (1, 4)]
     assert t.bridge.plans_applied == 2 and t.bridge.plans_discarded == 2
     assert sorted((layer, pages) for layer, pages, _ in t.pool.resealed) == [(0, [3, 4]), (1, [3, 4])]
+
+
+def test_batches_copies_land_in_reused_staging_buffers_given_back_once_landed(setup):
+    """With a staging (pinned on CUDA), each batch's copies land in a buffer given back once all its jobs reached the
+    worker, so the next batch reuses it; what the worker gets is unchanged. Closing gives back the buffers of batches
+    still pending, after their copies are done."""
+    t = setup
+    t.bridge.staging = staging = PinnedStaging(pin=False)
+    for round_pages in ([3, 4, 5, 6], [7, 8, 9, 10], [1, 2]):
+        start = len(t.client.received)
+        seal(t, round_pages)
+        assert staging.lent == 1  # K, V and queries are all fp32 here: one buffer
+        t.events[-1].done = True
+        t.bridge.tick(None)
+        assert staging.lent == 0 and not t.bridge._pending
+        for job in t.client.received[start:]:
+            keys = job["segments"]
+            want_k, want_v = dense(keys[0].layer, np.array([k.page for k in keys[::H]]))
+            torch.testing.assert_close(job["keys"], want_k, atol=0, rtol=0)
+            torch.testing.assert_close(job["values"], want_v, atol=0, rtol=0)
+        t.client.tick()  # the jobs finish: their slots are free again
+        t.bridge.tick(None)
+    assert staging.allocations == 1
+    seal(t, [11, 12])
+    assert staging.lent == 1 and not t.events[-1].done
+    t.bridge.close()
+    assert staging.lent == 0 and t.events[-1].waited
 
 
 def test_drain_waits_for_pending_copies_and_close_drops_them(setup):

@@ -65,6 +65,7 @@ from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
 from mosaickv_sglang.pool.store import StagedReseal, pin_plan
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarClient, SidecarConfig, SidecarCounters
 from mosaickv_sglang.sidecar.page_copies import PageCopies
+from mosaickv_sglang.sidecar.pinned_staging import PinnedStaging
 from mosaickv_sglang.sidecar.protocol import REASON_RESEGMENT, REASON_SEALED, SegmentKey
 from mosaickv_sglang.sidecar.resegment import ResegmentQueue, SharedSegment
 from mosaickv_sglang.strategies import axes_menu
@@ -158,21 +159,30 @@ class HostCopy:
 
     One transfer per dtype, as :func:`to_host`; from a CUDA device into pinned host memory with ``non_blocking=True``,
     followed by an event on the current stream, so the caller goes on while the device works (the device sources are
-    held until the copies are done). Host tensors are only concatenated.
+    held until the copies are done). Host tensors are only concatenated. With a ``staging``, every transfer lands in
+    one of its buffers (host sources copied too), given back by :meth:`release`.
 
     Attributes
     ----------
     tensors : list of torch.Tensor
-        The host copies, in order: read them only once :meth:`ready` (or after :meth:`wait`).
+        The host copies, in order: read them only once :meth:`ready` (or after :meth:`wait`), and not after
+        :meth:`release`.
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], staging: Optional[PinnedStaging] = None) -> None:
         self.tensors: List[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
         self._sources: List[torch.Tensor] = []
+        self._staging = staging
+        self._buffers: List[torch.Tensor] = []
         device = torch.device("cpu")
         for idx, flat in _by_dtype(tensors):
             device = flat.device
-            if flat.is_cuda:
+            if staging is not None:
+                host = staging.take(flat.numel(), flat.dtype)
+                self._buffers.append(host)
+                host.copy_(flat, non_blocking=flat.is_cuda)
+                self._sources.append(flat)
+            elif flat.is_cuda:
                 host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
                 host.copy_(flat, non_blocking=True)
                 self._sources.append(flat)
@@ -195,6 +205,16 @@ class HostCopy:
         if self._event is not None:
             self._event.synchronize()
         self._event, self._sources = None, []
+
+    def release(self) -> None:
+        """Give the staging's buffers back once nothing reads :attr:`tensors` any more (waits for copies still
+        running: a buffer given back may be written by the next batch's copies at once)."""
+        if self._buffers:
+            self.wait()
+            for buf in self._buffers:
+                self._staging.give_back(buf)  # type: ignore[union-attr]
+            self._buffers = []
+        self.tensors = []
 
 
 # a job waiting for its copies: layer, pages, their epochs after the seal, byte budget
@@ -238,6 +258,9 @@ class SidecarBridge:
         Whether pages read by several requests are re-planned on idle ticks (``--mosaic-resegment``). ``False``:
         :meth:`observe_readers` records nothing, no page is queued and no host copy is kept (``shadow_bytes`` is
         ignored); sealed pages are still submitted and their plans applied.
+    staging : PinnedStaging, optional
+        The host buffers that sealed batches' copies land in, reused from batch to batch; default: page-locked ones
+        when the pool is on CUDA, none otherwise (host pages are only concatenated).
 
     Attributes
     ----------
@@ -277,9 +300,12 @@ class SidecarBridge:
 
     def __init__(
         self, pool: "MosaicMHATokenToKVPool", window: "QueryWindow", config: SidecarConfig,
-        shadow_bytes: int = DEFAULT_SHADOW_BYTES, resegment: bool = True,
+        shadow_bytes: int = DEFAULT_SHADOW_BYTES, resegment: bool = True, staging: Optional[PinnedStaging] = None,
     ) -> None:  # fmt: skip
         self.pool = pool
+        if staging is None and torch.device(pool.device).type == "cuda":
+            staging = PinnedStaging(pin=True)
+        self.staging = staging
         self.window = window
         self.client = SidecarClient(config, is_current=self.is_current)
         h = int(pool.head_num)
@@ -410,6 +436,8 @@ class SidecarBridge:
             self._stop_io()
             with self._lock:
                 self._closed = True
+                for batch in self._pending:
+                    batch.copy.release()
                 self._pending.clear()
                 self._reserved = 0
                 self._unapplied.clear()
@@ -493,7 +521,7 @@ class SidecarBridge:
             kept = (shared, self.pool.page_epoch[shared] + 1)
             parts.extend(x for layer in range(pool.layer_num) for x in gather(layer, shared))
         if parts:
-            self._pending.append(_PendingBatch(HostCopy(parts), jobs, kept))
+            self._pending.append(_PendingBatch(HostCopy(parts, self.staging), jobs, kept))
             self._reserved += len(jobs)
         submitted = sum(int(job[1].size) for job in jobs) * h
         self.segments_submitted += submitted
@@ -562,6 +590,7 @@ class SidecarBridge:
             if batch.done:
                 with self._lock:
                     self._pending.popleft()
+                    batch.copy.release()
 
     def _land_next(self, batch: _PendingBatch) -> None:
         """The next unit of ``batch``: first the host copies of its shared pages, :data:`SHARED_PAGES_PER_UNIT` pages
