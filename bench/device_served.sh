@@ -487,10 +487,10 @@ case "$step" in
       tail -1 "$out/compaction-tests.log"
       # where the sidecar bridge's scheduler time goes (the tenth run's 8B server: 16 ms a seal's submission, 18 ms a
       # job's landing; the stand-in's: about 1 ms each)
-      timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 --seals 20 --ticks 5 --profile 30 \
+      timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 96 112 64 --seals 20 --ticks 5 --profile 30 \
         > "$out/sidecar-cost.txt" 2>&1 || echo "sidecar_cost rc=$?"
       # the seals' copies each in a pinned block of its own (torch's allocator), as before the reused staging buffers
-      timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 --seals 20 --ticks 5 --staging off \
+      timeout 120 python3 -m bench.sidecar_cost --device cuda --pages 128 96 112 64 --seals 20 --ticks 5 --staging off \
         > "$out/sidecar-cost-staging-off.txt" 2>&1 || echo "sidecar_cost staging off rc=$?"
     fi
     # the seal planner at 128 pages with the default chan drop (its peak memory and profile), then larger planner

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--group", type=int, default=4, help="query heads per KV head")
     p.add_argument("--window", type=int, default=32, help="queries kept per layer")
-    p.add_argument("--pages", type=int, default=128, help="pages per seal")
+    p.add_argument("--pages", type=int, nargs="+", default=[128],
+                   help="pages per seal; several values are taken in turn (served seals vary in size)")
     p.add_argument("--seals", type=int, default=20)
     p.add_argument("--ticks", type=int, default=5, help="ticks after each seal")
     p.add_argument("--tick-gap-ms", type=float, default=20.0, help="pause between ticks (a decode step's GPU time)")
@@ -66,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace) -> None:
     for name in ("layers", "kv_heads", "head_dim", "page_size", "group", "window", "pages", "seals", "slots",
                  "threads"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+        value = min(getattr(args, name)) if name == "pages" else getattr(args, name)
+        if value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value}")
     if args.ticks < 0 or args.tick_gap_ms < 0:
         raise SystemExit(f"--ticks/--tick-gap-ms: expected values >= 0, got {args.ticks} and {args.tick_gap_ms}")
 
@@ -127,7 +129,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 def _run(args: argparse.Namespace) -> Dict[str, object]:
     dev, dtype = torch.device(args.device), DTYPES[args.dtype]
     h, s, d = args.kv_heads, args.page_size, args.head_dim
-    ring = 2 * args.pages  # pages in use: one seal's worth sealed, the next being sealed
+    most = max(args.pages)
+    ring = 2 * most  # pages in use: one seal's worth sealed, the next being sealed
     gen = torch.Generator().manual_seed(args.seed)
     kv = torch.randn(args.layers, ring * h, s, d, generator=gen).to(dtype).to(dev)
     window = QueryWindow(args.layers, h, args.group, d, args.window, dev)
@@ -149,7 +152,7 @@ def _run(args: argparse.Namespace) -> Dict[str, object]:
         if not bridge.client.wait_ready(120.0):
             raise SystemExit("sidecar_cost: expected the sidecar worker ready within 120 s, got none")
         for i in range(args.seals):
-            pages = 1 + (np.arange(args.pages, dtype=np.int64) + (i % 2) * args.pages)
+            pages = 1 + (np.arange(args.pages[i % len(args.pages)], dtype=np.int64) + (i % 2) * most)
             pool.free(pages)  # the previous use of these pages ends: their plans and copies go stale
             t0 = time.perf_counter()
             if profiler:
@@ -201,7 +204,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         print(json.dumps(report))
         return report
     seal, tick, br = report["seal_ms"], report["tick_ms"], report["bridge_ms"]
-    print(f"sidecar bridge, {args.layers} layers x {args.kv_heads} KV heads, d={args.head_dim}, {args.pages} pages a "
+    pages = "/".join(map(str, args.pages))
+    print(f"sidecar bridge, {args.layers} layers x {args.kv_heads} KV heads, d={args.head_dim}, {pages} pages a "
           f"seal, {args.dtype} on {args.device}, {args.threads} torch thread(s)")  # fmt: skip
     print(f"  submit_sealed: mean {seal['mean']:.2f} ms, max {seal['max']:.2f} ms ({seal['count']} seals)")
     if tick["count"]:
