@@ -11,7 +11,7 @@ have been handed on; only a batch larger than every free buffer allocates.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List
 
 import torch
 
@@ -44,7 +44,7 @@ class PinnedStaging:
         self.pin = bool(pin)
         self.max_free_bytes = int(max_free_bytes)
         self._free: List[torch.Tensor] = []
-        self._lent: dict = {}  # storage address -> buffer, of the buffers taken and not yet given back
+        self._lent: Dict[int, torch.Tensor] = {}  # storage address -> buffer, of the buffers taken and not yet given back
         self.allocations = 0
         self.allocated_bytes = 0
 
@@ -63,17 +63,17 @@ class PinnedStaging:
         a copy into it is still running)."""
         if numel < 0:
             raise ValueError(f"numel: expected elements >= 0, got {numel}")
-        nbytes = max(1, int(numel) * torch.empty((), dtype=dtype).element_size())
-        fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
-        if fits:
-            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        nbytes = int(numel) * torch.empty((), dtype=dtype).element_size()
+        fit = next((i for i, b in enumerate(self._free) if b.numel() >= nbytes), None)  # (kept smallest first)
+        if fit is not None:
+            buf = self._free.pop(fit)
         else:
-            size = max(MIN_BUFFER_BYTES, 1 << (nbytes - 1).bit_length())
+            size = max(MIN_BUFFER_BYTES, 1 << max(0, nbytes - 1).bit_length())
             buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
             self.allocations += 1
             self.allocated_bytes += size
         self._lent[buf.untyped_storage().data_ptr()] = buf
-        return buf[: int(numel) * torch.empty((), dtype=dtype).element_size()].view(dtype)
+        return buf[:nbytes].view(dtype)
 
     def give_back(self, view: torch.Tensor) -> None:
         """Return the buffer that :meth:`take` handed out as ``view``: kept for reuse while the free buffers stay
