@@ -100,8 +100,9 @@ def setup(monkeypatch):
 def seal(t, pages, dense_mask=None) -> int:
     pages = np.asarray(pages, dtype=np.int64)
     mask = np.zeros(pages.size, dtype=bool) if dense_mask is None else np.asarray(dense_mask)
-    n = t.bridge.submit_sealed(pages, mask, 2.0, dense)
-    t.pool.seal(pages)
+    with t.bridge.sealing():  # as the sealer does: the I/O thread lands nothing before the pages are sealed
+        n = t.bridge.submit_sealed(pages, mask, 2.0, dense)
+        t.pool.seal(pages)
     return n
 
 
