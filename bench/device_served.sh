@@ -466,13 +466,13 @@ case "$step" in
     if [ "${SEAL_ONLY:-0}" = 1 ]; then
       timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_estimate_terms.py \
         tests/test_estimate_terms_select.py tests/test_late_compiles.py tests/test_seal_spans.py \
-        tests/test_pinned_staging.py -m "not slow" \
+        tests/test_pinned_staging.py tests/test_metrics.py -m "not slow" \
         > "$out/estimate-terms-tests.log" 2>&1 || echo "estimate terms tests rc=$?"
       tail -3 "$out/estimate-terms-tests.log"
     else
       timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_decode_tune.py \
         tests/test_chan_drop_select.py tests/test_estimate_terms_select.py tests/test_late_compiles.py \
-        tests/test_seal_spans.py tests/test_pinned_staging.py \
+        tests/test_seal_spans.py tests/test_pinned_staging.py tests/test_metrics.py \
         > "$out/gpu-tests.log" 2>&1 \
         || echo "gpu tests rc=$?"
       tail -3 "$out/gpu-tests.log"

@@ -38,12 +38,13 @@ from mosaickv_sglang.metrics import (  # noqa: E402
     STRATEGY_METRIC,
     STRATEGY_NAMES,
     MosaicMetricsExporter,
+    StrategyCounter,
     collect_stats,
     strategy_name,
 )
 from mosaickv_sglang.patches import metrics as metrics_hooks  # noqa: E402
 from mosaickv_sglang.patches import seam  # noqa: E402
-from mosaickv_sglang.pool import dense_bytes_per_token  # noqa: E402
+from mosaickv_sglang.pool import PAGE_SEALED, dense_bytes_per_token  # noqa: E402
 from mosaickv_sglang.sealer import Sealer  # noqa: E402
 from mosaickv_sglang.sidecar.client import SidecarCounters  # noqa: E402
 from mosaickv_sglang.strategies import STRATEGIES  # noqa: E402
@@ -153,6 +154,40 @@ def test_histogram_counts_each_sealed_segment_of_each_layer_and_ignores_freed_pa
     expected = {name: 0 for name in STRATEGY_NAMES}
     expected.update({"dense": 1, "tok-m": 1, "chan-k": 2, "lowrank-r": 2})
     assert collect_stats(sealer).strategy_segments == expected
+
+
+class _LandsWhenTold:
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_the_late_strategy_counter_returns_the_last_count_that_landed_without_waiting(monkeypatch):
+    """As on CUDA (a fake copy event): a read queues a count and returns the last one landed (zeros at first); while
+    a count is on its way no other is queued; once it lands the next read returns it. Off CUDA: read at once."""
+    pool, sealer, plans = sealed_pool(ratio=3.0, written=6, sealed=4)
+    want = _histogram_of_plans(plans)
+    events = []
+
+    def start_copy(counts):
+        events.append(_LandsWhenTold())
+        return counts.clone(), events[-1]
+
+    counter = StrategyCounter(late=True)
+    monkeypatch.setattr(counter, "_start_copy", start_copy)
+    assert collect_stats(sealer, counter).strategy_segments == dict.fromkeys(STRATEGY_NAMES, 0)
+    assert counter.read(pool.store) == dict.fromkeys(STRATEGY_NAMES, 0) and len(events) == 1  # still on its way
+    events[0].done = True
+    assert counter.read(pool.store) == want and len(events) == 2
+    pool.free_pages(torch.tensor([int(np.flatnonzero(pool.store.page_state().numpy() == PAGE_SEALED)[0])]))
+    events[1].done = True
+    fewer = counter.read(pool.store)  # the count queued before the free
+    assert fewer == want and len(events) == 3
+    events[2].done = True
+    assert sum(counter.read(pool.store).values()) == sum(want.values()) - H_KV * LAYERS
+    assert StrategyCounter().read(pool.store) == collect_stats(sealer).strategy_segments  # a CPU store: at once
 
 
 def test_collect_stats_after_real_sealing_matches_the_plans_and_the_store():
@@ -449,3 +484,12 @@ def test_run_batch_takes_the_batch_first_and_the_scheduler_keeps_its_reporter():
 
     assert list(inspect.signature(Scheduler.run_batch).parameters)[:2] == ["self", "batch"]
     assert f"self.{seam.SCHEDULER_REPORTER_ATTR} = SchedulerMetricsReporter(" in inspect.getsource(Scheduler)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_strategy_counts_copy_lands_in_pinned_memory_on_cuda():
+    counts = torch.arange(len(STRATEGY_NAMES), dtype=torch.int64, device="cuda") * 7
+    host, event = StrategyCounter._start_copy(counts)
+    event.synchronize()
+    assert event.query() and host.is_pinned() and host.tolist() == counts.tolist()
