@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing.connection
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -188,6 +189,41 @@ def test_batches_copies_land_in_reused_staging_buffers_given_back_once_landed(se
     assert staging.lent == 1 and not t.events[-1].done
     t.bridge.close()
     assert staging.lent == 0 and t.events[-1].waited
+
+
+def test_a_tick_never_waits_for_the_io_threads_hold_on_the_lock(setup):
+    """With the I/O thread running, a budgeted tick that finds the bridge's lock held (by that thread) applies nothing
+    and returns at once, the finished plans left queued for a later tick; an unbudgeted tick (drain) waits."""
+    t = setup
+    seal(t, [3, 4, 5, 6])
+    t.events[0].done = True
+    t.bridge._flush(wait=True)  # the jobs reach the worker, which finishes them
+    t.bridge._unapplied.extend(t.client.tick())
+    queued = len(t.bridge._unapplied)
+    assert queued == 4
+    t.bridge._io_thread = threading.Thread(target=lambda: None)  # as if running: the tick lands and reads nothing
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with t.bridge._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        start = time.perf_counter()
+        assert t.bridge.tick() == 0
+        assert time.perf_counter() - start < 1.0 and len(t.bridge._unapplied) == queued
+        assert t.bridge.tick_lock_skips == 1 and t.bridge.plans_applied == 0
+    finally:
+        release.set()
+        holder.join()
+    assert t.bridge.tick() >= 1  # the lock is free: plans are applied again
+    t.bridge.tick(None)
+    assert t.bridge.plans_applied == queued and t.bridge.tick_lock_skips == 1
+    t.bridge._io_thread = None
 
 
 def test_drain_waits_for_pending_copies_and_close_drops_them(setup):
