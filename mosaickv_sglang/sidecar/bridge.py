@@ -794,11 +794,12 @@ class SidecarBridge:
                 if not self._unapplied:
                     break
                 outcome = self._unapplied.popleft()
+                staged = self._staged.pop(outcome.job_id, None)  # in the same hold: the apply takes no lock
             finally:
                 self._lock.release()
             t0 = time.perf_counter()
             try:
-                applied += self._apply(outcome)
+                applied += self._apply(outcome, staged)
             finally:
                 self.apply_seconds += self._note_unit("apply", t0)
             taken += 1
@@ -898,9 +899,9 @@ class SidecarBridge:
         out, self._slowest = self._slowest, {}
         return out
 
-    def _apply(self, outcome: JobOutcome) -> int:
-        with self._lock:
-            staged = self._staged.pop(outcome.job_id, None)
+    def _apply(self, outcome: JobOutcome, staged: Optional[StagedReseal]) -> int:
+        """Re-pack ``outcome``'s pages with its plan (``staged``: its uploads, done by the I/O thread), unless it
+        failed or its pages changed; returns 1 if applied."""
         if outcome.status is JobStatus.STALE:
             self.plans_discarded += 1
             return 0
