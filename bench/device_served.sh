@@ -344,11 +344,16 @@ case "$step" in
     # --max-running-requests 16 (the load's concurrency): the hot pool is planned for 16 requests, not 64, on every
     # server (in the twenty-second run "off", with the least free memory, had its hot pool cut to a quarter of its
     # budget, 26,048 tokens against the others' 43,008: it sealed under hot-pool pressure in decode steps, 37 ms
-    # plans, and its p99 was 3.2x its p50, a confounder of the comparison)
+    # plans, and its p99 was 3.2x its p50, a confounder of the comparison). That hot pool, 12,288 tokens, is too small
+    # for the load's finished requests' dense last pages: in the twenty-third run every server sealed about 600 pages
+    # under pressure inside decode steps (p99 3.3-4.7x the off p50 on all three). So with ITL_MODEL=8b every server
+    # also seals beside the step (MOSAICKV_SEAL_BESIDE_STEP=1 unless set; it needs MOSAIC_ARGS="--mosaic-overlap-schedule
+    # on"), which keeps a quarter of the hot pool free by sealing those pages there, not inside a step
     model_args=(--dtype bfloat16) max_tokens=3000000
     if [ "$step" = sidecar-itl ] && [ "${ITL_MODEL:-smollm2}" = 8b ]; then
       M="$MKV_MODELS/llama-3.1-8b-shape" max_tokens=200000
       model_args=(--load-format dummy --context-length 16384 --max-running-requests 16)
+      export MOSAICKV_SEAL_BESIDE_STEP="${MOSAICKV_SEAL_BESIDE_STEP:-1}"
     else
       M="$(bash bench/device_smollm2.sh)"
     fi

@@ -1,12 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A seal in two halves: planned in one scheduler step, packed in the next (``MOSAICKV_SEAL_ASYNC=1``).
+"""A seal in two halves: planned in one scheduler step, packed in a later one (``MOSAICKV_SEAL_ASYNC=N``, N plans
+later; 1: the next).
 
 A seal reads one thing from the device: its payload sizes, which the host's arena allocator needs before the pack.
 Read at once, they make the scheduler wait for the planner's device work, which shares the GPU with the step in
 flight (a prefill can hold it for hundreds of milliseconds), while it could be launching the next step. Split, the
 first half launches the planner and copies the sizes to pinned host memory without waiting
-(:func:`sizes_to_host`); the second half, at the next plan, finds the copy done (or waits for what is left of it),
-allocates and packs. In between the pages stay dense, so nothing reads a half-sealed page.
+(:func:`sizes_to_host`); the second half, N plans later, finds the copy done (or waits for what is left of it),
+allocates and packs. In between the pages stay dense, so nothing reads a half-sealed page. N counts plans, not the
+copy's landing, so that every tensor-parallel rank packs at the same plan; the planner's device work next to a
+decode step takes several steps (about 70 ms a 128-page seal on the 8B shape, a decode step 10-12 ms: the
+twenty-third GPU run, where packing at the next plan still waited for it). Hot-pool pressure packs at once.
 
 A page freed or sealed in between (its :attr:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool.page_epoch` moved)
 voids the plan: :meth:`PendingSeal.live` says which pages still hold what was planned.
@@ -23,14 +27,27 @@ import torch
 
 from mosaickv_sglang.kernels.format import SegmentPlan, plans_granules
 
-__all__ = ["PendingSeal", "SEAL_ASYNC_ENV", "seal_async_enabled", "sizes_to_host"]
+__all__ = ["PendingSeal", "SEAL_ASYNC_ENV", "seal_async_enabled", "seal_async_plans", "sizes_to_host"]
 
 SEAL_ASYNC_ENV = "MOSAICKV_SEAL_ASYNC"
 
 
+def seal_async_plans() -> int:
+    """``MOSAICKV_SEAL_ASYNC=N``: policy seals are packed N plans after the one that planned them (0, the default:
+    whole seals)."""
+    raw = os.environ.get(SEAL_ASYNC_ENV, "0").strip() or "0"
+    try:
+        plans = int(raw)
+    except ValueError:
+        plans = -1
+    if plans < 0:
+        raise ValueError(f"{SEAL_ASYNC_ENV}: expected a whole number of plans >= 0 (0: off), got {raw!r}")
+    return plans
+
+
 def seal_async_enabled() -> bool:
-    """``MOSAICKV_SEAL_ASYNC=1``: policy seals are packed at the plan after the one that planned them."""
-    return os.environ.get(SEAL_ASYNC_ENV, "0").strip() == "1"
+    """Whether ``MOSAICKV_SEAL_ASYNC`` turns sealing in two halves on (:func:`seal_async_plans` > 0)."""
+    return seal_async_plans() > 0
 
 
 @dataclass(eq=False)
@@ -56,6 +73,8 @@ class PendingSeal:
         completes with ``ready``.
     ready : torch.cuda.Event or None
         Recorded after that copy on CUDA; ``None`` elsewhere (the copy is done).
+    plans_waited : int
+        Plans since the one that planned it.
     """
 
     pages: np.ndarray
@@ -67,6 +86,7 @@ class PendingSeal:
     plans: List[SegmentPlan]
     sizes: torch.Tensor
     ready: Optional["torch.cuda.Event"]
+    plans_waited: int = 0
 
     def live(self, page_epoch: np.ndarray) -> np.ndarray:
         """shape ``[P]``, bool: the pages neither freed nor sealed since they were planned."""

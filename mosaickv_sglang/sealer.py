@@ -35,7 +35,7 @@ from mosaickv_sglang.host_stalls import HostStalls
 from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
-from mosaickv_sglang.pending_seal import PendingSeal, seal_async_enabled, sizes_to_host
+from mosaickv_sglang.pending_seal import PendingSeal, seal_async_plans, sizes_to_host
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
@@ -61,6 +61,8 @@ SEAL_BESIDE_STEP_ENV = "MOSAICKV_SEAL_BESIDE_STEP"
 # Policy pages (out of the hot window) wait until this many are due, so that one planner call (whose cost is mostly
 # fixed) seals many pages instead of one page every other decode step; hot-pool pressure seals at once.
 SEAL_BATCH_PAGES = 16
+# Beside the step in flight, the sealer keeps 1 / LOW_WATER_FRACTION of the hot pool free (and at least a batch).
+LOW_WATER_FRACTION = 4
 # Retries of a batch whose plans do not fit the arenas, each with the ratio multiplied by this factor.
 ARENA_RETRY_FACTOR = 1.5
 ARENA_RETRIES = 2
@@ -304,6 +306,12 @@ class Sealer:
         Pages sealed since start (policy and pressure).
     pressure_pages_sealed : int
         Of which sealed for hot-pool pressure.
+    cold_pages_sealed : int
+        Of which sealed beside the step because the hot pool ran low (``MOSAICKV_SEAL_BESIDE_STEP=1``): the least
+        recently written complete pages, the ones pressure would seal later inside a step.
+    low_water_pages : int
+        Free hot pages kept beside the step beyond what the next plan needs: a quarter of the hot pool, at least a
+        batch.
     pages_left_dense : int
         Pages that were to be sealed but stayed dense because the arenas had no room, each once until it is freed
         (a due page is tried again at each plan while the arenas stay full).
@@ -333,10 +341,13 @@ class Sealer:
     side_seals, pages_deferred : int
         Seals made beside the step in flight, and policy pages left for a later plan because that step writes them.
     seal_async : bool
-        ``MOSAICKV_SEAL_ASYNC=1``: policy seals in two halves (:mod:`.pending_seal`), planned in one plan
-        (:meth:`start_seal`) and packed in the next (:meth:`finish_seal`); pressure seals stay whole.
+        ``MOSAICKV_SEAL_ASYNC=N`` (N > 0): policy seals in two halves (:mod:`.pending_seal`), planned in one plan
+        (:meth:`start_seal`) and packed ``seal_async_plans`` plans later (:meth:`finish_seal`), or at once when the
+        hot pool needs the room; pressure seals stay whole. Due pages wait while a seal is pending.
+    seal_async_plans : int
+        That N (at least 1 when ``seal_async``).
     async_seals, pending_voided : int
-        Seals packed a plan after they were planned, and planned seals voided (a page freed or sealed meanwhile, or
+        Seals packed plans after they were planned, and planned seals voided (a page freed or sealed meanwhile, or
         no ledger room left; their live pages are due again at the next plan).
     rows_read : dict
         With the overlap scheduler: plans by ``(kind, how their rows were read)`` (:meth:`note_rows_read`).
@@ -360,6 +371,9 @@ class Sealer:
         self.min_seal_pages = min_seal_pages
         self.pages_sealed = 0
         self.pressure_pages_sealed = 0
+        self.cold_pages_sealed = 0
+        # beside the step, the hot pool is kept this many pages above what the next plan needs (see _with_cold_pages)
+        self.low_water_pages = max(self.min_seal_pages, (pool.num_physical_pages - 1) // LOW_WATER_FRACTION)
         self.pages_left_dense = 0
         self._left_dense_epoch: Optional[np.ndarray] = None  # per logical page: its epoch when last counted, or -1
         self.seal_calls = 0
@@ -377,7 +391,8 @@ class Sealer:
         self.rows_read: Dict[Tuple[str, str], int] = {}
         self.side_seals = 0
         self.pages_deferred = 0
-        self.seal_async = seal_async_enabled()
+        self.seal_async_plans = seal_async_plans()
+        self.seal_async = self.seal_async_plans > 0
         self.async_seals = 0
         self.pending_voided = 0
         self._pending: Optional[PendingSeal] = None
@@ -454,9 +469,10 @@ class Sealer:
         size call for."""
         pool = self.pool
         self._planned_pages = np.asarray(new_pages, dtype=np.int64)
-        if self._pending is not None:
-            # the previous plan's seal first: its pages leave the hot pool (and the due pages found before it), and
-            # a voided one's are due again below
+        need = int(np.count_nonzero(pool.physical_pages(torch.from_numpy(new_pages)).numpy() < 0))
+        if self._pending is not None and not self._pending_waits(need):
+            # the pending seal first: its pages leave the hot pool (and the due pages found before it), and a voided
+            # one's are due again below
             finished = self._pending.pages
             if self._can_seal_beside():
                 with self._beside_step():
@@ -472,8 +488,10 @@ class Sealer:
             sink_mask = np.concatenate([np.asarray(sink_mask, dtype=bool), deferred_sinks])
         chosen, first = np.unique(chosen, return_index=True)
         sink_mask = sink_mask[first]
+        if self._pending is not None:  # still waiting for its pack: its pages are taken
+            free = ~np.isin(chosen, self._pending.pages)
+            chosen, sink_mask = chosen[free], sink_mask[free]
 
-        need = int(np.count_nonzero(pool.physical_pages(torch.from_numpy(new_pages)).numpy() < 0))
         short = need + self.reserve_pages - pool.num_free_physical_pages
         beside = short <= 0 and self._can_seal_beside()
         if beside:
@@ -485,6 +503,7 @@ class Sealer:
             self._defer(chosen[held], sink_mask[held])
             self.pages_deferred += int(np.count_nonzero(np.isin(chosen[held], self._in_flight)))
             chosen, sink_mask = chosen[~held], sink_mask[~held]
+            chosen, sink_mask = self._with_cold_pages(chosen, sink_mask, need, new_pages)
             if chosen.size >= self.min_seal_pages:
                 with self._beside_step():
                     self._policy_seal(chosen, sink_mask)
@@ -607,10 +626,12 @@ class Sealer:
                 f"; sidecar: {counters.queue_depth} jobs queued, {self.sidecar.plans_applied} plans applied, "
                 f"{self.sidecar.plans_discarded} discarded, {reseg}" + (f", slowest units {units}" if units else "")
             )
-        beside = (f" ({self.side_seals} beside the step in flight, {self.pages_deferred} pages deferred)"
+        beside = (f" ({self.side_seals} beside the step in flight, {self.pages_deferred} pages deferred, "
+                  f"{self.cold_pages_sealed} cold pages sealed to keep {self.low_water_pages} hot pages free)"
                   if self.seal_beside_step else "")  # fmt: skip
         if self.seal_async:
-            beside += f" ({self.async_seals} packed a plan later, {self.pending_voided} voided)"
+            beside += (f" ({self.async_seals} packed {self.seal_async_plans} plans later or sooner, "
+                       f"{self.pending_voided} voided)")  # fmt: skip
         if self.rows_read:
             reads = ", ".join(f"{kind} {why} {n}" for (kind, why), n in sorted(self.rows_read.items()))
             beside += f" (plans' rows read: {reads})"
@@ -776,9 +797,44 @@ class Sealer:
             self.async_seals += int(sealed)
             return sealed
 
+    def _with_cold_pages(
+        self, chosen: np.ndarray, sink_mask: np.ndarray, need: int, new_pages: np.ndarray
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """Beside the step: ``chosen`` and, when the hot pool runs low (fewer free pages after this plan's ``need``
+        and the seal than :attr:`low_water_pages`), the least recently written complete pages that bring it back,
+        at least a batch: the pages hot-pool pressure would seal later inside a step (finished requests' last
+        pages, left dense in the radix cache), sealed now beside it. Counted in :attr:`cold_pages_sealed`."""
+        pool = self.pool
+        low = need + self.reserve_pages + self.low_water_pages - pool.num_free_physical_pages - chosen.size
+        if low <= 0 or self._pending is not None:
+            return chosen, sink_mask
+        taken = [chosen, new_pages, self._in_flight, self._deferred[0]]
+        cold = pool.complete_dense_pages(exclude=np.concatenate([np.asarray(t, dtype=np.int64) for t in taken]))
+        cold = cold[: max(low, self.min_seal_pages - chosen.size)]
+        if chosen.size + cold.size < self.min_seal_pages:
+            return chosen, sink_mask
+        self.cold_pages_sealed += int(cold.size)
+        return np.concatenate([chosen, cold]), np.concatenate([sink_mask, np.zeros(cold.size, dtype=bool)])
+
+    def _pending_waits(self, need: int) -> bool:
+        """Whether the pending seal waits for a later plan: fewer than :attr:`seal_async_plans` plans since it was
+        planned (counting this one), and the hot pool has room for this plan's ``need`` new pages without it. Host
+        state only, so every tensor-parallel rank decides alike."""
+        pending = self._pending
+        assert pending is not None
+        pending.plans_waited += 1
+        if pending.plans_waited >= max(1, self.seal_async_plans):
+            return False
+        return need + self.reserve_pages <= self.pool.num_free_physical_pages
+
     def _policy_seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> None:
-        """A seal of policy pages: whole, or its first half with :attr:`seal_async`."""
+        """A seal of policy pages: whole, or its first half with :attr:`seal_async` (while a seal is pending, the
+        pages wait for a later plan with the deferred ones)."""
         if self.seal_async:
+            if self._pending is not None:
+                held_pages, _, held_sinks = self._deferred
+                self._defer(np.concatenate([held_pages, pages]), np.concatenate([held_sinks, sink_mask]))
+                return
             self.start_seal(pages, sink_mask)
         else:
             self.seal(pages, sink_mask)

@@ -24,10 +24,15 @@ def page_state_digest(sc: Any) -> str:
     for arr in (pool._l2p, pool._live, pool.store.page_state().numpy()):
         h.update(np.ascontiguousarray(arr).tobytes())
     h.update(f"{pool.arena_ledger.reserved}/{sealer.pages_sealed}/{sealer.pressure_pages_sealed}".encode())
+    h.update(f"{sealer.cold_pages_sealed}/{sealer.async_seals}/{sealer.pending_voided}".encode())
     return h.hexdigest()
 
 
-def run_rank(rank: int, world: int, init_file: str, arena_granules: int, hot_pages: int, queue: Any) -> None:
+def run_rank(
+    rank: int, world: int, init_file: str, arena_granules: int, hot_pages: int, queue: Any, beside_async: bool = False
+) -> None:
+    """One rank's run; ``beside_async``: sealing beside the step, in two halves packed 2 plans later, half the hot
+    pool kept free (cold pages sealed)."""
     import torch.distributed as dist
     from mkv_backend_cases import S, Scenario, config
 
@@ -35,6 +40,10 @@ def run_rank(rank: int, world: int, init_file: str, arena_granules: int, hot_pag
     try:
         sc = Scenario(config(ratio=3.0, hot_window=32), group=2, seed=101 + rank, auto_seal=True, hot=hot_pages * S,
                       arena_granules_per_layer=arena_granules)  # fmt: skip
+        if beside_async:
+            sealer = sc.mosaic.sealer
+            sealer.seal_beside_step, sealer.seal_async, sealer.seal_async_plans = True, True, 2
+            sealer.low_water_pages = hot_pages // 2
         agreed: List[bool] = []
         for step in STEPS:
             batch = {"extend": lambda: sc.extend_batch(PROMPTS), "extend16": lambda: sc.extend_batch([16] * 4),
@@ -47,7 +56,7 @@ def run_rank(rank: int, world: int, init_file: str, arena_granules: int, hot_pag
         arena_used = sum(a.used_granules for a in sc.pool.store.allocators)
         sealer = sc.mosaic.sealer
         stats = (sealer.pages_sealed, sealer.pressure_pages_sealed, sealer.pages_left_dense,
-                 sc.pool.arena_ledger.reserved, arena_used)  # fmt: skip
+                 sc.pool.arena_ledger.reserved, arena_used, sealer.cold_pages_sealed, sealer.async_seals)  # fmt: skip
         queue.put((rank, agreed, stats, None))
     except Exception as err:  # noqa: BLE001 - reported to the parent test
         queue.put((rank, [], (), repr(err)))

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Sealing in two halves (MOSAICKV_SEAL_ASYNC=1, :mod:`mosaickv_sglang.pending_seal`) on the CPU: the first half
-reads nothing from the device and seals nothing; the second packs exactly what a whole seal packs; a page freed in
-between voids the plan and the live pages are sealed by a later plan; through the backend's plans, every page is
-sealed one plan later than without it and decode outputs match the reference backend."""
+"""Sealing in two halves (MOSAICKV_SEAL_ASYNC=N, :mod:`mosaickv_sglang.pending_seal`) on the CPU: the first half
+reads nothing from the device and seals nothing; the second packs exactly what a whole seal packs, N plans later
+unless the hot pool needs the room; a page freed in between voids the plan and the live pages are sealed by a later
+plan; through the backend's plans, every page is sealed one plan later than without it (N = 1), never sooner (N = 3),
+and decode outputs match the reference backend."""
 
 from __future__ import annotations
 
@@ -36,9 +37,15 @@ def _filled(seed: int, ratio: float = 3.0) -> tuple:
     return sc, np.concatenate(pages).astype(np.int64), np.concatenate(sinks)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bits: packed payloads can hold NaN patterns, which ``torch.equal`` never finds equal."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.clone().view(ints[t.element_size()]) if t.is_floating_point() else t.clone()
+
+
 def _store_state(sc: Scenario) -> list:
     store = sc.pool.store
-    return [t.clone() for t in (*store.arenas, *store.desc, *store.bounds)] + [
+    return [_bits(t) for t in (*store.arenas, *store.desc, *store.bounds)] + [
         torch.from_numpy(np.array(a)) for a in (store._k_off, store._v_off, store._k_gran, store._v_gran)
     ]
 
@@ -121,9 +128,78 @@ def test_the_environment_turns_it_on(monkeypatch):
     monkeypatch.setenv("MOSAICKV_SEAL_ASYNC", "1")
     assert pending_seal.seal_async_enabled()
     sc = Scenario(config(ratio=3.0), group=2, seed=1)
-    assert sc.mosaic.sealer.seal_async
-    monkeypatch.setenv("MOSAICKV_SEAL_ASYNC", "0")
-    assert not pending_seal.seal_async_enabled()
+    assert sc.mosaic.sealer.seal_async and sc.mosaic.sealer.seal_async_plans == 1
+    monkeypatch.setenv("MOSAICKV_SEAL_ASYNC", " 4 ")
+    assert pending_seal.seal_async_plans() == 4
+    sc = Scenario(config(ratio=3.0), group=2, seed=1)
+    assert sc.mosaic.sealer.seal_async and sc.mosaic.sealer.seal_async_plans == 4
+    for off in ("0", ""):
+        monkeypatch.setenv("MOSAICKV_SEAL_ASYNC", off)
+        assert not pending_seal.seal_async_enabled() and pending_seal.seal_async_plans() == 0
+
+
+@pytest.mark.parametrize("raw", ["yes", "-1", "1.5"])
+def test_a_bad_plan_count_is_refused_by_name(monkeypatch, raw):
+    monkeypatch.setenv("MOSAICKV_SEAL_ASYNC", raw)
+    with pytest.raises(ValueError, match=r"MOSAICKV_SEAL_ASYNC: expected a whole number of plans >= 0 \(0: off\), got"):
+        pending_seal.seal_async_plans()
+    with pytest.raises(ValueError, match="MOSAICKV_SEAL_ASYNC"):
+        Scenario(config(ratio=3.0), group=2, seed=1)
+
+
+def _no_plan(sealer) -> None:
+    """One plan that writes no new page and finds no page due."""
+    none = np.zeros(0, dtype=np.int64)
+    sealer._seal_due(none, np.zeros(0, dtype=bool), none)
+
+
+def test_a_pending_seal_waits_n_plans_then_packs_what_a_whole_seal_packs():
+    whole, pages, sinks = _filled(5)
+    split, _, _ = _filled(5)
+    assert whole.mosaic.sealer.seal(pages, sinks)
+    sealer = split.mosaic.sealer
+    sealer.seal_async, sealer.seal_async_plans = True, 3
+    assert sealer.start_seal(pages, sinks)
+    for _ in range(2):
+        _no_plan(sealer)
+        assert sealer._pending is not None and sealer.pages_sealed == 0
+        assert not split.pool.store.is_sealed(torch.from_numpy(pages)).any()
+    _no_plan(sealer)
+    assert sealer._pending is None and (sealer.async_seals, sealer.pages_sealed) == (1, pages.size)
+    for a, b in zip(_store_state(whole), _store_state(split)):
+        assert torch.equal(a, b)
+
+
+def test_hot_pool_pressure_packs_a_pending_seal_at_once():
+    sc, pages, sinks = _filled(6)
+    sealer = sc.mosaic.sealer
+    sealer.seal_async, sealer.seal_async_plans = True, 5
+    assert sealer.start_seal(pages, sinks)
+    _no_plan(sealer)
+    assert sealer._pending is not None
+    free = sc.pool.num_free_physical_pages
+    sealer.reserve_pages = free + 1  # this plan needs more hot pages than are free without the pending seal's
+    _no_plan(sealer)
+    assert sealer._pending is None and sealer.pages_sealed == pages.size
+    assert sc.pool.num_free_physical_pages > free
+
+
+def test_pages_due_while_a_seal_is_pending_wait_and_are_sealed_after_it():
+    sc, pages, sinks = _filled(8)
+    assert pages.size >= 4
+    first, later = pages[: pages.size // 2], pages[pages.size // 2:]
+    sealer = sc.mosaic.sealer
+    sealer.seal_async, sealer.seal_async_plans, sealer.min_seal_pages = True, 2, 1
+    assert sealer.start_seal(first, sinks[: first.size])
+    none = np.zeros(0, dtype=np.int64)
+    sealer._seal_due(later, sinks[first.size:], none)  # the pending seal waits; so do the due pages
+    assert np.array_equal(sealer._pending.pages, first) and sealer.pages_sealed == 0
+    _no_plan(sealer)  # the pending seal packs; the deferred pages start their own
+    assert sealer.pages_sealed == first.size and np.array_equal(np.sort(sealer._pending.pages), np.sort(later))
+    _no_plan(sealer)
+    _no_plan(sealer)
+    assert sealer.pages_sealed == pages.size and sealer.async_seals == 2 and sealer.pending_voided == 0
+    assert sc.pool.store.is_sealed(torch.from_numpy(pages)).all()
 
 
 @pytest.mark.parametrize("group, beside", [(1, False), (4, False), (4, True)])
@@ -148,4 +224,27 @@ def test_served_plans_seal_a_plan_later_and_decode_matches_the_reference(group, 
     assert sync_sealed[-1] > 0 and sealer.async_seals > 0 and sealer.pending_voided == 0
     assert sealer.side_seals > 0 if beside else sealer.side_seals == 0
     assert async_sealed[1:] == sync_sealed[:-1]
+    assert async_worst <= max(2 * sync_worst, 2e-2), (async_worst, sync_worst)
+
+
+@pytest.mark.parametrize("group, beside", [(3, False), (8, True)])
+def test_served_plans_seal_n_plans_later_never_sooner_and_decode_matches_the_reference(group, beside):
+    """As above with N = 3: pages are sealed, never sooner than without two halves, and every step's outputs match
+    the reference backend as closely."""
+    runs = {}
+    for plans in (0, 3):
+        sc = Scenario(config(ratio=1.0), group=group, seed=13, auto_seal=True)
+        sealer = sc.mosaic.sealer
+        sealer.seal_async, sealer.seal_async_plans, sealer.seal_beside_step = plans > 0, plans, beside
+        sealed, worst = [], 0.0
+        for batch in [sc.extend_batch([61, 38, 77])] + [None] * 30:
+            batch = batch if batch is not None else sc.decode_batch()
+            for mosaic_out, native_out, _ in sc.run_both(batch):
+                worst = max(worst, float((mosaic_out.float() - native_out.float()).abs().max()))
+            sealed.append(sealer.pages_sealed)
+        runs[plans] = (sealed, worst, sealer)
+    (sync_sealed, sync_worst, _), (async_sealed, async_worst, sealer) = runs[0], runs[3]
+    assert sync_sealed[-1] > 0 and sealer.async_seals > 0 and async_sealed[-1] > 0
+    assert all(a <= s for a, s in zip(async_sealed, sync_sealed)), (async_sealed, sync_sealed)
+    assert async_sealed != sync_sealed
     assert async_worst <= max(2 * sync_worst, 2e-2), (async_worst, sync_worst)

@@ -28,13 +28,16 @@ import mkv_tp_ranks  # noqa: E402
 WORLD = 2
 
 
-@pytest.mark.parametrize("arena_granules,hot_pages", [(None, 16), (425, 32)], ids=["roomy-arena", "arena-fills"])
-def test_two_rank_processes_take_the_same_page_decisions(tmp_path, monkeypatch, arena_granules, hot_pages):
+@pytest.mark.parametrize("arena_granules,hot_pages,beside_async", [(None, 16, False), (425, 32, False), (None, 16, True)],
+                         ids=["roomy-arena", "arena-fills", "beside-step-two-halves"])  # fmt: skip
+def test_two_rank_processes_take_the_same_page_decisions(tmp_path, monkeypatch, arena_granules, hot_pages,
+                                                         beside_async):  # fmt: skip
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init_file = str(tmp_path / "gloo-init")
-    procs = [ctx.Process(target=mkv_tp_ranks.run_rank, args=(r, WORLD, init_file, arena_granules, hot_pages, results))
+    procs = [ctx.Process(target=mkv_tp_ranks.run_rank,
+                         args=(r, WORLD, init_file, arena_granules, hot_pages, results, beside_async))
              for r in range(WORLD)]  # fmt: skip
     for p in procs:
         p.start()
@@ -53,6 +56,8 @@ def test_two_rank_processes_take_the_same_page_decisions(tmp_path, monkeypatch, 
         assert err is None, f"rank {rank}: {err}"
         assert agreed == [True] * len(mkv_tp_ranks.STEPS), f"rank {rank}: digests agreed per step {agreed}"
     (_, s0, _), (_, s1, _) = got[0], got[1]
-    assert s0[:4] == s1[:4]  # pages sealed, of which under pressure, left dense, ledger reserved: the same
+    assert s0[:4] == s1[:4] and s0[5:] == s1[5:]  # pages sealed, under pressure, left dense, reserved, cold, async
     assert s0[0] > 0
     assert (s0[2] > 0) == (arena_granules is not None)  # a full arena left pages dense, on both ranks alike
+    if beside_async:
+        assert s0[5] > 0 and s0[6] > 0  # cold pages sealed beside the step, seals packed plans later

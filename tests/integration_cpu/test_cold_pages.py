@@ -1,0 +1,94 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Beside the step in flight (MOSAICKV_SEAL_BESIDE_STEP=1), a plan whose hot pool runs low seals the least recently
+written complete pages, the ones hot-pool pressure would otherwise seal inside a later step; with room to spare it
+seals nothing extra, and through the backend's plans decode outputs match SGLang's torch_native backend."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
+
+from mkv_backend_cases import Scenario, config  # noqa: E402
+
+NONE = np.zeros(0, dtype=np.int64)
+
+
+def _filled(seed: int) -> Scenario:
+    """Three requests' prefills, nothing sealed, sealing beside the step on."""
+    sc = Scenario(config(ratio=3.0), group=2, seed=seed)
+    sc.run_mosaic(sc.extend_batch([70, 53, 90]))
+    sealer = sc.mosaic.sealer
+    sealer.seal_beside_step = True
+    sealer.end_plan()  # the prefill is the step in flight: its pages wait
+    sealer.end_plan()  # a plan that wrote nothing is: every complete page may be sealed beside it
+    return sc
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_low_hot_pool_seals_the_least_recently_written_pages_beside_the_step(seed):
+    sc = _filled(seed)
+    sealer, pool = sc.mosaic.sealer, sc.pool
+    cold = pool.complete_dense_pages()
+    free = pool.num_free_physical_pages
+    assert cold.size >= 4 and sealer.pages_sealed == 0
+    sealer.min_seal_pages, sealer.reserve_pages = 2, 0
+    sealer.low_water_pages = free + 3  # three pages short
+    sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
+    assert (sealer.cold_pages_sealed, sealer.pages_sealed, sealer.side_seals) == (3, 3, 1)
+    assert sealer.pressure_pages_sealed == 0
+    assert pool.store.is_sealed(torch.from_numpy(cold[:3])).all()
+    assert not pool.store.is_sealed(torch.from_numpy(cold[3:])).any()
+    assert pool.num_free_physical_pages == free + 3
+
+
+def test_a_shortfall_below_a_batch_seals_a_whole_batch_and_room_to_spare_seals_nothing():
+    sc = _filled(3)
+    sealer, pool = sc.mosaic.sealer, sc.pool
+    sealer.min_seal_pages, sealer.reserve_pages = 4, 0
+    sealer.low_water_pages = pool.num_free_physical_pages  # room to spare
+    sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
+    assert sealer.pages_sealed == 0 and sealer.cold_pages_sealed == 0
+    sealer.low_water_pages = pool.num_free_physical_pages + 1  # one page short: a batch of 4
+    sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
+    assert sealer.cold_pages_sealed == 4 and sealer.pages_sealed == 4
+
+
+def test_without_sealing_beside_the_step_only_pressure_seals():
+    sc = _filled(4)
+    sealer, pool = sc.mosaic.sealer, sc.pool
+    sealer.seal_beside_step = False
+    sealer.min_seal_pages, sealer.reserve_pages = 1, 0
+    sealer.low_water_pages = pool.num_free_physical_pages + 5
+    sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
+    assert sealer.pages_sealed == 0 and sealer.cold_pages_sealed == 0
+
+
+def test_the_low_water_mark_is_a_quarter_of_the_hot_pool_at_least_a_batch():
+    sc = Scenario(config(ratio=3.0), group=2, seed=5)
+    sealer = sc.mosaic.sealer
+    hot_pages = sc.pool.num_physical_pages - 1
+    assert sealer.low_water_pages == max(16, hot_pages // 4)  # the backend's sealer: batches of 16 pages
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_served_plans_with_a_high_water_mark_match_the_reference(group):
+    """Through the backend (auto-seal, sealing beside the step, all but two hot pages kept free): cold pages are
+    sealed, and each step's outputs match SGLang's torch_native backend (ratio 1: sealed pages are exact)."""
+    sc = Scenario(config(ratio=1.0), group=group, seed=17, auto_seal=True)
+    sealer = sc.mosaic.sealer
+    sealer.seal_beside_step = True
+    sealer.low_water_pages = sc.pool.num_physical_pages - 3  # all but two of the hot pool
+    worst = 0.0
+    for batch in [sc.extend_batch([45, 30, 61])] + [None] * 12:
+        batch = batch if batch is not None else sc.decode_batch()
+        for mosaic_out, native_out, _ in sc.run_both(batch):
+            worst = max(worst, float((mosaic_out.float() - native_out.float()).abs().max()))
+    assert sealer.cold_pages_sealed > 0 and sealer.side_seals > 0
+    assert worst <= 2e-2, worst
