@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import logging
 import sys
 import time
 from pathlib import Path
@@ -327,12 +328,15 @@ class _TimedBridge:
         return 0
 
     def counters(self):
-        from mosaickv_sglang.sidecar.protocol import SidecarCounters
+        from mosaickv_sglang.sidecar.client import SidecarCounters
 
         return SidecarCounters()
 
+    def take_slowest(self) -> dict:
+        return {"apply": 0.0015}
 
-def test_decode_plan_time_is_split_into_sealing_and_sidecar():
+
+def test_decode_plan_time_is_split_into_sealing_and_sidecar(caplog):
     """The decode plans' time has its sealing and sidecar parts (for /metrics): only what ran inside decode plans,
     not the extend plans' seals and ticks."""
     sc = Scenario(config(ratio=1.0), 2, seed=12, auto_seal=True)
@@ -353,3 +357,7 @@ def test_decode_plan_time_is_split_into_sealing_and_sidecar():
     assert sealer.decode_plan_sidecar_seconds >= 0.002 * 20 + 0.004 * (bridge.submits - submits)
     parts = sealer.decode_plan_seal_seconds + sealer.decode_plan_sidecar_seconds
     assert 0 < sealer.decode_plan_seal_seconds and parts < sealer.decode_plan_seconds
+    # the status line reads the bridge too once its interval has passed (a slow run reached it here before)
+    with caplog.at_level(logging.INFO, logger="mosaickv_sglang.sealer"):
+        sealer.maybe_log_status(now=time.monotonic() + sealer.status_interval + 1)
+    assert "sidecar: 0 jobs queued" in caplog.text and "slowest units apply 1.5 ms" in caplog.text
