@@ -311,7 +311,7 @@ class Sealer:
         recently written complete pages, the ones pressure would seal later inside a step.
     low_water_pages : int
         Free hot pages kept beside the step beyond what the next plan needs: a quarter of the hot pool, at least a
-        batch.
+        batch (:attr:`min_seal_pages` as it is now), unless set to a value of its own.
     pages_left_dense : int
         Pages that were to be sealed but stayed dense because the arenas had no room, each once until it is freed
         (a due page is tried again at each plan while the arenas stay full).
@@ -372,8 +372,7 @@ class Sealer:
         self.pages_sealed = 0
         self.pressure_pages_sealed = 0
         self.cold_pages_sealed = 0
-        # beside the step, the hot pool is kept this many pages above what the next plan needs (see _with_cold_pages)
-        self.low_water_pages = max(self.min_seal_pages, (pool.num_physical_pages - 1) // LOW_WATER_FRACTION)
+        self._low_water_pin: Optional[int] = None
         self.pages_left_dense = 0
         self._left_dense_epoch: Optional[np.ndarray] = None  # per logical page: its epoch when last counted, or -1
         self.seal_calls = 0
@@ -458,6 +457,18 @@ class Sealer:
         if self.sidecar is not None and reads is not None:
             self.sidecar.observe_readers(reads)
 
+    @property
+    def low_water_pages(self) -> int:
+        if self._low_water_pin is not None:
+            return self._low_water_pin
+        return max(self.min_seal_pages, (self.pool.num_physical_pages - 1) // LOW_WATER_FRACTION)
+
+    @low_water_pages.setter
+    def low_water_pages(self, pages: int) -> None:
+        if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
+            raise ValueError(f"low_water_pages: expected an integer >= 0, got {pages!r}")
+        self._low_water_pin = pages
+
     def _tick(self) -> None:
         # after the seal: the plans it applies free old payloads, which a seal beside the step in flight must not
         # reuse (see end_plan)
@@ -470,6 +481,8 @@ class Sealer:
         pool = self.pool
         self._planned_pages = np.asarray(new_pages, dtype=np.int64)
         need = int(np.count_nonzero(pool.physical_pages(torch.from_numpy(new_pages)).numpy() < 0))
+        if self._pending is not None:
+            self._pending.plans_waited += 1
         if self._pending is not None and not self._pending_waits(need):
             # the pending seal first: its pages leave the hot pool (and the due pages found before it), and a voided
             # one's are due again below
@@ -503,7 +516,7 @@ class Sealer:
             self._defer(chosen[held], sink_mask[held])
             self.pages_deferred += int(np.count_nonzero(np.isin(chosen[held], self._in_flight)))
             chosen, sink_mask = chosen[~held], sink_mask[~held]
-            chosen, sink_mask = self._with_cold_pages(chosen, sink_mask, need, new_pages)
+            chosen, sink_mask = self._with_cold_pages(chosen, sink_mask, short, new_pages)
             if chosen.size >= self.min_seal_pages:
                 with self._beside_step():
                     self._policy_seal(chosen, sink_mask)
@@ -798,14 +811,15 @@ class Sealer:
             return sealed
 
     def _with_cold_pages(
-        self, chosen: np.ndarray, sink_mask: np.ndarray, need: int, new_pages: np.ndarray
+        self, chosen: np.ndarray, sink_mask: np.ndarray, short: int, new_pages: np.ndarray
     ) -> Tuple[np.ndarray, np.ndarray]:
-        """Beside the step: ``chosen`` and, when the hot pool runs low (fewer free pages after this plan's ``need``
-        and the seal than :attr:`low_water_pages`), the least recently written complete pages that bring it back,
-        at least a batch: the pages hot-pool pressure would seal later inside a step (finished requests' last
-        pages, left dense in the radix cache), sealed now beside it. Counted in :attr:`cold_pages_sealed`."""
+        """Beside the step: ``chosen`` and, when the hot pool runs low (fewer free pages after the seal than
+        :attr:`low_water_pages` beyond this plan's needs, ``short`` pages from none: zero or less), the least
+        recently written complete pages that bring it back, at least a batch: the pages hot-pool pressure would seal
+        later inside a step (finished requests' last pages, left dense in the radix cache), sealed now beside it.
+        Counted in :attr:`cold_pages_sealed`."""
         pool = self.pool
-        low = need + self.reserve_pages + self.low_water_pages - pool.num_free_physical_pages - chosen.size
+        low = short + self.low_water_pages - chosen.size
         if low <= 0 or self._pending is not None:
             return chosen, sink_mask
         taken = [chosen, new_pages, self._in_flight, self._deferred[0]]
@@ -822,7 +836,6 @@ class Sealer:
         state only, so every tensor-parallel rank decides alike."""
         pending = self._pending
         assert pending is not None
-        pending.plans_waited += 1
         if pending.plans_waited >= max(1, self.seal_async_plans):
             return False
         return need + self.reserve_pages <= self.pool.num_free_physical_pages

@@ -138,3 +138,11 @@ class Scenario:
         dev = self.pool.k_buffer[0].device
         self.pool.seal_pages(pages, [SegmentPlan.uniform(n, S, D, device=dev, **kw) for _ in range(LAYERS)])
         return pages
+
+
+def prefilled(seed: int, ratio: float = 3.0, group: int = 2) -> Scenario:
+    """Three requests' prefills (70, 53 and 90 tokens) through the mosaic backend, nothing sealed: complete pages out
+    of the hot window, ready for a seal."""
+    sc = Scenario(config(ratio=ratio), group=group, seed=seed)
+    sc.run_mosaic(sc.extend_batch([70, 53, 90]))
+    return sc

@@ -15,15 +15,14 @@ import torch
 pytest.importorskip("sglang")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
 
-from mkv_backend_cases import Scenario, config  # noqa: E402
+from mkv_backend_cases import Scenario, config, prefilled  # noqa: E402
 
 NONE = np.zeros(0, dtype=np.int64)
 
 
 def _filled(seed: int) -> Scenario:
     """Three requests' prefills, nothing sealed, sealing beside the step on."""
-    sc = Scenario(config(ratio=3.0), group=2, seed=seed)
-    sc.run_mosaic(sc.extend_batch([70, 53, 90]))
+    sc = prefilled(seed)
     sealer = sc.mosaic.sealer
     sealer.seal_beside_step = True
     sealer.end_plan()  # the prefill is the step in flight: its pages wait
@@ -71,10 +70,22 @@ def test_without_sealing_beside_the_step_only_pressure_seals():
 
 
 def test_the_low_water_mark_is_a_quarter_of_the_hot_pool_at_least_a_batch():
-    sc = Scenario(config(ratio=3.0), group=2, seed=5)
+    sc = Scenario(config(ratio=3.0), group=2, seed=5, min_seal_pages=16)  # the backend's default batch
     sealer = sc.mosaic.sealer
     hot_pages = sc.pool.num_physical_pages - 1
-    assert sealer.low_water_pages == max(16, hot_pages // 4)  # the backend's sealer: batches of 16 pages
+    assert hot_pages // 4 < 16 and sealer.low_water_pages == 16
+    sealer.min_seal_pages = 1
+    assert sealer.low_water_pages == hot_pages // 4  # it follows the batch size
+    sealer.low_water_pages = 5
+    sealer.min_seal_pages = 40
+    assert sealer.low_water_pages == 5  # a value of its own stays
+
+
+@pytest.mark.parametrize("raw", [-1, 2.5, True, "4"])
+def test_a_bad_low_water_mark_is_refused_by_name(raw):
+    sealer = Scenario(config(ratio=3.0), group=2, seed=6).mosaic.sealer
+    with pytest.raises(ValueError, match="low_water_pages: expected an integer >= 0, got"):
+        sealer.low_water_pages = raw
 
 
 @pytest.mark.parametrize("group", [1, 4])
