@@ -247,6 +247,14 @@ class QueryWindow:
         finally:
             self._reading_snapshot = prev
 
+    def release_snapshot(self, stream: "torch.cuda.Stream") -> None:
+        """Work queued on ``stream`` that the forward stream does not wait for (a pending seal's planner) still reads
+        the last snapshot: the next :meth:`take_snapshot` copies into a new tensor instead of over it, and this one's
+        memory is not reused before that work ends."""
+        if self._snapshot is not None:
+            self._snapshot.record_stream(stream)
+            self._snapshot = None
+
     def reader_queries(self, layer: int, readers: Sequence[int]) -> Optional[torch.Tensor]:
         """:meth:`queries` asked by the requests ``readers`` only; ``None`` when none of theirs is in the window."""
         n = self._count[layer]
@@ -401,6 +409,7 @@ class Sealer:
         self._plan_end: Optional["torch.cuda.Event"] = None
         self._frees_at_plan_end: Optional[int] = None  # the arena's frees at the last end_plan (None: no plan yet)
         self._side_stream: Optional["torch.cuda.Stream"] = None
+        self._side_unwaited = False  # the side stream holds work the forward stream did not wait for (_beside_step)
         self._warned_arena = False
         self._logged_at = time.monotonic()
         self.status_interval = status_interval()
@@ -518,7 +527,8 @@ class Sealer:
             chosen, sink_mask = chosen[~held], sink_mask[~held]
             chosen, sink_mask = self._with_cold_pages(chosen, sink_mask, short, new_pages)
             if chosen.size >= self.min_seal_pages:
-                with self._beside_step():
+                # two halves: the forward stream does not wait for the planner, only the pack does, plans later
+                with self._beside_step(forward_waits=not self.seal_async):
                     self._policy_seal(chosen, sink_mask)
             self.maybe_log_status()
             return
@@ -562,8 +572,9 @@ class Sealer:
         needs no room at once and no arena granule was freed since (the step in flight may read a granule freed after
         it was launched, and the side stream could reuse it): it leaves the pages the step writes for a later plan,
         plans from the snapshot, makes its compaction wait for the step, and the forward stream waits for it before
-        the next step. Otherwise the seal runs on the forward stream, after the step in flight, as without this.
-        Decisions depend only on host state, so every TP rank takes the same ones."""
+        the next step (for the first half of a seal, ``MOSAICKV_SEAL_ASYNC``, only its pack waits). Otherwise the seal
+        runs on the forward stream, after the step in flight, as without this. Decisions depend only on host state, so
+        every TP rank takes the same ones."""
         if not self.seal_beside_step:
             return
         self._in_flight, self._planned_pages = self._planned_pages, np.zeros(0, dtype=np.int64)
@@ -590,10 +601,12 @@ class Sealer:
         return pages[ok], sinks[ok]
 
     @contextlib.contextmanager
-    def _beside_step(self) -> Iterator[None]:
+    def _beside_step(self, forward_waits: bool = True) -> Iterator[None]:
         """Queue the seal's device work on a side stream that waits for the end of the last plan (not for the step
-        in flight), its compaction for the step too; the current stream waits for the seal. Off CUDA: only the
-        snapshot of the query window."""
+        in flight), its compaction for the step too; the current stream waits for the seal, unless not
+        ``forward_waits``: then only what later uses the work waits for it (:meth:`_forward_waits_for_side`), for a
+        first half of a seal (:meth:`start_seal`), whose planner changes nothing a step reads and can so run beside
+        the next steps too. Off CUDA: only the snapshot of the query window."""
         dev = torch.device(self.pool.device)
         if dev.type != "cuda":
             with self.window.reading_snapshot():
@@ -614,8 +627,23 @@ class Sealer:
                 yield
         finally:
             store.before_move = None
-            fwd.wait_stream(side)
+            if forward_waits:
+                fwd.wait_stream(side)
+                self._side_unwaited = False
+            else:
+                self._side_unwaited = True
+                self.window.release_snapshot(side)
         self.side_seals += 1
+
+    def _forward_waits_for_side(self) -> None:
+        """Before the current stream uses what side-stream work it did not wait for wrote (a pending seal's plans, the
+        planner's cached tables), it waits for that work; nothing to do on the side stream itself or off CUDA."""
+        if not self._side_unwaited:
+            return
+        current = torch.cuda.current_stream(torch.device(self.pool.device))
+        if current != self._side_stream:
+            current.wait_stream(self._side_stream)
+            self._side_unwaited = False
 
     def maybe_log_status(self, now: Optional[float] = None) -> None:
         """Every :attr:`status_interval` seconds in which pages were sealed, one INFO line: pages sealed (under
@@ -758,6 +786,7 @@ class Sealer:
         bool
             Whether the pages were sealed.
         """
+        self._forward_waits_for_side()
         with self._seal_time(count_call=True):
             return self._seal(pages, sink_mask)
 
@@ -781,6 +810,7 @@ class Sealer:
         sizes to the host, without waiting for the device; :meth:`finish_seal` packs them. A seal still pending is
         finished first. Returns whether a plan is now pending (``False``: no arena room, the pages stay dense)."""
         self.finish_seal()
+        self._forward_waits_for_side()
         with self._seal_time(count_call=False):
             planned = self._plan_fitting(pages, sink_mask)
             if planned is None:
@@ -799,6 +829,7 @@ class Sealer:
         pending, self._pending = self._pending, None
         if pending is None:
             return False
+        self._forward_waits_for_side()
         with self._seal_time(count_call=True):
             live = pending.live(self.pool.page_epoch)
             if not live.all() or int(pending.reserve.sum()) > self.pool.arena_ledger.room:

@@ -247,3 +247,78 @@ def test_served_plans_seal_n_plans_later_never_sooner_and_decode_matches_the_ref
     assert all(a <= s for a, s in zip(async_sealed, sync_sealed)), (async_sealed, sync_sealed)
     assert async_sealed != sync_sealed
     assert async_worst <= max(2 * sync_worst, 2e-2), (async_worst, sync_worst)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_planner(monkeypatch):
+    """On a GPU, with sealing beside the step and N = 3: a seal's planner (slowed here by a kernel of about half a
+    second on its stream) runs beside the following steps, which the forward stream launches and finishes before it
+    ends; its pack, plans later, waits for it. Every step's outputs and the pool's final state equal those of the same
+    steps with an unslowed planner."""
+    import test_cuda_graph_decode as graph_cases
+    from mkv_backend_cases import layer
+    from test_kv_pool import D, DT, H_KV, LAYERS
+
+    monkeypatch.setenv("MOSAICKV_WARMUP", "0")
+    group = 4
+    sides = [graph_cases._CudaSide(config(ratio=3.0), group, monkeypatch) for _ in range(2)]
+    for side in sides:
+        side.mosaic.auto_seal = True
+        sealer = side.mosaic.sealer
+        sealer.seal_beside_step, sealer.seal_async, sealer.seal_async_plans, sealer.min_seal_pages = True, True, 3, 1
+    slow, twin = sides
+    plan_layers = slow.mosaic.sealer.plan_layers
+    slowed = []
+
+    def slow_plan_layers(*args, **kwargs):
+        torch.cuda._sleep(1_000_000_000)  # on the planner's stream: the side stream
+        slowed.append(torch.cuda.current_stream())
+        return plan_layers(*args, **kwargs)
+
+    monkeypatch.setattr(slow.mosaic.sealer, "plan_layers", slow_plan_layers)
+    h_q, h_kv, d = H_KV * group, H_KV, D
+    gen = torch.Generator(device="cuda").manual_seed(23)
+    forward = torch.cuda.Stream()
+    # a server's caches are warm: pinned blocks of each size class and device blocks for the forward stream (a
+    # cudaHostAlloc or cudaMalloc while the side stream sleeps can wait for it)
+    warm = [torch.empty(1 << p, dtype=torch.uint8, pin_memory=True) for p in range(9, 23) for _ in range(16)]
+    with torch.cuda.stream(forward):
+        warm += [torch.empty(1 << 26, dtype=torch.uint8, device="cuda")]
+        warm += [torch.empty(1 << p, dtype=torch.uint8, device="cuda") for p in range(9, 20) for _ in range(64)]
+    del warm
+    beside = 0
+    for step, ext in enumerate([[37, 40, 25], [40, 21, 40]] + [None] * 8):
+        batches = [graph_cases._to_cuda(s.extend_batch(ext) if ext else Scenario.decode_batch(s)) for s in sides]
+        decode = batches[0].forward_mode.is_decode()
+        n = batches[0].out_cache_loc.numel()
+        ins = [tuple(torch.randn(*shape, generator=gen, device="cuda").to(DT)
+                     for shape in ((n, h_q * d), (n, h_kv, d), (n, h_kv, d))) for _ in range(LAYERS)]  # fmt: skip
+        # the twin first: a kernel's first launch loads its module, which (lazy loading) can wait for kernels in flight
+        twin.mosaic.init_forward_metadata(batches[1])
+        fm = twin.mosaic.forward_decode if decode else twin.mosaic.forward_extend
+        want = [fm(q, k, v, layer(li, group), batches[1]) for li, (q, k, v) in enumerate(ins)]
+        torch.cuda.synchronize()
+        started = len(slowed)
+        with torch.cuda.stream(forward):
+            slow.mosaic.init_forward_metadata(batches[0])
+            fm = slow.mosaic.forward_decode if decode else slow.mosaic.forward_extend
+            got = [fm(q, k, v, layer(li, group), batches[0]) for li, (q, k, v) in enumerate(ins)]
+        pending = slow.mosaic.sealer._pending
+        if len(slowed) > started and pending is not None and pending.plans_waited == 0:
+            done = torch.cuda.Event()
+            done.record(forward)
+            done.synchronize()
+            assert slowed[-1] != forward, f"step {step}: the seal was planned on the forward stream"
+            assert not pending.ready.query(), f"step {step}: the step waited for the planner"
+            beside += 1
+        torch.cuda.synchronize()
+        for li in range(LAYERS):
+            assert torch.equal(got[li], want[li]), (step, li)
+    assert beside >= 1, "no seal was planned beside a step"
+    for side in sides:
+        assert side.mosaic.sealer.pressure_pages_sealed == 0
+        assert side.mosaic.sealer.async_seals >= 1 and side.mosaic.sealer.pending_voided == 0
+    assert slow.mosaic.sealer.pages_sealed == twin.mosaic.sealer.pages_sealed
+    assert torch.equal(slow.pool.store.page_state(), twin.pool.store.page_state())
+    slow.pool.check_invariants()
