@@ -492,17 +492,17 @@ class Sealer:
         need = int(np.count_nonzero(pool.physical_pages(torch.from_numpy(new_pages)).numpy() < 0))
         if self._pending is not None:
             self._pending.plans_waited += 1
-        if self._pending is not None and not self._pending_waits(need):
-            # the pending seal first: its pages leave the hot pool (and the due pages found before it), and a voided
-            # one's are due again below
-            finished = self._pending.pages
-            if self._can_seal_beside():
-                with self._beside_step():
+            if not self._pending_waits(need):
+                # the pending seal first: its pages leave the hot pool (and the due pages found before it), and a
+                # voided one's are due again below
+                finished = self._pending.pages
+                if self._can_seal_beside():
+                    with self._beside_step():
+                        self.finish_seal()
+                else:
                     self.finish_seal()
-            else:
-                self.finish_seal()
-            keep = ~np.isin(chosen, finished)
-            chosen, sink_mask = np.asarray(chosen)[keep], np.asarray(sink_mask)[keep]
+                keep = ~np.isin(chosen, finished)
+                chosen, sink_mask = np.asarray(chosen)[keep], np.asarray(sink_mask)[keep]
         deferred = np.zeros(0, dtype=np.int64)
         if self.seal_beside_step or self.seal_async:
             deferred, deferred_sinks = self._still_deferrable()

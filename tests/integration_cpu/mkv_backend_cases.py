@@ -121,6 +121,17 @@ class Scenario:
             res.append((fm(q, k, v, lay, batch), fn(q, k, v, lay, batch), q))
         return res
 
+    def served(self, prompts: List[int], decode_steps: int) -> Tuple[List[int], float]:
+        """An extend of ``prompts``, then ``decode_steps`` decode steps, through both backends: the mosaic sealer's
+        pages sealed after each step, and the largest difference between the two backends' outputs."""
+        sealed, worst = [], 0.0
+        for batch in [self.extend_batch(prompts)] + [None] * decode_steps:
+            batch = batch if batch is not None else self.decode_batch()
+            for mosaic_out, native_out, _ in self.run_both(batch):
+                worst = max(worst, float((mosaic_out.float() - native_out.float()).abs().max()))
+            sealed.append(self.mosaic.sealer.pages_sealed)
+        return sealed, worst
+
     def run_mosaic(self, batch: SimpleNamespace) -> None:
         """Plan and run the mosaic backend alone (it writes its K/V and observes its queries), every layer."""
         self.mosaic.init_forward_metadata(batch)

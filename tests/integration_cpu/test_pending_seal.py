@@ -211,13 +211,7 @@ def test_served_plans_seal_a_plan_later_and_decode_matches_the_reference(group, 
         sc = Scenario(config(ratio=1.0), group=group, seed=11, auto_seal=True)
         sc.mosaic.sealer.seal_async = mode
         sc.mosaic.sealer.seal_beside_step = beside
-        sealed = []
-        worst = 0.0
-        for batch in [sc.extend_batch([40, 23, 57])] + [None] * 24:
-            batch = batch if batch is not None else sc.decode_batch()
-            for mosaic_out, native_out, _ in sc.run_both(batch):
-                worst = max(worst, float((mosaic_out.float() - native_out.float()).abs().max()))
-            sealed.append(sc.mosaic.sealer.pages_sealed)
+        sealed, worst = sc.served([40, 23, 57], decode_steps=24)
         runs[mode] = (sealed, worst, sc.mosaic.sealer)
     (sync_sealed, sync_worst, _), (async_sealed, async_worst, sealer) = runs[False], runs[True]
     assert sync_sealed[-1] > 0 and sealer.async_seals > 0 and sealer.pending_voided == 0
@@ -235,12 +229,7 @@ def test_served_plans_seal_n_plans_later_never_sooner_and_decode_matches_the_ref
         sc = Scenario(config(ratio=1.0), group=group, seed=13, auto_seal=True)
         sealer = sc.mosaic.sealer
         sealer.seal_async, sealer.seal_async_plans, sealer.seal_beside_step = plans > 0, plans, beside
-        sealed, worst = [], 0.0
-        for batch in [sc.extend_batch([61, 38, 77])] + [None] * 30:
-            batch = batch if batch is not None else sc.decode_batch()
-            for mosaic_out, native_out, _ in sc.run_both(batch):
-                worst = max(worst, float((mosaic_out.float() - native_out.float()).abs().max()))
-            sealed.append(sealer.pages_sealed)
+        sealed, worst = sc.served([61, 38, 77], decode_steps=30)
         runs[plans] = (sealed, worst, sealer)
     (sync_sealed, sync_worst, _), (async_sealed, async_worst, sealer) = runs[0], runs[3]
     assert sync_sealed[-1] > 0 and sealer.async_seals > 0 and async_sealed[-1] > 0
