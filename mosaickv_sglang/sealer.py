@@ -863,13 +863,18 @@ class Sealer:
 
     def _pending_waits(self, need: int) -> bool:
         """Whether the pending seal waits for a later plan: fewer than :attr:`seal_async_plans` plans since it was
-        planned (counting this one), and the hot pool has room for this plan's ``need`` new pages without it. Host
-        state only, so every tensor-parallel rank decides alike."""
+        planned (counting this one), and the hot pool has room for this plan's ``need`` new pages without it; beside
+        the step, room above :attr:`low_water_pages` too (a low pool packs it now, beside the step, so that cold pages
+        can follow at this plan instead of pressure sealing inside a later step). Host state only, so every
+        tensor-parallel rank decides alike."""
         pending = self._pending
         assert pending is not None
         if pending.plans_waited >= max(1, self.seal_async_plans):
             return False
-        return need + self.reserve_pages <= self.pool.num_free_physical_pages
+        room = self.pool.num_free_physical_pages - need - self.reserve_pages
+        if self._can_seal_beside():
+            return room >= self.low_water_pages
+        return room >= 0
 
     def _policy_seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> None:
         """A seal of policy pages: whole, or its first half with :attr:`seal_async` (while a seal is pending, the

@@ -99,3 +99,26 @@ def test_served_plans_with_a_high_water_mark_match_the_reference(group):
     _, worst = sc.served([45, 30, 61], decode_steps=12)
     assert sealer.cold_pages_sealed > 0 and sealer.side_seals > 0
     assert worst <= 2e-2, worst
+
+
+def test_a_low_hot_pool_packs_a_pending_seal_beside_the_step_and_cold_pages_follow():
+    """Two halves (MOSAICKV_SEAL_ASYNC=8): with room above the low-water mark the pending seal waits; a low pool packs
+    it at once, beside the step, and the least recently written pages start the next seal at the same plan."""
+    sc = _filled(7)
+    sealer, pool = sc.mosaic.sealer, sc.pool
+    cold = pool.complete_dense_pages()
+    assert cold.size >= 7
+    sealer.min_seal_pages, sealer.reserve_pages = 2, 0
+    sealer.seal_async, sealer.seal_async_plans = True, 8
+    assert sealer.start_seal(cold[:2], np.zeros(2, dtype=bool))
+    free = pool.num_free_physical_pages
+    sealer.low_water_pages = free  # no room to spare, none short: it waits
+    sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
+    assert sealer._pending is not None and sealer.pages_sealed == 0 and sealer.cold_pages_sealed == 0
+    sealer.low_water_pages = free + 5  # short by three after the pending seal's two pages leave the hot pool
+    sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
+    assert (sealer.async_seals, sealer.pages_sealed, sealer.cold_pages_sealed) == (1, 2, 3)
+    assert sealer.pressure_pages_sealed == 0 and sealer.side_seals >= 2
+    assert pool.store.is_sealed(torch.from_numpy(cold[:2])).all()
+    assert np.array_equal(np.sort(sealer._pending.pages), np.sort(cold[2:5]))
+    assert pool.num_free_physical_pages == free + 2
