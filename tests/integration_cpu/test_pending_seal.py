@@ -147,6 +147,20 @@ def test_a_bad_plan_count_is_refused_by_name(monkeypatch, raw):
         Scenario(config(ratio=3.0), group=2, seed=1)
 
 
+def _twins(seed: int) -> tuple:
+    """Two scenarios of :func:`_filled` alike, the first with its pages sealed whole: ``(whole, split, pages,
+    sinks)``."""
+    whole, pages, sinks = _filled(seed)
+    split, _, _ = _filled(seed)
+    assert whole.mosaic.sealer.seal(pages, sinks)
+    return whole, split, pages, sinks
+
+
+def _assert_same_store(a: Scenario, b: Scenario) -> None:
+    for x, y in zip(_store_state(a), _store_state(b)):
+        assert torch.equal(x, y)
+
+
 def _no_plan(sealer) -> None:
     """One plan that writes no new page and finds no page due."""
     none = np.zeros(0, dtype=np.int64)
@@ -154,9 +168,7 @@ def _no_plan(sealer) -> None:
 
 
 def test_a_pending_seal_waits_n_plans_then_packs_what_a_whole_seal_packs():
-    whole, pages, sinks = _filled(5)
-    split, _, _ = _filled(5)
-    assert whole.mosaic.sealer.seal(pages, sinks)
+    whole, split, pages, sinks = _twins(5)
     sealer = split.mosaic.sealer
     sealer.seal_async, sealer.seal_async_plans = True, 3
     assert sealer.start_seal(pages, sinks)
@@ -166,14 +178,11 @@ def test_a_pending_seal_waits_n_plans_then_packs_what_a_whole_seal_packs():
         assert not split.pool.store.is_sealed(torch.from_numpy(pages)).any()
     _no_plan(sealer)
     assert sealer._pending is None and (sealer.async_seals, sealer.pages_sealed) == (1, pages.size)
-    for a, b in zip(_store_state(whole), _store_state(split)):
-        assert torch.equal(a, b)
+    _assert_same_store(whole, split)
 
 
 def test_the_planner_runs_a_slice_of_layers_a_plan_and_packs_what_a_whole_seal_packs():
-    whole, pages, sinks = _filled(9)
-    split, _, _ = _filled(9)
-    assert whole.mosaic.sealer.seal(pages, sinks)
+    whole, split, pages, sinks = _twins(9)
     sealer, layers = split.mosaic.sealer, split.pool.layer_num
     sealer.seal_async = True
     for plans, per_plan in [(1, layers), (2, layers), (layers + 1, 1), (4 * layers, 1)]:
@@ -192,22 +201,18 @@ def test_the_planner_runs_a_slice_of_layers_a_plan_and_packs_what_a_whole_seal_p
         _no_plan(sealer)
         waited += 1
     assert waited == 3 and (sealer.async_seals, sealer.pages_sealed) == (1, pages.size)
-    for a, b in zip(_store_state(whole), _store_state(split)):
-        assert torch.equal(a, b)
+    _assert_same_store(whole, split)
 
 
 def test_a_pack_before_the_last_slice_plans_the_rest_and_a_voided_plan_plans_no_more():
-    whole, pages, sinks = _filled(10)
-    split, _, _ = _filled(10)
-    assert whole.mosaic.sealer.seal(pages, sinks)
+    whole, split, pages, sinks = _twins(10)
     sealer = split.mosaic.sealer
     sealer.seal_async, sealer.seal_async_plans = True, 8 * split.pool.layer_num
     assert sealer.start_seal(pages, sinks) and len(sealer._pending.plans) == 1
     sealer.reserve_pages = split.pool.num_free_physical_pages + 1  # pressure: packed at this plan
     _no_plan(sealer)
     assert sealer._pending is None and sealer.pages_sealed == pages.size
-    for a, b in zip(_store_state(whole), _store_state(split)):
-        assert torch.equal(a, b)
+    _assert_same_store(whole, split)
 
     sc, pages, sinks = _filled(11)
     sealer = sc.mosaic.sealer
