@@ -8,13 +8,9 @@ flight (a prefill can hold it for hundreds of milliseconds), while it could be l
 first half launches the planner and copies the sizes to pinned host memory without waiting
 (:func:`sizes_to_host`); the second half, N plans later, finds the copy done (or waits for what is left of it),
 allocates and packs. In between the pages stay dense, so nothing reads a half-sealed page. N counts plans, not the
-copy's landing, so that every tensor-parallel rank packs at the same plan; the planner's device work next to a decode
-step takes several steps (about 70 ms a 128-page seal on the 8B shape, a decode step 10-12 ms: the twenty-third GPU
-run, where packing at the next plan still waited for it). Hot-pool pressure packs at once.
-
-The planner itself is launched in slices of layers, one a plan over the first N - 1 plans
-(``Sealer.planner_layers_per_plan``): its host time (24-34 ms a seal on the 8B shape, twenty-fourth GPU run) would
-otherwise hold one plan past a decode step's 12 ms of GPU work.
+copy's landing, so that every tensor-parallel rank packs at the same plan; the planner's device work next to a
+decode step takes several steps (about 70 ms a 128-page seal on the 8B shape, a decode step 10-12 ms: the
+twenty-third GPU run, where packing at the next plan still waited for it). Hot-pool pressure packs at once.
 
 A page freed or sealed in between (its :attr:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool.page_epoch` moved)
 voids the plan: :meth:`PendingSeal.live` says which pages still hold what was planned.
@@ -23,7 +19,7 @@ voids the plan: :meth:`PendingSeal.live` says which pages still hold what was pl
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
@@ -70,17 +66,15 @@ class PendingSeal:
         The pages kept dense at that ratio (the sinks, or none in the last retry).
     reserve : numpy.ndarray
         The arena ledger's reservation for the pages (:meth:`~mosaickv_sglang.pool.ArenaLedger.reservation`).
-    layer_num : int
-        The layers to plan.
     plans : list of SegmentPlan
-        One per layer planned so far, in layer order.
-    sizes : torch.Tensor or None
-        Once every layer is planned: the plans' payload granules, ``[L, P * H_kv * 2]`` on the host (pinned on CUDA),
-        filled by a copy that completes with ``ready``.
+        One per layer.
+    sizes : torch.Tensor
+        The plans' payload granules, ``[L, P * H_kv * 2]`` on the host (pinned on CUDA), filled by a copy that
+        completes with ``ready``.
     ready : torch.cuda.Event or None
         Recorded after that copy on CUDA; ``None`` elsewhere (the copy is done).
     plans_waited : int
-        Plans since the one that started it.
+        Plans since the one that planned it.
     """
 
     pages: np.ndarray
@@ -89,38 +83,17 @@ class PendingSeal:
     ratio: float
     dense_mask: np.ndarray
     reserve: np.ndarray
-    layer_num: int
-    plans: List[SegmentPlan] = field(default_factory=list)
-    sizes: Optional[torch.Tensor] = None
-    ready: Optional["torch.cuda.Event"] = None
+    plans: List[SegmentPlan]
+    sizes: torch.Tensor
+    ready: Optional["torch.cuda.Event"]
     plans_waited: int = 0
-
-    @property
-    def planned(self) -> bool:
-        """Whether every layer has its plan."""
-        return len(self.plans) == self.layer_num
-
-    def next_layers(self, count: int) -> range:
-        """The next ``count`` layers to plan (fewer when fewer are left)."""
-        if count < 1:
-            raise ValueError(f"count: expected a number of layers >= 1, got {count}")
-        done = len(self.plans)
-        return range(done, min(self.layer_num, done + count))
-
-    def add_plans(self, plans: List[SegmentPlan]) -> None:
-        """The plans of :meth:`next_layers`, in layer order."""
-        if len(self.plans) + len(plans) > self.layer_num:
-            raise ValueError(f"plans: expected at most {self.layer_num - len(self.plans)} more, got {len(plans)}")
-        self.plans.extend(plans)
 
     def live(self, page_epoch: np.ndarray) -> np.ndarray:
         """shape ``[P]``, bool: the pages neither freed nor sealed since they were planned."""
         return page_epoch[self.pages] == self.epochs
 
     def host_sizes(self) -> np.ndarray:
-        """The payload granules, waiting for their copy if it is still running (every layer planned)."""
-        if self.sizes is None:
-            raise RuntimeError(f"host_sizes: {len(self.plans)} of {self.layer_num} layers planned, no sizes copied yet")
+        """The payload granules, waiting for their copy if it is still running."""
         if self.ready is not None:
             self.ready.synchronize()
         return self.sizes.numpy()

@@ -349,10 +349,9 @@ class Sealer:
     side_seals, pages_deferred : int
         Seals made beside the step in flight, and policy pages left for a later plan because that step writes them.
     seal_async : bool
-        ``MOSAICKV_SEAL_ASYNC=N`` (N > 0): policy seals in two halves (:mod:`.pending_seal`), planned a slice of
-        layers a plan from :meth:`start_seal` on (:attr:`planner_layers_per_plan`) and packed ``seal_async_plans``
-        plans later (:meth:`finish_seal`), or at once when the hot pool needs the room; pressure seals stay whole. Due
-        pages wait while a seal is pending.
+        ``MOSAICKV_SEAL_ASYNC=N`` (N > 0): policy seals in two halves (:mod:`.pending_seal`), planned in one plan
+        (:meth:`start_seal`) and packed ``seal_async_plans`` plans later (:meth:`finish_seal`), or at once when the
+        hot pool needs the room; pressure seals stay whole. Due pages wait while a seal is pending.
     seal_async_plans : int
         That N (at least 1 when ``seal_async``).
     async_seals, pending_voided : int
@@ -504,8 +503,6 @@ class Sealer:
                     self.finish_seal()
                 keep = ~np.isin(chosen, finished)
                 chosen, sink_mask = np.asarray(chosen)[keep], np.asarray(sink_mask)[keep]
-            else:
-                self._plan_more()
         deferred = np.zeros(0, dtype=np.int64)
         if self.seal_beside_step or self.seal_async:
             deferred, deferred_sinks = self._still_deferrable()
@@ -604,18 +601,17 @@ class Sealer:
         return pages[ok], sinks[ok]
 
     @contextlib.contextmanager
-    def _beside_step(self, forward_waits: bool = True, count: bool = True) -> Iterator[None]:
+    def _beside_step(self, forward_waits: bool = True) -> Iterator[None]:
         """Queue the seal's device work on a side stream that waits for the end of the last plan (not for the step
         in flight), its compaction for the step too; the current stream waits for the seal, unless not
         ``forward_waits``: then only what later uses the work waits for it (:meth:`_forward_waits_for_side`), for a
         first half of a seal (:meth:`start_seal`), whose planner changes nothing a step reads and can so run beside
-        the next steps too. Counted in :attr:`side_seals` unless not ``count`` (a later slice of a planner). Off CUDA:
-        only the snapshot of the query window."""
+        the next steps too. Off CUDA: only the snapshot of the query window."""
         dev = torch.device(self.pool.device)
         if dev.type != "cuda":
             with self.window.reading_snapshot():
                 yield
-            self.side_seals += int(count)
+            self.side_seals += 1
             return
         store, fwd = self.pool.store, torch.cuda.current_stream(dev)
         if self._side_stream is None:
@@ -637,7 +633,7 @@ class Sealer:
             else:
                 self._side_unwaited = True
                 self.window.release_snapshot(side)
-        self.side_seals += int(count)
+        self.side_seals += 1
 
     def _forward_waits_for_side(self) -> None:
         """Before the current stream uses what side-stream work it did not wait for wrote (a pending seal's plans, the
@@ -757,22 +753,20 @@ class Sealer:
                                always_dense=always, menu=self.menu)  # fmt: skip
         return result.plan
 
-    def plan_layers(
-        self, pages: np.ndarray, sink_mask: np.ndarray, ratio: float, layers: Optional[range] = None
-    ) -> List[SegmentPlan]:
-        """Fast plans of the local ``layers`` (default: every one) for ``pages`` in one planner call: for each layer,
-        the plan :meth:`plan_layer` (the per-layer reference) gives, with a constant number of host reads per seal."""
+    def plan_layers(self, pages: np.ndarray, sink_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:
+        """Fast plans of every local layer for ``pages`` in one planner call: for each layer, the plan
+        :meth:`plan_layer` (the per-layer reference) gives, with a constant number of host reads per seal."""
         pool = self.pool
         h = int(pool.head_num)
         slots = self._page_slots(pages)
-        layers = range(pool.layer_num) if layers is None else layers
+        layers = range(pool.layer_num)
         keys = self._stacked_segments([pool.k_buffer[li] for li in layers], slots, pages.size)
         values = self._stacked_segments([pool.v_buffer[li] for li in layers], slots, pages.size)
         # views, copied a planner chunk at a time: q[heads] of every layer held at once was half of a 128-page seal's
         # transient memory on the 8B shape (2.1 of 4.1 GB, ninth run)
         queries = [None if q is None else q.expand(pages.size, *q.shape)
-                   for q in map(self.window.queries, layers)]  # fmt: skip
-        results = plan_fast_layers(keys, values, budget_bytes=[self._budget(sink_mask, ratio)] * len(layers),
+                   for q in map(self.window.queries, range(pool.layer_num))]  # fmt: skip
+        results = plan_fast_layers(keys, values, budget_bytes=[self._budget(sink_mask, ratio)] * pool.layer_num,
                                    queries=queries, group_ids=np.tile(np.arange(h), pages.size),
                                    always_dense=np.repeat(np.asarray(sink_mask, dtype=bool), h), menu=self.menu,
                                    max_segments=self.plan_max_segments,
@@ -812,52 +806,21 @@ class Sealer:
             self.seal_calls += int(count_call)
 
     def start_seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> bool:
-        """The first half of :meth:`seal` (:mod:`.pending_seal`): plan ``pages``' first :attr:`planner_layers_per_plan`
-        layers (each later plan while it waits plans the next ones; after the last, their payload sizes are copied to
-        the host without waiting for the device); :meth:`finish_seal` packs them. A seal still pending is finished
-        first. Returns whether a plan is now pending (``False``: no arena room, the pages stay dense)."""
+        """The first half of :meth:`seal` (:mod:`.pending_seal`): plan ``pages`` and start copying their payload
+        sizes to the host, without waiting for the device; :meth:`finish_seal` packs them. A seal still pending is
+        finished first. Returns whether a plan is now pending (``False``: no arena room, the pages stay dense)."""
         self.finish_seal()
         self._forward_waits_for_side()
         with self._seal_time(count_call=False):
-            fitting = self._fitting(sink_mask)
-            if fitting is None:
+            planned = self._plan_fitting(pages, sink_mask)
+            if planned is None:
                 self._no_room(pages)
                 return False
-            ratio, dense_mask, reserve = fitting
+            ratio, dense_mask, reserve, plans = planned
+            sizes, ready = sizes_to_host(plans)
             self._pending = PendingSeal(pages, sink_mask, self.pool.page_epoch[pages].copy(), ratio, dense_mask,
-                                        reserve, self.pool.layer_num)  # fmt: skip
-            self._plan_slice(self._pending, self.planner_layers_per_plan)
+                                        reserve, plans, sizes, ready)  # fmt: skip
             return True
-
-    @property
-    def planner_layers_per_plan(self) -> int:
-        """How many layers a pending seal's planner takes a plan (:attr:`seal_async_plans` N): its layers spread over
-        N - 1 plans (the first N - 1 of the N it waits; all at once for N <= 2), so that no plan carries the whole
-        planner's host time, and the last slice's device work has a plan to finish before the pack."""
-        return -(-int(self.pool.layer_num) // max(1, self.seal_async_plans - 1))
-
-    def _plan_slice(self, pending: PendingSeal, layers: int) -> None:
-        """Plan the pending seal's next ``layers`` layers (fewer when fewer are left); after its last layer, start
-        copying its payload sizes to the host (:func:`sizes_to_host`)."""
-        todo = pending.next_layers(layers)
-        if len(todo):
-            pending.add_plans(self._timed_plan(pending.pages, pending.dense_mask, pending.ratio, todo))
-        if pending.planned and pending.sizes is None:
-            pending.sizes, pending.ready = sizes_to_host(pending.plans)
-
-    def _plan_more(self) -> None:
-        """A plan after the one that started the pending seal: its next slice of layers, beside the step in flight
-        when it can (the forward stream does not wait for it), else on the current stream."""
-        pending = self._pending
-        if pending is None or pending.planned:
-            return
-        if self._can_seal_beside():
-            with self._beside_step(forward_waits=False, count=False), self._seal_time(count_call=False):
-                self._plan_slice(pending, self.planner_layers_per_plan)
-        else:
-            self._forward_waits_for_side()
-            with self._seal_time(count_call=False):
-                self._plan_slice(pending, self.planner_layers_per_plan)
 
     def finish_seal(self) -> bool:
         """The second half: pack the pending seal's pages, if every one still holds what was planned and the ledger
@@ -873,7 +836,6 @@ class Sealer:
                 self.pending_voided += 1
                 self._defer(pending.pages[live], pending.sink_mask[live])
                 return False
-            self._plan_slice(pending, pending.layer_num)  # what is left of its planner, if anything
             sealed = self._commit(pending.pages, pending.ratio, pending.dense_mask, pending.reserve, pending.plans,
                                   sizes=pending.host_sizes())  # fmt: skip
             self.async_seals += int(sealed)
@@ -938,23 +900,6 @@ class Sealer:
     ) -> Optional[Tuple[float, np.ndarray, np.ndarray, List[SegmentPlan]]]:
         """Plans for the first ratio (higher ones, then the sinks compressed too) whose reservation the arena ledger
         has room for: ``(ratio, dense mask, reservation, plans)``, or ``None``."""
-        fitting = self._fitting(sink_mask)
-        if fitting is None:
-            return None
-        ratio, dense_mask, reserve = fitting
-        return ratio, dense_mask, reserve, self._timed_plan(pages, dense_mask, ratio)
-
-    def _timed_plan(
-        self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float, layers: Optional[range] = None
-    ) -> List[SegmentPlan]:
-        t_plan = time.perf_counter()
-        plans = self.plan_layers(pages, dense_mask, ratio, layers)
-        self.seal_plan_seconds += time.perf_counter() - t_plan
-        return plans
-
-    def _fitting(self, sink_mask: np.ndarray) -> Optional[Tuple[float, np.ndarray, np.ndarray]]:
-        """The first ratio (higher ones, then the sinks compressed too) whose reservation the arena ledger has room
-        for: ``(ratio, dense mask, reservation)``, or ``None``."""
         ledger = self.pool.arena_ledger
         ratio = float(self.pool.mosaic_config.compression_ratio)
         # higher ratios first; last, the sinks compressed too, so that every page fits at the target ratio (the room
@@ -966,8 +911,12 @@ class Sealer:
             if ratio > min(MAX_COMPRESSION_RATIO, self.max_ratio):
                 continue
             reserve = ledger.reservation(dense_mask, ratio)
-            if int(reserve.sum()) <= ledger.room:
-                return ratio, dense_mask, reserve
+            if int(reserve.sum()) > ledger.room:
+                continue
+            t_plan = time.perf_counter()
+            plans = self.plan_layers(pages, dense_mask, ratio)
+            self.seal_plan_seconds += time.perf_counter() - t_plan
+            return ratio, dense_mask, reserve, plans
         return None
 
     def _commit(self, pages: np.ndarray, ratio: float, dense_mask: np.ndarray, reserve: np.ndarray,

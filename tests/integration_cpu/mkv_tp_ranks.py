@@ -31,8 +31,8 @@ def page_state_digest(sc: Any) -> str:
 def run_rank(
     rank: int, world: int, init_file: str, arena_granules: int, hot_pages: int, queue: Any, beside_async: bool = False
 ) -> None:
-    """One rank's run; ``beside_async``: sealing beside the step, in two halves packed 3 plans later (the planner a
-    layer a plan), half the hot pool kept free (cold pages sealed)."""
+    """One rank's run; ``beside_async``: sealing beside the step, in two halves packed 2 plans later, half the hot
+    pool kept free (cold pages sealed)."""
     import torch.distributed as dist
     from mkv_backend_cases import S, Scenario, config
 
@@ -42,7 +42,7 @@ def run_rank(
                       arena_granules_per_layer=arena_granules)  # fmt: skip
         if beside_async:
             sealer = sc.mosaic.sealer
-            sealer.seal_beside_step, sealer.seal_async, sealer.seal_async_plans = True, True, 3
+            sealer.seal_beside_step, sealer.seal_async, sealer.seal_async_plans = True, True, 2
             sealer.low_water_pages = hot_pages // 2
         agreed: List[bool] = []
         for step in STEPS:
