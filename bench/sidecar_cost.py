@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mosaickv_sglang.sealer import QueryWindow
-from mosaickv_sglang.sidecar.bridge import SidecarBridge
+from mosaickv_sglang.sidecar.bridge import DEFAULT_STAGING_MB, SidecarBridge
 from mosaickv_sglang.sidecar.client import SidecarConfig
 from mosaickv_sglang.sidecar.pinned_staging import PinnedStaging
 
@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=8, help="sidecar slots")
     p.add_argument("--resegment", choices=("on", "off"), default="on", help="host copies kept for re-segmentation")
     p.add_argument("--staging", choices=("on", "off"), default="on",
-                   help="the seals' copies land in reused host buffers (pinned on CUDA, as served), or each in its own "
-                        "(torch's pinned allocator on CUDA)")
+                   help="the seals' copies land in slices of one host arena allocated at start (pinned on CUDA, as "
+                        "served), or each in its own (torch's pinned allocator on CUDA)")
+    p.add_argument("--staging-mb", type=int, default=DEFAULT_STAGING_MB,
+                   help="the arena's MiB (a seal whose jobs it cannot hold keeps its fast plans)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (SGLang's scheduler sets 1 on a GPU; more threads turned host copies "
                         "of a page into 16 ms waits for a core while the sidecar worker ran)")
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(args: argparse.Namespace) -> None:
     for name in ("layers", "kv_heads", "head_dim", "page_size", "group", "window", "pages", "seals", "slots",
-                 "threads"):
+                 "threads", "staging_mb"):
         value = min(getattr(args, name)) if name == "pages" else getattr(args, name)
         if value < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value}")
@@ -139,7 +141,7 @@ def _run(args: argparse.Namespace) -> Dict[str, object]:
     pool = StandInPool(args, ring + 1)
     config = SidecarConfig(seg_size=s, head_dim=d, group_size=args.group, window=args.window, num_slots=args.slots,
                            max_segments=max(h, 32 // h * h), kv_dtype=dtype)  # fmt: skip
-    staging = PinnedStaging(pin=dev.type == "cuda") if args.staging == "on" else None
+    staging = PinnedStaging(dev.type == "cuda", args.staging_mb << 20) if args.staging == "on" else None
     bridge = SidecarBridge(pool, window, config, resegment=args.resegment == "on", staging=staging).start()
 
     def gather(layer: int, pages: np.ndarray):
@@ -181,7 +183,8 @@ def _run(args: argparse.Namespace) -> Dict[str, object]:
                       "apply": 1e3 * bridge.apply_seconds, "tick": 1e3 * bridge.tick_seconds},
         "segments_submitted": bridge.segments_submitted, "segments_skipped": bridge.segments_skipped,
         "plans_applied": bridge.plans_applied, "plans_discarded": bridge.plans_discarded,
-        "staging_allocations": None if staging is None else staging.allocations,
+        "staging_full_batches": bridge.staging_full_batches,
+        "staging_peak_mb": None if staging is None else staging.peak_lent_bytes / (1 << 20),
     }  # fmt: skip
     if profiler:
         out = io.StringIO()
@@ -213,8 +216,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     print(f"  bridge time: submit {br['submit']:.1f} ms, land {br['land']:.1f} ms, apply {br['apply']:.1f} ms; "
           f"{report['segments_submitted']} segments submitted, {report['segments_skipped']} skipped, "
           f"{report['plans_applied']} plans applied")  # fmt: skip
-    if report["staging_allocations"] is not None:
-        print(f"  host buffers allocated: {report['staging_allocations']} (reused across the seals)")
+    if report["staging_peak_mb"] is not None:
+        print(f"  host staging: {report['staging_peak_mb']:.1f} MiB of {args.staging_mb} lent at most, "
+              f"{report['staging_full_batches']} seals found it full")  # fmt: skip
     if "profile" in report:
         print(report["profile"])
     return report

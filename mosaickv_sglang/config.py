@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Optional
 
@@ -299,6 +300,21 @@ def _coerce(opt: Option, value: Any) -> Any:
         return opt.type(value)
     except ValueError:
         _fail(opt.field, "'on' or 'off'", value)
+
+
+def positive_int_env(name: str, default: int, unit: str = "") -> int:
+    """The integer >= 1 that the environment variable ``name`` holds (``default`` when unset or blank); ``unit``
+    (e.g. ``" number of MiB"``) names what it counts in the error a bad value raises."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name}: expected an integer{unit} >= 1, got {raw!r}")
+    return value
 
 
 def _fail(field: str, expected: str, got: Any) -> NoReturn:

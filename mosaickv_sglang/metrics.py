@@ -88,6 +88,8 @@ class SidecarStats:
         the worker, applying plans (both on forward and idle ticks).
     io_seconds : float
         CPU time of the bridge's I/O thread (landing copies, reading replies): not scheduler time.
+    staging_full_batches : int
+        Sealed batches that kept their fast plans because the bridge's pinned staging had no room for their copies.
     """
 
     counters: SidecarCounters
@@ -101,6 +103,7 @@ class SidecarStats:
     land_seconds: float = 0.0
     apply_seconds: float = 0.0
     io_seconds: float = 0.0
+    staging_full_batches: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +253,8 @@ def _sidecar_stats(sidecar: Any) -> Optional[SidecarStats]:
                         int(sidecar.segments_applied), int(sidecar.resegment_pooled),
                         float(sidecar.step_seconds), float(sidecar.idle_seconds),
                         float(sidecar.submit_seconds), float(sidecar.land_seconds),
-                        float(sidecar.apply_seconds), float(sidecar.io_seconds))  # fmt: skip
+                        float(sidecar.apply_seconds), float(sidecar.io_seconds),
+                        int(sidecar.staging_full_batches))  # fmt: skip
 
 
 def collect_stats(sealer: "Sealer", strategies: Optional[StrategyCounter] = None) -> MosaicStats:
@@ -366,6 +370,9 @@ METRICS: Tuple[MetricSpec, ...] = (
     MetricSpec("sglang:mosaic_sidecar_rejected_full_total", "counter",
                "Jobs refused because the sidecar queue was full (the fast plan stayed).",
                _sc(lambda sc: sc.counters.rejected_full)),
+    MetricSpec("sglang:mosaic_sidecar_staging_full_total", "counter",
+               "Sealed batches not sent to the sidecar because its pinned host staging had no room for their copies "
+               "(the fast plans stayed).", _sc(lambda sc: sc.staging_full_batches)),
     MetricSpec("sglang:mosaic_sidecar_completed_total", "counter", "Sidecar jobs that delivered plans.",
                _sc(lambda sc: sc.counters.completed)),
     MetricSpec("sglang:mosaic_sidecar_failed_total", "counter", "Sidecar jobs that failed.",

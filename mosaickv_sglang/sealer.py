@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
-from mosaickv_sglang.config import MAX_COMPRESSION_RATIO
+from mosaickv_sglang.config import MAX_COMPRESSION_RATIO, positive_int_env
 from mosaickv_sglang.host_stalls import HostStalls
 from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
@@ -96,21 +96,8 @@ def seal_chunking() -> Tuple[int, int]:
     ``MOSAICKV_SEAL_MAX_CHUNK_BYTES`` when set (integers >= 1), else the defaults of
     :func:`~mosaickv_sglang.plan_layers.plan_fast_layers`. Larger chunks launch fewer kernels a seal (a served seal
     waits for room in the launch queue at each) and hold more transient device memory."""
-    out = []
-    bounds = ((SEAL_MAX_SEGMENTS_ENV, DEFAULT_MAX_SEGMENTS), (SEAL_MAX_CHUNK_BYTES_ENV, DEFAULT_MAX_CHUNK_BYTES))
-    for env, default in bounds:
-        raw = os.environ.get(env, "").strip()
-        if not raw:
-            out.append(default)
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ValueError(f"{env}: expected an integer >= 1, got {raw!r}")
-        out.append(value)
-    return out[0], out[1]
+    return (positive_int_env(SEAL_MAX_SEGMENTS_ENV, DEFAULT_MAX_SEGMENTS),
+            positive_int_env(SEAL_MAX_CHUNK_BYTES_ENV, DEFAULT_MAX_CHUNK_BYTES))
 
 
 class QueryWindow:
@@ -514,7 +501,7 @@ class Sealer:
             free = ~np.isin(chosen, self._pending.pages)
             chosen, sink_mask = chosen[free], sink_mask[free]
 
-        short = need + self.reserve_pages - pool.num_free_physical_pages
+        short = self._shortfall(need)
         beside = short <= 0 and self._can_seal_beside()
         if beside:
             # pages the step in flight writes wait for a later plan; so do due pages short of a batch that came from
@@ -871,10 +858,15 @@ class Sealer:
         assert pending is not None
         if pending.plans_waited >= max(1, self.seal_async_plans):
             return False
-        room = self.pool.num_free_physical_pages - need - self.reserve_pages
+        short = self._shortfall(need)
         if self._can_seal_beside():
-            return room >= self.low_water_pages
-        return room >= 0
+            return -short >= self.low_water_pages
+        return short <= 0
+
+    def _shortfall(self, need: int) -> int:
+        """Hot pages this plan lacks for its ``need`` new pages and :attr:`reserve_pages` (zero or less: none; its
+        negation is the room left)."""
+        return need + self.reserve_pages - self.pool.num_free_physical_pages
 
     def _policy_seal(self, pages: np.ndarray, sink_mask: np.ndarray) -> None:
         """A seal of policy pages: whole, or its first half with :attr:`seal_async` (while a seal is pending, the

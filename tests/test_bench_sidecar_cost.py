@@ -19,17 +19,19 @@ def test_small_run_reports_the_split_and_the_jobs(capsys):
     assert "submit_sealed: mean" in out and "bridge time: submit" in out and "cumulative" in out
 
 
-def test_seals_of_several_sizes_in_turn_land_in_reused_buffers():
+def test_seals_of_several_sizes_in_turn_land_in_the_staging_arena():
     rep = main(["--layers", "2", "--kv-heads", "2", "--head-dim", "64", "--page-size", "16", "--pages", "8", "3", "5",
-                "--seals", "6", "--ticks", "2", "--tick-gap-ms", "0", "--dtype", "fp16", "--json"])  # fmt: skip
+                "--seals", "6", "--ticks", "2", "--tick-gap-ms", "0", "--dtype", "fp16", "--staging-mb", "1",
+                "--json"])  # fmt: skip
     assert rep["seal_ms"]["count"] == 6 and rep["config"]["pages"] == [8, 3, 5]
     assert rep["segments_submitted"] + rep["segments_skipped"] == 2 * (8 + 3 + 5) * 2 * 2
-    assert rep["staging_allocations"] is not None and 1 <= rep["staging_allocations"] <= 4
+    assert rep["staging_full_batches"] == 0 and 0 < rep["staging_peak_mb"] <= 1
 
 
 @pytest.mark.parametrize("argv, match", [(["--pages", "0"], "--pages: expected an integer >= 1, got 0"),
                                          (["--pages", "4", "0"], "--pages: expected an integer >= 1, got 0"),
-                                         (["--ticks", "-1"], "--ticks/--tick-gap-ms: expected values >= 0")])
+                                         (["--ticks", "-1"], "--ticks/--tick-gap-ms: expected values >= 0"),
+                                         (["--staging-mb", "0"], "--staging-mb: expected an integer >= 1, got 0")])
 def test_bad_arguments_are_refused(argv, match):
     with pytest.raises(SystemExit, match=match):
         main(argv)

@@ -6,6 +6,7 @@ when the device is done)."""
 from __future__ import annotations
 
 import multiprocessing.connection
+import re
 import sys
 import threading
 import time
@@ -21,7 +22,7 @@ from bench.host_syncs import HostSyncCounter
 from mosaickv_sglang.sidecar import bridge as bridge_mod
 from mosaickv_sglang.sidecar.bridge import SidecarBridge
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarConfig, SidecarCounters
-from mosaickv_sglang.sidecar.pinned_staging import PinnedStaging
+from mosaickv_sglang.sidecar.pinned_staging import ALIGN_BYTES, PinnedStaging
 from mosaickv_sglang.sidecar.protocol import SegmentKey
 
 TESTS = str(Path(__file__).resolve().parent)
@@ -165,18 +166,20 @@ def test_pages_freed_or_reused_before_the_copies_land_are_discarded_not_applied(
 
 
 def test_batches_copies_land_in_reused_staging_buffers_given_back_once_landed(setup):
-    """With a staging (pinned on CUDA), each batch's copies land in a buffer given back once all its jobs reached the
-    worker, so the next batch reuses it; what the worker gets is unchanged. Closing gives back the buffers of batches
+    """With a staging (pinned on CUDA), each batch's copies land in a slice given back once all its jobs reached the
+    worker, so the next batch reuses it; what the worker gets is unchanged. Closing gives back the slices of batches
     still pending, after their copies are done."""
     t = setup
-    t.bridge.staging = staging = PinnedStaging(pin=False)
+    t.bridge.staging = staging = PinnedStaging(pin=False, capacity_bytes=1 << 20)
+    where = set()
     for round_pages in ([3, 4, 5, 6], [7, 8, 9, 10], [1, 2]):
         start = len(t.client.received)
         seal(t, round_pages)
-        assert staging.lent == 1  # K, V and queries are all fp32 here: one buffer
+        assert staging.lent == 1  # K, V and queries are all fp32 here: one slice
+        where.add(t.bridge._pending[0].copy.tensors[0].data_ptr())
         t.events[-1].done = True
         t.bridge.tick(None)
-        assert staging.lent == 0 and not t.bridge._pending
+        assert staging.lent == 0 and staging.lent_bytes == 0 and not t.bridge._pending
         for job in t.client.received[start:]:
             keys = job["segments"]
             want_k, want_v = dense(keys[0].layer, np.array([k.page for k in keys[::H]]))
@@ -184,11 +187,165 @@ def test_batches_copies_land_in_reused_staging_buffers_given_back_once_landed(se
             torch.testing.assert_close(job["values"], want_v, atol=0, rtol=0)
         t.client.tick()  # the jobs finish: their slots are free again
         t.bridge.tick(None)
-    assert staging.allocations == 1
+    assert len(where) == 1 and staging.refusals == 0  # every batch at the arena's start
     seal(t, [11, 12])
     assert staging.lent == 1 and not t.events[-1].done
     t.bridge.close()
     assert staging.lent == 0 and t.events[-1].waited
+
+
+# bytes of one job of PAGES_PER_JOB pages (keys, values and the layer's [H, 4, 1, D] queries, fp32) and of one page's
+# host copies in every layer (keys and values)
+JOB_BYTES = 2 * PAGES_PER_JOB * H * S * D * 4 + H * 4 * D * 4
+SHADOW_BYTES = 2 * LAYERS * H * S * D * 4
+
+
+def _units(nbytes: int) -> int:
+    return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+
+
+def _sent_pages(client) -> set:
+    return {(k.layer, k.page) for job in client.received for k in job["segments"]}
+
+
+def test_a_staging_too_small_for_the_shared_pages_copies_still_takes_the_jobs(setup):
+    """Jobs of four pages (three of them shared) fit the staging, their shared pages' copies of every layer do not:
+    the jobs are submitted without those copies, planned and applied as usual; the shared pages are not queued for
+    re-segmentation by this batch; the slice comes back once the jobs landed."""
+    t = setup
+    jobs = 4  # [3, 4] and [5, 6] in each layer
+    capacity = _units(jobs * JOB_BYTES + 3 * SHADOW_BYTES) - ALIGN_BYTES
+    assert capacity >= _units(jobs * JOB_BYTES)
+    t.bridge.staging = staging = PinnedStaging(pin=False, capacity_bytes=capacity)
+    t.bridge._readers = {p: {1, 2} for p in (3, 4, 6)}  # read by two requests: shared
+    pages = np.array([3, 4, 5, 6], dtype=np.int64)
+    assert seal(t, pages) == pages.size * H * LAYERS
+    batch = t.bridge._pending[0]
+    assert len(batch.jobs) == jobs and batch.shared is None and len(batch.copy.tensors) == 3 * jobs
+    assert t.bridge.staging_full_shadows == 1 and t.bridge.staging_full_batches == 0 and staging.refusals == 0
+    assert t.bridge.segments_skipped == 0 and t.bridge._reserved == jobs
+    t.events[0].done = True
+    t.bridge.tick(None)
+    assert _sent_pages(t.client) == {(layer, int(p)) for layer in range(LAYERS) for p in pages}
+    for job in t.client.received:
+        keys = job["segments"]
+        want_k, want_v = dense(keys[0].layer, np.array([k.page for k in keys[::H]]))
+        torch.testing.assert_close(job["keys"], want_k, atol=0, rtol=0)
+        torch.testing.assert_close(job["values"], want_v, atol=0, rtol=0)
+        assert all(k.generation == 1 for k in keys)
+    assert staging.lent_bytes == 0 and t.bridge._reserved == 0 and len(t.bridge.queue) == 0
+    t.bridge.tick(None)
+    assert t.bridge.plans_applied == jobs and sorted(p for _, ps, _ in t.pool.resealed for p in ps) == [3, 3, 4, 4,
+                                                                                                          5, 5, 6, 6]
+
+
+def test_a_staging_too_small_for_the_jobs_submits_nothing_and_leaks_no_slot(setup):
+    """A batch whose jobs the staging cannot hold (the last batch's copies still hold most of it) submits nothing:
+    no gather, no copy, no slot reserved, its segments counted skipped and its pages keeping their fast plans; the
+    layer it would have started from is still the next batch's. Once the earlier batch landed, later batches are
+    submitted again, and every slice comes back."""
+    t = setup
+    t.bridge.staging = staging = PinnedStaging(pin=False, capacity_bytes=_units(3 * JOB_BYTES))
+    gathered = []
+
+    def gather(layer, pages):
+        gathered.append((layer, pages.tolist()))
+        return dense(layer, pages)
+
+    def seal_with(pages):
+        pages = np.asarray(pages, dtype=np.int64)
+        with t.bridge.sealing():
+            n = t.bridge.submit_sealed(pages, np.zeros(pages.size, dtype=bool), 2.0, gather)
+            t.pool.seal(pages)
+        return n
+
+    assert seal_with([1, 2]) == 2 * H * LAYERS  # one job per layer: two of the three jobs' room
+    assert t.bridge._reserved == 2 and t.bridge._free_slots == 2 and staging.lent_bytes == _units(2 * JOB_BYTES)
+    next_layer, gathers = t.bridge._next_layer, len(gathered)
+    assert seal_with([3, 4, 5, 6]) == 0
+    assert len(gathered) == gathers and len(t.events) == 1 and len(t.bridge._pending) == 1  # nothing gathered
+    assert t.bridge.staging_full_batches == 1 and t.bridge.staging_full_shadows == 0
+    assert t.bridge._reserved == 2 and t.bridge._free_slots == 2 and t.bridge._next_layer == next_layer
+    assert t.bridge.segments_submitted == 2 * H * LAYERS and t.bridge.segments_skipped == 4 * H * LAYERS
+    assert staging.lent_bytes == _units(2 * JOB_BYTES) and staging.refusals == 0  # decided before taking
+    t.events[0].done = True
+    t.bridge.tick(None)
+    assert staging.lent_bytes == 0 and t.bridge._reserved == 0
+    t.client.tick()  # the jobs finish: their slots are free again
+    t.bridge.tick(None)
+    assert seal_with([7, 8]) == 2 * H * LAYERS  # room is back: submitted
+    assert t.bridge._reserved == 2 and len(t.events) == 2
+    t.events[1].done = True
+    t.bridge.tick(None)
+    t.client.tick()
+    t.bridge.tick(None)
+    assert _sent_pages(t.client) == {(layer, p) for layer in range(LAYERS) for p in (1, 2, 7, 8)}
+    assert {p for _, ps, _ in t.pool.resealed for p in ps} == {1, 2, 7, 8}  # 3-6 kept their fast plans
+    assert t.bridge.plans_applied == 4 and t.bridge.staging_full_batches == 1
+    assert staging.lent_bytes == 0 and t.bridge._reserved == 0 and t.bridge._free_slots == 4
+    assert "no staging room for 1 batches" in t.bridge.status()
+
+
+def test_every_slice_comes_back_once_the_batches_landed_in_any_order_of_units(setup, monkeypatch):
+    """Batches with and without shared pages' copies, several pending at once, landed a unit at a time: the staging
+    holds each batch whole while it is pending, and is empty once all have landed; the copies kept are the pages'
+    own."""
+    monkeypatch.setattr(bridge_mod, "SHARED_PAGES_PER_UNIT", 1)
+    t = setup
+    t.client.slots = 16
+    t.bridge.staging = staging = PinnedStaging(pin=False, capacity_bytes=1 << 20)
+    t.bridge._readers = {p: {1, 2} for p in (2, 5, 9)}
+    lent = []
+    for pages in ([1, 2], [3, 4, 5, 6], [7, 8, 9, 10]):
+        seal(t, pages)
+        lent.append(staging.lent_bytes)
+    assert staging.lent == 3 and lent[0] < lent[1] < lent[2] and t.bridge.staging_full_shadows == 0
+    assert [b.shared[0].tolist() for b in t.bridge._pending] == [[2], [5], [9]]
+    for i, event in enumerate(t.events):
+        event.done = True
+        while len(t.bridge._pending) > 2 - i:
+            assert staging.lent == 3 - i
+            t.bridge.tick(0.0)  # one unit a tick
+    assert staging.lent == 0 and staging.lent_bytes == 0 and staging.refusals == 0
+    for layer in range(LAYERS):
+        for p in (2, 5, 9):
+            _, k, v = t.bridge._shadow.get((layer, p))
+            want_k, want_v = dense(layer, np.array([p]))
+            assert torch.equal(k, want_k) and torch.equal(v, want_v)
+
+
+def test_a_batch_gathered_in_another_dtype_than_counted_that_does_not_fit_takes_nothing(setup):
+    """The staging's room is counted in the config's K/V dtype before gathering; if the gathers return a wider one that
+    the staging cannot hold, the batch is left to its fast plans as a full staging's, and nothing is held."""
+    t = setup
+    t.bridge.staging = staging = PinnedStaging(pin=False, capacity_bytes=_units(2 * JOB_BYTES) - ALIGN_BYTES)
+    t.bridge._kv_dtype = torch.float16  # counted as half of what the (fp32) gathers return
+    assert seal(t, [1, 2]) == 0
+    assert t.bridge.staging_full_batches == 1 and not t.bridge._pending and t.bridge._reserved == 0
+    assert staging.lent == 0 and staging.refusals == 1 and t.bridge.segments_skipped == 2 * H * LAYERS
+
+
+def test_the_staging_capacity_setting(monkeypatch):
+    """MOSAICKV_SIDECAR_STAGING_MB (MiB, default 1024) sizes the arena a bridge on a CUDA pool page-locks when built;
+    a bad value is refused with the variable's name."""
+    monkeypatch.delenv(bridge_mod.STAGING_ENV, raising=False)
+    assert bridge_mod.staging_bytes() == 1 << 30
+    monkeypatch.setenv(bridge_mod.STAGING_ENV, " 96 ")
+    assert bridge_mod.staging_bytes() == 96 << 20
+    built = []
+    monkeypatch.setattr(bridge_mod, "PinnedStaging", lambda pin, capacity_bytes: built.append((pin, capacity_bytes)))
+    pool = FakePool()
+    pool.device = "cuda"
+    cfg = SidecarConfig(seg_size=S, head_dim=D, group_size=1, window=4, num_slots=4, max_segments=H * PAGES_PER_JOB)
+    SidecarBridge(pool, FakeWindow(), cfg)
+    assert built == [(True, 96 << 20)]
+    SidecarBridge(FakePool(), FakeWindow(), cfg)  # a host pool: no staging
+    assert len(built) == 1
+    for bad in ("0", "-5", "1.5", "lots"):
+        monkeypatch.setenv(bridge_mod.STAGING_ENV, bad)
+        with pytest.raises(ValueError, match=rf"MOSAICKV_SIDECAR_STAGING_MB: expected an integer number of MiB >= 1, "
+                                             rf"got '{re.escape(bad)}'"):  # fmt: skip
+            SidecarBridge(pool, FakeWindow(), cfg)
 
 
 def test_a_tick_never_waits_for_the_io_threads_hold_on_the_lock(setup):

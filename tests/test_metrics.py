@@ -58,7 +58,7 @@ class StandInSidecarBridge:
 
     def __init__(self, counters: SidecarCounters, plans_applied: int, plans_discarded: int, segments_applied: int,
                  resegment: bool = True, seconds: tuple = (0.0, 0.0, 0.0), parts: tuple = (0.0, 0.0),
-                 io_seconds: float = 0.0):  # fmt: skip
+                 io_seconds: float = 0.0, staging_full_batches: int = 0):  # fmt: skip
         self._counters = counters
         self.plans_applied, self.plans_discarded = plans_applied, plans_discarded
         self.segments_applied = segments_applied
@@ -67,6 +67,7 @@ class StandInSidecarBridge:
         self.tick_seconds, self.submit_seconds, self.idle_seconds = seconds
         self.land_seconds, self.apply_seconds = parts
         self.io_seconds = io_seconds
+        self.staging_full_batches = staging_full_batches
         self.slowest: Dict[str, float] = {}
 
     def take_slowest(self) -> Dict[str, float]:
@@ -246,7 +247,7 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
         sealer.sidecar = StandInSidecarBridge(SidecarCounters(submitted=12, completed=10, queue_depth=1,
                                                               resegmentations=2), 5, 1, 60,
                                               seconds=(0.25, 0.5, 1.0), parts=(0.0625, 0.125),
-                                              io_seconds=2.5)  # fmt: skip
+                                              io_seconds=2.5, staging_full_batches=3)  # fmt: skip
         exporter.export(collect_stats(sealer))
     finally:
         sealer.sidecar = None
@@ -257,6 +258,7 @@ def test_exporter_writes_every_series_with_sglang_labels(sealed):
                 "sidecar_step_seconds_total": 0.75, "sidecar_idle_seconds_total": 1.0,
                 "sidecar_submit_seconds_total": 0.5, "sidecar_land_seconds_total": 0.0625,
                 "sidecar_apply_seconds_total": 0.125, "sidecar_io_thread_seconds_total": 2.5,
+                "sidecar_staging_full_total": 3,
                 "seal_calls_total": 1, "decode_plans_total": 40, "decode_plan_seconds_total": 0.125,
                 "decode_plan_seal_seconds_total": 0.0625, "decode_plan_sidecar_seconds_total": 0.03125}  # fmt: skip
     assert {k: got[_key(f"sglang:mosaic_{k}", LABELS)] for k in expected} == expected

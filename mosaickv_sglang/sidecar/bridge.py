@@ -6,7 +6,10 @@ One :class:`SidecarBridge` per scheduler (TP rank), owned by the :class:`~mosaic
 * **Submission.** When the sealer seals a batch of pages with the fast planner, :meth:`SidecarBridge.submit_sealed`
   gathers on the device the dense K/V of as many of those pages as free sidecar slots allow (whole pages of one layer
   per job, the layers taken in turn so that every layer gets refined), with the layer's recent queries, and starts
-  their copies to the host without waiting for them (:class:`HostCopy`); the slots are reserved. Once the copies
+  their copies to the host without waiting for them (:class:`HostCopy`), into the bridge's
+  :class:`~mosaickv_sglang.sidecar.pinned_staging.PinnedStaging` (host memory page-locked once, at start); the slots
+  are reserved. A batch whose jobs the staging cannot hold keeps its fast plans; one whose jobs it holds but not the
+  host copies of its shared pages is submitted without those copies (they serve only re-segmentation). Once the copies
   have landed, ticks hand the jobs (with the byte budget the fast plan had for those pages) to the shared slot
   buffers one at a time, within their time budget: the scheduler never waits for the device, and a batch of jobs is
   spread over steps instead of landing in one. Sink pages (kept dense) are not
@@ -61,6 +64,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Deque, Dict, List, O
 import numpy as np
 import torch
 
+from mosaickv_sglang.config import positive_int_env
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
 from mosaickv_sglang.pool.store import StagedReseal, pin_plan
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarClient, SidecarConfig, SidecarCounters
@@ -102,6 +106,18 @@ leaves the interpreter's). A thread that wants the interpreter's lock while anot
 long before asking for it (5 ms by default): the scheduler could wait that long for the I/O thread."""
 
 
+STAGING_ENV = "MOSAICKV_SIDECAR_STAGING_MB"
+DEFAULT_STAGING_MB = 1024
+"""Host memory the sealed batches' copies land in, per scheduler (MiB; ``MOSAICKV_SIDECAR_STAGING_MB``), page-locked
+once when the bridge is built: a job of the 8B shape (4 pages of 8 KV heads, 64 tokens, d 128, bf16, and the layer's
+fp32 queries) takes about 1.5 MiB, a shared page's copies of every layer 8 MiB."""
+
+
+def staging_bytes() -> int:
+    """The capacity of the bridge's staging in bytes, from :data:`STAGING_ENV` or :data:`DEFAULT_STAGING_MB`."""
+    return positive_int_env(STAGING_ENV, DEFAULT_STAGING_MB, " number of MiB") << 20
+
+
 def io_switch_interval() -> float:
     """The switch interval to run the I/O thread with, in seconds (0: leave the interpreter's), from
     :data:`SWITCH_INTERVAL_ENV` or :data:`DEFAULT_SWITCH_INTERVAL_MS`."""
@@ -117,6 +133,14 @@ def io_switch_interval() -> float:
     return ms / 1e3
 
 Gather = Callable[[int, np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _dtype_sizes(sizes: Sequence[Tuple[int, torch.dtype]]) -> List[Tuple[int, torch.dtype]]:
+    """Elements per dtype of tensors of ``sizes`` (``(numel, dtype)`` each), in the order of :func:`_by_dtype`."""
+    totals: Dict[torch.dtype, int] = {}
+    for numel, dtype in sizes:
+        totals[dtype] = totals.get(dtype, 0) + int(numel)
+    return [(numel, dtype) for dtype, numel in totals.items()]
 
 
 def _by_dtype(tensors: Sequence[torch.Tensor]) -> List[Tuple[List[int], torch.Tensor]]:
@@ -160,7 +184,16 @@ class HostCopy:
     One transfer per dtype, as :func:`to_host`; from a CUDA device into pinned host memory with ``non_blocking=True``,
     followed by an event on the current stream, so the caller goes on while the device works (the device sources are
     held until the copies are done). Host tensors are only concatenated. With a ``staging``, every transfer lands in
-    one of its buffers (host sources copied too), given back by :meth:`release`.
+    one of its slices (host sources copied too), all taken at once (:meth:`try_stage`) and given back by
+    :meth:`release`.
+
+    Parameters
+    ----------
+    tensors : sequence of torch.Tensor
+    staging : PinnedStaging, optional
+    buffers : list of torch.Tensor, optional
+        With ``staging``: its slices to land in, one per dtype of ``tensors`` in order of first appearance (as
+        :meth:`try_stage` takes them); default: taken here (``RuntimeError`` when the staging has no room).
 
     Attributes
     ----------
@@ -169,29 +202,46 @@ class HostCopy:
         :meth:`release`.
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], staging: Optional[PinnedStaging] = None) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], staging: Optional[PinnedStaging] = None,
+                 buffers: Optional[List[torch.Tensor]] = None) -> None:  # fmt: skip
+        if staging is not None and buffers is None:
+            buffers = staging.take_all(_dtype_sizes([(t.numel(), t.dtype) for t in tensors]))
+            if buffers is None:
+                raise RuntimeError(f"staging: expected room for the copies, got {staging.largest_free_bytes} bytes "
+                                   "free in one run")  # fmt: skip
         self.tensors: List[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
         self._sources: List[torch.Tensor] = []
         self._staging = staging
-        self._buffers: List[torch.Tensor] = []
+        self._buffers: List[torch.Tensor] = [] if staging is None else list(buffers or ())
         device = torch.device("cpu")
-        for idx, flat in _by_dtype(tensors):
-            device = flat.device
-            if staging is not None:
-                host = staging.take(flat.numel(), flat.dtype)
-                self._buffers.append(host)
-                host.copy_(flat, non_blocking=flat.is_cuda)
-                self._sources.append(flat)
-            elif flat.is_cuda:
-                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-                host.copy_(flat, non_blocking=True)
-                self._sources.append(flat)
-            elif device.type != "cpu":
-                host = flat.cpu()
-            else:
-                host = flat
-            _split(tensors, idx, host, self.tensors)
+        try:
+            for i, (idx, flat) in enumerate(_by_dtype(tensors)):
+                device = flat.device
+                if staging is not None:
+                    host = self._buffers[i]
+                    host.copy_(flat, non_blocking=flat.is_cuda)
+                    self._sources.append(flat)
+                elif flat.is_cuda:
+                    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                    host.copy_(flat, non_blocking=True)
+                    self._sources.append(flat)
+                elif device.type != "cpu":
+                    host = flat.cpu()
+                else:
+                    host = flat
+                _split(tensors, idx, host, self.tensors)
+        except BaseException:
+            self._event = _copy_done_event(device)  # copies already queued write the slices: given back after them
+            self.release()
+            raise
         self._event = _copy_done_event(device)
+
+    @classmethod
+    def try_stage(cls, tensors: Sequence[torch.Tensor], staging: PinnedStaging) -> Optional["HostCopy"]:
+        """A :class:`HostCopy` of ``tensors`` into slices of ``staging``, or ``None`` (nothing copied) when the
+        staging cannot hold them all."""
+        buffers = staging.take_all(_dtype_sizes([(t.numel(), t.dtype) for t in tensors]))
+        return None if buffers is None else cls(tensors, staging, buffers)
 
     def ready(self) -> bool:
         """Whether the copies are done (never waits)."""
@@ -207,8 +257,8 @@ class HostCopy:
         self._event, self._sources = None, []
 
     def release(self) -> None:
-        """Give the staging's buffers back once nothing reads :attr:`tensors` any more (waits for copies still
-        running: a buffer given back may be written by the next batch's copies at once)."""
+        """Give the staging's slices back once nothing reads :attr:`tensors` any more (waits for copies still
+        running: a slice given back may be written by the next batch's copies at once)."""
         if self._buffers:
             self.wait()
             for buf in self._buffers:
@@ -259,8 +309,10 @@ class SidecarBridge:
         :meth:`observe_readers` records nothing, no page is queued and no host copy is kept (``shadow_bytes`` is
         ignored); sealed pages are still submitted and their plans applied.
     staging : PinnedStaging, optional
-        The host buffers that sealed batches' copies land in, reused from batch to batch; default: page-locked ones
-        when the pool is on CUDA, none otherwise (host pages are only concatenated).
+        The host memory that sealed batches' copies land in, lent a batch at a time; default: a page-locked arena of
+        :func:`staging_bytes` when the pool is on CUDA, none otherwise (host pages are only concatenated). The K/V of
+        the batches are counted in ``config.kv_dtype`` (what ``gather`` returns: the pool's dtype) when deciding what
+        it holds.
 
     Attributes
     ----------
@@ -273,8 +325,14 @@ class SidecarBridge:
         arena room for the new payloads next to the old.
     segments_submitted, segments_skipped : int
         Sealed segments (non-sink, all layers) handed to the sidecar (counted at sealing, while their copies to the
-        host are on their way), and those that kept their fast plan because every slot was busy (or, once the copies
-        landed, because the sidecar refused them).
+        host are on their way), and those that kept their fast plan because every slot was busy, because the staging
+        had no room for their batch (or, once the copies landed, because the sidecar refused them).
+    staging_full_batches : int
+        Sealed batches that submitted nothing because the staging could not hold their jobs' copies (their pages kept
+        their fast plans).
+    staging_full_shadows : int
+        Sealed batches submitted without the host copies of their shared pages, for want of staging room (the jobs
+        were: those pages are not queued for re-segmentation by this batch).
     pages_shared : int
         Pages found read by more than one request (0 with ``resegment`` off: readers are not recorded).
     resegment_jobs, resegment_skipped : int
@@ -308,8 +366,9 @@ class SidecarBridge:
     ) -> None:  # fmt: skip
         self.pool = pool
         if staging is None and torch.device(pool.device).type == "cuda":
-            staging = PinnedStaging(pin=True)
+            staging = PinnedStaging(pin=True, capacity_bytes=staging_bytes())
         self.staging = staging
+        self._kv_dtype = config.kv_dtype
         self.window = window
         self.client = SidecarClient(config, is_current=self.is_current)
         h = int(pool.head_num)
@@ -331,6 +390,8 @@ class SidecarBridge:
         self.plans_discarded = 0
         self.segments_submitted = 0
         self.segments_skipped = 0
+        self.staging_full_batches = 0
+        self.staging_full_shadows = 0
         self.tick_seconds = 0.0
         self.submit_seconds = 0.0
         self.land_seconds = 0.0
@@ -519,31 +580,66 @@ class SidecarBridge:
         pool, h = self.pool, int(self.pool.head_num)
         self._ratio[todo] = ratio
         total = int(todo.size) * h * pool.layer_num
-        jobs, parts = self._choose(todo, ratio, gather)
-        shared = todo[[int(p) in self._readers and len(self._readers[int(p)]) > 1 for p in todo]]
-        kept = None
-        if shared.size and self.shadow_bytes:
-            kept = (shared, self.pool.page_epoch[shared] + 1)
+        jobs, queries, next_layer = self._choose(todo, ratio)
+        shared: Optional[np.ndarray] = todo[[int(p) in self._readers and len(self._readers[int(p)]) > 1 for p in todo]]
+        if not (shared.size and self.shadow_bytes):
+            shared = None
+        if self.staging is not None:
+            jobs, queries, shared = self._fit_staging(jobs, queries, shared)
+        parts: List[torch.Tensor] = []
+        for (layer, job_pages, _, _), q in zip(jobs, queries):
+            parts.extend(gather(layer, job_pages))
+            parts.append(q)  # the layer's queries once ([H, W, G, d]): every page of the job reads its heads' rows
+        if shared is not None:
             parts.extend(x for layer in range(pool.layer_num) for x in gather(layer, shared))
         if parts:
-            self._pending.append(_PendingBatch(HostCopy(parts, self.staging), jobs, kept))
-            self._reserved += len(jobs)
+            copy = HostCopy(parts) if self.staging is None else HostCopy.try_stage(parts, self.staging)
+            if copy is None:  # gathered in another dtype than counted, and the staging cannot hold that
+                self.staging_full_batches += bool(jobs)
+                jobs = []
+            else:
+                kept = None if shared is None else (shared, self.pool.page_epoch[shared] + 1)
+                self._pending.append(_PendingBatch(copy, jobs, kept))
+                self._reserved += len(jobs)
+        if jobs:
+            self._next_layer = next_layer
         submitted = sum(int(job[1].size) for job in jobs) * h
         self.segments_submitted += submitted
         self.segments_skipped += total - submitted
         return submitted
 
-    def _choose(self, todo: np.ndarray, ratio: float, gather: Gather) -> Tuple[List[_Job], List[torch.Tensor]]:
-        """Jobs of whole pages of one layer, one per free slot, layers in turn from where the last batch stopped, and
-        their K/V and queries gathered on the device (three tensors per job)."""
+    def _fit_staging(
+        self, jobs: List[_Job], queries: List[torch.Tensor], shared: Optional[np.ndarray]
+    ) -> Tuple[List[_Job], List[torch.Tensor], Optional[np.ndarray]]:  # fmt: skip
+        """What of a batch the staging holds now, before anything is gathered: its jobs with the host copies of its
+        ``shared`` pages (every layer), else its jobs alone, else nothing (counted)."""
+        assert self.staging is not None
+        page = int(self.pool.head_num) * self.pool.page_size * int(self.pool.head_dim)
+        need: List[Tuple[int, torch.dtype]] = []
+        for (_, job_pages, _, _), q in zip(jobs, queries):  # in the order of the parts: keys, values, queries
+            need += [(job_pages.size * page, self._kv_dtype)] * 2 + [(q.numel(), q.dtype)]
+        if shared is not None:
+            copies = [(shared.size * page, self._kv_dtype)] * (2 * self.pool.layer_num)
+            if self.staging.fits(_dtype_sizes(need + copies)):
+                return jobs, queries, shared
+        if not jobs or self.staging.fits(_dtype_sizes(need)):
+            self.staging_full_shadows += shared is not None
+            return jobs, queries, None
+        self.staging_full_batches += 1
+        return [], [], None
+
+    def _choose(self, todo: np.ndarray, ratio: float) -> Tuple[List[_Job], List[torch.Tensor], int]:
+        """Jobs of whole pages of one layer, one per free slot, layers in turn from where the last batch stopped, the
+        queries of each job's layer, and the layer the next batch starts from (kept only if these jobs are
+        submitted)."""
         if todo.size == 0 or self._free_slots == 0:
-            return [], []
+            return [], [], self._next_layer
         pool, h = self.pool, int(self.pool.head_num)
         epoch = self.pool.page_epoch[todo] + 1
         seg = dense_segment_bytes(pool.page_size, int(pool.head_dim))
         chunks = [np.arange(i, min(i + self.pages_per_job, todo.size)) for i in range(0, todo.size, self.pages_per_job)]
         jobs: List[Tuple[int, np.ndarray, torch.Tensor]] = []
-        free, layers, stopped = self._free_slots, pool.layer_num, False
+        free, layers, next_layer = self._free_slots, pool.layer_num, None
         for step in range(layers):
             layer = (self._next_layer + step) % layers
             q = self.window.queries(layer)
@@ -551,20 +647,16 @@ class SidecarBridge:
                 continue
             for idx in chunks:
                 if len(jobs) == free:
-                    self._next_layer, stopped = layer, True
+                    next_layer = layer
                     break
                 jobs.append((layer, idx, q))
-            if stopped:
+            if next_layer is not None:
                 break
-        if not stopped:
-            self._next_layer = (self._next_layer + 1) % layers
-        parts: List[torch.Tensor] = []
-        for layer, idx, q in jobs:
-            parts.extend(gather(layer, todo[idx]))
-            parts.append(q)  # the layer's queries once ([H, W, G, d]): every page of the job reads its heads' rows
+        if next_layer is None:
+            next_layer = (self._next_layer + 1) % layers
         chosen = [(layer, todo[idx], epoch[idx], seal_budget_bytes(int(idx.size) * h, 0, seg, ratio))
                   for layer, idx, _ in jobs]  # fmt: skip
-        return chosen, parts
+        return chosen, [q for _, _, q in jobs], next_layer
 
     def _flush(self, wait: bool = False, deadline: Optional[float] = None) -> int:
         """Hand the jobs of the pending batches whose copies have landed to the worker, in order, a unit at a time
@@ -952,6 +1044,7 @@ class SidecarBridge:
         c = self.counters()
         return (f"sidecar: {c.queue_depth} jobs queued, {self.plans_applied} plans applied ({self.segments_applied} "
                 f"segments), {self.plans_discarded} discarded, {self.segments_skipped} segments kept fast plans "
-                f"(queue full), {c.restarts} restarts, {1e3 * self.step_seconds:.0f} ms "
-                f"scheduler time before forwards" + ("" if self.resegment else ", resegment off"))
+                f"(queue full, or no staging room for {self.staging_full_batches} batches), {c.restarts} restarts, "
+                f"{1e3 * self.step_seconds:.0f} ms scheduler time before forwards"
+                + ("" if self.resegment else ", resegment off"))
 
