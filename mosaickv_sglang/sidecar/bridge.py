@@ -143,6 +143,12 @@ def _dtype_sizes(sizes: Sequence[Tuple[int, torch.dtype]]) -> List[Tuple[int, to
     return [(numel, dtype) for dtype, numel in totals.items()]
 
 
+def _take_slices(tensors: Sequence[torch.Tensor], staging: PinnedStaging) -> Optional[List[torch.Tensor]]:
+    """Slices of ``staging`` for the copies of ``tensors``, one per dtype in the order of :func:`_by_dtype`, or
+    ``None`` (nothing taken) when it cannot hold them all."""
+    return staging.take_all(_dtype_sizes([(t.numel(), t.dtype) for t in tensors]))
+
+
 def _by_dtype(tensors: Sequence[torch.Tensor]) -> List[Tuple[List[int], torch.Tensor]]:
     """Per dtype: the positions of ``tensors`` of that dtype and their elements concatenated (on their device)."""
     groups: Dict[torch.dtype, List[int]] = {}
@@ -205,7 +211,7 @@ class HostCopy:
     def __init__(self, tensors: Sequence[torch.Tensor], staging: Optional[PinnedStaging] = None,
                  buffers: Optional[List[torch.Tensor]] = None) -> None:  # fmt: skip
         if staging is not None and buffers is None:
-            buffers = staging.take_all(_dtype_sizes([(t.numel(), t.dtype) for t in tensors]))
+            buffers = _take_slices(tensors, staging)
             if buffers is None:
                 raise RuntimeError(f"staging: expected room for the copies, got {staging.largest_free_bytes} bytes "
                                    "free in one run")  # fmt: skip
@@ -240,7 +246,7 @@ class HostCopy:
     def try_stage(cls, tensors: Sequence[torch.Tensor], staging: PinnedStaging) -> Optional["HostCopy"]:
         """A :class:`HostCopy` of ``tensors`` into slices of ``staging``, or ``None`` (nothing copied) when the
         staging cannot hold them all."""
-        buffers = staging.take_all(_dtype_sizes([(t.numel(), t.dtype) for t in tensors]))
+        buffers = _take_slices(tensors, staging)
         return None if buffers is None else cls(tensors, staging, buffers)
 
     def ready(self) -> bool:
