@@ -122,3 +122,42 @@ def test_a_low_hot_pool_packs_a_pending_seal_beside_the_step_and_cold_pages_foll
     assert pool.store.is_sealed(torch.from_numpy(cold[:2])).all()
     assert np.array_equal(np.sort(sealer._pending.pages), np.sort(cold[2:5]))
     assert pool.num_free_physical_pages == free + 2
+
+
+def test_the_low_water_mark_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MOSAICKV_LOW_WATER_PAGES", "7")
+    sealer = Scenario(config(ratio=3.0), group=2, seed=8, min_seal_pages=16).mosaic.sealer
+    assert sealer.low_water_pages == 7  # below the batch: a value of its own
+    monkeypatch.setenv("MOSAICKV_LOW_WATER_PAGES", " ")
+    assert Scenario(config(ratio=3.0), group=2, seed=8, min_seal_pages=16).mosaic.sealer.low_water_pages == 16
+
+
+@pytest.mark.parametrize("raw", ["0", "-3", "1.5", "many"])
+def test_a_bad_low_water_mark_in_the_environment_is_refused_by_name(monkeypatch, raw):
+    monkeypatch.setenv("MOSAICKV_LOW_WATER_PAGES", raw)
+    with pytest.raises(ValueError, match=r"MOSAICKV_LOW_WATER_PAGES: expected an integer number of pages >= 1, got"):
+        Scenario(config(ratio=3.0), group=2, seed=9)
+
+
+@pytest.mark.parametrize("beside", [True, False])
+def test_a_pressure_seal_brings_the_pool_back_to_the_low_water_mark_when_sealing_beside_the_step(beside):
+    """A plan two pages short seals two pages under pressure; sealing beside the step, the same seal takes three cold
+    pages more (the low-water mark), so that the next plans have room to seal beside their steps."""
+    sc = _filled(11)
+    sealer, pool = sc.mosaic.sealer, sc.pool
+    sealer.seal_beside_step = beside
+    cold = pool.complete_dense_pages()
+    assert cold.size >= 6
+    free = pool.num_free_physical_pages
+    sealer.min_seal_pages, sealer.reserve_pages, sealer.low_water_pages = 1, free + 2, 3
+    calls = []
+    seal = sealer.seal
+    sealer.seal = lambda pages, sinks: calls.append(pages.copy()) or seal(pages, sinks)
+    sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
+    taken = 5 if beside else 2
+    assert len(calls) == 1 and np.array_equal(calls[0], cold[:taken])  # one whole seal, least recently written first
+    assert (sealer.pressure_pages_sealed, sealer.cold_pages_sealed, sealer.pages_sealed) == (2, taken - 2, taken)
+    assert pool.store.is_sealed(torch.from_numpy(cold[:taken])).all()
+    assert not pool.store.is_sealed(torch.from_numpy(cold[taken:])).any()
+    assert pool.num_free_physical_pages == free + taken
+    pool.check_invariants()
