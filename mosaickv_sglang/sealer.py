@@ -63,8 +63,6 @@ SEAL_BESIDE_STEP_ENV = "MOSAICKV_SEAL_BESIDE_STEP"
 SEAL_BATCH_PAGES = 16
 # Beside the step in flight, the sealer keeps 1 / LOW_WATER_FRACTION of the hot pool free (and at least a batch).
 LOW_WATER_FRACTION = 4
-# Environment variable setting that mark in pages instead (see low_water_env).
-LOW_WATER_ENV = "MOSAICKV_LOW_WATER_PAGES"
 # Retries of a batch whose plans do not fit the arenas, each with the ratio multiplied by this factor.
 ARENA_RETRY_FACTOR = 1.5
 ARENA_RETRIES = 2
@@ -100,13 +98,6 @@ def seal_chunking() -> Tuple[int, int]:
     waits for room in the launch queue at each) and hold more transient device memory."""
     return (positive_int_env(SEAL_MAX_SEGMENTS_ENV, DEFAULT_MAX_SEGMENTS),
             positive_int_env(SEAL_MAX_CHUNK_BYTES_ENV, DEFAULT_MAX_CHUNK_BYTES))
-
-
-def low_water_env() -> Optional[int]:
-    """``MOSAICKV_LOW_WATER_PAGES``: the free hot pages kept beside the step (:attr:`Sealer.low_water_pages`), an
-    integer >= 1, or ``None`` when unset (a quarter of the hot pool, at least a batch)."""
-    pages = positive_int_env(LOW_WATER_ENV, 0, " number of pages")
-    return pages or None
 
 
 class QueryWindow:
@@ -311,13 +302,11 @@ class Sealer:
     pressure_pages_sealed : int
         Of which sealed for hot-pool pressure.
     cold_pages_sealed : int
-        Of which sealed because the hot pool ran low, with sealing beside the step on (``MOSAICKV_SEAL_BESIDE_STEP=1``):
-        the least recently written complete pages, the ones pressure would seal later inside a step, sealed beside
-        the step, or with a pressure seal to bring the pool back to :attr:`low_water_pages`.
+        Of which sealed beside the step because the hot pool ran low (``MOSAICKV_SEAL_BESIDE_STEP=1``): the least
+        recently written complete pages, the ones pressure would seal later inside a step.
     low_water_pages : int
         Free hot pages kept beside the step beyond what the next plan needs: a quarter of the hot pool, at least a
-        batch (:attr:`min_seal_pages` as it is now), unless set to a value of its own (or by
-        ``MOSAICKV_LOW_WATER_PAGES``).
+        batch (:attr:`min_seal_pages` as it is now), unless set to a value of its own.
     pages_left_dense : int
         Pages that were to be sealed but stayed dense because the arenas had no room, each once until it is freed
         (a due page is tried again at each plan while the arenas stay full).
@@ -378,7 +367,7 @@ class Sealer:
         self.pages_sealed = 0
         self.pressure_pages_sealed = 0
         self.cold_pages_sealed = 0
-        self._low_water_pin: Optional[int] = low_water_env()
+        self._low_water_pin: Optional[int] = None
         self.pages_left_dense = 0
         self._left_dense_epoch: Optional[np.ndarray] = None  # per logical page: its epoch when last counted, or -1
         self.seal_calls = 0
@@ -533,18 +522,13 @@ class Sealer:
         self._defer(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
         if short > 0:
             # the pages this forward cannot do without go first, on their own: policy pages, then the least recently
-            # written ones; the scheduler admitted the forward only if the arenas can take them (admissible_tokens).
-            # Sealing beside the step, the same seal brings the pool back to the low-water mark (cold pages), so that
-            # the next plans have room to seal beside their steps instead of under pressure again
-            want = short + (self.low_water_pages if self.seal_beside_step else 0)
+            # written ones; the scheduler admitted the forward only if the arenas can take them (admissible_tokens)
             lru = pool.complete_dense_pages(exclude=np.concatenate([chosen, new_pages]))
-            extra = lru[: max(0, want - chosen.size)]
-            pressed = min(int(extra.size), max(0, short - chosen.size))
-            self.pressure_pages_sealed += pressed
-            self.cold_pages_sealed += int(extra.size) - pressed
-            urgent = np.concatenate([chosen, extra])[:want]
-            self.seal(urgent, np.concatenate([sink_mask, np.zeros(extra.size, dtype=bool)])[:want])
-            chosen, sink_mask = chosen[want:], sink_mask[want:]
+            extra = lru[: max(0, short - chosen.size)]
+            self.pressure_pages_sealed += int(extra.size)
+            urgent = np.concatenate([chosen, extra])[:short]
+            self.seal(urgent, np.concatenate([sink_mask, np.zeros(extra.size, dtype=bool)])[:short])
+            chosen, sink_mask = chosen[short:], sink_mask[short:]
         if chosen.size >= self.min_seal_pages:
             self._policy_seal(chosen, sink_mask)
         elif deferred.size:
