@@ -4,6 +4,8 @@
 - AFTER ``Scheduler.on_idle``: a few milliseconds of sidecar work on idle scheduler ticks
   (:meth:`~mosaickv_sglang.sidecar.bridge.SidecarBridge.on_idle`: apply finished plans, re-plan a slice of the
   prefix-shared segments). Busy steps tick the sidecar from the sealer instead, before each forward.
+- AFTER ``Scheduler.on_idle``: once, after the first decode batches, freeze the garbage collector's heap
+  (:func:`~mosaickv_sglang.gc_freeze.maybe_freeze`; ``MOSAICKV_GC_FREEZE=0`` skips).
 - BEFORE ``Scheduler.run_batch``, with ``--mosaic-overlap-schedule on``: note the batch's request indices (host),
   new slots and the scheduler's stream (:func:`~mosaickv_sglang.batch_inputs.note_scheduled_batch`), so that the
   plans of its forward read them back without waiting for the step in flight.
@@ -11,8 +13,8 @@
 - BEFORE ``Scheduler.run_batch``, with ``MOSAICKV_STACK_SAMPLES`` set: the first batch starts sampling this
   scheduler thread's stacks (:mod:`mosaickv_sglang.stack_sampler`), in any server that loads the plugin.
 
-The first two are no-ops unless this process built a ``mosaic`` attention backend, the first with the sidecar on,
-the second with the overlap scheduler on.
+The first three are no-ops unless this process built a ``mosaic`` attention backend, the first with the sidecar on,
+the third with the overlap scheduler on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from mosaickv_sglang.batch_inputs import clear_scheduled_batch, note_scheduled_batch
+from mosaickv_sglang.gc_freeze import maybe_freeze
 from mosaickv_sglang.runtime import current_sealer
 from mosaickv_sglang.stack_sampler import maybe_start as maybe_start_stack_sampler
 
@@ -37,6 +40,11 @@ def sidecar_idle_tick(result: Any, self: Any, *args: Any, **kwargs: Any) -> None
     bridge = None if sealer is None else sealer.sidecar
     if bridge is not None:
         bridge.on_idle()
+
+
+def freeze_gc_after_warmup(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``Scheduler.on_idle``: freeze the heap once this mosaic scheduler has served decode batches."""
+    maybe_freeze(current_sealer())
 
 
 def note_batch_inputs(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
@@ -68,6 +76,7 @@ def sample_stacks(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
 def apply() -> None:
     """Register the scheduler hooks."""
     seam.register_hook(seam.SCHEDULER_ON_IDLE, sidecar_idle_tick, "AFTER")
+    seam.register_hook(seam.SCHEDULER_ON_IDLE, freeze_gc_after_warmup, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, note_batch_inputs, "BEFORE")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, forget_batch_inputs, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, sample_stacks, "BEFORE")
