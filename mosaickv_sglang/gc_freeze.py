@@ -1,11 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Freeze the scheduler's garbage-collector heap once the server has served its first batches.
 
-A scheduler process holds millions of long-lived Python objects (the model, SGLang's state, the CUDA graphs'
-bookkeeping). CPython's full (generation 2) collections scan all of them: on the 8B shape each took 380-520 ms of
-a scheduler's time (`bench/RESULTS.md`, "twenty-sixth run"), two before the first load on every server, and one in
-the second load on each server whose sidecar bridge makes many short-lived objects (30-60 times the collections of
-the server without it), in the load's prefill phase, where it delays first tokens.
+A scheduler process holds many long-lived Python objects (the model, SGLang's state, the CUDA graphs'
+bookkeeping). CPython's full (generation 2) collections scan all of them: on the 8B shape the longest took 378-515 ms
+of a scheduler's time (`bench/RESULTS.md`, "twenty-sixth run"): before the first load on every server, and in the
+second load on each server whose sidecar bridge makes many short-lived objects (30-60 times the collections of the
+server without it), in the load's prefill phase, where it delays first tokens.
 ``gc.freeze()`` moves every object alive at that moment to a permanent generation that collections skip; SGLang
 offers the same as its ``/freeze_gc`` endpoint, to be called after a few warm-up requests. With
 ``--kv-compressor mosaic`` the scheduler does it by itself at its first idle tick after a decode batch (SGLang's own
