@@ -317,6 +317,15 @@ def positive_int_env(name: str, default: int, unit: str = "") -> int:
     return value
 
 
+def flag_env(name: str, default: bool = False) -> bool:
+    """The on/off setting the environment variable ``name`` holds: ``1`` or ``0`` (``default`` when unset or blank;
+    any other value is refused by name)."""
+    raw = os.environ.get(name, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{name}: expected 0 or 1, got {raw!r}")
+    return default if not raw else raw == "1"
+
+
 def _fail(field: str, expected: str, got: Any) -> NoReturn:
     raise MosaicConfigError(f"{OPTION_BY_FIELD[field].flag}: expected {expected}, got {got!r}")
 

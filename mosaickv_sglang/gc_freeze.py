@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from typing import Any
+
+from mosaickv_sglang.config import flag_env
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,7 @@ _frozen = False
 
 def gc_freeze_enabled() -> bool:
     """``MOSAICKV_GC_FREEZE``: ``1`` (the default) or ``0``; any other value is refused by name."""
-    raw = os.environ.get(ENV_VAR, "").strip()
-    if raw not in ("", "0", "1"):
-        raise ValueError(f"{ENV_VAR}: expected 0 or 1, got {raw!r}")
-    return raw != "0"
+    return flag_env(ENV_VAR, default=True)
 
 
 def maybe_freeze(sealer: Any) -> bool:

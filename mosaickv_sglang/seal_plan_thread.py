@@ -19,10 +19,11 @@ its plan is then voided at the pack, as any pending seal's whose page changed.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
+
+from mosaickv_sglang.config import flag_env
 
 __all__ = ["PlannerThread", "SEAL_PLAN_THREAD_ENV", "seal_plan_thread_enabled"]
 
@@ -32,10 +33,7 @@ SEAL_PLAN_THREAD_ENV = "MOSAICKV_SEAL_PLAN_THREAD"
 def seal_plan_thread_enabled() -> bool:
     """``MOSAICKV_SEAL_PLAN_THREAD``: ``1`` plans the first half of seals on a worker thread, ``0`` (the default) on
     the scheduler's; any other value is refused by name."""
-    raw = os.environ.get(SEAL_PLAN_THREAD_ENV, "").strip()
-    if raw not in ("", "0", "1"):
-        raise ValueError(f"{SEAL_PLAN_THREAD_ENV}: expected 0 or 1, got {raw!r}")
-    return raw == "1"
+    return flag_env(SEAL_PLAN_THREAD_ENV)
 
 
 class PlannerThread:

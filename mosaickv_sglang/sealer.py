@@ -843,10 +843,15 @@ class Sealer:
     def _planned(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float
                  ) -> Tuple[List[SegmentPlan], torch.Tensor, Optional["torch.cuda.Event"]]:  # fmt: skip
         """A first half's plans, and their sizes' copy to the host started (:func:`sizes_to_host`)."""
+        plans = self._timed_plan_layers(pages, dense_mask, ratio)
+        return (plans, *sizes_to_host(plans))
+
+    def _timed_plan_layers(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:
+        """:meth:`plan_layers`, its time counted in :attr:`seal_plan_seconds`."""
         t_plan = time.perf_counter()
         plans = self.plan_layers(pages, dense_mask, ratio)
         self.seal_plan_seconds += time.perf_counter() - t_plan
-        return (plans, *sizes_to_host(plans))
+        return plans
 
     def _plan_job(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float) -> Callable[[], Any]:
         """:meth:`_planned` as a job for :attr:`planner_thread`: what it reads of the sealer's state is taken now;
@@ -962,10 +967,7 @@ class Sealer:
         if fitting is None:
             return None
         ratio, dense_mask, reserve = fitting
-        t_plan = time.perf_counter()
-        plans = self.plan_layers(pages, dense_mask, ratio)
-        self.seal_plan_seconds += time.perf_counter() - t_plan
-        return ratio, dense_mask, reserve, plans
+        return ratio, dense_mask, reserve, self._timed_plan_layers(pages, dense_mask, ratio)
 
     def _fitting(self, pages: np.ndarray, sink_mask: np.ndarray) -> Optional[Tuple[float, np.ndarray, np.ndarray]]:
         """The first ratio (higher ones, then the sinks compressed too) whose reservation the arena ledger has room
