@@ -14,12 +14,17 @@ from mosaickv_sglang import gc_freeze
 
 @pytest.fixture(autouse=True)
 def _thawed(monkeypatch):
+    from mosaickv_sglang.runtime import current_sealer, register_sealer
+
     monkeypatch.delenv(gc_freeze.ENV_VAR, raising=False)
+    earlier = current_sealer()  # an earlier test's backend in this process: not this test's scheduler
+    register_sealer(None)
     gc.unfreeze()
     gc_freeze._reset_for_tests()
     yield
     gc.unfreeze()
     gc_freeze._reset_for_tests()
+    register_sealer(earlier)
 
 
 def test_it_freezes_once_after_a_decode_batch():
@@ -57,4 +62,4 @@ def test_the_idle_hook_freezes_the_heap_of_a_mosaic_scheduler():
         freeze_gc_after_warmup(None, object())
         assert gc.get_freeze_count() > 0
     finally:
-        register_sealer(None)
+        register_sealer(None)  # the fixture puts back an earlier test's sealer
