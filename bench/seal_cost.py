@@ -41,6 +41,7 @@ import json
 import os
 import time
 from types import SimpleNamespace
+from unittest import mock
 from typing import Callable, Dict, List
 
 import numpy as np
@@ -50,7 +51,7 @@ import mosaickv_sglang
 import mosaickv_sglang.kernels
 from bench.host_syncs import HostSyncCounter
 from bench.op_census import OpCensus
-from mosaickv_sglang import planner
+from mosaickv_sglang import planner, seal_graphs
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS
 from mosaickv_sglang.sealer import Sealer
 
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the one-call planner's segments per chunk (default {DEFAULT_MAX_SEGMENTS})")
     p.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES,
                    help=f"the one-call planner's largest temporary per chunk (default {DEFAULT_MAX_CHUNK_BYTES})")
+    p.add_argument("--graph-pages", default="",
+                   help="also time the planner through CUDA graphs of these page buckets (comma-separated, as "
+                        "MOSAICKV_SEAL_GRAPH_PAGES; off CUDA the padded planner runs eagerly), in the same run, and "
+                        "compare its plans")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     return p
@@ -125,16 +130,18 @@ def stand_in_pool(args: argparse.Namespace) -> SimpleNamespace:
 def timed(fn: Callable[[], object], device: torch.device, args: argparse.Namespace) -> Dict[str, object]:
     for _ in range(args.warmup):  # caches, allocator
         fn()
-    times = []
+    times, host = [], []
     for _ in range(args.repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         out = fn()
+        host.append(time.perf_counter() - t0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    report: Dict[str, object] = {"seconds": min(times), "result": out}
+    # host_seconds: until the call returns, its device work queued (what a scheduler thread spends on it)
+    report: Dict[str, object] = {"seconds": min(times), "host_seconds": min(host), "result": out}
     if device.type == "cuda":  # transient device memory of one call, above what was allocated before it
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -206,6 +213,17 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     before_plans, after_plans = before.pop("result"), after.pop("result")
     same = differing_segments(before_plans, after_plans) == 0
     report = {"config": vars(args), "per_layer": before, "one_call": after, "identical_plans": same}
+    if args.graph_pages:
+        with mock.patch.dict(os.environ, {seal_graphs.ENV_VAR: args.graph_pages}):
+            sealer.use_seal_graphs(seal_graphs.seal_graph_buckets())
+        try:
+            graphed = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
+            graphed.update(replays=sealer.seal_graphs.replays, captures=sealer.seal_graphs.captures,
+                           graph_bytes=sealer.seal_graphs.graph_bytes, failed=sealer.seal_graphs.failed)
+        finally:
+            sealer.use_seal_graphs(())
+        report["graphed"] = graphed
+        report["graphed_differing_segments"] = differing_segments(after_plans, graphed.pop("result"))
     if args.also_estimate_terms:
         planner.ESTIMATE_TERMS_ON_CUDA = args.also_estimate_terms
         try:
@@ -226,12 +244,21 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         threads = torch.get_num_threads()
         print(f"seal of {args.layers} layers x {args.kv_heads} KV heads x {args.pages} pages of {args.page_size} "
               f"tokens, d={args.head_dim}, {args.dtype} on {args.device} ({threads} threads)")  # fmt: skip
-        for name, r in (("per-layer plan_fast (before)", before), ("one-call plan_fast_layers (after)", after)):
+        rows = [("per-layer plan_fast (before)", before), ("one-call plan_fast_layers (after)", after)]
+        if args.graph_pages:
+            rows.append((f"seal graphs {args.graph_pages}", report["graphed"]))
+        for name, r in rows:
             counts = "" if args.no_count else (f"   host syncs {r['syncs']:5d}   device copies {r['copies']:4d}"
                                                f"   ops {r['ops']:6d} (kernel {r['ops_by_kind']['kernel']:6d})")
             peak = f"   peak +{r['peak_transient_bytes'] / 2**20:.0f} MiB" if "peak_transient_bytes" in r else ""
-            print(f"  {name:36s} {1e3 * r['seconds']:10.1f} ms{counts}{peak}")
+            print(f"  {name:36s} {1e3 * r['seconds']:10.1f} ms (host {1e3 * r['host_seconds']:.1f} ms){counts}{peak}")
         print(f"  speed-up {before['seconds'] / after['seconds']:.2f}x; identical plans: {same}")
+        if args.graph_pages:
+            g = report["graphed"]
+            print(f"  seal graphs: {g['replays']} replays, {g['captures']} captured, {g['graph_bytes'] / 2**20:.0f} "
+                  f"MiB{'' if g['failed'] is None else ', failed: ' + g['failed']}; host time "
+                  f"{after['host_seconds'] / g['host_seconds']:.1f}x lower than one call's; segments planned "
+                  f"differently: {report['graphed_differing_segments']}")
         if args.also_estimate_terms:
             also = report["one_call_also"]
             print(f"  one call, estimate terms {args.estimate_terms}: {1e3 * after['seconds']:.1f} ms; "

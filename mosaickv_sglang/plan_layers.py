@@ -19,6 +19,7 @@ come back in one read.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -47,7 +48,8 @@ from mosaickv_sglang.strategies.base import check_segment_shape, dense_segment_b
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_CHUNK_BYTES", "DEFAULT_MAX_SEGMENTS", "plan_fast_layers"]
+__all__ = ["DEFAULT_MAX_CHUNK_BYTES", "DEFAULT_MAX_SEGMENTS", "LayersCall", "host_meta", "host_meta_size",
+           "needs_estimate", "plan_fast_layers", "plan_on_device", "prepare_layers"]
 
 DEFAULT_MAX_SEGMENTS = 8192
 """Segments estimated at once (whole layers; at least one layer): the estimator holds a few hundred bytes per
@@ -336,8 +338,56 @@ def plan_fast_layers(
     ValueError
         Bad shapes or dtypes, or a budget below what the menu can reach with the always-dense segments.
     """
+    st, budgets, ad, labels_h = prepare_layers(keys, values, budget_bytes, group_ids, always_dense, menu, sm_scale,
+                                               unseen_weight, unseen_prior, max_segments, max_chunk_bytes)  # fmt: skip
+    meta = _to_device(host_meta(st, labels_h, ad, budgets), keys[0].device)
+    plan, choice, est_err, seg_bytes, lam = plan_on_device(st, keys, values, queries, importance, meta,
+                                                           must_plan=needs_estimate(st, ad, budgets))  # fmt: skip
+    nl, n = st.layers, st.segments
+    dense_b = dense_segment_bytes(st.seg_size, st.head_dim)
+    results = [
+        PlanResult(plan.segment_slice(i * n, (i + 1) * n), st.menu, choice[i], est_err[i], seg_bytes[i], budgets[i],
+                   n * dense_b, lam[i])  # fmt: skip
+        for i in range(nl)
+    ]
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("planned %d layers x %d segments, lambdas %s", nl, n, lam.tolist())
+    return results
+
+
+@dataclasses.dataclass(frozen=True)
+class LayersCall:
+    """What fixes the shapes and the code path of one :func:`plan_fast_layers` call's device work
+    (:func:`plan_on_device`): everything but the tensors' values and the host metadata's (:func:`host_meta`)."""
+
+    layers: int
+    segments: int
+    seg_size: int
+    head_dim: int
+    per: int  # layers a chunk of the estimator
+    contexts: int  # contexts per layer
+    menu: Tuple[Candidate, ...]
+    scale: float
+    unseen_weight: float
+    unseen_prior: str
+
+
+def prepare_layers(
+    keys: Layers,
+    values: Layers,
+    budget_bytes: Sequence[int],
+    group_ids: Optional[np.ndarray],
+    always_dense: Optional[np.ndarray],
+    menu: Optional[Sequence[Candidate]],
+    sm_scale: Optional[float],
+    unseen_weight: float,
+    unseen_prior: str,
+    max_segments: int,
+    max_chunk_bytes: int,
+) -> Tuple[LayersCall, List[int], np.ndarray, np.ndarray]:
+    """The host half of :func:`plan_fast_layers`: its checks, and ``(call, budgets, always_dense, context labels)``
+    (the last two per segment, on the host)."""
     nl, n, s, d = _check_layers(keys, values)
-    dev = keys[0].device
     if not isinstance(budget_bytes, (list, tuple)) or len(budget_bytes) != nl:
         raise ValueError(f"budget_bytes: expected a sequence of {nl} ints (one per layer), got "
                          f"{_describe(budget_bytes)}")  # fmt: skip
@@ -362,16 +412,52 @@ def plan_fast_layers(
                 "or extend the menu"
             )
     per = max(1, min(nl, max_segments // max(n, 1), max_chunk_bytes // (max(n, 1) * s * d * _CHUNK_BYTES_PER_ELEMENT)))
-    host = _to_device(np.concatenate([_run_labels(labels_h, ng, per), ad.astype(np.int64),
-                                      np.asarray(budgets, dtype=np.int64)]), dev)  # fmt: skip
-    run_labels, ad_t, budget_t = host[: per * n], host[per * n : (per + 1) * n].bool(), host[(per + 1) * n :]
+    return LayersCall(nl, n, s, d, per, ng, items, scale, weight, prior), budgets, ad, labels_h
+
+
+def needs_estimate(call: LayersCall, always_dense: np.ndarray, budgets: Sequence[int]) -> bool:
+    """Whether any segment of any layer has a choice to make (else every one stays dense, with no estimate)."""
+    n = call.segments
+    dense_b = dense_segment_bytes(call.seg_size, call.head_dim)
+    return int(np.count_nonzero(always_dense)) < n and any(b < n * dense_b for b in budgets)
+
+
+def host_meta(call: LayersCall, labels: np.ndarray, always_dense: np.ndarray, budgets: Sequence[int]) -> np.ndarray:
+    """The host metadata :func:`plan_on_device` reads, one int64 array (one copy to the device): the contexts of
+    ``call.per`` layers' rows (:func:`_run_labels`), the always-dense mask, the layers' budgets."""
+    return np.concatenate([_run_labels(labels, call.contexts, call.per), always_dense.astype(np.int64),
+                           np.asarray(budgets, dtype=np.int64)])  # fmt: skip
+
+
+def host_meta_size(call: LayersCall) -> int:
+    """Entries of :func:`host_meta`'s array."""
+    return (call.per + 1) * call.segments + call.layers
+
+
+def plan_on_device(
+    call: LayersCall,
+    keys: Layers,
+    values: Layers,
+    queries: Optional[Sequence[Optional[torch.Tensor]]],
+    importance: Optional[Sequence[SegmentImportance]],
+    meta: torch.Tensor,
+    must_plan: bool,
+) -> Tuple[fmt.SegmentPlan, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device half of :func:`plan_fast_layers`, with no host read and no host-to-device copy (a CUDA graph can
+    capture it): ``(plan of all layers' segments, choice [L, N], estimated error [L, N], segment bytes [L, N],
+    lambda [L])``. ``meta``: :func:`host_meta` on the device."""
+    nl, n, s, d, per, ng = call.layers, call.segments, call.seg_size, call.head_dim, call.per, call.contexts
+    items = call.menu
+    dev = keys[0].device
+    dense_b = dense_segment_bytes(s, d)
+    run_labels, ad_t, budget_t = meta[: per * n], meta[per * n : (per + 1) * n].bool(), meta[(per + 1) * n :]
     mt = _cached_menu_tensors(items, d, dev)
     dense_i = items.index(Candidate(s))
 
-    imp = _stack_importance(_layer_importance(keys, queries, importance, run_labels[:n], ng, scale, per, run_labels))
+    imp = _stack_importance(_layer_importance(keys, queries, importance, run_labels[:n], ng, call.scale, per,
+                                              run_labels))  # fmt: skip
     # by decreasing mass (stable): the estimator's token order and the plans' keep masks
     order = torch.sort(imp.token_mass, dim=1, descending=True, stable=True).indices
-    must_plan = fixed < n and any(b < n * dense_b for b in budgets)
     if must_plan:
         ests = []
         for a in range(0, nl, per):
@@ -380,8 +466,8 @@ def plan_fast_layers(
             part = SegmentImportance(imp.token_mass[rows], imp.k_chan_weight[rows], imp.v_chan_weight[rows],
                                      imp.q_mean[rows])  # fmt: skip
             ests.append(_estimate_fast(_cat_float(keys[a:b]), _cat_float(values[a:b]), items, part,
-                                       run_labels[: (b - a) * n], ng * (b - a), scale, weight, prior, blocks=b - a,
-                                       order=order[rows]))  # fmt: skip
+                                       run_labels[: (b - a) * n], ng * (b - a), call.scale, call.unseen_weight,
+                                       call.unseen_prior, blocks=b - a, order=order[rows]))  # fmt: skip
         err = _cat_estimates(ests).err.view(nl, n, len(items))
     else:
         err = torch.zeros(nl, n, len(items), device=dev)
@@ -409,12 +495,4 @@ def plan_fast_layers(
         flags=ad_t.to(i32).repeat(nl) * fmt.FLAG_ALWAYS_READ,
         check_values=False,
     )
-    seg_bytes = mt["bytes"][choice]
-    results = [
-        PlanResult(plan.segment_slice(i * n, (i + 1) * n), items, choice[i], est_err[i], seg_bytes[i], budgets[i],
-                   n * dense_b, lam[i])  # fmt: skip
-        for i in range(nl)
-    ]
-    if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("planned %d layers x %d segments, lambdas %s", nl, n, lam.tolist())
-    return results
+    return plan, choice, est_err, mt["bytes"][choice], lam

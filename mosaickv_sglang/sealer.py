@@ -39,6 +39,7 @@ from mosaickv_sglang.pending_seal import PendingSeal, seal_async_plans, sizes_to
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
+from mosaickv_sglang.seal_graphs import SealGraphs, seal_graph_buckets
 from mosaickv_sglang.seal_plan_thread import PlannerThread, seal_plan_thread_enabled
 from mosaickv_sglang.seal_spans import SealSpans
 from mosaickv_sglang.strategies import RATIO_MARGIN, axes_menu, menu_max_ratio
@@ -208,6 +209,14 @@ class QueryWindow:
         if n == 0:
             return None
         return ring[layer, :n].permute(1, 0, 2, 3)
+
+    def full_window(self) -> Optional[torch.Tensor]:
+        """Every layer's :meth:`queries` at once, shape ``[L, H_kv, W, G, d]`` fp32 (a view), when every layer holds a
+        full window; else ``None``."""
+        ring, count = (self._snapshot, self._snapshot_count) if self._reading_snapshot else (self.ring, self._count)
+        if any(c != self.window for c in count):
+            return None
+        return ring[:, : self.window].permute(0, 2, 1, 3, 4)
 
     # --- snapshot: the window read beside a step in flight ----------------------------------------------------------
     def mark_plan_start(self) -> None:
@@ -386,6 +395,8 @@ class Sealer:
         self.decode_plan_seal_seconds = 0.0
         self.decode_plan_sidecar_seconds = 0.0
         self.plan_max_segments, self.plan_max_chunk_bytes = seal_chunking()
+        self.seal_graphs: Optional[SealGraphs] = None
+        self.use_seal_graphs(seal_graph_buckets())
         self.sidecar = None
         self.seal_beside_step = False
         self.rows_read: Dict[Tuple[str, str], int] = {}
@@ -680,6 +691,8 @@ class Sealer:
         if self.planner_thread is not None:
             t = self.planner_thread
             beside += f" (planner thread: {t.jobs} seals, {t.worker_seconds:.1f} s, joined {t.join_seconds:.1f} s)"
+        if self.seal_graphs is not None:
+            beside += f" ({self.seal_graphs.status()})"
         if self.rows_read:
             reads = ", ".join(f"{kind} {why} {n}" for (kind, why), n in sorted(self.rows_read.items()))
             beside += f" (plans' rows read: {reads})"
@@ -723,6 +736,23 @@ class Sealer:
                 out[layer].copy_(self._segments(buf, slots, num_pages))
         return out
 
+    def use_seal_graphs(self, buckets: Sequence[int]) -> None:
+        """Plan seals of up to ``max(buckets)`` pages through CUDA graphs of those page counts once the query window
+        is full (:mod:`~mosaickv_sglang.seal_graphs`; ``MOSAICKV_SEAL_GRAPH_PAGES``); no buckets: without graphs."""
+        pool = self.pool
+        h = int(pool.head_num)
+        self.seal_graphs = None if not buckets else SealGraphs(
+            gather=self._gather_layers, num_layers=pool.layer_num, page_size=pool.page_size, num_kv_heads=h,
+            head_dim=int(pool.head_dim), group_size=self.window.group_size, window=self.window.window, menu=self.menu,
+            buckets=buckets, max_segments=self.plan_max_segments, max_chunk_bytes=self.plan_max_chunk_bytes,
+            device=torch.device(pool.device))  # fmt: skip
+
+    def _gather_layers(self, slots: torch.Tensor, num_pages: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Dense K and V segments of every layer at ``slots`` (:meth:`_stacked_segments`)."""
+        layers = range(self.pool.layer_num)
+        return (self._stacked_segments([self.pool.k_buffer[li] for li in layers], slots, num_pages),
+                self._stacked_segments([self.pool.v_buffer[li] for li in layers], slots, num_pages))  # fmt: skip
+
     def gather(self, layer: int, pages: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dense K and V segments of ``pages`` (dense now) in local layer ``layer``: ``[P * H_kv, S, d]`` each."""
         slots = self._page_slots(pages)
@@ -765,22 +795,30 @@ class Sealer:
         :meth:`plan_layer` (the per-layer reference) gives, with a constant number of host reads per seal."""
         return self._plan_with(pages, *self._plan_inputs(pages), sink_mask, ratio)
 
-    def _plan_inputs(self, pages: np.ndarray) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
-        """What :meth:`plan_layers` reads of the sealer's state: the pages' physical slots and each layer's queries
-        (views of the window, or of its snapshot beside the step)."""
+    def _plan_inputs(
+        self, pages: np.ndarray
+    ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], Optional[torch.Tensor]]:
+        """What :meth:`plan_layers` reads of the sealer's state: the pages' physical slots, each layer's queries
+        (views of the window, or of its snapshot beside the step) and, with seal graphs and a full window, every
+        layer's at once (:meth:`QueryWindow.full_window`)."""
         # views, copied a planner chunk at a time: q[heads] of every layer held at once was half of a 128-page seal's
         # transient memory on the 8B shape (2.1 of 4.1 GB, ninth run)
         queries = [None if q is None else q.expand(pages.size, *q.shape)
                    for q in map(self.window.queries, range(self.pool.layer_num))]  # fmt: skip
-        return self._page_slots(pages), queries
+        full = self.window.full_window() if self.seal_graphs is not None else None
+        return self._page_slots(pages), queries, full
 
     def _plan_with(self, pages: np.ndarray, slots: torch.Tensor, queries: List[Optional[torch.Tensor]],
-                   sink_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:  # fmt: skip
+                   full: Optional[torch.Tensor], sink_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:  # fmt: skip
         pool = self.pool
         h = int(pool.head_num)
-        layers = range(pool.layer_num)
-        keys = self._stacked_segments([pool.k_buffer[li] for li in layers], slots, pages.size)
-        values = self._stacked_segments([pool.v_buffer[li] for li in layers], slots, pages.size)
+        if self.seal_graphs is not None and full is not None:
+            phys = pool.physical_pages(torch.from_numpy(pages)).numpy().astype(np.int64)
+            plans = self.seal_graphs.plan(phys, full, np.repeat(np.asarray(sink_mask, dtype=bool), h),
+                                          self._budget(sink_mask, ratio))  # fmt: skip
+            if plans is not None:
+                return plans
+        keys, values = self._gather_layers(slots, pages.size)
         results = plan_fast_layers(keys, values, budget_bytes=[self._budget(sink_mask, ratio)] * pool.layer_num,
                                    queries=queries, group_ids=np.tile(np.arange(h), pages.size),
                                    always_dense=np.repeat(np.asarray(sink_mask, dtype=bool), h), menu=self.menu,
@@ -856,14 +894,14 @@ class Sealer:
     def _plan_job(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float) -> Callable[[], Any]:
         """:meth:`_planned` as a job for :attr:`planner_thread`: what it reads of the sealer's state is taken now;
         the job gathers, plans and starts the sizes' copy on the current stream (the side stream)."""
-        slots, queries = self._plan_inputs(pages)
+        slots, queries, full = self._plan_inputs(pages)
         dev = torch.device(self.pool.device)
         stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
 
         def job() -> Tuple[List[SegmentPlan], torch.Tensor, Optional["torch.cuda.Event"]]:
             on_stream = (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext())
             with torch.cuda.device(dev) if stream is not None else contextlib.nullcontext(), on_stream:
-                plans = self._plan_with(pages, slots, queries, dense_mask, ratio)
+                plans = self._plan_with(pages, slots, queries, full, dense_mask, ratio)
                 return (plans, *sizes_to_host(plans))
 
         return job

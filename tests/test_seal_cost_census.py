@@ -172,6 +172,18 @@ def test_seal_cost_times_the_other_estimate_terms_method_and_compares_plans(caps
     assert planner.ESTIMATE_TERMS_ON_CUDA == "torch"  # restored after the second timing
 
 
+def test_seal_cost_times_seal_graphs_and_compares_plans(capsys):
+    """--graph-pages: the padded planner of a 4-page bucket for a 3-page seal (off CUDA, eagerly), its plans the one
+    call's, the host time of each path reported."""
+    report = seal_cost.main("--layers 2 --kv-heads 2 --pages 3 --page-size 16 --head-dim 64 --no-count --warmup 0 "
+                            "--graph-pages 4,8".split())
+    graphed = report["graphed"]
+    assert graphed["replays"] == 1 and graphed["captures"] == 0 and graphed["failed"] is None
+    assert report["graphed_differing_segments"] == 0 and 0 < graphed["host_seconds"] <= graphed["seconds"]
+    out = capsys.readouterr().out
+    assert "seal graphs 4,8" in out and "seal graphs: 1 replays, 0 captured" in out
+
+
 def test_differing_segments_counts_rows_that_differ_in_any_field():
     from types import SimpleNamespace
 

@@ -1,0 +1,284 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A seal's plans from a CUDA graph of the fast planner, one graph per page bucket (``MOSAICKV_SEAL_GRAPH_PAGES``).
+
+The one-call planner (:func:`~mosaickv_sglang.plan_layers.plan_fast_layers`) dispatches about 2,200 kernel ops for a
+128-page seal of the 8B shape; served, that was 15-50 ms of the scheduler's host time in one decode plan, the tail of
+the decode steps (``bench/RESULTS.md``, twenty-fourth and twenty-sixth runs). Its device half
+(:func:`~mosaickv_sglang.plan_layers.plan_on_device`) reads nothing back and copies nothing to the device, so a CUDA
+graph holds it, the gather of the pages' K and V from the pool included. A seal then costs one metadata copy, one
+copy of the query window, a replay and the copies of the plans out of the graph's buffers.
+
+Seals have many sizes. A seal of ``P`` pages replays the graph of the smallest bucket ``B >= P``; the ``B - P``
+padding pages are copies of its first page, always dense (their bytes added to every layer's budget) and in a context
+of their own, so that each real page gets the plan the one-call planner gives it without padding (the padding's
+energy enters only the estimator's per-layer floor, 1e-12 of the mean value energy, below fp32's resolution of any
+context's error norm but a degenerate one's). A seal larger than every bucket, one with nothing to choose, or one planned before every
+layer's query window is full is planned without a graph.
+
+A bucket's graph is captured at its first seal (logged with its memory); every graph shares one memory pool and
+replays on one stream, so that no two run at once. Off CUDA there is no graph: the same padded device half runs
+eagerly, which is what the CPU tests compare with the one-call planner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mosaickv_sglang.kernels import format as fmt
+from mosaickv_sglang.plan_layers import LayersCall, host_meta, host_meta_size, needs_estimate, plan_on_device
+from mosaickv_sglang.plan_layers import prepare_layers
+from mosaickv_sglang.strategies import Candidate
+from mosaickv_sglang.strategies.base import dense_segment_bytes
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ENV_VAR", "SealGraphs", "seal_graph_buckets"]
+
+ENV_VAR = "MOSAICKV_SEAL_GRAPH_PAGES"
+
+Gather = Callable[[torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]]
+"""``(slots [P * S] on the pool's device, P) -> (keys, values)``, each ``[L, P * H_kv, S, d]``, page-major and
+head-minor (the sealer's gather)."""
+
+
+def seal_graph_buckets() -> Tuple[int, ...]:
+    """``MOSAICKV_SEAL_GRAPH_PAGES``: the page buckets, comma-separated integers ``>= 1`` (e.g. ``16,32,64,128,256``);
+    unset or empty: no graphs (the default)."""
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return ()
+    try:
+        buckets = sorted({int(part) for part in raw.split(",")})
+    except ValueError:
+        buckets = []
+    if not buckets or buckets[0] < 1:
+        raise ValueError(f"{ENV_VAR}: expected comma-separated page counts >= 1 (e.g. 16,64,256), got {raw!r}")
+    return tuple(buckets)
+
+
+@dataclass(eq=False)
+class _Bucket:
+    pages: int
+    call: LayersCall
+    meta: Optional[torch.Tensor] = None  # [host_meta | physical pages], int64, on the device
+    queries: Optional[torch.Tensor] = None  # [L, H_kv, W, G, d] fp32
+    plan: Optional[fmt.SegmentPlan] = None  # the graph's outputs
+    graph: Optional["torch.cuda.CUDAGraph"] = None
+    host: Optional[torch.Tensor] = None  # pinned staging of meta
+    copied: Optional["torch.cuda.Event"] = None  # after the last copy out of host
+
+
+class SealGraphs:
+    """The fast plans of a seal's pages through a graph of their bucket (see the module docstring).
+
+    Parameters
+    ----------
+    gather : callable
+        :data:`Gather`: the pages' dense K and V of every layer.
+    num_layers, page_size, num_kv_heads, head_dim, group_size, window : int
+        The pool's shape and the query window's (``W``, the queries per layer a full window holds).
+    menu : sequence of Candidate
+        The fast planner's menu.
+    buckets : sequence of int
+        Page counts, ``>= 1``.
+    max_segments, max_chunk_bytes : int
+        The planner's chunk bounds (as :func:`~mosaickv_sglang.plan_layers.plan_fast_layers`).
+    device : torch.device
+        The pool's device.
+    """
+
+    def __init__(
+        self,
+        *,
+        gather: Gather,
+        num_layers: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        group_size: int,
+        window: int,
+        menu: Sequence[Candidate],
+        buckets: Sequence[int],
+        max_segments: int,
+        max_chunk_bytes: int,
+        device: torch.device,
+    ) -> None:
+        if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+            raise ValueError(f"buckets: expected page counts >= 1, got {list(buckets)!r}")
+        self.gather = gather
+        self.num_layers, self.page_size, self.num_kv_heads = num_layers, page_size, num_kv_heads
+        self.head_dim, self.group_size, self.window = head_dim, group_size, window
+        self.menu = tuple(menu)
+        self.buckets = tuple(sorted(set(buckets)))
+        self.max_segments, self.max_chunk_bytes = max_segments, max_chunk_bytes
+        self.device = torch.device(device)
+        self.on_cuda = self.device.type == "cuda"
+        self._buckets: Dict[int, _Bucket] = {}
+        self.stream = torch.cuda.Stream(self.device) if self.on_cuda else None
+        self._pool = torch.cuda.graph_pool_handle() if self.on_cuda else None
+        self.replays = 0  # seals planned through a bucket (off CUDA: its padded device half run eagerly)
+        self.captures = 0
+        self.capture_seconds = 0.0
+        self.graph_bytes = 0
+        self.failed: Optional[str] = None  # why graphs were given up (a capture failed), or None
+
+    def bucket_for(self, pages: int) -> Optional[int]:
+        """The smallest bucket of at least ``pages`` pages, or ``None``."""
+        return next((b for b in self.buckets if b >= pages), None)
+
+    def plan(self, physical_pages: np.ndarray, queries: torch.Tensor, always_dense: np.ndarray,
+             budget_bytes: int) -> Optional[List[fmt.SegmentPlan]]:  # fmt: skip
+        """Every layer's plan for the pages at ``physical_pages`` (shape ``[P]`` int64, on the host), or ``None``
+        when no graph applies (the caller plans without one).
+
+        ``queries``: every layer's full query window, shape ``[L, H_kv, W, G, d]`` fp32 on the pool's device.
+        ``always_dense``: shape ``[P * H_kv]`` bool on the host (page-major, head-minor). ``budget_bytes``: each
+        layer's budget for the ``P * H_kv`` segments."""
+        p = int(physical_pages.size)
+        bucket = self.bucket_for(p)
+        if self.failed is not None or bucket is None or p == 0:
+            return None
+        h = self.num_kv_heads
+        shape = (self.num_layers, h, self.window, self.group_size, self.head_dim)
+        if tuple(queries.shape) != shape:
+            raise ValueError(f"queries: expected shape {list(shape)}, got {list(queries.shape)}")
+        b = self._buckets.get(bucket)
+        if b is None:
+            b = self._buckets[bucket] = _Bucket(bucket, self._call(bucket))
+        pad = (bucket - p) * h
+        dense_b = dense_segment_bytes(self.page_size, self.head_dim)
+        ad = np.concatenate([np.asarray(always_dense, dtype=bool), np.ones(pad, dtype=bool)])
+        budgets = [int(budget_bytes) + pad * dense_b] * self.num_layers
+        if not needs_estimate(b.call, ad, budgets):
+            return None
+        labels = np.concatenate([np.tile(np.arange(h, dtype=np.int64), p), np.full(pad, h, dtype=np.int64)])
+        phys = np.concatenate([np.asarray(physical_pages, dtype=np.int64), np.full(bucket - p, physical_pages[0])])
+        meta = np.concatenate([host_meta(b.call, labels, ad, budgets), phys])
+        if not self.on_cuda:
+            b.meta, b.queries = torch.from_numpy(meta), queries
+            plans = self._copy_out(b, self._run(b), p)
+        elif b.graph is None and not self._capture(b, meta):
+            return None
+        else:
+            plans = self._replay(b, meta, queries, p)
+        self.replays += 1
+        return plans
+
+    # --- the device half, padded ------------------------------------------------------------------------------------
+    def _call(self, pages: int) -> LayersCall:
+        """The planner call of a ``pages``-page bucket (shapes only: no tensor is read)."""
+        h, s, d = self.num_kv_heads, self.page_size, self.head_dim
+        like = torch.empty((self.num_layers, pages * h, s, d), device="meta")
+        dense_b = dense_segment_bytes(s, d)
+        call, _, _, _ = prepare_layers(like, like, [pages * h * dense_b] * self.num_layers,
+                                       np.zeros(pages * h, dtype=np.int64), None, self.menu, None, 1.0, "novelty",
+                                       self.max_segments, self.max_chunk_bytes)  # fmt: skip
+        # one context per KV head, and one for the padding pages
+        return LayersCall(call.layers, call.segments, s, d, call.per, h + 1, call.menu, call.scale, call.unseen_weight,
+                          call.unseen_prior)  # fmt: skip
+
+    def _run(self, b: _Bucket) -> fmt.SegmentPlan:
+        """The bucket's device half on its ``meta`` and ``queries`` (what the graph holds)."""
+        call, p, s = b.call, b.pages, self.page_size
+        k = host_meta_size(call)
+        phys = b.meta[k:]
+        slots = (phys[:, None] * s + torch.arange(s, device=phys.device)[None, :]).reshape(-1)
+        keys, values = self.gather(slots, p)
+        queries = [b.queries[layer].expand(p, *b.queries.shape[1:]) for layer in range(self.num_layers)]
+        plan, *_ = plan_on_device(call, keys, values, queries, None, b.meta[:k], must_plan=True)
+        return plan
+
+    def _copy_out(self, b: _Bucket, plan: fmt.SegmentPlan, pages: int) -> List[fmt.SegmentPlan]:
+        """Each layer's plan of the first ``pages`` pages, copied out of ``plan`` (the bucket's, every layer's)."""
+        nl, nb, n = self.num_layers, b.call.segments, pages * self.num_kv_heads
+        dev = plan.token_keep.device
+
+        def real_rows(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+            out = torch.empty((nl * n,) + tuple(x.shape[1:]), dtype=x.dtype, device=dev) if out is None else out
+            out.view((nl, n) + tuple(x.shape[1:])).copy_(x.view((nl, nb) + tuple(x.shape[1:]))[:, :n])
+            return out
+
+        # the four plan vectors as rows of one tensor, each 16-byte aligned (as plan_on_device's columns): a layer's
+        # slice of each is aligned or misaligned alike, the pack variants the warmup compiles
+        cols = torch.empty((4, nl * n + (-(nl * n) % 4)), dtype=torch.int32, device=dev)
+        names = ("k_form", "k_param", "v_form", "v_param")
+        for i, name in enumerate(names):
+            real_rows(getattr(plan, name), cols[i, : nl * n])
+        whole = fmt.SegmentPlan(token_keep=real_rows(plan.token_keep), **{name: cols[i, : nl * n] for i, name in
+                                enumerate(names)}, k_chan_weight=real_rows(plan.k_chan_weight),
+                                v_chan_weight=real_rows(plan.v_chan_weight), flags=real_rows(plan.flags),
+                                check_values=False)  # fmt: skip
+        return [whole.segment_slice(i * n, (i + 1) * n) for i in range(nl)]
+
+    # --- CUDA ---------------------------------------------------------------------------------------------------------
+    def _capture(self, b: _Bucket, meta: np.ndarray) -> bool:
+        """Capture the bucket's graph on its first seal's ``meta`` (a warm-up run first); ``False`` (graphs given up,
+        logged once) when the capture fails."""
+        dev = self.device
+        t0 = time.perf_counter()
+        before = torch.cuda.memory_reserved(dev)
+        cur = torch.cuda.current_stream(dev)
+        try:
+            b.host = torch.from_numpy(meta).pin_memory()
+            b.meta = b.host.to(dev, non_blocking=True)
+            b.copied = torch.cuda.Event()
+            b.copied.record(cur)
+            b.queries = torch.zeros((self.num_layers, self.num_kv_heads, self.window, self.group_size,
+                                     self.head_dim), dtype=torch.float32, device=dev)  # fmt: skip
+            self.stream.wait_stream(cur)
+            with torch.cuda.stream(self.stream):
+                self._run(b)  # warm-up: lazily made tensors, kernels' first launches
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    b.plan = self._run(b)
+                finally:
+                    graph.capture_end()
+            cur.wait_stream(self.stream)
+        except Exception as err:  # noqa: BLE001 (any capture failure: seals go on without graphs)
+            self.failed = f"{type(err).__name__}: {err}"
+            self._buckets.clear()
+            logger.warning("MosaicKV: the seal planner's CUDA graph of %d pages failed to capture (%s); seals are "
+                           "planned without graphs from now on", b.pages, self.failed)  # fmt: skip
+            return False
+        b.graph = graph
+        grown = torch.cuda.memory_reserved(dev) - before
+        self.graph_bytes += max(0, grown)
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - t0
+        logger.info("MosaicKV: captured the seal planner's CUDA graph of %d pages in %.2f s (the memory reserved grew "
+                    "by %.0f MiB)", b.pages, time.perf_counter() - t0, grown / 2**20)  # fmt: skip
+        return True
+
+    def _replay(self, b: _Bucket, meta: np.ndarray, queries: torch.Tensor, pages: int) -> List[fmt.SegmentPlan]:
+        dev = self.device
+        cur = torch.cuda.current_stream(dev)
+        b.copied.synchronize()  # the staging's last copy to the device is done (a seal ago: no wait)
+        b.host.copy_(torch.from_numpy(meta))
+        self.stream.wait_stream(cur)
+        with torch.cuda.stream(self.stream):
+            b.meta.copy_(b.host, non_blocking=True)
+            b.copied.record()
+            b.queries.copy_(queries)
+            b.graph.replay()
+            plans = self._copy_out(b, b.plan, pages)
+        queries.record_stream(self.stream)
+        cur.wait_stream(self.stream)
+        whole = plans[0]
+        for t in (whole.token_keep, whole.k_form, whole.k_chan_weight, whole.v_chan_weight, whole.flags):
+            t.record_stream(cur)  # views of the layers' plans' tensors: made on this stream, read on cur
+        return plans
+
+    def status(self) -> str:
+        """A few words for the sealer's status line."""
+        if self.failed is not None:
+            return f"seal graphs given up ({self.failed})"
+        return (f"seal graphs: {self.replays} replays, {self.captures} captured in {self.capture_seconds:.1f} s, "
+                f"{self.graph_bytes / 2**20:.0f} MiB")  # fmt: skip
