@@ -30,6 +30,9 @@
 #            time per seal and tick, profiled), bench.seal_cost for 128 pages of the 8B shape (the rank kernel's chan
 #            drop, with its profile); while $BUDGET_S lasts, the other chan drop methods, 8 pages, bench.chan_rank
 #            (the rank kernel against torch's top-k) and tests/kernels compiled for the GPU
+#   seal-graphs  no server: the seal graphs' GPU test (captured once a bucket, replays plan as the one-call planner),
+#            then bench.seal_cost of the 8B shape at 128 and 100 pages with --graph-pages 64,128,160 (the host time
+#            of a seal through its bucket's graph beside the one-call planner's, in the same run, plans compared)
 #   overlap  SmolLM2, --mosaic-overlap-schedule on: bench.serve_check of stock SGLang (triton), stock with FlashInfer
 #            (stock against stock: the kernels' rounding noise), ratio 1 with the overlap scheduler on (token for token
 #            against stock), ratio 4 with it on
@@ -59,7 +62,7 @@
 # sent back as .device-jit/ (copied to /tmp/mkv/jit in a call of its own), every archive is restored before the next
 # step starts.
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|axes|8b|soak|sweep|tpot|overlap|sidecar|sidecar-itl|kernels|tune|ncu}"
+step="${1:?usage: bench/device_served.sh smollm2|axes|8b|soak|sweep|tpot|overlap|sidecar|sidecar-itl|kernels|seal-graphs|tune|ncu}"
 ratio="${RATIO:-4}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
 out="${OUT:?}/$step"
 mkdir -p "$out"
@@ -527,6 +530,18 @@ case "$step" in
         2>&1 || echo "kernel tests rc=$?"
       tail -3 "$out/kernel-tests.log"
     fi
+    ;;
+  seal-graphs)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_seal_graphs.py \
+      > "$out/seal-graphs-tests.log" 2>&1 || echo "seal graphs tests rc=$?"
+    tail -3 "$out/seal-graphs-tests.log"
+    for pages in 128 100; do
+      [ "$(left)" -gt 100 ] || { echo "seal_cost $pages skipped (budget)"; continue; }
+      timeout 120 python3 -m bench.seal_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
+        --device cuda --dtype fp16 --repeats 3 --warmup 1 --no-count --graph-pages 64,128,160 \
+        > "$out/seal-graphs-$pages.txt" 2>&1 || echo "seal_cost $pages rc=$?"
+      tail -6 "$out/seal-graphs-$pages.txt"
+    done
     ;;
   ncu)
     # hardware counters (Nsight Compute, clocks left alone) of one launch each of the sparse decode split kernel, the
