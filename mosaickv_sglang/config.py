@@ -317,6 +317,21 @@ def positive_int_env(name: str, default: int, unit: str = "") -> int:
     return value
 
 
+def float_env(name: str, default: float, lo: float, hi: float, expected: str) -> float:
+    """The number in ``[lo, hi]`` that the environment variable ``name`` holds (``default`` when unset or blank); a
+    bad value raises ``"<name>: expected <expected>, got <value>"``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: expected {expected}, got {raw!r}")
+    return value
+
+
 def flag_env(name: str, default: bool = False) -> bool:
     """The on/off setting the environment variable ``name`` holds: ``1`` or ``0`` (``default`` when unset or blank;
     any other value is refused by name)."""

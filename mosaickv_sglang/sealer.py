@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 import numpy as np
 import torch
 
-from mosaickv_sglang.config import MAX_COMPRESSION_RATIO, positive_int_env
+from mosaickv_sglang.config import MAX_COMPRESSION_RATIO, float_env, positive_int_env
 from mosaickv_sglang.host_stalls import HostStalls
 from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
@@ -81,16 +82,7 @@ def seal_beside_step_enabled() -> bool:
 
 def status_interval() -> float:
     """Seconds between two status lines: ``MOSAICKV_STATUS_INTERVAL`` when set, else :data:`STATUS_LOG_INTERVAL`."""
-    raw = os.environ.get(STATUS_INTERVAL_ENV, "").strip()
-    if not raw:
-        return STATUS_LOG_INTERVAL
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0.0:
-        raise ValueError(f"{STATUS_INTERVAL_ENV}: expected seconds >= 0, got {raw!r}")
-    return value
+    return float_env(STATUS_INTERVAL_ENV, STATUS_LOG_INTERVAL, 0.0, math.inf, "seconds >= 0")
 
 
 def seal_chunking() -> Tuple[int, int]:

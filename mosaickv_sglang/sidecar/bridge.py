@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Deque, Dict, List, O
 import numpy as np
 import torch
 
-from mosaickv_sglang.config import positive_int_env
+from mosaickv_sglang.config import float_env, positive_int_env
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes
 from mosaickv_sglang.pool.store import StagedReseal, pin_plan
 from mosaickv_sglang.sidecar.client import JobOutcome, JobStatus, SidecarClient, SidecarConfig, SidecarCounters
@@ -121,16 +121,8 @@ def staging_bytes() -> int:
 def io_switch_interval() -> float:
     """The switch interval to run the I/O thread with, in seconds (0: leave the interpreter's), from
     :data:`SWITCH_INTERVAL_ENV` or :data:`DEFAULT_SWITCH_INTERVAL_MS`."""
-    raw = os.environ.get(SWITCH_INTERVAL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_SWITCH_INTERVAL_MS / 1e3
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = -1.0
-    if not 0.0 <= ms <= 1000.0:
-        raise ValueError(f"{SWITCH_INTERVAL_ENV}: expected milliseconds in [0, 1000] (0: CPython's own), got {raw!r}")
-    return ms / 1e3
+    return float_env(SWITCH_INTERVAL_ENV, DEFAULT_SWITCH_INTERVAL_MS, 0.0, 1000.0,
+                     "milliseconds in [0, 1000] (0: CPython's own)") / 1e3
 
 Gather = Callable[[int, np.ndarray], Tuple[torch.Tensor, torch.Tensor]]
 
