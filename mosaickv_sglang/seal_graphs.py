@@ -71,8 +71,6 @@ class _Bucket:
     queries: Optional[torch.Tensor] = None  # [L, H_kv, W, G, d] fp32
     plan: Optional[fmt.SegmentPlan] = None  # the graph's outputs
     graph: Optional["torch.cuda.CUDAGraph"] = None
-    host: Optional[torch.Tensor] = None  # pinned staging of meta
-    copied: Optional["torch.cuda.Event"] = None  # after the last copy out of host
 
 
 class SealGraphs:
@@ -226,10 +224,7 @@ class SealGraphs:
         before = torch.cuda.memory_reserved(dev)
         cur = torch.cuda.current_stream(dev)
         try:
-            b.host = torch.from_numpy(meta).pin_memory()
-            b.meta = b.host.to(dev, non_blocking=True)
-            b.copied = torch.cuda.Event()
-            b.copied.record(cur)
+            b.meta = torch.from_numpy(meta).pin_memory().to(dev, non_blocking=True)
             b.queries = torch.zeros((self.num_layers, self.num_kv_heads, self.window, self.group_size,
                                      self.head_dim), dtype=torch.float32, device=dev)  # fmt: skip
             self.stream.wait_stream(cur)
@@ -260,12 +255,10 @@ class SealGraphs:
     def _replay(self, b: _Bucket, meta: np.ndarray, queries: torch.Tensor, pages: int) -> List[fmt.SegmentPlan]:
         dev = self.device
         cur = torch.cuda.current_stream(dev)
-        b.copied.synchronize()  # the staging's last copy to the device is done (a seal ago: no wait)
-        b.host.copy_(torch.from_numpy(meta))
+        host = torch.from_numpy(meta).pin_memory()  # torch's pinned blocks: reused once their copy is done
         self.stream.wait_stream(cur)
         with torch.cuda.stream(self.stream):
-            b.meta.copy_(b.host, non_blocking=True)
-            b.copied.record()
+            b.meta.copy_(host, non_blocking=True)
             b.queries.copy_(queries)
             b.graph.replay()
             plans = self._copy_out(b, b.plan, pages)
