@@ -30,8 +30,8 @@
 #            time per seal and tick, profiled), bench.seal_cost for 128 pages of the 8B shape (the rank kernel's chan
 #            drop, with its profile); while $BUDGET_S lasts, the other chan drop methods, 8 pages, bench.chan_rank
 #            (the rank kernel against torch's top-k) and tests/kernels compiled for the GPU
-#   seal-graphs  no server: the seal graphs' GPU test (captured once a bucket, replays plan as the one-call planner),
-#            then bench.seal_cost of the 8B shape at 128 and 100 pages with --graph-pages 64,128,160 (the host time
+#   seal-graphs  no server: the seal graphs' GPU tests (captured once a bucket, replays plan as the one-call planner;
+#            the pending seal's planner beside the step, plain, threaded and through graphs), then bench.seal_cost of the 8B shape at 128 and 100 pages with --graph-pages 64,128,160 (the host time
 #            of a seal through its bucket's graph beside the one-call planner's, in the same run, plans compared)
 #   overlap  SmolLM2, --mosaic-overlap-schedule on: bench.serve_check of stock SGLang (triton), stock with FlashInfer
 #            (stock against stock: the kernels' rounding noise), ratio 1 with the overlap scheduler on (token for token
@@ -532,8 +532,8 @@ case "$step" in
     fi
     ;;
   seal-graphs)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_seal_graphs.py \
-      > "$out/seal-graphs-tests.log" 2>&1 || echo "seal graphs tests rc=$?"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_seal_graphs.py \
+      tests/integration_cpu/test_pending_seal.py > "$out/seal-graphs-tests.log" 2>&1 || echo "seal graphs tests rc=$?"
     tail -3 "$out/seal-graphs-tests.log"
     for pages in 128 100; do
       [ "$(left)" -gt 100 ] || { echo "seal_cost $pages skipped (budget)"; continue; }

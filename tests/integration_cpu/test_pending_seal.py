@@ -241,13 +241,14 @@ def test_served_plans_seal_n_plans_later_never_sooner_and_decode_matches_the_ref
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("threaded", [False, True])
-def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_planner(monkeypatch, threaded):
+@pytest.mark.parametrize("mode", ["plain", "threaded", "graphs"])
+def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_planner(monkeypatch, mode):
     """On a GPU, with sealing beside the step and N = 3: a seal's planner (slowed here by a kernel of about half a
     second on its stream) runs beside the following steps, which the forward stream launches and finishes before it
     ends; its pack, plans later, waits for it. Every step's outputs and the pool's final state equal those of the same
     steps with an unslowed planner. ``threaded``: the planner runs on its worker thread
-    (``MOSAICKV_SEAL_PLAN_THREAD=1``)."""
+    (``MOSAICKV_SEAL_PLAN_THREAD=1``); ``graphs``: both sides plan through seal graphs (``MOSAICKV_SEAL_GRAPH_PAGES``),
+    replayed on their own stream once the query window is full."""
     from mosaickv_sglang.seal_plan_thread import PlannerThread
 
     import test_cuda_graph_decode as graph_cases
@@ -261,7 +262,10 @@ def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_pl
         side.mosaic.auto_seal = True
         sealer = side.mosaic.sealer
         sealer.seal_beside_step, sealer.seal_async, sealer.seal_async_plans, sealer.min_seal_pages = True, True, 3, 1
+        if mode == "graphs":
+            sealer.use_seal_graphs((1, 2, 4, 8, 16, 32))
     slow, twin = sides
+    threaded = mode == "threaded"
     name = "_plan_with" if threaded else "plan_layers"
     plan = getattr(slow.mosaic.sealer, name)
     slowed, slept = [], []
@@ -326,5 +330,9 @@ def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_pl
     if threaded:
         assert slow.mosaic.sealer.planner_thread.jobs >= 1
         slow.mosaic.sealer.planner_thread.close()
+    if mode == "graphs":
+        for side in sides:
+            graphs = side.mosaic.sealer.seal_graphs
+            assert graphs.failed is None and graphs.replays >= 1, graphs.status()
     assert torch.equal(slow.pool.store.page_state(), twin.pool.store.page_state())
     slow.pool.check_invariants()
