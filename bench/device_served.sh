@@ -31,8 +31,9 @@
 #            drop, with its profile); while $BUDGET_S lasts, the other chan drop methods, 8 pages, bench.chan_rank
 #            (the rank kernel against torch's top-k) and tests/kernels compiled for the GPU
 #   seal-graphs  no server: the seal graphs' GPU tests (captured once a bucket, replays plan as the one-call planner;
-#            the pending seal's planner beside the step, plain, threaded and through graphs), then bench.seal_cost of the 8B shape at 128 and 100 pages with --graph-pages 64,128,160 (the host time
-#            of a seal through its bucket's graph beside the one-call planner's, in the same run, plans compared)
+#            the pending seal's planner beside the step, plain, threaded and through graphs), then bench.seal_cost of
+#            the 8B shape at 128 and 100 pages with --graph-pages 64,128,160 (the host time of a seal through its
+#            bucket's graph beside the one-call planner's, in the same run, plans compared)
 #   overlap  SmolLM2, --mosaic-overlap-schedule on: bench.serve_check of stock SGLang (triton), stock with FlashInfer
 #            (stock against stock: the kernels' rounding noise), ratio 1 with the overlap scheduler on (token for token
 #            against stock), ratio 4 with it on
