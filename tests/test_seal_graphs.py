@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Seal graphs (mosaickv_sglang.seal_graphs): a seal padded to its page bucket gets, page for page, the plans the
 one-call planner gives it without padding (off CUDA the padded device half runs eagerly; the graphs themselves are
-checked on the GPU by tests/integration_cpu/test_seal_graphs_sealer.py)."""
+checked by the gpu-marked test below and by tests/integration_cpu/test_pending_seal.py's)."""
 
 from __future__ import annotations
 
