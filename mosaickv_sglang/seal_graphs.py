@@ -12,8 +12,8 @@ Seals have many sizes. A seal of ``P`` pages replays the graph of the smallest b
 padding pages are copies of its first page, always dense (their bytes added to every layer's budget) and in a context
 of their own, so that each real page gets the plan the one-call planner gives it without padding (the padding's
 energy enters only the estimator's per-layer floor, 1e-12 of the mean value energy, below fp32's resolution of any
-context's error norm but a degenerate one's). A seal larger than every bucket, one with nothing to choose, or one planned before every
-layer's query window is full is planned without a graph.
+context's error norm but a degenerate one's). A seal larger than every bucket, one with nothing to choose, or one
+planned before every layer's query window is full is planned without a graph.
 
 A bucket's graph is captured at its first seal (logged with its memory); every graph shares one memory pool and
 replays on one stream, so that no two run at once. Off CUDA there is no graph: the same padded device half runs

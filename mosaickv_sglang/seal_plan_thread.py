@@ -9,7 +9,7 @@ steps. PyTorch releases the interpreter lock while it dispatches each operation,
 operation granularity.
 
 The scheduler prepares everything that depends on its state before handing the job over (the pages' physical
-slots, views of the query window's snapshot, the stream); the worker gathers the pages' tokens, plans and starts the
+pages, views of the query window's snapshot, the stream); the worker gathers the pages' tokens, plans and starts the
 copy of the payload sizes to the host. The scheduler joins the worker (:meth:`PlannerThread.join`) before anything
 else that seals, packs or makes the forward stream wait for the side stream, so the worker only ever overlaps the
 scheduler's other work, and every decision still depends only on host state (plans counted, not the worker's

@@ -400,7 +400,8 @@ class Sealer:
         self.pending_voided = 0
         self._pending: Optional[PendingSeal] = None
         self.planner_thread: Optional[PlannerThread] = PlannerThread() if seal_plan_thread_enabled() else None
-        self._planning_beside = False  # inside _beside_step(forward_waits=False): a first half's planner may be threaded
+        # inside _beside_step(forward_waits=False): a first half's planner may be threaded
+        self._planning_beside = False
         self._planned_pages = np.zeros(0, dtype=np.int64)
         self._in_flight = np.zeros(0, dtype=np.int64)
         self._deferred = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
@@ -704,9 +705,12 @@ class Sealer:
     # --- planning and sealing ----------------------------------------------------------------------------------------
     def _page_slots(self, pages: np.ndarray) -> torch.Tensor:
         """Physical slots of ``pages``, page-major: shape ``[P * S]`` on the pool's device."""
-        pool = self.pool
-        s, dev = pool.page_size, torch.device(pool.device)
-        phys = to_device(pool.physical_pages(torch.from_numpy(pages)), dev)
+        return self._slots(self.pool.physical_pages(torch.from_numpy(pages)))
+
+    def _slots(self, physical_pages: torch.Tensor) -> torch.Tensor:
+        """The slots of the pages at ``physical_pages`` (on the host), page-major: ``[P * S]`` on the pool's device."""
+        s, dev = self.pool.page_size, torch.device(self.pool.device)
+        phys = to_device(physical_pages, dev)
         return (phys[:, None] * s + torch.arange(s, device=dev)[None, :]).reshape(-1)
 
     def _segments(self, buf: torch.Tensor, slots: torch.Tensor, num_pages: int) -> torch.Tensor:
@@ -790,27 +794,28 @@ class Sealer:
     def _plan_inputs(
         self, pages: np.ndarray
     ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], Optional[torch.Tensor]]:
-        """What :meth:`plan_layers` reads of the sealer's state: the pages' physical slots, each layer's queries
-        (views of the window, or of its snapshot beside the step) and, with seal graphs and a full window, every
-        layer's at once (:meth:`QueryWindow.full_window`)."""
+        """What :meth:`plan_layers` reads of the sealer's state: the pages' physical pages (on the host: a seal graph
+        takes them as they are, the plain planner as slots on the device), each layer's queries (views of the window,
+        or of its snapshot beside the step) and, with seal graphs and a full window, every layer's at once
+        (:meth:`QueryWindow.full_window`)."""
         # views, copied a planner chunk at a time: q[heads] of every layer held at once was half of a 128-page seal's
         # transient memory on the 8B shape (2.1 of 4.1 GB, ninth run)
         queries = [None if q is None else q.expand(pages.size, *q.shape)
                    for q in map(self.window.queries, range(self.pool.layer_num))]  # fmt: skip
         full = self.window.full_window() if self.seal_graphs is not None else None
-        return self._page_slots(pages), queries, full
+        return self.pool.physical_pages(torch.from_numpy(pages)), queries, full
 
-    def _plan_with(self, pages: np.ndarray, slots: torch.Tensor, queries: List[Optional[torch.Tensor]],
+    def _plan_with(self, pages: np.ndarray, phys: torch.Tensor, queries: List[Optional[torch.Tensor]],
                    full: Optional[torch.Tensor], sink_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:  # fmt: skip
         pool = self.pool
         h = int(pool.head_num)
         if self.seal_graphs is not None and full is not None:
-            phys = pool.physical_pages(torch.from_numpy(pages)).numpy().astype(np.int64)
-            plans = self.seal_graphs.plan(phys, full, np.repeat(np.asarray(sink_mask, dtype=bool), h),
+            plans = self.seal_graphs.plan(phys.numpy().astype(np.int64), full,
+                                          np.repeat(np.asarray(sink_mask, dtype=bool), h),
                                           self._budget(sink_mask, ratio))  # fmt: skip
             if plans is not None:
                 return plans
-        keys, values = self._gather_layers(slots, pages.size)
+        keys, values = self._gather_layers(self._slots(phys), pages.size)
         results = plan_fast_layers(keys, values, budget_bytes=[self._budget(sink_mask, ratio)] * pool.layer_num,
                                    queries=queries, group_ids=np.tile(np.arange(h), pages.size),
                                    always_dense=np.repeat(np.asarray(sink_mask, dtype=bool), h), menu=self.menu,
@@ -886,14 +891,14 @@ class Sealer:
     def _plan_job(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float) -> Callable[[], Any]:
         """:meth:`_planned` as a job for :attr:`planner_thread`: what it reads of the sealer's state is taken now;
         the job gathers, plans and starts the sizes' copy on the current stream (the side stream)."""
-        slots, queries, full = self._plan_inputs(pages)
+        phys, queries, full = self._plan_inputs(pages)
         dev = torch.device(self.pool.device)
         stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
 
         def job() -> Tuple[List[SegmentPlan], torch.Tensor, Optional["torch.cuda.Event"]]:
             on_stream = (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext())
             with torch.cuda.device(dev) if stream is not None else contextlib.nullcontext(), on_stream:
-                plans = self._plan_with(pages, slots, queries, full, dense_mask, ratio)
+                plans = self._plan_with(pages, phys, queries, full, dense_mask, ratio)
                 return (plans, *sizes_to_host(plans))
 
         return job
