@@ -66,9 +66,9 @@ class PendingSeal:
         The pages kept dense at that ratio (the sinks, or none in the last retry).
     reserve : numpy.ndarray
         The arena ledger's reservation for the pages (:meth:`~mosaickv_sglang.pool.ArenaLedger.reservation`).
-    plans : list of SegmentPlan or None
-        One per layer (``None`` until :meth:`fill`: the planner still runs on a worker thread).
-    sizes : torch.Tensor or None
+    plans : list of SegmentPlan
+        One per layer.
+    sizes : torch.Tensor
         The plans' payload granules, ``[L, P * H_kv * 2]`` on the host (pinned on CUDA), filled by a copy that
         completes with ``ready``.
     ready : torch.cuda.Event or None
@@ -83,14 +83,10 @@ class PendingSeal:
     ratio: float
     dense_mask: np.ndarray
     reserve: np.ndarray
-    plans: Optional[List[SegmentPlan]] = None
-    sizes: Optional[torch.Tensor] = None
-    ready: Optional["torch.cuda.Event"] = None
+    plans: List[SegmentPlan]
+    sizes: torch.Tensor
+    ready: Optional["torch.cuda.Event"]
     plans_waited: int = 0
-
-    def fill(self, plans: List[SegmentPlan], sizes: torch.Tensor, ready: Optional["torch.cuda.Event"]) -> None:
-        """The planner's results (:func:`sizes_to_host` started the sizes' copy)."""
-        self.plans, self.sizes, self.ready = plans, sizes, ready
 
     def live(self, page_epoch: np.ndarray) -> np.ndarray:
         """shape ``[P]``, bool: the pages neither freed nor sealed since they were planned."""
@@ -98,7 +94,6 @@ class PendingSeal:
 
     def host_sizes(self) -> np.ndarray:
         """The payload granules, waiting for their copy if it is still running."""
-        assert self.sizes is not None, "PendingSeal.host_sizes before fill"
         if self.ready is not None:
             self.ready.synchronize()
         return self.sizes.numpy()

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +41,6 @@ from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEG
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
 from mosaickv_sglang.seal_graphs import SealGraphs, seal_graph_buckets
-from mosaickv_sglang.seal_plan_thread import PlannerThread, seal_plan_thread_enabled
 from mosaickv_sglang.seal_spans import SealSpans
 from mosaickv_sglang.strategies import RATIO_MARGIN, axes_menu, menu_max_ratio
 from mosaickv_sglang.strategies.base import dense_segment_bytes
@@ -236,13 +235,12 @@ class QueryWindow:
         finally:
             self._reading_snapshot = prev
 
-    def release_snapshot(self, stream: Optional["torch.cuda.Stream"]) -> None:
-        """Work queued on ``stream`` that the forward stream does not wait for (a pending seal's planner), or a
-        planner thread (``stream`` ``None``: off CUDA), still reads the last snapshot: the next :meth:`take_snapshot`
-        copies into a new tensor instead of over it, and this one's memory is not reused before that work ends."""
+    def release_snapshot(self, stream: "torch.cuda.Stream") -> None:
+        """Work queued on ``stream`` that the forward stream does not wait for (a pending seal's planner) still reads
+        the last snapshot: the next :meth:`take_snapshot` copies into a new tensor instead of over it, and this one's
+        memory is not reused before that work ends."""
         if self._snapshot is not None:
-            if stream is not None:
-                self._snapshot.record_stream(stream)
+            self._snapshot.record_stream(stream)
             self._snapshot = None
 
     def reader_queries(self, layer: int, readers: Sequence[int]) -> Optional[torch.Tensor]:
@@ -344,10 +342,6 @@ class Sealer:
         hot pool needs the room; pressure seals stay whole. Due pages wait while a seal is pending.
     seal_async_plans : int
         That N (at least 1 when ``seal_async``).
-    planner_thread : PlannerThread or None
-        ``MOSAICKV_SEAL_PLAN_THREAD=1`` (experimental; with :attr:`seal_async` and sealing beside the step): the
-        first half of a seal beside the step is planned on this worker thread (:mod:`.seal_plan_thread`), its time
-        not in :attr:`seal_plan_seconds` nor in the GPU spans, but in the thread's ``worker_seconds``.
     async_seals, pending_voided : int
         Seals packed plans after they were planned, and planned seals voided (a page freed or sealed meanwhile, or
         no ledger room left; their live pages are due again at the next plan).
@@ -399,9 +393,6 @@ class Sealer:
         self.async_seals = 0
         self.pending_voided = 0
         self._pending: Optional[PendingSeal] = None
-        self.planner_thread: Optional[PlannerThread] = PlannerThread() if seal_plan_thread_enabled() else None
-        # inside _beside_step(forward_waits=False): a first half's planner may be threaded
-        self._planning_beside = False
         self._planned_pages = np.zeros(0, dtype=np.int64)
         self._in_flight = np.zeros(0, dtype=np.int64)
         self._deferred = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
@@ -608,14 +599,8 @@ class Sealer:
         the next steps too. Off CUDA: only the snapshot of the query window."""
         dev = torch.device(self.pool.device)
         if dev.type != "cuda":
-            self._planning_beside = not forward_waits
-            try:
-                with self.window.reading_snapshot():
-                    yield
-            finally:
-                self._planning_beside = False
-            if not forward_waits:
-                self.window.release_snapshot(None)
+            with self.window.reading_snapshot():
+                yield
             self.side_seals += 1
             return
         store, fwd = self.pool.store, torch.cuda.current_stream(dev)
@@ -627,12 +612,10 @@ class Sealer:
         else:
             side.wait_stream(fwd)
         store.before_move = _waiter(side, fwd)
-        self._planning_beside = not forward_waits
         try:
             with torch.cuda.stream(side), self.window.reading_snapshot():
                 yield
         finally:
-            self._planning_beside = False
             store.before_move = None
             if forward_waits:
                 fwd.wait_stream(side)
@@ -645,7 +628,6 @@ class Sealer:
     def _forward_waits_for_side(self) -> None:
         """Before the current stream uses what side-stream work it did not wait for wrote (a pending seal's plans, the
         planner's cached tables), it waits for that work; nothing to do on the side stream itself or off CUDA."""
-        self._join_planner()
         if not self._side_unwaited:
             return
         current = torch.cuda.current_stream(torch.device(self.pool.device))
@@ -681,9 +663,6 @@ class Sealer:
         if self.seal_async:
             beside += (f" ({self.async_seals} packed {self.seal_async_plans} plans later or sooner, "
                        f"{self.pending_voided} voided)")  # fmt: skip
-        if self.planner_thread is not None:
-            t = self.planner_thread
-            beside += f" (planner thread: {t.jobs} seals, {t.worker_seconds:.1f} s, joined {t.join_seconds:.1f} s)"
         if self.seal_graphs is not None:
             beside += f" ({self.seal_graphs.status()})"
         if self.rows_read:
@@ -867,19 +846,10 @@ class Sealer:
                 self._no_room(pages)
                 return False
             ratio, dense_mask, reserve = fitting
-            pending = PendingSeal(pages, sink_mask, self.pool.page_epoch[pages].copy(), ratio, dense_mask, reserve)
-            if self.planner_thread is not None and self._planning_beside:
-                self.planner_thread.submit(self._plan_job(pages, dense_mask, ratio))
-            else:
-                pending.fill(*self._planned(pages, dense_mask, ratio))
-            self._pending = pending
+            plans = self._timed_plan_layers(pages, dense_mask, ratio)
+            self._pending = PendingSeal(pages, sink_mask, self.pool.page_epoch[pages].copy(), ratio, dense_mask,
+                                        reserve, plans, *sizes_to_host(plans))  # fmt: skip
             return True
-
-    def _planned(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float
-                 ) -> Tuple[List[SegmentPlan], torch.Tensor, Optional["torch.cuda.Event"]]:  # fmt: skip
-        """A first half's plans, and their sizes' copy to the host started (:func:`sizes_to_host`)."""
-        plans = self._timed_plan_layers(pages, dense_mask, ratio)
-        return (plans, *sizes_to_host(plans))
 
     def _timed_plan_layers(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:
         """:meth:`plan_layers`, its time counted in :attr:`seal_plan_seconds`."""
@@ -888,37 +858,10 @@ class Sealer:
         self.seal_plan_seconds += time.perf_counter() - t_plan
         return plans
 
-    def _plan_job(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float) -> Callable[[], Any]:
-        """:meth:`_planned` as a job for :attr:`planner_thread`: what it reads of the sealer's state is taken now;
-        the job gathers, plans and starts the sizes' copy on the current stream (the side stream)."""
-        phys, queries, full = self._plan_inputs(pages)
-        dev = torch.device(self.pool.device)
-        stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
-
-        def job() -> Tuple[List[SegmentPlan], torch.Tensor, Optional["torch.cuda.Event"]]:
-            on_stream = (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext())
-            with torch.cuda.device(dev) if stream is not None else contextlib.nullcontext(), on_stream:
-                plans = self._plan_with(pages, phys, queries, full, dense_mask, ratio)
-                return (plans, *sizes_to_host(plans))
-
-        return job
-
-    def _join_planner(self) -> None:
-        """Wait for a first half still planning on :attr:`planner_thread` and give the pending seal its plans (its
-        exception, if it failed, is raised here, the pending seal dropped)."""
-        if self.planner_thread is None or not self.planner_thread.busy:
-            return
-        pending, self._pending = self._pending, None
-        result = self.planner_thread.join()
-        assert pending is not None, "a planner job without a pending seal"
-        pending.fill(*result)
-        self._pending = pending
-
     def finish_seal(self) -> bool:
         """The second half: pack the pending seal's pages, if every one still holds what was planned and the ledger
         still has their room; else leave them dense, the live ones due again at the next plan. Returns whether pages
         were sealed (``False`` too when nothing was pending)."""
-        self._join_planner()
         pending, self._pending = self._pending, None
         if pending is None:
             return False

@@ -8,7 +8,6 @@ and decode outputs match the reference backend."""
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -241,16 +240,13 @@ def test_served_plans_seal_n_plans_later_never_sooner_and_decode_matches_the_ref
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["plain", "threaded", "graphs"])
+@pytest.mark.parametrize("mode", ["plain", "graphs"])
 def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_planner(monkeypatch, mode):
     """On a GPU, with sealing beside the step and N = 3: a seal's planner (slowed here by a kernel of about half a
     second on its stream) runs beside the following steps, which the forward stream launches and finishes before it
     ends; its pack, plans later, waits for it. Every step's outputs and the pool's final state equal those of the same
-    steps with an unslowed planner. ``threaded``: the planner runs on its worker thread
-    (``MOSAICKV_SEAL_PLAN_THREAD=1``); ``graphs``: both sides plan through seal graphs (``MOSAICKV_SEAL_GRAPH_PAGES``),
+    steps with an unslowed planner. ``graphs``: both sides plan through seal graphs (``MOSAICKV_SEAL_GRAPH_PAGES``),
     replayed on their own stream once the query window is full."""
-    from mosaickv_sglang.seal_plan_thread import PlannerThread
-
     import test_cuda_graph_decode as graph_cases
     from mkv_backend_cases import layer
     from test_kv_pool import D, DT, H_KV, LAYERS
@@ -265,9 +261,7 @@ def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_pl
         if mode == "graphs":
             sealer.use_seal_graphs((1, 2, 4, 8, 16, 32))
     slow, twin = sides
-    threaded = mode == "threaded"
-    name = "_plan_with" if threaded else "plan_layers"
-    plan = getattr(slow.mosaic.sealer, name)
+    plan = slow.mosaic.sealer.plan_layers
     slowed, slept = [], []
 
     def slow_plan(*args, **kwargs):
@@ -278,9 +272,7 @@ def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_pl
         slowed.append(torch.cuda.current_stream())  # last: the test waits for it
         return plan(*args, **kwargs)
 
-    monkeypatch.setattr(slow.mosaic.sealer, name, slow_plan)
-    if threaded:
-        slow.mosaic.sealer.planner_thread = PlannerThread()
+    monkeypatch.setattr(slow.mosaic.sealer, "plan_layers", slow_plan)
     h_q, h_kv, d = H_KV * group, H_KV, D
     gen = torch.Generator(device="cuda").manual_seed(23)
     forward = torch.cuda.Stream()
@@ -309,9 +301,6 @@ def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_pl
             fm = slow.mosaic.forward_decode if decode else slow.mosaic.forward_extend
             got = [fm(q, k, v, layer(li, group), batches[0]) for li, (q, k, v) in enumerate(ins)]
         pending = slow.mosaic.sealer._pending
-        if threaded and pending is not None and pending.plans_waited == 0 and slow.mosaic.sealer.planner_thread.busy:
-            while len(slowed) == started:  # the worker has started the planner (its sleep kernel is queued)
-                time.sleep(0.001)
         if len(slowed) > started and pending is not None and pending.plans_waited == 0:
             done = torch.cuda.Event()
             done.record(forward)
@@ -327,9 +316,6 @@ def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_pl
         assert side.mosaic.sealer.pressure_pages_sealed == 0
         assert side.mosaic.sealer.async_seals >= 1 and side.mosaic.sealer.pending_voided == 0
     assert slow.mosaic.sealer.pages_sealed == twin.mosaic.sealer.pages_sealed
-    if threaded:
-        assert slow.mosaic.sealer.planner_thread.jobs >= 1
-        slow.mosaic.sealer.planner_thread.close()
     if mode == "graphs":
         for side in sides:
             graphs = side.mosaic.sealer.seal_graphs
