@@ -31,9 +31,10 @@
 #            drop, with its profile); while $BUDGET_S lasts, the other chan drop methods, 8 pages, bench.chan_rank
 #            (the rank kernel against torch's top-k) and tests/kernels compiled for the GPU
 #   seal-graphs  no server: the seal graphs' GPU tests (captured once a bucket, replays plan as the one-call planner;
-#            the pending seal's planner beside the step, plain, threaded and through graphs), then bench.seal_cost of
+#            the pending seal's planner beside the step, plain and through graphs), then bench.seal_cost of
 #            the 8B shape at 128 and 100 pages with --graph-pages 64,128,160 (the host time of a seal through its
-#            bucket's graph beside the one-call planner's, in the same run, plans compared)
+#            bucket's graph beside the one-call planner's, in the same run, plans compared), then bench.pack_cost of
+#            the 8B shape at 32 and 128 pages (the pack's host time, profiled)
 #   overlap  SmolLM2, --mosaic-overlap-schedule on: bench.serve_check of stock SGLang (triton), stock with FlashInfer
 #            (stock against stock: the kernels' rounding noise), ratio 1 with the overlap scheduler on (token for token
 #            against stock), ratio 4 with it on
@@ -542,6 +543,14 @@ case "$step" in
         --device cuda --dtype fp16 --repeats 3 --warmup 1 --no-count --graph-pages 64,128,160 \
         > "$out/seal-graphs-$pages.txt" 2>&1 || echo "seal_cost $pages rc=$?"
       tail -6 "$out/seal-graphs-$pages.txt"
+    done
+    # the pack, the seal's other half (the sidecar load's seals are about 24 pages)
+    for pages in 32 128; do
+      [ "$(left)" -gt 60 ] || { echo "pack_cost $pages skipped (budget)"; continue; }
+      timeout 120 python3 -m bench.pack_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
+        --device cuda --dtype fp16 --repeats 3 --warmup 1 --profile 40 > "$out/pack-cost-$pages.txt" 2>&1 \
+        || echo "pack_cost $pages rc=$?"
+      grep -A14 "^pack of" "$out/pack-cost-$pages.txt"
     done
     ;;
   ncu)

@@ -1,0 +1,55 @@
+# SPDX-License-Identifier: Apache-2.0
+"""bench.pack_cost: a real pool packs every planned page, the timings and counts come back, the pack's kernel ops
+grow with the layers (one pack launch a layer at least), and bad arguments are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("sglang")
+
+from bench import pack_cost  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = "--kv-heads 2 --pages 2 --page-size 16 --head-dim 64 --repeats 2 --warmup 0 --json"
+
+
+def _run(argv: str, capsys) -> dict:
+    report = pack_cost.main(argv.split())
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["pages_sealed"] == report["pages_sealed"]
+    return report
+
+
+def test_packs_every_planned_page_and_counts_the_packs_ops(capsys):
+    two = _run(f"--layers 2 {TINY}", capsys)
+    three = _run(f"--layers 3 {TINY} --seed 5", capsys)
+    for report in (two, three):
+        assert report["pages_sealed"] == (2 + 1) * 2  # two timed packs and the counted one, of 2 pages each
+        assert len(report["host_ms"]) == len(report["time_ms"]) == 2
+        assert all(0 < h <= t for h, t in zip(report["host_ms"], report["time_ms"]))
+        assert report["ops_by_kind"]["kernel"] > 0
+    # each layer packs its own segments: a third layer adds kernel ops at the store's pack
+    pack_site = [site for site in three["kernel_ops_by_site"] if "(seal)" in site]
+    assert pack_site
+    assert three["ops_by_kind"]["kernel"] > two["ops_by_kind"]["kernel"]
+
+
+def test_profile_names_the_pack(capsys):
+    report = _run(f"--layers 2 {TINY} --repeats 1 --no-count --profile 5", capsys)
+    assert report["pages_sealed"] == (1 + 1) * 2
+    assert "seal_pages" in report["profile"]
+    assert "ops_by_kind" not in report
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [("--pages 0", "--pages: expected an integer >= 1, got 0"), ("--warmup -1", "--warmup: expected an integer >= 0"),
+     ("--ratio 1", "--ratio: expected a compression ratio > 1, got 1.0")],
+)  # fmt: skip
+def test_bad_arguments_are_refused_by_name(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        pack_cost.main(argv.split())
