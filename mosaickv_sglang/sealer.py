@@ -767,38 +767,26 @@ class Sealer:
 
     def plan_layers(self, pages: np.ndarray, sink_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:
         """Fast plans of every local layer for ``pages`` in one planner call: for each layer, the plan
-        :meth:`plan_layer` (the per-layer reference) gives, with a constant number of host reads per seal."""
-        return self._plan_with(pages, *self._plan_inputs(pages), sink_mask, ratio)
-
-    def _plan_inputs(
-        self, pages: np.ndarray
-    ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], Optional[torch.Tensor]]:
-        """What :meth:`plan_layers` reads of the sealer's state: the pages' physical pages (on the host: a seal graph
-        takes them as they are, the plain planner as slots on the device), each layer's queries (views of the window,
-        or of its snapshot beside the step) and, with seal graphs and a full window, every layer's at once
-        (:meth:`QueryWindow.full_window`)."""
+        :meth:`plan_layer` (the per-layer reference) gives, with a constant number of host reads per seal. With seal
+        graphs and every layer's query window full (:meth:`QueryWindow.full_window`), through the pages' bucket."""
+        pool = self.pool
+        h = int(pool.head_num)
+        phys = pool.physical_pages(torch.from_numpy(pages))  # on the host
+        always_dense = np.repeat(np.asarray(sink_mask, dtype=bool), h)
+        budget = self._budget(sink_mask, ratio)
+        full = self.window.full_window() if self.seal_graphs is not None else None
+        if full is not None:
+            plans = self.seal_graphs.plan(phys.numpy().astype(np.int64), full, always_dense, budget)
+            if plans is not None:
+                return plans
         # views, copied a planner chunk at a time: q[heads] of every layer held at once was half of a 128-page seal's
         # transient memory on the 8B shape (2.1 of 4.1 GB, ninth run)
         queries = [None if q is None else q.expand(pages.size, *q.shape)
-                   for q in map(self.window.queries, range(self.pool.layer_num))]  # fmt: skip
-        full = self.window.full_window() if self.seal_graphs is not None else None
-        return self.pool.physical_pages(torch.from_numpy(pages)), queries, full
-
-    def _plan_with(self, pages: np.ndarray, phys: torch.Tensor, queries: List[Optional[torch.Tensor]],
-                   full: Optional[torch.Tensor], sink_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:  # fmt: skip
-        pool = self.pool
-        h = int(pool.head_num)
-        if self.seal_graphs is not None and full is not None:
-            plans = self.seal_graphs.plan(phys.numpy().astype(np.int64), full,
-                                          np.repeat(np.asarray(sink_mask, dtype=bool), h),
-                                          self._budget(sink_mask, ratio))  # fmt: skip
-            if plans is not None:
-                return plans
+                   for q in map(self.window.queries, range(pool.layer_num))]  # fmt: skip
         keys, values = self._gather_layers(self._slots(phys), pages.size)
-        results = plan_fast_layers(keys, values, budget_bytes=[self._budget(sink_mask, ratio)] * pool.layer_num,
-                                   queries=queries, group_ids=np.tile(np.arange(h), pages.size),
-                                   always_dense=np.repeat(np.asarray(sink_mask, dtype=bool), h), menu=self.menu,
-                                   max_segments=self.plan_max_segments,
+        results = plan_fast_layers(keys, values, budget_bytes=[budget] * pool.layer_num, queries=queries,
+                                   group_ids=np.tile(np.arange(h), pages.size), always_dense=always_dense,
+                                   menu=self.menu, max_segments=self.plan_max_segments,
                                    max_chunk_bytes=self.plan_max_chunk_bytes)  # fmt: skip
         return [r.plan for r in results]
 

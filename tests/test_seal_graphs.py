@@ -49,7 +49,7 @@ class PoolCase:
                           device=self.device)  # fmt: skip
 
     def one_call(self, phys: np.ndarray, sinks: np.ndarray, budget: int, menu, **kw):
-        """The sealer's one-call planner on the same pages (Sealer._plan_with without graphs)."""
+        """The sealer's one-call planner on the same pages (Sealer.plan_layers without graphs)."""
         p = phys.size
         slots = (torch.from_numpy(phys)[:, None] * self.s + torch.arange(self.s)[None, :]).reshape(-1).to(self.device)
         keys, values = self.gather(slots, p)
