@@ -34,6 +34,7 @@ import torch
 
 from bench.host_syncs import HostSyncCounter
 from bench.op_census import OpCensus
+from bench.seal_cost import add_seal_shape_args, fill_query_window
 from mosaickv_sglang.config import MosaicKVConfig
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.pending_seal import sizes_to_host
@@ -45,14 +46,7 @@ SITE_ROOTS = ("mosaickv_sglang",)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--group", type=int, default=4, help="query heads per KV head")
-    p.add_argument("--pages", type=int, default=128, help="pages sealed at once")
-    p.add_argument("--page-size", type=int, default=64)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--ratio", type=float, default=3.0)
-    p.add_argument("--window", type=int, default=32, help="recent queries per layer")
+    add_seal_shape_args(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed packs")
@@ -85,9 +79,9 @@ def build_pool(args: argparse.Namespace, seals: int) -> MosaicMHATokenToKVPool:
                          sidecar=False, decode_read_budget=0)  # fmt: skip
     pool = MosaicMHATokenToKVPool(tokens, s, DTYPES[args.dtype], args.kv_heads, args.head_dim, args.layers,
                                   args.device, False, mosaic_config=cfg, hot_tokens=tokens)  # fmt: skip
-    gen = torch.Generator().manual_seed(args.seed)
-    for buf in list(pool.k_buffer) + list(pool.v_buffer):
-        buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype))
+    gen = torch.Generator(device=pool.k_buffer[0].device).manual_seed(args.seed)
+    for buf in list(pool.k_buffer) + list(pool.v_buffer):  # made on the device: gigabytes on the 8B shape
+        torch.randn(buf.shape, generator=gen, out=buf)
     return pool
 
 
@@ -113,20 +107,15 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     seals = args.warmup + args.repeats + (0 if args.no_count else 1) + (1 if args.profile else 0)
     pool = build_pool(args, seals)
     sealer = Sealer(pool, args.kv_heads * args.group, query_window=args.window)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    for layer in range(args.layers):
-        q = 1.5 * torch.randn(args.window, args.kv_heads * args.group, args.head_dim, generator=gen)
-        sealer.window.observe(layer, q.to(dev))
+    fill_query_window(sealer, args)
     sinks = np.zeros(args.pages, dtype=bool)
     batches = iter(range(seals))
 
     def planned() -> tuple:
         pages = pages_of(pool, next(batches), args.pages)
         plans = sealer.plan_layers(pages, sinks, args.ratio)
-        sizes, ready = sizes_to_host(plans)
-        if ready is not None:
-            ready.synchronize()
-        sync(dev)
+        sizes, _ = sizes_to_host(plans)
+        sync(dev)  # the sizes' copy included
         return torch.from_numpy(pages), plans, sizes.numpy()
 
     hosts, times = [], []

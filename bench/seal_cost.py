@@ -58,17 +58,30 @@ from mosaickv_sglang.sealer import Sealer
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_seal_shape_args(p: argparse.ArgumentParser) -> None:
+    """The seal's shape, ratio and query window (``bench.seal_cost``, ``bench.pack_cost``)."""
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--group", type=int, default=4, help="query heads per KV head")
     p.add_argument("--pages", type=int, default=128, help="pages sealed at once")
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--sinks", type=int, default=1, help="pages of the seal that are always-dense sinks")
     p.add_argument("--ratio", type=float, default=3.0)
     p.add_argument("--window", type=int, default=32, help="recent queries per layer")
+
+
+def fill_query_window(sealer: Sealer, args: argparse.Namespace) -> None:
+    """A full query window of random queries in every layer (seeded by ``args.seed + 1``)."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    for layer in range(args.layers):
+        q = 1.5 * torch.randn(args.window, args.kv_heads * args.group, args.head_dim, generator=gen)
+        sealer.window.observe(layer, q.to(args.device))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_seal_shape_args(p)
+    p.add_argument("--sinks", type=int, default=1, help="pages of the seal that are always-dense sinks")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -201,10 +214,7 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     pool = stand_in_pool(args)
     sealer = Sealer(pool, args.kv_heads * args.group, query_window=args.window)
     sealer.plan_max_segments, sealer.plan_max_chunk_bytes = args.max_segments, args.max_chunk_bytes
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    for layer in range(args.layers):
-        q = 1.5 * torch.randn(args.window, args.kv_heads * args.group, args.head_dim, generator=gen)
-        sealer.window.observe(layer, q.to(args.device))
+    fill_query_window(sealer, args)
     pages = np.arange(args.pages, dtype=np.int64)
     sinks = np.arange(args.pages) < args.sinks
     dev = torch.device(args.device)
