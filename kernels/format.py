@@ -194,6 +194,10 @@ def assign_offsets(granules: torch.Tensor, base: int = 0) -> torch.Tensor:
     return torch.cumsum(g, 0) - g + int(base)
 
 
+_PLAN_VECTORS = ("token_keep", "k_form", "k_param", "v_form", "v_param", "k_chan_weight", "v_chan_weight", "flags")
+"""A plan's per-segment tensors (first dim ``N``), apart from the low-rank factors."""
+
+
 @dataclasses.dataclass
 class SegmentPlan:
     """Compression plan of ``N`` segments (one layer), as produced by the planner and consumed by ``pack``.
@@ -368,7 +372,7 @@ class SegmentPlan:
             return None if t is None else (t[0][start:stop], t[1][start:stop])
 
         part = object.__new__(type(self))  # no __init__, so no __post_init__
-        for f in ("token_keep", "k_form", "k_param", "v_form", "v_param", "k_chan_weight", "v_chan_weight", "flags"):
+        for f in _PLAN_VECTORS:
             setattr(part, f, getattr(self, f)[start:stop])
         part.k_factors, part.v_factors = cut(self.k_factors), cut(self.v_factors)
         return part
@@ -383,7 +387,7 @@ class SegmentPlan:
             return None if t is None else (t[0].to(device), t[1].to(device))
 
         moved = object.__new__(type(self))
-        for f in ("token_keep", "k_form", "k_param", "v_form", "v_param", "k_chan_weight", "v_chan_weight", "flags"):
+        for f in _PLAN_VECTORS:
             setattr(moved, f, getattr(self, f).to(device))
         moved.k_factors, moved.v_factors = move(self.k_factors), move(self.v_factors)
         return moved
@@ -469,3 +473,76 @@ def plans_granules(plans: Sequence["SegmentPlan"]) -> torch.Tensor:
     kg = payload_granules(torch.stack([p.k_form for p in plans]), torch.stack([p.k_param for p in plans]), rows, d)
     vg = payload_granules(torch.stack([p.v_form for p in plans]), torch.stack([p.v_param for p in plans]), rows, d)
     return torch.stack([kg, vg], 2)  # type: ignore[list-item]
+
+
+def _joined_views(parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``torch.cat(parts)`` as a view when the parts are consecutive row ranges of one tensor (same storage, strides
+    and trailing shape, each starting where the previous ends), else ``None``."""
+    first = parts[0]
+    stride, tail = first.stride(), first.shape[1:]
+    storage = first.untyped_storage().data_ptr()
+    at = first.storage_offset()
+    for t in parts:
+        if (t.stride() != stride or t.shape[1:] != tail or t.dtype != first.dtype or t.device != first.device
+                or t.storage_offset() != at or t.untyped_storage().data_ptr() != storage):  # fmt: skip
+            return None
+        at += t.shape[0] * stride[0]
+    rows = sum(t.shape[0] for t in parts)
+    return first.as_strided((rows, *tail), stride, first.storage_offset())
+
+
+def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    view = _joined_views(parts)
+    return view if view is not None else torch.cat(list(parts))
+
+
+def _joined_factors(plans: Sequence["SegmentPlan"], side: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """One side's factors of all plans: ``None`` when no plan has them; else ``A``, ``B`` as wide as the widest plan's
+    (narrower ones zero-padded, plans without factors zero: never read, their segments are not low-rank)."""
+    factors = [getattr(p, side) for p in plans]
+    present = [f for f in factors if f is not None]
+    if not present:
+        return None
+    if len(present) == len(factors):
+        a, b = _joined_views([f[0] for f in factors]), _joined_views([f[1] for f in factors])
+        if a is not None and b is not None:
+            return a, b
+    width = max(f[0].shape[2] for f in present)
+    dtype, dev = present[0][0].dtype, present[0][0].device
+    a_parts, b_parts = [], []
+    for p, f in zip(plans, factors):
+        n, s, d = p.num_segments, p.seg_size, p.head_dim
+        a = torch.zeros(n, s, width, dtype=dtype, device=dev)
+        b = torch.zeros(n, width, d, dtype=dtype, device=dev)
+        if f is not None:
+            a[:, :, : f[0].shape[2]] = f[0]
+            b[:, : f[1].shape[1]] = f[1]
+        a_parts.append(a)
+        b_parts.append(b)
+    return torch.cat(a_parts), torch.cat(b_parts)
+
+
+def concat_plans(plans: Sequence["SegmentPlan"]) -> "SegmentPlan":
+    """The segments of ``plans`` in order, as one plan (e.g. one plan per layer -> the layer-major plan that
+    :func:`~mosaickv_sglang.kernels.pack.pack_layers_fwd` packs in one launch).
+
+    Plans that are consecutive :meth:`SegmentPlan.segment_slice` s of one plan (the planners' per-layer plans) are
+    joined without a copy; others are concatenated (low-rank factors zero-padded to the widest plan's). Not checked
+    again: every check of ``__post_init__`` holds for the union of checked plans of one segment size and head dim.
+    """
+    if not plans:
+        raise ValueError("plans: expected at least one plan, got none")
+    for p in plans:
+        if not isinstance(p, SegmentPlan):
+            raise TypeError(f"plans: expected SegmentPlan items, got {type(p).__name__}")
+    s, d, dev = plans[0].seg_size, plans[0].head_dim, plans[0].device
+    if any(p.seg_size != s or p.head_dim != d or p.device != dev for p in plans):
+        raise ValueError(f"plans: expected one segment size, head dim and device, got "
+                         f"{[(p.seg_size, p.head_dim, str(p.device)) for p in plans]}")  # fmt: skip
+    if len(plans) == 1:
+        return plans[0]
+    whole = object.__new__(SegmentPlan)  # no __init__, so no __post_init__
+    for f in _PLAN_VECTORS:
+        setattr(whole, f, _joined([getattr(p, f) for p in plans]))
+    whole.k_factors, whole.v_factors = _joined_factors(plans, "k_factors"), _joined_factors(plans, "v_factors")
+    return whole

@@ -1,9 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """Triton kernel that compresses segments from an SGLang KV pool buffer into the packed arena.
 
-One program per segment. It gathers the segment's ``S`` token rows of one KV head from the pool buffers
-``[pool_size, H_kv, d]`` (fp16/bf16, the arena dtype), keeps the plan's tokens (compacted in order), writes the K and
-V payloads in their planned forms, the descriptor row and the K min/max bounds over all ``S`` original rows.
+One program per segment and layer. It gathers the segment's ``S`` token rows of one KV head from the layer's pool
+buffers ``[pool_size, H_kv, d]`` (fp16/bf16, the arena dtype), keeps the plan's tokens (compacted in order), writes the
+K and V payloads in their planned forms, the descriptor row and the K min/max bounds over all ``S`` original rows.
+
+The layers of one launch share the segments' token slots, heads and descriptor rows, and read the plan's rows
+layer-major (layer ``j``'s segment ``n`` is plan row ``j * N + n``). Each layer's pool buffers, arena, descriptor and
+bounds tables are its own tensors: the kernel gets layer 0's and a table of each layer's element offsets from them
+(``[L, LAYER_COLS]`` int64, columns ``LAYER_*``), so one launch packs every layer of a seal.
 
 Per-vector top-k (:data:`FORM_CHAN`) is selected here: the k-th largest score ``|x_c| * w_c`` (fp32) of each row is
 found by a 31-step bitwise binary search on the score bits (non-negative floats order like their int32 bit
@@ -31,6 +36,14 @@ from ._common import (
     GRANULE_ELEMS,
     MASK_BITS,
 )
+
+LAYER_K_SRC: tl.constexpr = tl.constexpr(0)
+LAYER_V_SRC: tl.constexpr = tl.constexpr(1)
+LAYER_ARENA: tl.constexpr = tl.constexpr(2)
+LAYER_ARENA_I32: tl.constexpr = tl.constexpr(3)
+LAYER_DESC: tl.constexpr = tl.constexpr(4)
+LAYER_BOUNDS: tl.constexpr = tl.constexpr(5)
+LAYER_COLS: tl.constexpr = tl.constexpr(6)
 
 
 @triton.jit
@@ -122,11 +135,13 @@ def _pack_factors(
 
 
 # The factor strides change with the plan's factor widths (its largest rank per side) and are not specialized: with
-# R_PAD fixed by the shape, one compiled variant packs factors of any rank.
+# R_PAD fixed by the shape, one compiled variant packs factors of any rank. The offsets' strides change with the
+# segment count and are not specialized either.
 @triton.jit(
     do_not_specialize=[
         "stride_ka_n", "stride_ka_s", "stride_ka_r", "stride_kb_n", "stride_kb_r", "stride_kb_d",
         "stride_va_n", "stride_va_s", "stride_va_r", "stride_vb_n", "stride_vb_r", "stride_vb_d",
+        "stride_off_l", "stride_off_n",
     ]
 )  # fmt: skip
 def _pack_segments_main_kernel(
@@ -181,31 +196,45 @@ def _pack_segments_main_kernel(
     stride_bd_2,
     stride_bd_d,
     seg_ids_ptr,
-    k_off_ptr,
-    v_off_ptr,
+    off_ptr,
+    stride_off_l,
+    stride_off_n,
+    layer_offs_ptr,
     SEG_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     R_PAD: tl.constexpr,
     HAS_FACTORS: tl.constexpr,
+    LAYER_ALIGN: tl.constexpr,
 ):
     tl.static_assert(HEAD_DIM % 32 == 0)
     tl.static_assert(SEG_SIZE % BLOCK_M == 0)
     n = tl.program_id(0).to(tl.int64)
+    layer = tl.program_id(1).to(tl.int64)
+    g = layer * tl.num_programs(0) + n  # the segment's row in the plan (layer-major)
+    # this layer's tensors: element offsets from layer 0's, each a multiple of LAYER_ALIGN
+    lo = layer_offs_ptr + layer * LAYER_COLS
+    k_src_ptr += tl.multiple_of(tl.load(lo + LAYER_K_SRC), LAYER_ALIGN)
+    v_src_ptr += tl.multiple_of(tl.load(lo + LAYER_V_SRC), LAYER_ALIGN)
+    arena_ptr += tl.multiple_of(tl.load(lo + LAYER_ARENA), LAYER_ALIGN)
+    arena_i32_ptr += tl.multiple_of(tl.load(lo + LAYER_ARENA_I32), LAYER_ALIGN)
+    desc_ptr += tl.multiple_of(tl.load(lo + LAYER_DESC), LAYER_ALIGN)
+    bounds_ptr += tl.multiple_of(tl.load(lo + LAYER_BOUNDS), LAYER_ALIGN)
+
     cols = tl.arange(0, HEAD_DIM)
     sid = tl.load(seg_ids_ptr + n).to(tl.int64)
     head = tl.load(head_ptr + n).to(tl.int64)
-    k_form = tl.load(k_form_ptr + n)
-    k_param = tl.where(k_form == FORM_DENSE, 0, tl.load(k_param_ptr + n))
-    v_form = tl.load(v_form_ptr + n)
-    v_param = tl.where(v_form == FORM_DENSE, 0, tl.load(v_param_ptr + n))
-    flags = tl.load(flags_ptr + n)
-    k_goff = tl.load(k_off_ptr + n).to(tl.int64)
-    v_goff = tl.load(v_off_ptr + n).to(tl.int64)
+    k_form = tl.load(k_form_ptr + g)
+    k_param = tl.where(k_form == FORM_DENSE, 0, tl.load(k_param_ptr + g))
+    v_form = tl.load(v_form_ptr + g)
+    v_param = tl.where(v_form == FORM_DENSE, 0, tl.load(v_param_ptr + g))
+    flags = tl.load(flags_ptr + g)
+    k_goff = tl.load(off_ptr + layer * stride_off_l + n * stride_off_n).to(tl.int64)
+    v_goff = tl.load(off_ptr + layer * stride_off_l + n * stride_off_n + 1).to(tl.int64)
     k_off = k_goff * GRANULE_ELEMS  # int64: arenas may exceed 2**31 elements
     v_off = v_goff * GRANULE_ELEMS
 
-    keep_all = tl.load(keep_ptr + n * stride_keep_n + tl.arange(0, SEG_SIZE) * stride_keep_s) != 0
+    keep_all = tl.load(keep_ptr + g * stride_keep_n + tl.arange(0, SEG_SIZE) * stride_keep_s) != 0
     m = tl.sum(keep_all.to(tl.int32), axis=0)
 
     kmin = tl.full([HEAD_DIM], float("inf"), dtype=tl.float32)
@@ -213,7 +242,7 @@ def _pack_segments_main_kernel(
     base = m * 0
     for s0 in range(0, SEG_SIZE, BLOCK_M):
         srow = s0 + tl.arange(0, BLOCK_M)
-        keep = tl.load(keep_ptr + n * stride_keep_n + srow * stride_keep_s) != 0
+        keep = tl.load(keep_ptr + g * stride_keep_n + srow * stride_keep_s) != 0
         out_row = base + tl.cumsum(keep.to(tl.int32), axis=0) - 1
         tok = tl.load(tok_ptr + n * stride_tok_n + srow * stride_tok_s).to(tl.int64)
         kx = tl.load(k_src_ptr + tok[:, None] * stride_ks_t + head * stride_ks_h + cols[None, :] * stride_ks_d)
@@ -221,18 +250,18 @@ def _pack_segments_main_kernel(
         kf = kx.to(tl.float32)
         kmin = tl.minimum(kmin, tl.min(kf, axis=0))
         kmax = tl.maximum(kmax, tl.max(kf, axis=0))
-        _pack_rows(kx, keep, out_row, k_form, k_param, m, k_off, kw_ptr + n * stride_kw_n, stride_kw_d,
+        _pack_rows(kx, keep, out_row, k_form, k_param, m, k_off, kw_ptr + g * stride_kw_n, stride_kw_d,
                    arena_ptr, arena_i32_ptr, HEAD_DIM, BLOCK_M)
-        _pack_rows(vx, keep, out_row, v_form, v_param, m, v_off, vw_ptr + n * stride_vw_n, stride_vw_d,
+        _pack_rows(vx, keep, out_row, v_form, v_param, m, v_off, vw_ptr + g * stride_vw_n, stride_vw_d,
                    arena_ptr, arena_i32_ptr, HEAD_DIM, BLOCK_M)
         base += tl.sum(keep.to(tl.int32), axis=0)
 
     if HAS_FACTORS:
         if k_form == FORM_LOWRANK:
-            _pack_factors(ka_ptr + n * stride_ka_n, stride_ka_s, stride_ka_r, kb_ptr + n * stride_kb_n, stride_kb_r,
+            _pack_factors(ka_ptr + g * stride_ka_n, stride_ka_s, stride_ka_r, kb_ptr + g * stride_kb_n, stride_kb_r,
                           stride_kb_d, k_param, m, k_off, arena_ptr, HEAD_DIM, BLOCK_M, R_PAD)
         if v_form == FORM_LOWRANK:
-            _pack_factors(va_ptr + n * stride_va_n, stride_va_s, stride_va_r, vb_ptr + n * stride_vb_n, stride_vb_r,
+            _pack_factors(va_ptr + g * stride_va_n, stride_va_s, stride_va_r, vb_ptr + g * stride_vb_n, stride_vb_r,
                           stride_vb_d, v_param, m, v_off, arena_ptr, HEAD_DIM, BLOCK_M, R_PAD)
 
     bt = bounds_ptr.dtype.element_ty

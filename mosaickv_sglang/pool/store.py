@@ -27,9 +27,10 @@ from mosaickv_sglang.kernels.format import (
     MIN_SEG_SIZE,
     SegmentPlan,
     V_OFF,
+    concat_plans,
     plans_granules,
 )
-from mosaickv_sglang.kernels.pack import pack_segments_fwd
+from mosaickv_sglang.kernels.pack import pack_layers_fwd
 from mosaickv_sglang.pool.allocator import ArenaFullError, GranuleAllocator
 from mosaickv_sglang.pool.compaction import move_runs, packed_offsets
 from mosaickv_sglang.pool.device import to_device
@@ -591,12 +592,12 @@ class CompressedKVStore:
             raise ValueError(f"sizes: expected shape [{len(plans)}, {2 * rows.size}], got {list(np.shape(sizes))}")
         allocs = self._alloc_layers(layers, plans, sizes)
         try:
-            all_offs = to_device(torch.from_numpy(np.stack([off for off, _ in allocs])), self.device)  # one copy
-            for li, plan, offs in zip(layers, plans, all_offs):
-                pack_segments_fwd(
-                    k_bufs[li], v_bufs[li], tok, heads, plan, self.arenas[li], self.desc[li], self.bounds[li],
-                    rows_dev, offs[:, 0].contiguous(), offs[:, 1].contiguous(),  # launcher: contiguous
-                )  # fmt: skip
+            all_offs = to_device(torch.from_numpy(np.stack([off for off, _ in allocs])), self.device)  # [L, N, 2]
+            pack_layers_fwd(
+                [k_bufs[li] for li in layers], [v_bufs[li] for li in layers], tok, heads, concat_plans(plans),
+                [self.arenas[li] for li in layers], [self.desc[li] for li in layers],
+                [self.bounds[li] for li in layers], rows_dev, all_offs,
+            )  # fmt: skip
         except BaseException:
             self._free_allocs(layers, allocs)
             raise
@@ -677,9 +678,9 @@ class CompressedKVStore:
                 bounds_new = torch.zeros(n, 2, self.head_dim, dtype=self.dtype, device=self.device)
                 offs = to_device(torch.from_numpy(off), self.device)
                 plan = _plan_to(plan, self.device)
-                pack_segments_fwd(
-                    k_bufs[li], v_bufs[li], tok, heads, plan, self.arenas[li], desc_new, bounds_new,
-                    staging_ids, offs[:, 0].contiguous(), offs[:, 1].contiguous(),  # launcher: contiguous
+                pack_layers_fwd(
+                    [k_bufs[li]], [v_bufs[li]], tok, heads, plan, [self.arenas[li]], [desc_new], [bounds_new],
+                    staging_ids, offs[None],
                 )  # fmt: skip
                 staged.append((desc_new, bounds_new))
         except BaseException:
