@@ -80,8 +80,8 @@ def _plan_columns(menu: Tuple[Candidate, ...], d: int, device: torch.device) -> 
 
 
 def _select_columns(columns: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-    """``columns[:, choice]`` in one gather, each row starting 16-byte aligned: a layer's slice of every plan vector
-    (and of ``flags``) is then aligned or misaligned alike, the two pack variants the warmup compiles."""
+    """``columns[:, choice]`` in one gather, each row starting 16-byte aligned: the whole plan's vectors, which a seal
+    packs in one launch (``pack_layers_fwd``), are then aligned, the pack variant the warmup compiles."""
     n = choice.numel()
     pad = -n % 4
     if pad:

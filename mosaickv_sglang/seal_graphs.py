@@ -203,8 +203,8 @@ class SealGraphs:
             out.view((nl, n) + tuple(x.shape[1:])).copy_(x.view((nl, nb) + tuple(x.shape[1:]))[:, :n])
             return out
 
-        # the four plan vectors as rows of one tensor, each 16-byte aligned (as plan_on_device's columns): a layer's
-        # slice of each is aligned or misaligned alike, the pack variants the warmup compiles
+        # the four plan vectors as rows of one tensor, each 16-byte aligned (as plan_on_device's columns): the whole
+        # plan's vectors, packed in one launch, are aligned, the pack variant the warmup compiles
         cols = torch.empty((4, nl * n + (-(nl * n) % 4)), dtype=torch.int32, device=dev)
         names = ("k_form", "k_param", "v_form", "v_param")
         for i, name in enumerate(names):

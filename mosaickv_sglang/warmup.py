@@ -58,8 +58,7 @@ class VariantSpec:
     """One compiled variant of one kernel, with representative launch values.
 
     ``width``: sel_ids width (``sparse_decode_split``) or MAX_SEGS (``segment_scores``, ``extend``). ``k_rank`` /
-    ``v_rank``: low-rank factor columns of a pack plan (0: no factors). ``misaligned``: pack plan vectors at an odd
-    int32 offset (a per-layer slice of the sealer's batched plan).
+    ``v_rank``: low-rank factor columns of a pack plan (0: no factors).
     """
 
     kernel: str
@@ -68,7 +67,6 @@ class VariantSpec:
     causal: bool = True
     k_rank: int = 0
     v_rank: int = 0
-    misaligned: bool = False
 
 
 def split_counts(num_kv_heads: int, num_sms: int) -> List[int]:
@@ -89,11 +87,9 @@ def menu_ranks(menu: Sequence[Candidate]) -> Tuple[int, ...]:
 def enumerate_variants(shape: WarmupShape) -> List[VariantSpec]:
     """The kernel variants serving can launch for ``shape``, each once."""
     h = shape.num_kv_heads
+    # a seal packs every layer in one launch (store.py seal -> pack_layers_fwd) from the planners' whole plan, whose
+    # vectors start 16-byte aligned (plan_layers.py _select_columns, seal_graphs.py _copy_out)
     specs = [VariantSpec("pack")]
-    # sealer.py plan_layers -> plan_fast_layers: layer i's plan is a slice at segment i * P * H_kv of one batched
-    # plan (format.py segment_slice), so its int32 form/param/flag vectors are 16-byte aligned only if 4 | i * P * H_kv
-    if shape.num_layers > 1 and h % 4:
-        specs.append(VariantSpec("pack", misaligned=True))
     # sidecar plans (planner._factors via shared_buffers.read_plan -> store.reseal): contiguous fp32 factors on K, V
     # or both, as wide as the plan's largest rank on that side; one variant for them all (pack_segments_fwd: the
     # factor strides are not specialized, R_PAD is fixed by the shape, a side without factors gets the other's)
@@ -172,12 +168,11 @@ class _Inputs:
         return t
 
 
-def _lowrank_plan(inp: _Inputs, k_rank: int, v_rank: int, misaligned: bool) -> SegmentPlan:
+def _lowrank_plan(inp: _Inputs, k_rank: int, v_rank: int) -> SegmentPlan:
     s, d, n, dev = inp.shape.seg_size, inp.shape.head_dim, inp.shape.num_kv_heads, inp.device
 
     def vec(value: int) -> torch.Tensor:
-        off = 1 if misaligned else 0
-        return torch.full((n + off,), value, dtype=torch.int32, device=dev)[off:]
+        return torch.full((n,), value, dtype=torch.int32, device=dev)
 
     def side(rank: int):
         if not rank:
@@ -204,7 +199,7 @@ def _run_one(inp: _Inputs, spec: VariantSpec) -> None:
     h, d, s = sh.num_kv_heads, sh.head_dim, sh.seg_size
     f32 = dict(dtype=torch.float32, device=dev)
     if spec.kernel == "pack":
-        inp.pack(_lowrank_plan(inp, spec.k_rank, spec.v_rank, spec.misaligned))
+        inp.pack(_lowrank_plan(inp, spec.k_rank, spec.v_rank))
     elif spec.kernel == "unpack":
         k_out = torch.empty(1, h, 1, s, d, dtype=sh.dtype, device=dev)
         unpack_segments_fwd(inp.arena, inp.desc, inp.seg_table(1), k_out, torch.empty_like(k_out))

@@ -68,31 +68,29 @@ def test_every_sidecar_menu_rank_pair_maps_to_a_warmed_pack_variant(seg_size, he
                                                                      launch=False))  # fmt: skip
     inp = warmup._Inputs(sh, torch.device("cpu"))
     packs = [s for s in enumerate_variants(sh) if s.kernel == "pack"]
-    assert len(packs) == 2 and not any(s.misaligned for s in packs)
+    assert len(packs) == 2
     for spec in packs:
         warmup._run_one(inp, spec)
     warmed = set(keys)
     assert len(warmed) == len(packs)
     # a plan's factor width per side is its largest rank there: any menu rank, or no factors
     for k_rank, v_rank in itertools.product((0, *ranks), repeat=2):
-        inp.pack(warmup._lowrank_plan(inp, k_rank, v_rank, misaligned=False))
+        inp.pack(warmup._lowrank_plan(inp, k_rank, v_rank))
     assert keys == warmed
 
 
-def test_without_sidecar_pack_has_no_factor_variants_and_misalignment_follows_heads():
-    packs = [s for s in enumerate_variants(shape()) if s.kernel == "pack"]
-    assert packs == [VariantSpec("pack")]
-    packs = [s for s in enumerate_variants(shape(num_kv_heads=2)) if s.kernel == "pack"]
-    assert packs == [VariantSpec("pack"), VariantSpec("pack", misaligned=True)]
-    assert [s for s in enumerate_variants(shape(num_kv_heads=2, num_layers=1)) if s.kernel == "pack"] == packs[:1]
+def test_without_sidecar_pack_has_one_variant_whatever_the_heads():
+    """A seal packs every layer from one whole plan (aligned), so the KV head count adds no variant."""
+    for heads, layers in ((8, 32), (2, 32), (3, 1)):
+        packs = [s for s in enumerate_variants(shape(num_kv_heads=heads, num_layers=layers)) if s.kernel == "pack"]
+        assert packs == [VariantSpec("pack")]
 
 
 def test_sidecar_adds_one_pack_variant_whatever_its_ranks():
     for ranks in ((8,), (8, 16, 32), (1, 12, 48, 64)):
         packs = [s for s in enumerate_variants(shape(num_kv_heads=2, sidecar_ranks=ranks)) if s.kernel == "pack"]
         r = max(ranks)
-        assert packs == [VariantSpec("pack"), VariantSpec("pack", misaligned=True),
-                         VariantSpec("pack", k_rank=r, v_rank=r)]  # fmt: skip
+        assert packs == [VariantSpec("pack"), VariantSpec("pack", k_rank=r, v_rank=r)]
 
 
 def test_specs_are_distinct_and_llama8b_count():
@@ -114,7 +112,7 @@ def test_runner_launches_every_spec_fp16():
     sh = _tiny(torch.float16)
     specs = enumerate_variants(sh)
     assert {s.kernel for s in specs} == {"pack", "unpack", "extend", "segment_scores", "sparse_decode_split",
-                                         "sparse_decode_merge"} and any(s.misaligned for s in specs)  # fmt: skip
+                                         "sparse_decode_merge"}  # fmt: skip
     count, seconds = run_warmup(specs, sh, "cpu")
     assert count == len(specs) and seconds > 0
 

@@ -80,7 +80,7 @@ def test_factor_ranks_do_not_change_the_pack_compile_key(record):
                                q_dtype=torch.float16, num_layers=2, num_sms=132, read_budget_segments=0)  # fmt: skip
     inp = warmup._Inputs(shape, torch.device("cpu"))
     for k_rank, v_rank in itertools.product((0, 1, 8, 12, 16, 32, 48), repeat=2):
-        inp.pack(warmup._lowrank_plan(inp, k_rank, v_rank, misaligned=False))
+        inp.pack(warmup._lowrank_plan(inp, k_rank, v_rank))
     keys = [k for k in record if k[0] == "_pack_segments_main_kernel"]
     assert sorted(dict(k[2])["HAS_FACTORS"] for k in keys) == ["False", "True"]
 
