@@ -375,6 +375,10 @@ class SegmentPlan:
         for f in _PLAN_VECTORS:
             setattr(part, f, getattr(self, f)[start:stop])
         part.k_factors, part.v_factors = cut(self.k_factors), cut(self.v_factors)
+        # where the part's views start and end in the plan they were first cut from (concat_plans joins parts of one
+        # plan back without a copy or a look at each tensor); not a field: copies of the plan (store._map_plan) drop it
+        root, at, _ = getattr(self, "_slice_of", (self, 0, 0))
+        part._slice_of = (root, at + start, at + stop)
         return part
 
     def to(self, device: torch.device) -> "SegmentPlan":
@@ -475,27 +479,6 @@ def plans_granules(plans: Sequence["SegmentPlan"]) -> torch.Tensor:
     return torch.stack([kg, vg], 2)  # type: ignore[list-item]
 
 
-def _joined_views(parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``torch.cat(parts)`` as a view when the parts are consecutive row ranges of one tensor (same storage, strides
-    and trailing shape, each starting where the previous ends), else ``None``."""
-    first = parts[0]
-    stride, tail = first.stride(), first.shape[1:]
-    storage = first.untyped_storage().data_ptr()
-    at = first.storage_offset()
-    for t in parts:
-        if (t.stride() != stride or t.shape[1:] != tail or t.dtype != first.dtype or t.device != first.device
-                or t.storage_offset() != at or t.untyped_storage().data_ptr() != storage):  # fmt: skip
-            return None
-        at += t.shape[0] * stride[0]
-    rows = sum(t.shape[0] for t in parts)
-    return first.as_strided((rows, *tail), stride, first.storage_offset())
-
-
-def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    view = _joined_views(parts)
-    return view if view is not None else torch.cat(list(parts))
-
-
 def _joined_factors(plans: Sequence["SegmentPlan"], side: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """One side's factors of all plans: ``None`` when no plan has them; else ``A``, ``B`` as wide as the widest plan's
     (narrower ones zero-padded, plans without factors zero: never read, their segments are not low-rank)."""
@@ -503,10 +486,6 @@ def _joined_factors(plans: Sequence["SegmentPlan"], side: str) -> Optional[Tuple
     present = [f for f in factors if f is not None]
     if not present:
         return None
-    if len(present) == len(factors):
-        a, b = _joined_views([f[0] for f in factors]), _joined_views([f[1] for f in factors])
-        if a is not None and b is not None:
-            return a, b
     width = max(f[0].shape[2] for f in present)
     dtype, dev = present[0][0].dtype, present[0][0].device
     a_parts, b_parts = [], []
@@ -526,12 +505,17 @@ def concat_plans(plans: Sequence["SegmentPlan"]) -> "SegmentPlan":
     """The segments of ``plans`` in order, as one plan (e.g. one plan per layer -> the layer-major plan that
     :func:`~mosaickv_sglang.kernels.pack.pack_layers_fwd` packs in one launch).
 
-    Plans that are consecutive :meth:`SegmentPlan.segment_slice` s of one plan (the planners' per-layer plans) are
-    joined without a copy; others are concatenated (low-rank factors zero-padded to the widest plan's). Not checked
-    again: every check of ``__post_init__`` holds for the union of checked plans of one segment size and head dim.
+    Plans that are consecutive :meth:`SegmentPlan.segment_slice` s of one plan (the planners' per-layer plans) give
+    that plan's slice back, without a copy; others are concatenated (low-rank factors zero-padded to the widest
+    plan's). Not checked again: every check of ``__post_init__`` holds for the union of checked plans of one segment
+    size and head dim.
     """
     if not plans:
         raise ValueError("plans: expected at least one plan, got none")
+    cuts = [getattr(p, "_slice_of", None) if isinstance(p, SegmentPlan) else None for p in plans]
+    if all(c is not None and c[0] is cuts[0][0] for c in cuts) and all(a[2] == b[1] for a, b in zip(cuts, cuts[1:])):
+        root, start, stop = cuts[0][0], cuts[0][1], cuts[-1][2]  # one plan's slices: checked as that plan was
+        return root if (start, stop) == (0, root.num_segments) else root.segment_slice(start, stop)
     for p in plans:
         if not isinstance(p, SegmentPlan):
             raise TypeError(f"plans: expected SegmentPlan items, got {type(p).__name__}")
@@ -543,6 +527,6 @@ def concat_plans(plans: Sequence["SegmentPlan"]) -> "SegmentPlan":
         return plans[0]
     whole = object.__new__(SegmentPlan)  # no __init__, so no __post_init__
     for f in _PLAN_VECTORS:
-        setattr(whole, f, _joined([getattr(p, f) for p in plans]))
+        setattr(whole, f, torch.cat([getattr(p, f) for p in plans]))
     whole.k_factors, whole.v_factors = _joined_factors(plans, "k_factors"), _joined_factors(plans, "v_factors")
     return whole

@@ -2,7 +2,8 @@
 """Launchers of the pack kernel: compress planned segments from an SGLang KV pool buffer into the packed arena.
 
 :func:`pack_segments_fwd` packs one layer; :func:`pack_layers_fwd` packs the same pages in every layer of a seal in
-one launch (the scheduler waits for a seal's launches: one per layer cost about 0.4 ms of host time each).
+one launch (the scheduler waits for a seal's launches and their argument checks: with one launch per layer, the pack
+held it about 14 ms a seal of the 8B shape on an H200, ``bench/RESULTS.md``).
 
 The Triton code is in ``mosaickv_sglang.kernels._triton.pack``; the plain-PyTorch oracle is
 :func:`mosaickv_sglang.kernels.reference.ref_pack_segments`. Packing runs when a plan lands (off the decode path), so

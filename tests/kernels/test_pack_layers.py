@@ -221,3 +221,25 @@ def test_concat_plans_rejects_bad_input(device):
         concat_plans([SegmentPlan.uniform(2, 16, 64, device=device), SegmentPlan.uniform(2, 32, 64, device=device)])
     one = SegmentPlan.uniform(2, 16, 64, device=device)
     assert concat_plans([one]) is one
+
+
+def test_concat_plans_views_only_consecutive_slices_of_one_plan(device):
+    """Consecutive slices of one plan (slices of slices too) join into that plan's slice, a view; slices out of order
+    or of two plans are copied in the order given."""
+    gen = torch.Generator().manual_seed(12)
+    whole = plan_to(random_plan(gen, 10, 16, 64, forms="mixed", rmax=(6, 3)), device)
+    other = plan_to(random_plan(gen, 4, 16, 64, forms="mixed", rmax=(6, 3)), device)
+    joined = concat_plans([whole.segment_slice(0, 3), whole.segment_slice(3, 10).segment_slice(0, 4)])
+    assert joined.num_segments == 7 and joined.k_form.data_ptr() == whole.k_form.data_ptr()
+    assert joined.v_factors[1].data_ptr() == whole.v_factors[1].data_ptr()
+    assert concat_plans([whole.segment_slice(0, 5), whole.segment_slice(5, 10)]) is whole
+    for parts in ([whole.segment_slice(3, 5), whole.segment_slice(0, 3)],
+                  [whole.segment_slice(0, 2), other.segment_slice(2, 4)]):  # fmt: skip
+        got = concat_plans(parts)
+        assert got.k_form.data_ptr() not in (whole.k_form.data_ptr(), other.k_form.data_ptr())
+        rows = 0
+        for p in parts:
+            part = got.segment_slice(rows, rows + p.num_segments)
+            assert torch.equal(part.token_keep, p.token_keep) and torch.equal(part.k_param, p.k_param)
+            assert torch.equal(part.v_chan_weight, p.v_chan_weight) and torch.equal(part.k_factors[0], p.k_factors[0])
+            rows += p.num_segments
