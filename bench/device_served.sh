@@ -34,7 +34,8 @@
 #            the pending seal's planner beside the step, plain and through graphs), then bench.seal_cost of
 #            the 8B shape at 128 and 100 pages with --graph-pages 64,128,160 (the host time of a seal through its
 #            bucket's graph beside the one-call planner's, in the same run, plans compared), then bench.pack_cost of
-#            the 8B shape at 32 and 128 pages (the pack's host time, profiled)
+#            the 8B shape at 32 and 128 pages (the pack's host time, profiled; the pack kernel alone, one launch per
+#            layer against one for all, bytes compared)
 #   overlap  SmolLM2, --mosaic-overlap-schedule on: bench.serve_check of stock SGLang (triton), stock with FlashInfer
 #            (stock against stock: the kernels' rounding noise), ratio 1 with the overlap scheduler on (token for token
 #            against stock), ratio 4 with it on
@@ -535,7 +536,8 @@ case "$step" in
     ;;
   seal-graphs)
     timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_seal_graphs.py \
-      tests/integration_cpu/test_pending_seal.py > "$out/seal-graphs-tests.log" 2>&1 || echo "seal graphs tests rc=$?"
+      tests/integration_cpu/test_pending_seal.py tests/kernels/test_pack_layers.py tests/kernels/test_pack.py \
+      > "$out/seal-graphs-tests.log" 2>&1 || echo "seal graphs tests rc=$?"
     tail -3 "$out/seal-graphs-tests.log"
     for pages in 128 100; do
       [ "$(left)" -gt 100 ] || { echo "seal_cost $pages skipped (budget)"; continue; }
@@ -548,9 +550,10 @@ case "$step" in
     for pages in 32 128; do
       [ "$(left)" -gt 60 ] || { echo "pack_cost $pages skipped (budget)"; continue; }
       timeout 120 python3 -m bench.pack_cost --layers 32 --kv-heads 8 --pages "$pages" --page-size 64 --head-dim 128 \
-        --device cuda --dtype fp16 --repeats 3 --warmup 1 --profile 40 > "$out/pack-cost-$pages.txt" 2>&1 \
-        || echo "pack_cost $pages rc=$?"
+        --device cuda --dtype fp16 --repeats 3 --warmup 1 --profile 40 --launches > "$out/pack-cost-$pages.txt" \
+        2>&1 || echo "pack_cost $pages rc=$?"
       grep -A14 "^pack of" "$out/pack-cost-$pages.txt"
+      grep "pack kernel alone" "$out/pack-cost-$pages.txt"
     done
     ;;
   ncu)

@@ -13,10 +13,14 @@ for), ``time`` the call until its device work is done. It counts the call's host
 (:class:`bench.host_syncs.HostSyncCounter`, where reads of host tensors count too; :class:`bench.op_census.OpCensus`,
 where Triton launches do not count: they are not aten ops; on the CPU, Triton's interpreter copies each kernel's
 tensor arguments, so those copies count there at the launch, not on a GPU), and
-with ``--profile N`` prints the ``N`` functions of most cumulative host time (:mod:`cProfile`). Example::
+with ``--profile N`` prints the ``N`` functions of most cumulative host time (:mod:`cProfile`).
+
+``--launches`` also times the pack kernel alone on one more seal's plans, side by side: one launch per layer
+(``pack_segments_fwd``, as the store packed before) against one launch for every layer (``pack_layers_fwd``, as it
+packs now), each into its own scratch tables, whose bytes must then be equal. Example::
 
     python -m bench.pack_cost --layers 32 --kv-heads 8 --pages 128 --page-size 64 --head-dim 128 --device cuda \\
-        --dtype fp16 --repeats 3 --warmup 1 --profile 30
+        --dtype fp16 --repeats 3 --warmup 1 --profile 30 --launches
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from bench.host_syncs import HostSyncCounter
 from bench.op_census import OpCensus
 from bench.seal_cost import add_seal_shape_args, fill_query_window
 from mosaickv_sglang.config import MosaicKVConfig
+from mosaickv_sglang.kernels.format import GRANULE_ELEMS, concat_plans
+from mosaickv_sglang.kernels.pack import pack_layers_fwd, pack_segments_fwd
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.pending_seal import sizes_to_host
 from mosaickv_sglang.sealer import Sealer
@@ -54,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-count", action="store_true", help="skip the (extra) pack that counts host syncs and ops")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="one more pack under cProfile: print its N functions of most cumulative time")  # fmt: skip
+    p.add_argument("--launches", action="store_true",
+                   help="also time the pack kernel alone: one launch per layer against one for all (bytes compared)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     return p
@@ -100,11 +108,67 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def compare_launches(pool: MosaicMHATokenToKVPool, pages: np.ndarray, plans: list, args: argparse.Namespace,
+                     dev: torch.device) -> Dict[str, object]:
+    """The pack kernel alone on ``plans`` (one per layer) for ``pages``: ``--repeats`` times one launch per layer and
+    one launch for all layers, alternated, each into its own scratch arenas, descriptor and bounds tables (the
+    bytes of both must be equal); host time (the scheduler's) and time until the device is done, per pack."""
+    s, h, num_layers = pool.page_size, args.kv_heads, args.layers
+    slots = pool.physical_slots(torch.from_numpy(pages)[:, None] * s + torch.arange(s)[None, :]).to(torch.int64)
+    tok = slots.to(dev).repeat_interleave(h, dim=0).contiguous()
+    n = tok.shape[0]
+    heads = torch.arange(h, dtype=torch.int32, device=dev).repeat(len(pages))
+    ids = torch.arange(n, dtype=torch.int32, device=dev)
+    offs = [plan.bump_offsets(0) for plan in plans]
+
+    def tables():
+        arenas = [torch.zeros(max(end, 1) * GRANULE_ELEMS, dtype=pool.dtype, device=dev) for _, _, end in offs]
+        descs = [torch.zeros(n, 8, dtype=torch.int32, device=dev) for _ in plans]
+        bounds = [torch.zeros(n, 2, args.head_dim, dtype=pool.dtype, device=dev) for _ in plans]
+        return arenas, descs, bounds
+
+    per_layer, one = tables(), tables()
+    k_offs = [k.to(dev) for k, _, _ in offs]
+    v_offs = [v.to(dev) for _, v, _ in offs]
+    offsets = torch.stack([torch.stack([k, v], -1) for k, v in zip(k_offs, v_offs)])
+    layers = list(range(num_layers))
+
+    def pack_per_layer():
+        arenas, descs, bounds = per_layer
+        for j in layers:
+            pack_segments_fwd(pool.k_buffer[j], pool.v_buffer[j], tok, heads, plans[j], arenas[j], descs[j],
+                              bounds[j], ids, k_offs[j], v_offs[j])  # fmt: skip
+
+    def pack_at_once():
+        arenas, descs, bounds = one
+        pack_layers_fwd(list(pool.k_buffer), list(pool.v_buffer), tok, heads, concat_plans(plans), arenas, descs,
+                        bounds, ids, offsets)  # fmt: skip
+
+    timings: Dict[str, Dict[str, list]] = {"per_layer": {"host_ms": [], "time_ms": []},
+                                           "one_launch": {"host_ms": [], "time_ms": []}}  # fmt: skip
+    for i in range(args.warmup + args.repeats):
+        for name, fn in (("per_layer", pack_per_layer), ("one_launch", pack_at_once)):
+            sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            host = time.perf_counter() - t0
+            sync(dev)
+            if i >= args.warmup:
+                timings[name]["host_ms"].append(1e3 * host)
+                timings[name]["time_ms"].append(1e3 * (time.perf_counter() - t0))
+    same = all(torch.equal(a.view(torch.int16) if a.is_floating_point() else a,
+                           b.view(torch.int16) if b.is_floating_point() else b)
+               for xs, ys in zip(per_layer, one) for a, b in zip(xs, ys))  # fmt: skip
+    if not same:
+        raise SystemExit("pack_cost --launches: one launch for all layers wrote other bytes than one per layer")
+    return {"launches": timings, "launches_same_bytes": same}
+
+
 def main(argv: List[str] = None) -> Dict[str, object]:
     args = build_parser().parse_args(argv)
     check_args(args)
     dev = torch.device(args.device)
-    seals = args.warmup + args.repeats + (0 if args.no_count else 1) + (1 if args.profile else 0)
+    seals = args.warmup + args.repeats + (0 if args.no_count else 1) + (1 if args.profile else 0) + args.launches
     pool = build_pool(args, seals)
     sealer = Sealer(pool, args.kv_heads * args.group, query_window=args.window)
     fill_query_window(sealer, args)
@@ -152,11 +216,15 @@ def main(argv: List[str] = None) -> Dict[str, object]:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(args.profile)
         report["profile"] = out.getvalue()
+    if args.launches:
+        pages_t, plans, _ = planned()
+        report.update(compare_launches(pool, pages_t.numpy(), plans, args, dev))
     pool.check_invariants()
+    packed = seals - args.launches  # the launches' pages are packed into scratch tables, not sealed
     sealed = int(pool.store.is_sealed(torch.arange(1, 1 + seals * args.pages)).sum())
     report["pages_sealed"] = sealed
-    if sealed != seals * args.pages:
-        raise SystemExit(f"pack_cost: expected {seals * args.pages} pages sealed, got {sealed}")
+    if sealed != packed * args.pages:
+        raise SystemExit(f"pack_cost: expected {packed * args.pages} pages sealed, got {sealed}")
     if args.json:
         print(json.dumps(report))
     else:
@@ -173,6 +241,12 @@ def main(argv: List[str] = None) -> Dict[str, object]:
                 print(f"    {n:6d} kernel ops  {site}")
         if args.profile:
             print(report["profile"])
+        if args.launches:
+            per, one = report["launches"]["per_layer"], report["launches"]["one_launch"]
+            print(f"  pack kernel alone, {args.layers} layers (same bytes): one launch per layer host "
+                  f"{np.median(per['host_ms']):.2f} ms, time {np.median(per['time_ms']):.2f} ms; one launch host "
+                  f"{np.median(one['host_ms']):.2f} ms, time {np.median(one['time_ms']):.2f} ms (medians of "
+                  f"{args.repeats}); host {np.median(per['host_ms']) / np.median(one['host_ms']):.1f}x less")
     return report
 
 

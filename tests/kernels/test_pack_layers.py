@@ -5,7 +5,7 @@
 import pytest
 import torch
 
-from mkv_kernel_cases import build_packed, plan_to, random_plan
+from mkv_kernel_cases import build_packed, gpu_only, plan_to, random_plan
 from mosaickv_sglang.kernels import pack as pack_mod
 from mosaickv_sglang.kernels.format import GRANULE_ELEMS, SegmentPlan, concat_plans
 from mosaickv_sglang.kernels.pack import pack_layers_fwd
@@ -20,7 +20,7 @@ LAYER_CASES = [
 ]
 
 
-def _layers(seed, d, s, n, h_kv, num_layers, rmax, device, per_layer_plans=True):
+def _layers(seed, d, s, n, h_kv, num_layers, rmax, device, per_layer_plans=True, dtype=torch.float16):
     """``num_layers`` packed cases (``pack="none"``) sharing the token slots, heads and descriptor rows, each with its
     own pool buffers, plan, offsets and NaN-filled tables; with ``per_layer_plans=False`` the plans are slices of one
     random plan of ``num_layers * n`` segments."""
@@ -29,7 +29,7 @@ def _layers(seed, d, s, n, h_kv, num_layers, rmax, device, per_layer_plans=True)
     tok = torch.stack([torch.randperm(pool, generator=gen)[:s] for _ in range(n)])
     heads = torch.randint(0, h_kv, (n,), generator=gen, dtype=torch.int32)
     cases = [build_packed(seed * 10 + j, n=n, seg_size=s, head_dim=d, h_kv=h_kv, pool=pool, device=device,
-                          rmax=rmax, always_read_frac=0.3, token_index=tok, seg_heads=heads, pack="none")
+                          dtype=dtype, rmax=rmax, always_read_frac=0.3, token_index=tok, seg_heads=heads, pack="none")
              for j in range(num_layers)]  # fmt: skip
     for c in cases[1:]:
         c.seg_ids = cases[0].seg_ids
@@ -96,6 +96,16 @@ def test_pack_layers_of_one_plans_slices(seed, d, s, n, h_kv, num_layers, rmax, 
     assert whole.k_factors[0].data_ptr() == first.k_factors[0].data_ptr()
     ref = _reference(cases)
     _pack_all(cases, whole)
+    _assert_matches(cases, ref)
+
+
+@gpu_only
+@pytest.mark.parametrize("seed, d, s, n, h_kv, num_layers, rmax", LAYER_CASES)
+def test_pack_layers_bf16_matches_reference_gpu(seed, d, s, n, h_kv, num_layers, rmax):
+    """bf16 pools and arenas: one launch writes each layer's reference bytes on the GPU."""
+    cases = _layers(seed, d, s, n, h_kv, num_layers, rmax, torch.device("cuda"), dtype=torch.bfloat16)
+    ref = _reference(cases)
+    _pack_all(cases)
     _assert_matches(cases, ref)
 
 
