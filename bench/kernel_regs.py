@@ -4,7 +4,7 @@
 Each kernel variant is compiled ahead of time for ``sm_90a`` (``triton.compile`` with a ``GPUTarget``), specialized as
 Triton's launcher would specialize a launch with the strides of the 8B shape's buffers (:func:`specialize`), and the
 PTX is assembled by the ``ptxas`` that ships in Triton's wheel with ``-v``: registers per thread, spill bytes, stack
-frame, plus Triton's shared memory. From those, the resident blocks per SM (65,536 registers, 228 KB of shared
+frame, plus Triton's shared memory and the PTX's 16-byte (``v4``) global loads. From those, the resident blocks per SM (65,536 registers, 228 KB of shared
 memory, 64 warps per SM on an H100/H200). A decode kernel whose loads wait on each other needs many warps in flight
 to reach HBM bandwidth; a variant at 255 registers keeps very few. The numbers come from the compiler, not a GPU:
 time a variant on one before taking it (``python -m bench.decode_speed --tune``).
@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,10 +35,11 @@ from triton.compiler import ASTSource
 import mosaickv_sglang.kernels  # noqa: F401  (maps the kernels package, as the other benches do)
 from mosaickv_sglang.kernels._triton.chan_rank import _chan_rank_count_kernel, _chan_rank_sort_kernel
 from mosaickv_sglang.kernels._triton.estimate_terms import _chan_terms_kernel
+from mosaickv_sglang.kernels._triton.pack import _pack_segments_main_kernel
 from mosaickv_sglang.kernels._triton.segment_scores import _segment_scores_main_kernel
 from mosaickv_sglang.kernels._triton.sparse_decode import _sparse_decode_split_kernel
 
-KERNELS = ("sparse_decode", "segment_scores", "chan_rank", "estimate_terms")
+KERNELS = ("sparse_decode", "segment_scores", "chan_rank", "estimate_terms", "pack")
 SM_REGISTERS = 65536
 SM_SHARED_BYTES = 228 * 1024
 SM_MAX_WARPS = 64
@@ -59,6 +61,7 @@ class Variant:
     shared_bytes: int
     blocks_per_sm: int
     warps_per_sm: int
+    v4_loads: int = 0  # ld.global of 4 words (v4) in the PTX, a static count: the loads Triton made widest
 
 
 def ptxas_path() -> str:
@@ -150,8 +153,9 @@ def compile_variant(name: str, fn, pointers: Dict[str, str], floats: Sequence[st
     info = parse_ptxas(res.stdout + res.stderr)
     shared = int(compiled.metadata.shared)
     blocks = occupancy(info["registers"], num_warps, shared)
+    v4_loads = len(re.findall(r"\bld\.global[\w:.]*\.v4\.", compiled.asm["ptx"]))
     return Variant(name, config, num_warps, num_stages, shared_bytes=shared, blocks_per_sm=blocks,
-                   warps_per_sm=blocks * num_warps, **info)  # fmt: skip
+                   warps_per_sm=blocks * num_warps, v4_loads=v4_loads, **info)  # fmt: skip
 
 
 # Representative launches: the Llama-3.1-8B shape (32 q / 8 KV heads), batch 32, 16 splits, contiguous tensors
@@ -227,6 +231,30 @@ def estimate_terms_variants(head_dims, seg_size: int = 64, token_options: int = 
             for d in head_dims]  # fmt: skip
 
 
+def pack_variants(head_dims, layer_aligns: Sequence[int] = (16,), seg_size: int = 64, h_kv: int = 8) -> List[Variant]:
+    """The pack kernel as a seal launches it (bf16 pool and arena, int64 token slots and offsets, no factors), with
+    each ``LAYER_ALIGN`` (the layers' offsets' common alignment in elements: 16 for separately allocated tensors)."""
+    pointers = {name: "*bf16" for name in ("k_src_ptr", "v_src_ptr", "ka_ptr", "kb_ptr", "va_ptr", "vb_ptr",
+                                           "arena_ptr", "bounds_ptr")}  # fmt: skip
+    pointers.update({name: "*i32" for name in ("head_ptr", "k_form_ptr", "k_param_ptr", "v_form_ptr", "v_param_ptr",
+                                                "flags_ptr", "arena_i32_ptr", "desc_ptr", "seg_ids_ptr")})
+    pointers.update(tok_ptr="*i64", keep_ptr="*u8", kw_ptr="*fp32", vw_ptr="*fp32", off_ptr="*i64",
+                    layer_offs_ptr="*i64")
+    out = []
+    for d, align in itertools.product(head_dims, layer_aligns):
+        values = dict(stride_ks_t=h_kv * d, stride_ks_h=d, stride_ks_d=1, stride_vs_t=h_kv * d, stride_vs_h=d,
+                      stride_vs_d=1, stride_tok_n=seg_size, stride_tok_s=1, stride_keep_n=seg_size, stride_keep_s=1,
+                      stride_kw_n=d, stride_kw_d=1, stride_vw_n=d, stride_vw_d=1, stride_desc_n=8,
+                      stride_bd_n=2 * d, stride_bd_2=d, stride_bd_d=1, stride_off_l=2 * 1024, stride_off_n=2)
+        values.update({f"stride_{side}{m}_{dim}": 0 for side in "kv" for m, dims in (("a", "nsr"), ("b", "nrd"))
+                       for dim in dims})  # fmt: skip
+        consts = dict(SEG_SIZE=seg_size, HEAD_DIM=d, BLOCK_M=min(seg_size, 64 if d <= 64 else 32),
+                      R_PAD=min(seg_size, d), HAS_FACTORS=False, LAYER_ALIGN=align)
+        out.append(compile_variant("pack", _pack_segments_main_kernel, pointers, (), values, consts, 4, 3,
+                                   {"head_dim": d, "seg_size": seg_size, "layer_align": align}))  # fmt: skip
+    return out
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.kernel_regs", description=__doc__.split("\n\n")[0])
     p.add_argument("--kernel", nargs="+", choices=KERNELS, default=list(KERNELS))
@@ -237,6 +265,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--stages", nargs="+", type=int, default=[2], help="sparse decode: pipeline stages")
     p.add_argument("--maxnreg", nargs="+", type=int, default=[None],
                    help="sparse decode: register caps per thread (launch option maxnreg; default none)")
+    p.add_argument("--layer-align", nargs="+", type=int, default=[16],
+                   help="pack: the layers' offsets' common alignment in elements (constexpr LAYER_ALIGN)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     return p.parse_args(argv)
 
@@ -253,16 +283,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += chan_rank_variants(args.head_dim)
     if "estimate_terms" in args.kernel:
         rows += estimate_terms_variants(args.head_dim)
+    if "pack" in args.kernel:
+        rows += pack_variants(args.head_dim, args.layer_align)
     if args.json:
         print(json.dumps([asdict(v) for v in rows]))
         return 0
     print(f"{'kernel':22} {'config':52} {'warps':>5} {'stages':>6} {'regs':>4} {'spill st/ld':>11} {'shared':>7} "
-          f"{'blocks/SM':>9} {'warps/SM':>8}")  # fmt: skip
+          f"{'blocks/SM':>9} {'warps/SM':>8} {'v4 loads':>9}")  # fmt: skip
     for v in rows:
         cfg = " ".join(f"{k}={val}" for k, val in v.config.items())
         print(f"{v.kernel:22} {cfg:52} {v.num_warps:>5} {v.num_stages:>6} {v.registers:>4} "
               f"{v.spill_store_bytes:>5}/{v.spill_load_bytes:<5} {v.shared_bytes:>7} {v.blocks_per_sm:>9} "
-              f"{v.warps_per_sm:>8}")  # fmt: skip
+              f"{v.warps_per_sm:>8} {v.v4_loads:>9}")  # fmt: skip
     return 0
 
 

@@ -257,16 +257,16 @@ def _layer_table(
     the table's copy (a later launch on another stream waits for it)."""
     k, v, arena, desc, bounds = ptrs
     cols = [None] * _tpack.LAYER_COLS.value
-    for col, name, addrs, size in (
-        (_tpack.LAYER_K_SRC, "k_srcs", k, elem), (_tpack.LAYER_V_SRC, "v_srcs", v, elem),
-        (_tpack.LAYER_ARENA, "arenas", arena, elem), (_tpack.LAYER_ARENA_I32, "arenas", arena, 4),
-        (_tpack.LAYER_DESC, "descs", desc, 4), (_tpack.LAYER_BOUNDS, "bounds", bounds, elem),
+    for col, name, addrs, size, unit in (
+        (_tpack.LAYER_K_SRC, "k_srcs", k, elem, elem), (_tpack.LAYER_V_SRC, "v_srcs", v, elem, elem),
+        (_tpack.LAYER_ARENA, "arenas", arena, elem, 4),  # the kernel also indexes the arena as int32
+        (_tpack.LAYER_DESC, "descs", desc, 4, 4), (_tpack.LAYER_BOUNDS, "bounds", bounds, elem, elem),
     ):  # fmt: skip
         diffs = [a - addrs[0] for a in addrs]
-        bad = [j for j, x in enumerate(diffs) if x % size]
+        bad = [j for j, x in enumerate(diffs) if x % unit]
         if bad:
-            raise ValueError(f"{name}: expected layers whose addresses are a whole number of {size}-byte elements "
-                             f"apart, got {name}[{bad[0]}] {diffs[bad[0]]} bytes from {name}[0]")  # fmt: skip
+            raise ValueError(f"{name}: expected layers whose addresses are a multiple of {unit} bytes apart, got "
+                             f"{name}[{bad[0]}] {diffs[bad[0]]} bytes from {name}[0]")  # fmt: skip
         cols[col.value] = [x // size for x in diffs]
     table = torch.tensor(list(zip(*cols)), dtype=torch.int64)
     common = functools.reduce(lambda a, x: a | abs(x), (x for c in cols for x in c), LAYER_ALIGN_MAX)

@@ -115,3 +115,18 @@ def test_estimate_terms_kernel_compiles_for_hopper_without_spills():
     for v in variants:
         assert v["kernel"] == "estimate_terms" and v["spill_store_bytes"] == v["spill_load_bytes"] == 0
         assert 0 < v["registers"] <= 255 and v["warps_per_sm"] >= 4
+
+
+def test_pack_keeps_its_wide_loads_only_with_the_layers_alignment():
+    """The pack kernel as a seal launches it (one launch, every layer) compiles for sm_90a without spills at head_dim
+    64 and reads K/V rows with 16-byte loads when told the layers' offsets are 16-element aligned; told nothing
+    (LAYER_ALIGN 1), it loses them."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "pack", "--head-dim", "64",
+                          "--layer-align", "16", "1", "--json"], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    aligned, unaligned = json.loads(out.stdout)
+    assert (aligned["config"]["layer_align"], unaligned["config"]["layer_align"]) == (16, 1)
+    assert aligned["spill_store_bytes"] == 0 and aligned["blocks_per_sm"] >= 3
+    assert aligned["v4_loads"] > 0 and unaligned["v4_loads"] == 0

@@ -40,10 +40,9 @@ from ._common import (
 LAYER_K_SRC: tl.constexpr = tl.constexpr(0)
 LAYER_V_SRC: tl.constexpr = tl.constexpr(1)
 LAYER_ARENA: tl.constexpr = tl.constexpr(2)
-LAYER_ARENA_I32: tl.constexpr = tl.constexpr(3)
-LAYER_DESC: tl.constexpr = tl.constexpr(4)
-LAYER_BOUNDS: tl.constexpr = tl.constexpr(5)
-LAYER_COLS: tl.constexpr = tl.constexpr(6)
+LAYER_DESC: tl.constexpr = tl.constexpr(3)
+LAYER_BOUNDS: tl.constexpr = tl.constexpr(4)
+LAYER_COLS: tl.constexpr = tl.constexpr(5)
 
 
 @triton.jit
@@ -212,14 +211,12 @@ def _pack_segments_main_kernel(
     n = tl.program_id(0).to(tl.int64)
     layer = tl.program_id(1).to(tl.int64)
     g = layer * tl.num_programs(0) + n  # the segment's row in the plan (layer-major)
-    # this layer's tensors: element offsets from layer 0's, each a multiple of LAYER_ALIGN
+    # this layer's tensors: element offsets from layer 0's, each a multiple of LAYER_ALIGN (the arena's folded into
+    # the payload offsets, the tables' read where they are written: fewer registers held through the row loop)
     lo = layer_offs_ptr + layer * LAYER_COLS
     k_src_ptr += tl.multiple_of(tl.load(lo + LAYER_K_SRC), LAYER_ALIGN)
     v_src_ptr += tl.multiple_of(tl.load(lo + LAYER_V_SRC), LAYER_ALIGN)
-    arena_ptr += tl.multiple_of(tl.load(lo + LAYER_ARENA), LAYER_ALIGN)
-    arena_i32_ptr += tl.multiple_of(tl.load(lo + LAYER_ARENA_I32), LAYER_ALIGN)
-    desc_ptr += tl.multiple_of(tl.load(lo + LAYER_DESC), LAYER_ALIGN)
-    bounds_ptr += tl.multiple_of(tl.load(lo + LAYER_BOUNDS), LAYER_ALIGN)
+    arena_lo = tl.multiple_of(tl.load(lo + LAYER_ARENA), LAYER_ALIGN)  # even: the int32 view's index is off // 2
 
     cols = tl.arange(0, HEAD_DIM)
     sid = tl.load(seg_ids_ptr + n).to(tl.int64)
@@ -231,8 +228,8 @@ def _pack_segments_main_kernel(
     flags = tl.load(flags_ptr + g)
     k_goff = tl.load(off_ptr + layer * stride_off_l + n * stride_off_n).to(tl.int64)
     v_goff = tl.load(off_ptr + layer * stride_off_l + n * stride_off_n + 1).to(tl.int64)
-    k_off = k_goff * GRANULE_ELEMS  # int64: arenas may exceed 2**31 elements
-    v_off = v_goff * GRANULE_ELEMS
+    k_off = arena_lo + k_goff * GRANULE_ELEMS  # int64: arenas may exceed 2**31 elements
+    v_off = arena_lo + v_goff * GRANULE_ELEMS
 
     keep_all = tl.load(keep_ptr + g * stride_keep_n + tl.arange(0, SEG_SIZE) * stride_keep_s) != 0
     m = tl.sum(keep_all.to(tl.int32), axis=0)
@@ -264,6 +261,8 @@ def _pack_segments_main_kernel(
             _pack_factors(va_ptr + g * stride_va_n, stride_va_s, stride_va_r, vb_ptr + g * stride_vb_n, stride_vb_r,
                           stride_vb_d, v_param, m, v_off, arena_ptr, HEAD_DIM, BLOCK_M, R_PAD)
 
+    bounds_ptr += tl.multiple_of(tl.load(lo + LAYER_BOUNDS), LAYER_ALIGN)
+    desc_ptr += tl.multiple_of(tl.load(lo + LAYER_DESC), LAYER_ALIGN)
     bt = bounds_ptr.dtype.element_ty
     tl.store(bounds_ptr + sid * stride_bd_n + cols * stride_bd_d, kmin.to(bt))
     tl.store(bounds_ptr + sid * stride_bd_n + stride_bd_2 + cols * stride_bd_d, kmax.to(bt))

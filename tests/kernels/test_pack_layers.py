@@ -253,3 +253,15 @@ def test_concat_plans_views_only_consecutive_slices_of_one_plan(device):
             assert torch.equal(part.token_keep, p.token_keep) and torch.equal(part.k_param, p.k_param)
             assert torch.equal(part.v_chan_weight, p.v_chan_weight) and torch.equal(part.k_factors[0], p.k_factors[0])
             rows += p.num_segments
+
+
+def test_pack_layers_refuses_arenas_not_a_whole_int32_apart(device):
+    """The kernel also reads each layer's arena as int32: an arena an odd number of elements from layer 0's is
+    refused by name (layer 0's own alignment is check_arena's)."""
+    cases = _layers(13, 64, 16, 3, 2, 2, (0, 0), device)
+    big = torch.full((cases[1].arena.numel() + 1,), float("nan"), dtype=cases[1].arena.dtype, device=device)
+    args = _args(cases)
+    args[5] = [args[5][0], big[1:]]
+    pack_mod._layer_table.cache_clear()
+    with pytest.raises(ValueError, match=r"arenas: expected layers whose addresses are a multiple of 4 bytes apart"):
+        pack_layers_fwd(*args)
