@@ -137,7 +137,8 @@ def pack_layers_fwd(
     -----
     The kernel reaches layer ``j``'s tensors by their element offsets from layer 0's (a small table, cached by the
     tensors' addresses), so the tensors of one list must be of one dtype and their addresses a whole number of
-    elements apart. ``MOSAICKV_DEBUG_CHECKS=1`` checks each layer as :func:`pack_segments_fwd` does.
+    elements apart (the arenas' a multiple of 4 bytes: the kernel also reads them as int32).
+    ``MOSAICKV_DEBUG_CHECKS=1`` checks each layer as :func:`pack_segments_fwd` does.
     """
     lists = {"k_srcs": k_srcs, "v_srcs": v_srcs, "arenas": arenas, "descs": descs, "bounds": bounds}
     for name, ts in lists.items():
