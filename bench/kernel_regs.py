@@ -4,10 +4,10 @@
 Each kernel variant is compiled ahead of time for ``sm_90a`` (``triton.compile`` with a ``GPUTarget``), specialized as
 Triton's launcher would specialize a launch with the strides of the 8B shape's buffers (:func:`specialize`), and the
 PTX is assembled by the ``ptxas`` that ships in Triton's wheel with ``-v``: registers per thread, spill bytes, stack
-frame, plus Triton's shared memory and the PTX's 16-byte (``v4``) global loads. From those, the resident blocks per SM (65,536 registers, 228 KB of shared
-memory, 64 warps per SM on an H100/H200). A decode kernel whose loads wait on each other needs many warps in flight
-to reach HBM bandwidth; a variant at 255 registers keeps very few. The numbers come from the compiler, not a GPU:
-time a variant on one before taking it (``python -m bench.decode_speed --tune``).
+frame, plus Triton's shared memory and the PTX's 16-byte (``v4``) global loads. From those, the resident blocks per
+SM (65,536 registers, 228 KB of shared memory, 64 warps per SM on an H100/H200). A decode kernel whose loads wait on
+each other needs many warps in flight to reach HBM bandwidth; a variant at 255 registers keeps very few. The numbers
+come from the compiler, not a GPU: time a variant on one before taking it (``python -m bench.decode_speed --tune``).
 
     python -m bench.kernel_regs                       # every kernel, default launches
     python -m bench.kernel_regs --kernel sparse_decode --head-dim 128 --block-n 32 64 --warps 4 8 --json

@@ -113,11 +113,10 @@ def compare_launches(pool: MosaicMHATokenToKVPool, pages: np.ndarray, plans: lis
     """The pack kernel alone on ``plans`` (one per layer) for ``pages``: ``--repeats`` times one launch per layer and
     one launch for all layers, alternated, each into its own scratch arenas, descriptor and bounds tables (the
     bytes of both must be equal); host time (the scheduler's) and time until the device is done, per pack."""
-    s, h, num_layers = pool.page_size, args.kv_heads, args.layers
+    s, num_layers = pool.page_size, args.layers
     slots = pool.physical_slots(torch.from_numpy(pages)[:, None] * s + torch.arange(s)[None, :]).to(torch.int64)
-    tok = slots.to(dev).repeat_interleave(h, dim=0).contiguous()
+    _, tok, heads, _ = pool.store._segments(pages, slots)  # the segments' token slots and heads, as a seal packs them
     n = tok.shape[0]
-    heads = torch.arange(h, dtype=torch.int32, device=dev).repeat(len(pages))
     ids = torch.arange(n, dtype=torch.int32, device=dev)
     offs = [plan.bump_offsets(0) for plan in plans]
 
