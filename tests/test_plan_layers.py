@@ -10,7 +10,7 @@ from typing import List, Tuple
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bench.host_syncs import HostSyncCounter
@@ -71,9 +71,12 @@ def reference_plans(keys, values, queries, heads, budgets, always_dense):
     sinks=st.integers(0, 2),
     ratios=st.lists(st.floats(1.0, 6.0), min_size=3, max_size=3),
 )
+# a case whose one-call error estimate is one float32 ULP off plan_fast's (found by hypothesis; failed at 1e-9)
+@example(seed=0, d=128, g=1, s=64, h=1, pages=1, sinks=0, ratios=[1.0, 1.5, 1.0])
 def test_same_plans_as_plan_fast_per_layer(seed, d, g, s, h, pages, sinks, ratios):
     """Per layer (one budget each, from different ratios), the one-call plans match ``plan_fast``: total estimated
-    error equal within 1e-9 (relative), and the same choices wherever the searches end at the same lambda; never over
+    error equal within float32 rounding (1e-6 relative: the estimates are float32 and the two compute them in other
+    batches), and the same choices wherever the searches end at the same lambda; never over
     the budget; sinks dense and always-read."""
     keys, values, queries, heads = layer_case(seed, 3, pages, h, s, d, g)
     n = pages * h
@@ -89,7 +92,7 @@ def test_same_plans_as_plan_fast_per_layer(seed, d, g, s, h, pages, sinks, ratio
                            max_segments=2 * n)  # fmt: skip
     for r, m, budget in zip(ref, new, budgets):
         assert m.total_bytes <= m.budget_bytes == budget
-        assert abs(m.total_error - r.total_error) <= 1e-9 * max(1.0, r.total_error)
+        assert abs(m.total_error - r.total_error) <= 1e-6 * max(1.0, r.total_error)
         if m.lagrange_multiplier == r.lagrange_multiplier:
             assert torch.equal(m.choice, r.choice)
         sink = torch.from_numpy(ad)
