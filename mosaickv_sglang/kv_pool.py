@@ -436,7 +436,9 @@ class MosaicMHATokenToKVPool(MHATokenToKVPool):
         self._p2l[phys] = -1
         self._phys_free.extend(int(x) for x in np.sort(phys)[::-1])
         dev = self.page_table.device
-        self.page_table[to_device(torch.from_numpy(p), dev)] = -1
+        # index_fill_ takes -1 as a kernel argument; `page_table[idx] = -1` copies it to the device and waits for the
+        # stream (torch 2.11): for a seal, the step in flight
+        self.page_table.index_fill_(0, to_device(torch.from_numpy(p), dev), -1)
 
     def ensure_physical(self, pages: torch.Tensor) -> torch.Tensor:
         """Give every logical page about to be written a physical dense page (host; call outside CUDA graphs).

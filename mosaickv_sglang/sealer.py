@@ -154,7 +154,7 @@ class QueryWindow:
             self.owner[layers, idx] = owners[-idx.shape[0] :].to(self.owner.device, torch.int64)
             self._owned = True
         elif self._owned:
-            self.owner[layers, idx] = -1
+            self.owner[layers].index_fill_(-1, idx, -1)  # not `owner[layers, idx] = -1`, which waits for the stream
 
     @property
     def trash_row(self) -> int:

@@ -36,3 +36,22 @@ def test_sites_outside_the_roots_are_other():
     with HostSyncCounter(site_roots=("no/such/path",)) as count:
         torch.ones(2).sum().item()
     assert dict(count.by_site) == {"reads:item <other>": 1}
+
+
+def test_scalar_puts_through_an_index_are_synchronisations():
+    """``t[idx] = scalar`` with an index tensor or list copies the scalar to a CUDA target with a blocking copy in
+    torch 2.11; slices, integers, bool masks and tensor values do not count as puts, nor does ``index_fill_``."""
+    x = torch.zeros(8, dtype=torch.int32)
+    idx = torch.tensor([1, 5])
+    with HostSyncCounter(site_roots=("test_host_syncs.py",)) as count:
+        x[idx] = -1  # a put
+        x[[0, 2]] = 3  # a put (a list index)
+        x[:, None][idx, 0] = 7  # a put (an index tensor among other parts)
+        x.index_put_((idx,), torch.tensor(2, dtype=torch.int32))  # a put (a 0-dim host value)
+        x[2:4] = 1  # a fill: no put
+        x[3] = 4  # a select: no put
+        x[idx] = torch.tensor([8, 9], dtype=torch.int32)  # a tensor value: no put
+        x.index_fill_(0, idx, -1)  # the scalar as a kernel argument: no put
+    assert (count.puts, count.reads, count.sized, count.syncs) == (4, 0, 0, 4)
+    assert count.by_name == {"puts:__setitem__": 3, "puts:index_put_": 1}
+    assert x.tolist() == [3, -1, 1, 4, 0, -1, 0, 0]

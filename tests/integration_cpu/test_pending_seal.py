@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Sealing in two halves (MOSAICKV_SEAL_ASYNC=N, :mod:`mosaickv_sglang.pending_seal`) on the CPU: the first half
-reads nothing from the device and seals nothing; the second packs exactly what a whole seal packs, N plans later
-unless the hot pool needs the room; a page freed in between voids the plan and the live pages are sealed by a later
-plan; through the backend's plans, every page is sealed one plan later than without it (N = 1), never sooner (N = 3),
-and decode outputs match the reference backend."""
+reads nothing from the device and seals nothing; the second makes no synchronisation and packs exactly what a whole
+seal packs, N plans later unless the hot pool needs the room; a page freed in between voids the plan and the live pages
+are sealed by a later plan; through the backend's plans, every page is sealed one plan later than without it (N = 1),
+never sooner (N = 3), and decode outputs match the reference backend. On a GPU, the second half does not wait for the
+step in flight."""
 
 from __future__ import annotations
 
@@ -63,7 +64,12 @@ def test_two_halves_pack_what_a_whole_seal_packs():
     assert not device_reads, device_reads
     assert not split.pool.store.is_sealed(torch.from_numpy(pages2)).any()
     assert split.pool.num_free_physical_pages == free_before and sealer.seal_calls == 0
-    assert sealer.finish_seal() and sealer.finish_seal() is False  # nothing left pending
+    with HostSyncCounter() as count:
+        assert sealer.finish_seal()
+    # the sizes and the page ids are host tensors; no scalar stored through an index (a wait for the step in flight)
+    device_reads = {k: v for k, v in count.by_site.items() if not k.startswith("reads:numpy ")}
+    assert not device_reads and count.puts == 0, dict(count.by_site)
+    assert sealer.finish_seal() is False  # nothing left pending
     assert (sealer.seal_calls, sealer.async_seals, sealer.pages_sealed) == (1, 1, pages.size)
     assert split.pool.num_free_physical_pages == whole.pool.num_free_physical_pages
     assert split.pool.arena_ledger.reserved == whole.pool.arena_ledger.reserved
@@ -322,3 +328,54 @@ def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_pl
             assert graphs.failed is None and graphs.replays >= 1, graphs.status()
     assert torch.equal(slow.pool.store.page_state(), twin.pool.store.page_state())
     slow.pool.check_invariants()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_a_pending_seals_pack_does_not_wait_for_the_step_in_flight(monkeypatch):
+    """On a GPU, the second half of a seal (the arena allocation, the pack, the release of the dense pages) queues its
+    work behind a step in flight (a kernel of about half a second here) without waiting for it, and makes no
+    synchronisation (``torch.cuda.set_sync_debug_mode("error")`` raises on one). The pages end sealed as with the CPU's
+    pack. Before, the release's ``page_table[idx] = -1`` copied -1 to the device and waited for the stream."""
+    import test_cuda_graph_decode as graph_cases
+    from mkv_backend_cases import layer
+    from test_kv_pool import D, DT, H_KV, LAYERS
+
+    monkeypatch.setenv("MOSAICKV_WARMUP", "0")
+    group = 2
+    side = graph_cases._CudaSide(config(ratio=3.0), group, monkeypatch)
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    batch = graph_cases._to_cuda(side.extend_batch([70, 53, 90]))
+    n = batch.out_cache_loc.numel()
+    side.mosaic.init_forward_metadata(batch)
+    for li in range(LAYERS):
+        q, k, v = (torch.randn(*shape, generator=gen, device="cuda").to(DT)
+                   for shape in ((n, H_KV * group * D), (n, H_KV, D), (n, H_KV, D)))  # fmt: skip
+        side.mosaic.forward_extend(q, k, v, layer(li, group), batch)
+    due = [side.pool.pages_to_seal(side.slots(b)) for b in range(len(side.lens))]
+    pages = torch.cat([sp.pages for sp in due]).numpy().astype(np.int64)
+    sinks = torch.cat([sp.always_dense for sp in due]).numpy()
+    assert pages.size >= 4
+    half = pages.size // 2
+    sealer = side.mosaic.sealer
+    assert sealer.seal(pages[:half], sinks[:half])  # loads the kernels and warms the caches
+    assert sealer.start_seal(pages[half:], sinks[half:])
+    sealer._pending.host_sizes()  # the sizes have landed (a later plan's case)
+    # a server's caches are warm: a cudaHostAlloc or cudaMalloc while the step runs can wait for it
+    warm = [torch.empty(1 << p, dtype=torch.uint8, pin_memory=True) for p in range(9, 23) for _ in range(16)]
+    warm += [torch.empty(1 << p, dtype=torch.uint8, device="cuda") for p in range(9, 20) for _ in range(64)]
+    del warm
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # the step in flight
+    in_flight = torch.cuda.Event()
+    in_flight.record()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert sealer.finish_seal()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not in_flight.query(), "the pack waited for the step in flight"
+    torch.cuda.synchronize()
+    assert side.pool.store.is_sealed(torch.from_numpy(pages)).all()
+    assert (side.pool.page_table.cpu()[torch.from_numpy(pages)] == -1).all()
+    side.pool.check_invariants()
