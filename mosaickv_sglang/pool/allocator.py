@@ -178,24 +178,37 @@ class GranuleAllocator:
         if (sz < 1).any():
             raise ValueError(f"sizes: expected every payload >= 1 granule, got minimum {int(sz.min())}")
         total = int(sz.sum())
+        start = self.try_carve(total)
+        if start is not None:  # payloads adjacent
+            return start + np.cumsum(sz) - sz
         if total > self._free:
             return None
-        starts, lens = self._starts, self._lens
-        fits = np.nonzero(lens >= total)[0]
-        if fits.size:  # best fit for the whole batch: one extent, payloads adjacent
-            i = int(fits[np.argmin(lens[fits])])
-            offsets = int(starts[i]) + np.cumsum(sz) - sz
-            new_starts, new_lens = starts.copy(), lens.copy()
-            new_starts[i] += total
-            new_lens[i] -= total
-            self._commit(new_starts, new_lens, total)
-            return offsets
         placed = self._first_fit_decreasing(sz)
         if placed is None:
             return None
         offsets, new_starts, new_lens = placed
         self._commit(new_starts, new_lens, total)
         return offsets
+
+    def try_carve(self, total: int) -> Optional[int]:
+        """Carve one run of ``total`` granules (``>= 1``) from the smallest free extent that holds it, the first choice
+        of :meth:`try_alloc`: its first granule, or ``None`` (nothing changed) when no extent holds it. A caller that
+        has the prefix sums of a batch's sizes places the batch with one call (``start + offsets``)."""
+        if total > self._free or total < 1:
+            return None
+        lens = self._lens
+        fits = np.flatnonzero(lens >= total)
+        if not fits.size:
+            return None
+        i = int(fits[np.argmin(lens[fits])])
+        start = int(self._starts[i])
+        if lens[i] == total:
+            self._starts, self._lens = np.delete(self._starts, i), np.delete(lens, i)
+        else:  # in place: the extent arrays are this allocator's own (extents() hands out copies)
+            self._starts[i] += total
+            lens[i] -= total
+        self._free -= total
+        return start
 
     def _first_fit_decreasing(self, sz: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Place payloads largest first into extents largest first; returns offsets and the new extents."""

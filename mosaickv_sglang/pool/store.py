@@ -452,10 +452,16 @@ class CompressedKVStore:
         # per layer K0, V0, K1, V1, ...: a segment's K and V payloads adjacent; one host copy for all layers
         if all_sizes is None and len(plans):
             all_sizes = plans_granules(plans).reshape(len(plans), -1).cpu().numpy()
+        if len(layers):
+            all_sizes = np.asarray(all_sizes, dtype=np.int64)
+            if (all_sizes < 1).any():
+                raise ValueError(f"sizes: expected every payload >= 1 granule, got minimum {int(all_sizes.min())}")
+            totals, in_run = all_sizes.sum(1), np.cumsum(all_sizes, 1) - all_sizes  # offsets in a layer's run
         for i, li in enumerate(layers):
             sizes = all_sizes[i]
             alloc = self.allocators[li]
-            offsets = alloc.try_alloc(sizes)
+            start = alloc.try_carve(int(totals[i]))  # try_alloc's first choice, for the prefix sums of every layer
+            offsets = start + in_run[i] if start is not None else alloc.try_alloc(sizes)
             if offsets is None and alloc.free_granules >= int(sizes.sum()):
                 self.compact(li)  # the room is there, in pieces too small
                 offsets = alloc.try_alloc(sizes)

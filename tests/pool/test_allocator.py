@@ -98,6 +98,47 @@ def test_fragmented_uniform_batches_fill_every_hole(size, holes):
     alloc.check_invariants()
 
 
+@settings(max_examples=60, deadline=None)
+@given(capacity=st.integers(1, 200), ops=OPS, batch=st.lists(st.integers(1, 24), min_size=1, max_size=12))
+def test_carving_a_batchs_total_places_it_as_try_alloc_does(capacity, ops, batch):
+    """On any free list (random allocations and frees first), ``try_carve`` of a batch's total plus the batch's
+    exclusive prefix sums gives try_alloc's offsets and leaves the same free list when one extent holds the batch (an
+    exact fit removes the extent); else it returns None and changes nothing."""
+    alloc = GranuleAllocator(capacity)
+    live = []
+    for op in ops:
+        if op[0] == "alloc":
+            sizes = np.array(op[1], dtype=np.int64)
+            out = alloc.try_alloc(sizes)
+            live += [] if out is None else list(zip(out.tolist(), sizes.tolist()))
+        elif live:
+            _, frac, count = op
+            start = int(frac * (len(live) - 1))
+            chosen, live = live[start : start + count], live[:start] + live[start + count :]
+            alloc.free(np.array([o for o, _ in chosen]), np.array([n for _, n in chosen]))
+    sizes = np.array(batch, dtype=np.int64)
+    twin = GranuleAllocator(capacity)
+    twin._starts, twin._lens, twin._free = alloc._starts.copy(), alloc._lens.copy(), alloc.free_granules
+    before, largest = alloc.state(), alloc.largest_free
+    start = alloc.try_carve(int(sizes.sum()))
+    if start is None:
+        assert alloc.state() == before and int(sizes.sum()) > largest
+    else:
+        assert (start + np.cumsum(sizes) - sizes).tolist() == twin.try_alloc(sizes).tolist()
+        assert alloc.state() == twin.state()
+    alloc.check_invariants()
+
+
+def test_carve_takes_the_smallest_extent_and_an_exact_fit_removes_it():
+    alloc = GranuleAllocator(100)
+    off = alloc.alloc(np.array([10, 1, 30, 1, 12]))  # extents after freeing 0 and 2: [0,10), [11,41), [54,100)
+    alloc.free(off[[0, 2]], np.array([10, 30]))
+    assert alloc.try_carve(10) == 0 and alloc.num_extents == 2
+    assert alloc.try_carve(31) == 54 and alloc.try_carve(50) is None and alloc.try_carve(0) is None
+    assert alloc.extents()[0].tolist() == [11, 85] and alloc.free_granules == 45
+    alloc.check_invariants()
+
+
 def test_contiguous_batch_and_best_fit():
     """A batch that fits in one extent is placed contiguously in the smallest extent that holds it."""
     alloc = GranuleAllocator(100)
