@@ -458,19 +458,17 @@ class CompressedKVStore:
                 raise ValueError(f"sizes: expected every payload >= 1 granule, got minimum {int(all_sizes.min())}")
             totals, in_run = all_sizes.sum(1), np.cumsum(all_sizes, 1) - all_sizes  # offsets in a layer's run
         for i, li in enumerate(layers):
-            sizes = all_sizes[i]
+            sizes, total = all_sizes[i], int(totals[i])
             alloc = self.allocators[li]
-            start = alloc.try_carve(int(totals[i]))  # try_alloc's first choice, for the prefix sums of every layer
+            start = alloc.try_carve(total)  # try_alloc's first choice, for the prefix sums of every layer
             offsets = start + in_run[i] if start is not None else alloc.try_alloc(sizes)
-            if offsets is None and alloc.free_granules >= int(sizes.sum()):
+            if offsets is None and alloc.free_granules >= total:
                 self.compact(li)  # the room is there, in pieces too small
                 offsets = alloc.try_alloc(sizes)
             if offsets is None:
                 for lj, off, sz in reversed(done):
                     self.allocators[lj].free(off, sz)
-                raise ArenaFullError(
-                    int(sizes.sum()), alloc.free_granules, alloc.largest_free, what=f"arena of layer {li}"
-                )
+                raise ArenaFullError(total, alloc.free_granules, alloc.largest_free, what=f"arena of layer {li}")
             done.append((li, offsets, sizes))
         return [(off.reshape(-1, 2), sz.reshape(-1, 2)) for _, off, sz in done]
 

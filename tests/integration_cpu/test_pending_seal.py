@@ -37,6 +37,12 @@ def _filled(seed: int, ratio: float = 3.0) -> tuple:
     return sc, np.concatenate(pages).astype(np.int64), np.concatenate(sinks)
 
 
+def _device_syncs(count: HostSyncCounter) -> dict:
+    """The synchronisations ``count`` saw by site, less the reads of host tensors (``.numpy()`` raises on a CUDA
+    tensor, so those read the host's page ids and sizes)."""
+    return {k: v for k, v in count.by_site.items() if not k.startswith("reads:numpy ")}
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """``t``'s bits: packed payloads can hold NaN patterns, which ``torch.equal`` never finds equal."""
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -59,16 +65,13 @@ def test_two_halves_pack_what_a_whole_seal_packs():
     free_before = split.pool.num_free_physical_pages
     with HostSyncCounter() as count:
         assert sealer.start_seal(pages2, sinks2)
-    # .numpy() raises on a CUDA tensor, so the ones here read host tensors (the page ids): no device read
-    device_reads = {k: v for k, v in count.by_site.items() if not k.startswith("reads:numpy ")}
-    assert not device_reads, device_reads
+    assert not _device_syncs(count), dict(count.by_site)
     assert not split.pool.store.is_sealed(torch.from_numpy(pages2)).any()
     assert split.pool.num_free_physical_pages == free_before and sealer.seal_calls == 0
     with HostSyncCounter() as count:
         assert sealer.finish_seal()
-    # the sizes and the page ids are host tensors; no scalar stored through an index (a wait for the step in flight)
-    device_reads = {k: v for k, v in count.by_site.items() if not k.startswith("reads:numpy ")}
-    assert not device_reads and count.puts == 0, dict(count.by_site)
+    # nor a scalar stored through an index (a wait for the step in flight: a put, part of the syncs)
+    assert not _device_syncs(count) and count.puts == 0, dict(count.by_site)
     assert sealer.finish_seal() is False  # nothing left pending
     assert (sealer.seal_calls, sealer.async_seals, sealer.pages_sealed) == (1, 1, pages.size)
     assert split.pool.num_free_physical_pages == whole.pool.num_free_physical_pages
