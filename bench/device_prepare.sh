@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 # On the CPU machine, from the project root: everything the GPU steps carry that git does not track, rebuilt from
 # scratch (about 5 minutes with warm caches). Each folder fits one device transfer (64 MiB, the tracked tree
-# included) with room for the tracked tree to grow: parts of PART_MIB (default 32) MiB.
+# included, counted in disk blocks: the tracked tree's many small files take 36 MiB of blocks for 31 MiB of bytes)
+# with room for the tracked tree to grow: parts of PART_MIB (default 26) MiB.
 #
 #   .device-bundle/p00 p01 p03 p04 ...  SGLang 0.5.17's bundle (../shared/device/build-bundle.sh), re-split
 #   .device-bundle/p02                  its unpacker, model shapes and device-env.sh (the last part sent, sourced there)
@@ -18,7 +19,7 @@
 #   source .device-bundle/p02/device-env.sh && bash bench/device_served.sh STEP     carry .device-bundle/p02
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-part_mib="${PART_MIB:-32}"
+part_mib="${PART_MIB:-26}"
 [[ "$part_mib" =~ ^[0-9]+$ ]] && [ "$part_mib" -ge 8 ] && [ "$part_mib" -le 60 ] \
   || { echo "device_prepare: PART_MIB: expected MiB between 8 and 60, got '$part_mib'" >&2; exit 1; }
 [ -d ../shared/device ] || { echo "device_prepare: expected ../shared/device beside the project" >&2; exit 1; }
@@ -63,8 +64,9 @@ for f in "$work"/gguf.part.*; do
 done
 cp -r "$cache/essays" "${models[-1]}/"
 du -sh .device-model/*
-tracked=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
-largest=$(du -sb .device-bundle/p* .device-model/m* | sort -n | tail -1 | cut -f1)
+# disk usage, not bytes: the transfer's limit refused 31 MiB of tracked bytes (36 MiB of blocks) with a 32 MiB part
+tracked=$(( $(git ls-files -z | xargs -0 du -c | tail -1 | cut -f1) * 1024 ))
+largest=$(( $(du -s .device-bundle/p* .device-model/m* | sort -n | tail -1 | cut -f1) * 1024 ))
 # the step's call carries p02 (the unpacker's zstandard module: 23 MiB), not .device-jit (its own call, below)
 echo "tracked files: $((tracked / 1048576)) MiB; with the largest folder: $(((tracked + largest) / 1048576)) of 64 MiB"
 [ $((tracked + largest)) -lt $((60 * 1048576)) ] \
