@@ -14,6 +14,11 @@ twenty-third GPU run, where packing at the next plan still waited for it). Hot-p
 
 A page freed or sealed in between (its :attr:`~mosaickv_sglang.kv_pool.MosaicMHATokenToKVPool.page_epoch` moved)
 voids the plan: :meth:`PendingSeal.live` says which pages still hold what was planned.
+
+With SGLang's overlap scheduler and the seal beside the step (``MOSAICKV_SEAL_BESIDE_STEP=1``), a pack that the next
+plan would make is made right after the current step's launch instead (``MOSAICKV_PACK_AFTER_LAUNCH``, on unless
+``0``; :meth:`~mosaickv_sglang.sealer.Sealer.after_launch`): there the scheduler's next move is to wait for the step
+before, so the pack's host time fills that wait instead of delaying the next launch.
 """
 
 from __future__ import annotations
@@ -25,11 +30,16 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from mosaickv_sglang.config import flag_env
 from mosaickv_sglang.kernels.format import SegmentPlan, plans_granules
 
-__all__ = ["PendingSeal", "SEAL_ASYNC_ENV", "seal_async_enabled", "seal_async_plans", "sizes_to_host"]
+__all__ = [
+    "PACK_AFTER_LAUNCH_ENV", "PendingSeal", "SEAL_ASYNC_ENV", "pack_after_launch_enabled", "seal_async_enabled",
+    "seal_async_plans", "sizes_to_host",
+]  # fmt: skip
 
 SEAL_ASYNC_ENV = "MOSAICKV_SEAL_ASYNC"
+PACK_AFTER_LAUNCH_ENV = "MOSAICKV_PACK_AFTER_LAUNCH"
 
 
 def seal_async_plans() -> int:
@@ -48,6 +58,12 @@ def seal_async_plans() -> int:
 def seal_async_enabled() -> bool:
     """Whether ``MOSAICKV_SEAL_ASYNC`` turns sealing in two halves on (:func:`seal_async_plans` > 0)."""
     return seal_async_plans() > 0
+
+
+def pack_after_launch_enabled() -> bool:
+    """``MOSAICKV_PACK_AFTER_LAUNCH``: ``1`` (the default) or ``0``; whether a pack due at the next plan is made after
+    the current step's launch (with the seal beside the step; see the module's docstring)."""
+    return flag_env(PACK_AFTER_LAUNCH_ENV, default=True)
 
 
 @dataclass(eq=False)

@@ -36,7 +36,7 @@ from mosaickv_sglang.host_stalls import HostStalls
 from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
-from mosaickv_sglang.pending_seal import PendingSeal, seal_async_plans, sizes_to_host
+from mosaickv_sglang.pending_seal import PendingSeal, pack_after_launch_enabled, seal_async_plans, sizes_to_host
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
@@ -345,6 +345,11 @@ class Sealer:
     async_seals, pending_voided : int
         Seals packed plans after they were planned, and planned seals voided (a page freed or sealed meanwhile, or
         no ledger room left; their live pages are due again at the next plan).
+    pack_after_launch : bool
+        ``MOSAICKV_PACK_AFTER_LAUNCH`` (on unless ``0``): with :attr:`seal_async` and :attr:`seal_beside_step`, a pack
+        the next plan would make is made after the current step's launch (:meth:`after_launch`).
+    packs_after_launch, after_launch_seconds : int, float
+        Pending seals packed (or voided) there, and the scheduler time :meth:`after_launch` took for them.
     rows_read : dict
         With the overlap scheduler: plans by ``(kind, how their rows were read)`` (:meth:`note_rows_read`).
     """
@@ -392,11 +397,15 @@ class Sealer:
         self.seal_async = self.seal_async_plans > 0
         self.async_seals = 0
         self.pending_voided = 0
+        self.pack_after_launch = pack_after_launch_enabled()
+        self.packs_after_launch = 0
+        self.after_launch_seconds = 0.0
         self._pending: Optional[PendingSeal] = None
         self._planned_pages = np.zeros(0, dtype=np.int64)
         self._in_flight = np.zeros(0, dtype=np.int64)
         self._deferred = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
         self._plan_end: Optional["torch.cuda.Event"] = None
+        self._plan_stream: Optional["torch.cuda.Stream"] = None  # the stream of the last plan (SGLang's forward stream)
         self._frees_at_plan_end: Optional[int] = None  # the arena's frees at the last end_plan (None: no plan yet)
         self._side_stream: Optional["torch.cuda.Stream"] = None
         self._side_unwaited = False  # the side stream holds work the forward stream did not wait for (_beside_step)
@@ -572,8 +581,36 @@ class Sealer:
         self._frees_at_plan_end = self.pool.store.granule_frees
         dev = torch.device(self.pool.device)
         if dev.type == "cuda":
+            self._plan_stream = torch.cuda.current_stream(dev)
             self._plan_end = torch.cuda.Event()
-            self._plan_end.record(torch.cuda.current_stream(dev))
+            self._plan_end.record(self._plan_stream)
+
+    def after_launch(self) -> bool:
+        """Right after SGLang launched the step just planned, before the scheduler waits for the step before it (a
+        hook after ``Scheduler.run_batch``, :mod:`mosaickv_sglang.patches.scheduler`): pack the pending seal beside
+        the step just launched, on the side stream, when the next plan would pack it for its plan count or for a low
+        hot pool (:meth:`_pending_waits` with no new pages). Its host time then fills the scheduler's wait for the
+        step before, instead of delaying the next launch inside the next plan.
+
+        Only with :attr:`seal_beside_step` and :attr:`pack_after_launch`, at least one plan after the one that
+        planned it (whose planner was just launched), and with no arena granule freed since the last plan
+        (:meth:`_can_seal_beside`); otherwise the next plan decides as before. Host state only, so every
+        tensor-parallel rank decides alike. Returns whether it packed (or voided) the pending seal."""
+        pending = self._pending
+        if pending is None or not (self.seal_beside_step and self.pack_after_launch) or pending.plans_waited < 1:
+            return False
+        if not self._can_seal_beside():
+            return False
+        count_due = pending.plans_waited + 1 >= max(1, self.seal_async_plans)
+        if not count_due and -self._shortfall(0) >= self.low_water_pages:
+            return False
+        t0 = time.perf_counter()
+        plan_stream = contextlib.nullcontext() if self._plan_stream is None else torch.cuda.stream(self._plan_stream)
+        with plan_stream, self._beside_step():
+            self.finish_seal()
+        self.packs_after_launch += 1
+        self.after_launch_seconds += time.perf_counter() - t0
+        return True
 
     def _can_seal_beside(self) -> bool:
         return self.seal_beside_step and self._frees_at_plan_end == self.pool.store.granule_frees
@@ -662,7 +699,8 @@ class Sealer:
                   if self.seal_beside_step else "")  # fmt: skip
         if self.seal_async:
             beside += (f" ({self.async_seals} packed {self.seal_async_plans} plans later or sooner, "
-                       f"{self.pending_voided} voided)")  # fmt: skip
+                       f"{self.pending_voided} voided, {self.packs_after_launch} after a launch in "
+                       f"{self.after_launch_seconds:.1f} s)")  # fmt: skip
         if self.seal_graphs is not None:
             beside += f" ({self.seal_graphs.status()})"
         if self.rows_read:

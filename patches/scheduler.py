@@ -10,11 +10,15 @@
   new slots and the scheduler's stream (:func:`~mosaickv_sglang.batch_inputs.note_scheduled_batch`), so that the
   plans of its forward read them back without waiting for the step in flight.
 - AFTER ``Scheduler.run_batch``: forget that note (no later plan may take it for its own batch).
+- AFTER ``Scheduler.run_batch``: pack a pending seal that the next plan would pack, now, beside the step just
+  launched (:meth:`~mosaickv_sglang.sealer.Sealer.after_launch`: ``MOSAICKV_SEAL_ASYNC`` with the seal beside the
+  step), while the scheduler would otherwise wait for the step before.
 - BEFORE ``Scheduler.run_batch``, with ``MOSAICKV_STACK_SAMPLES`` set: the first batch starts sampling this
   scheduler thread's stacks (:mod:`mosaickv_sglang.stack_sampler`), in any server that loads the plugin.
 
-The first three are no-ops unless this process built a ``mosaic`` attention backend, the first with the sidecar on,
-the third with the overlap scheduler on.
+The first three and the fifth are no-ops unless this process built a ``mosaic`` attention backend, the first with the
+sidecar on, the third with the overlap scheduler on, the fifth with a seal pending in two halves beside the step
+(``MOSAICKV_SEAL_ASYNC`` and ``MOSAICKV_SEAL_BESIDE_STEP=1``).
 """
 
 from __future__ import annotations
@@ -66,6 +70,14 @@ def forget_batch_inputs(result: Any, self: Any, *args: Any, **kwargs: Any) -> No
     clear_scheduled_batch()
 
 
+def pack_pending_seal_after_launch(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``Scheduler.run_batch``: the sealer's :meth:`~mosaickv_sglang.sealer.Sealer.after_launch`, when this
+    process has a mosaic backend."""
+    sealer = current_sealer()
+    if sealer is not None:
+        sealer.after_launch()
+
+
 def sample_stacks(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     """BEFORE ``Scheduler.run_batch``: with ``MOSAICKV_STACK_SAMPLES`` set, the first batch starts sampling this
     scheduler thread's stacks (any server that loads the plugin, stock ones included)."""
@@ -79,4 +91,5 @@ def apply() -> None:
     seam.register_hook(seam.SCHEDULER_ON_IDLE, freeze_gc_after_warmup, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, note_batch_inputs, "BEFORE")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, forget_batch_inputs, "AFTER")
+    seam.register_hook(seam.SCHEDULER_RUN_BATCH, pack_pending_seal_after_launch, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, sample_stacks, "BEFORE")

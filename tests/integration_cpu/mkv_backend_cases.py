@@ -121,14 +121,18 @@ class Scenario:
             res.append((fm(q, k, v, lay, batch), fn(q, k, v, lay, batch), q))
         return res
 
-    def served(self, prompts: List[int], decode_steps: int) -> Tuple[List[int], float]:
+    def served(self, prompts: List[int], decode_steps: int, after_launch: bool = False) -> Tuple[List[int], float]:
         """An extend of ``prompts``, then ``decode_steps`` decode steps, through both backends: the mosaic sealer's
-        pages sealed after each step, and the largest difference between the two backends' outputs."""
+        pages sealed after each step, and the largest difference between the two backends' outputs. With
+        ``after_launch``, the sealer's :meth:`~mosaickv_sglang.sealer.Sealer.after_launch` after each step (where
+        SGLang's hook after ``Scheduler.run_batch`` calls it)."""
         sealed, worst = [], 0.0
         for batch in [self.extend_batch(prompts)] + [None] * decode_steps:
             batch = batch if batch is not None else self.decode_batch()
             for mosaic_out, native_out, _ in self.run_both(batch):
                 worst = max(worst, float((mosaic_out.float() - native_out.float()).abs().max()))
+            if after_launch:
+                self.mosaic.sealer.after_launch()
             sealed.append(self.mosaic.sealer.pages_sealed)
         return sealed, worst
 

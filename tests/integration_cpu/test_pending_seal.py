@@ -3,8 +3,9 @@
 reads nothing from the device and seals nothing; the second makes no synchronisation and packs exactly what a whole
 seal packs, N plans later unless the hot pool needs the room; a page freed in between voids the plan and the live pages
 are sealed by a later plan; through the backend's plans, every page is sealed one plan later than without it (N = 1),
-never sooner (N = 3), and decode outputs match the reference backend. On a GPU, the second half does not wait for the
-step in flight."""
+never sooner (N = 3), and decode outputs match the reference backend. Beside the step, the pack the next plan would
+make is made after the current step's launch (:meth:`Sealer.after_launch`) and packs the same. On a GPU, the second
+half does not wait for the step in flight, after a launch neither."""
 
 from __future__ import annotations
 
@@ -210,6 +211,131 @@ def test_pages_due_while_a_seal_is_pending_wait_and_are_sealed_after_it():
     assert sc.pool.store.is_sealed(torch.from_numpy(pages)).all()
 
 
+def _plan(sealer) -> None:
+    """:func:`_no_plan`, ended as the backend ends a plan before the step's launch (:meth:`Sealer.end_plan`)."""
+    _no_plan(sealer)
+    sealer.end_plan()
+
+
+def _beside(sc: Scenario, plans: int):
+    """``sc``'s sealer sealing in two halves, packs ``plans`` plans later, beside the step, with no low-pool pack."""
+    sealer = sc.mosaic.sealer
+    sealer.seal_async, sealer.seal_async_plans, sealer.seal_beside_step = True, plans, True
+    sealer.low_water_pages = 0
+    return sealer
+
+
+def test_after_a_launch_the_pack_the_next_plan_would_make_is_made_and_packs_what_a_whole_seal_packs():
+    whole, pages, sinks = _filled(5)
+    split, _, _ = _filled(5)
+    assert whole.mosaic.sealer.seal(pages, sinks)
+    sealer = _beside(split, 3)
+    assert sealer.start_seal(pages, sinks)
+    sealer.end_plan()
+    assert sealer.after_launch() is False  # the launch of the plan that launched the planner: too soon
+    _plan(sealer)
+    assert sealer.after_launch() is False and sealer._pending is not None  # the next plan would not pack it
+    _plan(sealer)
+    with HostSyncCounter() as count:
+        assert sealer.after_launch()  # the next plan, its third, would
+    assert not _device_syncs(count) and count.puts == 0, dict(count.by_site)
+    assert sealer._pending is None and sealer.side_seals == 1
+    assert (sealer.async_seals, sealer.packs_after_launch, sealer.pages_sealed) == (1, 1, pages.size)
+    for a, b in zip(_store_state(whole), _store_state(split)):
+        assert torch.equal(a, b)
+    _plan(sealer)
+    assert sealer.after_launch() is False and sealer.packs_after_launch == 1  # nothing pending
+
+
+def test_after_a_launch_a_low_hot_pool_packs_the_pending_seal_before_its_plan_count():
+    sc, pages, sinks = _filled(6)
+    sealer = _beside(sc, 8)
+    assert sealer.start_seal(pages, sinks)
+    sealer.end_plan()
+    sealer.low_water_pages = sc.pool.num_free_physical_pages + 1
+    assert sealer.after_launch() is False  # low, but its planner was launched by the plan just ended
+    sealer.low_water_pages = 0
+    _plan(sealer)
+    assert sealer.after_launch() is False
+    sealer.low_water_pages = sc.pool.num_free_physical_pages + 1  # the next plan would find the pool low
+    assert sealer.after_launch() and sealer.pages_sealed == pages.size and sealer.packs_after_launch == 1
+
+
+@pytest.mark.parametrize("why", ["a granule freed since the plan", "not beside the step", "turned off"])
+def test_after_a_launch_nothing_is_packed_unless_beside_the_step_with_nothing_freed(monkeypatch, why):
+    if why == "turned off":
+        monkeypatch.setenv("MOSAICKV_PACK_AFTER_LAUNCH", "0")
+    sc, pages, sinks = _filled(9)
+    assert pages.size >= 4
+    first, later = pages[: pages.size // 2], pages[pages.size // 2:]
+    sealer = _beside(sc, 2)
+    assert sealer.seal(first, sinks[: first.size])
+    assert sealer.start_seal(later, sinks[first.size:])
+    sealer.end_plan()
+    _plan(sealer)
+    if why == "a granule freed since the plan":
+        frees = sc.pool.store.granule_frees
+        sc.pool.free_pages(torch.from_numpy(first[:1]))  # a sealed page: its granules go back to the arena
+        assert sc.pool.store.granule_frees > frees
+    elif why == "not beside the step":
+        sealer.seal_beside_step = False
+    assert sealer.after_launch() is False and sealer._pending is not None
+    _no_plan(sealer)  # the next plan packs it, as without the hook
+    assert sealer._pending is None and sealer.packs_after_launch == 0
+    assert sc.pool.store.is_sealed(torch.from_numpy(later)).all()
+
+
+def test_the_pack_after_a_launch_is_on_unless_turned_off(monkeypatch):
+    monkeypatch.delenv("MOSAICKV_PACK_AFTER_LAUNCH", raising=False)
+    assert pending_seal.pack_after_launch_enabled()
+    assert Scenario(config(ratio=3.0), group=2, seed=1).mosaic.sealer.pack_after_launch
+    monkeypatch.setenv("MOSAICKV_PACK_AFTER_LAUNCH", "0")
+    assert not pending_seal.pack_after_launch_enabled()
+    monkeypatch.setenv("MOSAICKV_PACK_AFTER_LAUNCH", "no")
+    with pytest.raises(ValueError, match=r"MOSAICKV_PACK_AFTER_LAUNCH: expected 0 or 1, got 'no'"):
+        Scenario(config(ratio=3.0), group=2, seed=1)
+
+
+def test_the_hook_after_run_batch_calls_the_sealers_after_launch():
+    from mosaickv_sglang.patches.scheduler import pack_pending_seal_after_launch
+    from mosaickv_sglang.runtime import register_sealer
+
+    sc, pages, sinks = _filled(5)  # its backend registered its sealer, as in a scheduler process
+    sealer = _beside(sc, 2)
+    assert sealer.start_seal(pages, sinks)
+    sealer.end_plan()
+    _plan(sealer)
+    try:
+        register_sealer(None)
+        pack_pending_seal_after_launch(None, object(), sc.decode_batch())  # no mosaic backend here: nothing
+        assert sealer._pending is not None
+        register_sealer(sealer)
+        pack_pending_seal_after_launch(None, object(), sc.decode_batch())
+    finally:
+        register_sealer(None)
+    assert sealer.packs_after_launch == 1 and sealer.pages_sealed == pages.size
+
+
+@pytest.mark.parametrize("group, plans", [(4, 2)])
+def test_served_with_the_pack_after_each_launch_seals_no_later_and_decode_matches_the_reference(group, plans):
+    """Through the backend, beside the step, packs N plans later: with the sealer's after_launch after each step,
+    pages are sealed no later than without it (and some earlier), and every step's outputs match the reference
+    backend as closely (ratio 1: sealed pages are exact, so a wrong pack would show)."""
+    runs = {}
+    for hook in (False, True):
+        sc = Scenario(config(ratio=1.0), group=group, seed=17, auto_seal=True)
+        sealer = sc.mosaic.sealer
+        sealer.seal_async, sealer.seal_async_plans, sealer.seal_beside_step = True, plans, True
+        sealed, worst = sc.served([61, 38, 77], decode_steps=14, after_launch=hook)
+        runs[hook] = (sealed, worst, sealer)
+    (plain_sealed, plain_worst, plain), (hook_sealed, hook_worst, sealer) = runs[False], runs[True]
+    assert plain.async_seals > 0 and plain.packs_after_launch == 0
+    assert sealer.packs_after_launch > 0 and sealer.pending_voided == 0
+    assert all(h >= p for h, p in zip(hook_sealed, plain_sealed)), (hook_sealed, plain_sealed)
+    assert hook_sealed != plain_sealed and hook_sealed[-1] == plain_sealed[-1]
+    assert hook_worst <= max(2 * plain_worst, 2e-2), (hook_worst, plain_worst)
+
+
 @pytest.mark.parametrize("group, beside", [(1, False), (4, False), (4, True)])
 def test_served_plans_seal_a_plan_later_and_decode_matches_the_reference(group, beside):
     """Through the backend (auto-seal, one page a batch; with or without sealing beside the step in flight): every
@@ -333,13 +459,9 @@ def test_beside_the_step_the_forward_stream_does_not_wait_for_a_pending_seals_pl
     slow.pool.check_invariants()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_cuda_a_pending_seals_pack_does_not_wait_for_the_step_in_flight(monkeypatch):
-    """On a GPU, the second half of a seal (the arena allocation, the pack, the release of the dense pages) queues its
-    work behind a step in flight (a kernel of about half a second here) without waiting for it, and makes no
-    synchronisation (``torch.cuda.set_sync_debug_mode("error")`` raises on one). The pages end sealed as with the CPU's
-    pack. Before, the release's ``page_table[idx] = -1`` copied -1 to the device and waited for the stream."""
+def _cuda_half_sealed(monkeypatch, seed: int) -> tuple:
+    """On CUDA: three requests' prefills through the mosaic backend, then the first half of their due pages sealed
+    (which loads the kernels): ``(side, pages, sinks)``, the second half of ``pages`` still dense."""
     import test_cuda_graph_decode as graph_cases
     from mkv_backend_cases import layer
     from test_kv_pool import D, DT, H_KV, LAYERS
@@ -347,7 +469,7 @@ def test_on_cuda_a_pending_seals_pack_does_not_wait_for_the_step_in_flight(monke
     monkeypatch.setenv("MOSAICKV_WARMUP", "0")
     group = 2
     side = graph_cases._CudaSide(config(ratio=3.0), group, monkeypatch)
-    gen = torch.Generator(device="cuda").manual_seed(31)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     batch = graph_cases._to_cuda(side.extend_batch([70, 53, 90]))
     n = batch.out_cache_loc.numel()
     side.mosaic.init_forward_metadata(batch)
@@ -360,25 +482,87 @@ def test_on_cuda_a_pending_seals_pack_does_not_wait_for_the_step_in_flight(monke
     sinks = torch.cat([sp.always_dense for sp in due]).numpy()
     assert pages.size >= 4
     half = pages.size // 2
-    sealer = side.mosaic.sealer
-    assert sealer.seal(pages[:half], sinks[:half])  # loads the kernels and warms the caches
-    assert sealer.start_seal(pages[half:], sinks[half:])
-    sealer._pending.host_sizes()  # the sizes have landed (a later plan's case)
-    # a server's caches are warm: a cudaHostAlloc or cudaMalloc while the step runs can wait for it
+    assert side.mosaic.sealer.seal(pages[:half], sinks[:half])
+    return side, pages, sinks
+
+
+def _warm_caches() -> None:
+    """A server's caches are warm: pinned and device blocks of each size class (a cudaHostAlloc or cudaMalloc while
+    a step runs can wait for it); then nothing queued."""
     warm = [torch.empty(1 << p, dtype=torch.uint8, pin_memory=True) for p in range(9, 23) for _ in range(16)]
     warm += [torch.empty(1 << p, dtype=torch.uint8, device="cuda") for p in range(9, 20) for _ in range(64)]
     del warm
     torch.cuda.synchronize()
+
+
+def _returns_before(in_flight: "torch.cuda.Event", call, what: str) -> None:
+    """``call()`` returns true with no synchronisation (sync debug mode raises on one), before the step in flight
+    (recorded by ``in_flight``) ends."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not in_flight.query(), f"{what} waited for the step in flight"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_a_pending_seals_pack_does_not_wait_for_the_step_in_flight(monkeypatch):
+    """On a GPU, the second half of a seal (the arena allocation, the pack, the release of the dense pages) queues its
+    work behind a step in flight (a kernel of about half a second here) without waiting for it, and makes no
+    synchronisation (``torch.cuda.set_sync_debug_mode("error")`` raises on one). The pages end sealed as with the CPU's
+    pack. Before, the release's ``page_table[idx] = -1`` copied -1 to the device and waited for the stream."""
+    side, pages, sinks = _cuda_half_sealed(monkeypatch, seed=31)
+    half, sealer = pages.size // 2, side.mosaic.sealer
+    assert sealer.start_seal(pages[half:], sinks[half:])
+    sealer._pending.host_sizes()  # the sizes have landed (a later plan's case)
+    _warm_caches()
     torch.cuda._sleep(1_000_000_000)  # the step in flight
     in_flight = torch.cuda.Event()
     in_flight.record()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        assert sealer.finish_seal()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert not in_flight.query(), "the pack waited for the step in flight"
+    _returns_before(in_flight, sealer.finish_seal, "the pack")
     torch.cuda.synchronize()
     assert side.pool.store.is_sealed(torch.from_numpy(pages)).all()
     assert (side.pool.page_table.cpu()[torch.from_numpy(pages)] == -1).all()
+    side.pool.check_invariants()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_pack_after_a_launch_runs_beside_the_step_and_the_forward_stream_waits_for_it(monkeypatch):
+    """On a GPU, :meth:`Sealer.after_launch` called on the scheduler's stream (as the hook after
+    ``Scheduler.run_batch`` is) packs on the side stream without waiting for the step just launched on the forward
+    stream (a kernel of about half a second here), with no synchronisation, and makes the forward stream (the last
+    plan's stream), not the scheduler's, wait for the pack."""
+    side, pages, sinks = _cuda_half_sealed(monkeypatch, seed=37)
+    half, sealer = pages.size // 2, side.mosaic.sealer
+    sealer.seal_beside_step, sealer.seal_async, sealer.seal_async_plans = True, True, 2
+    sealer.low_water_pages = 0
+    forward = torch.cuda.Stream()
+    with torch.cuda.stream(forward):
+        assert sealer.start_seal(pages[half:], sinks[half:])
+        sealer.end_plan()
+    sealer._pending.host_sizes()  # the sizes have landed (a later plan's case)
+    sealer._pending.plans_waited = 1  # one plan since: the next would pack it
+    _warm_caches()
+    with torch.cuda.stream(forward):
+        sealer.end_plan()  # the plan of the step about to launch
+        torch.cuda._sleep(1_000_000_000)  # the step launched
+        in_flight = torch.cuda.Event()
+        in_flight.record()
+    waits = []
+    wait_stream = torch.cuda.Stream.wait_stream
+
+    def noted_wait(stream, other):
+        waits.append((stream, other))
+        return wait_stream(stream, other)
+
+    monkeypatch.setattr(torch.cuda.Stream, "wait_stream", noted_wait)
+    _returns_before(in_flight, sealer.after_launch, "the pack after the launch")
+    assert torch.cuda.current_stream() != forward  # the hook's stream was put back
+    assert (forward, sealer._side_stream) in waits, waits
+    assert not any(s == torch.cuda.current_stream() for s, _ in waits), waits
+    torch.cuda.synchronize()
+    assert sealer.packs_after_launch == 1 and side.pool.store.is_sealed(torch.from_numpy(pages)).all()
     side.pool.check_invariants()
