@@ -599,10 +599,7 @@ class Sealer:
         pending = self._pending
         if pending is None or not (self.seal_beside_step and self.pack_after_launch) or pending.plans_waited < 1:
             return False
-        if not self._can_seal_beside():
-            return False
-        count_due = pending.plans_waited + 1 >= max(1, self.seal_async_plans)
-        if not count_due and -self._shortfall(0) >= self.low_water_pages:
+        if not self._can_seal_beside() or self._pending_waits(0, plans_waited=pending.plans_waited + 1):
             return False
         t0 = time.perf_counter()
         plan_stream = contextlib.nullcontext() if self._plan_stream is None else torch.cuda.stream(self._plan_stream)
@@ -923,15 +920,16 @@ class Sealer:
         self.cold_pages_sealed += int(cold.size)
         return np.concatenate([chosen, cold]), np.concatenate([sink_mask, np.zeros(cold.size, dtype=bool)])
 
-    def _pending_waits(self, need: int) -> bool:
+    def _pending_waits(self, need: int, plans_waited: Optional[int] = None) -> bool:
         """Whether the pending seal waits for a later plan: fewer than :attr:`seal_async_plans` plans since it was
-        planned (counting this one), and the hot pool has room for this plan's ``need`` new pages without it; beside
-        the step, room above :attr:`low_water_pages` too (a low pool packs it now, beside the step, so that cold pages
-        can follow at this plan instead of pressure sealing inside a later step). Host state only, so every
-        tensor-parallel rank decides alike."""
+        planned (counting this one; ``plans_waited``, else the pending seal's own count), and the hot pool has room
+        for this plan's ``need`` new pages without it; beside the step, room above :attr:`low_water_pages` too (a low
+        pool packs it now, beside the step, so that cold pages can follow at this plan instead of pressure sealing
+        inside a later step). Host state only, so every tensor-parallel rank decides alike."""
         pending = self._pending
         assert pending is not None
-        if pending.plans_waited >= max(1, self.seal_async_plans):
+        plans = pending.plans_waited if plans_waited is None else plans_waited
+        if plans >= max(1, self.seal_async_plans):
             return False
         short = self._shortfall(need)
         if self._can_seal_beside():
