@@ -18,7 +18,9 @@ voids the plan: :meth:`PendingSeal.live` says which pages still hold what was pl
 With SGLang's overlap scheduler and the seal beside the step (``MOSAICKV_SEAL_BESIDE_STEP=1``), a pack that the next
 plan would make is made right after the current step's launch instead (``MOSAICKV_PACK_AFTER_LAUNCH``, on unless
 ``0``; :meth:`~mosaickv_sglang.sealer.Sealer.after_launch`): there the scheduler's next move is to wait for the step
-before, so the pack's host time fills that wait instead of delaying the next launch.
+before, so the pack's host time fills that wait instead of delaying the next launch. Likewise a first half that a plan
+decides on is started (planned) right after that plan's step is launched (``MOSAICKV_PLAN_AFTER_LAUNCH``, on unless
+``0``), once the sealer has seen that hook run: the plan only chooses the pages.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from mosaickv_sglang.config import flag_env
 from mosaickv_sglang.kernels.format import SegmentPlan, plans_granules
 
 __all__ = [
-    "PACK_AFTER_LAUNCH_ENV", "PendingSeal", "SEAL_ASYNC_ENV", "pack_after_launch_enabled", "seal_async_enabled",
-    "seal_async_plans", "sizes_to_host",
+    "PACK_AFTER_LAUNCH_ENV", "PLAN_AFTER_LAUNCH_ENV", "PendingSeal", "SEAL_ASYNC_ENV", "pack_after_launch_enabled",
+    "plan_after_launch_enabled", "seal_async_enabled", "seal_async_plans", "sizes_to_host",
 ]  # fmt: skip
 
 SEAL_ASYNC_ENV = "MOSAICKV_SEAL_ASYNC"
 PACK_AFTER_LAUNCH_ENV = "MOSAICKV_PACK_AFTER_LAUNCH"
+PLAN_AFTER_LAUNCH_ENV = "MOSAICKV_PLAN_AFTER_LAUNCH"
 
 
 def seal_async_plans() -> int:
@@ -64,6 +67,13 @@ def pack_after_launch_enabled() -> bool:
     """``MOSAICKV_PACK_AFTER_LAUNCH``: ``1`` (the default) or ``0``; whether a pack due at the next plan is made after
     the current step's launch (with the seal beside the step; see the module's docstring)."""
     return flag_env(PACK_AFTER_LAUNCH_ENV, default=True)
+
+
+def plan_after_launch_enabled() -> bool:
+    """``MOSAICKV_PLAN_AFTER_LAUNCH``: ``1`` (the default) or ``0``; whether the first half of a seal that a plan
+    decides on is planned after that plan's step is launched (with the seal beside the step; see the module's
+    docstring)."""
+    return flag_env(PLAN_AFTER_LAUNCH_ENV, default=True)
 
 
 @dataclass(eq=False)

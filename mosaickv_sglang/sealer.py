@@ -36,7 +36,9 @@ from mosaickv_sglang.host_stalls import HostStalls
 from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
-from mosaickv_sglang.pending_seal import PendingSeal, pack_after_launch_enabled, seal_async_plans, sizes_to_host
+from mosaickv_sglang.pending_seal import (
+    PendingSeal, pack_after_launch_enabled, plan_after_launch_enabled, seal_async_plans, sizes_to_host,
+)  # fmt: skip
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
@@ -348,8 +350,13 @@ class Sealer:
     pack_after_launch : bool
         ``MOSAICKV_PACK_AFTER_LAUNCH`` (on unless ``0``): with :attr:`seal_async` and :attr:`seal_beside_step`, a pack
         the next plan would make is made after the current step's launch (:meth:`after_launch`).
-    packs_after_launch, after_launch_seconds : int, float
-        Pending seals packed (or voided) there, and the scheduler time :meth:`after_launch` took for them.
+    plan_after_launch : bool
+        ``MOSAICKV_PLAN_AFTER_LAUNCH`` (on unless ``0``): with :attr:`seal_async` and :attr:`seal_beside_step`, once
+        :meth:`after_launch` has been called (SGLang's hook runs), a plan that decides on a first half only chooses
+        its pages; :meth:`after_launch` plans them, after the step's launch.
+    packs_after_launch, starts_after_launch, after_launch_seconds : int, int, float
+        Pending seals packed (or voided) there, first halves planned there, and the scheduler time
+        :meth:`after_launch` took for both.
     rows_read : dict
         With the overlap scheduler: plans by ``(kind, how their rows were read)`` (:meth:`note_rows_read`).
     """
@@ -398,8 +405,13 @@ class Sealer:
         self.async_seals = 0
         self.pending_voided = 0
         self.pack_after_launch = pack_after_launch_enabled()
+        self.plan_after_launch = plan_after_launch_enabled()
         self.packs_after_launch = 0
+        self.starts_after_launch = 0
         self.after_launch_seconds = 0.0
+        self._launch_hooked = False  # after_launch was called: SGLang's hook after run_batch runs in this process
+        # (pages, sinks, their epochs) whose first half a plan left to after_launch
+        self._to_start: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
         self._pending: Optional[PendingSeal] = None
         self._planned_pages = np.zeros(0, dtype=np.int64)
         self._in_flight = np.zeros(0, dtype=np.int64)
@@ -489,6 +501,9 @@ class Sealer:
         pool = self.pool
         self._planned_pages = np.asarray(new_pages, dtype=np.int64)
         need = int(np.count_nonzero(pool.physical_pages(torch.from_numpy(new_pages)).numpy() < 0))
+        if self._to_start is not None:  # the last plan's first half, not planned after its launch: now
+            with self._beside_step(forward_waits=False) if self._can_seal_beside() else contextlib.nullcontext():
+                self._start_chosen()
         if self._pending is not None:
             self._pending.plans_waited += 1
             if not self._pending_waits(need):
@@ -526,9 +541,13 @@ class Sealer:
             chosen, sink_mask = chosen[~held], sink_mask[~held]
             chosen, sink_mask = self._with_cold_pages(chosen, sink_mask, short, new_pages)
             if chosen.size >= self.min_seal_pages:
-                # two halves: the forward stream does not wait for the planner, only the pack does, plans later
-                with self._beside_step(forward_waits=not self.seal_async):
-                    self._policy_seal(chosen, sink_mask)
+                if self.seal_async and self._pending is None and self.plan_after_launch and self._launch_hooked:
+                    # planned after this plan's launch (after_launch)
+                    self._to_start = (chosen, sink_mask, pool.page_epoch[chosen].copy())
+                else:
+                    # two halves: the forward stream does not wait for the planner, only the pack does, plans later
+                    with self._beside_step(forward_waits=not self.seal_async):
+                        self._policy_seal(chosen, sink_mask)
             self.maybe_log_status()
             return
         self._defer(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
@@ -587,27 +606,59 @@ class Sealer:
 
     def after_launch(self) -> bool:
         """Right after SGLang launched the step just planned, before the scheduler waits for the step before it (a
-        hook after ``Scheduler.run_batch``, :mod:`mosaickv_sglang.patches.scheduler`): pack the pending seal beside
-        the step just launched, on the side stream, when the next plan would pack it for its plan count or for a low
-        hot pool (:meth:`_pending_waits` with no new pages). Its host time then fills the scheduler's wait for the
-        step before, instead of delaying the next launch inside the next plan.
+        hook after ``Scheduler.run_batch``, :mod:`mosaickv_sglang.patches.scheduler`), beside the step just launched,
+        on the side stream: pack the pending seal when the next plan would pack it for its plan count or for a low
+        hot pool (:meth:`_pending_waits` with no new pages), and plan the first half whose pages the plan just made
+        chose (:attr:`plan_after_launch`). Their host time then fills the scheduler's wait for the step before,
+        instead of delaying this launch or the next one inside a plan.
 
-        Only with :attr:`seal_beside_step` and :attr:`pack_after_launch`, at least one plan after the one that
-        planned it (whose planner was just launched), and with no arena granule freed since the last plan
+        The pack only with :attr:`seal_beside_step` and :attr:`pack_after_launch`, at least one plan after the one
+        that planned it (whose planner was just launched), and with no arena granule freed since the last plan
         (:meth:`_can_seal_beside`); otherwise the next plan decides as before. Host state only, so every
-        tensor-parallel rank decides alike. Returns whether it packed (or voided) the pending seal."""
+        tensor-parallel rank decides alike. Returns whether it packed (or voided) the pending seal or planned one."""
+        self._launch_hooked = True
+        t0 = time.perf_counter()
+        packed = self._pack_after_launch()
+        started = self._start_after_launch()
+        if packed or started:
+            self.after_launch_seconds += time.perf_counter() - t0
+        return packed or started
+
+    def _after_launch_stream(self) -> contextlib.AbstractContextManager:
+        """The last plan's stream (SGLang's forward stream, which the hook's caller may not be on) as the current one,
+        so that :meth:`_beside_step` makes it, not the caller's, wait."""
+        return contextlib.nullcontext() if self._plan_stream is None else torch.cuda.stream(self._plan_stream)
+
+    def _pack_after_launch(self) -> bool:
         pending = self._pending
         if pending is None or not (self.seal_beside_step and self.pack_after_launch) or pending.plans_waited < 1:
             return False
         if not self._can_seal_beside() or self._pending_waits(0, plans_waited=pending.plans_waited + 1):
             return False
-        t0 = time.perf_counter()
-        plan_stream = contextlib.nullcontext() if self._plan_stream is None else torch.cuda.stream(self._plan_stream)
-        with plan_stream, self._beside_step():
+        with self._after_launch_stream(), self._beside_step():
             self.finish_seal()
         self.packs_after_launch += 1
-        self.after_launch_seconds += time.perf_counter() - t0
         return True
+
+    def _start_after_launch(self) -> bool:
+        """The first half the last plan left to this hook (it chose its pages beside the step, before any granule was
+        freed, with no seal pending), planned from the query window that plan's step finds, on a side stream that
+        waits for that plan's end, which the forward stream does not wait for (only the pack, plans later)."""
+        if self._to_start is None:
+            return False
+        with self._after_launch_stream(), self._beside_step(forward_waits=False):
+            self._start_chosen()
+        self.starts_after_launch += 1
+        return True
+
+    def _start_chosen(self) -> None:
+        """:meth:`start_seal` of the pages a plan left to :meth:`after_launch`, those of them still holding what they
+        held then (a page freed or sealed since is left out)."""
+        pages, sinks, epochs = self._to_start
+        self._to_start = None
+        live = self.pool.page_epoch[pages] == epochs
+        if live.any():
+            self.start_seal(pages[live], sinks[live])
 
     def _can_seal_beside(self) -> bool:
         return self.seal_beside_step and self._frees_at_plan_end == self.pool.store.granule_frees
@@ -696,8 +747,8 @@ class Sealer:
                   if self.seal_beside_step else "")  # fmt: skip
         if self.seal_async:
             beside += (f" ({self.async_seals} packed {self.seal_async_plans} plans later or sooner, "
-                       f"{self.pending_voided} voided, {self.packs_after_launch} after a launch in "
-                       f"{self.after_launch_seconds:.1f} s)")  # fmt: skip
+                       f"{self.pending_voided} voided; after a launch {self.packs_after_launch} packed and "
+                       f"{self.starts_after_launch} planned in {self.after_launch_seconds:.1f} s)")  # fmt: skip
         if self.seal_graphs is not None:
             beside += f" ({self.seal_graphs.status()})"
         if self.rows_read:

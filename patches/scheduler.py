@@ -10,9 +10,10 @@
   new slots and the scheduler's stream (:func:`~mosaickv_sglang.batch_inputs.note_scheduled_batch`), so that the
   plans of its forward read them back without waiting for the step in flight.
 - AFTER ``Scheduler.run_batch``: forget that note (no later plan may take it for its own batch).
-- AFTER ``Scheduler.run_batch``: pack a pending seal that the next plan would pack, now, beside the step just
-  launched (:meth:`~mosaickv_sglang.sealer.Sealer.after_launch`: ``MOSAICKV_SEAL_ASYNC`` with the seal beside the
-  step), while the scheduler would otherwise wait for the step before.
+- AFTER ``Scheduler.run_batch``: pack a pending seal that the next plan would pack, and plan the first half whose
+  pages the plan just made chose, now, beside the step just launched
+  (:meth:`~mosaickv_sglang.sealer.Sealer.after_launch`: ``MOSAICKV_SEAL_ASYNC`` with the seal beside the step), while
+  the scheduler would otherwise wait for the step before.
 - BEFORE ``Scheduler.run_batch``, with ``MOSAICKV_STACK_SAMPLES`` set: the first batch starts sampling this
   scheduler thread's stacks (:mod:`mosaickv_sglang.stack_sampler`), in any server that loads the plugin.
 
@@ -70,9 +71,9 @@ def forget_batch_inputs(result: Any, self: Any, *args: Any, **kwargs: Any) -> No
     clear_scheduled_batch()
 
 
-def pack_pending_seal_after_launch(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
-    """AFTER ``Scheduler.run_batch``: the sealer's :meth:`~mosaickv_sglang.sealer.Sealer.after_launch`, when this
-    process has a mosaic backend."""
+def seal_after_launch(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``Scheduler.run_batch``: the sealer's :meth:`~mosaickv_sglang.sealer.Sealer.after_launch` (a due pack, a
+    chosen first half), when this process has a mosaic backend."""
     sealer = current_sealer()
     if sealer is not None:
         sealer.after_launch()
@@ -91,5 +92,5 @@ def apply() -> None:
     seam.register_hook(seam.SCHEDULER_ON_IDLE, freeze_gc_after_warmup, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, note_batch_inputs, "BEFORE")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, forget_batch_inputs, "AFTER")
-    seam.register_hook(seam.SCHEDULER_RUN_BATCH, pack_pending_seal_after_launch, "AFTER")
+    seam.register_hook(seam.SCHEDULER_RUN_BATCH, seal_after_launch, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, sample_stacks, "BEFORE")

@@ -297,7 +297,7 @@ def test_the_pack_after_a_launch_is_on_unless_turned_off(monkeypatch):
 
 
 def test_the_hook_after_run_batch_calls_the_sealers_after_launch():
-    from mosaickv_sglang.patches.scheduler import pack_pending_seal_after_launch
+    from mosaickv_sglang.patches.scheduler import seal_after_launch
     from mosaickv_sglang.runtime import register_sealer
 
     sc, pages, sinks = _filled(5)  # its backend registered its sealer, as in a scheduler process
@@ -307,13 +307,112 @@ def test_the_hook_after_run_batch_calls_the_sealers_after_launch():
     _plan(sealer)
     try:
         register_sealer(None)
-        pack_pending_seal_after_launch(None, object(), sc.decode_batch())  # no mosaic backend here: nothing
+        seal_after_launch(None, object(), sc.decode_batch())  # no mosaic backend here: nothing
         assert sealer._pending is not None
         register_sealer(sealer)
-        pack_pending_seal_after_launch(None, object(), sc.decode_batch())
+        seal_after_launch(None, object(), sc.decode_batch())
     finally:
         register_sealer(None)
     assert sealer.packs_after_launch == 1 and sealer.pages_sealed == pages.size
+
+
+def _choosing_plan(sealer, pages: np.ndarray, sinks: np.ndarray) -> None:
+    """A plan beside the step that finds ``pages`` due (and writes no new page), ended as the backend ends it."""
+    sealer._seal_due(pages, sinks, np.zeros(0, dtype=np.int64))
+    sealer.end_plan()
+
+
+def test_after_the_hook_ran_a_plan_only_chooses_the_pages_and_the_launch_plans_them_as_a_plan_would():
+    whole, pages, sinks = _filled(5)
+    split, _, _ = _filled(5)
+    order = np.argsort(pages)  # a plan seals its due pages in page order
+    assert whole.mosaic.sealer.seal(pages[order], sinks[order])
+    sealer = _beside(split, 2)
+    sealer.min_seal_pages = 1
+    sealer.end_plan()
+    assert sealer.after_launch() is False  # the hook runs: nothing to do yet
+    planning = sealer.seal_plan_seconds
+    _choosing_plan(sealer, pages, sinks)
+    assert sealer._pending is None and sealer.seal_plan_seconds == planning  # chosen, not planned
+    assert np.array_equal(sealer._to_start[0], np.sort(pages)) and sealer.side_seals == 0
+    with HostSyncCounter() as count:
+        assert sealer.after_launch()
+    assert not _device_syncs(count) and count.puts == 0, dict(count.by_site)
+    assert sealer._to_start is None and sealer.starts_after_launch == 1 and sealer.side_seals == 1
+    assert np.array_equal(sealer._pending.pages, np.sort(pages)) and sealer._pending.plans_waited == 0
+    assert sealer.seal_plan_seconds > planning and sealer.pages_sealed == 0
+    assert sealer.after_launch() is False  # planned by the plan whose step was just launched: too soon to pack
+    _plan(sealer)
+    assert sealer.after_launch() and sealer.packs_after_launch == 1  # the next plan, its second, would pack it
+    assert (sealer.async_seals, sealer.pages_sealed, sealer.pending_voided) == (1, pages.size, 0)
+    for a, b in zip(_store_state(whole), _store_state(split)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("why", ["the hook never ran", "turned off", "a seal pending"])
+def test_a_plan_plans_the_first_half_itself_without_the_hook_turned_off_or_with_a_seal_pending(monkeypatch, why):
+    if why == "turned off":
+        monkeypatch.setenv("MOSAICKV_PLAN_AFTER_LAUNCH", "0")
+    sc, pages, sinks = _filled(8)
+    first, later = pages[: pages.size // 2], pages[pages.size // 2:]
+    sealer = _beside(sc, 3)
+    sealer.min_seal_pages = 1
+    sealer.end_plan()
+    if why != "the hook never ran":
+        assert sealer.after_launch() is False
+    if why == "a seal pending":
+        assert sealer.start_seal(first, sinks[: first.size])
+        _choosing_plan(sealer, later, sinks[first.size:])
+        assert sealer._to_start is None and np.array_equal(sealer._pending.pages, first)  # the pages wait (deferred)
+        assert np.array_equal(np.sort(sealer._deferred[0]), np.sort(later))
+        return
+    _choosing_plan(sealer, pages, sinks)
+    assert sealer._to_start is None and np.array_equal(sealer._pending.pages, np.sort(pages))
+    assert sealer.starts_after_launch == 0 and sealer.side_seals == 1
+
+
+def test_a_first_half_the_hook_did_not_plan_is_planned_at_the_next_plan_and_every_page_is_sealed():
+    sc, pages, sinks = _filled(10)
+    sealer = _beside(sc, 2)
+    sealer.min_seal_pages = 1
+    sealer.end_plan()
+    sealer.after_launch()
+    _choosing_plan(sealer, pages, sinks)
+    assert sealer._to_start is not None
+    _plan(sealer)  # no hook after that launch: this plan plans them first, then counts itself
+    assert sealer._to_start is None and sealer._pending is not None and sealer._pending.plans_waited == 1
+    assert sealer.starts_after_launch == 0
+    _plan(sealer)
+    assert sealer.pages_sealed == pages.size and sc.pool.store.is_sealed(torch.from_numpy(pages)).all()
+    sc.pool.check_invariants()
+
+
+def test_a_page_freed_between_the_plan_and_its_launch_is_left_out_of_the_first_half():
+    sc, pages, sinks = _filled(11)
+    sealer = _beside(sc, 2)
+    sealer.min_seal_pages = 1
+    sealer.end_plan()
+    sealer.after_launch()
+    _choosing_plan(sealer, pages, sinks)
+    gone = np.sort(pages)[0]
+    sc.pool.free_pages(torch.tensor([int(gone)]))
+    assert sealer.after_launch()
+    assert np.array_equal(sealer._pending.pages, np.sort(pages)[1:])
+    _plan(sealer)
+    _plan(sealer)
+    assert sealer.pages_sealed == pages.size - 1 and sealer.pending_voided == 0
+    sc.pool.check_invariants()
+
+
+def test_the_plan_after_a_launch_is_on_unless_turned_off(monkeypatch):
+    monkeypatch.delenv("MOSAICKV_PLAN_AFTER_LAUNCH", raising=False)
+    assert pending_seal.plan_after_launch_enabled()
+    assert Scenario(config(ratio=3.0), group=2, seed=1).mosaic.sealer.plan_after_launch
+    monkeypatch.setenv("MOSAICKV_PLAN_AFTER_LAUNCH", "0")
+    assert not Scenario(config(ratio=3.0), group=2, seed=1).mosaic.sealer.plan_after_launch
+    monkeypatch.setenv("MOSAICKV_PLAN_AFTER_LAUNCH", "2")
+    with pytest.raises(ValueError, match=r"MOSAICKV_PLAN_AFTER_LAUNCH: expected 0 or 1, got '2'"):
+        Scenario(config(ratio=3.0), group=2, seed=1)
 
 
 @pytest.mark.parametrize("group, plans", [(4, 2)])
@@ -329,8 +428,8 @@ def test_served_with_the_pack_after_each_launch_seals_no_later_and_decode_matche
         sealed, worst = sc.served([61, 38, 77], decode_steps=14, after_launch=hook)
         runs[hook] = (sealed, worst, sealer)
     (plain_sealed, plain_worst, plain), (hook_sealed, hook_worst, sealer) = runs[False], runs[True]
-    assert plain.async_seals > 0 and plain.packs_after_launch == 0
-    assert sealer.packs_after_launch > 0 and sealer.pending_voided == 0
+    assert plain.async_seals > 0 and plain.packs_after_launch == 0 and plain.starts_after_launch == 0
+    assert sealer.packs_after_launch > 0 and sealer.starts_after_launch > 0 and sealer.pending_voided == 0
     assert all(h >= p for h, p in zip(hook_sealed, plain_sealed)), (hook_sealed, plain_sealed)
     assert hook_sealed != plain_sealed and hook_sealed[-1] == plain_sealed[-1]
     assert hook_worst <= max(2 * plain_worst, 2e-2), (hook_worst, plain_worst)
@@ -565,4 +664,48 @@ def test_on_cuda_the_pack_after_a_launch_runs_beside_the_step_and_the_forward_st
     assert not any(s == torch.cuda.current_stream() for s, _ in waits), waits
     torch.cuda.synchronize()
     assert sealer.packs_after_launch == 1 and side.pool.store.is_sealed(torch.from_numpy(pages)).all()
+    side.pool.check_invariants()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_first_half_planned_after_a_launch_runs_beside_the_step_and_nothing_waits_for_it(monkeypatch):
+    """On a GPU, the first half of a seal that a plan left to :meth:`Sealer.after_launch` (called on the scheduler's
+    stream, as the hook after ``Scheduler.run_batch`` is) is planned on the side stream without waiting for the step
+    just launched on the forward stream (a kernel of about half a second here), with no synchronisation, and no
+    stream is made to wait for the planner (only its pack, plans later, waits for it). The pack then seals the
+    pages."""
+    side, pages, sinks = _cuda_half_sealed(monkeypatch, seed=41)
+    half, sealer = pages.size // 2, side.mosaic.sealer
+    sealer.seal_beside_step, sealer.seal_async, sealer.seal_async_plans = True, True, 2
+    sealer.low_water_pages, sealer.min_seal_pages = 0, 1
+    forward = torch.cuda.Stream()
+    with torch.cuda.stream(forward):
+        sealer.end_plan()
+    assert sealer.after_launch() is False  # the hook runs
+    _warm_caches()
+    with torch.cuda.stream(forward):
+        _choosing_plan(sealer, pages[half:], sinks[half:])  # the plan of the step about to launch
+        torch.cuda._sleep(1_000_000_000)  # the step launched
+        in_flight = torch.cuda.Event()
+        in_flight.record()
+    assert sealer._to_start is not None and sealer._pending is None
+    waits = []
+    wait_stream = torch.cuda.Stream.wait_stream
+
+    def noted_wait(stream, other):
+        waits.append((stream, other))
+        return wait_stream(stream, other)
+
+    monkeypatch.setattr(torch.cuda.Stream, "wait_stream", noted_wait)
+    _returns_before(in_flight, sealer.after_launch, "the planner after the launch")
+    assert sealer.starts_after_launch == 1 and sealer._pending is not None
+    assert not any(other == sealer._side_stream for _, other in waits), waits
+    assert torch.cuda.current_stream() != forward  # the hook's stream was put back
+    torch.cuda.synchronize()
+    with torch.cuda.stream(forward):
+        _plan(sealer)
+        _plan(sealer)  # its second plan packs it
+    torch.cuda.synchronize()
+    assert sealer.pages_sealed >= pages.size - half and side.pool.store.is_sealed(torch.from_numpy(pages)).all()
     side.pool.check_invariants()
