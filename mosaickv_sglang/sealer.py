@@ -944,7 +944,10 @@ class Sealer:
             live = pending.live(self.pool.page_epoch)
             if not live.all() or int(pending.reserve.sum()) > self.pool.arena_ledger.room:
                 self.pending_voided += 1
-                self._defer(pending.pages[live], pending.sink_mask[live])
+                # its live pages join those deferred while it was pending
+                held, held_sinks = self._still_deferrable()
+                self._defer(np.concatenate([held, pending.pages[live]]),
+                            np.concatenate([held_sinks, pending.sink_mask[live]]))  # fmt: skip
                 return False
             sealed = self._commit(pending.pages, pending.ratio, pending.dense_mask, pending.reserve, pending.plans,
                                   sizes=pending.host_sizes())  # fmt: skip

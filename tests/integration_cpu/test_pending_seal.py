@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("sglang")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modules (importlib import mode)
@@ -104,6 +106,21 @@ def test_a_page_freed_in_between_voids_the_plan_and_the_rest_is_sealed_later():
     sealer._seal_due(none, np.zeros(0, dtype=bool), none)
     assert sealer.pages_sealed == pages.size - 1 and sealer.async_seals == 1
     assert sc.pool.store.is_sealed(torch.from_numpy(pages[:-1])).all()
+
+
+def test_a_voided_plan_keeps_the_pages_deferred_while_it_was_pending():
+    sc, pages, sinks = _filled(7)
+    assert pages.size >= 4
+    first, later = pages[: pages.size // 2], pages[pages.size // 2:]
+    sealer = sc.mosaic.sealer
+    sealer.seal_async, sealer.seal_async_plans, sealer.min_seal_pages = True, 3, 1
+    assert sealer.start_seal(first, sinks[: first.size])
+    sealer._policy_seal(later, sinks[first.size:])  # due while a seal is pending: deferred
+    sc.pool.free_pages(torch.tensor([int(first[0])]))
+    assert sealer.finish_seal() is False and sealer.pending_voided == 1
+    assert set(sealer._deferred[0].tolist()) == set(first[1:].tolist()) | set(later.tolist())
+    _no_plan(sealer)  # all of them are due again: planned now, packed plans later
+    assert set(sealer._pending.pages.tolist()) == set(first[1:].tolist()) | set(later.tolist())
 
 
 def _filled_with_full_arenas(seed: int):
@@ -402,6 +419,49 @@ def test_a_page_freed_between_the_plan_and_its_launch_is_left_out_of_the_first_h
     _plan(sealer)
     assert sealer.pages_sealed == pages.size - 1 and sealer.pending_voided == 0
     sc.pool.check_invariants()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["choose", "plan", "launch", "free"]), st.integers(0, 63)), max_size=20),
+       st.integers(1, 3))  # fmt: skip
+def test_random_plans_launches_and_frees_seal_every_live_chosen_page_and_no_freed_one(ops, plans):
+    """Random plans that choose due pages, plans that choose none, launches (the hook after ``run_batch``) and frees
+    of dense, pending or sealed pages, with both halves after the launch: the pool's invariants hold after every step,
+    and once plans and launches run on with nothing new, every chosen page still held is sealed, none freed is, and
+    nothing is left to plan or pack."""
+    sc, pages, sinks = _filled(12)
+    sealer = _beside(sc, plans)
+    sealer.min_seal_pages = 1
+    sealer.end_plan()
+    sealer.after_launch()
+    sink_of = dict(zip(pages.tolist(), sinks.tolist()))
+    freed: set = set()
+    chosen: set = set()
+    for op, n in ops:
+        held = [p for p in pages.tolist() if p not in freed]
+        if op == "choose":
+            dense = [p for p in held if not bool(sc.pool.store.is_sealed(torch.tensor([p]))[0])]
+            pick = np.array(dense[n % 3:][: 1 + n % 4], dtype=np.int64) if dense else np.zeros(0, dtype=np.int64)
+            chosen.update(pick.tolist())
+            _choosing_plan(sealer, pick, np.array([sink_of[p] for p in pick.tolist()], dtype=bool))
+        elif op == "plan":
+            _plan(sealer)
+        elif op == "launch":
+            sealer.after_launch()
+        elif op == "free" and held:
+            gone = held[n % len(held)]
+            sc.pool.free_pages(torch.tensor([gone]))
+            freed.add(gone)
+        sc.pool.check_invariants()
+    for _ in range(2 * (plans + 2)):  # a pending seal, then the pages deferred while it was pending
+        _plan(sealer)
+        sealer.after_launch()
+    sc.pool.check_invariants()
+    assert sealer._to_start is None and sealer._pending is None
+    kept = np.array(sorted(chosen - freed), dtype=np.int64)
+    assert bool(sc.pool.store.is_sealed(torch.from_numpy(kept)).all()), kept
+    gone = np.array(sorted(freed), dtype=np.int64)
+    assert not bool(sc.pool.store.is_sealed(torch.from_numpy(gone)).any()), gone
 
 
 def test_the_plan_after_a_launch_is_on_unless_turned_off(monkeypatch):
