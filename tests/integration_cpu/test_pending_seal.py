@@ -108,14 +108,21 @@ def test_a_page_freed_in_between_voids_the_plan_and_the_rest_is_sealed_later():
     assert sc.pool.store.is_sealed(torch.from_numpy(pages[:-1])).all()
 
 
-def test_a_voided_plan_keeps_the_pages_deferred_while_it_was_pending():
-    sc, pages, sinks = _filled(7)
+def _first_half_pending(seed: int, plans: int) -> tuple:
+    """:func:`_filled` with its pages cut in two, the first half planned, packed ``plans`` plans later, batches of one
+    page: ``(scenario, sealer, first, later, the later pages' sinks)``."""
+    sc, pages, sinks = _filled(seed)
     assert pages.size >= 4
     first, later = pages[: pages.size // 2], pages[pages.size // 2:]
     sealer = sc.mosaic.sealer
-    sealer.seal_async, sealer.seal_async_plans, sealer.min_seal_pages = True, 3, 1
+    sealer.seal_async, sealer.seal_async_plans, sealer.min_seal_pages = True, plans, 1
     assert sealer.start_seal(first, sinks[: first.size])
-    sealer._policy_seal(later, sinks[first.size:])  # due while a seal is pending: deferred
+    return sc, sealer, first, later, sinks[first.size:]
+
+
+def test_a_voided_plan_keeps_the_pages_deferred_while_it_was_pending():
+    sc, sealer, first, later, later_sinks = _first_half_pending(7, plans=3)
+    sealer._policy_seal(later, later_sinks)  # due while a seal is pending: deferred
     sc.pool.free_pages(torch.tensor([int(first[0])]))
     assert sealer.finish_seal() is False and sealer.pending_voided == 1
     assert set(sealer._deferred[0].tolist()) == set(first[1:].tolist()) | set(later.tolist())
@@ -211,14 +218,10 @@ def test_hot_pool_pressure_packs_a_pending_seal_at_once():
 
 
 def test_pages_due_while_a_seal_is_pending_wait_and_are_sealed_after_it():
-    sc, pages, sinks = _filled(8)
-    assert pages.size >= 4
-    first, later = pages[: pages.size // 2], pages[pages.size // 2:]
-    sealer = sc.mosaic.sealer
-    sealer.seal_async, sealer.seal_async_plans, sealer.min_seal_pages = True, 2, 1
-    assert sealer.start_seal(first, sinks[: first.size])
+    sc, sealer, first, later, later_sinks = _first_half_pending(8, plans=2)
+    pages = np.concatenate([first, later])
     none = np.zeros(0, dtype=np.int64)
-    sealer._seal_due(later, sinks[first.size:], none)  # the pending seal waits; so do the due pages
+    sealer._seal_due(later, later_sinks, none)  # the pending seal waits; so do the due pages
     assert np.array_equal(sealer._pending.pages, first) and sealer.pages_sealed == 0
     _no_plan(sealer)  # the pending seal packs; the deferred pages start their own
     assert sealer.pages_sealed == first.size and np.array_equal(np.sort(sealer._pending.pages), np.sort(later))
@@ -388,12 +391,19 @@ def test_a_plan_plans_the_first_half_itself_without_the_hook_turned_off_or_with_
     assert sealer.starts_after_launch == 0 and sealer.side_seals == 1
 
 
-def test_a_first_half_the_hook_did_not_plan_is_planned_at_the_next_plan_and_every_page_is_sealed():
-    sc, pages, sinks = _filled(10)
-    sealer = _beside(sc, 2)
+def _hooked(seed: int, plans: int) -> tuple:
+    """:func:`_filled` sealing in two halves beside the step, ``plans`` plans later, batches of one page, after a first
+    plan and its launch (so the sealer has seen the hook run): ``(scenario, sealer, pages, sinks)``."""
+    sc, pages, sinks = _filled(seed)
+    sealer = _beside(sc, plans)
     sealer.min_seal_pages = 1
     sealer.end_plan()
-    sealer.after_launch()
+    assert sealer.after_launch() is False
+    return sc, sealer, pages, sinks
+
+
+def test_a_first_half_the_hook_did_not_plan_is_planned_at_the_next_plan_and_every_page_is_sealed():
+    sc, sealer, pages, sinks = _hooked(10, plans=2)
     _choosing_plan(sealer, pages, sinks)
     assert sealer._to_start is not None
     _plan(sealer)  # no hook after that launch: this plan plans them first, then counts itself
@@ -405,11 +415,7 @@ def test_a_first_half_the_hook_did_not_plan_is_planned_at_the_next_plan_and_ever
 
 
 def test_a_page_freed_between_the_plan_and_its_launch_is_left_out_of_the_first_half():
-    sc, pages, sinks = _filled(11)
-    sealer = _beside(sc, 2)
-    sealer.min_seal_pages = 1
-    sealer.end_plan()
-    sealer.after_launch()
+    sc, sealer, pages, sinks = _hooked(11, plans=2)
     _choosing_plan(sealer, pages, sinks)
     gone = np.sort(pages)[0]
     sc.pool.free_pages(torch.tensor([int(gone)]))
@@ -429,11 +435,7 @@ def test_random_plans_launches_and_frees_seal_every_live_chosen_page_and_no_free
     of dense, pending or sealed pages, with both halves after the launch: the pool's invariants hold after every step,
     and once plans and launches run on with nothing new, every chosen page still held is sealed, none freed is, and
     nothing is left to plan or pack."""
-    sc, pages, sinks = _filled(12)
-    sealer = _beside(sc, plans)
-    sealer.min_seal_pages = 1
-    sealer.end_plan()
-    sealer.after_launch()
+    sc, sealer, pages, sinks = _hooked(12, plans)
     sink_of = dict(zip(pages.tolist(), sinks.tolist()))
     freed: set = set()
     chosen: set = set()
@@ -665,6 +667,19 @@ def _returns_before(in_flight: "torch.cuda.Event", call, what: str) -> None:
     assert not in_flight.query(), f"{what} waited for the step in flight"
 
 
+def _noted_waits(monkeypatch) -> list:
+    """From now on, every ``(stream, other)`` of a ``torch.cuda.Stream.wait_stream`` call, in order."""
+    waits = []
+    wait_stream = torch.cuda.Stream.wait_stream
+
+    def noted_wait(stream, other):
+        waits.append((stream, other))
+        return wait_stream(stream, other)
+
+    monkeypatch.setattr(torch.cuda.Stream, "wait_stream", noted_wait)
+    return waits
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_a_pending_seals_pack_does_not_wait_for_the_step_in_flight(monkeypatch):
@@ -710,14 +725,7 @@ def test_on_cuda_the_pack_after_a_launch_runs_beside_the_step_and_the_forward_st
         torch.cuda._sleep(1_000_000_000)  # the step launched
         in_flight = torch.cuda.Event()
         in_flight.record()
-    waits = []
-    wait_stream = torch.cuda.Stream.wait_stream
-
-    def noted_wait(stream, other):
-        waits.append((stream, other))
-        return wait_stream(stream, other)
-
-    monkeypatch.setattr(torch.cuda.Stream, "wait_stream", noted_wait)
+    waits = _noted_waits(monkeypatch)
     _returns_before(in_flight, sealer.after_launch, "the pack after the launch")
     assert torch.cuda.current_stream() != forward  # the hook's stream was put back
     assert (forward, sealer._side_stream) in waits, waits
@@ -750,14 +758,7 @@ def test_on_cuda_the_first_half_planned_after_a_launch_runs_beside_the_step_and_
         in_flight = torch.cuda.Event()
         in_flight.record()
     assert sealer._to_start is not None and sealer._pending is None
-    waits = []
-    wait_stream = torch.cuda.Stream.wait_stream
-
-    def noted_wait(stream, other):
-        waits.append((stream, other))
-        return wait_stream(stream, other)
-
-    monkeypatch.setattr(torch.cuda.Stream, "wait_stream", noted_wait)
+    waits = _noted_waits(monkeypatch)
     _returns_before(in_flight, sealer.after_launch, "the planner after the launch")
     assert sealer.starts_after_launch == 1 and sealer._pending is not None
     assert not any(other == sealer._side_stream for _, other in waits), waits
