@@ -410,7 +410,7 @@ class Sealer:
         self.starts_after_launch = 0
         self.after_launch_seconds = 0.0
         self._launch_hooked = False  # after_launch was called: SGLang's hook after run_batch runs in this process
-        # (pages, sinks, their epochs) whose first half a plan left to after_launch
+        # (pages, their epochs, sinks) whose first half a plan left to after_launch (as _deferred)
         self._to_start: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
         self._pending: Optional[PendingSeal] = None
         self._planned_pages = np.zeros(0, dtype=np.int64)
@@ -543,7 +543,7 @@ class Sealer:
             if chosen.size >= self.min_seal_pages:
                 if self.seal_async and self._pending is None and self.plan_after_launch and self._launch_hooked:
                     # planned after this plan's launch (after_launch)
-                    self._to_start = (chosen, sink_mask, pool.page_epoch[chosen].copy())
+                    self._to_start = self._noted(chosen, sink_mask)
                 else:
                     # two halves: the forward stream does not wait for the planner, only the pack does, plans later
                     with self._beside_step(forward_waits=not self.seal_async):
@@ -654,22 +654,29 @@ class Sealer:
     def _start_chosen(self) -> None:
         """:meth:`start_seal` of the pages a plan left to :meth:`after_launch`, those of them still holding what they
         held then (a page freed or sealed since is left out)."""
-        pages, sinks, epochs = self._to_start
+        pages, sinks = self._still_held(self._to_start)
         self._to_start = None
-        live = self.pool.page_epoch[pages] == epochs
-        if live.any():
-            self.start_seal(pages[live], sinks[live])
+        if pages.size:
+            self.start_seal(pages, sinks)
 
     def _can_seal_beside(self) -> bool:
         return self.seal_beside_step and self._frees_at_plan_end == self.pool.store.granule_frees
 
     def _defer(self, pages: np.ndarray, sink_mask: np.ndarray) -> None:
-        self._deferred = (pages, self.pool.page_epoch[pages].copy(), sink_mask)
+        self._deferred = self._noted(pages, sink_mask)
+
+    def _noted(self, pages: np.ndarray, sink_mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(pages, their epochs now, sink_mask)``, for :meth:`_still_held` later."""
+        return pages, self.pool.page_epoch[pages].copy(), sink_mask
 
     def _still_deferrable(self) -> Tuple[np.ndarray, np.ndarray]:
-        """The deferred pages that still hold what they held (same epoch: neither freed nor sealed since) and a
-        physical page, with their sink flags."""
-        pages, epochs, sinks = self._deferred
+        """The deferred pages still held (:meth:`_still_held`), with their sink flags."""
+        return self._still_held(self._deferred)
+
+    def _still_held(self, noted: Tuple[np.ndarray, np.ndarray, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        """Of pages :meth:`_noted`, those that still hold what they held (same epoch: neither freed nor sealed since)
+        and a physical page, with their sink flags."""
+        pages, epochs, sinks = noted
         if pages.size == 0:
             return pages, sinks
         ok = (self.pool.page_epoch[pages] == epochs) & (self.pool.physical_pages(torch.from_numpy(pages)).numpy() >= 0)

@@ -18,7 +18,7 @@
   scheduler thread's stacks (:mod:`mosaickv_sglang.stack_sampler`), in any server that loads the plugin.
 
 The first three and the fifth are no-ops unless this process built a ``mosaic`` attention backend, the first with the
-sidecar on, the third with the overlap scheduler on, the fifth with a seal pending in two halves beside the step
+sidecar on, the third with the overlap scheduler on, the fifth unless seals run in two halves beside the step
 (``MOSAICKV_SEAL_ASYNC`` and ``MOSAICKV_SEAL_BESIDE_STEP=1``).
 """
 

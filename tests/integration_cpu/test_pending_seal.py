@@ -342,15 +342,22 @@ def _choosing_plan(sealer, pages: np.ndarray, sinks: np.ndarray) -> None:
     sealer.end_plan()
 
 
-def test_after_the_hook_ran_a_plan_only_chooses_the_pages_and_the_launch_plans_them_as_a_plan_would():
-    whole, pages, sinks = _filled(5)
-    split, _, _ = _filled(5)
-    order = np.argsort(pages)  # a plan seals its due pages in page order
-    assert whole.mosaic.sealer.seal(pages[order], sinks[order])
-    sealer = _beside(split, 2)
+def _hooked(seed: int, plans: int) -> tuple:
+    """:func:`_filled` sealing in two halves beside the step, ``plans`` plans later, batches of one page, after a first
+    plan and its launch (so the sealer has seen the hook run): ``(scenario, sealer, pages, sinks)``."""
+    sc, pages, sinks = _filled(seed)
+    sealer = _beside(sc, plans)
     sealer.min_seal_pages = 1
     sealer.end_plan()
-    assert sealer.after_launch() is False  # the hook runs: nothing to do yet
+    assert sealer.after_launch() is False
+    return sc, sealer, pages, sinks
+
+
+def test_after_the_hook_ran_a_plan_only_chooses_the_pages_and_the_launch_plans_them_as_a_plan_would():
+    whole, pages, sinks = _filled(5)
+    split, sealer, _, _ = _hooked(5, plans=2)
+    order = np.argsort(pages)  # a plan seals its due pages in page order
+    assert whole.mosaic.sealer.seal(pages[order], sinks[order])
     planning = sealer.seal_plan_seconds
     _choosing_plan(sealer, pages, sinks)
     assert sealer._pending is None and sealer.seal_plan_seconds == planning  # chosen, not planned
@@ -389,17 +396,6 @@ def test_a_plan_plans_the_first_half_itself_without_the_hook_turned_off_or_with_
     _choosing_plan(sealer, pages, sinks)
     assert sealer._to_start is None and np.array_equal(sealer._pending.pages, np.sort(pages))
     assert sealer.starts_after_launch == 0 and sealer.side_seals == 1
-
-
-def _hooked(seed: int, plans: int) -> tuple:
-    """:func:`_filled` sealing in two halves beside the step, ``plans`` plans later, batches of one page, after a first
-    plan and its launch (so the sealer has seen the hook run): ``(scenario, sealer, pages, sinks)``."""
-    sc, pages, sinks = _filled(seed)
-    sealer = _beside(sc, plans)
-    sealer.min_seal_pages = 1
-    sealer.end_plan()
-    assert sealer.after_launch() is False
-    return sc, sealer, pages, sinks
 
 
 def test_a_first_half_the_hook_did_not_plan_is_planned_at_the_next_plan_and_every_page_is_sealed():
