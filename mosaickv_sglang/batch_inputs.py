@@ -25,8 +25,6 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from mosaickv_sglang.stream_priority import step_stream
-
 __all__ = ["ScheduledBatch", "clear_scheduled_batch", "note_scheduled_batch", "read_rows_and_slots",
            "scheduled_batch_for", "unmatched_reason"]  # fmt: skip
 
@@ -95,7 +93,7 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = _side_streams.get(index)
     if stream is None:
-        stream = _side_streams[index] = step_stream(index)
+        stream = _side_streams[index] = torch.cuda.Stream(device=index)
     return stream
 
 

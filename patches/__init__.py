@@ -5,14 +5,13 @@ One module per SGLang target; ``seam`` names every target and private attribute.
 import time: :func:`apply` registers the hooks and is called by ``mosaickv_sglang.plugin.register``.
 """
 
-from . import kv_cache, metrics, model_runner, requests, scheduler, seam, server_args
+from . import kv_cache, metrics, requests, scheduler, seam, server_args
 
 
 def apply() -> None:
     """Register every MosaicKV hook with SGLang's HookRegistry and apply them if SGLang will not."""
     server_args.apply()
     kv_cache.apply()
-    model_runner.apply()
     scheduler.apply()
     requests.apply()
     metrics.apply()

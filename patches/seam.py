@@ -48,8 +48,6 @@ METRICS_REPORTER = "sglang.srt.managers.scheduler_components.metrics_reporter.Sc
 REPORT_DECODE_STATS = f"{METRICS_REPORTER}.report_decode_stats"
 REPORT_PREFILL_STATS = f"{METRICS_REPORTER}.report_prefill_stats"
 LOG_IDLE_METRICS = f"{METRICS_REPORTER}._maybe_log_idle_metrics"
-MODEL_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
-MODEL_RUNNER_INITIALIZE = f"{MODEL_RUNNER}.initialize"
 
 HOOK_TARGETS = (
     SERVER_ARGS_ADD_CLI_ARGS,
@@ -73,7 +71,6 @@ HOOK_TARGETS = (
     REPORT_DECODE_STATS,
     REPORT_PREFILL_STATS,
     LOG_IDLE_METRICS,
-    MODEL_RUNNER_INITIALIZE,
 )
 
 # Where the validated config rides on ServerArgs. ServerArgs (a dataclass) pickles its __dict__ into the
@@ -100,11 +97,6 @@ BATCH_OUT_CACHE_LOC_ATTR = "out_cache_loc"
 STEP_TIMER_ATTR = "_mosaic_step_timer"
 # The scheduler's ParallelState (tp_rank, tp_size): the stack sampler's file name per tensor-parallel rank.
 SCHEDULER_PARALLEL_STATE_ATTR = "ps"
-
-# The ModelRunner's stream for the steps (created in ModelRunner.__init__ just before it calls initialize(), read by
-# the KV-cache configurator, the CUDA graph set-up and the scheduler after that) and its ServerArgs.
-MODEL_RUNNER_FORWARD_STREAM_ATTR = "forward_stream"
-MODEL_RUNNER_SERVER_ARGS_ATTR = "server_args"
 
 # ServerArgs fields MosaicKV sets when --kv-compressor mosaic is on and the user left them alone, with the value
 # and why (logged once at startup).
