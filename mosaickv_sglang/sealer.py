@@ -261,6 +261,12 @@ def _waiter(stream: "torch.cuda.Stream", other: "torch.cuda.Stream") -> Callable
     return lambda: stream.wait_stream(other)
 
 
+def _pages_mark(name: str, pages: object) -> int:
+    if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
+        raise ValueError(f"{name}: expected an integer >= 0, got {pages!r}")
+    return pages
+
+
 def _slice_plan(plan: SegmentPlan, sl: slice) -> SegmentPlan:
     """Rows ``sl`` of ``plan`` (a view per tensor)."""
 
@@ -310,6 +316,11 @@ class Sealer:
     low_water_pages : int
         Free hot pages kept beside the step beyond what the next plan needs: a quarter of the hot pool, at least a
         batch (:attr:`min_seal_pages` as it is now), unless set to a value of its own.
+    pack_water_pages : int
+        With a seal pending beside the step, the free hot pages (beyond the plan's needs) below which it is packed
+        before its plan count: half the low-water mark, unless set to a value of its own. Lower than the mark that
+        starts cold-page seals, so that a seal started because the pool fell below that mark is not packed at the
+        next plan, while its planner still runs on the GPU (the pack would wait for it).
     pages_left_dense : int
         Pages that were to be sealed but stayed dense because the arenas had no room, each once until it is freed
         (a due page is tried again at each plan while the arenas stay full).
@@ -347,6 +358,9 @@ class Sealer:
     async_seals, pending_voided : int
         Seals packed plans after they were planned, and planned seals voided (a page freed or sealed meanwhile, or
         no ledger room left; their live pages are due again at the next plan).
+    packs_sooner : int
+        Of the pending seals packed or voided at a plan or after a launch, those taken before their plan count
+        because the hot pool ran low (:attr:`pack_water_pages`, or short of the plan's needs).
     pack_after_launch : bool
         ``MOSAICKV_PACK_AFTER_LAUNCH`` (on unless ``0``): with :attr:`seal_async` and :attr:`seal_beside_step`, a pack
         the next plan would make is made after the current step's launch (:meth:`after_launch`).
@@ -381,6 +395,7 @@ class Sealer:
         self.pressure_pages_sealed = 0
         self.cold_pages_sealed = 0
         self._low_water_pin: Optional[int] = None
+        self._pack_water_pin: Optional[int] = None
         self.pages_left_dense = 0
         self._left_dense_epoch: Optional[np.ndarray] = None  # per logical page: its epoch when last counted, or -1
         self.seal_calls = 0
@@ -407,6 +422,7 @@ class Sealer:
         self.pack_after_launch = pack_after_launch_enabled()
         self.plan_after_launch = plan_after_launch_enabled()
         self.packs_after_launch = 0
+        self.packs_sooner = 0
         self.starts_after_launch = 0
         self.after_launch_seconds = 0.0
         self._launch_hooked = False  # after_launch was called: SGLang's hook after run_batch runs in this process
@@ -485,9 +501,17 @@ class Sealer:
 
     @low_water_pages.setter
     def low_water_pages(self, pages: int) -> None:
-        if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
-            raise ValueError(f"low_water_pages: expected an integer >= 0, got {pages!r}")
-        self._low_water_pin = pages
+        self._low_water_pin = _pages_mark("low_water_pages", pages)
+
+    @property
+    def pack_water_pages(self) -> int:
+        if self._pack_water_pin is not None:
+            return self._pack_water_pin
+        return self.low_water_pages // 2
+
+    @pack_water_pages.setter
+    def pack_water_pages(self, pages: int) -> None:
+        self._pack_water_pin = _pages_mark("pack_water_pages", pages)
 
     def _tick(self) -> None:
         # after the seal: the plans it applies free old payloads, which a seal beside the step in flight must not
@@ -507,6 +531,7 @@ class Sealer:
         if self._pending is not None:
             self._pending.plans_waited += 1
             if not self._pending_waits(need):
+                self.packs_sooner += int(self._pending.plans_waited < self.seal_async_plans)
                 # the pending seal first: its pages leave the hot pool (and the due pages found before it), and a
                 # voided one's are due again below
                 finished = self._pending.pages
@@ -635,6 +660,7 @@ class Sealer:
             return False
         if not self._can_seal_beside() or self._pending_waits(0, plans_waited=pending.plans_waited + 1):
             return False
+        self.packs_sooner += int(pending.plans_waited + 1 < self.seal_async_plans)
         with self._after_launch_stream(), self._beside_step():
             self.finish_seal()
         self.packs_after_launch += 1
@@ -754,7 +780,8 @@ class Sealer:
                   if self.seal_beside_step else "")  # fmt: skip
         if self.seal_async:
             beside += (f" ({self.async_seals} packed {self.seal_async_plans} plans later or sooner, "
-                       f"{self.pending_voided} voided; after a launch {self.packs_after_launch} packed and "
+                       f"{self.pending_voided} voided, {self.packs_sooner} taken sooner for a hot pool below "
+                       f"{self.pack_water_pages} free pages; after a launch {self.packs_after_launch} packed and "
                        f"{self.starts_after_launch} planned in {self.after_launch_seconds:.1f} s)")  # fmt: skip
         if self.seal_graphs is not None:
             beside += f" ({self.seal_graphs.status()})"
@@ -984,7 +1011,7 @@ class Sealer:
     def _pending_waits(self, need: int, plans_waited: Optional[int] = None) -> bool:
         """Whether the pending seal waits for a later plan: fewer than :attr:`seal_async_plans` plans since it was
         planned (counting this one; ``plans_waited``, else the pending seal's own count), and the hot pool has room
-        for this plan's ``need`` new pages without it; beside the step, room above :attr:`low_water_pages` too (a low
+        for this plan's ``need`` new pages without it; beside the step, room above :attr:`pack_water_pages` too (a low
         pool packs it now, beside the step, so that cold pages can follow at this plan instead of pressure sealing
         inside a later step). Host state only, so every tensor-parallel rank decides alike."""
         pending = self._pending
@@ -994,7 +1021,7 @@ class Sealer:
             return False
         short = self._shortfall(need)
         if self._can_seal_beside():
-            return -short >= self.low_water_pages
+            return -short >= self.pack_water_pages
         return short <= 0
 
     def _shortfall(self, need: int) -> int:

@@ -81,11 +81,22 @@ def test_the_low_water_mark_is_a_quarter_of_the_hot_pool_at_least_a_batch():
     assert sealer.low_water_pages == 5  # a value of its own stays
 
 
+def test_the_pack_mark_is_half_the_low_water_mark_unless_set():
+    sealer = Scenario(config(ratio=3.0), group=2, seed=5, min_seal_pages=16).mosaic.sealer
+    assert sealer.pack_water_pages == sealer.low_water_pages // 2 == 8
+    sealer.low_water_pages = 31
+    assert sealer.pack_water_pages == 15  # it follows the low-water mark
+    sealer.pack_water_pages = 40
+    sealer.low_water_pages = 4
+    assert sealer.pack_water_pages == 40  # a value of its own stays
+
+
+@pytest.mark.parametrize("name", ["low_water_pages", "pack_water_pages"])
 @pytest.mark.parametrize("raw", [-1, 2.5, True, "4"])
-def test_a_bad_low_water_mark_is_refused_by_name(raw):
+def test_a_bad_mark_is_refused_by_name(name, raw):
     sealer = Scenario(config(ratio=3.0), group=2, seed=6).mosaic.sealer
-    with pytest.raises(ValueError, match="low_water_pages: expected an integer >= 0, got"):
-        sealer.low_water_pages = raw
+    with pytest.raises(ValueError, match=f"{name}: expected an integer >= 0, got"):
+        setattr(sealer, name, raw)
 
 
 @pytest.mark.parametrize("group", [1, 4])
@@ -102,8 +113,8 @@ def test_served_plans_with_a_high_water_mark_match_the_reference(group):
 
 
 def test_a_low_hot_pool_packs_a_pending_seal_beside_the_step_and_cold_pages_follow():
-    """Two halves (MOSAICKV_SEAL_ASYNC=8): with room above the low-water mark the pending seal waits; a low pool packs
-    it at once, beside the step, and the least recently written pages start the next seal at the same plan."""
+    """Two halves (MOSAICKV_SEAL_ASYNC=8): with room above the pack mark the pending seal waits; a low pool packs it at
+    once, beside the step, and the least recently written pages start the next seal at the same plan."""
     sc = _filled(7)
     sealer, pool = sc.mosaic.sealer, sc.pool
     cold = pool.complete_dense_pages()
@@ -112,13 +123,40 @@ def test_a_low_hot_pool_packs_a_pending_seal_beside_the_step_and_cold_pages_foll
     sealer.seal_async, sealer.seal_async_plans = True, 8
     assert sealer.start_seal(cold[:2], np.zeros(2, dtype=bool))
     free = pool.num_free_physical_pages
-    sealer.low_water_pages = free  # no room to spare, none short: it waits
+    sealer.low_water_pages = sealer.pack_water_pages = free  # no room to spare, none short: it waits
     sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
     assert sealer._pending is not None and sealer.pages_sealed == 0 and sealer.cold_pages_sealed == 0
-    sealer.low_water_pages = free + 5  # short by three after the pending seal's two pages leave the hot pool
+    sealer.low_water_pages = sealer.pack_water_pages = free + 5  # three short once the pending seal is packed
     sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
     assert (sealer.async_seals, sealer.pages_sealed, sealer.cold_pages_sealed) == (1, 2, 3)
     assert sealer.pressure_pages_sealed == 0 and sealer.side_seals >= 2
     assert pool.store.is_sealed(torch.from_numpy(cold[:2])).all()
     assert np.array_equal(np.sort(sealer._pending.pages), np.sort(cold[2:5]))
     assert pool.num_free_physical_pages == free + 2
+
+
+@pytest.mark.parametrize("pack_mark", ["default", "above the pool"])
+def test_a_cold_page_seal_waits_its_plan_count_unless_the_pool_falls_below_the_pack_mark(pack_mark):
+    """A seal started because the pool fell below the low-water mark is not packed at the next plans while the pool
+    stays there but above the pack mark (half the low-water mark by default): its pack would wait for its planner,
+    still on the GPU. Below the pack mark it is taken sooner, and counted so."""
+    sc = _filled(7)
+    sealer, pool = sc.mosaic.sealer, sc.pool
+    sealer.min_seal_pages, sealer.reserve_pages = 2, 0
+    sealer.seal_async, sealer.seal_async_plans = True, 4
+    free = pool.num_free_physical_pages
+    sealer.low_water_pages = free + 3  # three short: a cold-page seal starts
+    if pack_mark != "default":
+        sealer.pack_water_pages = free + 1
+    assert sealer.pack_water_pages < free if pack_mark == "default" else sealer.pack_water_pages > free
+    sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
+    pending = sealer._pending
+    assert pending is not None and sealer.cold_pages_sealed == 3 and sealer.pages_sealed == 0
+    waits = 3 if pack_mark == "default" else 0
+    for _ in range(waits):
+        sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
+        assert sealer._pending is pending and sealer.pages_sealed == 0
+    sealer._seal_due(NONE, np.zeros(0, dtype=bool), NONE)
+    assert sealer.async_seals == 1 and sealer.pages_sealed == 3 and sealer.pressure_pages_sealed == 0
+    assert pool.store.is_sealed(torch.from_numpy(pending.pages)).all()
+    assert sealer.packs_sooner == (0 if pack_mark == "default" else 1)

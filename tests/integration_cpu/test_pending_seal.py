@@ -272,13 +272,14 @@ def test_after_a_launch_a_low_hot_pool_packs_the_pending_seal_before_its_plan_co
     sealer = _beside(sc, 8)
     assert sealer.start_seal(pages, sinks)
     sealer.end_plan()
-    sealer.low_water_pages = sc.pool.num_free_physical_pages + 1
+    sealer.pack_water_pages = sc.pool.num_free_physical_pages + 1
     assert sealer.after_launch() is False  # low, but its planner was launched by the plan just ended
-    sealer.low_water_pages = 0
+    sealer.pack_water_pages = 0
     _plan(sealer)
     assert sealer.after_launch() is False
-    sealer.low_water_pages = sc.pool.num_free_physical_pages + 1  # the next plan would find the pool low
+    sealer.pack_water_pages = sc.pool.num_free_physical_pages + 1  # the next plan would find the pool low
     assert sealer.after_launch() and sealer.pages_sealed == pages.size and sealer.packs_after_launch == 1
+    assert sealer.packs_sooner == 1
 
 
 @pytest.mark.parametrize("why", ["a granule freed since the plan", "not beside the step", "turned off"])
