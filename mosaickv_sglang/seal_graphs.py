@@ -125,7 +125,18 @@ class SealGraphs:
         self.captures = 0
         self.capture_seconds = 0.0
         self.graph_bytes = 0
+        self.cache_to_release = False  # a capture's warm-up left blocks in PyTorch's cache (release_cache)
         self.failed: Optional[str] = None  # why graphs were given up (a capture failed), or None
+
+    def release_cache(self) -> bool:
+        """Give the blocks that captures' warm-up runs left in PyTorch's cache back to the device
+        (``torch.cuda.empty_cache``, which waits for all of the device's work), once after any captures: for an idle
+        scheduler, with no step in flight. Returns whether it did."""
+        if not self.cache_to_release:
+            return False
+        self.cache_to_release = False
+        torch.cuda.empty_cache()
+        return True
 
     def bucket_for(self, pages: int) -> Optional[int]:
         """The smallest bucket of at least ``pages`` pages, or ``None``."""
@@ -247,15 +258,16 @@ class SealGraphs:
         b.graph = graph
         # the graph's pool is private: what the reserved memory grew by after the warm-up is the graph's. The
         # warm-up's blocks stay cached for this stream alone unless given back (the 8B shape's four captures grew the
-        # reserved memory by 4,988 MiB, warm-ups included, twenty-seventh run); once per bucket, so the sync is rare
+        # reserved memory by 4,988 MiB, warm-ups included, twenty-seventh run): by release_cache, at the scheduler's
+        # next idle tick, as empty_cache waits for the whole device (here: for the step in flight and the seal)
         grown, warm_up = torch.cuda.memory_reserved(dev) - warmed, warmed - before
-        torch.cuda.empty_cache()
+        self.cache_to_release = True
         self.graph_bytes += max(0, grown)
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
         logger.info("MosaicKV: captured the seal planner's CUDA graph of %d pages in %.2f s (its memory pool grew by "
-                    "%.0f MiB; the warm-up's %.0f MiB released)", b.pages, time.perf_counter() - t0, grown / 2**20,
-                    warm_up / 2**20)  # fmt: skip
+                    "%.0f MiB; the warm-up's %.0f MiB given back when the scheduler is next idle)", b.pages,
+                    time.perf_counter() - t0, grown / 2**20, warm_up / 2**20)  # fmt: skip
         return True
 
     def _replay(self, b: _Bucket, meta: np.ndarray, queries: torch.Tensor, pages: int) -> List[fmt.SegmentPlan]:

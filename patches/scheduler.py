@@ -6,6 +6,8 @@
   prefix-shared segments). Busy steps tick the sidecar from the sealer instead, before each forward.
 - AFTER ``Scheduler.on_idle``: once, after the first decode batches, freeze the garbage collector's heap
   (:func:`~mosaickv_sglang.gc_freeze.maybe_freeze`; ``MOSAICKV_GC_FREEZE=0`` skips).
+- AFTER ``Scheduler.on_idle``: after seal graphs were captured, give their warm-up runs' cached blocks back to the
+  device (:meth:`~mosaickv_sglang.seal_graphs.SealGraphs.release_cache`), with nothing in flight to wait for.
 - BEFORE ``Scheduler.run_batch``, with ``--mosaic-overlap-schedule on``: note the batch's request indices (host),
   new slots and the scheduler's stream (:func:`~mosaickv_sglang.batch_inputs.note_scheduled_batch`), so that the
   plans of its forward read them back without waiting for the step in flight.
@@ -17,9 +19,9 @@
 - BEFORE ``Scheduler.run_batch``, with ``MOSAICKV_STACK_SAMPLES`` set: the first batch starts sampling this
   scheduler thread's stacks (:mod:`mosaickv_sglang.stack_sampler`), in any server that loads the plugin.
 
-The first three and the fifth are no-ops unless this process built a ``mosaic`` attention backend, the first with the
-sidecar on, the third with the overlap scheduler on, the fifth unless seals run in two halves beside the step
-(``MOSAICKV_SEAL_ASYNC`` and ``MOSAICKV_SEAL_BESIDE_STEP=1``).
+The first four and the sixth are no-ops unless this process built a ``mosaic`` attention backend, the first with the
+sidecar on, the third with seal graphs, the fourth with the overlap scheduler on, the sixth unless seals run in two
+halves beside the step (``MOSAICKV_SEAL_ASYNC`` and ``MOSAICKV_SEAL_BESIDE_STEP=1``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,16 @@ def sidecar_idle_tick(result: Any, self: Any, *args: Any, **kwargs: Any) -> None
 def freeze_gc_after_warmup(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER ``Scheduler.on_idle``: freeze the heap once this mosaic scheduler has served decode batches."""
     maybe_freeze(current_sealer())
+
+
+def release_seal_graph_cache(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``Scheduler.on_idle``: nothing in flight, so the seal graphs' captures give their warm-up's cached blocks
+    back (:meth:`~mosaickv_sglang.seal_graphs.SealGraphs.release_cache`, a device-wide wait) when this process has
+    seal graphs."""
+    sealer = current_sealer()
+    graphs = None if sealer is None else sealer.seal_graphs
+    if graphs is not None:
+        graphs.release_cache()
 
 
 def note_batch_inputs(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
@@ -90,6 +102,7 @@ def apply() -> None:
     """Register the scheduler hooks."""
     seam.register_hook(seam.SCHEDULER_ON_IDLE, sidecar_idle_tick, "AFTER")
     seam.register_hook(seam.SCHEDULER_ON_IDLE, freeze_gc_after_warmup, "AFTER")
+    seam.register_hook(seam.SCHEDULER_ON_IDLE, release_seal_graph_cache, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, note_batch_inputs, "BEFORE")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, forget_batch_inputs, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, seal_after_launch, "AFTER")

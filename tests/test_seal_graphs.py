@@ -190,3 +190,37 @@ def test_graph_replays_plan_as_the_one_call_planner_on_cuda():
                 torch.testing.assert_close(a.k_chan_weight, w.k_chan_weight)
                 assert torch.equal(a.flags, w.flags)
         assert graphs.failed is None and graphs.captures == 2 and graphs.replays == 5, graphs.status()
+        # the captures' warm-up blocks wait in PyTorch's cache for the scheduler's next idle tick, then go back once
+        assert graphs.cache_to_release
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_reserved()
+        assert graphs.release_cache() and not graphs.cache_to_release and graphs.release_cache() is False
+        assert torch.cuda.memory_reserved() <= held
+
+
+def test_off_cuda_nothing_is_captured_so_nothing_waits_to_be_released():
+    case = PoolCase(3, 2, 2, 16, 64, 2, w=8, num_pages=12, dtype=torch.float32)
+    graphs = case.graphs((4,), axes_menu("both", 16, 64, lowrank=False))
+    phys = np.arange(3, dtype=np.int64)
+    sinks = np.zeros(3, dtype=bool)
+    assert graphs.plan(phys, case.window, np.repeat(sinks, 2), budget(3, 2, 16, 64, sinks, 3.0)) is not None
+    assert graphs.captures == 0 and not graphs.cache_to_release and graphs.release_cache() is False
+
+
+def test_the_idle_hook_releases_the_seal_graphs_cache_of_a_mosaic_scheduler():
+    pytest.importorskip("sglang")
+    from types import SimpleNamespace
+
+    from mosaickv_sglang.patches.scheduler import release_seal_graph_cache
+    from mosaickv_sglang.runtime import register_sealer
+
+    released = []
+    release_seal_graph_cache(None, object())  # a stock scheduler (no sealer): nothing to do
+    register_sealer(SimpleNamespace(seal_graphs=None))
+    try:
+        release_seal_graph_cache(None, object())  # no seal graphs
+        register_sealer(SimpleNamespace(seal_graphs=SimpleNamespace(release_cache=lambda: released.append(1))))
+        release_seal_graph_cache(None, object())
+        assert released == [1]
+    finally:
+        register_sealer(None)
