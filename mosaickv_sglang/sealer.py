@@ -41,7 +41,7 @@ from mosaickv_sglang.pending_seal import (
 )  # fmt: skip
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
-from mosaickv_sglang.pool import ArenaFullError, seal_budget_bytes, to_device
+from mosaickv_sglang.pool import ArenaFullError, check_int, seal_budget_bytes, to_device
 from mosaickv_sglang.seal_graphs import SealGraphs, seal_graph_buckets
 from mosaickv_sglang.seal_spans import SealSpans
 from mosaickv_sglang.strategies import RATIO_MARGIN, axes_menu, menu_max_ratio
@@ -261,12 +261,6 @@ def _waiter(stream: "torch.cuda.Stream", other: "torch.cuda.Stream") -> Callable
     return lambda: stream.wait_stream(other)
 
 
-def _pages_mark(name: str, pages: object) -> int:
-    if isinstance(pages, bool) or not isinstance(pages, int) or pages < 0:
-        raise ValueError(f"{name}: expected an integer >= 0, got {pages!r}")
-    return pages
-
-
 def _slice_plan(plan: SegmentPlan, sl: slice) -> SegmentPlan:
     """Rows ``sl`` of ``plan`` (a view per tensor)."""
 
@@ -388,9 +382,7 @@ class Sealer:
         self.window = QueryWindow(pool.layer_num, h, num_q_heads // h, int(pool.head_dim), query_window,
                                   torch.device(pool.device))  # fmt: skip
         self.reserve_pages = int(reserve_pages)
-        if isinstance(min_seal_pages, bool) or not isinstance(min_seal_pages, int) or min_seal_pages < 1:
-            raise ValueError(f"min_seal_pages: expected an integer >= 1, got {min_seal_pages!r}")
-        self.min_seal_pages = min_seal_pages
+        self.min_seal_pages = check_int(min_seal_pages, "min_seal_pages", 1)
         self.pages_sealed = 0
         self.pressure_pages_sealed = 0
         self.cold_pages_sealed = 0
@@ -501,7 +493,7 @@ class Sealer:
 
     @low_water_pages.setter
     def low_water_pages(self, pages: int) -> None:
-        self._low_water_pin = _pages_mark("low_water_pages", pages)
+        self._low_water_pin = check_int(pages, "low_water_pages", 0)
 
     @property
     def pack_water_pages(self) -> int:
@@ -511,7 +503,7 @@ class Sealer:
 
     @pack_water_pages.setter
     def pack_water_pages(self, pages: int) -> None:
-        self._pack_water_pin = _pages_mark("pack_water_pages", pages)
+        self._pack_water_pin = check_int(pages, "pack_water_pages", 0)
 
     def _tick(self) -> None:
         # after the seal: the plans it applies free old payloads, which a seal beside the step in flight must not

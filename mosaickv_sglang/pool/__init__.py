@@ -69,6 +69,7 @@ from mosaickv_sglang.pool.store import (
     ExtendMetadata,
     ReleaseHandle,
     StagedReseal,
+    check_int,
     to_device,
 )
 
@@ -87,6 +88,7 @@ __all__ = [
     "SealablePages",
     "arena_granules_for",
     "capacity_tokens",
+    "check_int",
     "seal_budget_bytes",
     "PoolLayout",
     "hot_tokens_for",

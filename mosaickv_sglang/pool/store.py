@@ -168,7 +168,8 @@ class StagedReseal:
     stream: Optional[Any] = None
 
 
-def _check_int(x: object, name: str, lo: int) -> int:
+def check_int(x: object, name: str, lo: int) -> int:
+    """``x``, an integer of at least ``lo`` (not a bool); else ``ValueError`` naming ``name``."""
     if isinstance(x, bool) or not isinstance(x, int) or x < lo:
         raise ValueError(f"{name}: expected an integer >= {lo}, got {x!r}")
     return x
@@ -261,20 +262,20 @@ class CompressedKVStore:
         device: Union[torch.device, str],
         arena_granules_per_layer: int,
     ) -> None:
-        _check_int(num_layers, "num_layers", 1)
-        _check_int(num_pages, "num_pages", 1)
-        _check_int(page_size, "page_size", 1)
+        check_int(num_layers, "num_layers", 1)
+        check_int(num_pages, "num_pages", 1)
+        check_int(page_size, "page_size", 1)
         if page_size & (page_size - 1) or not MIN_SEG_SIZE <= page_size <= MAX_SEG_SIZE:
             raise ValueError(
                 f"page_size: expected a power of two in [{MIN_SEG_SIZE}, {MAX_SEG_SIZE}] (it is the segment size), "
                 f"got {page_size}; use --page-size equal to --mosaic-segment-size"
             )
-        _check_int(num_kv_heads, "num_kv_heads", 1)
+        check_int(num_kv_heads, "num_kv_heads", 1)
         if head_dim not in KERNEL_HEAD_DIMS:
             raise ValueError(f"head_dim: expected one of {list(KERNEL_HEAD_DIMS)}, got {head_dim!r}")
         if dtype not in ARENA_DTYPES:
             raise ValueError(f"dtype: expected one of {[str(t) for t in ARENA_DTYPES]}, got {dtype}")
-        _check_int(arena_granules_per_layer, "arena_granules_per_layer", 0)
+        check_int(arena_granules_per_layer, "arena_granules_per_layer", 0)
         n_seg = num_pages * num_kv_heads
         if n_seg * DESC_WIDTH >= 2**31 or arena_granules_per_layer >= 2**31:
             raise ValueError(
@@ -872,7 +873,7 @@ class CompressedKVStore:
         if max_segs is None:
             width = max(1, need)
         else:
-            width = _check_int(max_segs, "max_segs", 1)
+            width = check_int(max_segs, "max_segs", 1)
             if need > width:
                 raise ValueError(f"max_segs: expected >= the most sealed pages of a request ({need}), got {width}")
         page = np.full((b, width), -1, dtype=np.int64)
