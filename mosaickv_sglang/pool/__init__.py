@@ -50,6 +50,7 @@ bytes in use.
 """
 
 from mosaickv_sglang.pool.allocator import ArenaFullError, GranuleAllocator
+from mosaickv_sglang.pool.checks import check_int
 from mosaickv_sglang.pool.ledger import ArenaLedger, seal_budget_bytes
 from mosaickv_sglang.pool.pages import PAGE_DENSE, PAGE_FREE, PAGE_SEALED, SealablePages, sealable_pages
 from mosaickv_sglang.pool.sizing import (
@@ -69,7 +70,6 @@ from mosaickv_sglang.pool.store import (
     ExtendMetadata,
     ReleaseHandle,
     StagedReseal,
-    check_int,
     to_device,
 )
 

@@ -30,6 +30,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from mosaickv_sglang.pool.checks import check_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ArenaFullError", "GranuleAllocator"]
@@ -86,9 +88,7 @@ class GranuleAllocator:
     """
 
     def __init__(self, capacity: int) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-            raise ValueError(f"capacity: expected an integer >= 0, got {capacity!r}")
-        self._capacity = capacity
+        self._capacity = check_int(capacity, "capacity", 0)
         self._starts = np.array([0] if capacity else [], dtype=np.int64)
         self._lens = np.array([capacity] if capacity else [], dtype=np.int64)
         self._free = capacity

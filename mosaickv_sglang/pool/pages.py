@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from mosaickv_sglang.pool.checks import check_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PAGE_FREE", "PAGE_DENSE", "PAGE_SEALED", "SealablePages", "sealable_pages"]
@@ -84,8 +86,7 @@ def sealable_pages(
         raise ValueError(f"req_pages: expected a 1-D integer tensor, got {got}")
     for name, val, lo in (("seq_len", seq_len, 0), ("hot_window", hot_window, 0), ("sink_tokens", sink_tokens, 0),
                           ("page_size", page_size, 1)):  # fmt: skip
-        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
-            raise ValueError(f"{name}: expected an integer >= {lo}, got {val!r}")
+        check_int(val, name, lo)
     n = req_pages.shape[0]
     if seq_len > n * page_size:
         raise ValueError(f"seq_len: expected <= n_pages * page_size = {n * page_size}, got {seq_len}")

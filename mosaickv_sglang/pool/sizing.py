@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from mosaickv_sglang.kernels.format import DESC_WIDTH, GRANULE_BYTES
+from mosaickv_sglang.pool.checks import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +49,6 @@ __all__ = [
 ]
 
 
-def _pos_int(x: object, name: str, lo: int = 1) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < lo:
-        raise ValueError(f"{name}: expected an integer >= {lo}, got {x!r}")
-    return x
-
-
 def _ratio(ratio: object) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 1:
         raise ValueError(f"ratio: expected a finite number >= 1, got {ratio!r}")
@@ -68,8 +63,8 @@ def _elem_bytes(dtype: torch.dtype) -> int:
 
 def dense_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float16) -> int:
     """``D = 2 * L * H * d * e``: bytes of one uncompressed token's K and V over all layers."""
-    return 2 * _pos_int(num_layers, "num_layers") * _pos_int(num_kv_heads, "num_kv_heads") * _pos_int(
-        head_dim, "head_dim"
+    return 2 * check_int(num_layers, "num_layers", 1) * check_int(num_kv_heads, "num_kv_heads", 1) * check_int(
+        head_dim, "head_dim", 1
     ) * _elem_bytes(dtype)
 
 
@@ -77,9 +72,9 @@ def metadata_bytes_per_token(
     num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype = torch.float16
 ) -> float:
     """``M = L * H * (32 + 2 * d * e) / S``: descriptor and bounds bytes per logical token (static tables)."""
-    per_seg = DESC_WIDTH * 4 + 2 * _pos_int(head_dim, "head_dim") * _elem_bytes(dtype)
-    return _pos_int(num_layers, "num_layers") * _pos_int(num_kv_heads, "num_kv_heads") * per_seg / _pos_int(
-        page_size, "page_size"
+    per_seg = DESC_WIDTH * 4 + 2 * check_int(head_dim, "head_dim", 1) * _elem_bytes(dtype)
+    return check_int(num_layers, "num_layers", 1) * check_int(num_kv_heads, "num_kv_heads", 1) * per_seg / check_int(
+        page_size, "page_size", 1
     )
 
 
@@ -114,8 +109,8 @@ def capacity_tokens(
     int
         Logical tokens (a multiple of ``page_size``; 0 when the dense buffers alone exceed the budget).
     """
-    _pos_int(budget_bytes, "budget_bytes", lo=0)
-    _pos_int(dense_tokens, "dense_tokens", lo=0)
+    check_int(budget_bytes, "budget_bytes", 0)
+    check_int(dense_tokens, "dense_tokens", 0)
     r = _ratio(ratio)
     d_tok = dense_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
     m_tok = metadata_bytes_per_token(num_layers, num_kv_heads, head_dim, page_size, dtype)
@@ -131,7 +126,7 @@ def arena_granules_for(
 ) -> int:
     """Granules of one layer's arena holding ``tokens`` sealed tokens at ``ratio``:
     ``ceil(tokens * H * 2 * d * e / ratio / 128)``."""
-    _pos_int(tokens, "tokens", lo=0)
+    check_int(tokens, "tokens", 0)
     per_layer = tokens * dense_bytes_per_token(1, num_kv_heads, head_dim, dtype)
     return int(math.ceil(per_layer / _ratio(ratio) / GRANULE_BYTES))
 
@@ -156,11 +151,11 @@ def hot_tokens_for(
     ValueError
         ``limit_tokens`` is below the floor (the message says what to change).
     """
-    s = _pos_int(page_size, "page_size")
-    _pos_int(max_running_requests, "max_running_requests")
-    _pos_int(hot_window, "hot_window", lo=0)
-    _pos_int(chunk_tokens, "chunk_tokens")
-    _pos_int(limit_tokens, "limit_tokens", lo=0)
+    s = check_int(page_size, "page_size", 1)
+    check_int(max_running_requests, "max_running_requests", 1)
+    check_int(hot_window, "hot_window", 0)
+    check_int(chunk_tokens, "chunk_tokens", 1)
+    check_int(limit_tokens, "limit_tokens", 0)
     per_req = -(-hot_window // s) * s + 2 * s
     chunk = -(-chunk_tokens // s) * s
     want = max_running_requests * per_req + chunk
@@ -177,9 +172,9 @@ def hot_tokens_for(
 def max_requests_for_hot(hot_tokens: int, page_size: int, chunk_tokens: int) -> int:
     """Running requests a hot pool of ``hot_tokens`` can always serve: each needs its partial page and one new page
     dense while one prefill chunk is in flight (``(hot_tokens - chunk) // (2 * S)``, at least 1)."""
-    s = _pos_int(page_size, "page_size")
-    chunk = -(-_pos_int(chunk_tokens, "chunk_tokens") // s) * s
-    return max(1, (_pos_int(hot_tokens, "hot_tokens") - chunk) // (2 * s))
+    s = check_int(page_size, "page_size", 1)
+    chunk = -(-check_int(chunk_tokens, "chunk_tokens", 1) // s) * s
+    return max(1, (check_int(hot_tokens, "hot_tokens", 1) - chunk) // (2 * s))
 
 
 # The arenas get this much more room than the target ratio needs: granule rounding of each payload and the dense
@@ -246,7 +241,7 @@ def layout_for_budget(
     ValueError
         The budget cannot hold the hot pool's floor (see :func:`hot_tokens_for`).
     """
-    _pos_int(budget_bytes, "budget_bytes", lo=0)
+    check_int(budget_bytes, "budget_bytes", 0)
     d_tok = dense_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
     reqs = DEFAULT_HOT_REQUESTS if max_running_requests is None else max_running_requests
     hot = hot_tokens_for(reqs, hot_window, page_size, chunk_tokens, int(budget_bytes * HOT_POOL_MAX_SHARE) // d_tok)
@@ -276,8 +271,8 @@ def cap_layout(
     as :func:`layout_for_budget` sizes them, for the tokens beyond the hot pool (at least one page), so that a token
     cap (``--max-total-tokens``) also caps the memory the arenas take and a full hot pool plus full arenas is exactly
     the cap. The hot pool, and so the running-request limit, stays as planned for the budget."""
-    s = _pos_int(page_size, "page_size")
-    logical = min(layout.logical_tokens, _pos_int(max_tokens, "max_tokens", lo=0) // s * s)
+    s = check_int(page_size, "page_size", 1)
+    logical = min(layout.logical_tokens, check_int(max_tokens, "max_tokens", 0) // s * s)
     eff = _arena_ratio(ratio)
     sealed = max(logical - layout.hot_tokens, s)
     granules = arena_granules_for(sealed, eff, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)

@@ -32,6 +32,7 @@ from mosaickv_sglang.kernels.format import (
 )
 from mosaickv_sglang.kernels.pack import pack_layers_fwd
 from mosaickv_sglang.pool.allocator import ArenaFullError, GranuleAllocator
+from mosaickv_sglang.pool.checks import check_int
 from mosaickv_sglang.pool.compaction import move_runs, packed_offsets
 from mosaickv_sglang.pool.device import to_device
 from mosaickv_sglang.pool.pages import PAGE_DENSE, PAGE_FREE, PAGE_SEALED, sealable_pages
@@ -166,13 +167,6 @@ class StagedReseal:
     sizes: np.ndarray
     ready: Optional[Any] = None
     stream: Optional[Any] = None
-
-
-def check_int(x: object, name: str, lo: int) -> int:
-    """``x``, an integer of at least ``lo`` (not a bool); else ``ValueError`` naming ``name``."""
-    if isinstance(x, bool) or not isinstance(x, int) or x < lo:
-        raise ValueError(f"{name}: expected an integer >= {lo}, got {x!r}")
-    return x
 
 
 def _map_plan(plan: SegmentPlan, fn: Callable[[torch.Tensor], torch.Tensor]) -> SegmentPlan:
