@@ -369,6 +369,13 @@ case "$step" in
     else
       names=(sc0 on on-gil5); extra=("--mosaic-sidecar off" "" ""); fractions=(0.2 0.4 0.6)
       envs=("" "" "MOSAICKV_SIDECAR_SWITCH_INTERVAL_MS=0"); itl_servers="0 1 2"; itl_output_len=${ITL_OUTPUT_LEN:-256}
+      gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+      if [ "${ITL_MODEL:-smollm2}" = 8b ] && [ "${gpu_mib:-0}" -lt 100000 ]; then
+        # three 8B servers of 28 GB do not fit an 80 GB H100 (the first one's fraction, 0.2, is below its weights):
+        # "off" and "on" only, 28 GB each
+        names=(sc0 on); extra=("--mosaic-sidecar off" ""); fractions=(0.35 0.7); envs=("" ""); itl_servers="0 1"
+        echo "sidecar-itl: ${gpu_mib} MiB of GPU memory: two servers (sc0, on), fractions 0.35 and 0.7"
+      fi
     fi
     last=$(( ${#names[@]} - 1 ))
     pids=()

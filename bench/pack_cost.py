@@ -114,7 +114,8 @@ def compare_launches(pool: MosaicMHATokenToKVPool, pages: np.ndarray, plans: lis
     one launch for all layers, alternated, each into its own scratch arenas, descriptor and bounds tables (the
     bytes of both must be equal); host time (the scheduler's) and time until the device is done, per pack."""
     s, num_layers = pool.page_size, args.layers
-    slots = pool.physical_slots(torch.from_numpy(pages)[:, None] * s + torch.arange(s)[None, :]).to(torch.int64)
+    logical = torch.from_numpy(pages).to(dev)[:, None] * s + torch.arange(s, device=dev)[None, :]
+    slots = pool.physical_slots(logical).to(torch.int64)
     _, tok, heads, _ = pool.store._segments(pages, slots)  # the segments' token slots and heads, as a seal packs them
     n = tok.shape[0]
     ids = torch.arange(n, dtype=torch.int32, device=dev)

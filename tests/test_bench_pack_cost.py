@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("sglang")
 
@@ -68,3 +69,12 @@ def test_launches_one_per_layer_and_one_for_all_write_the_same_bytes(capsys):
         timing = report["launches"][way]
         assert len(timing["host_ms"]) == len(timing["time_ms"]) == 2
         assert all(0 < h <= t for h, t in zip(timing["host_ms"], timing["time_ms"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_launches_on_cuda_build_their_slots_on_the_pool_device(capsys):
+    """On CUDA, --launches reads the pages' slots through the pool's device page table (the twenty-ninth run's
+    seal-graphs step failed there: a host tensor of logical slots indexed the CUDA table)."""
+    report = _run(f"--layers 2 {TINY} --no-count --launches --device cuda --dtype fp16", capsys)
+    assert report["launches_same_bytes"] is True
