@@ -42,6 +42,7 @@ from mosaickv_sglang.kernels._checks import debug_checks_enabled
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.late_compiles import LateCompileWatch
 from mosaickv_sglang.pool import to_device
+from mosaickv_sglang.pool.device import copy_seconds
 from mosaickv_sglang.runtime import register_sealer
 from mosaickv_sglang.sealer import Sealer, seal_beside_step_enabled
 from mosaickv_sglang.warmup import backend_shape, enumerate_variants, run_warmup, warmup_enabled
@@ -334,7 +335,7 @@ class MosaicAttnBackend(AttentionBackend):
             raise NotImplementedError(_CUDA_GRAPH_MSG)
         sealer = self.sealer
         t0, seal0, sidecar0 = time.perf_counter(), sealer.seal_seconds, sealer.sidecar_seconds()
-        rows0, gc0 = self.rows_read_seconds, sealer.stalls.gc_seconds_total
+        rows0, gc0, copies0 = self.rows_read_seconds, sealer.stalls.gc_seconds_total, copy_seconds()
         kind = "decode" if mode.is_decode() else mode.name.lower()
         with contextlib.nullcontext() if in_capture else self.call_profile.section(kind):
             if in_capture:
@@ -353,7 +354,7 @@ class MosaicAttnBackend(AttentionBackend):
             sealer.decode_plan_seal_seconds += seal
             sealer.decode_plan_sidecar_seconds += sidecar
             sealer.stalls.note_plan(took, seal, sidecar, self.rows_read_seconds - rows0,
-                                    sealer.stalls.gc_seconds_total - gc0)  # fmt: skip
+                                    sealer.stalls.gc_seconds_total - gc0, copy_seconds() - copies0)  # fmt: skip
 
     def _plan_batch(self, forward_batch: "ForwardBatch", in_capture: bool) -> None:
         mode = forward_batch.forward_mode

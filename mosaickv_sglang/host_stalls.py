@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """What made the scheduler's host slow between two status lines: the slowest decode plans with their sealing,
-sidecar, row-reading (the plan's wait for the device) and garbage-collection parts, and Python's garbage-collection
-pauses.
+sidecar, row-reading (the plan's wait for the device), garbage-collection and copy-staging parts, and Python's
+garbage-collection pauses.
 
 A decode step's p99 far above its p50 (issue #5's target is p99 within 10% of p50) comes from a few slow steps; the
 decode-step histogram shows how slow, not why. :class:`HostStalls` keeps the few slowest decode plans since the last
@@ -35,7 +35,7 @@ class HostStalls:
         if keep < 1:
             raise ValueError(f"keep: expected an integer >= 1, got {keep}")
         self.keep = int(keep)
-        self._plans: List[Tuple[float, ...]] = []  # min-heap of (seconds, seal, sidecar, rows, gc)
+        self._plans: List[Tuple[float, ...]] = []  # min-heap of (seconds, seal, sidecar, rows, gc, copies)
         self._gc_started: Optional[float] = None
         self._gc_count = 0
         self._gc_seconds = 0.0
@@ -43,10 +43,12 @@ class HostStalls:
         self.gc_seconds_total = 0.0  # every pause timed since install, never reset: a plan's share is a difference
 
     def note_plan(self, seconds: float, seal_seconds: float, sidecar_seconds: float, rows_seconds: float = 0.0,
-                  gc_seconds: float = 0.0) -> None:  # fmt: skip
+                  gc_seconds: float = 0.0, copies_seconds: float = 0.0) -> None:  # fmt: skip
         """A decode plan took ``seconds``, of which sealing, the sidecar, reading the batch's rows to the host (a wait
-        for the device) and garbage collection took the others."""
-        item = (float(seconds), float(seal_seconds), float(sidecar_seconds), float(rows_seconds), float(gc_seconds))
+        for the device), garbage collection and staging its copies to the device took the others (the parts may
+        overlap: a seal's copies count in both)."""
+        item = (float(seconds), float(seal_seconds), float(sidecar_seconds), float(rows_seconds), float(gc_seconds),
+                float(copies_seconds))  # fmt: skip
         if len(self._plans) < self.keep:
             heapq.heappush(self._plans, item)
         elif item[0] > self._plans[0][0]:
@@ -81,8 +83,8 @@ class HostStalls:
         parts = []
         if self._plans:
             plans = ", ".join(f"{1e3 * s:.1f} ms (seal {1e3 * seal:.1f}, sidecar {1e3 * side:.1f}, rows "
-                              f"{1e3 * rows:.1f}, gc {1e3 * pause:.1f})"
-                              for s, seal, side, rows, pause in sorted(self._plans, reverse=True))  # fmt: skip
+                              f"{1e3 * rows:.1f}, gc {1e3 * pause:.1f}, copies {1e3 * copies:.1f})"
+                              for s, seal, side, rows, pause, copies in sorted(self._plans, reverse=True))  # fmt: skip
             parts.append(f"slowest decode plans {plans}")
         if self._gc_count:
             longest, gen = self._gc_longest

@@ -42,6 +42,7 @@ from mosaickv_sglang.pending_seal import (
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
 from mosaickv_sglang.pool import ArenaFullError, check_int, seal_budget_bytes, to_device
+from mosaickv_sglang.pool.device import ring_status
 from mosaickv_sglang.seal_graphs import SealGraphs, seal_graph_buckets
 from mosaickv_sglang.seal_spans import SealSpans
 from mosaickv_sglang.strategies import RATIO_MARGIN, axes_menu, menu_max_ratio
@@ -777,6 +778,9 @@ class Sealer:
                        f"{self.starts_after_launch} planned in {self.after_launch_seconds:.1f} s)")  # fmt: skip
         if self.seal_graphs is not None:
             beside += f" ({self.seal_graphs.status()})"
+        ring = ring_status(self.pool.device)
+        if ring:
+            beside += f" ({ring})"
         if self.rows_read:
             reads = ", ".join(f"{kind} {why} {n}" for (kind, why), n in sorted(self.rows_read.items()))
             beside += f" (plans' rows read: {reads})"

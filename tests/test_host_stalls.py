@@ -17,10 +17,10 @@ def test_keeps_the_slowest_plans_in_order_then_starts_over():
     times = [0.001 * i for i in range(1, 41)]
     random.Random(5).shuffle(times)
     for t in times:
-        stalls.note_plan(t, t / 2, t / 4, t / 8, t / 10)
+        stalls.note_plan(t, t / 2, t / 4, t / 8, t / 10, t / 20)
     assert stalls.summary() == (
-        "; slowest decode plans 40.0 ms (seal 20.0, sidecar 10.0, rows 5.0, gc 4.0), 39.0 ms (seal 19.5, sidecar 9.8, "
-        "rows 4.9, gc 3.9), 38.0 ms (seal 19.0, sidecar 9.5, rows 4.8, gc 3.8)"
+        "; slowest decode plans 40.0 ms (seal 20.0, sidecar 10.0, rows 5.0, gc 4.0, copies 2.0), 39.0 ms (seal 19.5, "
+        "sidecar 9.8, rows 4.9, gc 3.9, copies 1.9), 38.0 ms (seal 19.0, sidecar 9.5, rows 4.8, gc 3.8, copies 1.9)"
     )
     assert stalls.summary() == ""  # nothing since
 

@@ -87,7 +87,7 @@ def test_status_line_every_interval_in_which_pages_were_sealed(caplog):
     assert len(lines) == 1
     assert lines[0].startswith(f"MosaicKV: {PAGES_PER_BATCH} pages sealed (0 under hot-pool pressure, 0 left dense")
     assert f"room for {pool.admissible_tokens()} more tokens" in lines[0]
-    assert "; slowest decode plans 41.2 ms (seal 38.9, sidecar 0.2, rows 0.0, gc 0.0)" in lines[0]
+    assert "; slowest decode plans 41.2 ms (seal 38.9, sidecar 0.2, rows 0.0, gc 0.0, copies 0.0)" in lines[0]
 
 
 def test_a_fragmented_arena_is_compacted_instead_of_leaving_admitted_pages_dense(caplog):

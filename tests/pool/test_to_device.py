@@ -1,14 +1,20 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Host-to-device moves of the pool's re-packing path: every tensor of a plan moves, values intact."""
+"""Host-to-device moves: every tensor of a plan moves, values intact; the page-locked ring that stages them copies
+every dtype and shape whole and never writes a slice whose copy is still in flight."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mosaickv_sglang.kernels.format import SegmentPlan
+from mosaickv_sglang.pool import device as device_mod
 from mosaickv_sglang.pool import to_device
+from mosaickv_sglang.pool.device import ALIGN_BYTES, PinnedRing
 from mosaickv_sglang.pool.store import _plan_to
 
 
@@ -32,3 +38,139 @@ def test_to_device_on_the_host_is_a_plain_move():
     x = torch.arange(6).view(2, 3)
     assert to_device(x, "cpu") is x
     torch.testing.assert_close(to_device(x, torch.device("cpu")), x, atol=0, rtol=0)
+
+
+class FakeEvent:
+    """A CUDA event stand-in: done only once the test says so."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.recorded = 0
+
+    def record(self, stream=None) -> None:
+        self.recorded += 1
+
+    def query(self) -> bool:
+        return self.done
+
+
+def _ring(capacity_bytes: int = 8 * ALIGN_BYTES):
+    events = []
+
+    def new_event():
+        events.append(FakeEvent())
+        return events[-1]
+
+    return PinnedRing(capacity_bytes, pin=False, new_event=new_event), events
+
+
+def _random(gen: torch.Generator, dtype: torch.dtype, shape) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen).to(dtype)
+    return torch.randint(-(2**30), 2**30, shape, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_ring_copies_every_dtype_and_shape_whole(seed):
+    gen = torch.Generator().manual_seed(seed)
+    ring, events = _ring(64 * ALIGN_BYTES)
+    for _ in range(40):
+        dtype = [torch.int32, torch.int64, torch.float16, torch.float32, torch.bool, torch.uint8][
+            int(torch.randint(0, 6, (1,), generator=gen))]
+        shape = tuple(int(n) for n in torch.randint(0, 9, (int(torch.randint(1, 4, (1,), generator=gen)),),
+                                                    generator=gen))  # fmt: skip
+        x = _random(gen, dtype, shape)
+        if x.dim() > 1 and x.shape[0] > 1:
+            x = x.transpose(0, -1)  # not contiguous
+        out = ring.copy_to(x, torch.device("cpu"))
+        assert out is not None and out.shape == x.shape and out.dtype == x.dtype
+        torch.testing.assert_close(out, x, atol=0, rtol=0)
+        for e in events:
+            e.done = True  # each copy done before the next: the ring wraps around as often as it likes
+    assert ring.passed == 0 and ring.copies == sum(e.recorded for e in events) == len(events)
+
+
+def test_a_slice_is_not_written_again_while_its_copy_is_in_flight():
+    ring, events = _ring(16 * ALIGN_BYTES)
+    block = ALIGN_BYTES // 4  # int32 elements of one slice
+    first = [ring.copy_to(torch.full((block,), i, dtype=torch.int32), torch.device("cpu")) for i in range(16)]
+    assert all(t is not None for t in first) and ring.copies == 16
+    held = ring._arena.clone()
+    # the ring is full of copies in flight: the next one is refused, nothing written
+    assert ring.copy_to(torch.full((block,), 99, dtype=torch.int32), torch.device("cpu")) is None
+    assert ring.passed == 1 and torch.equal(ring._arena, held)
+    # a copy done before an older one (another stream) frees nothing the head reaches: slice 0 is still in flight
+    events[1].done = True
+    assert ring.copy_to(torch.full((block,), 7, dtype=torch.int32), torch.device("cpu")) is None
+    events[0].done = True
+    again = ring.copy_to(torch.full((2 * block,), 5, dtype=torch.int32), torch.device("cpu"))
+    assert again is not None and torch.equal(again, torch.full((2 * block,), 5, dtype=torch.int32))
+    assert torch.equal(ring._arena[2 * ALIGN_BYTES :], held[2 * ALIGN_BYTES :])  # slices 2..15 untouched
+    assert ring.copy_to(torch.ones(block, dtype=torch.int32), torch.device("cpu")) is None  # slice 2 in flight
+    assert ring.passed == 3
+
+
+def test_a_copy_larger_than_an_eighth_of_the_ring_is_left_to_the_caller():
+    ring, _ = _ring(16 * ALIGN_BYTES)
+    assert ring.copy_to(torch.zeros(2 * ALIGN_BYTES + 1, dtype=torch.uint8), torch.device("cpu")) is None
+    assert ring.copy_to(torch.zeros(2 * ALIGN_BYTES, dtype=torch.uint8), torch.device("cpu")) is not None
+    assert (ring.passed, ring.copies) == (1, 1)
+
+
+def test_an_empty_tensor_takes_no_slice():
+    ring, events = _ring()
+    out = ring.copy_to(torch.zeros(0, 3, dtype=torch.float16), torch.device("cpu"))
+    assert out.shape == (0, 3) and out.dtype == torch.float16 and not events and ring.copies == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3 * ALIGN_BYTES), st.booleans()), min_size=1, max_size=60))
+def test_no_two_copies_in_flight_share_bytes(steps):
+    """Random copies, each done at once or left in flight: the slices of the copies in flight never overlap, and
+    each copy placed carries its own bytes."""
+    ring, events = _ring(16 * ALIGN_BYTES)
+    for i, (nbytes, done) in enumerate(steps):
+        x = torch.full((nbytes,), i % 251, dtype=torch.uint8)
+        out = ring.copy_to(x, torch.device("cpu"))
+        if out is not None:
+            assert torch.equal(out, x)
+            events[-1].done = done
+        live = sorted((s, e) for s, e, ev in ring._in_flight if not ev.query())
+        assert all(a[1] <= b[0] for a, b in zip(live, live[1:]))
+    assert ring.copies + ring.passed == len(steps)
+
+
+@pytest.mark.parametrize("capacity", [0, 8 * ALIGN_BYTES - 1, 8 * ALIGN_BYTES + 1, True])
+def test_bad_capacity_is_refused_by_name(capacity):
+    with pytest.raises(ValueError, match="capacity_bytes: expected a multiple of 256 bytes >= 2048"):
+        PinnedRing(capacity, pin=False, new_event=FakeEvent)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_to_device_on_cuda_goes_through_the_ring_without_pinning_memory(monkeypatch):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    ring = device_mod.pinned_ring(dev)
+    before, seconds = ring.copies, device_mod.copy_seconds()
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pytest.fail("pin_memory called"))
+    gen = torch.Generator().manual_seed(0)
+    xs = [_random(gen, torch.int64, (int(n),)) for n in torch.randint(1, 5000, (300,), generator=gen)]
+    outs = [to_device(x, "cuda") for x in xs]  # 300 copies of up to 40 KB: the ring wraps around
+    torch.cuda.synchronize()
+    for x, out in zip(xs, outs):
+        assert out.device == dev
+        torch.testing.assert_close(out.cpu(), x, atol=0, rtol=0)
+    assert ring.copies - before == len(xs)
+    assert device_mod.copy_seconds() > seconds  # the copies' host time, which the decode plans' stall record shows
+
+
+def test_the_status_names_a_devices_ring_once_it_has_copied(monkeypatch):
+    monkeypatch.setattr(device_mod, "_rings", {})
+    assert device_mod.ring_status("cpu") == "" and device_mod.ring_status("cuda:0") == ""
+    ring, events = _ring()
+    ring.copy_to(torch.ones(3), torch.device("cpu"))
+    ring.copy_to(torch.ones(10**4), torch.device("cpu"))  # larger than an eighth: past it
+    device_mod._rings[torch.device("cuda", 0)] = ring
+    assert device_mod.ring_status("cuda:0") == "pinned ring: 1 copies, 1 past it"
