@@ -25,6 +25,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from mosaickv_sglang.pool.device import host_landing, to_device
+
 __all__ = ["ScheduledBatch", "clear_scheduled_batch", "note_scheduled_batch", "read_rows_and_slots",
            "scheduled_batch_for", "unmatched_reason"]  # fmt: skip
 
@@ -108,16 +110,18 @@ def read_rows_and_slots(req_to_token: torch.Tensor, batch: ScheduledBatch, rows:
     loc = batch.out_cache_loc[: rows if slots is None else slots]
     if req_to_token.device.type != "cuda" or batch.stream is None:
         return req_to_token[idx.to(req_to_token.device), :width:step].cpu(), loc.to("cpu", torch.int64)
-    side = _side_stream(req_to_token.device)
+    dev = req_to_token.device
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    side = _side_stream(dev)
     side.wait_stream(batch.stream)
-    with torch.cuda.stream(side):
-        dev_idx = idx.pin_memory().to(req_to_token.device, non_blocking=True)
-        r = req_to_token[dev_idx, :width:step]
-        host_r = torch.empty(r.shape, dtype=r.dtype, pin_memory=True)
+    landing = host_landing(dev)
+    with torch.cuda.stream(side), landing.lock:
+        r = req_to_token[to_device(idx, dev), :width:step]
+        host_r, host_loc = landing.views([(r.shape, r.dtype), (loc.shape, loc.dtype)])
         host_r.copy_(r, non_blocking=True)
-        host_loc = torch.empty(loc.shape, dtype=loc.dtype, pin_memory=True)
         host_loc.copy_(loc, non_blocking=True)
         done = torch.cuda.Event()
         done.record(side)
-    done.synchronize()
-    return host_r, host_loc.to(torch.int64)
+        done.synchronize()
+        return host_r.clone(), host_loc.to(torch.int64, copy=True)

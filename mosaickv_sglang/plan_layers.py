@@ -43,6 +43,7 @@ from mosaickv_sglang.planner import (
     _estimate_fast,
     _menu_tensors,
 )
+from mosaickv_sglang.pool.device import to_device
 from mosaickv_sglang.strategies import Candidate
 from mosaickv_sglang.strategies.base import check_segment_shape, dense_segment_bytes
 
@@ -171,11 +172,9 @@ def _describe(x: object) -> str:
 
 
 def _to_device(host: np.ndarray, device: torch.device) -> torch.Tensor:
-    """One host-to-device copy; asynchronous from pinned memory on CUDA."""
-    t = torch.from_numpy(host)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    """One host-to-device copy; asynchronous from page-locked memory on CUDA (:func:`~mosaickv_sglang.pool.device.
+    to_device`)."""
+    return to_device(torch.from_numpy(host), device)
 
 
 def _layer_importance(

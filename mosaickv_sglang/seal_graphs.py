@@ -34,6 +34,7 @@ import torch
 from mosaickv_sglang.kernels import format as fmt
 from mosaickv_sglang.plan_layers import LayersCall, host_meta, host_meta_size, needs_estimate, plan_on_device
 from mosaickv_sglang.plan_layers import prepare_layers
+from mosaickv_sglang.pool.device import to_device
 from mosaickv_sglang.strategies import Candidate
 from mosaickv_sglang.strategies.base import dense_segment_bytes
 
@@ -235,7 +236,7 @@ class SealGraphs:
         before = torch.cuda.memory_reserved(dev)
         cur = torch.cuda.current_stream(dev)
         try:
-            b.meta = torch.from_numpy(meta).pin_memory().to(dev, non_blocking=True)
+            b.meta = to_device(torch.from_numpy(meta), dev)
             b.queries = torch.zeros((self.num_layers, self.num_kv_heads, self.window, self.group_size,
                                      self.head_dim), dtype=torch.float32, device=dev)  # fmt: skip
             self.stream.wait_stream(cur)
@@ -273,10 +274,9 @@ class SealGraphs:
     def _replay(self, b: _Bucket, meta: np.ndarray, queries: torch.Tensor, pages: int) -> List[fmt.SegmentPlan]:
         dev = self.device
         cur = torch.cuda.current_stream(dev)
-        host = torch.from_numpy(meta).pin_memory()  # torch's pinned blocks: reused once their copy is done
         self.stream.wait_stream(cur)
         with torch.cuda.stream(self.stream):
-            b.meta.copy_(host, non_blocking=True)
+            b.meta.copy_(to_device(torch.from_numpy(meta), dev))
             b.queries.copy_(queries)
             b.graph.replay()
             plans = self._copy_out(b, b.plan, pages)

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Host-to-device copies that do not make the host wait.
+"""Copies between host and device that do not make the host wait, through page-locked memory allocated once.
 
 A copy from pageable memory waits until every queued kernel is done, so a host tensor bound for CUDA is first staged
 in page-locked memory. Staging it with ``x.pin_memory()`` asks torch's caching host allocator for a block each time,
@@ -12,18 +12,23 @@ paid up to 26 ms a seal for in the twenty-second GPU run). A decode plan makes f
 it, and a slice is written again only once the event recorded after its last copy is done (so a slow stream holds
 back only its own slices). A copy the ring cannot place now (larger than an eighth of it, the free part held by copies
 still in flight, a stream capturing a CUDA graph) takes the caching allocator's path as before.
+
+Reads the other way, which the host waits for anyway (a decode plan's batch rows), land in :class:`HostLanding`'s
+buffer, page-locked once and grown by doubling, instead of two freshly page-locked buffers a plan.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["ALIGN_BYTES", "PinnedRing", "RING_BYTES", "copy_seconds", "pinned_ring", "ring_status", "to_device"]
+__all__ = ["ALIGN_BYTES", "HostLanding", "PinnedRing", "RING_BYTES", "copy_seconds", "host_landing", "pinned_ring",
+           "ring_status", "to_device"]
 
 ALIGN_BYTES = 256  # each slice starts here, aligned for a view of any dtype
 RING_BYTES = 8 << 20  # a decode plan of 16 requests stages about 40 KiB: the ring holds some 200 plans
@@ -107,8 +112,45 @@ class PinnedRing:
         return start
 
 
+class HostLanding:
+    """One page-locked buffer that device-to-host reads land in, for callers that wait for their copies and copy the
+    results out before the next read: grown by doubling when a read needs more (rarely, after the first reads), never
+    freed.
+
+    Parameters
+    ----------
+    pin : bool
+        Page-lock the buffer (``True`` needs CUDA; ``False`` serves tests on the CPU).
+    capacity_bytes : int
+        Bytes of the first buffer (allocated at the first read).
+    """
+
+    def __init__(self, pin: bool = True, capacity_bytes: int = 1 << 20) -> None:
+        self.pin = bool(pin)
+        self.capacity_bytes = max(ALIGN_BYTES, int(capacity_bytes))
+        self._buffer: Optional[torch.Tensor] = None
+        self.lock = threading.Lock()
+        self.grown = 0
+
+    def views(self, specs: Sequence[Tuple[Sequence[int], torch.dtype]]) -> List[torch.Tensor]:
+        """Views of the buffer, one per ``(shape, dtype)`` of ``specs``, none overlapping; valid until the next call.
+        Hold :attr:`lock` from this call until the results are copied out."""
+        offsets, end = [], 0
+        for shape, dtype in specs:
+            offsets.append(end)
+            end += -(-math.prod(shape) * dtype.itemsize // ALIGN_BYTES) * ALIGN_BYTES
+        if self._buffer is None or end > self._buffer.numel():
+            while self.capacity_bytes < end:
+                self.capacity_bytes *= 2
+            self._buffer = torch.empty(self.capacity_bytes, dtype=torch.uint8, pin_memory=self.pin)
+            self.grown += 1
+        return [self._buffer[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(tuple(shape))
+                for off, (shape, dtype) in zip(offsets, specs)]  # fmt: skip
+
+
+_landings: Dict[torch.device, HostLanding] = {}
 _rings: Dict[torch.device, PinnedRing] = {}
-_rings_lock = threading.Lock()
+_registry_lock = threading.Lock()
 _copy_seconds = [0.0]  # host time of every copy to CUDA so far, all threads
 
 
@@ -120,11 +162,20 @@ def copy_seconds() -> float:
 
 def pinned_ring(device: torch.device) -> PinnedRing:
     """The ring of CUDA ``device`` (page-locked at its first copy, kept for the process)."""
-    with _rings_lock:
+    with _registry_lock:
         ring = _rings.get(device)
         if ring is None:
             ring = _rings[device] = PinnedRing()
         return ring
+
+
+def host_landing(device: torch.device) -> HostLanding:
+    """The landing buffer of CUDA ``device``'s reads (page-locked at its first read, kept for the process)."""
+    with _registry_lock:
+        landing = _landings.get(device)
+        if landing is None:
+            landing = _landings[device] = HostLanding()
+        return landing
 
 
 def ring_status(device: Union[torch.device, str]) -> str:

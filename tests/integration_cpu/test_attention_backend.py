@@ -89,8 +89,8 @@ def test_extend_and_decode_match_torch_native_before_and_after_dense_seal(group)
         del sc.mosaic._req_rows
     plans = stalls._plans
     assert len(plans) == 1
-    took, _, _, rows, pause = plans[0]
-    assert 0.02 <= rows <= took and 0 < pause <= rows
+    took, _, _, rows, pause, copies = plans[0]
+    assert 0.02 <= rows <= took and 0 < pause <= rows and copies == 0.0  # no copy to CUDA on the CPU
 
 
 def test_read_budget_with_compressed_segments_matches_ref_sparse_decode():

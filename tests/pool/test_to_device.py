@@ -174,3 +174,37 @@ def test_the_status_names_a_devices_ring_once_it_has_copied(monkeypatch):
     ring.copy_to(torch.ones(10**4), torch.device("cpu"))  # larger than an eighth: past it
     device_mod._rings[torch.device("cuda", 0)] = ring
     assert device_mod.ring_status("cuda:0") == "pinned ring: 1 copies, 1 past it"
+
+
+def test_the_landing_lends_aligned_views_that_do_not_overlap_and_grows_by_doubling():
+    landing = device_mod.HostLanding(pin=False, capacity_bytes=1024)
+    specs = [((3, 5), torch.int32), ((7,), torch.int64), ((0,), torch.float16), ((2, 2, 2), torch.bool)]
+    with landing.lock:
+        views = landing.views(specs)
+    assert [(tuple(v.shape), v.dtype) for v in views] == [(tuple(s), d) for s, d in specs]
+    assert all(v.untyped_storage().data_ptr() == landing._buffer.untyped_storage().data_ptr() for v in views)
+    spans = [(v.storage_offset() * v.element_size(), (v.storage_offset() + v.numel()) * v.element_size())
+             for v in views]  # fmt: skip
+    assert all(start % ALIGN_BYTES == 0 for start, _ in spans)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    for i, v in enumerate(views):
+        v.fill_(i + 1)
+    assert [int(v.to(torch.int64).sum()) for v in views] == [15, 14, 0, 8]  # each view kept its own bytes
+    assert landing.grown == 1 and landing.capacity_bytes == 1024
+    big = landing.views([((1000,), torch.int32)])[0]  # 4,000 bytes: 1,024 doubled twice
+    assert big.shape == (1000,) and landing.capacity_bytes == 4096 and landing.grown == 2
+    landing.views([((10,), torch.int32)])  # fits: no new buffer
+    assert landing.grown == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_landing_on_cuda_takes_reads_from_the_device():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    landing = device_mod.host_landing(dev)
+    x = torch.arange(5000, device=dev, dtype=torch.int32)
+    with landing.lock:
+        (host,) = landing.views([(x.shape, x.dtype)])
+        host.copy_(x, non_blocking=True)
+        torch.cuda.synchronize()
+        assert host.is_pinned() and torch.equal(host, x.cpu())
