@@ -160,22 +160,21 @@ def copy_seconds() -> float:
     return _copy_seconds[0]
 
 
+def _of_device(registry: Dict[torch.device, Any], device: torch.device, make: Callable[[], Any]) -> Any:
+    with _registry_lock:
+        if device not in registry:
+            registry[device] = make()
+        return registry[device]
+
+
 def pinned_ring(device: torch.device) -> PinnedRing:
     """The ring of CUDA ``device`` (page-locked at its first copy, kept for the process)."""
-    with _registry_lock:
-        ring = _rings.get(device)
-        if ring is None:
-            ring = _rings[device] = PinnedRing()
-        return ring
+    return _of_device(_rings, device, PinnedRing)
 
 
 def host_landing(device: torch.device) -> HostLanding:
     """The landing buffer of CUDA ``device``'s reads (page-locked at its first read, kept for the process)."""
-    with _registry_lock:
-        landing = _landings.get(device)
-        if landing is None:
-            landing = _landings[device] = HostLanding()
-        return landing
+    return _of_device(_landings, device, HostLanding)
 
 
 def ring_status(device: Union[torch.device, str]) -> str:

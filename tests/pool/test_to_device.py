@@ -5,6 +5,7 @@ every dtype and shape whole and never writes a slice whose copy is still in flig
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -208,3 +209,13 @@ def test_the_landing_on_cuda_takes_reads_from_the_device():
         host.copy_(x, non_blocking=True)
         torch.cuda.synchronize()
         assert host.is_pinned() and torch.equal(host, x.cpu())
+
+
+
+def test_each_device_has_one_landing(monkeypatch):
+    monkeypatch.setattr(device_mod, "_landings", {})
+    monkeypatch.setattr(device_mod, "HostLanding", functools.partial(device_mod.HostLanding, pin=False))
+    first = device_mod.host_landing(torch.device("cuda", 0))
+    assert device_mod.host_landing(torch.device("cuda", 0)) is first
+    assert device_mod.host_landing(torch.device("cuda", 1)) is not first
+    assert not first.pin and first.grown == 0  # nothing allocated before the first read
