@@ -25,7 +25,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from mosaickv_sglang.pool.device import host_landing, to_device
+from mosaickv_sglang.pool.device import host_landing, to_device, with_index
 
 __all__ = ["ScheduledBatch", "clear_scheduled_batch", "note_scheduled_batch", "read_rows_and_slots",
            "scheduled_batch_for", "unmatched_reason"]  # fmt: skip
@@ -110,9 +110,7 @@ def read_rows_and_slots(req_to_token: torch.Tensor, batch: ScheduledBatch, rows:
     loc = batch.out_cache_loc[: rows if slots is None else slots]
     if req_to_token.device.type != "cuda" or batch.stream is None:
         return req_to_token[idx.to(req_to_token.device), :width:step].cpu(), loc.to("cpu", torch.int64)
-    dev = req_to_token.device
-    if dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    dev = with_index(req_to_token.device)
     side = _side_stream(dev)
     side.wait_stream(batch.stream)
     landing = host_landing(dev)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, 
 import torch
 
 __all__ = ["ALIGN_BYTES", "HostLanding", "PinnedRing", "RING_BYTES", "copy_seconds", "host_landing", "pinned_ring",
-           "ring_status", "to_device"]
+           "ring_status", "to_device", "with_index"]
 
 ALIGN_BYTES = 256  # each slice starts here, aligned for a view of any dtype
 RING_BYTES = 8 << 20  # a decode plan of 16 requests stages about 40 KiB: the ring holds some 200 plans
@@ -135,17 +135,18 @@ class HostLanding:
     def views(self, specs: Sequence[Tuple[Sequence[int], torch.dtype]]) -> List[torch.Tensor]:
         """Views of the buffer, one per ``(shape, dtype)`` of ``specs``, none overlapping; valid until the next call.
         Hold :attr:`lock` from this call until the results are copied out."""
+        sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
         offsets, end = [], 0
-        for shape, dtype in specs:
+        for nbytes in sizes:
             offsets.append(end)
-            end += -(-math.prod(shape) * dtype.itemsize // ALIGN_BYTES) * ALIGN_BYTES
+            end += -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
         if self._buffer is None or end > self._buffer.numel():
             while self.capacity_bytes < end:
                 self.capacity_bytes *= 2
             self._buffer = torch.empty(self.capacity_bytes, dtype=torch.uint8, pin_memory=self.pin)
             self.grown += 1
-        return [self._buffer[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(tuple(shape))
-                for off, (shape, dtype) in zip(offsets, specs)]  # fmt: skip
+        return [self._buffer[off : off + nbytes].view(dtype).view(tuple(shape))
+                for off, nbytes, (shape, dtype) in zip(offsets, sizes, specs)]  # fmt: skip
 
 
 _landings: Dict[torch.device, HostLanding] = {}
@@ -177,12 +178,18 @@ def host_landing(device: torch.device) -> HostLanding:
     return _of_device(_landings, device, HostLanding)
 
 
-def ring_status(device: Union[torch.device, str]) -> str:
-    """``"pinned ring: C copies, P past it"`` for ``device``'s ring, ``""`` before its first copy (or off CUDA)."""
+def with_index(device: Union[torch.device, str]) -> torch.device:
+    """``device``, a CUDA one with its index (the current device's when it has none): the key of its ring and
+    landing."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    ring = _rings.get(device)
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def ring_status(device: Union[torch.device, str]) -> str:
+    """``"pinned ring: C copies, P past it"`` for ``device``'s ring, ``""`` before its first copy (or off CUDA)."""
+    ring = _rings.get(with_index(device))
     return "" if ring is None else f"pinned ring: {ring.copies} copies, {ring.passed} past it"
 
 
@@ -193,8 +200,7 @@ def to_device(x: torch.Tensor, device: Union[torch.device, str]) -> torch.Tensor
     device = torch.device(device)
     if device.type == "cuda" and x.device.type == "cpu":
         t0 = time.perf_counter()
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = with_index(device)
         out = None
         if not torch.cuda.is_current_stream_capturing():
             out = pinned_ring(device).copy_to(x, device)

@@ -219,3 +219,9 @@ def test_each_device_has_one_landing(monkeypatch):
     assert device_mod.host_landing(torch.device("cuda", 0)) is first
     assert device_mod.host_landing(torch.device("cuda", 1)) is not first
     assert not first.pin and first.grown == 0  # nothing allocated before the first read
+
+
+def test_with_index_keeps_a_given_index_and_the_host():
+    assert device_mod.with_index("cpu") == torch.device("cpu")
+    assert device_mod.with_index("cuda:1") == torch.device("cuda", 1)
+    assert device_mod.with_index(torch.device("meta")) == torch.device("meta")
