@@ -116,9 +116,14 @@ trap pack_results EXIT
 trap 'echo "step $step stopped (TERM) after $((SECONDS - t_start)) s" >&2; exit 143' TERM
 left() { echo $(( ${BUDGET_S:-540} - (SECONDS - t_start) )); }
 
-wait_ready() {  # wait_ready <port> <timeout s>
+server_alive() {  # server_alive <pid or ""> <what>: false, with a line, once the server's process has exited
+  [ -z "$1" ] || kill -0 "$1" 2>/dev/null || { echo "$2: the server (pid $1) exited" >&2; return 1; }
+}
+
+wait_ready() {  # wait_ready <port> <timeout s> [pid]: with a pid, gives up as soon as that server has exited
   local port="$1" deadline=$((SECONDS + $2))
   while [ $SECONDS -lt $deadline ]; do
+    server_alive "${3:-}" "port $port" || return 1
     if curl -sf "http://127.0.0.1:$port/health" >/dev/null && curl -sf -m 120 "http://127.0.0.1:$port/generate" \
         -H 'Content-Type: application/json' -d '{"text":"Hello","sampling_params":{"max_new_tokens":2}}' >/dev/null; then
       echo "port $port ready after $((SECONDS - t_start)) s"
@@ -136,9 +141,11 @@ triton_kernels() {  # compiled Triton kernel variants in the cache, by kernel na
   find "$dir" -name "*.json" ! -name "__grp__*" -printf '%TT %f\n' 2>/dev/null | sort || true
 }
 
-wait_log() {  # wait_log <file> <pattern> <timeout s>: until a server log shows a line (e.g. its KV pool allocated)
+wait_log() {  # wait_log <file> <pattern> <timeout s> [pid]: until a server log shows a line (e.g. its KV pool
+  # allocated); with a pid, gives up as soon as that server has exited
   local deadline=$((SECONDS + $3))
   until grep -q "$2" "$1" 2>/dev/null; do
+    server_alive "${4:-}" "$1" || return 1
     [ $SECONDS -lt $deadline ] || { echo "no '$2' in $1" >&2; return 1; }
     sleep 1
   done
@@ -376,20 +383,27 @@ case "$step" in
         names=(sc0 on); extra=("--mosaic-sidecar off" ""); fractions=(0.35 0.7); envs=("" ""); itl_servers="0 1"
         echo "sidecar-itl: ${gpu_mib} MiB of GPU memory: two servers (sc0, on), fractions 0.35 and 0.7"
       fi
+      if [ "${STOCK_ITL:-0}" = 1 ]; then
+        # stock SGLang alone under the same load and flags (FlashInfer: SGLang's default on Hopper is FA3, which the
+        # bundle lacks): the card's own decode tail, without MosaicKV; MOSAIC_ARGS and the sidecar do not apply
+        names=(flashinfer); extra=("--attention-backend flashinfer"); fractions=(0.7); envs=(""); itl_servers="0"
+      fi
     fi
     last=$(( ${#names[@]} - 1 ))
     pids=()
+    mosaic_flags="--kv-compressor mosaic --mosaic-compression-ratio 3 ${MOSAIC_ARGS:-}" label=mosaic-r3
+    [ "${STOCK_ITL:-0}" != 1 ] || mosaic_flags="" label=stock
     for i in $(seq 0 $last); do
       # shellcheck disable=SC2086
       env ${envs[$i]} MOSAICKV_STACK_SAMPLES="$(stacks "r3-${names[$i]}")" \
         python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) "${model_args[@]}" \
         --disable-prefill-cuda-graph --mem-fraction-static "${fractions[$i]}" --max-total-tokens "$max_tokens" \
-        --chunked-prefill-size 2048 --enable-cache-report --enable-metrics --kv-compressor mosaic \
-        --mosaic-compression-ratio 3 ${extra[$i]} ${MOSAIC_ARGS:-} > "$out/mosaic-r3-${names[$i]}.server.log" 2>&1 &
+        --chunked-prefill-size 2048 --enable-cache-report --enable-metrics ${mosaic_flags} ${extra[$i]} \
+        > "$out/$label-${names[$i]}.server.log" 2>&1 &
       pids+=($!)
-      wait_log "$out/mosaic-r3-${names[$i]}.server.log" "Memory pool end" 180
+      wait_log "$out/$label-${names[$i]}.server.log" "Memory pool end" 180 "${pids[$i]}"
     done
-    for i in $(seq 0 $last); do wait_ready $((30000 + i)) 300; done
+    for i in $(seq 0 $last); do wait_ready $((30000 + i)) 300 "${pids[$i]}"; done
     ps_sidecars > "$out/ps-start.txt"
     if [ "$step" = sidecar ]; then
       acc=()
