@@ -428,12 +428,30 @@ case "$step" in
         curl -s -X POST "http://127.0.0.1:$((30000 + i))/flush_cache" > /dev/null || true
         curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-before-itl-$tag.txt" || true
         [ "$r" != 1 ] || stacks_mark "r3-${names[$i]}" before
+        seen=$(wc -l < "$out/$label-${names[$i]}.server.log")
         timeout 100 python3 -m sglang.bench_serving --backend sglang --host 127.0.0.1 --port $((30000 + i)) \
           --model "$M" --tokenizer "$M" --dataset-name generated-shared-prefix --gsp-num-groups 4 \
           --gsp-prompts-per-group 16 --gsp-system-prompt-len 4096 --gsp-question-len 128 \
           --gsp-output-len "$itl_output_len" \
-          --max-concurrency 16 --output-file "$out/itl-$tag.jsonl" > "$out/itl-$tag.log" 2>&1 \
-          || echo "bench $tag rc=$?"
+          --max-concurrency 16 --output-file "$out/itl-$tag.jsonl" > "$out/itl-$tag.log" 2>&1 &
+        load=$!
+        # PROFILE_ITL=N: the load's GPU kernels over N decode steps under torch's profiler, from its first decode
+        # batch of 12 or more requests; the trace is kept (bench.step_timeline splits it into steps). The profiler
+        # perturbs the load it watches: run it in a call of its own, not beside the rounds whose step times count
+        if [ "${PROFILE_ITL:-0}" != 0 ] && [ "$r" = 1 ]; then
+          deadline=$((SECONDS + 60))
+          until tail -n +$((seen + 1)) "$out/$label-${names[$i]}.server.log" \
+              | grep -qE "Decode batch, #running-req: (1[2-9]|[2-9][0-9])"; do
+            [ $SECONDS -lt $deadline ] || { echo "profile $tag: no decode batch of 12" >&2; break; }
+            sleep 0.2
+          done
+          start_profile $((30000 + i)) "$out/trace-$tag" "$PROFILE_ITL" > "$out/trace-$tag.response.txt"
+        fi
+        wait "$load" || echo "bench $tag rc=$?"
+        if [ "${PROFILE_ITL:-0}" != 0 ] && [ "$r" = 1 ]; then
+          wait_trace "$out/trace-$tag" || echo "profile $tag: no trace" >&2
+          python3 -m bench.profile_summary "$out/trace-$tag"/*.trace.json.gz > "$out/profile-$tag.txt" 2>&1 || true
+        fi
         ps_sidecars > "$out/ps-after-itl-$tag.txt"
         # decode step times without prefill steps (the ITL above includes the steps that carry a prefill chunk)
         curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-after-itl-$tag.txt" || true
