@@ -12,13 +12,14 @@ exports them, and the bridge's I/O thread's time beside them, ``sglang:mosaic_si
 and the decode batches' plans (``sglang:mosaic_decode_plan_seconds_total`` over
 ``sglang:mosaic_decode_plans_total``: host work before each decode forward, sealing and the sidecar included; with
 their sealing and sidecar parts, ``..._decode_plan_seal/sidecar_seconds_total``, when the server exports them: those
-count decode steps only).
+count decode steps only). It also counts the steps over the first bucket bound at or above 1.1x and 1.5x the p50
+(issue #5's target and a long step), exactly: the histogram counts steps at its bounds.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +28,8 @@ from mosaickv_sglang.step_timer import histogram_quantile
 
 METRIC = "sglang:mosaic_decode_step_seconds"
 QUANTILES = (0.5, 0.9, 0.99)
+# steps over the first bucket bound at or above these multiples of the p50
+OVER_P50 = (1.1, 1.5)
 SIDECAR_METRIC = "sglang:mosaic_sidecar_step_seconds_total"
 SEAL_SECONDS_METRIC = "sglang:mosaic_seal_seconds_total"
 SEAL_CALLS_METRIC = "sglang:mosaic_seal_calls_total"
@@ -65,10 +68,11 @@ def read_scrape(text: str) -> Tuple[Dict[float, float], Dict[str, float]]:
     return buckets, counters
 
 
-def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTILES) -> Dict[str, Optional[float]]:
+def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTILES) -> Dict[str, Any]:
     """The quantiles (seconds) and the step count of the steps counted between two scrapes, and meanwhile the
     scheduler time the sidecar bridge took before forwards (``sidecar_s``; ``None`` with the sidecar off) and the
-    sealing calls and their time (``seal_calls``, ``seal_s``; prefill steps included in all three)."""
+    sealing calls and their time (``seal_calls``, ``seal_s``; prefill steps included in all three); ``over``:
+    :func:`steps_over` of the p50."""
     (b, b_counters), (a, a_counters) = read_scrape(before), read_scrape(after)
     if not a:
         raise ValueError(f"after: expected a {METRIC} histogram (a --kv-compressor mosaic server with "
@@ -77,18 +81,36 @@ def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTIL
     counts: List[float] = [a[le] - b.get(le, 0.0) for le in bounds]
     if any(c < 0 for c in counts):
         raise ValueError("before: expected a scrape of the same server taken before 'after', got larger counts")
-    out: Dict[str, Optional[float]] = {f"p{round(q * 100):d}": histogram_quantile(q, tuple(bounds), counts)
+    out: Dict[str, Any] = {f"p{round(q * 100):d}": histogram_quantile(q, tuple(bounds), counts)
                                        for q in quantiles}  # fmt: skip
     out["steps"] = counts[-1] if counts else 0.0
+    out["over"] = steps_over(bounds, counts, histogram_quantile(0.5, tuple(bounds), counts))
     for key, name in COUNTERS.items():
         out[key] = a_counters[name] - b_counters.get(name, 0.0) if name in a_counters else None
     return out
 
 
-def _line(got: Dict[str, Optional[float]]) -> str:
+def steps_over(bounds: Sequence[float], cumulative: Sequence[float], p50: Optional[float],
+               factors: Sequence[float] = OVER_P50) -> List[Tuple[float, float, float]]:  # fmt: skip
+    """``(factor, bound s, steps over it)`` for each factor: the first finite bucket bound at or above ``factor`` x
+    ``p50`` and how many of the ``cumulative`` counts lie above it (none when there is no p50 or no such bound)."""
+    if p50 is None or not cumulative:
+        return []
+    out = []
+    for factor in factors:
+        i = next((i for i, le in enumerate(bounds) if le >= factor * p50 and le != float("inf")), None)
+        if i is not None:
+            out.append((factor, bounds[i], cumulative[-1] - cumulative[i]))
+    return out
+
+
+def _line(got: Dict[str, Any]) -> str:
     """The one-line form of :func:`load_quantiles`' result."""
     quantile_keys = [f"p{round(q * 100):d}" for q in QUANTILES]
     ms = "  ".join(f"{k} {'-' if got[k] is None else f'{got[k] * 1e3:.2f} ms'}" for k in quantile_keys)
+    over = ", ".join(f"over {le * 1e3:.1f} ms ({f}x p50) {int(n)}" for f, le, n in got.get("over") or [])
+    if over:
+        ms += f"  steps {over}"
     if got["seal_s"] is not None:
         ms += f"  sealing {got['seal_s'] * 1e3:.1f} ms in {int(got['seal_calls'] or 0)} calls"
         named = (("seal_plan_s", "planning"), ("seal_gpu_s", "GPU span"))

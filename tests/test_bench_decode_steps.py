@@ -184,3 +184,29 @@ def test_errors_name_the_scrape_at_fault(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("")
     assert main([str(tmp_path / "missing.txt"), str(tmp_path / "a.txt")]) == 2
     assert "decode_steps:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_steps_over_multiples_of_the_p50_are_counted_exactly_at_bucket_bounds(tmp_path, capsys, seed):
+    """A load of steps around a base time with a slower tail: the counts over the first bound at or above 1.1x and
+    1.5x the p50 equal a count of the observed values; the CLI prints them."""
+    registry = CollectorRegistry()
+    hist = Histogram(METRIC, "decode steps", buckets=DECODE_STEP_BUCKETS, registry=registry)
+    before = _scrape(registry)
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.008, 0.016)
+    load = np.concatenate([rng.uniform(0.97, 1.03, size=int(rng.integers(500, 1500))) * base,
+                           rng.uniform(1.05, 3.0, size=int(rng.integers(5, 60))) * base])  # fmt: skip
+    for v in rng.permutation(load):
+        hist.observe(float(v))
+    got = load_quantiles(before, _scrape(registry))
+    assert [f for f, _, _ in got["over"]] == [1.1, 1.5]
+    for factor, bound, n in got["over"]:
+        assert bound == min(b for b in DECODE_STEP_BUCKETS if b >= factor * got["p50"])
+        assert n == int((load > bound).sum())
+    assert got["over"][0][2] >= got["over"][1][2] > 0
+    (tmp_path / "b.txt").write_text(before)
+    (tmp_path / "a.txt").write_text(_scrape(registry))
+    assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
+    f, le, n = got["over"][1]
+    assert f"over {le * 1e3:.1f} ms (1.5x p50) {int(n)}" in capsys.readouterr().out
