@@ -436,9 +436,9 @@ case "$step" in
           --max-concurrency 16 --output-file "$out/itl-$tag.jsonl" > "$out/itl-$tag.log" 2>&1 &
         load=$!
         # PROFILE_ITL=N: the load's GPU kernels over N decode steps under torch's profiler, from its first decode
-        # batch of 12 or more requests; the trace is kept, summed by kernel (bench.profile_summary) and split into
-        # steps (bench.step_timeline). The profiler perturbs the load it watches: run it in a call of its own, not
-        # beside the rounds whose step times count
+        # batch of 12 or more requests; the trace is summed by kernel (bench.profile_summary), split into steps
+        # (bench.step_timeline) and brought back as $OUT/trace-<server>.trace.json.gz. The profiler perturbs the
+        # load it watches: run it in a call of its own, not beside the rounds whose step times count
         if [ "${PROFILE_ITL:-0}" != 0 ] && [ "$r" = 1 ]; then
           deadline=$((SECONDS + 60))
           until tail -n +$((seen + 1)) "$out/$label-${names[$i]}.server.log" \
@@ -453,6 +453,15 @@ case "$step" in
           wait_trace "$out/trace-$tag" || echo "profile $tag: no trace" >&2
           python3 -m bench.profile_summary "$out/trace-$tag"/*.trace.json.gz > "$out/profile-$tag.txt" 2>&1 || true
           python3 -m bench.step_timeline "$out/trace-$tag"/*.trace.json.gz > "$out/steps-$tag.txt" 2>&1 || true
+          # the trace travels as a file of its own beside the step's archive (the device tool's limit is 16 MiB a
+          # file: a long window's trace would take the archive over it), or stays behind, its summaries kept
+          for trace in "$out/trace-$tag"/*.trace.json.gz; do
+            [ -f "$trace" ] || continue
+            if [ "$(stat -c %s "$trace")" -le $((15 << 20)) ]; then mv "$trace" "$OUT/trace-$tag.trace.json.gz"
+            else
+              echo "profile $tag: trace of $(du -sh "$trace" | cut -f1) left behind (over 15 MiB)"; rm -f "$trace"
+            fi
+          done
         fi
         ps_sidecars > "$out/ps-after-itl-$tag.txt"
         # decode step times without prefill steps (the ITL above includes the steps that carry a prefill chunk)

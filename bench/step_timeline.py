@@ -14,6 +14,7 @@ it. Busy close to span means the step waited for the GPU; span well over busy, f
 from __future__ import annotations
 
 import argparse
+import bisect
 import re
 import statistics
 import sys
@@ -75,9 +76,14 @@ def split_steps(kernels: Sequence[Kernel], step_kernel: str, stream: Optional[in
     if len(marks) < 2:
         raise ValueError(f"--step-kernel: expected at least 2 launches of {step_kernel!r} on stream {stream}, "
                          f"got {len(marks)}")  # fmt: skip
+    starts = [k.start_us for k in kernels]
+    # kernels started before a step and still running in it (a long one on a side stream), carried step to step
+    carry = [k for k in kernels[: bisect.bisect_left(starts, marks[0])] if k.start_us + k.dur_us > marks[0]]
     steps = []
     for a, b in zip(marks, marks[1:]):
-        inside = [k for k in kernels if k.start_us < b and k.start_us + k.dur_us > a]
+        inside = [k for k in carry if k.start_us + k.dur_us > a]
+        inside += kernels[bisect.bisect_left(starts, a): bisect.bisect_left(starts, b)]
+        carry = [k for k in inside if k.start_us + k.dur_us > b]
         clipped: Dict[bool, List[tuple]] = {True: [], False: []}
         by_name: Dict[str, float] = defaultdict(float)
         for k in inside:

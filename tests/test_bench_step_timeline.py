@@ -83,3 +83,19 @@ def test_cli_reports_each_trace_and_refuses_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(path), "--slow", "0"])
     assert "--slow: expected a positive number, got 0" in capsys.readouterr().err
+
+
+def test_a_side_kernel_running_across_steps_counts_in_each_step_clipped_to_it():
+    """Steps of 1,000 us (marker, then 800 us of forward work); a side kernel started before the first marker runs
+    to the middle of step 1, another spans steps 2-4: each step counts only its own part of them."""
+    from bench.step_timeline import Kernel
+
+    kernels = [Kernel("early_side", -300.0, 1800.0, 9)]  # ends at 1,500: 1,000 in step 0, 500 in step 1
+    for i in range(6):
+        kernels += [Kernel("head", i * 1000.0, 100.0, 13), Kernel("body", i * 1000.0 + 100, 700.0, 13)]
+    kernels.append(Kernel("long_side", 2600.0, 1900.0, 9))  # 400 in step 2, 1,000 in step 3, 500 in step 4
+    kernels.sort(key=lambda k: k.start_us)
+    steps = split_steps(kernels, "^head$")
+    assert [round(s["other_busy_ms"] * 1e3) for s in steps] == [1000, 500, 400, 1000, 500]
+    assert all(round(s["forward_busy_ms"] * 1e3) == 800 and s["span_ms"] == 1.0 for s in steps)
+    assert dict(steps[3]["kernels"])["[stream 9] long_side"] == 1.0
