@@ -225,6 +225,28 @@ ps_sidecars() {  # CPU time of the sidecar processes (spawned children of the sc
   ps -eo pid,ppid,pcpu,cputime,etimes,args | grep -E "spawn_main|sglang::" | grep -v grep || true
 }
 
+background_work() {  # background_work <port>: the server's count of seals, plans applied and re-segmentations
+  { curl -s -m 5 "http://127.0.0.1:$1/metrics" 2>/dev/null || true; } \
+    | awk '/^sglang:mosaic_(seal_calls|plans_applied|resegmentations)_total/ {s += $NF} END {print s + 0}'
+}
+
+wait_quiet() {  # wait_quiet <max s> <port>...: until the servers' background_work stops changing for 3 s, so that
+  # one server's idle work (its sidecar's plans applied, shared segments re-segmented) does not run on the GPU
+  # beside another's measured load (thirtieth run: the idle sidecar server re-segmented 99 segments during the off
+  # server's second load); prints how long it waited
+  local deadline=$((SECONDS + $1)) t0=$SECONDS port before after; shift
+  for port in "$@"; do
+    before=$(background_work "$port")
+    while [ $SECONDS -lt $deadline ]; do
+      sleep 3
+      after=$(background_work "$port")
+      [ "$after" != "$before" ] || break
+      before=$after
+    done
+  done
+  echo "quiet after $((SECONDS - t0)) s$([ $SECONDS -lt $deadline ] || echo ' (gave up waiting)')"
+}
+
 case "$step" in
   smollm2)
     M="$(bash bench/device_smollm2.sh)"
@@ -425,6 +447,9 @@ case "$step" in
       for i in $itl_servers; do
         tag="${names[$i]}"
         [ "$r" = 1 ] || tag="${names[$i]}-round$r"
+        others=()
+        for j in $(seq 0 $last); do [ "$j" = "$i" ] || others+=($((30000 + j))); done
+        [ ${#others[@]} = 0 ] || wait_quiet "${QUIET_S:-60}" "${others[@]}" > "$out/quiet-before-itl-$tag.txt"
         curl -s -X POST "http://127.0.0.1:$((30000 + i))/flush_cache" > /dev/null || true
         curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-before-itl-$tag.txt" || true
         [ "$r" != 1 ] || stacks_mark "r3-${names[$i]}" before
