@@ -122,11 +122,12 @@ def select_segments(
     _checks.check_tensor(seg_ids_padded, "seg_ids_padded", shape=tuple(scores.shape), dtype=torch.int32,
                          device=scores.device)  # fmt: skip
     _checks.check_int(budget, "budget", lo=1, hi=scores.shape[2])
+    shape = (*scores.shape[:2], budget)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.int32, device=scores.device)
+    else:
+        _checks.check_tensor(out, "out", shape=shape, dtype=torch.int32, device=scores.device)
     vals, pos = torch.topk(scores, budget, dim=-1, largest=True, sorted=True)
-    ids = torch.gather(seg_ids_padded, -1, pos)
-    ids = torch.where(vals == float("-inf"), torch.full_like(ids, -1), ids)
-    if out is not None:
-        _checks.check_tensor(out, "out", shape=tuple(ids.shape), dtype=torch.int32, device=scores.device)
-        out.copy_(ids)
-        return out
-    return ids
+    # gathered straight into ``out`` and padded in place: two kernels fewer a layer than gather, where and copy
+    torch.gather(seg_ids_padded, -1, pos, out=out)
+    return out.masked_fill_(vals == float("-inf"), -1)

@@ -85,6 +85,38 @@ def test_select_segments_picks_the_budget_best():
     assert select_segments(scores, ids, 3, out=out) is out and torch.equal(out, sel)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_select_segments_matches_a_sort_on_random_scores(device, seed):
+    """Random batches, heads, candidate counts and budgets, with always-read (+inf) and padding (-inf) scores: the
+    selected ids are a plain sort's top `budget` in descending score order, -1 exactly where the score is -inf; the
+    `out` tensor (stale values in it) is written whole."""
+    g = torch.Generator().manual_seed(seed)
+    b, h = (int(x) for x in torch.randint(1, 6, (2,), generator=g))
+    n = int(torch.randint(1, 90, (1,), generator=g))
+    scores = torch.randn(b, h, n, generator=g)
+    kind = torch.randint(0, 10, (b, h, n), generator=g)
+    scores[kind == 0] = float("-inf")
+    scores[kind == 1] = float("inf")
+    ids = torch.randperm(10 * b * h * n, generator=g)[: b * h * n].reshape(b, h, n).to(torch.int32)
+    budget = int(torch.randint(1, n + 1, (1,), generator=g))
+    out = torch.full((b, h, budget), 12345, dtype=torch.int32, device=device)
+    sel = select_segments(scores.to(device), ids.to(device), budget, out=out)
+    assert sel is out
+    sel = sel.cpu()
+    for i in range(b):
+        for j in range(h):
+            order = torch.sort(scores[i, j], descending=True, stable=True).indices[:budget]
+            want = torch.where(scores[i, j, order] == float("-inf"), -1, ids[i, j, order])
+            got = sel[i, j].tolist()
+            # always-read segments first, in any order, and any `budget` of them when there are more
+            always = set(ids[i, j][scores[i, j] == float("inf")].tolist())
+            n_always = min(len(always), budget)
+            assert len(set(got[:n_always])) == n_always and set(got[:n_always]) <= always
+            assert got[n_always:] == want[n_always:].tolist()
+    with pytest.raises(ValueError, match=r"out: expected shape"):
+        select_segments(scores.to(device), ids.to(device), budget, out=out[..., :0] if budget > 1 else out[:0])
+
+
 def test_selection_rejects_bad_arguments(device):
     """Bad shapes, dtypes and budgets raise ValueError naming the argument."""
     case, q, ids, cnt = _scores_case(0, 64, 1, torch.float16, 7, [7, 3], device)
