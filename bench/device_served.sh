@@ -475,6 +475,9 @@ case "$step" in
         fi
         wait "$load" || echo "bench $tag rc=$?"
         if [ "${PROFILE_ITL:-0}" != 0 ] && [ "$r" = 1 ]; then
+          # a load shorter than N steps leaves the profiler running: stop it, so that it writes its trace
+          compgen -G "$out/trace-$tag/*.trace.json.gz" > /dev/null \
+            || curl -s -m 120 -X POST "http://127.0.0.1:$((30000 + i))/stop_profile" > /dev/null || true
           wait_trace "$out/trace-$tag" || echo "profile $tag: no trace" >&2
           python3 -m bench.profile_summary "$out/trace-$tag"/*.trace.json.gz > "$out/profile-$tag.txt" 2>&1 || true
           python3 -m bench.step_timeline "$out/trace-$tag"/*.trace.json.gz > "$out/steps-$tag.txt" 2>&1 || true
