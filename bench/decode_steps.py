@@ -82,7 +82,7 @@ def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTIL
     if any(c < 0 for c in counts):
         raise ValueError("before: expected a scrape of the same server taken before 'after', got larger counts")
     out: Dict[str, Any] = {f"p{round(q * 100):d}": histogram_quantile(q, tuple(bounds), counts)
-                                       for q in quantiles}  # fmt: skip
+                           for q in quantiles}  # fmt: skip
     out["steps"] = counts[-1] if counts else 0.0
     out["over"] = steps_over(bounds, counts, histogram_quantile(0.5, tuple(bounds), counts))
     for key, name in COUNTERS.items():

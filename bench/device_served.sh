@@ -460,11 +460,13 @@ case "$step" in
           --gsp-output-len "$itl_output_len" \
           --max-concurrency 16 --output-file "$out/itl-$tag.jsonl" > "$out/itl-$tag.log" 2>&1 &
         load=$!
+        profile=0
+        [ "${PROFILE_ITL:-0}" = 0 ] || [ "$r" != 1 ] || profile=1
         # PROFILE_ITL=N: the load's GPU kernels over N decode steps under torch's profiler, from its first decode
         # batch of 12 or more requests; the trace is summed by kernel (bench.profile_summary), split into steps
         # (bench.step_timeline) and brought back as $OUT/trace-<server>.trace.json.gz. The profiler perturbs the
         # load it watches: run it in a call of its own, not beside the rounds whose step times count
-        if [ "${PROFILE_ITL:-0}" != 0 ] && [ "$r" = 1 ]; then
+        if [ "$profile" = 1 ]; then
           deadline=$((SECONDS + 60))
           until tail -n +$((seen + 1)) "$out/$label-${names[$i]}.server.log" \
               | grep -qE "Decode batch, #running-req: (1[2-9]|[2-9][0-9])"; do
@@ -474,7 +476,7 @@ case "$step" in
           start_profile $((30000 + i)) "$out/trace-$tag" "$PROFILE_ITL" > "$out/trace-$tag.response.txt"
         fi
         wait "$load" || echo "bench $tag rc=$?"
-        if [ "${PROFILE_ITL:-0}" != 0 ] && [ "$r" = 1 ]; then
+        if [ "$profile" = 1 ]; then
           # a load shorter than N steps leaves the profiler running: stop it, so that it writes its trace
           compgen -G "$out/trace-$tag/*.trace.json.gz" > /dev/null \
             || curl -s -m 120 -X POST "http://127.0.0.1:$((30000 + i))/stop_profile" > /dev/null || true

@@ -17,7 +17,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 DEFAULT_GROUPS: Tuple[Tuple[str, str], ...] = (
     ("mosaic", r"_sparse_decode|_segment_scores|_pack_segments|_unpack_segments|_extend_attn"),
@@ -34,13 +34,16 @@ def read_trace(path: Path) -> Dict[str, Any]:
         return json.load(f)
 
 
-def complete_events(trace: Dict[str, Any], category: str) -> List[Tuple[str, float, float]]:
-    """``(name, start us, duration us)`` of the trace's complete (``ph == "X"``) events of ``category``."""
-    out = []
+def raw_complete_events(trace: Dict[str, Any], category: str) -> Iterator[Dict[str, Any]]:
+    """The trace's complete (``ph == "X"``) events of ``category`` that have a duration, as the trace holds them."""
     for ev in trace.get("traceEvents", []):
         if ev.get("ph") == "X" and ev.get("cat") == category and "dur" in ev:
-            out.append((str(ev.get("name", "")), float(ev["ts"]), float(ev["dur"])))
-    return out
+            yield ev
+
+
+def complete_events(trace: Dict[str, Any], category: str) -> List[Tuple[str, float, float]]:
+    """``(name, start us, duration us)`` of the trace's complete (``ph == "X"``) events of ``category``."""
+    return [(str(ev.get("name", "")), float(ev["ts"]), float(ev["dur"])) for ev in raw_complete_events(trace, category)]
 
 
 def busy_time(intervals: Iterable[Tuple[float, float]]) -> float:

@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
-from bench.profile_summary import busy_time, read_trace
+from bench.profile_summary import busy_time, raw_complete_events, read_trace
 
 
 class Kernel(NamedTuple):
@@ -34,16 +34,16 @@ class Kernel(NamedTuple):
 
 def kernel_events(trace: Dict[str, Any]) -> List[Kernel]:
     """The trace's GPU kernels (complete events of category ``kernel``), by start time."""
-    out = []
-    for ev in trace.get("traceEvents", []):
-        if ev.get("ph") == "X" and ev.get("cat") == "kernel" and "dur" in ev:
-            stream = (ev.get("args") or {}).get("stream", ev.get("tid", 0))
-            out.append(Kernel(str(ev.get("name", "")), float(ev["ts"]), float(ev["dur"]), int(stream)))
+    out = [Kernel(str(ev.get("name", "")), float(ev["ts"]), float(ev["dur"]),
+                  int((ev.get("args") or {}).get("stream", ev.get("tid", 0))))
+           for ev in raw_complete_events(trace, "kernel")]  # fmt: skip
     return sorted(out, key=lambda k: k.start_us)
 
 
 def forward_stream(kernels: Sequence[Kernel]) -> int:
     """The stream with the most kernel time: the one the steps run on."""
+    if not kernels:
+        raise ValueError("trace: expected GPU kernel events, got none")
     total: Dict[int, float] = defaultdict(float)
     for k in kernels:
         total[k.stream] += k.dur_us
@@ -68,8 +68,6 @@ def default_step_kernel(kernels: Sequence[Kernel], stream: int) -> str:
 def split_steps(kernels: Sequence[Kernel], step_kernel: str, stream: Optional[int] = None) -> List[Dict[str, Any]]:
     """One record a step, from one start of a kernel matching ``step_kernel`` (a regex) on the forward stream to the
     next: span, forward busy and other streams' busy inside the span (ms), and the step's kernels by total time."""
-    if not kernels:
-        raise ValueError("trace: expected GPU kernel events, got none")
     stream = forward_stream(kernels) if stream is None else stream
     rx = re.compile(step_kernel)
     marks = [k.start_us for k in kernels if k.stream == stream and rx.search(k.name)]
@@ -135,8 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in args.traces:
         try:
             kernels = kernel_events(read_trace(path))
-            stream = forward_stream(kernels) if kernels else 0
-            marker = args.step_kernel or (default_step_kernel(kernels, stream) if kernels else "")
+            stream = forward_stream(kernels)
+            marker = args.step_kernel or default_step_kernel(kernels, stream)
             s = summarize(split_steps(kernels, marker, stream), args.slow)
         except (OSError, ValueError) as err:
             print(f"step_timeline: {path}: {err}", file=sys.stderr)
