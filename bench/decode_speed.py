@@ -166,7 +166,7 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
     from mosaickv_sglang.kernels import reference as ref
     from mosaickv_sglang.kernels.format import K_OFF, V_OFF, GRANULE_BYTES
     from mosaickv_sglang.kernels.pack import pack_segments_fwd
-    from mosaickv_sglang.kernels.segment_scores import segment_scores_fwd, select_segments
+    from mosaickv_sglang.kernels.segment_scores import score_and_select, segment_scores_fwd
     from mosaickv_sglang.kernels.sparse_decode import CHAN_MODE, CHAN_MODE_NAMES, sparse_decode_fwd, suggest_num_splits
 
     hq, hkv, d, _, _ = SHAPES[shape]
@@ -227,8 +227,7 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
     sel = torch.empty(bsz, hkv, budget, dtype=torch.int32, device=device)
 
     def mosaic_full():
-        segment_scores_fwd(q, desc, bounds, seg_ids_padded, counts, scores)
-        select_segments(scores, seg_ids_padded, budget, out=sel)
+        score_and_select(q, desc, bounds, seg_ids_padded, counts, scores, budget, sel)
         sparse_decode_fwd(q, arena, desc, sel, k_all, v_all, tail_indptr, tail_indices, out, p_out, p_lse,
                           num_splits=splits)  # fmt: skip
 
@@ -247,7 +246,8 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
         o_ref = ref.ref_sparse_decode(q[:1], arena, desc, r_sel, k_all, v_all, tail_indptr[:2], tail_indices[:tail])
         check["mosaic_vs_ref_max_abs"] = float((out[:1].double().cpu() - o_ref.double().cpu()).abs().max())
         s_ref = ref.ref_segment_scores(q[:1], desc, bounds, seg_ids_padded[:1], counts[:1])
-        s_ref, s_got = s_ref.double().cpu(), scores[:1].double().cpu()
+        s_got = segment_scores_fwd(q[:1], desc, bounds, seg_ids_padded[:1], counts[:1], torch.empty_like(scores[:1]))
+        s_ref, s_got = s_ref.double().cpu(), s_got.double().cpu()
         finite = torch.isfinite(s_ref)
         check["scores_vs_ref_max_rel"] = float(
             ((s_got[finite] - s_ref[finite]).abs() / s_ref[finite].abs().clamp_min(1e-3)).max()

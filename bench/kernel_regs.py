@@ -36,10 +36,10 @@ import mosaickv_sglang.kernels  # noqa: F401  (maps the kernels package, as the 
 from mosaickv_sglang.kernels._triton.chan_rank import _chan_rank_count_kernel, _chan_rank_sort_kernel
 from mosaickv_sglang.kernels._triton.estimate_terms import _chan_terms_kernel
 from mosaickv_sglang.kernels._triton.pack import _pack_segments_main_kernel
-from mosaickv_sglang.kernels._triton.segment_scores import _segment_scores_main_kernel
+from mosaickv_sglang.kernels._triton.segment_scores import _segment_scores_main_kernel, _segment_select_kernel
 from mosaickv_sglang.kernels._triton.sparse_decode import _sparse_decode_split_kernel
 
-KERNELS = ("sparse_decode", "segment_scores", "chan_rank", "estimate_terms", "pack")
+KERNELS = ("sparse_decode", "segment_scores", "segment_select", "chan_rank", "estimate_terms", "pack")
 SM_REGISTERS = 65536
 SM_SHARED_BYTES = 228 * 1024
 SM_MAX_WARPS = 64
@@ -168,7 +168,7 @@ def _decode_values(d: int, h_q: int = 32, h_kv: int = 8, splits: int = 16, budge
                 stride_pl_b=h_q * splits, stride_pl_h=splits, stride_pl_s=1, stride_o_b=h_q * d, stride_o_h=d,
                 stride_o_d=1, stride_lse_b=0, stride_lse_h=0, stride_bd_n=2 * d, stride_bd_2=d, stride_bd_d=1,
                 stride_ids_b=h_kv * 256, stride_ids_h=256, stride_ids_i=1, stride_out_b=h_kv * 256,
-                stride_out_h=256, stride_out_i=1, max_segs=256)  # fmt: skip
+                stride_out_h=256, stride_out_i=1, max_segs=256, skip_upto=budget)  # fmt: skip
 
 
 def sparse_decode_variants(head_dims, block_ns, chan_modes, warps, stages, group: int = 4,
@@ -199,6 +199,22 @@ def segment_scores_variants(head_dims, group: int = 4, block_s: int = 16) -> Lis
         out.append(compile_variant("segment_scores_main", _segment_scores_main_kernel, pointers, ("sm_scale",),
                                    _decode_values(d), consts, 4, 3,
                                    {"head_dim": d, "block_s": block_s, "group": group}))  # fmt: skip
+    return out
+
+
+def segment_select_variants(tiles: Sequence[int] = (64, 128, 1024), budget: int = 64) -> List[Variant]:
+    """The selection's top-k kernel (``select_top_segments``) with each sort tile, launched as that function would."""
+    from mosaickv_sglang.kernels.segment_scores import SELECT_NUM_WARPS, select_block
+
+    pointers = {"scores_ptr": "*fp32", "ids_ptr": "*i32", "counts_ptr": "*i32", "out_ptr": "*i32"}
+    values = dict(stride_sc_b=8 * 256, stride_sc_h=256, stride_sc_i=1, stride_ids_b=8 * 256, stride_ids_h=256,
+                  stride_ids_i=1, stride_out_b=8 * budget, stride_out_h=budget, stride_out_i=1, max_segs=256,
+                  budget=budget)  # fmt: skip
+    out = []
+    for t in tiles:
+        consts = dict(TILE=t, BLOCK=select_block(t))
+        out.append(compile_variant("segment_select", _segment_select_kernel, pointers, (), values, consts,
+                                   SELECT_NUM_WARPS, 3, {"tile": t, "block": consts["BLOCK"]}))  # fmt: skip
     return out
 
 
@@ -279,6 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        maxnregs=args.maxnreg)
     if "segment_scores" in args.kernel:
         rows += segment_scores_variants(args.head_dim)
+    if "segment_select" in args.kernel:
+        rows += segment_select_variants()
     if "chan_rank" in args.kernel:
         rows += chan_rank_variants(args.head_dim)
     if "estimate_terms" in args.kernel:

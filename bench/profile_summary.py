@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 DEFAULT_GROUPS: Tuple[Tuple[str, str], ...] = (
-    ("mosaic", r"_sparse_decode|_segment_scores|_pack_segments|_unpack_segments|_extend_attn"),
+    ("mosaic", r"_sparse_decode|_segment_scores|_segment_select|_pack_segments|_unpack_segments|_extend_attn"),
     ("flashinfer", r"(?i)flashinfer|BatchDecode|BatchPrefill|PersistentVariableLength"),
     ("gemm", r"(?i)gemm|cutlass|xmma|nvjet|cublas"),
     ("topk/sort", r"(?i)topk|sort|radix"),

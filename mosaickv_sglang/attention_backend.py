@@ -12,11 +12,12 @@ buffers. The backend follows SGLang 0.5.17's ``AttentionBackend`` contract with 
   :meth:`~MosaicMHATokenToKVPool.decode_metadata` / :meth:`~MosaicMHATokenToKVPool.extend_metadata` (all-layers seal
   view, so one table serves every layer), choose ``num_splits`` and allocate the scratch.
 * **run** (:meth:`~MosaicAttnBackend.forward_decode` / :meth:`~MosaicAttnBackend.forward_extend`, per layer): write the
-  new K/V at logical slots, then launch ``segment_scores_fwd -> select_segments -> sparse_decode_fwd`` (decode) or
+  new K/V at logical slots, then launch ``score_and_select -> sparse_decode_fwd`` (decode) or
   ``extend_fwd`` (extend) on the layer's arena/descriptor/bounds tables and dense buffers. No host reads.
 
 Decode reads at most ``decode_read_budget // S`` sealed segments per request and KV head (``0`` = all; the dense tail
-is always read; ``FLAG_ALWAYS_READ`` sink segments rank first). Extend reads every prefix segment.
+is always read; ``FLAG_ALWAYS_READ`` sink segments rank first); a request with no more sealed segments than that is
+neither scored nor sorted. Extend reads every prefix segment.
 
 Decode CUDA graphs (``--mosaic-cuda-graph on``, the default) use static buffers: see :class:`_GraphState`. Not
 supported (each raises ``NotImplementedError``): prefill CUDA graphs, decode CUDA graphs unless ``--mosaic-cuda-graph
@@ -80,8 +81,8 @@ class MosaicForwardMetadata:
     # --- decode only (None / 0 for extend) ---
     read_budget: int = 0  # segments read per (request, KV head), 1 <= read_budget <= MAX_SEGS
     num_splits: int = 1  # split-K factor of sparse_decode_fwd (suggest_num_splits)
-    scores: Optional[torch.Tensor] = None  # [B, H_kv, MAX_SEGS] float32: segment_scores_fwd output (per layer)
-    sel_ids: Optional[torch.Tensor] = None  # [B, H_kv, read_budget] int32: select_segments output (per layer)
+    scores: Optional[torch.Tensor] = None  # [B, H_kv, MAX_SEGS] float32: score_and_select's scratch (per layer)
+    sel_ids: Optional[torch.Tensor] = None  # [B, H_kv, read_budget] int32: score_and_select output (per layer)
     partial_out: Optional[torch.Tensor] = None  # [B, H_q, num_splits, d] float32: split-K scratch
     partial_lse: Optional[torch.Tensor] = None  # [B, H_q, num_splits] float32: split-K scratch
     # --- extend only (None / 0 for decode) ---
@@ -235,11 +236,10 @@ class MosaicAttnBackend(AttentionBackend):
         self._graph: Optional[_GraphState] = None
         # Lazy kernel imports, as SGLang's triton backend does (no CUDA context at import time).
         from mosaickv_sglang.kernels.extend import extend_fwd
-        from mosaickv_sglang.kernels.segment_scores import segment_scores_fwd, select_segments
+        from mosaickv_sglang.kernels.segment_scores import score_and_select
         from mosaickv_sglang.kernels.sparse_decode import sparse_decode_fwd, suggest_num_splits
 
-        self._segment_scores_fwd = segment_scores_fwd
-        self._select_segments = select_segments
+        self._score_and_select = score_and_select
         self._sparse_decode_fwd = sparse_decode_fwd
         self._suggest_num_splits = suggest_num_splits
         self._extend_fwd = extend_fwd
@@ -721,8 +721,8 @@ class MosaicAttnBackend(AttentionBackend):
         else:
             self.sealer.window.observe(layer.layer_id - self.pool.start_layer, q3)
         arena, desc, bounds, k_buf, v_buf = self._layer_tables(layer)
-        self._segment_scores_fwd(q3, desc, bounds, md.seg_ids_padded, md.seg_counts, md.scores, sm_scale=layer.scaling)
-        self._select_segments(md.scores, md.seg_ids_padded, md.read_budget, out=md.sel_ids)
+        self._score_and_select(q3, desc, bounds, md.seg_ids_padded, md.seg_counts, md.scores, md.read_budget,
+                               md.sel_ids, sm_scale=layer.scaling)  # fmt: skip
         o = torch.empty_like(q3)
         self._sparse_decode_fwd(
             q3, arena, desc, md.sel_ids, k_buf, v_buf, md.tail_indptr, md.tail_indices, o,

@@ -57,13 +57,15 @@ class WarmupShape:
 class VariantSpec:
     """One compiled variant of one kernel, with representative launch values.
 
-    ``width``: sel_ids width (``sparse_decode_split``) or MAX_SEGS (``segment_scores``, ``extend``). ``k_rank`` /
-    ``v_rank``: low-rank factor columns of a pack plan (0: no factors).
+    ``width``: sel_ids width (``sparse_decode_split``) or MAX_SEGS (``score_and_select``, ``extend``). ``budget``:
+    segments selected (``score_and_select``). ``k_rank`` / ``v_rank``: low-rank factor columns of a pack plan (0: no
+    factors).
     """
 
     kernel: str
     num_splits: int = 1
     width: int = 1
+    budget: int = 1
     causal: bool = True
     k_rank: int = 0
     v_rank: int = 0
@@ -101,11 +103,23 @@ def enumerate_variants(shape: WarmupShape) -> List[VariantSpec]:
     # variant each, whatever the batch; the split kernel has two (one split writes the output directly).
     specs.append(VariantSpec("unpack"))
     specs += [VariantSpec("extend", causal=c) for c in shape.causal_modes]
-    specs.append(VariantSpec("segment_scores"))
+    specs += _selection_specs(shape.read_budget_segments)
     splits = split_counts(h, shape.num_sms)
     specs += [VariantSpec("sparse_decode_split", num_splits=s) for s in splits[:2]]
     # the merge kernel's split count is a compile-time constant (its tile); out_lse is never passed (HAS_LSE False)
     specs += [VariantSpec("sparse_decode_merge", num_splits=s) for s in splits if s > 1]
+    return specs
+
+
+def _selection_specs(budget: int) -> List[VariantSpec]:
+    """attention_backend.py forward_decode -> score_and_select: one scores variant (table width and budget are run-time
+    arguments); the top-k kernel's sort tile is a compile-time constant, 64 when a batch's table is no wider than its
+    budget (nothing is sorted), else the configured budget's (a narrower table clamps the budget to its width)."""
+    from mosaickv_sglang.kernels.segment_scores import MAX_SELECT_TILE, select_tile
+
+    specs = [VariantSpec("score_and_select")]  # width 1, budget 1: tile 64
+    if budget > 0 and select_tile(1, 1) < select_tile(budget, budget + 1) <= MAX_SELECT_TILE:
+        specs.append(VariantSpec("score_and_select", width=budget + 1, budget=budget))
     return specs
 
 
@@ -191,7 +205,7 @@ def _lowrank_plan(inp: _Inputs, k_rank: int, v_rank: int) -> SegmentPlan:
 
 def _run_one(inp: _Inputs, spec: VariantSpec) -> None:
     from mosaickv_sglang.kernels.extend import extend_fwd
-    from mosaickv_sglang.kernels.segment_scores import segment_scores_fwd
+    from mosaickv_sglang.kernels.segment_scores import score_and_select
     from mosaickv_sglang.kernels.sparse_decode import sparse_decode_fwd
     from mosaickv_sglang.kernels.unpack import unpack_segments_fwd
 
@@ -203,11 +217,11 @@ def _run_one(inp: _Inputs, spec: VariantSpec) -> None:
     elif spec.kernel == "unpack":
         k_out = torch.empty(1, h, 1, s, d, dtype=sh.dtype, device=dev)
         unpack_segments_fwd(inp.arena, inp.desc, inp.seg_table(1), k_out, torch.empty_like(k_out))
-    elif spec.kernel == "segment_scores":
-        q = inp.q(1)
+    elif spec.kernel == "score_and_select":
         scores = torch.empty(1, h, spec.width, **f32)
         counts = torch.ones(1, dtype=torch.int32, device=dev)
-        segment_scores_fwd(q, inp.desc, inp.bounds, inp.seg_table(spec.width), counts, scores)
+        score_and_select(inp.q(1), inp.desc, inp.bounds, inp.seg_table(spec.width), counts, scores, spec.budget,
+                         torch.empty(1, h, spec.budget, dtype=torch.int32, device=dev))  # fmt: skip
     elif spec.kernel == "extend":
         t, h_q = 2, h * sh.group
         q = inp.q(t)
@@ -224,7 +238,7 @@ def _run_one(inp: _Inputs, spec: VariantSpec) -> None:
                           inp.tail_indices, torch.empty_like(q), torch.empty(1, h_q, ns, d, **f32),
                           torch.empty(1, h_q, ns, **f32), num_splits=ns)  # fmt: skip
     else:
-        raise ValueError(f"spec.kernel: expected one of pack, unpack, segment_scores, extend, sparse_decode_split, "
+        raise ValueError(f"spec.kernel: expected one of pack, unpack, score_and_select, extend, sparse_decode_split, "
                          f"sparse_decode_merge, got {spec.kernel!r}")  # fmt: skip
 
 

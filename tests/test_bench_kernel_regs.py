@@ -72,6 +72,22 @@ def test_sparse_decode_register_cap_reaches_ptxas():
     assert loose["registers"] <= 168 and loose["blocks_per_sm"] == 3
 
 
+def test_segment_select_compiles_for_hopper():
+    """The selection's top-k kernel (int64 keys through ``tl.sort``, a block folded to its best tile by
+    ``tl.reshape`` and ``tl.max``) compiles for sm_90a at every sort tile it serves, each small enough for 16 warps
+    per SM."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "segment_select", "--json"],
+                         capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    variants = json.loads(out.stdout)
+    assert [v["config"] for v in variants] == [{"tile": 64, "block": 1024}, {"tile": 128, "block": 1024},
+                                               {"tile": 1024, "block": 1024}]  # fmt: skip
+    for v in variants:
+        assert v["kernel"] == "segment_select" and 0 < v["registers"] <= 128 and v["warps_per_sm"] >= 16
+
+
 def test_an_interpreted_kernel_is_refused_with_the_reason():
     """Under TRITON_INTERPRET (this session) the kernels are not compilable: one error naming the variable."""
     if os.environ.get("TRITON_INTERPRET") != "1":

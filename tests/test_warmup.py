@@ -48,11 +48,25 @@ def test_every_suggested_split_count_is_warmed(h_kv, num_sms):
 
 def test_table_width_kernels_have_one_variant_and_the_split_kernel_two():
     """Table widths and split counts are run-time arguments (the kernels' do_not_specialize; the backend test checks
-    the keys): one extend / segment_scores variant, split kernel with one split (direct output) and with several."""
+    the keys): one extend / score_and_select variant, split kernel with one split (direct output) and with several."""
     specs = enumerate_variants(shape(read_budget_segments=5))
-    by_kernel = {k: [s for s in specs if s.kernel == k] for k in ("extend", "segment_scores", "sparse_decode_split")}
+    by_kernel = {k: [s for s in specs if s.kernel == k] for k in ("extend", "score_and_select", "sparse_decode_split")}
     assert [len(v) for v in by_kernel.values()] == [1, 1, 2]
     assert [s.num_splits for s in by_kernel["sparse_decode_split"]] == [1, 2]
+
+
+@pytest.mark.parametrize("budget, tiles", [(0, [64]), (5, [64]), (64, [64]), (65, [64, 128]), (1000, [64, 1024]),
+                                           (1025, [64])])  # fmt: skip
+def test_selection_specs_cover_the_sort_tiles_serving_uses(budget, tiles):
+    """The top-k kernel's sort tile is its one compile-time constant: 64 when the table is no wider than the budget
+    (a read-all budget, or a batch narrower than it), else the configured budget's; none above MAX_SELECT_TILE
+    (torch.topk sorts those)."""
+    from mosaickv_sglang.kernels.segment_scores import select_tile
+
+    specs = [s for s in enumerate_variants(shape(read_budget_segments=budget)) if s.kernel == "score_and_select"]
+    assert [select_tile(s.budget, s.width) for s in specs] == tiles
+    served = {select_tile(min(budget, w) if budget > 0 else w, w) for w in range(1, 1200, 7)}
+    assert {t for t in served if t <= 1024} == set(tiles)
 
 
 @pytest.mark.parametrize("seg_size,head_dim", list(itertools.product((16, 32, 64, 128, 256), (64, 128))))
@@ -96,7 +110,7 @@ def test_sidecar_adds_one_pack_variant_whatever_its_ranks():
 def test_specs_are_distinct_and_llama8b_count():
     specs = enumerate_variants(shape())
     assert len(set(specs)) == len(specs)
-    # pack 1, unpack 1, extend 1, segment_scores 1, split 2, merge 6
+    # pack 1, unpack 1, extend 1, score_and_select 1, split 2, merge 6
     assert len(specs) == 12
     assert len(enumerate_variants(shape(sidecar_ranks=(8, 16, 32)))) == 12 + 1
 
@@ -111,7 +125,7 @@ def _tiny(q_dtype: torch.dtype, **kw) -> WarmupShape:
 def test_runner_launches_every_spec_fp16():
     sh = _tiny(torch.float16)
     specs = enumerate_variants(sh)
-    assert {s.kernel for s in specs} == {"pack", "unpack", "extend", "segment_scores", "sparse_decode_split",
+    assert {s.kernel for s in specs} == {"pack", "unpack", "extend", "score_and_select", "sparse_decode_split",
                                          "sparse_decode_merge"}  # fmt: skip
     count, seconds = run_warmup(specs, sh, "cpu")
     assert count == len(specs) and seconds > 0

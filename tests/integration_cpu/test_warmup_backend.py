@@ -27,7 +27,8 @@ from mosaickv_sglang import warmup  # noqa: E402
 from mosaickv_sglang.kernels import extend, pack, segment_scores, sparse_decode, unpack  # noqa: E402
 
 KERNELS = [(sparse_decode, "_sparse_decode_split_kernel"), (sparse_decode, "_sparse_decode_merge_kernel"),
-           (segment_scores, "_segment_scores_main_kernel"), (extend, "_extend_attn_main_kernel"),
+           (segment_scores, "_segment_scores_main_kernel"), (segment_scores, "_segment_select_kernel"),
+           (extend, "_extend_attn_main_kernel"),
            (unpack, "_unpack_segments_main_kernel"), (pack, "_pack_segments_main_kernel")]  # fmt: skip
 
 
@@ -64,12 +65,12 @@ def test_table_widths_and_split_counts_do_not_change_the_compile_keys(record):
                                q_dtype=torch.float16, num_layers=2, num_sms=132, read_budget_segments=0)  # fmt: skip
     inp = warmup._Inputs(shape, torch.device("cpu"))
     for width, splits in itertools.product((1, 2, 3, 16, 17, 32, 48), (1, 2, 4, 16)):
-        for kernel in ("segment_scores", "extend", "sparse_decode_split"):
+        for kernel in ("score_and_select", "extend", "sparse_decode_split"):
             warmup._run_one(inp, warmup.VariantSpec(kernel, num_splits=splits, width=width))
-    decode = ("_segment_scores_main_kernel", "_extend_attn_main_kernel", "_sparse_decode_split_kernel",
-              "_sparse_decode_merge_kernel")  # fmt: skip
+    decode = ("_segment_scores_main_kernel", "_segment_select_kernel", "_extend_attn_main_kernel",
+              "_sparse_decode_split_kernel", "_sparse_decode_merge_kernel")  # fmt: skip
     count = collections.Counter(k[0] for k in record if k[0] in decode)
-    assert count == {"_segment_scores_main_kernel": 1, "_extend_attn_main_kernel": 1,
+    assert count == {"_segment_scores_main_kernel": 1, "_segment_select_kernel": 1, "_extend_attn_main_kernel": 1,
                      "_sparse_decode_split_kernel": 2, "_sparse_decode_merge_kernel": 3}  # fmt: skip
 
 
