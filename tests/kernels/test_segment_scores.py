@@ -275,11 +275,7 @@ def test_segment_scores_bf16_gpu(group):
     torch.testing.assert_close(out.double().cpu()[fin], ref[fin], atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("budget", [64, pytest.param(100, marks=pytest.mark.slow)])
-def test_score_and_select_equals_torch_topk_on_a_served_shape(device, budget):
-    """The 8B shape's heads (8 KV, GQA 4, d 128), a 256-column table and counts on both sides of the budget, bf16 on
-    the GPU (fp16 in the interpreter): the top-k kernel keeps the ids torch.topk keeps from the same scores (all of
-    them within the budget)."""
+def _check_served_shape(device, budget):
     counts = [256, budget, 61, 0] if device.type == "cpu" else [256, budget, 61, 200, 0, 255]
     qdt = torch.bfloat16 if device.type == "cuda" else torch.float16
     case, q, ids, cnt = _scores_case(6, 128, 4, qdt, 256, counts, device, h_kv=8)
@@ -289,3 +285,18 @@ def test_score_and_select_equals_torch_topk_on_a_served_shape(device, budget):
     segment_scores_fwd(q, case.desc, case.bounds, ids, cnt, scores)
     want = select_segments(scores, ids, budget)
     assert torch.equal(torch.sort(out, dim=-1).values, torch.sort(want, dim=-1).values)
+
+
+@pytest.mark.parametrize("budget", [64, pytest.param(100, marks=pytest.mark.slow)])
+def test_score_and_select_equals_torch_topk_on_a_served_shape(device, budget):
+    """The 8B shape's heads (8 KV, GQA 4, d 128), a 256-column table and counts on both sides of the budget (fp16 in
+    the interpreter): the top-k kernel keeps the ids torch.topk keeps from the same scores (all of them within the
+    budget)."""
+    _check_served_shape(device, budget)
+
+
+@gpu_only
+@pytest.mark.parametrize("budget", [64, 100])
+def test_score_and_select_bf16_gpu(budget):
+    """As above, compiled for the GPU, bf16 queries and bounds, six requests."""
+    _check_served_shape(torch.device("cuda"), budget)
