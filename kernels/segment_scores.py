@@ -170,7 +170,7 @@ def select_top_segments(
 
     A request with at most ``budget`` candidates keeps them all, in table order, and its scores are not read (so
     :func:`segment_scores_fwd` may skip it: ``skip_counts_upto=budget``). Otherwise its ``budget`` best come in
-    descending score order, ties in table order, exactly as :func:`select_segments` with a stable sort.
+    descending score order, ties in table order: a stable sort's first ``budget``.
 
     Parameters
     ----------
@@ -227,7 +227,7 @@ def score_and_select(
     segments into ``out``; arguments as there. Requests with at most ``budget`` candidates are neither scored nor
     sorted (:func:`select_top_segments`); above :data:`MAX_SELECT_TILE` segments, ``torch.topk``
     (:func:`select_segments`). The same ids either way, in an order that may differ."""
-    _checks.check_tensor(scores, "out_scores", ndim=3, dtype=torch.float32)
+    _checks.check_tensor(scores, "scores", ndim=3, dtype=torch.float32)
     _checks.check_int(budget, "budget", lo=1)
     fused = select_tile(budget, scores.shape[2]) <= MAX_SELECT_TILE
     segment_scores_fwd(q, desc, bounds, seg_ids_padded, seg_counts, scores, sm_scale,
