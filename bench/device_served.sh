@@ -405,12 +405,12 @@ case "$step" in
         names=(sc0 on); extra=("--mosaic-sidecar off" ""); fractions=(0.35 0.7); envs=("" ""); itl_servers="0 1"
         echo "sidecar-itl: ${gpu_mib} MiB of GPU memory: two servers (sc0, on), fractions 0.35 and 0.7"
       fi
-      if [ "${ITL_PRIORITY_AB:-0}" = 1 ]; then
-        # two sidecar-off servers side by side, the second with its forward stream at the highest priority
-        # (MOSAICKV_FORWARD_PRIORITY=high, patches/model_runner.py): do a seal's GPU work and the decode step share
-        # the SMs less, and does the decode-step tail fall?
-        names=(sc0 sc0-hp); extra=("--mosaic-sidecar off" "--mosaic-sidecar off"); fractions=(0.35 0.7)
-        envs=("" "MOSAICKV_FORWARD_PRIORITY=high"); itl_servers="0 1"
+      if [ -n "${ITL_AB_ENV:-}" ]; then
+        # two sidecar-off servers side by side, the second ("sc0-ab") with ITL_AB_ENV's variables (e.g.
+        # MOSAICKV_FORWARD_PRIORITY=high or MOSAICKV_PACK_SOONER_AFTER=3): does the decode-step tail fall?
+        names=(sc0 sc0-ab); extra=("--mosaic-sidecar off" "--mosaic-sidecar off"); fractions=(0.35 0.7)
+        envs=("" "$ITL_AB_ENV"); itl_servers="0 1"
+        echo "sidecar-itl: sc0 against sc0-ab with $ITL_AB_ENV"
       fi
       if [ "${STOCK_ITL:-0}" = 1 ]; then
         # stock SGLang alone under the same load and flags (FlashInfer: SGLang's default on Hopper is FA3, which the

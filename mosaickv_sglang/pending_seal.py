@@ -36,13 +36,16 @@ from mosaickv_sglang.config import flag_env
 from mosaickv_sglang.kernels.format import SegmentPlan, plans_granules
 
 __all__ = [
-    "PACK_AFTER_LAUNCH_ENV", "PLAN_AFTER_LAUNCH_ENV", "PendingSeal", "SEAL_ASYNC_ENV", "pack_after_launch_enabled",
-    "plan_after_launch_enabled", "seal_async_enabled", "seal_async_plans", "sizes_to_host",
+    "PACK_AFTER_LAUNCH_ENV", "PACK_SOONER_AFTER_ENV", "PLAN_AFTER_LAUNCH_ENV", "PendingSeal", "SEAL_ASYNC_ENV",
+    "pack_after_launch_enabled", "pack_sooner_after_plans", "plan_after_launch_enabled", "seal_async_enabled",
+    "seal_async_plans", "sizes_to_host",
 ]  # fmt: skip
 
 SEAL_ASYNC_ENV = "MOSAICKV_SEAL_ASYNC"
 PACK_AFTER_LAUNCH_ENV = "MOSAICKV_PACK_AFTER_LAUNCH"
 PLAN_AFTER_LAUNCH_ENV = "MOSAICKV_PLAN_AFTER_LAUNCH"
+PACK_SOONER_AFTER_ENV = "MOSAICKV_PACK_SOONER_AFTER"
+DEFAULT_PACK_SOONER_AFTER = 1
 
 
 def seal_async_plans() -> int:
@@ -55,6 +58,21 @@ def seal_async_plans() -> int:
         plans = -1
     if plans < 0:
         raise ValueError(f"{SEAL_ASYNC_ENV}: expected a whole number of plans >= 0 (0: off), got {raw!r}")
+    return plans
+
+
+def pack_sooner_after_plans() -> int:
+    """``MOSAICKV_PACK_SOONER_AFTER=K`` (at least 1; default 1, from the next plan on): beside the step, a pending
+    seal is packed before its plan count for a low hot pool only from the K-th plan after the one that planned it,
+    unless a plan lacks the room for its own new pages (see :attr:`~mosaickv_sglang.sealer.Sealer.pack_sooner_after`;
+    an experiment, not measured yet)."""
+    raw = os.environ.get(PACK_SOONER_AFTER_ENV, "").strip() or str(DEFAULT_PACK_SOONER_AFTER)
+    try:
+        plans = int(raw)
+    except ValueError:
+        plans = 0
+    if plans < 1:
+        raise ValueError(f"{PACK_SOONER_AFTER_ENV}: expected a whole number of plans >= 1, got {raw!r}")
     return plans
 
 

@@ -37,7 +37,8 @@ from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.pending_seal import (
-    PendingSeal, pack_after_launch_enabled, plan_after_launch_enabled, seal_async_plans, sizes_to_host,
+    PendingSeal, pack_after_launch_enabled, pack_sooner_after_plans, plan_after_launch_enabled, seal_async_plans,
+    sizes_to_host,
 )  # fmt: skip
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
@@ -356,6 +357,14 @@ class Sealer:
     packs_sooner : int
         Of the pending seals packed or voided at a plan or after a launch, those taken before their plan count
         because the hot pool ran low (:attr:`pack_water_pages`, or short of the plan's needs).
+    pack_sooner_after : int
+        ``MOSAICKV_PACK_SOONER_AFTER`` (default 1: from the next plan on): beside the step, a low hot pool (below
+        :attr:`pack_water_pages`) packs a pending seal before its plan count only from this many plans after the one
+        that planned it; sooner only when a plan lacks the room for its own new pages. Its planner shares the GPU
+        with the steps between: a pack queued behind it on the side stream makes the forward stream wait for the
+        whole planner, a slow step (the thirtieth run's 8B sidecar load took 11-14 packs a load sooner, and had 6-12
+        steps a load over 1.45x the p50; not yet shown to be the same steps). A plan count, not the planner's event,
+        so that every tensor-parallel rank decides alike.
     pack_after_launch : bool
         ``MOSAICKV_PACK_AFTER_LAUNCH`` (on unless ``0``): with :attr:`seal_async` and :attr:`seal_beside_step`, a pack
         the next plan would make is made after the current step's launch (:meth:`after_launch`).
@@ -416,6 +425,7 @@ class Sealer:
         self.plan_after_launch = plan_after_launch_enabled()
         self.packs_after_launch = 0
         self.packs_sooner = 0
+        self.pack_sooner_after = pack_sooner_after_plans()
         self.starts_after_launch = 0
         self.after_launch_seconds = 0.0
         self._launch_hooked = False  # after_launch was called: SGLang's hook after run_batch runs in this process
@@ -1007,16 +1017,17 @@ class Sealer:
     def _pending_waits(self, need: int, plans_waited: Optional[int] = None) -> bool:
         """Whether the pending seal waits for a later plan: fewer than :attr:`seal_async_plans` plans since it was
         planned (counting this one; ``plans_waited``, else the pending seal's own count), and the hot pool has room
-        for this plan's ``need`` new pages without it; beside the step, room above :attr:`pack_water_pages` too (a low
-        pool packs it now, beside the step, so that cold pages can follow at this plan instead of pressure sealing
-        inside a later step). Host state only, so every tensor-parallel rank decides alike."""
+        for this plan's ``need`` new pages without it; beside the step, from :attr:`pack_sooner_after` plans on, room
+        above :attr:`pack_water_pages` too (a low pool packs it now, beside the step, so that cold pages can follow at
+        this plan instead of pressure sealing inside a later step). Host state only, so every tensor-parallel rank
+        decides alike."""
         pending = self._pending
         assert pending is not None
         plans = pending.plans_waited if plans_waited is None else plans_waited
         if plans >= max(1, self.seal_async_plans):
             return False
         short = self._shortfall(need)
-        if self._can_seal_beside():
+        if self._can_seal_beside() and plans >= self.pack_sooner_after:
             return -short >= self.pack_water_pages
         return short <= 0
 

@@ -282,6 +282,67 @@ def test_after_a_launch_a_low_hot_pool_packs_the_pending_seal_before_its_plan_co
     assert sealer.packs_sooner == 1
 
 
+def _low_pool_pending(k: int):
+    """A pending seal beside the step, planned by the plan just ended, packed after ``k`` plans for a low pool (below
+    the pack-water mark from now on, with room for every plan): ``(scenario, sealer, pages)``."""
+    sc, pages, sinks = _filled(6)
+    sealer = _beside(sc, 8)
+    sealer.pack_sooner_after = k
+    assert sealer.start_seal(pages, sinks)
+    sealer.end_plan()
+    sealer.pack_water_pages = sc.pool.num_free_physical_pages + 1
+    return sc, sealer, pages
+
+
+def test_after_a_launch_a_low_hot_pool_packs_sooner_only_for_the_kth_plan():
+    """MOSAICKV_PACK_SOONER_AFTER=3: the launches of the planning plan and of the next leave the pending seal to its
+    planner; the next launch packs it, beside the step (the next plan would be its third)."""
+    sc, sealer, pages = _low_pool_pending(3)
+    for _ in range(2):
+        assert sealer.after_launch() is False
+        _plan(sealer)
+        assert sealer._pending is not None and sealer.pages_sealed == 0
+    assert sealer.after_launch() and sealer.packs_after_launch == 1
+    assert sealer._pending is None and sealer.pages_sealed == pages.size and sealer.packs_sooner == 1
+
+
+def test_in_a_plan_a_low_hot_pool_packs_sooner_only_from_the_kth_plan():
+    """The same without the pack after a launch: the first two plans leave it, the third packs it."""
+    sc, sealer, pages = _low_pool_pending(3)
+    sealer.pack_after_launch = False
+    for _ in range(2):
+        _plan(sealer)
+        assert sealer._pending is not None and sealer.pages_sealed == 0
+    _plan(sealer)
+    assert sealer._pending is None and sealer.pages_sealed == pages.size and sealer.packs_sooner == 1
+
+
+def test_a_plan_short_of_room_packs_at_once_whatever_the_kth_plan():
+    """Sooner than K plans only when a plan lacks the room for its own new pages."""
+    sc, pages, sinks = _filled(6)
+    sealer = _beside(sc, 8)
+    sealer.pack_sooner_after = 5
+    assert sealer.start_seal(pages, sinks)
+    sealer.end_plan()
+    free = sc.pool.num_free_physical_pages
+    sealer.reserve_pages = free + 1
+    _plan(sealer)
+    assert sealer._pending is None and sealer.pages_sealed == pages.size and sealer.packs_sooner == 1
+    assert sc.pool.num_free_physical_pages > free
+
+
+def test_the_kth_plan_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("MOSAICKV_PACK_SOONER_AFTER", raising=False)
+    assert pending_seal.pack_sooner_after_plans() == 1
+    assert Scenario(config(ratio=3.0), group=2, seed=1).mosaic.sealer.pack_sooner_after == 1
+    monkeypatch.setenv("MOSAICKV_PACK_SOONER_AFTER", " 3 ")
+    assert Scenario(config(ratio=3.0), group=2, seed=1).mosaic.sealer.pack_sooner_after == 3
+    for raw in ("0", "two", "-2"):
+        monkeypatch.setenv("MOSAICKV_PACK_SOONER_AFTER", raw)
+        with pytest.raises(ValueError, match=r"MOSAICKV_PACK_SOONER_AFTER: expected a whole number of plans >= 1"):
+            pending_seal.pack_sooner_after_plans()
+
+
 @pytest.mark.parametrize("why", ["a granule freed since the plan", "not beside the step", "turned off"])
 def test_after_a_launch_nothing_is_packed_unless_beside_the_step_with_nothing_freed(monkeypatch, why):
     if why == "turned off":
