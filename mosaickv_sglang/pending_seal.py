@@ -32,7 +32,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from mosaickv_sglang.config import flag_env
+from mosaickv_sglang.config import flag_env, positive_int_env
 from mosaickv_sglang.kernels.format import SegmentPlan, plans_granules
 
 __all__ = [
@@ -66,14 +66,7 @@ def pack_sooner_after_plans() -> int:
     seal is packed before its plan count for a low hot pool only from the K-th plan after the one that planned it,
     unless a plan lacks the room for its own new pages (see :attr:`~mosaickv_sglang.sealer.Sealer.pack_sooner_after`;
     an experiment, not measured yet)."""
-    raw = os.environ.get(PACK_SOONER_AFTER_ENV, "").strip() or str(DEFAULT_PACK_SOONER_AFTER)
-    try:
-        plans = int(raw)
-    except ValueError:
-        plans = 0
-    if plans < 1:
-        raise ValueError(f"{PACK_SOONER_AFTER_ENV}: expected a whole number of plans >= 1, got {raw!r}")
-    return plans
+    return positive_int_env(PACK_SOONER_AFTER_ENV, DEFAULT_PACK_SOONER_AFTER, " number of plans")
 
 
 def seal_async_enabled() -> bool:

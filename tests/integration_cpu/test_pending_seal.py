@@ -339,7 +339,7 @@ def test_the_kth_plan_comes_from_the_environment(monkeypatch):
     assert Scenario(config(ratio=3.0), group=2, seed=1).mosaic.sealer.pack_sooner_after == 3
     for raw in ("0", "two", "-2"):
         monkeypatch.setenv("MOSAICKV_PACK_SOONER_AFTER", raw)
-        with pytest.raises(ValueError, match=r"MOSAICKV_PACK_SOONER_AFTER: expected a whole number of plans >= 1"):
+        with pytest.raises(ValueError, match=r"MOSAICKV_PACK_SOONER_AFTER: expected an integer number of plans >= 1"):
             pending_seal.pack_sooner_after_plans()
 
 
