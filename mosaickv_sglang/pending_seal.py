@@ -26,6 +26,7 @@ decides on is started (planned) right after that plan's step is launched (``MOSA
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -112,6 +113,9 @@ class PendingSeal:
         Recorded after that copy on CUDA; ``None`` elsewhere (the copy is done).
     plans_waited : int
         Plans since the one that planned it.
+    waited_seconds : float
+        The host's wait in :meth:`host_sizes` for the copy, its planner still running on the device (0: it had
+        landed).
     """
 
     pages: np.ndarray
@@ -124,15 +128,18 @@ class PendingSeal:
     sizes: torch.Tensor
     ready: Optional["torch.cuda.Event"]
     plans_waited: int = 0
+    waited_seconds: float = 0.0
 
     def live(self, page_epoch: np.ndarray) -> np.ndarray:
         """shape ``[P]``, bool: the pages neither freed nor sealed since they were planned."""
         return page_epoch[self.pages] == self.epochs
 
     def host_sizes(self) -> np.ndarray:
-        """The payload granules, waiting for their copy if it is still running."""
-        if self.ready is not None:
+        """The payload granules, waiting for their copy if it is still running (that wait in :attr:`waited_seconds`)."""
+        if self.ready is not None and not self.ready.query():
+            t0 = time.perf_counter()
             self.ready.synchronize()
+            self.waited_seconds = time.perf_counter() - t0
         return self.sizes.numpy()
 
 

@@ -357,6 +357,9 @@ class Sealer:
     packs_sooner : int
         Of the pending seals packed or voided at a plan or after a launch, those taken before their plan count
         because the hot pool ran low (:attr:`pack_water_pages`, or short of the plan's needs).
+    packs_waited, pack_wait_seconds : int, float
+        Packs whose planner was still running on the device (its payload sizes not yet copied to the host), and the
+        scheduler's time waiting for them: the host blocks there, in a plan or after a launch.
     pack_sooner_after : int
         ``MOSAICKV_PACK_SOONER_AFTER`` (default 1: from the next plan on): beside the step, a low hot pool (below
         :attr:`pack_water_pages`) packs a pending seal before its plan count only from this many plans after the one
@@ -426,6 +429,8 @@ class Sealer:
         self.packs_after_launch = 0
         self.packs_sooner = 0
         self.pack_sooner_after = pack_sooner_after_plans()
+        self.packs_waited = 0
+        self.pack_wait_seconds = 0.0
         self.starts_after_launch = 0
         self.after_launch_seconds = 0.0
         self._launch_hooked = False  # after_launch was called: SGLang's hook after run_batch runs in this process
@@ -785,7 +790,9 @@ class Sealer:
             beside += (f" ({self.async_seals} packed {self.seal_async_plans} plans later or sooner, "
                        f"{self.pending_voided} voided, {self.packs_sooner} taken sooner for a hot pool below "
                        f"{self.pack_water_pages} free pages; after a launch {self.packs_after_launch} packed and "
-                       f"{self.starts_after_launch} planned in {self.after_launch_seconds:.1f} s)")  # fmt: skip
+                       f"{self.starts_after_launch} planned in {self.after_launch_seconds:.1f} s; "
+                       f"{self.packs_waited} waited {1e3 * self.pack_wait_seconds:.0f} ms for their planner)"
+                       )  # fmt: skip
         if self.seal_graphs is not None:
             beside += f" ({self.seal_graphs.status()})"
         ring = ring_status(self.pool.device)
@@ -991,6 +998,8 @@ class Sealer:
                 return False
             sealed = self._commit(pending.pages, pending.ratio, pending.dense_mask, pending.reserve, pending.plans,
                                   sizes=pending.host_sizes())  # fmt: skip
+            self.packs_waited += int(pending.waited_seconds > 0)
+            self.pack_wait_seconds += pending.waited_seconds
             self.async_seals += int(sealed)
             return sealed
 

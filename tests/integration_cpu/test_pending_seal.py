@@ -9,7 +9,10 @@ half does not wait for the step in flight, after a launch neither."""
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +318,38 @@ def test_in_a_plan_a_low_hot_pool_packs_sooner_only_from_the_kth_plan():
         assert sealer._pending is not None and sealer.pages_sealed == 0
     _plan(sealer)
     assert sealer._pending is None and sealer.pages_sealed == pages.size and sealer.packs_sooner == 1
+
+
+class _Copy:
+    """A stand-in for the sizes copy's CUDA event: landed, or still running (its planner on the device) until a
+    synchronize of ``seconds``."""
+
+    def __init__(self, landed: bool, seconds: float = 0.0) -> None:
+        self.landed, self.seconds = landed, seconds
+
+    def query(self) -> bool:
+        return self.landed
+
+    def synchronize(self) -> None:
+        time.sleep(self.seconds)
+        self.landed = True
+
+
+@pytest.mark.parametrize("landed", [True, False])
+def test_a_pack_that_waits_for_its_planner_is_counted_and_logged(caplog, landed):
+    """A pack whose sizes copy had not landed (its planner still running) counts in packs_waited with the host's
+    wait, and the status line says so; one that had landed counts nothing."""
+    sc, pages, sinks = _filled(6)
+    sealer = sc.mosaic.sealer
+    sealer.seal_async, sealer.seal_async_plans = True, 1
+    assert sealer.start_seal(pages, sinks)
+    sealer._pending.ready = _Copy(landed, 0.03)
+    assert sealer.finish_seal()
+    waited = 0 if landed else 1
+    assert sealer.packs_waited == waited and (sealer.pack_wait_seconds >= 0.03) == (not landed)
+    with caplog.at_level(logging.INFO, logger="mosaickv_sglang.sealer"):
+        sealer.maybe_log_status(now=1e12)
+    assert re.search(rf"; {waited} waited \d+ ms for their planner\)", caplog.text), caplog.text
 
 
 def test_a_plan_short_of_room_packs_at_once_whatever_the_kth_plan():
