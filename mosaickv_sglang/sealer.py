@@ -364,10 +364,11 @@ class Sealer:
         ``MOSAICKV_PACK_SOONER_AFTER`` (default 1: from the next plan on): beside the step, a low hot pool (below
         :attr:`pack_water_pages`) packs a pending seal before its plan count only from this many plans after the one
         that planned it; sooner only when a plan lacks the room for its own new pages. Its planner shares the GPU
-        with the steps between: a pack queued behind it on the side stream makes the forward stream wait for the
-        whole planner, a slow step (the thirtieth run's 8B sidecar load took 11-14 packs a load sooner, and had 6-12
-        steps a load over 1.45x the p50; not yet shown to be the same steps). A plan count, not the planner's event,
-        so that every tensor-parallel rank decides alike.
+        with the steps between: a pack while it runs makes the scheduler wait for its payload sizes
+        (:attr:`packs_waited`) and, queued behind it on the side stream, the forward stream for the whole planner
+        (the thirtieth run's 8B sidecar load took 11-14 packs a load sooner, its stack samples hold 118-182 ms a load
+        of that wait inside plans, and it had 6-12 steps a load over 1.45x the p50). A plan count, not the planner's
+        event, so that every tensor-parallel rank decides alike.
     pack_after_launch : bool
         ``MOSAICKV_PACK_AFTER_LAUNCH`` (on unless ``0``): with :attr:`seal_async` and :attr:`seal_beside_step`, a pack
         the next plan would make is made after the current step's launch (:meth:`after_launch`).
