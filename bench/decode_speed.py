@@ -11,6 +11,10 @@ side in the same process:
 * ``mosaic``: segment upper-bound scores + top-k selection + split-K sparse decode (+ merge) over the packed
   cache and the dense hot tail, reading ``--read-budget`` compressed tokens per request and KV head;
 * ``mosaic-decode``: the sparse decode kernel alone (selection reused);
+* ``select`` against ``select-topk``: the selection alone, as the decode makes it
+  (:func:`~mosaickv_sglang.kernels.segment_scores.score_and_select`: a request within the read budget neither scored
+  nor sorted, the others' top-k by the Triton sort) and as it was before (every request scored, then
+  ``torch.topk``), checked to keep segments of the same scores;
 * ``copy``: a device-to-device copy, for the achievable bandwidth.
 
 It also times the pack kernel against one 8B-shape layer's prefill (attention + the layer's GEMMs) on the same
@@ -152,6 +156,33 @@ def timed(fn: Callable[[], Any], rep_ms: int, cuda_graph: bool = False) -> float
     return float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
 
 
+def same_selection_scores(
+    sel_a: torch.Tensor, sel_b: torch.Tensor, scores: torch.Tensor, seg_ids_padded: torch.Tensor
+) -> bool:
+    """Whether two selections ``[B, H_kv, budget]`` (``-1``: none) keep, in every request and head, segments of the
+    same scores (in any order: two top-k selections may differ only among ties). ``scores[b, h, j]`` scores segment
+    ``seg_ids_padded[b, h, j]`` (``-1``: no candidate; the ids distinct)."""
+    if sel_a.shape != sel_b.shape:
+        return False
+    ids = seg_ids_padded.reshape(-1).long()
+    valid = ids >= 0
+    n_ids = int(ids.max()) + 1 if bool(valid.any()) else 0
+    score_of = torch.full((n_ids + 1,), float("nan"), dtype=torch.float32, device=scores.device)
+    score_of[ids[valid]] = scores.reshape(-1)[valid].float()
+    score_of[n_ids] = float("-inf")  # where nothing was selected
+
+    def kept_scores(sel: torch.Tensor) -> torch.Tensor:
+        sel = sel.long()
+        if bool((sel >= n_ids).any()):
+            return torch.full(sel.shape, float("nan"), device=scores.device)
+        return score_of[torch.where(sel < 0, n_ids, sel)]
+
+    a, b = kept_scores(sel_a), kept_scores(sel_b)
+    if bool(torch.isnan(a).any() | torch.isnan(b).any()):  # an id that is not a candidate
+        return False
+    return torch.equal(a.sort(-1).values, b.sort(-1).values)
+
+
 def copy_bandwidth(device: torch.device, rep_ms: int) -> float:
     """Bytes moved (read + write) per second by a 2 GiB device-to-device copy."""
     src = torch.empty(1 << 30, dtype=torch.int16, device=device)
@@ -166,7 +197,7 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
     from mosaickv_sglang.kernels import reference as ref
     from mosaickv_sglang.kernels.format import K_OFF, V_OFF, GRANULE_BYTES
     from mosaickv_sglang.kernels.pack import pack_segments_fwd
-    from mosaickv_sglang.kernels.segment_scores import score_and_select, segment_scores_fwd
+    from mosaickv_sglang.kernels.segment_scores import score_and_select, segment_scores_fwd, select_segments
     from mosaickv_sglang.kernels.sparse_decode import CHAN_MODE, CHAN_MODE_NAMES, sparse_decode_fwd, suggest_num_splits
 
     hq, hkv, d, _, _ = SHAPES[shape]
@@ -235,8 +266,21 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
         sparse_decode_fwd(q, arena, desc, sel, k_all, v_all, tail_indptr, tail_indices, out, p_out, p_lse,
                           num_splits=splits)  # fmt: skip
 
+    sel_topk = torch.empty_like(sel)
+
+    def select_fused():
+        score_and_select(q, desc, bounds, seg_ids_padded, counts, scores, budget, sel)
+
+    def select_topk():
+        segment_scores_fwd(q, desc, bounds, seg_ids_padded, counts, scores)
+        select_segments(scores, seg_ids_padded, budget, out=sel_topk)
+
+    select_topk()
     mosaic_full()
     torch.cuda.synchronize()
+    full_scores = segment_scores_fwd(q, desc, bounds, seg_ids_padded, counts, torch.empty_like(scores))
+    if not same_selection_scores(sel, sel_topk, full_scores, seg_ids_padded):
+        raise AssertionError("score_and_select kept segments of other scores than segment_scores_fwd + torch.topk")
     o_check = out[:1].clone() if args.tune else None  # request 0's output under the default chan mode
 
     # --- correctness before timing (request 0 against the fp64 references) ---
@@ -280,11 +324,13 @@ def run_case(shape: str, ctx: int, bsz: int, args, device, copy_bw: float) -> di
     t_fi = timed(lambda: wrapper.run(q, kv, out=o_fi), args.rep_ms, graph)
     t_full = timed(mosaic_full, args.rep_ms, graph)
     t_dec = timed(mosaic_decode, args.rep_ms, graph)
+    t_sel = timed(select_fused, args.rep_ms, graph)
+    t_sel_topk = timed(select_topk, args.rep_ms, graph)
     row = dict(
         shape=shape, context=ctx, batch=bsz, cuda_graph=graph, ratio_target=args.ratio, ratio_achieved=round(achieved_ratio, 3),
         read_budget_tokens=budget * SEG, segments_per_head=n_seg, num_splits=splits,
         flashinfer_ms=t_fi, mosaic_ms=t_full, mosaic_decode_ms=t_dec, speedup=t_fi / t_full,
-        speedup_decode_only=t_fi / t_dec,
+        speedup_decode_only=t_fi / t_dec, select_ms=t_sel, select_topk_ms=t_sel_topk,
         dense_bytes_per_req_token=dense_bytes / (bsz * ctx), mosaic_bytes_per_req_token=mosaic_bytes / (bsz * ctx),
         flashinfer_tbps=dense_bytes / (t_fi * 1e-3) / 1e12, mosaic_tbps=mosaic_bytes / (t_full * 1e-3) / 1e12,
         mosaic_decode_tbps=(payload + tail_bytes) / (t_dec * 1e-3) / 1e12,
@@ -437,6 +483,16 @@ def markdown(rows: list[dict], pack: dict, copy_bw: float, device_name: str) -> 
             f"| {r['dense_bytes_per_req_token']:.0f} | {r['mosaic_bytes_per_req_token']:.1f} | {r['mosaic_tbps']:.2f} "
             f"| {100 * r['mosaic_bw_fraction_of_copy']:.0f}% |"
         )
+    selections = [r for r in rows if "select_ms" in r]
+    if selections:
+        lines += ["", "the selection alone (one layer): score_and_select against the scores and torch.topk of every "
+                  "request (same segments kept, checked)", "",
+                  "| shape | context | batch | segments a head | read budget (segments) | score_and_select ms "
+                  "| scores + torch.topk ms | speed-up |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in selections:
+            lines.append(f"| {r['shape']} | {r['context']} | {r['batch']} | {r['segments_per_head']} "
+                         f"| {r['read_budget_tokens'] // SEG} | {r['select_ms']:.4f} | {r['select_topk_ms']:.4f} "
+                         f"| {r['select_topk_ms'] / r['select_ms']:.2f}x |")  # fmt: skip
     tuned = [r for r in rows if "tune_best" in r]
     if tuned:
         lines += ["", "| shape | context | batch | decode-only ms (4 warps, 2 stages, suggested splits) | best ms | "

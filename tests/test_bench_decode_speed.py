@@ -77,3 +77,63 @@ def test_markdown_register_cap_table_names_the_fastest_cap():
     assert "| llama-3.1-8b | 8192 | 16 | 0.300 | 0.250 | 0.270 | 168 |" in text
     rows[0]["tune_maxnreg"][1] = dict(maxnreg=168, ms=None, failed="RuntimeError('no')")
     assert "| llama-3.1-8b | 8192 | 16 | 0.300 | failed | 0.270 | 128 |" in markdown(rows, {}, 4.0e12, "test")
+
+
+def test_markdown_selection_table_compares_the_two_selections():
+    """The selection table gives each case's two selection times and their ratio, and is absent from rows without
+    them (rows of the 2026-12-01 H200 tune, selection times added)."""
+    import json
+    from pathlib import Path
+
+    from bench.decode_speed import markdown
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "bench/results/served-2026-12-01-g/kernel-tune/tune.json")
+                      .read_text())  # fmt: skip
+    rows = data["rows"][:1]
+    assert "the selection alone" not in markdown(rows, {}, 4.0e12, "test")
+    rows[0].update(select_ms=0.025, select_topk_ms=0.035)
+    text = markdown(rows, {}, 4.0e12, "test")
+    segs, budget = rows[0]["segments_per_head"], rows[0]["read_budget_tokens"] // SEG
+    assert f"| llama-3.1-8b | 8192 | 16 | {segs} | {budget} | 0.0250 | 0.0350 | 1.40x |" in text
+
+
+def _selection_case(seed: int, bsz: int, h_kv: int, max_segs: int, budget: int):
+    """Random scores with ties over distinct ids, and the top-``budget`` ids by a stable sort."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (bsz, h_kv, max_segs), generator=gen).float()  # many ties
+    ids = torch.randperm(bsz * h_kv * max_segs, generator=gen).to(torch.int32).view(bsz, h_kv, max_segs)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :budget]
+    return scores, ids, torch.gather(ids, -1, order)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_same_selection_scores_accepts_a_tie_swapped_and_reordered_selection(seed):
+    from bench.decode_speed import same_selection_scores
+
+    scores, ids, top = _selection_case(seed, 3, 4, 37, 9)
+    # the same scores, ties broken the other way (a stable sort of the reversed columns), in another order
+    rev = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :9]
+    other = torch.gather(ids.flip(-1), -1, rev).flip(-1)
+    assert not torch.equal(top.sort(-1).values, other.sort(-1).values)  # the ids differ among ties
+    assert same_selection_scores(top, other, scores, ids)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_same_selection_scores_rejects_a_lower_score_or_a_stranger(seed):
+    from bench.decode_speed import same_selection_scores
+
+    scores, ids, top = _selection_case(seed, 2, 3, 29, 7)
+    worst = torch.gather(ids, -1, scores.argmin(-1, keepdim=True))
+    lower = top.clone()
+    b, h = seed % 2, seed % 3
+    lower[b, h, 0] = worst[b, h, 0]  # the best kept segment replaced by the worst (scores 0-5: lower unless all tie)
+    if scores[b, h].max() > scores[b, h].min():
+        assert not same_selection_scores(top, lower, scores, ids)
+    stranger = top.clone()
+    stranger[b, h, -1] = int(ids.max()) + 1  # not a candidate
+    assert not same_selection_scores(top, stranger, scores, ids)
+    padded = top.clone()
+    padded[b, h, -1] = -1
+    assert not same_selection_scores(top, padded, scores, ids)
+    assert same_selection_scores(padded, padded.flip(-1), scores, ids)
+    assert not same_selection_scores(top, top[..., :-1], scores, ids)
