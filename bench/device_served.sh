@@ -39,6 +39,8 @@
 #   overlap  SmolLM2, --mosaic-overlap-schedule on: bench.serve_check of stock SGLang (triton), stock with FlashInfer
 #            (stock against stock: the kernels' rounding noise), ratio 1 with the overlap scheduler on (token for token
 #            against stock), ratio 4 with it on
+#   select   no server: the selection's and the pending seal's GPU tests, then bench.decode_speed (8B shape, 4,608
+#            and 32,768 tokens, batch 16, CUDA graphs): the selection alone against the one it replaced, side by side
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -666,6 +668,19 @@ case "$step" in
         rm -f "$out/$kernel-$ctx.ncu-rep"
       fi
     done
+    ;;
+  select)
+    # the decode selection on the GPU: its tests and the pending seal's (bf16), then bench.decode_speed at the
+    # thirtieth run's short context (4,608 tokens: 64 segments a head, within the default read budget, so neither
+    # scored nor sorted) and at 32,768 (sorted), batch 16, CUDA graphs: score_and_select against the scores and
+    # torch.topk it replaced, side by side, with the sparse decode and FlashInfer of the same cases
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_segment_scores.py \
+      tests/integration_cpu/test_pending_seal.py > "$out/gpu-tests.log" 2>&1 || echo "gpu tests rc=$?"
+    tail -3 "$out/gpu-tests.log"
+    timeout $(( $(left) - 15 )) python3 -m bench.decode_speed --shapes llama-3.1-8b --contexts 4608 32768 \
+      --batches 16 --cuda-graph --skip-pack --out "$out/select.json" > "$out/select.log" 2>&1 \
+      || echo "decode_speed rc=$?"
+    grep -A6 "the selection alone" "$out/select.log" || tail -5 "$out/select.log"
     ;;
   tune)
     # the sparse decode launch and chan-mode tuning (8B shape, 8k and 128k, batch 16 and 32) with the whole budget
