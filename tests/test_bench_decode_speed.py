@@ -1,7 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The decode-speed benchmark's synthetic plan hits its memory ratio and packs to what it claims."""
+"""The decode-speed benchmark: its synthetic plan hits its memory ratio and packs to what it claims, its tables, and
+its check that two selections keep segments of the same scores."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,17 +41,18 @@ def test_tune_variants_cover_warps_stages_and_split_counts():
         tune_variants(0)
 
 
+def _tune_rows() -> list:
+    """The first row of the 2026-12-01 H200 tune (``bench.decode_speed --tune``'s JSON), as ``markdown`` takes it."""
+    path = Path(__file__).resolve().parents[1] / "bench/results/served-2026-12-01-g/kernel-tune/tune.json"
+    return json.loads(path.read_text())["rows"][:1]
+
+
 def test_markdown_chan_mode_table_marks_a_wrong_mode_and_never_calls_it_fastest():
     """The chan-mode table lists every mode at the best launch, stars the default, and a mode whose output differed
     from the default's is flagged and left out of "fastest" (rows of the 2026-12-01 H200 tune, chan times added)."""
-    import json
-    from pathlib import Path
-
     from bench.decode_speed import markdown
 
-    data = json.loads((Path(__file__).resolve().parents[1] / "bench/results/served-2026-12-01-g/kernel-tune/tune.json")
-                      .read_text())  # fmt: skip
-    rows = data["rows"][:1]
+    rows = _tune_rows()
     rows[0]["tune_chan"] = [
         dict(chan_mode=0, name="ptr-gather", ms=0.30, default=True, tbps=0.4),
         dict(chan_mode=1, name="tl-gather", ms=0.40, default=False, tbps=0.3),
@@ -62,14 +67,9 @@ def test_markdown_chan_mode_table_marks_a_wrong_mode_and_never_calls_it_fastest(
 def test_markdown_register_cap_table_names_the_fastest_cap():
     """The register-cap table lists every cap of TUNE_MAXNREG at the best launch ("none": ptxas chooses) and names the
     fastest (rows of the 2026-12-01 H200 tune, cap times added)."""
-    import json
-    from pathlib import Path
-
     from bench.decode_speed import TUNE_MAXNREG, markdown
 
-    data = json.loads((Path(__file__).resolve().parents[1] / "bench/results/served-2026-12-01-g/kernel-tune/tune.json")
-                      .read_text())  # fmt: skip
-    rows = data["rows"][:1]
+    rows = _tune_rows()
     assert "register caps" not in markdown(rows, {}, 4.0e12, "test")
     rows[0]["tune_maxnreg"] = [dict(maxnreg=c, ms=ms, tbps=1.0) for c, ms in zip(TUNE_MAXNREG, (0.30, 0.25, 0.27))]
     text = markdown(rows, {}, 4.0e12, "test")
@@ -82,14 +82,9 @@ def test_markdown_register_cap_table_names_the_fastest_cap():
 def test_markdown_selection_table_compares_the_two_selections():
     """The selection table gives each case's two selection times and their ratio, and is absent from rows without
     them (rows of the 2026-12-01 H200 tune, selection times added)."""
-    import json
-    from pathlib import Path
-
     from bench.decode_speed import markdown
 
-    data = json.loads((Path(__file__).resolve().parents[1] / "bench/results/served-2026-12-01-g/kernel-tune/tune.json")
-                      .read_text())  # fmt: skip
-    rows = data["rows"][:1]
+    rows = _tune_rows()
     assert "the selection alone" not in markdown(rows, {}, 4.0e12, "test")
     rows[0].update(select_ms=0.025, select_topk_ms=0.035)
     text = markdown(rows, {}, 4.0e12, "test")
