@@ -409,7 +409,7 @@ case "$step" in
       fi
       if [ -n "${ITL_AB_ENV:-}" ]; then
         # two sidecar-off servers side by side, the second ("sc0-ab") with ITL_AB_ENV's variables (e.g.
-        # MOSAICKV_FORWARD_PRIORITY=high or MOSAICKV_PACK_SOONER_AFTER=3): does the decode-step tail fall?
+        # MOSAICKV_PACK_SOONER_AFTER=3): does the decode-step tail fall?
         names=(sc0 sc0-ab); extra=("--mosaic-sidecar off" "--mosaic-sidecar off"); fractions=(0.35 0.7)
         envs=("" "$ITL_AB_ENV"); itl_servers="0 1"
         echo "sidecar-itl: sc0 against sc0-ab with $ITL_AB_ENV"

@@ -5,7 +5,7 @@ One module per SGLang target; ``seam`` names every target and private attribute.
 import time: :func:`apply` registers the hooks and is called by ``mosaickv_sglang.plugin.register``.
 """
 
-from . import kv_cache, metrics, model_runner, requests, scheduler, seam, server_args
+from . import kv_cache, metrics, requests, scheduler, seam, server_args
 
 
 def apply() -> None:
@@ -13,7 +13,6 @@ def apply() -> None:
     server_args.apply()
     kv_cache.apply()
     scheduler.apply()
-    model_runner.apply()
     requests.apply()
     metrics.apply()
     seam.apply_hooks_outside_plugin_loading()

@@ -41,7 +41,6 @@ POOL_TOKEN_INFO = f"{POOL_STATS_OBSERVER}._get_token_info"
 FUSED_KV_WRITE_GATE = "sglang.srt.models.utils.enable_fused_set_kv_buffer"
 SCHEDULER_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 SCHEDULER_RUN_BATCH = "sglang.srt.managers.scheduler.Scheduler.run_batch"
-MODEL_RUNNER_INITIALIZE = "sglang.srt.model_executor.model_runner.ModelRunner.initialize"
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 TOKENIZER_VALIDATE_REQUEST = f"{TOKENIZER_MANAGER}._validate_one_request"
 TOKENIZER_GENERATE_REQUEST = f"{TOKENIZER_MANAGER}.generate_request"
@@ -67,7 +66,6 @@ HOOK_TARGETS = (
     FUSED_KV_WRITE_GATE,
     SCHEDULER_ON_IDLE,
     SCHEDULER_RUN_BATCH,
-    MODEL_RUNNER_INITIALIZE,
     TOKENIZER_VALIDATE_REQUEST,
     TOKENIZER_GENERATE_REQUEST,
     REPORT_DECODE_STATS,
@@ -99,9 +97,6 @@ BATCH_OUT_CACHE_LOC_ATTR = "out_cache_loc"
 STEP_TIMER_ATTR = "_mosaic_step_timer"
 # The scheduler's ParallelState (tp_rank, tp_size): the stack sampler's file name per tensor-parallel rank.
 SCHEDULER_PARALLEL_STATE_ATTR = "ps"
-# The ModelRunner's CUDA stream of the forward passes, made in its __init__ just before initialize() (patches/
-# model_runner.py); the memory pool, the CUDA graph runner and the scheduler read it after.
-MODEL_RUNNER_FORWARD_STREAM_ATTR = "forward_stream"
 
 # ServerArgs fields MosaicKV sets when --kv-compressor mosaic is on and the user left them alone, with the value
 # and why (logged once at startup).
