@@ -13,7 +13,9 @@ and the decode batches' plans (``sglang:mosaic_decode_plan_seconds_total`` over
 ``sglang:mosaic_decode_plans_total``: host work before each decode forward, sealing and the sidecar included; with
 their sealing and sidecar parts, ``..._decode_plan_seal/sidecar_seconds_total``, when the server exports them: those
 count decode steps only). It also counts the steps over the first bucket bound at or above 1.1x and 1.5x the p50
-(issue #5's target and a long step), exactly: the histogram counts steps at its bounds.
+(issue #5's target and a long step), exactly: the histogram counts steps at its bounds. Under the overlap scheduler
+the decode period after a prefill holds that prefill's GPU time; the server keeps those apart
+(``sglang:mosaic_decode_step_behind_prefill_seconds``), and the line gives their count, p50 and p99 after the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bench.scrape_cli import run_two_scrapes
 from mosaickv_sglang.step_timer import histogram_quantile
 
 METRIC = "sglang:mosaic_decode_step_seconds"
+BEHIND_PREFILL_METRIC = "sglang:mosaic_decode_step_behind_prefill_seconds"
 QUANTILES = (0.5, 0.9, 0.99)
 # steps over the first bucket bound at or above these multiples of the p50
 OVER_P50 = (1.1, 1.5)
@@ -51,42 +54,58 @@ COUNTERS = {"sidecar_s": SIDECAR_METRIC, "seal_s": SEAL_SECONDS_METRIC, "seal_ca
             "io_s": IO_THREAD_METRIC, **SEAL_PART_METRICS}
 
 
-def read_scrape(text: str) -> Tuple[Dict[float, float], Dict[str, float]]:
-    """One pass over a ``/metrics`` text: ``{upper bound: cumulative count}`` of the decode step histogram and the
-    values of the :data:`COUNTERS` series present (``name`` with its ``_total``), each summed over its label sets
-    (one per exporting scheduler); the histogram is empty when the server has no such series."""
+def read_scrape(text: str) -> Tuple[Dict[float, float], Dict[str, float], Dict[float, float]]:
+    """One pass over a ``/metrics`` text: ``{upper bound: cumulative count}`` of the decode step histogram, the
+    values of the :data:`COUNTERS` series present (``name`` with its ``_total``), and the buckets of the periods
+    behind a prefill (:data:`BEHIND_PREFILL_METRIC`), each summed over its label sets (one per exporting scheduler);
+    a histogram is empty when the server has no such series."""
     buckets: Dict[float, float] = {}
+    behind: Dict[float, float] = {}
     counters: Dict[str, float] = {}
     names = set(COUNTERS.values())
+    by_name = {METRIC + "_bucket": buckets, BEHIND_PREFILL_METRIC + "_bucket": behind}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == METRIC + "_bucket":
+            into = by_name.get(sample.name)
+            if into is not None:
                 le = float(sample.labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + sample.value
+                into[le] = into.get(le, 0.0) + sample.value
             elif sample.name in names:
                 counters[sample.name] = counters.get(sample.name, 0.0) + sample.value
-    return buckets, counters
+    return buckets, counters, behind
+
+
+def _load_counts(before: Dict[float, float], after: Dict[float, float]) -> Tuple[Tuple[float, ...], List[float]]:
+    """The bounds and cumulative counts a histogram gained between two scrapes."""
+    bounds = tuple(sorted(after))
+    counts = [after[le] - before.get(le, 0.0) for le in bounds]
+    if any(c < 0 for c in counts):
+        raise ValueError("before: expected a scrape of the same server taken before 'after', got larger counts")
+    return bounds, counts
 
 
 def load_quantiles(before: str, after: str, quantiles: Sequence[float] = QUANTILES) -> Dict[str, Any]:
     """The quantiles (seconds) and the step count of the steps counted between two scrapes, and meanwhile the
     scheduler time the sidecar bridge took before forwards (``sidecar_s``; ``None`` with the sidecar off) and the
     sealing calls and their time (``seal_calls``, ``seal_s``; prefill steps included in all three); ``over``:
-    :func:`steps_over` of the p50."""
-    (b, b_counters), (a, a_counters) = read_scrape(before), read_scrape(after)
+    :func:`steps_over` of the p50; ``behind_prefill``: the count, p50 and p99 of the periods behind a prefill
+    (``None`` when the server does not export them)."""
+    (b, b_counters, b_behind), (a, a_counters, a_behind) = read_scrape(before), read_scrape(after)
     if not a:
         raise ValueError(f"after: expected a {METRIC} histogram (a --kv-compressor mosaic server with "
                          f"--enable-metrics), got none")  # fmt: skip
-    bounds = sorted(a)
-    counts: List[float] = [a[le] - b.get(le, 0.0) for le in bounds]
-    if any(c < 0 for c in counts):
-        raise ValueError("before: expected a scrape of the same server taken before 'after', got larger counts")
-    out: Dict[str, Any] = {f"p{round(q * 100):d}": histogram_quantile(q, tuple(bounds), counts)
-                           for q in quantiles}  # fmt: skip
+    bounds, counts = _load_counts(b, a)
+    out: Dict[str, Any] = {f"p{round(q * 100):d}": histogram_quantile(q, bounds, counts) for q in quantiles}
     out["steps"] = counts[-1] if counts else 0.0
-    out["over"] = steps_over(bounds, counts, histogram_quantile(0.5, tuple(bounds), counts))
+    out["over"] = steps_over(bounds, counts, histogram_quantile(0.5, bounds, counts))
     for key, name in COUNTERS.items():
         out[key] = a_counters[name] - b_counters.get(name, 0.0) if name in a_counters else None
+    out["behind_prefill"] = None
+    if a_behind:
+        bounds, counts = _load_counts(b_behind, a_behind)
+        out["behind_prefill"] = {"steps": counts[-1] if counts else 0.0,
+                                 "p50": histogram_quantile(0.5, bounds, counts),
+                                 "p99": histogram_quantile(0.99, bounds, counts)}  # fmt: skip
     return out
 
 
@@ -132,6 +151,11 @@ def _line(got: Dict[str, Any]) -> str:
         ms += f"  decode plans {got['plan_s'] * each:.2f} ms each ({int(got['plans'])}"
         parts = [f"{k[5:-2]} {got[k] * each:.2f} ms" for k in PLAN_PART_METRICS if got.get(k) is not None]
         ms += f"; of which {', '.join(parts)})" if parts else ")"
+    behind = got.get("behind_prefill")
+    if behind is not None:
+        ms += f"  behind a prefill (not counted above) {int(behind['steps'])}"
+        if behind["p50"] is not None:
+            ms += f", p50 {behind['p50'] * 1e3:.2f} ms, p99 {behind['p99'] * 1e3:.2f} ms"
     return f"decode steps {int(got['steps'])}  {ms}"
 
 

@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DECODE_STEP_METRIC", "METRICS", "REFRESH_INTERVAL", "STRATEGY_NAMES", "MetricSpec", "MosaicMetricsExporter",
-           "MosaicStats", "SidecarStats", "StrategyCounter", "collect_stats", "strategy_name"]  # fmt: skip
+__all__ = ["DECODE_STEP_BEHIND_PREFILL_METRIC", "DECODE_STEP_METRIC", "METRICS", "REFRESH_INTERVAL", "STRATEGY_NAMES",
+           "MetricSpec", "MosaicMetricsExporter", "MosaicStats", "SidecarStats", "StrategyCounter", "collect_stats",
+           "strategy_name"]  # fmt: skip
 
 # Seconds between two refreshes of the Prometheus series (the histogram reads every layer's descriptor table).
 REFRESH_INTERVAL = 5.0
@@ -420,6 +421,7 @@ METRICS: Tuple[MetricSpec, ...] = (
 )  # fmt: skip
 STRATEGY_METRIC = "sglang:mosaic_strategy_segments"
 DECODE_STEP_METRIC = "sglang:mosaic_decode_step_seconds"
+DECODE_STEP_BEHIND_PREFILL_METRIC = "sglang:mosaic_decode_step_behind_prefill_seconds"
 
 
 class MosaicMetricsExporter:
@@ -459,16 +461,26 @@ class MosaicMetricsExporter:
                                labelnames=names + ["strategy"], multiprocess_mode="mostrecent",
                                registry=reg)  # fmt: skip
         self._decode_steps = Histogram(DECODE_STEP_METRIC, "Seconds between the starts of two consecutive decode steps "
-                                       "(prefill steps break the chain; mosaickv_sglang.step_timer).",
+                                       "(prefill steps break the chain, and under the overlap scheduler so does the "
+                                       "period after one; mosaickv_sglang.step_timer).",
                                        labelnames=names, buckets=DECODE_STEP_BUCKETS, registry=reg)  # fmt: skip
+        self._behind_prefill = Histogram(DECODE_STEP_BEHIND_PREFILL_METRIC,
+                                         "Seconds between the starts of two consecutive decode steps, the first of "
+                                         "them launched after a prefill step under the overlap scheduler: the period "
+                                         "holds that prefill's result wait (not counted in "
+                                         f"{DECODE_STEP_METRIC}).", labelnames=names, buckets=DECODE_STEP_BUCKETS,
+                                         registry=reg)  # fmt: skip
         self._counted: Dict[str, float] = {}
         self._strategies = StrategyCounter()
 
-    def observe_decode_steps(self, periods: Sequence[float]) -> None:
-        """Add decode step periods (:meth:`~mosaickv_sglang.step_timer.DecodeStepTimer.drain`) to the histogram."""
-        child = self._decode_steps.labels(**self.labels)
-        for period in periods:
-            child.observe(period)
+    def observe_decode_steps(self, periods: Sequence[float], behind_prefill: Sequence[float] = ()) -> None:
+        """Add decode step periods (:meth:`~mosaickv_sglang.step_timer.DecodeStepTimer.drain`) to their histogram,
+        and those behind a prefill (:meth:`~mosaickv_sglang.step_timer.DecodeStepTimer.drain_behind_prefill`) to
+        theirs."""
+        for histogram, values in ((self._decode_steps, periods), (self._behind_prefill, behind_prefill)):
+            child = histogram.labels(**self.labels)
+            for period in values:
+                child.observe(period)
 
     def export(self, stats: MosaicStats) -> None:
         """Set every series from ``stats``; counters advance by the growth of their total since the last export."""

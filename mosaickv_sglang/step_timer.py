@@ -4,8 +4,12 @@
 A period counts only when both steps are decode steps, so it holds everything the scheduler loop does between them
 (receiving requests, scheduling, sealing, the sidecar's plan swaps, the forward and the sampling) but never a prefill
 chunk: its p99 is the decode tail that MosaicKV's own work adds, which a client-side inter-token latency mixes with
-the prefills of other requests. The scheduler hook that feeds it is ``patches/metrics.py``; the periods reach
-Prometheus as the histogram ``sglang:mosaic_decode_step_seconds`` (:data:`DECODE_STEP_BUCKETS`).
+the prefills of other requests. Under SGLang's overlap scheduler a step is launched before the loop waits for the
+result of the step before it, so the period from the first decode after a prefill to the next decode holds that
+prefill's GPU time: such periods are kept apart (:meth:`DecodeStepTimer.drain_behind_prefill`). The scheduler hook
+that feeds it is ``patches/metrics.py``; the periods reach Prometheus as the histograms
+``sglang:mosaic_decode_step_seconds`` and ``sglang:mosaic_decode_step_behind_prefill_seconds``
+(:data:`DECODE_STEP_BUCKETS`).
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ class DecodeStepTimer:
     clock : callable
         Seconds, monotonic (default ``time.perf_counter``).
     max_pending : int
-        Periods kept between two drains; older ones are dropped first (a scheduler whose metrics are never read
-        must not grow without bound).
+        Periods kept between two drains, in each of the two lists; older ones are dropped first (a scheduler whose
+        metrics are never read must not grow without bound).
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter, max_pending: int = 65536) -> None:
@@ -46,26 +50,48 @@ class DecodeStepTimer:
         self._clock = clock
         self._max_pending = int(max_pending)
         self._last_decode_start: Optional[float] = None
+        self._decode_before_last = False
         self._pending: List[float] = []
+        self._behind_prefill: List[float] = []
         self.dropped = 0
 
-    def step(self, is_decode: bool) -> Optional[float]:
-        """Mark the start of a step; returns the period it closes (``None`` unless this and the last were decode)."""
+    def step(self, is_decode: bool, overlapped: bool = False) -> Optional[float]:
+        """Mark the start of a step; returns the decode step period it closes (``None`` unless this and the last
+        were decode steps and, with ``overlapped``, the step before the last one was a decode step too).
+
+        ``overlapped``: the scheduler launches this step before it waits for the result of the last one (SGLang's
+        overlap scheduler). The period closed here then holds the wait for the result of the step launched before
+        the last one; when that step was not a decode step, the period is kept for
+        :meth:`drain_behind_prefill` instead.
+        """
         now = self._clock()
         last, self._last_decode_start = self._last_decode_start, (now if is_decode else None)
+        decode_before_last, self._decode_before_last = self._decode_before_last, last is not None
         if not is_decode or last is None:
             return None
         period = now - last
-        if len(self._pending) >= self._max_pending:
-            n = max(1, len(self._pending) // 2)
-            del self._pending[:n]
-            self.dropped += n
-        self._pending.append(period)
+        if overlapped and not decode_before_last:
+            self._keep(self._behind_prefill, period)
+            return None
+        self._keep(self._pending, period)
         return period
 
+    def _keep(self, pending: List[float], period: float) -> None:
+        if len(pending) >= self._max_pending:
+            n = max(1, len(pending) // 2)
+            del pending[:n]
+            self.dropped += n
+        pending.append(period)
+
     def drain(self) -> List[float]:
-        """The periods since the last drain, oldest first."""
+        """The decode step periods since the last drain, oldest first."""
         out, self._pending = self._pending, []
+        return out
+
+    def drain_behind_prefill(self) -> List[float]:
+        """The periods since the last drain that waited for a prefill's result (overlapped steps only), oldest
+        first."""
+        out, self._behind_prefill = self._behind_prefill, []
         return out
 
 

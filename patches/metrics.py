@@ -47,7 +47,7 @@ def refresh_mosaic_metrics(result: Any, self: Any, *args: Any, **kwargs: Any) ->
             setattr(self, seam.METRICS_EXPORTER_ATTR, exporter)
         timer = getattr(self, seam.STEP_TIMER_ATTR, None)
         if timer is not None:
-            exporter.observe_decode_steps(timer.drain())
+            exporter.observe_decode_steps(timer.drain(), timer.drain_behind_prefill())
         exporter.maybe_refresh(sealer)
     except Exception:
         logger.warning("MosaicKV: metrics export failed; MosaicKV metrics are off for this scheduler", exc_info=True)
@@ -55,7 +55,8 @@ def refresh_mosaic_metrics(result: Any, self: Any, *args: Any, **kwargs: Any) ->
 
 
 def time_decode_steps(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
-    """BEFORE ``Scheduler.run_batch``: mark the step's start on the reporter's :class:`DecodeStepTimer`."""
+    """BEFORE ``Scheduler.run_batch``: mark the step's start on the reporter's :class:`DecodeStepTimer`, telling it
+    whether the scheduler runs SGLang's overlap loop."""
     reporter = getattr(self, seam.SCHEDULER_REPORTER_ATTR, None)
     if reporter is None or not getattr(reporter, seam.REPORTER_METRICS_ENABLED_ATTR, False):
         return None
@@ -66,7 +67,8 @@ def time_decode_steps(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
         timer = DecodeStepTimer()
         setattr(reporter, seam.STEP_TIMER_ATTR, timer)
     mode = getattr(batch, "forward_mode", None)
-    timer.step(bool(mode is not None and mode.is_decode()))
+    overlapped = bool(getattr(self, seam.SCHEDULER_OVERLAP_ATTR, False))
+    timer.step(bool(mode is not None and mode.is_decode()), overlapped=overlapped)
     return None
 
 

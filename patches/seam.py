@@ -95,6 +95,9 @@ SCHEDULER_REPORTER_ATTR = "metrics_reporter"
 BATCH_REQ_POOL_INDICES_CPU_ATTR = "req_pool_indices_cpu"
 BATCH_OUT_CACHE_LOC_ATTR = "out_cache_loc"
 STEP_TIMER_ATTR = "_mosaic_step_timer"
+# Whether the Scheduler runs SGLang's overlap loop (launch a batch, then wait for the last one's result): the step
+# timer keeps the decode period after a prefill apart then (patches/metrics.py).
+SCHEDULER_OVERLAP_ATTR = "enable_overlap"
 # The scheduler's ParallelState (tp_rank, tp_size): the stack sampler's file name per tensor-parallel rank.
 SCHEDULER_PARALLEL_STATE_ATTR = "ps"
 

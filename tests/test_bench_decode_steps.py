@@ -13,6 +13,7 @@ pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
 
 from bench.decode_steps import (  # noqa: E402
+    BEHIND_PREFILL_METRIC,
     IO_THREAD_METRIC,
     METRIC,
     PLAN_PART_METRICS,
@@ -210,3 +211,39 @@ def test_steps_over_multiples_of_the_p50_are_counted_exactly_at_bucket_bounds(tm
     assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
     f, le, n = got["over"][1]
     assert f"over {le * 1e3:.1f} ms (1.5x p50) {int(n)}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_periods_behind_a_prefill_are_read_apart_from_the_steps(tmp_path, capsys, seed):
+    """The periods behind a prefill (their own histogram) do not move the steps' quantiles; their count, p50 and p99
+    over the load come after the rest; a scrape without that series leaves them out."""
+    registry = CollectorRegistry()
+    hist = Histogram(METRIC, "decode steps", buckets=DECODE_STEP_BUCKETS, registry=registry)
+    behind = Histogram(BEHIND_PREFILL_METRIC, "behind", labelnames=["tp_rank"], buckets=DECODE_STEP_BUCKETS,
+                       registry=registry)  # fmt: skip
+    rng = np.random.default_rng(seed)
+    behind.labels(tp_rank="0").observe(0.5)  # before the load
+    before = _scrape(registry)
+    steps = rng.uniform(0.011, 0.013, size=600)
+    slow = rng.uniform(0.030, 0.060, size=40)
+    for v in steps:
+        hist.observe(float(v))
+    for i, v in enumerate(slow):
+        behind.labels(tp_rank=str(i % 2)).observe(float(v))
+    after = _scrape(registry)
+    got = load_quantiles(before, after)
+    assert got["steps"] == 600 and got["p99"] == pytest.approx(float(np.quantile(steps, 0.99)), rel=0.05)
+    assert got["behind_prefill"]["steps"] == 40
+    assert got["behind_prefill"]["p50"] == pytest.approx(float(np.median(slow)), rel=0.05)
+    assert got["behind_prefill"]["p99"] == pytest.approx(float(np.quantile(slow, 0.99)), rel=0.05)
+    (tmp_path / "b.txt").write_text(before)
+    (tmp_path / "a.txt").write_text(after)
+    assert main([str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]) == 0
+    line, ms = capsys.readouterr().out, {k: got["behind_prefill"][k] * 1e3 for k in ("p50", "p99")}
+    assert line.rstrip().endswith(f"behind a prefill (not counted above) 40, p50 {ms['p50']:.2f} ms, "
+                                  f"p99 {ms['p99']:.2f} ms")
+    plain_registry = CollectorRegistry()
+    plain = Histogram(METRIC, "decode steps", buckets=DECODE_STEP_BUCKETS, registry=plain_registry)
+    plain_before = _scrape(plain_registry)
+    plain.observe(0.012)
+    assert load_quantiles(plain_before, _scrape(plain_registry))["behind_prefill"] is None

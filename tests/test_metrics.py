@@ -33,6 +33,7 @@ from test_kv_pool import D, DT, GROUP, H_KV, LAYERS, S, _config, build_pool  # n
 from mosaickv_sglang import runtime  # noqa: E402
 from mosaickv_sglang.kernels.format import FORM_CHAN, FORM_DENSE, FORM_LOWRANK, SegmentPlan  # noqa: E402
 from mosaickv_sglang.metrics import (  # noqa: E402
+    DECODE_STEP_BEHIND_PREFILL_METRIC,
     DECODE_STEP_METRIC,
     METRICS,
     STRATEGY_METRIC,
@@ -395,7 +396,7 @@ def test_status_line_has_compression_ratio_and_sidecar_fields(caplog):
 def test_readme_documents_every_metric():
     """Each exported series is named in the README."""
     readme = (REPO / "README.md").read_text()
-    names = [m.name for m in METRICS] + [STRATEGY_METRIC, DECODE_STEP_METRIC]
+    names = [m.name for m in METRICS] + [STRATEGY_METRIC, DECODE_STEP_METRIC, DECODE_STEP_BEHIND_PREFILL_METRIC]
     missing = [n for n in names if f"`{n}`" not in readme and f"`{n}{{" not in readme]
     assert missing == []
 
@@ -421,10 +422,11 @@ def test_reporter_attributes_the_hook_reads_exist_in_sglang():
 
 
 class StandInScheduler:
-    """Test stand-in for SGLang's Scheduler: only the metrics reporter the step hook reads."""
+    """Test stand-in for SGLang's Scheduler: only the metrics reporter and the overlap flag the step hook reads."""
 
-    def __init__(self, reporter):
+    def __init__(self, reporter, enable_overlap=False):
         setattr(self, seam.SCHEDULER_REPORTER_ATTR, reporter)
+        setattr(self, seam.SCHEDULER_OVERLAP_ATTR, enable_overlap)
 
 
 def _batch(mode):
@@ -463,6 +465,47 @@ def test_decode_step_periods_reach_the_histogram_and_its_quantiles(registered):
     q = load_quantiles(before, after)
     assert q["steps"] == 3 and 0.004 <= q["p50"] <= q["p99"] < 0.2
     assert timer.drain() == []
+
+
+def test_under_the_overlap_scheduler_the_period_after_a_prefill_reaches_its_own_histogram(registered):
+    """With the scheduler's overlap loop on, the decode period that waited for a prefill's result goes to
+    sglang:mosaic_decode_step_behind_prefill_seconds, not the decode step histogram; bench.decode_steps reads both."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from bench.decode_steps import load_quantiles
+
+    reporter = _reporter(enabled=True)
+    registry = CollectorRegistry()
+    setattr(reporter, seam.METRICS_EXPORTER_ATTR, MosaicMetricsExporter(LABELS, registry=registry))
+    before = generate_latest(registry).decode()
+    modes = [ForwardMode.EXTEND] + [ForwardMode.DECODE] * 4 + [ForwardMode.EXTEND] + [ForwardMode.DECODE] * 3
+    for overlap in (True, False):
+        scheduler = StandInScheduler(reporter, enable_overlap=overlap)
+        for mode in modes:
+            metrics_hooks.time_decode_steps(scheduler, _batch(mode))
+    metrics_hooks.refresh_mosaic_metrics(None, reporter)
+    got = _samples(registry)
+    # overlapped: 3 + 2 decode periods, of which the first after each prefill (2) waited for it; then 3 + 2 plain
+    assert got[_key(DECODE_STEP_METRIC + "_count", LABELS)] == 3 + 5
+    assert got[_key(DECODE_STEP_BEHIND_PREFILL_METRIC + "_count", LABELS)] == 2
+    q = load_quantiles(before, generate_latest(registry).decode())
+    assert q["steps"] == 8 and q["behind_prefill"]["steps"] == 2
+
+
+def test_step_hook_reads_the_schedulers_overlap_flag():
+    """SGLang 0.5.17 still picks its overlap loop by the flag the step hook reads, and that loop still launches a
+    batch before it processes the result of the one before (what makes the period after a prefill hold it)."""
+    import inspect
+    import re
+
+    from sglang.srt.managers import scheduler as scheduler_module
+
+    assert f"self.{seam.SCHEDULER_OVERLAP_ATTR} = " in inspect.getsource(scheduler_module.Scheduler.__init__)
+    dispatch = inspect.getsource(scheduler_module.dispatch_event_loop)
+    assert re.search(rf"elif scheduler\.{seam.SCHEDULER_OVERLAP_ATTR}:\s+scheduler\.event_loop_overlap\(\)", dispatch)
+    loop = inspect.getsource(scheduler_module.Scheduler.event_loop_overlap)
+    launch = loop.index("self.run_batch(batch)")
+    assert loop.index("if not disable_overlap_for_batch:\n                    pop_and_process()") > launch
 
 
 def test_step_hook_is_a_no_op_without_metrics_or_mosaic(registered):

@@ -73,3 +73,61 @@ def test_quantile_edge_cases():
         histogram_quantile(1.5, bounds, [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="counts: expected 3 cumulative counts, got 2"):
         histogram_quantile(0.5, bounds, [1.0, 1.0])
+
+
+def _simulated_loop(kinds, durations, overlap, host_s, timer_overlapped, seed):
+    """A model of SGLang's scheduler loop on one GPU queue: each iteration marks the step's start on the timer (the
+    clock is the loop's time), launches it (queued behind the GPU's work), then waits for a result: the last
+    batch's under the overlap loop, its own otherwise; host work jitters by up to 10%."""
+    rng = np.random.default_rng(seed)
+    now, gpu_free, last_end = 0.0, 0.0, None
+    clock = [0.0]
+    timer = DecodeStepTimer(clock=lambda: clock[0])
+    for kind in kinds:
+        now += host_s * rng.uniform(0.9, 1.1)
+        clock[0] = now
+        timer.step(kind == "decode", overlapped=timer_overlapped)
+        end = max(gpu_free, now) + durations[kind] * rng.uniform(0.98, 1.02)
+        gpu_free = end
+        if overlap:
+            now = max(now, last_end) if last_end is not None else now
+            last_end = end
+        else:
+            now = end
+    return timer
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_under_the_overlap_loop_the_period_after_a_prefill_is_kept_apart(seed):
+    """In the overlap loop the period from the first decode after a prefill to the next decode holds the prefill's
+    GPU time: counted as a decode step, runs of prefills make steps of 2-4 decode steps' time; kept apart, every
+    decode step counted is one decode's GPU time, and the periods behind a prefill are about its GPU time."""
+    rng = np.random.default_rng(100 + seed)
+    decode_s, prefill_s = rng.uniform(0.010, 0.015), rng.uniform(0.025, 0.050)
+    kinds = []
+    for _ in range(6):
+        kinds += ["prefill"] * int(rng.integers(1, 4)) + ["decode"] * int(rng.integers(5, 30))
+    kinds += ["decode"] * 10
+    durations = {"decode": decode_s, "prefill": prefill_s}
+    runs = sum(1 for a, b in zip(kinds, kinds[1:]) if a == "prefill" and b == "decode")
+
+    naive = _simulated_loop(kinds, durations, overlap=True, host_s=0.001, timer_overlapped=False, seed=seed)
+    assert max(naive.drain()) > 1.5 * decode_s and naive.drain_behind_prefill() == []
+
+    timer = _simulated_loop(kinds, durations, overlap=True, host_s=0.001, timer_overlapped=True, seed=seed)
+    steps, behind = timer.drain(), timer.drain_behind_prefill()
+    assert len(behind) == runs and len(steps) == kinds.count("decode") - 2 * runs
+    assert max(steps) < 1.05 * decode_s and min(steps) > 0.95 * decode_s
+    assert min(behind) > 0.9 * prefill_s
+
+    plain = _simulated_loop(kinds, durations, overlap=False, host_s=0.001, timer_overlapped=False, seed=seed)
+    steps = plain.drain()
+    assert len(steps) == kinds.count("decode") - runs and max(steps) < 1.05 * (decode_s + 0.0011)
+
+
+def test_overlapped_periods_behind_a_prefill_are_bounded_too():
+    timer = DecodeStepTimer(clock=SteppedClock([float(i) for i in range(60)]), max_pending=4)
+    for _ in range(20):
+        for kind in (False, True, True):
+            timer.step(kind, overlapped=True)
+    assert len(timer.drain_behind_prefill()) <= 4 and len(timer.drain()) == 0 and timer.dropped >= 16
