@@ -677,6 +677,10 @@ case "$step" in
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_segment_scores.py \
       tests/integration_cpu/test_pending_seal.py > "$out/gpu-tests.log" 2>&1 || echo "gpu tests rc=$?"
     tail -3 "$out/gpu-tests.log"
+    # every chan mode of the sparse decode on the GPU against the fp64 reference, popcount-prefetch's L2 hints included
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_sparse_decode.py \
+      -k "prefetch or chan_modes" > "$out/gpu-tests-decode.log" 2>&1 || echo "decode gpu tests rc=$?"
+    tail -3 "$out/gpu-tests-decode.log"
     timeout $(( $(left) - 15 )) python3 -m bench.decode_speed --shapes llama-3.1-8b --contexts 4608 32768 \
       --batches 16 --cuda-graph --skip-pack --out "$out/select.json" > "$out/select.log" 2>&1 \
       || echo "decode_speed rc=$?"

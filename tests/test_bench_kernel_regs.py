@@ -72,6 +72,22 @@ def test_sparse_decode_register_cap_reaches_ptxas():
     assert loose["registers"] <= 168 and loose["blocks_per_sm"] == 3
 
 
+def test_sparse_decode_prefetch_mode_asks_l2_without_costing_registers():
+    """popcount-prefetch compiles for sm_90a with one ``prefetch.global.L2`` a side (K, V) and no more registers
+    than popcount (the same programs per SM: a prefetch that cost a third of them would lose what it hides);
+    popcount has none."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "sparse_decode", "--head-dim", "128",
+                          "--chan-mode", "2", "5", "--json"], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    popcount, prefetch = json.loads(out.stdout)
+    assert (popcount["config"]["chan_mode"], prefetch["config"]["chan_mode"]) == (2, 5)
+    assert popcount["l2_prefetches"] == 0 and prefetch["l2_prefetches"] == 2
+    assert prefetch["registers"] <= popcount["registers"] and prefetch["spill_store_bytes"] == 0
+    assert prefetch["blocks_per_sm"] == popcount["blocks_per_sm"]
+
+
 def test_segment_select_compiles_for_hopper():
     """The selection's top-k kernel (int64 keys through ``tl.sort``, a block folded to its best tile by
     ``tl.reshape`` and ``tl.max``) compiles for sm_90a at every sort tile it serves, each small enough for 16 warps
