@@ -68,7 +68,7 @@ CHAN_TL_GATHER = int(_tc.CHAN_TL_GATHER.value)  # cumsum slots, [rows, d] value 
 CHAN_POPCOUNT = int(_tc.CHAN_POPCOUNT.value)  # mask words once per row, popcount slots, pointer gather
 CHAN_ROW_COMPACT = int(_tc.CHAN_ROW_COMPACT.value)  # popcount slots, [rows, KMAX] value tile placed by tl.gather
 CHAN_WORD_BLOCKS = int(_tc.CHAN_WORD_BLOCKS.value)  # no rebuilt rows: scored / applied 32 channels (a word) at a time
-CHAN_POPCOUNT_PREFETCH = int(_tc.CHAN_POPCOUNT_PREFETCH.value)  # popcount, each segment's mask words loaded ahead
+CHAN_POPCOUNT_PREFETCH = int(_tc.CHAN_POPCOUNT_PREFETCH.value)  # popcount, the next segment asked of L2 ahead
 CHAN_MODE_NAMES = dict(_tc.CHAN_MODE_NAMES)
 CHAN_MODE = CHAN_PTR_GATHER  # default (untimed alternatives: see the doc)
 
