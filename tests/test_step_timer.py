@@ -100,8 +100,9 @@ def _simulated_loop(kinds, durations, overlap, host_s, timer_overlapped, seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_under_the_overlap_loop_the_period_after_a_prefill_is_kept_apart(seed):
     """In the overlap loop the period from the first decode after a prefill to the next decode holds the prefill's
-    GPU time: counted as a decode step, runs of prefills make steps of 2-4 decode steps' time; kept apart, every
-    decode step counted is one decode's GPU time, and the periods behind a prefill are about its GPU time."""
+    GPU time: counted as a decode step, each run of prefills makes a step of about a prefill's time (here 1.7x-5x a
+    decode's); kept apart, every decode step counted is one decode's GPU time, and the periods behind a prefill are
+    about a prefill's."""
     rng = np.random.default_rng(100 + seed)
     decode_s, prefill_s = rng.uniform(0.010, 0.015), rng.uniform(0.025, 0.050)
     kinds = []
