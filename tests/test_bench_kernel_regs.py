@@ -42,16 +42,21 @@ def test_occupancy_by_registers_shared_memory_and_warps(regs, warps, shared, blo
     assert K.occupancy(regs, warps, shared) == blocks
 
 
+def _kernel_regs_json(*args):
+    """``python -m bench.kernel_regs ARGS --json`` in a child without TRITON_INTERPRET (which the test session sets),
+    so that Triton and the ptxas in its wheel compile for sm_90a: its variants."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", *args, "--json"], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
 def test_chan_rank_sort_compiles_for_hopper_without_spills():
     """Compiled ahead of time for sm_90a by Triton and the ptxas in its wheel (in a child without TRITON_INTERPRET,
     which the test session sets): the sort kernel (the planner's rank kernel) keeps every value in registers, with
     room for at least 32 warps per SM."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "chan_rank", "--head-dim", "128",
-                          "--json"], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    variants = {v["kernel"]: v for v in json.loads(out.stdout)}
+    variants = {v["kernel"]: v for v in _kernel_regs_json("--kernel", "chan_rank", "--head-dim", "128")}
     sort = variants["chan_rank_sort"]
     assert sort["spill_store_bytes"] == sort["spill_load_bytes"] == 0
     assert 0 < sort["registers"] <= 64 and sort["warps_per_sm"] >= 32
@@ -61,12 +66,7 @@ def test_chan_rank_sort_compiles_for_hopper_without_spills():
 def test_sparse_decode_register_cap_reaches_ptxas():
     """``--maxnreg`` caps the split kernel's registers (ptxas spills the rest, and says so); at head_dim 64 a cap of
     168 holds it at 3 blocks of 4 warps per SM, where uncapped ptxas takes more registers for 2."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "sparse_decode", "--head-dim", "64",
-                          "--maxnreg", "96", "168", "--json"], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    tight, loose = json.loads(out.stdout)
+    tight, loose = _kernel_regs_json("--kernel", "sparse_decode", "--head-dim", "64", "--maxnreg", "96", "168")
     assert (tight["config"]["maxnreg"], loose["config"]["maxnreg"]) == (96, 168)
     assert tight["registers"] <= 96 and tight["spill_store_bytes"] > 0 and tight["blocks_per_sm"] >= 5
     assert loose["registers"] <= 168 and loose["blocks_per_sm"] == 3
@@ -76,12 +76,7 @@ def test_sparse_decode_prefetch_mode_asks_l2_without_costing_registers():
     """popcount-prefetch compiles for sm_90a with one ``prefetch.global.L2`` a side (K, V) and no more registers
     than popcount (the same programs per SM: a prefetch that cost a third of them would lose what it hides);
     popcount has none."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "sparse_decode", "--head-dim", "128",
-                          "--chan-mode", "2", "5", "--json"], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    popcount, prefetch = json.loads(out.stdout)
+    popcount, prefetch = _kernel_regs_json("--kernel", "sparse_decode", "--head-dim", "128", "--chan-mode", "2", "5")
     assert (popcount["config"]["chan_mode"], prefetch["config"]["chan_mode"]) == (2, 5)
     assert popcount["l2_prefetches"] == 0 and prefetch["l2_prefetches"] == 2
     assert prefetch["registers"] <= popcount["registers"] and prefetch["spill_store_bytes"] == 0
@@ -92,12 +87,7 @@ def test_segment_select_compiles_for_hopper():
     """The selection's top-k kernel (int64 keys through ``tl.sort``, a block folded to its best tile by
     ``tl.reshape`` and ``tl.max``) compiles for sm_90a at every sort tile it serves, each small enough for 16 warps
     per SM."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "segment_select", "--json"],
-                         capture_output=True, text=True, env=env, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    variants = json.loads(out.stdout)
+    variants = _kernel_regs_json("--kernel", "segment_select")
     assert [v["config"] for v in variants] == [{"tile": 64, "block": 1024}, {"tile": 128, "block": 1024},
                                                {"tile": 1024, "block": 1024}]  # fmt: skip
     for v in variants:
@@ -137,12 +127,7 @@ def test_specialize_follows_the_launchers_rules():
 def test_estimate_terms_kernel_compiles_for_hopper_without_spills():
     """The fast estimator's channel terms kernel, compiled ahead of time for sm_90a at head_dim 64 and 128 (its IEEE
     fp32 ``tl.dot`` included): no spills, at least 4 warps per SM."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "estimate_terms", "--head-dim", "64",
-                          "128", "--json"], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    variants = json.loads(out.stdout)
+    variants = _kernel_regs_json("--kernel", "estimate_terms", "--head-dim", "64", "128")
     assert [v["config"]["head_dim"] for v in variants] == [64, 128]
     for v in variants:
         assert v["kernel"] == "estimate_terms" and v["spill_store_bytes"] == v["spill_load_bytes"] == 0
@@ -153,12 +138,7 @@ def test_pack_keeps_its_wide_loads_only_with_the_layers_alignment():
     """The pack kernel as a seal launches it (one launch, every layer) compiles for sm_90a without spills at head_dim
     64 and reads K/V rows with 16-byte loads when told the layers' offsets are 16-element aligned; told nothing
     (LAYER_ALIGN 1), it loses them."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "bench.kernel_regs", "--kernel", "pack", "--head-dim", "64",
-                          "--layer-align", "16", "1", "--json"], capture_output=True, text=True, env=env,
-                         timeout=300, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    aligned, unaligned = json.loads(out.stdout)
+    aligned, unaligned = _kernel_regs_json("--kernel", "pack", "--head-dim", "64", "--layer-align", "16", "1")
     assert (aligned["config"]["layer_align"], unaligned["config"]["layer_align"]) == (16, 1)
     assert aligned["spill_store_bytes"] == 0 and aligned["blocks_per_sm"] >= 3
     assert aligned["v4_loads"] > 0 and unaligned["v4_loads"] == 0
