@@ -37,7 +37,6 @@ from mosaickv_sglang.kernels._triton.chan_rank import _chan_rank_count_kernel, _
 from mosaickv_sglang.kernels._triton.estimate_terms import _chan_terms_kernel
 from mosaickv_sglang.kernels._triton.pack import _pack_segments_main_kernel
 from mosaickv_sglang.kernels._triton.segment_scores import _segment_scores_main_kernel, _segment_select_kernel
-from mosaickv_sglang.kernels.sparse_decode import CHAN_POPCOUNT_PREFETCH
 from mosaickv_sglang.kernels._triton.sparse_decode import _sparse_decode_split_kernel
 
 KERNELS = ("sparse_decode", "segment_scores", "segment_select", "chan_rank", "estimate_terms", "pack")
@@ -63,7 +62,6 @@ class Variant:
     blocks_per_sm: int
     warps_per_sm: int
     v4_loads: int = 0  # ld.global of 4 words (v4) in the PTX, a static count: the loads Triton made widest
-    l2_prefetches: int = 0  # prefetch.global.L2 in the PTX, a static count (the sparse decode's popcount-prefetch)
 
 
 def ptxas_path() -> str:
@@ -156,17 +154,16 @@ def compile_variant(name: str, fn, pointers: Dict[str, str], floats: Sequence[st
     shared = int(compiled.metadata.shared)
     blocks = occupancy(info["registers"], num_warps, shared)
     v4_loads = len(re.findall(r"\bld\.global[\w:.]*\.v4\.", compiled.asm["ptx"]))
-    prefetches = len(re.findall(r"\bprefetch\.global\.L2\b", compiled.asm["ptx"]))
     return Variant(name, config, num_warps, num_stages, shared_bytes=shared, blocks_per_sm=blocks,
-                   warps_per_sm=blocks * num_warps, v4_loads=v4_loads, l2_prefetches=prefetches, **info)  # fmt: skip
+                   warps_per_sm=blocks * num_warps, v4_loads=v4_loads, **info)  # fmt: skip
 
 
 # Representative launches: the Llama-3.1-8B shape (32 q / 8 KV heads), batch 32, 16 splits, contiguous tensors
 # (the strides SGLang's buffers and the backend's scratch have); widths of tables are not specialized anyway.
 def _decode_values(d: int, h_q: int = 32, h_kv: int = 8, splits: int = 16, budget: int = 64) -> Dict[str, int]:
-    return dict(stride_q_b=h_q * d, stride_q_h=d, stride_q_d=1, arena_elems=1 << 24, stride_desc_n=8,
-                stride_sel_b=h_kv * budget, stride_sel_h=budget, stride_sel_i=1, nsel=budget, num_splits=splits,
-                stride_kt_t=h_kv * d, stride_kt_h=d, stride_kt_d=1, stride_vt_t=h_kv * d, stride_vt_h=d, stride_vt_d=1,
+    return dict(stride_q_b=h_q * d, stride_q_h=d, stride_q_d=1, stride_desc_n=8, stride_sel_b=h_kv * budget,
+                stride_sel_h=budget, stride_sel_i=1, nsel=budget, num_splits=splits, stride_kt_t=h_kv * d,
+                stride_kt_h=d, stride_kt_d=1, stride_vt_t=h_kv * d, stride_vt_h=d, stride_vt_d=1,
                 stride_po_b=h_q * splits * d, stride_po_h=splits * d, stride_po_s=d, stride_po_d=1,
                 stride_pl_b=h_q * splits, stride_pl_h=splits, stride_pl_s=1, stride_o_b=h_q * d, stride_o_h=d,
                 stride_o_d=1, stride_lse_b=0, stride_lse_h=0, stride_bd_n=2 * d, stride_bd_2=d, stride_bd_d=1,
@@ -184,7 +181,7 @@ def sparse_decode_variants(head_dims, block_ns, chan_modes, warps, stages, group
     for d, bn, chan, w, s, cap in itertools.product(head_dims, block_ns, chan_modes, warps, stages, maxnregs):
         consts = dict(GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=bn, R_BLOCK=16,
                       COMPUTE_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", CHAN_MODE=chan, DIRECT_OUT=False,
-                      HAS_LSE=False, L2_HINTS=chan == CHAN_POPCOUNT_PREFETCH)  # fmt: skip
+                      HAS_LSE=False)  # fmt: skip
         config = {"head_dim": d, "block_n": bn, "chan_mode": chan, "group": group}
         if cap is not None:
             config["maxnreg"] = cap
@@ -310,12 +307,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps([asdict(v) for v in rows]))
         return 0
     print(f"{'kernel':22} {'config':52} {'warps':>5} {'stages':>6} {'regs':>4} {'spill st/ld':>11} {'shared':>7} "
-          f"{'blocks/SM':>9} {'warps/SM':>8} {'v4 loads':>9} {'L2 prefetches':>13}")  # fmt: skip
+          f"{'blocks/SM':>9} {'warps/SM':>8} {'v4 loads':>9}")  # fmt: skip
     for v in rows:
         cfg = " ".join(f"{k}={val}" for k, val in v.config.items())
         print(f"{v.kernel:22} {cfg:52} {v.num_warps:>5} {v.num_stages:>6} {v.registers:>4} "
               f"{v.spill_store_bytes:>5}/{v.spill_load_bytes:<5} {v.shared_bytes:>7} {v.blocks_per_sm:>9} "
-              f"{v.warps_per_sm:>8} {v.v4_loads:>9} {v.l2_prefetches:>13}")  # fmt: skip
+              f"{v.warps_per_sm:>8} {v.v4_loads:>9}")  # fmt: skip
     return 0
 
 

@@ -43,7 +43,6 @@ __all__ = [
     "CHAN_PTR_GATHER",
     "CHAN_TL_GATHER",
     "CHAN_POPCOUNT",
-    "CHAN_POPCOUNT_PREFETCH",
     "CHAN_ROW_COMPACT",
     "CHAN_WORD_BLOCKS",
 ]
@@ -68,7 +67,6 @@ CHAN_TL_GATHER = int(_tc.CHAN_TL_GATHER.value)  # cumsum slots, [rows, d] value 
 CHAN_POPCOUNT = int(_tc.CHAN_POPCOUNT.value)  # mask words once per row, popcount slots, pointer gather
 CHAN_ROW_COMPACT = int(_tc.CHAN_ROW_COMPACT.value)  # popcount slots, [rows, KMAX] value tile placed by tl.gather
 CHAN_WORD_BLOCKS = int(_tc.CHAN_WORD_BLOCKS.value)  # no rebuilt rows: scored / applied 32 channels (a word) at a time
-CHAN_POPCOUNT_PREFETCH = int(_tc.CHAN_POPCOUNT_PREFETCH.value)  # popcount, the next segment asked of L2 ahead
 CHAN_MODE_NAMES = dict(_tc.CHAN_MODE_NAMES)
 CHAN_MODE = CHAN_PTR_GATHER  # default (untimed alternatives: see the doc)
 
@@ -177,9 +175,9 @@ def sparse_decode_fwd(
         new compiled variant.
     chan_mode : int, optional
         How chan rows are rebuilt: :data:`CHAN_PTR_GATHER`, :data:`CHAN_TL_GATHER`, :data:`CHAN_POPCOUNT`,
-        :data:`CHAN_ROW_COMPACT`, :data:`CHAN_POPCOUNT_PREFETCH` (the same rows), or not rebuilt whole:
-        :data:`CHAN_WORD_BLOCKS` (the same values, products summed 32 channels at a time: equal within rounding).
-        ``None``: :data:`CHAN_MODE`. Each mode is a compiled variant.
+        :data:`CHAN_ROW_COMPACT` (the same rows), or not rebuilt whole: :data:`CHAN_WORD_BLOCKS` (the same values,
+        products summed 32 channels at a time: equal within rounding). ``None``: :data:`CHAN_MODE`. Each mode is a
+        compiled variant.
     maxnreg : int, optional
         Register cap per thread of the split kernel (32 to 255; ptxas spills what does not fit), ``None`` for none,
         :data:`DEFAULT` for :data:`MAXNREG`. Each cap is a compiled variant.
@@ -236,7 +234,7 @@ def sparse_decode_fwd(
     lse_t = out_lse if out_lse is not None else partial_lse
     lse_strides = out_lse.stride() if out_lse is not None else (0, 0)
     _sparse_decode_split_kernel[(bsz, h_kv, num_splits)](
-        q, *q.stride(), arena, arena.view(torch.int32), arena.numel(), desc, desc.stride(0),
+        q, *q.stride(), arena, arena.view(torch.int32), desc, desc.stride(0),
         sel_ids, *sel_ids.stride(), nsel, num_splits,
         k_tail_buf, *k_tail_buf.stride(), v_tail_buf, *v_tail_buf.stride(), tail_indptr, tail_indices,
         partial_out, *partial_out.stride(), partial_lse, *partial_lse.stride(),
@@ -245,7 +243,6 @@ def sparse_decode_fwd(
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_N=_BLOCK_N, R_BLOCK=_R_BLOCK,
         COMPUTE_DTYPE=compute, DOT_PRECISION=precision, CHAN_MODE=chan,
         DIRECT_OUT=direct, HAS_LSE=out_lse is not None,
-        L2_HINTS=chan == CHAN_POPCOUNT_PREFETCH and not triton.knobs.runtime.interpret,
         num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
     )  # fmt: skip
     if not direct:

@@ -35,10 +35,8 @@ CANDIDATES: Tuple[Variant, ...] = (
     (sd.CHAN_TL_GATHER, None),
     (sd.CHAN_POPCOUNT, None),
     (sd.CHAN_ROW_COMPACT, None),
-    (sd.CHAN_POPCOUNT_PREFETCH, None),
     (sd.CHAN_PTR_GATHER, 168),
     (sd.CHAN_POPCOUNT, 168),
-    (sd.CHAN_POPCOUNT_PREFETCH, 168),
 )
 """Decode-output-invariant variants (word-blocks, which rounds differently, is not among them)."""
 

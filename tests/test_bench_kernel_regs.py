@@ -72,17 +72,6 @@ def test_sparse_decode_register_cap_reaches_ptxas():
     assert loose["registers"] <= 168 and loose["blocks_per_sm"] == 3
 
 
-def test_sparse_decode_prefetch_mode_asks_l2_without_costing_registers():
-    """popcount-prefetch compiles for sm_90a with one ``prefetch.global.L2`` a side (K, V) and no more registers
-    than popcount (the same programs per SM: a prefetch that cost a third of them would lose what it hides);
-    popcount has none."""
-    popcount, prefetch = _kernel_regs_json("--kernel", "sparse_decode", "--head-dim", "128", "--chan-mode", "2", "5")
-    assert (popcount["config"]["chan_mode"], prefetch["config"]["chan_mode"]) == (2, 5)
-    assert popcount["l2_prefetches"] == 0 and prefetch["l2_prefetches"] == 2
-    assert prefetch["registers"] <= popcount["registers"] and prefetch["spill_store_bytes"] == 0
-    assert prefetch["blocks_per_sm"] == popcount["blocks_per_sm"]
-
-
 def test_segment_select_compiles_for_hopper():
     """The selection's top-k kernel (int64 keys through ``tl.sort``, a block folded to its best tile by
     ``tl.reshape`` and ``tl.max``) compiles for sm_90a at every sort tile it serves, each small enough for 16 warps

@@ -51,13 +51,7 @@ CHAN_WORD_BLOCKS: tl.constexpr = tl.constexpr(4)
 scored and V applied 32 channels (one mask word) at a time: a ``[BLOCK_N, 32]`` block of values from the word's
 bits (slot = set bits of the row's earlier words + popcount of the word below the channel), multiplied with the
 query's (or the weights') matching 32 channels; the fewest operations and live registers per element."""
-CHAN_POPCOUNT_PREFETCH: tl.constexpr = tl.constexpr(5)
-"""Chan mode: rows rebuilt as :data:`CHAN_POPCOUNT`; the sparse decode also asks L2 for the next segment's payloads
-(K and V) while it computes the current one, from a descriptor loaded one segment earlier still
-(:func:`_prefetch_payload_l2`), so that a segment's dependent loads (mask words, then values) find their lines in L2,
-not in memory. Elsewhere as :data:`CHAN_POPCOUNT`."""
-CHAN_MODE_NAMES = {0: "ptr-gather", 1: "tl-gather", 2: "popcount", 3: "row-compact", 4: "word-blocks",
-                   5: "popcount-prefetch"}  # fmt: skip
+CHAN_MODE_NAMES = {0: "ptr-gather", 1: "tl-gather", 2: "popcount", 3: "row-compact", 4: "word-blocks"}
 """Host side: chan mode value -> short name (bench tables)."""
 
 
@@ -142,7 +136,7 @@ def _reconstruct_rows(
     if WITH_CHAN and form == FORM_CHAN:
         WORDS: tl.constexpr = HEAD_DIM // MASK_BITS
         vbase = off + m * (2 * WORDS)
-        if (CHAN_MODE == CHAN_POPCOUNT) or (CHAN_MODE == CHAN_POPCOUNT_PREFETCH):
+        if CHAN_MODE == CHAN_POPCOUNT:
             keep, slot = _chan_slots(arena_i32_ptr, off, rows, row_mask, HEAD_DIM, BLOCK_N)
             x = tl.load(arena_ptr + vbase + rows[:, None] * param + slot, mask=mask2 & keep, other=0.0)
         elif CHAN_MODE == CHAN_ROW_COMPACT:
@@ -187,19 +181,6 @@ def _reconstruct_rows(
         x = tl.load(arena_ptr + off + rows[:, None] * HEAD_DIM + cols[None, :], mask=mask2, other=0.0)
         x = x.to(OUT_DTYPE)
     return x
-
-
-@triton.jit
-def _prefetch_payload_l2(arena_ptr, arena_elems, drow, f8, OFF_FIELD: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for the ``LINES`` 128-byte lines from one side's payload offset (field ``OFF_FIELD`` of descriptor row
-    ``drow``), one ``prefetch.global.L2`` per line: a hint, nothing waits for it or changes. Lines past the arena
-    (``arena_elems``) repeat its last one. Bounding them by the payload's size instead cost the split kernel 35
-    registers a thread (168 -> 203 on ``sm_90a``, ``bench.kernel_regs``), a third of its programs per SM."""
-    off = _get_desc_field(drow, f8, OFF_FIELD).to(tl.int64) * GRANULE_ELEMS
-    LINE_ELEMS: tl.constexpr = 1024 // arena_ptr.dtype.element_ty.primitive_bitwidth  # 128 bytes
-    line = tl.minimum(off + tl.arange(0, LINES) * LINE_ELEMS, arena_elems - 1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [arena_ptr + line], dtype=tl.int32,
-                              is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit

@@ -10,9 +10,7 @@ chan rows rebuilt in registers (mask bits, value slots and a gather, in one of t
 ``R_BLOCK`` ranks at a time. K is scored before V is read, so one rebuilt tile is live at a time. Then the split's contiguous
 share of the request's dense tail (pool slots ``tail_indices[tail_indptr[b]:tail_indptr[b+1]]`` in the SGLang
 buffers ``[pool, H_kv, d]``), with an online softmax in base 2. It writes the normalized partial output and its
-natural-log LSE, or, when ``DIRECT_OUT`` (one split), the final output directly. With ``CHAN_MODE`` popcount-prefetch
-it loads each descriptor two segments ahead and, with ``L2_HINTS`` (not under Triton's interpreter, which runs no
-PTX), asks L2 for the next segment's payloads as the current one starts.
+natural-log LSE, or, when ``DIRECT_OUT`` (one split), the final output directly.
 
 Stage 2, ``_sparse_decode_merge_kernel``, grid ``(B, H_q)``: log-sum-exp merge of the splits.
 
@@ -26,7 +24,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    CHAN_POPCOUNT_PREFETCH,
     CHAN_WORD_BLOCKS,
     DESC_K_FORM,
     DESC_K_OFF,
@@ -45,73 +42,14 @@ from ._common import (
     _lowrank_scores,
     _lowrank_weighted_sum,
     _online_softmax_probs,
-    _prefetch_payload_l2,
     _reconstruct_rows,
     _update_online_softmax,
 )
 
 
-@triton.jit
-def _segment_update(q, q_rows, stride_q_d, gmask, arena_ptr, arena_i32_ptr, drow, f8, m_i, l_i, acc, qk_scale,
-                    G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, R_BLOCK: tl.constexpr,
-                    COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, CHAN_MODE: tl.constexpr):
-    """The online softmax over one packed segment (descriptor row ``drow``): ``(m_i, l_i, acc)`` updated."""
-    BY_WORD: tl.constexpr = CHAN_MODE == CHAN_WORD_BLOCKS
-    cols = tl.arange(0, HEAD_DIM)
-    nrow = tl.arange(0, BLOCK_N)
-    m = _get_desc_field(drow, f8, DESC_N_ROWS)
-    k_form = _get_desc_field(drow, f8, DESC_K_FORM)
-    v_form = _get_desc_field(drow, f8, DESC_V_FORM)
-    k_off = _get_desc_field(drow, f8, DESC_K_OFF).to(tl.int64) * GRANULE_ELEMS
-    v_off = _get_desc_field(drow, f8, DESC_V_OFF).to(tl.int64) * GRANULE_ELEMS
-    if (k_form == FORM_DENSE) & (v_form == FORM_DENSE):
-        # fast path: K and V loads issued together (the generic path loads them in separate branches)
-        for r0 in range(0, m, BLOCK_N):
-            rows = r0 + nrow
-            rmask = rows < m
-            k = tl.load(arena_ptr + k_off + rows[:, None] * HEAD_DIM + cols[None, :], mask=rmask[:, None],
-                        other=0.0).to(COMPUTE_DTYPE)
-            v = tl.load(arena_ptr + v_off + rows[:, None] * HEAD_DIM + cols[None, :], mask=rmask[:, None],
-                        other=0.0).to(COMPUTE_DTYPE)
-            m_i, l_i, acc = _update_online_softmax(q, k, v, rmask[None, :], m_i, l_i, acc, qk_scale,
-                                                   DOT_PRECISION)
-    else:
-        k_param = _get_desc_field(drow, f8, DESC_K_PARAM)
-        v_param = _get_desc_field(drow, f8, DESC_V_PARAM)
-        for r0 in range(0, m, BLOCK_N):
-            rows = r0 + nrow
-            rmask = rows < m
-            # K scored, then V applied: one rebuilt [BLOCK_N, d] tile at a time; low-rank never rebuilt, nor chan
-            # with CHAN_WORD_BLOCKS (32 channels at a time)
-            if k_form == FORM_LOWRANK:
-                qk = _lowrank_scores(q, arena_ptr, k_off, k_param, m, rows, rmask, HEAD_DIM, BLOCK_N, R_BLOCK,
-                                     COMPUTE_DTYPE, DOT_PRECISION)
-            elif BY_WORD and (k_form == FORM_CHAN):
-                qk = _chan_scores_by_word(q_rows, stride_q_d, gmask, arena_ptr, arena_i32_ptr, k_off, m, k_param,
-                                          rows, rmask, G_PAD, HEAD_DIM, BLOCK_N, COMPUTE_DTYPE, DOT_PRECISION)
-            else:
-                k = _reconstruct_rows(arena_ptr, arena_i32_ptr, k_form, k_param, m, k_off, rows, rmask, HEAD_DIM,
-                                      BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE, False, not BY_WORD)
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            p, alpha, m_i, l_i = _online_softmax_probs(qk, rmask[None, :], m_i, l_i, qk_scale)
-            if v_form == FORM_LOWRANK:
-                pv = _lowrank_weighted_sum(p.to(COMPUTE_DTYPE), arena_ptr, v_off, v_param, m, rows, rmask, HEAD_DIM,
-                                           R_BLOCK, COMPUTE_DTYPE, DOT_PRECISION)
-            elif BY_WORD and (v_form == FORM_CHAN):
-                pv = _chan_weighted_sum_by_word(p.to(COMPUTE_DTYPE), arena_ptr, arena_i32_ptr, v_off, m, v_param,
-                                                rows, rmask, G_PAD, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-            else:
-                v = _reconstruct_rows(arena_ptr, arena_i32_ptr, v_form, v_param, m, v_off, rows, rmask, HEAD_DIM,
-                                      BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE, False, not BY_WORD)
-                pv = tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
-            acc = acc * alpha[:, None] + pv
-    return m_i, l_i, acc
-
-
 # Arguments that change with the batch (table widths, split count) are not specialized: one compiled variant serves
 # every batch (Triton would otherwise compile again for each value class: 1, multiple of 16, other).
-@triton.jit(do_not_specialize=["arena_elems", "stride_sel_b", "stride_sel_h", "nsel", "num_splits", "stride_pl_b",
-                              "stride_pl_h"])
+@triton.jit(do_not_specialize=["stride_sel_b", "stride_sel_h", "nsel", "num_splits", "stride_pl_b", "stride_pl_h"])
 def _sparse_decode_split_kernel(
     q_ptr,
     stride_q_b,
@@ -119,7 +57,6 @@ def _sparse_decode_split_kernel(
     stride_q_d,
     arena_ptr,
     arena_i32_ptr,
-    arena_elems,
     desc_ptr,
     stride_desc_n,
     sel_ptr,
@@ -165,7 +102,6 @@ def _sparse_decode_split_kernel(
     CHAN_MODE: tl.constexpr,
     DIRECT_OUT: tl.constexpr,
     HAS_LSE: tl.constexpr,
-    L2_HINTS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -176,7 +112,7 @@ def _sparse_decode_split_kernel(
     qh = h * GROUP + g
     q_rows = q_ptr + b * stride_q_b + qh * stride_q_h
     q = tl.load(q_rows[:, None] + cols[None, :] * stride_q_d, mask=gmask[:, None])
-    PREFETCH: tl.constexpr = CHAN_MODE == CHAN_POPCOUNT_PREFETCH
+    BY_WORD: tl.constexpr = CHAN_MODE == CHAN_WORD_BLOCKS
     q = q.to(COMPUTE_DTYPE)
 
     m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
@@ -191,45 +127,64 @@ def _sparse_decode_split_kernel(
     f8 = tl.arange(0, 8)
     sid_nx = tl.load(sel_row + split * stride_sel_i, mask=split < nsel, other=-1)
     desc_nx = tl.load(desc_ptr + tl.maximum(sid_nx, 0).to(tl.int64) * stride_desc_n + f8, mask=sid_nx >= 0, other=0)
-    if PREFETCH:
-        # one segment further ahead: the next segment's descriptor and the id after it arrive during the current
-        # segment's work, so the next segment's payloads can be asked of L2 as the current one starts
-        sid_cur, desc_cur = sid_nx, desc_nx
-        nxt = split + num_splits
+    for i in range(split, nsel, num_splits):
+        sid = sid_nx
+        drow = desc_nx
+        nxt = i + num_splits
         sid_nx = tl.load(sel_row + nxt * stride_sel_i, mask=nxt < nsel, other=-1)
         desc_nx = tl.load(desc_ptr + tl.maximum(sid_nx, 0).to(tl.int64) * stride_desc_n + f8, mask=sid_nx >= 0,
                           other=0)
-        nxt2 = nxt + num_splits
-        sid_nx2 = tl.load(sel_row + nxt2 * stride_sel_i, mask=nxt2 < nsel, other=-1)
-        for i in range(split, nsel, num_splits):
-            sid, drow = sid_cur, desc_cur
-            if L2_HINTS:
-                # 128 lines (16 KiB) a side: a dense payload of 64 rows of 128 channels; one line a thread at 4
-                # warps (64 lines cost 31 registers more on sm_90a)
-                _prefetch_payload_l2(arena_ptr, arena_elems, desc_nx, f8, DESC_K_OFF, 128)
-                _prefetch_payload_l2(arena_ptr, arena_elems, desc_nx, f8, DESC_V_OFF, 128)
-            sid_cur, desc_cur = sid_nx, desc_nx
-            desc_nx = tl.load(desc_ptr + tl.maximum(sid_nx2, 0).to(tl.int64) * stride_desc_n + f8, mask=sid_nx2 >= 0,
-                              other=0)
-            sid_nx = sid_nx2
-            nxt3 = i + 3 * num_splits
-            sid_nx2 = tl.load(sel_row + nxt3 * stride_sel_i, mask=nxt3 < nsel, other=-1)
-            if sid >= 0:
-                m_i, l_i, acc = _segment_update(q, q_rows, stride_q_d, gmask, arena_ptr, arena_i32_ptr, drow, f8, m_i,
-                                                l_i, acc, qk_scale, G_PAD, HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE,
-                                                DOT_PRECISION, CHAN_MODE)  # fmt: skip
-    else:
-        for i in range(split, nsel, num_splits):
-            sid = sid_nx
-            drow = desc_nx
-            nxt = i + num_splits
-            sid_nx = tl.load(sel_row + nxt * stride_sel_i, mask=nxt < nsel, other=-1)
-            desc_nx = tl.load(desc_ptr + tl.maximum(sid_nx, 0).to(tl.int64) * stride_desc_n + f8, mask=sid_nx >= 0,
-                              other=0)
-            if sid >= 0:
-                m_i, l_i, acc = _segment_update(q, q_rows, stride_q_d, gmask, arena_ptr, arena_i32_ptr, drow, f8, m_i,
-                                                l_i, acc, qk_scale, G_PAD, HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE,
-                                                DOT_PRECISION, CHAN_MODE)  # fmt: skip
+        if sid >= 0:
+            m = _get_desc_field(drow, f8, DESC_N_ROWS)
+            k_form = _get_desc_field(drow, f8, DESC_K_FORM)
+            v_form = _get_desc_field(drow, f8, DESC_V_FORM)
+            k_off = _get_desc_field(drow, f8, DESC_K_OFF).to(tl.int64) * GRANULE_ELEMS
+            v_off = _get_desc_field(drow, f8, DESC_V_OFF).to(tl.int64) * GRANULE_ELEMS
+            if (k_form == FORM_DENSE) & (v_form == FORM_DENSE):
+                # fast path: K and V loads issued together (the generic path loads them in separate branches)
+                for r0 in range(0, m, BLOCK_N):
+                    rows = r0 + nrow
+                    rmask = rows < m
+                    k = tl.load(arena_ptr + k_off + rows[:, None] * HEAD_DIM + cols[None, :], mask=rmask[:, None],
+                                other=0.0).to(COMPUTE_DTYPE)
+                    v = tl.load(arena_ptr + v_off + rows[:, None] * HEAD_DIM + cols[None, :], mask=rmask[:, None],
+                                other=0.0).to(COMPUTE_DTYPE)
+                    m_i, l_i, acc = _update_online_softmax(q, k, v, rmask[None, :], m_i, l_i, acc, qk_scale,
+                                                         DOT_PRECISION)
+            else:
+                k_param = _get_desc_field(drow, f8, DESC_K_PARAM)
+                v_param = _get_desc_field(drow, f8, DESC_V_PARAM)
+                for r0 in range(0, m, BLOCK_N):
+                    rows = r0 + nrow
+                    rmask = rows < m
+                    # K scored, then V applied: one rebuilt [BLOCK_N, d] tile at a time; low-rank never rebuilt,
+                    # nor chan with CHAN_WORD_BLOCKS (32 channels at a time)
+                    if k_form == FORM_LOWRANK:
+                        qk = _lowrank_scores(q, arena_ptr, k_off, k_param, m, rows, rmask, HEAD_DIM, BLOCK_N,
+                                             R_BLOCK, COMPUTE_DTYPE, DOT_PRECISION)
+                    elif BY_WORD and (k_form == FORM_CHAN):
+                        qk = _chan_scores_by_word(q_rows, stride_q_d, gmask, arena_ptr, arena_i32_ptr, k_off, m,
+                                                  k_param, rows, rmask, G_PAD, HEAD_DIM, BLOCK_N, COMPUTE_DTYPE,
+                                                  DOT_PRECISION)
+                    else:
+                        k = _reconstruct_rows(arena_ptr, arena_i32_ptr, k_form, k_param, m, k_off, rows, rmask,
+                                              HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE, False,
+                                              not BY_WORD)
+                        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                    p, alpha, m_i, l_i = _online_softmax_probs(qk, rmask[None, :], m_i, l_i, qk_scale)
+                    if v_form == FORM_LOWRANK:
+                        pv = _lowrank_weighted_sum(p.to(COMPUTE_DTYPE), arena_ptr, v_off, v_param, m, rows, rmask,
+                                                   HEAD_DIM, R_BLOCK, COMPUTE_DTYPE, DOT_PRECISION)
+                    elif BY_WORD and (v_form == FORM_CHAN):
+                        pv = _chan_weighted_sum_by_word(p.to(COMPUTE_DTYPE), arena_ptr, arena_i32_ptr, v_off, m,
+                                                        v_param, rows, rmask, G_PAD, HEAD_DIM, BLOCK_N,
+                                                        DOT_PRECISION)
+                    else:
+                        v = _reconstruct_rows(arena_ptr, arena_i32_ptr, v_form, v_param, m, v_off, rows, rmask,
+                                              HEAD_DIM, BLOCK_N, R_BLOCK, COMPUTE_DTYPE, CHAN_MODE, False,
+                                              not BY_WORD)
+                        pv = tl.dot(p.to(COMPUTE_DTYPE), v, input_precision=DOT_PRECISION)
+                    acc = acc * alpha[:, None] + pv
 
     # ---- dense tail: split s takes tokens [s * chunk, (s + 1) * chunk) ------------------------------------------
     t_start = tl.load(tail_indptr_ptr + b).to(tl.int64)
