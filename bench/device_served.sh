@@ -333,6 +333,16 @@ case "$step" in
     for i in $(seq 0 $last); do
       curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true
     done
+    if [ "${STEP_TRACE:-0}" != 0 ]; then
+      sleep 2  # the schedulers' idle flush
+      for i in $(seq 0 $last); do
+        for trace in "$out/steptrace-${names[$i]}".*.csv; do
+          [ -f "$trace" ] || continue
+          python3 -m bench.step_trace "$trace" > "${trace%.csv}.txt" 2>&1 || echo "step_trace ${names[$i]} rc=$?"
+          gzip -9f "$trace"
+        done
+      done
+    fi
     kill "${pids[@]}" 2>/dev/null || true
     ;;
   soak)
@@ -418,18 +428,29 @@ case "$step" in
         # stock SGLang alone under the same load and flags (FlashInfer: SGLang's default on Hopper is FA3, which the
         # bundle lacks): the card's own decode tail, without MosaicKV; MOSAIC_ARGS and the sidecar do not apply
         names=(flashinfer); extra=("--attention-backend flashinfer"); fractions=(0.7); envs=(""); itl_servers="0"
+      elif [ "${ITL_WITH_STOCK:-0}" = 1 ]; then
+        # "off" and stock SGLang (FlashInfer, no MosaicKV flags) side by side: with STEP_TRACE=1, what the slow
+        # steps of each share
+        names=(sc0 flashinfer); extra=("--mosaic-sidecar off" "--attention-backend flashinfer"); fractions=(0.35 0.7)
+        envs=("" ""); itl_servers="0 1"
       fi
     fi
     last=$(( ${#names[@]} - 1 ))
     pids=()
-    mosaic_flags="--kv-compressor mosaic --mosaic-compression-ratio 3 ${MOSAIC_ARGS:-}" label=mosaic-r3
-    [ "${STOCK_ITL:-0}" != 1 ] || mosaic_flags="" label=stock
+    mosaic_flags="--kv-compressor mosaic --mosaic-compression-ratio 3 ${MOSAIC_ARGS:-}"
+    server_label() { case "$1" in flashinfer) echo stock ;; *) echo mosaic-r3 ;; esac; }
     for i in $(seq 0 $last); do
+      flags=$mosaic_flags label=$(server_label "${names[$i]}")
+      [ "$label" != stock ] || flags=""
+      # STEP_TRACE=1: each server's scheduler writes a row a step (mosaickv_sglang.step_trace), read by
+      # bench.step_trace after the loads
+      trace=""
+      [ "${STEP_TRACE:-0}" = 0 ] || trace="MOSAICKV_STEP_TRACE=$out/steptrace-${names[$i]}"
       # shellcheck disable=SC2086
-      env ${envs[$i]} MOSAICKV_STACK_SAMPLES="$(stacks "r3-${names[$i]}")" \
+      env ${envs[$i]} ${trace} MOSAICKV_STACK_SAMPLES="$(stacks "r3-${names[$i]}")" \
         python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) "${model_args[@]}" \
         --disable-prefill-cuda-graph --mem-fraction-static "${fractions[$i]}" --max-total-tokens "$max_tokens" \
-        --chunked-prefill-size 2048 --enable-cache-report --enable-metrics ${mosaic_flags} ${extra[$i]} \
+        --chunked-prefill-size 2048 --enable-cache-report --enable-metrics ${flags} ${extra[$i]} \
         > "$out/$label-${names[$i]}.server.log" 2>&1 &
       pids+=($!)
       wait_log "$out/$label-${names[$i]}.server.log" "Memory pool end" 180 "${pids[$i]}"
@@ -462,6 +483,7 @@ case "$step" in
         curl -s -X POST "http://127.0.0.1:$((30000 + i))/flush_cache" > /dev/null || true
         curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-before-itl-$tag.txt" || true
         [ "$r" != 1 ] || stacks_mark "r3-${names[$i]}" before
+        label=$(server_label "${names[$i]}")
         seen=$(wc -l < "$out/$label-${names[$i]}.server.log")
         timeout 100 python3 -m sglang.bench_serving --backend sglang --host 127.0.0.1 --port $((30000 + i)) \
           --model "$M" --tokenizer "$M" --dataset-name generated-shared-prefix --gsp-num-groups 4 \
@@ -513,6 +535,16 @@ case "$step" in
     for i in $(seq 0 $last); do
       curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true
     done
+    if [ "${STEP_TRACE:-0}" != 0 ]; then
+      sleep 2  # the schedulers' idle flush
+      for i in $(seq 0 $last); do
+        for trace in "$out/steptrace-${names[$i]}".*.csv; do
+          [ -f "$trace" ] || continue
+          python3 -m bench.step_trace "$trace" > "${trace%.csv}.txt" 2>&1 || echo "step_trace ${names[$i]} rc=$?"
+          gzip -9f "$trace"
+        done
+      done
+    fi
     # issue #8's request cases against the sidecar-on server (the defaults users get)
     [ "$step" = sidecar-itl ] || [ -n "${SKIP_BAD_INPUT:-}" ] || python3 -m bench.bad_input \
       --url http://127.0.0.1:30002 --out "$out/bad-input.json" > "$out/bad-input.log" 2>&1 || echo "bad_input rc=$?"
@@ -677,9 +709,10 @@ case "$step" in
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_segment_scores.py \
       tests/integration_cpu/test_pending_seal.py > "$out/gpu-tests.log" 2>&1 || echo "gpu tests rc=$?"
     tail -3 "$out/gpu-tests.log"
-    # every chan mode of the sparse decode on the GPU against the fp64 reference, popcount-prefetch's L2 hints included
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_sparse_decode.py \
-      -k "prefetch or chan_modes" > "$out/gpu-tests-decode.log" 2>&1 || echo "decode gpu tests rc=$?"
+    # every chan mode of the sparse decode on the GPU against the fp64 reference (a Triton compile a case: 120 s ran
+    # 3 of them in the thirty-second run)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_sparse_decode.py \
+      -k chan_modes > "$out/gpu-tests-decode.log" 2>&1 || echo "decode gpu tests rc=$?"
     tail -3 "$out/gpu-tests-decode.log"
     timeout $(( $(left) - 15 )) python3 -m bench.decode_speed --shapes llama-3.1-8b --contexts 4608 32768 \
       --batches 16 --cuda-graph --skip-pack --out "$out/select.json" > "$out/select.log" 2>&1 \

@@ -18,10 +18,12 @@ per call and exports at most every :data:`~mosaickv_sglang.metrics.REFRESH_INTER
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+from typing import Any, Optional
 
 from mosaickv_sglang.runtime import current_sealer
 from mosaickv_sglang.step_timer import DecodeStepTimer
+from mosaickv_sglang.step_trace import StepTrace, step_trace_prefix
 
 from . import seam
 
@@ -72,8 +74,54 @@ def time_decode_steps(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     return None
 
 
+_trace: Optional[StepTrace] = None  # this scheduler process's step trace (MOSAICKV_STEP_TRACE), once its first step
+_trace_failed = False
+
+
+def trace_steps(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE ``Scheduler.run_batch``, with ``MOSAICKV_STEP_TRACE`` set: a row of the step trace (stock servers
+    too: the MosaicKV counts are then left empty)."""
+    global _trace, _trace_failed
+    if _trace_failed:
+        return None
+    try:
+        if _trace is None:
+            prefix = step_trace_prefix()
+            if prefix is None:
+                return None
+            _trace = StepTrace(f"{prefix}.{os.getpid()}.csv")
+            logger.info("MosaicKV: step trace in %s", _trace.path)
+        mode = getattr(batch, "forward_mode", None)
+        _trace.record(bool(mode is not None and mode.is_decode()), bool(getattr(self, seam.SCHEDULER_OVERLAP_ATTR,
+                      False)), batch.batch_size(), _context_tokens(batch), current_sealer())
+    except Exception:
+        logger.warning("MosaicKV: step trace failed; it is off for this scheduler", exc_info=True)
+        _trace_failed = True
+    return None
+
+
+def _context_tokens(batch: Any) -> int:
+    total = getattr(batch, seam.BATCH_SEQ_LENS_SUM_ATTR, None)
+    if total is None:
+        lens = getattr(batch, seam.BATCH_SEQ_LENS_CPU_ATTR, None)
+        total = 0 if lens is None else int(lens.sum())
+    return int(total)
+
+
+def flush_step_trace(*args: Any, **kwargs: Any) -> None:
+    """AFTER ``Scheduler.on_idle``: the trace's rows so far on disk (a load's last steps before the server stops)."""
+    if _trace is not None and not _trace_failed:
+        try:
+            _trace.flush()
+        except OSError:
+            logger.warning("MosaicKV: step trace flush failed", exc_info=True)
+
+
 def apply() -> None:
-    """Register the metrics hooks."""
+    """Register the metrics hooks, and the step trace's when ``MOSAICKV_STEP_TRACE`` is set."""
     for target in (seam.REPORT_DECODE_STATS, seam.REPORT_PREFILL_STATS, seam.LOG_IDLE_METRICS):
         seam.register_hook(target, refresh_mosaic_metrics, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, time_decode_steps, "BEFORE")
+    if step_trace_prefix() is not None:
+        seam.register_hook(seam.SCHEDULER_RUN_BATCH, trace_steps, "BEFORE")
+        seam.register_hook(seam.SCHEDULER_ON_IDLE, flush_step_trace, "AFTER")

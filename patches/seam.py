@@ -95,6 +95,10 @@ SCHEDULER_REPORTER_ATTR = "metrics_reporter"
 BATCH_REQ_POOL_INDICES_CPU_ATTR = "req_pool_indices_cpu"
 BATCH_OUT_CACHE_LOC_ATTR = "out_cache_loc"
 STEP_TIMER_ATTR = "_mosaic_step_timer"
+# ScheduleBatch fields the step trace reads for a batch's context: the sum SGLang keeps for extend batches, and the
+# host lengths it keeps for decode batches (where it sets the sum to None)
+BATCH_SEQ_LENS_SUM_ATTR = "seq_lens_sum"
+BATCH_SEQ_LENS_CPU_ATTR = "seq_lens_cpu"
 # Whether the Scheduler runs SGLang's overlap loop (launch a batch, then wait for the last one's result): the step
 # timer keeps the decode period after a prefill apart then (patches/metrics.py).
 SCHEDULER_OVERLAP_ATTR = "enable_overlap"

@@ -521,6 +521,61 @@ def test_step_hook_is_a_no_op_without_metrics_or_mosaic(registered):
     assert getattr(on, seam.STEP_TIMER_ATTR, None) is None
 
 
+def test_step_trace_hook_writes_a_row_a_step_with_the_sealers_counts(registered, monkeypatch, tmp_path):
+    """With MOSAICKV_STEP_TRACE set, apply() registers the trace's hooks; BEFORE run_batch each step is a row with the
+    real Sealer's counts, flushed when the scheduler goes idle; a stock server's rows leave them empty."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from bench.step_trace import read_trace
+    from mosaickv_sglang.step_trace import SEALER_COUNTS, STEP_TRACE_ENV
+
+    monkeypatch.setattr(metrics_hooks, "_trace", None)
+    monkeypatch.setenv(STEP_TRACE_ENV, str(tmp_path / "trace"))
+    hooked = []
+    monkeypatch.setattr(seam, "register_hook", lambda target, fn, kind: hooked.append((target, fn, kind)))
+    metrics_hooks.apply()
+    assert (seam.SCHEDULER_RUN_BATCH, metrics_hooks.trace_steps, "BEFORE") in hooked
+    assert (seam.SCHEDULER_ON_IDLE, metrics_hooks.flush_step_trace, "AFTER") in hooked
+    for name in SEALER_COUNTS:
+        assert isinstance(getattr(registered, name), int)
+    scheduler = StandInScheduler(None, enable_overlap=True)
+    for mode, size in ((ForwardMode.EXTEND, 2), (ForwardMode.DECODE, 3), (ForwardMode.DECODE, 3)):
+        batch = _batch(mode)
+        batch.reqs, batch.seq_lens_sum = [object()] * size, 1000 * size
+        metrics_hooks.trace_steps(scheduler, batch)
+    registered.seal_calls += 1  # as a seal would
+    batch.seq_lens_sum, batch.seq_lens_cpu = None, torch.tensor([1001, 1002, 1003])  # as SGLang's decode batches
+    metrics_hooks.trace_steps(scheduler, batch)
+    metrics_hooks.flush_step_trace(scheduler)
+    cols = read_trace(str(tmp_path / f"trace.{os.getpid()}.csv"))
+    assert cols["decode"].tolist() == [0, 1, 1, 1] and cols["overlapped"].tolist() == [1, 1, 1, 1]
+    assert cols["batch_size"].tolist() == [2, 3, 3, 3] and cols["context_tokens"].tolist() == [2000, 3000, 3000, 3006]
+    assert cols["seal_calls"][3] == cols["seal_calls"][2] + 1
+    runtime.register_sealer(None)
+    metrics_hooks.trace_steps(scheduler, batch)
+    metrics_hooks.flush_step_trace(scheduler)
+    assert (tmp_path / f"trace.{os.getpid()}.csv").read_text().splitlines()[-1].split(",")[5:12] == [""] * 7
+    monkeypatch.delenv(STEP_TRACE_ENV)
+    hooked.clear()
+    metrics_hooks.apply()
+    assert all(fn is not metrics_hooks.trace_steps for _, fn, _ in hooked)
+
+
+def test_schedule_batch_keeps_the_fields_the_step_trace_reads():
+    """SGLang 0.5.17's ScheduleBatch: the extend batches' seq_lens_sum, and decode batches' host seq_lens_cpu, which
+    prepare_for_decode keeps current while it sets the sum to None."""
+    import dataclasses as dc
+    import inspect
+
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    fields = {f.name for f in dc.fields(ScheduleBatch)}
+    assert {seam.BATCH_SEQ_LENS_SUM_ATTR, seam.BATCH_SEQ_LENS_CPU_ATTR} <= fields
+    decode = inspect.getsource(ScheduleBatch.prepare_for_decode)
+    assert f"self.{seam.BATCH_SEQ_LENS_CPU_ATTR} = self.{seam.BATCH_SEQ_LENS_CPU_ATTR} + 1" in decode
+    assert f"self.{seam.BATCH_SEQ_LENS_SUM_ATTR} = None" in decode
+
+
 def test_run_batch_takes_the_batch_first_and_the_scheduler_keeps_its_reporter():
     """The step hook's reading of SGLang 0.5.17: run_batch(self, batch, ...) and self.metrics_reporter."""
     import inspect

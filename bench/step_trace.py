@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What the slow decode steps share, from a server's step trace (``MOSAICKV_STEP_TRACE``).
+
+``python -m bench.step_trace TRACE.csv... [--window 3] [--since T] [--top 15]``: the decode step periods of each
+trace (the step timer's rule, :class:`mosaickv_sglang.step_timer.DecodeStepTimer`: periods behind a prefill under the
+overlap loop kept apart), their p50 / p90 / p99, and each period set beside what happened in the ``--window`` scheduler
+iterations that end with it: MosaicKV GPU work launched (a seal call, a seal or pack beside the step, after a launch),
+sidecar plans applied, a garbage collection, a change of batch size. For each of those, the periods with it and
+without it: count, p50, p99 and how many are slow (over 1.1x the p50 of all, issue #5's bound). The periods with
+none of them ("quiet") give the tail that the load's own steps have; the slowest periods are listed with their
+batch, context and the work beside them.
+
+Under SGLang's overlap loop the period between two step launches holds the GPU time of the step launched two
+iterations before, and work put on a side stream runs beside the steps after its launch: the default window of 3
+iterations covers both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from mosaickv_sglang.step_timer import DecodeStepTimer
+from mosaickv_sglang.step_trace import SEALER_COUNTS
+
+SLOW_OVER_P50 = 1.1
+# what is looked for in a period's window, as (name, the trace's counts whose growth means it)
+GPU_WORK = ("seal_calls", "side_seals", "async_seals", "packs_after_launch", "starts_after_launch")
+CAUSES = (("MosaicKV GPU work launched", GPU_WORK), ("sidecar plans applied", ("plans_applied",)),
+          ("garbage collection", ("gc_collections",)))  # fmt: skip
+BATCH_CHANGE = "batch size changed"
+
+
+@dataclass
+class Period:
+    """A decode step period closed at row ``row`` of its trace, and what its window held."""
+
+    row: int
+    seconds: float
+    batch_size: int
+    context_tokens: int
+    grew: Dict[str, int]  # counts that grew over the window, by how much
+    batch_changed: bool
+
+
+def read_trace(path: str) -> Dict[str, np.ndarray]:
+    """The trace's columns as arrays (empty counts, a stock server's, read as 0)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: expected a step trace with rows, got none")
+    columns: Dict[str, np.ndarray] = {}
+    for name in rows[0]:
+        kind = float if name == "t" else np.int64
+        columns[name] = np.array([kind(r[name]) if r[name] not in ("", None) else 0 for r in rows])
+    return columns
+
+
+def decode_periods(trace: Dict[str, np.ndarray], window: int = 3, since: float = 0.0) -> List[Period]:
+    """The decode step periods of ``trace`` (rows at or after clock ``since``) with their windows' growth."""
+    if window < 1:
+        raise ValueError(f"window: expected >= 1 iterations, got {window}")
+    t = trace["t"]
+    clock = iter(t.tolist())
+    timer = DecodeStepTimer(clock=lambda: next(clock))
+    counts = {name: trace[name] for name in SEALER_COUNTS + ("plans_applied", "gc_collections") if name in trace}
+    sizes = trace["batch_size"]
+    out: List[Period] = []
+    for k in range(len(t)):
+        seconds = timer.step(bool(trace["decode"][k]), overlapped=bool(trace["overlapped"][k]))
+        if seconds is None or t[k] < since:
+            continue
+        lo = max(0, k - window)
+        grew = {name: int(c[k] - c[lo]) for name, c in counts.items() if c[k] > c[lo]}
+        out.append(Period(k, seconds, int(sizes[k - 1]), int(trace["context_tokens"][k - 1]), grew,
+                          bool(np.any(sizes[lo:k + 1] != sizes[k]))))  # fmt: skip
+    return out
+
+
+def _stats(seconds: Sequence[float], slow_s: float) -> str:
+    if not seconds:
+        return "| 0 | | | 0 |"
+    ms = np.asarray(seconds) * 1e3
+    return (f"| {len(ms)} | {np.percentile(ms, 50):.2f} | {np.percentile(ms, 99):.2f} "
+            f"| {int(np.count_nonzero(ms > slow_s * 1e3))} |")  # fmt: skip
+
+
+def report(periods: List[Period], top: int = 15) -> str:
+    """The quantiles, the causes table and the slowest periods, as text."""
+    if not periods:
+        return "no decode step periods"
+    seconds = np.array([p.seconds for p in periods])
+    p50, p90, p99 = np.percentile(seconds, [50, 90, 99])
+    slow_s = SLOW_OVER_P50 * p50
+    lines = [f"decode step periods {len(periods)}  p50 {p50 * 1e3:.2f} ms  p90 {p90 * 1e3:.2f} ms  "
+             f"p99 {p99 * 1e3:.2f} ms ({p99 / p50:.2f}x p50)  slow (over {SLOW_OVER_P50}x p50, "
+             f"{slow_s * 1e3:.2f} ms) {int(np.count_nonzero(seconds > slow_s))}", "",
+             "| in the window | periods | p50 ms | p99 ms | slow |", "|---|---|---|---|---|"]  # fmt: skip
+
+    def has(p: Period, names: Sequence[str]) -> bool:
+        return any(name in p.grew for name in names)
+
+    tests = [(name, (lambda p, n=names: has(p, n))) for name, names in CAUSES]
+    tests.append((BATCH_CHANGE, lambda p: p.batch_changed))
+    for name, test in tests:
+        lines.append(f"| {name} " + _stats([p.seconds for p in periods if test(p)], slow_s))
+        lines.append(f"| not {name} " + _stats([p.seconds for p in periods if not test(p)], slow_s))
+    quiet = [p.seconds for p in periods if not any(test(p) for _, test in tests)]
+    lines.append("| none of these (quiet) " + _stats(quiet, slow_s))
+    lines += ["", f"the {min(top, len(periods))} slowest periods", "",
+              "| row | ms | x p50 | batch | context tokens | in the window |", "|---|---|---|---|---|---|"]
+    for p in sorted(periods, key=lambda p: -p.seconds)[:top]:
+        held = ", ".join(f"{name} +{n}" for name, n in p.grew.items())
+        if p.batch_changed:
+            held = ", ".join(x for x in (held, BATCH_CHANGE) if x)
+        lines.append(f"| {p.row} | {p.seconds * 1e3:.2f} | {p.seconds / p50:.2f} | {p.batch_size} "
+                     f"| {p.context_tokens} | {held} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("traces", nargs="+", help="step trace CSV files (MOSAICKV_STEP_TRACE=<prefix>: <prefix>.<pid>.csv)")
+    ap.add_argument("--window", type=int, default=3, help="scheduler iterations a period's window spans (default 3)")
+    ap.add_argument("--since", type=float, default=0.0, help="only periods closed at or after this trace clock (s)")
+    ap.add_argument("--top", type=int, default=15, help="slowest periods listed (default 15)")
+    args = ap.parse_args(argv)
+    for path in args.traces:
+        try:
+            periods = decode_periods(read_trace(path), args.window, args.since)
+        except (OSError, ValueError) as e:
+            print(f"{path}: {e}", file=sys.stderr)
+            return 1
+        print(f"## {path}\n\n{report(periods, args.top)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

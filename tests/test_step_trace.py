@@ -1,0 +1,142 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The step trace (MOSAICKV_STEP_TRACE) and bench.step_trace's reading of it."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from bench import step_trace as reader
+from mosaickv_sglang import step_trace
+from mosaickv_sglang.step_trace import FIELDS, SEALER_COUNTS, StepTrace
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _sealer(sidecar_applied=None):
+    sealer = types.SimpleNamespace(**{name: 0 for name in SEALER_COUNTS})
+    sealer.sidecar = None if sidecar_applied is None else types.SimpleNamespace(plans_applied=sidecar_applied)
+    return sealer
+
+
+def test_prefix_is_read_from_the_environment_and_its_folder_must_exist(monkeypatch, tmp_path):
+    monkeypatch.delenv(step_trace.STEP_TRACE_ENV, raising=False)
+    assert step_trace.step_trace_prefix() is None
+    monkeypatch.setenv(step_trace.STEP_TRACE_ENV, str(tmp_path / "trace"))
+    assert step_trace.step_trace_prefix() == str(tmp_path / "trace")
+    monkeypatch.setenv(step_trace.STEP_TRACE_ENV, str(tmp_path / "missing" / "trace"))
+    with pytest.raises(ValueError, match="MOSAICKV_STEP_TRACE: expected a path prefix in an existing folder"):
+        step_trace.step_trace_prefix()
+
+
+def test_rows_reach_the_file_in_blocks_with_the_sealers_counts(tmp_path):
+    clock = Clock()
+    path = tmp_path / "t.csv"
+    trace = StepTrace(str(path), clock=clock)
+    sealer = _sealer(sidecar_applied=4)
+    sealer.seal_calls, sealer.pages_sealed = 2, 64
+    trace.record(True, True, 16, 70000, sealer)
+    clock.now += 0.5
+    trace.record(False, True, 3, 12288, None)  # a stock server's row: MosaicKV's counts empty
+    assert path.read_text().splitlines() == [",".join(FIELDS)]  # not yet a second since the last block
+    clock.now += step_trace.FLUSH_SECONDS
+    trace.record(True, False, 15, 69000, sealer)
+    cols = reader.read_trace(str(path))
+    assert cols["decode"].tolist() == [1, 0, 1] and cols["overlapped"].tolist() == [1, 1, 0]
+    assert cols["batch_size"].tolist() == [16, 3, 15] and cols["context_tokens"].tolist() == [70000, 12288, 69000]
+    assert cols["seal_calls"].tolist() == [2, 0, 2] and cols["pages_sealed"].tolist() == [64, 0, 64]
+    assert cols["plans_applied"].tolist() == [4, 0, 4]
+    assert np.allclose(cols["t"], [100.0, 100.5, 101.5])
+    assert np.all(np.diff(cols["gc_collections"]) >= 0)
+    trace.record(True, False, 15, 69001, sealer)
+    trace.flush()
+    assert len(reader.read_trace(str(path))["t"]) == 4
+    StepTrace(str(path), clock=clock).flush()  # a second trace on the same file appends, no second header
+    assert path.read_text().count("seal_calls") == 1
+
+
+def _load(rng, path, overlapped, quiet_s=0.010, seal_s=0.016):
+    """A trace of prefills and decode runs whose periods last quiet_s, except the ones whose window (3 iterations)
+    holds a seal call: those last seal_s. Returns the rows (0-based) whose period holds a seal."""
+    clock = Clock()
+    sealer = _sealer()
+    trace = StepTrace(str(path), clock=clock)
+    sealed_at, slow_rows = [], []
+    modes = []
+    for _ in range(12):
+        modes += [False] + [True] * int(rng.integers(5, 40))
+    for k, is_decode in enumerate(modes):
+        trace.record(is_decode, overlapped, 16, 4096 * 16 + k, sealer)
+        if rng.random() < 0.08:
+            sealer.seal_calls += 1
+            sealed_at.append(k)
+        near = any(k + 1 - 3 <= j <= k for j in sealed_at)  # grown between row k+1-3 and row k+1
+        if near:
+            slow_rows.append(k + 1)
+        clock.now += (seal_s if near else quiet_s) * (1 + 0.01 * rng.random())
+    trace.flush()
+    return modes, set(slow_rows)
+
+
+@pytest.mark.parametrize("seed, overlapped", [(0, True), (1, False), (2, True)])
+def test_the_periods_beside_mosaic_gpu_work_are_told_from_the_quiet_ones(tmp_path, seed, overlapped):
+    rng = np.random.default_rng(seed)
+    modes, slow_rows = _load(rng, tmp_path / "t.csv", overlapped)
+    periods = reader.decode_periods(reader.read_trace(str(tmp_path / "t.csv")), window=3)
+    # the step timer's rule: decode after decode, and under the overlap loop not the first one after a prefill
+    expected = [k for k in range(1, len(modes)) if modes[k] and modes[k - 1] and not (overlapped and not modes[k - 2])]
+    assert [p.row for p in periods] == expected
+    for p in periods:
+        assert ("seal_calls" in p.grew) == (p.row in slow_rows)
+        assert p.seconds >= (0.016 if p.row in slow_rows else 0.010) - 1e-9
+        assert p.batch_size == 16 and p.context_tokens == 4096 * 16 + p.row - 1 and not p.batch_changed
+    text = reader.report(periods, top=5)
+    lines = {line.split(" |")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    gpu = lines["| MosaicKV GPU work launched"].split("|")
+    quiet = lines["| none of these (quiet)"].split("|")
+    assert int(gpu[2]) == sum(p.row in slow_rows for p in periods) and float(gpu[3]) >= 16.0
+    assert int(quiet[2]) == len(periods) - int(gpu[2]) and 10.0 <= float(quiet[4]) < 10.2 and int(quiet[5]) == 0
+    slowest = text.split("slowest periods")[1]
+    assert slowest.count("seal_calls +") == 5
+
+
+def test_batch_changes_and_stock_rows(tmp_path):
+    clock = Clock()
+    trace = StepTrace(str(tmp_path / "t.csv"), clock=clock)
+    for k, size in enumerate([8, 8, 8, 8, 9, 9, 9, 9, 9, 9]):
+        trace.record(True, False, size, 1000 * size, None)
+        clock.now += 0.02 if k == 4 else 0.01
+    trace.flush()
+    periods = reader.decode_periods(reader.read_trace(str(tmp_path / "t.csv")), window=2)
+    assert [p.batch_changed for p in periods] == [False, False, False, True, True, False, False, False, False]
+    assert all(p.grew == {} for p in periods)  # stock: no MosaicKV counts, and no collection in the window here
+    assert periods[4].seconds == pytest.approx(0.02) and periods[4].batch_size == 9
+    text = reader.report(periods)
+    assert "| batch size changed | 2 |" in text and "| none of these (quiet) | 7 |" in text
+
+
+def test_since_and_bad_input(tmp_path, capsys):
+    clock = Clock()
+    trace = StepTrace(str(tmp_path / "t.csv"), clock=clock)
+    for _ in range(6):
+        trace.record(True, False, 4, 400, None)
+        clock.now += 1.0
+    trace.flush()
+    cols = reader.read_trace(str(tmp_path / "t.csv"))
+    assert len(reader.decode_periods(cols, since=103.0)) == 3
+    with pytest.raises(ValueError, match="window: expected >= 1"):
+        reader.decode_periods(cols, window=0)
+    (tmp_path / "empty.csv").write_text(",".join(FIELDS) + "\n")
+    assert reader.main([str(tmp_path / "empty.csv")]) == 1
+    assert "expected a step trace with rows" in capsys.readouterr().err
+    assert reader.main([str(tmp_path / "t.csv"), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "decode step periods 5" in out and "the 2 slowest periods" in out
