@@ -12,13 +12,14 @@ without timing; ``auto`` (the default) times.
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from mosaickv_sglang import planner
-from mosaickv_sglang.device_timer import seconds_per_call
+from mosaickv_sglang.device_timer import best_seconds_in_rounds
 from mosaickv_sglang.startup_choice import choose_fastest
 
 logger = logging.getLogger(__name__)
@@ -39,25 +40,29 @@ def time_chan_drop_methods(
     repeats: int = TIMED_REPEATS,
 ) -> Dict[str, float]:
     """Seconds of one ``_chan_drop_masks`` call per method on ``[segments, seg_size, head_dim]`` fp16-rounded
-    vectors (the best of ``repeats`` after one untimed call, which also compiles the kernel). A method that raises
-    is logged and left out; so is the kernel where the head dim has no variant."""
+    vectors (the best of ``repeats`` rounds that time every method once, after one untimed call each, which also
+    compiles the kernel). A method that raises is logged and left out; so is the kernel where the head dim has no
+    variant."""
+
+    def failed(method: str) -> None:
+        logger.warning("MosaicKV: chan drop method %s failed on %s; not chosen", method, device, exc_info=True)
+
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(segments, seg_size, head_dim, generator=gen).half().float().to(device)
     w = torch.rand(segments, head_dim, generator=gen).to(device)
     ks = sorted({max(1, head_dim // 8), max(1, head_dim // 4), max(1, head_dim // 2)})
-    out: Dict[str, float] = {}
+    calls: Dict[str, Callable[[], object]] = {}
     for method in methods:
         if method == "kernel" and head_dim not in planner._CHAN_RANK_HEAD_DIMS:
             continue
+        call = functools.partial(planner._chan_drop_masks, x, w, ks, method=method)
         try:
-            planner._chan_drop_masks(x, w, ks, method=method)
-            call = lambda m=method: planner._chan_drop_masks(x, w, ks, method=m)  # noqa: E731
-            best = min(seconds_per_call(call, device) for _ in range(repeats))
+            call()
         except Exception:  # noqa: BLE001 - a method that cannot run here is not chosen; the others still can be
-            logger.warning("MosaicKV: chan drop method %s failed on %s; not chosen", method, device, exc_info=True)
+            failed(method)
             continue
-        out[method] = best
-    return out
+        calls[method] = call
+    return best_seconds_in_rounds(calls, device, repeats, on_error=failed)
 
 
 def select_chan_drop_method(

@@ -13,13 +13,14 @@ output differs from the first's is dropped (logged). ``MOSAICKV_DECODE_TUNE=0`` 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from mosaickv_sglang.device_timer import seconds_per_call
+from mosaickv_sglang.device_timer import best_seconds_in_rounds
 from mosaickv_sglang.kernels import sparse_decode as sd
 from mosaickv_sglang.kernels.format import FORM_CHAN, SegmentPlan
 from mosaickv_sglang.warmup import WarmupShape
@@ -96,24 +97,30 @@ class DecodeBatch:
 
 def time_decode_variants(batch: DecodeBatch, candidates: Sequence[Variant] = CANDIDATES, repeats: int = 5,
                          launches: int = 10) -> Dict[Variant, float]:  # fmt: skip
-    """Seconds per launch of each candidate on ``batch`` (the best of ``repeats`` loops of ``launches``, after one
-    untimed launch, which also compiles it). A candidate that raises, or whose output is not bit for bit the first
+    """Seconds per launch of each candidate on ``batch`` (the best of ``repeats`` rounds of ``launches``, every
+    candidate timed once a round, :func:`~mosaickv_sglang.device_timer.best_seconds_in_rounds`, after one untimed
+    launch each, which also compiles it). A candidate that raises, or whose output is not bit for bit the first
     candidate's, is logged and left out."""
-    out: Dict[Variant, float] = {}
+    runnable: Dict[Variant, Callable[[], torch.Tensor]] = {}
     first: Optional[torch.Tensor] = None
     for v in candidates:
         try:
             got = batch.run(v).clone()
-            if first is None:
-                first = got
-            elif not torch.equal(got, first):
-                logger.warning("MosaicKV: decode variant %s gives another output than %s; not chosen", _name(v),
-                               _name(candidates[0]))  # fmt: skip
-                continue
-            out[v] = min(seconds_per_call(lambda: batch.run(v), batch.q.device, launches) for _ in range(repeats))
         except Exception:  # noqa: BLE001 - a variant that cannot run here is not chosen; the others still can be
-            logger.warning("MosaicKV: decode variant %s failed; not chosen", _name(v), exc_info=True)
-    return out
+            _failed(v)
+            continue
+        if first is None:
+            first = got
+        elif not torch.equal(got, first):
+            logger.warning("MosaicKV: decode variant %s gives another output than %s; not chosen", _name(v),
+                           _name(candidates[0]))  # fmt: skip
+            continue
+        runnable[v] = functools.partial(batch.run, v)
+    return best_seconds_in_rounds(runnable, batch.q.device, repeats, launches, on_error=_failed)
+
+
+def _failed(v: Variant) -> None:
+    logger.warning("MosaicKV: decode variant %s failed; not chosen", _name(v), exc_info=True)
 
 
 def select_decode_variant(shape: WarmupShape, device: torch.device,

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from mosaickv_sglang import planner
-from mosaickv_sglang.device_timer import seconds_per_call
+from mosaickv_sglang.device_timer import best_seconds_in_rounds
 from mosaickv_sglang.startup_choice import choose_fastest
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ def time_estimate_terms_methods(
     segments: int = TIMED_SEGMENTS,
     repeats: int = TIMED_REPEATS,
 ) -> Dict[str, float]:
-    """Seconds of one call of the channel terms per method (the best of ``repeats`` after one untimed call, which
-    also compiles the kernel). A method that raises, or whose terms differ from the torch ops' by more than
+    """Seconds of one call of the channel terms per method (the best of ``repeats`` rounds that time every method
+    once, after one untimed call each, which also compiles the kernel). A method that raises, or whose terms differ from the torch ops' by more than
     :data:`MATCH_RTOL`, is logged and left out; so is the kernel where the head dim has no variant. When the torch
     ops themselves fail, nothing is timed (the kernel could not be checked)."""
     from mosaickv_sglang.kernels.estimate_terms import ESTIMATE_TERMS_HEAD_DIMS
@@ -94,23 +94,25 @@ def time_estimate_terms_methods(
     except Exception:  # noqa: BLE001 - without the torch ops' terms the kernel cannot be checked: time nothing
         logger.warning("MosaicKV: the estimate terms' torch ops failed on %s; nothing timed", device, exc_info=True)
         return {}
-    out: Dict[str, float] = {}
+
+    def failed(method: str) -> None:
+        logger.warning("MosaicKV: estimate terms method %s failed on %s; not chosen", method, device, exc_info=True)
+
+    checked: Dict[str, Callable[[], object]] = {}
     for method in methods:
         if method == "kernel" and head_dim not in ESTIMATE_TERMS_HEAD_DIMS:
             continue
         try:
             err = _mismatch(calls[method](), want)
-            if not err <= MATCH_RTOL:
-                logger.warning("MosaicKV: estimate terms method %s differs from the torch ops by %.3g (relative) "
-                               "on %s; not chosen", method, err, device)  # fmt: skip
-                continue
-            best = min(seconds_per_call(calls[method], device) for _ in range(repeats))
         except Exception:  # noqa: BLE001 - a method that cannot run here is not chosen; the other still can be
-            logger.warning("MosaicKV: estimate terms method %s failed on %s; not chosen", method, device,
-                           exc_info=True)  # fmt: skip
+            failed(method)
             continue
-        out[method] = best
-    return out
+        if not err <= MATCH_RTOL:
+            logger.warning("MosaicKV: estimate terms method %s differs from the torch ops by %.3g (relative) "
+                           "on %s; not chosen", method, err, device)  # fmt: skip
+            continue
+        checked[method] = calls[method]
+    return best_seconds_in_rounds(checked, device, repeats, on_error=failed)
 
 
 def select_estimate_terms_method(
