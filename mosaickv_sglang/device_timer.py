@@ -30,8 +30,8 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int 
     return (time.perf_counter() - t0) / calls
 
 
-def best_seconds_in_rounds(calls: Dict[K, Callable[[], object]], device: torch.device, repeats: int,
-                           launches: int = 1, on_error: Optional[Callable[[K], None]] = None) -> Dict[K, float]:  # fmt: skip
+def best_seconds_in_rounds(calls: Dict[K, Callable[[], object]], device: torch.device, repeats: int, launches: int = 1,
+                           on_error: Optional[Callable[[K], None]] = None) -> Dict[K, float]:  # fmt: skip
     """The best seconds per call of each of ``calls`` over ``repeats`` rounds, each round timing every call once in
     turn (``launches`` calls a timing, :func:`seconds_per_call`). Other work on the device, such as a second server
     starting beside this one, then slows a round of every candidate rather than every timing of one (timed one

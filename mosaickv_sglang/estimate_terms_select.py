@@ -84,9 +84,9 @@ def time_estimate_terms_methods(
     repeats: int = TIMED_REPEATS,
 ) -> Dict[str, float]:
     """Seconds of one call of the channel terms per method (the best of ``repeats`` rounds that time every method
-    once, after one untimed call each, which also compiles the kernel). A method that raises, or whose terms differ from the torch ops' by more than
-    :data:`MATCH_RTOL`, is logged and left out; so is the kernel where the head dim has no variant. When the torch
-    ops themselves fail, nothing is timed (the kernel could not be checked)."""
+    once, after one untimed call each, which also compiles the kernel). A method that raises, or whose terms differ
+    from the torch ops' by more than :data:`MATCH_RTOL`, is logged and left out; so is the kernel where the head dim
+    has no variant. When the torch ops themselves fail, nothing is timed (the kernel could not be checked)."""
     from mosaickv_sglang.kernels.estimate_terms import ESTIMATE_TERMS_HEAD_DIMS
 
     try:
