@@ -30,7 +30,8 @@ from mosaickv_sglang.step_trace import SEALER_COUNTS
 
 SLOW_OVER_P50 = 1.1
 # what is looked for in a period's window, as (name, the trace's counts whose growth means it)
-GPU_WORK = ("seal_calls", "side_seals", "async_seals", "packs_after_launch", "starts_after_launch")
+GPU_WORK = ("seal_calls", "side_seals", "async_seals", "packs_after_launch", "starts_after_launch",
+            "slices_after_launch")  # fmt: skip
 CAUSES = (("MosaicKV GPU work launched", GPU_WORK), ("sidecar plans applied", ("plans_applied",)),
           ("garbage collection", ("gc_collections",)))  # fmt: skip
 BATCH_CHANGE = "batch size changed"

@@ -21,13 +21,21 @@ plan would make is made right after the current step's launch instead (``MOSAICK
 before, so the pack's host time fills that wait instead of delaying the next launch. Likewise a first half that a plan
 decides on is started (planned) right after that plan's step is launched (``MOSAICKV_PLAN_AFTER_LAUNCH``, on unless
 ``0``), once the sealer has seen that hook run: the plan only chooses the pages.
+
+That planner shares the GPU with the decode steps beside it: in the thirty-second GPU run its start after a launch
+made the step two iterations later 6.7 ms slower on average (a 15.3 ms step), the decode tail. With
+``MOSAICKV_SEAL_LAYER_SLICES=N`` (N > 1, beside the step, after the hook has run) the first half plans the first of N
+slices of the model's layers, and each later launch plans the next slice (:meth:`~mosaickv_sglang.sealer.Sealer.
+after_launch`), so each step shares the GPU with a fraction of the planner. A layer's plan depends only on that layer,
+so the plans are those of one call for all layers. A pack due before the last slice plans the rest first; a page
+freed meanwhile leaves the rest unplanned (the pack voids the seal, as it would have).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
@@ -38,8 +46,8 @@ from mosaickv_sglang.kernels.format import SegmentPlan, plans_granules
 
 __all__ = [
     "PACK_AFTER_LAUNCH_ENV", "PACK_SOONER_AFTER_ENV", "PLAN_AFTER_LAUNCH_ENV", "PendingSeal", "SEAL_ASYNC_ENV",
-    "pack_after_launch_enabled", "pack_sooner_after_plans", "plan_after_launch_enabled", "seal_async_enabled",
-    "seal_async_plans", "sizes_to_host",
+    "SEAL_LAYER_SLICES_ENV", "layer_slices", "pack_after_launch_enabled", "pack_sooner_after_plans",
+    "plan_after_launch_enabled", "seal_async_enabled", "seal_async_plans", "seal_layer_slices", "sizes_to_host",
 ]  # fmt: skip
 
 SEAL_ASYNC_ENV = "MOSAICKV_SEAL_ASYNC"
@@ -47,6 +55,7 @@ PACK_AFTER_LAUNCH_ENV = "MOSAICKV_PACK_AFTER_LAUNCH"
 PLAN_AFTER_LAUNCH_ENV = "MOSAICKV_PLAN_AFTER_LAUNCH"
 PACK_SOONER_AFTER_ENV = "MOSAICKV_PACK_SOONER_AFTER"
 DEFAULT_PACK_SOONER_AFTER = 1
+SEAL_LAYER_SLICES_ENV = "MOSAICKV_SEAL_LAYER_SLICES"
 
 
 def seal_async_plans() -> int:
@@ -68,6 +77,24 @@ def pack_sooner_after_plans() -> int:
     unless a plan lacks the room for its own new pages (see :attr:`~mosaickv_sglang.sealer.Sealer.pack_sooner_after`;
     an experiment, not measured yet)."""
     return positive_int_env(PACK_SOONER_AFTER_ENV, DEFAULT_PACK_SOONER_AFTER, " number of plans")
+
+
+def seal_layer_slices() -> int:
+    """``MOSAICKV_SEAL_LAYER_SLICES=N`` (at least 1; default 1, every layer at once): the slices of the model's layers
+    a first half planned after a launch is planned in, one slice a launch (see the module's docstring; an experiment,
+    not measured yet)."""
+    return positive_int_env(SEAL_LAYER_SLICES_ENV, 1, " number of layer slices")
+
+
+def layer_slices(num_layers: int, slices: int) -> List[range]:
+    """``num_layers`` layers cut into ``min(slices, num_layers)`` consecutive ranges whose sizes differ by at most one,
+    the larger first."""
+    if num_layers < 1 or slices < 1:
+        raise ValueError(f"layer_slices: expected num_layers and slices >= 1, got {num_layers} and {slices}")
+    n = min(slices, num_layers)
+    size, extra = divmod(num_layers, n)
+    bounds = np.cumsum([0] + [size + (i < extra) for i in range(n)])
+    return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def seal_async_enabled() -> bool:
@@ -104,13 +131,15 @@ class PendingSeal:
         The pages kept dense at that ratio (the sinks, or none in the last retry).
     reserve : numpy.ndarray
         The arena ledger's reservation for the pages (:meth:`~mosaickv_sglang.pool.ArenaLedger.reservation`).
+    slices : list of range
+        The slices of the layers it is planned in, in order (one: every layer at once).
     plans : list of SegmentPlan
-        One per layer.
-    sizes : torch.Tensor
-        The plans' payload granules, ``[L, P * H_kv * 2]`` on the host (pinned on CUDA), filled by a copy that
-        completes with ``ready``.
-    ready : torch.cuda.Event or None
-        Recorded after that copy on CUDA; ``None`` elsewhere (the copy is done).
+        One per layer of the slices planned so far (:meth:`add_slice`).
+    sizes : list of torch.Tensor
+        A slice's plans' payload granules each, ``[layers, P * H_kv * 2]`` on the host (pinned on CUDA), filled by a
+        copy that completes with the slice's event in ``ready``.
+    ready : list of torch.cuda.Event or None
+        Recorded after those copies on CUDA; ``None`` elsewhere (the copy is done).
     plans_waited : int
         Plans since the one that planned it.
     waited_seconds : float
@@ -124,23 +153,46 @@ class PendingSeal:
     ratio: float
     dense_mask: np.ndarray
     reserve: np.ndarray
-    plans: List[SegmentPlan]
-    sizes: torch.Tensor
-    ready: Optional["torch.cuda.Event"]
+    slices: List[range]
+    plans: List[SegmentPlan] = field(default_factory=list)
+    sizes: List[torch.Tensor] = field(default_factory=list)
+    ready: List[Optional["torch.cuda.Event"]] = field(default_factory=list)
     plans_waited: int = 0
     waited_seconds: float = 0.0
+
+    @property
+    def next_slice(self) -> Optional[range]:
+        """The first slice not planned yet, or ``None`` when every layer is."""
+        return self.slices[len(self.sizes)] if len(self.sizes) < len(self.slices) else None
+
+    def add_slice(self, plans: List[SegmentPlan]) -> None:
+        """The plans of :attr:`next_slice`, their sizes' copy to the host started (:func:`sizes_to_host`)."""
+        want = self.next_slice
+        if want is None or len(plans) != len(want):
+            raise ValueError(f"plans: expected the {len(want or ())} plans of slice {want}, got {len(plans)}")
+        sizes, ready = sizes_to_host(plans)
+        self.plans.extend(plans)
+        self.sizes.append(sizes)
+        self.ready.append(ready)
 
     def live(self, page_epoch: np.ndarray) -> np.ndarray:
         """shape ``[P]``, bool: the pages neither freed nor sealed since they were planned."""
         return page_epoch[self.pages] == self.epochs
 
     def host_sizes(self) -> np.ndarray:
-        """The payload granules, waiting for their copy if it is still running (that wait in :attr:`waited_seconds`)."""
-        if self.ready is not None and not self.ready.query():
-            t0 = time.perf_counter()
-            self.ready.synchronize()
+        """Every layer's payload granules (all slices planned), waiting for their copies if still running (that wait
+        in :attr:`waited_seconds`)."""
+        if self.next_slice is not None:
+            raise RuntimeError(f"host_sizes: slices {self.slices[len(self.sizes):]} of the seal are not planned yet")
+        t0 = time.perf_counter()
+        waited = False
+        for ready in self.ready:
+            if ready is not None and not ready.query():
+                ready.synchronize()
+                waited = True
+        if waited:
             self.waited_seconds = time.perf_counter() - t0
-        return self.sizes.numpy()
+        return np.concatenate([s.numpy() for s in self.sizes])
 
 
 def sizes_to_host(plans: List[SegmentPlan]) -> "tuple[torch.Tensor, Optional[torch.cuda.Event]]":

@@ -15,6 +15,10 @@ energy enters only the estimator's per-layer floor, 1e-12 of the mean value ener
 context's error norm but a degenerate one's). A seal larger than every bucket, one with nothing to choose, or one
 planned before every layer's query window is full is planned without a graph.
 
+A seal planned in layer slices (``MOSAICKV_SEAL_LAYER_SLICES``, :mod:`.pending_seal`) replays a graph of the bucket
+and the slice's layers: each layer's plan depends only on that layer (its own budget and Lagrange multiplier), so the
+slices' plans are those of the whole seal.
+
 A bucket's graph is captured at its first seal (logged with its memory); every graph shares one memory pool and
 replays on one stream, so that no two run at once. Off CUDA there is no graph: the same padded device half runs
 eagerly, which is what the CPU tests compare with the one-call planner.
@@ -44,9 +48,9 @@ __all__ = ["ENV_VAR", "SealGraphs", "seal_graph_buckets"]
 
 ENV_VAR = "MOSAICKV_SEAL_GRAPH_PAGES"
 
-Gather = Callable[[torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]]
-"""``(slots [P * S] on the pool's device, P) -> (keys, values)``, each ``[L, P * H_kv, S, d]``, page-major and
-head-minor (the sealer's gather)."""
+Gather = Callable[[torch.Tensor, int, range], Tuple[torch.Tensor, torch.Tensor]]
+"""``(slots [P * S] on the pool's device, P, layers) -> (keys, values)``, each ``[len(layers), P * H_kv, S, d]``,
+page-major and head-minor (the sealer's gather)."""
 
 
 def seal_graph_buckets() -> Tuple[int, ...]:
@@ -67,11 +71,16 @@ def seal_graph_buckets() -> Tuple[int, ...]:
 @dataclass(eq=False)
 class _Bucket:
     pages: int
+    layers: range  # the layers it plans (all, or a slice: MOSAICKV_SEAL_LAYER_SLICES)
     call: LayersCall
     meta: Optional[torch.Tensor] = None  # [host_meta | physical pages], int64, on the device
-    queries: Optional[torch.Tensor] = None  # [L, H_kv, W, G, d] fp32
+    queries: Optional[torch.Tensor] = None  # [len(layers), H_kv, W, G, d] fp32
     plan: Optional[fmt.SegmentPlan] = None  # the graph's outputs
     graph: Optional["torch.cuda.CUDAGraph"] = None
+
+
+def _layers_note(layers: range, num_layers: int) -> str:
+    return "" if len(layers) == num_layers else f", layers {layers.start}-{layers.stop - 1}"
 
 
 class SealGraphs:
@@ -119,7 +128,7 @@ class SealGraphs:
         self.max_segments, self.max_chunk_bytes = max_segments, max_chunk_bytes
         self.device = torch.device(device)
         self.on_cuda = self.device.type == "cuda"
-        self._buckets: Dict[int, _Bucket] = {}
+        self._buckets: Dict[Tuple[int, int, int], _Bucket] = {}  # by (pages, first layer, end layer)
         self.stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self._pool = torch.cuda.graph_pool_handle() if self.on_cuda else None
         self.replays = 0  # seals planned through a bucket (off CUDA: its padded device half run eagerly)
@@ -143,29 +152,34 @@ class SealGraphs:
         """The smallest bucket of at least ``pages`` pages, or ``None``."""
         return next((b for b in self.buckets if b >= pages), None)
 
-    def plan(self, physical_pages: np.ndarray, queries: torch.Tensor, always_dense: np.ndarray,
-             budget_bytes: int) -> Optional[List[fmt.SegmentPlan]]:  # fmt: skip
-        """Every layer's plan for the pages at ``physical_pages`` (shape ``[P]`` int64, on the host), or ``None``
-        when no graph applies (the caller plans without one).
+    def plan(self, physical_pages: np.ndarray, queries: torch.Tensor, always_dense: np.ndarray, budget_bytes: int,
+             layers: Optional[range] = None) -> Optional[List[fmt.SegmentPlan]]:  # fmt: skip
+        """The plan of each of ``layers`` (default: every layer; a slice of them has a graph of its own) for the
+        pages at ``physical_pages`` (shape ``[P]`` int64, on the host), or ``None`` when no graph applies (the caller
+        plans without one).
 
-        ``queries``: every layer's full query window, shape ``[L, H_kv, W, G, d]`` fp32 on the pool's device.
-        ``always_dense``: shape ``[P * H_kv]`` bool on the host (page-major, head-minor). ``budget_bytes``: each
-        layer's budget for the ``P * H_kv`` segments."""
+        ``queries``: those layers' full query windows, shape ``[len(layers), H_kv, W, G, d]`` fp32 on the pool's
+        device. ``always_dense``: shape ``[P * H_kv]`` bool on the host (page-major, head-minor). ``budget_bytes``:
+        each layer's budget for the ``P * H_kv`` segments."""
+        layers = range(self.num_layers) if layers is None else layers
+        if layers.step != 1 or not 0 <= layers.start < layers.stop <= self.num_layers:
+            raise ValueError(f"layers: expected a range of consecutive layers within {self.num_layers}, got {layers}")
         p = int(physical_pages.size)
         bucket = self.bucket_for(p)
         if self.failed is not None or bucket is None or p == 0:
             return None
-        h = self.num_kv_heads
-        shape = (self.num_layers, h, self.window, self.group_size, self.head_dim)
+        h, nl = self.num_kv_heads, len(layers)
+        shape = (nl, h, self.window, self.group_size, self.head_dim)
         if tuple(queries.shape) != shape:
             raise ValueError(f"queries: expected shape {list(shape)}, got {list(queries.shape)}")
-        b = self._buckets.get(bucket)
+        key = (bucket, layers.start, layers.stop)
+        b = self._buckets.get(key)
         if b is None:
-            b = self._buckets[bucket] = _Bucket(bucket, self._call(bucket))
+            b = self._buckets[key] = _Bucket(bucket, layers, self._call(bucket, nl))
         pad = (bucket - p) * h
         dense_b = dense_segment_bytes(self.page_size, self.head_dim)
         ad = np.concatenate([np.asarray(always_dense, dtype=bool), np.ones(pad, dtype=bool)])
-        budgets = [int(budget_bytes) + pad * dense_b] * self.num_layers
+        budgets = [int(budget_bytes) + pad * dense_b] * nl
         if not needs_estimate(b.call, ad, budgets):
             return None
         labels = np.concatenate([np.tile(np.arange(h, dtype=np.int64), p), np.full(pad, h, dtype=np.int64)])
@@ -182,12 +196,12 @@ class SealGraphs:
         return plans
 
     # --- the device half, padded ------------------------------------------------------------------------------------
-    def _call(self, pages: int) -> LayersCall:
-        """The planner call of a ``pages``-page bucket (shapes only: no tensor is read)."""
+    def _call(self, pages: int, num_layers: int) -> LayersCall:
+        """The planner call of a ``pages``-page bucket of ``num_layers`` layers (shapes only: no tensor is read)."""
         h, s, d = self.num_kv_heads, self.page_size, self.head_dim
-        like = torch.empty((self.num_layers, pages * h, s, d), device="meta")
+        like = torch.empty((num_layers, pages * h, s, d), device="meta")
         dense_b = dense_segment_bytes(s, d)
-        call, _, _, _ = prepare_layers(like, like, [pages * h * dense_b] * self.num_layers,
+        call, _, _, _ = prepare_layers(like, like, [pages * h * dense_b] * num_layers,
                                        np.zeros(pages * h, dtype=np.int64), None, self.menu, None, 1.0, "novelty",
                                        self.max_segments, self.max_chunk_bytes)  # fmt: skip
         # one context per KV head, and one for the padding pages
@@ -200,14 +214,14 @@ class SealGraphs:
         k = host_meta_size(call)
         phys = b.meta[k:]
         slots = (phys[:, None] * s + torch.arange(s, device=phys.device)[None, :]).reshape(-1)
-        keys, values = self.gather(slots, p)
-        queries = [b.queries[layer].expand(p, *b.queries.shape[1:]) for layer in range(self.num_layers)]
+        keys, values = self.gather(slots, p, b.layers)
+        queries = [b.queries[i].expand(p, *b.queries.shape[1:]) for i in range(len(b.layers))]
         plan, *_ = plan_on_device(call, keys, values, queries, None, b.meta[:k], must_plan=True)
         return plan
 
     def _copy_out(self, b: _Bucket, plan: fmt.SegmentPlan, pages: int) -> List[fmt.SegmentPlan]:
-        """Each layer's plan of the first ``pages`` pages, copied out of ``plan`` (the bucket's, every layer's)."""
-        nl, nb, n = self.num_layers, b.call.segments, pages * self.num_kv_heads
+        """Each layer's plan of the first ``pages`` pages, copied out of ``plan`` (the bucket's, all its layers')."""
+        nl, nb, n = len(b.layers), b.call.segments, pages * self.num_kv_heads
         dev = plan.token_keep.device
 
         def real_rows(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -237,7 +251,7 @@ class SealGraphs:
         cur = torch.cuda.current_stream(dev)
         try:
             b.meta = to_device(torch.from_numpy(meta), dev)
-            b.queries = torch.zeros((self.num_layers, self.num_kv_heads, self.window, self.group_size,
+            b.queries = torch.zeros((len(b.layers), self.num_kv_heads, self.window, self.group_size,
                                      self.head_dim), dtype=torch.float32, device=dev)  # fmt: skip
             self.stream.wait_stream(cur)
             with torch.cuda.stream(self.stream):
@@ -266,9 +280,10 @@ class SealGraphs:
         self.graph_bytes += max(0, grown)
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
-        logger.info("MosaicKV: captured the seal planner's CUDA graph of %d pages in %.2f s (its memory pool grew by "
-                    "%.0f MiB; the warm-up's %.0f MiB given back when the scheduler is next idle)", b.pages,
-                    time.perf_counter() - t0, grown / 2**20, warm_up / 2**20)  # fmt: skip
+        logger.info("MosaicKV: captured the seal planner's CUDA graph of %d pages%s in %.2f s (its memory pool grew "
+                    "by %.0f MiB; the warm-up's %.0f MiB given back when the scheduler is next idle)", b.pages,
+                    _layers_note(b.layers, self.num_layers), time.perf_counter() - t0, grown / 2**20,
+                    warm_up / 2**20)  # fmt: skip
         return True
 
     def _replay(self, b: _Bucket, meta: np.ndarray, queries: torch.Tensor, pages: int) -> List[fmt.SegmentPlan]:

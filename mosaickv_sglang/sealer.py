@@ -37,8 +37,8 @@ from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.pending_seal import (
-    PendingSeal, pack_after_launch_enabled, pack_sooner_after_plans, plan_after_launch_enabled, seal_async_plans,
-    sizes_to_host,
+    PendingSeal, layer_slices, pack_after_launch_enabled, pack_sooner_after_plans, plan_after_launch_enabled,
+    seal_async_plans, seal_layer_slices,
 )  # fmt: skip
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
@@ -379,6 +379,11 @@ class Sealer:
     packs_after_launch, starts_after_launch, after_launch_seconds : int, int, float
         Pending seals packed (or voided) there, first halves planned there, and the scheduler time
         :meth:`after_launch` took for both.
+    layer_slices : int
+        ``MOSAICKV_SEAL_LAYER_SLICES`` (default 1): a first half planned after a launch plans the first of that many
+        slices of the layers, each later launch the next (:mod:`.pending_seal`).
+    slices_after_launch, slices_caught_up : int
+        Later slices planned after a launch, and those a pack due sooner planned itself.
     rows_read : dict
         With the overlap scheduler: plans by ``(kind, how their rows were read)`` (:meth:`note_rows_read`).
     """
@@ -434,6 +439,9 @@ class Sealer:
         self.pack_wait_seconds = 0.0
         self.starts_after_launch = 0
         self.after_launch_seconds = 0.0
+        self.layer_slices = seal_layer_slices()
+        self.slices_after_launch = 0
+        self.slices_caught_up = 0
         self._launch_hooked = False  # after_launch was called: SGLang's hook after run_batch runs in this process
         # (pages, their epochs, sinks) whose first half a plan left to after_launch (as _deferred)
         self._to_start: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
@@ -654,9 +662,10 @@ class Sealer:
         t0 = time.perf_counter()
         packed = self._pack_after_launch()
         started = self._start_after_launch()
-        if packed or started:
+        sliced = not (packed or started) and self._slice_after_launch()
+        if packed or started or sliced:
             self.after_launch_seconds += time.perf_counter() - t0
-        return packed or started
+        return packed or started or sliced
 
     def _after_launch_stream(self) -> contextlib.AbstractContextManager:
         """The last plan's stream (SGLang's forward stream, which the hook's caller may not be on) as the current one,
@@ -685,6 +694,29 @@ class Sealer:
             self._start_chosen()
         self.starts_after_launch += 1
         return True
+
+    def _slice_after_launch(self) -> bool:
+        """The next layer slice of the pending seal (``MOSAICKV_SEAL_LAYER_SLICES``), as its first one: on the side
+        stream, which the forward stream does not wait for. None while a page of it was freed or sealed since it was
+        planned: the pack voids it."""
+        pending = self._pending
+        if pending is None or pending.next_slice is None or not pending.live(self.pool.page_epoch).all():
+            return False
+        with self._after_launch_stream(), self._beside_step(forward_waits=False), self._seal_time(count_call=False):
+            self._plan_slice(pending)
+        self.slices_after_launch += 1
+        return True
+
+    def _plan_slice(self, pending: PendingSeal) -> None:
+        """Plan :attr:`PendingSeal.next_slice` of ``pending``."""
+        pending.add_slice(self._timed_plan_layers(pending.pages, pending.dense_mask, pending.ratio,
+                                                  pending.next_slice))  # fmt: skip
+
+    def _slices_for_start(self) -> List[range]:
+        """The layer slices a first half started now is planned in: :attr:`layer_slices` of them when later launches
+        will plan them (beside the step, the hook seen), else one."""
+        n = self.layer_slices if self.seal_beside_step and self._launch_hooked else 1
+        return layer_slices(self.pool.layer_num, n)
 
     def _start_chosen(self) -> None:
         """:meth:`start_seal` of the pages a plan left to :meth:`after_launch`, those of them still holding what they
@@ -791,7 +823,8 @@ class Sealer:
             beside += (f" ({self.async_seals} packed {self.seal_async_plans} plans later or sooner, "
                        f"{self.pending_voided} voided, {self.packs_sooner} taken sooner for a hot pool below "
                        f"{self.pack_water_pages} free pages; after a launch {self.packs_after_launch} packed and "
-                       f"{self.starts_after_launch} planned in {self.after_launch_seconds:.1f} s; "
+                       f"{self.starts_after_launch} planned{self._slices_status()} in "
+                       f"{self.after_launch_seconds:.1f} s; "
                        f"{self.packs_waited} waited {1e3 * self.pack_wait_seconds:.0f} ms for their planner)"
                        )  # fmt: skip
         if self.seal_graphs is not None:
@@ -814,6 +847,12 @@ class Sealer:
             self.pool.admissible_tokens(), self.pool.store.compression_ratio(), sidecar, self.stalls.summary(),
         )  # fmt: skip
         self._logged_at, self._logged_sealed = now, self.pages_sealed
+
+    def _slices_status(self) -> str:
+        if self.layer_slices < 2:
+            return ""
+        return (f" in {self.layer_slices} layer slices, {self.slices_after_launch} later slices after a launch, "
+                f"{self.slices_caught_up} by a pack")  # fmt: skip
 
     # --- planning and sealing ----------------------------------------------------------------------------------------
     def _page_slots(self, pages: np.ndarray) -> torch.Tensor:
@@ -856,9 +895,10 @@ class Sealer:
             buckets=buckets, max_segments=self.plan_max_segments, max_chunk_bytes=self.plan_max_chunk_bytes,
             device=torch.device(pool.device))  # fmt: skip
 
-    def _gather_layers(self, slots: torch.Tensor, num_pages: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Dense K and V segments of every layer at ``slots`` (:meth:`_stacked_segments`)."""
-        layers = range(self.pool.layer_num)
+    def _gather_layers(self, slots: torch.Tensor, num_pages: int,
+                       layers: Optional[range] = None) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Dense K and V segments of ``layers`` (default: every layer) at ``slots`` (:meth:`_stacked_segments`)."""
+        layers = range(self.pool.layer_num) if layers is None else layers
         return (self._stacked_segments([self.pool.k_buffer[li] for li in layers], slots, num_pages),
                 self._stacked_segments([self.pool.v_buffer[li] for li in layers], slots, num_pages))  # fmt: skip
 
@@ -899,26 +939,30 @@ class Sealer:
                                always_dense=always, menu=self.menu)  # fmt: skip
         return result.plan
 
-    def plan_layers(self, pages: np.ndarray, sink_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:
-        """Fast plans of every local layer for ``pages`` in one planner call: for each layer, the plan
-        :meth:`plan_layer` (the per-layer reference) gives, with a constant number of host reads per seal. With seal
-        graphs and every layer's query window full (:meth:`QueryWindow.full_window`), through the pages' bucket."""
+    def plan_layers(self, pages: np.ndarray, sink_mask: np.ndarray, ratio: float,
+                    layers: Optional[range] = None) -> List[SegmentPlan]:  # fmt: skip
+        """Fast plans of ``layers`` (default: every local layer) for ``pages`` in one planner call: for each layer, the
+        plan :meth:`plan_layer` (the per-layer reference) gives, with a constant number of host reads per seal. With
+        seal graphs and every layer's query window full (:meth:`QueryWindow.full_window`), through the pages'
+        bucket."""
         pool = self.pool
         h = int(pool.head_num)
+        layers = range(pool.layer_num) if layers is None else layers
         phys = pool.physical_pages(torch.from_numpy(pages))  # on the host
         always_dense = np.repeat(np.asarray(sink_mask, dtype=bool), h)
         budget = self._budget(sink_mask, ratio)
         full = self.window.full_window() if self.seal_graphs is not None else None
         if full is not None:
-            plans = self.seal_graphs.plan(phys.numpy().astype(np.int64), full, always_dense, budget)
+            plans = self.seal_graphs.plan(phys.numpy().astype(np.int64), full[layers.start:layers.stop], always_dense,
+                                          budget, layers)  # fmt: skip
             if plans is not None:
                 return plans
         # views, copied a planner chunk at a time: q[heads] of every layer held at once was half of a 128-page seal's
         # transient memory on the 8B shape (2.1 of 4.1 GB, ninth run)
         queries = [None if q is None else q.expand(pages.size, *q.shape)
-                   for q in map(self.window.queries, range(pool.layer_num))]  # fmt: skip
-        keys, values = self._gather_layers(self._slots(phys), pages.size)
-        results = plan_fast_layers(keys, values, budget_bytes=[budget] * pool.layer_num, queries=queries,
+                   for q in map(self.window.queries, layers)]  # fmt: skip
+        keys, values = self._gather_layers(self._slots(phys), pages.size, layers)
+        results = plan_fast_layers(keys, values, budget_bytes=[budget] * len(layers), queries=queries,
                                    group_ids=np.tile(np.arange(h), pages.size), always_dense=always_dense,
                                    menu=self.menu, max_segments=self.plan_max_segments,
                                    max_chunk_bytes=self.plan_max_chunk_bytes)  # fmt: skip
@@ -968,15 +1012,17 @@ class Sealer:
                 self._no_room(pages)
                 return False
             ratio, dense_mask, reserve = fitting
-            plans = self._timed_plan_layers(pages, dense_mask, ratio)
-            self._pending = PendingSeal(pages, sink_mask, self.pool.page_epoch[pages].copy(), ratio, dense_mask,
-                                        reserve, plans, *sizes_to_host(plans))  # fmt: skip
+            pending = PendingSeal(pages, sink_mask, self.pool.page_epoch[pages].copy(), ratio, dense_mask, reserve,
+                                  self._slices_for_start())  # fmt: skip
+            pending.add_slice(self._timed_plan_layers(pages, dense_mask, ratio, pending.next_slice))
+            self._pending = pending
             return True
 
-    def _timed_plan_layers(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float) -> List[SegmentPlan]:
+    def _timed_plan_layers(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float,
+                           layers: Optional[range] = None) -> List[SegmentPlan]:  # fmt: skip
         """:meth:`plan_layers`, its time counted in :attr:`seal_plan_seconds`."""
         t_plan = time.perf_counter()
-        plans = self.plan_layers(pages, dense_mask, ratio)
+        plans = self.plan_layers(pages, dense_mask, ratio, layers)
         self.seal_plan_seconds += time.perf_counter() - t_plan
         return plans
 
@@ -997,6 +1043,9 @@ class Sealer:
                 self._defer(np.concatenate([held, pending.pages[live]]),
                             np.concatenate([held_sinks, pending.sink_mask[live]]))  # fmt: skip
                 return False
+            while pending.next_slice is not None:  # due before later launches planned every slice
+                self._plan_slice(pending)
+                self.slices_caught_up += 1
             sealed = self._commit(pending.pages, pending.ratio, pending.dense_mask, pending.reserve, pending.plans,
                                   sizes=pending.host_sizes())  # fmt: skip
             self.packs_waited += int(pending.waited_seconds > 0)

@@ -2,12 +2,13 @@
 """A row per scheduler step, for finding what the slow decode steps share (``MOSAICKV_STEP_TRACE=<prefix>``).
 
 The decode step histogram (:mod:`mosaickv_sglang.step_timer`) says how long the slow steps are, not why. With
-``MOSAICKV_STEP_TRACE`` set, each scheduler process writes ``<prefix>.<pid>.csv``: at every ``Scheduler.run_batch``
-the clock, the batch's mode, size and total context, and the running counts of the sealer's GPU work (seal calls,
-seals and packs beside a step or after a launch, pages sealed, packs that waited for their planner), the sidecar's
-plans applied and the collector's garbage collections. ``python -m bench.step_trace`` turns the rows into decode step
-periods (the step timer's own rule) and sets the slow ones beside the work launched around them. A stock server (no
-``--kv-compressor``) writes the same rows with the MosaicKV counts left empty, so both can be read the same way.
+``MOSAICKV_STEP_TRACE`` set, each scheduler process writes ``<prefix>.<pid>.csv``: at every ``Scheduler.run_batch`` the
+clock, the batch's mode, size and total context, and the running counts of the sealer's GPU work (seal calls, seals,
+packs and layer slices beside a step or after a launch, pages sealed, packs that waited for their planner), the
+sidecar's plans applied and the collector's garbage collections. ``python -m bench.step_trace`` turns the rows into
+decode step periods (the step timer's own rule) and sets the slow ones beside the work launched around them. A stock
+server (no ``--kv-compressor``) writes the same rows with the MosaicKV counts left empty, so both can be read the same
+way.
 
 Rows are written in blocks, at most every :data:`FLUSH_SECONDS` on the scheduler thread, and when the scheduler goes
 idle (``patches/metrics.py``): a load's last steps are on disk before the next load starts.
@@ -26,7 +27,7 @@ STEP_TRACE_ENV = "MOSAICKV_STEP_TRACE"
 FLUSH_SECONDS = 1.0
 # running counts read off the Sealer, in the order they are written
 SEALER_COUNTS = ("seal_calls", "side_seals", "async_seals", "packs_after_launch", "starts_after_launch",
-                 "pages_sealed", "packs_waited")  # fmt: skip
+                 "slices_after_launch", "pages_sealed", "packs_waited")  # fmt: skip
 FIELDS = ("t", "decode", "overlapped", "batch_size", "context_tokens") + SEALER_COUNTS + ("plans_applied",
                                                                                           "gc_collections")
 

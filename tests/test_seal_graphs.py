@@ -36,10 +36,10 @@ class PoolCase:
         self.v = [(torch.randn(slots, h, d, generator=gen) + 0.5).to(self.device, dtype) for _ in range(layers)]
         self.window = (1.5 * torch.randn(layers, h, w, g, d, generator=gen)).to(self.device)
 
-    def gather(self, slots: torch.Tensor, num_pages: int):
+    def gather(self, slots: torch.Tensor, num_pages: int, layers: range):
         def segments(bufs):
-            return torch.stack([b[slots].view(num_pages, self.s, self.h, self.d).permute(0, 2, 1, 3)
-                                .reshape(num_pages * self.h, self.s, self.d) for b in bufs])  # fmt: skip
+            return torch.stack([bufs[layer][slots].view(num_pages, self.s, self.h, self.d).permute(0, 2, 1, 3)
+                                .reshape(num_pages * self.h, self.s, self.d) for layer in layers])  # fmt: skip
 
         return segments(self.k), segments(self.v)
 
@@ -53,7 +53,7 @@ class PoolCase:
         """The sealer's one-call planner on the same pages (Sealer.plan_layers without graphs)."""
         p = phys.size
         slots = (torch.from_numpy(phys)[:, None] * self.s + torch.arange(self.s)[None, :]).reshape(-1).to(self.device)
-        keys, values = self.gather(slots, p)
+        keys, values = self.gather(slots, p, range(self.layers))
         queries = [self.window[layer].expand(p, *self.window.shape[1:]) for layer in range(self.layers)]
         results = plan_fast_layers(keys, values, budget_bytes=[budget] * self.layers, queries=queries,
                                    group_ids=np.tile(np.arange(self.h), p), always_dense=np.repeat(sinks, self.h),
@@ -224,3 +224,26 @@ def test_the_idle_hook_releases_the_seal_graphs_cache_of_a_mosaic_scheduler():
         assert released == [1]
     finally:
         register_sealer(None)
+
+
+@pytest.mark.parametrize("cuts", [((0, 1), (1, 3), (3, 4)), ((0, 2), (2, 4)), ((0, 4),)])
+def test_layer_slices_of_a_bucket_give_the_whole_seals_plans(cuts):
+    """Each slice of the layers replays a graph of its own (bucket and layers) and gets those layers' plans of the
+    whole seal; a slice is checked for its layers and its queries' shape."""
+    case = PoolCase(11, 4, 2, 16, 64, 3, w=4, num_pages=16, dtype=torch.float16)
+    menu = axes_menu("both", 16, 64, lowrank=False)
+    phys = np.array([9, 2, 5, 14, 0], dtype=np.int64)
+    sinks = np.array([True, False, False, False, False])
+    b = budget(5, 2, 16, 64, sinks, 2.5)
+    graphs = case.graphs((8,), menu)
+    sliced = []
+    for lo, hi in cuts:
+        got = graphs.plan(phys, case.window[lo:hi], np.repeat(sinks, 2), b, range(lo, hi))
+        assert got is not None and len(got) == hi - lo
+        sliced += got
+    assert_same_plans(sliced, case.one_call(phys, sinks, b, menu))
+    assert graphs.replays == len(cuts) and len(graphs._buckets) == len(cuts)
+    with pytest.raises(ValueError, match="layers: expected a range of consecutive layers within 4"):
+        graphs.plan(phys, case.window, np.repeat(sinks, 2), b, range(2, 6))
+    with pytest.raises(ValueError, match=r"queries: expected shape \[2, 2, 4, 3, 64\]"):
+        graphs.plan(phys, case.window[:3], np.repeat(sinks, 2), b, range(1, 3))

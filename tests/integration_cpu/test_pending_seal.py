@@ -343,7 +343,7 @@ def test_a_pack_that_waits_for_its_planner_is_counted_and_logged(caplog, landed)
     sealer = sc.mosaic.sealer
     sealer.seal_async, sealer.seal_async_plans = True, 1
     assert sealer.start_seal(pages, sinks)
-    sealer._pending.ready = _Copy(landed, 0.03)
+    sealer._pending.ready = [_Copy(landed, 0.03)]
     assert sealer.finish_seal()
     waited = 0 if landed else 1
     assert sealer.packs_waited == waited and (sealer.pack_wait_seconds >= 0.03) == (not landed)
@@ -522,13 +522,14 @@ def test_a_page_freed_between_the_plan_and_its_launch_is_left_out_of_the_first_h
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(["choose", "plan", "launch", "free"]), st.integers(0, 63)), max_size=20),
-       st.integers(1, 3))  # fmt: skip
-def test_random_plans_launches_and_frees_seal_every_live_chosen_page_and_no_freed_one(ops, plans):
+       st.integers(1, 3), st.integers(1, 2))  # fmt: skip
+def test_random_plans_launches_and_frees_seal_every_live_chosen_page_and_no_freed_one(ops, plans, slices):
     """Random plans that choose due pages, plans that choose none, launches (the hook after ``run_batch``) and frees
     of dense, pending or sealed pages, with both halves after the launch: the pool's invariants hold after every step,
     and once plans and launches run on with nothing new, every chosen page still held is sealed, none freed is, and
-    nothing is left to plan or pack."""
+    nothing is left to plan or pack; in one layer slice or two (MOSAICKV_SEAL_LAYER_SLICES)."""
     sc, sealer, pages, sinks = _hooked(12, plans)
+    sealer.layer_slices = slices
     sink_of = dict(zip(pages.tolist(), sinks.tolist()))
     freed: set = set()
     chosen: set = set()
@@ -863,3 +864,81 @@ def test_on_cuda_the_first_half_planned_after_a_launch_runs_beside_the_step_and_
     torch.cuda.synchronize()
     assert sealer.pages_sealed >= pages.size - half and side.pool.store.is_sealed(torch.from_numpy(pages)).all()
     side.pool.check_invariants()
+
+
+def test_layer_slices_come_from_the_environment_and_cut_the_layers_evenly(monkeypatch):
+    monkeypatch.delenv(pending_seal.SEAL_LAYER_SLICES_ENV, raising=False)
+    assert pending_seal.seal_layer_slices() == 1
+    monkeypatch.setenv(pending_seal.SEAL_LAYER_SLICES_ENV, "4")
+    assert pending_seal.seal_layer_slices() == 4
+    monkeypatch.setenv(pending_seal.SEAL_LAYER_SLICES_ENV, "0")
+    with pytest.raises(ValueError, match="MOSAICKV_SEAL_LAYER_SLICES"):
+        pending_seal.seal_layer_slices()
+    assert pending_seal.layer_slices(32, 4) == [range(0, 8), range(8, 16), range(16, 24), range(24, 32)]
+    assert pending_seal.layer_slices(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
+    assert pending_seal.layer_slices(2, 5) == [range(0, 1), range(1, 2)]
+    assert pending_seal.layer_slices(3, 1) == [range(0, 3)]
+
+
+def _sliced(seed: int, plans: int, slices: int) -> tuple:
+    """:func:`_hooked` with the first half planned in ``slices`` layer slices, and a whole seal of the same pages in a
+    scenario of its own: ``(scenario, sealer, pages, sinks, whole scenario)``."""
+    whole, pages, sinks = _filled(seed)
+    order = np.argsort(pages)  # a plan seals its due pages in page order
+    assert whole.mosaic.sealer.seal(pages[order], sinks[order])
+    sc, sealer, pages, sinks = _hooked(seed, plans)
+    sealer.layer_slices = slices
+    return sc, sealer, pages, sinks, whole
+
+
+def test_in_layer_slices_each_launch_plans_the_next_and_the_pack_packs_what_a_whole_seal_packs():
+    sc, sealer, pages, sinks, whole = _sliced(5, plans=3, slices=2)
+    _choosing_plan(sealer, pages, sinks)
+    assert sealer.after_launch() and sealer.starts_after_launch == 1
+    pending = sealer._pending
+    assert pending.slices == [range(0, 1), range(1, 2)] and len(pending.plans) == 1
+    assert pending.next_slice == range(1, 2)
+    _plan(sealer)
+    with HostSyncCounter() as count:
+        assert sealer.after_launch()  # the second slice, beside the step just launched
+    assert not _device_syncs(count) and count.puts == 0, dict(count.by_site)
+    assert sealer.slices_after_launch == 1 and pending.next_slice is None and len(pending.plans) == 2
+    assert sealer.pages_sealed == 0 and sealer.side_seals == 2
+    _plan(sealer)
+    assert sealer.after_launch() and sealer.packs_after_launch == 1  # the next plan, its third, would pack it
+    assert (sealer.async_seals, sealer.pages_sealed, sealer.slices_caught_up) == (1, pages.size, 0)
+    for a, b in zip(_store_state(whole), _store_state(sc)):
+        assert torch.equal(a, b)
+    _plan(sealer)
+    assert sealer.after_launch() is False and sealer.slices_after_launch == 1  # nothing left to plan or pack
+
+
+def test_a_pack_due_before_the_last_slice_plans_the_rest_itself_and_packs_the_same():
+    sc, sealer, pages, sinks, whole = _sliced(5, plans=1, slices=2)
+    _choosing_plan(sealer, pages, sinks)
+    assert sealer.after_launch() and sealer._pending.next_slice == range(1, 2)
+    _plan(sealer)  # its first plan packs it (one plan later), before a launch planned the second slice
+    assert sealer._pending is None and sealer.slices_caught_up == 1 and sealer.slices_after_launch == 0
+    assert sealer.pages_sealed == pages.size
+    for a, b in zip(_store_state(whole), _store_state(sc)):
+        assert torch.equal(a, b)
+
+
+def test_a_page_freed_between_slices_leaves_the_rest_unplanned_and_the_pack_voids_the_seal():
+    sc, sealer, pages, sinks, _ = _sliced(11, plans=3, slices=2)
+    _choosing_plan(sealer, pages, sinks)
+    assert sealer.after_launch()
+    gone = int(np.sort(pages)[0])
+    sc.pool.free_pages(torch.tensor([gone]))
+    _plan(sealer)
+    assert sealer.after_launch() is False and sealer._pending.next_slice == range(1, 2)  # nothing planned for it
+    assert sealer.slices_after_launch == 0
+    _plan(sealer)
+    assert sealer.after_launch()  # the pack its third plan would make: voided, the live pages due again
+    assert sealer.pending_voided == 1 and sealer.slices_caught_up == 0 and sealer.pages_sealed == 0
+    for _ in range(6):
+        _plan(sealer)
+        sealer.after_launch()
+    assert sealer.pages_sealed == pages.size - 1 and sealer._pending is None
+    assert sc.pool.store.is_sealed(torch.from_numpy(np.sort(pages)[1:])).all()
+    sc.pool.check_invariants()

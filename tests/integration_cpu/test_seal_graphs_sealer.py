@@ -87,3 +87,16 @@ def test_pages_sealed_through_a_bucket_pack_as_without_it(monkeypatch, caplog):
     with caplog.at_level("INFO", logger="mosaickv_sglang.sealer"):
         sealers[0].maybe_log_status(now=1e12)
     assert "(seal graphs: 1 replays, 0 captured in 0.0 s, 0 MiB)" in caplog.text
+
+
+def test_a_layer_slice_plans_its_layers_as_all_layers_at_once(monkeypatch):
+    """MOSAICKV_SEAL_LAYER_SLICES' unit: plan_layers of one layer at a time gives each layer the plan of one call for
+    all of them, through the bucket's slice graphs (a graph per slice) and without graphs."""
+    pool = _pool(6)
+    graphed, plain = _sealer(pool, monkeypatch, "8"), _sealer(pool, monkeypatch, "")
+    _observe((graphed, plain), WINDOW, 7)
+    whole = plain.plan_layers(PAGES, SINKS, 3.0)
+    for sealer in (graphed, plain):
+        sliced = [plan for li in range(LAYERS) for plan in sealer.plan_layers(PAGES, SINKS, 3.0, range(li, li + 1))]
+        _assert_same(sliced, whole)
+    assert graphed.seal_graphs.replays == LAYERS and len(graphed.seal_graphs._buckets) == LAYERS
