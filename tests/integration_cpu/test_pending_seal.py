@@ -942,3 +942,47 @@ def test_a_page_freed_between_slices_leaves_the_rest_unplanned_and_the_pack_void
     assert sealer.pages_sealed == pages.size - 1 and sealer._pending is None
     assert sc.pool.store.is_sealed(torch.from_numpy(np.sort(pages)[1:])).all()
     sc.pool.check_invariants()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_layer_slices_planned_after_launches_seal_and_decode_as_one_call(monkeypatch):
+    """On a GPU, through seal graphs, beside the step, with the hook after each launch: a side whose first halves are
+    planned in two layer slices (one a launch, on the side stream) decodes every step as a side planning every layer
+    at once, and ends with the same pool."""
+    import test_cuda_graph_decode as graph_cases
+    from mkv_backend_cases import layer
+    from test_kv_pool import D, DT, H_KV, LAYERS
+
+    monkeypatch.setenv("MOSAICKV_WARMUP", "0")
+    group = 4
+    sides = [graph_cases._CudaSide(config(ratio=3.0), group, monkeypatch) for _ in range(2)]
+    for slices, side in zip((2, 1), sides):
+        side.mosaic.auto_seal = True
+        sealer = side.mosaic.sealer
+        sealer.seal_beside_step, sealer.seal_async, sealer.seal_async_plans, sealer.min_seal_pages = True, True, 3, 1
+        sealer.layer_slices = slices
+        sealer.use_seal_graphs((1, 2, 4, 8, 16, 32))
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    forward = torch.cuda.Stream()
+    for step, ext in enumerate([[37, 40, 25], [40, 21, 40]] + [None] * 10):
+        batches = [graph_cases._to_cuda(s.extend_batch(ext) if ext else Scenario.decode_batch(s)) for s in sides]
+        decode = batches[0].forward_mode.is_decode()
+        n = batches[0].out_cache_loc.numel()
+        ins = [tuple(torch.randn(*shape, generator=gen, device="cuda").to(DT)
+                     for shape in ((n, H_KV * group * D), (n, H_KV, D), (n, H_KV, D))) for _ in range(LAYERS)]  # fmt: skip
+        outs = []
+        for side, batch in zip(sides, batches):
+            with torch.cuda.stream(forward):
+                side.mosaic.init_forward_metadata(batch)
+                fm = side.mosaic.forward_decode if decode else side.mosaic.forward_extend
+                outs.append([fm(q, k, v, layer(li, group), batch) for li, (q, k, v) in enumerate(ins)])
+            side.mosaic.sealer.after_launch()
+        torch.cuda.synchronize()
+        for li in range(LAYERS):
+            assert torch.equal(outs[0][li], outs[1][li]), (step, li)
+    sliced, whole = (side.mosaic.sealer for side in sides)
+    assert sliced.slices_after_launch >= 1 and whole.slices_after_launch == 0
+    assert sliced.pages_sealed == whole.pages_sealed > 0 and sliced.pending_voided == whole.pending_voided == 0
+    assert torch.equal(sides[0].pool.store.page_state(), sides[1].pool.store.page_state())
+    sides[0].pool.check_invariants()
