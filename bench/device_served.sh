@@ -333,16 +333,6 @@ case "$step" in
     for i in $(seq 0 $last); do
       curl -s "http://127.0.0.1:$((30000 + i))/metrics" > "$out/metrics-${names[$i]}.txt" || true
     done
-    if [ "${STEP_TRACE:-0}" != 0 ]; then
-      sleep 2  # the schedulers' idle flush
-      for i in $(seq 0 $last); do
-        for trace in "$out/steptrace-${names[$i]}".*.csv; do
-          [ -f "$trace" ] || continue
-          python3 -m bench.step_trace "$trace" > "${trace%.csv}.txt" 2>&1 || echo "step_trace ${names[$i]} rc=$?"
-          gzip -9f "$trace"
-        done
-      done
-    fi
     kill "${pids[@]}" 2>/dev/null || true
     ;;
   soak)

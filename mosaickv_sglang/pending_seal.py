@@ -24,7 +24,7 @@ decides on is started (planned) right after that plan's step is launched (``MOSA
 
 That planner shares the GPU with the decode steps beside it: in the thirty-second GPU run its start after a launch
 made the step two iterations later 6.7 ms slower on average (a 15.3 ms step), the decode tail. With
-``MOSAICKV_SEAL_LAYER_SLICES=N`` (N > 1, beside the step, after the hook has run) the first half plans the first of N
+``MOSAICKV_SEAL_LAYER_SLICES=S`` (S > 1, beside the step, once the hook has run) a first half plans the first of S
 slices of the model's layers, and each later launch plans the next slice (:meth:`~mosaickv_sglang.sealer.Sealer.
 after_launch`), so each step shares the GPU with a fraction of the planner. A layer's plan depends only on that layer,
 so the plans are those of one call for all layers. A pack due before the last slice plans the rest first; a page
@@ -80,8 +80,8 @@ def pack_sooner_after_plans() -> int:
 
 
 def seal_layer_slices() -> int:
-    """``MOSAICKV_SEAL_LAYER_SLICES=N`` (at least 1; default 1, every layer at once): the slices of the model's layers
-    a first half planned after a launch is planned in, one slice a launch (see the module's docstring; an experiment,
+    """``MOSAICKV_SEAL_LAYER_SLICES=S`` (at least 1; default 1, every layer at once): the slices of the model's layers
+    a first half is planned in beside the step once the hook after a launch has run, one slice a launch (see the module's docstring; an experiment,
     not measured yet)."""
     return positive_int_env(SEAL_LAYER_SLICES_ENV, 1, " number of layer slices")
 

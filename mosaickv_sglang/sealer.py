@@ -380,8 +380,8 @@ class Sealer:
         Pending seals packed (or voided) there, first halves planned there, and the scheduler time
         :meth:`after_launch` took for both.
     layer_slices : int
-        ``MOSAICKV_SEAL_LAYER_SLICES`` (default 1): a first half planned after a launch plans the first of that many
-        slices of the layers, each later launch the next (:mod:`.pending_seal`).
+        ``MOSAICKV_SEAL_LAYER_SLICES`` (default 1): beside the step, once :meth:`after_launch` has run, a first half
+        plans the first of that many slices of the layers, each later launch the next (:mod:`.pending_seal`).
     slices_after_launch, slices_caught_up : int
         Later slices planned after a launch, and those a pack due sooner planned itself.
     rows_read : dict
@@ -697,7 +697,7 @@ class Sealer:
 
     def _slice_after_launch(self) -> bool:
         """The next layer slice of the pending seal (``MOSAICKV_SEAL_LAYER_SLICES``), as its first one: on the side
-        stream, which the forward stream does not wait for. None while a page of it was freed or sealed since it was
+        stream, which the forward stream does not wait for. Nothing once a page of it was freed or sealed since it was
         planned: the pack voids it."""
         pending = self._pending
         if pending is None or pending.next_slice is None or not pending.live(self.pool.page_epoch).all():
