@@ -22,13 +22,14 @@ before, so the pack's host time fills that wait instead of delaying the next lau
 decides on is started (planned) right after that plan's step is launched (``MOSAICKV_PLAN_AFTER_LAUNCH``, on unless
 ``0``), once the sealer has seen that hook run: the plan only chooses the pages.
 
-That planner shares the GPU with the decode steps beside it: in the thirty-second GPU run its start after a launch
-made the step two iterations later 6.7 ms slower on average (a 15.3 ms step), the decode tail. With
+That planner shares the GPU with the decode steps beside it: in the thirty-second GPU run its start after a launch made
+the step two iterations later 6.7 ms slower on average (a 15.3 ms step), the decode tail. With
 ``MOSAICKV_SEAL_LAYER_SLICES=S`` (S > 1, beside the step, once the hook has run) a first half plans the first of S
-slices of the model's layers, and each later launch plans the next slice (:meth:`~mosaickv_sglang.sealer.Sealer.
-after_launch`), so each step shares the GPU with a fraction of the planner. A layer's plan depends only on that layer,
-so the plans are those of one call for all layers. A pack due before the last slice plans the rest first; a page
-freed meanwhile leaves the rest unplanned (the pack voids the seal, as it would have).
+slices of the model's layers, and each later launch plans the next slice (``Sealer.after_launch``), so each step shares
+the GPU with a fraction of the planner. A layer's plan depends only on that layer, and every slice plans from the query
+window the first one read (copied then), so the plans are those of one call for all layers. A pack due before the last
+slice plans the rest first; a page freed meanwhile leaves the rest unplanned (the pack voids the seal, as it would
+have).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
@@ -140,6 +141,9 @@ class PendingSeal:
         copy that completes with the slice's event in ``ready``.
     ready : list of torch.cuda.Event or None
         Recorded after those copies on CUDA; ``None`` elsewhere (the copy is done).
+    queries : FrozenQueries or None
+        With several slices, the query window the first one planned from
+        (:class:`~mosaickv_sglang.sealer.FrozenQueries`), for the others.
     plans_waited : int
         Plans since the one that planned it.
     waited_seconds : float
@@ -159,6 +163,7 @@ class PendingSeal:
     ready: List[Optional["torch.cuda.Event"]] = field(default_factory=list)
     plans_waited: int = 0
     waited_seconds: float = 0.0
+    queries: Any = None
 
     @property
     def next_slice(self) -> Optional[range]:

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -95,6 +96,37 @@ def seal_chunking() -> Tuple[int, int]:
     waits for room in the launch queue at each) and hold more transient device memory."""
     return (positive_int_env(SEAL_MAX_SEGMENTS_ENV, DEFAULT_MAX_SEGMENTS),
             positive_int_env(SEAL_MAX_CHUNK_BYTES_ENV, DEFAULT_MAX_CHUNK_BYTES))
+
+
+def _ring_queries(ring: torch.Tensor, count: List[int], layer: int) -> Optional[torch.Tensor]:
+    n = count[layer]
+    return None if n == 0 else ring[layer, :n].permute(1, 0, 2, 3)
+
+
+def _ring_full_window(ring: torch.Tensor, count: List[int], window: int) -> Optional[torch.Tensor]:
+    return None if any(c != window for c in count) else ring[:, :window].permute(0, 2, 1, 3, 4)
+
+
+@dataclass(eq=False)
+class FrozenQueries:
+    """A query window as one plan read it (:meth:`QueryWindow.frozen`): :meth:`queries` and :meth:`full_window` as the
+    window's then. Read on another stream than the one that copied it, it is recorded on that stream first."""
+
+    ring: torch.Tensor
+    count: List[int]
+    window: int
+
+    def queries(self, layer: int) -> Optional[torch.Tensor]:
+        self._record()
+        return _ring_queries(self.ring, self.count, layer)
+
+    def full_window(self) -> Optional[torch.Tensor]:
+        self._record()
+        return _ring_full_window(self.ring, self.count, self.window)
+
+    def _record(self) -> None:
+        if self.ring.is_cuda:
+            self.ring.record_stream(torch.cuda.current_stream(self.ring.device))
 
 
 class QueryWindow:
@@ -196,22 +228,24 @@ class QueryWindow:
         rows_q = q.reshape(t, self.num_kv_heads, self.group_size, self.head_dim).float()
         self.ring[layer].index_copy_(0, rows[:t], rows_q)
 
+    def _readable(self) -> Tuple[torch.Tensor, List[int]]:
+        return (self._snapshot, self._snapshot_count) if self._reading_snapshot else (self.ring, self._count)
+
     def queries(self, layer: int) -> Optional[torch.Tensor]:
         """shape ``[H_kv, W', G, d]`` fp32: the observed queries of local layer ``layer`` (``None`` before any); those
         of the snapshot inside :meth:`reading_snapshot`."""
-        ring, count = (self._snapshot, self._snapshot_count) if self._reading_snapshot else (self.ring, self._count)
-        n = count[layer]
-        if n == 0:
-            return None
-        return ring[layer, :n].permute(1, 0, 2, 3)
+        return _ring_queries(*self._readable(), layer)
 
     def full_window(self) -> Optional[torch.Tensor]:
         """Every layer's :meth:`queries` at once, shape ``[L, H_kv, W, G, d]`` fp32 (a view), when every layer holds a
         full window; else ``None``."""
-        ring, count = (self._snapshot, self._snapshot_count) if self._reading_snapshot else (self.ring, self._count)
-        if any(c != self.window for c in count):
-            return None
-        return ring[:, : self.window].permute(0, 2, 1, 3, 4)
+        return _ring_full_window(*self._readable(), self.window)
+
+    def frozen(self) -> "FrozenQueries":
+        """A copy of what :meth:`queries` reads now (queued on the current stream), for the later layer slices of a
+        seal (``MOSAICKV_SEAL_LAYER_SLICES``) to plan from the window its first slice planned from."""
+        ring, count = self._readable()
+        return FrozenQueries(ring.clone(), list(count), self.window)
 
     # --- snapshot: the window read beside a step in flight ----------------------------------------------------------
     def mark_plan_start(self) -> None:
@@ -708,9 +742,9 @@ class Sealer:
         return True
 
     def _plan_slice(self, pending: PendingSeal) -> None:
-        """Plan :attr:`PendingSeal.next_slice` of ``pending``."""
-        pending.add_slice(self._timed_plan_layers(pending.pages, pending.dense_mask, pending.ratio,
-                                                  pending.next_slice))  # fmt: skip
+        """Plan :attr:`PendingSeal.next_slice` of ``pending``, from the query window its first slice planned from."""
+        pending.add_slice(self._timed_plan_layers(pending.pages, pending.dense_mask, pending.ratio, pending.next_slice,
+                                                  pending.queries))  # fmt: skip
 
     def _slices_for_start(self) -> List[range]:
         """The layer slices a first half started now is planned in: :attr:`layer_slices` of them when later launches
@@ -939,19 +973,20 @@ class Sealer:
                                always_dense=always, menu=self.menu)  # fmt: skip
         return result.plan
 
-    def plan_layers(self, pages: np.ndarray, sink_mask: np.ndarray, ratio: float,
-                    layers: Optional[range] = None) -> List[SegmentPlan]:  # fmt: skip
+    def plan_layers(self, pages: np.ndarray, sink_mask: np.ndarray, ratio: float, layers: Optional[range] = None,
+                    queries: Optional[FrozenQueries] = None) -> List[SegmentPlan]:  # fmt: skip
         """Fast plans of ``layers`` (default: every local layer) for ``pages`` in one planner call: for each layer, the
         plan :meth:`plan_layer` (the per-layer reference) gives, with a constant number of host reads per seal. With
         seal graphs and every layer's query window full (:meth:`QueryWindow.full_window`), through the pages'
-        bucket."""
+        bucket. ``queries``: a window frozen earlier to plan from instead of :attr:`window`."""
         pool = self.pool
         h = int(pool.head_num)
         layers = range(pool.layer_num) if layers is None else layers
+        window = self.window if queries is None else queries
         phys = pool.physical_pages(torch.from_numpy(pages))  # on the host
         always_dense = np.repeat(np.asarray(sink_mask, dtype=bool), h)
         budget = self._budget(sink_mask, ratio)
-        full = self.window.full_window() if self.seal_graphs is not None else None
+        full = window.full_window() if self.seal_graphs is not None else None
         if full is not None:
             plans = self.seal_graphs.plan(phys.numpy().astype(np.int64), full[layers.start:layers.stop], always_dense,
                                           budget, layers)  # fmt: skip
@@ -960,7 +995,7 @@ class Sealer:
         # views, copied a planner chunk at a time: q[heads] of every layer held at once was half of a 128-page seal's
         # transient memory on the 8B shape (2.1 of 4.1 GB, ninth run)
         queries = [None if q is None else q.expand(pages.size, *q.shape)
-                   for q in map(self.window.queries, layers)]  # fmt: skip
+                   for q in map(window.queries, layers)]  # fmt: skip
         keys, values = self._gather_layers(self._slots(phys), pages.size, layers)
         results = plan_fast_layers(keys, values, budget_bytes=[budget] * len(layers), queries=queries,
                                    group_ids=np.tile(np.arange(h), pages.size), always_dense=always_dense,
@@ -1012,17 +1047,19 @@ class Sealer:
                 self._no_room(pages)
                 return False
             ratio, dense_mask, reserve = fitting
+            slices = self._slices_for_start()
             pending = PendingSeal(pages, sink_mask, self.pool.page_epoch[pages].copy(), ratio, dense_mask, reserve,
-                                  self._slices_for_start())  # fmt: skip
-            pending.add_slice(self._timed_plan_layers(pages, dense_mask, ratio, pending.next_slice))
+                                  slices, queries=self.window.frozen() if len(slices) > 1 else None)  # fmt: skip
+            self._plan_slice(pending)
             self._pending = pending
             return True
 
     def _timed_plan_layers(self, pages: np.ndarray, dense_mask: np.ndarray, ratio: float,
-                           layers: Optional[range] = None) -> List[SegmentPlan]:  # fmt: skip
+                           layers: Optional[range] = None, queries: Optional[FrozenQueries] = None,
+                           ) -> List[SegmentPlan]:  # fmt: skip
         """:meth:`plan_layers`, its time counted in :attr:`seal_plan_seconds`."""
         t_plan = time.perf_counter()
-        plans = self.plan_layers(pages, dense_mask, ratio, layers)
+        plans = self.plan_layers(pages, dense_mask, ratio, layers, queries)
         self.seal_plan_seconds += time.perf_counter() - t_plan
         return plans
 

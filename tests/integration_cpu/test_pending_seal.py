@@ -898,6 +898,10 @@ def test_in_layer_slices_each_launch_plans_the_next_and_the_pack_packs_what_a_wh
     pending = sealer._pending
     assert pending.slices == [range(0, 1), range(1, 2)] and len(pending.plans) == 1
     assert pending.next_slice == range(1, 2)
+    w = sealer.window  # queries the step in flight asks: the second slice plans from the window the first read
+    gen = torch.Generator().manual_seed(3)
+    for li in range(len(w._count)):
+        w.observe(li, 4 * torch.randn(5, w.num_kv_heads * w.group_size * w.head_dim, generator=gen))
     _plan(sealer)
     with HostSyncCounter() as count:
         assert sealer.after_launch()  # the second slice, beside the step just launched
