@@ -92,9 +92,9 @@ def test_the_seal_beside_the_step_plans_with_the_window_that_step_found():
     seen = []
     plan_layers = srv.sealer.plan_layers
 
-    def recording(pages, sink_mask, ratio):
+    def recording(pages, sink_mask, ratio, *rest):
         seen.append([srv.sealer.window.queries(li).clone() for li in range(LAYERS)])
-        return plan_layers(pages, sink_mask, ratio)
+        return plan_layers(pages, sink_mask, ratio, *rest)
 
     srv.sealer.plan_layers = recording
     srv.plan(0, _chunk(0))
