@@ -35,7 +35,7 @@ def best_seconds_in_rounds(calls: Dict[K, Callable[[], object]], device: torch.d
     """The best seconds per call of each of ``calls`` over ``repeats`` rounds, each round timing every call once in
     turn (``launches`` calls a timing, :func:`seconds_per_call`). Other work on the device, such as a second server
     starting beside this one, then slows a round of every candidate rather than every timing of one (timed one
-    candidate after the other, a 40% slower popcount in the thirty-second run made a startup choose the slower
+    candidate after the other, a 38% slower popcount in the thirty-second run made a startup choose the slower
     register cap). A call that raises is dropped from the result; ``on_error(key)``, called inside the ``except``,
     can log it."""
     if repeats < 1:
