@@ -692,12 +692,13 @@ case "$step" in
     done
     ;;
   select)
-    # the decode selection on the GPU: its tests and the pending seal's (bf16), then bench.decode_speed at the
-    # thirtieth run's short context (4,608 tokens: 64 segments a head, within the default read budget, so neither
-    # scored nor sorted) and at 32,768 (sorted), batch 16, CUDA graphs: score_and_select against the scores and
-    # torch.topk it replaced, side by side, with the sparse decode and FlashInfer of the same cases
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_segment_scores.py \
-      tests/integration_cpu/test_pending_seal.py > "$out/gpu-tests.log" 2>&1 || echo "gpu tests rc=$?"
+    # the decode selection on the GPU: its tests, the pending seal's and the seal graphs' (bf16), then
+    # bench.decode_speed at the thirtieth run's short context (4,608 tokens: 64 segments a head, within the default read
+    # budget, so neither scored nor sorted) and at 32,768 (sorted), batch 16, CUDA graphs: score_and_select against the
+    # scores and torch.topk it replaced, side by side, with the sparse decode and FlashInfer of the same cases
+    timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_segment_scores.py \
+      tests/integration_cpu/test_pending_seal.py tests/test_seal_graphs.py > "$out/gpu-tests.log" 2>&1 \
+      || echo "gpu tests rc=$?"
     tail -3 "$out/gpu-tests.log"
     # every chan mode of the sparse decode on the GPU against the fp64 reference (a Triton compile a case: 120 s ran
     # 3 of them in the thirty-second run)

@@ -260,6 +260,7 @@ class MosaicAttnBackend(AttentionBackend):
             self._tune_decode(model_runner)
             self._warmup(model_runner)
             self._choose_planner_methods()
+            self._capture_seal_graphs()
             self.late_compiles = LateCompileWatch().install()
 
     def _tune_decode(self, model_runner: Any) -> None:
@@ -285,6 +286,19 @@ class MosaicAttnBackend(AttentionBackend):
                              "skips the warmup)")  # fmt: skip
             return
         logger.info("MosaicKV: compiled %d kernel variants in %.1f s", count, seconds)
+
+    def _capture_seal_graphs(self) -> None:
+        """Capture the seal planner's CUDA graphs before traffic (:meth:`Sealer.capture_seal_graphs_ahead`), after its
+        methods are chosen: the graphs hold the chosen kernels."""
+        t0 = time.perf_counter()
+        try:
+            count = self.sealer.capture_seal_graphs_ahead()
+        except Exception:  # noqa: BLE001 - an optimisation: a graph missing is captured at its bucket's first seal
+            logger.exception("MosaicKV: capturing the seal graphs before serving failed; each is captured at its first "
+                             "seal (MOSAICKV_WARMUP=0 skips the warmup)")  # fmt: skip
+            return
+        if count:
+            logger.info("MosaicKV: captured %d seal graphs before serving in %.1f s", count, time.perf_counter() - t0)
 
     def _choose_planner_methods(self) -> None:
         """Make the seal planner's fastest equivalent methods on this GPU its defaults: how it finds each vector's top

@@ -19,9 +19,14 @@ A seal planned in layer slices (``MOSAICKV_SEAL_LAYER_SLICES``, :mod:`.pending_s
 and the slice's layers: each layer's plan depends only on that layer (its own budget and Lagrange multiplier), so the
 slices' plans are those of the whole seal.
 
-A bucket's graph is captured at its first seal (logged with its memory); every graph shares one memory pool and
-replays on one stream, so that no two run at once. Off CUDA there is no graph: the same padded device half runs
-eagerly, which is what the CPU tests compare with the one-call planner.
+Before serving, the attention backend captures every graph a seal can replay, each bucket for all layers and for
+each layer slice (:meth:`SealGraphs.capture_ahead`): captured at a bucket's first seal instead, they took 0.2 s or more
+each inside the served steps (a 143 ms decode period at a server's first seal, 45-58 ms periods beside the first
+seals of 32 slice graphs: thirty-third run). A graph captured ahead is the one a seal would capture: it reads nothing
+back, so no value of the metadata it was captured on is baked in. Every graph shares one memory pool (logged with its
+memory) and replays on one stream, so that no two run at once; a graph missing then is captured at its first seal.
+Off CUDA there is no graph: the same padded device half runs eagerly, which is what the CPU tests compare with the
+one-call planner.
 """
 
 from __future__ import annotations
@@ -172,10 +177,7 @@ class SealGraphs:
         shape = (nl, h, self.window, self.group_size, self.head_dim)
         if tuple(queries.shape) != shape:
             raise ValueError(f"queries: expected shape {list(shape)}, got {list(queries.shape)}")
-        key = (bucket, layers.start, layers.stop)
-        b = self._buckets.get(key)
-        if b is None:
-            b = self._buckets[key] = _Bucket(bucket, layers, self._call(bucket, nl))
+        b = self._bucket(bucket, layers)
         pad = (bucket - p) * h
         dense_b = dense_segment_bytes(self.page_size, self.head_dim)
         ad = np.concatenate([np.asarray(always_dense, dtype=bool), np.ones(pad, dtype=bool)])
@@ -194,6 +196,40 @@ class SealGraphs:
             plans = self._replay(b, meta, queries, p)
         self.replays += 1
         return plans
+
+    def capture_ahead(self, layer_ranges: Sequence[range]) -> int:
+        """Capture the graph of every bucket for each of ``layer_ranges`` (all layers, and each layer slice a seal is
+        planned in), on a seal of page 0 alone: before serving, so that no capture lands in a served step. Returns the
+        graphs captured (0 off CUDA, where there are none). A capture that fails gives graphs up, as at a seal."""
+        if not self.on_cuda:
+            return 0
+        captured = 0
+        for layers in layer_ranges:
+            for bucket in self.buckets:
+                if self.failed is not None:
+                    return captured
+                b = self._bucket(bucket, layers)
+                if b.graph is None and self._capture(b, self.capture_meta(b)):
+                    captured += 1
+        self.release_cache()  # before serving: no step in flight to wait for
+        return captured
+
+    def capture_meta(self, b: _Bucket) -> np.ndarray:
+        """The metadata a graph of ``b`` is captured on before serving: ``b.pages`` copies of physical page 0 (every
+        pool has it), no page always dense, each layer's budget a third of the pages' dense bytes."""
+        h, n = self.num_kv_heads, b.pages * self.num_kv_heads
+        labels = np.tile(np.arange(h, dtype=np.int64), b.pages)
+        budgets = [n * dense_segment_bytes(self.page_size, self.head_dim) // 3] * len(b.layers)
+        return np.concatenate([host_meta(b.call, labels, np.zeros(n, dtype=bool), budgets),
+                               np.zeros(b.pages, dtype=np.int64)])  # fmt: skip
+
+    def _bucket(self, pages: int, layers: range) -> _Bucket:
+        """The bucket of ``pages`` pages for ``layers``, made at first use (no graph yet)."""
+        key = (pages, layers.start, layers.stop)
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket(pages, layers, self._call(pages, len(layers)))
+        return b
 
     # --- the device half, padded ------------------------------------------------------------------------------------
     def _call(self, pages: int, num_layers: int) -> LayersCall:
@@ -243,8 +279,8 @@ class SealGraphs:
 
     # --- CUDA ---------------------------------------------------------------------------------------------------------
     def _capture(self, b: _Bucket, meta: np.ndarray) -> bool:
-        """Capture the bucket's graph on its first seal's ``meta`` (a warm-up run first); ``False`` (graphs given up,
-        logged once) when the capture fails."""
+        """Capture the bucket's graph on ``meta`` (its first seal's, or :meth:`capture_meta`; a warm-up run first);
+        ``False`` (graphs given up, logged once) when the capture fails."""
         dev = self.device
         t0 = time.perf_counter()
         before = torch.cuda.memory_reserved(dev)

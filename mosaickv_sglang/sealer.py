@@ -929,6 +929,16 @@ class Sealer:
             buckets=buckets, max_segments=self.plan_max_segments, max_chunk_bytes=self.plan_max_chunk_bytes,
             device=torch.device(pool.device))  # fmt: skip
 
+    def capture_seal_graphs_ahead(self) -> int:
+        """Capture, before serving, the seal graphs a seal can replay (:meth:`SealGraphs.capture_ahead`): every bucket
+        for all layers and, beside the step with layer slices, for each slice. Returns how many were captured."""
+        if self.seal_graphs is None:
+            return 0
+        ranges = [range(self.pool.layer_num)]
+        if self.seal_beside_step and self.layer_slices > 1:
+            ranges += layer_slices(self.pool.layer_num, self.layer_slices)
+        return self.seal_graphs.capture_ahead(ranges)
+
     def _gather_layers(self, slots: torch.Tensor, num_pages: int,
                        layers: Optional[range] = None) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Dense K and V segments of ``layers`` (default: every layer) at ``slots`` (:meth:`_stacked_segments`)."""

@@ -100,3 +100,20 @@ def test_a_layer_slice_plans_its_layers_as_all_layers_at_once(monkeypatch):
         sliced = [plan for li in range(LAYERS) for plan in sealer.plan_layers(PAGES, SINKS, 3.0, range(li, li + 1))]
         _assert_same(sliced, whole)
     assert graphed.seal_graphs.replays == LAYERS and len(graphed.seal_graphs._buckets) == LAYERS
+
+
+@pytest.mark.parametrize("beside, slices, want", [
+    (False, 1, [range(0, LAYERS)]),
+    (False, 2, [range(0, LAYERS)]),  # layer slices are planned beside the step only
+    (True, 1, [range(0, LAYERS)]),
+    (True, 2, [range(0, LAYERS), range(0, (LAYERS + 1) // 2), range((LAYERS + 1) // 2, LAYERS)]),
+])  # fmt: skip
+def test_graphs_captured_before_serving_cover_whole_seals_and_their_layer_slices(monkeypatch, beside, slices, want):
+    pool = _pool(6)
+    monkeypatch.setenv("MOSAICKV_SEAL_LAYER_SLICES", str(slices))
+    sealer = _sealer(pool, monkeypatch, "4,8")
+    sealer.seal_beside_step = beside
+    asked = []
+    monkeypatch.setattr(sealer.seal_graphs, "capture_ahead", lambda ranges: asked.append(list(ranges)) or 7)
+    assert sealer.capture_seal_graphs_ahead() == 7 and asked == [want]
+    assert _sealer(pool, monkeypatch, "").capture_seal_graphs_ahead() == 0

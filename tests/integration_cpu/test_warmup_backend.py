@@ -108,6 +108,27 @@ def test_a_failing_warmup_is_logged_and_serving_goes_on(monkeypatch, caplog):
     assert not [r for r in caplog.records if r.getMessage().startswith("MosaicKV: compiled")]
 
 
+def test_the_seal_graphs_captured_before_serving_are_logged_and_a_failure_is_not_fatal(monkeypatch, caplog):
+    """The backend's warm-up captures the seal graphs ahead (``Sealer.capture_seal_graphs_ahead``) and logs how many;
+    if that raises, the error is logged with its traceback and the backend serves (graphs captured at first seals)."""
+    sc = Scenario(config(), group=2, seed=0)
+    calls = []
+    monkeypatch.setattr(sc.mosaic.sealer, "capture_seal_graphs_ahead", lambda: calls.append(1) or 12)
+    with caplog.at_level(logging.INFO, logger=ab.logger.name):
+        sc.mosaic._capture_seal_graphs()
+    assert calls == [1] and [r for r in caplog.records if "captured 12 seal graphs before serving" in r.getMessage()]
+
+    def broken():
+        raise RuntimeError("out of memory")
+
+    caplog.clear()
+    monkeypatch.setattr(sc.mosaic.sealer, "capture_seal_graphs_ahead", broken)
+    with caplog.at_level(logging.INFO, logger=ab.logger.name):
+        sc.mosaic._capture_seal_graphs()
+    failed = [r for r in caplog.records if "capturing the seal graphs before serving failed" in r.getMessage()]
+    assert len(failed) == 1 and "out of memory" in str(failed[0].exc_info[1])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("env", ["1", "0"])
