@@ -33,6 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import mosaickv_sglang.kernels  # noqa: F401  (maps the kernels package, as the other benches do)
+from mosaickv_sglang.kernels._triton._common import CHAN_MODE_NAMES
 from mosaickv_sglang.kernels._triton.chan_rank import _chan_rank_count_kernel, _chan_rank_sort_kernel
 from mosaickv_sglang.kernels._triton.estimate_terms import _chan_terms_kernel
 from mosaickv_sglang.kernels._triton.pack import _pack_segments_main_kernel
@@ -276,7 +277,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--kernel", nargs="+", choices=KERNELS, default=list(KERNELS))
     p.add_argument("--head-dim", nargs="+", type=int, default=[64, 128])
     p.add_argument("--block-n", nargs="+", type=int, default=[64], help="sparse decode: rows per step")
-    p.add_argument("--chan-mode", nargs="+", type=int, default=[0], help="sparse decode: chan rebuild modes")
+    p.add_argument("--chan-mode", nargs="+", type=int, default=[0], choices=sorted(CHAN_MODE_NAMES),
+                   help="sparse decode: chan rebuild modes (" + ", ".join(f"{k} {v}" for k, v in
+                                                                   sorted(CHAN_MODE_NAMES.items())) + ")")  # fmt: skip
     p.add_argument("--warps", nargs="+", type=int, default=[4], help="sparse decode: warps per program")
     p.add_argument("--stages", nargs="+", type=int, default=[2], help="sparse decode: pipeline stages")
     p.add_argument("--maxnreg", nargs="+", type=int, default=[None],

@@ -131,3 +131,13 @@ def test_pack_keeps_its_wide_loads_only_with_the_layers_alignment():
     assert (aligned["config"]["layer_align"], unaligned["config"]["layer_align"]) == (16, 1)
     assert aligned["spill_store_bytes"] == 0 and aligned["blocks_per_sm"] >= 3
     assert aligned["v4_loads"] > 0 and unaligned["v4_loads"] == 0
+
+
+def test_an_unknown_chan_mode_is_refused_with_the_known_ones(capsys):
+    """A chan mode the kernel does not have is an argument error naming the modes, not a variant compiled under that
+    label (the kernel falls back to ptr-gather for any other number)."""
+    with pytest.raises(SystemExit) as exc:
+        K._parse_args(["--kernel", "sparse_decode", "--chan-mode", "2", "5"])
+    assert exc.value.code == 2
+    assert "invalid choice: 5 (choose from 0, 1, 2, 3, 4)" in capsys.readouterr().err
+    assert K._parse_args(["--chan-mode", "0", "4"]).chan_mode == [0, 4]
