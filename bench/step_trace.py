@@ -8,7 +8,9 @@ iterations that end with it: MosaicKV GPU work launched (a seal call, a seal or 
 sidecar plans applied, a garbage collection, a change of batch size. For each of those, the periods with it and
 without it: count, p50, p99 and how many are slow (over 1.1x the p50 of all, issue #5's bound). The periods with
 none of them ("quiet") give the tail that the load's own steps have; the slowest periods are listed with their
-batch, context and the work beside them.
+batch, context and the work beside them. A trace from a GPU adds the forward stream's periods (``gpu_ms``) of the same
+rows: a host period far above its GPU period is a host delay that the GPU did not wait for (the next host period is
+then short), one with its GPU period as long is time on the device.
 
 Under SGLang's overlap loop the period between two step launches holds the GPU time of the step launched two
 iterations before, and work put on a side stream runs beside the steps after its launch: the default window of 3
@@ -47,18 +49,21 @@ class Period:
     context_tokens: int
     grew: Dict[str, int]  # counts that grew over the window, by how much
     batch_changed: bool
+    gpu_seconds: float = float("nan")  # the row's forward stream period (gpu_ms), NaN when the trace has none
 
 
 def read_trace(path: str) -> Dict[str, np.ndarray]:
-    """The trace's columns as arrays (empty counts, a stock server's, read as 0)."""
+    """The trace's columns as arrays (empty counts, a stock server's, read as 0; an empty ``gpu_ms`` as NaN)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path}: expected a step trace with rows, got none")
     columns: Dict[str, np.ndarray] = {}
     for name in rows[0]:
-        kind = float if name == "t" else np.int64
-        columns[name] = np.array([kind(r[name]) if r[name] not in ("", None) else 0 for r in rows])
+        if name in ("t", "gpu_ms"):
+            columns[name] = np.array([float(r[name]) if r[name] not in ("", None) else np.nan for r in rows])
+        else:
+            columns[name] = np.array([np.int64(r[name]) if r[name] not in ("", None) else 0 for r in rows])
     return columns
 
 
@@ -71,6 +76,7 @@ def decode_periods(trace: Dict[str, np.ndarray], window: int = 3, since: float =
     timer = DecodeStepTimer(clock=lambda: next(clock))
     counts = {name: trace[name] for name in SEALER_COUNTS + ("plans_applied", "gc_collections") if name in trace}
     sizes = trace["batch_size"]
+    gpu_ms = trace.get("gpu_ms", np.full(len(t), np.nan))
     out: List[Period] = []
     for k in range(len(t)):
         seconds = timer.step(bool(trace["decode"][k]), overlapped=bool(trace["overlapped"][k]))
@@ -79,7 +85,7 @@ def decode_periods(trace: Dict[str, np.ndarray], window: int = 3, since: float =
         lo = max(0, k - window)
         grew = {name: int(c[k] - c[lo]) for name, c in counts.items() if c[k] > c[lo]}
         out.append(Period(k, seconds, int(sizes[k - 1]), int(trace["context_tokens"][k - 1]), grew,
-                          bool(np.any(sizes[lo:k + 1] != sizes[k]))))  # fmt: skip
+                          bool(np.any(sizes[lo:k + 1] != sizes[k])), float(gpu_ms[k]) / 1e3))  # fmt: skip
     return out
 
 
@@ -100,8 +106,14 @@ def report(periods: List[Period], top: int = 15) -> str:
     slow_s = SLOW_OVER_P50 * p50
     lines = [f"decode step periods {len(periods)}  p50 {p50 * 1e3:.2f} ms  p90 {p90 * 1e3:.2f} ms  "
              f"p99 {p99 * 1e3:.2f} ms ({p99 / p50:.2f}x p50)  slow (over {SLOW_OVER_P50}x p50, "
-             f"{slow_s * 1e3:.2f} ms) {int(np.count_nonzero(seconds > slow_s))}", "",
-             "| in the window | periods | p50 ms | p99 ms | slow |", "|---|---|---|---|---|"]  # fmt: skip
+             f"{slow_s * 1e3:.2f} ms) {int(np.count_nonzero(seconds > slow_s))}"]  # fmt: skip
+    gpu = np.array([p.gpu_seconds for p in periods])
+    if np.isfinite(gpu).any():
+        g50, g90, g99 = np.percentile(gpu[np.isfinite(gpu)], [50, 90, 99])
+        lines.append(f"the same periods on the GPU (forward stream, {int(np.isfinite(gpu).sum())} timed)  p50 "
+                     f"{g50 * 1e3:.2f} ms  p90 {g90 * 1e3:.2f} ms  p99 {g99 * 1e3:.2f} ms ({g99 / g50:.2f}x p50)  "
+                     f"over {SLOW_OVER_P50}x their p50 {int(np.count_nonzero(gpu > SLOW_OVER_P50 * g50))}")  # fmt: skip
+    lines += ["", "| in the window | periods | p50 ms | p99 ms | slow |", "|---|---|---|---|---|"]
 
     def has(p: Period, names: Sequence[str]) -> bool:
         return any(name in p.grew for name in names)
@@ -114,12 +126,14 @@ def report(periods: List[Period], top: int = 15) -> str:
     quiet = [p.seconds for p in periods if not any(test(p) for _, test in tests)]
     lines.append("| none of these (quiet) " + _stats(quiet, slow_s))
     lines += ["", f"the {min(top, len(periods))} slowest periods", "",
-              "| row | ms | x p50 | batch | context tokens | in the window |", "|---|---|---|---|---|---|"]
+              "| row | ms | x p50 | GPU ms | batch | context tokens | in the window |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in sorted(periods, key=lambda p: -p.seconds)[:top]:
         held = ", ".join(f"{name} +{n}" for name, n in p.grew.items())
         if p.batch_changed:
             held = ", ".join(x for x in (held, BATCH_CHANGE) if x)
-        lines.append(f"| {p.row} | {p.seconds * 1e3:.2f} | {p.seconds / p50:.2f} | {p.batch_size} "
+        gpu_ms = f"{p.gpu_seconds * 1e3:.2f}" if np.isfinite(p.gpu_seconds) else ""
+        lines.append(f"| {p.row} | {p.seconds * 1e3:.2f} | {p.seconds / p50:.2f} | {gpu_ms} | {p.batch_size} "
                      f"| {p.context_tokens} | {held} |")  # fmt: skip
     return "\n".join(lines)
 

@@ -21,6 +21,8 @@ import logging
 import os
 from typing import Any, Optional
 
+import torch
+
 from mosaickv_sglang.runtime import current_sealer
 from mosaickv_sglang.step_timer import DecodeStepTimer
 from mosaickv_sglang.step_trace import StepTrace, step_trace_prefix
@@ -93,11 +95,17 @@ def trace_steps(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
             logger.info("MosaicKV: step trace in %s", _trace.path)
         mode = getattr(batch, "forward_mode", None)
         _trace.record(bool(mode is not None and mode.is_decode()), bool(getattr(self, seam.SCHEDULER_OVERLAP_ATTR,
-                      False)), batch.batch_size(), _context_tokens(batch), current_sealer())
+                      False)), batch.batch_size(), _context_tokens(batch), current_sealer(), _forward_stream(self))
     except Exception:
         logger.warning("MosaicKV: step trace failed; it is off for this scheduler", exc_info=True)
         _trace_failed = True
     return None
+
+
+def _forward_stream(scheduler: Any) -> Any:
+    """The scheduler's forward stream on a GPU (the step trace's GPU periods), else ``None``."""
+    stream = getattr(scheduler, seam.SCHEDULER_FORWARD_STREAM_ATTR, None)
+    return stream if isinstance(stream, torch.cuda.Stream) else None
 
 
 def _context_tokens(batch: Any) -> int:
@@ -112,7 +120,7 @@ def flush_step_trace(*args: Any, **kwargs: Any) -> None:
     """AFTER ``Scheduler.on_idle``: the trace's rows so far on disk (a load's last steps before the server stops)."""
     if _trace is not None and not _trace_failed:
         try:
-            _trace.flush()
+            _trace.flush(wait=True)
         except OSError:
             logger.warning("MosaicKV: step trace flush failed", exc_info=True)
 

@@ -102,6 +102,7 @@ BATCH_SEQ_LENS_CPU_ATTR = "seq_lens_cpu"
 # Whether the Scheduler runs SGLang's overlap loop (launch a batch, then wait for the last one's result): the step
 # timer keeps the decode period after a prefill apart then (patches/metrics.py).
 SCHEDULER_OVERLAP_ATTR = "enable_overlap"
+SCHEDULER_FORWARD_STREAM_ATTR = "forward_stream"  # the stream Scheduler.run_batch's forwards run on
 # The scheduler's ParallelState (tp_rank, tp_size): the stack sampler's file name per tensor-parallel rank.
 SCHEDULER_PARALLEL_STATE_ATTR = "ps"
 

@@ -508,6 +508,23 @@ def test_step_hook_reads_the_schedulers_overlap_flag():
     assert loop.index("if not disable_overlap_for_batch:\n                    pop_and_process()") > launch
 
 
+def test_step_trace_reads_the_schedulers_forward_stream():
+    """SGLang 0.5.17's Scheduler keeps the stream its forwards run on under the name the step trace records its GPU
+    events on (from its worker's info, entered around each forward); anything but a CUDA stream gives no events."""
+    import inspect
+    import re
+    import types
+
+    from sglang.srt.managers import scheduler as scheduler_module
+
+    src = inspect.getsource(scheduler_module.Scheduler)
+    attr = seam.SCHEDULER_FORWARD_STREAM_ATTR
+    assert re.search(rf"self\.{attr},\s+_,\s+_,\s+_,\s+\) = self\.tp_worker\.get_worker_info\(\)", src)
+    assert re.search(rf"with self\.forward_stream_ctx:\s+self\.{attr}\.wait_stream\(self\.schedule_stream\)", src)
+    assert metrics_hooks._forward_stream(types.SimpleNamespace(**{attr: object()})) is None
+    assert metrics_hooks._forward_stream(object()) is None
+
+
 def test_step_hook_is_a_no_op_without_metrics_or_mosaic(registered):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 

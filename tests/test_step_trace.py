@@ -140,3 +140,86 @@ def test_since_and_bad_input(tmp_path, capsys):
     assert reader.main([str(tmp_path / "t.csv"), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "decode step periods 5" in out and "the 2 slowest periods" in out
+
+
+class FakeEvent:
+    """A timing event: done when the test says so (or when waited for), at a device time in ms."""
+
+    def __init__(self, device_ms):
+        self.device_ms, self.done, self.stream, self.waited = device_ms, False, None, False
+
+    def record(self, stream):
+        self.stream = stream
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.done = self.waited = True
+
+    def elapsed_time(self, end):
+        assert self.done and end.done, "elapsed_time between events the device has not reached"
+        return end.device_ms - self.device_ms
+
+
+def test_gpu_periods_are_written_once_the_device_reaches_each_rows_event(tmp_path):
+    """With the forward stream given, each row's gpu_ms is the device time since the last row's event; a row waits
+    (and every row after it) until its event is done, or until an idle flush waits for it."""
+    clock = Clock()
+    path = tmp_path / "t.csv"
+    events = [FakeEvent(ms) for ms in (1000.0, 1013.5, 1030.0, 1043.25)]
+    made = iter(events)
+    trace = StepTrace(str(path), clock=clock, new_event=lambda: next(made))
+    stream = object()
+    for e in events[:2]:
+        e.done = True
+    trace.record(True, True, 16, 1000, None, stream)
+    trace.record(True, True, 16, 1016, None, stream)
+    clock.now += step_trace.FLUSH_SECONDS
+    trace.record(True, True, 16, 1032, None, stream)  # its event not reached: kept, the first two written
+    assert all(e.stream is stream for e in events[:3])
+    cols = reader.read_trace(str(path))
+    assert np.isnan(cols["gpu_ms"][0]) and cols["gpu_ms"][1:].tolist() == [13.5]
+    trace.record(True, True, 16, 1048, None, stream)
+    events[3].done = True  # the later event is done, the earlier not yet: nothing may pass it
+    trace.flush()
+    assert len(reader.read_trace(str(path))["t"]) == 2
+    trace.flush(wait=True)
+    assert events[2].waited and not events[3].waited
+    assert reader.read_trace(str(path))["gpu_ms"][1:].tolist() == [13.5, 16.5, 13.25]
+    trace.record(False, True, 2, 10, None)  # no stream (off a GPU): no event, gpu_ms empty
+    trace.flush()
+    assert np.isnan(reader.read_trace(str(path))["gpu_ms"][-1])
+
+
+def test_the_report_sets_the_gpu_periods_beside_the_host_periods(tmp_path):
+    """A host period far above its GPU period is a host delay; the report gives the GPU periods' quantiles and each
+    slow period's own."""
+    path = tmp_path / "t.csv"
+    clock = Clock()
+    host = [0.010] * 40 + [0.025, 0.001] + [0.010] * 40  # one host delay, given back by the next period
+    gpu = [10.0] * 82
+    gpu[60] = 30.0  # and a slow step on the device, whose host period (row 61) is slow too
+    host[60] = 0.030
+    device_ms = np.concatenate([[0.0], np.cumsum(gpu)])
+    made = iter([FakeEvent(ms) for ms in device_ms])
+
+    def new_event():
+        e = next(made)
+        e.done = True
+        return e
+
+    trace = StepTrace(str(path), clock=clock, new_event=new_event)
+    stream = object()
+    for dt in [0.0] + host:
+        clock.now += dt
+        trace.record(True, True, 16, 4096, _sealer(), stream)
+    trace.flush(wait=True)
+    periods = reader.decode_periods(reader.read_trace(str(path)), window=3)
+    by_row = {p.row: p for p in periods}
+    assert by_row[41].seconds == pytest.approx(0.025) and by_row[41].gpu_seconds == pytest.approx(0.010)
+    assert by_row[61].gpu_seconds == pytest.approx(0.030)
+    text = reader.report(periods, top=2)
+    assert "the same periods on the GPU (forward stream, 81 timed)  p50 10.00 ms" in text
+    assert "over 1.1x their p50 1" in text
+    assert "| 61 | 30.00 | 3.00 | 30.00 |" in text and "| 41 | 25.00 | 2.50 | 10.00 |" in text
