@@ -55,7 +55,6 @@ SEAL_ASYNC_ENV = "MOSAICKV_SEAL_ASYNC"
 PACK_AFTER_LAUNCH_ENV = "MOSAICKV_PACK_AFTER_LAUNCH"
 PLAN_AFTER_LAUNCH_ENV = "MOSAICKV_PLAN_AFTER_LAUNCH"
 PACK_SOONER_AFTER_ENV = "MOSAICKV_PACK_SOONER_AFTER"
-DEFAULT_PACK_SOONER_AFTER = 1
 SEAL_LAYER_SLICES_ENV = "MOSAICKV_SEAL_LAYER_SLICES"
 
 
@@ -73,11 +72,13 @@ def seal_async_plans() -> int:
 
 
 def pack_sooner_after_plans() -> int:
-    """``MOSAICKV_PACK_SOONER_AFTER=K`` (at least 1; default 1, from the next plan on): beside the step, a pending
-    seal is packed before its plan count for a low hot pool only from the K-th plan after the one that planned it,
-    unless a plan lacks the room for its own new pages (see :attr:`~mosaickv_sglang.sealer.Sealer.pack_sooner_after`;
-    an experiment: 3 changed nothing alone, thirty-first run; 4 with four layer slices, thirty-third run)."""
-    return positive_int_env(PACK_SOONER_AFTER_ENV, DEFAULT_PACK_SOONER_AFTER, " number of plans")
+    """``MOSAICKV_PACK_SOONER_AFTER=K`` (at least 1; default :func:`seal_layer_slices`, so 1 without slices: from the
+    next plan on): beside the step, a pending seal is packed before its plan count for a low hot pool only from the
+    K-th plan after the one that planned it, unless a plan lacks the room for its own new pages (see
+    :attr:`~mosaickv_sglang.sealer.Sealer.pack_sooner_after`). With ``S`` layer slices a pack before the ``S``-th plan
+    would plan the slices left itself; ``K`` = ``S`` = 4 is what the thirty-third run measured (an experiment; 3
+    without slices changed nothing, thirty-first run)."""
+    return positive_int_env(PACK_SOONER_AFTER_ENV, seal_layer_slices(), " number of plans")
 
 
 def seal_layer_slices() -> int:

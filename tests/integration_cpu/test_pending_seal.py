@@ -367,9 +367,14 @@ def test_a_plan_short_of_room_packs_at_once_whatever_the_kth_plan():
 
 
 def test_the_kth_plan_comes_from_the_environment(monkeypatch):
+    """``MOSAICKV_PACK_SOONER_AFTER`` when set; else the layer slices' count (1 without slices), so that a pack due
+    sooner does not come before the last slice's launch."""
     monkeypatch.delenv("MOSAICKV_PACK_SOONER_AFTER", raising=False)
+    monkeypatch.delenv("MOSAICKV_SEAL_LAYER_SLICES", raising=False)
     assert pending_seal.pack_sooner_after_plans() == 1
     assert Scenario(config(ratio=3.0), group=2, seed=1).mosaic.sealer.pack_sooner_after == 1
+    monkeypatch.setenv("MOSAICKV_SEAL_LAYER_SLICES", "4")
+    assert pending_seal.pack_sooner_after_plans() == 4
     monkeypatch.setenv("MOSAICKV_PACK_SOONER_AFTER", " 3 ")
     assert Scenario(config(ratio=3.0), group=2, seed=1).mosaic.sealer.pack_sooner_after == 3
     for raw in ("0", "two", "-2"):
