@@ -60,10 +60,8 @@ def read_trace(path: str) -> Dict[str, np.ndarray]:
         raise ValueError(f"{path}: expected a step trace with rows, got none")
     columns: Dict[str, np.ndarray] = {}
     for name in rows[0]:
-        if name in ("t", "gpu_ms"):
-            columns[name] = np.array([float(r[name]) if r[name] not in ("", None) else np.nan for r in rows])
-        else:
-            columns[name] = np.array([np.int64(r[name]) if r[name] not in ("", None) else 0 for r in rows])
+        kind, missing = (float, np.nan) if name in ("t", "gpu_ms") else (np.int64, 0)
+        columns[name] = np.array([kind(r[name]) if r[name] not in ("", None) else missing for r in rows])
     return columns
 
 

@@ -173,20 +173,14 @@ class SealGraphs:
         bucket = self.bucket_for(p)
         if self.failed is not None or bucket is None or p == 0:
             return None
-        h, nl = self.num_kv_heads, len(layers)
-        shape = (nl, h, self.window, self.group_size, self.head_dim)
+        shape = (len(layers), self.num_kv_heads, self.window, self.group_size, self.head_dim)
         if tuple(queries.shape) != shape:
             raise ValueError(f"queries: expected shape {list(shape)}, got {list(queries.shape)}")
         b = self._bucket(bucket, layers)
-        pad = (bucket - p) * h
-        dense_b = dense_segment_bytes(self.page_size, self.head_dim)
-        ad = np.concatenate([np.asarray(always_dense, dtype=bool), np.ones(pad, dtype=bool)])
-        budgets = [int(budget_bytes) + pad * dense_b] * nl
+        ad, budgets = self._padded_budgets(b, p, always_dense, budget_bytes)
         if not needs_estimate(b.call, ad, budgets):
             return None
-        labels = np.concatenate([np.tile(np.arange(h, dtype=np.int64), p), np.full(pad, h, dtype=np.int64)])
-        phys = np.concatenate([np.asarray(physical_pages, dtype=np.int64), np.full(bucket - p, physical_pages[0])])
-        meta = np.concatenate([host_meta(b.call, labels, ad, budgets), phys])
+        meta = self._meta(b, physical_pages, ad, budgets)
         if not self.on_cuda:
             b.meta, b.queries = torch.from_numpy(meta), queries
             plans = self._copy_out(b, self._run(b), p)
@@ -215,13 +209,30 @@ class SealGraphs:
         return captured
 
     def capture_meta(self, b: _Bucket) -> np.ndarray:
-        """The metadata a graph of ``b`` is captured on before serving: ``b.pages`` copies of physical page 0 (every
-        pool has it), no page always dense, each layer's budget a third of the pages' dense bytes."""
-        h, n = self.num_kv_heads, b.pages * self.num_kv_heads
-        labels = np.tile(np.arange(h, dtype=np.int64), b.pages)
-        budgets = [n * dense_segment_bytes(self.page_size, self.head_dim) // 3] * len(b.layers)
-        return np.concatenate([host_meta(b.call, labels, np.zeros(n, dtype=bool), budgets),
-                               np.zeros(b.pages, dtype=np.int64)])  # fmt: skip
+        """The metadata a graph of ``b`` is captured on before serving: that of a seal of ``b.pages`` copies of
+        physical page 0 (every pool has it), no page always dense, each layer's budget a third of the pages' dense
+        bytes."""
+        n = b.pages * self.num_kv_heads
+        ad, budgets = self._padded_budgets(b, b.pages, np.zeros(n, dtype=bool),
+                                           n * dense_segment_bytes(self.page_size, self.head_dim) // 3)  # fmt: skip
+        return self._meta(b, np.zeros(b.pages, dtype=np.int64), ad, budgets)
+
+    def _padded_budgets(self, b: _Bucket, pages: int, always_dense: np.ndarray,
+                        budget_bytes: int) -> Tuple[np.ndarray, List[int]]:  # fmt: skip
+        """The always-dense mask and the layers' budgets of a ``pages``-page seal in ``b``, its padding pages always
+        dense and their bytes added to every budget."""
+        pad = (b.pages - pages) * self.num_kv_heads
+        ad = np.concatenate([np.asarray(always_dense, dtype=bool), np.ones(pad, dtype=bool)])
+        return ad, [int(budget_bytes) + pad * dense_segment_bytes(self.page_size, self.head_dim)] * len(b.layers)
+
+    def _meta(self, b: _Bucket, physical_pages: np.ndarray, ad: np.ndarray, budgets: List[int]) -> np.ndarray:
+        """:func:`host_meta` and the physical pages of a seal of ``physical_pages`` in ``b``, padded with copies of its
+        first page in a context of their own."""
+        h, p = self.num_kv_heads, int(physical_pages.size)
+        labels = np.concatenate([np.tile(np.arange(h, dtype=np.int64), p),
+                                 np.full((b.pages - p) * h, h, dtype=np.int64)])  # fmt: skip
+        phys = np.concatenate([np.asarray(physical_pages, dtype=np.int64), np.full(b.pages - p, physical_pages[0])])
+        return np.concatenate([host_meta(b.call, labels, ad, budgets), phys])
 
     def _bucket(self, pages: int, layers: range) -> _Bucket:
         """The bucket of ``pages`` pages for ``layers``, made at first use (no graph yet)."""

@@ -9,10 +9,9 @@ sidecar's plans applied and the collector's garbage collections. On a GPU each r
 stream's time from the event recorded at the previous step's start to the one recorded at this step's, that is the GPU
 time of the step launched before, idle gaps included, which host delays that the GPU does not wait for leave out. The
 row waits in memory until its event is done on the device (at most the step in flight). ``python -m bench.step_trace``
-turns the rows into
-decode step periods (the step timer's own rule) and sets the slow ones beside the work launched around them. A stock
-server (no ``--kv-compressor``) writes the same rows with the MosaicKV counts left empty, so both can be read the same
-way.
+turns the rows into decode step periods (the step timer's own rule) and sets the slow ones beside the work launched
+around them. A stock server (no ``--kv-compressor``) writes the same rows with the MosaicKV counts left empty, so both
+can be read the same way.
 
 Rows are written in blocks, at most every :data:`FLUSH_SECONDS` on the scheduler thread, and when the scheduler goes
 idle (``patches/metrics.py``): a load's last steps are on disk before the next load starts.
