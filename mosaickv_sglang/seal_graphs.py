@@ -20,13 +20,13 @@ and the slice's layers: each layer's plan depends only on that layer (its own bu
 slices' plans are those of the whole seal.
 
 Before serving, the attention backend captures every graph a seal can replay, each bucket for all layers and for
-each layer slice (:meth:`SealGraphs.capture_ahead`): captured at a bucket's first seal instead, they took 0.2 s or more
-each inside the served steps (a 143 ms decode period at a server's first seal, 45-58 ms periods beside the first
-seals of 32 slice graphs: thirty-third run). A graph captured ahead is the one a seal would capture: it reads nothing
-back, so no value of the metadata it was captured on is baked in. Every graph shares one memory pool (logged with its
-memory) and replays on one stream, so that no two run at once; a graph missing then is captured at its first seal.
-Off CUDA there is no graph: the same padded device half runs eagerly, which is what the CPU tests compare with the
-one-call planner.
+each layer slice (:meth:`SealGraphs.capture_ahead`): captured at a bucket's first seal instead, their captures
+(0.04-0.2 s each) ran inside the served steps (a 143 ms decode period at a server's first seal, 45-58 ms periods
+beside the first seals of 32 slice graphs: thirty-third run). A graph captured ahead is the one a seal would capture:
+it reads nothing back, so no value of the metadata it was captured on is baked in. Every graph shares one memory pool
+(logged with its memory) and replays on one stream, so that no two run at once; a graph missing then is captured at
+its first seal. Off CUDA there is no graph: the same padded device half runs eagerly, which is what the CPU tests
+compare with the one-call planner.
 """
 
 from __future__ import annotations
