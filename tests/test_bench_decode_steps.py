@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from bench.decode_steps import (  # noqa: E402
     BEHIND_PREFILL_METRIC,
+    COUNTERS,
     IO_THREAD_METRIC,
     METRIC,
     PLAN_PART_METRICS,
@@ -27,7 +28,15 @@ from bench.decode_steps import (  # noqa: E402
     load_quantiles,
     main,
 )
+from mosaickv_sglang import metrics  # noqa: E402
 from mosaickv_sglang.step_timer import DECODE_STEP_BUCKETS  # noqa: E402
+
+
+def test_the_series_it_reads_are_those_the_plugin_exports():
+    """A series renamed in ``mosaickv_sglang.metrics`` and not here would leave the report's column empty."""
+    exported = {spec.name for spec in metrics.METRICS}
+    assert set(COUNTERS.values()) <= exported, set(COUNTERS.values()) - exported
+    assert (METRIC, BEHIND_PREFILL_METRIC) == (metrics.DECODE_STEP_METRIC, metrics.DECODE_STEP_BEHIND_PREFILL_METRIC)
 
 
 def _scrape(registry) -> str:
