@@ -183,13 +183,15 @@ class MosaicStats:
 
 
 def _strategy_histogram(store: Any) -> Dict[str, int]:
-    """One bincount per layer on the tables' device, one host read."""
+    """The counts of :func:`_strategy_counts`, read on the host at once."""
     return dict(zip(STRATEGY_NAMES, _strategy_counts(store).tolist()))
 
 
 def _strategy_counts(store: Any) -> torch.Tensor:
     """The sealed segments per strategy, ``[len(STRATEGY_NAMES)]`` int64 on the tables' device, queued without the
-    host waiting (the sealed pages' rows go up through pinned memory)."""
+    host waiting: the sealed pages' rows go up through pinned memory and each layer's codes are added in with
+    ``index_add_`` (``torch.bincount`` on CUDA reads its input's min and max on the host, so that each refresh
+    waited for every step in flight)."""
     s, h, f = store.page_size, store.num_kv_heads, _NUM_FORMS
     total = torch.zeros(len(STRATEGY_NAMES), dtype=torch.int64, device=store.device)
     heads = np.arange(h, dtype=np.int64)
@@ -204,7 +206,7 @@ def _strategy_counts(store: Any) -> torch.Tensor:
             last_pages = pages
         d = desc[rows]
         code = (d[:, N_ROWS] < s).long() * (f * f) + d[:, K_FORM].long() * f + d[:, V_FORM].long()
-        total += torch.bincount(code, minlength=total.numel())[: total.numel()]
+        total.index_add_(0, code, torch.ones_like(code))
     return total
 
 
