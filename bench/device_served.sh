@@ -436,6 +436,8 @@ case "$step" in
       # bench.step_trace after the loads
       trace=""
       [ "${STEP_TRACE:-0}" = 0 ] || trace="MOSAICKV_STEP_TRACE=$out/steptrace-${names[$i]}"
+      # SYNC_AUDIT=1: each server counts its scheduler's synchronizing CUDA calls by stack (mosaickv_sglang.sync_audit)
+      [ "${SYNC_AUDIT:-0}" = 0 ] || trace="$trace MOSAICKV_SYNC_AUDIT=$out/syncs-${names[$i]}"
       # shellcheck disable=SC2086
       env ${envs[$i]} ${trace} MOSAICKV_STACK_SAMPLES="$(stacks "r3-${names[$i]}")" \
         python3 -m sglang.launch_server --model-path "$M" --host 127.0.0.1 --port $((30000 + i)) "${model_args[@]}" \
@@ -533,6 +535,16 @@ case "$step" in
           python3 -m bench.step_trace "$trace" > "${trace%.csv}.txt" 2>&1 || echo "step_trace ${names[$i]} rc=$?"
           gzip -9f "$trace"
         done
+      done
+    fi
+    if [ "${SYNC_AUDIT:-0}" != 0 ]; then
+      sleep 2  # the schedulers' idle write
+      for i in $(seq 0 $last); do
+        [ -f "$out/syncs-${names[$i]}" ] || { echo "sync audit ${names[$i]}: no file"; continue; }
+        python3 -m bench.stack_summary "$out/syncs-${names[$i]}" --top 12 > "$out/syncs-${names[$i]}.txt" 2>&1 \
+          || echo "stack_summary syncs ${names[$i]} rc=$?"
+        echo "host waits, ${names[$i]}: $(head -1 "$out/syncs-${names[$i]}.txt")"
+        sed -n '/^leaves/,$p' "$out/syncs-${names[$i]}.txt" | head -13
       done
     fi
     # issue #8's request cases against the sidecar-on server (the defaults users get)

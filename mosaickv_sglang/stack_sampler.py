@@ -26,7 +26,8 @@ from collections import Counter
 from types import CodeType, FrameType
 from typing import Callable, Dict, Optional
 
-__all__ = ["ENV_VAR", "INTERVAL_ENV_VAR", "StackSampler", "collapse", "collapsed_text", "maybe_start", "WRITE_EVERY_S"]
+__all__ = ["ENV_VAR", "INTERVAL_ENV_VAR", "StackSampler", "collapse", "collapsed_text", "maybe_start", "WRITE_EVERY_S",
+           "write_collapsed"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,17 @@ def collapse(frame: Optional[FrameType], max_depth: int = MAX_DEPTH) -> str:
 def collapsed_text(counts: Dict[str, int]) -> str:
     """``{stack: count}`` as collapsed-stack lines (``stack count``), the most frequent first (then by stack)."""
     return "".join(f"{stack} {n}\n" for stack, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def write_collapsed(path: str, counts: Dict[str, int], what: str) -> None:
+    """Replace ``path`` with :func:`collapsed_text` of ``counts`` (through a temporary file beside it); a write error
+    is logged with ``what`` the counts are, never raised (the server goes on)."""
+    try:
+        with open(f"{path}.tmp", "w") as f:
+            f.write(collapsed_text(counts))
+        os.replace(f"{path}.tmp", path)
+    except OSError as err:
+        logger.warning("MosaicKV: could not write the %s to %s: %s", what, path, err)
 
 
 class StackSampler:
@@ -113,16 +125,10 @@ class StackSampler:
         return True
 
     def write(self) -> None:
-        """Replace the file with the counts so far, most frequent stack first; a write error is logged, never
-        raised (the server goes on)."""
+        """Replace the file with the counts so far, most frequent stack first (:func:`write_collapsed`)."""
         with self._lock:
-            text = collapsed_text(self.counts)
-        try:
-            with open(f"{self.path}.tmp", "w") as f:
-                f.write(text)
-            os.replace(f"{self.path}.tmp", self.path)
-        except OSError as err:
-            logger.warning("MosaicKV: could not write the stack samples to %s: %s", self.path, err)
+            counts = dict(self.counts)
+        write_collapsed(self.path, counts, "stack samples")
         self._written_at = self._clock()
 
     def _run(self) -> None:

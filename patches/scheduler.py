@@ -18,6 +18,9 @@
   the scheduler would otherwise wait for the step before.
 - BEFORE ``Scheduler.run_batch``, with ``MOSAICKV_STACK_SAMPLES`` set: the first batch starts sampling this
   scheduler thread's stacks (:mod:`mosaickv_sglang.stack_sampler`), in any server that loads the plugin.
+- BEFORE ``Scheduler.run_batch``, with ``MOSAICKV_SYNC_AUDIT`` set: the first decode batch starts counting this
+  process's synchronizing CUDA calls by stack (:mod:`mosaickv_sglang.sync_audit`), in any server that loads the
+  plugin; AFTER ``Scheduler.on_idle``, the counts so far written.
 
 The first four and the sixth are no-ops unless this process built a ``mosaic`` attention backend, the first with the
 sidecar on, the third with seal graphs, the fourth with the overlap scheduler on, the sixth unless seals run in two
@@ -35,6 +38,8 @@ from mosaickv_sglang.batch_inputs import clear_scheduled_batch, note_scheduled_b
 from mosaickv_sglang.gc_freeze import maybe_freeze
 from mosaickv_sglang.runtime import current_sealer
 from mosaickv_sglang.stack_sampler import maybe_start as maybe_start_stack_sampler
+from mosaickv_sglang.sync_audit import maybe_start as maybe_start_sync_audit
+from mosaickv_sglang.sync_audit import started as sync_audit_started
 
 from . import seam
 
@@ -98,6 +103,22 @@ def sample_stacks(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     maybe_start_stack_sampler(int(getattr(ps, "tp_rank", 0) or 0), int(getattr(ps, "tp_size", 1) or 1))
 
 
+def audit_syncs(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE ``Scheduler.run_batch``: with ``MOSAICKV_SYNC_AUDIT`` set, the first decode batch starts counting the
+    synchronizing CUDA calls (after start-up and CUDA graph capture, whose waits are expected)."""
+    mode = getattr(batch, "forward_mode", None)
+    if mode is not None and mode.is_decode():
+        ps = getattr(self, seam.SCHEDULER_PARALLEL_STATE_ATTR, None)
+        maybe_start_sync_audit(int(getattr(ps, "tp_rank", 0) or 0), int(getattr(ps, "tp_size", 1) or 1))
+
+
+def write_sync_audit(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER ``Scheduler.on_idle``: the sync audit's counts so far on disk, when one was started."""
+    audit = sync_audit_started()
+    if audit is not None:
+        audit.write()
+
+
 def apply() -> None:
     """Register the scheduler hooks."""
     seam.register_hook(seam.SCHEDULER_ON_IDLE, sidecar_idle_tick, "AFTER")
@@ -107,3 +128,5 @@ def apply() -> None:
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, forget_batch_inputs, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, seal_after_launch, "AFTER")
     seam.register_hook(seam.SCHEDULER_RUN_BATCH, sample_stacks, "BEFORE")
+    seam.register_hook(seam.SCHEDULER_RUN_BATCH, audit_syncs, "BEFORE")
+    seam.register_hook(seam.SCHEDULER_ON_IDLE, write_sync_audit, "AFTER")
