@@ -74,6 +74,10 @@ mkdir -p "$out"
 export MOSAICKV_CACHE=/tmp/mkv/cache
 # the servers' status lines (slowest decode plans, gc pauses) every 5 s: the loads last seconds, not minutes
 export MOSAICKV_STATUS_INTERVAL="${MOSAICKV_STATUS_INTERVAL:-5}"
+# the sparse decode variant fixed, not timed: servers started side by side time it beside each other's start-up and
+# chose a variant that served 15% slower (thirty-fourth run); popcount without a cap is the H100's quiet choice for
+# the 8B shape. MOSAICKV_DECODE_TUNE=1 times it again (the tune and select steps time the variants themselves).
+export MOSAICKV_DECODE_TUNE="${MOSAICKV_DECODE_TUNE:-popcount}"
 t_start=$SECONDS
 pack_results() {  # on exit, also a failed one: the device tool brings back a limited number of files, so one archive
   # files that first-use compilers wrote during the step outside Triton's cache (FlashInfer's JIT, the CUDA driver's

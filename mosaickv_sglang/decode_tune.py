@@ -8,7 +8,11 @@ fastest depends on the GPU (the kernel is bound by the rebuild's instructions an
 bandwidth), so the attention backend calls :func:`select_decode_variant` once at startup on CUDA, before the kernel
 warmup: each candidate decodes the same synthetic chan-compressed batch, and the fastest becomes the module default
 of :func:`~mosaickv_sglang.kernels.sparse_decode.sparse_decode_fwd` (``CHAN_MODE``, ``MAXNREG``). A candidate whose
-output differs from the first's is dropped (logged). ``MOSAICKV_DECODE_TUNE=0`` keeps the defaults.
+output differs from the first's is dropped (logged). ``MOSAICKV_DECODE_TUNE=0`` keeps the defaults;
+``MOSAICKV_DECODE_TUNE=MODE`` or ``MODE/CAP`` (e.g. ``popcount``, ``ptr-gather/168``: one of :data:`CANDIDATES`) fixes
+the variant without timing. Timings taken while other work runs on the GPU (a second server starting beside this one)
+can pick a variant that is slower once the server is alone (``bench/RESULTS.md``, thirty-fourth run: decode steps 15%
+slower); a fixed variant keeps such servers comparable and a restart's choice the same.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from mosaickv_sglang.warmup import WarmupShape
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CANDIDATES", "ENV_VAR", "DecodeBatch", "select_decode_variant", "time_decode_variants"]
+__all__ = ["CANDIDATES", "ENV_VAR", "DecodeBatch", "configure_decode_variant", "fixed_variant", "select_decode_variant",
+           "time_decode_variants"]
 
 ENV_VAR = "MOSAICKV_DECODE_TUNE"
 Variant = Tuple[int, Optional[int]]  # (chan mode, register cap)
@@ -43,12 +48,30 @@ CANDIDATES: Tuple[Variant, ...] = (
 
 
 def tune_enabled() -> bool:
-    """``MOSAICKV_DECODE_TUNE`` unset or not ``0``."""
-    return os.environ.get(ENV_VAR, "1").strip() != "0"
+    """``MOSAICKV_DECODE_TUNE`` unset, ``1`` or ``auto``: time the candidates (``0`` or a variant: do not)."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() in ("1", "auto")
 
 
 def _name(v: Variant) -> str:
     return f"{sd.CHAN_MODE_NAMES[v[0]]}/{'no cap' if v[1] is None else f'maxnreg {v[1]}'}"
+
+
+def _spelling(v: Variant) -> str:
+    """How ``MOSAICKV_DECODE_TUNE`` names ``v``: ``MODE`` without a cap, ``MODE/CAP`` with one."""
+    return sd.CHAN_MODE_NAMES[v[0]] + ("" if v[1] is None else f"/{v[1]}")
+
+
+def fixed_variant() -> Optional[Variant]:
+    """The candidate ``MOSAICKV_DECODE_TUNE`` names (``MODE`` or ``MODE/CAP``, case and spaces ignored), or ``None``
+    when it asks for timing or for the defaults."""
+    raw = os.environ.get(ENV_VAR, "1").strip().lower()
+    if raw in ("1", "auto", "0"):
+        return None
+    by_spelling = {_spelling(v): v for v in CANDIDATES}
+    if raw not in by_spelling:
+        raise ValueError(f"{ENV_VAR}: expected 1 or auto (time them), 0 (the defaults) or one of "
+                         f"{', '.join(by_spelling)}, got {raw!r}")  # fmt: skip
+    return by_spelling[raw]
 
 
 class DecodeBatch:
@@ -138,3 +161,17 @@ def select_decode_variant(shape: WarmupShape, device: torch.device,
     logger.info("MosaicKV: sparse decode %s (%s)", _name(chosen),
                 ", ".join(f"{_name(v)} {1e6 * t:.1f} us" for v, t in timings.items()) or "no timing")  # fmt: skip
     return chosen
+
+
+def configure_decode_variant(shape: WarmupShape, device: torch.device) -> Optional[Variant]:
+    """The startup choice as ``MOSAICKV_DECODE_TUNE`` asks: the variant it names made the default (logged), nothing
+    with ``0``, else :func:`select_decode_variant` (timing). Returns the variant set, ``None`` when none was. A bad
+    value raises before anything is timed."""
+    fixed = fixed_variant()
+    if fixed is not None:
+        sd.CHAN_MODE, sd.MAXNREG = fixed
+        logger.info("MosaicKV: sparse decode %s (%s)", _name(fixed), ENV_VAR)
+        return fixed
+    if not tune_enabled():
+        return None
+    return select_decode_variant(shape, device)

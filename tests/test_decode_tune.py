@@ -1,9 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """The startup choice of the sparse decode's chan mode and register cap: every candidate decodes a chan-compressed
 batch to the same output bit for bit (so the choice cannot change an answer), the fastest becomes the kernel's default,
-a candidate with another output or an error is dropped, and ``MOSAICKV_DECODE_TUNE=0`` turns the timing off."""
+a candidate with another output or an error is dropped; ``MOSAICKV_DECODE_TUNE=0`` turns the timing off and a variant
+named there is fixed without it."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,3 +86,51 @@ def test_every_candidate_gives_the_same_output_on_the_gpu(head_dim, dtype):
     times = T.time_decode_variants(T.DecodeBatch(shape, torch.device("cuda")), repeats=2, launches=5)
     assert set(times) == set(T.CANDIDATES), times
     assert T.select_decode_variant(shape, torch.device("cuda"), times) in T.CANDIDATES
+
+
+def test_the_environment_can_fix_a_variant_without_timing(monkeypatch):
+    """``MODE`` or ``MODE/CAP`` of a candidate is made the default and logged, nothing timed; ``0`` keeps the defaults
+    untimed; anything else is refused with the accepted spellings."""
+    monkeypatch.setattr(sd, "CHAN_MODE", sd.CHAN_PTR_GATHER)
+    monkeypatch.setattr(sd, "MAXNREG", None)
+    monkeypatch.setattr(T, "select_decode_variant", lambda *a: pytest.fail("timed a fixed variant"))
+    for raw, want in ((" Popcount ", (sd.CHAN_POPCOUNT, None)), ("ptr-gather/168", (sd.CHAN_PTR_GATHER, 168))):
+        monkeypatch.setenv(T.ENV_VAR, raw)
+        assert not T.tune_enabled() and T.fixed_variant() == want
+        assert T.configure_decode_variant(SHAPE, torch.device("cpu")) == want
+        assert (sd.CHAN_MODE, sd.MAXNREG) == want
+    monkeypatch.setenv(T.ENV_VAR, "0")
+    assert T.fixed_variant() is None and T.configure_decode_variant(SHAPE, torch.device("cpu")) is None
+    assert (sd.CHAN_MODE, sd.MAXNREG) == (sd.CHAN_PTR_GATHER, 168)  # left as it was
+    for bad in ("popcount/200", "word-blocks", "fast"):
+        monkeypatch.setenv(T.ENV_VAR, bad)
+        with pytest.raises(ValueError, match=r"MOSAICKV_DECODE_TUNE: expected 1 or auto .* popcount/168, got"):
+            T.fixed_variant()
+
+
+def test_unset_or_auto_times_the_candidates(monkeypatch):
+    timed = []
+    monkeypatch.setattr(T, "select_decode_variant", lambda shape, device: timed.append(device) or (1, None))
+    for raw in (None, "auto", "1"):
+        if raw is None:
+            monkeypatch.delenv(T.ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(T.ENV_VAR, raw)
+        assert T.configure_decode_variant(SHAPE, torch.device("cpu")) == (1, None)
+    assert len(timed) == 3
+
+
+def test_the_backend_stops_on_a_bad_value_and_logs_a_timing_failure(monkeypatch, caplog):
+    """At start-up a misspelt ``MOSAICKV_DECODE_TUNE`` raises (not taken for a failed timing); a timing that fails
+    is logged and the defaults serve."""
+    from mosaickv_sglang import attention_backend as ab
+
+    monkeypatch.setattr(ab, "backend_shape", lambda backend, dtype: SHAPE)
+    backend = SimpleNamespace(device=torch.device("cpu"))
+    monkeypatch.setenv(T.ENV_VAR, "popcnt")
+    with pytest.raises(ValueError, match="MOSAICKV_DECODE_TUNE"):
+        ab.MosaicAttnBackend._tune_decode(backend, None)
+    monkeypatch.setenv(T.ENV_VAR, "1")
+    monkeypatch.setattr(T, "select_decode_variant", lambda *a: 1 / 0)
+    ab.MosaicAttnBackend._tune_decode(backend, None)
+    assert "timing the sparse decode variants failed" in caplog.text
