@@ -26,8 +26,8 @@ from collections import Counter
 from types import CodeType, FrameType
 from typing import Callable, Dict, Optional
 
-__all__ = ["ENV_VAR", "INTERVAL_ENV_VAR", "StackSampler", "collapse", "collapsed_text", "maybe_start", "WRITE_EVERY_S",
-           "write_collapsed"]
+__all__ = ["ENV_VAR", "INTERVAL_ENV_VAR", "StackSampler", "collapse", "collapsed_text", "maybe_start", "rank_path",
+           "WRITE_EVERY_S", "write_collapsed"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,14 @@ def _interval_s(env: Dict[str, str]) -> float:
     return ms / 1000.0
 
 
+def rank_path(env: Dict[str, str], var: str, tp_rank: int, tp_size: int) -> Optional[str]:
+    """The path ``env[var]`` names for this rank (``PATH.tp<rank>`` with tensor parallelism), ``None`` when unset."""
+    path = env.get(var, "").strip()
+    if not path:
+        return None
+    return f"{path}.tp{tp_rank}" if tp_size > 1 else path
+
+
 def maybe_start(tp_rank: int = 0, tp_size: int = 1, env: Optional[Dict[str, str]] = None) -> Optional[StackSampler]:
     """Start sampling the calling thread when ``MOSAICKV_STACK_SAMPLES`` is set (once per process: later calls return
     the sampler already started, or ``None`` when the variable is unset)."""
@@ -173,11 +181,9 @@ def maybe_start(tp_rank: int = 0, tp_size: int = 1, env: Optional[Dict[str, str]
     if _started is not None:
         return _started
     env = os.environ if env is None else env
-    path = env.get(ENV_VAR, "").strip()
-    if not path:
+    path = rank_path(env, ENV_VAR, tp_rank, tp_size)
+    if path is None:
         return None
-    if tp_size > 1:
-        path = f"{path}.tp{tp_rank}"
     _started = StackSampler(path, threading.get_ident(), _interval_s(env)).start()
     logger.info("MosaicKV: sampling the scheduler's stacks every %.1f ms into %s (%s)", _started.interval_s * 1e3,
                 path, ENV_VAR)  # fmt: skip

@@ -24,7 +24,7 @@ from collections import Counter
 from types import FrameType
 from typing import Any, Callable, Dict, Optional
 
-from mosaickv_sglang.stack_sampler import collapse, write_collapsed
+from mosaickv_sglang.stack_sampler import collapse, rank_path, write_collapsed
 
 __all__ = ["ENV_VAR", "SYNC_WARNING", "SyncAudit", "WRITE_EVERY_S", "maybe_start", "started"]
 
@@ -135,12 +135,9 @@ def maybe_start(tp_rank: int = 0, tp_size: int = 1, env: Optional[Dict[str, str]
     global _started
     if _started is not None:
         return _started
-    env = os.environ if env is None else env
-    path = env.get(ENV_VAR, "").strip()
-    if not path:
+    path = rank_path(os.environ if env is None else env, ENV_VAR, tp_rank, tp_size)
+    if path is None:
         return None
-    if tp_size > 1:
-        path = f"{path}.tp{tp_rank}"
     _started = SyncAudit(path).install()
     logger.info("MosaicKV: counting the scheduler's synchronizing CUDA calls into %s (%s)", path, ENV_VAR)
     return _started
