@@ -189,25 +189,38 @@ def _strategy_histogram(store: Any) -> Dict[str, int]:
 
 def _strategy_counts(store: Any) -> torch.Tensor:
     """The sealed segments per strategy, ``[len(STRATEGY_NAMES)]`` int64 on the tables' device, queued without the
-    host waiting: the sealed pages' rows go up through pinned memory and each layer's codes are added in with
-    ``index_add_`` (``torch.bincount`` on CUDA reads its input's min and max on the host, so that each refresh
-    waited for every step in flight)."""
-    s, h, f = store.page_size, store.num_kv_heads, _NUM_FORMS
+    host waiting: the rows of the pages sealed in every layer are read in one gather of
+    :attr:`~mosaickv_sglang.pool.CompressedKVStore.desc_table` (a few launches, not a dozen per layer: the refresh runs
+    on the scheduler thread), those of pages sealed in some layers only layer by layer; the rows go up through pinned
+    memory and the codes are added in with ``index_add_`` (``torch.bincount`` on CUDA reads its input's min and max
+    on the host, so that each refresh waited for every step in flight)."""
+    h, num_layers = store.num_kv_heads, store.num_layers
     total = torch.zeros(len(STRATEGY_NAMES), dtype=torch.int64, device=store.device)
-    heads = np.arange(h, dtype=np.int64)
-    last_pages: Optional[np.ndarray] = None
-    rows: Optional[torch.Tensor] = None
-    for li, desc in enumerate(store.desc):
-        pages = np.flatnonzero(store.page_state(li).numpy() == PAGE_SEALED)
-        if pages.size == 0:
-            continue
-        if last_pages is None or not np.array_equal(pages, last_pages):  # usually the same pages in every layer
-            rows = to_device(torch.from_numpy((pages[:, None] * h + heads[None, :]).reshape(-1)), store.device)
-            last_pages = pages
-        d = desc[rows]
-        code = (d[:, N_ROWS] < s).long() * (f * f) + d[:, K_FORM].long() * f + d[:, V_FORM].long()
-        total.index_add_(0, code, torch.ones_like(code))
+    sealed_in = store.layers_sealed()
+    everywhere = np.flatnonzero(sealed_in == num_layers)
+    if everywhere.size:
+        _add_codes(total, store.desc_table[:, _head_rows(everywhere, h, store.device)], store.page_size)
+    partly = np.flatnonzero((sealed_in > 0) & (sealed_in < num_layers))
+    if partly.size:
+        for li in range(num_layers):
+            pages = partly[store.page_state(li).numpy()[partly] == PAGE_SEALED]
+            if pages.size:
+                _add_codes(total, store.desc[li][_head_rows(pages, h, store.device)], store.page_size)
     return total
+
+
+def _head_rows(pages: np.ndarray, h: int, device: torch.device) -> torch.Tensor:
+    """The descriptor rows of ``pages``' heads (``page * h + head``), on ``device``."""
+    heads = np.arange(h, dtype=np.int64)
+    return to_device(torch.from_numpy((pages[:, None] * h + heads[None, :]).reshape(-1)), device)
+
+
+def _add_codes(total: torch.Tensor, rows: torch.Tensor, page_size: int) -> None:
+    """Count the strategy code of each descriptor row of ``rows`` (``[..., DESC_WIDTH]``) into ``total``."""
+    f = _NUM_FORMS
+    d = rows.reshape(-1, rows.shape[-1])
+    code = (d[:, N_ROWS] < page_size).long() * (f * f) + d[:, K_FORM].long() * f + d[:, V_FORM].long()
+    total.index_add_(0, code, torch.ones_like(code))
 
 
 class StrategyCounter:

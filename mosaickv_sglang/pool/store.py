@@ -239,6 +239,9 @@ class CompressedKVStore:
     desc : list of torch.Tensor
         Per layer: shape ``[num_pages * H_kv, 8]``, dtype ``torch.int32``; row ``page * H_kv + head``. Rows of
         pages that are not sealed are stale and never listed in metadata.
+    desc_table : torch.Tensor
+        shape ``[num_layers, num_pages * H_kv, 8]``: the tables of :attr:`desc` (each one a view of it), for a read of
+        every layer's rows in one gather.
     bounds : list of torch.Tensor
         Per layer: shape ``[num_pages * H_kv, 2, d]``, dtype ``dtype``.
     allocators : list of GranuleAllocator
@@ -290,9 +293,8 @@ class CompressedKVStore:
             torch.zeros(arena_granules_per_layer * GRANULE_ELEMS, dtype=dtype, device=self.device)
             for _ in range(num_layers)
         ]
-        self.desc: List[torch.Tensor] = [
-            torch.zeros(n_seg, DESC_WIDTH, dtype=torch.int32, device=self.device) for _ in range(num_layers)
-        ]
+        self.desc_table = torch.zeros(num_layers, n_seg, DESC_WIDTH, dtype=torch.int32, device=self.device)
+        self.desc: List[torch.Tensor] = list(self.desc_table.unbind(0))
         self.bounds: List[torch.Tensor] = [
             torch.zeros(n_seg, 2, head_dim, dtype=dtype, device=self.device) for _ in range(num_layers)
         ]
@@ -963,6 +965,10 @@ class CompressedKVStore:
         return ExtendMetadata(qo, int(lens.max()) if b else 0, ids, counts, indptr, indices, shape)
 
     # --- accounting ----------------------------------------------------------------------------------------------
+    def layers_sealed(self) -> np.ndarray:
+        """shape ``[num_pages]``, int32 (a copy): the layers each page is sealed in."""
+        return self._layers_sealed.copy()
+
     def sealed_segments(self) -> int:
         """Sealed (page, head) segments summed over layers."""
         return int((self._state == PAGE_SEALED).sum()) * self.num_kv_heads

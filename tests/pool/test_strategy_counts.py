@@ -30,10 +30,13 @@ def _plain_histogram(store) -> dict:
 
 def _sealed_scenario(seed: int, h: int, d: int, device: torch.device):
     """Ragged requests' full pages sealed by the fast planner at ratios 2.5 and 4 (some pages as dense sinks), chan
-    pages beside them, then a few pages freed: mixed strategies over pages not in arena order."""
-    sc = make_scenario(seed, seq_lens=[75, 40, 130, 17], num_layers=2, h_kv=h, head_dim=d, device=device)
+    pages beside them, pages sealed in the last layer only, then a few pages freed: mixed strategies over pages not in
+    arena order, read in one gather and layer by layer."""
+    sc = make_scenario(seed, seq_lens=[75, 40, 130, 17, 64], num_layers=2, h_kv=h, head_dim=d, device=device)
     full = [rp[: n // sc.s] for rp, n in zip(sc.req_pages, sc.seq_lens)]
-    first, second, chan = full[0], torch.cat([full[1], full[3]]), full[2]
+    first, second, chan, last_layer = full[0], torch.cat([full[1], full[3]]), full[2], full[4]
+    sc.store.seal(last_layer, sc.k_bufs, sc.v_bufs, sc.slot_of_page[last_layer],
+                  sc.plans(last_layer, "fast", ratio=3.0, layers=[1]), layer_ids=[1])  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     sinks = torch.rand(first.numel(), generator=gen) < 0.4
     sc.store.seal(first, sc.k_bufs, sc.v_bufs, sc.slot_of_page[first], sc.plans(first, "fast", sinks, ratio=2.5))
@@ -48,6 +51,7 @@ def test_counts_equal_a_plain_count_of_the_sealed_rows(device, h, d, seed):
     store = _sealed_scenario(seed, h, d, device)
     want = _plain_histogram(store)
     assert sum(v > 0 for v in want.values()) >= 2  # more than one strategy to tell apart
+    assert set(store.layers_sealed().tolist()) == {0, 1, 2}  # pages sealed in some layers and in all
     got = _strategy_counts(store)
     assert got.device.type == device.type
     assert dict(zip(STRATEGY_NAMES, got.tolist())) == want
