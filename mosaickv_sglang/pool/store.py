@@ -210,6 +210,10 @@ def _host_long(x: object, name: str) -> torch.Tensor:
     return x.detach().to("cpu", torch.int64)
 
 
+# the byte distance between two layers' descriptor tables in desc_table: the CUDA caching allocator's block alignment
+DESC_LAYER_ALIGN_BYTES = 512
+
+
 class CompressedKVStore:
     """Compressed KV storage of one SGLang KV pool: arenas, descriptor and bounds tables, page states.
 
@@ -240,8 +244,10 @@ class CompressedKVStore:
         Per layer: shape ``[num_pages * H_kv, 8]``, dtype ``torch.int32``; row ``page * H_kv + head``. Rows of
         pages that are not sealed are stale and never listed in metadata.
     desc_table : torch.Tensor
-        shape ``[num_layers, num_pages * H_kv, 8]``: the tables of :attr:`desc` (each one a view of it), for a read of
-        every layer's rows in one gather.
+        shape ``[num_layers, R, 8]``, ``R >= num_pages * H_kv`` (rows past ``num_pages * H_kv`` unused): the tables of
+        :attr:`desc`, each a view of its first rows, for a read of every layer's rows in one gather. Each layer's table
+        starts :data:`DESC_LAYER_ALIGN_BYTES` after the one before, as separate allocations would: the pack kernel
+        compiles for the alignment of its layers' offsets, and the warm-up's tables have that one.
     bounds : list of torch.Tensor
         Per layer: shape ``[num_pages * H_kv, 2, d]``, dtype ``dtype``.
     allocators : list of GranuleAllocator
@@ -293,8 +299,10 @@ class CompressedKVStore:
             torch.zeros(arena_granules_per_layer * GRANULE_ELEMS, dtype=dtype, device=self.device)
             for _ in range(num_layers)
         ]
-        self.desc_table = torch.zeros(num_layers, n_seg, DESC_WIDTH, dtype=torch.int32, device=self.device)
-        self.desc: List[torch.Tensor] = list(self.desc_table.unbind(0))
+        align_rows = DESC_LAYER_ALIGN_BYTES // (DESC_WIDTH * 4)
+        rows = -(-n_seg // align_rows) * align_rows
+        self.desc_table = torch.zeros(num_layers, rows, DESC_WIDTH, dtype=torch.int32, device=self.device)
+        self.desc: List[torch.Tensor] = [self.desc_table[li, :n_seg] for li in range(num_layers)]
         self.bounds: List[torch.Tensor] = [
             torch.zeros(n_seg, 2, head_dim, dtype=dtype, device=self.device) for _ in range(num_layers)
         ]

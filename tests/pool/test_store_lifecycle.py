@@ -136,3 +136,20 @@ def test_store_rejects_bad_configuration():
         CompressedKVStore(1, 4, 16, 1, 64, torch.float32, "cpu", 16)
     with pytest.raises(ValueError, match="num_layers: expected an integer >= 1"):
         CompressedKVStore(0, 4, 16, 1, 64, torch.float16, "cpu", 16)
+
+
+def test_each_layers_descriptor_table_starts_where_its_own_allocation_would():
+    """Three rows a layer (3 pages, 1 head): the layers' tables, views of one ``desc_table``, still start 512 bytes
+    apart, so the pack kernel's layer alignment is its largest, the warm-up's (with 3 rows apart it compiled another
+    variant mid-serving); a write through a layer's table is the table's."""
+    from mosaickv_sglang.kernels.pack import LAYER_ALIGN_MAX, _layer_table
+
+    st = CompressedKVStore(3, 3, 16, 1, 64, torch.float16, "cpu", 64)
+    base = st.desc_table.data_ptr()
+    assert [t.data_ptr() - base for t in st.desc] == [0, 512, 1024]
+    assert all(tuple(t.shape) == (3, 8) and t.is_contiguous() for t in st.desc)
+    st.desc[2][1, 5] = 7
+    assert int(st.desc_table[2, 1, 5]) == 7
+    apart = tuple(4096 * j for j in range(3))
+    ptrs = (apart, apart, apart, tuple(t.data_ptr() for t in st.desc), apart)
+    assert _layer_table(ptrs, 2, torch.device("cpu"))[1] == LAYER_ALIGN_MAX
