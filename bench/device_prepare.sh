@@ -3,7 +3,8 @@
 # On the CPU machine, from the project root: everything the GPU steps carry that git does not track, rebuilt from
 # scratch (about 5 minutes with warm caches). Each folder fits one device transfer (64 MiB, the tracked tree
 # included, counted in disk blocks: the tracked tree's many small files take 36 MiB of blocks for 31 MiB of bytes)
-# with room for the tracked tree to grow: parts of at most PART_MIB (default 25) MiB, of equal size.
+# with room for the tracked tree to grow: parts of at most PART_MIB (default 12) MiB, of equal size. It stops when
+# the tracked tree and the largest folder would not fit one transfer.
 #
 #   .device-bundle/p00 p01 p03 p04 ...  SGLang 0.5.17's bundle (../shared/device/build-bundle.sh), re-split
 #   .device-bundle/p02                  its unpacker, model shapes and device-env.sh (the last part sent, sourced there)
@@ -19,7 +20,7 @@
 #   source .device-bundle/p02/device-env.sh && bash bench/device_served.sh STEP     carry .device-bundle/p02
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-part_mib="${PART_MIB:-25}"
+part_mib="${PART_MIB:-12}"
 [[ "$part_mib" =~ ^[0-9]+$ ]] && [ "$part_mib" -ge 8 ] && [ "$part_mib" -le 60 ] \
   || { echo "device_prepare: PART_MIB: expected MiB between 8 and 60, got '$part_mib'" >&2; exit 1; }
 # split_even FILE PREFIX: FILE in the fewest parts of at most part_mib MiB, of equal size (PREFIX00, PREFIX01, ...)
@@ -42,12 +43,14 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/meta" "$work/split"
 cp -r "$last"/. "$work/meta"/ && rm -f "$work"/meta/part.*
+# zstandard imports its C backend first; the cffi backend's 12 MiB library would only crowd the steps' transfer
+rm -f "$work"/meta/zstandard/_cffi.*.so
 cat .device-bundle/p*/part.* > "$work/bundle.tar.zst"
 rm -rf .device-bundle && mkdir -p .device-bundle/p02 && cp -r "$work"/meta/. .device-bundle/p02/
 (cd "$work/split" && split_even ../bundle.tar.zst part.)
 n=$(ls "$work/split" | wc -l)
 # data parts in p00, p01, p03, ... (p02 holds the unpacker, device-env.sh and the model shapes, sent last)
-dirs=(p00 p01 p03 p04 p05 p06 p07 p08 p09)
+dirs=(p00 p01 p03 p04 p05 p06 p07 p08 p09 p10 p11 p12 p13 p14 p15)
 [ "$n" -le ${#dirs[@]} ] || { echo "device_prepare: $n parts, expected at most ${#dirs[@]}" >&2; exit 1; }
 i=0
 for f in "$work"/split/part.*; do
@@ -71,11 +74,15 @@ for f in "$work"/gguf.part.*; do
 done
 cp -r "$cache/essays" "${models[-1]}/"
 du -sh .device-model/*
-# disk usage, not bytes: the transfer's limit refused 31 MiB of tracked bytes (36 MiB of blocks) with a 32 MiB part
-tracked=$(( $(git ls-files -z | xargs -0 du -c | tail -1 | cut -f1) * 1024 ))
+# disk usage, not bytes: the transfer's limit refused 31 MiB of tracked bytes (36 MiB of blocks) with a 32 MiB part.
+# One du over every file: xargs would split the list over several du calls, each with its own total.
+tracked=$(( $(git ls-files -z | du -c --files0-from=- | tail -1 | cut -f1) * 1024 ))
 largest=$(( $(du -s .device-bundle/p* .device-model/m* | sort -n | tail -1 | cut -f1) * 1024 ))
-# the step's call carries p02 (the unpacker's zstandard module: 23 MiB), not .device-jit (its own call, below)
+# the step's call carries p02 (the unpacker's zstandard module: 11 MiB), not .device-jit (its own call, below)
 echo "tracked files: $((tracked / 1048576)) MiB; with the largest folder: $(((tracked + largest) / 1048576)) of 64 MiB"
+[ $((tracked + largest)) -lt $((64 * 1048576)) ] \
+  || { echo "device_prepare: tracked files and the largest folder: expected under 64 MiB, got" \
+         "$(((tracked + largest) / 1048576)) MiB; run again with a smaller PART_MIB" >&2; exit 1; }
 [ $((tracked + largest)) -lt $((60 * 1048576)) ] \
   || echo "device_prepare: WARNING: under 4 MiB to spare in one transfer; run again with a smaller PART_MIB" >&2
 echo "device calls, in order (each carries the folder named):"
