@@ -27,9 +27,10 @@ the step two iterations later 6.7 ms slower on average (a 15.3 ms step), the dec
 ``MOSAICKV_SEAL_LAYER_SLICES=S`` (S > 1, beside the step, once the hook has run) a first half plans the first of S
 slices of the model's layers, and each later launch plans the next slice (``Sealer.after_launch``), so each step shares
 the GPU with a fraction of the planner. A layer's plan depends only on that layer, and every slice plans from the query
-window the first one read (copied then), so the plans are those of one call for all layers. A pack due before the last
-slice plans the rest first; a page freed meanwhile leaves the rest unplanned (the pack voids the seal, as it would
-have).
+window the first one read (copied then), so the plans are those of one call for all layers. The pack comes at least
+S + 1 plans after the first slice, a launch after the last (``MOSAICKV_SEAL_ASYNC=N`` below that waits the longer); a
+pack due sooner for a low hot pool plans the rest first; a page freed meanwhile leaves the rest unplanned (the pack
+voids the seal, as it would have).
 """
 
 from __future__ import annotations

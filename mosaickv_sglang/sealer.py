@@ -582,7 +582,7 @@ class Sealer:
         if self._pending is not None:
             self._pending.plans_waited += 1
             if not self._pending_waits(need):
-                self.packs_sooner += int(self._pending.plans_waited < self.seal_async_plans)
+                self.packs_sooner += int(self._pending.plans_waited < self._pack_plans(self._pending))
                 # the pending seal first: its pages leave the hot pool (and the due pages found before it), and a
                 # voided one's are due again below
                 finished = self._pending.pages
@@ -712,7 +712,7 @@ class Sealer:
             return False
         if not self._can_seal_beside() or self._pending_waits(0, plans_waited=pending.plans_waited + 1):
             return False
-        self.packs_sooner += int(pending.plans_waited + 1 < self.seal_async_plans)
+        self.packs_sooner += int(pending.plans_waited + 1 < self._pack_plans(pending))
         with self._after_launch_stream(), self._beside_step():
             self.finish_seal()
         self.packs_after_launch += 1
@@ -1120,8 +1120,16 @@ class Sealer:
         self.cold_pages_sealed += int(cold.size)
         return np.concatenate([chosen, cold]), np.concatenate([sink_mask, np.zeros(cold.size, dtype=bool)])
 
+    def _pack_plans(self, pending: PendingSeal) -> int:
+        """The plans after its own that ``pending`` is packed at when the hot pool has room: :attr:`seal_async_plans`,
+        and in ``S`` > 1 layer slices at least ``S + 1``: the launches after the first plan the other ``S - 1``, and
+        the pack comes a launch after the last, so it neither plans a slice itself nor waits for one just launched
+        (the thirty-third run's ``S`` = 8 with 8 plans planned the last slice in every pack and waited)."""
+        slices = len(pending.slices)
+        return max(1, self.seal_async_plans, slices + 1 if slices > 1 else 1)
+
     def _pending_waits(self, need: int, plans_waited: Optional[int] = None) -> bool:
-        """Whether the pending seal waits for a later plan: fewer than :attr:`seal_async_plans` plans since it was
+        """Whether the pending seal waits for a later plan: fewer than :meth:`_pack_plans` plans since it was
         planned (counting this one; ``plans_waited``, else the pending seal's own count), and the hot pool has room
         for this plan's ``need`` new pages without it; beside the step, from :attr:`pack_sooner_after` plans on, room
         above :attr:`pack_water_pages` too (a low pool packs it now, beside the step, so that cold pages can follow at
@@ -1130,7 +1138,7 @@ class Sealer:
         pending = self._pending
         assert pending is not None
         plans = pending.plans_waited if plans_waited is None else plans_waited
-        if plans >= max(1, self.seal_async_plans):
+        if plans >= self._pack_plans(pending):
             return False
         short = self._shortfall(need)
         if self._can_seal_beside() and plans >= self.pack_sooner_after:

@@ -922,12 +922,38 @@ def test_in_layer_slices_each_launch_plans_the_next_and_the_pack_packs_what_a_wh
     assert sealer.after_launch() is False and sealer.slices_after_launch == 1  # nothing left to plan or pack
 
 
+@pytest.mark.parametrize("plans", [1, 2, 5])
+def test_a_pack_due_for_its_plan_count_waits_a_launch_after_the_last_slice(plans):
+    """``MOSAICKV_SEAL_ASYNC=N`` with ``S`` slices: the pack comes after max(N, S + 1) plans, so each of the ``S - 1``
+    launches after the first plans its slice and the pack, a launch after the last, plans none itself."""
+    sc, sealer, pages, sinks, whole = _sliced(5, plans=plans, slices=2)
+    _choosing_plan(sealer, pages, sinks)
+    assert sealer.after_launch() and sealer.starts_after_launch == 1
+    slices = len(sealer._pending.slices)
+    assert slices == 2
+    due = max(plans, slices + 1)
+    for k in range(1, due - 1):
+        _plan(sealer)
+        assert sealer.after_launch() == (k < slices), k  # the launch plans its slice, or nothing
+        assert sealer._pending is not None and sealer.pages_sealed == 0, k
+    assert sealer.slices_after_launch == len(sealer._pending.slices) - 1 and sealer._pending.next_slice is None
+    _plan(sealer)
+    assert sealer._pending is not None  # the pack the next plan would make: after this plan's launch
+    assert sealer.after_launch() and sealer.packs_after_launch == 1
+    assert sealer._pending is None and sealer.pages_sealed == pages.size
+    assert (sealer.slices_caught_up, sealer.packs_sooner, sealer.packs_waited) == (0, 0, 0)
+    for a, b in zip(_store_state(whole), _store_state(sc)):
+        assert torch.equal(a, b)
+
+
 def test_a_pack_due_before_the_last_slice_plans_the_rest_itself_and_packs_the_same():
     sc, sealer, pages, sinks, whole = _sliced(5, plans=1, slices=2)
     _choosing_plan(sealer, pages, sinks)
     assert sealer.after_launch() and sealer._pending.next_slice == range(1, 2)
-    _plan(sealer)  # its first plan packs it (one plan later), before a launch planned the second slice
+    sealer.reserve_pages = sc.pool.num_free_physical_pages + 1  # the next plan lacks room without the seal's pages
+    _plan(sealer)  # so it packs it at once, before a launch planned the second slice
     assert sealer._pending is None and sealer.slices_caught_up == 1 and sealer.slices_after_launch == 0
+    assert sealer.packs_sooner == 1
     assert sealer.pages_sealed == pages.size
     for a, b in zip(_store_state(whole), _store_state(sc)):
         assert torch.equal(a, b)
