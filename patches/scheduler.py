@@ -96,11 +96,16 @@ def seal_after_launch(result: Any, self: Any, *args: Any, **kwargs: Any) -> None
         sealer.after_launch()
 
 
+def _tp_rank_and_size(scheduler: Any) -> "tuple[int, int]":
+    """The scheduler's tensor-parallel rank and size (0 and 1 when its parallel state does not say)."""
+    ps = getattr(scheduler, seam.SCHEDULER_PARALLEL_STATE_ATTR, None)
+    return int(getattr(ps, "tp_rank", 0) or 0), int(getattr(ps, "tp_size", 1) or 1)
+
+
 def sample_stacks(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     """BEFORE ``Scheduler.run_batch``: with ``MOSAICKV_STACK_SAMPLES`` set, the first batch starts sampling this
     scheduler thread's stacks (any server that loads the plugin, stock ones included)."""
-    ps = getattr(self, seam.SCHEDULER_PARALLEL_STATE_ATTR, None)
-    maybe_start_stack_sampler(int(getattr(ps, "tp_rank", 0) or 0), int(getattr(ps, "tp_size", 1) or 1))
+    maybe_start_stack_sampler(*_tp_rank_and_size(self))
 
 
 def audit_syncs(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
@@ -108,8 +113,7 @@ def audit_syncs(self: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     synchronizing CUDA calls (after start-up and CUDA graph capture, whose waits are expected)."""
     mode = getattr(batch, "forward_mode", None)
     if mode is not None and mode.is_decode():
-        ps = getattr(self, seam.SCHEDULER_PARALLEL_STATE_ATTR, None)
-        maybe_start_sync_audit(int(getattr(ps, "tp_rank", 0) or 0), int(getattr(ps, "tp_size", 1) or 1))
+        maybe_start_sync_audit(*_tp_rank_and_size(self))
 
 
 def write_sync_audit(result: Any, self: Any, *args: Any, **kwargs: Any) -> None:
