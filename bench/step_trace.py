@@ -15,6 +15,12 @@ then short), one with its GPU period as long is time on the device.
 Under SGLang's overlap loop the period between two step launches holds the GPU time of the step launched two
 iterations before, and work put on a side stream runs beside the steps after its launch: the default window of 3
 iterations covers both.
+
+A trace with GPU periods adds what each kind of seal work costs the step it runs beside: over windows of one
+iteration (a row's GPU period holds the work its own iteration launched), the GPU period's excess over the median of
+the periods of the same batch size with no MosaicKV GPU work, for the periods with nothing launched, with a planner's
+first or later layer slice, with a pack (by its pages), and with a pack that waited for its planner; and how many of
+them are over 1.1x that median.
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ GPU_WORK = ("seal_calls", "side_seals", "async_seals", "packs_after_launch", "st
 CAUSES = (("MosaicKV GPU work launched", GPU_WORK), ("sidecar plans applied", ("plans_applied",)),
           ("garbage collection", ("gc_collections",)))  # fmt: skip
 BATCH_CHANGE = "batch size changed"
+# what one iteration launched, for the seal work's table, in the order the table lists them
+NOTHING = "no MosaicKV GPU work"
+LAUNCHED = (NOTHING, "a planner's first layer slice", "a later layer slice", "a pack of 16 pages or fewer",
+            "a pack of 17-32 pages", "a pack of more than 32 pages", "a pack that waited for its planner",
+            "other seal work")  # fmt: skip
+MIN_BASELINE_PERIODS = 20  # periods with nothing launched a batch size needs for its median to be the baseline
 
 
 @dataclass
@@ -136,6 +148,53 @@ def report(periods: List[Period], top: int = 15) -> str:
     return "\n".join(lines)
 
 
+def launched(p: Period) -> str:
+    """What the iteration closing ``p`` launched (``p`` from windows of one iteration), as one of :data:`LAUNCHED`: a
+    pack over a slice, a waited pack over any other."""
+    g = p.grew
+    if "packs_waited" in g:
+        return LAUNCHED[6]
+    if any(name in g for name in ("packs_after_launch", "async_seals", "seal_calls")):
+        pages = g.get("pages_sealed", 0)
+        return LAUNCHED[3] if pages <= 16 else LAUNCHED[4] if pages <= 32 else LAUNCHED[5]
+    if "starts_after_launch" in g:
+        return LAUNCHED[1]
+    if "slices_after_launch" in g:
+        return LAUNCHED[2]
+    return LAUNCHED[7] if any(name in g for name in GPU_WORK) else NOTHING
+
+
+def seal_work_report(periods: List[Period]) -> str:
+    """The seal work's cost to the step beside it (module docstring), as a table; ``periods`` from windows of one
+    iteration. Periods with a batch change, no GPU period or a batch size short of :data:`MIN_BASELINE_PERIODS` quiet
+    ones are left out."""
+    steady = [p for p in periods if not p.batch_changed and np.isfinite(p.gpu_seconds)]
+    quiet: Dict[int, List[float]] = {}
+    for p in steady:
+        if launched(p) == NOTHING:
+            quiet.setdefault(p.batch_size, []).append(p.gpu_seconds)
+    baseline = {b: float(np.median(v)) for b, v in quiet.items() if len(v) >= MIN_BASELINE_PERIODS}
+    excess: Dict[str, List[float]] = {name: [] for name in LAUNCHED}
+    over: Dict[str, int] = {name: 0 for name in LAUNCHED}
+    for p in steady:
+        base = baseline.get(p.batch_size)
+        if base is None:
+            continue
+        kind = launched(p)
+        excess[kind].append((p.gpu_seconds - base) * 1e3)
+        over[kind] += int(p.gpu_seconds > SLOW_OVER_P50 * base)
+    lines = [f"the seal work's cost on the GPU, one iteration at a time (excess over the median GPU period of the same "
+             f"batch size with {NOTHING}; over {SLOW_OVER_P50}x that median)", "",
+             "| what the iteration launched | periods | excess p50 ms | excess p90 ms | over |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name in LAUNCHED:
+        ms = excess[name]
+        if ms:
+            lines.append(f"| {name} | {len(ms)} | {np.percentile(ms, 50):.2f} | {np.percentile(ms, 90):.2f} "
+                         f"| {over[name]} ({100 * over[name] / len(ms):.0f}%) |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("traces", nargs="+", help="step trace CSV files (MOSAICKV_STEP_TRACE=<prefix>: <prefix>.<pid>.csv)")
@@ -145,11 +204,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     for path in args.traces:
         try:
-            periods = decode_periods(read_trace(path), args.window, args.since)
+            trace = read_trace(path)
+            periods = decode_periods(trace, args.window, args.since)
         except (OSError, ValueError) as e:
             print(f"{path}: {e}", file=sys.stderr)
             return 1
         print(f"## {path}\n\n{report(periods, args.top)}\n")
+        if np.isfinite(trace.get("gpu_ms", np.array([np.nan]))).any():
+            print(f"{seal_work_report(decode_periods(trace, 1, args.since))}\n")
     return 0
 
 

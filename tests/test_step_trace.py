@@ -223,3 +223,48 @@ def test_the_report_sets_the_gpu_periods_beside_the_host_periods(tmp_path):
     assert "the same periods on the GPU (forward stream, 81 timed)  p50 10.00 ms" in text
     assert "over 1.1x their p50 1" in text
     assert "| 61 | 30.00 | 3.00 | 30.00 |" in text and "| 41 | 25.00 | 2.50 | 10.00 |" in text
+
+
+def _period(row, gpu_ms, batch=16, changed=False, **grew):
+    return reader.Period(row, gpu_ms / 1e3, batch, 4096, dict(grew), changed, gpu_ms / 1e3)
+
+
+def test_the_seal_work_table_gives_each_kinds_excess_over_quiet_periods_of_its_batch_size():
+    periods = [_period(k, 10.0) for k in range(40)]
+    periods += [_period(100 + k, 12.0, starts_after_launch=1, side_seals=1) for k in range(5)]
+    periods += [_period(200 + k, ms, slices_after_launch=1) for k, ms in enumerate([11.5] * 4 + [10.5])]
+    periods += [_period(300 + k, 11.2, packs_after_launch=1, pages_sealed=8) for k in range(4)]
+    periods += [_period(400 + k, 14.0, async_seals=1, pages_sealed=40, slices_after_launch=1) for k in range(2)]
+    periods += [_period(500, 19.0, packs_after_launch=1, pages_sealed=16, packs_waited=1)]
+    periods += [_period(600 + k, 4.0, batch=3) for k in range(5)]  # too few quiet periods of batch 3: left out
+    periods += [_period(700, 9.0, batch=3, slices_after_launch=1)]
+    periods += [_period(800, 30.0, changed=True, slices_after_launch=1)]  # a batch change: left out
+    periods += [_period(900, float("nan"), starts_after_launch=1)]  # no GPU period: left out
+    assert reader.launched(periods[-1]) == "a planner's first layer slice"
+    text = reader.seal_work_report(periods)
+    assert "| no MosaicKV GPU work | 40 | 0.00 | 0.00 | 0 (0%) |" in text
+    assert "| a planner's first layer slice | 5 | 2.00 | 2.00 | 5 (100%) |" in text
+    assert "| a later layer slice | 5 | 1.50 | 1.50 | 4 (80%) |" in text
+    assert "| a pack of 16 pages or fewer | 4 | 1.20 | 1.20 | 4 (100%) |" in text
+    assert "| a pack of more than 32 pages | 2 | 4.00 | 4.00 | 2 (100%) |" in text
+    assert "| a pack that waited for its planner | 1 | 9.00 | 9.00 | 1 (100%) |" in text
+    assert "17-32" not in text and "other seal work" not in text
+
+
+def test_main_adds_the_seal_work_table_for_a_trace_with_gpu_periods(tmp_path, capsys):
+    path = tmp_path / "t.csv"
+    rows, counts = [], dict.fromkeys(SEALER_COUNTS, 0)
+    for k in range(60):
+        gpu = 10.0
+        if k % 20 == 10:
+            counts["slices_after_launch"] += 1
+            gpu = 12.5
+        rows.append([f"{100 + 0.01 * k:.6f}", "1", "0", "16", "4096"] + [str(counts[n]) for n in SEALER_COUNTS]
+                    + ["", "0", f"{gpu:.3f}" if k else ""])  # fmt: skip
+    path.write_text("\n".join([",".join(FIELDS)] + [",".join(r) for r in rows]) + "\n")
+    assert reader.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| a later layer slice | 3 | 2.50 | 2.50 | 3 (100%) |" in out
+    path.write_text("\n".join([",".join(FIELDS)] + [",".join(r[:-1] + [""]) for r in rows]) + "\n")
+    assert reader.main([str(path)]) == 0
+    assert "seal work's cost" not in capsys.readouterr().out  # no GPU periods, no table
