@@ -381,8 +381,9 @@ class Sealer:
         Seals made beside the step in flight, and policy pages left for a later plan because that step writes them.
     seal_async : bool
         ``MOSAICKV_SEAL_ASYNC=N`` (N > 0): policy seals in two halves (:mod:`.pending_seal`), planned in one plan
-        (:meth:`start_seal`) and packed ``seal_async_plans`` plans later (:meth:`finish_seal`), or at once when the
-        hot pool needs the room; pressure seals stay whole. Due pages wait while a seal is pending.
+        (:meth:`start_seal`) and packed ``seal_async_plans`` plans later (:meth:`finish_seal`; in ``S`` layer slices at
+        least ``S + 1``), or at once when the hot pool needs the room; pressure seals stay whole. Due pages wait
+        while a seal is pending.
     seal_async_plans : int
         That N (at least 1 when ``seal_async``).
     async_seals, pending_voided : int
@@ -582,7 +583,7 @@ class Sealer:
         if self._pending is not None:
             self._pending.plans_waited += 1
             if not self._pending_waits(need):
-                self.packs_sooner += int(self._pending.plans_waited < self._pack_plans(self._pending))
+                self.packs_sooner += int(self._pending.plans_waited < self._pack_plans(len(self._pending.slices)))
                 # the pending seal first: its pages leave the hot pool (and the due pages found before it), and a
                 # voided one's are due again below
                 finished = self._pending.pages
@@ -712,7 +713,7 @@ class Sealer:
             return False
         if not self._can_seal_beside() or self._pending_waits(0, plans_waited=pending.plans_waited + 1):
             return False
-        self.packs_sooner += int(pending.plans_waited + 1 < self._pack_plans(pending))
+        self.packs_sooner += int(pending.plans_waited + 1 < self._pack_plans(len(pending.slices)))
         with self._after_launch_stream(), self._beside_step():
             self.finish_seal()
         self.packs_after_launch += 1
@@ -854,7 +855,8 @@ class Sealer:
                   f"{self.cold_pages_sealed} cold pages sealed to keep {self.low_water_pages} hot pages free)"
                   if self.seal_beside_step else "")  # fmt: skip
         if self.seal_async:
-            beside += (f" ({self.async_seals} packed {self.seal_async_plans} plans later or sooner, "
+            pack_plans = self._pack_plans(len(self._slices_for_start()))
+            beside += (f" ({self.async_seals} packed {pack_plans} plans later or sooner, "
                        f"{self.pending_voided} voided, {self.packs_sooner} taken sooner for a hot pool below "
                        f"{self.pack_water_pages} free pages; after a launch {self.packs_after_launch} packed and "
                        f"{self.starts_after_launch} planned{self._slices_status()} in "
@@ -1120,12 +1122,12 @@ class Sealer:
         self.cold_pages_sealed += int(cold.size)
         return np.concatenate([chosen, cold]), np.concatenate([sink_mask, np.zeros(cold.size, dtype=bool)])
 
-    def _pack_plans(self, pending: PendingSeal) -> int:
-        """The plans after its own that ``pending`` is packed at when the hot pool has room: :attr:`seal_async_plans`,
-        and in ``S`` > 1 layer slices at least ``S + 1``: the launches after the first plan the other ``S - 1``, and
-        the pack comes a launch after the last, so it neither plans a slice itself nor waits for one just launched
-        (the thirty-third run's ``S`` = 8 with 8 plans planned the last slice in every pack and waited)."""
-        slices = len(pending.slices)
+    def _pack_plans(self, slices: int) -> int:
+        """The plans after its own that a pending seal planned in ``slices`` layer slices is packed at when the hot pool
+        has room: :attr:`seal_async_plans`, and with ``S`` > 1 slices at least ``S + 1``: the launches after the first
+        plan the other ``S - 1``, and the pack comes a launch after the last, so it neither plans a slice itself nor
+        waits for one just launched (the thirty-third run's ``S`` = 8 with 8 plans planned the last slice in every pack
+        and waited)."""
         return max(1, self.seal_async_plans, slices + 1 if slices > 1 else 1)
 
     def _pending_waits(self, need: int, plans_waited: Optional[int] = None) -> bool:
@@ -1138,7 +1140,7 @@ class Sealer:
         pending = self._pending
         assert pending is not None
         plans = pending.plans_waited if plans_waited is None else plans_waited
-        if plans >= self._pack_plans(pending):
+        if plans >= self._pack_plans(len(pending.slices)):
             return False
         short = self._shortfall(need)
         if self._can_seal_beside() and plans >= self.pack_sooner_after:

@@ -923,7 +923,7 @@ def test_in_layer_slices_each_launch_plans_the_next_and_the_pack_packs_what_a_wh
 
 
 @pytest.mark.parametrize("plans", [1, 2, 5])
-def test_a_pack_due_for_its_plan_count_waits_a_launch_after_the_last_slice(plans):
+def test_a_pack_due_for_its_plan_count_waits_a_launch_after_the_last_slice(caplog, plans):
     """``MOSAICKV_SEAL_ASYNC=N`` with ``S`` slices: the pack comes after max(N, S + 1) plans, so each of the ``S - 1``
     launches after the first plans its slice and the pack, a launch after the last, plans none itself."""
     sc, sealer, pages, sinks, whole = _sliced(5, plans=plans, slices=2)
@@ -944,6 +944,9 @@ def test_a_pack_due_for_its_plan_count_waits_a_launch_after_the_last_slice(plans
     assert (sealer.slices_caught_up, sealer.packs_sooner, sealer.packs_waited) == (0, 0, 0)
     for a, b in zip(_store_state(whole), _store_state(sc)):
         assert torch.equal(a, b)
+    with caplog.at_level(logging.INFO, logger="mosaickv_sglang.sealer"):
+        sealer.maybe_log_status(now=1e12)
+    assert f"(1 packed {due} plans later or sooner, " in caplog.text, caplog.text
 
 
 def test_a_pack_due_before_the_last_slice_plans_the_rest_itself_and_packs_the_same():
