@@ -266,14 +266,9 @@ class MosaicAttnBackend(AttentionBackend):
     def _tune_decode(self, model_runner: Any) -> None:
         """Make the sparse decode's fastest output-invariant variant on this GPU, or the one ``MOSAICKV_DECODE_TUNE``
         names, its default (:mod:`.decode_tune`), before the warmup compiles the defaults."""
-        from mosaickv_sglang.decode_tune import configure_decode_variant, fixed_variant
+        from mosaickv_sglang.decode_tune import configure_decode_variant
 
-        fixed_variant()  # a bad MOSAICKV_DECODE_TUNE stops the start-up here, not logged below as a timing failure
-        try:
-            configure_decode_variant(backend_shape(self, getattr(model_runner, "dtype", None)), self.device)
-        except Exception:  # noqa: BLE001 - an optimisation: the kernel's defaults serve without it
-            logger.exception("MosaicKV: timing the sparse decode variants failed; the kernel keeps its defaults "
-                             "(MOSAICKV_DECODE_TUNE=0 skips the timing)")  # fmt: skip
+        configure_decode_variant(backend_shape(self, getattr(model_runner, "dtype", None)), self.device)
 
     def _warmup(self, model_runner: Any) -> None:
         """Compile every kernel variant serving can hit (:mod:`mosaickv_sglang.warmup`) before taking traffic."""

@@ -166,7 +166,7 @@ def select_decode_variant(shape: WarmupShape, device: torch.device,
 def configure_decode_variant(shape: WarmupShape, device: torch.device) -> Optional[Variant]:
     """The startup choice as ``MOSAICKV_DECODE_TUNE`` asks: the variant it names made the default (logged), nothing
     with ``0``, else :func:`select_decode_variant` (timing). Returns the variant set, ``None`` when none was. A bad
-    value raises before anything is timed."""
+    value raises; a timing that fails is logged and the kernel keeps its defaults."""
     fixed = fixed_variant()
     if fixed is not None:
         sd.CHAN_MODE, sd.MAXNREG = fixed
@@ -174,4 +174,9 @@ def configure_decode_variant(shape: WarmupShape, device: torch.device) -> Option
         return fixed
     if not tune_enabled():
         return None
-    return select_decode_variant(shape, device)
+    try:
+        return select_decode_variant(shape, device)
+    except Exception:  # noqa: BLE001 - an optimisation: the kernel's defaults serve without it
+        logger.exception("MosaicKV: timing the sparse decode variants failed; the kernel keeps its defaults "
+                         f"({ENV_VAR}=0 skips the timing)")  # fmt: skip
+        return None
