@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """What the slow decode steps share, from a server's step trace (``MOSAICKV_STEP_TRACE``).
 
-``python -m bench.step_trace TRACE.csv... [--window 3] [--since T] [--top 15]``: the decode step periods of each
+``python -m bench.step_trace TRACE.csv[.gz]... [--window 3] [--since T] [--top 15]``: the decode step periods of each
 trace (the step timer's rule, :class:`mosaickv_sglang.step_timer.DecodeStepTimer`: periods behind a prefill under the
 overlap loop kept apart), their p50 / p90 / p99, and each period set beside what happened in the ``--window`` scheduler
 iterations that end with it: MosaicKV GPU work launched (a seal call, a seal or pack beside the step, after a launch),
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -65,8 +66,10 @@ class Period:
 
 
 def read_trace(path: str) -> Dict[str, np.ndarray]:
-    """The trace's columns as arrays (empty counts, a stock server's, read as 0; an empty ``gpu_ms`` as NaN)."""
-    with open(path, newline="") as f:
+    """The trace's columns as arrays (empty counts, a stock server's, read as 0; an empty ``gpu_ms`` as NaN); a path
+    ending in ``.gz`` is read through gzip, as the archived traces in ``bench/results`` are kept."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path}: expected a step trace with rows, got none")
@@ -197,7 +200,7 @@ def seal_work_report(periods: List[Period]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("traces", nargs="+", help="step trace CSV files (MOSAICKV_STEP_TRACE=<prefix>: <prefix>.<pid>.csv)")
+    ap.add_argument("traces", nargs="+", help="step trace CSV files (MOSAICKV_STEP_TRACE=<prefix>: <prefix>.<pid>.csv), or gzipped (.csv.gz)")
     ap.add_argument("--window", type=int, default=3, help="scheduler iterations a period's window spans (default 3)")
     ap.add_argument("--since", type=float, default=0.0, help="only periods closed at or after this trace clock (s)")
     ap.add_argument("--top", type=int, default=15, help="slowest periods listed (default 15)")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import types
 
 import numpy as np
@@ -140,6 +141,24 @@ def test_since_and_bad_input(tmp_path, capsys):
     assert reader.main([str(tmp_path / "t.csv"), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "decode step periods 5" in out and "the 2 slowest periods" in out
+
+
+def test_a_gzipped_trace_reads_as_the_plain_one(tmp_path, capsys):
+    _load(np.random.default_rng(3), tmp_path / "t.csv", overlapped=True)
+    data = (tmp_path / "t.csv").read_bytes()
+    (tmp_path / "t.csv.gz").write_bytes(gzip.compress(data))
+    plain, packed = reader.read_trace(str(tmp_path / "t.csv")), reader.read_trace(str(tmp_path / "t.csv.gz"))
+    assert plain.keys() == packed.keys() and len(plain["t"]) > 100
+    for name in plain:
+        np.testing.assert_array_equal(plain[name], packed[name])
+    assert reader.main([str(tmp_path / "t.csv")]) == 0
+    out_plain = capsys.readouterr().out
+    assert reader.main([str(tmp_path / "t.csv.gz")]) == 0
+    out_packed = capsys.readouterr().out
+    assert out_packed.replace("t.csv.gz", "t.csv") == out_plain
+    (tmp_path / "bad.csv.gz").write_bytes(data)  # not gzipped
+    assert reader.main([str(tmp_path / "bad.csv.gz")]) == 1
+    assert "bad.csv.gz" in capsys.readouterr().err
 
 
 class FakeEvent:
