@@ -411,12 +411,13 @@ case "$step" in
         names=(sc0 on); extra=("--mosaic-sidecar off" ""); fractions=(0.35 0.7); envs=("" ""); itl_servers="0 1"
         echo "sidecar-itl: ${gpu_mib} MiB of GPU memory: two servers (sc0, on), fractions 0.35 and 0.7"
       fi
-      if [ -n "${ITL_AB_ENV:-}" ]; then
+      if [ -n "${ITL_AB_ENV:-}${ITL_AB_ARGS:-}" ]; then
         # two sidecar-off servers side by side, the second ("sc0-ab") with ITL_AB_ENV's variables (e.g.
-        # MOSAICKV_PACK_SOONER_AFTER=3): does the decode-step tail fall?
-        names=(sc0 sc0-ab); extra=("--mosaic-sidecar off" "--mosaic-sidecar off"); fractions=(0.35 0.7)
-        envs=("" "$ITL_AB_ENV"); itl_servers="0 1"
-        echo "sidecar-itl: sc0 against sc0-ab with $ITL_AB_ENV"
+        # MOSAICKV_PACK_SOONER_AFTER=3) and ITL_AB_ARGS's server flags after the others (the last of a flag given
+        # twice wins, e.g. --max-running-requests 24 for a larger hot pool): does the decode-step tail fall?
+        names=(sc0 sc0-ab); extra=("--mosaic-sidecar off" "--mosaic-sidecar off ${ITL_AB_ARGS:-}"); fractions=(0.35 0.7)
+        envs=("" "${ITL_AB_ENV:-}"); itl_servers="0 1"
+        echo "sidecar-itl: sc0 against sc0-ab with ${ITL_AB_ENV:-} ${ITL_AB_ARGS:-}"
       fi
       if [ "${STOCK_ITL:-0}" = 1 ]; then
         # stock SGLang alone under the same load and flags (FlashInfer: SGLang's default on Hopper is FA3, which the
