@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from bench.textio import read_text
 
 __all__ = ["load", "report", "main"]
 
@@ -25,7 +26,7 @@ Key = Tuple[str, int, int, int]
 
 def load(path: str) -> Dict[str, Any]:
     """One run's JSON, checked for the fields the report reads."""
-    data = json.loads(Path(path).read_text())
+    data = json.loads(read_text(path))
     missing = [k for k in ("label", "config", "summary", "records") if k not in data]
     if missing:
         raise ValueError(f"{path}: expected an accuracy-suite JSON (bench.accuracy --out), got one without {missing}")

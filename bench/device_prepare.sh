@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # On the CPU machine, from the project root: everything the GPU steps carry that git does not track, rebuilt from
 # scratch (about 5 minutes with warm caches). Each folder fits one device transfer (64 MiB, the tracked tree
-# included, counted in disk blocks: the tracked tree's many small files take 36 MiB of blocks for 31 MiB of bytes)
+# included, counted in disk blocks: the tracked tree's many small files take 29 MiB of blocks for 22 MiB of bytes)
 # with room for the tracked tree to grow: parts of at most PART_MIB (default 12) MiB, of equal size. It stops when
 # the tracked tree and the largest folder would not fit one transfer.
 #

@@ -58,6 +58,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from bench.textio import plain_name, read_text
+
 logger = logging.getLogger("bench.figures")
 
 __all__ = ["FIGURES", "classify", "discover", "label_ratio", "main", "plot_accuracy", "plot_capacity", "plot_suite",
@@ -128,10 +130,13 @@ def _skip(figure: str, why: str) -> None:
 # =====================================================================================================================
 # discovery
 # =====================================================================================================================
+RESULT_PATTERNS = ("*.json", "*.jsonl", "*.json.gz", "*.jsonl.gz")  # what discover reads, gzipped as archived
+
+
 def _read(path: Path) -> Any:
-    """JSON of a file; a ``.jsonl`` file gives the list of its JSON lines."""
-    text = path.read_text()
-    if path.suffix == ".jsonl":
+    """JSON of a file; a ``.jsonl`` file gives the list of its JSON lines; either gzipped (``.gz``) as well."""
+    text = read_text(path)
+    if plain_name(path).endswith(".jsonl"):
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     return json.loads(text)
 
@@ -163,10 +168,11 @@ def classify(data: Any) -> Optional[str]:
 
 
 def discover(results: PathLike) -> Dict[str, List[Path]]:
-    """Result files under ``results`` (``*.json``, ``*.jsonl``, recursively) by kind (see :func:`classify`)."""
+    """Result files under ``results`` (``*.json``, ``*.jsonl``, recursively, gzipped or not) by kind (see
+    :func:`classify`)."""
     found: Dict[str, List[Path]] = {}
     root = Path(results)
-    for path in sorted(root.rglob("*.json")) + sorted(root.rglob("*.jsonl")):
+    for path in [p for pattern in RESULT_PATTERNS for p in sorted(root.rglob(pattern))]:
         try:
             kind = classify(_read(path))
         except (OSError, ValueError) as e:

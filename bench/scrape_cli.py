@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
 
+from bench.textio import read_text
+
 T = TypeVar("T")
 
 
@@ -26,7 +28,7 @@ def run_two_scrapes(
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     args = ap.parse_args(argv)
     try:
-        got = load(args.before.read_text(), args.after.read_text())
+        got = load(read_text(args.before), read_text(args.after))
     except (OSError, ValueError) as err:
         print(f"{prog.rsplit('.', 1)[-1]}: {err}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from bench.textio import read_text
 from mosaickv_sglang.stack_sampler import collapsed_text
 
 
@@ -94,9 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.top < 1:
         ap.error(f"--top: expected an integer >= 1, got {args.top}")
     try:
-        counts = read_collapsed(args.path.read_text())
+        counts = read_collapsed(read_text(args.path))
         if args.minus is not None:
-            counts = subtract(counts, read_collapsed(args.minus.read_text()))
+            counts = subtract(counts, read_collapsed(read_text(args.minus)))
     except (OSError, ValueError) as err:
         print(f"stack_summary: {args.path}: {err}", file=sys.stderr)
         return 2

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
+import io
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from bench.textio import read_text
 from mosaickv_sglang.step_timer import DecodeStepTimer
 from mosaickv_sglang.step_trace import SEALER_COUNTS
 
@@ -68,9 +69,7 @@ class Period:
 def read_trace(path: str) -> Dict[str, np.ndarray]:
     """The trace's columns as arrays (empty counts, a stock server's, read as 0; an empty ``gpu_ms`` as NaN); a path
     ending in ``.gz`` is read through gzip, as the archived traces in ``bench/results`` are kept."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     if not rows:
         raise ValueError(f"{path}: expected a step trace with rows, got none")
     columns: Dict[str, np.ndarray] = {}

@@ -143,6 +143,19 @@ def test_discover_tells_every_result_kind_from_its_content(results):
                      "serve_check": ["serve_check.json"], "bench_serving": ["bench_mosaic.jsonl"]}
 
 
+def test_discover_reads_gzipped_results_as_archived(results):
+    from bench.compact_results import compact
+
+    for path in [*results.rglob("*.json"), *results.rglob("*.jsonl")]:
+        compact(path)
+    found = F.discover(results)
+    names = {k: sorted(p.name for p in v) for k, v in found.items()}
+    assert names == {"quality": ["quality_a.json.gz"], "accuracy": ["acc-dense.json.gz", "acc-mosaic.json.gz"],
+                     "decode": ["decode_speed_graph.json.gz"], "throughput": ["sweep.json.gz", "throughput.json.gz"],
+                     "serve_check": ["serve_check.json.gz"], "bench_serving": ["bench_mosaic.jsonl.gz"]}
+    assert F._read(found["bench_serving"][0]) == _bench_serving_lines()
+
+
 def test_label_ratio_reads_labels_and_prefers_overrides():
     assert F.label_ratio("dense") == 1.0 and F.label_ratio("dense-cpu") == 1.0
     assert F.label_ratio("fp8") == 2.0
