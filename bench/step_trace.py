@@ -41,15 +41,17 @@ from mosaickv_sglang.step_trace import SEALER_COUNTS
 SLOW_OVER_P50 = 1.1
 # what is looked for in a period's window, as (name, the trace's counts whose growth means it)
 GPU_WORK = ("seal_calls", "side_seals", "async_seals", "packs_after_launch", "starts_after_launch",
-            "slices_after_launch")  # fmt: skip
+            "slices_after_launch", "pack_slices_after_launch")  # fmt: skip
 CAUSES = (("MosaicKV GPU work launched", GPU_WORK), ("sidecar plans applied", ("plans_applied",)),
           ("garbage collection", ("gc_collections",)))  # fmt: skip
 BATCH_CHANGE = "batch size changed"
 # what one iteration launched, for the seal work's table, in the order the table lists them
 NOTHING = "no MosaicKV GPU work"
-LAUNCHED = (NOTHING, "a planner's first layer slice", "a later layer slice", "a pack of 16 pages or fewer",
-            "a pack of 17-32 pages", "a pack of more than 32 pages", "a pack that waited for its planner",
-            "other seal work")  # fmt: skip
+FIRST_SLICE, LATER_SLICE = "a planner's first layer slice", "a later layer slice"
+PACK_16, PACK_32, PACK_MORE = "a pack of 16 pages or fewer", "a pack of 17-32 pages", "a pack of more than 32 pages"
+PACK_SLICE = "a pack's layer slice (MOSAICKV_PACK_LAYER_SLICES)"
+PACK_WAITED, OTHER = "a pack that waited for its planner", "other seal work"
+LAUNCHED = (NOTHING, FIRST_SLICE, LATER_SLICE, PACK_16, PACK_32, PACK_MORE, PACK_SLICE, PACK_WAITED, OTHER)
 MIN_BASELINE_PERIODS = 20  # periods with nothing launched a batch size needs for its median to be the baseline
 
 
@@ -152,18 +154,21 @@ def report(periods: List[Period], top: int = 15) -> str:
 
 def launched(p: Period) -> str:
     """What the iteration closing ``p`` launched (``p`` from windows of one iteration), as one of :data:`LAUNCHED`: a
-    pack over a slice, a waited pack over any other."""
+    pack over a slice, a waited pack over any other; a pack after a launch that sealed no page is the first of a
+    pack's layer slices (or a pack that voided its seal)."""
     g = p.grew
     if "packs_waited" in g:
-        return LAUNCHED[6]
+        return PACK_WAITED
+    if "pack_slices_after_launch" in g or ("packs_after_launch" in g and "pages_sealed" not in g):
+        return PACK_SLICE
     if any(name in g for name in ("packs_after_launch", "async_seals", "seal_calls")):
         pages = g.get("pages_sealed", 0)
-        return LAUNCHED[3] if pages <= 16 else LAUNCHED[4] if pages <= 32 else LAUNCHED[5]
+        return PACK_16 if pages <= 16 else PACK_32 if pages <= 32 else PACK_MORE
     if "starts_after_launch" in g:
-        return LAUNCHED[1]
+        return FIRST_SLICE
     if "slices_after_launch" in g:
-        return LAUNCHED[2]
-    return LAUNCHED[7] if any(name in g for name in GPU_WORK) else NOTHING
+        return LATER_SLICE
+    return OTHER if any(name in g for name in GPU_WORK) else NOTHING
 
 
 def seal_work_report(periods: List[Period]) -> str:

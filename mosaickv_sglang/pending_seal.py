@@ -31,6 +31,15 @@ window the first one read (copied then), so the plans are those of one call for 
 S + 1 plans after the first slice, a launch after the last (``MOSAICKV_SEAL_ASYNC=N`` below that waits the longer); a
 pack due sooner for a low hot pool plans the rest first; a page freed meanwhile leaves the rest unplanned (the pack
 voids the seal, as it would have).
+
+The pack shares the GPU with a step too (a 16-page pack about 1.5 ms, larger ones 2-6 ms, thirty-fifth GPU run), and
+it waits for every slice's payload sizes. With ``MOSAICKV_PACK_LAYER_SLICES=P`` (P > 1) a pack made after a launch
+writes the first of P slices of the layers, each later launch the next (``Sealer.after_launch``): a page sealed in
+some layers only is still read dense (the attention lists the pages sealed in every layer), its hot page freed by the
+last slice, and each slice waits only for the sizes of its own layers. The seal stays pending until then; a plan
+short of room packs the rest at once. A page freed between two slices, or an arena with no room for a later slice,
+rolls the seal back: the pages sealed so far in some layers go back to dense in all (their payloads freed, their
+ledger room released), due again at the next plan.
 """
 
 from __future__ import annotations
@@ -47,9 +56,10 @@ from mosaickv_sglang.config import flag_env, positive_int_env
 from mosaickv_sglang.kernels.format import SegmentPlan, plans_granules
 
 __all__ = [
-    "PACK_AFTER_LAUNCH_ENV", "PACK_SOONER_AFTER_ENV", "PLAN_AFTER_LAUNCH_ENV", "PendingSeal", "SEAL_ASYNC_ENV",
-    "SEAL_LAYER_SLICES_ENV", "layer_slices", "pack_after_launch_enabled", "pack_sooner_after_plans",
-    "plan_after_launch_enabled", "seal_async_enabled", "seal_async_plans", "seal_layer_slices", "sizes_to_host",
+    "PACK_AFTER_LAUNCH_ENV", "PACK_LAYER_SLICES_ENV", "PACK_SOONER_AFTER_ENV", "PLAN_AFTER_LAUNCH_ENV", "PendingSeal",
+    "SEAL_ASYNC_ENV", "SEAL_LAYER_SLICES_ENV", "layer_slices", "pack_after_launch_enabled", "pack_layer_slices",
+    "pack_sooner_after_plans", "plan_after_launch_enabled", "seal_async_enabled", "seal_async_plans",
+    "seal_layer_slices", "sizes_to_host",
 ]  # fmt: skip
 
 SEAL_ASYNC_ENV = "MOSAICKV_SEAL_ASYNC"
@@ -57,6 +67,7 @@ PACK_AFTER_LAUNCH_ENV = "MOSAICKV_PACK_AFTER_LAUNCH"
 PLAN_AFTER_LAUNCH_ENV = "MOSAICKV_PLAN_AFTER_LAUNCH"
 PACK_SOONER_AFTER_ENV = "MOSAICKV_PACK_SOONER_AFTER"
 SEAL_LAYER_SLICES_ENV = "MOSAICKV_SEAL_LAYER_SLICES"
+PACK_LAYER_SLICES_ENV = "MOSAICKV_PACK_LAYER_SLICES"
 
 
 def seal_async_plans() -> int:
@@ -88,6 +99,12 @@ def seal_layer_slices() -> int:
     module's docstring; an experiment: 4 lowered the 8B sidecar-off load's decode-step p99 by 6-10%, 8 raised it,
     ``bench/RESULTS.md``, thirty-third run)."""
     return positive_int_env(SEAL_LAYER_SLICES_ENV, 1, " number of layer slices")
+
+
+def pack_layer_slices() -> int:
+    """``MOSAICKV_PACK_LAYER_SLICES=P`` (at least 1; default 1, every layer at once): the slices of the model's layers
+    a pack made after a launch is written in, one slice a launch (see the module's docstring; an experiment)."""
+    return positive_int_env(PACK_LAYER_SLICES_ENV, 1, " number of layer slices")
 
 
 def layer_slices(num_layers: int, slices: int) -> List[range]:
@@ -152,6 +169,9 @@ class PendingSeal:
     waited_seconds : float
         The host's wait in :meth:`host_sizes` for the copy, its planner still running on the device (0: it had
         landed).
+    pack_left : list of range
+        While a pack in layer slices is under way (``MOSAICKV_PACK_LAYER_SLICES``): the slices of the layers not
+        packed yet, in order (empty before the pack starts and after it ends).
     """
 
     pages: np.ndarray
@@ -167,6 +187,7 @@ class PendingSeal:
     plans_waited: int = 0
     waited_seconds: float = 0.0
     queries: Any = None
+    pack_left: List[range] = field(default_factory=list)
 
     @property
     def next_slice(self) -> Optional[range]:
@@ -187,20 +208,27 @@ class PendingSeal:
         """shape ``[P]``, bool: the pages neither freed nor sealed since they were planned."""
         return page_epoch[self.pages] == self.epochs
 
-    def host_sizes(self) -> np.ndarray:
-        """Every layer's payload granules (all slices planned), waiting for their copies if still running (that wait
-        in :attr:`waited_seconds`)."""
-        if self.next_slice is not None:
+    def host_sizes(self, layers: Optional[range] = None) -> np.ndarray:
+        """The payload granules of ``layers`` (default: every layer), ``[len(layers), P * H_kv * 2]``, waiting for the
+        copies of the slices that hold them if still running (that wait added to :attr:`waited_seconds`)."""
+        want = range(self.slices[0].start, self.slices[-1].stop) if layers is None else layers
+        planned = sum(len(sl) for sl in self.slices[: len(self.sizes)])
+        if want.stop > self.slices[0].start + planned:
             raise RuntimeError(f"host_sizes: slices {self.slices[len(self.sizes):]} of the seal are not planned yet")
         t0 = time.perf_counter()
         waited = False
-        for ready in self.ready:
+        parts = []
+        for sl, sizes, ready in zip(self.slices, self.sizes, self.ready):
+            lo, hi = max(sl.start, want.start), min(sl.stop, want.stop)
+            if lo >= hi:
+                continue
             if ready is not None and not ready.query():
                 ready.synchronize()
                 waited = True
+            parts.append(sizes.numpy()[lo - sl.start : hi - sl.start])
         if waited:
-            self.waited_seconds = time.perf_counter() - t0
-        return np.concatenate([s.numpy() for s in self.sizes])
+            self.waited_seconds += time.perf_counter() - t0
+        return np.concatenate(parts)
 
 
 def sizes_to_host(plans: List[SegmentPlan]) -> "tuple[torch.Tensor, Optional[torch.cuda.Event]]":

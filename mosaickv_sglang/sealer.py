@@ -38,8 +38,8 @@ from mosaickv_sglang.importance import uniform_importance
 from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.pending_seal import (
-    PendingSeal, layer_slices, pack_after_launch_enabled, pack_sooner_after_plans, plan_after_launch_enabled,
-    seal_async_plans, seal_layer_slices,
+    PendingSeal, layer_slices, pack_after_launch_enabled, pack_layer_slices, pack_sooner_after_plans,
+    plan_after_launch_enabled, seal_async_plans, seal_layer_slices,
 )  # fmt: skip
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
@@ -419,6 +419,12 @@ class Sealer:
         plans the first of that many slices of the layers, each later launch the next (:mod:`.pending_seal`).
     slices_after_launch, slices_caught_up : int
         Later slices planned after a launch, and those a pack due sooner planned itself.
+    pack_layer_slices : int
+        ``MOSAICKV_PACK_LAYER_SLICES`` (default 1): a pack made after a launch writes the first of that many slices of
+        the layers, each later launch the next (:mod:`.pending_seal`); a plan short of room packs the rest at once.
+    pack_slices_after_launch, packs_rolled_back : int
+        Later pack slices written after a launch, and sliced packs rolled back (a page freed between two slices, or
+        no arena room for a later one): their pages dense again in every layer, due again.
     rows_read : dict
         With the overlap scheduler: plans by ``(kind, how their rows were read)`` (:meth:`note_rows_read`).
     """
@@ -477,6 +483,9 @@ class Sealer:
         self.layer_slices = seal_layer_slices()
         self.slices_after_launch = 0
         self.slices_caught_up = 0
+        self.pack_layer_slices = pack_layer_slices()
+        self.pack_slices_after_launch = 0
+        self.packs_rolled_back = 0
         self._launch_hooked = False  # after_launch was called: SGLang's hook after run_batch runs in this process
         # (pages, their epochs, sinks) whose first half a plan left to after_launch (as _deferred)
         self._to_start: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
@@ -583,7 +592,8 @@ class Sealer:
         if self._pending is not None:
             self._pending.plans_waited += 1
             if not self._pending_waits(need):
-                self.packs_sooner += int(self._pending.plans_waited < self._pack_plans(len(self._pending.slices)))
+                self.packs_sooner += int(not self._pending.pack_left
+                                         and self._pending.plans_waited < self._pack_plans(len(self._pending.slices)))
                 # the pending seal first: its pages leave the hot pool (and the due pages found before it), and a
                 # voided one's are due again below
                 finished = self._pending.pages
@@ -711,11 +721,18 @@ class Sealer:
         pending = self._pending
         if pending is None or not (self.seal_beside_step and self.pack_after_launch) or pending.plans_waited < 1:
             return False
+        if pending.pack_left:  # a pack in layer slices under way: its next slice
+            if not self._can_seal_beside():
+                return False
+            with self._after_launch_stream(), self._beside_step(), self._seal_time(count_call=False):
+                self._pack_slice(pending)
+            self.pack_slices_after_launch += 1
+            return True
         if not self._can_seal_beside() or self._pending_waits(0, plans_waited=pending.plans_waited + 1):
             return False
         self.packs_sooner += int(pending.plans_waited + 1 < self._pack_plans(len(pending.slices)))
         with self._after_launch_stream(), self._beside_step():
-            self.finish_seal()
+            self.finish_seal(slices=self.pack_layer_slices)
         self.packs_after_launch += 1
         return True
 
@@ -885,10 +902,14 @@ class Sealer:
         self._logged_at, self._logged_sealed = now, self.pages_sealed
 
     def _slices_status(self) -> str:
-        if self.layer_slices < 2:
-            return ""
-        return (f" in {self.layer_slices} layer slices, {self.slices_after_launch} later slices after a launch, "
-                f"{self.slices_caught_up} by a pack")  # fmt: skip
+        out = ""
+        if self.layer_slices > 1:
+            out += (f" in {self.layer_slices} layer slices, {self.slices_after_launch} later slices after a launch, "
+                    f"{self.slices_caught_up} by a pack")  # fmt: skip
+        if self.pack_layer_slices > 1:
+            out += (f", packs in {self.pack_layer_slices} layer slices ({self.pack_slices_after_launch} later slices "
+                    f"after a launch, {self.packs_rolled_back} rolled back)")  # fmt: skip
+        return out
 
     # --- planning and sealing ----------------------------------------------------------------------------------------
     def _page_slots(self, pages: np.ndarray) -> torch.Tensor:
@@ -1075,32 +1096,108 @@ class Sealer:
         self.seal_plan_seconds += time.perf_counter() - t_plan
         return plans
 
-    def finish_seal(self) -> bool:
+    def finish_seal(self, slices: int = 1) -> bool:
         """The second half: pack the pending seal's pages, if every one still holds what was planned and the ledger
-        still has their room; else leave them dense, the live ones due again at the next plan. Returns whether pages
-        were sealed (``False`` too when nothing was pending)."""
-        pending, self._pending = self._pending, None
+        still has their room; else leave them dense, the live ones due again at the next plan. With ``slices`` > 1
+        only the first of that many slices of the layers (:attr:`pack_layer_slices`; the seal stays pending, later
+        launches pack the rest); a pack in slices under way is finished at once. Returns whether pages were sealed, in
+        every layer or in the first slice (``False`` too when nothing was pending)."""
+        pending = self._pending
         if pending is None:
             return False
         self._forward_waits_for_side()
-        with self._seal_time(count_call=True):
-            live = pending.live(self.pool.page_epoch)
-            if not live.all() or int(pending.reserve.sum()) > self.pool.arena_ledger.room:
-                self.pending_voided += 1
-                # its live pages join those deferred while it was pending
-                held, held_sinks = self._still_deferrable()
-                self._defer(np.concatenate([held, pending.pages[live]]),
-                            np.concatenate([held_sinks, pending.sink_mask[live]]))  # fmt: skip
-                return False
-            while pending.next_slice is not None:  # due before later launches planned every slice
-                self._plan_slice(pending)
-                self.slices_caught_up += 1
+        with self._seal_time(count_call=not pending.pack_left):
+            if not pending.pack_left:
+                live = pending.live(self.pool.page_epoch)
+                if not live.all() or int(pending.reserve.sum()) > self.pool.arena_ledger.room:
+                    self._pending = None
+                    self.pending_voided += 1
+                    self._due_again(pending.pages[live], pending.sink_mask[live])
+                    return False
+                while pending.next_slice is not None:  # due before later launches planned every slice
+                    self._plan_slice(pending)
+                    self.slices_caught_up += 1
+                pending.pack_left = layer_slices(self.pool.layer_num, slices)
+                if slices > 1:
+                    return self._pack_slice(pending)
+            while pending.pack_left:
+                if not self._pack_slice(pending):
+                    return False
+            return True
+
+    def _due_again(self, pages: np.ndarray, sink_mask: np.ndarray) -> None:
+        """``pages`` join those deferred, due again at the next plan."""
+        held, held_sinks = self._still_deferrable()
+        self._defer(np.concatenate([held, pages]), np.concatenate([held_sinks, sink_mask]))
+
+    def _pack_slice(self, pending: PendingSeal) -> bool:
+        """Pack the pending seal's next slice of the layers (:attr:`PendingSeal.pack_left`): all of them at once as
+        :meth:`_commit`, else the slice alone (the first reserves the ledger's room, the last hands the pages to the
+        sidecar and frees their hot pages) and the seal stays pending until the last. A later slice finding a page
+        freed since, or no arena room, rolls the seal back (:meth:`_roll_back`). Returns ``False`` when nothing more
+        will be packed (left dense, or rolled back)."""
+        layers = pending.pack_left.pop(0)
+        pool = self.pool
+        first, last = layers.start == 0, not pending.pack_left
+        if first and last:
+            self._pending = None
             sealed = self._commit(pending.pages, pending.ratio, pending.dense_mask, pending.reserve, pending.plans,
                                   sizes=pending.host_sizes())  # fmt: skip
-            self.packs_waited += int(pending.waited_seconds > 0)
-            self.pack_wait_seconds += pending.waited_seconds
-            self.async_seals += int(sealed)
+            self._pack_done(pending, sealed)
             return sealed
+        if not first and not pending.live(pool.page_epoch).all():
+            self._roll_back(pending)
+            return False
+        pages_t = torch.from_numpy(pending.pages.astype(np.int64))
+        plans = pending.plans[layers.start : layers.stop]
+        with self.sidecar.sealing() if self.sidecar is not None and last else contextlib.nullcontext():
+            if self.sidecar is not None and last:
+                self.sidecar.submit_sealed(pending.pages, pending.dense_mask, pending.ratio, self.gather)
+            try:
+                pool.seal_pages(pages_t, plans, layer_ids=[pool.start_layer + i for i in layers],
+                                sizes=pending.host_sizes(layers))  # fmt: skip
+            except ArenaFullError as err:
+                logger.error("MosaicKV: an arena is full although its ledger has room (%s); %d pages stay dense "
+                             "on this rank only, so tensor-parallel ranks may now diverge", err,
+                             pending.pages.size)  # fmt: skip
+                if first:
+                    self._pending = None
+                    self._count_left_dense(pending.pages)
+                    self._pack_done(pending, False)
+                else:
+                    self._roll_back(pending)
+                return False
+        pending.epochs = pool.page_epoch[pending.pages].copy()
+        if first:
+            pool.arena_ledger.reserve(pending.pages.astype(np.int64), pending.reserve)
+        if last:
+            self._pending = None
+            self.pages_sealed += int(pending.pages.size)
+            self._pack_done(pending, True)
+        return True
+
+    def _pack_done(self, pending: PendingSeal, sealed: bool) -> None:
+        self.packs_waited += int(pending.waited_seconds > 0)
+        self.pack_wait_seconds += pending.waited_seconds
+        self.async_seals += int(sealed)
+
+    def _roll_back(self, pending: PendingSeal) -> None:
+        """A pack in slices that cannot go on: its pages still held go back to dense in every layer (their payloads
+        and ledger room freed; the freed ones the pool released already), due again at the next plan."""
+        self._pending = None
+        pool = self.pool
+        live = pending.live(pool.page_epoch)
+        held = pending.pages[live].astype(np.int64)
+        if held.size:
+            held_t = torch.from_numpy(held)
+            pool.store.free(held_t)
+            pool.store.mark_dense(held_t)
+            pool.arena_ledger.release(held)
+            pool.page_epoch[held] += 1
+        self.packs_rolled_back += 1
+        self.pending_voided += 1
+        self._pack_done(pending, False)
+        self._due_again(held, pending.sink_mask[live])
 
     def _with_cold_pages(
         self, chosen: np.ndarray, sink_mask: np.ndarray, short: int, new_pages: np.ndarray
@@ -1135,10 +1232,13 @@ class Sealer:
         planned (counting this one; ``plans_waited``, else the pending seal's own count), and the hot pool has room
         for this plan's ``need`` new pages without it; beside the step, from :attr:`pack_sooner_after` plans on, room
         above :attr:`pack_water_pages` too (a low pool packs it now, beside the step, so that cold pages can follow at
-        this plan instead of pressure sealing inside a later step). Host state only, so every tensor-parallel rank
-        decides alike."""
+        this plan instead of pressure sealing inside a later step). A pack in layer slices under way waits for the
+        launches after this plan unless the pool lacks the room or the plan cannot seal beside the step. Host state
+        only, so every tensor-parallel rank decides alike."""
         pending = self._pending
         assert pending is not None
+        if pending.pack_left:
+            return self._shortfall(need) <= 0 and self._can_seal_beside()
         plans = pending.plans_waited if plans_waited is None else plans_waited
         if plans >= self._pack_plans(len(pending.slices)):
             return False

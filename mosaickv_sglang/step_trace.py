@@ -31,7 +31,7 @@ STEP_TRACE_ENV = "MOSAICKV_STEP_TRACE"
 FLUSH_SECONDS = 1.0
 # running counts read off the Sealer, in the order they are written
 SEALER_COUNTS = ("seal_calls", "side_seals", "async_seals", "packs_after_launch", "starts_after_launch",
-                 "slices_after_launch", "pages_sealed", "packs_waited")  # fmt: skip
+                 "slices_after_launch", "pages_sealed", "packs_waited", "pack_slices_after_launch")  # fmt: skip
 FIELDS = ("t", "decode", "overlapped", "batch_size", "context_tokens") + SEALER_COUNTS + ("plans_applied",
                                                                                           "gc_collections", "gpu_ms")
 

@@ -29,6 +29,7 @@ from mkv_backend_cases import Scenario, config, prefilled  # noqa: E402
 
 from bench.host_syncs import HostSyncCounter  # noqa: E402
 from mosaickv_sglang import pending_seal  # noqa: E402
+from mosaickv_sglang.pool import ArenaFullError  # noqa: E402
 
 
 def _filled(seed: int, ratio: float = 3.0) -> tuple:
@@ -527,14 +528,15 @@ def test_a_page_freed_between_the_plan_and_its_launch_is_left_out_of_the_first_h
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(["choose", "plan", "launch", "free"]), st.integers(0, 63)), max_size=20),
-       st.integers(1, 3), st.integers(1, 2))  # fmt: skip
-def test_random_plans_launches_and_frees_seal_every_live_chosen_page_and_no_freed_one(ops, plans, slices):
+       st.integers(1, 3), st.integers(1, 2), st.integers(1, 2))  # fmt: skip
+def test_random_plans_launches_and_frees_seal_every_live_chosen_page_and_no_freed_one(ops, plans, slices, packs):
     """Random plans that choose due pages, plans that choose none, launches (the hook after ``run_batch``) and frees
     of dense, pending or sealed pages, with both halves after the launch: the pool's invariants hold after every step,
     and once plans and launches run on with nothing new, every chosen page still held is sealed, none freed is, and
-    nothing is left to plan or pack; in one layer slice or two (MOSAICKV_SEAL_LAYER_SLICES)."""
+    nothing is left to plan or pack; planned in one layer slice or two (MOSAICKV_SEAL_LAYER_SLICES), packed in one or
+    two (MOSAICKV_PACK_LAYER_SLICES)."""
     sc, sealer, pages, sinks = _hooked(12, plans)
-    sealer.layer_slices = slices
+    sealer.layer_slices, sealer.pack_layer_slices = slices, packs
     sink_of = dict(zip(pages.tolist(), sinks.tolist()))
     freed: set = set()
     chosen: set = set()
@@ -594,6 +596,26 @@ def test_served_with_the_pack_after_each_launch_seals_no_later_and_decode_matche
     assert all(h >= p for h, p in zip(hook_sealed, plain_sealed)), (hook_sealed, plain_sealed)
     assert hook_sealed != plain_sealed and hook_sealed[-1] == plain_sealed[-1]
     assert hook_worst <= max(2 * plain_worst, 2e-2), (hook_worst, plain_worst)
+
+
+def test_served_with_packs_in_layer_slices_seals_the_same_pages_and_decode_matches_the_reference():
+    """Through the backend with the hook after each step, planned and packed in two layer slices against in one:
+    every page sealed in the end is sealed alike, pages are sealed in every layer at most a few steps later, and every
+    step's outputs match the reference backend as closely (ratio 1: a page read half packed would show)."""
+    runs = {}
+    for slices in (1, 2):
+        sc = Scenario(config(ratio=1.0), group=4, seed=17, auto_seal=True)
+        sealer = sc.mosaic.sealer
+        sealer.seal_async, sealer.seal_async_plans, sealer.seal_beside_step = True, 2, True
+        sealer.layer_slices = sealer.pack_layer_slices = slices
+        sealed, worst = sc.served([61, 38, 77], decode_steps=14, after_launch=True)
+        sc.pool.check_invariants()
+        runs[slices] = (sealed, worst, sealer, sc)
+    (whole_sealed, whole_worst, _, whole), (sliced_sealed, sliced_worst, sealer, sc) = runs[1], runs[2]
+    assert sealer.pack_slices_after_launch > 0 and sealer.packs_rolled_back == 0 and sealer.pending_voided == 0
+    assert sliced_sealed[-1] == whole_sealed[-1] > 0, (sliced_sealed, whole_sealed)
+    assert torch.equal(sc.pool.store.page_state(), whole.pool.store.page_state())
+    assert sliced_worst <= max(2 * whole_worst, 2e-2), (sliced_worst, whole_worst)
 
 
 @pytest.mark.parametrize("group, beside", [(1, False), (4, False), (4, True)])
@@ -871,14 +893,16 @@ def test_on_cuda_the_first_half_planned_after_a_launch_runs_beside_the_step_and_
     side.pool.check_invariants()
 
 
-def test_layer_slices_come_from_the_environment_and_cut_the_layers_evenly(monkeypatch):
-    monkeypatch.delenv(pending_seal.SEAL_LAYER_SLICES_ENV, raising=False)
-    assert pending_seal.seal_layer_slices() == 1
-    monkeypatch.setenv(pending_seal.SEAL_LAYER_SLICES_ENV, "4")
-    assert pending_seal.seal_layer_slices() == 4
-    monkeypatch.setenv(pending_seal.SEAL_LAYER_SLICES_ENV, "0")
-    with pytest.raises(ValueError, match="MOSAICKV_SEAL_LAYER_SLICES"):
-        pending_seal.seal_layer_slices()
+@pytest.mark.parametrize("env, read", [(pending_seal.SEAL_LAYER_SLICES_ENV, pending_seal.seal_layer_slices),
+                                       (pending_seal.PACK_LAYER_SLICES_ENV, pending_seal.pack_layer_slices)])
+def test_layer_slices_come_from_the_environment_and_cut_the_layers_evenly(monkeypatch, env, read):
+    monkeypatch.delenv(env, raising=False)
+    assert read() == 1
+    monkeypatch.setenv(env, "4")
+    assert read() == 4
+    monkeypatch.setenv(env, "0")
+    with pytest.raises(ValueError, match=env):
+        read()
     assert pending_seal.layer_slices(32, 4) == [range(0, 8), range(8, 16), range(16, 24), range(24, 32)]
     assert pending_seal.layer_slices(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
     assert pending_seal.layer_slices(2, 5) == [range(0, 1), range(1, 2)]
@@ -984,10 +1008,11 @@ def test_a_page_freed_between_slices_leaves_the_rest_unplanned_and_the_pack_void
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_cuda_layer_slices_planned_after_launches_seal_and_decode_as_one_call(monkeypatch):
+@pytest.mark.parametrize("packs", [1, 2])
+def test_on_cuda_layer_slices_planned_after_launches_seal_and_decode_as_one_call(monkeypatch, packs):
     """On a GPU, through seal graphs, beside the step, with the hook after each launch: a side whose first halves are
-    planned in two layer slices (one a launch, on the side stream) decodes every step as a side planning every layer
-    at once, and ends with the same pool."""
+    planned in two layer slices (one a launch, on the side stream), and packed in ``packs``, decodes every step as a
+    side planning and packing every layer at once, and ends with the same pool."""
     import test_cuda_graph_decode as graph_cases
     from mkv_backend_cases import layer
     from test_kv_pool import D, DT, H_KV, LAYERS
@@ -999,7 +1024,7 @@ def test_on_cuda_layer_slices_planned_after_launches_seal_and_decode_as_one_call
         side.mosaic.auto_seal = True
         sealer = side.mosaic.sealer
         sealer.seal_beside_step, sealer.seal_async, sealer.seal_async_plans, sealer.min_seal_pages = True, True, 3, 1
-        sealer.layer_slices = slices
+        sealer.layer_slices, sealer.pack_layer_slices = slices, packs if slices > 1 else 1
         sealer.use_seal_graphs((1, 2, 4, 8, 16, 32))
     gen = torch.Generator(device="cuda").manual_seed(29)
     forward = torch.cuda.Stream()
@@ -1021,6 +1046,109 @@ def test_on_cuda_layer_slices_planned_after_launches_seal_and_decode_as_one_call
             assert torch.equal(outs[0][li], outs[1][li]), (step, li)
     sliced, whole = (side.mosaic.sealer for side in sides)
     assert sliced.slices_after_launch >= 1 and whole.slices_after_launch == 0
+    assert (sliced.pack_slices_after_launch >= 1) == (packs > 1) and sliced.packs_rolled_back == 0
     assert sliced.pages_sealed == whole.pages_sealed > 0 and sliced.pending_voided == whole.pending_voided == 0
     assert torch.equal(sides[0].pool.store.page_state(), sides[1].pool.store.page_state())
     sides[0].pool.check_invariants()
+
+
+def _pack_under_way(seed: int) -> tuple:
+    """:func:`_sliced` (two planner slices, packed after 3 plans) with packs in two layer slices, run up to the
+    launch that packs the first: ``(scenario, sealer, pages, whole scenario)``."""
+    sc, sealer, pages, sinks, whole = _sliced(seed, plans=3, slices=2)
+    sealer.pack_layer_slices = 2
+    _choosing_plan(sealer, pages, sinks)
+    assert sealer.after_launch() and sealer.starts_after_launch == 1
+    _plan(sealer)
+    assert sealer.after_launch() and sealer.slices_after_launch == 1
+    _plan(sealer)
+    with HostSyncCounter() as count:
+        assert sealer.after_launch() and sealer.packs_after_launch == 1  # the pack's first slice
+    assert not _device_syncs(count) and count.puts == 0, dict(count.by_site)
+    pending = sealer._pending
+    assert pending is not None and pending.pack_left == [range(1, 2)] and sealer.pages_sealed == 0
+    pages_t = torch.from_numpy(pages)
+    store = sc.pool.store
+    assert store.is_sealed(pages_t, layer_id=0).all() and not store.is_sealed(pages_t, layer_id=1).any()
+    assert not store.is_sealed(pages_t).any()  # the attention's view: dense, read from the hot pages still held
+    assert (sc.pool.physical_pages(pages_t) >= 0).all()
+    sc.pool.check_invariants()
+    return sc, sealer, pages, whole
+
+
+def test_a_pack_in_layer_slices_writes_one_slice_a_launch_and_packs_what_a_whole_seal_packs(caplog):
+    sc, sealer, pages, whole = _pack_under_way(5)
+    _plan(sealer)  # a plan with room: the pack under way waits for the next launch
+    assert sealer._pending is not None and sealer.pages_sealed == 0
+    with HostSyncCounter() as count:
+        assert sealer.after_launch() and sealer.pack_slices_after_launch == 1  # the last slice
+    assert not _device_syncs(count) and count.puts == 0, dict(count.by_site)
+    assert sealer._pending is None and (sealer.async_seals, sealer.pages_sealed) == (1, pages.size)
+    assert (sealer.packs_after_launch, sealer.packs_rolled_back, sealer.pending_voided) == (1, 0, 0)
+    assert (sc.pool.physical_pages(torch.from_numpy(pages)) < 0).all()  # the last slice freed the hot pages
+    for a, b in zip(_store_state(whole), _store_state(sc)):
+        assert torch.equal(a, b)
+    sc.pool.check_invariants()
+    with caplog.at_level(logging.INFO, logger="mosaickv_sglang.sealer"):
+        sealer.maybe_log_status(now=1e12)
+    assert ", packs in 2 layer slices (1 later slices after a launch, 0 rolled back)" in caplog.text, caplog.text
+    _plan(sealer)
+    assert sealer.after_launch() is False  # nothing left
+
+
+def test_a_plan_short_of_room_packs_the_rest_of_a_pack_in_layer_slices_at_once():
+    sc, sealer, pages, whole = _pack_under_way(5)
+    sealer.reserve_pages = sc.pool.num_free_physical_pages + 1  # the next plan lacks room without the seal's pages
+    _plan(sealer)
+    assert sealer._pending is None and sealer.pages_sealed == pages.size and sealer.pack_slices_after_launch == 0
+    assert sealer.packs_sooner == 0 and sealer.seal_calls == 1  # one pack, one call, already due at its start
+    for a, b in zip(_store_state(whole), _store_state(sc)):
+        assert torch.equal(a, b)
+    sc.pool.check_invariants()
+
+
+def test_a_page_freed_between_pack_slices_rolls_the_seal_back_and_the_live_pages_are_sealed_later():
+    sc, sealer, pages, _ = _pack_under_way(11)
+    ledger = sc.pool.arena_ledger
+    reserved = ledger.reserved
+    gone = int(np.sort(pages)[0])
+    sc.pool.free_pages(torch.tensor([gone]))  # its layer-0 payload freed: the next plan cannot seal beside the step
+    _plan(sealer)  # so it finishes the pack under way, which finds the page gone and rolls the seal back
+    assert sealer.packs_rolled_back == 1 and sealer.pending_voided == 1 and sealer.pack_slices_after_launch == 0
+    assert sealer.pages_sealed == 0 and sealer.async_seals == 0
+    live = torch.from_numpy(np.sort(pages)[1:])
+    assert np.array_equal(np.sort(sealer._pending.pages), live.numpy())  # due again, planned anew by that plan
+    assert sealer.after_launch() and sealer.slices_after_launch == 2  # and its second slice after the launch
+    assert not sc.pool.store.is_sealed(live, layer_id=0).any()  # dense again in every layer
+    assert ledger.reserved < reserved and all(a.used_granules == 0 for a in sc.pool.store.allocators)
+    sc.pool.check_invariants()
+    for _ in range(8):
+        _plan(sealer)
+        sealer.after_launch()
+    assert sealer._pending is None and sealer.pages_sealed == pages.size - 1
+    assert sc.pool.store.is_sealed(live).all()
+    sc.pool.check_invariants()
+
+
+def test_no_arena_room_for_a_later_pack_slice_rolls_the_seal_back(monkeypatch, caplog):
+    sc, sealer, pages, _ = _pack_under_way(5)
+    store = sc.pool.store
+    real = store.seal
+
+    def full(*args, **kwargs):  # a fragmented arena: the ledger had room, the allocator finds none
+        raise ArenaFullError(64, 64, 8)
+
+    monkeypatch.setattr(store, "seal", full)
+    _plan(sealer)
+    with caplog.at_level(logging.ERROR, logger="mosaickv_sglang.sealer"):
+        assert sealer.after_launch()
+    assert "an arena is full although its ledger has room" in caplog.text
+    assert sealer.packs_rolled_back == 1 and sealer._pending is None and sealer.pages_sealed == 0
+    assert not store.is_sealed(torch.from_numpy(pages), layer_id=0).any()
+    sc.pool.check_invariants()
+    monkeypatch.setattr(store, "seal", real)
+    for _ in range(8):
+        _plan(sealer)
+        sealer.after_launch()
+    assert sealer.pages_sealed == pages.size and store.is_sealed(torch.from_numpy(pages)).all()
+    sc.pool.check_invariants()
