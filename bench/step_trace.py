@@ -204,7 +204,8 @@ def seal_work_report(periods: List[Period]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("traces", nargs="+", help="step trace CSV files (MOSAICKV_STEP_TRACE=<prefix>: <prefix>.<pid>.csv), or gzipped (.csv.gz)")
+    ap.add_argument("traces", nargs="+",
+                    help="step trace CSV files (MOSAICKV_STEP_TRACE=<prefix>: <prefix>.<pid>.csv), or gzipped (.csv.gz)")
     ap.add_argument("--window", type=int, default=3, help="scheduler iterations a period's window spans (default 3)")
     ap.add_argument("--since", type=float, default=0.0, help="only periods closed at or after this trace clock (s)")
     ap.add_argument("--top", type=int, default=15, help="slowest periods listed (default 15)")

@@ -61,7 +61,8 @@ def test_the_larger_text_files_of_run_folders_are_gzipped_and_read_back_the_same
 def test_the_same_file_gives_the_same_bytes_and_nothing_is_overwritten(tree, capsys):
     root, files = tree
     log = root / "run-a" / "server.log"
-    assert compact_results.gzip_bytes(log.read_bytes()) == compact_results.gzip_bytes(files["run-a/server.log"].encode())
+    packed = compact_results.gzip_bytes(log.read_bytes())
+    assert packed == compact_results.gzip_bytes(files["run-a/server.log"].encode())
     (root / "run-a" / "server.log.gz").write_bytes(b"an earlier archive")
     assert compact_results.main(["--root", str(root)]) == 1
     assert "expected no server.log.gz beside it" in capsys.readouterr().err
