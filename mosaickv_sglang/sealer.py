@@ -1131,42 +1131,25 @@ class Sealer:
         self._defer(np.concatenate([held, pages]), np.concatenate([held_sinks, sink_mask]))
 
     def _pack_slice(self, pending: PendingSeal) -> bool:
-        """Pack the pending seal's next slice of the layers (:attr:`PendingSeal.pack_left`): all of them at once as
-        :meth:`_commit`, else the slice alone (the first reserves the ledger's room, the last hands the pages to the
-        sidecar and frees their hot pages) and the seal stays pending until the last. A later slice finding a page
-        freed since, or no arena room, rolls the seal back (:meth:`_roll_back`). Returns ``False`` when nothing more
-        will be packed (left dense, or rolled back)."""
+        """Pack the pending seal's next slice of the layers (:attr:`PendingSeal.pack_left`; one slice of every layer is
+        what :meth:`_commit` does): the first reserves the ledger's room, the last hands the pages to the sidecar, frees
+        their hot pages and ends the seal. A later slice finding a page freed since, or no arena room, rolls the seal
+        back (:meth:`_roll_back`). Returns ``False`` when nothing more will be packed (left dense, or rolled back)."""
         layers = pending.pack_left.pop(0)
         pool = self.pool
         first, last = layers.start == 0, not pending.pack_left
-        if first and last:
-            self._pending = None
-            sealed = self._commit(pending.pages, pending.ratio, pending.dense_mask, pending.reserve, pending.plans,
-                                  sizes=pending.host_sizes())  # fmt: skip
-            self._pack_done(pending, sealed)
-            return sealed
         if not first and not pending.live(pool.page_epoch).all():
             self._roll_back(pending)
             return False
-        pages_t = torch.from_numpy(pending.pages.astype(np.int64))
-        plans = pending.plans[layers.start : layers.stop]
-        with self.sidecar.sealing() if self.sidecar is not None and last else contextlib.nullcontext():
-            if self.sidecar is not None and last:
-                self.sidecar.submit_sealed(pending.pages, pending.dense_mask, pending.ratio, self.gather)
-            try:
-                pool.seal_pages(pages_t, plans, layer_ids=[pool.start_layer + i for i in layers],
-                                sizes=pending.host_sizes(layers))  # fmt: skip
-            except ArenaFullError as err:
-                logger.error("MosaicKV: an arena is full although its ledger has room (%s); %d pages stay dense "
-                             "on this rank only, so tensor-parallel ranks may now diverge", err,
-                             pending.pages.size)  # fmt: skip
-                if first:
-                    self._pending = None
-                    self._count_left_dense(pending.pages)
-                    self._pack_done(pending, False)
-                else:
-                    self._roll_back(pending)
-                return False
+        if not self._pack(pending.pages, pending.ratio, pending.dense_mask, pending.plans[layers.start : layers.stop],
+                          pending.host_sizes(layers), None if first and last else layers, hand_over=last):  # fmt: skip
+            if first:
+                self._pending = None
+                self._count_left_dense(pending.pages)
+                self._pack_done(pending, False)
+            else:
+                self._roll_back(pending)
+            return False
         pending.epochs = pool.page_epoch[pending.pages].copy()
         if first:
             pool.arena_ledger.reserve(pending.pages.astype(np.int64), pending.reserve)
@@ -1303,21 +1286,29 @@ class Sealer:
     def _commit(self, pages: np.ndarray, ratio: float, dense_mask: np.ndarray, reserve: np.ndarray,
                 plans: List[SegmentPlan], sizes: Optional[np.ndarray] = None) -> bool:  # fmt: skip
         """Hand the pages to the sidecar, pack them with ``plans`` and reserve their room in the ledger."""
+        if not self._pack(pages, ratio, dense_mask, plans, sizes):
+            self._count_left_dense(pages)
+            return False
+        self.pool.arena_ledger.reserve(pages.astype(np.int64), reserve)
+        self.pages_sealed += int(pages.size)
+        return True
+
+    def _pack(self, pages: np.ndarray, ratio: float, dense_mask: np.ndarray, plans: List[SegmentPlan],
+              sizes: Optional[np.ndarray], layers: Optional[range] = None, hand_over: bool = True) -> bool:  # fmt: skip
+        """Pack ``pages`` with ``plans`` in every layer or in the pool's local ``layers``, handed to the sidecar first
+        when ``hand_over``. ``False`` (logged) when an arena has no room although the ledger had: nothing packed."""
         pool = self.pool
-        pages_t = torch.from_numpy(pages.astype(np.int64))
-        with self.sidecar.sealing() if self.sidecar is not None else contextlib.nullcontext():
-            if self.sidecar is not None:
+        layer_ids = None if layers is None else [pool.start_layer + i for i in layers]
+        with self.sidecar.sealing() if self.sidecar is not None and hand_over else contextlib.nullcontext():
+            if self.sidecar is not None and hand_over:
                 self.sidecar.submit_sealed(pages, dense_mask, ratio, self.gather)
             try:
-                pool.seal_pages(pages_t, plans, sizes=sizes)
+                pool.seal_pages(torch.from_numpy(pages.astype(np.int64)), plans, layer_ids=layer_ids, sizes=sizes)
             except ArenaFullError as err:
                 logger.error("MosaicKV: an arena is full although its ledger has room (%s); %d pages stay dense "
                              "on this rank only, so tensor-parallel ranks may now diverge", err,
                              pages.size)  # fmt: skip
-                self._count_left_dense(pages)
                 return False
-        pool.arena_ledger.reserve(pages.astype(np.int64), reserve)
-        self.pages_sealed += int(pages.size)
         return True
 
     def _no_room(self, pages: np.ndarray) -> None:
