@@ -12,12 +12,13 @@ A multi-MB trace becomes a few lines that can travel back from the GPU machine.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from bench.textio import read_text
 
 DEFAULT_GROUPS: Tuple[Tuple[str, str], ...] = (
     ("mosaic", r"_sparse_decode|_segment_scores|_segment_select|_pack_segments|_unpack_segments|_extend_attn"),
@@ -29,9 +30,7 @@ DEFAULT_GROUPS: Tuple[Tuple[str, str], ...] = (
 
 def read_trace(path: Path) -> Dict[str, Any]:
     """A chrome trace file (``.json`` or ``.json.gz``)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        return json.load(f)
+    return json.loads(read_text(path))
 
 
 def raw_complete_events(trace: Dict[str, Any], category: str) -> Iterator[Dict[str, Any]]:
