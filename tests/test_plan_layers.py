@@ -183,7 +183,7 @@ def test_sealer_plans_all_layers_in_one_call(monkeypatch, contiguous):
     pool = SimpleNamespace(
         page_size=s, head_num=h, head_dim=d, device="cpu", layer_num=layers, k_buffer=k, v_buffer=v,
         physical_pages=lambda p: p.clone(), mosaic_config=SimpleNamespace(compression_ratio=3.0, axes="both"),
-        seal_pages=lambda p, plans, sizes=None: sealed.append(plans),
+        seal_pages=lambda p, plans, sizes=None, layer_ids=None: sealed.append(plans),
         arena_ledger=ArenaLedger(pages + 1, 10**9, h, s, d),
     )  # fmt: skip
     sealer = sealer_mod.Sealer(pool, h * 4, query_window=8)
