@@ -14,7 +14,9 @@ on CUDA, up to dtype casts that are no-ops when the dtype already matches). Each
   ``item``), a memcpy rather than a kernel (and on a GPU often a host synchronisation, see
   :mod:`bench.host_syncs`);
 * ``kernel``: everything else; on a GPU each of these launches at least one kernel (some, e.g. ``sort``,
-  ``topk``, ``index_add_`` or ``cumsum``, launch several: the profiler's device table says how many).
+  ``topk``, ``index_add_`` or ``cumsum``, launch several: the profiler's device table says how many);
+* ``triton``: a launch of a Triton kernel (one kernel, compiled or, on the CPU, run by the interpreter: the aten ops
+  the interpreter dispatches inside it are not counted). Its traffic is not counted.
 
 ``by_name`` tallies ``"<kind>:<op>"``; ``by_site`` tallies the kernel ops by the innermost frame of the code under
 study (the first frame whose file path contains one of ``site_roots``), as ``"file:line (function)"``, to point at
@@ -32,14 +34,14 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["KINDS", "OpCensus", "classify", "code_site"]
 
-KINDS = ("kernel", "view", "alloc", "transfer")
+KINDS = ("kernel", "view", "alloc", "transfer", "triton")
 
 _ALLOC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
 _VIEW_LIKE = {"_unsafe_view", "_reshape_alias"}  # views whose schema does not say so
@@ -91,7 +93,7 @@ class OpCensus(TorchDispatchMode):
     by_name : collections.Counter
         ``"<kind>:<op>"`` -> ops (``op`` the aten overload packet, e.g. ``"kernel:bmm"``).
     by_site : collections.Counter
-        ``"file:line (function)"`` -> kernel ops.
+        ``"file:line (function)"`` -> kernel ops and Triton launches.
     """
 
     def __init__(self, site_roots: Sequence[str] = ("mosaickv_sglang",)) -> None:
@@ -103,6 +105,39 @@ class OpCensus(TorchDispatchMode):
         self.bytes_by_name: Counter = Counter()
         self.bytes_by_site: Counter = Counter()
         self.flops = 0
+        self._in_triton = 0
+        self._saved_runs: List[Tuple[type, Callable]] = []
+
+    def __enter__(self) -> "OpCensus":
+        for cls in _triton_launch_classes():
+            self._saved_runs.append((cls, cls.run))
+            cls.run = self._counted_run(cls.run)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            for cls, run in reversed(self._saved_runs):
+                cls.run = run
+            self._saved_runs.clear()
+
+    def _counted_run(self, run: Callable) -> Callable:
+        census = self
+
+        def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if not census._in_triton and not kwargs.get("warmup", False):
+                name = getattr(getattr(fn, "fn", fn), "__name__", "?")
+                census.counts["triton"] += 1
+                census.by_name[f"triton:{name}"] += 1
+                census.by_site[code_site(census.site_roots)] += 1
+            census._in_triton += 1
+            try:
+                return run(fn, *args, **kwargs)
+            finally:
+                census._in_triton -= 1
+
+        return counted
 
     @property
     def total(self) -> int:
@@ -113,6 +148,8 @@ class OpCensus(TorchDispatchMode):
         self, func: Callable, types: Any, args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None
     ) -> Any:
         kwargs = kwargs or {}
+        if self._in_triton:
+            return func(*args, **kwargs)
         kind = classify(func, args, kwargs)
         name = func.overloadpacket.__name__
         self.counts[kind] += 1
@@ -151,6 +188,17 @@ class OpCensus(TorchDispatchMode):
     def total_bytes(self) -> int:
         """Memory traffic of every kernel op (see the module docstring)."""
         return sum(self.bytes_by_name.values())
+
+
+def _triton_launch_classes() -> List[type]:
+    """The classes whose ``run`` launches a Triton kernel: the JIT's and, under ``TRITON_INTERPRET=1``, the
+    interpreter's."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return []
+    return [JITFunction, InterpretedFunction]
 
 
 def code_site(site_roots: Sequence[str]) -> str:

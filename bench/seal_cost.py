@@ -25,6 +25,10 @@ census does not see), so a launch-bound or memory-bound GPU call can be studied 
 ``one_call.ops_by_kind.kernel`` grows with ``--pages`` and ``--layers`` says which loops dispatch per layer, per chunk
 or per menu entry, and ``bytes_by_site`` where fusing saves the most traffic. ``--no-count`` skips both counting runs.
 
+``--also-lagrange-bracket kernel`` times the one call again with the planner's bracket search in one Triton launch
+(``MOSAICKV_LAGRANGE_BRACKET``), counts its ops and Triton launches, and compares its plans with the first's; on the
+CPU it needs ``TRITON_INTERPRET=1`` (the bracket then runs in the interpreter, so only its counts mean anything).
+
 ``--profile DIR`` runs each path once more under :mod:`torch.profiler` (CPU, plus CUDA on a GPU) and writes to
 ``DIR`` ``<path>_by_self_cpu.txt`` (top ops by self CPU time), on CUDA ``<path>_by_self_device.txt`` (top ops by
 self device time), and ``<path>_trace.json.gz`` (a gzipped Chrome trace), for ``<path>`` ``per_layer`` and
@@ -51,7 +55,7 @@ import mosaickv_sglang
 import mosaickv_sglang.kernels
 from bench.host_syncs import HostSyncCounter
 from bench.op_census import OpCensus
-from mosaickv_sglang import planner, seal_graphs
+from mosaickv_sglang import lagrange, planner, seal_graphs
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS
 from mosaickv_sglang.sealer import Sealer
 
@@ -97,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(planner.ESTIMATE_TERMS_ON_CUDA; default {planner.ESTIMATE_TERMS_ON_CUDA})")
     p.add_argument("--also-estimate-terms", choices=planner.ESTIMATE_TERMS_METHODS, default=None,
                    help="time the one-call planner again with this method, in the same run, and compare its plans")
+    p.add_argument("--also-lagrange-bracket", choices=lagrange.BRACKET_METHODS, default=None,
+                   help="also time the one call with this bracket search (MOSAICKV_LAGRANGE_BRACKET) and compare plans")
     p.add_argument("--max-segments", type=int, default=DEFAULT_MAX_SEGMENTS,
                    help=f"the one-call planner's segments per chunk (default {DEFAULT_MAX_SEGMENTS})")
     p.add_argument("--max-chunk-bytes", type=int, default=DEFAULT_MAX_CHUNK_BYTES,
@@ -242,6 +248,11 @@ def main(argv: List[str] = None) -> Dict[str, object]:
             planner.ESTIMATE_TERMS_ON_CUDA = args.estimate_terms
         report["one_call_also"] = also
         report["also_differing_segments"] = differing_segments(after_plans, also.pop("result"))
+    if args.also_lagrange_bracket:
+        with mock.patch.dict(os.environ, {lagrange.BRACKET_ENV_VAR: args.also_lagrange_bracket}):
+            bracket = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
+        report["one_call_bracket"] = bracket
+        report["bracket_differing_segments"] = differing_segments(after_plans, bracket.pop("result"))
     if args.profile:
         report["profile"] = (
             profile(lambda: [sealer.plan_layer(li, pages, sinks, args.ratio) for li in range(args.layers)], dev,
@@ -259,7 +270,8 @@ def main(argv: List[str] = None) -> Dict[str, object]:
             rows.append((f"seal graphs {args.graph_pages}", report["graphed"]))
         for name, r in rows:
             counts = "" if args.no_count else (f"   host syncs {r['syncs']:5d}   device copies {r['copies']:4d}"
-                                               f"   ops {r['ops']:6d} (kernel {r['ops_by_kind']['kernel']:6d})")
+                                               f"   ops {r['ops']:6d} (kernel {r['ops_by_kind']['kernel']:6d}, "
+                                               f"triton {r['ops_by_kind']['triton']:3d})")
             peak = f"   peak +{r['peak_transient_bytes'] / 2**20:.0f} MiB" if "peak_transient_bytes" in r else ""
             print(f"  {name:36s} {1e3 * r['seconds']:10.1f} ms (host {1e3 * r['host_seconds']:.1f} ms){counts}{peak}")
         print(f"  speed-up {before['seconds'] / after['seconds']:.2f}x; identical plans: {same}")
@@ -276,6 +288,14 @@ def main(argv: List[str] = None) -> Dict[str, object]:
                   f"({after['seconds'] / also['seconds']:.2f}x); segments planned differently: "
                   f"{report['also_differing_segments']}"
                   + ("" if dev.type == "cuda" else " (not on CUDA: both took the torch ops)"))
+        if args.also_lagrange_bracket:
+            br = report["one_call_bracket"]
+            launches = "" if args.no_count else (f"; kernel ops {after['ops_by_kind']['kernel']} -> "
+                                                 f"{br['ops_by_kind']['kernel']}, Triton launches "
+                                                 f"{after['ops_by_kind']['triton']} -> {br['ops_by_kind']['triton']}")
+            print(f"  one call, bracket {lagrange.bracket_method()}: {1e3 * after['seconds']:.1f} ms; "
+                  f"{args.also_lagrange_bracket}: {1e3 * br['seconds']:.1f} ms{launches}; segments planned "
+                  f"differently: {report['bracket_differing_segments']}")
         if not args.no_count:
             print("  one-call kernel ops by site: " + ", ".join(f"{k} {v}" for k, v in
                                                               list(after["kernel_ops_by_site"].items())[:8]))

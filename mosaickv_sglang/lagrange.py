@@ -8,18 +8,27 @@ rounds of ``_GRID`` geometric points, the same threshold upgrades and single fix
 sequence of tensor operations; a layer whose bracket is already narrow enough stays where it is while the others
 shrink theirs (the reference stops there). So the number of rounds, and the host synchronisations, do not depend on
 the data: there are none.
+
+The bracket's rounds run as torch ops (about fourteen launches a round) or, with ``MOSAICKV_LAGRANGE_BRACKET=kernel``
+(experimental; default ``torch``), as one Triton launch (:func:`~mosaickv_sglang.kernels.lagrange_bracket.
+bracket_fwd`) on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``: the same brackets but where ``exp`` or
+``log`` rounds differently, so the same choices but at a lambda within the bracket's width.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Tuple
 
 import torch
 
 from mosaickv_sglang.kernels._checks import check_tensor
 
-__all__ = ["choose_candidates_batched"]
+__all__ = ["BRACKET_ENV_VAR", "BRACKET_METHODS", "bracket_method", "choose_candidates_batched"]
+
+BRACKET_ENV_VAR = "MOSAICKV_LAGRANGE_BRACKET"
+BRACKET_METHODS = ("torch", "kernel")
 
 _GRID = 8  # lambdas per bracketing round, as in the reference
 _LO_FACTOR = 1e-30  # the bracket starts at [hi * 1e-30, hi]
@@ -47,12 +56,37 @@ def _pick(e: torch.Tensor, b: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
     return torch.argmin(e[:, None] + lams[:, :, None, None] * b, dim=3)
 
 
+def bracket_method() -> str:
+    """``MOSAICKV_LAGRANGE_BRACKET``: ``torch`` (the default) or ``kernel``."""
+    method = os.environ.get(BRACKET_ENV_VAR, "torch")
+    if method not in BRACKET_METHODS:
+        raise ValueError(f"{BRACKET_ENV_VAR}: expected one of {', '.join(BRACKET_METHODS)}, got {method!r}")
+    return method
+
+
+def _grid_fractions(device: torch.device) -> torch.Tensor:
+    return torch.arange(1, _GRID + 1, dtype=torch.float64, device=device) / (_GRID + 1)
+
+
 def _bracket(
     e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Shrink each ``[lo, hi]`` (``lo`` infeasible, ``hi`` feasible) to a relative width of 1e-12; a bracket already
-    that narrow (e.g. ``hi == lo``: a layer that needs no search) stays as it is."""
-    t = torch.arange(1, _GRID + 1, dtype=torch.float64, device=e.device) / (_GRID + 1)
+    that narrow (e.g. ``hi == lo``: a layer that needs no search) stays as it is. In one Triton launch where
+    :func:`bracket_method` says ``kernel`` and Triton can run (CUDA, or the interpreter), else
+    :func:`_bracket_torch`."""
+    if bracket_method() == "kernel" and (e.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from mosaickv_sglang.kernels.lagrange_bracket import bracket_fwd
+
+        return bracket_fwd(e, b, bl, budget, lo, hi, _grid_fractions(e.device), 1.0 + _REL_WIDTH, _ROUNDS)
+    return _bracket_torch(e, b, bl, budget, lo, hi)
+
+
+def _bracket_torch(
+    e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_bracket` in torch ops, the kernel's oracle."""
+    t = _grid_fractions(e.device)
     bounds = torch.stack([lo, hi], 1)  # [L, 2]
     for _ in range(_ROUNDS):
         active = bounds[:, 1] > bounds[:, 0] * (1.0 + _REL_WIDTH)

@@ -4,8 +4,10 @@ synchronisations that depends on neither the layers nor the bisection rounds."""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import List, Tuple
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 
 from bench.host_syncs import HostSyncCounter
 from mosaickv_sglang.importance import SegmentImportance
-from mosaickv_sglang.lagrange import choose_candidates_batched
+from mosaickv_sglang.lagrange import BRACKET_ENV_VAR, choose_candidates_batched
 from mosaickv_sglang.plan_layers import plan_fast_layers
 from mosaickv_sglang.planner import choose_candidates, plan_fast
 from mosaickv_sglang.strategies import dense_segment_bytes
@@ -103,12 +105,19 @@ def test_same_plans_as_plan_fast_per_layer(seed, d, g, s, h, pages, sinks, ratio
                 assert torch.equal(getattr(m.plan, f), getattr(r.plan, f)), f
 
 
+@pytest.mark.parametrize("bracket", ["torch", "kernel"])
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), layers=st.integers(1, 4), n=st.integers(1, 6), c=st.integers(2, 5),
        ties=st.booleans())  # fmt: skip
-def test_batched_chooser_matches_reference(seed, layers, n, c, ties):
+def test_batched_chooser_matches_reference(bracket, seed, layers, n, c, ties):
     """choose_candidates_batched on random problems (one per layer, each its own budget) gives the choices and the
-    lambda of the host-driven reference ``choose_candidates`` (tied errors included)."""
+    lambda of the host-driven reference ``choose_candidates`` (tied errors included), with the bracket search as torch
+    rounds or as one Triton launch (``MOSAICKV_LAGRANGE_BRACKET``; on the CPU through the interpreter)."""
+    with mock.patch.dict(os.environ, {BRACKET_ENV_VAR: bracket}):  # hypothesis: no function-scoped fixtures
+        _check_batched_chooser(seed, layers, n, c, ties)
+
+
+def _check_batched_chooser(seed: int, layers: int, n: int, c: int, ties: bool) -> None:
     gen = torch.Generator().manual_seed(seed)
     err = torch.rand(layers, n, c, generator=gen, dtype=torch.float64)
     if ties:

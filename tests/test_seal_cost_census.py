@@ -50,10 +50,37 @@ def test_census_classifies_kernels_views_allocs_and_transfers():
         x.double()
         x.float()  # already fp32: dispatches nothing
         s.item()
-    assert dict(census.counts) == {"kernel": 4, "view": 4, "alloc": 1, "transfer": 1}
+    assert dict(census.counts) == {"kernel": 4, "view": 4, "alloc": 1, "transfer": 1, "triton": 0}
     assert census.by_name["kernel:clone"] == 1 and census.by_name["view:_unsafe_view"] == 1
     assert census.by_name["kernel:_to_copy"] == 1 and census.by_name["transfer:_local_scalar_dense"] == 1
     assert census.total == 10
+
+
+def test_census_counts_a_triton_launch_once_not_the_ops_inside_it():
+    """A Triton launch is one ``triton`` op at its caller's site, whatever the interpreter dispatches to run it on the
+    CPU; the launchers are given back afterwards."""
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    runs = (JITFunction.run, InterpretedFunction.run)
+
+    @triton.jit
+    def add_one(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+    x = torch.zeros(5)
+    with OpCensus(site_roots=("test_seal_cost_census",)) as census:
+        add_one[(1,)](x, 5, BLOCK=8)
+        add_one[(1,)](x, 5, BLOCK=8)
+        x + 1
+    assert torch.equal(x, torch.full((5,), 2.0))
+    assert census.counts["triton"] == 2 and census.counts["kernel"] == 1, dict(census.counts)
+    assert census.by_name["triton:add_one"] == 2
+    assert sum(v for k, v in census.by_site.items() if "test_census_counts_a_triton_launch" in k) == 3
+    assert (JITFunction.run, InterpretedFunction.run) == runs
 
 
 def test_census_counts_each_kernels_traffic_and_the_products_flops():
@@ -170,6 +197,21 @@ def test_seal_cost_times_the_other_estimate_terms_method_and_compares_plans(caps
     from mosaickv_sglang import planner
 
     assert planner.ESTIMATE_TERMS_ON_CUDA == "torch"  # restored after the second timing
+
+
+def test_seal_cost_counts_the_bracket_kernel_against_the_torch_rounds(capsys, monkeypatch):
+    """--also-lagrange-bracket kernel: the same plans, one Triton launch instead of the bracket's rounds (a few hundred
+    fewer kernel ops); the environment as it was afterwards."""
+    from mosaickv_sglang import lagrange
+
+    monkeypatch.delenv(lagrange.BRACKET_ENV_VAR, raising=False)
+    report = seal_cost.main(f"--layers 2 {TINY} --also-lagrange-bracket kernel".split())
+    torch_ops, kernel_ops = report["one_call"]["ops_by_kind"], report["one_call_bracket"]["ops_by_kind"]
+    assert report["bracket_differing_segments"] == 0
+    assert torch_ops["triton"] == 0 and kernel_ops["triton"] == 1
+    assert torch_ops["kernel"] - kernel_ops["kernel"] >= 200, (torch_ops, kernel_ops)
+    assert lagrange.bracket_method() == "torch"
+    capsys.readouterr()
 
 
 def test_seal_cost_times_seal_graphs_and_compares_plans(capsys):
