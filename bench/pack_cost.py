@@ -11,8 +11,8 @@ payload sizes first (as a pending seal has by its pack, :mod:`mosaickv_sglang.pe
 ``pool.seal_pages`` on fresh pages each run: ``host`` is the scheduler's time in the call (what a decode plan waits
 for), ``time`` the call until its device work is done. It counts the call's host synchronisations and aten ops
 (:class:`bench.host_syncs.HostSyncCounter`, where reads of host tensors count too; :class:`bench.op_census.OpCensus`,
-where Triton launches do not count: they are not aten ops; on the CPU, Triton's interpreter copies each kernel's
-tensor arguments, so those copies count there at the launch, not on a GPU), and
+where each Triton launch is one ``triton`` op, and the copies Triton's interpreter makes of its tensor arguments on
+the CPU are not counted), and
 with ``--profile N`` prints the ``N`` functions of most cumulative host time (:mod:`cProfile`).
 
 ``--launches`` also times the pack kernel alone on one more seal's plans, side by side: one launch per layer

@@ -26,7 +26,8 @@ census does not see), so a launch-bound or memory-bound GPU call can be studied 
 or per menu entry, and ``bytes_by_site`` where fusing saves the most traffic. ``--no-count`` skips both counting runs.
 
 ``--also-lagrange-bracket kernel`` times the one call again with the planner's bracket search in one Triton launch
-(``MOSAICKV_LAGRANGE_BRACKET``), counts its ops and Triton launches, and compares its plans with the first's; on the
+(``MOSAICKV_LAGRANGE_BRACKET``), counts its ops and Triton launches, and compares its plans with the first's; with
+``--graph-pages`` the graphed call too (graphs captured afresh, their memory measured from an emptied cache). On the
 CPU it needs ``TRITON_INTERPRET=1`` (the bracket then runs in the interpreter, so only its counts mean anything).
 
 ``--profile DIR`` runs each path once more under :mod:`torch.profiler` (CPU, plus CUDA on a GPU) and writes to
@@ -211,6 +212,23 @@ def profile(fn: Callable[[], object], device: torch.device, out_dir: str, name: 
     return paths + [path]
 
 
+def timed_graphs(sealer: Sealer, pages: np.ndarray, sinks: np.ndarray, dev: torch.device,
+                 args: argparse.Namespace) -> Dict[str, object]:  # fmt: skip
+    """:func:`timed` of the one call through fresh seal graphs of ``--graph-pages`` (captured at its first run on
+    CUDA, with the planner's settings then), given up afterwards."""
+    with mock.patch.dict(os.environ, {seal_graphs.ENV_VAR: args.graph_pages}):
+        sealer.use_seal_graphs(seal_graphs.seal_graph_buckets())
+    try:
+        graphed = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
+        graphed.update(replays=sealer.seal_graphs.replays, captures=sealer.seal_graphs.captures,
+                       graph_bytes=sealer.seal_graphs.graph_bytes, failed=sealer.seal_graphs.failed)
+    finally:
+        sealer.use_seal_graphs(())
+        if dev.type == "cuda":  # the graphs' memory back to the device: the next capture's is measured from zero
+            torch.cuda.empty_cache()
+    return graphed
+
+
 def main(argv: List[str] = None) -> Dict[str, object]:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -230,16 +248,13 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     same = differing_segments(before_plans, after_plans) == 0
     report = {"config": vars(args), "per_layer": before, "one_call": after, "identical_plans": same}
     if args.graph_pages:
-        with mock.patch.dict(os.environ, {seal_graphs.ENV_VAR: args.graph_pages}):
-            sealer.use_seal_graphs(seal_graphs.seal_graph_buckets())
-        try:
-            graphed = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
-            graphed.update(replays=sealer.seal_graphs.replays, captures=sealer.seal_graphs.captures,
-                           graph_bytes=sealer.seal_graphs.graph_bytes, failed=sealer.seal_graphs.failed)
-        finally:
-            sealer.use_seal_graphs(())
-        report["graphed"] = graphed
-        report["graphed_differing_segments"] = differing_segments(after_plans, graphed.pop("result"))
+        report["graphed"] = timed_graphs(sealer, pages, sinks, dev, args)
+        report["graphed_differing_segments"] = differing_segments(after_plans, report["graphed"].pop("result"))
+        if args.also_lagrange_bracket:
+            with mock.patch.dict(os.environ, {lagrange.BRACKET_ENV_VAR: args.also_lagrange_bracket}):
+                report["graphed_bracket"] = timed_graphs(sealer, pages, sinks, dev, args)
+            report["graphed_bracket_differing_segments"] = differing_segments(
+                after_plans, report["graphed_bracket"].pop("result"))
     if args.also_estimate_terms:
         planner.ESTIMATE_TERMS_ON_CUDA = args.also_estimate_terms
         try:
@@ -288,6 +303,12 @@ def main(argv: List[str] = None) -> Dict[str, object]:
                   f"({after['seconds'] / also['seconds']:.2f}x); segments planned differently: "
                   f"{report['also_differing_segments']}"
                   + ("" if dev.type == "cuda" else " (not on CUDA: both took the torch ops)"))
+        if args.also_lagrange_bracket and args.graph_pages:
+            g, gb = report["graphed"], report["graphed_bracket"]
+            print(f"  seal graphs, bracket {lagrange.bracket_method()}: {1e3 * g['seconds']:.2f} ms, "
+                  f"{g['graph_bytes'] / 2**20:.0f} MiB; {args.also_lagrange_bracket}: {1e3 * gb['seconds']:.2f} ms, "
+                  f"{gb['graph_bytes'] / 2**20:.0f} MiB; segments planned differently: "
+                  f"{report['graphed_bracket_differing_segments']}")
         if args.also_lagrange_bracket:
             br = report["one_call_bracket"]
             launches = "" if args.no_count else (f"; kernel ops {after['ops_by_kind']['kernel']} -> "

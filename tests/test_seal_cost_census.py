@@ -214,6 +214,15 @@ def test_seal_cost_counts_the_bracket_kernel_against_the_torch_rounds(capsys, mo
     capsys.readouterr()
 
 
+def test_seal_cost_plans_through_seal_graphs_with_each_bracket(capsys):
+    """--graph-pages with --also-lagrange-bracket: the graphed planner once with each bracket search, the same plans."""
+    report = seal_cost.main("--layers 2 --kv-heads 2 --pages 3 --page-size 16 --head-dim 64 --no-count --warmup 0 "
+                            "--graph-pages 4 --also-lagrange-bracket kernel".split())
+    assert report["graphed_differing_segments"] == 0 and report["graphed_bracket_differing_segments"] == 0
+    assert report["graphed_bracket"]["replays"] == 1 and report["bracket_differing_segments"] == 0
+    assert "seal graphs, bracket torch:" in capsys.readouterr().out
+
+
 def test_seal_cost_times_seal_graphs_and_compares_plans(capsys):
     """--graph-pages: the padded planner of a 4-page bucket for a 3-page seal (off CUDA, eagerly), its plans the one
     call's, the host time of each path reported."""
