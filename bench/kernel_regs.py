@@ -36,11 +36,13 @@ import mosaickv_sglang.kernels  # noqa: F401  (maps the kernels package, as the 
 from mosaickv_sglang.kernels._triton._common import CHAN_MODE_NAMES
 from mosaickv_sglang.kernels._triton.chan_rank import _chan_rank_count_kernel, _chan_rank_sort_kernel
 from mosaickv_sglang.kernels._triton.estimate_terms import _chan_terms_kernel
+from mosaickv_sglang.kernels._triton.lagrange_bracket import _bracket_kernel
 from mosaickv_sglang.kernels._triton.pack import _pack_segments_main_kernel
 from mosaickv_sglang.kernels._triton.segment_scores import _segment_scores_main_kernel, _segment_select_kernel
 from mosaickv_sglang.kernels._triton.sparse_decode import _sparse_decode_split_kernel
 
-KERNELS = ("sparse_decode", "segment_scores", "segment_select", "chan_rank", "estimate_terms", "pack")
+KERNELS = ("sparse_decode", "segment_scores", "segment_select", "chan_rank", "estimate_terms", "pack",
+           "lagrange_bracket")
 SM_REGISTERS = 65536
 SM_SHARED_BYTES = 228 * 1024
 SM_MAX_WARPS = 64
@@ -135,16 +137,19 @@ def specialize(fn, pointers: Dict[str, str], floats: Sequence[str], values: Dict
 
 def compile_variant(name: str, fn, pointers: Dict[str, str], floats: Sequence[str], values: Dict[str, int],
                     constexprs: Dict[str, object], num_warps: int, num_stages: int,
-                    config: Dict[str, object], maxnreg: Optional[int] = None) -> Variant:  # fmt: skip
+                    config: Dict[str, object], maxnreg: Optional[int] = None,
+                    enable_fp_fusion: bool = True) -> Variant:  # fmt: skip
     """Compile ``fn`` for sm_90a, specialized as a launch with ``values`` would be, and read its resources.
-    ``maxnreg``: the launch option of that name (a register cap per thread; ptxas spills what does not fit)."""
+    ``maxnreg``, ``enable_fp_fusion``: the launch options of those names (a register cap per thread, ptxas spilling
+    what does not fit; whether a multiply and an add may become one fused multiply-add)."""
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError(f"{name}: expected a compiled Triton kernel, got {type(fn).__name__} (TRITON_INTERPRET is "
                            "set: run without it)")
     sig, consts, attrs = specialize(fn, pointers, floats, values, constexprs)
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
+                              options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg,
+                                       "enable_fp_fusion": enable_fp_fusion})  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
@@ -272,6 +277,20 @@ def pack_variants(head_dims, layer_aligns: Sequence[int] = (16,), seg_size: int 
     return out
 
 
+def lagrange_bracket_variants(segments: int = 1024, candidates: int = 80) -> List[Variant]:
+    """The planner's bracket search (``kernels.lagrange_bracket``) as its launcher launches it: fp64 errors of a
+    128-page seal's 1,024 segments of 8 KV heads, the fast menu's 80 candidates, no multiply-add fusion."""
+    from mosaickv_sglang.kernels.lagrange_bracket import BLOCK_N, NUM_WARPS
+    from mosaickv_sglang.lagrange import _GRID, _ROUNDS
+
+    pointers = {name: "*fp64" for name in ("ET", "B", "LO", "HI", "T", "REL1", "OUT_LO", "OUT_HI")}
+    pointers.update(BL="*i64", BUDGET="*i64")
+    return [compile_variant("lagrange_bracket", _bracket_kernel, pointers, (), dict(N=segments, C=candidates),
+                            dict(ROUNDS=_ROUNDS, GRID=_GRID, BLOCK_N=BLOCK_N), NUM_WARPS, 3,
+                            {"segments": segments, "candidates": candidates, "block_n": BLOCK_N},
+                            enable_fp_fusion=False)]  # fmt: skip
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.kernel_regs", description=__doc__.split("\n\n")[0])
     p.add_argument("--kernel", nargs="+", choices=KERNELS, default=list(KERNELS))
@@ -306,6 +325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += estimate_terms_variants(args.head_dim)
     if "pack" in args.kernel:
         rows += pack_variants(args.head_dim, args.layer_align)
+    if "lagrange_bracket" in args.kernel:
+        rows += lagrange_bracket_variants()
     if args.json:
         print(json.dumps([asdict(v) for v in rows]))
         return 0

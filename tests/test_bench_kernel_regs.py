@@ -141,3 +141,12 @@ def test_an_unknown_chan_mode_is_refused_with_the_known_ones(capsys):
     assert exc.value.code == 2
     assert "invalid choice: 5 (choose from 0, 1, 2, 3, 4)" in capsys.readouterr().err
     assert K._parse_args(["--chan-mode", "0", "4"]).chan_mode == [0, 4]
+
+
+def test_lagrange_bracket_kernel_compiles_for_hopper_without_spills():
+    """The planner's bracket search (fp64 ``exp``/``log`` from libdevice, no multiply-add fusion, segment and candidate
+    counts not specialized) compiled ahead of time for sm_90a: no spills, at least 16 warps per SM."""
+    (bracket,) = _kernel_regs_json("--kernel", "lagrange_bracket")
+    assert bracket["config"] == {"segments": 1024, "candidates": 80, "block_n": 128}
+    assert bracket["spill_store_bytes"] == bracket["spill_load_bytes"] == 0
+    assert 0 < bracket["registers"] <= 128 and bracket["warps_per_sm"] >= 16
