@@ -41,6 +41,10 @@
 #            against stock), ratio 4 with it on
 #   select   no server: the selection's and the pending seal's GPU tests, then bench.decode_speed (8B shape, 4,608
 #            and 32,768 tokens, batch 16, CUDA graphs): the selection alone against the one it replaced, side by side
+#   bracket  no server: the bracket search's GPU tests (one Triton launch against the torch rounds, bit for bit, and
+#            captured in a graph), then bench.seal_cost --also-lagrange-bracket kernel of the 8B shape's planner slices
+#            (4 and 8 layers of 16 pages) and a whole 128-page seal, eager and through seal graphs: time, graph
+#            memory, kernel ops and Triton launches of each bracket, plans compared
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -67,7 +71,7 @@
 # sent back as .device-jit/ (copied to /tmp/mkv/jit in a call of its own), every archive is restored before the next
 # step starts.
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|axes|8b|soak|sweep|tpot|overlap|sidecar|sidecar-itl|kernels|seal-graphs|tune|ncu}"
+step="${1:?usage: bench/device_served.sh smollm2|axes|8b|soak|sweep|tpot|overlap|sidecar|sidecar-itl|kernels|seal-graphs|bracket|tune|ncu}"
 ratio="${RATIO:-4}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
 out="${OUT:?}/$step"
 mkdir -p "$out"
@@ -682,6 +686,20 @@ case "$step" in
         2>&1 || echo "pack_cost $pages rc=$?"
       grep -A14 "^pack of" "$out/pack-cost-$pages.txt"
       grep "pack kernel alone" "$out/pack-cost-$pages.txt"
+    done
+    ;;
+  bracket)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_lagrange_bracket.py \
+      > "$out/bracket-tests.log" 2>&1 || echo "bracket tests rc=$?"
+    tail -3 "$out/bracket-tests.log"
+    for shape in "4 16 16" "8 16 16" "32 128 128"; do  # layers, pages, graph bucket
+      read -r layers pages bucket <<< "$shape"
+      [ "$(left)" -gt 60 ] || { echo "seal_cost $layers x $pages skipped (budget)"; continue; }
+      timeout 150 python3 -m bench.seal_cost --layers "$layers" --kv-heads 8 --pages "$pages" --page-size 64 \
+        --head-dim 128 --device cuda --dtype fp16 --repeats 5 --warmup 2 --graph-pages "$bucket" \
+        --also-lagrange-bracket kernel > "$out/seal-cost-$layers-$pages.txt" 2>&1 \
+        || echo "seal_cost $layers x $pages rc=$?"
+      grep -E "^seal of|one-call|seal graphs|bracket" "$out/seal-cost-$layers-$pages.txt"
     done
     ;;
   ncu)
