@@ -280,14 +280,14 @@ def pack_variants(head_dims, layer_aligns: Sequence[int] = (16,), seg_size: int 
 def lagrange_bracket_variants(segments: int = 1024, candidates: int = 80) -> List[Variant]:
     """The planner's bracket search (``kernels.lagrange_bracket``) as its launcher launches it: fp64 errors of a
     128-page seal's 1,024 segments of 8 KV heads, the fast menu's 80 candidates, no multiply-add fusion."""
-    from mosaickv_sglang.kernels.lagrange_bracket import BLOCK_N, NUM_WARPS
+    from mosaickv_sglang.kernels.lagrange_bracket import BLOCK_C, BLOCK_N, NUM_WARPS
     from mosaickv_sglang.lagrange import _GRID, _ROUNDS
 
     pointers = {name: "*fp64" for name in ("ET", "B", "LO", "HI", "T", "REL1", "OUT_LO", "OUT_HI")}
     pointers.update(BL="*i64", BUDGET="*i64")
     return [compile_variant("lagrange_bracket", _bracket_kernel, pointers, (), dict(N=segments, C=candidates),
-                            dict(ROUNDS=_ROUNDS, GRID=_GRID, BLOCK_N=BLOCK_N), NUM_WARPS, 3,
-                            {"segments": segments, "candidates": candidates, "block_n": BLOCK_N},
+                            dict(ROUNDS=_ROUNDS, GRID=_GRID, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C), NUM_WARPS, 3,
+                            {"segments": segments, "candidates": candidates, "block_n": BLOCK_N, "block_c": BLOCK_C},
                             enable_fp_fusion=False)]  # fmt: skip
 
 

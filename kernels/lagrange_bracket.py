@@ -7,8 +7,8 @@ ops each (about 300 launches a planner call, whatever its page and layer counts)
 the torch path, ``mosaickv_sglang.lagrange._bracket_torch``, which it matches bit for bit where ``exp`` and ``log``
 round alike (the tests compare them on the CPU through the interpreter).
 
-Fixed heuristics: :data:`BLOCK_N` segments a step, :data:`NUM_WARPS` warps, one program a problem. Not yet timed on a
-GPU.
+Fixed heuristics: :data:`BLOCK_N` segments by :data:`BLOCK_C` candidates a step, :data:`NUM_WARPS` warps, one program
+a problem. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import torch
 from . import _checks
 from ._triton.lagrange_bracket import _bracket_kernel
 
-__all__ = ["bracket_fwd", "BLOCK_N", "NUM_WARPS"]
+__all__ = ["bracket_fwd", "BLOCK_C", "BLOCK_N", "NUM_WARPS"]
 
-BLOCK_N = 128
-NUM_WARPS = 4
+BLOCK_N = 32
+BLOCK_C = 16
+NUM_WARPS = 8
 
 
 def bracket_fwd(
@@ -81,10 +82,10 @@ def bracket_fwd(
     out_lo, out_hi = torch.empty_like(lo), torch.empty_like(hi)
     if nl == 0:
         return out_lo, out_hi
-    et = e.transpose(1, 2).contiguous()  # candidate-major: a candidate's errors of BLOCK_N segments in one load
+    et = e.transpose(1, 2).contiguous()  # candidate-major: a candidate's errors of BLOCK_N segments contiguous
     rel = torch.full((1,), rel1, dtype=torch.float64, device=dev)  # a fill, not a host copy: graphs capture it
     _bracket_kernel[(nl,)](
         et, b, bl, budget, lo, hi, t, rel, out_lo, out_hi, n, c,
-        ROUNDS=rounds, GRID=grid, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        ROUNDS=rounds, GRID=grid, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
     return out_lo, out_hi

@@ -147,6 +147,6 @@ def test_lagrange_bracket_kernel_compiles_for_hopper_without_spills():
     """The planner's bracket search (fp64 ``exp``/``log`` from libdevice, no multiply-add fusion, segment and candidate
     counts not specialized) compiled ahead of time for sm_90a: no spills, at least 16 warps per SM."""
     (bracket,) = _kernel_regs_json("--kernel", "lagrange_bracket")
-    assert bracket["config"] == {"segments": 1024, "candidates": 80, "block_n": 128}
+    assert bracket["config"] == {"segments": 1024, "candidates": 80, "block_n": 32, "block_c": 16}
     assert bracket["spill_store_bytes"] == bracket["spill_load_bytes"] == 0
     assert 0 < bracket["registers"] <= 128 and bracket["warps_per_sm"] >= 16

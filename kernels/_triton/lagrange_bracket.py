@@ -7,6 +7,10 @@ b[c]]`` (ties: the lower ``c``), falling as ``lam`` grows. Each of ``ROUNDS`` ro
 ``GRID`` geometric points ``exp(log lo + t_k (log hi - log lo))`` in ``[lo, hi]`` and keeps the first feasible one and
 the point before it (``hi`` when none is). Every operation is the torch path's, in its order, with fp64 rounding at
 each step (the launcher turns off multiply-add contraction), so the bracket ends where the torch path's does.
+
+A round scores ``[BLOCK_N, GRID, BLOCK_C]`` at a time (segments, lambdas, candidates): ``BLOCK_C`` candidates' errors
+of ``BLOCK_N`` segments in one load, so that few loads a round wait on each other. A block's minimum is taken over
+its candidates first (the lowest index among equal scores), then against the blocks before it (a strict ``<``).
 """
 
 import triton
@@ -17,7 +21,7 @@ import triton.language as tl
 def _bracket_kernel(
     ET, B, BL, BUDGET, LO, HI, T, REL1, OUT_LO, OUT_HI,
     N, C,
-    ROUNDS: tl.constexpr, GRID: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROUNDS: tl.constexpr, GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, GRID)
@@ -38,17 +42,25 @@ def _bracket_kernel(
             mask_n = offs_n < N
             best = tl.full([BLOCK_N, GRID], float("inf"), tl.float64)
             best_bytes = tl.zeros([BLOCK_N, GRID], dtype=tl.int64) + bl0
-            for c in range(0, C):
-                e_c = tl.load(ET + (pid * C + c) * N + offs_n, mask=mask_n, other=0.0)
-                score = e_c[:, None] + grid[None, :] * tl.load(B + c)
-                better = score < best
-                best = tl.where(better, score, best)
-                best_bytes = tl.where(better, tl.load(BL + c), best_bytes)
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                mask_c = offs_c < C
+                e = tl.load(ET + (pid * C + offs_c[None, :]) * N + offs_n[:, None],
+                            mask=mask_n[:, None] & mask_c[None, :], other=float("inf"))  # fmt: skip
+                b = tl.load(B + offs_c, mask=mask_c, other=0.0)
+                bl = tl.load(BL + offs_c, mask=mask_c, other=0)
+                score = e[:, None, :] + grid[None, :, None] * b[None, None, :]
+                low = tl.min(score, 2)
+                first = tl.min(tl.where(score == low[:, :, None], offs_c[None, None, :], C), 2)
+                low_bytes = tl.sum(tl.where(offs_c[None, None, :] == first[:, :, None], bl[None, None, :], 0), 2)
+                better = low < best
+                best = tl.where(better, low, best)
+                best_bytes = tl.where(better, low_bytes, best_bytes)
             totals += tl.sum(tl.where(mask_n[:, None], best_bytes, 0), 0)
-        first = tl.min(tl.where(totals <= budget, k, GRID), 0)
-        below = tl.max(tl.where(k == first - 1, grid, float("-inf")), 0)
-        above = tl.max(tl.where(k == first, grid, float("-inf")), 0)
-        lo = tl.where(active, tl.where(first == 0, lo, below), lo)
-        hi = tl.where(active, tl.where(first == GRID, hi, above), hi)
+        first_fit = tl.min(tl.where(totals <= budget, k, GRID), 0)
+        below = tl.max(tl.where(k == first_fit - 1, grid, float("-inf")), 0)
+        above = tl.max(tl.where(k == first_fit, grid, float("-inf")), 0)
+        lo = tl.where(active, tl.where(first_fit == 0, lo, below), lo)
+        hi = tl.where(active, tl.where(first_fit == GRID, hi, above), hi)
     tl.store(OUT_LO + pid, lo)
     tl.store(OUT_HI + pid, hi)
