@@ -21,6 +21,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from mosaickv_sglang.kernels.format import FORM_DENSE, FORM_LOWRANK, SegmentPlan
+from mosaickv_sglang.lagrange import bracket_method
 from mosaickv_sglang.strategies.menu import Candidate
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ class WarmupShape:
 
     ``read_budget_segments``: ``decode_read_budget // S`` (``<= 0``: every sealed segment is read, no bound).
     ``sidecar_ranks``: the low-rank ranks of the sidecar's menu (empty without a sidecar: the inline sealer's fast
-    planner has no low-rank forms). ``causal_modes``: extend masks the layers use.
+    planner has no low-rank forms). ``causal_modes``: extend masks the layers use. ``lagrange_bracket``: the seal
+    planner's bracket search runs as a Triton kernel (``MOSAICKV_LAGRANGE_BRACKET=kernel``).
     """
 
     num_kv_heads: int
@@ -51,6 +53,7 @@ class WarmupShape:
     read_budget_segments: int
     sidecar_ranks: Tuple[int, ...] = ()
     causal_modes: Tuple[bool, ...] = (True,)
+    lagrange_bracket: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,10 @@ def enumerate_variants(shape: WarmupShape) -> List[VariantSpec]:
     specs += [VariantSpec("sparse_decode_split", num_splits=s) for s in splits[:2]]
     # the merge kernel's split count is a compile-time constant (its tile); out_lse is never passed (HAS_LSE False)
     specs += [VariantSpec("sparse_decode_merge", num_splits=s) for s in splits if s > 1]
+    # lagrange.py _bracket -> bracket_fwd, in every seal's planner: one variant (the segment and candidate counts are
+    # not specialized; the two arguments that can be views of the caller's tensors not on their alignment)
+    if shape.lagrange_bracket:
+        specs.append(VariantSpec("lagrange_bracket"))
     return specs
 
 
@@ -133,6 +140,7 @@ def backend_shape(backend: Any, q_dtype: Optional[torch.dtype] = None) -> Warmup
         q_dtype=q_dtype if isinstance(q_dtype, torch.dtype) else pool.dtype, num_layers=int(pool.layer_num),
         num_sms=backend.num_sms, read_budget_segments=int(backend.config.decode_read_budget) // backend.page_size,
         sidecar_ranks=menu_ranks(sidecar.client.menu) if sidecar is not None else (),
+        lagrange_bracket=bracket_method() == "kernel",
     )  # fmt: skip
 
 
@@ -231,6 +239,15 @@ def _run_one(inp: _Inputs, spec: VariantSpec) -> None:
         extend_fwd(q, k, v, torch.empty(t, h_q, d, dtype=sh.q_dtype, device=dev), qo, t, inp.arena, inp.desc,
                    inp.seg_table(spec.width), inp.k_buf, inp.v_buf, inp.tail_indptr, inp.tail_indices, *scratch,
                    causal=spec.causal)  # fmt: skip
+    elif spec.kernel == "lagrange_bracket":
+        from mosaickv_sglang import lagrange
+        from mosaickv_sglang.kernels.lagrange_bracket import bracket_fwd
+
+        f64 = dict(dtype=torch.float64, device=dev)
+        bl = torch.tensor([2, 1], dtype=torch.int64, device=dev)
+        hi = torch.ones(1, **f64)
+        bracket_fwd(torch.tensor([[[0.0, 1.0], [0.0, 1.0]]], **f64), bl.double(), bl, bl[1:] * 3, hi * 1e-30, hi,
+                    lagrange._grid_fractions(dev), 1.0 + lagrange._REL_WIDTH, lagrange._ROUNDS)  # fmt: skip
     elif spec.kernel in ("sparse_decode_split", "sparse_decode_merge"):
         q, ns = inp.q(1), spec.num_splits
         h_q = h * sh.group
@@ -239,7 +256,7 @@ def _run_one(inp: _Inputs, spec: VariantSpec) -> None:
                           torch.empty(1, h_q, ns, **f32), num_splits=ns)  # fmt: skip
     else:
         raise ValueError(f"spec.kernel: expected one of pack, unpack, score_and_select, extend, sparse_decode_split, "
-                         f"sparse_decode_merge, got {spec.kernel!r}")  # fmt: skip
+                         f"sparse_decode_merge, lagrange_bracket, got {spec.kernel!r}")  # fmt: skip
 
 
 def run_warmup(

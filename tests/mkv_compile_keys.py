@@ -7,20 +7,23 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend
 
 
-def unspecialized(kernel) -> set:
-    """Names of the kernel's arguments declared ``do_not_specialize`` (compiled or interpreted kernel)."""
+def unspecialized(kernel, what: str = "do_not_specialize") -> set:
+    """Names of the kernel's arguments declared ``do_not_specialize`` (or ``what``, e.g.
+    ``do_not_specialize_on_alignment``), compiled or interpreted kernel."""
     if hasattr(kernel, "params"):
-        return {p.name for p in kernel.params if p.do_not_specialize}
-    names = kernel.kwargs.get("do_not_specialize") or ()
+        return {p.name for p in kernel.params if getattr(p, what)}
+    names = kernel.kwargs.get(what) or ()
     return {kernel.arg_names[n] if isinstance(n, int) else n for n in names}
 
 
 def compile_key(kernel, args, kwargs) -> tuple:
     """What Triton compiles a variant per: each positional argument's specialization (none for a
-    ``do_not_specialize`` one), the constexprs and options."""
-    skip = unspecialized(kernel)
+    ``do_not_specialize`` one, no alignment for a ``do_not_specialize_on_alignment`` one), the constexprs and
+    options."""
+    skip, unaligned = unspecialized(kernel), unspecialized(kernel, "do_not_specialize_on_alignment")
     names = kernel.arg_names
-    spec = tuple(native_specialize_impl(BaseBackend, a, False, names[i] not in skip, True) for i, a in enumerate(args))
+    spec = tuple(native_specialize_impl(BaseBackend, a, False, names[i] not in skip, names[i] not in unaligned)
+                 for i, a in enumerate(args))  # fmt: skip
     return spec, tuple(sorted((k, str(v)) for k, v in kwargs.items()))
 
 

@@ -8,6 +8,7 @@ import itertools
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +137,61 @@ def test_runner_subset_fp32_queries():
     specs = [s for s in enumerate_variants(sh) if s.num_splits <= 2 or s.kernel == "pack"]
     assert any(s.k_rank == 16 for s in specs)
     assert run_warmup(specs, sh, "cpu")[0] == len(specs)
+
+
+def test_bracket_kernel_is_warmed_only_when_the_planner_takes_it(monkeypatch):
+    """``MOSAICKV_LAGRANGE_BRACKET=kernel`` adds one bracket spec (the backend's shape says so), and the runner
+    launches it; the default adds none."""
+    from mosaickv_sglang.lagrange import BRACKET_ENV_VAR
+
+    assert not any(s.kernel == "lagrange_bracket" for s in enumerate_variants(shape()))
+    specs = enumerate_variants(shape(lagrange_bracket=True))
+    assert specs[-1] == VariantSpec("lagrange_bracket") and len(specs) == 12 + 1
+    assert run_warmup([VariantSpec("lagrange_bracket")], _tiny(torch.float16), "cpu")[0] == 1
+    backend = _stand_in_backend()
+    monkeypatch.delenv(BRACKET_ENV_VAR, raising=False)
+    assert not warmup.backend_shape(backend).lagrange_bracket
+    monkeypatch.setenv(BRACKET_ENV_VAR, "kernel")
+    assert warmup.backend_shape(backend).lagrange_bracket
+
+
+@pytest.mark.parametrize("graph_pages", [None, 3, 4])
+def test_the_planners_bracket_launches_compile_no_variant_the_warmup_missed(monkeypatch, graph_pages):
+    """The bracket's compile keys of a seal's planner, in one call and through a seal graph's bucket (exact or padded),
+    are the warmup spec's key: the budgets are a view into the planner's metadata, 8 bytes past a 16-byte boundary
+    when its segment count is odd (3 pages of 3 KV heads), unlike the warmup's."""
+    from mosaickv_sglang.kernels import lagrange_bracket
+    from mosaickv_sglang.lagrange import BRACKET_ENV_VAR
+    from mosaickv_sglang.strategies import axes_menu
+    from test_seal_graphs import PoolCase, budget
+
+    monkeypatch.setenv(BRACKET_ENV_VAR, "kernel")
+    keys = set()
+    monkeypatch.setattr(lagrange_bracket, "_bracket_kernel", Recorder("bracket", lagrange_bracket._bracket_kernel,
+                                                                     keys))  # fmt: skip
+    sh = _tiny(torch.float16, lagrange_bracket=True)
+    warmup._run_one(warmup._Inputs(sh, torch.device("cpu")), VariantSpec("lagrange_bracket"))
+    warmed = set(keys)
+    assert len(warmed) == 1
+    h, s, d, pages = 3, 16, 64, 3
+    case = PoolCase(3, 2, h, s, d, 4, 4, 8, torch.float16)
+    menu = axes_menu("both", s, d, lowrank=False)
+    phys, sinks = np.array([5, 1, 6], dtype=np.int64), np.array([True, False, False])
+    if graph_pages is None:
+        case.one_call(phys, sinks, budget(pages, h, s, d, sinks, 3.0), menu)
+    else:
+        graphs = case.graphs([graph_pages], menu)
+        assert graphs.plan(phys, case.window, np.repeat(sinks, h), budget(pages, h, s, d, sinks, 3.0)) is not None
+    assert len(keys) > 0 and keys == warmed
+
+
+def _stand_in_backend():
+    from types import SimpleNamespace
+
+    pool = SimpleNamespace(dtype=torch.float16, layer_num=2)
+    return SimpleNamespace(pool=pool, sealer=SimpleNamespace(sidecar=None), num_kv_heads=2, num_q_heads=4,
+                           head_dim=64, page_size=16, num_sms=132,
+                           config=SimpleNamespace(decode_read_budget=0))  # fmt: skip
 
 
 def test_runner_rejects_unknown_kernel():

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["N", "C"])
+@triton.jit(do_not_specialize=["N", "C"], do_not_specialize_on_alignment=["BL", "BUDGET"])
 def _bracket_kernel(
     ET, B, BL, BUDGET, LO, HI, T, REL1, OUT_LO, OUT_HI,
     N, C,
