@@ -105,9 +105,10 @@ Attrs = Dict[Tuple[int, ...], list]
 def specialize(fn, pointers: Dict[str, str], floats: Sequence[str], values: Dict[str, int],
                constexprs: Dict[str, object]) -> Tuple[Dict[str, str], Dict[str, object], Attrs]:  # fmt: skip
     """Signature, constexprs and attributes of ``fn`` as Triton's launcher specializes a real launch: every pointer
-    16-byte aligned (``tt.divisibility`` 16) unless listed in ``do_not_specialize_on_alignment``, an integer argument equal to 1 a constant and one divisible by 16 marked
-    so, unless the kernel lists it in ``do_not_specialize``; ``values`` are the integers of a representative launch
-    (strides decide vectorization, so they matter)."""
+    16-byte aligned (``tt.divisibility`` 16) unless the kernel lists it in ``do_not_specialize_on_alignment``, an
+    integer argument equal to 1 a constant and one divisible by 16 marked so, unless the kernel lists it in
+    ``do_not_specialize``; ``values`` are the integers of a representative launch (strides decide vectorization, so
+    they matter)."""
     sig: Dict[str, str] = {}
     consts = dict(constexprs)
     attrs: Attrs = {}
