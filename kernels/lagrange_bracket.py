@@ -1,14 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Launcher of the planner's Lagrangian bracket search, every round in one launch.
+"""Launchers of the planner's Lagrangian choice kernels: the bytes at given lambdas, and the bracket search with every
+round in one launch.
 
 The planner's batched choice (``mosaickv_sglang.lagrange``) otherwise runs ``_ROUNDS`` rounds of about fourteen torch
-ops each (about 300 launches a planner call, whatever its page and layer counts), and materialises each round's
-``[L, GRID, N, C]`` scores. The Triton code is in ``mosaickv_sglang.kernels._triton.lagrange_bracket``; its oracle is
-the torch path, ``mosaickv_sglang.lagrange._bracket_torch``, which it matches bit for bit where ``exp`` and ``log``
-round alike (the tests compare them on the CPU through the interpreter).
+ops each (about 300 launches a planner call, whatever its page and layer counts), and materialises each evaluation's
+``[L, K, N, C]`` scores. The Triton code is in ``mosaickv_sglang.kernels._triton.lagrange_bracket``; its oracles are the
+torch path's ``mosaickv_sglang.lagrange._totals`` and ``_bracket_torch``, which they match bit for bit where ``exp``
+and ``log`` round alike (the tests compare them on the CPU through the interpreter).
 
-Fixed heuristics: :data:`BLOCK_N` segments by :data:`BLOCK_C` candidates a step, :data:`NUM_WARPS` warps, one program
-a problem. Not yet timed on a GPU.
+Both take the errors candidate-major (:func:`candidate_major`: one copy, shared by a call's launches). Fixed
+heuristics: :data:`BLOCK_N` segments by :data:`BLOCK_C` candidates a step, :data:`NUM_WARPS` warps, one program a
+problem. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -16,19 +18,72 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import triton
 
 from . import _checks
-from ._triton.lagrange_bracket import _bracket_kernel
+from ._triton.lagrange_bracket import _bracket_kernel, _totals_kernel
 
-__all__ = ["bracket_fwd", "BLOCK_C", "BLOCK_N", "NUM_WARPS"]
+__all__ = ["bracket_fwd", "candidate_major", "totals_fwd", "BLOCK_C", "BLOCK_N", "NUM_WARPS"]
 
 BLOCK_N = 32
 BLOCK_C = 16
 NUM_WARPS = 8
 
 
+def candidate_major(e: torch.Tensor) -> torch.Tensor:
+    """``e`` ``[L, N, C]`` float64 as the kernels read it: ``[L, C, N]``, contiguous."""
+    _checks.check_tensor(e, "e", ndim=3, dtype=torch.float64)
+    if e.shape[2] == 0:
+        raise ValueError(f"e: expected at least one candidate, got shape {list(e.shape)}")
+    return e.transpose(1, 2).contiguous()
+
+
+def _check_problem(et: torch.Tensor, b: torch.Tensor, bl: torch.Tensor) -> Tuple[int, int, int]:
+    _checks.check_tensor(et, "et", ndim=3, dtype=torch.float64, contiguous=True)
+    nl, c, n = et.shape
+    if c == 0:
+        raise ValueError(f"et: expected at least one candidate, got shape {list(et.shape)}")
+    _checks.check_tensor(b, "b", shape=(c,), dtype=torch.float64, device=et.device, contiguous=True)
+    _checks.check_tensor(bl, "bl", shape=(c,), dtype=torch.int64, device=et.device, contiguous=True)
+    return nl, c, n
+
+
+def totals_fwd(et: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
+    """Each problem's bytes at each of its lambdas.
+
+    Parameters
+    ----------
+    et : torch.Tensor
+        shape ``[L, C, N]``, dtype ``torch.float64``, contiguous (:func:`candidate_major`): errors, ``inf`` for a
+        candidate a segment may not use (no ``nan``).
+    b, bl : torch.Tensor
+        shape ``[C]``, dtypes ``torch.float64`` and ``torch.int64``: bytes of each candidate (the same values).
+    lams : torch.Tensor
+        shape ``[L, K]``, dtype ``torch.float64``, ``>= 0``.
+
+    Returns
+    -------
+    torch.Tensor
+        shape ``[L, K]``, dtype ``torch.int64``.
+    """
+    nl, c, n = _check_problem(et, b, bl)
+    _checks.check_tensor(lams, "lams", ndim=2, dtype=torch.float64, device=et.device, contiguous=True)
+    if lams.shape[0] != nl:
+        raise ValueError(f"lams: expected {nl} rows, got shape {list(lams.shape)}")
+    k = lams.shape[1]
+    out = torch.empty((nl, k), dtype=torch.int64, device=et.device)
+    if nl == 0 or k == 0:
+        return out
+    _totals_kernel[(nl,)](
+        et, b, bl, lams, out, n, c, k,
+        BLOCK_K=triton.next_power_of_2(k), BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
 def bracket_fwd(
-    e: torch.Tensor,
+    et: torch.Tensor,
     b: torch.Tensor,
     bl: torch.Tensor,
     budget: torch.Tensor,
@@ -42,11 +97,8 @@ def bracket_fwd(
 
     Parameters
     ----------
-    e : torch.Tensor
-        shape ``[L, N, C]``, dtype ``torch.float64``: errors, ``inf`` for a candidate a segment may not use (no
-        ``nan``).
-    b, bl : torch.Tensor
-        shape ``[C]``, dtypes ``torch.float64`` and ``torch.int64``: bytes of each candidate (the same values).
+    et, b, bl : torch.Tensor
+        As :func:`totals_fwd`.
     budget : torch.Tensor
         shape ``[L]``, dtype ``torch.int64``.
     lo, hi : torch.Tensor
@@ -63,11 +115,8 @@ def bracket_fwd(
     tuple of torch.Tensor
         ``(lo, hi)``, new tensors of shape ``[L]``, dtype ``torch.float64``.
     """
-    _checks.check_tensor(e, "e", ndim=3, dtype=torch.float64)
-    nl, n, c = e.shape
-    dev = e.device
-    _checks.check_tensor(b, "b", shape=(c,), dtype=torch.float64, device=dev, contiguous=True)
-    _checks.check_tensor(bl, "bl", shape=(c,), dtype=torch.int64, device=dev, contiguous=True)
+    nl, c, n = _check_problem(et, b, bl)
+    dev = et.device
     _checks.check_tensor(budget, "budget", shape=(nl,), dtype=torch.int64, device=dev, contiguous=True)
     for name, x in (("lo", lo), ("hi", hi)):
         _checks.check_tensor(x, name, shape=(nl,), dtype=torch.float64, device=dev, contiguous=True)
@@ -75,14 +124,11 @@ def bracket_fwd(
     grid = t.shape[0]
     if grid < 1 or grid & (grid - 1):
         raise ValueError(f"t: expected a power-of-two length, got {grid}")
-    if c == 0:
-        raise ValueError(f"e: expected at least one candidate, got shape {list(e.shape)}")
     if rounds < 0:
         raise ValueError(f"rounds: expected >= 0, got {rounds}")
     out_lo, out_hi = torch.empty_like(lo), torch.empty_like(hi)
     if nl == 0:
         return out_lo, out_hi
-    et = e.transpose(1, 2).contiguous()  # candidate-major: a candidate's errors of BLOCK_N segments contiguous
     rel = torch.full((1,), rel1, dtype=torch.float64, device=dev)  # a fill, not a host copy: graphs capture it
     _bracket_kernel[(nl,)](
         et, b, bl, budget, lo, hi, t, rel, out_lo, out_hi, n, c,

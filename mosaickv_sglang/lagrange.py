@@ -9,17 +9,18 @@ sequence of tensor operations; a layer whose bracket is already narrow enough st
 shrink theirs (the reference stops there). So the number of rounds, and the host synchronisations, do not depend on
 the data: there are none.
 
-The bracket's rounds run as torch ops (about fourteen launches a round) or, with ``MOSAICKV_LAGRANGE_BRACKET=kernel``
-(experimental; default ``torch``), as one Triton launch (:func:`~mosaickv_sglang.kernels.lagrange_bracket.
-bracket_fwd`) on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``: the same brackets but where ``exp`` or
-``log`` rounds differently, so the same choices but at a lambda within the bracket's width.
+The bytes at given lambdas and the bracket's rounds run as torch ops (about fourteen launches a round) or, with
+``MOSAICKV_LAGRANGE_BRACKET=kernel`` (experimental; default ``torch``), as Triton kernels (:mod:`~mosaickv_sglang.
+kernels.lagrange_bracket`: one launch for the whole search, one for each evaluation before it) on CUDA tensors, or on
+the CPU under ``TRITON_INTERPRET=1``: the same brackets but where ``exp`` or ``log`` rounds differently, so the same
+choices but at a lambda within the bracket's width.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -68,24 +69,41 @@ def _grid_fractions(device: torch.device) -> torch.Tensor:
     return torch.arange(1, _GRID + 1, dtype=torch.float64, device=device) / (_GRID + 1)
 
 
-def _bracket(
-    e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Shrink each ``[lo, hi]`` (``lo`` infeasible, ``hi`` feasible) to a relative width of 1e-12; a bracket already
-    that narrow (e.g. ``hi == lo``: a layer that needs no search) stays as it is. In one Triton launch where
-    :func:`bracket_method` says ``kernel`` and Triton can run (CUDA, or the interpreter), else
-    :func:`_bracket_torch`."""
-    if bracket_method() == "kernel" and (e.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+class _Scores:
+    """One batched choice's bytes at given lambdas (:meth:`totals`) and bracket search (:meth:`bracket`): torch ops, or
+    with ``method`` ``kernel`` where Triton can run (CUDA, or the interpreter) the Triton kernels of
+    :mod:`~mosaickv_sglang.kernels.lagrange_bracket`, on the errors made candidate-major once."""
+
+    def __init__(self, e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, method: str) -> None:
+        self.e, self.b, self.bl = e, b, bl
+        self.et: Optional[torch.Tensor] = None
+        if method == "kernel" and (e.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            from mosaickv_sglang.kernels.lagrange_bracket import candidate_major
+
+            self.et = candidate_major(e)
+
+    def totals(self, lams: torch.Tensor) -> torch.Tensor:
+        if self.et is None:
+            return _totals(self.e, self.b, self.bl, lams)
+        from mosaickv_sglang.kernels.lagrange_bracket import totals_fwd
+
+        return totals_fwd(self.et, self.b, self.bl, lams.contiguous())
+
+    def bracket(self, budget: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Shrink each ``[lo, hi]`` (``lo`` infeasible, ``hi`` feasible) to a relative width of 1e-12; a bracket
+        already that narrow (e.g. ``hi == lo``: a layer that needs no search) stays as it is."""
+        if self.et is None:
+            return _bracket_torch(self.e, self.b, self.bl, budget, lo, hi)
         from mosaickv_sglang.kernels.lagrange_bracket import bracket_fwd
 
-        return bracket_fwd(e, b, bl, budget, lo, hi, _grid_fractions(e.device), 1.0 + _REL_WIDTH, _ROUNDS)
-    return _bracket_torch(e, b, bl, budget, lo, hi)
+        return bracket_fwd(self.et, self.b, self.bl, budget, lo, hi, _grid_fractions(self.e.device), 1.0 + _REL_WIDTH,
+                           _ROUNDS)  # fmt: skip
 
 
 def _bracket_torch(
     e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_bracket` in torch ops, the kernel's oracle."""
+    """:meth:`_Scores.bracket` in torch ops, the kernel's oracle."""
     t = _grid_fractions(e.device)
     bounds = torch.stack([lo, hi], 1)  # [L, 2]
     for _ in range(_ROUNDS):
@@ -135,7 +153,7 @@ def _single_move(e: torch.Tensor, bl: torch.Tensor, choice: torch.Tensor, budget
 
 
 def choose_candidates_batched(
-    err: torch.Tensor, cand_bytes: torch.Tensor, budget_bytes: torch.Tensor
+    err: torch.Tensor, cand_bytes: torch.Tensor, budget_bytes: torch.Tensor, method: Optional[str] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per layer ``l``, one candidate per segment minimising ``sum_n err[l, n, c]`` s.t. bytes ``<= budget[l]``.
 
@@ -154,6 +172,9 @@ def choose_candidates_batched(
         shape ``[C]``, integer; bytes of each candidate.
     budget_bytes : torch.Tensor
         shape ``[L]``, integer; the budget of each layer's ``N`` segments.
+    method : str, optional
+        How the bytes at given lambdas and the bracket search run: ``torch`` or ``kernel`` (see the module
+        docstring); default :func:`bracket_method`.
 
     Returns
     -------
@@ -166,6 +187,9 @@ def choose_candidates_batched(
     dev = err.device
     check_tensor(cand_bytes, "cand_bytes", shape=(c,), dtype=(torch.int32, torch.int64), device=dev)
     check_tensor(budget_bytes, "budget_bytes", shape=(nl,), dtype=(torch.int32, torch.int64), device=dev)
+    method = bracket_method() if method is None else method
+    if method not in BRACKET_METHODS:
+        raise ValueError(f"method: expected one of {', '.join(BRACKET_METHODS)}, got {method!r}")
     if nl == 0 or n == 0:
         return torch.zeros(nl, n, dtype=torch.int64, device=dev), torch.zeros(nl, dtype=torch.float64, device=dev)
     e = err.double()
@@ -175,20 +199,21 @@ def choose_candidates_batched(
     bl = cand_bytes.to(torch.int64)
     budget = budget_bytes.to(torch.int64)
     zero = torch.zeros(nl, dtype=torch.float64, device=dev)
+    scores = _Scores(e, b, bl, method)
 
     spread = e.masked_fill(~finite, 0).amax((1, 2)) - e.masked_fill(~finite, math.inf).amin((1, 2))
     hi0 = spread.clamp(min=0) + 1.0
     steps = _GROWTH ** torch.arange(_GROWTH_STEPS, dtype=torch.float64, device=dev)
     growth = hi0[:, None] * steps[None, :]
-    fits = _totals(e, b, bl, torch.cat([zero[:, None], growth], 1)) <= budget[:, None]  # lambda 0, then growth
+    fits = scores.totals(torch.cat([zero[:, None], growth], 1)) <= budget[:, None]  # lambda 0, then growth
     fits_at_zero, grown = fits[:, 0], fits[:, 1:]
     hi = growth.gather(1, torch.argmax(grown.to(torch.int8), dim=1)[:, None]).squeeze(1)
     hi = torch.where(grown.any(1), hi, growth[:, -1])
     lo = hi * _LO_FACTOR
-    fits_at_lo = _totals(e, b, bl, lo[:, None])[:, 0] <= budget
+    fits_at_lo = scores.totals(lo[:, None])[:, 0] <= budget
 
     search = ~fits_at_zero & ~fits_at_lo
-    lo, hi = _bracket(e, b, bl, budget, lo, torch.where(search, hi, lo))
+    lo, hi = scores.bracket(budget, lo, torch.where(search, hi, lo))
     # Where no search ran, hi = lo = the lambda that already fits (0, or the start of the bracket).
     lam = torch.where(fits_at_zero, zero, torch.where(fits_at_lo, lo, hi))
     lam_alt = torch.where(search, lo, lam)

@@ -111,8 +111,9 @@ def enumerate_variants(shape: WarmupShape) -> List[VariantSpec]:
     specs += [VariantSpec("sparse_decode_split", num_splits=s) for s in splits[:2]]
     # the merge kernel's split count is a compile-time constant (its tile); out_lse is never passed (HAS_LSE False)
     specs += [VariantSpec("sparse_decode_merge", num_splits=s) for s in splits if s > 1]
-    # lagrange.py _bracket -> bracket_fwd, in every seal's planner: one variant (the segment and candidate counts are
-    # not specialized; the two arguments that can be views of the caller's tensors not on their alignment)
+    # lagrange.py choose_candidates_batched -> totals_fwd (1 and 9 lambdas) and bracket_fwd, in every seal's planner:
+    # three variants (segment, candidate and lambda counts not specialized but the lambdas' tile; the arguments that
+    # can be views of the caller's tensors not on their alignment), launched by one tiny choice
     if shape.lagrange_bracket:
         specs.append(VariantSpec("lagrange_bracket"))
     return specs
@@ -240,14 +241,10 @@ def _run_one(inp: _Inputs, spec: VariantSpec) -> None:
                    inp.seg_table(spec.width), inp.k_buf, inp.v_buf, inp.tail_indptr, inp.tail_indices, *scratch,
                    causal=spec.causal)  # fmt: skip
     elif spec.kernel == "lagrange_bracket":
-        from mosaickv_sglang import lagrange
-        from mosaickv_sglang.kernels.lagrange_bracket import bracket_fwd
+        from mosaickv_sglang.lagrange import choose_candidates_batched
 
-        f64 = dict(dtype=torch.float64, device=dev)
-        bl = torch.tensor([2, 1], dtype=torch.int64, device=dev)
-        hi = torch.ones(1, **f64)
-        bracket_fwd(torch.tensor([[[0.0, 1.0], [0.0, 1.0]]], **f64), bl.double(), bl, bl[1:] * 3, hi * 1e-30, hi,
-                    lagrange._grid_fractions(dev), 1.0 + lagrange._REL_WIDTH, lagrange._ROUNDS)  # fmt: skip
+        err = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]], dtype=torch.float32, device=dev)
+        choose_candidates_batched(err, torch.tensor([2, 1], device=dev), torch.tensor([3], device=dev), method="kernel")
     elif spec.kernel in ("sparse_decode_split", "sparse_decode_merge"):
         q, ns = inp.q(1), spec.num_splits
         h_q = h * sh.group

@@ -143,10 +143,13 @@ def test_an_unknown_chan_mode_is_refused_with_the_known_ones(capsys):
     assert K._parse_args(["--chan-mode", "0", "4"]).chan_mode == [0, 4]
 
 
-def test_lagrange_bracket_kernel_compiles_for_hopper_without_spills():
-    """The planner's bracket search (fp64 ``exp``/``log`` from libdevice, no multiply-add fusion, segment and candidate
-    counts not specialized) compiled ahead of time for sm_90a: no spills, at least 16 warps per SM."""
-    (bracket,) = _kernel_regs_json("--kernel", "lagrange_bracket")
-    assert bracket["config"] == {"segments": 1024, "candidates": 80, "block_n": 32, "block_c": 16}
-    assert bracket["spill_store_bytes"] == bracket["spill_load_bytes"] == 0
-    assert 0 < bracket["registers"] <= 128 and bracket["warps_per_sm"] >= 16
+def test_lagrange_kernels_compile_for_hopper_without_spills():
+    """The planner's Lagrangian kernels (fp64 ``exp``/``log`` from libdevice, no multiply-add fusion, segment,
+    candidate and lambda counts not specialized) compiled ahead of time for sm_90a: the bracket search and the bytes at
+    9 and at 1 lambdas, no spills."""
+    variants = _kernel_regs_json("--kernel", "lagrange_bracket")
+    assert [(v["kernel"], v["config"].get("lambdas")) for v in variants] == [
+        ("lagrange_bracket", None), ("lagrange_totals", 9), ("lagrange_totals", 1)]
+    assert variants[0]["config"] == {"segments": 1024, "candidates": 80, "block_n": 32, "block_c": 16}
+    for v in variants:
+        assert v["spill_store_bytes"] == v["spill_load_bytes"] == 0 and 0 < v["registers"] <= 255, v

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The planner's bracket search in one launch (``bracket_fwd``) vs its torch rounds (``lagrange._bracket_torch``), and
-the batched choice through it vs the torch path and the host-driven reference."""
+"""The planner's Lagrangian kernels: the bracket search in one launch (``bracket_fwd``) vs its torch rounds
+(``lagrange._bracket_torch``), the bytes at given lambdas (``totals_fwd``) vs ``lagrange._totals``, and the batched
+choice through them vs the torch path and the host-driven reference."""
 
 import math
 
@@ -9,18 +10,19 @@ import torch
 
 from mkv_kernel_cases import gpu_only
 from mosaickv_sglang import lagrange
-from mosaickv_sglang.kernels.lagrange_bracket import BLOCK_N, bracket_fwd
+from mosaickv_sglang.kernels.lagrange_bracket import BLOCK_C, BLOCK_N, bracket_fwd, candidate_major, totals_fwd
 from mosaickv_sglang.planner import choose_candidates
 
 # (seed, L, N, C): one to many problems, segment counts below, at and across BLOCK_N (ragged last block), the fast
-# menu's 80 candidates and a few
+# menu's 80 candidates and a few, candidate counts across BLOCK_C
 CASES = [
     (0, 1, 1, 2),
     (1, 3, 37, 7),
     (2, 2, BLOCK_N, 80),
-    (3, 4, BLOCK_N + 1, 13),
+    (3, 4, BLOCK_N + 1, BLOCK_C - 3),
     (4, 5, 300, 80),
     (5, 8, 64, 3),
+    (6, 2, 5, BLOCK_C + 1),
 ]
 
 
@@ -46,8 +48,8 @@ def _problem(seed: int, nl: int, n: int, c: int, device):
 
 
 def _kernel_bracket(e, b, bl, budget, lo, hi):
-    return bracket_fwd(e, b, bl, budget, lo, hi, lagrange._grid_fractions(e.device), 1.0 + lagrange._REL_WIDTH,
-                       lagrange._ROUNDS)  # fmt: skip
+    return bracket_fwd(candidate_major(e), b, bl, budget, lo, hi, lagrange._grid_fractions(e.device),
+                       1.0 + lagrange._REL_WIDTH, lagrange._ROUNDS)  # fmt: skip
 
 
 @pytest.mark.parametrize("seed,nl,n,c", CASES)
@@ -70,6 +72,18 @@ def test_bracket_ends_where_the_torch_rounds_do(device, seed, nl, n, c):
 
 
 @pytest.mark.parametrize("seed,nl,n,c", CASES)
+def test_totals_equal_the_torch_path_at_any_lambdas(device, seed, nl, n, c):
+    """The bytes at 1, 9 (a tile of 16, 7 of it padding) and 20 lambdas per problem, from 0 (the errors alone) to past
+    the largest the search tries, equal ``lagrange._totals``'s, exactly: no rounding differs."""
+    e, b, bl, _, _, hi = _problem(seed, nl, n, c, device)
+    g = torch.Generator().manual_seed(seed + 100)
+    for k in (1, 9, 20):
+        lams = hi[:, None] * 16.0 ** torch.randint(-40, 9, (nl, k), generator=g).to(device, torch.float64)
+        lams[:, 0] = 0.0
+        assert torch.equal(totals_fwd(candidate_major(e), b, bl, lams), lagrange._totals(e, b, bl, lams)), k
+
+
+@pytest.mark.parametrize("seed,nl,n,c", CASES)
 def test_batched_choice_through_the_kernel_equals_the_torch_path_and_the_reference(monkeypatch, device, seed, nl, n, c):
     """``choose_candidates_batched`` with ``MOSAICKV_LAGRANGE_BRACKET=kernel`` chooses what the torch path and the
     host-driven ``choose_candidates`` choose, at their lambda within the bracket's width."""
@@ -78,9 +92,11 @@ def test_batched_choice_through_the_kernel_equals_the_torch_path_and_the_referen
     want_choice, want_lam = lagrange.choose_candidates_batched(e, bl, budget)
     monkeypatch.setenv(lagrange.BRACKET_ENV_VAR, "kernel")
     calls = []
-    monkeypatch.setattr(lagrange, "_bracket_torch", lambda *a: calls.append(1))  # must not be reached
+    for name in ("_bracket_torch", "_totals"):  # must not be reached
+        monkeypatch.setattr(lagrange, name, lambda *a, name=name: calls.append(name))
     choice, lam = lagrange.choose_candidates_batched(e, bl, budget)
     assert not calls
+    monkeypatch.undo()
     assert torch.equal(choice, want_choice)
     torch.testing.assert_close(lam, want_lam, rtol=1e-11, atol=0)
     for i in range(nl):
@@ -100,19 +116,28 @@ def test_bracket_method_comes_from_the_environment(monkeypatch):
                                            torch.tensor([2]))  # fmt: skip
 
 
-def test_bracket_refuses_bad_inputs(device):
+def test_kernels_refuse_bad_inputs(device):
     e, b, bl, budget, lo, hi = _problem(1, 3, 37, 7, device)
+    et = candidate_major(e)
     t = lagrange._grid_fractions(e.device)
     with pytest.raises((TypeError, ValueError), match="e"):
-        bracket_fwd(e.float(), b, bl, budget, lo, hi, t, 1.0, 1)
-    with pytest.raises((TypeError, ValueError), match="bl"):
-        bracket_fwd(e, b, bl[:-1], budget, lo, hi, t, 1.0, 1)
-    with pytest.raises(ValueError, match="t: expected a power-of-two length, got 6"):
-        bracket_fwd(e, b, bl, budget, lo, hi, t[:6].contiguous(), 1.0, 1)
-    with pytest.raises(ValueError, match="rounds: expected >= 0, got -1"):
-        bracket_fwd(e, b, bl, budget, lo, hi, t, 1.0, -1)
+        candidate_major(e.float())
     with pytest.raises(ValueError, match="at least one candidate"):
-        bracket_fwd(e[:, :, :0], b[:0], bl[:0], budget, lo, hi, t, 1.0, 1)
+        candidate_major(e[:, :, :0])
+    with pytest.raises((TypeError, ValueError), match="et"):
+        bracket_fwd(e.transpose(1, 2), b, bl, budget, lo, hi, t, 1.0, 1)  # not contiguous
+    with pytest.raises((TypeError, ValueError), match="bl"):
+        bracket_fwd(et, b, bl[:-1], budget, lo, hi, t, 1.0, 1)
+    with pytest.raises(ValueError, match="t: expected a power-of-two length, got 6"):
+        bracket_fwd(et, b, bl, budget, lo, hi, t[:6].contiguous(), 1.0, 1)
+    with pytest.raises(ValueError, match="rounds: expected >= 0, got -1"):
+        bracket_fwd(et, b, bl, budget, lo, hi, t, 1.0, -1)
+    with pytest.raises(ValueError, match="lams: expected 3 rows"):
+        totals_fwd(et, b, bl, torch.zeros(2, 4, dtype=torch.float64, device=e.device))
+    with pytest.raises((TypeError, ValueError), match="lams"):
+        totals_fwd(et, b, bl, torch.zeros(3, 4, device=e.device))
+    with pytest.raises(ValueError, match="method: expected one of torch, kernel, got 'fused'"):
+        lagrange.choose_candidates_batched(e, bl, budget, method="fused")
 
 
 @gpu_only
