@@ -25,10 +25,11 @@ census does not see), so a launch-bound or memory-bound GPU call can be studied 
 ``one_call.ops_by_kind.kernel`` grows with ``--pages`` and ``--layers`` says which loops dispatch per layer, per chunk
 or per menu entry, and ``bytes_by_site`` where fusing saves the most traffic. ``--no-count`` skips both counting runs.
 
-``--also-lagrange-bracket kernel`` times the one call again with the planner's bracket search in one Triton launch
-(``MOSAICKV_LAGRANGE_BRACKET``), counts its ops and Triton launches, and compares its plans with the first's; with
-``--graph-pages`` the graphed call too (graphs captured afresh, their memory measured from an emptied cache). On the
-CPU it needs ``TRITON_INTERPRET=1`` (the bracket then runs in the interpreter, so only its counts mean anything).
+``--also-lagrange-bracket kernel`` times the one call again with the planner's Lagrangian choice as Triton kernels
+(``MOSAICKV_LAGRANGE_BRACKET``: the bracket search in one launch), counts its ops and Triton launches, and compares
+its plans with the first's; with ``--graph-pages`` the graphed call too (graphs captured afresh, their memory
+measured from an emptied cache). On the CPU it needs ``TRITON_INTERPRET=1`` (the kernels then run in the
+interpreter, so only the counts mean anything).
 
 ``--profile DIR`` runs each path once more under :mod:`torch.profiler` (CPU, plus CUDA on a GPU) and writes to
 ``DIR`` ``<path>_by_self_cpu.txt`` (top ops by self CPU time), on CUDA ``<path>_by_self_device.txt`` (top ops by
