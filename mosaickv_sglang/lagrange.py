@@ -187,8 +187,9 @@ def choose_candidates_batched(
     dev = err.device
     check_tensor(cand_bytes, "cand_bytes", shape=(c,), dtype=(torch.int32, torch.int64), device=dev)
     check_tensor(budget_bytes, "budget_bytes", shape=(nl,), dtype=(torch.int32, torch.int64), device=dev)
-    method = bracket_method() if method is None else method
-    if method not in BRACKET_METHODS:
+    if method is None:
+        method = bracket_method()  # the environment's, checked there
+    elif method not in BRACKET_METHODS:
         raise ValueError(f"method: expected one of {', '.join(BRACKET_METHODS)}, got {method!r}")
     if nl == 0 or n == 0:
         return torch.zeros(nl, n, dtype=torch.int64, device=dev), torch.zeros(nl, dtype=torch.float64, device=dev)
