@@ -83,6 +83,28 @@ def test_totals_equal_the_torch_path_at_any_lambdas(device, seed, nl, n, c):
         assert torch.equal(totals_fwd(candidate_major(e), b, bl, lams), lagrange._totals(e, b, bl, lams)), k
 
 
+def test_totals_break_exact_ties_toward_the_lower_candidate(device):
+    """Scores tied exactly (dyadic errors, bytes and lambdas) go to the lower candidate, as ``torch.argmin`` does:
+    within one candidate block (1 against 2) and across blocks (1 against ``BLOCK_C + 1``), each tie at the lambda
+    where it lies and broken either way just beside it."""
+    c, far = BLOCK_C + 2, BLOCK_C + 1
+    bl = torch.full((c,), 900, dtype=torch.long)
+    bl[0], bl[1], bl[2], bl[far] = 1000, 400, 350, 300
+    e = torch.full((2, 3, c), math.inf, dtype=torch.float64)
+    e[:, :, 0] = 0.0
+    lam = 2.0**-4
+    e[:, :, 1] = 1.0
+    e[0, :, 2] = 1.0 + 50 * lam  # ties candidate 1 at lam
+    e[1, :, far] = 1.0 + 100 * lam  # ties candidate 1 at lam, a block later
+    e[1, 1:, far] = math.inf  # one row only: a count of the tied rows is checked too
+    lams = torch.tensor([[lam, lam * (1 - 2.0**-10), lam * (1 + 2.0**-10)]] * 2, dtype=torch.float64)
+    e, b, bl, lams = e.to(device), bl.double().to(device), bl.to(device), lams.to(device)
+    got = totals_fwd(candidate_major(e), b, bl, lams)
+    assert torch.equal(got, lagrange._totals(e, b, bl, lams))
+    # at the tie the lower candidate (400 bytes); just below it too (lower score); just above it the other one
+    assert got.tolist() == [[1200, 1200, 1050], [1200, 1200, 1100]]
+
+
 @pytest.mark.parametrize("seed,nl,n,c", CASES)
 def test_batched_choice_through_the_kernel_equals_the_torch_path_and_the_reference(monkeypatch, device, seed, nl, n, c):
     """``choose_candidates_batched`` with ``MOSAICKV_LAGRANGE_BRACKET=kernel`` chooses what the torch path and the
