@@ -4,8 +4,8 @@
 # scratch (about 5 minutes with warm caches). Each folder fits one device transfer (64 MiB, the tracked tree
 # included, counted in disk blocks: the tracked tree's many small files take 29 MiB of blocks for 22 MiB of bytes)
 # with room for the tracked tree to grow: parts of at most PART_MIB MiB, of equal size. PART_MIB defaults to what one
-# transfer leaves beside the tracked tree with 10 MiB to spare (25 with the tree at 29 MiB of blocks: 6 bundle calls
-# instead of 13 at 12 MiB; every failed or extra call costs device time). It stops when the tracked tree and the
+# transfer leaves beside the tracked tree with 9 MiB to spare (25 with the tree at 29 MiB of blocks: 6 bundle calls
+# instead of 13 at 12 MiB; every call costs device time). It stops when the tracked tree and the
 # largest folder would not fit one transfer.
 #
 #   .device-bundle/p00 p01 p03 p04 ...  SGLang 0.5.17's bundle (../shared/device/build-bundle.sh), re-split
@@ -25,7 +25,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # disk usage, not bytes: the transfer's limit refused 31 MiB of tracked bytes (36 MiB of blocks) with a 32 MiB part.
 # One du over every file: xargs would split the list over several du calls, each with its own total.
 tracked=$(( $(git ls-files -z | du -c --files0-from=- | tail -1 | cut -f1) * 1024 ))
-fit_mib=$(( 64 - (tracked + 1048575) / 1048576 - 10 ))
+fit_mib=$(( 64 - (tracked + 1048575) / 1048576 - 9 ))
 part_mib="${PART_MIB:-$(( fit_mib < 8 ? 8 : (fit_mib > 40 ? 40 : fit_mib) ))}"
 [[ "$part_mib" =~ ^[0-9]+$ ]] && [ "$part_mib" -ge 8 ] && [ "$part_mib" -le 60 ] \
   || { echo "device_prepare: PART_MIB: expected MiB between 8 and 60, got '$part_mib'" >&2; exit 1; }
