@@ -5,8 +5,8 @@
 # included, counted in disk blocks: the tracked tree's many small files take 29 MiB of blocks for 22 MiB of bytes)
 # with room for the tracked tree to grow: parts of at most PART_MIB MiB, of equal size. PART_MIB defaults to what one
 # transfer leaves beside the tracked tree with 9 MiB to spare (25 with the tree at 29 MiB of blocks: 6 bundle calls
-# instead of 13 at 12 MiB; every call costs device time). It stops when the tracked tree and the
-# largest folder would not fit one transfer.
+# instead of 13 at 12 MiB; every call costs device time). It stops when the tracked tree and the largest folder would
+# not fit one transfer.
 #
 #   .device-bundle/p00 p01 p03 p04 ...  SGLang 0.5.17's bundle (../shared/device/build-bundle.sh), re-split
 #   .device-bundle/p02                  its unpacker, model shapes and device-env.sh (the last part sent, sourced there)
