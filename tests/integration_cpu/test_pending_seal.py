@@ -909,6 +909,18 @@ def test_layer_slices_come_from_the_environment_and_cut_the_layers_evenly(monkey
     assert pending_seal.layer_slices(3, 1) == [range(0, 3)]
 
 
+def test_packs_in_layer_slices_warn_that_they_are_not_yet_correct_on_a_gpu(monkeypatch, caplog):
+    monkeypatch.delenv(pending_seal.PACK_LAYER_SLICES_ENV, raising=False)
+    with caplog.at_level(logging.WARNING, logger=pending_seal.__name__):
+        assert pending_seal.pack_layer_slices() == 1
+    assert not caplog.records
+    monkeypatch.setenv(pending_seal.PACK_LAYER_SLICES_ENV, "2")
+    with caplog.at_level(logging.WARNING, logger=pending_seal.__name__):
+        assert pending_seal.pack_layer_slices() == 2
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "MOSAICKV_PACK_LAYER_SLICES=2 is experimental and not yet correct on a GPU" in caplog.text
+
+
 def _sliced(seed: int, plans: int, slices: int) -> tuple:
     """:func:`_hooked` with the first half planned in ``slices`` layer slices, and a whole seal of the same pages in a
     scenario of its own: ``(scenario, sealer, pages, sinks, whole scenario)``."""
