@@ -31,11 +31,13 @@ compare with the one-call planner.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,6 +54,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["ENV_VAR", "SealGraphs", "seal_graph_buckets"]
 
 ENV_VAR = "MOSAICKV_SEAL_GRAPH_PAGES"
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """Python's cyclic garbage collector held off: a collection in this thread mid-capture frees whatever CUDA objects
+    reference cycles held (tensors, events, pinned host buffers), which can call what a capture forbids in its own
+    thread and invalidate it (seen on an H100: a test's cyclic sealers, collected during the next test's capture)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
 
 Gather = Callable[[torch.Tensor, int, range], Tuple[torch.Tensor, torch.Tensor]]
 """``(slots [P * S] on the pool's device, P, layers) -> (keys, values)``, each ``[len(layers), P * H_kv, S, d]``,
@@ -305,11 +322,12 @@ class SealGraphs:
                 self._run(b)  # warm-up: lazily made tensors, kernels' first launches
                 warmed = torch.cuda.memory_reserved(dev)
                 graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-                try:
-                    b.plan = self._run(b)
-                finally:
-                    graph.capture_end()
+                with _no_collection():
+                    graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                    try:
+                        b.plan = self._run(b)
+                    finally:
+                        graph.capture_end()
             cur.wait_stream(self.stream)
         except Exception as err:  # noqa: BLE001 (any capture failure: seals go on without graphs)
             self.failed = f"{type(err).__name__}: {err}"

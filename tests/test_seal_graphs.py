@@ -5,6 +5,8 @@ checked by the gpu-marked test below and by tests/integration_cpu/test_pending_s
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -267,6 +269,41 @@ def test_graphs_captured_before_serving_are_captured_on_a_seal_of_page_zero(laye
         b = graphs._buckets[(pages, layers.start, layers.stop)]
         np.testing.assert_array_equal(graphs.capture_meta(b), b.meta.numpy())
         assert not np.array_equal(graphs.capture_meta(b)[:-pages], np.zeros(b.meta.numel() - pages))
+
+
+@pytest.mark.gpu
+def test_a_capture_holds_off_the_cyclic_garbage_collector_on_cuda(monkeypatch):
+    """On the GPU: Python's cyclic garbage collector is off while a graph is captured (a collection there freeing a CUDA
+    event or pinned memory held in a cycle invalidates the capture) and on again after, also when the capture fails;
+    left off when it was off."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    case = PoolCase(13, 4, 8, 64, 128, 4, w=16, num_pages=64, dtype=torch.bfloat16, device="cuda")
+    graphs = case.graphs((16,), axes_menu("both", 64, 128, lowrank=False))
+    run, seen = graphs._run, []
+
+    def run_seen(b):
+        seen.append((torch.cuda.is_current_stream_capturing(), gc.isenabled()))
+        return run(b)
+
+    monkeypatch.setattr(graphs, "_run", run_seen)
+    assert gc.isenabled() and graphs.capture_ahead([range(0, 4)]) == 1 and gc.isenabled()
+    assert seen == [(False, True), (True, False)], seen  # the warm-up run collects as usual, the captured one not
+
+    def run_fails(b):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a capture failing")
+        return run(b)
+
+    monkeypatch.setattr(graphs, "_run", run_fails)
+    assert graphs.capture_ahead([range(0, 2)]) == 0 and graphs.failed and gc.isenabled()
+    gc.disable()
+    try:
+        with seal_graphs._no_collection():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 @pytest.mark.gpu
