@@ -44,7 +44,6 @@ ledger room released), due again at the next plan.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -55,8 +54,6 @@ import torch
 
 from mosaickv_sglang.config import flag_env, positive_int_env
 from mosaickv_sglang.kernels.format import SegmentPlan, plans_granules
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "PACK_AFTER_LAUNCH_ENV", "PACK_LAYER_SLICES_ENV", "PACK_SOONER_AFTER_ENV", "PLAN_AFTER_LAUNCH_ENV", "PendingSeal",
@@ -106,13 +103,8 @@ def seal_layer_slices() -> int:
 
 def pack_layer_slices() -> int:
     """``MOSAICKV_PACK_LAYER_SLICES=P`` (at least 1; default 1, every layer at once): the slices of the model's layers
-    a pack made after a launch is written in, one slice a launch (see the module's docstring; an experiment). Above 1
-    it logs a warning: on an H100 its GPU test decodes a step not bit for bit as a pack at once does."""
-    slices = positive_int_env(PACK_LAYER_SLICES_ENV, 1, " number of layer slices")
-    if slices > 1:
-        logger.warning("MosaicKV: %s=%d is experimental and not yet correct on a GPU (a decode step differs from "
-                       "the pack at once; bench/RESULTS.md, forty-third session)", PACK_LAYER_SLICES_ENV, slices)
-    return slices
+    a pack made after a launch is written in, one slice a launch (see the module's docstring; an experiment)."""
+    return positive_int_env(PACK_LAYER_SLICES_ENV, 1, " number of layer slices")
 
 
 def layer_slices(num_layers: int, slices: int) -> List[range]:

@@ -30,6 +30,7 @@ from mkv_backend_cases import Scenario, config, prefilled  # noqa: E402
 from bench.host_syncs import HostSyncCounter  # noqa: E402
 from mosaickv_sglang import pending_seal  # noqa: E402
 from mosaickv_sglang.pool import ArenaFullError  # noqa: E402
+from mosaickv_sglang.pool.pages import PAGE_FREE, PAGE_SEALED  # noqa: E402
 
 
 def _filled(seed: int, ratio: float = 3.0) -> tuple:
@@ -909,18 +910,6 @@ def test_layer_slices_come_from_the_environment_and_cut_the_layers_evenly(monkey
     assert pending_seal.layer_slices(3, 1) == [range(0, 3)]
 
 
-def test_packs_in_layer_slices_warn_that_they_are_not_yet_correct_on_a_gpu(monkeypatch, caplog):
-    monkeypatch.delenv(pending_seal.PACK_LAYER_SLICES_ENV, raising=False)
-    with caplog.at_level(logging.WARNING, logger=pending_seal.__name__):
-        assert pending_seal.pack_layer_slices() == 1
-    assert not caplog.records
-    monkeypatch.setenv(pending_seal.PACK_LAYER_SLICES_ENV, "2")
-    with caplog.at_level(logging.WARNING, logger=pending_seal.__name__):
-        assert pending_seal.pack_layer_slices() == 2
-    assert [r.levelno for r in caplog.records] == [logging.WARNING]
-    assert "MOSAICKV_PACK_LAYER_SLICES=2 is experimental and not yet correct on a GPU" in caplog.text
-
-
 def _sliced(seed: int, plans: int, slices: int) -> tuple:
     """:func:`_hooked` with the first half planned in ``slices`` layer slices, and a whole seal of the same pages in a
     scenario of its own: ``(scenario, sealer, pages, sinks, whole scenario)``."""
@@ -1023,16 +1012,20 @@ def test_a_page_freed_between_slices_leaves_the_rest_unplanned_and_the_pack_void
 @pytest.mark.parametrize("packs", [1, 2])
 def test_on_cuda_layer_slices_planned_after_launches_seal_and_decode_as_one_call(monkeypatch, packs):
     """On a GPU, through seal graphs, beside the step, with the hook after each launch: a side whose first halves are
-    planned in two layer slices (one a launch, on the side stream), and packed in ``packs``, decodes every step as a
-    side planning and packing every layer at once, and ends with the same pool."""
+    planned in two layer slices (one a launch, on the side stream), and packed in ``packs``, decodes every step bit for
+    bit as the same side run one launch at a time (a synchronize before and after each hook: no stream overlap), and
+    as a side planning and packing every layer at once in every step where both read the same seal states of seals
+    planned at the same launches. With ``packs`` > 1 they do not always: a pack in layer slices seals its pages a
+    launch later (dense in the attention's view until its last slice), and the next seal starts a launch later too,
+    planned from later queries; with one pack they always do, and end with the same pool."""
     import test_cuda_graph_decode as graph_cases
     from mkv_backend_cases import layer
     from test_kv_pool import D, DT, H_KV, LAYERS
 
     monkeypatch.setenv("MOSAICKV_WARMUP", "0")
     group = 4
-    sides = [graph_cases._CudaSide(config(ratio=3.0), group, monkeypatch) for _ in range(2)]
-    for slices, side in zip((2, 1), sides):
+    sides = [graph_cases._CudaSide(config(ratio=3.0), group, monkeypatch) for _ in range(3)]
+    for slices, side in zip((2, 2, 1), sides):  # beside the step, one launch at a time, every layer at once
         side.mosaic.auto_seal = True
         sealer = side.mosaic.sealer
         sealer.seal_beside_step, sealer.seal_async, sealer.seal_async_plans, sealer.min_seal_pages = True, True, 3, 1
@@ -1040,28 +1033,55 @@ def test_on_cuda_layer_slices_planned_after_launches_seal_and_decode_as_one_call
         sealer.use_seal_graphs((1, 2, 4, 8, 16, 32))
     gen = torch.Generator(device="cuda").manual_seed(29)
     forward = torch.cuda.Stream()
+    sliced, serial, whole = sealers = [side.mosaic.sealer for side in sides]
+    at, starts = [0], ([], [], [])  # the steps each side started a seal at (planned from that step's queries)
+    for sealer, started in zip(sealers, starts):
+        sealer.start_seal = lambda *a, real=sealer.start_seal, started=started: started.append(at[0]) or real(*a)
+    other_states, checked_after_pack = [], 0
     for step, ext in enumerate([[37, 40, 25], [40, 21, 40]] + [None] * 10):
+        at[0] = step
         batches = [graph_cases._to_cuda(s.extend_batch(ext) if ext else Scenario.decode_batch(s)) for s in sides]
         decode = batches[0].forward_mode.is_decode()
         n = batches[0].out_cache_loc.numel()
         ins = [tuple(torch.randn(*shape, generator=gen, device="cuda").to(DT)
                      for shape in ((n, H_KV * group * D), (n, H_KV, D), (n, H_KV, D))) for _ in range(LAYERS)]  # fmt: skip
-        outs = []
-        for side, batch in zip(sides, batches):
+        outs, states, packed = [], [], sliced.pack_slices_after_launch  # last slices packed before this step
+        done = [sealer.async_seals for sealer in sealers]  # seals packed before this step
+        for i, (side, batch) in enumerate(zip(sides, batches)):
             with torch.cuda.stream(forward):
                 side.mosaic.init_forward_metadata(batch)
                 fm = side.mosaic.forward_decode if decode else side.mosaic.forward_extend
                 outs.append([fm(q, k, v, layer(li, group), batch) for li, (q, k, v) in enumerate(ins)])
+            states.append(side.pool.store.page_state())
+            if i == 1:
+                torch.cuda.synchronize()
             side.mosaic.sealer.after_launch()
+            if i == 1:
+                torch.cuda.synchronize()
         torch.cuda.synchronize()
+        assert torch.equal(states[0], states[1]), step
         for li in range(LAYERS):
-            assert torch.equal(outs[0][li], outs[1][li]), (step, li)
-    sliced, whole = (side.mosaic.sealer for side in sides)
+            assert torch.equal(outs[0][li], outs[1][li]), (step, li)  # no race between the side and forward streams
+        assert torch.equal(states[0] == PAGE_FREE, states[2] == PAGE_FREE), step  # the same pages held, if not sealed
+        if not torch.equal(states[0], states[2]):
+            other_states.append(step)
+        elif done[0] == done[2] and starts[0][: done[0]] == starts[2][: done[0]]:  # the same queries planned them
+            for li in range(LAYERS):
+                assert torch.equal(outs[0][li], outs[2][li]), (step, li)
+            checked_after_pack += packed > 0 and bool((states[0] == PAGE_SEALED).any())
+    assert starts[0] == starts[1] and len(starts[0]) >= 2, starts
+    assert (len(other_states) > 0) == (packs > 1) == (starts[0] != starts[2]), (other_states, starts)
+    assert checked_after_pack > 0 or packs == 1  # a pack in layer slices read alike by a later step
     assert sliced.slices_after_launch >= 1 and whole.slices_after_launch == 0
     assert (sliced.pack_slices_after_launch >= 1) == (packs > 1) and sliced.packs_rolled_back == 0
-    assert sliced.pages_sealed == whole.pages_sealed > 0 and sliced.pending_voided == whole.pending_voided == 0
+    assert sliced.pages_sealed == serial.pages_sealed > 0 and whole.pages_sealed > 0
+    assert sliced.pending_voided == whole.pending_voided == 0
     assert torch.equal(sides[0].pool.store.page_state(), sides[1].pool.store.page_state())
-    sides[0].pool.check_invariants()
+    if packs == 1:
+        assert sliced.pages_sealed == whole.pages_sealed
+        assert torch.equal(sides[0].pool.store.page_state(), sides[2].pool.store.page_state())
+    for side in sides:
+        side.pool.check_invariants()
 
 
 def _pack_under_way(seed: int) -> tuple:
