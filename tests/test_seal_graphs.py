@@ -273,9 +273,9 @@ def test_graphs_captured_before_serving_are_captured_on_a_seal_of_page_zero(laye
 
 @pytest.mark.gpu
 def test_a_capture_holds_off_the_cyclic_garbage_collector_on_cuda(monkeypatch):
-    """On the GPU: Python's cyclic garbage collector is off while a graph is captured (a collection there freeing a CUDA
-    event or pinned memory held in a cycle invalidates the capture) and on again after, also when the capture fails;
-    left off when it was off."""
+    """On the GPU: Python's cyclic garbage collector is off while a graph is captured (a collection there, freeing the
+    CUDA objects that reference cycles hold, invalidated a capture on an H100) and on again after, also when the
+    capture fails."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     case = PoolCase(13, 4, 8, 64, 128, 4, w=16, num_pages=64, dtype=torch.bfloat16, device="cuda")
@@ -297,11 +297,19 @@ def test_a_capture_holds_off_the_cyclic_garbage_collector_on_cuda(monkeypatch):
 
     monkeypatch.setattr(graphs, "_run", run_fails)
     assert graphs.capture_ahead([range(0, 2)]) == 0 and graphs.failed and gc.isenabled()
+
+
+def test_the_collector_held_off_for_a_capture_is_left_as_it_was():
+    with pytest.raises(RuntimeError, match="inside"):
+        with seal_graphs._no_collection():
+            assert not gc.isenabled()
+            raise RuntimeError("inside")
+    assert gc.isenabled()
     gc.disable()
     try:
         with seal_graphs._no_collection():
             assert not gc.isenabled()
-        assert not gc.isenabled()
+        assert not gc.isenabled()  # off before: not turned on by it
     finally:
         gc.enable()
 
