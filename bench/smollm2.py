@@ -198,13 +198,19 @@ def _converted(out: Path) -> bool:
     return all((out / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def _convert(out: Path, cache_dir: Optional[PathLike]) -> Path:
+def missing_converters() -> List[str]:
+    """The packages :func:`ensure_converted` needs to convert the GGUF file (the bench extra's), of those not
+    installed."""
     import importlib.util
 
+    return [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+
+
+def _convert(out: Path, cache_dir: Optional[PathLike]) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    missing = missing_converters()
     if missing:
         raise RuntimeError(
             f"converting the GGUF checkpoint needs the packages {missing} (transformers reads GGUF through them); "

@@ -8,7 +8,6 @@ is neither cached nor convertible (as tests/accuracy/test_accuracy_smollm2.py).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -35,7 +34,7 @@ def essays():
 
 def _need_model() -> None:
     ready = (smollm2.converted_dir() / "tokenizer.json").is_file()
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    missing = smollm2.missing_converters()
     if not ready and missing:
         pytest.skip(f"SmolLM2 not cached at {smollm2.converted_dir()} and {missing} missing to convert it "
                     "(uv sync --extra bench)")

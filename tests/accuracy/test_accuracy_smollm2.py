@@ -8,7 +8,6 @@ Skipped otherwise, with the reason.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -20,7 +19,7 @@ from bench import smollm2
 
 def _need_model() -> None:
     ready = (smollm2.converted_dir() / "model.safetensors").is_file()
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    missing = smollm2.missing_converters()
     if not ready and missing:
         pytest.skip(f"SmolLM2 not cached at {smollm2.converted_dir()} and {missing} missing to convert it "
                     "(uv sync --extra bench)")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections import Counter
 
@@ -26,8 +25,8 @@ def smollm2_count():
     from bench import smollm2
 
     path = smollm2.converted_dir()
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if not (path / "tokenizer.json").is_file():
+        missing = smollm2.missing_converters()
         if missing:
             pytest.skip(f"SmolLM2 tokenizer not cached at {path} and {missing} missing to convert it "
                         "(uv sync --extra bench)")
