@@ -30,11 +30,15 @@ def test_the_lock_excludes_another_process_until_released(tmp_path):
             except BlockingIOError:
                 print("busy")
         """
+
+    def another_process_finds() -> str:
+        return _child(probe, tmp_path).communicate(timeout=60)[0].strip()
+
     with smollm2.cache_lock(tmp_path):
         with smollm2.cache_lock(tmp_path):  # reentrant: no deadlock
-            assert _child(probe, tmp_path).communicate(timeout=60)[0].strip() == "busy"
-        assert _child(probe, tmp_path).communicate(timeout=60)[0].strip() == "busy"  # still held by the outer one
-    assert _child(probe, tmp_path).communicate(timeout=60)[0].strip() == "free"
+            assert another_process_finds() == "busy"
+        assert another_process_finds() == "busy"  # still held by the outer one
+    assert another_process_finds() == "free"
 
 
 def test_what_another_process_made_while_this_one_waited_is_not_made_again(tmp_path):
