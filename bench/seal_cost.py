@@ -34,7 +34,9 @@ interpreter, so only the counts mean anything).
 ``--profile DIR`` runs each path once more under :mod:`torch.profiler` (CPU, plus CUDA on a GPU) and writes to
 ``DIR`` ``<path>_by_self_cpu.txt`` (top ops by self CPU time), on CUDA ``<path>_by_self_device.txt`` (top ops by
 self device time), and ``<path>_trace.json.gz`` (a gzipped Chrome trace), for ``<path>`` ``per_layer`` and
-``one_call``. For a GPU session::
+``one_call``, and with ``--graph-pages`` ``graphed``: one replay of the one call's seal graphs, captured before the
+profile (on CUDA its kernels are listed by name only; ``python -m bench.profile_summary`` on its trace gives their busy
+time against their span, the share of the replay spent between kernels). For a GPU session::
 
     python -m bench.seal_cost --layers 32 --kv-heads 8 --pages 128 --page-size 64 --head-dim 128 --device cuda \\
         --dtype fp16 --repeats 3 --warmup 1 --json --profile $OUT/seal_profile
@@ -43,12 +45,13 @@ self device time), and ``<path>_trace.json.gz`` (a gzipped Chrome trace), for ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
 from types import SimpleNamespace
 from unittest import mock
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 import torch
@@ -213,21 +216,39 @@ def profile(fn: Callable[[], object], device: torch.device, out_dir: str, name: 
     return paths + [path]
 
 
-def timed_graphs(sealer: Sealer, pages: np.ndarray, sinks: np.ndarray, dev: torch.device,
-                 args: argparse.Namespace) -> Dict[str, object]:  # fmt: skip
-    """:func:`timed` of the one call through fresh seal graphs of ``--graph-pages`` (captured at its first run on
-    CUDA, with the planner's settings then), given up afterwards."""
-    with mock.patch.dict(os.environ, {seal_graphs.ENV_VAR: args.graph_pages}):
+@contextlib.contextmanager
+def fresh_seal_graphs(sealer: Sealer, dev: torch.device, graph_pages: str) -> Iterator[None]:
+    """Fresh seal graphs of the ``graph_pages`` buckets on ``sealer`` inside the block (captured at its first plan on
+    CUDA, with the planner's settings then), given up after it."""
+    with mock.patch.dict(os.environ, {seal_graphs.ENV_VAR: graph_pages}):
         sealer.use_seal_graphs(seal_graphs.seal_graph_buckets())
     try:
-        graphed = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
-        graphed.update(replays=sealer.seal_graphs.replays, captures=sealer.seal_graphs.captures,
-                       graph_bytes=sealer.seal_graphs.graph_bytes, failed=sealer.seal_graphs.failed)
+        yield
     finally:
         sealer.use_seal_graphs(())
         if dev.type == "cuda":  # the graphs' memory back to the device: the next capture's is measured from zero
             torch.cuda.empty_cache()
+
+
+def timed_graphs(sealer: Sealer, pages: np.ndarray, sinks: np.ndarray, dev: torch.device,
+                 args: argparse.Namespace) -> Dict[str, object]:  # fmt: skip
+    """:func:`timed` of the one call through fresh seal graphs of ``--graph-pages``."""
+    with fresh_seal_graphs(sealer, dev, args.graph_pages):
+        graphed = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
+        graphed.update(replays=sealer.seal_graphs.replays, captures=sealer.seal_graphs.captures,
+                       graph_bytes=sealer.seal_graphs.graph_bytes, failed=sealer.seal_graphs.failed)
     return graphed
+
+
+def profile_graphs(sealer: Sealer, pages: np.ndarray, sinks: np.ndarray, dev: torch.device,
+                   args: argparse.Namespace) -> List[str]:  # fmt: skip
+    """:func:`profile` of one replay of the one call's seal graphs (``graphed``), captured before the profile."""
+    def plan() -> object:
+        return sealer.plan_layers(pages, sinks, args.ratio)
+
+    with fresh_seal_graphs(sealer, dev, args.graph_pages):
+        plan()
+        return profile(plan, dev, args.profile, "graphed")
 
 
 def main(argv: List[str] = None) -> Dict[str, object]:
@@ -274,6 +295,7 @@ def main(argv: List[str] = None) -> Dict[str, object]:
             profile(lambda: [sealer.plan_layer(li, pages, sinks, args.ratio) for li in range(args.layers)], dev,
                     args.profile, "per_layer")
             + profile(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args.profile, "one_call")
+            + (profile_graphs(sealer, pages, sinks, dev, args) if args.graph_pages else [])
         )  # fmt: skip
     if args.json:
         print(json.dumps(report))

@@ -189,6 +189,18 @@ def test_profile_writes_tables_and_traces(tmp_path, capsys):
         assert json.load(f)["traceEvents"]
 
 
+def test_profile_with_graph_pages_adds_one_graphed_plan(tmp_path, capsys):
+    """With ``--graph-pages``, ``--profile`` also profiles the graphed one call (off CUDA its padded planner runs
+    eagerly), once, after the run that would capture the graphs."""
+    report = _run(f"--layers 2 {TINY} --no-count --graph-pages 4 --profile {tmp_path}", capsys)
+    names = sorted(Path(p).name for p in report["profile"])
+    assert names[:2] == ["graphed_by_self_cpu.txt", "graphed_trace.json.gz"] and len(names) == 6
+    with gzip.open(tmp_path / "graphed_trace.json.gz", "rt") as f:
+        ops = [e for e in json.load(f)["traceEvents"] if e.get("name") == "aten::bmm"]
+    with gzip.open(tmp_path / "one_call_trace.json.gz", "rt") as f:
+        assert len(ops) == len([e for e in json.load(f)["traceEvents"] if e.get("name") == "aten::bmm"]) > 0
+
+
 def test_seal_cost_times_the_other_estimate_terms_method_and_compares_plans(capsys):
     report = seal_cost.main("--layers 2 --kv-heads 2 --pages 3 --head-dim 64 --no-count --also-estimate-terms "
                             "kernel".split())
