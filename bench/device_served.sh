@@ -45,6 +45,10 @@
 #            in a graph), then bench.seal_cost --also-lagrange-bracket kernel of the 8B shape's planner slices
 #            (4 and 8 layers of 16 pages) and a whole 128-page seal, eager and through seal graphs: time, graph
 #            memory, kernel ops and Triton launches of each bracket, plans compared
+#   slice-profile  no server: the 8B shape's planner slices (4 and 8 of 32 layers, 16 pages) as served seals plan
+#            them (the Triton chan drop and estimate-terms kernels, which every server's startup choice has picked),
+#            eager and through their seal graph, one graph replay profiled: bench.profile_summary's kernels busy
+#            against their span and the top kernels
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -71,7 +75,7 @@
 # sent back as .device-jit/ (copied to /tmp/mkv/jit in a call of its own), every archive is restored before the next
 # step starts.
 set -euo pipefail
-step="${1:?usage: bench/device_served.sh smollm2|axes|8b|soak|sweep|tpot|overlap|sidecar|sidecar-itl|kernels|seal-graphs|bracket|tune|ncu}"
+step="${1:?usage: bench/device_served.sh smollm2|axes|8b|soak|sweep|tpot|overlap|sidecar|sidecar-itl|kernels|seal-graphs|bracket|slice-profile|tune|ncu}"
 ratio="${RATIO:-4}"  # smollm2 and 8b: the mosaic server's --mosaic-compression-ratio
 out="${OUT:?}/$step"
 mkdir -p "$out"
@@ -700,6 +704,20 @@ case "$step" in
         --also-lagrange-bracket kernel > "$out/seal-cost-$layers-$pages.txt" 2>&1 \
         || echo "seal_cost $layers x $pages rc=$?"
       grep -E "^seal of|one-call|seal graphs|bracket" "$out/seal-cost-$layers-$pages.txt"
+    done
+    ;;
+  slice-profile)
+    for layers in 4 8; do
+      [ "$(left)" -gt 60 ] || { echo "slice $layers skipped (budget)"; continue; }
+      timeout 150 python3 -m bench.seal_cost --layers "$layers" --kv-heads 8 --pages 16 --page-size 64 \
+        --head-dim 128 --device cuda --dtype fp16 --chan-drop kernel --estimate-terms kernel --repeats 5 --warmup 2 \
+        --no-count --graph-pages 16 --profile "$out/slice-profile-$layers" > "$out/slice-cost-$layers.txt" 2>&1 \
+        || echo "seal_cost $layers rc=$?"
+      grep -E "^seal of|one-call|seal graphs" "$out/slice-cost-$layers.txt" || true
+      python3 -m bench.profile_summary --top 30 "$out/slice-profile-$layers"/*_trace.json.gz \
+        > "$out/slice-profile-$layers.txt" 2>&1 || echo "profile_summary $layers rc=$?"
+      grep "kernel events" "$out/slice-profile-$layers.txt" || true
+      rm -f "$out/slice-profile-$layers"/per_layer_trace.json.gz
     done
     ;;
   ncu)
