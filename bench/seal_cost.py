@@ -230,25 +230,22 @@ def fresh_seal_graphs(sealer: Sealer, dev: torch.device, graph_pages: str) -> It
             torch.cuda.empty_cache()
 
 
-def timed_graphs(sealer: Sealer, pages: np.ndarray, sinks: np.ndarray, dev: torch.device,
+def timed_graphs(sealer: Sealer, one_call: Callable[[], object], dev: torch.device,
                  args: argparse.Namespace) -> Dict[str, object]:  # fmt: skip
-    """:func:`timed` of the one call through fresh seal graphs of ``--graph-pages``."""
+    """:func:`timed` of ``one_call`` (``sealer``'s planner call) through fresh seal graphs of ``--graph-pages``."""
     with fresh_seal_graphs(sealer, dev, args.graph_pages):
-        graphed = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
+        graphed = timed(one_call, dev, args)
         graphed.update(replays=sealer.seal_graphs.replays, captures=sealer.seal_graphs.captures,
                        graph_bytes=sealer.seal_graphs.graph_bytes, failed=sealer.seal_graphs.failed)
     return graphed
 
 
-def profile_graphs(sealer: Sealer, pages: np.ndarray, sinks: np.ndarray, dev: torch.device,
+def profile_graphs(sealer: Sealer, one_call: Callable[[], object], dev: torch.device,
                    args: argparse.Namespace) -> List[str]:  # fmt: skip
-    """:func:`profile` of one replay of the one call's seal graphs (``graphed``), captured before the profile."""
-    def plan() -> object:
-        return sealer.plan_layers(pages, sinks, args.ratio)
-
+    """:func:`profile` of one replay of ``one_call``'s seal graphs (``graphed``), captured before the profile."""
     with fresh_seal_graphs(sealer, dev, args.graph_pages):
-        plan()
-        return profile(plan, dev, args.profile, "graphed")
+        one_call()
+        return profile(one_call, dev, args.profile, "graphed")
 
 
 def main(argv: List[str] = None) -> Dict[str, object]:
@@ -264,38 +261,44 @@ def main(argv: List[str] = None) -> Dict[str, object]:
     pages = np.arange(args.pages, dtype=np.int64)
     sinks = np.arange(args.pages) < args.sinks
     dev = torch.device(args.device)
-    before = timed(lambda: [sealer.plan_layer(li, pages, sinks, args.ratio) for li in range(args.layers)], dev, args)
-    after = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
+
+    def per_layer() -> object:
+        return [sealer.plan_layer(li, pages, sinks, args.ratio) for li in range(args.layers)]
+
+    def one_call() -> object:
+        return sealer.plan_layers(pages, sinks, args.ratio)
+
+    before = timed(per_layer, dev, args)
+    after = timed(one_call, dev, args)
     before_plans, after_plans = before.pop("result"), after.pop("result")
     same = differing_segments(before_plans, after_plans) == 0
     report = {"config": vars(args), "per_layer": before, "one_call": after, "identical_plans": same}
     if args.graph_pages:
-        report["graphed"] = timed_graphs(sealer, pages, sinks, dev, args)
+        report["graphed"] = timed_graphs(sealer, one_call, dev, args)
         report["graphed_differing_segments"] = differing_segments(after_plans, report["graphed"].pop("result"))
         if args.also_lagrange_bracket:
             with mock.patch.dict(os.environ, {lagrange.BRACKET_ENV_VAR: args.also_lagrange_bracket}):
-                report["graphed_bracket"] = timed_graphs(sealer, pages, sinks, dev, args)
+                report["graphed_bracket"] = timed_graphs(sealer, one_call, dev, args)
             report["graphed_bracket_differing_segments"] = differing_segments(
                 after_plans, report["graphed_bracket"].pop("result"))
     if args.also_estimate_terms:
         planner.ESTIMATE_TERMS_ON_CUDA = args.also_estimate_terms
         try:
-            also = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
+            also = timed(one_call, dev, args)
         finally:
             planner.ESTIMATE_TERMS_ON_CUDA = args.estimate_terms
         report["one_call_also"] = also
         report["also_differing_segments"] = differing_segments(after_plans, also.pop("result"))
     if args.also_lagrange_bracket:
         with mock.patch.dict(os.environ, {lagrange.BRACKET_ENV_VAR: args.also_lagrange_bracket}):
-            bracket = timed(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args)
+            bracket = timed(one_call, dev, args)
         report["one_call_bracket"] = bracket
         report["bracket_differing_segments"] = differing_segments(after_plans, bracket.pop("result"))
     if args.profile:
         report["profile"] = (
-            profile(lambda: [sealer.plan_layer(li, pages, sinks, args.ratio) for li in range(args.layers)], dev,
-                    args.profile, "per_layer")
-            + profile(lambda: sealer.plan_layers(pages, sinks, args.ratio), dev, args.profile, "one_call")
-            + (profile_graphs(sealer, pages, sinks, dev, args) if args.graph_pages else [])
+            profile(per_layer, dev, args.profile, "per_layer")
+            + profile(one_call, dev, args.profile, "one_call")
+            + (profile_graphs(sealer, one_call, dev, args) if args.graph_pages else [])
         )  # fmt: skip
     if args.json:
         print(json.dumps(report))
