@@ -48,7 +48,8 @@
 #   slice-profile  no server: the 8B shape's planner slices (4 and 8 of 32 layers, 16 pages) as served seals plan
 #            them (the Triton chan drop and estimate-terms kernels, which every server's startup choice has picked),
 #            eager and through their seal graph, one graph replay profiled: bench.profile_summary's kernels busy
-#            against their span and the top kernels
+#            against their span and the top kernels; beside them the same slices with the bracket search's kernel
+#            (MOSAICKV_LAGRANGE_BRACKET=kernel), eager and graphed
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -711,9 +712,9 @@ case "$step" in
       [ "$(left)" -gt 60 ] || { echo "slice $layers skipped (budget)"; continue; }
       timeout 150 python3 -m bench.seal_cost --layers "$layers" --kv-heads 8 --pages 16 --page-size 64 \
         --head-dim 128 --device cuda --dtype fp16 --chan-drop kernel --estimate-terms kernel --repeats 5 --warmup 2 \
-        --no-count --graph-pages 16 --profile "$out/slice-profile-$layers" > "$out/slice-cost-$layers.txt" 2>&1 \
-        || echo "seal_cost $layers rc=$?"
-      grep -E "^seal of|one-call|seal graphs" "$out/slice-cost-$layers.txt" || true
+        --no-count --graph-pages 16 --also-lagrange-bracket kernel --profile "$out/slice-profile-$layers" \
+        > "$out/slice-cost-$layers.txt" 2>&1 || echo "seal_cost $layers rc=$?"
+      grep -E "^seal of|one-call|seal graphs|bracket" "$out/slice-cost-$layers.txt" || true
       python3 -m bench.profile_summary --top 30 "$out/slice-profile-$layers"/*_trace.json.gz \
         > "$out/slice-profile-$layers.txt" 2>&1 || echo "profile_summary $layers rc=$?"
       grep "kernel events" "$out/slice-profile-$layers.txt" || true
