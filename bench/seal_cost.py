@@ -13,17 +13,18 @@ checks that both give the same plans (choices and estimated error per layer). Ex
 
     python -m bench.seal_cost --layers 32 --kv-heads 8 --pages 128 --page-size 64 --head-dim 128
 
-It also takes an op census of each (:class:`bench.op_census.OpCensus`, one extra untimed run): the aten ops one
-call dispatches (``ops``), split by kind (``ops_by_kind``: ``kernel`` ops launch at least one kernel on a GPU;
-``view``, ``alloc`` and ``transfer`` ops do not), the 20 most frequent ops (``ops_by_name``, every kind;
-``kernel_ops_by_name``) and code sites of the planner dispatching kernel ops (``kernel_ops_by_site``), and the
-kernel ops' memory traffic (``total_bytes``, ``bytes_by_name``, ``bytes_by_site``: what each reads and writes at
-least) and the matrix products' ``flops``. The census is the same on the CPU as on a GPU up to dtype casts
-(``.float()`` of an fp32 tensor dispatches nothing, so a ``--dtype fp16`` census is the one to compare with a GPU run
-in fp16) and the methods chosen on CUDA only (the Triton chan drop and estimate terms kernels, whose traffic the
-census does not see), so a launch-bound or memory-bound GPU call can be studied on the CPU: how
-``one_call.ops_by_kind.kernel`` grows with ``--pages`` and ``--layers`` says which loops dispatch per layer, per chunk
-or per menu entry, and ``bytes_by_site`` where fusing saves the most traffic. ``--no-count`` skips both counting runs.
+It also takes an op census of each (:class:`bench.op_census.OpCensus`, one extra untimed run): the aten ops one call
+dispatches (``ops``), split by kind (``ops_by_kind``: ``kernel`` ops launch at least one kernel on a GPU; ``view``,
+``alloc`` and ``transfer`` ops do not), the 20 most frequent ops (``ops_by_name``, every kind; ``kernel_ops_by_name``)
+and code sites of the planner dispatching kernel ops (``kernel_ops_by_site``), and the kernel ops' memory traffic
+(``total_bytes``, ``bytes_by_name``, ``bytes_by_site``: what each reads and writes at least) and the matrix products'
+``flops``. The census is the same on the CPU as on a GPU up to dtype casts (``.float()`` of an fp32 tensor dispatches
+nothing, so a ``--dtype fp16`` census is the one to compare with a GPU run in fp16) and the methods chosen on CUDA only
+(the Triton chan drop and estimate terms kernels, whose traffic the census does not see; ``--cuda-methods-on-cpu`` takes
+them on the CPU too, under ``TRITON_INTERPRET=1``, so the census counts a served planner's ops and launches), so a
+launch-bound or memory-bound GPU call can be studied on the CPU: how ``one_call.ops_by_kind.kernel`` grows with
+``--pages`` and ``--layers`` says which loops dispatch per layer, per chunk or per menu entry, and ``bytes_by_site``
+where fusing saves the most traffic. ``--no-count`` skips both counting runs.
 
 ``--also-lagrange-bracket kernel`` times the one call again with the planner's Lagrangian choice as Triton kernels
 (``MOSAICKV_LAGRANGE_BRACKET``: the bracket search in one launch), counts its ops and Triton launches, and compares
@@ -51,7 +52,7 @@ import os
 import time
 from types import SimpleNamespace
 from unittest import mock
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate-terms", choices=planner.ESTIMATE_TERMS_METHODS, default=planner.ESTIMATE_TERMS_ON_CUDA,
                    help="how the fast estimator computes its per-k channel terms on CUDA "
                         f"(planner.ESTIMATE_TERMS_ON_CUDA; default {planner.ESTIMATE_TERMS_ON_CUDA})")
+    p.add_argument("--cuda-methods-on-cpu", action="store_true",
+                   help="on the CPU, take --chan-drop and --estimate-terms as on CUDA (their kernels run in Triton's "
+                        "interpreter: needs TRITON_INTERPRET=1), so the census counts the ops a server's planner "
+                        "dispatches")
     p.add_argument("--also-estimate-terms", choices=planner.ESTIMATE_TERMS_METHODS, default=None,
                    help="time the one-call planner again with this method, in the same run, and compare its plans")
     p.add_argument("--also-lagrange-bracket", choices=lagrange.BRACKET_METHODS, default=None,
@@ -248,8 +253,41 @@ def profile_graphs(sealer: Sealer, one_call: Callable[[], object], dev: torch.de
         return profile(one_call, dev, args.profile, "graphed")
 
 
+@contextlib.contextmanager
+def cuda_methods_on_cpu() -> Iterator[None]:
+    """The planner's CUDA-only choices (``CHAN_DROP_METHOD_ON_CUDA``, ``ESTIMATE_TERMS_ON_CUDA``, read at each call)
+    taken on CPU tensors too, for head dims their kernels support, as :mod:`mosaickv_sglang.planner` takes them on
+    CUDA tensors."""
+    chan_drop_masks = planner._chan_drop_masks
+
+    def served_masks(x: torch.Tensor, weight: torch.Tensor, ks: Sequence[int],
+                     method: Optional[str] = None) -> Dict[int, torch.Tensor]:  # fmt: skip
+        if method is None:
+            method = planner.CHAN_DROP_METHOD_ON_CUDA if x.shape[-1] in planner._CHAN_RANK_HEAD_DIMS else "topk"
+        return chan_drop_masks(x, weight, ks, method=method)
+
+    def served_terms(x: torch.Tensor) -> bool:
+        return planner.ESTIMATE_TERMS_ON_CUDA == "kernel" and x.shape[-1] in planner._CHAN_RANK_HEAD_DIMS
+
+    with mock.patch.object(planner, "_chan_drop_masks", served_masks), \
+            mock.patch.object(planner, "_fused_estimate_terms", served_terms):  # fmt: skip
+        yield
+
+
 def main(argv: List[str] = None) -> Dict[str, object]:
     args = build_parser().parse_args(argv)
+    if args.cuda_methods_on_cpu:
+        if args.device != "cpu":
+            raise SystemExit(f"--cuda-methods-on-cpu: expected --device cpu, got {args.device!r}")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--cuda-methods-on-cpu: expected TRITON_INTERPRET=1 (the kernels run in Triton's "
+                             f"interpreter), got {os.environ.get('TRITON_INTERPRET')!r}")
+        with cuda_methods_on_cpu():
+            return _measure(args)
+    return _measure(args)
+
+
+def _measure(args: argparse.Namespace) -> Dict[str, object]:
     if args.threads:
         torch.set_num_threads(args.threads)
     planner.CHAN_DROP_METHOD_ON_CUDA = args.chan_drop

@@ -260,3 +260,31 @@ def test_differing_segments_counts_rows_that_differ_in_any_field():
     b = [plan([[1, 1], [1, 1], [0, 1]], [0, 1, 2])]
     assert seal_cost.differing_segments(a, a) == 0
     assert seal_cost.differing_segments(a, b) == 2
+
+
+def test_cuda_methods_on_cpu_counts_the_served_kernels_instead_of_their_torch_ops(capsys, monkeypatch):
+    """--cuda-methods-on-cpu with the kernel methods: the chan drop and estimate terms kernels launch on the CPU (in
+    the interpreter), replacing their torch ops, with the same plans; the planner's module is as it was afterwards."""
+    from mosaickv_sglang import planner
+
+    for name in ("CHAN_DROP_METHOD_ON_CUDA", "ESTIMATE_TERMS_ON_CUDA"):  # seal_cost.main sets them
+        monkeypatch.setattr(planner, name, getattr(planner, name))
+    patched = (planner._chan_drop_masks, planner._fused_estimate_terms)
+    shape = "--layers 2 --kv-heads 1 --pages 2 --page-size 16 --head-dim 64 --threads 1 --repeats 1 --warmup 0"
+    torch_report = seal_cost.main(f"{shape} --json".split())
+    served = seal_cost.main(f"{shape} --json --chan-drop kernel --estimate-terms kernel --cuda-methods-on-cpu".split())
+    capsys.readouterr()
+    torch_ops, served_ops = torch_report["one_call"]["ops_by_kind"], served["one_call"]["ops_by_kind"]
+    assert torch_ops["triton"] == 0 and served_ops["triton"] > 0, (torch_ops, served_ops)
+    assert torch_ops["kernel"] - served_ops["kernel"] >= 20, (torch_ops, served_ops)
+    assert not any("_chan_terms_torch" in site for site in served["one_call"]["kernel_ops_by_site"])
+    assert served["identical_plans"]
+    assert (planner._chan_drop_masks, planner._fused_estimate_terms) == patched
+
+
+def test_cuda_methods_on_cpu_refuses_another_device_or_no_interpreter(monkeypatch):
+    with pytest.raises(SystemExit, match="expected --device cpu"):
+        seal_cost.main("--cuda-methods-on-cpu --device cuda".split())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit, match="expected TRITON_INTERPRET=1"):
+        seal_cost.main(["--cuda-methods-on-cpu"])
