@@ -32,6 +32,11 @@ S + 1 plans after the first slice, a launch after the last (``MOSAICKV_SEAL_ASYN
 pack due sooner for a low hot pool plans the rest first; a page freed meanwhile leaves the rest unplanned (the pack
 voids the seal, as it would have).
 
+A slice's cost grows with its seal's pages (forty-sixth GPU run, 4 of 32 layers a slice beside a 13.8 ms step: 1.1 ms
+at 16 pages, 1.8-2.0 at 32, 3.0-3.2 at 64, 5.3-6.0 at 128). With ``MOSAICKV_SEAL_SLICE_PAGES=Q`` (an experiment) a seal
+of more than ``Q`` pages is planned in ``S * ceil(pages / Q)`` slices, at most one a layer, ``pages`` its seal graph's
+bucket where it has one, so that a slice plans about as many pages times layers whatever the seal's size.
+
 The pack shares the GPU with a step too (a 16-page pack about 1.5 ms, larger ones 2-6 ms, thirty-fifth GPU run), and
 it waits for every slice's payload sizes. With ``MOSAICKV_PACK_LAYER_SLICES=P`` (P > 1) a pack made after a launch
 writes the first of P slices of the layers, each later launch the next (``Sealer.after_launch``): a page sealed in
@@ -56,10 +61,11 @@ from mosaickv_sglang.config import flag_env, positive_int_env
 from mosaickv_sglang.kernels.format import SegmentPlan, plans_granules
 
 __all__ = [
-    "PACK_AFTER_LAUNCH_ENV", "PACK_LAYER_SLICES_ENV", "PACK_SOONER_AFTER_ENV", "PLAN_AFTER_LAUNCH_ENV", "PendingSeal",
-    "SEAL_ASYNC_ENV", "SEAL_LAYER_SLICES_ENV", "layer_slices", "pack_after_launch_enabled", "pack_layer_slices",
-    "pack_sooner_after_plans", "plan_after_launch_enabled", "seal_async_enabled", "seal_async_plans",
-    "seal_layer_slices", "sizes_to_host",
+    "PACK_AFTER_LAUNCH_ENV", "PACK_LAYER_SLICES_ENV", "PACK_SOONER_AFTER_ENV", "PLAN_AFTER_LAUNCH_ENV",
+    "SEAL_ASYNC_ENV", "SEAL_LAYER_SLICES_ENV", "SEAL_SLICE_PAGES_ENV", "PendingSeal", "layer_slices",
+    "pack_after_launch_enabled", "pack_layer_slices", "pack_sooner_after_plans", "page_scaled_slices",
+    "plan_after_launch_enabled", "seal_async_enabled", "seal_async_plans", "seal_layer_slices", "seal_slice_pages",
+    "sizes_to_host",
 ]  # fmt: skip
 
 SEAL_ASYNC_ENV = "MOSAICKV_SEAL_ASYNC"
@@ -67,6 +73,7 @@ PACK_AFTER_LAUNCH_ENV = "MOSAICKV_PACK_AFTER_LAUNCH"
 PLAN_AFTER_LAUNCH_ENV = "MOSAICKV_PLAN_AFTER_LAUNCH"
 PACK_SOONER_AFTER_ENV = "MOSAICKV_PACK_SOONER_AFTER"
 SEAL_LAYER_SLICES_ENV = "MOSAICKV_SEAL_LAYER_SLICES"
+SEAL_SLICE_PAGES_ENV = "MOSAICKV_SEAL_SLICE_PAGES"
 PACK_LAYER_SLICES_ENV = "MOSAICKV_PACK_LAYER_SLICES"
 
 
@@ -99,6 +106,31 @@ def seal_layer_slices() -> int:
     module's docstring; an experiment: 4 lowered the 8B sidecar-off load's decode-step p99 by 6-10%, 8 raised it,
     ``bench/RESULTS.md``, thirty-third run)."""
     return positive_int_env(SEAL_LAYER_SLICES_ENV, 1, " number of layer slices")
+
+
+def seal_slice_pages() -> int:
+    """``MOSAICKV_SEAL_SLICE_PAGES=Q`` (pages >= 1; default 0, off): with layer slices, a seal of more than ``Q`` pages
+    is planned in proportionally more of them (:func:`page_scaled_slices`; an experiment, see the module's
+    docstring)."""
+    raw = os.environ.get(SEAL_SLICE_PAGES_ENV, "0").strip() or "0"
+    try:
+        pages = int(raw)
+    except ValueError:
+        pages = -1
+    if pages < 0:
+        raise ValueError(f"{SEAL_SLICE_PAGES_ENV}: expected a whole number of pages >= 0 (0: off), got {raw!r}")
+    return pages
+
+
+def page_scaled_slices(slices: int, pages: int, slice_pages: int) -> int:
+    """The layer slices a seal of ``pages`` pages is planned in: ``slices`` times ``ceil(pages / slice_pages)``
+    (at least ``slices``), or ``slices`` alone when it is 1 or ``slice_pages`` is 0 (off)."""
+    if slices < 1 or pages < 0 or slice_pages < 0:
+        raise ValueError(f"page_scaled_slices: expected slices >= 1 and pages, slice_pages >= 0, got {slices}, "
+                         f"{pages} and {slice_pages}")  # fmt: skip
+    if slices == 1 or slice_pages == 0:
+        return slices
+    return slices * max(1, -(-pages // slice_pages))
 
 
 def pack_layer_slices() -> int:

@@ -37,7 +37,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -208,20 +208,26 @@ class SealGraphs:
         self.replays += 1
         return plans
 
-    def capture_ahead(self, layer_ranges: Sequence[range]) -> int:
+    def capture_ahead(self, layer_ranges: Sequence[range],
+                      bucket_ranges: Optional[Mapping[int, Sequence[range]]] = None) -> int:  # fmt: skip
         """Capture the graph of every bucket for each of ``layer_ranges`` (all layers, and each layer slice a seal is
-        planned in), on a seal of page 0 alone: before serving, so that no capture lands in a served step. Returns the
+        planned in), and of each bucket of ``bucket_ranges`` for its own ranges (slices that depend on the seal's
+        pages), on a seal of page 0 alone: before serving, so that no capture lands in a served step. Returns the
         graphs captured (0 off CUDA, where there are none). A capture that fails gives graphs up, as at a seal."""
+        unknown = sorted(set(bucket_ranges or {}) - set(self.buckets))
+        if unknown:
+            raise ValueError(f"bucket_ranges: expected buckets among {list(self.buckets)}, got {unknown}")
         if not self.on_cuda:
             return 0
+        pairs = [(bucket, layers) for layers in layer_ranges for bucket in self.buckets]
+        pairs += [(bucket, layers) for bucket, ranges in (bucket_ranges or {}).items() for layers in ranges]
         captured = 0
-        for layers in layer_ranges:
-            for bucket in self.buckets:
-                if self.failed is not None:
-                    return captured
-                b = self._bucket(bucket, layers)
-                if b.graph is None and self._capture(b, self.capture_meta(b)):
-                    captured += 1
+        for bucket, layers in pairs:
+            if self.failed is not None:
+                return captured
+            b = self._bucket(bucket, layers)
+            if b.graph is None and self._capture(b, self.capture_meta(b)):
+                captured += 1
         self.release_cache()  # before serving: no step in flight to wait for
         return captured
 

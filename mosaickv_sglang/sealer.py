@@ -39,7 +39,7 @@ from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.pending_seal import (
     PendingSeal, layer_slices, pack_after_launch_enabled, pack_layer_slices, pack_sooner_after_plans,
-    plan_after_launch_enabled, seal_async_plans, seal_layer_slices,
+    page_scaled_slices, plan_after_launch_enabled, seal_async_plans, seal_layer_slices, seal_slice_pages,
 )  # fmt: skip
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
@@ -417,6 +417,11 @@ class Sealer:
     layer_slices : int
         ``MOSAICKV_SEAL_LAYER_SLICES`` (default 1): beside the step, once :meth:`after_launch` has run, a first half
         plans the first of that many slices of the layers, each later launch the next (:mod:`.pending_seal`).
+    slice_pages : int
+        ``MOSAICKV_SEAL_SLICE_PAGES`` (default 0, off): with :attr:`layer_slices`, a seal of more pages than this is
+        planned in proportionally more slices (:func:`~mosaickv_sglang.pending_seal.page_scaled_slices`), and a low
+        hot pool packs it sooner only once all its slices are planned (from :attr:`pack_sooner_after` plans or as many
+        as its slices, the later).
     slices_after_launch, slices_caught_up : int
         Later slices planned after a launch, and those a pack due sooner planned itself.
     pack_layer_slices : int
@@ -481,6 +486,7 @@ class Sealer:
         self.starts_after_launch = 0
         self.after_launch_seconds = 0.0
         self.layer_slices = seal_layer_slices()
+        self.slice_pages = seal_slice_pages()
         self.slices_after_launch = 0
         self.slices_caught_up = 0
         self.pack_layer_slices = pack_layer_slices()
@@ -764,11 +770,13 @@ class Sealer:
         pending.add_slice(self._timed_plan_layers(pending.pages, pending.dense_mask, pending.ratio, pending.next_slice,
                                                   pending.queries))  # fmt: skip
 
-    def _slices_for_start(self) -> List[range]:
-        """The layer slices a first half started now is planned in: :attr:`layer_slices` of them when later launches
-        will plan them (beside the step, the hook seen), else one."""
+    def _slices_for_start(self, num_pages: int) -> List[range]:
+        """The layer slices a first half of ``num_pages`` pages started now is planned in: when later launches will
+        plan them (beside the step, the hook seen) :attr:`layer_slices` of them, more for a seal of more than
+        :attr:`slice_pages` pages (its seal graph's bucket's), else one."""
         n = self.layer_slices if self.seal_beside_step and self._launch_hooked else 1
-        return layer_slices(self.pool.layer_num, n)
+        bucket = None if self.seal_graphs is None else self.seal_graphs.bucket_for(num_pages)
+        return layer_slices(self.pool.layer_num, page_scaled_slices(n, bucket or num_pages, self.slice_pages))
 
     def _start_chosen(self) -> None:
         """:meth:`start_seal` of the pages a plan left to :meth:`after_launch`, those of them still holding what they
@@ -872,7 +880,7 @@ class Sealer:
                   f"{self.cold_pages_sealed} cold pages sealed to keep {self.low_water_pages} hot pages free)"
                   if self.seal_beside_step else "")  # fmt: skip
         if self.seal_async:
-            pack_plans = self._pack_plans(len(self._slices_for_start()))
+            pack_plans = self._pack_plans(len(self._slices_for_start(1)))  # the smallest seal's
             beside += (f" ({self.async_seals} packed {pack_plans} plans later or sooner, "
                        f"{self.pending_voided} voided, {self.packs_sooner} taken sooner for a hot pool below "
                        f"{self.pack_water_pages} free pages; after a launch {self.packs_after_launch} packed and "
@@ -904,8 +912,9 @@ class Sealer:
     def _slices_status(self) -> str:
         out = ""
         if self.layer_slices > 1:
-            out += (f" in {self.layer_slices} layer slices, {self.slices_after_launch} later slices after a launch, "
-                    f"{self.slices_caught_up} by a pack")  # fmt: skip
+            per = f" a {self.slice_pages} pages" if self.slice_pages else ""
+            out += (f" in {self.layer_slices} layer slices{per}, {self.slices_after_launch} later slices after a "
+                    f"launch, {self.slices_caught_up} by a pack")  # fmt: skip
         if self.pack_layer_slices > 1:
             out += (f", packs in {self.pack_layer_slices} layer slices ({self.pack_slices_after_launch} later slices "
                     f"after a launch, {self.packs_rolled_back} rolled back)")  # fmt: skip
@@ -957,10 +966,15 @@ class Sealer:
         for all layers and, beside the step with layer slices, for each slice. Returns how many were captured."""
         if self.seal_graphs is None:
             return 0
-        ranges = [range(self.pool.layer_num)]
-        if self.seal_beside_step and self.layer_slices > 1:
-            ranges += layer_slices(self.pool.layer_num, self.layer_slices)
-        return self.seal_graphs.capture_ahead(ranges)
+        num_layers = self.pool.layer_num
+        ranges = [range(num_layers)]
+        if not (self.seal_beside_step and self.layer_slices > 1):
+            return self.seal_graphs.capture_ahead(ranges)
+        if not self.slice_pages:
+            return self.seal_graphs.capture_ahead(ranges + layer_slices(num_layers, self.layer_slices))
+        return self.seal_graphs.capture_ahead(ranges, {
+            b: layer_slices(num_layers, page_scaled_slices(self.layer_slices, b, self.slice_pages))
+            for b in self.seal_graphs.buckets})
 
     def _gather_layers(self, slots: torch.Tensor, num_pages: int,
                        layers: Optional[range] = None) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -1080,7 +1094,7 @@ class Sealer:
                 self._no_room(pages)
                 return False
             ratio, dense_mask, reserve = fitting
-            slices = self._slices_for_start()
+            slices = self._slices_for_start(int(pages.size))
             pending = PendingSeal(pages, sink_mask, self.pool.page_epoch[pages].copy(), ratio, dense_mask, reserve,
                                   slices, queries=self.window.frozen() if len(slices) > 1 else None)  # fmt: skip
             self._plan_slice(pending)
@@ -1226,7 +1240,8 @@ class Sealer:
         if plans >= self._pack_plans(len(pending.slices)):
             return False
         short = self._shortfall(need)
-        if self._can_seal_beside() and plans >= self.pack_sooner_after:
+        sooner_after = max(self.pack_sooner_after, len(pending.slices)) if self.slice_pages else self.pack_sooner_after
+        if self._can_seal_beside() and plans >= sooner_after:
             return -short >= self.pack_water_pages
         return short <= 0
 

@@ -322,6 +322,17 @@ def test_in_a_plan_a_low_hot_pool_packs_sooner_only_from_the_kth_plan():
     assert sealer._pending is None and sealer.pages_sealed == pages.size and sealer.packs_sooner == 1
 
 
+def test_with_seal_slice_pages_a_low_hot_pool_packs_sooner_only_once_every_slice_is_planned():
+    """MOSAICKV_SEAL_SLICE_PAGES on: a seal in 4 slices is packed sooner for a low pool from its 4th plan, not from
+    the MOSAICKV_PACK_SOONER_AFTER=1 that holds without it; with room short of the plan's needs, at once."""
+    sc, sealer, pages = _low_pool_pending(1)
+    sealer._pending.slices = [range(0, 1), range(1, 2)] * 2  # four slices: only their count matters here
+    assert not sealer._pending_waits(0, plans_waited=1)
+    sealer.slice_pages = 4
+    assert [sealer._pending_waits(0, plans_waited=k) for k in (1, 3, 4)] == [True, True, False]
+    assert not sealer._pending_waits(sc.pool.num_free_physical_pages + 1, plans_waited=1)
+
+
 class _Copy:
     """A stand-in for the sizes copy's CUDA event: landed, or still running (its planner on the device) until a
     synchronize of ``seconds``."""
@@ -908,6 +919,22 @@ def test_layer_slices_come_from_the_environment_and_cut_the_layers_evenly(monkey
     assert pending_seal.layer_slices(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
     assert pending_seal.layer_slices(2, 5) == [range(0, 1), range(1, 2)]
     assert pending_seal.layer_slices(3, 1) == [range(0, 3)]
+
+
+def test_seal_slice_pages_comes_from_the_environment_and_scales_the_slices_with_the_pages(monkeypatch):
+    monkeypatch.delenv(pending_seal.SEAL_SLICE_PAGES_ENV, raising=False)
+    assert pending_seal.seal_slice_pages() == 0
+    monkeypatch.setenv(pending_seal.SEAL_SLICE_PAGES_ENV, "16")
+    assert pending_seal.seal_slice_pages() == 16
+    for raw in ("-1", "x", "1.5"):
+        monkeypatch.setenv(pending_seal.SEAL_SLICE_PAGES_ENV, raw)
+        with pytest.raises(ValueError, match=f"{pending_seal.SEAL_SLICE_PAGES_ENV}: expected a whole number"):
+            pending_seal.seal_slice_pages()
+    scaled = pending_seal.page_scaled_slices
+    assert [scaled(8, p, 16) for p in (0, 1, 16, 17, 32, 64, 128)] == [8, 8, 8, 16, 16, 32, 64]
+    assert scaled(8, 128, 0) == 8 and scaled(1, 128, 16) == 1  # off, or no slices to scale
+    with pytest.raises(ValueError, match="page_scaled_slices: expected slices >= 1"):
+        scaled(0, 16, 16)
 
 
 def _sliced(seed: int, plans: int, slices: int) -> tuple:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling helper modul
 
 from test_kv_pool import DT, GROUP, H_KV, LAYERS, D, S, _config, build_pool  # noqa: E402
 
-from mosaickv_sglang import seal_graphs  # noqa: E402
+from mosaickv_sglang import pending_seal, seal_graphs  # noqa: E402
 from mosaickv_sglang.sealer import Sealer  # noqa: E402
 
 WINDOW = 6
@@ -117,3 +117,25 @@ def test_graphs_captured_before_serving_cover_whole_seals_and_their_layer_slices
     monkeypatch.setattr(sealer.seal_graphs, "capture_ahead", lambda ranges: asked.append(list(ranges)) or 7)
     assert sealer.capture_seal_graphs_ahead() == 7 and asked == [want]
     assert _sealer(pool, monkeypatch, "").capture_seal_graphs_ahead() == 0
+
+
+def test_seal_slice_pages_plans_larger_seals_in_more_slices_and_captures_each_buckets_own(monkeypatch):
+    """MOSAICKV_SEAL_SLICE_PAGES=4 with 2 layer slices on 8 layers: a seal is planned in 2 slices per 4 pages of its
+    seal graph's bucket (of its pages without graphs), at most one a layer, and the graphs captured before serving
+    are those slices' for each bucket."""
+    pool = build_pool(64 * S, 64 * S, _config(ratio=3.0), layers=8)
+    monkeypatch.setenv("MOSAICKV_SEAL_LAYER_SLICES", "2")
+    monkeypatch.setenv("MOSAICKV_SEAL_SLICE_PAGES", "4")
+    graphed, plain = _sealer(pool, monkeypatch, "4,8,16"), _sealer(pool, monkeypatch, "")
+    for sealer in (graphed, plain):
+        sealer.seal_beside_step, sealer._launch_hooked = True, True
+    assert [len(graphed._slices_for_start(n)) for n in (1, 4, 5, 8, 9, 16, 17)] == [2, 2, 4, 4, 8, 8, 8]
+    assert [len(plain._slices_for_start(n)) for n in (1, 4, 5, 9, 13)] == [2, 2, 4, 6, 8]
+    assert graphed._slices_for_start(8) == pending_seal.layer_slices(8, 4)
+    asked = []
+    monkeypatch.setattr(graphed.seal_graphs, "capture_ahead",
+                        lambda ranges, per_bucket: asked.append((list(ranges), per_bucket)) or 5)  # fmt: skip
+    assert graphed.capture_seal_graphs_ahead() == 5
+    assert asked == [([range(0, 8)], {b: pending_seal.layer_slices(8, n) for b, n in ((4, 2), (8, 4), (16, 8))})]
+    with pytest.raises(ValueError, match=r"bucket_ranges: expected buckets among \[4, 8, 16\], got \[32\]"):
+        seal_graphs.SealGraphs.capture_ahead(graphed.seal_graphs, [], {32: [range(0, 8)]})
