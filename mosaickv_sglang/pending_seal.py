@@ -80,14 +80,19 @@ PACK_LAYER_SLICES_ENV = "MOSAICKV_PACK_LAYER_SLICES"
 def seal_async_plans() -> int:
     """``MOSAICKV_SEAL_ASYNC=N``: policy seals are packed N plans after the one that planned them (0, the default:
     whole seals)."""
-    raw = os.environ.get(SEAL_ASYNC_ENV, "0").strip() or "0"
+    return _whole_number_env(SEAL_ASYNC_ENV, "plans")
+
+
+def _whole_number_env(name: str, unit: str) -> int:
+    """The integer >= 0 that the environment variable ``name`` holds (0, off, when unset or blank)."""
+    raw = os.environ.get(name, "0").strip() or "0"
     try:
-        plans = int(raw)
+        value = int(raw)
     except ValueError:
-        plans = -1
-    if plans < 0:
-        raise ValueError(f"{SEAL_ASYNC_ENV}: expected a whole number of plans >= 0 (0: off), got {raw!r}")
-    return plans
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name}: expected a whole number of {unit} >= 0 (0: off), got {raw!r}")
+    return value
 
 
 def pack_sooner_after_plans() -> int:
@@ -112,14 +117,7 @@ def seal_slice_pages() -> int:
     """``MOSAICKV_SEAL_SLICE_PAGES=Q`` (pages >= 1; default 0, off): with layer slices, a seal of more than ``Q`` pages
     is planned in proportionally more of them (:func:`page_scaled_slices`; an experiment, see the module's
     docstring)."""
-    raw = os.environ.get(SEAL_SLICE_PAGES_ENV, "0").strip() or "0"
-    try:
-        pages = int(raw)
-    except ValueError:
-        pages = -1
-    if pages < 0:
-        raise ValueError(f"{SEAL_SLICE_PAGES_ENV}: expected a whole number of pages >= 0 (0: off), got {raw!r}")
-    return pages
+    return _whole_number_env(SEAL_SLICE_PAGES_ENV, "pages")
 
 
 def page_scaled_slices(slices: int, pages: int, slice_pages: int) -> int:
