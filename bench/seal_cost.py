@@ -52,7 +52,7 @@ import os
 import time
 from types import SimpleNamespace
 from unittest import mock
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 import torch
@@ -255,22 +255,9 @@ def profile_graphs(sealer: Sealer, one_call: Callable[[], object], dev: torch.de
 
 @contextlib.contextmanager
 def cuda_methods_on_cpu() -> Iterator[None]:
-    """The planner's CUDA-only choices (``CHAN_DROP_METHOD_ON_CUDA``, ``ESTIMATE_TERMS_ON_CUDA``, read at each call)
-    taken on CPU tensors too, for head dims their kernels support, as :mod:`mosaickv_sglang.planner` takes them on
-    CUDA tensors."""
-    chan_drop_masks = planner._chan_drop_masks
-
-    def served_masks(x: torch.Tensor, weight: torch.Tensor, ks: Sequence[int],
-                     method: Optional[str] = None) -> Dict[int, torch.Tensor]:  # fmt: skip
-        if method is None:
-            method = planner.CHAN_DROP_METHOD_ON_CUDA if x.shape[-1] in planner._CHAN_RANK_HEAD_DIMS else "topk"
-        return chan_drop_masks(x, weight, ks, method=method)
-
-    def served_terms(x: torch.Tensor) -> bool:
-        return planner.ESTIMATE_TERMS_ON_CUDA == "kernel" and x.shape[-1] in planner._CHAN_RANK_HEAD_DIMS
-
-    with mock.patch.object(planner, "_chan_drop_masks", served_masks), \
-            mock.patch.object(planner, "_fused_estimate_terms", served_terms):  # fmt: skip
+    """The planner's CUDA-only choices (``CHAN_DROP_METHOD_ON_CUDA``, ``ESTIMATE_TERMS_ON_CUDA``) taken on CPU tensors
+    too, for head dims their kernels support, as :mod:`mosaickv_sglang.planner` takes them on CUDA tensors."""
+    with mock.patch.object(planner, "_channel_kernels_take", lambda x: x.shape[-1] in planner._CHAN_RANK_HEAD_DIMS):
         yield
 
 

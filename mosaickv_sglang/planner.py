@@ -353,6 +353,13 @@ def _lost_fraction(lost: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
 
 
 _CHAN_RANK_HEAD_DIMS = (16, 32, 64, 128, 256)  # kernels.chan_rank.CHAN_RANK_HEAD_DIMS, without importing triton
+
+
+def _channel_kernels_take(x: torch.Tensor) -> bool:
+    """Whether the methods chosen for CUDA (:data:`CHAN_DROP_METHOD_ON_CUDA`, :data:`ESTIMATE_TERMS_ON_CUDA`) apply to
+    ``x``: a CUDA tensor of a head dim their kernels support."""
+    return x.is_cuda and x.shape[-1] in _CHAN_RANK_HEAD_DIMS
+
 CHAN_DROP_METHODS = ("topk", "sort", "kernel")
 CHAN_DROP_METHOD_ON_CUDA = "topk"
 """How :func:`_chan_drop_masks` finds each vector's top-``k`` channels on CUDA tensors by default (on the CPU:
@@ -380,7 +387,7 @@ def _chan_drop_masks(
         return {}
     d = x.shape[-1]
     if method is None:
-        method = CHAN_DROP_METHOD_ON_CUDA if x.is_cuda and d in _CHAN_RANK_HEAD_DIMS else "topk"
+        method = CHAN_DROP_METHOD_ON_CUDA if _channel_kernels_take(x) else "topk"
     if method not in CHAN_DROP_METHODS:
         raise ValueError(f"method: expected one of {CHAN_DROP_METHODS}, got {method!r}")
     if method == "kernel":
@@ -931,7 +938,7 @@ def _fused_estimate_terms(x: torch.Tensor) -> bool:
     if ESTIMATE_TERMS_ON_CUDA not in ESTIMATE_TERMS_METHODS:
         raise ValueError(f"ESTIMATE_TERMS_ON_CUDA: expected one of {ESTIMATE_TERMS_METHODS}, "
                          f"got {ESTIMATE_TERMS_ON_CUDA!r}")  # fmt: skip
-    return ESTIMATE_TERMS_ON_CUDA == "kernel" and x.is_cuda and x.shape[-1] in _CHAN_RANK_HEAD_DIMS
+    return ESTIMATE_TERMS_ON_CUDA == "kernel" and _channel_kernels_take(x)
 
 
 @functools.lru_cache(maxsize=32)

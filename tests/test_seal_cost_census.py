@@ -269,7 +269,7 @@ def test_cuda_methods_on_cpu_counts_the_served_kernels_instead_of_their_torch_op
 
     for name in ("CHAN_DROP_METHOD_ON_CUDA", "ESTIMATE_TERMS_ON_CUDA"):  # seal_cost.main sets them
         monkeypatch.setattr(planner, name, getattr(planner, name))
-    patched = (planner._chan_drop_masks, planner._fused_estimate_terms)
+    patched = planner._channel_kernels_take
     shape = "--layers 2 --kv-heads 1 --pages 2 --page-size 16 --head-dim 64 --threads 1 --repeats 1 --warmup 0"
     torch_report = seal_cost.main(f"{shape} --json".split())
     served = seal_cost.main(f"{shape} --json --chan-drop kernel --estimate-terms kernel --cuda-methods-on-cpu".split())
@@ -279,7 +279,7 @@ def test_cuda_methods_on_cpu_counts_the_served_kernels_instead_of_their_torch_op
     assert torch_ops["kernel"] - served_ops["kernel"] >= 20, (torch_ops, served_ops)
     assert not any("_chan_terms_torch" in site for site in served["one_call"]["kernel_ops_by_site"])
     assert served["identical_plans"]
-    assert (planner._chan_drop_masks, planner._fused_estimate_terms) == patched
+    assert planner._channel_kernels_take is patched
 
 
 def test_cuda_methods_on_cpu_refuses_another_device_or_no_interpreter(monkeypatch):
