@@ -20,7 +20,8 @@ A trace with GPU periods adds what each kind of seal work costs the step it runs
 iteration (a row's GPU period holds the work its own iteration launched), the GPU period's excess over the median of
 the periods of the same batch size with no MosaicKV GPU work, for the periods with nothing launched, with a planner's
 first or later layer slice, with a pack (by its pages), and with a pack that waited for its planner; and how many of
-them are over 1.1x that median.
+them are over 1.1x that median. Then the same for the planner's and the pack's layer slices by the pages of the seal
+each belongs to.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ PACK_SLICE = "a pack's layer slice (MOSAICKV_PACK_LAYER_SLICES)"
 PACK_WAITED, OTHER = "a pack that waited for its planner", "other seal work"
 LAUNCHED = (NOTHING, FIRST_SLICE, LATER_SLICE, PACK_16, PACK_32, PACK_MORE, PACK_SLICE, PACK_WAITED, OTHER)
 MIN_BASELINE_PERIODS = 20  # periods with nothing launched a batch size needs for its median to be the baseline
+PLANNER_SLICE, PACK_SLICE_OF_SEAL = "planner slice", "pack slice"
+SEAL_SIZES = ((16, "16 or fewer"), (32, "17-32"), (64, "33-64"), (None, "more than 64"))  # the seal graphs' buckets
 
 
 @dataclass
@@ -176,11 +179,7 @@ def seal_work_report(periods: List[Period]) -> str:
     iteration. Periods with a batch change, no GPU period or a batch size short of :data:`MIN_BASELINE_PERIODS` quiet
     ones are left out."""
     steady = [p for p in periods if not p.batch_changed and np.isfinite(p.gpu_seconds)]
-    quiet: Dict[int, List[float]] = {}
-    for p in steady:
-        if launched(p) == NOTHING:
-            quiet.setdefault(p.batch_size, []).append(p.gpu_seconds)
-    baseline = {b: float(np.median(v)) for b, v in quiet.items() if len(v) >= MIN_BASELINE_PERIODS}
+    baseline = _gpu_baseline(steady)
     excess: Dict[str, List[float]] = {name: [] for name in LAUNCHED}
     over: Dict[str, int] = {name: 0 for name in LAUNCHED}
     for p in steady:
@@ -202,6 +201,62 @@ def seal_work_report(periods: List[Period]) -> str:
     return "\n".join(lines)
 
 
+def _gpu_baseline(periods: List[Period]) -> Dict[int, float]:
+    """The median GPU period of each batch size's steady periods with nothing launched (at least
+    :data:`MIN_BASELINE_PERIODS` of them)."""
+    quiet: Dict[int, List[float]] = {}
+    for p in periods:
+        if not p.batch_changed and np.isfinite(p.gpu_seconds) and launched(p) == NOTHING:
+            quiet.setdefault(p.batch_size, []).append(p.gpu_seconds)
+    return {b: float(np.median(v)) for b, v in quiet.items() if len(v) >= MIN_BASELINE_PERIODS}
+
+
+def seal_pages_of(row: int, pages_sealed: np.ndarray) -> Optional[int]:
+    """The pages of the seal that work launched at ``row`` belongs to: the next growth of the trace's running
+    ``pages_sealed`` at or after ``row`` (a sealer has one seal in flight, sealed by its pack's last step); ``None``
+    when the trace ends first."""
+    before = pages_sealed[row - 1] if row > 0 else 0
+    sealed_at = int(np.searchsorted(pages_sealed, before, side="right"))
+    if sealed_at >= len(pages_sealed):
+        return None
+    return int(pages_sealed[sealed_at] - (pages_sealed[sealed_at - 1] if sealed_at > 0 else 0))
+
+
+def slices_by_seal_report(periods: List[Period], pages_sealed: np.ndarray) -> str:
+    """The layer slices' cost to the step beside them by the pages of the seal each belongs to (a planner slice's
+    cost grows with its seal's page bucket), as a table; ``periods`` from windows of one iteration, ``pages_sealed``
+    the trace's running count. Excess and over as in :func:`seal_work_report`, and the same periods left out; a seal
+    voided before its pack has its slices counted with the next seal's."""
+    baseline = _gpu_baseline(periods)
+    excess: Dict[tuple, List[float]] = {}
+    over: Dict[tuple, int] = {}
+    for p in periods:
+        kind = launched(p)
+        work = {FIRST_SLICE: PLANNER_SLICE, LATER_SLICE: PLANNER_SLICE, PACK_SLICE: PACK_SLICE_OF_SEAL}.get(kind)
+        base = baseline.get(p.batch_size)
+        if work is None or base is None or p.batch_changed or not np.isfinite(p.gpu_seconds):
+            continue
+        pages = seal_pages_of(p.row, pages_sealed)
+        if pages is None:
+            continue
+        size = next(name for top, name in SEAL_SIZES if top is None or pages <= top)
+        excess.setdefault((size, work), []).append((p.gpu_seconds - base) * 1e3)
+        over[(size, work)] = over.get((size, work), 0) + int(p.gpu_seconds > SLOW_OVER_P50 * base)
+    if not excess:
+        return ""
+    lines = ["the layer slices' cost on the GPU by their seal's pages (as above, each slice with the seal whose pack "
+             "next sealed pages)", "", "| seal's pages | slice | periods | excess p50 ms | excess p90 ms | over |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for _, size in SEAL_SIZES:
+        for work in (PLANNER_SLICE, PACK_SLICE_OF_SEAL):
+            ms = excess.get((size, work))
+            if ms:
+                n = over[(size, work)]
+                lines.append(f"| {size} | {work} | {len(ms)} | {np.percentile(ms, 50):.2f} "
+                             f"| {np.percentile(ms, 90):.2f} | {n} ({100 * n / len(ms):.0f}%) |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("traces", nargs="+",
@@ -219,7 +274,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         print(f"## {path}\n\n{report(periods, args.top)}\n")
         if np.isfinite(trace.get("gpu_ms", np.array([np.nan]))).any():
-            print(f"{seal_work_report(decode_periods(trace, 1, args.since))}\n")
+            one_iteration = decode_periods(trace, 1, args.since)
+            print(f"{seal_work_report(one_iteration)}\n")
+            by_seal = slices_by_seal_report(one_iteration, trace["pages_sealed"]) if "pages_sealed" in trace else ""
+            if by_seal:
+                print(f"{by_seal}\n")
     return 0
 
 

@@ -290,3 +290,24 @@ def test_main_adds_the_seal_work_table_for_a_trace_with_gpu_periods(tmp_path, ca
     path.write_text("\n".join([",".join(FIELDS)] + [",".join(r[:-1] + [""]) for r in rows]) + "\n")
     assert reader.main([str(path)]) == 0
     assert "seal work's cost" not in capsys.readouterr().out  # no GPU periods, no table
+
+
+def test_each_layer_slice_is_counted_with_the_seal_whose_pack_next_seals_pages():
+    periods = [_period(k, 10.0) for k in range(30)]
+    pages_sealed = np.zeros(60, dtype=np.int64)
+    periods += [_period(30, 11.0, starts_after_launch=1), _period(31, 11.2, slices_after_launch=1),
+                _period(32, 10.4, packs_after_launch=1), _period(33, 10.4, pack_slices_after_launch=1, pages_sealed=12)]
+    pages_sealed[33:] = 12  # a 12-page seal, planned in two slices and packed in two
+    periods += [_period(40, 13.0, starts_after_launch=1), _period(41, 13.0, slices_after_launch=1),
+                _period(43, 14.0, slices_after_launch=1), _period(44, 11.0, packs_after_launch=1, pages_sealed=40)]
+    pages_sealed[44:] = 52  # a 40-page seal, its pack sealing at once
+    periods += [_period(50, 30.0, batch=3, slices_after_launch=1)]  # no baseline for batch 3: left out
+    periods += [_period(55, 12.0, starts_after_launch=1)]  # its seal not sealed before the trace ends: left out
+    assert reader.seal_pages_of(31, pages_sealed) == 12 and reader.seal_pages_of(33, pages_sealed) == 12
+    assert reader.seal_pages_of(40, pages_sealed) == 40 and reader.seal_pages_of(55, pages_sealed) is None
+    text = reader.slices_by_seal_report(periods, pages_sealed)
+    assert "| 16 or fewer | planner slice | 2 | 1.10 | 1.18 | 1 (50%) |" in text
+    assert "| 16 or fewer | pack slice | 2 | 0.40 | 0.40 | 0 (0%) |" in text
+    assert "| 33-64 | planner slice | 3 | 3.00 | 3.80 | 3 (100%) |" in text
+    assert "17-32" not in text and "more than 64" not in text and "| 33-64 | pack slice" not in text
+    assert reader.slices_by_seal_report(periods[:30], pages_sealed) == ""  # no slices, no table
