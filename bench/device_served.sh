@@ -45,10 +45,11 @@
 #            in a graph), then bench.seal_cost --also-lagrange-bracket kernel of the 8B shape's planner slices
 #            (4 and 8 layers of 16 pages) and a whole 128-page seal, eager and through seal graphs: time, graph
 #            memory, kernel ops and Triton launches of each bracket, plans compared
-#   slice-profile  no server: the 8B shape's planner slices (4 and 8 of 32 layers, 16 pages) as served seals plan
-#            them (the Triton chan drop and estimate-terms kernels, which every server's startup choice has picked),
-#            eager and through their seal graph, one graph replay profiled: bench.profile_summary's kernels busy
-#            against their span and the top kernels; beside them the same slices with the bracket search's kernel
+#   slice-profile  no server: the 8B shape's planner slices (SLICE_SHAPES, LAYERSxPAGES each, default "4x16 8x16":
+#            4 and 8 of 32 layers, 16 pages) as served seals plan them (the Triton chan drop and estimate-terms
+#            kernels, which every server's startup choice has picked), eager and through their seal graph (of the
+#            slice's page count), one graph replay profiled: bench.profile_summary's kernels busy against their span
+#            and the top kernels; beside them the same slices with the bracket search's kernel
 #            (MOSAICKV_LAGRANGE_BRACKET=kernel), eager and graphed
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
@@ -708,17 +709,21 @@ case "$step" in
     done
     ;;
   slice-profile)
-    for layers in 4 8; do
-      [ "$(left)" -gt 60 ] || { echo "slice $layers skipped (budget)"; continue; }
-      timeout 150 python3 -m bench.seal_cost --layers "$layers" --kv-heads 8 --pages 16 --page-size 64 \
+    for shape in ${SLICE_SHAPES:-4x16 8x16}; do
+      [[ "$shape" =~ ^[0-9]+x[0-9]+$ ]] || { echo "SLICE_SHAPES: expected LAYERSxPAGES, got $shape"; exit 2; }
+      layers="${shape%x*}" pages="${shape#*x}"
+      [ "$(left)" -gt 60 ] || { echo "slice $shape skipped (budget)"; continue; }
+      # the 16-page files keep their names of the forty-sixth run (slice-cost-4.txt...)
+      name="$layers"; [ "$pages" = 16 ] || name="$layers-$pages"
+      timeout 150 python3 -m bench.seal_cost --layers "$layers" --kv-heads 8 --pages "$pages" --page-size 64 \
         --head-dim 128 --device cuda --dtype fp16 --chan-drop kernel --estimate-terms kernel --repeats 5 --warmup 2 \
-        --no-count --graph-pages 16 --also-lagrange-bracket kernel --profile "$out/slice-profile-$layers" \
-        > "$out/slice-cost-$layers.txt" 2>&1 || echo "seal_cost $layers rc=$?"
-      grep -E "^seal of|one-call|seal graphs|bracket" "$out/slice-cost-$layers.txt" || true
-      python3 -m bench.profile_summary --top 30 "$out/slice-profile-$layers"/*_trace.json.gz \
-        > "$out/slice-profile-$layers.txt" 2>&1 || echo "profile_summary $layers rc=$?"
-      grep "kernel events" "$out/slice-profile-$layers.txt" || true
-      rm -f "$out/slice-profile-$layers"/per_layer_trace.json.gz
+        --no-count --graph-pages "$pages" --also-lagrange-bracket kernel --profile "$out/slice-profile-$name" \
+        > "$out/slice-cost-$name.txt" 2>&1 || echo "seal_cost $shape rc=$?"
+      grep -E "^seal of|one-call|seal graphs|bracket" "$out/slice-cost-$name.txt" || true
+      python3 -m bench.profile_summary --top 30 "$out/slice-profile-$name"/*_trace.json.gz \
+        > "$out/slice-profile-$name.txt" 2>&1 || echo "profile_summary $shape rc=$?"
+      grep "kernel events" "$out/slice-profile-$name.txt" || true
+      rm -f "$out/slice-profile-$name"/per_layer_trace.json.gz
     done
     ;;
   ncu)
