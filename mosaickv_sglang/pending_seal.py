@@ -62,10 +62,10 @@ from mosaickv_sglang.kernels.format import SegmentPlan, plans_granules
 
 __all__ = [
     "PACK_AFTER_LAUNCH_ENV", "PACK_LAYER_SLICES_ENV", "PACK_SOONER_AFTER_ENV", "PLAN_AFTER_LAUNCH_ENV",
-    "SEAL_ASYNC_ENV", "SEAL_LAYER_SLICES_ENV", "SEAL_SLICE_PAGES_ENV", "PendingSeal", "layer_slices",
-    "pack_after_launch_enabled", "pack_layer_slices", "pack_sooner_after_plans", "page_scaled_slices",
-    "plan_after_launch_enabled", "seal_async_enabled", "seal_async_plans", "seal_layer_slices", "seal_slice_pages",
-    "sizes_to_host",
+    "SEAL_ASYNC_ENV", "SEAL_LAYER_SLICES_ENV", "SEAL_MAX_PAGES_ENV", "SEAL_SLICE_PAGES_ENV", "PendingSeal",
+    "layer_slices", "pack_after_launch_enabled", "pack_layer_slices", "pack_sooner_after_plans", "page_scaled_slices",
+    "plan_after_launch_enabled", "seal_async_enabled", "seal_async_plans", "seal_layer_slices", "seal_max_pages",
+    "seal_slice_pages", "sizes_to_host",
 ]  # fmt: skip
 
 SEAL_ASYNC_ENV = "MOSAICKV_SEAL_ASYNC"
@@ -74,6 +74,7 @@ PLAN_AFTER_LAUNCH_ENV = "MOSAICKV_PLAN_AFTER_LAUNCH"
 PACK_SOONER_AFTER_ENV = "MOSAICKV_PACK_SOONER_AFTER"
 SEAL_LAYER_SLICES_ENV = "MOSAICKV_SEAL_LAYER_SLICES"
 SEAL_SLICE_PAGES_ENV = "MOSAICKV_SEAL_SLICE_PAGES"
+SEAL_MAX_PAGES_ENV = "MOSAICKV_SEAL_MAX_PAGES"
 PACK_LAYER_SLICES_ENV = "MOSAICKV_PACK_LAYER_SLICES"
 
 
@@ -118,6 +119,13 @@ def seal_slice_pages() -> int:
     is planned in proportionally more of them (:func:`page_scaled_slices`; an experiment, see the module's
     docstring)."""
     return _whole_number_env(SEAL_SLICE_PAGES_ENV, "pages")
+
+
+def seal_max_pages() -> int:
+    """``MOSAICKV_SEAL_MAX_PAGES=M`` (pages >= 1; default 0, off): a first half plans at most ``M`` pages, the rest
+    wait for the next seal (an experiment: a planner slice costs more the more pages its seal has, and a seal
+    larger than the seal graphs' largest bucket is planned without graphs)."""
+    return _whole_number_env(SEAL_MAX_PAGES_ENV, "pages")
 
 
 def page_scaled_slices(slices: int, pages: int, slice_pages: int) -> int:

@@ -39,7 +39,8 @@ from mosaickv_sglang.kernels.format import SegmentPlan
 from mosaickv_sglang.kv_pool import MosaicMHATokenToKVPool
 from mosaickv_sglang.pending_seal import (
     PendingSeal, layer_slices, pack_after_launch_enabled, pack_layer_slices, pack_sooner_after_plans,
-    page_scaled_slices, plan_after_launch_enabled, seal_async_plans, seal_layer_slices, seal_slice_pages,
+    page_scaled_slices, plan_after_launch_enabled, seal_async_plans, seal_layer_slices, seal_max_pages,
+    seal_slice_pages,
 )  # fmt: skip
 from mosaickv_sglang.plan_layers import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SEGMENTS, plan_fast_layers
 from mosaickv_sglang.planner import plan_fast
@@ -422,6 +423,9 @@ class Sealer:
         planned in proportionally more slices (:func:`~mosaickv_sglang.pending_seal.page_scaled_slices`), and a low
         hot pool packs it sooner only once all its slices are planned (from :attr:`pack_sooner_after` plans or as many
         as its slices, the later).
+    max_seal_pages, seals_capped : int
+        ``MOSAICKV_SEAL_MAX_PAGES`` (default 0, off): a first half plans at most this many pages, the rest wait with
+        the deferred pages for the next seal; and the first halves that left pages so.
     slices_after_launch, slices_caught_up : int
         Later slices planned after a launch, and those a pack due sooner planned itself.
     pack_layer_slices : int
@@ -487,6 +491,8 @@ class Sealer:
         self.after_launch_seconds = 0.0
         self.layer_slices = seal_layer_slices()
         self.slice_pages = seal_slice_pages()
+        self.max_seal_pages = seal_max_pages()
+        self.seals_capped = 0
         self.slices_after_launch = 0
         self.slices_caught_up = 0
         self.pack_layer_slices = pack_layer_slices()
@@ -881,8 +887,9 @@ class Sealer:
                   if self.seal_beside_step else "")  # fmt: skip
         if self.seal_async:
             pack_plans = self._pack_plans(len(self._slices_for_start(1)))  # the smallest seal's
+            capped = f"{self.seals_capped} capped at {self.max_seal_pages} pages, " if self.max_seal_pages else ""
             beside += (f" ({self.async_seals} packed {pack_plans} plans later or sooner, "
-                       f"{self.pending_voided} voided, {self.packs_sooner} taken sooner for a hot pool below "
+                       f"{self.pending_voided} voided, {capped}{self.packs_sooner} taken sooner for a hot pool below "
                        f"{self.pack_water_pages} free pages; after a launch {self.packs_after_launch} packed and "
                        f"{self.starts_after_launch} planned{self._slices_status()} in "
                        f"{self.after_launch_seconds:.1f} s; "
@@ -1088,6 +1095,11 @@ class Sealer:
         finished first. Returns whether a plan is now pending (``False``: no arena room, the pages stay dense)."""
         self.finish_seal()
         self._forward_waits_for_side()
+        if 0 < self.max_seal_pages < pages.size:
+            left = self._noted(pages[self.max_seal_pages:], sink_mask[self.max_seal_pages:])
+            self._deferred = tuple(np.concatenate([held, more]) for held, more in zip(self._deferred, left))
+            pages, sink_mask = pages[: self.max_seal_pages], sink_mask[: self.max_seal_pages]
+            self.seals_capped += 1
         with self._seal_time(count_call=False):
             fitting = self._fitting(pages, sink_mask)
             if fitting is None:

@@ -1211,3 +1211,45 @@ def test_no_arena_room_for_a_later_pack_slice_rolls_the_seal_back(monkeypatch, c
         sealer.after_launch()
     assert sealer.pages_sealed == pages.size and store.is_sealed(torch.from_numpy(pages)).all()
     sc.pool.check_invariants()
+
+
+def test_seal_max_pages_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(pending_seal.SEAL_MAX_PAGES_ENV, raising=False)
+    assert pending_seal.seal_max_pages() == 0
+    monkeypatch.setenv(pending_seal.SEAL_MAX_PAGES_ENV, " 64 ")
+    assert pending_seal.seal_max_pages() == 64
+    for raw in ("-4", "lots", "2.5"):
+        monkeypatch.setenv(pending_seal.SEAL_MAX_PAGES_ENV, raw)
+        with pytest.raises(ValueError, match=f"{pending_seal.SEAL_MAX_PAGES_ENV}: expected a whole number"):
+            pending_seal.seal_max_pages()
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_with_seal_max_pages_a_first_half_plans_at_most_that_many_and_the_rest_wait_for_the_next(seed, caplog):
+    """MOSAICKV_SEAL_MAX_PAGES=M: a first half of more than M pages plans its first M, the others join the deferred
+    pages (those already there kept), and the next seal takes them; every page ends sealed, each once."""
+    sc, pages, sinks = _filled(seed)
+    sealer = sc.mosaic.sealer
+    sealer.seal_async, sealer.seal_async_plans = True, 1
+    cap = max(1, pages.size // 3)
+    sealer.max_seal_pages = cap
+    earlier = pages[-1:]
+    sealer._defer(earlier, sinks[-1:])
+    assert sealer.start_seal(pages[:-1], sinks[:-1])
+    assert np.array_equal(sealer._pending.pages, pages[:cap]) and sealer.seals_capped == 1
+    held, held_sinks = sealer._still_deferrable()
+    assert np.array_equal(held, np.concatenate([earlier, pages[cap:-1]]))
+    assert np.array_equal(held_sinks, np.concatenate([sinks[-1:], sinks[cap:-1]]))
+    assert sealer.finish_seal() and sealer.pages_sealed == cap
+    capped = 1
+    while held.size:
+        capped += int(held.size > cap)
+        sealer._defer(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+        assert sealer.start_seal(held, held_sinks) and sealer._pending.pages.size == min(cap, held.size)
+        assert sealer.finish_seal()
+        held, held_sinks = sealer._still_deferrable()
+    assert sealer.pages_sealed == pages.size and sealer.seals_capped == capped >= 2
+    assert sc.pool.store.is_sealed(torch.from_numpy(pages)).all()
+    with caplog.at_level(logging.INFO, logger="mosaickv_sglang.sealer"):
+        sealer.maybe_log_status(now=1e12)
+    assert f"{sealer.seals_capped} capped at {cap} pages, " in caplog.text
