@@ -14,6 +14,10 @@ The bytes at given lambdas and the bracket's rounds run as torch ops (about four
 kernels.lagrange_bracket`: one launch for the whole search, one for each evaluation before it) on CUDA tensors, or on
 the CPU under ``TRITON_INTERPRET=1``: the same brackets but where ``exp`` or ``log`` rounds differently, so the same
 choices but at a lambda within the bracket's width.
+
+With ``MOSAICKV_COMPILE_LAGRANGE=1`` (experimental, default off) the torch method's search, about 400 small kernels
+for a 4-layer call, runs through :func:`torch.compile` (TorchInductor fuses its element-wise and reduction chains into
+fewer kernels); each new shape compiles once, on its first call, which must not be under CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from typing import Optional, Tuple
 
 import torch
 
+from mosaickv_sglang.config import flag_env
 from mosaickv_sglang.kernels._checks import check_tensor
 
-__all__ = ["BRACKET_ENV_VAR", "BRACKET_METHODS", "bracket_method", "choose_candidates_batched"]
+__all__ = ["BRACKET_ENV_VAR", "BRACKET_METHODS", "COMPILE_ENV_VAR", "bracket_method", "choose_candidates_batched",
+           "compile_enabled"]  # fmt: skip
 
 BRACKET_ENV_VAR = "MOSAICKV_LAGRANGE_BRACKET"
+COMPILE_ENV_VAR = "MOSAICKV_COMPILE_LAGRANGE"
 BRACKET_METHODS = ("torch", "kernel")
 
 _GRID = 8  # lambdas per bracketing round, as in the reference
@@ -63,6 +70,11 @@ def bracket_method() -> str:
     if method not in BRACKET_METHODS:
         raise ValueError(f"{BRACKET_ENV_VAR}: expected one of {', '.join(BRACKET_METHODS)}, got {method!r}")
     return method
+
+
+def compile_enabled() -> bool:
+    """``MOSAICKV_COMPILE_LAGRANGE``: ``1`` runs the torch method's search compiled (see the module docstring)."""
+    return flag_env(COMPILE_ENV_VAR)
 
 
 def _grid_fractions(device: torch.device) -> torch.Tensor:
@@ -193,6 +205,26 @@ def choose_candidates_batched(
         raise ValueError(f"method: expected one of {', '.join(BRACKET_METHODS)}, got {method!r}")
     if nl == 0 or n == 0:
         return torch.zeros(nl, n, dtype=torch.int64, device=dev), torch.zeros(nl, dtype=torch.float64, device=dev)
+    if method == "torch" and compile_enabled():
+        return _compiled_choice()(err, cand_bytes, budget_bytes, method)
+    return _choose(err, cand_bytes, budget_bytes, method)
+
+
+_COMPILED: list = []  # the compiled _choose, made on first use
+
+
+def _compiled_choice():
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_choose, fullgraph=True))
+    return _COMPILED[0]
+
+
+def _choose(
+    err: torch.Tensor, cand_bytes: torch.Tensor, budget_bytes: torch.Tensor, method: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`choose_candidates_batched` of checked, non-empty inputs."""
+    nl = err.shape[0]
+    dev = err.device
     e = err.double()
     e = torch.where(torch.isnan(e), torch.full_like(e, math.inf), e)
     finite = torch.isfinite(e)
