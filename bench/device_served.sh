@@ -50,7 +50,9 @@
 #            kernels, which every server's startup choice has picked), eager and through their seal graph (of the
 #            slice's page count), one graph replay profiled: bench.profile_summary's kernels busy against their span
 #            and the top kernels; beside them the same slices with the bracket search's kernel
-#            (MOSAICKV_LAGRANGE_BRACKET=kernel), eager and graphed
+#            (MOSAICKV_LAGRANGE_BRACKET=kernel), eager and graphed. SLICE_COMPILE=1: each shape again with
+#            MOSAICKV_COMPILE_LAGRANGE=1 (files named ...-compiled, without the bracket kernel; its first call
+#            compiles, not timed; each run's whole time is in its slice-cost file)
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -709,19 +711,29 @@ case "$step" in
     done
     ;;
   slice-profile)
+    runs=""
     for shape in ${SLICE_SHAPES:-4x16 8x16}; do
+      runs="$runs $shape:0"; [ "${SLICE_COMPILE:-0}" = 1 ] && runs="$runs $shape:1"
+    done
+    for run in $runs; do
+      shape="${run%:*}" compiled="${run#*:}"
       [[ "$shape" =~ ^[0-9]+x[0-9]+$ ]] || { echo "SLICE_SHAPES: expected LAYERSxPAGES, got $shape"; exit 2; }
       layers="${shape%x*}" pages="${shape#*x}"
-      [ "$(left)" -gt 60 ] || { echo "slice $shape skipped (budget)"; continue; }
+      [ "$(left)" -gt 60 ] || { echo "slice $run skipped (budget)"; continue; }
       # the 16-page files keep their names of the forty-sixth run (slice-cost-4.txt...)
       name="$layers"; [ "$pages" = 16 ] || name="$layers-$pages"
-      timeout 150 python3 -m bench.seal_cost --layers "$layers" --kv-heads 8 --pages "$pages" --page-size 64 \
+      bracket=(--also-lagrange-bracket kernel)
+      if [ "$compiled" = 1 ]; then name="$name-compiled" bracket=(); fi
+      t_run=$SECONDS
+      MOSAICKV_COMPILE_LAGRANGE="$compiled" timeout 200 python3 -m bench.seal_cost --layers "$layers" --kv-heads 8 \
+        --pages "$pages" --page-size 64 \
         --head-dim 128 --device cuda --dtype fp16 --chan-drop kernel --estimate-terms kernel --repeats 5 --warmup 2 \
-        --no-count --graph-pages "$pages" --also-lagrange-bracket kernel --profile "$out/slice-profile-$name" \
-        > "$out/slice-cost-$name.txt" 2>&1 || echo "seal_cost $shape rc=$?"
+        --no-count --graph-pages "$pages" "${bracket[@]}" --profile "$out/slice-profile-$name" \
+        > "$out/slice-cost-$name.txt" 2>&1 || echo "seal_cost $run rc=$?"
+      echo "slice $name: $((SECONDS - t_run)) s" | tee -a "$out/slice-cost-$name.txt"
       grep -E "^seal of|one-call|seal graphs|bracket" "$out/slice-cost-$name.txt" || true
       python3 -m bench.profile_summary --top 30 "$out/slice-profile-$name"/*_trace.json.gz \
-        > "$out/slice-profile-$name.txt" 2>&1 || echo "profile_summary $shape rc=$?"
+        > "$out/slice-profile-$name.txt" 2>&1 || echo "profile_summary $run rc=$?"
       grep "kernel events" "$out/slice-profile-$name.txt" || true
       rm -f "$out/slice-profile-$name"/per_layer_trace.json.gz
     done

@@ -22,9 +22,10 @@ fewer kernels); each new shape compiles once, on its first call, which must not 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -210,13 +211,10 @@ def choose_candidates_batched(
     return _choose(err, cand_bytes, budget_bytes, method)
 
 
-_COMPILED: list = []  # the compiled _choose, made on first use
-
-
-def _compiled_choice():
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_choose, fullgraph=True))
-    return _COMPILED[0]
+@functools.lru_cache(maxsize=None)
+def _compiled_choice() -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_choose` through :func:`torch.compile`, made on first use."""
+    return torch.compile(_choose, fullgraph=True)
 
 
 def _choose(
