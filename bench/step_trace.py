@@ -16,12 +16,12 @@ Under SGLang's overlap loop the period between two step launches holds the GPU t
 iterations before, and work put on a side stream runs beside the steps after its launch: the default window of 3
 iterations covers both.
 
-A trace with GPU periods adds what each kind of seal work costs the step it runs beside: over windows of one
-iteration (a row's GPU period holds the work its own iteration launched), the GPU period's excess over the median of
-the periods of the same batch size with no MosaicKV GPU work, for the periods with nothing launched, with a planner's
-first or later layer slice, with a pack (by its pages), and with a pack that waited for its planner; and how many of
-them are over 1.1x that median. Then the same for the planner's and the pack's layer slices by the pages of the seal
-each belongs to.
+A trace with GPU periods adds what each kind of seal work costs the step it runs beside: over windows of one iteration
+(a row's GPU period holds the work its own iteration launched), the GPU period's excess over the median of the periods
+of the same batch size with no MosaicKV GPU work, for the periods with nothing launched, with a planner's first or later
+layer slice, with a pack (by its pages), with a pack that planned layer slices itself and with a pack that waited for
+its planner; and how many of them are over 1.1x that median. Then the same for the planner's and the pack's layer slices
+by the pages of the seal each belongs to.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from mosaickv_sglang.step_trace import SEALER_COUNTS
 SLOW_OVER_P50 = 1.1
 # what is looked for in a period's window, as (name, the trace's counts whose growth means it)
 GPU_WORK = ("seal_calls", "side_seals", "async_seals", "packs_after_launch", "starts_after_launch",
-            "slices_after_launch", "pack_slices_after_launch")  # fmt: skip
+            "slices_after_launch", "pack_slices_after_launch", "slices_caught_up")  # fmt: skip
 CAUSES = (("MosaicKV GPU work launched", GPU_WORK), ("sidecar plans applied", ("plans_applied",)),
           ("garbage collection", ("gc_collections",)))  # fmt: skip
 BATCH_CHANGE = "batch size changed"
@@ -51,8 +51,10 @@ NOTHING = "no MosaicKV GPU work"
 FIRST_SLICE, LATER_SLICE = "a planner's first layer slice", "a later layer slice"
 PACK_16, PACK_32, PACK_MORE = "a pack of 16 pages or fewer", "a pack of 17-32 pages", "a pack of more than 32 pages"
 PACK_SLICE = "a pack's layer slice (MOSAICKV_PACK_LAYER_SLICES)"
+PACK_CAUGHT_UP = "a pack that planned layer slices itself"
 PACK_WAITED, OTHER = "a pack that waited for its planner", "other seal work"
-LAUNCHED = (NOTHING, FIRST_SLICE, LATER_SLICE, PACK_16, PACK_32, PACK_MORE, PACK_SLICE, PACK_WAITED, OTHER)
+LAUNCHED = (NOTHING, FIRST_SLICE, LATER_SLICE, PACK_16, PACK_32, PACK_MORE, PACK_SLICE, PACK_CAUGHT_UP, PACK_WAITED,
+            OTHER)  # fmt: skip
 MIN_BASELINE_PERIODS = 20  # periods with nothing launched a batch size needs for its median to be the baseline
 PLANNER_SLICE, PACK_SLICE_OF_SEAL = "planner slice", "pack slice"
 SEAL_SIZES = ((16, "16 or fewer"), (32, "17-32"), (64, "33-64"), (None, "more than 64"))  # the seal graphs' buckets
@@ -157,11 +159,14 @@ def report(periods: List[Period], top: int = 15) -> str:
 
 def launched(p: Period) -> str:
     """What the iteration closing ``p`` launched (``p`` from windows of one iteration), as one of :data:`LAUNCHED`: a
-    pack over a slice, a waited pack over any other; a pack after a launch that sealed no page is the first of a
-    pack's layer slices (or a pack that voided its seal)."""
+    pack over a slice, a waited pack over any other, then a pack that planned the slices its launches had not
+    (``slices_caught_up``, in traces that count it); a pack after a launch that sealed no page is the
+    first of a pack's layer slices (or a pack that voided its seal)."""
     g = p.grew
     if "packs_waited" in g:
         return PACK_WAITED
+    if "slices_caught_up" in g:
+        return PACK_CAUGHT_UP
     if "pack_slices_after_launch" in g or ("packs_after_launch" in g and "pages_sealed" not in g):
         return PACK_SLICE
     if any(name in g for name in ("packs_after_launch", "async_seals", "seal_calls")):

@@ -4,7 +4,8 @@
 The decode step histogram (:mod:`mosaickv_sglang.step_timer`) says how long the slow steps are, not why. With
 ``MOSAICKV_STEP_TRACE`` set, each scheduler process writes ``<prefix>.<pid>.csv``: at every ``Scheduler.run_batch`` the
 clock, the batch's mode, size and total context, and the running counts of the sealer's GPU work (seal calls, seals,
-packs and layer slices beside a step or after a launch, pages sealed, packs that waited for their planner), the
+packs and layer slices beside a step or after a launch, pages sealed, packs that waited for their planner, slices a
+pack planned itself, packs taken sooner for a low hot pool), the
 sidecar's plans applied and the collector's garbage collections. On a GPU each row also gets ``gpu_ms``: the forward
 stream's time from the event recorded at the previous step's start to the one recorded at this step's, that is the GPU
 time of the step launched before, idle gaps included, which host delays that the GPU does not wait for leave out. The
@@ -31,7 +32,8 @@ STEP_TRACE_ENV = "MOSAICKV_STEP_TRACE"
 FLUSH_SECONDS = 1.0
 # running counts read off the Sealer, in the order they are written
 SEALER_COUNTS = ("seal_calls", "side_seals", "async_seals", "packs_after_launch", "starts_after_launch",
-                 "slices_after_launch", "pages_sealed", "packs_waited", "pack_slices_after_launch")  # fmt: skip
+                 "slices_after_launch", "pages_sealed", "packs_waited", "pack_slices_after_launch", "slices_caught_up",
+                 "packs_sooner")  # fmt: skip
 FIELDS = ("t", "decode", "overlapped", "batch_size", "context_tokens") + SEALER_COUNTS + ("plans_applied",
                                                                                           "gc_collections", "gpu_ms")
 

@@ -257,6 +257,8 @@ def test_the_seal_work_table_gives_each_kinds_excess_over_quiet_periods_of_its_b
     periods += [_period(500, 19.0, packs_after_launch=1, pages_sealed=16, packs_waited=1)]
     periods += [_period(550, 10.6, packs_after_launch=1), _period(551, 10.6, pack_slices_after_launch=1),
                 _period(552, 10.6, pack_slices_after_launch=1, async_seals=1, pages_sealed=24)]  # one pack in slices
+    periods += [_period(560, 16.0, packs_after_launch=1, slices_caught_up=3, pages_sealed=20),
+                _period(561, 25.0, packs_after_launch=1, slices_caught_up=2, packs_waited=1)]  # waited counts first
     periods += [_period(600 + k, 4.0, batch=3) for k in range(5)]  # too few quiet periods of batch 3: left out
     periods += [_period(700, 9.0, batch=3, slices_after_launch=1)]
     periods += [_period(800, 30.0, changed=True, slices_after_launch=1)]  # a batch change: left out
@@ -268,7 +270,8 @@ def test_the_seal_work_table_gives_each_kinds_excess_over_quiet_periods_of_its_b
     assert "| a later layer slice | 5 | 1.50 | 1.50 | 4 (80%) |" in text
     assert "| a pack of 16 pages or fewer | 4 | 1.20 | 1.20 | 4 (100%) |" in text
     assert "| a pack of more than 32 pages | 2 | 4.00 | 4.00 | 2 (100%) |" in text
-    assert "| a pack that waited for its planner | 1 | 9.00 | 9.00 | 1 (100%) |" in text
+    assert "| a pack that waited for its planner | 2 | 12.00 | 14.40 | 2 (100%) |" in text
+    assert "| a pack that planned layer slices itself | 1 | 6.00 | 6.00 | 1 (100%) |" in text
     assert "| a pack's layer slice (MOSAICKV_PACK_LAYER_SLICES) | 3 | 0.60 | 0.60 | 0 (0%) |" in text
     assert "17-32" not in text and "other seal work" not in text
 
