@@ -421,8 +421,8 @@ class Sealer:
     slice_pages : int
         ``MOSAICKV_SEAL_SLICE_PAGES`` (default 0, off): with :attr:`layer_slices`, a seal of more pages than this is
         planned in proportionally more slices (:func:`~mosaickv_sglang.pending_seal.page_scaled_slices`), and a low
-        hot pool packs it sooner only once all its slices are planned (from :attr:`pack_sooner_after` plans or as many
-        as its slices, the later).
+        hot pool packs it sooner only once all its slices are planned (from :attr:`pack_sooner_after` plans or one
+        more than its slices, the later: the launch after a plan counted by ``plans_waited`` plans a slice).
     max_seal_pages, seals_capped : int
         ``MOSAICKV_SEAL_MAX_PAGES`` (default 0, off): a first half plans at most this many pages, the rest wait with
         the deferred pages for the next seal; and the first halves that left pages so.
@@ -1252,7 +1252,9 @@ class Sealer:
         if plans >= self._pack_plans(len(pending.slices)):
             return False
         short = self._shortfall(need)
-        sooner_after = max(self.pack_sooner_after, len(pending.slices)) if self.slice_pages else self.pack_sooner_after
+        # with slice pages, not before the launch after the one that plans the last slice
+        sooner_after = (max(self.pack_sooner_after, len(pending.slices) + 1) if self.slice_pages
+                        else self.pack_sooner_after)  # fmt: skip
         if self._can_seal_beside() and plans >= sooner_after:
             return -short >= self.pack_water_pages
         return short <= 0

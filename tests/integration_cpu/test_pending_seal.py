@@ -323,13 +323,14 @@ def test_in_a_plan_a_low_hot_pool_packs_sooner_only_from_the_kth_plan():
 
 
 def test_with_seal_slice_pages_a_low_hot_pool_packs_sooner_only_once_every_slice_is_planned():
-    """MOSAICKV_SEAL_SLICE_PAGES on: a seal in 4 slices is packed sooner for a low pool from its 4th plan, not from
-    the MOSAICKV_PACK_SOONER_AFTER=1 that holds without it; with room short of the plan's needs, at once."""
+    """MOSAICKV_SEAL_SLICE_PAGES on: a seal in 4 slices is packed sooner for a low pool from its 5th plan (the 4th
+    one's launch plans its last slice), not from the MOSAICKV_PACK_SOONER_AFTER=1 that holds without it; with room
+    short of the plan's needs, at once."""
     sc, sealer, pages = _low_pool_pending(1)
     sealer._pending.slices = [range(0, 1), range(1, 2)] * 2  # four slices: only their count matters here
     assert not sealer._pending_waits(0, plans_waited=1)
     sealer.slice_pages = 4
-    assert [sealer._pending_waits(0, plans_waited=k) for k in (1, 3, 4)] == [True, True, False]
+    assert [sealer._pending_waits(0, plans_waited=k) for k in (1, 4, 5)] == [True, True, False]
     assert not sealer._pending_waits(sc.pool.num_free_physical_pages + 1, plans_waited=1)
 
 
