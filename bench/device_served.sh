@@ -50,9 +50,10 @@
 #            kernels, which every server's startup choice has picked), eager and through their seal graph (of the
 #            slice's page count), one graph replay profiled: bench.profile_summary's kernels busy against their span
 #            and the top kernels; beside them the same slices with the bracket search's kernel
-#            (MOSAICKV_LAGRANGE_BRACKET=kernel), eager and graphed. SLICE_COMPILE=1: each shape again with
-#            MOSAICKV_COMPILE_LAGRANGE=1 (files named ...-compiled, without the bracket kernel; its first call
-#            compiles, not timed; each run's whole time is in its slice-cost file)
+#            (MOSAICKV_LAGRANGE_BRACKET=kernel), eager and graphed. SLICE_COMPILE="lagrange planner" (either or
+#            both): each shape again with MOSAICKV_COMPILE_LAGRANGE=1, then MOSAICKV_COMPILE_PLANNER=1 (files named
+#            ...-lagrange, ...-planner, without the bracket kernel; the first call compiles, not timed; each run's
+#            whole time is in its slice-cost file)
 #   tune     no server: bench.decode_speed --tune (launch and chan-rebuild modes, 8B shape, 8k and 128k, batch 16
 #            and 32)
 #   ncu      no server: Nsight Compute's counters of the sparse decode, segment scores and FlashInfer decode kernels
@@ -713,7 +714,12 @@ case "$step" in
   slice-profile)
     runs=""
     for shape in ${SLICE_SHAPES:-4x16 8x16}; do
-      runs="$runs $shape:0"; [ "${SLICE_COMPILE:-0}" = 1 ] && runs="$runs $shape:1"
+      runs="$runs $shape:eager"
+      for compiled in ${SLICE_COMPILE:-}; do
+        [[ "$compiled" =~ ^(lagrange|planner)$ ]] || { echo "SLICE_COMPILE: expected lagrange or planner, got $compiled"
+                                                       exit 2; }
+        runs="$runs $shape:$compiled"
+      done
     done
     for run in $runs; do
       shape="${run%:*}" compiled="${run#*:}"
@@ -723,10 +729,11 @@ case "$step" in
       # the 16-page files keep their names of the forty-sixth run (slice-cost-4.txt...)
       name="$layers"; [ "$pages" = 16 ] || name="$layers-$pages"
       bracket=(--also-lagrange-bracket kernel)
-      if [ "$compiled" = 1 ]; then name="$name-compiled" bracket=(); fi
+      if [ "$compiled" != eager ]; then name="$name-$compiled" bracket=(); fi
       t_run=$SECONDS
-      MOSAICKV_COMPILE_LAGRANGE="$compiled" timeout 200 python3 -m bench.seal_cost --layers "$layers" --kv-heads 8 \
-        --pages "$pages" --page-size 64 \
+      MOSAICKV_COMPILE_LAGRANGE="$([ "$compiled" = lagrange ] && echo 1 || echo 0)" \
+        MOSAICKV_COMPILE_PLANNER="$([ "$compiled" = planner ] && echo 1 || echo 0)" timeout 200 \
+        python3 -m bench.seal_cost --layers "$layers" --kv-heads 8 --pages "$pages" --page-size 64 \
         --head-dim 128 --device cuda --dtype fp16 --chan-drop kernel --estimate-terms kernel --repeats 5 --warmup 2 \
         --no-count --graph-pages "$pages" "${bracket[@]}" --profile "$out/slice-profile-$name" \
         > "$out/slice-cost-$name.txt" 2>&1 || echo "seal_cost $run rc=$?"

@@ -15,6 +15,10 @@ same per-layer byte budget:
 
 Host metadata (budgets, always-dense mask, context ids) reaches the device in one copy; the results' ``lambda``
 come back in one read.
+
+With ``MOSAICKV_COMPILE_PLANNER=1`` (experimental, default off) the device half (:func:`plan_on_device`, one graph for
+:func:`torch.compile`) runs compiled: TorchInductor fuses its some 600 small kernels a call. Each new shape compiles on
+its first call, which must not be under CUDA-graph capture (seal graphs warm up first).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ import torch
 from mosaickv_sglang.importance import FLOAT_DTYPES, SegmentImportance, default_scale, flatten_queries
 from mosaickv_sglang.importance import importance_from_labels, query_stats, uniform_importance
 from mosaickv_sglang.kernels import format as fmt
+from mosaickv_sglang.config import flag_env
 from mosaickv_sglang.kernels._checks import check_int, check_tensor
 from mosaickv_sglang.lagrange import choose_candidates_batched
 from mosaickv_sglang.planner import (
@@ -44,7 +49,7 @@ from mosaickv_sglang.planner import (
     _menu_tensors,
 )
 from mosaickv_sglang.pool.device import to_device
-from mosaickv_sglang.strategies import Candidate
+from mosaickv_sglang.strategies import Candidate, dense_index
 from mosaickv_sglang.strategies.base import check_segment_shape, dense_segment_bytes
 
 logger = logging.getLogger(__name__)
@@ -433,6 +438,20 @@ def host_meta_size(call: LayersCall) -> int:
     return (call.per + 1) * call.segments + call.layers
 
 
+COMPILE_PLANNER_ENV = "MOSAICKV_COMPILE_PLANNER"
+
+
+def compile_planner_enabled() -> bool:
+    """``MOSAICKV_COMPILE_PLANNER``: ``1`` runs :func:`plan_on_device` compiled (see the module docstring)."""
+    return flag_env(COMPILE_PLANNER_ENV)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_plan_on_device() -> Callable[..., Tuple[fmt.SegmentPlan, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]]:  # fmt: skip
+    return torch.compile(_plan_on_device)
+
+
 def plan_on_device(
     call: LayersCall,
     keys: Layers,
@@ -444,14 +463,28 @@ def plan_on_device(
 ) -> Tuple[fmt.SegmentPlan, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The device half of :func:`plan_fast_layers`, with no host read and no host-to-device copy (a CUDA graph can
     capture it): ``(plan of all layers' segments, choice [L, N], estimated error [L, N], segment bytes [L, N],
-    lambda [L])``. ``meta``: :func:`host_meta` on the device."""
+    lambda [L])``. ``meta``: :func:`host_meta` on the device. Compiled with ``MOSAICKV_COMPILE_PLANNER=1``."""
+    run = _compiled_plan_on_device() if compile_planner_enabled() else _plan_on_device
+    return run(call, keys, values, queries, importance, meta, must_plan)
+
+
+def _plan_on_device(
+    call: LayersCall,
+    keys: Layers,
+    values: Layers,
+    queries: Optional[Sequence[Optional[torch.Tensor]]],
+    importance: Optional[Sequence[SegmentImportance]],
+    meta: torch.Tensor,
+    must_plan: bool,
+) -> Tuple[fmt.SegmentPlan, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`plan_on_device`, eager."""
     nl, n, s, d, per, ng = call.layers, call.segments, call.seg_size, call.head_dim, call.per, call.contexts
     items = call.menu
     dev = keys[0].device
     dense_b = dense_segment_bytes(s, d)
     run_labels, ad_t, budget_t = meta[: per * n], meta[per * n : (per + 1) * n].bool(), meta[(per + 1) * n :]
     mt = _cached_menu_tensors(items, d, dev)
-    dense_i = items.index(Candidate(s))
+    dense_i = dense_index(items, s)
 
     imp = _stack_importance(_layer_importance(keys, queries, importance, run_labels[:n], ng, call.scale, per,
                                               run_labels))  # fmt: skip

@@ -52,7 +52,7 @@ from mosaickv_sglang.importance import (
 )
 from mosaickv_sglang.kernels import format as fmt
 from mosaickv_sglang.kernels._checks import check_int, check_tensor
-from mosaickv_sglang.strategies import Candidate, Selection, default_menu, descending_rank, restrict_menu
+from mosaickv_sglang.strategies import Candidate, Selection, default_menu, dense_index, descending_rank, restrict_menu
 from mosaickv_sglang.strategies.base import chan_scores, check_segment_shape, dense_segment_bytes
 from mosaickv_sglang.strategies.lowrank import factors_from_svd, masked_svd
 
@@ -724,7 +724,7 @@ def estimate_errors_exact(
                         dmass[sl, i] = dm
                         loss = torch.where(keep, (k_loss + _row_loss(v_apx.x, v_rows)) * 0.5, 1.0)
                         unseen[sl, i] = (prior[sl] * loss).sum(1)
-    dense_i = list(menu).index(Candidate(s))
+    dense_i = dense_index(menu, s)
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
     unseen[:, dense_i] = 0.0
@@ -871,8 +871,8 @@ def _estimate_fast(
     #   c = sum_{kept} p_t dv_t                      (V top-k, dv_t the dropped elements)
     # Token sums are products with the [N, M, S] keep masks, so no [N, S, d] product is materialised for them.
     # token weights of a and of every b, [N, 1 + len(ks), M, S], applied to v_t - O in one product
-    on_resid = torch.empty(n, 1 + len(ks), len(ms), s, device=dev)
-    dropped_p = torch.mul(1.0 - kept, p[:, None, :], out=on_resid[:, 0])
+    dropped_p = (1.0 - kept) * p[:, None, :]
+    on_resid = [dropped_p[:, None]]
     zero_vecs = torch.zeros(n, len(ms), d, device=dev)
     vvec = [zero_vecs]
     kvar = [torch.zeros(n, len(ms), device=dev)]
@@ -904,8 +904,9 @@ def _estimate_fast(
     if ks:  # both sides and every k at once (elementwise: the same values)
         frac = _lost_fraction(torch.stack(lost[0] + lost[1]).view(2, len(ks), n, s), energies[:, None])
         chan_loss = {(side, k): frac[side, i] for side in (0, 1) for i, k in enumerate(ks)}
-        torch.mul(kept[:, None], -torch.stack(coh, 1)[:, :, None, :], out=on_resid[:, 1:])  # b's weights, every k
-    ab = torch.bmm(on_resid.view(n, -1, s), resid)  # [N, M * (1 + nk), d]: a, then b of each k
+        on_resid.append(kept[:, None] * -torch.stack(coh, 1)[:, :, None, :])  # b's weights, every k
+    on_resid_t = torch.cat(on_resid, 1) if len(on_resid) > 1 else on_resid[0]
+    ab = torch.bmm(on_resid_t.view(n, -1, s), resid)  # [N, M * (1 + nk), d]: a, then b of each k
     nm = len(ms)
     allv = torch.cat([ab[:, :nm], zero_vecs, ab[:, nm:]] + vvec, 1)
     gram = torch.bmm(allv, allv.transpose(1, 2))  # [a, b of k = 0 (zero), b of each k, c of k = 0 (zero), ...]
@@ -917,7 +918,7 @@ def _estimate_fast(
         sq = sq + sq_terms[:, i]
     err = (sq.clamp(min=0) + torch.stack(kvar, 1)[:, ki, mi]) / norm[:, None]
     dmass = -dropped_p.sum(2)[:, mi].clamp(min=0)
-    dense_i = list(menu).index(Candidate(s))
+    dense_i = dense_index(menu, s)
     err[:, dense_i] = 0.0
     dmass[:, dense_i] = 0.0
     unseen = _unseen_error(keys, values, menu, importance, labels, ng, unseen_prior, order, chan_loss, energies[1])
@@ -1145,7 +1146,7 @@ def _build(
     n, s, d = keys.shape
     dev = keys.device
     mt = _menu_tensors(menu, d, dev)
-    dense_i = menu.index(Candidate(s))
+    dense_i = dense_index(menu, s)
     dense_b = dense_segment_bytes(s, d)
     fixed = int(always_dense.sum())
     free = torch.nonzero(~always_dense).squeeze(1)

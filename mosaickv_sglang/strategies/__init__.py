@@ -31,7 +31,7 @@ from .base import (
 from .chan_k import ChanKStrategy
 from .dense import DenseStrategy
 from .lowrank import LowRankStrategy
-from .menu import AXES, RATIO_MARGIN, Candidate, axes_menu, default_menu, menu_max_ratio, restrict_menu
+from .menu import AXES, RATIO_MARGIN, Candidate, axes_menu, default_menu, dense_index, menu_max_ratio, restrict_menu
 from .tok_chan import ComposedStrategy
 from .tok_m import TokMStrategy
 
@@ -57,6 +57,7 @@ __all__ = [
     "TokMStrategy",
     "axes_menu",
     "default_menu",
+    "dense_index",
     "dense_segment_bytes",
     "menu_max_ratio",
     "descending_rank",

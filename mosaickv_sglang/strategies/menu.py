@@ -136,6 +136,15 @@ dropped, every kept vector dense: a SnapKV-like baseline) or ``"channel"`` (ever
 vector, no low-rank forms: a ThinK-like baseline)."""
 
 
+def dense_index(menu: Sequence[Candidate], seg_size: int) -> int:
+    """The index of ``Candidate(seg_size)``, the dense one, in ``menu``, by reading fields: code that
+    :func:`torch.compile` traces can read a frozen dataclass but not build one."""
+    for i, c in enumerate(menu):
+        if c.m == seg_size and c.k_form == fmt.FORM_DENSE and c.v_form == fmt.FORM_DENSE:
+            return i
+    raise ValueError(f"menu: expected the dense candidate of {seg_size} tokens, got none")
+
+
 def restrict_menu(menu: Sequence[Candidate], axes: str, seg_size: int) -> Tuple[Candidate, ...]:
     """The candidates of ``menu`` that use only the compression ``axes`` (one of :data:`AXES`), in menu order."""
     if axes not in AXES:

@@ -9,6 +9,7 @@ from mosaickv_sglang.kernels import format as fmt
 from mosaickv_sglang.strategies import (
     Candidate,
     default_menu,
+    dense_index,
     dense_segment_bytes,
     menu_max_ratio,
     overhead_bytes,
@@ -100,3 +101,12 @@ def test_restricted_menus_keep_one_axis_each(seg_size, head_dim):
         restrict_menu(full, "tokens", seg_size)
     with pytest.raises(ValueError, match="menu: expected at least one candidate, got none"):
         menu_max_ratio((), seg_size, head_dim)
+
+
+def test_dense_index_finds_the_dense_candidate_by_its_fields():
+    menu = default_menu(64, 128)
+    i = dense_index(menu, 64)
+    assert menu[i] == Candidate(64) and list(menu).index(Candidate(64)) == i
+    assert dense_index(tuple(reversed(menu)), 64) == len(menu) - 1 - i
+    with pytest.raises(ValueError, match="menu: expected the dense candidate of 64 tokens, got none"):
+        dense_index([c for c in menu if c != Candidate(64)], 64)
