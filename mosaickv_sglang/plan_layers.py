@@ -449,7 +449,7 @@ def compile_planner_enabled() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled_plan_on_device() -> Callable[..., Tuple[fmt.SegmentPlan, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor]]:  # fmt: skip
-    return torch.compile(_plan_on_device)
+    return torch.compile(plan_on_device)
 
 
 def plan_on_device(
@@ -464,20 +464,8 @@ def plan_on_device(
     """The device half of :func:`plan_fast_layers`, with no host read and no host-to-device copy (a CUDA graph can
     capture it): ``(plan of all layers' segments, choice [L, N], estimated error [L, N], segment bytes [L, N],
     lambda [L])``. ``meta``: :func:`host_meta` on the device. Compiled with ``MOSAICKV_COMPILE_PLANNER=1``."""
-    run = _compiled_plan_on_device() if compile_planner_enabled() else _plan_on_device
-    return run(call, keys, values, queries, importance, meta, must_plan)
-
-
-def _plan_on_device(
-    call: LayersCall,
-    keys: Layers,
-    values: Layers,
-    queries: Optional[Sequence[Optional[torch.Tensor]]],
-    importance: Optional[Sequence[SegmentImportance]],
-    meta: torch.Tensor,
-    must_plan: bool,
-) -> Tuple[fmt.SegmentPlan, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`plan_on_device`, eager."""
+    if not torch.compiler.is_compiling() and compile_planner_enabled():
+        return _compiled_plan_on_device()(call, keys, values, queries, importance, meta, must_plan)
     nl, n, s, d, per, ng = call.layers, call.segments, call.seg_size, call.head_dim, call.per, call.contexts
     items = call.menu
     dev = keys[0].device

@@ -922,15 +922,20 @@ def test_layer_slices_come_from_the_environment_and_cut_the_layers_evenly(monkey
     assert pending_seal.layer_slices(3, 1) == [range(0, 3)]
 
 
-def test_seal_slice_pages_comes_from_the_environment_and_scales_the_slices_with_the_pages(monkeypatch):
-    monkeypatch.delenv(pending_seal.SEAL_SLICE_PAGES_ENV, raising=False)
-    assert pending_seal.seal_slice_pages() == 0
-    monkeypatch.setenv(pending_seal.SEAL_SLICE_PAGES_ENV, "16")
-    assert pending_seal.seal_slice_pages() == 16
+@pytest.mark.parametrize("env,read", [(pending_seal.SEAL_SLICE_PAGES_ENV, pending_seal.seal_slice_pages),
+                                      (pending_seal.SEAL_MAX_PAGES_ENV, pending_seal.seal_max_pages)])
+def test_page_counts_come_from_the_environment(monkeypatch, env, read):
+    monkeypatch.delenv(env, raising=False)
+    assert read() == 0
+    monkeypatch.setenv(env, " 16 ")
+    assert read() == 16
     for raw in ("-1", "x", "1.5"):
-        monkeypatch.setenv(pending_seal.SEAL_SLICE_PAGES_ENV, raw)
-        with pytest.raises(ValueError, match=f"{pending_seal.SEAL_SLICE_PAGES_ENV}: expected a whole number"):
-            pending_seal.seal_slice_pages()
+        monkeypatch.setenv(env, raw)
+        with pytest.raises(ValueError, match=f"{env}: expected a whole number of pages"):
+            read()
+
+
+def test_seal_slice_pages_scales_the_slices_with_the_pages():
     scaled = pending_seal.page_scaled_slices
     assert [scaled(8, p, 16) for p in (0, 1, 16, 17, 32, 64, 128)] == [8, 8, 8, 16, 16, 32, 64]
     assert scaled(8, 128, 0) == 8 and scaled(1, 128, 16) == 1  # off, or no slices to scale
@@ -1212,17 +1217,6 @@ def test_no_arena_room_for_a_later_pack_slice_rolls_the_seal_back(monkeypatch, c
         sealer.after_launch()
     assert sealer.pages_sealed == pages.size and store.is_sealed(torch.from_numpy(pages)).all()
     sc.pool.check_invariants()
-
-
-def test_seal_max_pages_comes_from_the_environment(monkeypatch):
-    monkeypatch.delenv(pending_seal.SEAL_MAX_PAGES_ENV, raising=False)
-    assert pending_seal.seal_max_pages() == 0
-    monkeypatch.setenv(pending_seal.SEAL_MAX_PAGES_ENV, " 64 ")
-    assert pending_seal.seal_max_pages() == 64
-    for raw in ("-4", "lots", "2.5"):
-        monkeypatch.setenv(pending_seal.SEAL_MAX_PAGES_ENV, raw)
-        with pytest.raises(ValueError, match=f"{pending_seal.SEAL_MAX_PAGES_ENV}: expected a whole number"):
-            pending_seal.seal_max_pages()
 
 
 @pytest.mark.parametrize("seed", [3, 8])
