@@ -782,7 +782,11 @@ class Sealer:
         :attr:`slice_pages` pages (its seal graph's bucket's), else one."""
         n = self.layer_slices if self.seal_beside_step and self._launch_hooked else 1
         bucket = None if self.seal_graphs is None else self.seal_graphs.bucket_for(num_pages)
-        return layer_slices(self.pool.layer_num, page_scaled_slices(n, bucket or num_pages, self.slice_pages))
+        return self._page_scaled_layer_slices(n, bucket or num_pages)
+
+    def _page_scaled_layer_slices(self, slices: int, pages: int) -> List[range]:
+        """The model's layers in ``slices`` slices, more for a seal of more than :attr:`slice_pages` pages."""
+        return layer_slices(self.pool.layer_num, page_scaled_slices(slices, pages, self.slice_pages))
 
     def _start_chosen(self) -> None:
         """:meth:`start_seal` of the pages a plan left to :meth:`after_launch`, those of them still holding what they
@@ -973,15 +977,13 @@ class Sealer:
         for all layers and, beside the step with layer slices, for each slice. Returns how many were captured."""
         if self.seal_graphs is None:
             return 0
-        num_layers = self.pool.layer_num
-        ranges = [range(num_layers)]
+        ranges = [range(self.pool.layer_num)]
         if not (self.seal_beside_step and self.layer_slices > 1):
             return self.seal_graphs.capture_ahead(ranges)
         if not self.slice_pages:
-            return self.seal_graphs.capture_ahead(ranges + layer_slices(num_layers, self.layer_slices))
-        return self.seal_graphs.capture_ahead(ranges, {
-            b: layer_slices(num_layers, page_scaled_slices(self.layer_slices, b, self.slice_pages))
-            for b in self.seal_graphs.buckets})
+            return self.seal_graphs.capture_ahead(ranges + layer_slices(self.pool.layer_num, self.layer_slices))
+        return self.seal_graphs.capture_ahead(
+            ranges, {b: self._page_scaled_layer_slices(self.layer_slices, b) for b in self.seal_graphs.buckets})
 
     def _gather_layers(self, slots: torch.Tensor, num_pages: int,
                        layers: Optional[range] = None) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -1096,8 +1098,7 @@ class Sealer:
         self.finish_seal()
         self._forward_waits_for_side()
         if 0 < self.max_seal_pages < pages.size:
-            left = self._noted(pages[self.max_seal_pages:], sink_mask[self.max_seal_pages:])
-            self._deferred = tuple(np.concatenate([held, more]) for held, more in zip(self._deferred, left))
+            self._due_again(pages[self.max_seal_pages:], sink_mask[self.max_seal_pages:])
             pages, sink_mask = pages[: self.max_seal_pages], sink_mask[: self.max_seal_pages]
             self.seals_capped += 1
         with self._seal_time(count_call=False):
@@ -1269,8 +1270,7 @@ class Sealer:
         pages wait for a later plan with the deferred ones)."""
         if self.seal_async:
             if self._pending is not None:
-                held_pages, _, held_sinks = self._deferred
-                self._defer(np.concatenate([held_pages, pages]), np.concatenate([held_sinks, sink_mask]))
+                self._due_again(pages, sink_mask)
                 return
             self.start_seal(pages, sink_mask)
         else:

@@ -4,15 +4,14 @@
 The decode step histogram (:mod:`mosaickv_sglang.step_timer`) says how long the slow steps are, not why. With
 ``MOSAICKV_STEP_TRACE`` set, each scheduler process writes ``<prefix>.<pid>.csv``: at every ``Scheduler.run_batch`` the
 clock, the batch's mode, size and total context, and the running counts of the sealer's GPU work (seal calls, seals,
-packs and layer slices beside a step or after a launch, pages sealed, packs that waited for their planner, slices a
-pack planned itself, packs taken sooner for a low hot pool), the
-sidecar's plans applied and the collector's garbage collections. On a GPU each row also gets ``gpu_ms``: the forward
-stream's time from the event recorded at the previous step's start to the one recorded at this step's, that is the GPU
-time of the step launched before, idle gaps included, which host delays that the GPU does not wait for leave out. The
-row waits in memory until its event is done on the device (at most the step in flight). ``python -m bench.step_trace``
-turns the rows into decode step periods (the step timer's own rule) and sets the slow ones beside the work launched
-around them. A stock server (no ``--kv-compressor``) writes the same rows with the MosaicKV counts left empty, so both
-can be read the same way.
+packs and layer slices beside a step or after a launch, pages sealed, packs that waited for their planner, slices a pack
+planned itself, packs taken sooner for a low hot pool), the sidecar's plans applied and the collector's garbage
+collections. On a GPU each row also gets ``gpu_ms``: the forward stream's time from the event recorded at the previous
+step's start to the one recorded at this step's, that is the GPU time of the step launched before, idle gaps included,
+which host delays that the GPU does not wait for leave out. The row waits in memory until its event is done on the
+device (at most the step in flight). ``python -m bench.step_trace`` turns the rows into decode step periods (the step
+timer's own rule) and sets the slow ones beside the work launched around them. A stock server (no ``--kv-compressor``)
+writes the same rows with the MosaicKV counts left empty, so both can be read the same way.
 
 Rows are written in blocks, at most every :data:`FLUSH_SECONDS` on the scheduler thread, and when the scheduler goes
 idle (``patches/metrics.py``): a load's last steps are on disk before the next load starts.
