@@ -36,7 +36,7 @@ import mosaickv_sglang.kernels  # noqa: F401  (maps the kernels package, as the 
 from mosaickv_sglang.kernels._triton._common import CHAN_MODE_NAMES
 from mosaickv_sglang.kernels._triton.chan_rank import _chan_rank_count_kernel, _chan_rank_sort_kernel
 from mosaickv_sglang.kernels._triton.estimate_terms import _chan_terms_kernel
-from mosaickv_sglang.kernels._triton.lagrange_bracket import _bracket_kernel, _totals_kernel
+from mosaickv_sglang.kernels._triton.lagrange_bracket import _bracket_end_kernel, _bracket_round_kernel, _totals_kernel
 from mosaickv_sglang.kernels._triton.pack import _pack_segments_main_kernel
 from mosaickv_sglang.kernels._triton.segment_scores import _segment_scores_main_kernel, _segment_select_kernel
 from mosaickv_sglang.kernels._triton.sparse_decode import _sparse_decode_split_kernel
@@ -282,18 +282,23 @@ def pack_variants(head_dims, layer_aligns: Sequence[int] = (16,), seg_size: int 
 def lagrange_bracket_variants(segments: int = 1024, candidates: int = 80) -> List[Variant]:
     """The planner's Lagrangian kernels (``kernels.lagrange_bracket``) as the batched choice launches them: fp64
     errors of a 128-page seal's 1,024 segments of 8 KV heads, the fast menu's 80 candidates, no multiply-add fusion;
-    the bracket search, and the bytes at 9 lambdas (a tile of 16) and at 1."""
-    from mosaickv_sglang.kernels.lagrange_bracket import BLOCK_C, BLOCK_N, NUM_WARPS
-    from mosaickv_sglang.lagrange import _GRID, _ROUNDS
+    a round of the bracket search, its end, and the bytes at 9 lambdas (a tile of 16) and at 1."""
+    from mosaickv_sglang.kernels.lagrange_bracket import BLOCK_B, BLOCK_C, BLOCK_N, NUM_WARPS
+    from mosaickv_sglang.lagrange import _GRID
 
     blocks = dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
     config = {"segments": segments, "candidates": candidates, "block_n": BLOCK_N, "block_c": BLOCK_C}
-    pointers = {name: "*fp64" for name in ("ET", "B", "LO", "HI", "T", "REL1", "OUT_LO", "OUT_HI")}
-    pointers.update(BL="*i64", BUDGET="*i64")
-    out = [compile_variant("lagrange_bracket", _bracket_kernel, pointers, (), dict(N=segments, C=candidates),
-                           dict(ROUNDS=_ROUNDS, GRID=_GRID, **blocks), NUM_WARPS, 3, config,
-                           enable_fp_fusion=False)]  # fmt: skip
-    pointers = {"ET": "*fp64", "B": "*fp64", "LAMS": "*fp64", "BL": "*i64", "OUT": "*i64"}
+    counts = dict(L=4, NB=segments // BLOCK_N, R=3)
+    pointers = {name: "*fp64" for name in ("ET", "B", "LO", "HI", "T", "REL1", "BOUNDS")}
+    pointers.update(BL="*i64", BUDGET="*i64", PART="*i64")
+    out = [compile_variant("lagrange_bracket", _bracket_round_kernel, pointers, (),
+                           dict(N=segments, C=candidates, **counts), dict(GRID=_GRID, BLOCK_B=BLOCK_B, **blocks),
+                           NUM_WARPS, 3, config, enable_fp_fusion=False)]  # fmt: skip
+    pointers = {name: "*fp64" for name in ("T", "REL1", "BOUNDS", "OUT_LO", "OUT_HI")}
+    pointers.update(BUDGET="*i64", PART="*i64")
+    out.append(compile_variant("lagrange_bracket_end", _bracket_end_kernel, pointers, (), counts,
+                               dict(GRID=_GRID, BLOCK_B=BLOCK_B), 1, 3, config, enable_fp_fusion=False))  # fmt: skip
+    pointers = {"ET": "*fp64", "B": "*fp64", "LAMS": "*fp64", "BL": "*i64", "PART": "*i64"}
     for lams in (9, 1):
         block_k = triton.next_power_of_2(lams)
         out.append(compile_variant("lagrange_totals", _totals_kernel, pointers, (),

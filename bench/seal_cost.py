@@ -27,7 +27,7 @@ launch-bound or memory-bound GPU call can be studied on the CPU: how ``one_call.
 where fusing saves the most traffic. ``--no-count`` skips both counting runs.
 
 ``--also-lagrange-bracket kernel`` times the one call again with the planner's Lagrangian choice as Triton kernels
-(``MOSAICKV_LAGRANGE_BRACKET``: the bracket search in one launch), counts its ops and Triton launches, and compares
+(``MOSAICKV_LAGRANGE_BRACKET``: the bracket search one launch a round), counts its ops and Triton launches, and compares
 its plans with the first's; with ``--graph-pages`` the graphed call too (graphs captured afresh, their memory
 measured from an emptied cache). On the CPU it needs ``TRITON_INTERPRET=1`` (the kernels then run in the
 interpreter, so only the counts mean anything).

@@ -1,16 +1,20 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Launchers of the planner's Lagrangian choice kernels: the bytes at given lambdas, and the bracket search with every
-round in one launch.
+"""Launchers of the planner's Lagrangian choice kernels: the bytes at given lambdas, and the bracket search, one launch
+a round.
 
-The planner's batched choice (``mosaickv_sglang.lagrange``) otherwise runs ``_ROUNDS`` rounds of about fourteen torch
+The planner's batched choice (``mosaickv_sglang.lagrange``) otherwise runs ``_ROUNDS`` rounds of about nineteen torch
 ops each (about 300 launches a planner call, whatever its page and layer counts), and materialises each evaluation's
-``[L, K, N, C]`` scores. The Triton code is in ``mosaickv_sglang.kernels._triton.lagrange_bracket``; its oracles are the
-torch path's ``mosaickv_sglang.lagrange._totals`` and ``_bracket_torch``, which they match bit for bit where ``exp``
-and ``log`` round alike (the tests compare them on the CPU through the interpreter).
+``[L, K, N, C]`` scores. Here a round is one launch (the search ``rounds + 1``), and an evaluation two (the blocks'
+shares, then their sum). Every launch spreads a problem over blocks of :data:`BLOCK_N` segments: one program a problem
+(the first design) left a 1-layer slice's whole search to one SM and lost to the torch rounds through seal graphs
+(bench/RESULTS.md, forty-third to forty-seventh sessions). The Triton code is in
+``mosaickv_sglang.kernels._triton.lagrange_bracket``; its oracles are the torch path's
+``mosaickv_sglang.lagrange._totals`` and ``_bracket_torch``, which they match bit for bit where ``exp`` and ``log``
+round alike (the tests compare them on the CPU through the interpreter).
 
 Both take the errors candidate-major (:func:`candidate_major`: one copy, shared by a call's launches). Fixed
-heuristics: :data:`BLOCK_N` segments by :data:`BLOCK_C` candidates a step, :data:`NUM_WARPS` warps, one program a
-problem. Not yet timed on a GPU.
+heuristics: :data:`BLOCK_N` segments by :data:`BLOCK_C` candidates a step, :data:`NUM_WARPS` warps. Not yet timed on a
+GPU.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import torch
 import triton
 
 from . import _checks
-from ._triton.lagrange_bracket import _bracket_kernel, _totals_kernel
+from ._triton.lagrange_bracket import _bracket_end_kernel, _bracket_round_kernel, _totals_kernel
 
-__all__ = ["bracket_fwd", "candidate_major", "totals_fwd", "BLOCK_C", "BLOCK_N", "NUM_WARPS"]
+__all__ = ["bracket_fwd", "candidate_major", "totals_fwd", "BLOCK_B", "BLOCK_C", "BLOCK_N", "NUM_WARPS"]
 
 BLOCK_N = 32
 BLOCK_C = 16
 NUM_WARPS = 8
+BLOCK_B = 32  # segment blocks' shares added a step
 
 
 def candidate_major(e: torch.Tensor) -> torch.Tensor:
@@ -71,15 +76,16 @@ def totals_fwd(et: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, lams: torch.
     if lams.shape[0] != nl:
         raise ValueError(f"lams: expected {nl} rows, got shape {list(lams.shape)}")
     k = lams.shape[1]
-    out = torch.empty((nl, k), dtype=torch.int64, device=et.device)
-    if nl == 0 or k == 0:
-        return out
-    _totals_kernel[(nl,)](
-        et, b, bl, lams, out, n, c, k,
+    if nl == 0 or k == 0 or n == 0:
+        return torch.zeros((nl, k), dtype=torch.int64, device=et.device)
+    blocks = triton.cdiv(n, BLOCK_N)
+    shares = torch.empty((nl, blocks, k), dtype=torch.int64, device=et.device)
+    _totals_kernel[(nl, blocks)](
+        et, b, bl, lams, shares, n, c, k,
         BLOCK_K=triton.next_power_of_2(k), BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
         enable_fp_fusion=False,
     )  # fmt: skip
-    return out
+    return shares[:, 0] if blocks == 1 else shares.sum(1)
 
 
 def bracket_fwd(
@@ -126,12 +132,20 @@ def bracket_fwd(
         raise ValueError(f"t: expected a power-of-two length, got {grid}")
     if rounds < 0:
         raise ValueError(f"rounds: expected >= 0, got {rounds}")
+    if nl == 0 or rounds == 0:
+        return lo.clone(), hi.clone()
     out_lo, out_hi = torch.empty_like(lo), torch.empty_like(hi)
-    if nl == 0:
-        return out_lo, out_hi
+    blocks = max(1, triton.cdiv(n, BLOCK_N))  # no segment: one block of none, every total 0
     rel = torch.full((1,), rel1, dtype=torch.float64, device=dev)  # a fill, not a host copy: graphs capture it
-    _bracket_kernel[(nl,)](
-        et, b, bl, budget, lo, hi, t, rel, out_lo, out_hi, n, c,
-        ROUNDS=rounds, GRID=grid, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS, enable_fp_fusion=False,
+    bounds = torch.empty((rounds, nl, 2), dtype=torch.float64, device=dev)
+    shares = torch.empty((rounds, nl, blocks, grid), dtype=torch.int64, device=dev)
+    for r in range(rounds):
+        _bracket_round_kernel[(nl, blocks)](
+            et, b, bl, budget, lo, hi, t, rel, bounds, shares, n, c, nl, blocks, r,
+            GRID=grid, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_B=BLOCK_B, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )  # fmt: skip
+    _bracket_end_kernel[(nl,)](
+        budget, t, rel, bounds, shares, out_lo, out_hi, nl, blocks, rounds,
+        GRID=grid, BLOCK_B=BLOCK_B, num_warps=1, enable_fp_fusion=False,
     )  # fmt: skip
     return out_lo, out_hi

@@ -9,11 +9,11 @@ sequence of tensor operations; a layer whose bracket is already narrow enough st
 shrink theirs (the reference stops there). So the number of rounds, and the host synchronisations, do not depend on
 the data: there are none.
 
-The bytes at given lambdas and the bracket's rounds run as torch ops (about fourteen launches a round) or, with
+The bytes at given lambdas and the bracket's rounds run as torch ops (about nineteen launches a round) or, with
 ``MOSAICKV_LAGRANGE_BRACKET=kernel`` (experimental; default ``torch``), as Triton kernels (:mod:`~mosaickv_sglang.
-kernels.lagrange_bracket`: one launch for the whole search, one for each evaluation before it) on CUDA tensors, or on
-the CPU under ``TRITON_INTERPRET=1``: the same brackets but where ``exp`` or ``log`` rounds differently, so the same
-choices but at a lambda within the bracket's width.
+kernels.lagrange_bracket`: one launch a round, each spread over blocks of segments, and two for each evaluation before
+the search) on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``: the same brackets but where ``exp`` or ``log``
+rounds differently, so the same choices but at a lambda within the bracket's width.
 
 With ``MOSAICKV_COMPILE_LAGRANGE=1`` (experimental, default off) the torch method's search, about 400 small kernels
 for a 4-layer call, runs through :func:`torch.compile` (TorchInductor fuses its element-wise and reduction chains into

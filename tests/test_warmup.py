@@ -167,14 +167,15 @@ def test_the_planners_lagrange_launches_compile_no_variant_the_warmup_missed(mon
 
     monkeypatch.setenv(BRACKET_ENV_VAR, "kernel")
     keys = set()
-    for name in ("_bracket_kernel", "_totals_kernel"):
+    for name in ("_bracket_round_kernel", "_bracket_end_kernel", "_totals_kernel"):
         monkeypatch.setattr(lagrange_bracket, name, Recorder(name, getattr(lagrange_bracket, name), keys))
     sh = _tiny(torch.float16, lagrange_bracket=True)
     monkeypatch.delenv(BRACKET_ENV_VAR)  # the warmup launches the kernels whatever the environment says
     warmup._run_one(warmup._Inputs(sh, torch.device("cpu")), VariantSpec("lagrange_bracket"))
     monkeypatch.setenv(BRACKET_ENV_VAR, "kernel")
     warmed = set(keys)
-    assert sorted(k[0] for k in warmed) == ["_bracket_kernel", "_totals_kernel", "_totals_kernel"]  # 1 and 9 lambdas
+    assert sorted(k[0] for k in warmed) == ["_bracket_end_kernel", "_bracket_round_kernel", "_totals_kernel",
+                                            "_totals_kernel"]  # 1 and 9 lambdas
     h, s, d, pages = 3, 16, 64, 3
     case = PoolCase(3, 2, h, s, d, 4, 4, 8, torch.float16)
     menu = axes_menu("both", s, d, lowrank=False)

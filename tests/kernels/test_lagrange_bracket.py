@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The planner's Lagrangian kernels: the bracket search in one launch (``bracket_fwd``) vs its torch rounds
+"""The planner's Lagrangian kernels: the bracket search a launch a round (``bracket_fwd``) vs its torch rounds
 (``lagrange._bracket_torch``), the bytes at given lambdas (``totals_fwd``) vs ``lagrange._totals``, and the batched
 choice through them vs the torch path and the host-driven reference."""
 
@@ -10,11 +10,11 @@ import torch
 
 from mkv_kernel_cases import gpu_only
 from mosaickv_sglang import lagrange
-from mosaickv_sglang.kernels.lagrange_bracket import BLOCK_C, BLOCK_N, bracket_fwd, candidate_major, totals_fwd
+from mosaickv_sglang.kernels.lagrange_bracket import BLOCK_B, BLOCK_C, BLOCK_N, bracket_fwd, candidate_major, totals_fwd
 from mosaickv_sglang.planner import choose_candidates
 
-# (seed, L, N, C): one to many problems, segment counts below, at and across BLOCK_N (ragged last block), the fast
-# menu's 80 candidates and a few, candidate counts across BLOCK_C
+# (seed, L, N, C): one to many problems, segment counts below, at and across BLOCK_N (ragged last block) and more
+# blocks than one step adds up (BLOCK_B), the fast menu's 80 candidates and a few, candidate counts across BLOCK_C
 CASES = [
     (0, 1, 1, 2),
     (1, 3, 37, 7),
@@ -23,6 +23,7 @@ CASES = [
     (4, 5, 300, 80),
     (5, 8, 64, 3),
     (6, 2, 5, BLOCK_C + 1),
+    (7, 3, BLOCK_N * BLOCK_B + 5, 3),
 ]
 
 
