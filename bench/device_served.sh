@@ -50,7 +50,8 @@
 #            kernels, which every server's startup choice has picked), eager and through their seal graph (of the
 #            slice's page count), one graph replay profiled: bench.profile_summary's kernels busy against their span
 #            and the top kernels; beside them the same slices with the bracket search's kernel
-#            (MOSAICKV_LAGRANGE_BRACKET=kernel), eager and graphed. SLICE_COMPILE="lagrange planner" (either or
+#            (MOSAICKV_LAGRANGE_BRACKET=kernel), eager and graphed, its replay profiled too (graphed_bracket_trace in
+#            the same summary). SLICE_COMPILE="lagrange planner" (either or
 #            both): each shape again with MOSAICKV_COMPILE_LAGRANGE=1, then MOSAICKV_COMPILE_PLANNER=1 (files named
 #            ...-lagrange, ...-planner, without the bracket kernel; the first call compiles, not timed; each run's
 #            whole time is in its slice-cost file)

@@ -37,7 +37,8 @@ interpreter, so only the counts mean anything).
 self device time), and ``<path>_trace.json.gz`` (a gzipped Chrome trace), for ``<path>`` ``per_layer`` and
 ``one_call``, and with ``--graph-pages`` ``graphed``: one replay of the one call's seal graphs, captured before the
 profile (on CUDA its kernels are listed by name only; ``python -m bench.profile_summary`` on its trace gives their busy
-time against their span, the share of the replay spent between kernels). For a GPU session::
+time against their span, the share of the replay spent between kernels), and with ``--also-lagrange-bracket`` too
+``graphed_bracket``, the same with that bracket search. For a GPU session::
 
     python -m bench.seal_cost --layers 32 --kv-heads 8 --pages 128 --page-size 64 --head-dim 128 --device cuda \\
         --dtype fp16 --repeats 3 --warmup 1 --json --profile $OUT/seal_profile
@@ -246,11 +247,11 @@ def timed_graphs(sealer: Sealer, one_call: Callable[[], object], dev: torch.devi
 
 
 def profile_graphs(sealer: Sealer, one_call: Callable[[], object], dev: torch.device,
-                   args: argparse.Namespace) -> List[str]:  # fmt: skip
-    """:func:`profile` of one replay of ``one_call``'s seal graphs (``graphed``), captured before the profile."""
+                   args: argparse.Namespace, name: str = "graphed") -> List[str]:  # fmt: skip
+    """:func:`profile` of one replay of ``one_call``'s seal graphs (as ``name``), captured before the profile."""
     with fresh_seal_graphs(sealer, dev, args.graph_pages):
         one_call()
-        return profile(one_call, dev, args.profile, "graphed")
+        return profile(one_call, dev, args.profile, name)
 
 
 @contextlib.contextmanager
@@ -325,6 +326,9 @@ def _measure(args: argparse.Namespace) -> Dict[str, object]:
             + profile(one_call, dev, args.profile, "one_call")
             + (profile_graphs(sealer, one_call, dev, args) if args.graph_pages else [])
         )  # fmt: skip
+        if args.graph_pages and args.also_lagrange_bracket:
+            with mock.patch.dict(os.environ, {lagrange.BRACKET_ENV_VAR: args.also_lagrange_bracket}):
+                report["profile"] += profile_graphs(sealer, one_call, dev, args, "graphed_bracket")
     if args.json:
         print(json.dumps(report))
     else:

@@ -201,6 +201,26 @@ def test_profile_with_graph_pages_adds_one_graphed_plan(tmp_path, capsys):
         assert len(ops) == len([e for e in json.load(f)["traceEvents"] if e.get("name") == "aten::bmm"]) > 0
 
 
+def test_profile_with_graph_pages_and_the_other_bracket_adds_its_graphed_plan(tmp_path, capsys):
+    """With ``--graph-pages`` and ``--also-lagrange-bracket kernel``, ``--profile`` also profiles the graphed one call
+    with the kernel bracket: its trace lacks the torch rounds' ``exp`` of each round's points (the kernels run in the
+    interpreter on the CPU, their math in numpy)."""
+    from mosaickv_sglang import lagrange
+
+    report = _run(f"--layers 2 {TINY} --no-count --graph-pages 4 --also-lagrange-bracket kernel --profile {tmp_path}",
+                  capsys)  # fmt: skip
+    names = sorted(Path(p).name for p in report["profile"])
+    assert names[:4] == ["graphed_bracket_by_self_cpu.txt", "graphed_bracket_trace.json.gz", "graphed_by_self_cpu.txt",
+                         "graphed_trace.json.gz"] and len(names) == 8  # fmt: skip
+
+    def exps(name: str) -> int:
+        with gzip.open(tmp_path / f"{name}_trace.json.gz", "rt") as f:
+            return sum(e.get("name") == "aten::exp" for e in json.load(f)["traceEvents"])
+
+    assert exps("graphed") - exps("graphed_bracket") == lagrange._ROUNDS
+    assert lagrange.bracket_method() == "torch"
+
+
 def test_seal_cost_times_the_other_estimate_terms_method_and_compares_plans(capsys):
     report = seal_cost.main("--layers 2 --kv-heads 2 --pages 3 --head-dim 64 --no-count --also-estimate-terms "
                             "kernel".split())
