@@ -37,6 +37,7 @@ from mosaickv_sglang.kernels._triton._common import CHAN_MODE_NAMES
 from mosaickv_sglang.kernels._triton.chan_rank import _chan_rank_count_kernel, _chan_rank_sort_kernel
 from mosaickv_sglang.kernels._triton.estimate_terms import _chan_terms_kernel
 from mosaickv_sglang.kernels._triton.lagrange_bracket import _bracket_end_kernel, _bracket_round_kernel, _totals_kernel
+from mosaickv_sglang.kernels._triton.lagrange_fixup import _fixup_kernel
 from mosaickv_sglang.kernels._triton.pack import _pack_segments_main_kernel
 from mosaickv_sglang.kernels._triton.segment_scores import _segment_scores_main_kernel, _segment_select_kernel
 from mosaickv_sglang.kernels._triton.sparse_decode import _sparse_decode_split_kernel
@@ -282,7 +283,8 @@ def pack_variants(head_dims, layer_aligns: Sequence[int] = (16,), seg_size: int 
 def lagrange_bracket_variants(segments: int = 1024, candidates: int = 80) -> List[Variant]:
     """The planner's Lagrangian kernels (``kernels.lagrange_bracket``) as the batched choice launches them: fp64
     errors of a 128-page seal's 1,024 segments of 8 KV heads, the fast menu's 80 candidates, no multiply-add fusion;
-    a round of the bracket search, its end, and the bytes at 9 lambdas (a tile of 16) and at 1."""
+    a round of the bracket search, its end, the bytes at 9 lambdas (a tile of 16) and at 1, and the choice's fix-up
+    (``kernels.lagrange_fixup``)."""
     from mosaickv_sglang.kernels.lagrange_bracket import BLOCK_B, BLOCK_C, BLOCK_N, NUM_WARPS
     from mosaickv_sglang.lagrange import _GRID
 
@@ -304,6 +306,14 @@ def lagrange_bracket_variants(segments: int = 1024, candidates: int = 80) -> Lis
         out.append(compile_variant("lagrange_totals", _totals_kernel, pointers, (),
                                    dict(N=segments, C=candidates, K=lams), dict(BLOCK_K=block_k, **blocks),
                                    NUM_WARPS, 3, {**config, "lambdas": lams}, enable_fp_fusion=False))  # fmt: skip
+    from mosaickv_sglang.kernels import lagrange_fixup as fixup
+
+    pointers = {"ET": "*fp64", "B": "*fp64", "LAM": "*fp64", "LAM_ALT": "*fp64", "SLOPE": "*fp64", "BL": "*i64",
+                "BUDGET": "*i64", "FITS0": "*i1", "CHOICE": "*i64", "ALT": "*i64", "EXTRA": "*i64", "RUNNING": "*i64"}
+    out.append(compile_variant("lagrange_fixup", _fixup_kernel, pointers, (), dict(N=segments, C=candidates),
+                               dict(BLOCK_N=fixup.BLOCK_N, BLOCK_C=fixup.BLOCK_C, BLOCK_J=fixup.BLOCK_J),
+                               fixup.NUM_WARPS, 3, {**config, "block_n": fixup.BLOCK_N, "block_j": fixup.BLOCK_J},
+                               enable_fp_fusion=False))  # fmt: skip
     return out
 
 

@@ -43,7 +43,8 @@ def candidate_major(e: torch.Tensor) -> torch.Tensor:
     return e.transpose(1, 2).contiguous()
 
 
-def _check_problem(et: torch.Tensor, b: torch.Tensor, bl: torch.Tensor) -> Tuple[int, int, int]:
+def check_problem(et: torch.Tensor, b: torch.Tensor, bl: torch.Tensor) -> Tuple[int, int, int]:
+    """Checks the problems' errors ``[L, C, N]`` and candidate bytes (fp64 and int64); returns ``(L, C, N)``."""
     _checks.check_tensor(et, "et", ndim=3, dtype=torch.float64, contiguous=True)
     nl, c, n = et.shape
     if c == 0:
@@ -71,7 +72,7 @@ def totals_fwd(et: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, lams: torch.
     torch.Tensor
         shape ``[L, K]``, dtype ``torch.int64``.
     """
-    nl, c, n = _check_problem(et, b, bl)
+    nl, c, n = check_problem(et, b, bl)
     _checks.check_tensor(lams, "lams", ndim=2, dtype=torch.float64, device=et.device, contiguous=True)
     if lams.shape[0] != nl:
         raise ValueError(f"lams: expected {nl} rows, got shape {list(lams.shape)}")
@@ -121,7 +122,7 @@ def bracket_fwd(
     tuple of torch.Tensor
         ``(lo, hi)``, new tensors of shape ``[L]``, dtype ``torch.float64``.
     """
-    nl, c, n = _check_problem(et, b, bl)
+    nl, c, n = check_problem(et, b, bl)
     dev = et.device
     _checks.check_tensor(budget, "budget", shape=(nl,), dtype=torch.int64, device=dev, contiguous=True)
     for name, x in (("lo", lo), ("hi", hi)):

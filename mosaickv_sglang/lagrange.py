@@ -9,11 +9,12 @@ sequence of tensor operations; a layer whose bracket is already narrow enough st
 shrink theirs (the reference stops there). So the number of rounds, and the host synchronisations, do not depend on
 the data: there are none.
 
-The bytes at given lambdas and the bracket's rounds run as torch ops (about nineteen launches a round) or, with
-``MOSAICKV_LAGRANGE_BRACKET=kernel`` (experimental; default ``torch``), as Triton kernels (:mod:`~mosaickv_sglang.
-kernels.lagrange_bracket`: one launch a round, each spread over blocks of segments, and two for each evaluation before
-the search) on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``: the same brackets but where ``exp`` or ``log``
-rounds differently, so the same choices but at a lambda within the bracket's width.
+The bytes at given lambdas, the bracket's rounds and the steps after them run as torch ops (about nineteen launches a
+round, fifty after) or, with ``MOSAICKV_LAGRANGE_BRACKET=kernel`` (experimental; default ``torch``), as Triton kernels
+on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``: :mod:`~mosaickv_sglang.kernels.lagrange_bracket` (one
+launch a round, each spread over blocks of segments, and two for each evaluation before the search) and
+:mod:`~mosaickv_sglang.kernels.lagrange_fixup` (the picks, upgrades and fix-up move in one launch). The same brackets
+but where ``exp`` or ``log`` rounds differently, so the same choices but at a lambda within the bracket's width.
 
 With ``MOSAICKV_COMPILE_LAGRANGE=1`` (experimental, default off) the torch method's search, about 400 small kernels
 for a 4-layer call, runs through :func:`torch.compile` (TorchInductor fuses its element-wise and reduction chains into
@@ -83,9 +84,10 @@ def _grid_fractions(device: torch.device) -> torch.Tensor:
 
 
 class _Scores:
-    """One batched choice's bytes at given lambdas (:meth:`totals`) and bracket search (:meth:`bracket`): torch ops, or
-    with ``method`` ``kernel`` where Triton can run (CUDA, or the interpreter) the Triton kernels of
-    :mod:`~mosaickv_sglang.kernels.lagrange_bracket`, on the errors made candidate-major once."""
+    """One batched choice's bytes at given lambdas (:meth:`totals`), bracket search (:meth:`bracket`) and steps after
+    it (:meth:`finish`): torch ops, or with ``method`` ``kernel`` where Triton can run (CUDA, or the interpreter) the
+    Triton kernels of :mod:`~mosaickv_sglang.kernels.lagrange_bracket` and ``lagrange_fixup``, on the errors made
+    candidate-major once."""
 
     def __init__(self, e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, method: str) -> None:
         self.e, self.b, self.bl = e, b, bl
@@ -111,6 +113,16 @@ class _Scores:
 
         return bracket_fwd(self.et, self.b, self.bl, budget, lo, hi, _grid_fractions(self.e.device), 1.0 + _REL_WIDTH,
                            _ROUNDS)  # fmt: skip
+
+    def finish(self, budget: torch.Tensor, lam: torch.Tensor, lam_alt: torch.Tensor,
+               fits_at_zero: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The choice at ``lam``, upgraded toward ``lam_alt`` while the budget allows, then one fix-up move unless
+        ``fits_at_zero``."""
+        if self.et is None:
+            return _finish_torch(self.e, self.b, self.bl, budget, lam, lam_alt, fits_at_zero)
+        from mosaickv_sglang.kernels.lagrange_fixup import fixup_fwd
+
+        return fixup_fwd(self.et, self.b, self.bl, budget, lam, lam_alt, fits_at_zero.contiguous())  # a column
 
 
 def _bracket_torch(
@@ -163,6 +175,22 @@ def _single_move(e: torch.Tensor, bl: torch.Tensor, choice: torch.Tensor, budget
     moved = choice.clone()
     moved[rows, seg] = torch.where(apply, cand, choice[rows, seg])
     return moved
+
+
+def _finish_torch(
+    e: torch.Tensor,
+    b: torch.Tensor,
+    bl: torch.Tensor,
+    budget: torch.Tensor,
+    lam: torch.Tensor,
+    lam_alt: torch.Tensor,
+    fits_at_zero: torch.Tensor,
+) -> torch.Tensor:
+    """:meth:`_Scores.finish` in torch ops, the kernel's oracle."""
+    choice, alt = _pick(e, b, torch.stack([lam, lam_alt], 1)).unbind(1)
+    left = budget - bl[choice].sum(1)
+    choice = _threshold_upgrades(e, bl, choice, alt, left)
+    return torch.where(fits_at_zero[:, None], choice, _single_move(e, bl, choice, budget))
 
 
 def choose_candidates_batched(
@@ -248,8 +276,4 @@ def _choose(
     # Where no search ran, hi = lo = the lambda that already fits (0, or the start of the bracket).
     lam = torch.where(fits_at_zero, zero, torch.where(fits_at_lo, lo, hi))
     lam_alt = torch.where(search, lo, lam)
-    choice, alt = _pick(e, b, torch.stack([lam, lam_alt], 1)).unbind(1)
-    left = budget - bl[choice].sum(1)
-    choice = _threshold_upgrades(e, bl, choice, alt, left)
-    choice = torch.where(fits_at_zero[:, None], choice, _single_move(e, bl, choice, budget))
-    return choice, lam
+    return scores.finish(budget, lam, lam_alt, fits_at_zero), lam
