@@ -36,8 +36,9 @@ import mosaickv_sglang.kernels  # noqa: F401  (maps the kernels package, as the 
 from mosaickv_sglang.kernels._triton._common import CHAN_MODE_NAMES
 from mosaickv_sglang.kernels._triton.chan_rank import _chan_rank_count_kernel, _chan_rank_sort_kernel
 from mosaickv_sglang.kernels._triton.estimate_terms import _chan_terms_kernel
-from mosaickv_sglang.kernels._triton.lagrange_bracket import _bracket_end_kernel, _bracket_round_kernel, _totals_kernel
+from mosaickv_sglang.kernels._triton.lagrange_bracket import _bracket_end_kernel, _bracket_round_kernel
 from mosaickv_sglang.kernels._triton.lagrange_fixup import _fixup_kernel
+from mosaickv_sglang.kernels._triton.lagrange_start import _start_kernel
 from mosaickv_sglang.kernels._triton.pack import _pack_segments_main_kernel
 from mosaickv_sglang.kernels._triton.segment_scores import _segment_scores_main_kernel, _segment_select_kernel
 from mosaickv_sglang.kernels._triton.sparse_decode import _sparse_decode_split_kernel
@@ -283,9 +284,10 @@ def pack_variants(head_dims, layer_aligns: Sequence[int] = (16,), seg_size: int 
 def lagrange_bracket_variants(segments: int = 1024, candidates: int = 80) -> List[Variant]:
     """The planner's Lagrangian kernels (``kernels.lagrange_bracket``) as the batched choice launches them: fp64
     errors of a 128-page seal's 1,024 segments of 8 KV heads, the fast menu's 80 candidates, no multiply-add fusion;
-    a round of the bracket search, its end, the bytes at 9 lambdas (a tile of 16) and at 1, and the choice's fix-up
+    the start (``kernels.lagrange_start``, fp32 errors), a round of the bracket search, its end, and the choice's fix-up
     (``kernels.lagrange_fixup``)."""
     from mosaickv_sglang.kernels.lagrange_bracket import BLOCK_B, BLOCK_C, BLOCK_N, NUM_WARPS
+    from mosaickv_sglang.kernels.lagrange_start import NUM_WARPS as start_warps
     from mosaickv_sglang.lagrange import _GRID
 
     blocks = dict(BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
@@ -300,16 +302,21 @@ def lagrange_bracket_variants(segments: int = 1024, candidates: int = 80) -> Lis
     pointers.update(BUDGET="*i64", PART="*i64")
     out.append(compile_variant("lagrange_bracket_end", _bracket_end_kernel, pointers, (), counts,
                                dict(GRID=_GRID, BLOCK_B=BLOCK_B), 1, 3, config, enable_fp_fusion=False))  # fmt: skip
-    pointers = {"ET": "*fp64", "B": "*fp64", "LAMS": "*fp64", "BL": "*i64", "PART": "*i64"}
-    for lams in (9, 1):
-        block_k = triton.next_power_of_2(lams)
-        out.append(compile_variant("lagrange_totals", _totals_kernel, pointers, (),
-                                   dict(N=segments, C=candidates, K=lams), dict(BLOCK_K=block_k, **blocks),
-                                   NUM_WARPS, 3, {**config, "lambdas": lams}, enable_fp_fusion=False))  # fmt: skip
+    from mosaickv_sglang.lagrange import _GROWTH, _GROWTH_STEPS
+
+    pointers = {"ERR": "*fp32", "ET": "*fp64", "B": "*fp64", "LO_FACTOR": "*fp64", "LO": "*fp64", "HI": "*fp64",
+                "BL": "*i64", "BUDGET": "*i64", "FITS0": "*i1", "FITS_LO": "*i1"}
+    out.append(compile_variant("lagrange_start", _start_kernel, pointers, (),
+                               dict(N=segments, C=candidates, stride_l=segments * candidates, stride_n=candidates,
+                                    stride_c=1),
+                               dict(GROWTH=_GROWTH, GROWTH_STEPS=_GROWTH_STEPS,
+                                    BLOCK_K=triton.next_power_of_2(_GROWTH_STEPS + 1), **blocks),
+                               start_warps, 3, config, enable_fp_fusion=False))  # fmt: skip
     from mosaickv_sglang.kernels import lagrange_fixup as fixup
 
-    pointers = {"ET": "*fp64", "B": "*fp64", "LAM": "*fp64", "LAM_ALT": "*fp64", "SLOPE": "*fp64", "BL": "*i64",
-                "BUDGET": "*i64", "FITS0": "*i1", "CHOICE": "*i64", "ALT": "*i64", "EXTRA": "*i64", "RUNNING": "*i64"}
+    pointers = {"ET": "*fp64", "B": "*fp64", "LO": "*fp64", "HI": "*fp64", "LAM": "*fp64", "SLOPE": "*fp64",
+                "BL": "*i64", "BUDGET": "*i64", "FITS0": "*i1", "FITS_LO": "*i1", "CHOICE": "*i64", "ALT": "*i64",
+                "EXTRA": "*i64", "RUNNING": "*i64"}
     out.append(compile_variant("lagrange_fixup", _fixup_kernel, pointers, (), dict(N=segments, C=candidates),
                                dict(BLOCK_N=fixup.BLOCK_N, BLOCK_C=fixup.BLOCK_C, BLOCK_J=fixup.BLOCK_J),
                                fixup.NUM_WARPS, 3, {**config, "block_n": fixup.BLOCK_N, "block_j": fixup.BLOCK_J},

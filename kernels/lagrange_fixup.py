@@ -13,6 +13,8 @@ step, :data:`NUM_WARPS` warps. Not yet timed on a GPU.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 from . import _checks
@@ -31,42 +33,46 @@ def fixup_fwd(
     b: torch.Tensor,
     bl: torch.Tensor,
     budget: torch.Tensor,
-    lam: torch.Tensor,
-    lam_alt: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
     fits_at_zero: torch.Tensor,
-) -> torch.Tensor:
-    """Each problem's choice from its bracket's ends (see the Triton module's docstring).
+    fits_at_lo: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each problem's choice and lambda from its bracket (see the Triton module's docstring).
 
     Parameters
     ----------
     et, b, bl : torch.Tensor
-        As :func:`~mosaickv_sglang.kernels.lagrange_bracket.totals_fwd`: errors ``[L, C, N]`` candidate-major
-        (``inf`` for a candidate a segment may not use, no ``nan``, a finite one in every segment), candidate bytes.
+        As :func:`~mosaickv_sglang.kernels.lagrange_bracket.bracket_fwd`: errors ``[L, C, N]`` candidate-major (``inf``
+        for a candidate a segment may not use, no ``nan``, a finite one in every segment), candidate bytes.
     budget : torch.Tensor
         shape ``[L]``, dtype ``torch.int64``.
-    lam, lam_alt : torch.Tensor
-        shape ``[L]``, dtype ``torch.float64``: the lambda chosen and the one the upgrades move toward.
-    fits_at_zero : torch.Tensor
-        shape ``[L]``, dtype ``torch.bool``: the minimal-error choice fits (no single move then).
+    lo, hi : torch.Tensor
+        shape ``[L]``, dtype ``torch.float64``: the bracket the search ended with.
+    fits_at_zero, fits_at_lo : torch.Tensor
+        shape ``[L]``, dtype ``torch.bool``: the minimal-error choice fits; the choice at the search's first ``lo``
+        fits.
 
     Returns
     -------
-    torch.Tensor
-        shape ``[L, N]``, dtype ``torch.int64``.
+    tuple of torch.Tensor
+        ``(choice, lambda)``: shape ``[L, N]``, dtype ``torch.int64``; shape ``[L]``, dtype ``torch.float64``.
     """
     nl, c, n = check_problem(et, b, bl)
     dev = et.device
     _checks.check_tensor(budget, "budget", shape=(nl,), dtype=torch.int64, device=dev, contiguous=True)
-    for name, x in (("lam", lam), ("lam_alt", lam_alt)):
+    for name, x in (("lo", lo), ("hi", hi)):
         _checks.check_tensor(x, name, shape=(nl,), dtype=torch.float64, device=dev, contiguous=True)
-    _checks.check_tensor(fits_at_zero, "fits_at_zero", shape=(nl,), dtype=torch.bool, device=dev, contiguous=True)
+    for name, x in (("fits_at_zero", fits_at_zero), ("fits_at_lo", fits_at_lo)):
+        _checks.check_tensor(x, name, shape=(nl,), dtype=torch.bool, device=dev, contiguous=True)
     choice = torch.empty((nl, n), dtype=torch.int64, device=dev)
+    lam = torch.empty((nl,), dtype=torch.float64, device=dev)
     if nl == 0 or n == 0:
-        return choice
+        return choice, lam.zero_()
     alt, extra, running = (torch.empty((nl, n), dtype=torch.int64, device=dev) for _ in range(3))
     slope = torch.empty((nl, n), dtype=torch.float64, device=dev)
     _fixup_kernel[(nl,)](
-        et, b, bl, budget, lam, lam_alt, fits_at_zero, choice, alt, extra, slope, running, n, c,
+        et, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo, lam, choice, alt, extra, slope, running, n, c,
         BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_J=BLOCK_J, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
-    return choice
+    return choice, lam

@@ -9,12 +9,13 @@ sequence of tensor operations; a layer whose bracket is already narrow enough st
 shrink theirs (the reference stops there). So the number of rounds, and the host synchronisations, do not depend on
 the data: there are none.
 
-The bytes at given lambdas, the bracket's rounds and the steps after them run as torch ops (about nineteen launches a
-round, fifty after) or, with ``MOSAICKV_LAGRANGE_BRACKET=kernel`` (experimental; default ``torch``), as Triton kernels
-on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``: :mod:`~mosaickv_sglang.kernels.lagrange_bracket` (one
-launch a round, each spread over blocks of segments, and two for each evaluation before the search) and
-:mod:`~mosaickv_sglang.kernels.lagrange_fixup` (the picks, upgrades and fix-up move in one launch). The same brackets
-but where ``exp`` or ``log`` rounds differently, so the same choices but at a lambda within the bracket's width.
+The steps before the search, its rounds and the steps after it run as torch ops (about forty launches before, nineteen
+a round, fifty after) or, with ``MOSAICKV_LAGRANGE_BRACKET=kernel`` (experimental; default ``torch``), as Triton
+kernels on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``: :mod:`~mosaickv_sglang.kernels.lagrange_start`
+(the starting bracket in one launch), :mod:`~mosaickv_sglang.kernels.lagrange_bracket` (one launch a round, each spread
+over blocks of segments) and :mod:`~mosaickv_sglang.kernels.lagrange_fixup` (the picks, upgrades and fix-up move in one
+launch). The same brackets but where ``exp`` or ``log`` rounds differently, so the same choices but at a lambda within
+the bracket's width.
 
 With ``MOSAICKV_COMPILE_LAGRANGE=1`` (experimental, default off) the torch method's search, about 400 small kernels
 for a 4-layer call, runs through :func:`torch.compile` (TorchInductor fuses its element-wise and reduction chains into
@@ -83,48 +84,6 @@ def _grid_fractions(device: torch.device) -> torch.Tensor:
     return torch.arange(1, _GRID + 1, dtype=torch.float64, device=device) / (_GRID + 1)
 
 
-class _Scores:
-    """One batched choice's bytes at given lambdas (:meth:`totals`), bracket search (:meth:`bracket`) and steps after
-    it (:meth:`finish`): torch ops, or with ``method`` ``kernel`` where Triton can run (CUDA, or the interpreter) the
-    Triton kernels of :mod:`~mosaickv_sglang.kernels.lagrange_bracket` and ``lagrange_fixup``, on the errors made
-    candidate-major once."""
-
-    def __init__(self, e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, method: str) -> None:
-        self.e, self.b, self.bl = e, b, bl
-        self.et: Optional[torch.Tensor] = None
-        if method == "kernel" and (e.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            from mosaickv_sglang.kernels.lagrange_bracket import candidate_major
-
-            self.et = candidate_major(e)
-
-    def totals(self, lams: torch.Tensor) -> torch.Tensor:
-        if self.et is None:
-            return _totals(self.e, self.b, self.bl, lams)
-        from mosaickv_sglang.kernels.lagrange_bracket import totals_fwd
-
-        return totals_fwd(self.et, self.b, self.bl, lams.contiguous())
-
-    def bracket(self, budget: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Shrink each ``[lo, hi]`` (``lo`` infeasible, ``hi`` feasible) to a relative width of 1e-12; a bracket
-        already that narrow (e.g. ``hi == lo``: a layer that needs no search) stays as it is."""
-        if self.et is None:
-            return _bracket_torch(self.e, self.b, self.bl, budget, lo, hi)
-        from mosaickv_sglang.kernels.lagrange_bracket import bracket_fwd
-
-        return bracket_fwd(self.et, self.b, self.bl, budget, lo, hi, _grid_fractions(self.e.device), 1.0 + _REL_WIDTH,
-                           _ROUNDS)  # fmt: skip
-
-    def finish(self, budget: torch.Tensor, lam: torch.Tensor, lam_alt: torch.Tensor,
-               fits_at_zero: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """The choice at ``lam``, upgraded toward ``lam_alt`` while the budget allows, then one fix-up move unless
-        ``fits_at_zero``."""
-        if self.et is None:
-            return _finish_torch(self.e, self.b, self.bl, budget, lam, lam_alt, fits_at_zero)
-        from mosaickv_sglang.kernels.lagrange_fixup import fixup_fwd
-
-        return fixup_fwd(self.et, self.b, self.bl, budget, lam, lam_alt, fits_at_zero.contiguous())  # a column
-
-
 def _bracket_torch(
     e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -177,20 +136,47 @@ def _single_move(e: torch.Tensor, bl: torch.Tensor, choice: torch.Tensor, budget
     return moved
 
 
+def _start_torch(
+    e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bracket to search, ``(lo, hi)`` (``hi == lo`` where no search is needed), and whether the minimal-error
+    choice and the choice at ``lo`` fit: the kernel's oracle."""
+    nl = e.shape[0]
+    finite = torch.isfinite(e)
+    spread = e.masked_fill(~finite, 0).amax((1, 2)) - e.masked_fill(~finite, math.inf).amin((1, 2))
+    hi0 = spread.clamp(min=0) + 1.0
+    steps = _GROWTH ** torch.arange(_GROWTH_STEPS, dtype=torch.float64, device=e.device)
+    growth = hi0[:, None] * steps[None, :]
+    zero = torch.zeros(nl, 1, dtype=torch.float64, device=e.device)
+    fits = _totals(e, b, bl, torch.cat([zero, growth], 1)) <= budget[:, None]  # lambda 0, then growth
+    fits_at_zero, grown = fits[:, 0], fits[:, 1:]
+    hi = growth.gather(1, torch.argmax(grown.to(torch.int8), dim=1)[:, None]).squeeze(1)
+    hi = torch.where(grown.any(1), hi, growth[:, -1])
+    lo = hi * _LO_FACTOR
+    fits_at_lo = _totals(e, b, bl, lo[:, None])[:, 0] <= budget
+    search = ~fits_at_zero & ~fits_at_lo
+    return lo, torch.where(search, hi, lo), fits_at_zero, fits_at_lo
+
+
 def _finish_torch(
     e: torch.Tensor,
     b: torch.Tensor,
     bl: torch.Tensor,
     budget: torch.Tensor,
-    lam: torch.Tensor,
-    lam_alt: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
     fits_at_zero: torch.Tensor,
-) -> torch.Tensor:
-    """:meth:`_Scores.finish` in torch ops, the kernel's oracle."""
+    fits_at_lo: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The choice and lambda from the bracket the search ended with: the first of 0, ``lo`` and ``hi`` that fits,
+    upgraded toward ``lo`` while the budget allows where a search ran, then one fix-up move unless the minimal-error
+    choice fits; the kernel's oracle."""
+    lam = torch.where(fits_at_zero, torch.zeros_like(lo), torch.where(fits_at_lo, lo, hi))
+    lam_alt = torch.where(fits_at_zero | fits_at_lo, lam, lo)
     choice, alt = _pick(e, b, torch.stack([lam, lam_alt], 1)).unbind(1)
     left = budget - bl[choice].sum(1)
     choice = _threshold_upgrades(e, bl, choice, alt, left)
-    return torch.where(fits_at_zero[:, None], choice, _single_move(e, bl, choice, budget))
+    return torch.where(fits_at_zero[:, None], choice, _single_move(e, bl, choice, budget)), lam
 
 
 def choose_candidates_batched(
@@ -249,31 +235,20 @@ def _choose(
     err: torch.Tensor, cand_bytes: torch.Tensor, budget_bytes: torch.Tensor, method: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`choose_candidates_batched` of checked, non-empty inputs."""
-    nl = err.shape[0]
-    dev = err.device
-    e = err.double()
-    e = torch.where(torch.isnan(e), torch.full_like(e, math.inf), e)
-    finite = torch.isfinite(e)
     b = cand_bytes.to(torch.float64)
     bl = cand_bytes.to(torch.int64)
     budget = budget_bytes.to(torch.int64)
-    zero = torch.zeros(nl, dtype=torch.float64, device=dev)
-    scores = _Scores(e, b, bl, method)
+    if method == "kernel" and (err.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from mosaickv_sglang.kernels.lagrange_bracket import bracket_fwd
+        from mosaickv_sglang.kernels.lagrange_fixup import fixup_fwd
+        from mosaickv_sglang.kernels.lagrange_start import start_fwd
 
-    spread = e.masked_fill(~finite, 0).amax((1, 2)) - e.masked_fill(~finite, math.inf).amin((1, 2))
-    hi0 = spread.clamp(min=0) + 1.0
-    steps = _GROWTH ** torch.arange(_GROWTH_STEPS, dtype=torch.float64, device=dev)
-    growth = hi0[:, None] * steps[None, :]
-    fits = scores.totals(torch.cat([zero[:, None], growth], 1)) <= budget[:, None]  # lambda 0, then growth
-    fits_at_zero, grown = fits[:, 0], fits[:, 1:]
-    hi = growth.gather(1, torch.argmax(grown.to(torch.int8), dim=1)[:, None]).squeeze(1)
-    hi = torch.where(grown.any(1), hi, growth[:, -1])
-    lo = hi * _LO_FACTOR
-    fits_at_lo = scores.totals(lo[:, None])[:, 0] <= budget
-
-    search = ~fits_at_zero & ~fits_at_lo
-    lo, hi = scores.bracket(budget, lo, torch.where(search, hi, lo))
-    # Where no search ran, hi = lo = the lambda that already fits (0, or the start of the bracket).
-    lam = torch.where(fits_at_zero, zero, torch.where(fits_at_lo, lo, hi))
-    lam_alt = torch.where(search, lo, lam)
-    return scores.finish(budget, lam, lam_alt, fits_at_zero), lam
+        lo_factor = torch.full((1,), _LO_FACTOR, dtype=torch.float64, device=err.device)  # a fill: graphs capture it
+        et, lo, hi, fits_at_zero, fits_at_lo = start_fwd(err, b, bl, budget, lo_factor, _GROWTH, _GROWTH_STEPS)
+        lo, hi = bracket_fwd(et, b, bl, budget, lo, hi, _grid_fractions(err.device), 1.0 + _REL_WIDTH, _ROUNDS)
+        return fixup_fwd(et, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)
+    e = err.double()
+    e = torch.where(torch.isnan(e), torch.full_like(e, math.inf), e)
+    lo, hi, fits_at_zero, fits_at_lo = _start_torch(e, b, bl, budget)
+    lo, hi = _bracket_torch(e, b, bl, budget, lo, hi)
+    return _finish_torch(e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)

@@ -111,10 +111,10 @@ def enumerate_variants(shape: WarmupShape) -> List[VariantSpec]:
     specs += [VariantSpec("sparse_decode_split", num_splits=s) for s in splits[:2]]
     # the merge kernel's split count is a compile-time constant (its tile); out_lse is never passed (HAS_LSE False)
     specs += [VariantSpec("sparse_decode_merge", num_splits=s) for s in splits if s > 1]
-    # lagrange.py choose_candidates_batched -> totals_fwd (1 and 9 lambdas), bracket_fwd (its round and its end) and
-    # fixup_fwd, in every seal's planner: five variants (segment, candidate, lambda, block and round counts not
-    # specialized but the lambdas' tile; the arguments that can be views of the caller's tensors not on their
-    # alignment), launched by one tiny choice
+    # lagrange.py choose_candidates_batched -> start_fwd, bracket_fwd (its round and its end) and fixup_fwd, in every
+    # seal's planner: four variants (segment, candidate, block and round counts and the errors' strides not
+    # specialized; the arguments that can be views of the caller's tensors not on their alignment), launched by one
+    # tiny choice
     if shape.lagrange_bracket:
         specs.append(VariantSpec("lagrange_bracket"))
     return specs

@@ -160,23 +160,23 @@ def test_the_planners_lagrange_launches_compile_no_variant_the_warmup_missed(mon
     """The Lagrangian kernels' compile keys of a seal's planner, in one call and through a seal graph's bucket (exact
     or padded), are the warmup spec's keys: the budgets are a view into the planner's metadata, 8 bytes past a
     16-byte boundary when its segment count is odd (3 pages of 3 KV heads), unlike the warmup's."""
-    from mosaickv_sglang.kernels import lagrange_bracket, lagrange_fixup
+    from mosaickv_sglang.kernels import lagrange_bracket, lagrange_fixup, lagrange_start
     from mosaickv_sglang.lagrange import BRACKET_ENV_VAR
     from mosaickv_sglang.strategies import axes_menu
     from test_seal_graphs import PoolCase, budget
 
     monkeypatch.setenv(BRACKET_ENV_VAR, "kernel")
     keys = set()
-    for name in ("_bracket_round_kernel", "_bracket_end_kernel", "_totals_kernel"):
-        monkeypatch.setattr(lagrange_bracket, name, Recorder(name, getattr(lagrange_bracket, name), keys))
-    monkeypatch.setattr(lagrange_fixup, "_fixup_kernel", Recorder("_fixup_kernel", lagrange_fixup._fixup_kernel, keys))
+    for module, name in ((lagrange_start, "_start_kernel"), (lagrange_bracket, "_bracket_round_kernel"),
+                         (lagrange_bracket, "_bracket_end_kernel"), (lagrange_fixup, "_fixup_kernel")):
+        monkeypatch.setattr(module, name, Recorder(name, getattr(module, name), keys))
     sh = _tiny(torch.float16, lagrange_bracket=True)
     monkeypatch.delenv(BRACKET_ENV_VAR)  # the warmup launches the kernels whatever the environment says
     warmup._run_one(warmup._Inputs(sh, torch.device("cpu")), VariantSpec("lagrange_bracket"))
     monkeypatch.setenv(BRACKET_ENV_VAR, "kernel")
     warmed = set(keys)
     assert sorted(k[0] for k in warmed) == ["_bracket_end_kernel", "_bracket_round_kernel", "_fixup_kernel",
-                                            "_totals_kernel", "_totals_kernel"]  # 1 and 9 lambdas
+                                            "_start_kernel"]
     h, s, d, pages = 3, 16, 64, 3
     case = PoolCase(3, 2, h, s, d, 4, 4, 8, torch.float16)
     menu = axes_menu("both", s, d, lowrank=False)

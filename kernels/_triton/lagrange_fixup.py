@@ -3,8 +3,10 @@
 at the two ends of the bracket, the threshold upgrades and the single fix-up move, one program a problem.
 
 Problem ``l`` has errors ``e[l, n, c]`` (stored candidate-major, ``ET[l, c, n]``), candidate bytes ``b[c]`` (fp64) and
-``bl[c]`` (int64), a budget and the bracket's ends ``lam`` (feasible) and ``lam_alt``. The program runs the torch path's
-steps over blocks of segments, its scratch rows in global memory between them (a barrier after each pass):
+``bl[c]`` (int64), a budget, the bracket ``[lo, hi]`` and whether the minimal-error choice (``FITS0``) or the one at
+``lo`` (``FITS_LO``) fits. The lambda chosen is 0, ``lo`` or ``hi``, the first that fits, and the upgrades move toward
+``lam_alt``, ``lo`` where a search ran (``lam`` elsewhere). The program runs the torch path's steps over blocks of
+segments, its scratch rows in global memory between them (a barrier after each pass):
 
 1. ``choice`` and ``alt``: ``argmin_c e + lam * b`` and ``... + lam_alt * b`` (ties: the lower ``c``); each segment's
    extra bytes and error saved per byte if moved from ``choice`` to ``alt`` (``-inf`` where they agree).
@@ -13,7 +15,7 @@ steps over blocks of segments, its scratch rows in global memory between them (a
    it (all pairs compared: ``O(N^2)``, no sort).
 3. A segment moves to ``alt`` when no segment no later than it has a running extra past the budget left (the torch
    path's cumulative product: the running extra need not grow, an ``extra`` may round below zero).
-4. Unless the minimal-error choice fits (``FITS0``): the one fitting move with the largest error reduction (the first
+4. Unless the minimal-error choice fits: the one fitting move with the largest error reduction (the first
    in row-major order among equal ones), if it reduces the error.
 
 Every comparison and the one division are the torch path's in fp64, so the choices are the same bit for bit.
@@ -70,17 +72,21 @@ def _no_later(SLOPE, base, offs_i, s_i, j0, N, BLOCK_J: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "C"], do_not_specialize_on_alignment=["BL", "BUDGET"])
 def _fixup_kernel(
-    ET, B, BL, BUDGET, LAM, LAM_ALT, FITS0, CHOICE, ALT, EXTRA, SLOPE, RUNNING,
+    ET, B, BL, BUDGET, LO, HI, FITS0, FITS_LO, LAM, CHOICE, ALT, EXTRA, SLOPE, RUNNING,
     N, C,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
 ):  # fmt: skip
-    """Problem ``program_id(0)``'s choice into ``CHOICE[l]``; ``ALT``, ``EXTRA``, ``SLOPE`` and ``RUNNING`` are its
-    scratch rows."""
+    """Problem ``program_id(0)``'s choice into ``CHOICE[l]`` and its lambda into ``LAM[l]``; ``ALT``, ``EXTRA``,
+    ``SLOPE`` and ``RUNNING`` are its scratch rows."""
     pid = tl.program_id(0).to(tl.int64)
     base = pid * N
     budget = tl.load(BUDGET + pid)
-    lam = tl.load(LAM + pid)
-    lam_alt = tl.load(LAM_ALT + pid)
+    lo = tl.load(LO + pid)
+    fits_at_zero = tl.load(FITS0 + pid) != 0
+    fits_at_lo = tl.load(FITS_LO + pid) != 0
+    lam = tl.where(fits_at_zero, 0.0, tl.where(fits_at_lo, lo, tl.load(HI + pid)))
+    lam_alt = tl.where(fits_at_zero | fits_at_lo, lam, lo)
+    tl.store(LAM + pid, lam)
 
     used = tl.zeros([BLOCK_N], dtype=tl.int64)
     for n0 in range(0, N, BLOCK_N):

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The planner's Lagrangian choice after the bracket search in one launch (``fixup_fwd``) vs its torch steps
-(``lagrange._finish_torch``: the picks at the bracket's ends, the threshold upgrades, the single fix-up move)."""
+(``lagrange._finish_torch``: the lambda, the picks at it and at the bracket's other end, the threshold upgrades, the
+single fix-up move)."""
 
 import math
 
@@ -24,14 +25,14 @@ CASES = [
     (6, 2, 5, BLOCK_C + 1),
     (7, 3, 2 * BLOCK_J + BLOCK_N + 3, 5),
 ]
-# how lam_alt relates to lam: the bracket's ends (the planner's), lam_alt above lam (fewer bytes: negative extras,
-# running extras that fall), equal (no upgrade)
-VARIANTS = ("bracket", "above", "equal")
+# the bracket given: the search's (lam its hi, the upgrades toward its lo), reversed (the upgrades toward a lambda above
+# lam, fewer bytes: negative extras, running extras that fall), no search (the choice at lo fits: no upgrade)
+VARIANTS = ("bracket", "reversed", "fits_at_lo")
 
 
 def _problem(seed: int, nl: int, n: int, c: int, variant: str, device):
     """Errors on a coarse dyadic grid (many exactly tied scores and slopes; candidate 0 the dense one, error 0, the most
-    bytes), a few forbidden candidates (``inf``), budgets from the tightest reachable to the loosest, the lambdas of
+    bytes), a few forbidden candidates (``inf``), budgets from the tightest reachable to the loosest, the bracket of
     ``variant``, every other problem's minimal-error choice marked as fitting."""
     g = torch.Generator().manual_seed(seed)
     e = torch.randint(0, 64, (nl, n, c), generator=g).double() / 8
@@ -45,19 +46,18 @@ def _problem(seed: int, nl: int, n: int, c: int, variant: str, device):
     hi = 2.0 ** torch.randint(-12, 4, (nl,), generator=g).double()
     lo = hi * lagrange._LO_FACTOR
     lo, hi = lagrange._bracket_torch(e, b, bl, budget, lo, hi)
-    if variant == "bracket":
-        lam, lam_alt = hi, lo
-    elif variant == "above":
-        lam, lam_alt = lo, hi * 2.0 ** torch.randint(1, 8, (nl,), generator=g).double()
-    else:
-        lam, lam_alt = hi, hi.clone()
+    if variant == "reversed":
+        lo, hi = hi * 2.0 ** torch.randint(1, 8, (nl,), generator=g).double(), lo
     fits_at_zero = torch.arange(nl) % 2 == 1
-    return [x.to(device) for x in (e, b, bl, budget, lam.contiguous(), lam_alt.contiguous(), fits_at_zero)]
+    fits_at_lo = torch.full((nl,), variant == "fits_at_lo")
+    return [x.contiguous().to(device) for x in (e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)]
 
 
-def _torch_steps(e, b, bl, budget, lam, lam_alt, fits_at_zero):
+def _torch_steps(e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo):
     """What each torch step did per problem: segments upgraded, upgrades refused, whether a running extra fell back
     within the budget after one past it (the order's cumulative product matters), whether a single move applied."""
+    lam = torch.where(fits_at_zero, 0.0, torch.where(fits_at_lo, lo, hi))
+    lam_alt = torch.where(fits_at_zero | fits_at_lo, lam, lo)
     choice, alt = lagrange._pick(e, b, torch.stack([lam, lam_alt], 1)).unbind(1)
     left = budget - bl[choice].sum(1)
     upgraded = lagrange._threshold_upgrades(e, bl, choice, alt, left)
@@ -69,7 +69,7 @@ def _torch_steps(e, b, bl, budget, lam, lam_alt, fits_at_zero):
     running = extra.gather(1, order).cumsum(1)
     plain = (running <= left[:, None]) & moved.gather(1, order)
     falls_back = plain.sum(1) > (upgraded != choice).sum(1)
-    final = lagrange._finish_torch(e, b, bl, budget, lam, lam_alt, fits_at_zero)
+    final = lagrange._finish_torch(e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)[0]
     return (upgraded != choice).sum(1), (moved & (upgraded == choice)).sum(1), falls_back, (final != upgraded).any(1)
 
 
@@ -88,29 +88,32 @@ def test_cases_exercise_every_step():
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("seed,nl,n,c", CASES)
 def test_fixup_equals_the_torch_steps(device, seed, nl, n, c, variant):
-    e, b, bl, budget, lam, lam_alt, fits_at_zero = _problem(seed, nl, n, c, variant, device)
-    got = fixup_fwd(candidate_major(e), b, bl, budget, lam, lam_alt, fits_at_zero)
-    assert torch.equal(got, lagrange._finish_torch(e, b, bl, budget, lam, lam_alt, fits_at_zero))
+    """The same choices and lambdas, exactly."""
+    e, *rest = _problem(seed, nl, n, c, variant, device)
+    choice, lam = fixup_fwd(candidate_major(e), *rest)
+    want_choice, want_lam = lagrange._finish_torch(e, *rest)
+    assert torch.equal(choice, want_choice) and torch.equal(lam, want_lam)
 
 
 def test_fixup_on_no_segments_and_no_problems(device):
-    e, b, bl, budget, lam, lam_alt, fits_at_zero = _problem(1, 3, 37, 7, "bracket", device)
-    assert fixup_fwd(candidate_major(e[:, :0]), b, bl, budget, lam, lam_alt, fits_at_zero).shape == (3, 0)
-    none = fixup_fwd(candidate_major(e[:0]), b, bl, budget[:0], lam[:0], lam_alt[:0], fits_at_zero[:0])
-    assert none.shape == (0, 37)
+    e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo = _problem(1, 3, 37, 7, "bracket", device)
+    choice, lam = fixup_fwd(candidate_major(e[:, :0]), b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)
+    assert choice.shape == (3, 0) and lam.shape == (3,)
+    flags = fits_at_zero[:0], fits_at_lo[:0]
+    assert fixup_fwd(candidate_major(e[:0]), b, bl, budget[:0], lo[:0], hi[:0], *flags)[0].shape == (0, 37)
 
 
 def test_fixup_refuses_bad_inputs(device):
-    e, b, bl, budget, lam, lam_alt, fits_at_zero = _problem(1, 3, 37, 7, "bracket", device)
+    e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo = _problem(1, 3, 37, 7, "bracket", device)
     et = candidate_major(e)
     with pytest.raises((TypeError, ValueError), match="et"):
-        fixup_fwd(e.transpose(1, 2), b, bl, budget, lam, lam_alt, fits_at_zero)
+        fixup_fwd(e.transpose(1, 2), b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)
     with pytest.raises((TypeError, ValueError), match="budget"):
-        fixup_fwd(et, b, bl, budget[:2], lam, lam_alt, fits_at_zero)
-    with pytest.raises((TypeError, ValueError), match="lam_alt"):
-        fixup_fwd(et, b, bl, budget, lam, lam_alt.float(), fits_at_zero)
-    with pytest.raises((TypeError, ValueError), match="fits_at_zero"):
-        fixup_fwd(et, b, bl, budget, lam, lam_alt, fits_at_zero.long())
+        fixup_fwd(et, b, bl, budget[:2], lo, hi, fits_at_zero, fits_at_lo)
+    with pytest.raises((TypeError, ValueError), match="hi"):
+        fixup_fwd(et, b, bl, budget, lo, hi.float(), fits_at_zero, fits_at_lo)
+    with pytest.raises((TypeError, ValueError), match="fits_at_lo"):
+        fixup_fwd(et, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo.long())
 
 
 @gpu_only
@@ -120,7 +123,8 @@ def test_fixup_on_gpu_equals_the_torch_steps_and_captures(seed, nl, n, c):
     args = _problem(seed, nl, n, c, "bracket", "cuda")
     et = candidate_major(args[0])
     want = lagrange._finish_torch(*args)
-    assert torch.equal(fixup_fwd(et, *args[1:]), want)
+    got = fixup_fwd(et, *args[1:])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -131,4 +135,4 @@ def test_fixup_on_gpu_equals_the_torch_steps_and_captures(seed, nl, n, c):
         captured = fixup_fwd(et, *args[1:])
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(captured, want)
+    assert torch.equal(captured[0], want[0]) and torch.equal(captured[1], want[1])
