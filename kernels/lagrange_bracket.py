@@ -6,10 +6,10 @@ The planner's batched choice (``mosaickv_sglang.lagrange``) otherwise runs ``_RO
 ops each (about 300 launches a planner call, whatever its page and layer counts), and materialises each evaluation's
 ``[L, K, N, C]`` scores. Here a round is one launch (the search ``rounds + 1``). :func:`totals_fwd` runs the evaluation
 the rounds and ``lagrange_start`` share at any lambdas (two launches: the blocks' shares, then their sum); the planner
-does not call it, the tests check the evaluation through it. Every launch spreads a problem over blocks of :data:`BLOCK_N` segments: one program a problem
-(the first design) left a 1-layer slice's whole search to one SM and lost to the torch rounds through seal graphs
-(bench/RESULTS.md, forty-third to forty-seventh sessions). The Triton code is in
-``mosaickv_sglang.kernels._triton.lagrange_bracket``; its oracles are the torch path's
+does not call it, the tests check the evaluation through it. Every launch spreads a problem over blocks of
+:data:`BLOCK_N` segments: one program a problem (the first design) left a 1-layer slice's whole search to one SM and
+lost to the torch rounds through seal graphs (bench/RESULTS.md, forty-third to forty-seventh sessions). The Triton code
+is in ``mosaickv_sglang.kernels._triton.lagrange_bracket``; its oracles are the torch path's
 ``mosaickv_sglang.lagrange._totals`` and ``_bracket_torch``, which they match bit for bit where ``exp`` and ``log``
 round alike (the tests compare them on the CPU through the interpreter).
 

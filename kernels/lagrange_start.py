@@ -77,7 +77,7 @@ def start_fwd(
         return et, lo.zero_(), hi.zero_(), fits_at_zero.fill_(True), fits_at_lo.fill_(True)
     _start_kernel[(nl,)](
         err, et, b, bl, budget, lo_factor, lo, hi, fits_at_zero, fits_at_lo, n, c, *err.stride(),
-        GROWTH=growth, GROWTH_STEPS=growth_steps, BLOCK_K=triton.next_power_of_2(growth_steps + 1), BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
+        GROWTH=growth, GROWTH_STEPS=growth_steps, BLOCK_K=triton.next_power_of_2(growth_steps + 1), BLOCK_N=BLOCK_N,
+        BLOCK_C=BLOCK_C, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
     return et, lo, hi, fits_at_zero, fits_at_lo
