@@ -41,8 +41,8 @@
 #            against stock), ratio 4 with it on
 #   select   no server: the selection's and the pending seal's GPU tests, then bench.decode_speed (8B shape, 4,608
 #            and 32,768 tokens, batch 16, CUDA graphs): the selection alone against the one it replaced, side by side
-#   bracket  no server: the Lagrangian kernels' tests on the GPU (the bracket search and the choice's fix-up against
-#            the torch path, bit for bit, and captured in a graph), then bench.seal_cost --also-lagrange-bracket
+#   bracket  no server: the Lagrangian kernels' tests on the GPU (the choice's start, bracket search and fix-up
+#            against the torch path, bit for bit, and captured in a graph), then bench.seal_cost --also-lagrange-bracket
 #            kernel of the 8B shape's planner slices (4 and 8 layers of 16 pages) and a whole 128-page seal, eager and
 #            through seal graphs: time, graph memory, kernel ops and Triton launches of each bracket, plans compared
 #   slice-profile  no server: the 8B shape's planner slices (SLICE_SHAPES, LAYERSxPAGES each, default "4x16 8x16":
@@ -700,7 +700,8 @@ case "$step" in
     ;;
   bracket)
     timeout 240 python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/kernels/test_lagrange_bracket.py \
-      tests/kernels/test_lagrange_fixup.py > "$out/bracket-tests.log" 2>&1 || echo "bracket tests rc=$?"
+      tests/kernels/test_lagrange_start.py tests/kernels/test_lagrange_fixup.py > "$out/bracket-tests.log" 2>&1 \
+      || echo "bracket tests rc=$?"
     tail -3 "$out/bracket-tests.log"
     for shape in "4 16 16" "8 16 16" "32 128 128"; do  # layers, pages, graph bucket
       read -r layers pages bucket <<< "$shape"

@@ -305,7 +305,7 @@ def lagrange_bracket_variants(segments: int = 1024, candidates: int = 80) -> Lis
     from mosaickv_sglang.lagrange import _GROWTH, _GROWTH_STEPS
 
     pointers = {"ERR": "*fp32", "ET": "*fp64", "B": "*fp64", "LO_FACTOR": "*fp64", "LO": "*fp64", "HI": "*fp64",
-                "BL": "*i64", "BUDGET": "*i64", "FITS0": "*i1", "FITS_LO": "*i1"}
+                "BL": "*i64", "BUDGET": "*i64", "FITS0": "*i1"}
     out.append(compile_variant("lagrange_start", _start_kernel, pointers, (),
                                dict(N=segments, C=candidates, stride_l=segments * candidates, stride_n=candidates,
                                     stride_c=1),
@@ -315,7 +315,7 @@ def lagrange_bracket_variants(segments: int = 1024, candidates: int = 80) -> Lis
     from mosaickv_sglang.kernels import lagrange_fixup as fixup
 
     pointers = {"ET": "*fp64", "B": "*fp64", "LO": "*fp64", "HI": "*fp64", "LAM": "*fp64", "SLOPE": "*fp64",
-                "BL": "*i64", "BUDGET": "*i64", "FITS0": "*i1", "FITS_LO": "*i1", "CHOICE": "*i64", "ALT": "*i64",
+                "BL": "*i64", "BUDGET": "*i64", "FITS0": "*i1", "CHOICE": "*i64", "ALT": "*i64",
                 "EXTRA": "*i64", "RUNNING": "*i64"}
     out.append(compile_variant("lagrange_fixup", _fixup_kernel, pointers, (), dict(N=segments, C=candidates),
                                dict(BLOCK_N=fixup.BLOCK_N, BLOCK_C=fixup.BLOCK_C, BLOCK_J=fixup.BLOCK_J),

@@ -36,7 +36,6 @@ def fixup_fwd(
     lo: torch.Tensor,
     hi: torch.Tensor,
     fits_at_zero: torch.Tensor,
-    fits_at_lo: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each problem's choice and lambda from its bracket (see the Triton module's docstring).
 
@@ -48,10 +47,9 @@ def fixup_fwd(
     budget : torch.Tensor
         shape ``[L]``, dtype ``torch.int64``.
     lo, hi : torch.Tensor
-        shape ``[L]``, dtype ``torch.float64``: the bracket the search ended with.
-    fits_at_zero, fits_at_lo : torch.Tensor
-        shape ``[L]``, dtype ``torch.bool``: the minimal-error choice fits; the choice at the search's first ``lo``
-        fits.
+        shape ``[L]``, dtype ``torch.float64``: the bracket the search ended with, ``hi == lo`` where none ran.
+    fits_at_zero : torch.Tensor
+        shape ``[L]``, dtype ``torch.bool``: the minimal-error choice fits.
 
     Returns
     -------
@@ -63,8 +61,7 @@ def fixup_fwd(
     _checks.check_tensor(budget, "budget", shape=(nl,), dtype=torch.int64, device=dev, contiguous=True)
     for name, x in (("lo", lo), ("hi", hi)):
         _checks.check_tensor(x, name, shape=(nl,), dtype=torch.float64, device=dev, contiguous=True)
-    for name, x in (("fits_at_zero", fits_at_zero), ("fits_at_lo", fits_at_lo)):
-        _checks.check_tensor(x, name, shape=(nl,), dtype=torch.bool, device=dev, contiguous=True)
+    _checks.check_tensor(fits_at_zero, "fits_at_zero", shape=(nl,), dtype=torch.bool, device=dev, contiguous=True)
     choice = torch.empty((nl, n), dtype=torch.int64, device=dev)
     lam = torch.empty((nl,), dtype=torch.float64, device=dev)
     if nl == 0 or n == 0:
@@ -72,7 +69,7 @@ def fixup_fwd(
     alt, extra, running = (torch.empty((nl, n), dtype=torch.int64, device=dev) for _ in range(3))
     slope = torch.empty((nl, n), dtype=torch.float64, device=dev)
     _fixup_kernel[(nl,)](
-        et, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo, lam, choice, alt, extra, slope, running, n, c,
+        et, b, bl, budget, lo, hi, fits_at_zero, lam, choice, alt, extra, slope, running, n, c,
         BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, BLOCK_J=BLOCK_J, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
     return choice, lam

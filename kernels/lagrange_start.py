@@ -30,7 +30,7 @@ NUM_WARPS = 8
 def start_fwd(
     err: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: torch.Tensor, lo_factor: torch.Tensor,
     growth: float, growth_steps: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Each problem's errors as the other kernels read them and its starting bracket (see the Triton module's
     docstring).
 
@@ -53,9 +53,9 @@ def start_fwd(
     Returns
     -------
     tuple of torch.Tensor
-        ``(et, lo, hi, fits_at_zero, fits_at_lo)``: ``et`` shape ``[L, C, N]``, fp64, contiguous; the bracket to
-        search, shape ``[L]``, fp64 each (``hi == lo`` where no search is needed); whether the minimal-error choice and
-        the choice at ``lo`` fit, shape ``[L]``, bool each.
+        ``(et, lo, hi, fits_at_zero)``: ``et`` shape ``[L, C, N]``, fp64, contiguous; the bracket to search, shape
+        ``[L]``, fp64 each (``hi == lo`` where no search is needed: the choice at ``lo`` fits, or the minimal-error one
+        does); whether the minimal-error choice fits, shape ``[L]``, bool.
     """
     _checks.check_tensor(err, "err", ndim=3, dtype=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
     nl, n, c = err.shape
@@ -72,12 +72,12 @@ def start_fwd(
         raise ValueError(f"growth_steps: expected >= 1, got {growth_steps}")
     et = torch.empty((nl, c, n), dtype=torch.float64, device=dev)
     lo, hi = (torch.empty((nl,), dtype=torch.float64, device=dev) for _ in range(2))
-    fits_at_zero, fits_at_lo = (torch.empty((nl,), dtype=torch.bool, device=dev) for _ in range(2))
+    fits_at_zero = torch.empty((nl,), dtype=torch.bool, device=dev)
     if nl == 0 or n == 0:
-        return et, lo.zero_(), hi.zero_(), fits_at_zero.fill_(True), fits_at_lo.fill_(True)
+        return et, lo.zero_(), hi.zero_(), fits_at_zero.fill_(True)
     _start_kernel[(nl,)](
-        err, et, b, bl, budget, lo_factor, lo, hi, fits_at_zero, fits_at_lo, n, c, *err.stride(),
+        err, et, b, bl, budget, lo_factor, lo, hi, fits_at_zero, n, c, *err.stride(),
         GROWTH=growth, GROWTH_STEPS=growth_steps, BLOCK_K=triton.next_power_of_2(growth_steps + 1), BLOCK_N=BLOCK_N,
         BLOCK_C=BLOCK_C, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
-    return et, lo, hi, fits_at_zero, fits_at_lo
+    return et, lo, hi, fits_at_zero

@@ -138,9 +138,9 @@ def _single_move(e: torch.Tensor, bl: torch.Tensor, choice: torch.Tensor, budget
 
 def _start_torch(
     e: torch.Tensor, b: torch.Tensor, bl: torch.Tensor, budget: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bracket to search, ``(lo, hi)`` (``hi == lo`` where no search is needed), and whether the minimal-error
-    choice and the choice at ``lo`` fit: the kernel's oracle."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bracket to search, ``(lo, hi)`` (``hi == lo`` where no search is needed: the minimal-error choice or the
+    choice at ``lo`` fits), and whether the minimal-error choice fits: the kernel's oracle."""
     nl = e.shape[0]
     finite = torch.isfinite(e)
     spread = e.masked_fill(~finite, 0).amax((1, 2)) - e.masked_fill(~finite, math.inf).amin((1, 2))
@@ -154,8 +154,7 @@ def _start_torch(
     hi = torch.where(grown.any(1), hi, growth[:, -1])
     lo = hi * _LO_FACTOR
     fits_at_lo = _totals(e, b, bl, lo[:, None])[:, 0] <= budget
-    search = ~fits_at_zero & ~fits_at_lo
-    return lo, torch.where(search, hi, lo), fits_at_zero, fits_at_lo
+    return lo, torch.where(fits_at_zero | fits_at_lo, lo, hi), fits_at_zero
 
 
 def _finish_torch(
@@ -166,13 +165,12 @@ def _finish_torch(
     lo: torch.Tensor,
     hi: torch.Tensor,
     fits_at_zero: torch.Tensor,
-    fits_at_lo: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The choice and lambda from the bracket the search ended with: the first of 0, ``lo`` and ``hi`` that fits,
-    upgraded toward ``lo`` while the budget allows where a search ran, then one fix-up move unless the minimal-error
-    choice fits; the kernel's oracle."""
-    lam = torch.where(fits_at_zero, torch.zeros_like(lo), torch.where(fits_at_lo, lo, hi))
-    lam_alt = torch.where(fits_at_zero | fits_at_lo, lam, lo)
+    """The choice and lambda from the bracket the search ended with (``hi == lo`` where none ran): lambda 0 where the
+    minimal-error choice fits, else ``hi``; the choice there, upgraded toward the choice at ``lo`` while the budget
+    allows, then one fix-up move unless the minimal-error choice fits: the kernel's oracle."""
+    lam = hi.masked_fill(fits_at_zero, 0.0)
+    lam_alt = lo.masked_fill(fits_at_zero, 0.0)
     choice, alt = _pick(e, b, torch.stack([lam, lam_alt], 1)).unbind(1)
     left = budget - bl[choice].sum(1)
     choice = _threshold_upgrades(e, bl, choice, alt, left)
@@ -244,11 +242,11 @@ def _choose(
         from mosaickv_sglang.kernels.lagrange_start import start_fwd
 
         lo_factor = torch.full((1,), _LO_FACTOR, dtype=torch.float64, device=err.device)  # a fill: graphs capture it
-        et, lo, hi, fits_at_zero, fits_at_lo = start_fwd(err, b, bl, budget, lo_factor, _GROWTH, _GROWTH_STEPS)
+        et, lo, hi, fits_at_zero = start_fwd(err, b, bl, budget, lo_factor, _GROWTH, _GROWTH_STEPS)
         lo, hi = bracket_fwd(et, b, bl, budget, lo, hi, _grid_fractions(err.device), 1.0 + _REL_WIDTH, _ROUNDS)
-        return fixup_fwd(et, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)
+        return fixup_fwd(et, b, bl, budget, lo, hi, fits_at_zero)
     e = err.double()
     e = torch.where(torch.isnan(e), torch.full_like(e, math.inf), e)
-    lo, hi, fits_at_zero, fits_at_lo = _start_torch(e, b, bl, budget)
+    lo, hi, fits_at_zero = _start_torch(e, b, bl, budget)
     lo, hi = _bracket_torch(e, b, bl, budget, lo, hi)
-    return _finish_torch(e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)
+    return _finish_torch(e, b, bl, budget, lo, hi, fits_at_zero)

@@ -3,10 +3,10 @@
 at the two ends of the bracket, the threshold upgrades and the single fix-up move, one program a problem.
 
 Problem ``l`` has errors ``e[l, n, c]`` (stored candidate-major, ``ET[l, c, n]``), candidate bytes ``b[c]`` (fp64) and
-``bl[c]`` (int64), a budget, the bracket ``[lo, hi]`` and whether the minimal-error choice (``FITS0``) or the one at
-``lo`` (``FITS_LO``) fits. The lambda chosen is 0, ``lo`` or ``hi``, the first that fits, and the upgrades move toward
-``lam_alt``, ``lo`` where a search ran (``lam`` elsewhere). The program runs the torch path's steps over blocks of
-segments, its scratch rows in global memory between them (a barrier after each pass):
+``bl[c]`` (int64), a budget, the bracket ``[lo, hi]`` (``hi == lo`` where no search ran) and whether the minimal-error
+choice fits (``FITS0``). The lambda chosen is 0 where it does, else ``hi``, and the upgrades move toward ``lam_alt``, 0
+or ``lo``. The program runs the torch path's steps over blocks of segments, its scratch rows in global memory between
+them (a barrier after each pass):
 
 1. ``choice`` and ``alt``: ``argmin_c e + lam * b`` and ``... + lam_alt * b`` (ties: the lower ``c``); each segment's
    extra bytes and error saved per byte if moved from ``choice`` to ``alt`` (``-inf`` where they agree).
@@ -72,7 +72,7 @@ def _no_later(SLOPE, base, offs_i, s_i, j0, N, BLOCK_J: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "C"], do_not_specialize_on_alignment=["BL", "BUDGET"])
 def _fixup_kernel(
-    ET, B, BL, BUDGET, LO, HI, FITS0, FITS_LO, LAM, CHOICE, ALT, EXTRA, SLOPE, RUNNING,
+    ET, B, BL, BUDGET, LO, HI, FITS0, LAM, CHOICE, ALT, EXTRA, SLOPE, RUNNING,
     N, C,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
 ):  # fmt: skip
@@ -81,11 +81,9 @@ def _fixup_kernel(
     pid = tl.program_id(0).to(tl.int64)
     base = pid * N
     budget = tl.load(BUDGET + pid)
-    lo = tl.load(LO + pid)
     fits_at_zero = tl.load(FITS0 + pid) != 0
-    fits_at_lo = tl.load(FITS_LO + pid) != 0
-    lam = tl.where(fits_at_zero, 0.0, tl.where(fits_at_lo, lo, tl.load(HI + pid)))
-    lam_alt = tl.where(fits_at_zero | fits_at_lo, lam, lo)
+    lam = tl.where(fits_at_zero, 0.0, tl.load(HI + pid))
+    lam_alt = tl.where(fits_at_zero, 0.0, tl.load(LO + pid))
     tl.store(LAM + pid, lam)
 
     used = tl.zeros([BLOCK_N], dtype=tl.int64)

@@ -11,8 +11,8 @@ Problem ``l`` has errors ``err[l, n, c]`` (any float dtype, any strides), candid
    it reads ``ET``) at lambda 0 and at ``hi0 * GROWTH^k`` for ``k < GROWTH_STEPS``, ``hi0 = max(spread, 0) + 1``: the
    minimal-error choice fits (``FITS0``), and ``hi`` is the first of the growing lambdas that fits (the last if none
    does);
-3. scores them at ``lo = hi * LO_FACTOR`` (``FITS_LO``); the bracket to search is ``[lo, hi]``, or ``[lo, lo]`` where
-   either fits (no search).
+3. scores them at ``lo = hi * LO_FACTOR``; the bracket to search is ``[lo, hi]``, or ``[lo, lo]`` where either the
+   minimal-error choice or the one at ``lo`` fits (no search).
 """
 
 import triton
@@ -24,7 +24,7 @@ from .lagrange_bracket import _block_bytes_at
 @triton.jit(do_not_specialize=["N", "C", "stride_l", "stride_n", "stride_c"],
             do_not_specialize_on_alignment=["ERR", "BUDGET"])  # fmt: skip
 def _start_kernel(
-    ERR, ET, B, BL, BUDGET, LO_FACTOR, LO, HI, FITS0, FITS_LO,
+    ERR, ET, B, BL, BUDGET, LO_FACTOR, LO, HI, FITS0,
     N, C, stride_l, stride_n, stride_c,
     GROWTH: tl.constexpr, GROWTH_STEPS: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -72,8 +72,6 @@ def _start_kernel(
     for n0 in range(0, N, BLOCK_N):
         at_lo += _block_bytes_at(ET, B, BL, pid, n0, N, C, lo_lams, 2, BLOCK_N, BLOCK_C)
     fits_at_lo = tl.max(at_lo, 0) <= budget
-    search = (fits_at_zero == 0) & (fits_at_lo == 0)
     tl.store(LO + pid, lo)
-    tl.store(HI + pid, tl.where(search, hi, lo))
+    tl.store(HI + pid, tl.where(fits_at_zero | fits_at_lo, lo, hi))
     tl.store(FITS0 + pid, fits_at_zero)
-    tl.store(FITS_LO + pid, fits_at_lo)

@@ -1,7 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """The planner's Lagrangian choice after the bracket search in one launch (``fixup_fwd``) vs its torch steps
-(``lagrange._finish_torch``: the lambda, the picks at it and at the bracket's other end, the threshold upgrades, the
-single fix-up move)."""
+(``lagrange._finish_torch``: the picks at the bracket's ends, the threshold upgrades, the single fix-up move)."""
 
 import math
 
@@ -25,9 +24,9 @@ CASES = [
     (6, 2, 5, BLOCK_C + 1),
     (7, 3, 2 * BLOCK_J + BLOCK_N + 3, 5),
 ]
-# the bracket given: the search's (lam its hi, the upgrades toward its lo), reversed (the upgrades toward a lambda above
-# lam, fewer bytes: negative extras, running extras that fall), no search (the choice at lo fits: no upgrade)
-VARIANTS = ("bracket", "reversed", "fits_at_lo")
+# the bracket given: the search's (the choice at its hi, upgraded toward its lo), reversed (upgraded toward a lambda
+# above, fewer bytes: negative extras, running extras that fall), none searched (hi == lo: no upgrade)
+VARIANTS = ("bracket", "reversed", "no_search")
 
 
 def _problem(seed: int, nl: int, n: int, c: int, variant: str, device):
@@ -48,16 +47,16 @@ def _problem(seed: int, nl: int, n: int, c: int, variant: str, device):
     lo, hi = lagrange._bracket_torch(e, b, bl, budget, lo, hi)
     if variant == "reversed":
         lo, hi = hi * 2.0 ** torch.randint(1, 8, (nl,), generator=g).double(), lo
+    elif variant == "no_search":
+        hi = lo
     fits_at_zero = torch.arange(nl) % 2 == 1
-    fits_at_lo = torch.full((nl,), variant == "fits_at_lo")
-    return [x.contiguous().to(device) for x in (e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)]
+    return [x.contiguous().to(device) for x in (e, b, bl, budget, lo, hi, fits_at_zero)]
 
 
-def _torch_steps(e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo):
+def _torch_steps(e, b, bl, budget, lo, hi, fits_at_zero):
     """What each torch step did per problem: segments upgraded, upgrades refused, whether a running extra fell back
     within the budget after one past it (the order's cumulative product matters), whether a single move applied."""
-    lam = torch.where(fits_at_zero, 0.0, torch.where(fits_at_lo, lo, hi))
-    lam_alt = torch.where(fits_at_zero | fits_at_lo, lam, lo)
+    lam, lam_alt = hi.masked_fill(fits_at_zero, 0.0), lo.masked_fill(fits_at_zero, 0.0)
     choice, alt = lagrange._pick(e, b, torch.stack([lam, lam_alt], 1)).unbind(1)
     left = budget - bl[choice].sum(1)
     upgraded = lagrange._threshold_upgrades(e, bl, choice, alt, left)
@@ -69,7 +68,7 @@ def _torch_steps(e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo):
     running = extra.gather(1, order).cumsum(1)
     plain = (running <= left[:, None]) & moved.gather(1, order)
     falls_back = plain.sum(1) > (upgraded != choice).sum(1)
-    final = lagrange._finish_torch(e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)[0]
+    final = lagrange._finish_torch(e, b, bl, budget, lo, hi, fits_at_zero)[0]
     return (upgraded != choice).sum(1), (moved & (upgraded == choice)).sum(1), falls_back, (final != upgraded).any(1)
 
 
@@ -96,24 +95,24 @@ def test_fixup_equals_the_torch_steps(device, seed, nl, n, c, variant):
 
 
 def test_fixup_on_no_segments_and_no_problems(device):
-    e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo = _problem(1, 3, 37, 7, "bracket", device)
-    choice, lam = fixup_fwd(candidate_major(e[:, :0]), b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)
+    e, b, bl, budget, lo, hi, fits_at_zero = _problem(1, 3, 37, 7, "bracket", device)
+    choice, lam = fixup_fwd(candidate_major(e[:, :0]), b, bl, budget, lo, hi, fits_at_zero)
     assert choice.shape == (3, 0) and lam.shape == (3,)
-    flags = fits_at_zero[:0], fits_at_lo[:0]
-    assert fixup_fwd(candidate_major(e[:0]), b, bl, budget[:0], lo[:0], hi[:0], *flags)[0].shape == (0, 37)
+    none = fixup_fwd(candidate_major(e[:0]), b, bl, budget[:0], lo[:0], hi[:0], fits_at_zero[:0])
+    assert none[0].shape == (0, 37)
 
 
 def test_fixup_refuses_bad_inputs(device):
-    e, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo = _problem(1, 3, 37, 7, "bracket", device)
+    e, b, bl, budget, lo, hi, fits_at_zero = _problem(1, 3, 37, 7, "bracket", device)
     et = candidate_major(e)
     with pytest.raises((TypeError, ValueError), match="et"):
-        fixup_fwd(e.transpose(1, 2), b, bl, budget, lo, hi, fits_at_zero, fits_at_lo)
+        fixup_fwd(e.transpose(1, 2), b, bl, budget, lo, hi, fits_at_zero)
     with pytest.raises((TypeError, ValueError), match="budget"):
-        fixup_fwd(et, b, bl, budget[:2], lo, hi, fits_at_zero, fits_at_lo)
+        fixup_fwd(et, b, bl, budget[:2], lo, hi, fits_at_zero)
     with pytest.raises((TypeError, ValueError), match="hi"):
-        fixup_fwd(et, b, bl, budget, lo, hi.float(), fits_at_zero, fits_at_lo)
-    with pytest.raises((TypeError, ValueError), match="fits_at_lo"):
-        fixup_fwd(et, b, bl, budget, lo, hi, fits_at_zero, fits_at_lo.long())
+        fixup_fwd(et, b, bl, budget, lo, hi.float(), fits_at_zero)
+    with pytest.raises((TypeError, ValueError), match="fits_at_zero"):
+        fixup_fwd(et, b, bl, budget, lo, hi, fits_at_zero.long())
 
 
 @gpu_only

@@ -63,16 +63,16 @@ def test_cases_reach_every_start():
     for seed, nl, n, c in CASES:
         e, b, bl, budget = _problem(seed, nl, n, c, torch.float64, "cpu")
         e = torch.where(torch.isnan(e), math.inf, e)
-        lo, hi, fits_at_zero, fits_at_lo = lagrange._start_torch(e, b, bl, budget)
+        lo, hi, fits_at_zero = lagrange._start_torch(e, b, bl, budget)
         last = lagrange._totals(e, b, bl, hi[:, None])[:, 0] > budget
-        seen += torch.stack([fits_at_zero.sum(), (fits_at_lo & ~fits_at_zero).sum(), (hi > lo).sum(), last.sum()])
+        seen += torch.stack([fits_at_zero.sum(), ((hi == lo) & ~fits_at_zero).sum(), (hi > lo).sum(), last.sum()])
     assert bool((seen > 0).all()), seen
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("seed,nl,n,c", CASES)
 def test_start_equals_the_torch_steps(device, seed, nl, n, c, dtype):
-    """The errors fp64 and candidate-major with ``nan`` as ``inf``, the bracket and both flags, exactly; from a
+    """The errors fp64 and candidate-major with ``nan`` as ``inf``, the bracket and the flag, exactly; from a
     non-contiguous view of the errors too."""
     err, b, bl, budget = _problem(seed, nl, n, c, dtype, device)
     e = err.double()
@@ -87,7 +87,7 @@ def test_start_equals_the_torch_steps(device, seed, nl, n, c, dtype):
 
 def test_start_on_no_segments_and_no_problems(device):
     err, b, bl, budget = _problem(1, 3, 37, 7, torch.float32, device)
-    et, lo, hi, fits_at_zero, fits_at_lo = _start(err[:, :0], b, bl, budget)
+    et, lo, hi, fits_at_zero = _start(err[:, :0], b, bl, budget)
     assert et.shape == (3, 7, 0) and bool(fits_at_zero.all()) and bool((hi == lo).all())
     assert _start(err[:0], b, bl, budget[:0])[0].shape == (0, 7, 37)
 
