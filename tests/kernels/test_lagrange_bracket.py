@@ -115,7 +115,7 @@ def test_batched_choice_through_the_kernel_equals_the_torch_path_and_the_referen
     want_choice, want_lam = lagrange.choose_candidates_batched(e, bl, budget)
     monkeypatch.setenv(lagrange.BRACKET_ENV_VAR, "kernel")
     calls = []
-    for name in ("_bracket_torch", "_totals"):  # must not be reached
+    for name in ("_start_torch", "_bracket_torch", "_finish_torch", "_totals"):  # must not be reached
         monkeypatch.setattr(lagrange, name, lambda *a, name=name: calls.append(name))
     choice, lam = lagrange.choose_candidates_batched(e, bl, budget)
     assert not calls
