@@ -25,6 +25,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _candidate_block(ET, pid, offs_n, mask_n, c0, N, C, BLOCK_C: tl.constexpr):
+    """Problem ``pid``'s errors of segments ``offs_n`` for candidates ``c0 .. c0 + BLOCK_C`` (``inf`` past either end):
+    ``([BLOCK_N, BLOCK_C] e, offs_c, mask_c)``."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    e = tl.load(ET + (pid * C + offs_c[None, :]) * N + offs_n[:, None], mask=mask_n[:, None] & mask_c[None, :],
+                other=float("inf"))  # fmt: skip
+    return e, offs_c, mask_c
+
+
+@triton.jit
+def _first_min(score, offs_c, C, AXIS: tl.constexpr):
+    """The smallest ``score`` along ``AXIS`` (the candidates') and the lowest candidate holding it."""
+    low = tl.min(score, AXIS)
+    return low, tl.min(tl.where(score == tl.expand_dims(low, AXIS), offs_c, C), AXIS)
+
+
+@triton.jit
 def _block_bytes_at(ET, B, BL, pid, n0, N, C, lams, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """Problem ``pid``'s bytes at each of the ``K`` lambdas ``lams`` over its segments ``n0 .. n0 + BLOCK_N``: ``[K]``
     int64."""
@@ -34,15 +52,11 @@ def _block_bytes_at(ET, B, BL, pid, n0, N, C, lams, K: tl.constexpr, BLOCK_N: tl
     best = tl.full([BLOCK_N, K], float("inf"), tl.float64)
     best_bytes = tl.zeros([BLOCK_N, K], dtype=tl.int64) + bl0
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        e = tl.load(ET + (pid * C + offs_c[None, :]) * N + offs_n[:, None],
-                    mask=mask_n[:, None] & mask_c[None, :], other=float("inf"))  # fmt: skip
+        e, offs_c, mask_c = _candidate_block(ET, pid, offs_n, mask_n, c0, N, C, BLOCK_C)
         b = tl.load(B + offs_c, mask=mask_c, other=0.0)
         bl = tl.load(BL + offs_c, mask=mask_c, other=0)
         score = e[:, None, :] + lams[None, :, None] * b[None, None, :]
-        low = tl.min(score, 2)
-        first = tl.min(tl.where(score == low[:, :, None], offs_c[None, None, :], C), 2)
+        low, first = _first_min(score, offs_c[None, None, :], C, 2)
         low_bytes = tl.sum(tl.where(offs_c[None, None, :] == first[:, :, None], bl[None, None, :], 0), 2)
         better = low < best
         best = tl.where(better, low, best)

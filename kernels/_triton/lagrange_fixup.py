@@ -24,6 +24,8 @@ Every comparison and the one division are the torch path's in fp64, so the choic
 import triton
 import triton.language as tl
 
+from .lagrange_bracket import _candidate_block, _first_min
+
 
 @triton.jit
 def _block_picks(ET, B, pid, offs_n, mask_n, N, C, lam, lam_alt, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -36,23 +38,16 @@ def _block_picks(ET, B, pid, offs_n, mask_n, N, C, lam, lam_alt, BLOCK_N: tl.con
     e_choice = tl.zeros([BLOCK_N], dtype=tl.float64)
     e_alt = tl.zeros([BLOCK_N], dtype=tl.float64)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        e = tl.load(ET + (pid * C + offs_c[None, :]) * N + offs_n[:, None],
-                    mask=mask_n[:, None] & mask_c[None, :], other=float("inf"))  # fmt: skip
+        e, offs_c, mask_c = _candidate_block(ET, pid, offs_n, mask_n, c0, N, C, BLOCK_C)
         b = tl.load(B + offs_c, mask=mask_c, other=0.0)
 
-        score = e + lam * b[None, :]
-        low = tl.min(score, 1)
-        first = tl.min(tl.where(score == low[:, None], offs_c[None, :], C), 1)
+        low, first = _first_min(e + lam * b[None, :], offs_c[None, :], C, 1)
         better = low < best
         best = tl.where(better, low, best)
         choice = tl.where(better, first, choice)
         e_choice = tl.where(better, tl.sum(tl.where(offs_c[None, :] == first[:, None], e, 0.0), 1), e_choice)
 
-        score = e + lam_alt * b[None, :]
-        low = tl.min(score, 1)
-        first = tl.min(tl.where(score == low[:, None], offs_c[None, :], C), 1)
+        low, first = _first_min(e + lam_alt * b[None, :], offs_c[None, :], C, 1)
         better = low < best_alt
         best_alt = tl.where(better, low, best_alt)
         alt = tl.where(better, first, alt)
@@ -143,10 +138,7 @@ def _fixup_kernel(
             current = tl.load(ET + (pid * C + choice) * N + offs_n, mask=mask_n, other=0.0)
             bytes_choice = tl.load(BL + choice)
             for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                mask_c = offs_c < C
-                e = tl.load(ET + (pid * C + offs_c[None, :]) * N + offs_n[:, None],
-                            mask=mask_n[:, None] & mask_c[None, :], other=float("inf"))  # fmt: skip
+                e, offs_c, mask_c = _candidate_block(ET, pid, offs_n, mask_n, c0, N, C, BLOCK_C)
                 bl = tl.load(BL + offs_c, mask=mask_c, other=0)
                 ok = (bl[None, :] - bytes_choice[:, None] <= left) & (e < current[:, None])
                 gain = tl.where(ok, current[:, None] - e, 0.0)
